@@ -1,0 +1,182 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Datalists: which slides, with which slide-level labels, in which split.
+
+Two formats are read:
+
+* MONAI-style JSON: ``{"training": [{"image": "slides/a.svs", "label": 1}, ...], "validation": [...], "test": [...]}``
+* CSV with a header ``slide,label[,split]`` (rows without a split go to ``training``).
+
+Paths are relative to a data root (default: the datalist's folder). Loading validates every row and, when
+anything is wrong, raises one :class:`DatalistError` that lists every bad row: missing files, missing or unknown
+labels, duplicate slides, labels of mixed types, paths that leave the data root.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monai_icmil.utils import stable_hash
+
+__all__ = ["DatalistError", "load_datalist", "SPLITS"]
+
+SPLITS = ("training", "validation", "test")
+
+
+class DatalistError(ValueError):
+    """A datalist has bad rows; ``errors`` holds one message per problem."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source, self.errors = source, errors
+        listing = "\n  - ".join(errors)
+        super().__init__(f"datalist '{source}' has {len(errors)} problem(s):\n  - {listing}")
+
+
+def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
+    """``[(split, row_number, entry)]`` from a JSON or CSV datalist, plus format errors."""
+    rows: list[tuple[str, int, dict[str, Any]]] = []
+    errors: list[str] = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip().lower() for c in (reader.fieldnames or [])]
+            if "slide" not in fields or "label" not in fields:
+                raise DatalistError(str(path), [f"the CSV header must contain 'slide' and 'label' (found {fields})"])
+            for i, raw in enumerate(reader, start=2):  # row 1 is the header
+                row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+                split = row.pop("split", "") or "training"
+                entry: dict[str, Any] = {"image": row.pop("slide")}
+                label = row.pop("label")
+                if label != "":
+                    entry["label"] = int(label) if label.lstrip("-").isdigit() else label
+                entry.update({k: v for k, v in row.items() if v != ""})
+                rows.append((split, i, entry))
+        return rows, errors
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DatalistError(str(path), [f"not valid JSON: {e}"]) from e
+    if not isinstance(data, dict):
+        raise DatalistError(str(path), ["the JSON must be an object with split keys such as 'training'"])
+    for split in splits:
+        items = data.get(split, [])
+        if not isinstance(items, list):
+            errors.append(f"'{split}' must be a list of entries")
+            continue
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                item = {"image": item}
+            if not isinstance(item, dict):
+                errors.append(f"{split}[{i}]: entry must be an object with 'image' and 'label'")
+                continue
+            rows.append((split, i, dict(item)))
+    return rows, errors
+
+
+def load_datalist(
+    path: str | os.PathLike,
+    data_root: str | os.PathLike | None = None,
+    splits: Sequence[str] = SPLITS,
+    labels: Sequence[Any] | None = None,
+    check_files: bool = True,
+    require_labels: Sequence[str] = ("training", "validation", "test"),
+    allow_outside_root: bool = False,
+) -> dict[str, list[dict[str, Any]]]:
+    """Load and validate a datalist.
+
+    Args:
+        path: the JSON or CSV file.
+        data_root: root that relative paths resolve against (default: the datalist's folder).
+        splits: splits to read.
+        labels: the known labels (ints or strings). String labels are mapped to their index in this list.
+            ``None``: integer labels are taken as they are; string labels map to their sorted order.
+        check_files: report slides that do not exist.
+        require_labels: splits in which every entry must have a label.
+        allow_outside_root: allow absolute paths and ``..`` that leave ``data_root`` (off by default: a datalist
+            is data, it should not reach the rest of the disk).
+
+    Returns:
+        ``{split: [{"image": absolute path, "label": int, "slide_id": str, ...}, ...]}`` for each split present
+        (every split in ``splits`` is a key; missing ones are empty). Labels are class indices.
+
+    Raises:
+        DatalistError: listing every bad row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist '{path}' does not exist.")
+    root = Path(data_root) if data_root is not None else path.parent
+    root = root.resolve()
+    rows, errors = _read_rows(path, splits)
+
+    # labels: one type, known values
+    present = [e["label"] for _, _, e in rows if "label" in e and e["label"] is not None]
+    types = {type(v).__name__ for v in present}
+    if len(types) > 1:
+        examples = {t: next(v for v in present if type(v).__name__ == t) for t in types}
+        errors.append(
+            f"labels have mixed types ({', '.join(f'{t} e.g. {examples[t]!r}' for t in sorted(types))}); use one"
+        )
+    if labels is not None:
+        label_index = {lab: i for i, lab in enumerate(labels)}
+    elif present and all(isinstance(v, str) for v in present):
+        label_index = {lab: i for i, lab in enumerate(sorted(set(present)))}
+    else:
+        label_index = None
+
+    seen: dict[str, str] = {}
+    out: dict[str, list[dict[str, Any]]] = {s: [] for s in splits}
+    for split, i, entry in rows:
+        where = f"{split}[{i}]" if path.suffix.lower() != ".csv" else f"row {i}"
+        image = entry.get("image")
+        if not image or not isinstance(image, str):
+            errors.append(f"{where}: missing 'image' (the slide path)")
+            continue
+        where = f"{where} ({image})"
+        p = Path(image)
+        full = (p if p.is_absolute() else root / p).resolve()
+        if not allow_outside_root and not full.is_relative_to(root):
+            errors.append(f"{where}: path leaves the data root '{root}' (pass allow_outside_root=True to allow it)")
+            continue
+        if check_files and not full.is_file():
+            errors.append(f"{where}: file not found at '{full}'")
+        key = str(full)
+        if key in seen:
+            errors.append(f"{where}: duplicate slide, already listed at {seen[key]}")
+        else:
+            seen[key] = where
+        label = entry.get("label")
+        if label is None:
+            if split in require_labels:
+                errors.append(f"{where}: missing label")
+        elif label_index is not None:
+            if label not in label_index:
+                errors.append(f"{where}: unknown label {label!r} (known: {list(label_index)})")
+            else:
+                label = label_index[label]
+        elif not isinstance(label, int) or isinstance(label, bool) or label < 0:
+            errors.append(f"{where}: label {label!r} must be a non-negative integer class index")
+        item = dict(entry)
+        item["image"] = str(full)
+        item["label"] = label
+        item.setdefault("slide_id", Path(image).stem if "slide_id" not in entry else entry["slide_id"])
+        for extra_key in ("tumour_mask",):
+            if isinstance(item.get(extra_key), str) and not Path(item[extra_key]).is_absolute():
+                item[extra_key] = str((root / item[extra_key]).resolve())
+        out.setdefault(split, []).append(item)
+    if errors:
+        raise DatalistError(str(path), errors)
+    # slide ids must be unique too: they name the per-slide files of the feature store
+    ids: dict[str, str] = {}
+    for split, items in out.items():
+        for item in items:
+            sid = item["slide_id"]
+            if sid in ids and ids[sid] != item["image"]:
+                item["slide_id"] = f"{sid}-{stable_hash(item['image'], 8)}"
+            ids[item["slide_id"]] = item["image"]
+    return out

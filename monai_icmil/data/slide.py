@@ -1,0 +1,694 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Whole-slide image access: one reader abstraction over cuCIM, OpenSlide and a tile-level tifffile reader.
+
+``open_slide(path)`` picks the fastest available backend (cuCIM, then OpenSlide, then our own tifffile reader)
+and returns a :class:`SlideReader`. Every backend exposes the same pyramid description (levels, dimensions,
+downsamples, mpp, objective power) and the same batched read: ``read_patches(locations, level, size)`` takes
+level-0 ``(x, y)`` coordinates and returns ``uint8`` patches ``[N, H, W, 3]`` (or a ``[N, 3, H, W]`` tensor).
+
+Only the tiles a patch overlaps are decoded; nothing reads a whole level to cut one patch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+import threading
+import warnings
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_icmil.utils import quiet_native_output
+
+__all__ = [
+    "SlideError",
+    "SlideReader",
+    "CuCIMSlide",
+    "OpenSlideSlide",
+    "TiffSlide",
+    "open_slide",
+    "get_slide",
+    "available_backends",
+    "resize_patches",
+    "BACKENDS",
+]
+
+BACKENDS = ("cucim", "openslide", "tifffile")
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".qptiff")
+
+
+class SlideError(RuntimeError):
+    """A slide cannot be opened or read. The message names the slide and, where one exists, the fix."""
+
+    def __init__(self, path: str | os.PathLike, message: str):
+        self.path = str(path)
+        super().__init__(f"slide '{self.path}': {message}")
+
+
+@functools.cache
+def _import_backend(name: str) -> Any:
+    """Import a backend module once; returns the module or raises ImportError."""
+    if name == "cucim":
+        with quiet_native_output():  # nvImageCodec prints harmless 'Failed to load nvjpeg...' lines on CPU machines
+            import cucim
+            from cucim import CuImage  # noqa: F401
+
+        return cucim
+    if name == "openslide":
+        import openslide
+
+        return openslide
+    if name == "tifffile":
+        import tifffile
+
+        return tifffile
+    raise ValueError(f"unknown slide backend '{name}'; choose one of {BACKENDS} or 'auto'")
+
+
+def available_backends() -> list[str]:
+    """Backends importable in this environment, in order of preference."""
+    out = []
+    for name in BACKENDS:
+        try:
+            _import_backend(name)
+            out.append(name)
+        except Exception:  # ImportError, or a native library failing to load
+            continue
+    return out
+
+
+def resize_patches(patches: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a ``uint8`` batch ``[N, h, w, 3]`` to ``[N, H, W, 3]`` with antialiased bilinear interpolation."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    if patches.shape[1:3] == (out_h, out_w) or len(patches) == 0:
+        return patches if len(patches) else np.zeros((0, out_h, out_w, 3), np.uint8)
+    t = torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2).float()
+    t = torch.nn.functional.interpolate(t, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
+    return t.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+# --------------------------------------------------------------------------------------------------- metadata
+
+
+def _mpp_from_resolution(value: Any, unit: Any) -> float | None:
+    """Micrometres per pixel from a TIFF resolution tag value (pixels per unit) and its unit."""
+    try:
+        if isinstance(value, (tuple, list)):
+            value = value[0] / value[1] if len(value) == 2 and value[1] else value[0]
+        value = float(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    unit = str(getattr(unit, "name", unit)).upper()
+    per_um = {"CENTIMETER": 1e4, "3": 1e4, "INCH": 25400.0, "2": 25400.0, "MILLIMETER": 1e3, "MICROMETER": 1.0}
+    if value <= 0 or unit not in per_um:
+        return None
+    mpp = per_um[unit] / value
+    # a resolution of 1 (or 72 dpi) is a placeholder written by many tools, not a microscope's sampling
+    return mpp if 0.01 <= mpp <= 100.0 else None
+
+
+def _tiff_properties(path: str) -> dict[str, float | None]:
+    """mpp and objective power from a TIFF's first page: Aperio description, then resolution tags."""
+    props: dict[str, float | None] = {"mpp": None, "objective_power": None}
+    try:
+        tifffile = _import_backend("tifffile")
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            desc = page.description or ""
+            m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", desc)
+            if m:
+                props["mpp"] = float(m.group(1))
+            m = re.search(r"\|\s*AppMag\s*=\s*([0-9.]+)", desc)
+            if m:
+                props["objective_power"] = float(m.group(1))
+            if props["mpp"] is None:
+                xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
+                if xres is not None and unit is not None:
+                    props["mpp"] = _mpp_from_resolution(xres.value, unit.value)
+    except Exception:
+        pass
+    return props
+
+
+# --------------------------------------------------------------------------------------------------- base class
+
+
+class SlideReader(ABC):
+    """A whole-slide image opened by one backend.
+
+    Attributes:
+        path: the slide's path.
+        backend: the backend's name (``"cucim"``, ``"openslide"`` or ``"tifffile"``).
+        level_dimensions: ``(width, height)`` of each level, finest first.
+        level_downsamples: downsample of each level relative to level 0.
+        mpp: micrometres per pixel at level 0, or ``None`` when the file does not say.
+        objective_power: the scan's objective magnification, or ``None``.
+    """
+
+    backend: str = ""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self.level_dimensions: tuple[tuple[int, int], ...] = ()
+        self.level_downsamples: tuple[float, ...] = ()
+        self.mpp: float | None = None
+        self.objective_power: float | None = None
+
+    # ------------------------------------------------------------------ description
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """``(width, height)`` at level 0."""
+        return self.level_dimensions[0]
+
+    def level_mpp(self, level: int) -> float | None:
+        """Micrometres per pixel at ``level`` (``None`` if the slide has no mpp)."""
+        self._check_level(level)
+        return None if self.mpp is None else self.mpp * self.level_downsamples[level]
+
+    def _check_level(self, level: int) -> None:
+        if not 0 <= int(level) < self.level_count:
+            raise ValueError(f"slide '{self.path}': level {level} does not exist (the slide has {self.level_count}).")
+
+    def _describe_levels(self) -> None:
+        dims = self.level_dimensions
+        if not dims:
+            raise SlideError(self.path, "no image levels found.")
+        # downsamples from dimensions are exact for generic TIFFs; backends may override with their own values
+        if not self.level_downsamples:
+            w0, h0 = dims[0]
+            self.level_downsamples = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
+
+    def require_mpp(self, what: str = "tiling at a target mpp") -> float:
+        if self.mpp is None:
+            raise SlideError(
+                self.path,
+                f"{what} needs the slide's microns per pixel, but its metadata has none. "
+                "Tile by level instead (pass `level=` and no `mpp=`) or fix the file's resolution tags.",
+            )
+        return self.mpp
+
+    def level_for_mpp(self, target_mpp: float, tolerance: float = 0.1) -> tuple[int, float]:
+        """The level to read for a target resolution, and the scale to apply after reading.
+
+        The chosen level is the coarsest one that is at least as fine as ``target_mpp`` (within ``tolerance``,
+        relative), so that reading it and resizing down never upsamples.
+
+        Returns:
+            ``(level, scale)``: read at ``level`` then resize by ``scale = level_mpp / target_mpp`` (<= 1).
+
+        Raises:
+            SlideError: the slide has no mpp, or ``target_mpp`` is finer than its finest level.
+        """
+        mpp0 = self.require_mpp()
+        if target_mpp <= 0:
+            raise ValueError(f"target mpp must be positive, got {target_mpp}")
+        if target_mpp < mpp0 * (1.0 - tolerance):
+            raise SlideError(
+                self.path,
+                f"requested {target_mpp:g} um/px is finer than the slide's finest level ({mpp0:g} um/px). "
+                f"Ask for {mpp0:g} um/px or coarser.",
+            )
+        best = 0
+        for level in range(self.level_count):
+            if self.level_mpp(level) <= target_mpp * (1.0 + tolerance):
+                best = level
+        level_mpp = self.level_mpp(best)
+        scale = min(1.0, level_mpp / target_mpp)
+        if abs(scale - 1.0) <= tolerance:
+            scale = 1.0
+        return best, scale
+
+    def level_for_downsample(self, downsample: float, tolerance: float = 0.01) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample``."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1.0 + tolerance):
+                best = level
+        return best
+
+    # ------------------------------------------------------------------ reading
+    @abstractmethod
+    def _read_batch(self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int) -> np.ndarray:
+        """Read ``[N, h, w, 3]`` uint8 patches; ``locations`` are validated level-0 ``(x, y)`` int64."""
+
+    def _validate_locations(self, locations: Any) -> np.ndarray:
+        loc = np.asarray(locations, dtype=np.int64)
+        if loc.ndim == 1 and loc.size == 2:
+            loc = loc[None]
+        if loc.ndim != 2 or loc.shape[1] != 2:
+            raise ValueError(f"slide '{self.path}': locations must have shape [N, 2] (x, y), got {loc.shape}.")
+        w0, h0 = self.dimensions
+        bad = np.flatnonzero((loc[:, 0] < 0) | (loc[:, 1] < 0) | (loc[:, 0] >= w0) | (loc[:, 1] >= h0))
+        if bad.size:
+            shown = ", ".join(f"#{i} {tuple(int(v) for v in loc[i])}" for i in bad[:5])
+            more = f" and {bad.size - 5} more" if bad.size > 5 else ""
+            raise ValueError(
+                f"slide '{self.path}': {bad.size} coordinate(s) outside the slide ({w0}x{h0} at level 0): "
+                f"{shown}{more}. Coordinates are level-0 (x, y) of the patch's top-left corner."
+            )
+        return loc
+
+    def read_patches(
+        self,
+        locations: Any,
+        size: int | tuple[int, int],
+        level: int = 0,
+        out_size: int | tuple[int, int] | None = None,
+        num_workers: int = 0,
+        as_tensor: bool = False,
+        device: str | torch.device | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """Read a batch of patches in one call.
+
+        Args:
+            locations: level-0 ``(x, y)`` of each patch's top-left corner, shape ``[N, 2]``.
+            size: patch size read at ``level`` (int or ``(width, height)``).
+            level: pyramid level to read from.
+            out_size: resize each patch to this size after reading (int or ``(height, width)``); ``None`` keeps it.
+            num_workers: decoding threads (cuCIM: its own threads; others: a thread pool). 0 reads serially.
+            as_tensor: return a ``uint8`` tensor ``[N, 3, H, W]`` instead of an array ``[N, H, W, 3]``.
+            device: with ``as_tensor``, move the batch to this device (e.g. ``"cuda"``).
+
+        Raises:
+            ValueError: coordinates outside the slide (the message lists them).
+            SlideError: a tile cannot be decoded (truncated or corrupt file).
+        """
+        self._check_level(level)
+        w, h = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+        loc = self._validate_locations(locations)
+        if len(loc) == 0:
+            patches = np.zeros((0, h, w, 3), np.uint8)
+        else:
+            try:
+                patches = self._read_batch(loc, int(level), (w, h), int(num_workers))
+            except (SlideError, ValueError):
+                raise
+            except Exception as e:  # backend-specific decode errors
+                raise SlideError(
+                    self.path,
+                    f"reading {len(loc)} patch(es) at level {level} failed ({type(e).__name__}: {e}). "
+                    "The file may be truncated or corrupt; re-export or re-copy it.",
+                ) from e
+        if out_size is not None:
+            patches = resize_patches(patches, out_size)
+        if not as_tensor:
+            return patches
+        t = torch.from_numpy(patches).permute(0, 3, 1, 2)
+        if device is not None:
+            t = t.to(device, non_blocking=True)
+        return t
+
+    def read_region(self, location: tuple[int, int], size: int | tuple[int, int], level: int = 0) -> np.ndarray:
+        """Read one region ``[h, w, 3]`` at ``level``; ``location`` is level-0 ``(x, y)``."""
+        return self.read_patches([location], size, level)[0]
+
+    def read_level(self, level: int, max_pixels: int = 400_000_000) -> np.ndarray:
+        """Read a whole level ``[H, W, 3]`` (meant for low-resolution levels: thumbnails, tissue masks)."""
+        self._check_level(level)
+        w, h = self.level_dimensions[level]
+        if w * h > max_pixels:
+            raise SlideError(self.path, f"level {level} is {w}x{h} px, too large to read whole; use a coarser level.")
+        ds = self.level_downsamples[level]
+        tile = 2048
+        out = np.empty((h, w, 3), np.uint8)
+        locs, boxes = [], []
+        for y in range(0, h, tile):
+            for x in range(0, w, tile):
+                locs.append(
+                    (min(int(round(x * ds)), self.dimensions[0] - 1), min(int(round(y * ds)), self.dimensions[1] - 1))
+                )
+                boxes.append((x, y, min(tile, w - x), min(tile, h - y)))
+        for (x0, y0), (x, y, bw, bh) in zip(locs, boxes):
+            out[y : y + bh, x : x + bw] = self.read_patches([(x0, y0)], (bw, bh), level)[0]
+        return out
+
+    def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
+        """A thumbnail no larger than ``max_size`` on its long side, and its downsample relative to level 0."""
+        w0, h0 = self.dimensions
+        target_ds = max(w0, h0) / max_size
+        level = self.level_for_downsample(max(target_ds, 1.0))
+        img = self.read_level(level)
+        lw, lh = self.level_dimensions[level]
+        scale = min(1.0, max_size / max(lw, lh))
+        if scale < 1.0:
+            img = resize_patches(img[None], (max(1, round(lh * scale)), max(1, round(lw * scale))))[0]
+        return img, w0 / img.shape[1]
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:  # noqa: B027 - optional for backends
+        pass
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}('{self.path}', levels={self.level_count}, dims={self.dimensions}, "
+            f"mpp={self.mpp}, objective={self.objective_power})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------- cuCIM
+
+
+class CuCIMSlide(SlideReader):
+    """cuCIM backend: ``CuImage.read_region`` with a list of locations decodes with ``num_workers`` threads.
+
+    Note: cuCIM's ``spacing()`` reports 1.0 for Aperio files, so mpp comes from the Aperio description or the
+    TIFF resolution tags instead.
+    """
+
+    backend = "cucim"
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        cucim = _import_backend("cucim")
+        with quiet_native_output():
+            self._img = cucim.CuImage(self.path)
+        res = self._img.resolutions
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in res["level_dimensions"])
+        self.level_downsamples = tuple(float(d) for d in res["level_downsamples"])
+        self._describe_levels()
+        meta = self._img.metadata
+        aperio = meta.get("aperio", {}) if isinstance(meta, dict) else {}
+        if "MPP" in aperio:
+            self.mpp = float(aperio["MPP"])
+        if "AppMag" in aperio:
+            self.objective_power = float(aperio["AppMag"])
+        if self.mpp is None:
+            tiff = meta.get("tiff", {}) if isinstance(meta, dict) else {}
+            self.mpp = _mpp_from_resolution(tiff.get("x_resolution"), tiff.get("resolution_unit", ""))
+        if self.mpp is None or self.objective_power is None:
+            props = _tiff_properties(self.path)
+            self.mpp = self.mpp if self.mpp is not None else props["mpp"]
+            self.objective_power = self.objective_power or props["objective_power"]
+
+    def _read_batch(self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int) -> np.ndarray:
+        w, h = size
+        n = len(locations)
+        out = np.empty((n, h, w, 3), np.uint8)
+        batch = max(1, min(n, 64))
+        regions = self._img.read_region(
+            [tuple(int(v) for v in xy) for xy in locations],
+            (w, h),
+            level,
+            num_workers=max(num_workers, 1),  # cuCIM refuses several locations with zero workers
+            batch_size=batch,
+        )
+        i = 0
+        for region in regions:
+            arr = np.asarray(region)
+            if arr.ndim == 3:
+                arr = arr[None]
+            k = arr.shape[0]
+            out[i : i + k] = arr[..., :3]
+            i += k
+        if i != n:
+            raise SlideError(self.path, f"cuCIM returned {i} of {n} patches.")
+        return out
+
+    def close(self) -> None:
+        img, self._img = getattr(self, "_img", None), None
+        if img is not None and hasattr(img, "close"):
+            img.close()
+
+
+# --------------------------------------------------------------------------------------------------- OpenSlide
+
+
+class OpenSlideSlide(SlideReader):
+    """OpenSlide backend: one ``read_region`` per patch (OpenSlide decodes only the tiles it needs)."""
+
+    backend = "openslide"
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        openslide = _import_backend("openslide")
+        self._osr = openslide.OpenSlide(self.path)
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._osr.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        self._describe_levels()
+        props = self._osr.properties
+        mpp = props.get("openslide.mpp-x")
+        self.mpp = float(mpp) if mpp else None
+        obj = props.get("openslide.objective-power")
+        self.objective_power = float(obj) if obj else None
+        if self.mpp is None and self.path.lower().endswith(TIFF_SUFFIXES):
+            self.mpp = _tiff_properties(self.path)["mpp"]
+        self._lock = threading.Lock()
+
+    def _read_one(self, xy: np.ndarray, level: int, size: tuple[int, int]) -> np.ndarray:
+        rgba = np.asarray(self._osr.read_region((int(xy[0]), int(xy[1])), level, size))
+        rgb = rgba[..., :3]
+        alpha = rgba[..., 3:4]
+        if alpha.min() < 255:  # transparent = outside the scanned area: composite on white like cuCIM
+            rgb = (rgb.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))) // 255
+        return rgb.astype(np.uint8)
+
+    def _read_batch(self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int) -> np.ndarray:
+        w, h = size
+        out = np.empty((len(locations), h, w, 3), np.uint8)
+        if num_workers > 1:
+            with ThreadPoolExecutor(num_workers) as pool:
+                for i, patch in enumerate(pool.map(lambda xy: self._read_one(xy, level, size), locations)):
+                    out[i] = patch
+        else:
+            for i, xy in enumerate(locations):
+                out[i] = self._read_one(xy, level, size)
+        return out
+
+    def close(self) -> None:
+        osr, self._osr = getattr(self, "_osr", None), None
+        if osr is not None:
+            osr.close()
+
+
+# --------------------------------------------------------------------------------------------------- tifffile
+
+
+class TiffSlide(SlideReader):
+    """Our tile-level TIFF reader: decodes only the tiles each patch overlaps, with a small LRU tile cache.
+
+    Levels are the tiled pages of the main IFD chain (or the SubIFDs of the first page) that share the first
+    page's aspect ratio, finest first; thumbnails, labels and macro images are ignored.
+    """
+
+    backend = "tifffile"
+
+    def __init__(self, path: str | os.PathLike, cache_tiles: int = 512):
+        super().__init__(path)
+        tifffile = _import_backend("tifffile")
+        self._tif = tifffile.TiffFile(self.path)
+        self._pages = self._find_levels()
+        self.level_dimensions = tuple((int(p.imagewidth), int(p.imagelength)) for p in self._pages)
+        self._describe_levels()
+        props = _tiff_properties(self.path)
+        self.mpp, self.objective_power = props["mpp"], props["objective_power"]
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_size = cache_tiles
+        self._io_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self._file_size = os.path.getsize(self.path)
+
+    def _find_levels(self) -> list[Any]:
+        pages = list(self._tif.pages)
+        first = pages[0]
+        if not first.is_tiled:
+            raise _not_tiled_error(self.path)
+        if first.samplesperpixel < 3:
+            raise SlideError(self.path, f"expected an RGB slide, found {first.samplesperpixel} sample(s) per pixel.")
+        candidates = [first] + list(first.pages or []) + pages[1:]
+        aspect = first.imagewidth / first.imagelength
+        levels = []
+        for p in candidates:
+            if not p.is_tiled or p.samplesperpixel != first.samplesperpixel:
+                continue
+            if abs(p.imagewidth / p.imagelength - aspect) > 0.02 * aspect + 2.0 / p.imagelength:
+                continue
+            if levels and p.imagewidth >= levels[-1].imagewidth:
+                continue
+            levels.append(p)
+        return levels
+
+    def _tile(self, level: int, index: int) -> np.ndarray:
+        key = (level, index)
+        with self._cache_lock:
+            tile = self._cache.get(key)
+            if tile is not None:
+                self._cache.move_to_end(key)
+                return tile
+        page = self._pages[level]
+        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+        if count == 0 or offset + count > self._file_size:
+            raise SlideError(
+                self.path,
+                f"tile {index} of level {level} lies beyond the end of the file ({offset}+{count} > "
+                f"{self._file_size} bytes): the file is truncated. Re-copy or re-export it.",
+            )
+        with self._io_lock:
+            fh = self._tif.filehandle
+            fh.seek(offset)
+            data = fh.read(count)
+        seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        tile = np.asarray(seg).reshape(seg.shape[-3:])[..., :3]
+        with self._cache_lock:
+            self._cache[key] = tile
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return tile
+
+    def _read_one(self, xy: np.ndarray, level: int, size: tuple[int, int]) -> np.ndarray:
+        page = self._pages[level]
+        ds = self.level_downsamples[level]
+        w, h = size
+        x = int(math.floor(xy[0] / ds))
+        y = int(math.floor(xy[1] / ds))
+        tw, th = int(page.tilewidth), int(page.tilelength)
+        lw, lh = self.level_dimensions[level]
+        n_tx = -(-lw // tw)
+        out = np.full((h, w, 3), 255, np.uint8)  # outside the image = white background
+        for ty in range(max(y, 0) // th, min(y + h, lh) // th + 1):
+            if ty * th >= lh:
+                break
+            for tx in range(max(x, 0) // tw, min(x + w, lw) // tw + 1):
+                if tx * tw >= lw:
+                    break
+                tile = self._tile(level, ty * n_tx + tx)
+                # intersection of the patch with this tile, in level coordinates, clipped to the image
+                x0, x1 = max(x, tx * tw), min(x + w, (tx + 1) * tw, lw)
+                y0, y1 = max(y, ty * th), min(y + h, (ty + 1) * th, lh)
+                if x1 <= x0 or y1 <= y0:
+                    continue
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw]
+        return out
+
+    def _read_batch(self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int) -> np.ndarray:
+        w, h = size
+        out = np.empty((len(locations), h, w, 3), np.uint8)
+        if num_workers > 1:
+            with ThreadPoolExecutor(num_workers) as pool:
+                for i, patch in enumerate(pool.map(lambda xy: self._read_one(xy, level, size), locations)):
+                    out[i] = patch
+        else:
+            for i, xy in enumerate(locations):
+                out[i] = self._read_one(xy, level, size)
+        return out
+
+    def close(self) -> None:
+        tif, self._tif = getattr(self, "_tif", None), None
+        if tif is not None:
+            tif.close()
+
+
+# --------------------------------------------------------------------------------------------------- opening
+
+_READERS: dict[str, type[SlideReader]] = {"cucim": CuCIMSlide, "openslide": OpenSlideSlide, "tifffile": TiffSlide}
+
+
+def _check_tiff_structure(path: str) -> None:
+    """Reject TIFF files that no whole-slide backend can serve patch by patch, with the fix."""
+    try:
+        tifffile = _import_backend("tifffile")
+        with tifffile.TiffFile(path) as tif:
+            first = tif.pages.first
+            tiled = first.is_tiled
+    except Exception:
+        return  # not a TIFF tifffile understands: let the backends report
+    if not tiled:
+        raise _not_tiled_error(path)
+
+
+def _not_tiled_error(path: str) -> SlideError:
+    return SlideError(
+        path,
+        "the TIFF is not tiled (it stores strips), so patches cannot be read without decoding the whole image. "
+        "Convert it to a tiled pyramid, e.g. `vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg`.",
+    )
+
+
+def open_slide(path: str | os.PathLike, backend: str = "auto") -> SlideReader:
+    """Open a whole-slide image.
+
+    Args:
+        path: the slide file (SVS, generic tiled TIFF, and whatever cuCIM/OpenSlide read).
+        backend: ``"auto"`` tries cuCIM, then OpenSlide, then our tifffile reader, taking the first that is
+            installed and opens the file; or name one of ``"cucim"``, ``"openslide"``, ``"tifffile"``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        SlideError: no backend can open it (the message lists each backend's reason).
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"slide '{path}' does not exist. Check the datalist entry and the data root.")
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown slide backend '{backend}'; choose 'auto' or one of {BACKENDS}.")
+    if path.lower().endswith(TIFF_SUFFIXES):
+        _check_tiff_structure(path)
+    names = BACKENDS if backend == "auto" else (backend,)
+    reasons = []
+    for name in names:
+        try:
+            _import_backend(name)
+        except Exception as e:
+            reasons.append(f"{name}: not installed ({type(e).__name__}: {e})")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                reader = _READERS[name](path)
+        except SlideError:
+            raise
+        except Exception as e:
+            reasons.append(f"{name}: {type(e).__name__}: {e}")
+            continue
+        if reader.mpp is None:
+            warnings.warn(
+                f"slide '{path}' has no microns-per-pixel metadata; tiling at a target mpp will fail for it "
+                "(tile by level instead).",
+                stacklevel=2,
+            )
+        return reader
+    raise SlideError(path, "cannot be opened as a whole-slide image (" + "; ".join(reasons) + ").")
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_slide(path: str, backend: str, mtime_ns: int, size: int, pid: int) -> SlideReader:
+    return open_slide(path, backend)
+
+
+def get_slide(slide: str | os.PathLike | SlideReader, backend: str = "auto") -> SlideReader:
+    """A reader for ``slide``: passes readers through; opens paths once per process and caches them.
+
+    The cache key includes the file's size and modification time, so a rewritten slide is reopened.
+    """
+    if isinstance(slide, SlideReader):
+        return slide
+    path = str(slide)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"slide '{path}' does not exist. Check the datalist entry and the data root.")
+    st = os.stat(path)
+    return _cached_slide(os.path.abspath(path), backend, st.st_mtime_ns, st.st_size, os.getpid())
+
+
+def slide_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """The identity of a slide file: absolute path, size and modification time (ns)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"path": str(p), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}

@@ -1,0 +1,358 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Tissue detection and grid tiling of whole-slide images.
+
+The tissue mask is computed by one algorithm written against an array module (``numpy`` + ``scipy.ndimage`` on
+CPU, ``cupy`` + ``cupyx.scipy.ndimage`` on a GPU): Otsu on HSV saturation, median blur, hole filling and removal of
+small specks. Because both devices run the same code, they agree up to the libraries' own filter implementations.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_icmil.data.slide import SlideReader
+
+__all__ = [
+    "TissueMaskResult",
+    "TilingResult",
+    "array_backend",
+    "otsu_threshold",
+    "saturation",
+    "tissue_mask_from_rgb",
+    "compute_tissue_mask",
+    "grid_coordinates",
+    "mask_level",
+    "read_tiles",
+]
+
+
+@dataclass
+class TissueMaskResult:
+    """A boolean tissue mask and its scale.
+
+    Attributes:
+        mask: ``[h, w]`` boolean array (numpy), ``True`` on tissue.
+        downsample: level-0 pixels per mask pixel.
+        threshold: the saturation threshold used.
+    """
+
+    mask: np.ndarray
+    downsample: float
+    threshold: float
+
+
+@dataclass
+class TilingResult:
+    """Patch coordinates of one slide.
+
+    Attributes:
+        coords: ``[N, 2]`` int64 level-0 ``(x, y)`` of each patch's top-left corner, row-major order.
+        level: the pyramid level patches are read from.
+        read_size: patch side read at ``level`` (before resizing to ``patch_size``).
+        patch_size: patch side after resizing.
+        mpp: effective microns per pixel of the patches (``None`` when the slide has no mpp).
+        tissue_fraction: ``[N]`` tissue fraction of each patch.
+        params: the tiling parameters (part of the feature store's key).
+    """
+
+    coords: np.ndarray
+    level: int
+    read_size: int
+    patch_size: int
+    mpp: float | None
+    tissue_fraction: np.ndarray
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    @property
+    def footprint(self) -> float:
+        """Patch side in level-0 pixels."""
+        return float(self.params["footprint"])
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def array_backend(device: str | torch.device | None = "auto") -> tuple[ModuleType, ModuleType, str]:
+    """``(xp, ndimage, device)`` for the tissue mask: CuPy on a CUDA device when usable, else NumPy/SciPy.
+
+    Args:
+        device: ``"auto"`` (GPU when CUDA and CuPy work), ``"cpu"``, or ``"cuda"``/``"cuda:N"``.
+    """
+    dev = "auto" if device is None else str(device)
+    if dev == "cpu":
+        import scipy.ndimage as ndi
+
+        return np, ndi, "cpu"
+    want_gpu = dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())
+    if want_gpu:
+        try:
+            import cupy as cp
+            import cupyx.scipy.ndimage as cndi
+
+            cp.zeros(1).sum()  # fails here, not later, when no GPU is usable
+            return cp, cndi, "cuda"
+        except Exception as e:
+            if dev.startswith("cuda"):
+                raise RuntimeError(
+                    f"tissue detection on '{dev}' needs CuPy with a working GPU ({type(e).__name__}: {e}). "
+                    "Install cupy-cuda13x or pass device='cpu'."
+                ) from e
+    import scipy.ndimage as ndi
+
+    return np, ndi, "cpu"
+
+
+def saturation(rgb: Any, xp: ModuleType = np) -> Any:
+    """HSV saturation in ``[0, 1]`` of a ``uint8`` RGB image ``[h, w, 3]``."""
+    rgb = rgb.astype(xp.float32)
+    mx = rgb.max(axis=-1)
+    mn = rgb.min(axis=-1)
+    return xp.where(mx > 0, (mx - mn) / xp.maximum(mx, 1.0), 0.0).astype(xp.float32)
+
+
+def otsu_threshold(
+    values: Any, xp: ModuleType = np, bins: int = 256, value_range: tuple[float, float] = (0.0, 1.0)
+) -> float:
+    """Otsu's threshold of ``values`` over a fixed histogram range (so CPU and GPU agree bin for bin)."""
+    hist = xp.histogram(values.ravel(), bins=bins, range=value_range)[0].astype(xp.float64)
+    edges = xp.linspace(value_range[0], value_range[1], bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = xp.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = xp.cumsum(hist * centers)
+    mean0 = m0 / xp.maximum(w0, 1e-12)
+    mean1 = (m0[-1] - m0) / xp.maximum(w1, 1e-12)
+    between = w0 * w1 * (mean0 - mean1) ** 2
+    idx = int(xp.argmax(between[:-1]))
+    return float(edges[idx + 1])
+
+
+def tissue_mask_from_rgb(
+    rgb: np.ndarray,
+    median_size: int = 5,
+    min_area_px: int = 16,
+    min_saturation: float = 0.05,
+    fill_holes: bool = True,
+    device: str | torch.device | None = "auto",
+) -> tuple[np.ndarray, float]:
+    """Tissue mask of a low-resolution RGB image.
+
+    Args:
+        rgb: ``uint8`` ``[h, w, 3]`` image (a low pyramid level or a thumbnail).
+        median_size: side of the median filter applied to the thresholded mask (odd; 0/1 disables).
+        min_area_px: connected components smaller than this many pixels are removed.
+        min_saturation: lower bound of the threshold, so a blank slide's noise is not called tissue.
+        fill_holes: fill holes enclosed by tissue.
+        device: ``"auto"``, ``"cpu"`` or a CUDA device (see :func:`array_backend`).
+
+    Returns:
+        ``(mask, threshold)``: a numpy boolean mask and the saturation threshold used.
+    """
+    xp, ndi, _ = array_backend(device)
+    img = xp.asarray(rgb)
+    sat = saturation(img, xp)
+    thr = max(otsu_threshold(sat, xp), float(min_saturation))
+    mask = sat > thr
+    if median_size and median_size > 1:
+        mask = ndi.median_filter(mask.astype(xp.uint8), size=int(median_size)) > 0
+    if fill_holes:
+        mask = ndi.binary_fill_holes(mask)
+    if min_area_px and min_area_px > 1 and bool(mask.any()):
+        labels, n = ndi.label(mask)
+        sizes = xp.bincount(labels.ravel(), minlength=int(n) + 1)
+        keep = sizes >= int(min_area_px)
+        keep[0] = False
+        mask = keep[labels]
+    if xp is not np:
+        mask = xp.asnumpy(mask)
+    return np.asarray(mask, dtype=bool), thr
+
+
+def mask_level(reader: SlideReader, mask_mpp: float = 8.0, fallback_downsample: float = 32.0) -> tuple[int, int]:
+    """The level to read for the tissue mask and the integer block factor that brings it near ``mask_mpp``.
+
+    The level is the coarsest one not coarser than ``mask_mpp`` (default 8 um/px, so masks land at 8-16 um/px);
+    reading it and averaging ``factor x factor`` blocks gives the mask resolution. Without mpp metadata the
+    target is ``fallback_downsample`` relative to level 0.
+    """
+    if reader.mpp is None:
+        target_ds = fallback_downsample
+    else:
+        target_ds = mask_mpp / reader.mpp
+    level = reader.level_for_downsample(max(target_ds, 1.0))
+    factor = max(1, int(math.floor(target_ds / reader.level_downsamples[level] + 1e-6)))
+    return level, factor
+
+
+def _block_mean(img: np.ndarray, factor: int) -> np.ndarray:
+    if factor <= 1:
+        return img
+    h, w = img.shape[0] // factor, img.shape[1] // factor
+    if h == 0 or w == 0:
+        return img
+    t = torch.from_numpy(np.ascontiguousarray(img[: h * factor, : w * factor])).permute(2, 0, 1)[None].float()
+    t = torch.nn.functional.avg_pool2d(t, factor)
+    return t[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
+
+
+def compute_tissue_mask(
+    reader: SlideReader,
+    mask_mpp: float = 8.0,
+    level: int | None = None,
+    median_size: int = 5,
+    min_area_um2: float = 20_000.0,
+    min_saturation: float = 0.05,
+    fill_holes: bool = True,
+    device: str | torch.device | None = "auto",
+) -> TissueMaskResult:
+    """Tissue mask of a slide at low resolution.
+
+    Args:
+        reader: an open slide.
+        mask_mpp: target resolution of the mask in um/px (the default puts it at 8-16 um/px).
+        level: read this level instead of choosing one from ``mask_mpp`` (no block averaging then).
+        median_size: median-filter side in mask pixels.
+        min_area_um2: specks smaller than this area (square micrometres) are removed; without mpp the area is
+            taken as mask pixels at 8 um/px.
+        min_saturation: lower bound of the Otsu threshold (blank slides give an empty mask).
+        fill_holes: fill holes inside tissue.
+        device: ``"auto"``, ``"cpu"`` or a CUDA device.
+
+    Returns:
+        :class:`TissueMaskResult`; an empty mask is returned (with a warning naming the slide) when no tissue is
+        found.
+    """
+    if level is None:
+        level, factor = mask_level(reader, mask_mpp)
+    else:
+        reader._check_level(level)
+        factor = 1
+    img = _block_mean(reader.read_level(level), factor)
+    downsample = reader.dimensions[0] / img.shape[1]
+    px_um = (reader.mpp * downsample) if reader.mpp is not None else 8.0
+    min_area_px = max(1, int(round(min_area_um2 / (px_um * px_um))))
+    mask, thr = tissue_mask_from_rgb(
+        img,
+        median_size=median_size,
+        min_area_px=min_area_px,
+        min_saturation=min_saturation,
+        fill_holes=fill_holes,
+        device=device,
+    )
+    if not mask.any():
+        warnings.warn(f"slide '{reader.path}': no tissue found (saturation never exceeds {thr:.3f}).", stacklevel=2)
+    return TissueMaskResult(mask=mask, downsample=float(downsample), threshold=thr)
+
+
+def grid_coordinates(
+    reader: SlideReader,
+    patch_size: int,
+    mpp: float | None = None,
+    level: int | None = None,
+    stride: int | None = None,
+    mask: np.ndarray | None = None,
+    mask_downsample: float | None = None,
+    min_tissue: float = 0.5,
+) -> TilingResult:
+    """A regular grid of patch coordinates over the tissue of a slide.
+
+    Args:
+        reader: an open slide.
+        patch_size: output patch side in pixels.
+        mpp: target microns per pixel; the read level is the coarsest one at least as fine, read at a larger
+            size and resized to ``patch_size``. Exclusive with ``level``.
+        level: read patches from this level at ``patch_size`` (no resizing). Default: level 0.
+        stride: step between patches in output pixels (``< patch_size`` overlaps). Default: ``patch_size``.
+        mask: boolean tissue mask; ``None`` keeps every grid cell.
+        mask_downsample: level-0 pixels per mask pixel (required with ``mask``).
+        min_tissue: minimum tissue fraction of a patch to keep it.
+
+    Returns:
+        :class:`TilingResult` with coordinates in row-major (y, then x) order; a slide without tissue gives zero
+        coordinates and a warning naming it.
+    """
+    if mpp is not None and level is not None:
+        raise ValueError("pass either `mpp` or `level`, not both.")
+    if patch_size <= 0:
+        raise ValueError(f"patch_size must be positive, got {patch_size}")
+    stride = patch_size if stride is None else int(stride)
+    if stride <= 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise ValueError(f"min_tissue must be within [0, 1], got {min_tissue}")
+    if mpp is not None:
+        level, scale = reader.level_for_mpp(float(mpp))
+        read_size = int(round(patch_size / scale))
+        eff_mpp = float(mpp)
+    else:
+        level = 0 if level is None else int(level)
+        reader._check_level(level)
+        read_size = int(patch_size)
+        eff_mpp = reader.level_mpp(level)
+    ds = reader.level_downsamples[level]
+    footprint = read_size * ds  # level-0 pixels per patch side
+    step = footprint * stride / patch_size
+    w0, h0 = reader.dimensions
+    params = {
+        "patch_size": int(patch_size),
+        "mpp": None if mpp is None else float(mpp),
+        "level": int(level),
+        "read_size": int(read_size),
+        "stride": int(stride),
+        "min_tissue": float(min_tissue),
+        "footprint": float(footprint),
+    }
+    if footprint > w0 or footprint > h0:
+        warnings.warn(f"slide '{reader.path}': a {footprint:.0f}-px patch does not fit in {w0}x{h0}.", stacklevel=2)
+        return TilingResult(
+            np.zeros((0, 2), np.int64), level, read_size, patch_size, eff_mpp, np.zeros(0, np.float32), params
+        )
+    nx = int(math.floor((w0 - footprint) / step + 1e-9)) + 1
+    ny = int(math.floor((h0 - footprint) / step + 1e-9)) + 1
+    xs = np.round(np.arange(nx) * step).astype(np.int64)
+    ys = np.round(np.arange(ny) * step).astype(np.int64)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    coords = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    if mask is None:
+        frac = np.ones(len(coords), np.float32)
+    else:
+        if mask_downsample is None:
+            raise ValueError("`mask_downsample` is required with `mask`.")
+        frac = _patch_tissue_fraction(np.asarray(mask, bool), float(mask_downsample), coords, footprint)
+    keep = frac >= min_tissue - 1e-6
+    if mask is not None and not keep.any():
+        warnings.warn(
+            f"slide '{reader.path}': no patch has >= {min_tissue:.0%} tissue; it yields zero patches.", stacklevel=2
+        )
+    return TilingResult(coords[keep], level, read_size, patch_size, eff_mpp, frac[keep].astype(np.float32), params)
+
+
+def _patch_tissue_fraction(mask: np.ndarray, mask_ds: float, coords: np.ndarray, footprint: float) -> np.ndarray:
+    """Tissue fraction of each square patch via a summed-area table of the mask."""
+    h, w = mask.shape
+    sat = np.zeros((h + 1, w + 1), np.int64)
+    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0), axis=1)
+    x0 = np.clip(np.floor(coords[:, 0] / mask_ds).astype(np.int64), 0, w - 1)
+    y0 = np.clip(np.floor(coords[:, 1] / mask_ds).astype(np.int64), 0, h - 1)
+    x1 = np.clip(np.ceil((coords[:, 0] + footprint) / mask_ds).astype(np.int64), x0 + 1, w)
+    y1 = np.clip(np.ceil((coords[:, 1] + footprint) / mask_ds).astype(np.int64), y0 + 1, h)
+    total = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+    return (total / ((x1 - x0) * (y1 - y0))).astype(np.float32)
+
+
+def read_tiles(reader: SlideReader, tiling: TilingResult, num_workers: int = 0, **kwargs: Any) -> Any:
+    """Read all patches of ``tiling`` (small slides only; the engines read in batches)."""
+    return reader.read_patches(
+        tiling.coords, tiling.read_size, tiling.level, out_size=tiling.patch_size, num_workers=num_workers, **kwargs
+    )

@@ -1,0 +1,16 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""MONAI transforms for whole-slide patching."""
+
+from monai_icmil.transforms.array import GridPatchCoords, ReadPatches, TissueMask
+from monai_icmil.transforms.dictionary import (
+    GridPatchCoordsd,
+    GridPatchCoordsD,
+    GridPatchCoordsDict,
+    ReadPatchesd,
+    ReadPatchesD,
+    ReadPatchesDict,
+    TissueMaskd,
+    TissueMaskD,
+    TissueMaskDict,
+)

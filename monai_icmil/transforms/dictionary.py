@@ -1,0 +1,179 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Dictionary versions of the whole-slide patching transforms.
+
+They read the slide path from ``keys`` (default ``"image"``) and add their outputs under these keys:
+
+========================  =====================================================================================
+``TissueMaskd``           ``"tissue_mask"`` (bool ``[h, w]``), ``"tissue_mask_downsample"`` (float)
+``GridPatchCoordsd``      ``"coords"`` (int64 ``[N, 2]`` level-0 x, y), ``"tiling"`` (dict: level, read_size,
+                          patch_size, mpp, stride, min_tissue, footprint), ``"tissue_fraction"`` (``[N]``)
+``ReadPatchesd``          ``"patches"`` (uint8 ``[N, 3, H, W]`` tensor, or ``[N, H, W, 3]`` array)
+========================  =====================================================================================
+
+Example::
+
+    from monai.transforms import Compose
+    from monai_icmil.transforms import TissueMaskd, GridPatchCoordsd, ReadPatchesd
+
+    pipeline = Compose([TissueMaskd("image"), GridPatchCoordsd("image", patch_size=224, mpp=0.5), ReadPatchesd("image")])
+    out = pipeline({"image": "slide.svs", "label": 1})
+    out["patches"].shape  # [N, 3, 224, 224]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from monai_icmil.data.tiling import TilingResult
+from monai_icmil.transforms.array import GridPatchCoords, ReadPatches, TissueMask
+
+__all__ = [
+    "TissueMaskd",
+    "TissueMaskD",
+    "TissueMaskDict",
+    "GridPatchCoordsd",
+    "GridPatchCoordsD",
+    "GridPatchCoordsDict",
+    "ReadPatchesd",
+    "ReadPatchesD",
+    "ReadPatchesDict",
+]
+
+
+class TissueMaskd(MapTransform):
+    """Dictionary version of :class:`~monai_icmil.transforms.array.TissueMask`.
+
+    Args:
+        keys: key(s) of the slide path.
+        mask_key: output key of the boolean mask.
+        downsample_key: output key of the mask's downsample relative to level 0.
+        allow_missing_keys: don't raise when a key is absent.
+        kwargs: forwarded to :class:`TissueMask`.
+    """
+
+    backend = TissueMask.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mask_key: str = "tissue_mask",
+        downsample_key: str = "tissue_mask_downsample",
+        allow_missing_keys: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = TissueMask(**kwargs)
+        self.mask_key, self.downsample_key = mask_key, downsample_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            result = self.transform(d[key])
+            d[self.mask_key] = result.mask
+            d[self.downsample_key] = result.downsample
+        return d
+
+
+class GridPatchCoordsd(MapTransform):
+    """Dictionary version of :class:`~monai_icmil.transforms.array.GridPatchCoords`.
+
+    Uses the tissue mask under ``mask_key`` when present (else tiles the whole slide).
+
+    Args:
+        keys: key(s) of the slide path.
+        mask_key, downsample_key: where :class:`TissueMaskd` put the mask.
+        coords_key: output key of the ``[N, 2]`` coordinates.
+        tiling_key: output key of the tiling description (level, read_size, patch_size, mpp, ...).
+        fraction_key: output key of each patch's tissue fraction.
+        allow_missing_keys: don't raise when a key is absent.
+        kwargs: forwarded to :class:`GridPatchCoords`.
+    """
+
+    backend = GridPatchCoords.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mask_key: str = "tissue_mask",
+        downsample_key: str = "tissue_mask_downsample",
+        coords_key: str = "coords",
+        tiling_key: str = "tiling",
+        fraction_key: str = "tissue_fraction",
+        allow_missing_keys: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = GridPatchCoords(**kwargs)
+        self.mask_key, self.downsample_key = mask_key, downsample_key
+        self.coords_key, self.tiling_key, self.fraction_key = coords_key, tiling_key, fraction_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            result = self.transform(d[key], d.get(self.mask_key), d.get(self.downsample_key))
+            d[self.coords_key] = result.coords
+            d[self.tiling_key] = {
+                **result.params,
+                "level": result.level,
+                "read_size": result.read_size,
+                "patch_size": result.patch_size,
+                "effective_mpp": result.mpp,
+            }
+            d[self.fraction_key] = result.tissue_fraction
+        return d
+
+
+class ReadPatchesd(MapTransform):
+    """Dictionary version of :class:`~monai_icmil.transforms.array.ReadPatches`.
+
+    Args:
+        keys: key(s) of the slide path.
+        coords_key, tiling_key: where :class:`GridPatchCoordsd` put the coordinates and tiling.
+        patches_key: output key of the patch batch.
+        allow_missing_keys: don't raise when a key is absent.
+        kwargs: forwarded to :class:`ReadPatches`.
+    """
+
+    backend = ReadPatches.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        coords_key: str = "coords",
+        tiling_key: str = "tiling",
+        patches_key: str = "patches",
+        allow_missing_keys: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = ReadPatches(**kwargs)
+        self.coords_key, self.tiling_key, self.patches_key = coords_key, tiling_key, patches_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            tiling = d[self.tiling_key]
+            coords = d[self.coords_key]
+            if isinstance(tiling, TilingResult):
+                d[self.patches_key] = self.transform(d[key], tiling)
+                continue
+            d[self.patches_key] = self.transform(
+                d[key],
+                np.asarray(coords.cpu() if isinstance(coords, torch.Tensor) else coords),
+                level=int(tiling["level"]),
+                read_size=int(tiling["read_size"]),
+                patch_size=int(tiling["patch_size"]),
+            )
+        return d
+
+
+TissueMaskD = TissueMaskDict = TissueMaskd
+GridPatchCoordsD = GridPatchCoordsDict = GridPatchCoordsd
+ReadPatchesD = ReadPatchesDict = ReadPatchesd

@@ -1,0 +1,93 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from monai_icmil.data import DatalistError, load_datalist
+
+
+def _touch(root: Path, *names: str) -> None:
+    for n in names:
+        (root / n).parent.mkdir(parents=True, exist_ok=True)
+        (root / n).write_bytes(b"x")
+
+
+def test_json_datalist_resolves_paths_against_the_data_root(synthetic_dataset):
+    dl = load_datalist(synthetic_dataset)
+    assert [len(dl[s]) for s in ("training", "validation", "test")] == [4, 2, 2]
+    first = dl["training"][0]
+    assert Path(first["image"]).is_absolute() and Path(first["image"]).is_file()
+    assert first["label"] in (0, 1) and first["slide_id"] == "training_000"
+    assert Path(first["tumour_mask"]).is_file()
+
+
+def test_csv_datalist_with_splits_and_string_labels(tmp_path):
+    _touch(tmp_path, "a.svs", "b.svs", "c.svs")
+    csv = tmp_path / "slides.csv"
+    csv.write_text("slide,label,split\na.svs,tumour,training\nb.svs,normal,training\nc.svs,tumour,test\n")
+    dl = load_datalist(csv, labels=["normal", "tumour"])
+    assert [e["label"] for e in dl["training"]] == [1, 0]
+    assert dl["test"][0]["label"] == 1 and dl["validation"] == []
+
+
+def test_csv_without_split_column_goes_to_training(tmp_path):
+    _touch(tmp_path, "a.svs", "b.svs")
+    csv = tmp_path / "slides.csv"
+    csv.write_text("slide,label\na.svs,1\nb.svs,0\n")
+    dl = load_datalist(csv)
+    assert [e["label"] for e in dl["training"]] == [1, 0]
+
+
+def test_every_bad_row_is_listed_in_one_error(tmp_path):
+    _touch(tmp_path, "a.svs", "b.svs", "c.svs")
+    data = {
+        "training": [
+            {"image": "a.svs", "label": 1},
+            {"image": "missing.svs", "label": 0},
+            {"image": "b.svs"},
+            {"image": "a.svs", "label": 0},
+        ],
+        "validation": [{"image": "c.svs", "label": 7}],
+    }
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatalistError) as info:
+        load_datalist(path, labels=[0, 1])
+    err = info.value
+    text = str(err)
+    assert len(err.errors) == 4
+    assert "training[1] (missing.svs): file not found" in text
+    assert "training[2] (b.svs): missing label" in text
+    assert "training[3] (a.svs): duplicate slide, already listed at training[0]" in text
+    assert "validation[0] (c.svs): unknown label 7" in text
+
+
+def test_mixed_label_types_are_rejected(tmp_path):
+    _touch(tmp_path, "a.svs", "b.svs")
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": [{"image": "a.svs", "label": 1}, {"image": "b.svs", "label": "tumour"}]}))
+    with pytest.raises(DatalistError, match="mixed types"):
+        load_datalist(path)
+
+
+def test_paths_may_not_leave_the_data_root_unless_allowed(tmp_path):
+    root = tmp_path / "data"
+    _touch(tmp_path, "outside.svs")
+    root.mkdir()
+    path = root / "datalist.json"
+    path.write_text(json.dumps({"training": [{"image": "../outside.svs", "label": 1}]}))
+    with pytest.raises(DatalistError, match=r"outside\.svs.*leaves the data root"):
+        load_datalist(path)
+    assert load_datalist(path, allow_outside_root=True)["training"][0]["label"] == 1
+
+
+def test_unlabelled_inference_lists_are_allowed_where_labels_are_not_required(tmp_path):
+    _touch(tmp_path, "a.svs")
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"test": ["a.svs"]}))
+    dl = load_datalist(path, require_labels=())
+    assert dl["test"][0]["label"] is None

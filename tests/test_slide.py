@@ -1,0 +1,161 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from monai_icmil.data import BACKENDS, SlideError, get_slide, open_slide
+from monai_icmil.data.slide import TiffSlide, resize_patches
+from monai_icmil.data.synthetic import write_slide
+from monai_icmil.data.tiling import compute_tissue_mask, grid_coordinates
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_aperio_metadata_is_read_by_every_backend(cmu_slide, backend):
+    with open_slide(cmu_slide, backend) as s:
+        assert s.backend == backend
+        assert s.level_count == 1
+        assert s.dimensions == (2220, 2967)
+        assert s.mpp == pytest.approx(0.499, abs=1e-3)  # not cuCIM's spacing() of 1.0
+        assert s.objective_power == 20
+
+
+def test_auto_backend_prefers_cucim(cmu_slide):
+    assert open_slide(cmu_slide).backend == "cucim"
+
+
+def test_same_coordinates_give_same_pixels_on_every_backend(cmu_slide):
+    reader = open_slide(cmu_slide, "tifffile")
+    mask = compute_tissue_mask(reader)
+    tiles = grid_coordinates(reader, 224, mpp=0.5, mask=mask.mask, mask_downsample=mask.downsample)
+    assert len(tiles) > 10
+    batches = {}
+    for backend in BACKENDS:
+        with open_slide(cmu_slide, backend) as s:
+            batches[backend] = s.read_patches(tiles.coords, tiles.read_size, tiles.level, num_workers=2).astype(int)
+    assert batches["cucim"].shape == (len(tiles), 224, 224, 3)
+    assert np.abs(batches["cucim"] - batches["openslide"]).mean() < 3
+    assert np.abs(batches["cucim"] - batches["tifffile"]).mean() < 3
+    # the patches are tissue, not background
+    assert batches["cucim"].mean() < 220
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_synthetic_slide_metadata_round_trips(synthetic_entries, backend):
+    with open_slide(synthetic_entries[0]["image"], backend) as s:
+        assert s.dimensions == (1536, 1024)
+        assert s.level_count == 3  # 1536x1024, 768x512, 384x256
+        assert s.level_downsamples == pytest.approx((1.0, 2.0, 4.0))
+        assert s.mpp == pytest.approx(0.5)
+        assert s.level_mpp(2) == pytest.approx(2.0)
+
+
+def test_level_choice_for_target_mpp(synthetic_entries):
+    s = open_slide(synthetic_entries[0]["image"], "tifffile")
+    assert s.level_for_mpp(0.5) == (0, 1.0)
+    assert s.level_for_mpp(1.0) == (1, 1.0)
+    level, scale = s.level_for_mpp(1.5)  # nearest level at or finer than 1.5 um/px is 1.0, then resize
+    assert level == 1 and scale == pytest.approx(1.0 / 1.5)
+    assert s.level_for_mpp(16.0)[0] == 2
+    with pytest.raises(SlideError, match=r"finer than the slide's finest level.*synthetic|training"):
+        s.level_for_mpp(0.25)
+
+
+def test_read_patches_batch_shapes_and_tensor_layout(synthetic_entries):
+    s = open_slide(synthetic_entries[0]["image"])
+    coords = np.array([[0, 0], [512, 256], [1000, 700]])
+    arr = s.read_patches(coords, 64, level=1)
+    assert arr.shape == (3, 64, 64, 3) and arr.dtype == np.uint8
+    t = s.read_patches(coords, 64, level=1, out_size=32, as_tensor=True, device="cpu")
+    assert isinstance(t, torch.Tensor) and t.shape == (3, 3, 32, 32) and t.dtype == torch.uint8
+    # level 1 at (512, 256) is level-0 pixels (512..640, 256..384) downsampled by 2
+    full = s.read_patches([[512, 256]], 128, level=0)[0]
+    down = resize_patches(full[None], 64)[0].astype(int)
+    assert np.abs(down - arr[1].astype(int)).mean() < 6
+
+
+def test_tile_reader_decodes_only_needed_tiles(synthetic_entries):
+    s = TiffSlide(synthetic_entries[0]["image"])
+    s.read_patches([[10, 10]], 64, level=0)
+    assert len(s._cache) == 1  # a 64-px patch inside one 256-px tile decodes one tile
+    s.read_patches([[240, 240]], 64, level=0)
+    assert len(s._cache) == 4  # a patch across a tile corner decodes its four tiles (one was cached)
+
+
+def test_empty_coordinate_list_reads_nothing(synthetic_entries):
+    s = open_slide(synthetic_entries[0]["image"])
+    assert s.read_patches(np.zeros((0, 2), np.int64), 64).shape == (0, 64, 64, 3)
+
+
+def test_get_slide_caches_open_readers(synthetic_entries):
+    path = synthetic_entries[0]["image"]
+    assert get_slide(path) is get_slide(path)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_file_names_the_slide(tmp_path):
+    missing = tmp_path / "nope.svs"
+    with pytest.raises(FileNotFoundError, match="nope.svs"):
+        open_slide(missing)
+
+
+def test_non_slide_file_is_rejected_with_every_backend_reason(tmp_path):
+    bad = tmp_path / "notes.svs"
+    bad.write_text("this is not a slide")
+    with pytest.raises(SlideError, match=r"notes\.svs.*cannot be opened.*cucim.*openslide.*tifffile"):
+        open_slide(bad)
+
+
+def test_truncated_tiff_fails_with_a_clear_error(synthetic_entries, tmp_path):
+    data = open(synthetic_entries[0]["image"], "rb").read()
+    cut = tmp_path / "truncated.tiff"
+    cut.write_bytes(data[: len(data) // 2])
+    for backend in BACKENDS:
+        with pytest.raises(SlideError, match=r"truncated\.tiff"):
+            s = open_slide(cut, backend)
+            s.read_patches([[1400, 900]], 128, level=0)  # the last tiles are past the cut
+
+
+def test_untiled_tiff_is_rejected_with_the_fix(tmp_path):
+    path = tmp_path / "strips.tif"
+    tifffile.imwrite(path, np.full((300, 400, 3), 200, np.uint8), photometric="rgb")
+    with pytest.raises(SlideError, match=r"strips\.tif.*not tiled.*--tile --pyramid"):
+        open_slide(path)
+
+
+def test_coordinates_outside_the_slide_are_listed(synthetic_entries):
+    s = open_slide(synthetic_entries[0]["image"])
+    with pytest.raises(ValueError, match=r"training_000.*2 coordinate\(s\) outside.*#1 \(5000, 0\).*#2 \(-1, 3\)"):
+        s.read_patches([[0, 0], [5000, 0], [-1, 3]], 64)
+
+
+def test_mpp_finer_than_the_finest_level_is_an_error(synthetic_entries):
+    s = open_slide(synthetic_entries[0]["image"])
+    with pytest.raises(SlideError, match="finer than the slide's finest level"):
+        grid_coordinates(s, 64, mpp=0.1)
+
+
+def test_slide_without_mpp_warns_and_can_still_be_tiled_by_level(tmp_path):
+    path = tmp_path / "nompp.tiff"
+    img = np.full((512, 512, 3), 230, np.uint8)
+    img[100:400, 100:400] = (200, 120, 190)
+    tifffile.imwrite(path, img, photometric="rgb", tile=(256, 256), compression="jpeg")
+    with pytest.warns(UserWarning, match=r"nompp\.tiff.*no microns-per-pixel"):
+        s = open_slide(path, "tifffile")
+    assert s.mpp is None
+    with pytest.raises(SlideError, match=r"nompp\.tiff.*needs the slide's microns per pixel"):
+        grid_coordinates(s, 64, mpp=1.0)
+    tiles = grid_coordinates(s, 64, level=0)
+    assert len(tiles) == 64 and tiles.mpp is None
+
+
+def test_write_slide_is_atomic(tmp_path):
+    path = tmp_path / "s.tiff"
+    with pytest.raises(Exception):
+        write_slide(path, np.zeros((10, 10), np.uint8), mpp=0.5)  # not RGB: tifffile refuses mid-write
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,62 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from monai_icmil.data.synthetic import SyntheticSlideConfig, main, make_dataset, render_slide
+
+TINY = SyntheticSlideConfig(width=768, height=512)
+
+
+def test_same_seed_same_slide_other_seed_other_slide():
+    a, b, c = render_slide(1, True, TINY), render_slide(1, True, TINY), render_slide(2, True, TINY)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert not np.array_equal(a["image"], c["image"])
+
+
+def test_stain_varies_between_slides():
+    stains = [render_slide(i, False, TINY)["stain"]["h"] for i in range(3)]
+    assert not np.allclose(stains[0], stains[1]) and not np.allclose(stains[1], stains[2])
+
+
+def test_tumour_covers_the_requested_fraction_of_tissue():
+    cfg = SyntheticSlideConfig(width=1024, height=768, tumour_fraction=(0.05, 0.05))
+    r = render_slide(5, True, cfg)
+    assert abs(r["tumour_fraction"] - 0.05) < 0.01
+    assert not (r["tumour"] & ~r["tissue"]).any()
+    assert not render_slide(5, False, cfg)["tumour"].any()
+
+
+def test_dataset_is_reused_when_parameters_match(tmp_path):
+    path = make_dataset(tmp_path, 2, 1, 1, seed=3, config=TINY, progress=False)
+    mtime = (tmp_path / "slides" / "training_000.tiff").stat().st_mtime_ns
+    assert make_dataset(tmp_path, 2, 1, 1, seed=3, config=TINY, progress=False) == path
+    assert (tmp_path / "slides" / "training_000.tiff").stat().st_mtime_ns == mtime
+    data = json.loads(path.read_text())
+    assert sorted(e["label"] for e in data["training"]) == [0, 1]
+    assert data["synthetic"]["seed"] == 3
+
+
+def test_command_line_writes_a_datalist(tmp_path, capsys):
+    main(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--num_training",
+            "2",
+            "--num_validation",
+            "0",
+            "--num_test",
+            "0",
+            "--width",
+            "512",
+            "--height",
+            "512",
+        ]
+    )
+    assert "datalist" in capsys.readouterr().out
+    data = json.loads((tmp_path / "datalist.json").read_text())
+    assert len(data["training"]) == 2 and data["validation"] == []

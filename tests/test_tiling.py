@@ -1,0 +1,147 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from monai_icmil.data import open_slide
+from monai_icmil.data.synthetic import mean_nucleus_area
+from monai_icmil.data.tiling import (
+    array_backend,
+    compute_tissue_mask,
+    grid_coordinates,
+    otsu_threshold,
+    tissue_mask_from_rgb,
+)
+
+
+def test_tissue_mask_covers_the_tissue_of_the_real_slide(cmu_slide):
+    reader = open_slide(cmu_slide)
+    result = compute_tissue_mask(reader)
+    frac = result.mask.mean()
+    assert 0.30 <= frac <= 0.70
+    # the mask lands at 8-16 um/px
+    assert 8.0 <= reader.mpp * result.downsample <= 16.0
+    # the white corners are background
+    h, w = result.mask.shape
+    for corner in (result.mask[: h // 10, : w // 10], result.mask[: h // 10, -w // 10 :]):
+        assert corner.mean() < 0.05
+
+
+@pytest.mark.parametrize("mpp", [0.5, 1.0])
+def test_grid_counts_are_consistent_with_the_mask_area(cmu_slide, mpp):
+    reader = open_slide(cmu_slide)
+    m = compute_tissue_mask(reader)
+    tissue_area = m.mask.sum() * m.downsample**2  # level-0 px^2
+    tiles = grid_coordinates(reader, 224, mpp=mpp, mask=m.mask, mask_downsample=m.downsample, min_tissue=0.5)
+    assert tiles.read_size == round(224 * mpp / reader.mpp)
+    expected = tissue_area / tiles.footprint**2
+    assert 0.6 * expected <= len(tiles) <= 1.3 * expected
+    # every grid cell's tissue, summed, is the mask area the grid covers (up to cell rounding)
+    every = grid_coordinates(reader, 224, mpp=mpp, mask=m.mask, mask_downsample=m.downsample, min_tissue=0.0)
+    x_end, y_end = (every.coords.max(axis=0) + every.footprint) / m.downsample
+    covered = m.mask[: int(round(y_end)), : int(round(x_end))].sum() * m.downsample**2
+    assert every.tissue_fraction.sum() * every.footprint**2 == pytest.approx(covered, rel=0.1)
+    assert (tiles.tissue_fraction >= 0.5).all()
+
+
+def test_grid_is_row_major_deterministic_and_inside(synthetic_entries):
+    reader = open_slide(synthetic_entries[0]["image"])
+    m = compute_tissue_mask(reader)
+    a = grid_coordinates(reader, 64, mpp=1.0, mask=m.mask, mask_downsample=m.downsample)
+    b = grid_coordinates(reader, 64, mpp=1.0, mask=m.mask, mask_downsample=m.downsample)
+    np.testing.assert_array_equal(a.coords, b.coords)
+    order = np.lexsort((a.coords[:, 0], a.coords[:, 1]))
+    np.testing.assert_array_equal(order, np.arange(len(a)))
+    w, h = reader.dimensions
+    assert (a.coords[:, 0] + a.footprint <= w).all() and (a.coords[:, 1] + a.footprint <= h).all()
+    assert a.level == 1 and a.read_size == 64 and a.footprint == 128
+
+
+def test_overlapping_stride_gives_about_four_times_the_patches(synthetic_entries):
+    reader = open_slide(synthetic_entries[0]["image"])
+    m = compute_tissue_mask(reader)
+    base = grid_coordinates(reader, 64, level=0, mask=m.mask, mask_downsample=m.downsample)
+    half = grid_coordinates(reader, 64, level=0, stride=32, mask=m.mask, mask_downsample=m.downsample)
+    assert 3.0 < len(half) / len(base) < 5.0
+
+
+def test_blank_slide_gives_zero_patches_with_a_warning(blank_slide):
+    reader = open_slide(blank_slide)
+    with pytest.warns(UserWarning, match=r"blank\.tiff.*no tissue"):
+        m = compute_tissue_mask(reader)
+    assert not m.mask.any()
+    with pytest.warns(UserWarning, match=r"blank\.tiff.*zero patches"):
+        tiles = grid_coordinates(reader, 64, mpp=1.0, mask=m.mask, mask_downsample=m.downsample)
+    assert len(tiles) == 0 and tiles.coords.shape == (0, 2)
+
+
+def test_mask_algorithm_removes_specks_and_fills_holes():
+    img = np.full((120, 120, 3), 245, np.uint8)
+    img[20:100, 20:100] = (200, 110, 190)  # tissue
+    img[50:60, 50:60] = 245  # a hole inside the tissue
+    img[5:8, 110:113] = (200, 110, 190)  # a 9-px speck
+    mask, thr = tissue_mask_from_rgb(img, median_size=3, min_area_px=30, device="cpu")
+    assert mask[55, 55]  # hole filled
+    assert not mask[6, 111]  # speck removed
+    assert mask[20:100, 20:100].mean() > 0.97 and mask.sum() < 82 * 82
+    assert 0.05 <= thr < 0.4
+
+
+def test_otsu_matches_scikit_image_on_bimodal_data():
+    from skimage.filters import threshold_otsu
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.1, 0.03, 5000), rng.normal(0.5, 0.05, 3000)]).clip(0, 1)
+    assert otsu_threshold(values) == pytest.approx(threshold_otsu(values), abs=2 / 256)
+
+
+def test_mask_runs_the_same_algorithm_on_cpu_when_no_gpu_is_usable():
+    import torch
+
+    xp, _, device = array_backend("auto")
+    if torch.cuda.is_available():  # on a GPU machine "auto" must pick CuPy
+        assert device == "cuda"
+    else:
+        assert xp is np and device == "cpu"
+        with pytest.raises(RuntimeError, match="needs CuPy with a working GPU.*device='cpu'"):
+            array_backend("cuda")
+
+
+def test_synthetic_tumour_differs_from_normal_in_texture_not_colour(positive_slide):
+    img, tumour, tissue = positive_slide["image"], positive_slide["tumour"], positive_slide["tissue"]
+    rng = np.random.default_rng(0)
+    size = 96
+
+    def sample(region: np.ndarray, n: int = 25) -> list[np.ndarray]:
+        out = []
+        for _ in range(20000):
+            y, x = rng.integers(0, img.shape[0] - size), rng.integers(0, img.shape[1] - size)
+            if region[y : y + size, x : x + size].mean() > 0.95:
+                out.append(img[y : y + size, x : x + size])
+            if len(out) == n:
+                break
+        return out
+
+    tum, nor = sample(tumour), sample(tissue & ~tumour)
+    assert len(tum) >= 10 and len(nor) >= 10
+    area_t = np.median([mean_nucleus_area(p, 0.5) for p in tum])
+    area_n = np.median([mean_nucleus_area(p, 0.5) for p in nor])
+    assert area_t > 1.5 * area_n  # the intended texture statistic: nucleus size
+    colour_t = np.mean([p.reshape(-1, 3).mean(0) for p in tum], 0)
+    colour_n = np.mean([p.reshape(-1, 3).mean(0) for p in nor], 0)
+    assert np.abs(colour_t - colour_n).max() < 8  # mean colour nearly the same: not separable by colour alone
+
+
+def test_ground_truth_mask_matches_the_slide(synthetic_entries):
+    pos = [e for e in synthetic_entries if e["label"] == 1]
+    neg = [e for e in synthetic_entries if e["label"] == 0]
+    assert pos and neg
+    for e in pos:
+        mask = np.asarray(Image.open(e["tumour_mask"])) > 0
+        assert 0.005 < mask.mean() < 0.2
+        assert 0.01 <= e["tumour_fraction"] <= 0.11
+    for e in neg:
+        assert not (np.asarray(Image.open(e["tumour_mask"])) > 0).any()
