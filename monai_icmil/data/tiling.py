@@ -31,6 +31,7 @@ __all__ = [
     "grid_coordinates",
     "mask_level",
     "read_tiles",
+    "TilingConfig",
 ]
 
 
@@ -356,3 +357,52 @@ def read_tiles(reader: SlideReader, tiling: TilingResult, num_workers: int = 0, 
     return reader.read_patches(
         tiling.coords, tiling.read_size, tiling.level, out_size=tiling.patch_size, num_workers=num_workers, **kwargs
     )
+
+
+@dataclass
+class TilingConfig:
+    """How slides are cut into patches (the same for every slide of an experiment).
+
+    Attributes:
+        patch_size: output patch side in pixels.
+        mpp: target microns per pixel (``None``: tile by ``level``).
+        level: pyramid level to tile at when ``mpp`` is ``None`` (default 0).
+        stride: step between patches in output pixels (default ``patch_size``).
+        min_tissue: minimum tissue fraction of a patch.
+        mask_mpp: resolution of the tissue mask (um/px).
+        min_saturation: lower bound of the tissue threshold.
+        min_area_um2: tissue specks smaller than this are dropped.
+    """
+
+    patch_size: int = 224
+    mpp: float | None = 0.5
+    level: int | None = None
+    stride: int | None = None
+    min_tissue: float = 0.5
+    mask_mpp: float = 8.0
+    min_saturation: float = 0.05
+    min_area_um2: float = 20_000.0
+
+    def params(self) -> dict[str, Any]:
+        """The tiling parameters as a plain dict (part of the coordinate and feature stores' keys)."""
+        return asdict(self)
+
+    def tile(self, reader: SlideReader, device: str | torch.device | None = "auto") -> TilingResult:
+        """Tissue mask + grid coordinates of one slide."""
+        mask = compute_tissue_mask(
+            reader,
+            mask_mpp=self.mask_mpp,
+            min_area_um2=self.min_area_um2,
+            min_saturation=self.min_saturation,
+            device=device,
+        )
+        return grid_coordinates(
+            reader,
+            self.patch_size,
+            mpp=self.mpp,
+            level=self.level if self.mpp is None else None,
+            stride=self.stride,
+            mask=mask.mask,
+            mask_downsample=mask.downsample,
+            min_tissue=self.min_tissue,
+        )

@@ -1,0 +1,101 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""The prepare step: tissue mask and grid coordinates of every slide, kept in a :class:`CoordsStore`."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_icmil.data.report import RunReport
+from monai_icmil.data.slide import get_slide
+from monai_icmil.data.store import CoordsStore, coords_key
+from monai_icmil.data.tiling import TilingConfig
+
+__all__ = ["prepare_coords", "SlideTiles"]
+
+
+class SlideTiles(dict):
+    """One slide's tiles: ``slide_id``, ``image``, ``coords`` ``[N, 2]``, ``level``, ``read_size``, ``patch_size``."""
+
+
+def prepare_coords(
+    items: Sequence[Mapping[str, Any]],
+    tiling: TilingConfig,
+    store: CoordsStore,
+    report: RunReport | None = None,
+    on_slide_error: str = "skip",
+    backend: str = "auto",
+    device: str | torch.device | None = "auto",
+    progress: bool = True,
+) -> dict[str, SlideTiles]:
+    """Tile every slide (or load its current coordinates from ``store``).
+
+    Args:
+        items: datalist entries with ``slide_id`` and ``image``.
+        tiling: the tiling configuration.
+        store: where coordinates are kept; a slide whose stored key matches is not tiled again.
+        report: failures and empty slides are recorded here.
+        on_slide_error: ``"skip"`` records a failing slide and goes on; ``"raise"`` stops at it.
+        backend: slide backend.
+        device: tissue-mask device.
+        progress: show a progress bar.
+
+    Returns:
+        ``{slide_id: SlideTiles}`` for the slides that could be tiled (empty ones included, with zero coords).
+    """
+    if on_slide_error not in ("skip", "raise"):
+        raise ValueError(f"on_slide_error must be 'skip' or 'raise', got {on_slide_error!r}")
+    params = tiling.params()
+    out: dict[str, SlideTiles] = {}
+    iterator: Any = items
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(items, desc="prepare (tissue + grid)", unit="slide")
+    for item in iterator:
+        sid, path = item["slide_id"], item["image"]
+        try:
+            key = coords_key(path, params)
+            arrays = store.load(sid, key)
+            if arrays is None:
+                reader = get_slide(path, backend)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # an empty slide is reported below, once
+                    result = tiling.tile(reader, device=device)
+                meta = {
+                    "level": result.level,
+                    "read_size": result.read_size,
+                    "patch_size": result.patch_size,
+                    "mpp": result.mpp,
+                    "num_patches": len(result),
+                }
+                store.save(sid, {"coords": result.coords, "tissue_fraction": result.tissue_fraction}, key, meta)
+                coords = result.coords
+            else:
+                meta = store.metadata(sid)
+                coords = arrays["coords"].numpy()
+        except Exception as e:
+            if on_slide_error == "raise":
+                raise
+            if report is not None:
+                report.fail(sid, path, "prepare", f"{type(e).__name__}: {e}")
+            warnings.warn(f"slide '{sid}' ({path}) skipped: {type(e).__name__}: {e}", stacklevel=2)
+            continue
+        if report is not None:
+            report.succeed(sid)
+            if len(coords) == 0:
+                report.mark_empty(sid, path, "prepare")
+        out[sid] = SlideTiles(
+            slide_id=sid,
+            image=path,
+            coords=np.asarray(coords, np.int64),
+            level=int(meta["level"]),
+            read_size=int(meta["read_size"]),
+            patch_size=int(meta["patch_size"]),
+        )
+    return out

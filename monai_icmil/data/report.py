@@ -1,0 +1,61 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""The run report: which slides failed (and why) or had no tissue, kept in ``report.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from monai_icmil.utils import atomic_write_json
+
+__all__ = ["RunReport"]
+
+
+class RunReport:
+    """Slides that failed or were empty, per phase; saved atomically after every change.
+
+    The file looks like ``{"failed": {slide_id: {"path", "phase", "reason"}}, "empty": {slide_id: {...}}}``.
+    A slide that later succeeds in the same phase is removed from ``failed``.
+
+    Args:
+        path: the JSON file (``None`` keeps the report in memory only).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = None if path is None else Path(path)
+        self.failed: dict[str, dict[str, Any]] = {}
+        self.empty: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        if self.path is not None and self.path.is_file():
+            data = json.loads(self.path.read_text())
+            self.failed, self.empty = data.get("failed", {}), data.get("empty", {})
+
+    def fail(self, slide_id: str, path: str, phase: str, reason: str) -> None:
+        with self._lock:
+            self.failed[slide_id] = {"path": str(path), "phase": phase, "reason": reason}
+            self._save()
+
+    def mark_empty(self, slide_id: str, path: str, phase: str, reason: str = "no tissue patches") -> None:
+        with self._lock:
+            self.empty[slide_id] = {"path": str(path), "phase": phase, "reason": reason}
+            self._save()
+
+    def succeed(self, slide_id: str) -> None:
+        with self._lock:
+            if self.failed.pop(slide_id, None) is not None:
+                self._save()
+
+    def excluded(self) -> set[str]:
+        """Slide ids to leave out of training and metrics."""
+        return set(self.failed) | set(self.empty)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"failed": self.failed, "empty": self.empty}
+
+    def _save(self) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, self.as_dict())

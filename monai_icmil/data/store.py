@@ -1,0 +1,207 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Per-slide array stores: patch coordinates and patch features, keyed so they are never stale.
+
+One file per slide (safetensors): the arrays plus a JSON *key* in the header metadata. A lookup returns the arrays
+only when every field of the stored key equals the requested key: the slide's identity (path, size, mtime), the
+tiling parameters and, for features, the embedder fingerprint. Changing any of them makes the file stale, and the
+next run recomputes it. Writes are atomic (temp file + rename): an interrupted run leaves either the old file or
+the new one, never half a file, and resumes at the first slide without a current file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import Randomizable
+from torch.utils.data import Dataset
+
+from monai_icmil.data.slide import slide_identity
+from monai_icmil.utils import atomic_path, stable_hash
+
+__all__ = ["SlideArrayStore", "FeatureStore", "CoordsStore", "BagDataset", "feature_key", "coords_key"]
+
+
+def coords_key(slide_path: str | os.PathLike, tiling: Mapping[str, Any]) -> dict[str, Any]:
+    """The key of a slide's coordinates: slide identity + tiling parameters."""
+    return {"slide": slide_identity(slide_path), "tiling": dict(sorted(tiling.items()))}
+
+
+def feature_key(
+    slide_path: str | os.PathLike, tiling: Mapping[str, Any], fingerprint: str, dtype: str = "float16"
+) -> dict[str, Any]:
+    """The key of a slide's features: slide identity + tiling parameters + embedder fingerprint + dtype."""
+    return {**coords_key(slide_path, tiling), "embedder": fingerprint, "dtype": dtype}
+
+
+class SlideArrayStore:
+    """A folder of ``<slide_id>.safetensors`` files, each holding named arrays and the key they were made with.
+
+    Args:
+        root: the folder (created on first write).
+    """
+
+    suffix = ".safetensors"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, slide_id: str) -> Path:
+        if not slide_id or any(c in slide_id for c in "/\\") or slide_id in (".", ".."):
+            raise ValueError(f"invalid slide id {slide_id!r} for a store file name")
+        return self.root / f"{slide_id}{self.suffix}"
+
+    def _header(self, slide_id: str) -> dict[str, str] | None:
+        from safetensors import safe_open
+
+        p = self.path(slide_id)
+        if not p.is_file():
+            return None
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                return dict(f.metadata() or {})
+        except Exception:  # unreadable (e.g. written by something else): treat as missing
+            return None
+
+    def stored_key(self, slide_id: str) -> dict[str, Any] | None:
+        header = self._header(slide_id)
+        return None if header is None or "key" not in header else json.loads(header["key"])
+
+    def is_current(self, slide_id: str, key: Mapping[str, Any]) -> bool:
+        """Whether the stored file exists and was made with exactly ``key``."""
+        stored = self.stored_key(slide_id)
+        return stored is not None and stable_hash(stored, 64) == stable_hash(dict(key), 64)
+
+    def metadata(self, slide_id: str) -> dict[str, Any]:
+        header = self._header(slide_id) or {}
+        return json.loads(header.get("meta", "{}"))
+
+    def load(self, slide_id: str, key: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor] | None:
+        """The slide's arrays, or ``None`` when missing or (with ``key``) stale."""
+        from safetensors.torch import load_file
+
+        if key is not None and not self.is_current(slide_id, key):
+            return None
+        p = self.path(slide_id)
+        if not p.is_file():
+            return None
+        return load_file(str(p))
+
+    def save(
+        self,
+        slide_id: str,
+        arrays: Mapping[str, np.ndarray | torch.Tensor],
+        key: Mapping[str, Any],
+        meta: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write the slide's arrays with their key (atomically)."""
+        from safetensors.torch import save_file
+
+        tensors = {
+            k: (
+                torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu()
+            ).contiguous()
+            for k, v in arrays.items()
+        }
+        header = {"key": json.dumps(dict(key), sort_keys=True), "meta": json.dumps(dict(meta or {}), default=str)}
+        path = self.path(slide_id)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
+        return path
+
+    def slide_ids(self) -> list[str]:
+        return sorted(p.name[: -len(self.suffix)] for p in self.root.glob(f"*{self.suffix}"))
+
+
+class CoordsStore(SlideArrayStore):
+    """Patch coordinates per slide: ``coords`` ``[N, 2]`` int64 and ``tissue_fraction`` ``[N]``."""
+
+
+class FeatureStore(SlideArrayStore):
+    """Patch features per slide: ``features`` ``[N, D]`` (float16 by default) and ``coords`` ``[N, 2]``."""
+
+    def load_features(self, slide_id: str, key: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        arrays = self.load(slide_id, key)
+        if arrays is None:
+            return None
+        return arrays["features"], arrays["coords"]
+
+
+class BagDataset(Dataset, Randomizable):
+    """Bags of patch features for the bag phase: ``{"features", "label", "slide_id", "coords"}`` per slide.
+
+    Args:
+        store: the feature store.
+        items: datalist entries (``slide_id``, ``label``, ``image``).
+        keys: ``{slide_id: feature key}``: every bag must be current for its key, so the bag phase never trains on
+            stale features.
+        max_instances: randomly subsample bags larger than this (for memory); ``None`` keeps all.
+        dtype: dtype of the served features.
+
+    Slides whose bag is empty (no tissue patches) are left out with a warning that names them.
+
+    Raises:
+        FileNotFoundError: a slide's features are missing or stale (the message names it and says to embed).
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        items: Sequence[Mapping[str, Any]],
+        keys: Mapping[str, Mapping[str, Any]],
+        max_instances: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.store, self.max_instances, self.dtype = store, max_instances, dtype
+        self.items: list[dict[str, Any]] = []
+        stale, empty = [], []
+        for item in items:
+            sid = item["slide_id"]
+            if not store.is_current(sid, keys[sid]):
+                stale.append(sid)
+                continue
+            if int(store.metadata(sid).get("num_patches", 1)) == 0:
+                empty.append(sid)
+                continue
+            self.items.append({**item, "key": keys[sid]})
+        if stale:
+            raise FileNotFoundError(
+                f"features of {len(stale)} slide(s) are missing or stale in '{store.root}' (e.g. '{stale[0]}'); "
+                "run the embedding phase first."
+            )
+        if empty:
+            warnings.warn(f"{len(empty)} slide(s) with an empty bag left out: {', '.join(empty)}", stacklevel=2)
+        self.set_random_state(0)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def randomize(self, n: int) -> np.ndarray | None:
+        if self.max_instances is None or n <= self.max_instances:
+            return None
+        return np.sort(self.R.choice(n, self.max_instances, replace=False))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        arrays = self.store.load(item["slide_id"], item["key"])
+        if arrays is None:
+            raise FileNotFoundError(
+                f"features of slide '{item['slide_id']}' changed on disk since the dataset was made"
+            )
+        feats, coords = arrays["features"], arrays["coords"]
+        pick = self.randomize(len(feats))
+        if pick is not None:
+            feats, coords = feats[pick], coords[pick]
+        return {
+            "features": feats.to(self.dtype),
+            "coords": coords,
+            "label": torch.as_tensor(item["label"], dtype=torch.long),
+            "slide_id": item["slide_id"],
+        }

@@ -1,0 +1,11 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""pytorch-ignite engines for the ICMIL phases: embedding, bag phase, embedder phase."""
+
+from monai_icmil.engines.embedding import (
+    EmbeddingEngine,
+    EmbeddingEvents,
+    PatchBatches,
+    SlideFeatureWriter,
+    embed_slides,
+)

@@ -1,0 +1,323 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""The embedding phase: every tissue patch of every slide through the current embedder, into the feature store.
+
+An ignite :class:`EmbeddingEngine` runs the embedder over batches of patches; a DataLoader over
+:class:`PatchBatches` reads them by coordinate (cuCIM's own threads inside, DataLoader workers around it), so
+reading overlaps the forward pass. The :class:`SlideFeatureWriter` handler gathers each slide's features and
+writes them atomically when the slide is complete. Slides whose features are current are skipped; a slide that
+fails to read is recorded in the run report and the others go on; nothing half-written is left.
+
+Under ``torchrun`` the pending slides are split across ranks, each slide written by exactly one rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, EventEnum, Events
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from monai_icmil.data.prepare import SlideTiles
+from monai_icmil.data.report import RunReport
+from monai_icmil.data.slide import get_slide
+from monai_icmil.data.store import FeatureStore, feature_key
+from monai_icmil.networks.embedders import PatchEmbedder
+
+__all__ = ["PatchBatches", "EmbeddingEngine", "EmbeddingEvents", "SlideFeatureWriter", "embed_slides"]
+
+
+class EmbeddingEvents(EventEnum):
+    """Fired by :class:`SlideFeatureWriter`: a slide's features were written, or the slide failed."""
+
+    SLIDE_COMPLETED = "slide_completed"
+    SLIDE_FAILED = "slide_failed"
+
+
+class PatchBatches(IterableDataset):
+    """Batches of patches of several slides, read by coordinate; DataLoader workers take whole slides.
+
+    Yields ``{"slide": index, "start": first patch index, "patches": uint8 [B, 3, H, W]}``; a slide that fails to
+    read yields ``{"slide": index, "error": message}`` and nothing more.
+
+    Args:
+        slides: per slide, ``image``, ``coords``, ``level``, ``read_size``, ``patch_size``.
+        batch_size: patches per batch.
+        read_threads: decoding threads per read (cuCIM's thread pool).
+        backend: slide backend.
+    """
+
+    def __init__(
+        self, slides: Sequence[Mapping[str, Any]], batch_size: int = 256, read_threads: int = 2, backend: str = "auto"
+    ):
+        self.slides, self.batch_size, self.read_threads, self.backend = list(slides), batch_size, read_threads, backend
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        for index in range(wid, len(self.slides), nw):
+            s = self.slides[index]
+            try:
+                reader = get_slide(s["image"], self.backend)
+                coords = s["coords"]
+                for start in range(0, len(coords), self.batch_size):
+                    patches = reader.read_patches(
+                        coords[start : start + self.batch_size],
+                        s["read_size"],
+                        s["level"],
+                        out_size=s["patch_size"] if s["patch_size"] != s["read_size"] else None,
+                        num_workers=self.read_threads,
+                        as_tensor=True,
+                    )
+                    yield {"slide": index, "start": start, "patches": patches}
+            except Exception as e:  # reported per slide; the other slides go on
+                yield {"slide": index, "error": f"{type(e).__name__}: {e}"}
+
+
+def _collate(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+class EmbeddingEngine(Engine):
+    """An ignite engine whose iteration embeds one batch of patches.
+
+    Args:
+        embedder: the patch embedder (normalises its own inputs).
+        device: where to run it.
+        amp: bf16 autocast (default: on for CUDA, off on CPU).
+        channels_last: channels-last memory format (default: on for CUDA).
+    """
+
+    def __init__(
+        self,
+        embedder: PatchEmbedder,
+        device: str | torch.device = "cpu",
+        amp: bool | None = None,
+        channels_last: bool | None = None,
+    ):
+        super().__init__(self._iteration)
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.amp = cuda if amp is None else amp
+        self.channels_last = cuda if channels_last is None else channels_last
+        self.embedder = embedder.to(self.device).eval()
+        if self.channels_last:
+            self.embedder = self.embedder.to(memory_format=torch.channels_last)
+        self.register_events(*EmbeddingEvents)
+
+    def _iteration(self, engine: Engine, batch: dict[str, Any]) -> dict[str, Any]:
+        if "error" in batch:
+            return batch
+        x = batch["patches"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            feats = self.embedder(x)
+        return {"slide": batch["slide"], "start": batch["start"], "features": feats.float().cpu()}
+
+
+class SlideFeatureWriter:
+    """Gathers each slide's features from the engine's outputs and writes the slide when it is complete.
+
+    Args:
+        slides: the slides being embedded (same order as the :class:`PatchBatches`).
+        store: the feature store.
+        keys: ``{slide_id: feature key}``.
+        dtype: stored feature dtype (``"float16"`` or ``"float32"``).
+        report: failures are recorded here.
+        meta: extra metadata stored with every slide (e.g. embedder name, round).
+    """
+
+    def __init__(
+        self,
+        slides: Sequence[Mapping[str, Any]],
+        store: FeatureStore,
+        keys: Mapping[str, Mapping[str, Any]],
+        dtype: str = "float16",
+        report: RunReport | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ):
+        self.slides, self.store, self.keys, self.report = slides, store, keys, report
+        self.dtype = getattr(torch, dtype)
+        self.meta = dict(meta or {})
+        self.buffers: dict[int, dict[int, torch.Tensor]] = {}
+        self.counts: dict[int, int] = {}
+        self.failed: set[int] = set()
+        self.written: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        out = engine.state.output
+        index = out["slide"]
+        s = self.slides[index]
+        if "error" in out:
+            self.buffers.pop(index, None)
+            self.failed.add(index)
+            if self.report is not None:
+                self.report.fail(s["slide_id"], s["image"], "embed", out["error"])
+            warnings.warn(
+                f"slide '{s['slide_id']}' ({s['image']}) failed during embedding: {out['error']}", stacklevel=2
+            )
+            engine.fire_event(EmbeddingEvents.SLIDE_FAILED)
+            return
+        if index in self.failed:
+            return
+        self.buffers.setdefault(index, {})[out["start"]] = out["features"]
+        self.counts[index] = self.counts.get(index, 0) + len(out["features"])
+        if self.counts[index] == len(s["coords"]):
+            parts = self.buffers.pop(index)
+            feats = torch.cat([parts[k] for k in sorted(parts)]).to(self.dtype)
+            self.write(s, feats)
+            engine.state.last_slide = s["slide_id"]
+            engine.fire_event(EmbeddingEvents.SLIDE_COMPLETED)
+
+    def write(self, s: Mapping[str, Any], feats: torch.Tensor) -> None:
+        meta = {
+            **self.meta,
+            "num_patches": int(len(feats)),
+            "slide_path": s["image"],
+            "level": s["level"],
+            "read_size": s["read_size"],
+            "patch_size": s["patch_size"],
+        }
+        coords = torch.as_tensor(np.asarray(s["coords"], np.int64))
+        self.store.save(s["slide_id"], {"features": feats, "coords": coords}, self.keys[s["slide_id"]], meta)
+        if self.report is not None:
+            self.report.succeed(s["slide_id"])
+        self.written.append(s["slide_id"])
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def embed_slides(
+    slides: Mapping[str, SlideTiles] | Sequence[SlideTiles],
+    embedder: PatchEmbedder,
+    store: FeatureStore,
+    tiling_params: Mapping[str, Any],
+    batch_size: int = 256,
+    num_workers: int = 2,
+    read_threads: int = 2,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    channels_last: bool | None = None,
+    dtype: str = "float16",
+    report: RunReport | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Embed every patch of every slide whose features are not current, and write them to ``store``.
+
+    Args:
+        slides: the prepared slides (from :func:`~monai_icmil.data.prepare.prepare_coords`).
+        embedder: the current embedder.
+        store: the feature store (one file per slide).
+        tiling_params: the tiling parameters (part of the feature key).
+        batch_size: patches per forward pass.
+        num_workers: DataLoader worker processes reading patches (0 reads in the main process).
+        read_threads: decoding threads per read.
+        device: default CUDA when available, else CPU.
+        amp: bf16 autocast (default on CUDA only).
+        channels_last: channels-last (default on CUDA only).
+        dtype: stored dtype, ``"float16"`` (default) or ``"float32"``.
+        report: failed and empty slides are recorded here.
+        backend: slide backend.
+        progress: progress bars over slides and patches.
+        meta: extra metadata stored with each slide.
+
+    Returns:
+        ``{"written": [...], "skipped": [...], "failed": [...], "empty": [...], "patches": n, "seconds": t,
+        "patches_per_s": r}`` for this rank.
+    """
+    if dtype not in ("float16", "float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float16', 'float32' or 'bfloat16', got {dtype!r}")
+    items = list(slides.values()) if isinstance(slides, Mapping) else list(slides)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    fingerprint = embedder.fingerprint()
+    keys = {s["slide_id"]: feature_key(s["image"], tiling_params, fingerprint, dtype) for s in items}
+    rank, world = _dist_info()
+    pending, skipped, empty = [], [], []
+    for s in items:
+        if store.is_current(s["slide_id"], keys[s["slide_id"]]):
+            skipped.append(s["slide_id"])
+        elif len(s["coords"]) == 0:
+            empty.append(s)
+        else:
+            pending.append(s)
+    pending, empty = pending[rank::world], empty[rank::world]
+    meta = {**dict(meta or {}), "embedder": embedder.name, "embedder_fingerprint": fingerprint}
+    writer = SlideFeatureWriter(pending, store, keys, dtype, report, meta)
+    for s in empty:  # an empty bag is recorded as such, so it is current and excluded from training
+        writer.write(s, torch.zeros(0, embedder.out_dim, dtype=getattr(torch, dtype)))
+        if report is not None:
+            report.mark_empty(s["slide_id"], s["image"], "embed")
+    total = int(sum(len(s["coords"]) for s in pending))
+    t0 = time.perf_counter()
+    if pending:
+        engine = EmbeddingEngine(embedder, device, amp, channels_last)
+        writer.attach(engine)
+        bars = _attach_progress(engine, len(pending), total) if progress and rank == 0 else {}
+        loader = DataLoader(
+            PatchBatches(pending, batch_size, read_threads, backend),
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            collate_fn=_collate,
+            persistent_workers=False,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
+        try:
+            engine.run(loader, max_epochs=1)
+        finally:
+            for bar in bars.values():
+                bar.close()
+    seconds = time.perf_counter() - t0
+    done = int(sum(len(s["coords"]) for s in pending if s["slide_id"] in set(writer.written)))
+    return {
+        "written": writer.written,
+        "skipped": skipped,
+        "failed": [pending[i]["slide_id"] for i in sorted(writer.failed)],
+        "empty": [s["slide_id"] for s in empty],
+        "patches": done,
+        "seconds": seconds,
+        "patches_per_s": done / seconds if seconds > 0 and done else 0.0,
+        "fingerprint": fingerprint,
+    }
+
+
+def _attach_progress(engine: Engine, n_slides: int, n_patches: int) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    bars: dict[str, Any] = {}
+
+    @engine.on(Events.STARTED)
+    def _open(_: Engine) -> None:
+        bars["slides"] = tqdm(total=n_slides, desc="embed slides", unit="slide", position=0)
+        bars["patches"] = tqdm(total=n_patches, desc="embed patches", unit="patch", position=1, leave=False)
+
+    @engine.on(Events.ITERATION_COMPLETED)
+    def _step(e: Engine) -> None:
+        out = e.state.output
+        if "features" in out:
+            bars["patches"].update(len(out["features"]))
+
+    @engine.on(EmbeddingEvents.SLIDE_COMPLETED)
+    @engine.on(EmbeddingEvents.SLIDE_FAILED)
+    def _slide(_: Engine) -> None:
+        bars["slides"].update(1)
+
+    return bars

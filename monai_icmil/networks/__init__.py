@@ -1,0 +1,5 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Networks: patch embedders and MIL aggregators."""
+
+from monai_icmil.networks.embedders import EmbedderWeightsError, PatchEmbedder, create_embedder, load_state_dict_file

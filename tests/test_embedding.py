@@ -1,0 +1,314 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import timm
+import torch
+
+from monai_icmil.data import load_datalist, open_slide
+from monai_icmil.data.prepare import prepare_coords
+from monai_icmil.data.report import RunReport
+from monai_icmil.data.store import BagDataset, CoordsStore, FeatureStore, feature_key
+from monai_icmil.data.tiling import TilingConfig
+from monai_icmil.engines import embed_slides
+from monai_icmil.engines import embedding as embedding_module
+from monai_icmil.networks import EmbedderWeightsError, create_embedder
+
+TILING = TilingConfig(patch_size=48, mpp=1.0)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prepared(synthetic_dataset, tmp_path_factory):
+    items = load_datalist(synthetic_dataset)["training"]
+    root = tmp_path_factory.mktemp("prepared")
+    slides = prepare_coords(items, TILING, CoordsStore(root / "coords"), progress=False)
+    return items, slides
+
+
+@pytest.fixture(scope="module")
+def small_embedder():
+    torch.manual_seed(0)
+    return create_embedder("resnet18_trunc", input_size=48)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _features(store, slides, fp):
+    return {sid: store.load(sid, feature_key(s["image"], TILING.params(), fp))["features"] for sid, s in slides.items()}
+
+
+# ------------------------------------------------------------------------------------------ embedder factory
+
+
+def test_default_embedder_is_the_1024d_truncated_resnet50():
+    e = create_embedder()
+    assert e.name == "resnet50_trunc" and e.out_dim == 1024
+    out = e(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
+    assert out.shape == (2, 1024)
+    assert not any(k.startswith("body.layer4") for k in e.backbone.state_dict())
+
+
+def test_any_timm_model_is_a_pooled_feature_extractor():
+    assert create_embedder("resnet18").out_dim == 512
+    assert create_embedder("resnet18")(torch.zeros(3, 3, 64, 64)).shape == (3, 512)
+    vit = create_embedder("vit_tiny_patch16_224")
+    assert vit.out_dim == 192 and vit.input_size == 224
+    assert vit.mean.flatten().tolist() == pytest.approx([0.5, 0.5, 0.5])  # from timm's pretrained config
+    assert create_embedder("resnet18").mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_normalisation_travels_with_the_embedder():
+    e = create_embedder("resnet18", mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5)).eval()
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    manual = (x.float() / 255 - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / 0.5
+    torch.testing.assert_close(e(x), e.backbone(manual))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt", ".safetensors"])
+def test_weights_load_from_local_files(tmp_path, suffix):
+    full = timm.create_model("resnet50", pretrained=False)
+    path = tmp_path / f"resnet50{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(full.state_dict(), str(path))
+    else:
+        torch.save({"state_dict": full.state_dict()}, path)  # nested checkpoints are unwrapped
+    e = create_embedder("resnet50_trunc", weights=path)
+    torch.testing.assert_close(e.backbone.body.layer3[0].conv1.weight, full.layer3[0].conv1.weight)
+
+
+def test_own_checkpoint_round_trips_with_its_fingerprint(tmp_path, small_embedder):
+    path = small_embedder.save(tmp_path / "embedder.safetensors")
+    again = create_embedder(None, weights=path)
+    assert again.name == "resnet18_trunc" and again.input_size == 48
+    assert again.fingerprint() == small_embedder.fingerprint()
+    x = torch.randint(0, 255, (2, 3, 48, 48), dtype=torch.uint8)
+    torch.testing.assert_close(again.eval()(x), small_embedder.eval()(x))
+
+
+def test_fingerprint_changes_with_weights_and_normalisation(small_embedder):
+    other = create_embedder("resnet18_trunc", input_size=48)
+    other.load_state_dict(small_embedder.state_dict())
+    assert other.fingerprint() == small_embedder.fingerprint()
+    with torch.no_grad():
+        other.backbone.body.conv1.weight[0, 0, 0, 0] += 1e-3
+    assert other.fingerprint() != small_embedder.fingerprint()
+    renorm = create_embedder("resnet18_trunc", input_size=48, mean=(0.5, 0.5, 0.5))
+    renorm.load_state_dict(small_embedder.state_dict())
+    assert renorm.fingerprint() != small_embedder.fingerprint()
+
+
+def test_mismatched_weights_name_the_file_and_the_first_bad_key(tmp_path):
+    path = tmp_path / "r50.pth"
+    torch.save(timm.create_model("resnet50", pretrained=False).state_dict(), path)
+    with pytest.raises(EmbedderWeightsError, match=r"r50\.pth.*key '.*layer1\.0\.conv1\.weight' has shape"):
+        create_embedder("resnet18", weights=path)
+
+
+def test_unreadable_weights_file_is_named(tmp_path):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(EmbedderWeightsError, match=r"cannot read weights file '.*garbage\.pth'"):
+        create_embedder("resnet18", weights=path)
+    with pytest.raises(EmbedderWeightsError, match=r"does not exist"):
+        create_embedder("resnet18", weights=tmp_path / "missing.safetensors")
+
+
+def test_hub_id_fails_fast_offline_and_says_to_pass_a_file(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: like a machine offline
+    t0 = time.perf_counter()
+    with pytest.raises(EmbedderWeightsError, match=r"not reachable.*Pass a local file"):
+        create_embedder("resnet18", weights="hf-hub:timm/resnet18.not_cached_here")
+    assert time.perf_counter() - t0 < 10
+
+
+# ------------------------------------------------------------------------------------------ engine and store
+
+
+def test_features_equal_the_embedder_applied_to_the_patch_read_directly(prepared, small_embedder, tmp_path):
+    items, slides = prepared
+    store = FeatureStore(tmp_path / "features")
+    result = embed_slides(
+        slides, small_embedder, store, TILING.params(), batch_size=16, num_workers=0, progress=False, dtype="float32"
+    )
+    assert sorted(result["written"]) == sorted(slides)
+    sid, s = next(iter(slides.items()))
+    arrays = store.load(sid)
+    assert arrays["features"].shape == (len(s["coords"]), 256) and arrays["features"].dtype == torch.float32
+    np.testing.assert_array_equal(arrays["coords"].numpy(), s["coords"])
+    reader = open_slide(s["image"], "openslide")  # another backend than the engine's, to check the plumbing
+    for i in (0, len(s["coords"]) // 2, len(s["coords"]) - 1):
+        patch = reader.read_patches(
+            s["coords"][i : i + 1], s["read_size"], s["level"], out_size=s["patch_size"], as_tensor=True
+        )
+        with torch.inference_mode():
+            direct = small_embedder.eval()(patch)[0]
+        torch.testing.assert_close(arrays["features"][i], direct, atol=1e-4, rtol=1e-4)
+
+
+def test_interrupted_extraction_resumes_and_matches_an_uninterrupted_run(
+    prepared, small_embedder, tmp_path, monkeypatch
+):
+    _, slides = prepared
+    fp = small_embedder.fingerprint()
+    full = FeatureStore(tmp_path / "full")
+    embed_slides(slides, small_embedder, full, TILING.params(), batch_size=16, num_workers=0, progress=False)
+
+    store = FeatureStore(tmp_path / "interrupted")
+    original = embedding_module.SlideFeatureWriter.write
+    calls = {"n": 0}
+
+    def write_then_die(self, s, feats):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        calls["n"] += 1
+        original(self, s, feats)
+
+    monkeypatch.setattr(embedding_module.SlideFeatureWriter, "write", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        embed_slides(slides, small_embedder, store, TILING.params(), batch_size=16, num_workers=0, progress=False)
+    monkeypatch.setattr(embedding_module.SlideFeatureWriter, "write", original)
+    assert len(store.slide_ids()) == 2
+    assert not [p for p in store.root.iterdir() if p.name.endswith(".tmp")]  # nothing half-written
+    resumed = embed_slides(slides, small_embedder, store, TILING.params(), batch_size=16, num_workers=0, progress=False)
+    assert len(resumed["skipped"]) == 2 and len(resumed["written"]) == len(slides) - 2
+    a, b = _features(full, slides, fp), _features(store, slides, fp)
+    for sid in slides:
+        torch.testing.assert_close(a[sid], b[sid], atol=2e-3, rtol=1e-3)
+
+
+def test_store_recomputes_when_weights_or_tiling_change(prepared, small_embedder, tmp_path):
+    _, slides = prepared
+    store = FeatureStore(tmp_path / "f")
+    first = embed_slides(slides, small_embedder, store, TILING.params(), num_workers=0, progress=False)
+    assert len(first["written"]) == len(slides)
+    again = embed_slides(slides, small_embedder, store, TILING.params(), num_workers=0, progress=False)
+    assert again["written"] == [] and len(again["skipped"]) == len(slides)
+    changed = create_embedder("resnet18_trunc", input_size=48)
+    changed.load_state_dict(small_embedder.state_dict())
+    with torch.no_grad():
+        changed.backbone.body.layer3[0].conv1.weight.mul_(1.01)
+    after = embed_slides(slides, changed, store, TILING.params(), num_workers=0, progress=False)
+    assert len(after["written"]) == len(slides)
+    other_tiling = {**TILING.params(), "min_tissue": 0.6}
+    sid = next(iter(slides))
+    assert not store.is_current(sid, feature_key(slides[sid]["image"], other_tiling, changed.fingerprint()))
+    assert store.is_current(sid, feature_key(slides[sid]["image"], TILING.params(), changed.fingerprint()))
+
+
+def test_workers_read_in_parallel_and_give_the_same_features(prepared, small_embedder, tmp_path):
+    _, slides = prepared
+    fp = small_embedder.fingerprint()
+    s0, s2 = FeatureStore(tmp_path / "w0"), FeatureStore(tmp_path / "w2")
+    embed_slides(slides, small_embedder, s0, TILING.params(), num_workers=0, progress=False)
+    embed_slides(slides, small_embedder, s2, TILING.params(), num_workers=2, progress=False)
+    a, b = _features(s0, slides, fp), _features(s2, slides, fp)
+    for sid in slides:
+        torch.testing.assert_close(a[sid], b[sid])
+
+
+def test_slide_failing_midway_is_reported_and_the_others_continue(synthetic_dataset, small_embedder, tmp_path):
+    import shutil
+
+    items = [dict(e) for e in load_datalist(synthetic_dataset)["training"][:2]]
+    broken = tmp_path / "broken.tiff"
+    shutil.copy(items[0]["image"], broken)
+    items[0] = {**items[0], "image": str(broken), "slide_id": "broken"}
+    slides = prepare_coords(items, TILING, CoordsStore(tmp_path / "coords"), progress=False)
+    with tifffile.TiffFile(broken) as tif:  # cut the file inside the tile data of the level patches come from
+        page = tif.pages[slides["broken"]["level"]]
+        cut = int(page.dataoffsets[len(page.dataoffsets) // 2])
+    broken.write_bytes(broken.read_bytes()[:cut])  # truncated after tiling: the first batches read, later fail
+    report = RunReport(tmp_path / "report.json")
+    store = FeatureStore(tmp_path / "features")
+    with pytest.warns(UserWarning, match=r"broken.*failed during embedding"):
+        result = embed_slides(
+            slides, small_embedder, store, TILING.params(), batch_size=8, num_workers=0, report=report, progress=False
+        )
+    assert result["failed"] == ["broken"] and result["written"] == [items[1]["slide_id"]]
+    assert store.slide_ids() == [items[1]["slide_id"]]  # nothing half-written for the broken slide
+    saved = RunReport(tmp_path / "report.json")
+    assert "broken" in saved.failed and "exceeds file size" in saved.failed["broken"]["reason"]
+
+
+def test_zero_patch_slide_is_an_empty_bag_excluded_from_training(
+    blank_slide, synthetic_dataset, small_embedder, tmp_path
+):
+    items = load_datalist(synthetic_dataset)["training"][:1] + [{"image": blank_slide, "slide_id": "blank", "label": 0}]
+    report = RunReport(tmp_path / "report.json")
+    slides = prepare_coords(items, TILING, CoordsStore(tmp_path / "coords"), report=report, progress=False)
+    assert len(slides["blank"]["coords"]) == 0
+    store = FeatureStore(tmp_path / "features")
+    result = embed_slides(slides, small_embedder, store, TILING.params(), num_workers=0, report=report, progress=False)
+    assert result["empty"] == ["blank"] and "blank" in report.empty
+    fp = small_embedder.fingerprint()
+    keys = {s["slide_id"]: feature_key(s["image"], TILING.params(), fp) for s in slides.values()}
+    with pytest.warns(UserWarning, match="empty bag left out: blank"):
+        ds = BagDataset(store, items, keys)
+    assert len(ds) == 1 and ds[0]["slide_id"] == items[0]["slide_id"]
+
+
+def test_bag_dataset_serves_bags_subsamples_and_refuses_stale_features(prepared, small_embedder, tmp_path):
+    items, slides = prepared
+    store = FeatureStore(tmp_path / "f")
+    embed_slides(slides, small_embedder, store, TILING.params(), num_workers=0, progress=False)
+    fp = small_embedder.fingerprint()
+    keys = {s["slide_id"]: feature_key(s["image"], TILING.params(), fp) for s in slides.values()}
+    ds = BagDataset(store, items, keys)
+    bag = ds[0]
+    assert bag["features"].dtype == torch.float32 and bag["features"].shape[1] == 256
+    assert bag["label"].item() == items[0]["label"] and bag["slide_id"] == items[0]["slide_id"]
+    sub = BagDataset(store, items, keys, max_instances=5)
+    assert sub[0]["features"].shape == (5, 256)
+    stale = {k: {**v, "embedder": "another"} for k, v in keys.items()}
+    with pytest.raises(FileNotFoundError, match="missing or stale.*run the embedding phase"):
+        BagDataset(store, items, stale)
+
+
+def test_two_ranks_under_torchrun_write_each_slide_once_and_match_one_process(synthetic_dataset, tmp_path):
+    script = ROOT / "tests" / "dist_embed_script.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, str(script), "--datalist", str(synthetic_dataset)]
+    single = subprocess.run(
+        base + ["--out", str(tmp_path / "single")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    dist_cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(script),
+        "--datalist",
+        str(synthetic_dataset),
+        "--out",
+        str(tmp_path / "dist"),
+    ]
+    two = subprocess.run(dist_cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, many = FeatureStore(tmp_path / "single"), FeatureStore(tmp_path / "dist")
+    assert one.slide_ids() == many.slide_ids() and len(one.slide_ids()) == 4
+    ranks = [many.metadata(sid)["rank"] for sid in many.slide_ids()]
+    assert sorted(ranks) == [0, 0, 1, 1]  # each slide written by exactly one rank, the work split in two
+    for sid in one.slide_ids():
+        torch.testing.assert_close(one.load(sid)["features"], many.load(sid)["features"])
