@@ -2,4 +2,14 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 """Networks: patch embedders and MIL aggregators."""
 
+from monai_icmil.networks.aggregators import (
+    ABMIL,
+    AGGREGATORS,
+    DTFDMIL,
+    MaxPoolMIL,
+    MeanPoolMIL,
+    MILAggregator,
+    TransformerMIL,
+    create_aggregator,
+)
 from monai_icmil.networks.embedders import EmbedderWeightsError, PatchEmbedder, create_embedder, load_state_dict_file

@@ -1,0 +1,150 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Embedding-phase throughput, side by side in one run:
+
+(a) model alone: the embedder on random uint8 tensors already in memory (the ceiling);
+ours: the full embedding phase, ``embed_slides`` (read by coordinate + normalise + forward + atomic write);
+(b) the reference pattern: patches saved as PNG beforehand (not timed), then per batch of 448: PIL open one by one,
+    ``ToTensor``, ``torch.cat`` onto the device one image at a time, fp32 forward, ``np.save`` of the features.
+
+    python benchmarks/embed.py [--model resnet18] [--patch_size 224] [--patches 448] [--batch_size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import monai_icmil  # noqa: F401
+from monai_icmil.data.prepare import SlideTiles
+from monai_icmil.data.slide import open_slide
+from monai_icmil.data.store import FeatureStore
+from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide, write_slide
+from monai_icmil.data.tiling import TilingConfig
+from monai_icmil.engines import embed_slides
+from monai_icmil.networks import create_embedder
+
+
+def model_only(embedder, n: int, size: int, batch: int, device: torch.device, amp: bool) -> float:
+    x = torch.randint(0, 255, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)
+    with torch.inference_mode(), ctx:
+        embedder(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        done = 0
+        while done < n:
+            embedder(x)
+            done += batch
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return done / (time.perf_counter() - t0)
+
+
+def reference_pattern(embedder, pngs: list[str], device: torch.device, out: Path, batch: int = 448) -> float:
+    import PIL.Image
+    import torchvision.transforms as T
+
+    to_tensor = T.ToTensor()
+    import copy
+
+    # the reference feeds ToTensor output (0-1) to a plain fp32 network in the default memory format
+    model = copy.deepcopy(embedder.backbone).to(memory_format=torch.contiguous_format).float().eval()
+    t0 = time.perf_counter()
+    feats = []
+    for i in range(0, len(pngs), batch):
+        x = torch.FloatTensor().to(device)
+        for name in pngs[i : i + batch]:
+            x = torch.cat([x, to_tensor(PIL.Image.open(name)).to(device).unsqueeze(0)], dim=0)
+        with torch.no_grad():
+            feats.extend(model(x).cpu().numpy())
+    np.save(out / "reference_feats.npy", np.array(feats))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(pngs) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--patch_size", type=int, default=224)
+    p.add_argument("--patches", type=int, default=448)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--read_threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    device = torch.device(a.device)
+    amp = device.type == "cuda"
+    tmp = Path(tempfile.mkdtemp())
+    cfg = SyntheticSlideConfig(width=8192, height=6144)
+    slide = tmp / "bench.tiff"
+    write_slide(slide, render_slide(0, True, cfg)["image"], cfg.mpp)
+    tiling = TilingConfig(patch_size=a.patch_size, mpp=0.5, stride=a.patch_size // 2, min_tissue=0.25)
+    tiles = tiling.tile(open_slide(slide))
+    coords = tiles.coords[: a.patches]
+    n = len(coords)
+    embedder = create_embedder(a.model, input_size=a.patch_size).to(device).eval()
+    embedder = embedder.to(memory_format=torch.channels_last)  # as the engine does, so (a) is the same model
+
+    rate_model = model_only(embedder, max(n, 4 * a.batch_size), a.patch_size, a.batch_size, device, amp)
+
+    item = SlideTiles(
+        slide_id="bench",
+        image=str(slide),
+        coords=coords,
+        level=tiles.level,
+        read_size=tiles.read_size,
+        patch_size=tiles.patch_size,
+    )
+    t0 = time.perf_counter()
+    res = embed_slides(
+        [item],
+        embedder,
+        FeatureStore(tmp / "features"),
+        tiling.params(),
+        batch_size=a.batch_size,
+        num_workers=a.num_workers,
+        read_threads=a.read_threads,
+        device=device,
+        progress=False,
+    )
+    rate_ours = res["patches"] / (time.perf_counter() - t0)
+
+    png_dir = tmp / "pngs"
+    png_dir.mkdir()
+    import PIL.Image
+
+    patches = open_slide(slide).read_patches(coords, tiles.read_size, tiles.level, num_workers=2)
+    pngs = []
+    for i, patch in enumerate(patches):
+        pngs.append(str(png_dir / f"{i:06d}.png"))
+        PIL.Image.fromarray(patch).save(pngs[-1])
+    rate_ref = reference_pattern(embedder, pngs, device, tmp)
+
+    print(
+        f"{a.model} at {a.patch_size}px, {n} patches, batch {a.batch_size}, device {device} "
+        f"({'bf16' if amp else 'fp32'} + channels_last), {os.cpu_count()} CPU cores ({platform.machine()})"
+    )
+    rows = {"a_model_only": rate_model, "ours_full_phase": rate_ours, "b_reference_pattern": rate_ref}
+    print(f"{'way':<22}{'patches/s':>12}")
+    for k, v in rows.items():
+        print(f"{k:<22}{v:>12.1f}")
+    print(f"ours / (b) = {rate_ours / rate_ref:.2f}x   ours / (a) = {rate_ours / rate_model:.0%}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({**rows, "model": a.model, "patch_size": a.patch_size, "n": n}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

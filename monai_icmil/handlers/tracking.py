@@ -1,0 +1,132 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""MLflow wiring: an embedded SQLite store by default, parent and nested runs, MONAI's ``MLFlowHandler`` on them.
+
+MONAI's :class:`~monai.handlers.MLFlowHandler` logs an engine's metrics to the run of a given name. We create the
+runs ourselves (with ``mlflow.parentRunId`` tags for nesting) and hand their names to the handler, so each round
+and phase of an ICMIL experiment is a nested run of one parent run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MLflowRun", "sqlite_tracking_uri", "start_run", "end_run", "mlflow_handler"]
+
+
+def sqlite_tracking_uri(output_dir: str | os.PathLike) -> str:
+    """``sqlite:///<output_dir>/mlruns.db`` (absolute), the default store (MLflow 3.17 refuses the file store)."""
+    path = Path(output_dir).resolve() / "mlruns.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+@dataclass
+class MLflowRun:
+    """An MLflow run we created: where it lives and how MONAI's handler finds it (by ``run_name``)."""
+
+    tracking_uri: str
+    experiment_name: str
+    run_name: str
+    run_id: str
+    artifact_location: str | None = None
+
+    def client(self) -> Any:
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        import mlflow
+
+        items = [mlflow.entities.Param(str(k)[:250], str(v)[:6000]) for k, v in _flatten(params).items()]
+        existing = self.client().get_run(self.run_id).data.params
+        items = [p for p in items if p.key not in existing]
+        for i in range(0, len(items), 100):
+            self.client().log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import math
+
+        for k, v in metrics.items():
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                self.client().log_metric(self.run_id, k, float(v), step=step or 0)
+
+    def log_artifacts(self, paths: Iterable[str | os.PathLike], artifact_path: str | None = None) -> None:
+        for p in paths:
+            if Path(p).exists():
+                if Path(p).is_dir():
+                    self.client().log_artifacts(self.run_id, str(p), artifact_path)
+                else:
+                    self.client().log_artifact(self.run_id, str(p), artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client().set_tag(self.run_id, key, value)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def start_run(
+    tracking_uri: str,
+    experiment_name: str,
+    run_name: str,
+    parent: MLflowRun | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> MLflowRun:
+    """Create the run ``run_name`` (nested under ``parent`` if given), or resume an unfinished one of that name.
+
+    Resuming keeps a rerun after an interruption in the same run instead of starting a new one.
+    """
+    import mlflow
+    from mlflow.entities import RunStatus
+
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        artifact_location = Path(tracking_uri[len("sqlite:///") :]).parent.joinpath("mlruns").resolve().as_uri()
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    exp_id = (
+        exp.experiment_id if exp else client.create_experiment(experiment_name, artifact_location=artifact_location)
+    )
+    all_tags = dict(tags or {})
+    if parent is not None:
+        all_tags["mlflow.parentRunId"] = parent.run_id
+    for run in client.search_runs([exp_id], filter_string=f"attributes.run_name = '{run_name}'"):
+        same_parent = run.data.tags.get("mlflow.parentRunId") == (parent.run_id if parent else None)
+        if same_parent and run.info.status != RunStatus.to_string(RunStatus.FINISHED):
+            return MLflowRun(tracking_uri, experiment_name, run_name, run.info.run_id, artifact_location)
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    return MLflowRun(tracking_uri, experiment_name, run_name, run.info.run_id, artifact_location)
+
+
+def end_run(run: MLflowRun, status: str = "FINISHED") -> None:
+    run.client().set_terminated(run.run_id, status=status)
+
+
+def mlflow_handler(run: MLflowRun, **kwargs: Any) -> Any:
+    """MONAI's ``MLFlowHandler`` logging into ``run`` (found by its name; a unique name per run is ours to keep)."""
+    from monai.handlers import MLFlowHandler
+
+    handler = MLFlowHandler(
+        tracking_uri=run.tracking_uri,
+        experiment_name=run.experiment_name,
+        run_name=run.run_name,
+        artifact_location=run.artifact_location,
+        close_on_complete=False,
+        **kwargs,
+    )
+    handler.cur_run = run.client().get_run(run.run_id)  # exactly our run, even if another has the same name
+    return handler

@@ -1,0 +1,146 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Slide-level classification metrics: AUC, accuracy, F1, and accuracy/F1 at the Youden threshold.
+
+Pure NumPy functions (checked against scikit-learn in the tests) and an ignite metric that accumulates slide
+probabilities over an epoch. An AUC that is undefined (a split with one class) is ``nan`` with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced
+
+__all__ = ["binary_auc", "roc_curve", "slide_metrics", "SlideMetric", "METRIC_NAMES", "youden_threshold"]
+
+METRIC_NAMES = ("auc", "acc", "f1", "youden_acc", "youden_f1")
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based) with ties sharing their mean rank."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), np.float64)
+    sx = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sx[j + 1] == sx[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC by the Mann-Whitney statistic; ``nan`` when only one class is present."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = _ranks(scores)
+    return float((r[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, tpr, thresholds)`` with thresholds decreasing; a point per distinct score, plus (0, 0)."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tps = np.cumsum(y)[distinct]
+    fps = (distinct + 1) - tps
+    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    tpr = np.r_[0.0, tps / n_pos]
+    fpr = np.r_[0.0, fps / n_neg]
+    thr = np.r_[np.inf, s[distinct]]
+    return fpr, tpr, thr
+
+
+def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The threshold that maximises ``TPR - FPR`` (predict positive when ``score >= threshold``)."""
+    fpr, tpr, thr = roc_curve(scores, labels)
+    best = int(np.argmax(tpr - fpr))
+    return float(thr[best]) if np.isfinite(thr[best]) else float(np.max(scores) + 1e-12)
+
+
+def _f1(pred: np.ndarray, labels: np.ndarray, positive: int = 1) -> float:
+    tp = float(np.sum((pred == positive) & (labels == positive)))
+    fp = float(np.sum((pred == positive) & (labels != positive)))
+    fn = float(np.sum((pred != positive) & (labels == positive)))
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def slide_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, warn: bool = True) -> dict:
+    """Metrics of slide probabilities ``[N, C]`` against labels ``[N]``.
+
+    AUC is binary for ``C == 2`` and macro one-vs-rest for ``C > 2``; F1 is the positive class's for ``C == 2``
+    and macro for ``C > 2``. The Youden metrics (binary only) threshold the positive probability at the value
+    that maximises ``TPR - FPR``; for ``C > 2`` they equal the argmax metrics.
+    """
+    p = np.asarray(probs.detach().cpu() if isinstance(probs, torch.Tensor) else probs, np.float64)
+    y = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels).astype(int).reshape(-1)
+    if p.ndim != 2 or len(p) != len(y):
+        raise ValueError(f"probabilities must be [N, C] for N labels, got {p.shape} and {y.shape}")
+    n_classes = p.shape[1]
+    pred = p.argmax(axis=1)
+    out: dict[str, float] = {"acc": float((pred == y).mean()) if len(y) else float("nan")}
+    if n_classes == 2:
+        out["auc"] = binary_auc(p[:, 1], y)
+        out["f1"] = _f1(pred, y)
+        if math.isnan(out["auc"]):
+            out["youden_acc"] = out["youden_f1"] = float("nan")
+        else:
+            thr = youden_threshold(p[:, 1], y)
+            ypred = (p[:, 1] >= thr).astype(int)
+            out["youden_acc"] = float((ypred == y).mean())
+            out["youden_f1"] = _f1(ypred, y)
+            out["youden_threshold"] = thr
+    else:
+        aucs = [binary_auc(p[:, c], y == c) for c in range(n_classes)]
+        out["auc"] = float("nan") if any(math.isnan(a) for a in aucs) else float(np.mean(aucs))
+        out["f1"] = float(np.mean([_f1((pred == c).astype(int), (y == c).astype(int)) for c in range(n_classes)]))
+        out["youden_acc"], out["youden_f1"] = out["acc"], out["f1"]
+    if warn and math.isnan(out["auc"]):
+        present = sorted(set(y.tolist()))
+        warnings.warn(f"AUC is undefined: the labels contain only class(es) {present}; reported as nan.", stacklevel=2)
+    return out
+
+
+class SlideMetric(Metric):
+    """An ignite metric over slide probabilities: one of ``"auc"``, ``"acc"``, ``"f1"``, ``"youden_acc"``,
+    ``"youden_f1"``. The engine's output must give ``(probs [B, C], labels [B])`` through ``output_transform``.
+    """
+
+    def __init__(
+        self,
+        name: str = "auc",
+        output_transform: Callable = lambda x: (x["pred"], x["label"]),
+        device: str | torch.device = "cpu",
+    ):
+        if name not in METRIC_NAMES:
+            raise ValueError(f"unknown slide metric {name!r}; choose one of {METRIC_NAMES}")
+        self.name = name
+        super().__init__(output_transform=output_transform, device=device)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._probs: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    @reinit__is_reduced
+    def update(self, output: Sequence[Any]) -> None:
+        probs, labels = output
+        self._probs.append(torch.as_tensor(probs).detach().float().cpu().reshape(-1, torch.as_tensor(probs).shape[-1]))
+        self._labels.append(torch.as_tensor(labels).detach().cpu().reshape(-1))
+
+    def compute(self) -> float:
+        if not self._probs:
+            return float("nan")
+        return float(slide_metrics(torch.cat(self._probs), torch.cat(self._labels), warn=self.name == "auc")[self.name])

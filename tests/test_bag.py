@@ -1,0 +1,253 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from monai_icmil.engines.bag import (
+    BagTrainingError,
+    load_bag_classifier,
+    predict_bags,
+    save_bag_classifier,
+    train_bag_classifier,
+)
+from monai_icmil.handlers.tracking import sqlite_tracking_uri, start_run
+from monai_icmil.metrics import slide_metrics
+from monai_icmil.networks import AGGREGATORS, create_aggregator
+
+FAST = {"hidden_dim": 64}
+
+
+class ShiftedBags(Dataset):
+    """Feature bags; positive bags hold 1-5 % instances shifted along a few dimensions."""
+
+    def __init__(self, n: int, seed: int, dim: int = 32, labels: list[int] | None = None, shift: float = 6.0):
+        rng = np.random.default_rng(seed)
+        self.items, self.bags = [], []
+        for i in range(n):
+            label = labels[i] if labels is not None else i % 2
+            size = int(rng.integers(60, 140))
+            f = rng.normal(0, 1, (size, dim)).astype(np.float32)
+            if label:
+                k = max(1, int(round(size * rng.uniform(0.01, 0.05))))
+                f[rng.choice(size, k, replace=False), :8] += shift
+            self.bags.append(torch.from_numpy(f))
+            self.items.append({"label": label, "slide_id": f"bag{seed}_{i:03d}"})
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "features": self.bags[i],
+            "label": torch.tensor(self.items[i]["label"]),
+            "slide_id": self.items[i]["slide_id"],
+        }
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_each_aggregator_learns_a_bag_task_with_a_few_shifted_instances(name, tmp_path):
+    result = train_bag_classifier(
+        ShiftedBags(40, 0),
+        ShiftedBags(20, 1),
+        name,
+        tmp_path,
+        aggregator_kwargs=FAST,
+        epochs=10,
+        lr=5e-4,
+        progress=False,
+        device="cpu",
+        early_stop_patience=None,
+    )
+    assert result["best_metric"] >= 0.95
+    assert (tmp_path / "bag_classifier.pt").is_file()
+
+
+def test_maxpool_bag_logit_is_the_max_instance_logit():
+    net = create_aggregator("maxpool", 16, 2, hidden_dim=32, pooling="instance").eval()
+    feats = torch.randn(25, 16)
+    with torch.no_grad():
+        inst = net.instance_logits(feats)
+        bag = net(feats)["logits"][0]
+    margin = inst[:, 1] - inst[:, 0]
+    torch.testing.assert_close(bag, inst[margin.argmax()])  # the most positive instance's logits
+    assert (bag[1] - bag[0]) == pytest.approx(margin.max().item())
+
+
+def test_feature_maxpool_bag_feature_is_the_elementwise_max():
+    net = create_aggregator("maxpool", 16, 2, hidden_dim=32).eval()
+    feats = torch.randn(25, 16)
+    torch.testing.assert_close(net(feats)["logits"], net.head(net.reduce(feats).max(dim=0, keepdim=True).values))
+    one = feats[:1]
+    torch.testing.assert_close(net(one)["logits"], net.instance_logits(one))
+
+
+@pytest.mark.parametrize("name", ["abmil", "dtfd", "mean", "maxpool", "transformer"])
+def test_one_instance_bag_logits_equal_that_instance_logits(name):
+    torch.manual_seed(0)
+    net = create_aggregator(name, 16, 2, hidden_dim=32).eval()
+    x = torch.randn(1, 16)
+    if name == "transformer":  # the transformer contextualises even a single instance: compare via its output
+        h = net.reduce(x)
+        ctx = net.mil.transformer(h[:, None, :])[:, 0, :]
+        torch.testing.assert_close(net(x)["logits"], net.head(ctx))
+    else:
+        torch.testing.assert_close(net(x)["logits"], net.instance_logits(x))
+
+
+def test_attention_is_exposed_where_the_aggregator_has_one():
+    h = torch.randn(7, 32)
+    for name in ("abmil", "dtfd", "transformer"):
+        net = create_aggregator(name, 16, 2, hidden_dim=32)
+        assert net.has_attention and net.attention(h).shape == (7,)
+    assert not create_aggregator("maxpool", 16, 2).has_attention
+    out = create_aggregator("abmil", 16, 2, hidden_dim=32)(torch.randn(9, 16))
+    assert out["attention"].shape == (9,) and torch.isclose(out["attention"].sum(), torch.tensor(1.0))
+
+
+def test_dtfd_distillation_modes_and_deterministic_eval():
+    for distill in ("AFS", "MaxS", "MaxMinS"):
+        net = create_aggregator("dtfd", 16, 3, hidden_dim=32, num_groups=4, distill=distill).eval()
+        x = torch.randn(30, 16)
+        a, b = net(x), net(x)
+        assert a["logits"].shape == (1, 3) and a["tier1_logits"].shape == (4, 3)
+        torch.testing.assert_close(a["logits"], b["logits"])
+    with pytest.raises(ValueError, match="distill"):
+        create_aggregator("dtfd", 16, 2, distill="nope")
+
+
+def test_unknown_aggregator_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown aggregator 'clam'.*abmil.*dtfd.*maxpool"):
+        create_aggregator("clam", 16)
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
+    torch.manual_seed(0)
+    net = create_aggregator("dtfd", 32, 2, hidden_dim=48, num_groups=3)
+    path = save_bag_classifier(tmp_path / "c.pt", net, "dtfd")
+    again = load_bag_classifier(path)
+    ds = ShiftedBags(6, 2)
+    assert [r["probs"] for r in predict_bags(net, ds)] == [r["probs"] for r in predict_bags(again, ds)]
+    with pytest.raises(ValueError, match="expects 32-d features but the embedder gives 64-d"):
+        load_bag_classifier(path, expect_in_dim=64)
+    with pytest.raises(ValueError, match="holds a 'dtfd' bag classifier, but 'abmil' was configured"):
+        load_bag_classifier(path, expect_aggregator="abmil")
+
+
+def test_metrics_match_scikit_learn_on_fixed_predictions():
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 50)
+    p1 = np.clip(0.3 * y + rng.uniform(0, 0.7, 50), 0, 1)
+    probs = np.stack([1 - p1, p1], 1)
+    m = slide_metrics(probs, y)
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p1))
+    assert m["acc"] == pytest.approx(accuracy_score(y, probs.argmax(1)))
+    assert m["f1"] == pytest.approx(f1_score(y, probs.argmax(1)))
+    fpr, tpr, thr = roc_curve(y, p1)
+    t = thr[np.argmax(tpr - fpr)]
+    assert m["youden_acc"] == pytest.approx(accuracy_score(y, p1 >= t))
+    assert m["youden_f1"] == pytest.approx(f1_score(y, p1 >= t))
+    y3 = rng.integers(0, 3, 60)
+    p3 = rng.dirichlet([1, 1, 1], 60) + np.eye(3)[y3] * 0.3
+    p3 /= p3.sum(1, keepdims=True)
+    m3 = slide_metrics(p3, y3)
+    assert m3["auc"] == pytest.approx(roc_auc_score(y3, p3, multi_class="ovr", average="macro"))
+    assert m3["f1"] == pytest.approx(f1_score(y3, p3.argmax(1), average="macro"))
+
+
+def test_one_class_split_reports_undefined_auc_with_a_warning(tmp_path):
+    val = ShiftedBags(6, 1, labels=[1] * 6)
+    with pytest.warns(UserWarning, match="AUC is undefined"):
+        result = train_bag_classifier(
+            ShiftedBags(10, 0), val, "abmil", tmp_path, aggregator_kwargs=FAST, epochs=2, progress=False, device="cpu"
+        )
+    assert np.isnan(result["val"]["val_auc"]) and (tmp_path / "bag_classifier.pt").is_file()
+
+
+def test_bags_of_the_wrong_dimension_name_the_slide(tmp_path):
+    val = ShiftedBags(4, 1, dim=48)
+    with pytest.raises(ValueError, match=r"slide 'bag1_000' has 48-d features but the bag classifier expects 32-d"):
+        train_bag_classifier(ShiftedBags(6, 0), val, "abmil", tmp_path, epochs=1, progress=False, device="cpu")
+
+
+def test_empty_bag_is_skipped_with_a_warning(tmp_path):
+    train = ShiftedBags(8, 0)
+    train.bags[3] = torch.zeros(0, 32)
+    with pytest.warns(UserWarning, match="empty bag for slide 'bag0_003' skipped"):
+        train_bag_classifier(
+            train,
+            ShiftedBags(4, 1),
+            "maxpool",
+            tmp_path,
+            aggregator_kwargs=FAST,
+            epochs=1,
+            progress=False,
+            device="cpu",
+        )
+
+
+class NaNLater(ShiftedBags):
+    """Clean in epoch 1; from the second pass on, one bag turns into NaNs."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.calls = 0
+
+    def __getitem__(self, i):
+        self.calls += 1
+        bag = super().__getitem__(i)
+        if self.calls > 2 * len(self) and i == 2:  # 1st pass: dim check, 2nd: epoch 1
+            bag["features"] = torch.full_like(bag["features"], float("nan"))
+        return bag
+
+
+def test_nan_loss_stops_naming_epoch_and_slide_and_keeps_the_best_checkpoint(tmp_path):
+    with pytest.raises(BagTrainingError, match=r"non-finite loss .* at epoch 2, slide 'bag0_002'"):
+        train_bag_classifier(
+            NaNLater(8, 0),
+            ShiftedBags(4, 1),
+            "abmil",
+            tmp_path,
+            aggregator_kwargs=FAST,
+            epochs=3,
+            progress=False,
+            device="cpu",
+        )
+    kept = load_bag_classifier(tmp_path / "bag_classifier.pt")
+    assert all(torch.isfinite(p).all() for p in kept.parameters())
+
+
+def test_predictions_csv_and_mlflow_tracking(tmp_path):
+    import mlflow
+
+    run = start_run(sqlite_tracking_uri(tmp_path), "bag-test", "bag_phase")
+    result = train_bag_classifier(
+        ShiftedBags(10, 0),
+        ShiftedBags(6, 1),
+        "abmil",
+        tmp_path / "bag",
+        aggregator_kwargs=FAST,
+        epochs=3,
+        progress=False,
+        device="cpu",
+        mlflow_run=run,
+        class_names=["normal", "tumour"],
+    )
+    rows = list(csv.DictReader(open(tmp_path / "bag" / "predictions_val.csv")))
+    assert len(rows) == 6 and set(rows[0]) == {"slide", "label", "prob_normal", "prob_tumour", "pred"}
+    assert abs(float(rows[0]["prob_normal"]) + float(rows[0]["prob_tumour"]) - 1) < 1e-5
+    client = mlflow.MlflowClient(tracking_uri=sqlite_tracking_uri(tmp_path))
+    data = client.get_run(run.run_id).data
+    assert data.params["aggregator"] == "abmil" and data.params["lr"] == "0.0002" and data.params["optimizer"] == "Adam"
+    history = client.get_metric_history(run.run_id, "val_auc")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert data.metrics["best_val_auc"] == pytest.approx(result["best_metric"])
+    artifacts = {a.path for a in client.list_artifacts(run.run_id, "bag_phase")}
+    assert {"bag_phase/bag_classifier.pt", "bag_phase/predictions_val.csv"} <= artifacts
