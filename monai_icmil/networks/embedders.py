@@ -68,8 +68,19 @@ class _Truncated(nn.Module):
             self.body.add_module(name, getattr(net, name))
         self.dropped_prefixes = tuple(f"{n}." for n in names if n not in keep)
 
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).mean(dim=(2, 3))
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint_sequential
+
+            x = checkpoint_sequential(self.body, len(self.body), x, use_reentrant=False)
+        else:
+            x = self.body(x)
+        return x.mean(dim=(2, 3))
 
 
 class PatchEmbedder(nn.Module):
@@ -126,6 +137,12 @@ class PatchEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass instead of storing them (less memory, more compute)."""
+        if not hasattr(self.backbone, "set_grad_checkpointing"):
+            raise ValueError(f"embedder '{self.name}' does not support gradient checkpointing")
+        self.backbone.set_grad_checkpointing(enable)
 
     # ------------------------------------------------------------------ identity
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,102 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""ICMIL's teacher-student distillation loss for the embedder phase.
+
+    L = w_view * KL(p_s(view) || p_t(patch))
+      + w_head * KL(head_s(f_t) || head_t(f_t))
+      + w_reduce * KL(softmax(reduce_s(f_t)) || softmax(reduce_t(f_t)))
+
+with ``p = softmax(head(reduce(embedder(x))))``, ``f_t`` the teacher embedder's feature of the plain patch, ``_s``
+the student and ``_t`` the teacher. As in the paper's code, each KL is ``torch.nn.KLDivLoss(reduction="none")``
+between the student's log-probabilities and the teacher's probabilities, averaged over every element. Defaults:
+``w_view = 1``, ``w_head = w_reduce = 0.5``.
+
+The confidence-based variant weights the first term per patch by ``|2a - 1| ** beta``, where ``a`` is the teacher's
+attention score min-max normalised over the batch: patches the teacher attends to strongly or not at all are
+trusted, ambiguous ones less.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ICMILDistillationLoss", "confidence_weights", "kl_terms"]
+
+
+def confidence_weights(attention: torch.Tensor, beta: float) -> torch.Tensor:
+    """``|2a - 1| ** beta`` per patch, ``a`` the attention scores min-max normalised over the batch.
+
+    A batch whose scores are all equal gets weight 1 everywhere (no information to weight by).
+    """
+    a = attention.detach().float().reshape(-1)
+    lo, hi = a.min(), a.max()
+    if float(hi - lo) <= 1e-12:
+        return torch.ones_like(a)
+    a = (a - lo) / (hi - lo)
+    return (2 * a - 1).abs().pow(beta)
+
+
+def kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Element-wise ``KLDivLoss(log_softmax(student), softmax(teacher))``, shape ``[B, K]``."""
+    return F.kl_div(
+        F.log_softmax(student_logits.float(), dim=-1), F.softmax(teacher_logits.float(), dim=-1), reduction="none"
+    )
+
+
+class ICMILDistillationLoss(nn.Module):
+    """The ICMIL embedder-phase loss, plain or confidence-weighted.
+
+    Args:
+        view_weight: weight of the student-view vs teacher-patch term.
+        head_weight: weight of the student-head-on-teacher-features term.
+        reduce_weight: weight of the reduced-feature term.
+        confidence: weight the view term per patch by the teacher's attention confidence.
+        beta: exponent of the confidence weight (ICMIL uses 6 for AB-MIL, 2 for DTFD).
+
+    ``forward`` returns a dict: ``"loss"`` (the total) and the unweighted terms ``"view"``, ``"head"``, ``"reduce"``.
+    """
+
+    def __init__(
+        self,
+        view_weight: float = 1.0,
+        head_weight: float = 0.5,
+        reduce_weight: float = 0.5,
+        confidence: bool = False,
+        beta: float = 6.0,
+    ):
+        super().__init__()
+        self.view_weight, self.head_weight, self.reduce_weight = view_weight, head_weight, reduce_weight
+        self.confidence, self.beta = confidence, beta
+
+    def forward(
+        self,
+        student_view_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        student_head_on_teacher: torch.Tensor,
+        student_reduce_on_teacher: torch.Tensor,
+        teacher_reduce: torch.Tensor,
+        attention: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            student_view_logits: ``head_s(reduce_s(embedder_s(view)))``, ``[B, C]``.
+            teacher_logits: ``head_t(reduce_t(embedder_t(patch)))``, ``[B, C]``.
+            student_head_on_teacher: ``head_s(reduce_s(f_t))``, ``[B, C]``.
+            student_reduce_on_teacher: ``reduce_s(f_t)``, ``[B, H]``.
+            teacher_reduce: ``reduce_t(f_t)``, ``[B, H]``.
+            attention: the teacher's raw attention scores ``[B]`` (required with ``confidence=True``).
+        """
+        teacher_logits = teacher_logits.detach()
+        view = kl_terms(student_view_logits, teacher_logits)
+        if self.confidence:
+            if attention is None:
+                raise ValueError("the confidence-based loss needs the teacher's attention scores")
+            view_term = (view * confidence_weights(attention, self.beta).to(view.device)[:, None]).mean()
+        else:
+            view_term = view.mean()
+        head_term = kl_terms(student_head_on_teacher, teacher_logits).mean()
+        reduce_term = kl_terms(student_reduce_on_teacher, teacher_reduce.detach()).mean()
+        total = self.view_weight * view_term + self.head_weight * head_term + self.reduce_weight * reduce_term
+        return {"loss": total, "view": view_term.detach(), "head": head_term.detach(), "reduce": reduce_term.detach()}

@@ -1,0 +1,213 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monai_icmil.data import load_datalist
+from monai_icmil.data.prepare import prepare_coords
+from monai_icmil.data.store import CoordsStore
+from monai_icmil.data.tiling import TilingConfig
+from monai_icmil.engines import couple as couple_module
+from monai_icmil.engines.bag import load_bag_classifier, save_bag_classifier
+from monai_icmil.engines.couple import (
+    DistillationBatches,
+    EmbedderPhaseError,
+    InstanceClassifier,
+    finetune_embedder,
+)
+from monai_icmil.losses import ICMILDistillationLoss, confidence_weights
+from monai_icmil.networks import create_aggregator, create_embedder
+
+TILING = TilingConfig(patch_size=48, mpp=1.0)
+FAST = dict(epochs=1, batch_size=16, val_patches=32, num_workers=0, progress=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def slides(synthetic_dataset, tmp_path_factory):
+    dl = load_datalist(synthetic_dataset)
+    store = CoordsStore(tmp_path_factory.mktemp("coords"))
+    train = prepare_coords(dl["training"], TILING, store, progress=False)
+    val = prepare_coords(dl["validation"], TILING, store, progress=False)
+    return list(train.values()), list(val.values())
+
+
+def _teacher(name: str, in_dim: int, seed: int = 0):
+    """A bag classifier with a confident head, so the teacher's probabilities are far from uniform."""
+    torch.manual_seed(seed)
+    agg = create_aggregator(name, in_dim, 2, hidden_dim=32)
+    with torch.no_grad():
+        agg.head.weight.mul_(30.0)
+    return agg
+
+
+def _kl(student, teacher):
+    return (F.softmax(teacher, -1) * (F.log_softmax(teacher, -1) - F.log_softmax(student, -1))).mean()
+
+
+# ------------------------------------------------------------------------------------------------------- loss
+
+
+def test_loss_equals_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    s_view, t, s_head = (torch.randn(4, 2, generator=g) for _ in range(3))
+    h_s, h_t = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    out = ICMILDistillationLoss()(s_view, t, s_head, h_s, h_t)
+    expected = _kl(s_view, t) + 0.5 * _kl(s_head, t) + 0.5 * _kl(h_s, h_t)
+    torch.testing.assert_close(out["loss"], expected)
+    torch.testing.assert_close(out["view"], _kl(s_view, t))
+
+
+def test_confidence_loss_equals_a_hand_computation():
+    g = torch.Generator().manual_seed(1)
+    s_view, t, s_head = (torch.randn(4, 2, generator=g) for _ in range(3))
+    h_s, h_t = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    att = torch.tensor([0.0, 1.0, 2.0, 4.0])
+    a = att / 4.0  # min-max normalised
+    w = (2 * a - 1).abs() ** 2
+    per_patch = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s_view, -1))).mean(-1)
+    expected = (w * per_patch).mean() + 0.5 * _kl(s_head, t) + 0.5 * _kl(h_s, h_t)
+    out = ICMILDistillationLoss(confidence=True, beta=2.0)(s_view, t, s_head, h_s, h_t, att)
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_loss_is_zero_when_student_equals_teacher_and_view_equals_patch():
+    logits, h = torch.randn(6, 3), torch.randn(6, 8)
+    out = ICMILDistillationLoss(confidence=True)(logits, logits, logits, h, h, torch.randn(6))
+    assert out["loss"].abs().item() < 1e-6
+
+
+def test_confidence_weight_grows_with_distance_from_one_half():
+    att = torch.linspace(0, 1, 11)
+    w = confidence_weights(att, beta=6.0)
+    dist = (2 * att - 1).abs()
+    order = torch.argsort(dist)
+    assert torch.all(w[order][1:] >= w[order][:-1])
+    assert w[5].item() == pytest.approx(0.0) and w[0].item() == pytest.approx(1.0) and w[-1].item() == 1.0
+    assert torch.all(confidence_weights(torch.full((4,), 3.0), 6.0) == 1)
+
+
+# ------------------------------------------------------------------------------------------------------ engine
+
+
+def test_batches_are_the_same_for_any_worker_and_views_differ_from_patches(slides):
+    train, _ = slides
+    a = DistillationBatches(train, batch_size=8, num_batches=3, seed=5)
+    b = DistillationBatches(train, batch_size=8, num_batches=3, seed=5)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    x, y = a[1], b[1]
+    torch.testing.assert_close(x["plain"], y["plain"])
+    torch.testing.assert_close(x["view"], y["view"])
+    assert x["plain"].shape == (8, 3, 48, 48) and x["view"].shape == (8, 3, 48, 48)
+    assert not torch.allclose(x["view"], x["plain"].float() / 255)
+    a.set_epoch(3)
+    assert not torch.equal(a[1]["plain"], x["plain"])
+
+
+def test_short_run_keeps_the_teacher_and_lowers_the_student_loss(slides, tmp_path):
+    train, val = slides
+    torch.manual_seed(0)
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    agg = _teacher("abmil", embedder.out_dim)
+    before = {k: v.clone() for k, v in {**embedder.state_dict(), **agg.state_dict()}.items()}
+    fixed = DistillationBatches(train, batch_size=32, num_batches=1, seed=123)[0]
+    teacher = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(agg)).eval()
+    criterion = ICMILDistillationLoss()
+
+    def fixed_loss(out_dir) -> float:
+        student = InstanceClassifier(
+            create_embedder(None, weights=out_dir / "embedder.safetensors"), copy.deepcopy(agg)
+        ).eval()
+        student.aggregator.load_state_dict(torch.load(out_dir / "student_head.pt", weights_only=True))
+        with torch.no_grad():
+            f_t = teacher.embedder(fixed["plain"])
+            h_t, logits_t = teacher.head_on_features(f_t)
+            h_s, logits_s_t = student.head_on_features(f_t)
+            return criterion(student(fixed["view"]), logits_t, logits_s_t, h_s, h_t)["loss"].item()
+
+    # the same seeded run, stopped after its first iteration and after sixteen
+    first = finetune_embedder(
+        embedder, agg, train, val, tmp_path / "first", batches_per_epoch=1, lr=1e-4, select="last", **FAST
+    )
+    result = finetune_embedder(
+        embedder,
+        agg,
+        train,
+        val,
+        tmp_path / "full",
+        batches_per_epoch=16,
+        lr=1e-4,
+        val_interval=4,
+        select="last",
+        **FAST,
+    )
+    after = {k: v for k, v in {**embedder.state_dict(), **agg.state_dict()}.items()}
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the teacher is bit-identical
+    assert fixed_loss(tmp_path / "full") < fixed_loss(tmp_path / "first")
+    assert result["fingerprint"] != embedder.fingerprint()
+    reloaded = create_embedder(None, weights=result["checkpoint"])
+    assert reloaded.fingerprint() == result["fingerprint"] and reloaded.name == "resnet18_trunc"
+    assert [h["iteration"] for h in result["history"]] == [4, 8, 12, 16]
+
+
+@pytest.mark.parametrize("name,confidence", [("maxpool", False), ("abmil", True), ("dtfd", True)])
+def test_one_iteration_end_to_end_for_each_teacher(slides, tmp_path, name, confidence):
+    train, val = slides
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    agg = _teacher(name, embedder.out_dim)
+    result = finetune_embedder(
+        embedder, agg, train, val, tmp_path, batches_per_epoch=1, val_interval=1, confidence=confidence, **FAST
+    )
+    assert len(result["history"]) == 1 and np.isfinite(result["history"][0]["loss_loss"])
+    assert (tmp_path / "embedder.safetensors").is_file()
+
+
+def test_checkpoint_of_another_aggregator_or_dimension_fails_before_training(slides, tmp_path):
+    train, val = slides
+    embedder = create_embedder("resnet18_trunc", input_size=48)  # 256-d
+    path = save_bag_classifier(tmp_path / "bag.pt", create_aggregator("abmil", 512, 2, hidden_dim=32), "abmil")
+    with pytest.raises(ValueError, match="expects 512-d features but the embedder gives 256-d"):
+        load_bag_classifier(path, expect_in_dim=embedder.out_dim)
+    with pytest.raises(ValueError, match="holds a 'abmil' bag classifier, but 'dtfd' was configured"):
+        load_bag_classifier(path, expect_aggregator="dtfd")
+    with pytest.raises(ValueError, match="expects 512-d features but the embedder 'resnet18_trunc' gives 256-d"):
+        finetune_embedder(embedder, load_bag_classifier(path), train, val, tmp_path / "out", **FAST)
+    assert not (tmp_path / "out" / "embedder.safetensors").exists()
+    with pytest.raises(EmbedderPhaseError, match="needs attention; MaxPoolMIL has none"):
+        finetune_embedder(
+            embedder, create_aggregator("maxpool", 256, 2), train, val, tmp_path / "o2", confidence=True, **FAST
+        )
+
+
+def test_slides_without_tissue_patches_are_a_clear_error(slides, tmp_path):
+    train, val = slides
+    empty = [{**s, "coords": np.zeros((0, 2), np.int64)} for s in train]
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    with pytest.raises(EmbedderPhaseError, match="no tissue patches to sample"):
+        finetune_embedder(embedder, _teacher("abmil", 256), empty, val, tmp_path, **FAST)
+
+
+def test_nan_loss_stops_with_the_iteration_and_keeps_the_best_embedder(slides, tmp_path, monkeypatch):
+    train, val = slides
+    original = DistillationBatches.__getitem__
+
+    def poisoned(self, i):
+        batch = original(self, i)
+        if self.num_batches > 1 and i >= 2:
+            batch["view"] = torch.full_like(batch["view"], float("nan"))
+        return batch
+
+    monkeypatch.setattr(couple_module.DistillationBatches, "__getitem__", poisoned)
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    with pytest.raises(EmbedderPhaseError, match="non-finite loss .* at iteration 3"):
+        finetune_embedder(
+            embedder, _teacher("abmil", 256), train, val, tmp_path, batches_per_epoch=5, val_interval=2, **FAST
+        )
+    kept = create_embedder(None, weights=tmp_path / "embedder.safetensors")
+    assert all(torch.isfinite(p).all() for p in kept.parameters())
