@@ -11,7 +11,7 @@ import numpy as np
 
 from monai_icmil.utils import atomic_path
 
-__all__ = ["save_tiling_overlay", "save_patch_montage"]
+__all__ = ["save_tiling_overlay", "save_patch_montage", "save_roc_curve", "score_grid", "save_heatmaps"]
 
 
 def _figure():
@@ -79,4 +79,87 @@ def save_patch_montage(path: str | os.PathLike, patches: np.ndarray, ncols: int 
     path = Path(path)
     with atomic_path(path) as tmp:
         Image.fromarray(canvas).save(tmp, format="PNG")
+    return path
+
+
+def save_roc_curve(path: str | os.PathLike, probs: np.ndarray, labels: np.ndarray, title: str = "") -> Path:
+    """ROC curve of the positive-class probability (binary) or one curve per class (one-vs-rest), PNG (atomic)."""
+    from monai_icmil.metrics import binary_auc, roc_curve
+
+    plt = _figure()
+    probs, labels = np.asarray(probs), np.asarray(labels).astype(int)
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    classes = [1] if probs.shape[1] == 2 else list(range(probs.shape[1]))
+    for c in classes:
+        fpr, tpr, _ = roc_curve(probs[:, c], labels == c)
+        auc = binary_auc(probs[:, c], labels == c)
+        ax.plot(fpr, tpr, lw=2, label=f"class {c}: AUC {auc:.3f}" if len(classes) > 1 else f"AUC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title or f"ROC ({len(labels)} slides)")
+    ax.legend(loc="lower right")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def score_grid(coords: np.ndarray, scores: np.ndarray, footprint: float, dimensions: tuple[int, int]) -> np.ndarray:
+    """A grid image of patch scores (NaN where no patch): cell ``(row, col)`` = patch at ``(col, row) * footprint``."""
+    w0, h0 = dimensions
+    nx, ny = int(np.ceil(w0 / footprint)), int(np.ceil(h0 / footprint))
+    grid = np.full((ny, nx), np.nan, np.float32)
+    cols = np.floor(coords[:, 0] / footprint + 1e-6).astype(int)
+    rows = np.floor(coords[:, 1] / footprint + 1e-6).astype(int)
+    grid[rows, cols] = scores
+    return grid
+
+
+def save_heatmaps(
+    path: str | os.PathLike,
+    thumbnail: np.ndarray,
+    grid_extent: tuple[float, float],
+    maps: dict[str, np.ndarray],
+    title: str = "",
+) -> Path:
+    """One panel per score map (e.g. attention, instance probability) over the slide thumbnail (PNG, atomic).
+
+    Args:
+        path: output PNG.
+        thumbnail: RGB thumbnail of the whole slide.
+        grid_extent: ``(width, height)`` of the score grid in thumbnail pixels.
+        maps: ``{name: grid}`` from :func:`score_grid`.
+        title: figure title.
+    """
+    plt = _figure()
+    n = len(maps)
+    h, w = thumbnail.shape[:2]
+    fig, axes = plt.subplots(1, n + 1, figsize=(4.5 * (n + 1), 4.5 * h / max(w, 1) + 0.8), dpi=100, squeeze=False)
+    axes[0, 0].imshow(thumbnail)
+    axes[0, 0].set_title("slide")
+    for ax, (name, grid) in zip(axes[0, 1:], maps.items()):
+        ax.imshow(thumbnail)
+        im = ax.imshow(
+            np.ma.masked_invalid(grid),
+            cmap="jet",
+            alpha=0.5,
+            extent=(0, grid_extent[0], grid_extent[1], 0),
+            interpolation="nearest",
+            vmin=0.0,
+            vmax=1.0 if "prob" in name else None,
+        )
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+        ax.set_title(name)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for ax in axes[0]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
     return path

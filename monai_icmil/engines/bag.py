@@ -308,6 +308,7 @@ def train_bag_classifier(
         decollate=False,
     )
     evaluator.bag_device = device
+    evaluator.logger.setLevel(logging.WARNING)  # one validation per epoch: the stats handler reports it
     trainer = SupervisedTrainer(
         device=device,
         max_epochs=epochs,

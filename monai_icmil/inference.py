@@ -1,0 +1,165 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Inference on new slides: slide probabilities, heatmaps a pathologist can look at, and QuPath GeoJSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_icmil.data.prepare import prepare_coords
+from monai_icmil.data.report import RunReport
+from monai_icmil.data.slide import get_slide
+from monai_icmil.data.store import CoordsStore, FeatureStore, feature_key
+from monai_icmil.data.tiling import TilingConfig
+from monai_icmil.networks.embedders import PatchEmbedder
+from monai_icmil.utils import atomic_write_text
+
+__all__ = ["predict_slides", "patch_scores", "geojson_patches", "list_slides"]
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")
+
+
+def list_slides(slides: str | os.PathLike | Sequence[str]) -> list[str]:
+    """Slides of a folder (by suffix, sorted) or the given list; a missing path is an error naming it."""
+    if isinstance(slides, (str, os.PathLike)) and Path(slides).is_dir():
+        found = sorted(str(p) for p in Path(slides).iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+        if not found:
+            raise FileNotFoundError(f"no slide files ({', '.join(SLIDE_SUFFIXES)}) in folder '{slides}'")
+        return found
+    paths = [str(slides)] if isinstance(slides, (str, os.PathLike)) else [str(s) for s in slides]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"slide(s) not found: {', '.join(missing)}")
+    return paths
+
+
+@torch.no_grad()
+def patch_scores(net: torch.nn.Module, feats: torch.Tensor) -> dict[str, Any]:
+    """Slide probabilities, per-patch attention (where the aggregator has one) and instance probabilities."""
+    net.eval()
+    out = net(feats)
+    probs = torch.softmax(out["logits"], -1)[0]
+    inst = torch.softmax(net.instance_logits(feats), -1)
+    scores: dict[str, Any] = {"probs": probs.cpu().numpy(), "instance_prob": inst[:, -1].cpu().numpy()}
+    if getattr(net, "has_attention", False):
+        scores["attention"] = torch.softmax(net.attention(net.reduce(feats)), 0).cpu().numpy()
+    return scores
+
+
+def geojson_patches(coords: np.ndarray, footprint: float, measurements: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection with one square polygon per patch (level-0 pixels) and its scores.
+
+    QuPath imports it (File > Import objects) as tiles carrying the scores as measurements.
+    """
+    features = []
+    for i, (x, y) in enumerate(np.asarray(coords, dtype=float)):
+        ring = [[x, y], [x + footprint, y], [x + footprint, y + footprint], [x, y + footprint], [x, y]]
+        values = {k: float(v[i]) for k, v in measurements.items()}
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"objectType": "tile", "name": f"patch {i}", "measurements": values},
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def predict_slides(
+    slides: str | os.PathLike | Sequence[str],
+    embedder: PatchEmbedder,
+    bag_classifier: str | os.PathLike,
+    tiling: TilingConfig,
+    output_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    embed_cfg: Mapping[str, Any] | None = None,
+    backend: str = "auto",
+    class_names: Sequence[str] | None = None,
+    heatmaps: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Predict each slide; write ``probabilities.csv``, ``<slide>_heatmap.png`` and ``<slide>.geojson``.
+
+    Slides that fail are listed in ``output_dir/report.json`` and skipped.
+    """
+    from monai_icmil.engines.bag import load_bag_classifier, write_predictions_csv
+    from monai_icmil.engines.embedding import embed_slides
+    from monai_icmil.visualize import save_heatmaps, score_grid
+
+    out = Path(output_dir)
+    paths = list_slides(slides)
+    items, seen = [], {}
+    for p in paths:
+        sid = Path(p).stem
+        if sid in seen:
+            sid = f"{sid}-{len(seen)}"
+        seen[sid] = p
+        items.append({"image": p, "slide_id": sid, "label": None})
+    report = RunReport(out / "report.json")
+    tiles = prepare_coords(
+        items, tiling, CoordsStore(out / "coords"), report=report, backend=backend, progress=progress
+    )
+    cfg = {"batch_size": 256, "num_workers": 2, "read_threads": 2, "dtype": "float16", **dict(embed_cfg or {})}
+    store = FeatureStore(out / "features")
+    embed_slides(
+        tiles,
+        embedder,
+        store,
+        tiling.params(),
+        batch_size=cfg["batch_size"],
+        num_workers=cfg["num_workers"],
+        read_threads=cfg["read_threads"],
+        device=device,
+        dtype=cfg["dtype"],
+        report=report,
+        backend=backend,
+        progress=progress,
+    )
+    net = load_bag_classifier(bag_classifier, device, expect_in_dim=embedder.out_dim)
+    fp = embedder.fingerprint()
+    rows = []
+    for item in items:
+        sid = item["slide_id"]
+        if sid not in tiles or sid in report.failed:
+            continue
+        arrays = store.load(sid, feature_key(item["image"], tiling.params(), fp, cfg["dtype"]))
+        if arrays is None or len(arrays["features"]) == 0:
+            warnings.warn(f"slide '{item['image']}' has no tissue patches; no prediction", stacklevel=2)
+            continue
+        feats = arrays["features"].float().to(device)
+        coords = arrays["coords"].numpy()
+        scores = patch_scores(net, feats)
+        rows.append({"slide_id": sid, "label": None, "probs": scores["probs"].tolist(), "image": item["image"]})
+        if heatmaps:
+            reader = get_slide(item["image"], backend)
+            t = tiles[sid]
+            footprint = t["read_size"] * reader.level_downsamples[t["level"]]
+            thumb, thumb_ds = reader.thumbnail(1024)
+            maps = {"instance probability": score_grid(coords, scores["instance_prob"], footprint, reader.dimensions)}
+            measurements = {"instance_probability": scores["instance_prob"]}
+            if "attention" in scores:
+                att = scores["attention"]
+                att_norm = (att - att.min()) / max(float(att.max() - att.min()), 1e-12)
+                maps = {"attention (min-max)": score_grid(coords, att_norm, footprint, reader.dimensions), **maps}
+                measurements["attention"] = att
+            grid_h, grid_w = next(iter(maps.values())).shape
+            extent = (grid_w * footprint / thumb_ds, grid_h * footprint / thumb_ds)
+            label = class_names[int(np.argmax(scores["probs"]))] if class_names else int(np.argmax(scores["probs"]))
+            save_heatmaps(
+                out / f"{sid}_heatmap.png",
+                thumb,
+                extent,
+                maps,
+                title=f"{sid}: predicted {label} (p={float(np.max(scores['probs'])):.3f})",
+            )
+            atomic_write_text(out / f"{sid}.geojson", json.dumps(geojson_patches(coords, footprint, measurements)))
+    write_predictions_csv(out / "probabilities.csv", rows, class_names)
+    return rows

@@ -1,0 +1,312 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""The ICMIL bundle, run the way users run it: ``python -m monai.bundle run ...``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from monai_icmil.workflows import ICMILWorkflow, check_cli_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundles" / "icmil"
+CONFIGS = BUNDLE / "configs"
+
+# test-sized on top of demo.json: 10 tiny slides, 32-px patches, few epochs
+TINY = {
+    "synthetic": {
+        "num_training": 6,
+        "num_validation": 4,
+        "num_test": 4,
+        "seed": 3,
+        "config": {"width": 1024, "height": 768},
+        "num_workers": 1,
+    },
+    "tiling#patch_size": 32,
+    "embedder": {"name": "resnet18_trunc", "input_size": 32},
+    "aggregator_kwargs": {"hidden_dim": 32},
+    "bag_phase#epochs": 3,
+    "embedder_phase#epochs": 1,
+    "embedder_phase#batches_per_epoch": 3,
+    "embedder_phase#batch_size": 16,
+    "embedder_phase#val_interval": 2,
+    "embedder_phase#val_patches": 32,
+    "embedder_phase#num_workers": 0,
+    "progress": False,
+}
+
+
+def _bundle(
+    tmp: Path, run_id: str, *configs: str, extra: dict | None = None, **overrides
+) -> subprocess.CompletedProcess:
+    tiny = tmp / "tiny.json"
+    tiny.write_text(json.dumps({**TINY, **(extra or {})}))
+    files = [str(CONFIGS / "train.json"), str(CONFIGS / "demo.json"), *configs, str(tiny)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        json.dumps(files),
+        "--bundle_root",
+        str(BUNDLE),
+        "--dataset_dir",
+        str(tmp / "data"),
+        "--output_dir",
+        str(tmp / "out"),
+    ]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", str(v)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """train.json + demo.json + a test-sized override, 2 rounds, end to end."""
+    tmp = tmp_path_factory.mktemp("bundle")
+    proc = _bundle(tmp, "run", num_rounds=2)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (tmp / "stdout.txt").write_text(proc.stdout)
+    return tmp
+
+
+def test_train_bundle_runs_two_rounds_end_to_end(trained):
+    out = trained / "out"
+    for r in (0, 1, 2):
+        assert (out / f"round_{r}" / "bag" / "bag_classifier.pt").is_file()
+        assert (out / f"round_{r}" / "bag" / "predictions_val.csv").is_file()
+        assert (out / f"round_{r}" / "test" / "predictions.csv").is_file()
+        assert (out / f"round_{r}" / "test" / "roc.png").is_file()
+        assert len(list((out / f"round_{r}" / "features").glob("*.safetensors"))) == 14
+    for r in (1, 2):
+        assert (out / f"round_{r}" / "embedder_phase" / "embedder.safetensors").is_file()
+    summary = (out / "summary.md").read_text()
+    assert "| round | val AUC | test AUC | test acc | test F1 |" in summary
+    assert summary.count("\n| ") == 5  # header, separator, 3 rounds
+    assert "| round | val AUC" in (trained / "stdout.txt").read_text()  # printed too
+    state = json.loads((out / "state.json").read_text())
+    assert set(state["rounds"]) == {"0", "1", "2"}
+    # round r+1's features come from a different embedder than round r's
+    fps = {state["rounds"][str(r)]["embed"]["fingerprint"] for r in (0, 1, 2)}
+    assert len(fps) == 3
+
+
+def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{trained / 'out' / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("icmil")
+    runs = client.search_runs([exp.experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    parent = by_name["icmil"]
+    assert parent.data.params["aggregator"] == "abmil" and "final_round" in parent.data.metrics
+    for r in (0, 1, 2):
+        rr = by_name[f"round_{r}"]
+        assert rr.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert "test_auc" in rr.data.metrics and "val_auc_after" in rr.data.metrics
+        bag = by_name[f"round_{r}/bag"]
+        assert bag.data.tags["mlflow.parentRunId"] == rr.info.run_id
+        assert len(client.get_metric_history(bag.info.run_id, "val_auc")) >= 1
+        assert by_name[f"round_{r}/embed"].data.metrics["patches"] > 0
+    assert "val_auc_before" in by_name["round_1"].data.metrics
+    couple = by_name["round_1/embedder_phase"]
+    assert "val_mae" in couple.data.metrics and "loss_loss" in couple.data.metrics
+    assert {a.path for a in client.list_artifacts(couple.info.run_id, "embedder_phase")} >= {
+        "embedder_phase/embedder.safetensors"
+    }
+
+
+def test_rerun_after_round_one_bag_phase_does_not_redo_finished_phases(tmp_path):
+    first = _bundle(tmp_path, "train_bag", num_rounds=2, round=1)  # stops after round 1's bag phase
+    assert first.returncode == 0, first.stderr[-4000:]
+    out = tmp_path / "out"
+    state = json.loads((out / "state.json").read_text())
+    assert set(state["rounds"]) == {"0", "1"} and "bag" in state["rounds"]["1"]
+    before = {p: p.stat().st_mtime_ns for p in out.glob("round_*/**/*") if p.is_file()}
+    second = _bundle(tmp_path, "run", num_rounds=2)
+    assert second.returncode == 0, second.stderr[-4000:]
+    after = json.loads((out / "state.json").read_text())
+    assert after["rounds"]["0"] == state["rounds"]["0"] and after["rounds"]["1"] == state["rounds"]["1"]
+    assert "bag" in after["rounds"]["2"]
+    rewritten = [str(p.relative_to(out)) for p, t in before.items() if p.stat().st_mtime_ns != t]
+    assert rewritten == []  # nothing of rounds 0-1 was rewritten
+
+
+def test_inference_writes_heatmaps_on_the_patch_grid_and_geojson(trained):
+    data = json.loads((trained / "data" / "datalist.json").read_text())
+    slide = trained / "data" / data["test"][0]["image"]
+    proc = _bundle(
+        trained,
+        "run",
+        str(CONFIGS / "inference.json"),
+        input_slides=str(slide.parent),
+        inference_dir=str(trained / "inference"),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    inf = trained / "inference"
+    rows = (inf / "probabilities.csv").read_text().strip().splitlines()
+    n_slides = len(list(slide.parent.glob("*.tiff")))
+    assert rows[0].startswith("slide,label,prob_normal,prob_tumour") and len(rows) == 1 + n_slides
+    sid = slide.stem
+    from monai_icmil.data.store import CoordsStore
+
+    coords = CoordsStore(inf / "coords").load(sid)["coords"].numpy()
+    geo = json.loads((inf / f"{sid}.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == len(coords)
+    first = geo["features"][0]
+    assert first["geometry"]["type"] == "Polygon" and {"attention", "instance_probability"} <= set(
+        first["properties"]["measurements"]
+    )
+    x, y = coords[0]
+    assert first["geometry"]["coordinates"][0][0] == [float(x), float(y)]
+    assert Image.open(inf / f"{sid}_heatmap.png").size[0] > 100
+    # the heatmap grid cells are exactly the patch grid: one cell per patch, at its coordinate
+    from monai_icmil.visualize import score_grid
+
+    footprint = 64.0  # 32 px at 1 um/px on a 0.5 um/px slide, read at level 1 (footprint in level-0 px)
+    grid = score_grid(coords, np.arange(len(coords), dtype=float), footprint, (1024, 768))
+    assert np.isfinite(grid).sum() == len(coords)
+    assert grid[int(y // footprint), int(x // footprint)] == 0
+
+
+def test_evaluate_config_writes_test_metrics(trained):
+    proc = _bundle(trained, "run", str(CONFIGS / "evaluate.json"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    final = json.loads((trained / "out" / "summary.json").read_text())["final_round"]
+    metrics = json.loads((trained / "out" / f"round_{final}" / "test" / "metrics.json").read_text())
+    assert {"auc", "acc", "f1", "youden_acc", "youden_f1"} <= set(metrics)
+
+
+def test_verify_metadata_and_ckpt_export_of_the_final_bag_classifier(trained, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    verify = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            str(CONFIGS / "metadata.json"),
+            "--filepath",
+            str(CONFIGS / "schema.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert verify.returncode == 0 and "metadata is verified with no error" in verify.stdout + verify.stderr
+    final = json.loads((trained / "out" / "summary.json").read_text())["final_round"]
+    ckpt = trained / "out" / f"round_{final}" / "bag" / "bag_classifier.pt"
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(TINY))
+    files = [str(CONFIGS / "train.json"), str(CONFIGS / "demo.json"), str(tiny)]
+    ts = tmp_path / "bag_classifier.ts"
+    export = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "ckpt_export",
+            "network_def",
+            "--filepath",
+            str(ts),
+            "--ckpt_file",
+            str(ckpt),
+            "--key_in_ckpt",
+            "state_dict",
+            "--config_file",
+            json.dumps(files),
+            "--meta_file",
+            str(CONFIGS / "metadata.json"),
+            "--bundle_root",
+            str(BUNDLE),
+            "--dataset_dir",
+            str(trained / "data"),
+            "--output_dir",
+            str(trained / "out"),
+            "--use_trace",
+            "True",
+            "--input_shape",
+            "[20, 256]",
+            "--converter_kwargs",
+            "{'strict': False}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert export.returncode == 0, export.stderr[-4000:]
+    import torch
+
+    from monai_icmil.engines.bag import load_bag_classifier
+
+    scripted = torch.jit.load(str(ts))
+    feats = torch.randn(20, 256)
+    net = load_bag_classifier(ckpt).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(feats)["logits"], net(feats)["logits"])
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_aggregator_is_refused_before_any_work(tmp_path):
+    proc = _bundle(tmp_path, "run", aggregator="clam")
+    assert proc.returncode != 0 and "unknown aggregator 'clam'" in proc.stderr
+    assert not (tmp_path / "data").exists()  # nothing was generated or embedded
+
+
+def test_override_of_a_non_existent_id_is_refused(tmp_path):
+    proc = _bundle(tmp_path, "run", num_round=3)
+    assert proc.returncode != 0 and "unknown id(s): --num_round" in proc.stderr
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(ValueError, match="unknown id"):
+        check_cli_overrides(["run", "--config_file", str(CONFIGS / "train.json"), "--agregator", "abmil"])
+    assert check_cli_overrides(["run", "--config_file", str(CONFIGS / "train.json"), "--tiling#mpp", "1.0"]) == [
+        "tiling#mpp"
+    ]
+
+
+def test_missing_dataset_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"dataset_dir '.*nowhere' does not exist"):
+        ICMILWorkflow(dataset_dir=str(tmp_path / "nowhere"), output_dir=str(tmp_path / "out"))
+
+
+def test_datalist_without_validation_gets_a_recorded_reproducible_split(synthetic_dataset, tmp_path):
+    data = json.loads(synthetic_dataset.read_text())
+    no_val = {"training": data["training"] + data["validation"], "test": data["test"]}
+    path = synthetic_dataset.parent / "no_validation.json"
+    path.write_text(json.dumps(no_val))
+    splits = []
+    for _ in range(2):
+        wf = ICMILWorkflow(
+            dataset_dir=str(synthetic_dataset.parent),
+            output_dir=str(tmp_path / "out"),
+            datalist=path.name,
+            progress=False,
+            mlflow={"enabled": False},
+        )
+        with pytest.warns(UserWarning, match="no validation split.*held out.*validation_split.json"):
+            items = wf.items()
+        splits.append(sorted(e["slide_id"] for e in items["validation"]))
+    assert splits[0] == splits[1] and len(splits[0]) == 2
+    assert {
+        e["label"]
+        for e in ICMILWorkflow(
+            dataset_dir=str(synthetic_dataset.parent), output_dir=str(tmp_path / "out"), datalist=path.name
+        ).items()["validation"]
+    } == {0, 1}
+    assert json.loads((tmp_path / "out" / "validation_split.json").read_text())["validation"] == splits[0]
