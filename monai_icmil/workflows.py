@@ -54,6 +54,11 @@ def _barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        import ignite.distributed as idist
+
+        # ignite sets up its distributed context with a collective call the first time it is asked; doing it here,
+        # on every rank at once, keeps the rank-0-only bag and embedder phases from waiting on the other ranks
+        idist.get_rank()
         dist.barrier()
 
 
@@ -190,13 +195,15 @@ class ICMILWorkflow:
         """The datalist by split (validated); generates the synthetic dataset first when configured."""
         if self._items is not None:
             return self._items
-        if self.synthetic is not None and not self.datalist_path.is_file():
+        if self.synthetic is not None:
             from monai_icmil.data.synthetic import make_dataset
 
-            logger.info("generating the synthetic dataset into %s", self.dataset_dir)
-            made = make_dataset(self.dataset_dir, progress=self.progress, **self.synthetic)
-            if made.resolve() != self.datalist_path.resolve():
-                raise FileNotFoundError(f"the synthetic datalist is {made}, but `datalist` is {self.datalist_path}")
+            if _rank() == 0 and not self.datalist_path.is_file():  # one rank writes it; every rank waits here
+                logger.info("generating the synthetic dataset into %s", self.dataset_dir)
+                made = make_dataset(self.dataset_dir, progress=self.progress, **self.synthetic)
+                if made.resolve() != self.datalist_path.resolve():
+                    raise FileNotFoundError(f"the synthetic datalist is {made}, but `datalist` is {self.datalist_path}")
+            _barrier()
         if not self.datalist_path.is_file():
             raise FileNotFoundError(
                 f"datalist '{self.datalist_path}' does not exist (set `datalist` or `dataset_dir`)."
@@ -246,6 +253,8 @@ class ICMILWorkflow:
     def prepare(self) -> dict[str, SlideTiles]:
         """Tissue masks and patch coordinates of every slide (kept in ``output_dir/coords``)."""
         if self._slides is None:
+            if _rank() != 0:
+                _barrier()  # rank 0 tiles first; the others then load the same coordinates from the store
             self._slides = prepare_coords(
                 self.all_items(),
                 self.tiling,
@@ -255,6 +264,8 @@ class ICMILWorkflow:
                 backend=self.backend,
                 progress=self.progress,
             )
+            if _rank() == 0:
+                _barrier()
             usable = [
                 e
                 for e in self.items()["training"]

@@ -310,3 +310,55 @@ def test_datalist_without_validation_gets_a_recorded_reproducible_split(syntheti
         ).items()["validation"]
     } == {0, 1}
     assert json.loads((tmp_path / "out" / "validation_split.json").read_text())["validation"] == splits[0]
+
+
+def test_two_cpu_ranks_under_torchrun_match_one_process(trained, tmp_path):
+    """multi_gpu_train.json with 2 gloo ranks: same features and the same metrics as the single-process run."""
+    import socket
+
+    import torch
+
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(TINY))
+    files = [str(CONFIGS / n) for n in ("train.json", "demo.json", "multi_gpu_train.json")] + [str(tiny)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        json.dumps(files),
+        "--bundle_root",
+        str(BUNDLE),
+        "--dataset_dir",
+        str(trained / "data"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--num_rounds",
+        "1",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from monai_icmil.data.store import FeatureStore
+
+    for r in (0, 1):
+        one = FeatureStore(trained / "out" / f"round_{r}" / "features")
+        two = FeatureStore(tmp_path / "out" / f"round_{r}" / "features")
+        assert one.slide_ids() == two.slide_ids()
+        for sid in one.slide_ids():
+            torch.testing.assert_close(
+                one.load(sid)["features"].float(), two.load(sid)["features"].float(), atol=2e-3, rtol=1e-2
+            )
+    single = json.loads((trained / "out" / "state.json").read_text())["rounds"]
+    multi = json.loads((tmp_path / "out" / "state.json").read_text())["rounds"]
+    for r in ("0", "1"):
+        assert multi[r]["bag"]["val"]["auc"] == pytest.approx(single[r]["bag"]["val"]["auc"])
+        assert multi[r]["test"]["metrics"]["auc"] == pytest.approx(single[r]["test"]["metrics"]["auc"])

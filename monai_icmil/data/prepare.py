@@ -60,10 +60,10 @@ def prepare_coords(
     for item in iterator:
         sid, path = item["slide_id"], item["image"]
         try:
+            reader = get_slide(path, backend)  # a missing or unreadable slide fails here, with its name
             key = coords_key(path, params)
             arrays = store.load(sid, key)
             if arrays is None:
-                reader = get_slide(path, backend)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # an empty slide is reported below, once
                     result = tiling.tile(reader, device=device)

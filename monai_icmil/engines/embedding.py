@@ -251,14 +251,14 @@ def embed_slides(
     keys = {s["slide_id"]: feature_key(s["image"], tiling_params, fingerprint, dtype) for s in items}
     rank, world = _dist_info()
     pending, skipped, empty = [], [], []
-    for s in items:
+    # shard the full list, then skip what is current: every rank sees the same shards even while others write
+    for s in items[rank::world]:
         if store.is_current(s["slide_id"], keys[s["slide_id"]]):
             skipped.append(s["slide_id"])
         elif len(s["coords"]) == 0:
             empty.append(s)
         else:
             pending.append(s)
-    pending, empty = pending[rank::world], empty[rank::world]
     meta = {**dict(meta or {}), "embedder": embedder.name, "embedder_fingerprint": fingerprint}
     writer = SlideFeatureWriter(pending, store, keys, dtype, report, meta)
     for s in empty:  # an empty bag is recorded as such, so it is current and excluded from training

@@ -1,0 +1,131 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Embedder-phase throughput, side by side in one run:
+
+(a) the bare training step on random tensors already on the device (teacher forward + student forward/backward +
+    Adam), and
+ours: ``finetune_embedder`` on a generated slide, including patch reading, the student-view augmentation (MONAI
+    flips + random resized crop) and the DataLoader.
+
+Also prints the peak GPU memory on CUDA.
+
+    python benchmarks/couple.py [--model resnet50_trunc] [--patch_size 256] [--batch_size 100] [--batches 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import monai_icmil  # noqa: F401
+from monai_icmil.data.prepare import SlideTiles
+from monai_icmil.data.slide import open_slide
+from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide, write_slide
+from monai_icmil.data.tiling import TilingConfig
+from monai_icmil.engines.couple import InstanceClassifier, finetune_embedder
+from monai_icmil.losses import ICMILDistillationLoss
+from monai_icmil.networks import create_aggregator, create_embedder
+
+
+def bare_steps(embedder, agg, n: int, batch: int, size: int, device: torch.device, amp: bool) -> float:
+    teacher = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(agg)).to(device).eval()
+    student = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(agg)).to(device).train()
+    teacher.embedder.to(memory_format=torch.channels_last)
+    student.embedder.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(student.trainable_parameters(), lr=1e-5, weight_decay=1e-4)
+    crit = ICMILDistillationLoss()
+    x = torch.randint(0, 255, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    v = (x.float() / 255).contiguous(memory_format=torch.channels_last)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.no_grad():
+                f_t = teacher.embedder(x)
+                h_t, lt = teacher.head_on_features(f_t)
+            ls = student(v)
+            h_s, lst = student.head_on_features(f_t)
+            loss = crit(ls, lt, lst, h_s, h_t)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet50_trunc")
+    p.add_argument("--patch_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=100)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 2))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    amp = device.type == "cuda"
+    tmp = Path(tempfile.mkdtemp())
+    cfg = SyntheticSlideConfig(width=8192, height=6144)
+    slide = tmp / "bench.tiff"
+    write_slide(slide, render_slide(0, True, cfg)["image"], cfg.mpp)
+    tiling = TilingConfig(patch_size=a.patch_size, mpp=0.5, min_tissue=0.25)
+    t = tiling.tile(open_slide(slide))
+    item = SlideTiles(
+        slide_id="bench",
+        image=str(slide),
+        coords=t.coords,
+        level=t.level,
+        read_size=t.read_size,
+        patch_size=t.patch_size,
+    )
+    embedder = create_embedder(a.model, input_size=a.patch_size)
+    agg = create_aggregator("abmil", embedder.out_dim, 2)
+
+    rate_bare = bare_steps(embedder, agg, a.batches, a.batch_size, a.patch_size, device, amp)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    finetune_embedder(
+        embedder,
+        agg,
+        [item],
+        [item],
+        tmp / "out",
+        epochs=1,
+        batches_per_epoch=a.batches,
+        batch_size=a.batch_size,
+        val_interval=10**9,
+        val_patches=a.batch_size,
+        num_workers=a.num_workers,
+        device=device,
+        progress=False,
+    )
+    rate_ours = a.batches * a.batch_size / (time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    print(
+        f"{a.model} at {a.patch_size}px, batch {a.batch_size}, {a.batches} batches, device {device} "
+        f"({'bf16' if amp else 'fp32'} + channels_last), {os.cpu_count()} CPU cores ({platform.machine()})"
+    )
+    print(f"{'way':<26}{'patches/s':>12}")
+    print(f"{'a_bare_training_step':<26}{rate_bare:>12.1f}")
+    print(f"{'ours_full_embedder_phase':<26}{rate_ours:>12.1f}")
+    print(f"ours / (a) = {rate_ours / rate_bare:.0%}; peak GPU memory {peak:.2f} GiB (includes one validation pass)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Bad slides never sink a run; an interrupted write leaves nothing behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from monai_icmil.data.store import FeatureStore
+from monai_icmil.workflows import ICMILWorkflow
+
+TINY = dict(
+    tiling={"patch_size": 32, "mpp": 1.0},
+    embedder={"name": "resnet18_trunc", "input_size": 32},
+    aggregator_kwargs={"hidden_dim": 32},
+    embed={"batch_size": 64, "num_workers": 0},
+    bag={"epochs": 2},
+    num_rounds=0,
+    progress=False,
+    mlflow={"enabled": False},
+    device="cpu",
+)
+
+
+def test_four_bad_slides_are_reported_and_the_run_finishes(synthetic_dataset, blank_slide, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset.parent, root)
+    data = json.loads((root / "datalist.json").read_text())
+    good = data["training"][0]["image"]
+    (root / "slides" / "truncated.tiff").write_bytes((root / good).read_bytes()[:5000])
+    (root / "slides" / "notes.svs").write_text("not a slide")
+    shutil.copy(blank_slide, root / "slides" / "blank.tiff")
+    data["training"] += [
+        {"image": "slides/truncated.tiff", "label": 1},
+        {"image": "slides/notes.svs", "label": 0},
+        {"image": "slides/blank.tiff", "label": 0},
+        {"image": "slides/missing.tiff", "label": 1},
+    ]
+    (root / "datalist.json").write_text(json.dumps(data))
+    wf = ICMILWorkflow(dataset_dir=str(root), output_dir=str(tmp_path / "out"), **TINY)
+    with pytest.warns(UserWarning):
+        summary = wf.run()
+    assert summary["final_round"] == 0 and (tmp_path / "out" / "summary.md").is_file()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    listed = set(report["failed"]) | set(report["empty"])
+    assert listed == {"truncated", "notes", "blank", "missing"}
+    assert set(report["empty"]) == {"blank"}
+    assert "does not exist" in report["failed"]["missing"]["reason"]
+    assert "cannot be opened" in report["failed"]["notes"]["reason"]
+    assert all(entry["reason"] for entry in report["failed"].values())
+    assert "4 slide(s) left out" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_too_few_usable_slides_stop_with_a_clear_error(synthetic_dataset, tmp_path):
+    wf = ICMILWorkflow(
+        dataset_dir=str(synthetic_dataset.parent), output_dir=str(tmp_path / "out"), min_slides=10, **TINY
+    )
+    with pytest.raises(RuntimeError, match=r"only 4 usable training slide\(s\) remain \(min_slides=10\)"):
+        wf.prepare()
+
+
+def test_disk_full_during_a_feature_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    import safetensors.torch as st
+
+    store = FeatureStore(tmp_path / "features")
+    real_save = st.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 1000)  # part of the file made it to disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        store.save("slide_a", {"features": torch.zeros(3, 4), "coords": np.zeros((3, 2), np.int64)}, {"k": 1})
+    assert list((tmp_path / "features").iterdir()) == []  # neither the file nor its temporary
+    monkeypatch.setattr(st, "save_file", real_save)
+    store.save("slide_a", {"features": torch.ones(3, 4), "coords": np.zeros((3, 2), np.int64)}, {"k": 1})
+    assert store.is_current("slide_a", {"k": 1}) and store.load("slide_a")["features"].sum() == 12
