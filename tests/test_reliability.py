@@ -83,3 +83,13 @@ def test_disk_full_during_a_feature_write_leaves_no_partial_file(tmp_path, monke
     monkeypatch.setattr(st, "save_file", real_save)
     store.save("slide_a", {"features": torch.ones(3, 4), "coords": np.zeros((3, 2), np.int64)}, {"k": 1})
     assert store.is_current("slide_a", {"k": 1}) and store.load("slide_a")["features"].sum() == 12
+
+
+def test_two_runs_with_the_same_seed_give_identical_metrics(synthetic_dataset, tmp_path):
+    results = []
+    for name in ("a", "b"):
+        wf = ICMILWorkflow(dataset_dir=str(synthetic_dataset.parent), output_dir=str(tmp_path / name), seed=11, **TINY)
+        wf.run()
+        state = json.loads((tmp_path / name / "state.json").read_text())["rounds"]["0"]
+        results.append((state["bag"]["val"], state["test"]["metrics"], state["embed"]["fingerprint"]))
+    assert results[0] == results[1]
