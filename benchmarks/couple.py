@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import torch
+from bench_data import bench_slide
 
 import monai_icmil  # noqa: F401
 from monai_icmil.data.prepare import SlideTiles
 from monai_icmil.data.slide import open_slide
-from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide, write_slide
 from monai_icmil.data.tiling import TilingConfig
 from monai_icmil.engines.couple import InstanceClassifier, finetune_embedder
 from monai_icmil.losses import ICMILDistillationLoss
@@ -80,9 +80,7 @@ def main() -> None:
     device = torch.device(a.device)
     amp = device.type == "cuda"
     tmp = Path(tempfile.mkdtemp())
-    cfg = SyntheticSlideConfig(width=8192, height=6144)
-    slide = tmp / "bench.tiff"
-    write_slide(slide, render_slide(0, True, cfg)["image"], cfg.mpp)
+    slide, _ = bench_slide(tmp)
     tiling = TilingConfig(patch_size=a.patch_size, mpp=0.5, min_tissue=0.25)
     t = tiling.tile(open_slide(slide))
     item = SlideTiles(

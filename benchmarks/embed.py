@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_data import bench_slide
 
 import monai_icmil  # noqa: F401
 from monai_icmil.data.prepare import SlideTiles
 from monai_icmil.data.slide import open_slide
 from monai_icmil.data.store import FeatureStore
-from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide, write_slide
 from monai_icmil.data.tiling import TilingConfig
 from monai_icmil.engines import embed_slides
 from monai_icmil.networks import create_embedder
@@ -88,9 +88,7 @@ def main() -> None:
     device = torch.device(a.device)
     amp = device.type == "cuda"
     tmp = Path(tempfile.mkdtemp())
-    cfg = SyntheticSlideConfig(width=8192, height=6144)
-    slide = tmp / "bench.tiff"
-    write_slide(slide, render_slide(0, True, cfg)["image"], cfg.mpp)
+    slide, _ = bench_slide(tmp)
     tiling = TilingConfig(patch_size=a.patch_size, mpp=0.5, stride=a.patch_size // 2, min_tissue=0.25)
     tiles = tiling.tile(open_slide(slide))
     coords = tiles.coords[: a.patches]

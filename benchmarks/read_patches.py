@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_data import bench_slide
 
 import monai_icmil  # noqa: F401
 from monai_icmil.data.slide import CuCIMSlide, TiffSlide
-from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide, write_slide
 
 
 def _openslide_loop(path: str, coords: np.ndarray, size: int) -> np.ndarray:
@@ -49,11 +49,8 @@ def main() -> None:
 
     tmp = tempfile.TemporaryDirectory()
     if a.slide is None:
-        cfg = SyntheticSlideConfig(width=8192, height=6144)
-        rendered = render_slide(0, True, cfg)
-        path = str(Path(tmp.name) / "bench.tiff")
-        write_slide(path, rendered["image"], cfg.mpp)
-        tissue = rendered["tissue"]
+        slide, tissue = bench_slide(tmp.name)
+        path = str(slide)
     else:
         path = a.slide
         tissue = None
