@@ -1,0 +1,78 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from monai_icmil.data import load_datalist
+from monai_icmil.data.camelyon16 import build_camelyon16_datalist
+
+CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "icmil" / "configs"
+
+
+def _fake_tree(root: Path) -> None:
+    for sub, names in (
+        ("training/tumor", [f"tumor_{i:03d}" for i in range(1, 6)]),
+        ("training/normal", [f"normal_{i:03d}" for i in range(1, 11)]),
+        ("testing/images", [f"test_{i:03d}" for i in range(1, 5)]),
+    ):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for n in names:
+            (root / sub / f"{n}.tif").write_bytes(b"x")
+    (root / "testing" / "reference.csv").write_text(
+        "test_001,Tumor,Macro,Primary\ntest_002,Normal\ntest_003,Normal\ntest_004,Tumor,Micro,Primary\n"
+    )
+
+
+def test_official_layout_maps_to_labels_and_splits(tmp_path):
+    _fake_tree(tmp_path)
+    path = build_camelyon16_datalist(tmp_path, val_fraction=0.2, seed=1)
+    dl = load_datalist(path)
+    train, val, test = dl["training"], dl["validation"], dl["test"]
+    assert len(train) + len(val) == 15 and len(test) == 4
+    assert {(e["slide_id"], e["label"]) for e in test} == {
+        ("test_001", 1),
+        ("test_002", 0),
+        ("test_003", 0),
+        ("test_004", 1),
+    }
+    labels = {e["slide_id"]: e["label"] for e in train + val}
+    assert all(v == 1 for k, v in labels.items() if k.startswith("tumor")) and all(
+        v == 0 for k, v in labels.items() if k.startswith("normal")
+    )
+    assert sorted(e["label"] for e in val) == [0, 0, 1]  # 20 % of each class
+    again = json.loads(build_camelyon16_datalist(tmp_path, tmp_path / "again.json", 0.2, 1).read_text())
+    assert [e["slide_id"] for e in again["validation"]] == [e["slide_id"] for e in val]
+
+
+def test_missing_reference_rows_are_listed(tmp_path):
+    _fake_tree(tmp_path)
+    (tmp_path / "testing" / "reference.csv").write_text("test_001,Tumor\n")
+    with pytest.raises(ValueError, match="test_002, test_003, test_004"):
+        build_camelyon16_datalist(tmp_path)
+
+
+def test_paper_recipe_override_resolves_on_top_of_train_json(tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "camelyon16.json")])
+    parser["bundle_root"] = "/bundle"
+    parser["dataset_dir"] = str(tmp_path)
+    tiling = parser.get_parsed_content("tiling")
+    assert tiling["level"] == 1 and tiling["patch_size"] == 256 and tiling["mpp"] is None
+    assert parser.get_parsed_content("embedder") == {
+        "name": "resnet50_trunc",
+        "weights": "/bundle/models/resnet50_imagenet.pth",
+    }
+    assert parser.get_parsed_content("aggregator") == "abmil"
+    assert (
+        parser.get_parsed_content("embedder_phase")["lr"] == 1e-5
+        and parser.get_parsed_content("bag_phase")["lr"] == 2e-4
+    )
+    _fake_tree(tmp_path)
+    path = parser.get_parsed_content("build_datalist")  # the run id that builds the datalist
+    assert Path(path) == tmp_path / "datalist.json" and len(json.loads(Path(path).read_text())["test"]) == 4
