@@ -21,6 +21,5 @@ from monai_icmil.data.tiling import (
     TissueMaskResult,
     compute_tissue_mask,
     grid_coordinates,
-    read_tiles,
     tissue_mask_from_rgb,
 )

@@ -429,10 +429,30 @@ class CuCIMSlide(SlideReader):
             img.close()
 
 
+class _PatchByPatchReader(SlideReader):
+    """Backends that read one region at a time: a batch is a loop (or a thread pool) over ``_read_one``."""
+
+    @abstractmethod
+    def _read_one(self, xy: np.ndarray, level: int, size: tuple[int, int]) -> np.ndarray:
+        """One ``[h, w, 3]`` uint8 region at ``level``; ``xy`` is level-0."""
+
+    def _read_batch(self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int) -> np.ndarray:
+        w, h = size
+        out = np.empty((len(locations), h, w, 3), np.uint8)
+        if num_workers > 1:
+            with ThreadPoolExecutor(num_workers) as pool:
+                for i, patch in enumerate(pool.map(lambda xy: self._read_one(xy, level, size), locations)):
+                    out[i] = patch
+        else:
+            for i, xy in enumerate(locations):
+                out[i] = self._read_one(xy, level, size)
+        return out
+
+
 # --------------------------------------------------------------------------------------------------- OpenSlide
 
 
-class OpenSlideSlide(SlideReader):
+class OpenSlideSlide(_PatchByPatchReader):
     """OpenSlide backend: one ``read_region`` per patch (OpenSlide decodes only the tiles it needs)."""
 
     backend = "openslide"
@@ -461,18 +481,6 @@ class OpenSlideSlide(SlideReader):
             rgb = (rgb.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))) // 255
         return rgb.astype(np.uint8)
 
-    def _read_batch(self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int) -> np.ndarray:
-        w, h = size
-        out = np.empty((len(locations), h, w, 3), np.uint8)
-        if num_workers > 1:
-            with ThreadPoolExecutor(num_workers) as pool:
-                for i, patch in enumerate(pool.map(lambda xy: self._read_one(xy, level, size), locations)):
-                    out[i] = patch
-        else:
-            for i, xy in enumerate(locations):
-                out[i] = self._read_one(xy, level, size)
-        return out
-
     def close(self) -> None:
         osr, self._osr = getattr(self, "_osr", None), None
         if osr is not None:
@@ -482,7 +490,7 @@ class OpenSlideSlide(SlideReader):
 # --------------------------------------------------------------------------------------------------- tifffile
 
 
-class TiffSlide(SlideReader):
+class TiffSlide(_PatchByPatchReader):
     """Our tile-level TIFF reader: decodes only the tiles each patch overlaps, with a small LRU tile cache.
 
     Levels are the tiled pages of the main IFD chain (or the SubIFDs of the first page) that share the first
@@ -576,18 +584,6 @@ class TiffSlide(SlideReader):
                 if x1 <= x0 or y1 <= y0:
                     continue
                 out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw]
-        return out
-
-    def _read_batch(self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int) -> np.ndarray:
-        w, h = size
-        out = np.empty((len(locations), h, w, 3), np.uint8)
-        if num_workers > 1:
-            with ThreadPoolExecutor(num_workers) as pool:
-                for i, patch in enumerate(pool.map(lambda xy: self._read_one(xy, level, size), locations)):
-                    out[i] = patch
-        else:
-            for i, xy in enumerate(locations):
-                out[i] = self._read_one(xy, level, size)
         return out
 
     def close(self) -> None:

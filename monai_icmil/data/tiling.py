@@ -30,7 +30,6 @@ __all__ = [
     "compute_tissue_mask",
     "grid_coordinates",
     "mask_level",
-    "read_tiles",
     "TilingConfig",
 ]
 
@@ -79,9 +78,6 @@ class TilingResult:
     def footprint(self) -> float:
         """Patch side in level-0 pixels."""
         return float(self.params["footprint"])
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def array_backend(device: str | torch.device | None = "auto") -> tuple[ModuleType, ModuleType, str]:
@@ -350,13 +346,6 @@ def _patch_tissue_fraction(mask: np.ndarray, mask_ds: float, coords: np.ndarray,
     y1 = np.clip(np.ceil((coords[:, 1] + footprint) / mask_ds).astype(np.int64), y0 + 1, h)
     total = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
     return (total / ((x1 - x0) * (y1 - y0))).astype(np.float32)
-
-
-def read_tiles(reader: SlideReader, tiling: TilingResult, num_workers: int = 0, **kwargs: Any) -> Any:
-    """Read all patches of ``tiling`` (small slides only; the engines read in batches)."""
-    return reader.read_patches(
-        tiling.coords, tiling.read_size, tiling.level, out_size=tiling.patch_size, num_workers=num_workers, **kwargs
-    )
 
 
 @dataclass
