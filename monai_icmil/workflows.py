@@ -57,7 +57,7 @@ def _barrier() -> None:
         import ignite.distributed as idist
 
         # ignite sets up its distributed context with a collective call the first time it is asked; doing it here,
-        # on every rank at once, keeps the rank-0-only bag and embedder phases from waiting on the other ranks
+        # on every rank at once, keeps the rank-0-only bag phase from waiting on the other ranks
         idist.get_rank()
         dist.barrier()
 
@@ -506,9 +506,6 @@ class ICMILWorkflow:
         if (done := self._done(r, "embedder_phase")) is not None:
             return done
         self.train_bag(r - 1)
-        if _rank() != 0:  # the embedder phase runs on rank 0 in this version; the others wait
-            _barrier()
-            return self._done(r, "embedder_phase") or {}
         from monai_icmil.engines.bag import load_bag_classifier
         from monai_icmil.engines.couple import finetune_embedder
 
@@ -539,9 +536,11 @@ class ICMILWorkflow:
             "fingerprint": result["fingerprint"],
             "best_iteration": result["best_iteration"],
             "best": result["best"],
+            "world_size": result["world_size"],
         }
         self._end(run)
-        self._mark(r, "embedder_phase", record)
+        if _rank() == 0:  # under torchrun every rank trains (DDP); rank 0 records
+            self._mark(r, "embedder_phase", record)
         _barrier()
         return record
 

@@ -359,6 +359,8 @@ def test_two_cpu_ranks_under_torchrun_match_one_process(trained, tmp_path):
             )
     single = json.loads((trained / "out" / "state.json").read_text())["rounds"]
     multi = json.loads((tmp_path / "out" / "state.json").read_text())["rounds"]
+    assert multi["1"]["embedder_phase"]["world_size"] == 2  # the embedder phase trained with DDP on both ranks
+    assert single["1"]["embedder_phase"]["world_size"] == 1
     for r in ("0", "1"):
         assert multi[r]["bag"]["val"]["auc"] == pytest.approx(single[r]["bag"]["val"]["auc"])
         assert multi[r]["test"]["metrics"]["auc"] == pytest.approx(single[r]["test"]["metrics"]["auc"])

@@ -110,6 +110,28 @@ def test_batches_are_the_same_for_any_worker_and_views_differ_from_patches(slide
     assert not torch.equal(a[1]["plain"], x["plain"])
 
 
+def test_ddp_ranks_split_each_batch_into_exactly_the_single_process_batch(slides):
+    train, _ = slides
+    whole = DistillationBatches(train, batch_size=8, num_batches=2, seed=5)
+    parts = [DistillationBatches(train, batch_size=8, num_batches=2, seed=5, rank=k, world_size=2) for k in (0, 1)]
+    for ds in (whole, *parts):
+        ds.set_epoch(1)
+    full, halves = whole[1], [p[1] for p in parts]
+    for key in ("plain", "view"):
+        assert halves[0][key].shape[0] == 4
+        torch.testing.assert_close(halves[0][key], full[key][0::2])
+        torch.testing.assert_close(halves[1][key], full[key][1::2])
+    with pytest.raises(ValueError, match="multiple of the number of ranks"):
+        DistillationBatches(train, batch_size=9, num_batches=2, rank=0, world_size=2)
+
+
+def test_the_sampler_resumes_an_epoch_where_it_stopped():
+    sampler = couple_module.ResumableSequentialSampler(5)
+    assert list(sampler) == [0, 1, 2, 3, 4]
+    sampler.start = 3
+    assert list(sampler) == [3, 4] and len(sampler) == 2
+
+
 def test_short_run_keeps_the_teacher_and_lowers_the_student_loss(slides, tmp_path):
     train, val = slides
     torch.manual_seed(0)

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from monai_icmil.data.store import BagDataset
+from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
 from monai_icmil.metrics import METRIC_NAMES, SlideMetric, slide_metrics
 from monai_icmil.networks.aggregators import MILAggregator, create_aggregator
-from monai_icmil.utils import atomic_path, atomic_write_json, atomic_write_text
+from monai_icmil.utils import atomic_path, atomic_write_json, atomic_write_text, stable_hash
 
 __all__ = [
     "BagTrainingError",
@@ -245,6 +246,10 @@ def train_bag_classifier(
 ) -> dict[str, Any]:
     """Train a bag classifier, keep the best by a validation metric, and write predictions.
 
+    Every epoch the whole state (network, Adam, scheduler, early-stopping counters, epoch, best score, random
+    generators) is checkpointed into ``output_dir/resume/``; the same call after an interruption continues from
+    there and ends exactly as an uninterrupted run (on CPU). The checkpoints are removed when training ends.
+
     Args:
         train_ds, val_ds: bags (:class:`~monai_icmil.data.store.BagDataset`).
         aggregator: ``"maxpool"``, ``"abmil"``, ``"dtfd"``, ``"mean"`` or ``"transformer"``.
@@ -293,9 +298,15 @@ def train_bag_classifier(
     check_bag_dims(val_ds, net.in_dim)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
     labels = [int(item["label"]) for item in train_ds.items]
-    g = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train_ds, batch_size=1, shuffle=True, collate_fn=_first, generator=g)
-    val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, collate_fn=_first)
+    # the slide order of epoch e depends on (seed, e) only (MONAI's trainer calls set_epoch), and the loaders have
+    # their own generators: a resumed run sees the same order and leaves the global generators alone
+    sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    train_loader = DataLoader(
+        train_ds, batch_size=1, sampler=sampler, collate_fn=_first, generator=torch.Generator().manual_seed(seed)
+    )
+    val_loader = DataLoader(
+        val_ds, batch_size=1, shuffle=False, collate_fn=_first, generator=torch.Generator().manual_seed(seed)
+    )
     metrics = {f"val_{m}": SlideMetric(m) for m in METRIC_NAMES}
 
     evaluator = SupervisedEvaluator(
@@ -338,8 +349,8 @@ def train_bag_classifier(
     if scheduler is not None:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: scheduler.step())
 
-    history: list[dict[str, Any]] = []
-    best = {"metric": -math.inf, "epoch": 0, "val": {}}
+    progress_state = PhaseProgress({"metric": -math.inf, "epoch": 0, "val": {}})
+    history, best = progress_state.history, progress_state.best
     ckpt_path = out_dir / "bag_classifier.pt"
 
     @evaluator.on(Events.EPOCH_COMPLETED)
@@ -367,13 +378,37 @@ def train_bag_classifier(
 
     ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)  # after the loss is known
 
+    resumable = {"trainer": trainer, "network": net, "optimizer": optimizer, "progress": progress_state}
+    if scheduler is not None:
+        resumable["scheduler"] = scheduler
     if early_stop_patience:
-        EarlyStopHandler(
+        early_stop = EarlyStopHandler(
             patience=early_stop_patience,
             score_function=lambda ev: _finite(ev.state.metrics[f"val_{key_metric}"]),
             trainer=trainer,
             epoch_level=True,
-        ).attach(evaluator)
+        )
+        early_stop.attach(evaluator)
+        resumable["early_stop"] = early_stop._handler
+    signature = stable_hash(
+        {
+            "aggregator": aggregator,
+            "kwargs": kwargs,
+            "in_dim": in_dim,
+            "num_classes": num_classes,
+            "train": [(i["slide_id"], int(i["label"]), i.get("key")) for i in train_ds.items],
+            "val": [(i["slide_id"], int(i["label"]), i.get("key")) for i in val_ds.items],
+            "settings": [epochs, lr, weight_decay, grad_clip, lr_schedule, class_weights, shuffle_instances],
+            "more": [max_instances, tier1_weight, key_metric, early_stop_patience, seed, init is not None],
+        }
+    )
+    resume = ResumeCheckpoint(out_dir / "resume", resumable, signature)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _save_resume(tr: Engine) -> None:  # registered after validation: the epoch's best and counters are in
+        progress_state.extra["finished"] = bool(tr.should_terminate) or tr.state.epoch >= tr.state.max_epochs
+        resume(tr)
+
     StatsHandler(
         name="monai_icmil.bag", tag_name="train_loss", output_transform=lambda o: o["loss"], iteration_log=False
     ).attach(trainer)
@@ -407,7 +442,9 @@ def train_bag_classifier(
             }
         )
     try:
-        trainer.run()
+        resume.resume()  # continue an interrupted run (logs where from)
+        if not progress_state.extra.get("finished"):  # killed after the last epoch's checkpoint
+            trainer.run()
     except BagTrainingError:
         if mlflow_run is not None:
             mlflow_run.set_tag("bag_phase_error", "non-finite loss")
@@ -418,6 +455,7 @@ def train_bag_classifier(
         preds[split] = predict_bags(best_net, ds, device)
         write_predictions_csv(out_dir / f"predictions_{split}.csv", preds[split], class_names)
     atomic_write_json(out_dir / "history.json", history)
+    resume.clear()
     if mlflow_run is not None:
         mlflow_run.log_metrics({f"best_{k}": v for k, v in best["val"].items() if k.startswith("val_")})
         mlflow_run.log_artifacts(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +29,21 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 from monai.transforms import Compose, RandFlip, RandScaleCrop, Resize
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from monai_icmil.data.slide import get_slide
+from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
 from monai_icmil.losses import ICMILDistillationLoss
 from monai_icmil.networks.aggregators import MILAggregator
 from monai_icmil.networks.embedders import PatchEmbedder
-from monai_icmil.utils import atomic_write_json
+from monai_icmil.utils import atomic_path, atomic_write_json, stable_hash
 
 __all__ = [
     "EmbedderPhaseError",
     "InstanceClassifier",
     "DistillationBatches",
+    "ResumableSequentialSampler",
+    "StudentStep",
     "student_view_transform",
     "couple_step",
     "agreement",
@@ -76,6 +79,20 @@ class InstanceClassifier(nn.Module):
         ]
 
 
+class StudentStep(nn.Module):
+    """The student's two forward passes of one iteration as one module call (so DDP sees every trainable parameter
+    in a single forward): ``(student(view), *student.head_on_features(teacher_features))``."""
+
+    def __init__(self, student: InstanceClassifier):
+        super().__init__()
+        self.student = student
+
+    def forward(self, view: torch.Tensor, teacher_feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.student(view)
+        h_on_t, logits_on_t = self.student.head_on_features(teacher_feats)
+        return logits, h_on_t, logits_on_t
+
+
 def student_view_transform(patch_size: int, min_area: float = 0.5) -> Compose:
     """Random flips + a random resized crop (``min_area``-1 of the area, aspect varying) back to ``patch_size``."""
     side = math.sqrt(min_area)
@@ -93,7 +110,9 @@ class DistillationBatches(Dataset):
     """Batches of random tissue patches of the training slides, with their student views.
 
     Item ``i`` of epoch ``e`` is drawn from a generator seeded with ``(seed, e, i)``, so batches are the same
-    whatever the number of DataLoader workers. Patches are read with one batched call per slide.
+    whatever the number of DataLoader workers. Patches are read with one batched call per slide. Under DDP (the
+    distributed patch sampler), rank ``k`` of ``n`` takes patches ``k, k + n, ...`` of each drawn batch, with the
+    same student views they would have in one process: together the ranks see exactly the single-process batch.
 
     Args:
         slides: prepared slides (``image``, ``coords``, ``level``, ``read_size``, ``patch_size``).
@@ -103,8 +122,10 @@ class DistillationBatches(Dataset):
         min_area: smallest crop area of the student view.
         read_threads: decoding threads per read.
         backend: slide backend.
+        rank, world_size: this process's share of each batch (DDP).
 
-    Returns per item: ``{"plain": uint8 [B, 3, P, P], "view": float [B, 3, P, P] in [0, 1]}``.
+    Returns per item: ``{"plain": uint8 [B, 3, P, P], "view": float [B, 3, P, P] in [0, 1]}`` (``B`` is
+    ``batch_size / world_size`` under DDP).
     """
 
     def __init__(
@@ -116,7 +137,12 @@ class DistillationBatches(Dataset):
         min_area: float = 0.5,
         read_threads: int = 2,
         backend: str = "auto",
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of ranks ({world_size})")
+        self.rank, self.world_size = int(rank), int(world_size)
         self.slides = [s for s in slides if len(s["coords"])]
         if not self.slides:
             raise EmbedderPhaseError(
@@ -158,11 +184,30 @@ class DistillationBatches(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng((self.seed, self.epoch, int(i)))
         flat = rng.integers(0, int(self.offsets[-1]), self.batch_size)
-        plain = self.read(flat)
-        self.views.set_random_state(seed=int(rng.integers(2**31)))
-        x = plain.float() / 255.0
-        view = torch.stack([torch.as_tensor(self.views(p)).float() for p in x]).clamp_(0, 1)
-        return {"plain": plain, "view": view}
+        view_seeds = rng.integers(2**31, size=self.batch_size)
+        mine = slice(self.rank, None, self.world_size)
+        plain = self.read(flat[mine])
+        views = []
+        for p, view_seed in zip(plain.float() / 255.0, view_seeds[mine]):
+            self.views.set_random_state(seed=int(view_seed))
+            views.append(torch.as_tensor(self.views(p)).float())
+        return {"plain": plain, "view": torch.stack(views).clamp_(0, 1)}
+
+
+class ResumableSequentialSampler(Sampler[int]):
+    """``start, start + 1, ..., n - 1``: batch indices of one epoch, from where an interrupted epoch stopped.
+
+    The embedder phase sets ``start`` when an epoch starts (``iteration % epoch_length``: 0 unless resuming).
+    """
+
+    def __init__(self, n: int):
+        self.n, self.start = int(n), 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.n))
+
+    def __len__(self) -> int:
+        return self.n - self.start
 
 
 def _first(batch: list[Any]) -> Any:
@@ -170,8 +215,9 @@ def _first(batch: list[Any]) -> Any:
 
 
 def couple_step(engine: Engine, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """One teacher-student iteration (reads ``engine.teacher``, ``engine.network`` (student), ``engine.optimizer``,
-    ``engine.loss_function`` and ``engine.couple_cfg``)."""
+    """One teacher-student iteration (reads ``engine.teacher``, ``engine.network`` (student), ``engine.student_step``
+    (the student's forward, DDP-wrapped under torchrun), ``engine.optimizer``, ``engine.loss_function`` and
+    ``engine.couple_cfg``)."""
     cfg = engine.couple_cfg
     device = cfg["device"]
     teacher: InstanceClassifier = engine.teacher
@@ -191,8 +237,7 @@ def couple_step(engine: Engine, batch: Mapping[str, torch.Tensor]) -> dict[str, 
     if cfg["freeze_bn"]:
         _freeze_batchnorm(student.embedder)
     with autocast:
-        logits_s = student(view)
-        h_s_on_t, logits_s_on_t = student.head_on_features(f_t.detach())
+        logits_s, h_s_on_t, logits_s_on_t = engine.student_step(view, f_t.detach())
         terms = engine.loss_function(logits_s, logits_t, logits_s_on_t, h_s_on_t, h_t, att)
     loss = terms["loss"]
     if not torch.isfinite(loss):
@@ -273,6 +318,12 @@ def finetune_embedder(
 ) -> dict[str, Any]:
     """Fine-tune the patch embedder with the bag classifier as instance teacher.
 
+    Under ``torchrun`` (a default process group is set up), every rank trains the student wrapped in DDP on its share
+    of each batch (:class:`DistillationBatches` with ``rank``/``world_size``), so the ranks together take the same
+    optimiser steps on the same patches as one process; rank 0 writes the files. The whole state (student, Adam,
+    iteration, best score, random generators) is checkpointed at every validation into ``output_dir/resume/``: the
+    same call after an interruption continues from there and ends as an uninterrupted run would.
+
     Args:
         embedder: the embedder that made the bag phase's features (the teacher's; the student starts from it).
         aggregator: the trained bag classifier (its ``reduce``, ``head`` and, for the confidence variant,
@@ -304,7 +355,7 @@ def finetune_embedder(
         backend: slide backend.
 
     Returns:
-        ``{"checkpoint", "fingerprint", "best": {...}, "best_iteration", "history", "embedder"}``.
+        ``{"checkpoint", "fingerprint", "best": {...}, "best_iteration", "history", "embedder", "world_size"}``.
 
     Raises:
         EmbedderPhaseError: no tissue patches, an aggregator without attention for the confidence variant, or a
@@ -332,14 +383,15 @@ def finetune_embedder(
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(seed)
+    rank, world_size = _dist_context()
 
     train_data = DistillationBatches(
-        train_slides, batch_size, batches_per_epoch, seed, min_crop_area, read_threads, backend
+        train_slides, batch_size, batches_per_epoch, seed, min_crop_area, read_threads, backend, rank, world_size
     )
     val_data = DistillationBatches(
         val_slides or train_slides, val_patches, 1, seed + 1, min_crop_area, read_threads, backend
     )
-    held_out = val_data[0]["plain"]  # fixed held-out patches, read once
+    held_out = val_data[0]["plain"]  # fixed held-out patches, read once (every rank: same patches, same decisions)
 
     teacher = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(aggregator)).to(device).eval()
     for p in teacher.parameters():
@@ -354,18 +406,27 @@ def finetune_embedder(
         student.embedder.to(memory_format=torch.channels_last)
     if grad_checkpointing:
         student.embedder.set_grad_checkpointing(True)
+    student_step: nn.Module = StudentStep(student)
+    if world_size > 1:  # gradients are averaged over the ranks, whose batches together are the single-process one
+        from torch.nn.parallel import DistributedDataParallel
+
+        student_step = DistributedDataParallel(
+            student_step, device_ids=[device.index] if device.type == "cuda" else None
+        )
     optimizer = torch.optim.Adam(student.trainable_parameters(), lr=lr, weight_decay=weight_decay)
     criterion = ICMILDistillationLoss(*loss_weights, confidence=confidence, beta=beta)
 
+    sampler = ResumableSequentialSampler(batches_per_epoch)
     loader = DataLoader(
         train_data,
         batch_size=None,
-        shuffle=False,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=None,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),  # leaves the global generators alone (exact resumes)
     )
     trainer = SupervisedTrainer(
         device=device,
@@ -379,6 +440,7 @@ def finetune_embedder(
         epoch_length=batches_per_epoch,
     )
     trainer.teacher = teacher
+    trainer.student_step = student_step
     trainer.couple_cfg = {
         "device": device,
         "amp": amp,
@@ -389,13 +451,28 @@ def finetune_embedder(
         "freeze_bn": freeze_bn,
     }
     ckpt = out_dir / "embedder.safetensors"
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"score": -math.inf, "iteration": 0, "metrics": {}}
-    state = {"stale": 0}
+    progress_state = PhaseProgress({"score": -math.inf, "iteration": 0, "metrics": {}})
+    history, best = progress_state.history, progress_state.best
+    progress_state.extra.update(stale=0, finished=False)
+    resume = ResumeCheckpoint(
+        out_dir / "resume",
+        {"trainer": trainer, "network": student, "optimizer": optimizer, "progress": progress_state},
+        stable_hash(
+            {
+                "embedder": embedder.fingerprint(),
+                "aggregator": {k: v.float().sum().item() for k, v in aggregator.state_dict().items()},
+                "train": [(s["slide_id"], len(s["coords"])) for s in train_data.slides],
+                "settings": [epochs, batches_per_epoch, batch_size, lr, weight_decay, grad_clip, clip_embedder],
+                "more": [confidence, beta, list(loss_weights), min_crop_area, val_interval, val_patches, select],
+                "rest": [early_stop_patience, freeze_bn, seed, world_size],
+            }
+        ),
+    )
 
     @trainer.on(Events.EPOCH_STARTED)
     def _epoch(engine: Engine) -> None:
         train_data.set_epoch(engine.state.epoch)
+        sampler.start = engine.state.iteration % batches_per_epoch  # not 0 only when resuming inside an epoch
 
     def _validate(engine: Engine) -> None:
         if history and history[-1]["iteration"] == engine.state.iteration:
@@ -411,19 +488,23 @@ def finetune_embedder(
         score = {"mae": -m["mae"], "agreement": m["agreement"], "last": float(engine.state.iteration)}[select]
         if score > best["score"]:
             best.update(score=score, iteration=engine.state.iteration, metrics=m)
-            student.embedder.save(
-                ckpt, extra={"round_source": embedder.fingerprint(), "iteration": str(engine.state.iteration)}
-            )
-            torch.save(
-                {k: v.detach().cpu() for k, v in student.aggregator.state_dict().items()}, out_dir / "student_head.pt"
-            )
-            state["stale"] = 0
+            if rank == 0:
+                student.embedder.save(
+                    ckpt, extra={"round_source": embedder.fingerprint(), "iteration": str(engine.state.iteration)}
+                )
+                with atomic_path(out_dir / "student_head.pt") as tmp:
+                    torch.save({k: v.detach().cpu() for k, v in student.aggregator.state_dict().items()}, tmp)
+            progress_state.extra["stale"] = 0
         else:
-            state["stale"] += 1
+            progress_state.extra["stale"] += 1
         if mlflow_run is not None:
             mlflow_run.log_metrics({f"val_{k}": v for k, v in m.items()}, step=engine.state.iteration)
-        if early_stop_patience and state["stale"] >= early_stop_patience:
+        if early_stop_patience and progress_state.extra["stale"] >= early_stop_patience:
             engine.terminate()
+        progress_state.extra["finished"] = bool(engine.should_terminate) or (
+            engine.state.iteration >= engine.state.max_epochs * batches_per_epoch
+        )
+        resume(engine)  # rank 0 writes; a kill from here on loses at most `val_interval` iterations
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, val_interval)), _validate)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, _validate)
@@ -462,18 +543,27 @@ def finetune_embedder(
                 "select": select,
                 "seed": seed,
                 "freeze_bn": freeze_bn,
+                "world_size": world_size,
             }
         )
-    if progress:
+    if progress and rank == 0:
         from ignite.contrib.handlers import ProgressBar
 
         ProgressBar(desc="embedder phase", persist=False).attach(
             trainer, output_transform=lambda o: {"loss": o["loss"]}
         )
-    trainer.run()
-    if not ckpt.is_file():  # no validation ran (e.g. terminated at once): keep the initial student
-        student.embedder.save(ckpt)
-    atomic_write_json(out_dir / "history.json", history)
+    resume.resume()  # continue an interrupted run (logs where from)
+    if not progress_state.extra["finished"]:  # else: killed after the final checkpoint, nothing left to train
+        trainer.run()
+    if world_size > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        if not ckpt.is_file():  # no validation ran (e.g. terminated at once): keep the initial student
+            student.embedder.save(ckpt)
+        atomic_write_json(out_dir / "history.json", history)
+        resume.clear()
+    if world_size > 1:
+        torch.distributed.barrier()  # every rank loads the same tuned embedder
     from monai_icmil.networks.embedders import create_embedder
 
     tuned = create_embedder(None, weights=ckpt)
@@ -487,4 +577,18 @@ def finetune_embedder(
         "best_iteration": best["iteration"],
         "history": history,
         "embedder": tuned,
+        "world_size": world_size,
     }
+
+
+def _dist_context() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group (``(0, 1)`` without one); sets up ignite's context on
+    every rank at once (ignite's first distributed call is collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    import ignite.distributed as idist
+
+    idist.get_rank()
+    return dist.get_rank(), dist.get_world_size()
