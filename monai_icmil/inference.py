@@ -85,10 +85,12 @@ def predict_slides(
     class_names: Sequence[str] | None = None,
     heatmaps: bool = True,
     progress: bool = True,
+    stain_normalize: bool = False,
 ) -> list[dict[str, Any]]:
     """Predict each slide; write ``probabilities.csv``, ``<slide>_heatmap.png`` and ``<slide>.geojson``.
 
-    Slides that fail are listed in ``output_dir/report.json`` and skipped.
+    Slides that fail are listed in ``output_dir/report.json`` and skipped. ``stain_normalize`` must match the
+    training run's setting.
     """
     from monai_icmil.engines.bag import load_bag_classifier, write_predictions_csv
     from monai_icmil.engines.embedding import embed_slides
@@ -122,6 +124,7 @@ def predict_slides(
         report=report,
         backend=backend,
         progress=progress,
+        stain_normalize=stain_normalize,
     )
     net = load_bag_classifier(bag_classifier, device, expect_in_dim=embedder.out_dim)
     fp = embedder.fingerprint()
@@ -130,7 +133,7 @@ def predict_slides(
         sid = item["slide_id"]
         if sid not in tiles or sid in report.failed:
             continue
-        arrays = store.load(sid, feature_key(item["image"], tiling.params(), fp, cfg["dtype"]))
+        arrays = store.load(sid, feature_key(item["image"], tiling.params(), fp, cfg["dtype"], stain_normalize))
         if arrays is None or len(arrays["features"]) == 0:
             warnings.warn(f"slide '{item['image']}' has no tissue patches; no prediction", stacklevel=2)
             continue

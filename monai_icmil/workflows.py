@@ -94,6 +94,8 @@ class ICMILWorkflow:
         backend: slide backend.
         progress: progress bars.
         allow_outside_root: allow datalist paths outside ``dataset_dir``.
+        stain_normalize: Macenko-normalise every patch with its slide's stains (embedding, embedder phase,
+            inference); off by default.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class ICMILWorkflow:
         backend: str = "auto",
         progress: bool = True,
         allow_outside_root: bool = False,
+        stain_normalize: bool = False,
     ):
         self.dataset_dir = Path(dataset_dir)
         self.output_dir = Path(output_dir)
@@ -155,6 +158,7 @@ class ICMILWorkflow:
             raise ValueError(f"on_slide_error must be 'skip' or 'raise', got {on_slide_error!r}")
         self.on_slide_error, self.min_slides = on_slide_error, int(min_slides)
         self.backend, self.progress, self.allow_outside_root = backend, progress, allow_outside_root
+        self.stain_normalize = bool(stain_normalize)
         # checks that must fail before any heavy work
         create_aggregator(self.aggregator, 8, self.num_classes, **self.aggregator_kwargs)
         if self.synthetic is None and not self.dataset_dir.is_dir():
@@ -307,7 +311,7 @@ class ICMILWorkflow:
     def _keys(self, r: int, embedder: PatchEmbedder) -> dict[str, dict[str, Any]]:
         fp = embedder.fingerprint()
         return {
-            sid: feature_key(s["image"], self.tiling.params(), fp, self.embed_cfg["dtype"])
+            sid: feature_key(s["image"], self.tiling.params(), fp, self.embed_cfg["dtype"], self.stain_normalize)
             for sid, s in self.prepare().items()
         }
 
@@ -369,6 +373,7 @@ class ICMILWorkflow:
             "bag": self.bag_cfg,
             "couple": self.couple_cfg,
             "seed": self.seed,
+            "stain_normalize": self.stain_normalize,
             "device": str(self.device),
             "num_classes": self.num_classes,
         }
@@ -399,6 +404,7 @@ class ICMILWorkflow:
             backend=self.backend,
             progress=self.progress,
             meta={"round": r},
+            stain_normalize=self.stain_normalize,
         )
         if self.on_slide_error == "raise" and result["failed"]:
             raise RuntimeError(f"embedding failed for slide(s) {result['failed']} (see {self.report.path})")
@@ -529,6 +535,7 @@ class ICMILWorkflow:
             mlflow_run=run,
             progress=self.progress,
             backend=self.backend,
+            stain_normalize=self.stain_normalize,
             **self.couple_cfg,
         )
         record = {
@@ -695,6 +702,7 @@ class ICMILWorkflow:
             class_names=self.class_names,
             heatmaps=heatmaps,
             progress=self.progress,
+            stain_normalize=self.stain_normalize,
         )
 
 

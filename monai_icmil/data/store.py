@@ -35,10 +35,16 @@ def coords_key(slide_path: str | os.PathLike, tiling: Mapping[str, Any]) -> dict
 
 
 def feature_key(
-    slide_path: str | os.PathLike, tiling: Mapping[str, Any], fingerprint: str, dtype: str = "float16"
+    slide_path: str | os.PathLike,
+    tiling: Mapping[str, Any],
+    fingerprint: str,
+    dtype: str = "float16",
+    stain_normalize: bool = False,
 ) -> dict[str, Any]:
-    """The key of a slide's features: slide identity + tiling parameters + embedder fingerprint + dtype."""
-    return {**coords_key(slide_path, tiling), "embedder": fingerprint, "dtype": dtype}
+    """The key of a slide's features: slide identity + tiling parameters + embedder fingerprint + dtype (+ stain
+    normalisation, when on)."""
+    key = {**coords_key(slide_path, tiling), "embedder": fingerprint, "dtype": dtype}
+    return {**key, "stain_normalize": "macenko"} if stain_normalize else key
 
 
 class SlideArrayStore:

@@ -36,6 +36,7 @@ from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
 from monai_icmil.losses import ICMILDistillationLoss
 from monai_icmil.networks.aggregators import MILAggregator
 from monai_icmil.networks.embedders import PatchEmbedder
+from monai_icmil.transforms.stain import RandHEDJitter, slide_stain_normalizer
 from monai_icmil.utils import atomic_path, atomic_write_json, stable_hash
 
 __all__ = [
@@ -93,17 +94,19 @@ class StudentStep(nn.Module):
         return logits, h_on_t, logits_on_t
 
 
-def student_view_transform(patch_size: int, min_area: float = 0.5) -> Compose:
-    """Random flips + a random resized crop (``min_area``-1 of the area, aspect varying) back to ``patch_size``."""
+def student_view_transform(patch_size: int, min_area: float = 0.5, hed_jitter: float = 0.0) -> Compose:
+    """Random flips + a random resized crop (``min_area``-1 of the area, aspect varying) back to ``patch_size``
+    (ICMIL's student view), plus an optional HED stain perturbation of strength ``hed_jitter``."""
     side = math.sqrt(min_area)
-    return Compose(
-        [
-            RandFlip(prob=0.5, spatial_axis=0),
-            RandFlip(prob=0.5, spatial_axis=1),
-            RandScaleCrop(roi_scale=side, max_roi_scale=1.0, random_size=True),
-            Resize((patch_size, patch_size), mode="bilinear", anti_aliasing=False),
-        ]
-    )
+    steps = [
+        RandFlip(prob=0.5, spatial_axis=0),
+        RandFlip(prob=0.5, spatial_axis=1),
+        RandScaleCrop(roi_scale=side, max_roi_scale=1.0, random_size=True),
+        Resize((patch_size, patch_size), mode="bilinear", anti_aliasing=False),
+    ]
+    if hed_jitter > 0:
+        steps.append(RandHEDJitter(sigma=hed_jitter, bias=hed_jitter / 2))
+    return Compose(steps)
 
 
 class DistillationBatches(Dataset):
@@ -123,6 +126,8 @@ class DistillationBatches(Dataset):
         read_threads: decoding threads per read.
         backend: slide backend.
         rank, world_size: this process's share of each batch (DDP).
+        stain_normalize: Macenko-normalise patches with their slide's stains (as the embedding did).
+        hed_jitter: strength of the random HED stain perturbation of the student view (0: none).
 
     Returns per item: ``{"plain": uint8 [B, 3, P, P], "view": float [B, 3, P, P] in [0, 1]}`` (``B`` is
     ``batch_size / world_size`` under DDP).
@@ -139,6 +144,8 @@ class DistillationBatches(Dataset):
         backend: str = "auto",
         rank: int = 0,
         world_size: int = 1,
+        stain_normalize: bool = False,
+        hed_jitter: float = 0.0,
     ):
         if batch_size % world_size:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of ranks ({world_size})")
@@ -153,7 +160,8 @@ class DistillationBatches(Dataset):
         self.offsets = np.r_[0, np.cumsum(self.sizes)]
         self.batch_size, self.num_batches, self.seed = batch_size, num_batches, seed
         self.patch_size = int(self.slides[0]["patch_size"])
-        self.views = student_view_transform(self.patch_size, min_area)
+        self.views = student_view_transform(self.patch_size, min_area, hed_jitter)
+        self.stain_normalize = stain_normalize
         self.read_threads, self.backend = read_threads, backend
         self.epoch = 0
 
@@ -171,7 +179,8 @@ class DistillationBatches(Dataset):
             rows = np.flatnonzero(slide_idx == si)
             s = self.slides[si]
             coords = np.asarray(s["coords"])[flat[rows] - self.offsets[si]]
-            out[torch.as_tensor(rows)] = get_slide(s["image"], self.backend).read_patches(
+            reader = get_slide(s["image"], self.backend)
+            patches = reader.read_patches(
                 coords,
                 s["read_size"],
                 s["level"],
@@ -179,6 +188,9 @@ class DistillationBatches(Dataset):
                 num_workers=self.read_threads,
                 as_tensor=True,
             )
+            if self.stain_normalize:
+                patches = slide_stain_normalizer(s["image"], reader)(patches)
+            out[torch.as_tensor(rows)] = patches
         return out
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -315,6 +327,8 @@ def finetune_embedder(
     mlflow_run: Any = None,
     progress: bool = True,
     backend: str = "auto",
+    stain_normalize: bool = False,
+    hed_jitter: float = 0.0,
 ) -> dict[str, Any]:
     """Fine-tune the patch embedder with the bag classifier as instance teacher.
 
@@ -353,6 +367,8 @@ def finetune_embedder(
         mlflow_run: log params, loss terms, agreement metrics and the checkpoint here.
         progress: show a progress bar.
         backend: slide backend.
+        stain_normalize: Macenko-normalise patches with their slide's stains (use the embedding's setting).
+        hed_jitter: random HED stain perturbation of the student view (e.g. 0.05; 0 = ICMIL's views).
 
     Returns:
         ``{"checkpoint", "fingerprint", "best": {...}, "best_iteration", "history", "embedder", "world_size"}``.
@@ -386,10 +402,27 @@ def finetune_embedder(
     rank, world_size = _dist_context()
 
     train_data = DistillationBatches(
-        train_slides, batch_size, batches_per_epoch, seed, min_crop_area, read_threads, backend, rank, world_size
+        train_slides,
+        batch_size,
+        batches_per_epoch,
+        seed,
+        min_crop_area,
+        read_threads,
+        backend,
+        rank,
+        world_size,
+        stain_normalize,
+        hed_jitter,
     )
     val_data = DistillationBatches(
-        val_slides or train_slides, val_patches, 1, seed + 1, min_crop_area, read_threads, backend
+        val_slides or train_slides,
+        val_patches,
+        1,
+        seed + 1,
+        min_crop_area,
+        read_threads,
+        backend,
+        stain_normalize=stain_normalize,
     )
     held_out = val_data[0]["plain"]  # fixed held-out patches, read once (every rank: same patches, same decisions)
 
@@ -464,7 +497,7 @@ def finetune_embedder(
                 "train": [(s["slide_id"], len(s["coords"])) for s in train_data.slides],
                 "settings": [epochs, batches_per_epoch, batch_size, lr, weight_decay, grad_clip, clip_embedder],
                 "more": [confidence, beta, list(loss_weights), min_crop_area, val_interval, val_patches, select],
-                "rest": [early_stop_patience, freeze_bn, seed, world_size],
+                "rest": [early_stop_patience, freeze_bn, seed, world_size, stain_normalize, hed_jitter],
             }
         ),
     )
@@ -544,6 +577,8 @@ def finetune_embedder(
                 "seed": seed,
                 "freeze_bn": freeze_bn,
                 "world_size": world_size,
+                "stain_normalize": stain_normalize,
+                "hed_jitter": hed_jitter,
             }
         )
     if progress and rank == 0:

@@ -30,6 +30,7 @@ from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import get_slide
 from monai_icmil.data.store import FeatureStore, feature_key
 from monai_icmil.networks.embedders import PatchEmbedder
+from monai_icmil.transforms.stain import slide_stain_normalizer
 
 __all__ = ["PatchBatches", "EmbeddingEngine", "EmbeddingEvents", "SlideFeatureWriter", "embed_slides"]
 
@@ -52,12 +53,20 @@ class PatchBatches(IterableDataset):
         batch_size: patches per batch.
         read_threads: decoding threads per read (cuCIM's thread pool).
         backend: slide backend.
+        stain_normalize: Macenko-normalise the patches with the stains of their slide
+            (:class:`~monai_icmil.transforms.stain.HEStainNormalizer`).
     """
 
     def __init__(
-        self, slides: Sequence[Mapping[str, Any]], batch_size: int = 256, read_threads: int = 2, backend: str = "auto"
+        self,
+        slides: Sequence[Mapping[str, Any]],
+        batch_size: int = 256,
+        read_threads: int = 2,
+        backend: str = "auto",
+        stain_normalize: bool = False,
     ):
         self.slides, self.batch_size, self.read_threads, self.backend = list(slides), batch_size, read_threads, backend
+        self.stain_normalize = stain_normalize
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -66,6 +75,7 @@ class PatchBatches(IterableDataset):
             s = self.slides[index]
             try:
                 reader = get_slide(s["image"], self.backend)
+                normalize = slide_stain_normalizer(s["image"], reader) if self.stain_normalize else None
                 coords = s["coords"]
                 for start in range(0, len(coords), self.batch_size):
                     patches = reader.read_patches(
@@ -76,6 +86,8 @@ class PatchBatches(IterableDataset):
                         num_workers=self.read_threads,
                         as_tensor=True,
                     )
+                    if normalize is not None:
+                        patches = normalize(patches)
                     yield {"slide": index, "start": start, "patches": patches}
             except Exception as e:  # reported per slide; the other slides go on
                 yield {"slide": index, "error": f"{type(e).__name__}: {e}"}
@@ -219,6 +231,7 @@ def embed_slides(
     backend: str = "auto",
     progress: bool = True,
     meta: Mapping[str, Any] | None = None,
+    stain_normalize: bool = False,
 ) -> dict[str, Any]:
     """Embed every patch of every slide whose features are not current, and write them to ``store``.
 
@@ -238,6 +251,7 @@ def embed_slides(
         backend: slide backend.
         progress: progress bars over slides and patches.
         meta: extra metadata stored with each slide.
+        stain_normalize: Macenko-normalise every patch with its slide's stains (part of the feature key).
 
     Returns:
         ``{"written": [...], "skipped": [...], "failed": [...], "empty": [...], "patches": n, "seconds": t,
@@ -248,7 +262,7 @@ def embed_slides(
     items = list(slides.values()) if isinstance(slides, Mapping) else list(slides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fingerprint = embedder.fingerprint()
-    keys = {s["slide_id"]: feature_key(s["image"], tiling_params, fingerprint, dtype) for s in items}
+    keys = {s["slide_id"]: feature_key(s["image"], tiling_params, fingerprint, dtype, stain_normalize) for s in items}
     rank, world = _dist_info()
     pending, skipped, empty = [], [], []
     # shard the full list, then skip what is current: every rank sees the same shards even while others write
@@ -272,7 +286,7 @@ def embed_slides(
         writer.attach(engine)
         bars = _attach_progress(engine, len(pending), total) if progress and rank == 0 else {}
         loader = DataLoader(
-            PatchBatches(pending, batch_size, read_threads, backend),
+            PatchBatches(pending, batch_size, read_threads, backend, stain_normalize),
             batch_size=None,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
