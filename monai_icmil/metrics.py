@@ -15,10 +15,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
-__all__ = ["binary_auc", "roc_curve", "slide_metrics", "SlideMetric", "METRIC_NAMES", "youden_threshold"]
+__all__ = [
+    "binary_auc",
+    "roc_curve",
+    "slide_metrics",
+    "SlideMetric",
+    "METRIC_NAMES",
+    "youden_threshold",
+    "linear_probe_auc",
+]
 
 METRIC_NAMES = ("auc", "acc", "f1", "youden_acc", "youden_f1")
 
@@ -144,3 +153,54 @@ class SlideMetric(Metric):
         if not self._probs:
             return float("nan")
         return float(slide_metrics(torch.cat(self._probs), torch.cat(self._labels), warn=self.name == "auc")[self.name])
+
+
+def linear_probe_auc(
+    features: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    train_fraction: float = 0.5,
+    l2: float = 1e-3,
+    seed: int = 0,
+    train_mask: np.ndarray | None = None,
+) -> float:
+    """Held-out AUC of a logistic-regression probe on frozen features (binary labels): how linearly the features
+    separate the classes. Features are standardised on the training part; the split is stratified.
+
+    Args:
+        features: ``[N, D]``.
+        labels: ``[N]`` of 0/1.
+        train_fraction: share of each class the probe is fitted on; the AUC is measured on the rest.
+        l2: weight decay of the probe.
+        seed: the split.
+        train_mask: an explicit split instead (``True``: fit on it), e.g. by slide, to measure how the probe carries
+            over to other slides.
+    """
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    y = np.asarray(labels).astype(int)
+    if set(np.unique(y).tolist()) != {0, 1}:
+        raise ValueError("linear_probe_auc needs binary labels with both classes present")
+    if train_mask is not None:
+        train = np.asarray(train_mask, bool)
+    else:
+        rng = np.random.default_rng(seed)
+        train = np.zeros(len(y), bool)
+        for c in (0, 1):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            train[idx[: max(1, int(round(len(idx) * train_fraction)))]] = True
+    mu, sd = x[train].mean(0), x[train].std(0) + 1e-6
+    x = (x - mu) / sd
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    yt = torch.as_tensor(y[train], dtype=torch.float64)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x[train] @ w + b, yt) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        scores = (x[~train] @ w + b).numpy()
+    return binary_auc(scores, y[~train])

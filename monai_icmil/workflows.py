@@ -96,6 +96,9 @@ class ICMILWorkflow:
         allow_outside_root: allow datalist paths outside ``dataset_dir``.
         stain_normalize: Macenko-normalise every patch with its slide's stains (embedding, embedder phase,
             inference); off by default.
+        pretrain: when given, round 0's embedder is the starting embedder after self-supervised pre-training (SimCLR)
+            on the training slides' tissue patches, with these :func:`~monai_icmil.engines.pretrain
+            .pretrain_embedder` arguments (``configs/pretrain.json``); kept in ``output_dir/pretrain/``.
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class ICMILWorkflow:
         progress: bool = True,
         allow_outside_root: bool = False,
         stain_normalize: bool = False,
+        pretrain: Mapping[str, Any] | None = None,
     ):
         self.dataset_dir = Path(dataset_dir)
         self.output_dir = Path(output_dir)
@@ -159,6 +163,7 @@ class ICMILWorkflow:
         self.on_slide_error, self.min_slides = on_slide_error, int(min_slides)
         self.backend, self.progress, self.allow_outside_root = backend, progress, allow_outside_root
         self.stain_normalize = bool(stain_normalize)
+        self.pretrain_cfg = dict(pretrain) if pretrain is not None else None
         # checks that must fail before any heavy work
         create_aggregator(self.aggregator, 8, self.num_classes, **self.aggregator_kwargs)
         if self.synthetic is None and not self.dataset_dir.is_dir():
@@ -171,6 +176,7 @@ class ICMILWorkflow:
         self._items: dict[str, list[dict[str, Any]]] | None = None
         self._slides: dict[str, SlideTiles] | None = None
         self._parent_run: Any = None
+        self._pretrain_record: dict[str, Any] | None = None
         self.report = RunReport(self.output_dir / "report.json")
 
     # ------------------------------------------------------------------------------------------------ state
@@ -186,9 +192,13 @@ class ICMILWorkflow:
     def _done(self, r: int, phase: str) -> dict[str, Any] | None:
         return self._state()["rounds"].get(str(r), {}).get(phase)
 
-    def _mark(self, r: int, phase: str, record: Mapping[str, Any]) -> None:
+    def _mark(self, r: int | None, phase: str, record: Mapping[str, Any]) -> None:
+        """Record a finished phase of round ``r`` (``None``: a phase before the rounds, e.g. pre-training)."""
         state = self._state()
-        state["rounds"].setdefault(str(r), {})[phase] = dict(record)
+        if r is None:
+            state[phase] = dict(record)
+        else:
+            state["rounds"].setdefault(str(r), {})[phase] = dict(record)
         atomic_write_json(self.state_path, state)
 
     def round_dir(self, r: int) -> Path:
@@ -295,15 +305,65 @@ class ICMILWorkflow:
     # ------------------------------------------------------------------------------------------------ models
     def embedder_for(self, r: int) -> PatchEmbedder:
         """Round ``r``'s embedder: the starting one for round 0, the embedder phase's output after."""
+        if r == 0 and self.pretrain_cfg is not None:
+            self.pretrain()
+            return create_embedder(None, weights=self.pretrain_path)
         if r == 0:
-            cfg = dict(self.embedder_cfg)
-            name = cfg.pop("name")
-            torch.manual_seed(self.seed)  # a random-init starting embedder is the same in every run
-            return create_embedder(name, **cfg)
+            return self.starting_embedder()
         path = self.round_dir(r) / "embedder_phase" / "embedder.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"round {r}'s embedder is missing ({path}); run its embedder phase first.")
         return create_embedder(None, weights=path)
+
+    def starting_embedder(self) -> PatchEmbedder:
+        """The configured ``embedder`` (random init, or the weights it names), before any pre-training."""
+        cfg = dict(self.embedder_cfg)
+        name = cfg.pop("name")
+        torch.manual_seed(self.seed)  # a random-init starting embedder is the same in every run
+        return create_embedder(name, **cfg)
+
+    @property
+    def pretrain_path(self) -> Path:
+        return self.output_dir / "pretrain" / "embedder.safetensors"
+
+    def pretrain(self) -> dict[str, Any]:
+        """Self-supervised pre-training of the starting embedder (SimCLR) on the training slides' tissue patches;
+        its output is round 0's embedder. Runs once (recorded in ``state.json``), on rank 0 while the others wait."""
+        if self._pretrain_record is not None:
+            return self._pretrain_record
+        done = self._state().get("pretrain") is not None and self.pretrain_path.is_file()
+        if _rank() == 0 and not done:
+            self._run_pretrain()
+        _barrier()  # every rank passes here once, whether or not there was work
+        self._pretrain_record = self._state().get("pretrain", {})
+        return self._pretrain_record
+
+    def _run_pretrain(self) -> None:
+        from monai_icmil.engines.pretrain import pretrain_embedder
+
+        run = self._nested("pretrain")
+        t0 = time.perf_counter()
+        excluded = self.report.excluded()
+        train = [s for s in self._split_slides("training") if s["slide_id"] not in excluded]
+        result = pretrain_embedder(
+            self.starting_embedder(),
+            train,
+            self.output_dir / "pretrain",
+            device=self.device,
+            seed=self.seed + 7,
+            mlflow_run=run,
+            progress=self.progress,
+            backend=self.backend,
+            stain_normalize=self.stain_normalize,
+            **(self.pretrain_cfg or {}),
+        )
+        record = {
+            "seconds": time.perf_counter() - t0,
+            "fingerprint": result["fingerprint"],
+            "final_loss": result["history"][-1]["loss"] if result["history"] else None,
+        }
+        self._end(run)
+        self._mark(None, "pretrain", record)
 
     def bag_classifier_path(self, r: int) -> Path:
         return self.round_dir(r) / "bag" / "bag_classifier.pt"
@@ -374,6 +434,7 @@ class ICMILWorkflow:
             "couple": self.couple_cfg,
             "seed": self.seed,
             "stain_normalize": self.stain_normalize,
+            "pretrain": self.pretrain_cfg,
             "device": str(self.device),
             "num_classes": self.num_classes,
         }

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -364,3 +365,32 @@ def test_two_cpu_ranks_under_torchrun_match_one_process(trained, tmp_path):
     for r in ("0", "1"):
         assert multi[r]["bag"]["val"]["auc"] == pytest.approx(single[r]["bag"]["val"]["auc"])
         assert multi[r]["test"]["metrics"]["auc"] == pytest.approx(single[r]["test"]["metrics"]["auc"])
+
+
+def test_pretrain_json_makes_the_round_0_embedder(tmp_path):
+    """configs/pretrain.json: SimCLR on the training slides' patches; its output is what round 0 embeds with."""
+    from monai_icmil.networks import create_embedder
+
+    extra = {
+        "pretrain#epochs": 3,
+        "pretrain#batches_per_epoch": 4,
+        "pretrain#batch_size": 16,
+        "pretrain#num_workers": 0,
+        "pretrain#read_threads": 1,
+    }
+    proc = _bundle(tmp_path, "pretrain_embedder", str(CONFIGS / "pretrain.json"), extra=extra)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    pretrained = create_embedder(None, weights=out / "pretrain" / "embedder.safetensors")  # the embedder factory
+    state = json.loads((out / "state.json").read_text())
+    assert state["pretrain"]["fingerprint"] == pretrained.fingerprint()
+    history = json.loads((out / "pretrain" / "history.json").read_text())
+    assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
+    assert not (out / "pretrain" / "resume").exists()
+    proc = _bundle(tmp_path, "embed", str(CONFIGS / "pretrain.json"), extra=extra)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = json.loads((out / "state.json").read_text())
+    assert state["rounds"]["0"]["embed"]["fingerprint"] == pretrained.fingerprint()  # round 0 uses it, not random
+    random_init = create_embedder(TINY["embedder"]["name"], input_size=TINY["embedder"]["input_size"])
+    assert random_init.fingerprint() != pretrained.fingerprint()
+    assert pretrained.describe()["name"] == random_init.describe()["name"]

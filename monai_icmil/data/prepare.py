@@ -72,6 +72,7 @@ def prepare_coords(
                     "read_size": result.read_size,
                     "patch_size": result.patch_size,
                     "mpp": result.mpp,
+                    "footprint": result.footprint,
                     "num_patches": len(result),
                 }
                 store.save(sid, {"coords": result.coords, "tissue_fraction": result.tissue_fraction}, key, meta)

@@ -128,6 +128,7 @@ class DistillationBatches(Dataset):
         rank, world_size: this process's share of each batch (DDP).
         stain_normalize: Macenko-normalise patches with their slide's stains (as the embedding did).
         hed_jitter: strength of the random HED stain perturbation of the student view (0: none).
+        with_views: make the student views (``False``: plain patches only, e.g. held-out validation patches).
 
     Returns per item: ``{"plain": uint8 [B, 3, P, P], "view": float [B, 3, P, P] in [0, 1]}`` (``B`` is
     ``batch_size / world_size`` under DDP).
@@ -146,6 +147,7 @@ class DistillationBatches(Dataset):
         world_size: int = 1,
         stain_normalize: bool = False,
         hed_jitter: float = 0.0,
+        with_views: bool = True,
     ):
         if batch_size % world_size:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of ranks ({world_size})")
@@ -161,7 +163,7 @@ class DistillationBatches(Dataset):
         self.batch_size, self.num_batches, self.seed = batch_size, num_batches, seed
         self.patch_size = int(self.slides[0]["patch_size"])
         self.views = student_view_transform(self.patch_size, min_area, hed_jitter)
-        self.stain_normalize = stain_normalize
+        self.stain_normalize, self.with_views = stain_normalize, with_views
         self.read_threads, self.backend = read_threads, backend
         self.epoch = 0
 
@@ -199,6 +201,8 @@ class DistillationBatches(Dataset):
         view_seeds = rng.integers(2**31, size=self.batch_size)
         mine = slice(self.rank, None, self.world_size)
         plain = self.read(flat[mine])
+        if not self.with_views:
+            return {"plain": plain}
         views = []
         for p, view_seed in zip(plain.float() / 255.0, view_seeds[mine]):
             self.views.set_random_state(seed=int(view_seed))
@@ -423,6 +427,7 @@ def finetune_embedder(
         read_threads,
         backend,
         stain_normalize=stain_normalize,
+        with_views=False,
     )
     held_out = val_data[0]["plain"]  # fixed held-out patches, read once (every rank: same patches, same decisions)
 

@@ -1,0 +1,46 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""The accuracy benchmark's smoke mode: it drives the bundle for every seed, start, aggregator and round and its
+report has every row (the numbers at these sizes mean nothing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "icmil_gain.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("icmil_gain", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_icmil_gain_smoke_report_has_every_row(tmp_path):
+    gain = _module()
+    rows = gain.main(["--smoke", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["rows"] == rows
+    want = {(0, start, agg, r) for start in gain.STARTS for agg in gain.AGGREGATORS for r in (0, 1)}
+    assert {(r["seed"], r["start"], r["aggregator"], r["round"]) for r in rows} == want
+    for r in rows:
+        for key in ("val_auc", "test_auc", "test_acc", "test_f1", "teacher_patch_auc", "probe_patch_auc"):
+            assert isinstance(r[key], float) and (0 <= r[key] <= 1 or math.isnan(r[key])), (key, r)
+        assert 0 <= r["test_acc"] <= 1  # two test slides: always defined
+    # the ssl start pre-trained once per seed and every aggregator's round 0 used that embedder
+    fps = {
+        json.loads((tmp_path / "runs" / "seed_0" / "ssl" / agg / "state.json").read_text())["rounds"]["0"]["embed"][
+            "fingerprint"
+        ]
+        for agg in gain.AGGREGATORS
+    }
+    random_fp = json.loads((tmp_path / "runs" / "seed_0" / "random" / "abmil" / "state.json").read_text())["rounds"][
+        "0"
+    ]["embed"]["fingerprint"]
+    assert len(fps) == 1 and random_fp not in fps
+    md = (tmp_path / "report.md").read_text()
+    assert md.count("| 0 | ssl |") == 6 and "Mean +/- sd over seeds" in md
