@@ -14,11 +14,12 @@ if [ "$1" = "--fetch" ]; then
     grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
     grep -qx '/.gpu_data/' .git/info/exclude || echo /.gpu_data/ >> .git/info/exclude
     mkdir -p .whl .gpu_data
-    # what the GPU image lacks (it has torch, timm, cupy, scipy, tifffile, safetensors, matplotlib, pillow)
+    # what the GPU image lacks (it has torch, timm, cupy, scipy, tifffile, safetensors, matplotlib, pillow); not
+    # nvidia-nvimgcodec (25 MB, only for GPU JPEG decode, which is slower than cuCIM's CPU threads): the carry limit is 64 MiB
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any -d .whl \
-        monai==1.6.1 pytorch-ignite==0.5.5 cucim-cu13==26.10.0 nvidia-nvimgcodec-cu13 imagecodecs fire termcolor || exit 1
+        monai==1.6.1 pytorch-ignite==0.5.5 cucim-cu13==26.10.0 imagecodecs fire termcolor openslide-python openslide-bin || exit 1
     cp -n ../shared/data/CMU-1-Small-Region.svs .gpu_data/ 2>/dev/null
     du -sh .whl .gpu_data
     exit 0

@@ -343,18 +343,11 @@ class ICMILWorkflow:
 
         run = self._nested("pretrain")
         t0 = time.perf_counter()
-        excluded = self.report.excluded()
-        train = [s for s in self._split_slides("training") if s["slide_id"] not in excluded]
         result = pretrain_embedder(
             self.starting_embedder(),
-            train,
+            self._usable("training"),
             self.output_dir / "pretrain",
-            device=self.device,
-            seed=self.seed + 7,
-            mlflow_run=run,
-            progress=self.progress,
-            backend=self.backend,
-            stain_normalize=self.stain_normalize,
+            **self._patch_phase_kwargs(run, self.seed + 7),
             **(self.pretrain_cfg or {}),
         )
         record = {
@@ -364,6 +357,22 @@ class ICMILWorkflow:
         }
         self._end(run)
         self._mark(None, "pretrain", record)
+
+    def _patch_phase_kwargs(self, run: Any, seed: int) -> dict[str, Any]:
+        """What the phases that sample patches from the slides (pre-training, embedder phase) share."""
+        return {
+            "device": self.device,
+            "seed": seed,
+            "mlflow_run": run,
+            "progress": self.progress,
+            "backend": self.backend,
+            "stain_normalize": self.stain_normalize,
+        }
+
+    def _usable(self, split: str) -> list[SlideTiles]:
+        """The split's prepared slides, less those that failed or have no tissue."""
+        excluded = self.report.excluded()
+        return [s for s in self._split_slides(split) if s["slide_id"] not in excluded]
 
     def bag_classifier_path(self, r: int) -> Path:
         return self.round_dir(r) / "bag" / "bag_classifier.pt"
@@ -582,21 +591,13 @@ class ICMILWorkflow:
         teacher = load_bag_classifier(
             self.bag_classifier_path(r - 1), "cpu", expect_in_dim=embedder.out_dim, expect_aggregator=self.aggregator
         )
-        excluded = self.report.excluded()
-        train = [s for s in self._split_slides("training") if s["slide_id"] not in excluded]
-        val = [s for s in self._split_slides("validation") if s["slide_id"] not in excluded]
         result = finetune_embedder(
             embedder,
             teacher,
-            train,
-            val,
+            self._usable("training"),
+            self._usable("validation"),
             self.round_dir(r) / "embedder_phase",
-            device=self.device,
-            seed=self.seed + 1000 * r,
-            mlflow_run=run,
-            progress=self.progress,
-            backend=self.backend,
-            stain_normalize=self.stain_normalize,
+            **self._patch_phase_kwargs(run, self.seed + 1000 * r),
             **self.couple_cfg,
         )
         record = {
