@@ -84,11 +84,11 @@ def pretrain_settings(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": args.ssl_epochs,
         "batches_per_epoch": args.ssl_batches,
         "batch_size": args.couple_batch_size,
-        "lr": 1e-3,
+        "lr": 3e-4,
         "weight_decay": 1e-6,
         "temperature": 0.2,
         "min_crop_area": 0.8,
-        "hed_jitter": 0.2,
+        "hed_jitter": 0.3,
         "num_workers": min(1, args.workers),
         "read_threads": 1,
     }

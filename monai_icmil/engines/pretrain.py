@@ -49,7 +49,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -
 
 
 def contrastive_view_transform(
-    patch_size: int, min_area: float = 0.8, hed_jitter: float = 0.08, blur: float = 0.0
+    patch_size: int, min_area: float = 0.8, hed_jitter: float = 0.3, blur: float = 0.0
 ) -> Compose:
     """One random view: flips, 90-degree rotations, a random resized crop back to ``patch_size``, HED jitter and
     optionally a light blur.
@@ -80,7 +80,7 @@ class TwoViewBatches(DistillationBatches):
         self,
         slides: Sequence[Mapping[str, Any]],
         *args: Any,
-        hed_jitter: float = 0.08,
+        hed_jitter: float = 0.3,
         blur: float = 0.0,
         **kwargs: Any,
     ):
@@ -143,13 +143,13 @@ def pretrain_embedder(
     epochs: int = 20,
     batches_per_epoch: int = 100,
     batch_size: int = 128,
-    lr: float = 1e-3,
+    lr: float = 3e-4,
     weight_decay: float = 1e-6,
     embedder_lr_scale: float = 1.0,
     temperature: float = 0.2,
     proj_dim: int = 128,
     min_crop_area: float = 0.8,
-    hed_jitter: float = 0.08,
+    hed_jitter: float = 0.3,
     blur: float = 0.0,
     num_workers: int = 2,
     read_threads: int = 2,
