@@ -60,3 +60,17 @@ def test_command_line_writes_a_datalist(tmp_path, capsys):
     assert "datalist" in capsys.readouterr().out
     data = json.loads((tmp_path / "datalist.json").read_text())
     assert len(data["training"]) == 2 and data["validation"] == []
+
+
+def test_patch_tumour_fraction_reads_the_ground_truth_mask(tmp_path):
+    from PIL import Image
+
+    from monai_icmil.data.synthetic import patch_tumour_fraction
+
+    mask = np.zeros((64, 64), bool)
+    mask[16:32, 16:32] = True  # level-0 pixels 256-511 (downsample 16)
+    Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "m.png")
+    coords = np.array([[256, 256], [0, 0], [128, 256], [448, 448]])
+    frac = patch_tumour_fraction(coords, 256, tmp_path / "m.png", 16)
+    np.testing.assert_allclose(frac, [1.0, 0.0, 0.5, 0.0625])  # the last overlaps a 4x4 corner of 16x16
+    np.testing.assert_allclose(patch_tumour_fraction(coords, 256, mask, 16), frac)
