@@ -457,9 +457,9 @@ class ICMILWorkflow:
             self.finetune_embedder(r)  # round r's embedder comes out of its embedder phase
         from monai_icmil.engines.embedding import embed_slides
 
+        embedder = self.embedder_for(r)  # (round 0 with pre-training configured: pre-trains first, timed apart)
         run = self._phase_run(r, "embed")
         t0 = time.perf_counter()
-        embedder = self.embedder_for(r)
         result = embed_slides(
             self.prepare(),
             embedder,
