@@ -404,10 +404,7 @@ def train_bag_classifier(
     )
     resume = ResumeCheckpoint(out_dir / "resume", resumable, signature)
 
-    @trainer.on(Events.EPOCH_COMPLETED)
-    def _save_resume(tr: Engine) -> None:  # registered after validation: the epoch's best and counters are in
-        progress_state.extra["finished"] = bool(tr.should_terminate) or tr.state.epoch >= tr.state.max_epochs
-        resume(tr)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, resume)  # after validation: the epoch's best and counters
 
     StatsHandler(
         name="monai_icmil.bag", tag_name="train_loss", output_transform=lambda o: o["loss"], iteration_log=False
@@ -442,9 +439,7 @@ def train_bag_classifier(
             }
         )
     try:
-        resume.resume()  # continue an interrupted run (logs where from)
-        if not progress_state.extra.get("finished"):  # killed after the last epoch's checkpoint
-            trainer.run()
+        resume.run(trainer)  # continues an interrupted run (logs where from)
     except BagTrainingError:
         if mlflow_run is not None:
             mlflow_run.set_tag("bag_phase_error", "non-finite loss")

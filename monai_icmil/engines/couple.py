@@ -32,6 +32,7 @@ from monai.transforms import Compose, RandFlip, RandScaleCrop, Resize
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from monai_icmil.data.slide import get_slide
+from monai_icmil.engines.embedding import _dist_info
 from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
 from monai_icmil.losses import ICMILDistillationLoss
 from monai_icmil.networks.aggregators import MILAggregator
@@ -195,18 +196,24 @@ class DistillationBatches(Dataset):
             out[torch.as_tensor(rows)] = patches
         return out
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def draw(self, i: int, views_per_patch: int = 1) -> tuple[torch.Tensor, np.ndarray]:
+        """This rank's patches of item ``i`` (uint8) and ``views_per_patch`` view seeds for each of them."""
         rng = np.random.default_rng((self.seed, self.epoch, int(i)))
         flat = rng.integers(0, int(self.offsets[-1]), self.batch_size)
-        view_seeds = rng.integers(2**31, size=self.batch_size)
+        view_seeds = rng.integers(2**31, size=(self.batch_size, views_per_patch))
         mine = slice(self.rank, None, self.world_size)
-        plain = self.read(flat[mine])
+        return self.read(flat[mine]), view_seeds[mine]
+
+    def view(self, patch: torch.Tensor, seed: int) -> torch.Tensor:
+        """One random view of a float ``[3, P, P]`` patch, drawn with ``seed``."""
+        self.views.set_random_state(seed=int(seed))
+        return torch.as_tensor(self.views(patch)).float()
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        plain, seeds = self.draw(i)
         if not self.with_views:
             return {"plain": plain}
-        views = []
-        for p, view_seed in zip(plain.float() / 255.0, view_seeds[mine]):
-            self.views.set_random_state(seed=int(view_seed))
-            views.append(torch.as_tensor(self.views(p)).float())
+        views = [self.view(p, s) for p, (s,) in zip(plain.float() / 255.0, seeds)]
         return {"plain": plain, "view": torch.stack(views).clamp_(0, 1)}
 
 
@@ -491,7 +498,7 @@ def finetune_embedder(
     ckpt = out_dir / "embedder.safetensors"
     progress_state = PhaseProgress({"score": -math.inf, "iteration": 0, "metrics": {}})
     history, best = progress_state.history, progress_state.best
-    progress_state.extra.update(stale=0, finished=False)
+    progress_state.extra["stale"] = 0
     resume = ResumeCheckpoint(
         out_dir / "resume",
         {"trainer": trainer, "network": student, "optimizer": optimizer, "progress": progress_state},
@@ -539,9 +546,6 @@ def finetune_embedder(
             mlflow_run.log_metrics({f"val_{k}": v for k, v in m.items()}, step=engine.state.iteration)
         if early_stop_patience and progress_state.extra["stale"] >= early_stop_patience:
             engine.terminate()
-        progress_state.extra["finished"] = bool(engine.should_terminate) or (
-            engine.state.iteration >= engine.state.max_epochs * batches_per_epoch
-        )
         resume(engine)  # rank 0 writes; a kill from here on loses at most `val_interval` iterations
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, val_interval)), _validate)
@@ -592,9 +596,7 @@ def finetune_embedder(
         ProgressBar(desc="embedder phase", persist=False).attach(
             trainer, output_transform=lambda o: {"loss": o["loss"]}
         )
-    resume.resume()  # continue an interrupted run (logs where from)
-    if not progress_state.extra["finished"]:  # else: killed after the final checkpoint, nothing left to train
-        trainer.run()
+    resume.run(trainer)  # continues an interrupted run (logs where from)
     if world_size > 1:
         torch.distributed.barrier()
     if rank == 0:
@@ -622,13 +624,11 @@ def finetune_embedder(
 
 
 def _dist_context() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group (``(0, 1)`` without one); sets up ignite's context on
-    every rank at once (ignite's first distributed call is collective)."""
-    import torch.distributed as dist
+    """``(rank, world_size)``; under a process group also sets up ignite's context on every rank at once (ignite's
+    first distributed call is collective, and the resume checkpoint's saver makes it)."""
+    rank, world_size = _dist_info()
+    if world_size > 1:
+        import ignite.distributed as idist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    import ignite.distributed as idist
-
-    idist.get_rank()
-    return dist.get_rank(), dist.get_world_size()
+        idist.get_rank()
+    return rank, world_size

@@ -88,17 +88,9 @@ class TwoViewBatches(DistillationBatches):
         self.views = contrastive_view_transform(self.patch_size, kwargs.get("min_area", 0.8), hed_jitter, blur)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng((self.seed, self.epoch, int(i)))
-        flat = rng.integers(0, int(self.offsets[-1]), self.batch_size)
-        seeds = rng.integers(2**31, size=(self.batch_size, 2))
-        mine = slice(self.rank, None, self.world_size)
-        plain = self.read(flat[mine]).float() / 255.0
-        out: dict[str, list[torch.Tensor]] = {"view1": [], "view2": []}
-        for p, (s1, s2) in zip(plain, seeds[mine]):
-            for key, s in (("view1", s1), ("view2", s2)):
-                self.views.set_random_state(seed=int(s))
-                out[key].append(torch.as_tensor(self.views(p)).float())
-        return {k: torch.stack(v).clamp_(0, 1) for k, v in out.items()}
+        plain, seeds = self.draw(i, views_per_patch=2)
+        pairs = [(self.view(p, s1), self.view(p, s2)) for p, (s1, s2) in zip(plain.float() / 255.0, seeds)]
+        return {f"view{k + 1}": torch.stack([v[k] for v in pairs]).clamp_(0, 1) for k in (0, 1)}
 
 
 class SimCLRModel(nn.Module):
@@ -270,6 +262,8 @@ def pretrain_embedder(
         ),
     )
 
+    epoch_losses: list[float] = []
+
     @trainer.on(Events.EPOCH_STARTED)
     def _epoch(engine: Engine) -> None:
         data.set_epoch(engine.state.epoch)
@@ -277,16 +271,15 @@ def pretrain_embedder(
     @trainer.on(Events.ITERATION_COMPLETED)
     def _step(engine: Engine) -> None:
         scheduler.step()
-        engine.state.epoch_losses = getattr(engine.state, "epoch_losses", []) + [engine.state.output["loss"]]
+        epoch_losses.append(engine.state.output["loss"])
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _end_epoch(engine: Engine) -> None:
-        row = {"epoch": engine.state.epoch, "loss": float(np.mean(engine.state.epoch_losses))}
-        engine.state.epoch_losses = []
+        row = {"epoch": engine.state.epoch, "loss": float(np.mean(epoch_losses))}
+        epoch_losses.clear()
         history.append(row)
         if mlflow_run is not None:
             mlflow_run.log_metrics({"pretrain_loss": row["loss"]}, step=engine.state.epoch)
-        progress_state.extra["finished"] = engine.state.epoch >= engine.state.max_epochs
         resume(engine)
 
     StatsHandler(
@@ -314,9 +307,7 @@ def pretrain_embedder(
         from ignite.contrib.handlers import ProgressBar
 
         ProgressBar(desc="pre-training", persist=False).attach(trainer, output_transform=lambda o: {"loss": o["loss"]})
-    resume.resume()
-    if not progress_state.extra.get("finished"):
-        trainer.run()
+    resume.run(trainer)
     model.embedder.save(ckpt, extra={"pretrained_from": embedder.fingerprint(), "method": "SimCLR"})
     atomic_write_json(out_dir / "history.json", history)
     resume.clear()

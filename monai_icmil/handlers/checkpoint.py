@@ -87,15 +87,17 @@ class PhaseProgress:
         self.extra.update(state["extra"])
 
 
-class _Signature:
+class _Meta:
+    """The phase's signature (checked before loading) and whether its engine had finished when saved."""
+
     def __init__(self, signature: str):
-        self.signature = signature
+        self.signature, self.finished = signature, False
 
-    def state_dict(self) -> dict[str, str]:
-        return {"signature": self.signature}
+    def state_dict(self) -> dict[str, Any]:
+        return {"signature": self.signature, "finished": self.finished}
 
-    def load_state_dict(self, state: Mapping[str, str]) -> None:  # checked before loading, nothing to restore
-        pass
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.finished = bool(state.get("finished", False))
 
 
 class ResumeCheckpoint:
@@ -111,8 +113,7 @@ class ResumeCheckpoint:
 
         ckpt = ResumeCheckpoint(out / "resume", {"trainer": trainer, "network": net, "optimizer": opt}, signature)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, ckpt)
-        ckpt.resume()  # right before trainer.run(): also restores the random generators
-        trainer.run()
+        ckpt.run(trainer)  # resume (random generators included) and train what is left
         ckpt.clear()
     """
 
@@ -121,7 +122,8 @@ class ResumeCheckpoint:
 
         self.directory = Path(directory)
         self.signature = str(signature)
-        self.objects = {**dict(objects), "rng": RNGState(), "signature": _Signature(self.signature)}
+        self._meta = _Meta(self.signature)
+        self.objects = {**dict(objects), "rng": RNGState(), "signature": self._meta}
         self._checkpoint = Checkpoint(
             self.objects,
             DiskSaver(str(self.directory), require_empty=False, create_dir=True, atomic=True),
@@ -131,7 +133,11 @@ class ResumeCheckpoint:
         )
 
     def __call__(self, engine: Engine) -> None:
-        """Save now (attach to an event, or call from a handler)."""
+        """Save now (attach to an event, or call from a handler, after the handlers that may terminate the engine)."""
+        s = engine.state
+        self._meta.finished = bool(engine.should_terminate) or (
+            s.max_epochs is not None and s.epoch_length is not None and s.iteration >= s.max_epochs * s.epoch_length
+        )
         self.directory.mkdir(parents=True, exist_ok=True)
         self._checkpoint(engine)
 
@@ -174,6 +180,13 @@ class ResumeCheckpoint:
             logger.info("resuming from %s (iteration %d)", path, iteration)
             return iteration
         return None
+
+    def run(self, engine: Engine) -> None:
+        """:meth:`resume`, then run ``engine`` unless the checkpoint was taken after it had finished (ignite would
+        start a finished engine over from the beginning)."""
+        self.resume()
+        if not self._meta.finished:
+            engine.run()
 
     def clear(self) -> None:
         """Remove every checkpoint (the phase finished; its results are elsewhere)."""
