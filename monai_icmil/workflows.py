@@ -537,6 +537,8 @@ class ICMILWorkflow:
             "seconds": time.perf_counter() - t0,
             "best_epoch": result["best_epoch"],
             "val": {k[4:]: v for k, v in result["val"].items() if k.startswith("val_")},
+            "restart": result["restart"],
+            "restarts_val": [r["best_metric"] for r in result["restarts"]],
         }
         self._end(run)
         self._mark(r, "bag", record)

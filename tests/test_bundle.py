@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from monai_icmil.engines.bag import load_bag_classifier
 from monai_icmil.workflows import ICMILWorkflow, check_cli_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +103,14 @@ def test_train_bundle_runs_two_rounds_end_to_end(trained):
     # round r+1's features come from a different embedder than round r's
     fps = {state["rounds"][str(r)]["embed"]["fingerprint"] for r in (0, 1, 2)}
     assert len(fps) == 3
+    # train.json's bag phase: 3 restarts on standardised features, the best by validation AUC is the round's
+    for r in ("0", "1", "2"):
+        bag = state["rounds"][r]["bag"]
+        restarts = json.loads((out / f"round_{r}" / "bag" / "restarts.json").read_text())
+        assert len(bag["restarts_val"]) == 3 and restarts["chosen"] == bag["restart"]
+        assert bag["val"]["auc"] == pytest.approx(max(bag["restarts_val"]))
+    net = load_bag_classifier(out / "round_0" / "bag" / "bag_classifier.pt")
+    assert not torch.equal(net.input_std, torch.ones_like(net.input_std))
 
 
 def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):

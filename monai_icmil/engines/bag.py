@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +39,8 @@ __all__ = [
     "bag_train_step",
     "bag_eval_step",
     "train_bag_classifier",
+    "train_bag_classifier_once",
+    "feature_stats",
     "predict_bags",
     "write_predictions_csv",
     "save_bag_classifier",
@@ -184,7 +188,10 @@ def load_bag_classifier(
     kwargs = {k: v for k, v in cfg.items() if k not in ("in_dim", "num_classes")}
     kwargs.update(ckpt.get("kwargs", {}))
     net = create_aggregator(ckpt["aggregator"], cfg["in_dim"], cfg["num_classes"], **kwargs)
-    net.load_state_dict(ckpt["state_dict"])
+    state = dict(ckpt["state_dict"])
+    for name in ("input_mean", "input_std"):  # checkpoints from before input standardisation: identity
+        state.setdefault(name, net.state_dict()[name])
+    net.load_state_dict(state)
     net.build_kwargs = ckpt.get("kwargs", {})
     return net
 
@@ -219,7 +226,142 @@ def write_predictions_csv(
     return atomic_write_text(path, buf.getvalue())
 
 
+def feature_stats(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation of every instance of every bag (float64 running sums)."""
+    total, total_sq, n = None, None, 0
+    for i in range(len(dataset)):
+        feats = dataset[i]["features"].double()
+        if len(feats) == 0:
+            continue
+        s, sq = feats.sum(0), (feats * feats).sum(0)
+        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+        n += len(feats)
+    if not n:
+        raise ValueError("no instances to compute feature statistics from (every bag is empty).")
+    mean = total / n
+    std = (total_sq / n - mean * mean).clamp_min(0).sqrt()
+    return mean.float(), std.float()
+
+
 def train_bag_classifier(
+    train_ds: BagDataset,
+    val_ds: BagDataset,
+    aggregator: str = "abmil",
+    output_dir: str | os.PathLike = "bag",
+    restarts: int = 1,
+    seed: int = 0,
+    mlflow_run: Any = None,
+    progress: bool = True,
+    class_names: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Train a bag classifier ``restarts`` times from different initialisations and keep the best by validation.
+
+    On weak features and low witness rates a bag classifier may latch onto a wrong signal from one initialisation
+    and find the tumour from another; the restart with the highest best validation ``key_metric`` (ties: the
+    earliest) is kept. Each restart trains in ``output_dir/restart_<k>/`` with seed ``seed + k`` and records its
+    outcome there, so an interrupted phase skips the finished restarts and resumes the unfinished one. The chosen
+    restart's checkpoint, predictions and history are copied into ``output_dir`` and ``restarts.json`` lists
+    them all. With ``restarts=1`` everything is written into ``output_dir`` directly.
+
+    Args:
+        train_ds, val_ds, aggregator, output_dir, seed, mlflow_run, progress, class_names: as
+            :func:`train_bag_classifier_once`.
+        restarts: number of initialisations to try (>= 1).
+        kwargs: the other arguments of :func:`train_bag_classifier_once`.
+
+    Returns:
+        The chosen restart's result (as :func:`train_bag_classifier_once`), plus ``"restart"`` (its index) and
+        ``"restarts"`` (``[{"restart", "seed", "best_metric", "best_epoch"}]``).
+    """
+    restarts = int(restarts)
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    common = dict(aggregator=aggregator, progress=progress, class_names=class_names, **kwargs)
+    if restarts == 1:
+        result = train_bag_classifier_once(
+            train_ds, val_ds, output_dir=output_dir, seed=seed, mlflow_run=mlflow_run, **common
+        )
+        summary = {"restart": 0, "seed": seed, "best_metric": result["best_metric"], "best_epoch": result["best_epoch"]}
+        return {**result, "restart": 0, "restarts": [summary]}
+    out_dir = Path(output_dir)
+    signature = stable_hash({"bags": _bags_signature(train_ds, val_ds), "settings": _jsonable(common)})
+    runs = []
+    for k in range(restarts):
+        sub = out_dir / f"restart_{k}"
+        record = sub / "restart.json"
+        done = json.loads(record.read_text()) if record.is_file() else None
+        if done is None or done.get("signature") != signature:
+            logger.info("bag phase: restart %d of %d (seed %d)", k + 1, restarts, seed + k)
+            res = train_bag_classifier_once(train_ds, val_ds, output_dir=sub, seed=seed + k, **common)
+            done = {
+                "restart": k,
+                "seed": seed + k,
+                "best_metric": res["best_metric"],
+                "best_epoch": res["best_epoch"],
+                "val": res["val"],
+                "signature": signature,
+            }
+            atomic_write_json(record, done)
+        runs.append(done)
+    best = max(range(restarts), key=lambda k: (_finite(runs[k]["best_metric"]), -k))
+    chosen = out_dir / f"restart_{best}"
+    for name in ("bag_classifier.pt", "predictions_train.csv", "predictions_val.csv", "history.json"):
+        with atomic_path(out_dir / name) as tmp:
+            shutil.copyfile(chosen / name, tmp)
+    summaries = [{k: r[k] for k in ("restart", "seed", "best_metric", "best_epoch")} for r in runs]
+    atomic_write_json(out_dir / "restarts.json", {"chosen": best, "restarts": summaries})
+    logger.info(
+        "bag phase: restart %d kept (best validation %s %s)",
+        best,
+        kwargs.get("key_metric", "auc"),
+        ", ".join(f"{_finite(r['best_metric']):.3f}" for r in runs),
+    )
+    history = json.loads((chosen / "history.json").read_text())
+    if mlflow_run is not None:
+        mlflow_run.log_params({"restarts": restarts, "chosen_restart": best, "aggregator": aggregator, "seed": seed})
+        for k in range(restarts):  # every restart's curves, under its own prefix
+            for row in json.loads((out_dir / f"restart_{k}" / "history.json").read_text()):
+                values = {f"restart_{k}.{m}": v for m, v in row.items() if m != "epoch" and math.isfinite(v)}
+                mlflow_run.log_metrics(values, step=row["epoch"])
+        mlflow_run.log_metrics({f"best_{m}": v for m, v in runs[best]["val"].items() if m.startswith("val_")})
+        mlflow_run.log_artifacts(
+            [out_dir / n for n in ("bag_classifier.pt", "predictions_val.csv", "predictions_train.csv", "history.json")]
+            + [out_dir / "restarts.json"],
+            artifact_path="bag_phase",
+        )
+    return {
+        "best_metric": runs[best]["best_metric"],
+        "best_epoch": runs[best]["best_epoch"],
+        "checkpoint": str(out_dir / "bag_classifier.pt"),
+        "val": runs[best]["val"],
+        "history": history,
+        "network": load_bag_classifier(out_dir / "bag_classifier.pt", _device(kwargs.get("device"))),
+        "restart": best,
+        "restarts": summaries,
+    }
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _bags_signature(train_ds: Dataset, val_ds: Dataset) -> dict[str, Any]:
+    return {
+        "train": [(i["slide_id"], int(i["label"]), i.get("key")) for i in train_ds.items],
+        "val": [(i["slide_id"], int(i["label"]), i.get("key")) for i in val_ds.items],
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj if isinstance(obj, (int, float, str, bool, type(None))) else str(obj)
+
+
+def train_bag_classifier_once(
     train_ds: BagDataset,
     val_ds: BagDataset,
     aggregator: str = "abmil",
@@ -237,6 +379,7 @@ def train_bag_classifier(
     tier1_weight: float = 1.0,
     key_metric: str = "auc",
     early_stop_patience: int | None = 10,
+    standardize: bool = True,
     device: str | torch.device | None = None,
     seed: int = 0,
     init: MILAggregator | None = None,
@@ -244,7 +387,7 @@ def train_bag_classifier(
     progress: bool = True,
     class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Train a bag classifier, keep the best by a validation metric, and write predictions.
+    """Train a bag classifier once, keep the best by a validation metric, and write predictions.
 
     Every epoch the whole state (network, Adam, scheduler, early-stopping counters, epoch, best score, random
     generators) is checkpointed into ``output_dir/resume/``; the same call after an interruption continues from
@@ -263,7 +406,11 @@ def train_bag_classifier(
         tier1_weight: weight of DTFD's tier-1 loss.
         key_metric: validation metric that selects the best checkpoint (one of auc, acc, f1, youden_acc, youden_f1).
         early_stop_patience: epochs without improvement of ``key_metric`` before stopping (``None``: never).
-        device: default CUDA when available.
+        standardize: standardise every feature dimension with the mean and standard deviation over the training
+            instances; the statistics are part of the network (:meth:`MILAggregator.set_input_stats`), so the
+            instance teacher and inference apply them too. Features of a random-init or self-supervised embedder
+            can have a scale at which the default learning rate does not move the loss at all. With ``init``, its
+            own statistics are kept.
         seed: seeds the initialisation, instance shuffling and DTFD pseudo-bags.
         init: start from this network instead of a fresh one.
         mlflow_run: a :class:`~monai_icmil.handlers.tracking.MLflowRun` to log params, metrics and artifacts into.
@@ -278,14 +425,16 @@ def train_bag_classifier(
         ValueError: bags whose feature dim differs from the model's (names the slide).
     """
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
-    from monai.handlers import EarlyStopHandler, StatsHandler, ValidationHandler
+    from monai.handlers import EarlyStopHandler, ValidationHandler
     from monai.utils import set_determinism
+
+    from monai_icmil.handlers.stats import stats_handler
 
     if key_metric not in METRIC_NAMES:
         raise ValueError(f"key_metric must be one of {METRIC_NAMES}, got {key_metric!r}")
     if len(train_ds) == 0:
         raise ValueError("the bag phase has no training bags (all slides failed or were empty).")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(seed)
@@ -293,6 +442,8 @@ def train_bag_classifier(
     kwargs = dict(aggregator_kwargs or {})
     net = init if init is not None else create_aggregator(aggregator, in_dim, num_classes, **kwargs)
     net.build_kwargs = {k: v for k, v in kwargs.items() if k not in net.config()}
+    if standardize and init is None:
+        net.set_input_stats(*feature_stats(train_ds))
     net = net.to(device)
     check_bag_dims(train_ds, net.in_dim)
     check_bag_dims(val_ds, net.in_dim)
@@ -396,20 +547,19 @@ def train_bag_classifier(
             "kwargs": kwargs,
             "in_dim": in_dim,
             "num_classes": num_classes,
-            "train": [(i["slide_id"], int(i["label"]), i.get("key")) for i in train_ds.items],
-            "val": [(i["slide_id"], int(i["label"]), i.get("key")) for i in val_ds.items],
+            **_bags_signature(train_ds, val_ds),
             "settings": [epochs, lr, weight_decay, grad_clip, lr_schedule, class_weights, shuffle_instances],
-            "more": [max_instances, tier1_weight, key_metric, early_stop_patience, seed, init is not None],
+            "more": [max_instances, tier1_weight, key_metric, early_stop_patience, seed, init is not None, standardize],
         }
     )
     resume = ResumeCheckpoint(out_dir / "resume", resumable, signature)
 
     trainer.add_event_handler(Events.EPOCH_COMPLETED, resume)  # after validation: the epoch's best and counters
 
-    StatsHandler(
-        name="monai_icmil.bag", tag_name="train_loss", output_transform=lambda o: o["loss"], iteration_log=False
+    stats_handler(
+        "monai_icmil.bag", tag_name="train_loss", output_transform=lambda o: o["loss"], iteration_log=False
     ).attach(trainer)
-    StatsHandler(name="monai_icmil.bag", output_transform=lambda o: None, iteration_log=False).attach(evaluator)
+    stats_handler("monai_icmil.bag", output_transform=lambda o: None, iteration_log=False).attach(evaluator)
     if progress:
         from ignite.contrib.handlers import ProgressBar
 

@@ -390,8 +390,9 @@ def finetune_embedder(
         ValueError: the bag classifier's feature dimension differs from the embedder's output.
     """
     from monai.engines import SupervisedTrainer
-    from monai.handlers import StatsHandler
     from monai.utils import set_determinism
+
+    from monai_icmil.handlers.stats import stats_handler
 
     if select not in ("mae", "agreement", "last"):
         raise ValueError(f"select must be 'mae', 'agreement' or 'last', got {select!r}")
@@ -550,8 +551,8 @@ def finetune_embedder(
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, val_interval)), _validate)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, _validate)
-    StatsHandler(
-        name="monai_icmil.couple",
+    stats_handler(
+        "monai_icmil.couple",
         output_transform=lambda o: o["loss"],
         iteration_log=False,
         tag_name="distillation_loss",

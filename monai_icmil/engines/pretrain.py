@@ -182,9 +182,9 @@ def pretrain_embedder(
     import copy
 
     from monai.engines import SupervisedTrainer
-    from monai.handlers import StatsHandler
     from monai.utils import set_determinism
 
+    from monai_icmil.handlers.stats import stats_handler
     from monai_icmil.networks.embedders import create_embedder
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -282,8 +282,8 @@ def pretrain_embedder(
             mlflow_run.log_metrics({"pretrain_loss": row["loss"]}, step=engine.state.epoch)
         resume(engine)
 
-    StatsHandler(
-        name="monai_icmil.pretrain", output_transform=lambda o: o["loss"], iteration_log=False, tag_name="nt_xent"
+    stats_handler(
+        "monai_icmil.pretrain", output_transform=lambda o: o["loss"], iteration_log=False, tag_name="nt_xent"
     ).attach(trainer)
     if mlflow_run is not None:
         mlflow_run.log_params(

@@ -4,7 +4,9 @@
 
 Every aggregator has one interface, which is all the embedder phase needs:
 
-* ``reduce(feats) -> h``: ``Linear D->hidden`` + ReLU (+ optional residual blocks), per instance;
+* ``reduce(feats) -> h``: input standardisation (fixed per-dimension mean/std, identity until
+  :meth:`MILAggregator.set_input_stats` is called), ``Linear D->hidden`` + ReLU (+ optional residual blocks), per
+  instance;
 * ``forward(bag) -> {"logits": [1, C], "attention": [N] (where it has one)}`` for one bag ``[N, D]``;
 * ``instance_logits(feats) -> [N, C]``: the bag classifier's last layer applied to each instance (the teacher);
 * ``attention(h) -> [N]``: raw (pre-softmax) attention scores, where the aggregator has attention;
@@ -79,6 +81,11 @@ class MILAggregator(nn.Module):
         hidden_dim: width of the reduced features.
         num_res_blocks: residual blocks after the reduction.
         dropout: dropout on the reduced features during training.
+
+    The buffers ``input_mean`` and ``input_std`` standardise every instance feature before the reduction. They are
+    the identity until :meth:`set_input_stats` sets them (the bag phase does, from the training bags). Being part
+    of the network, they travel with its checkpoints and apply wherever the network does, also to the single
+    patches the instance teacher labels and to the student's features in the embedder phase.
     """
 
     has_attention = False
@@ -93,9 +100,20 @@ class MILAggregator(nn.Module):
         self.dim_reduction = DimReduction(in_dim, hidden_dim, num_res_blocks)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_dim, num_classes)
+        self.register_buffer("input_mean", torch.zeros(self.in_dim))
+        self.register_buffer("input_std", torch.ones(self.in_dim))
+
+    @torch.no_grad()
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
+        """Standardise inputs with this per-dimension ``mean`` and ``std`` (``[in_dim]`` each) from now on."""
+        mean, std = torch.as_tensor(mean).float().reshape(-1), torch.as_tensor(std).float().reshape(-1)
+        if mean.numel() != self.in_dim or std.numel() != self.in_dim:
+            raise ValueError(f"input stats must have {self.in_dim} entries, got {mean.numel()} and {std.numel()}")
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std.clamp_min(eps))
 
     def reduce(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.dim_reduction(feats)
+        return self.dim_reduction((feats - self.input_mean) / self.input_std)
 
     def instance_logits(self, feats: torch.Tensor) -> torch.Tensor:
         """The bag classifier applied to each instance: ``[N, D] -> [N, C]``."""
