@@ -341,3 +341,28 @@ def test_epoch_summaries_and_restart_choice_reach_the_configured_logging(tmp_pat
     assert any("restart 2 of 2" in m for m in bag) and any("kept" in m for m in bag), bag
     assert sum("train_loss" in m for m in bag) >= 4, bag  # per epoch, both restarts
     assert logging.getLogger("monai_icmil.bag").propagate
+
+
+def test_restarts_log_every_curve_and_the_kept_one_under_the_plain_names(tmp_path):
+    import mlflow
+
+    run = start_run(sqlite_tracking_uri(tmp_path), "bag-restarts", "bag_phase")
+    result = train_bag_classifier(
+        ShiftedBags(8, 0),
+        ShiftedBags(6, 1, shift=1.5),
+        "abmil",
+        tmp_path / "bag",
+        restarts=2,
+        aggregator_kwargs=FAST,
+        epochs=2,
+        progress=False,
+        device="cpu",
+        mlflow_run=run,
+    )
+    client = mlflow.MlflowClient(tracking_uri=sqlite_tracking_uri(tmp_path))
+    kept = [m.value for m in client.get_metric_history(run.run_id, "val_auc")]
+    for k in range(2):
+        assert [m.step for m in client.get_metric_history(run.run_id, f"restart_{k}.val_auc")] == [1, 2]
+    chosen = [m.value for m in client.get_metric_history(run.run_id, f"restart_{result['restart']}.val_auc")]
+    assert kept == chosen
+    assert client.get_run(run.run_id).data.params["chosen_restart"] == str(result["restart"])

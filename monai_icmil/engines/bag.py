@@ -320,10 +320,11 @@ def train_bag_classifier(
     history = json.loads((chosen / "history.json").read_text())
     if mlflow_run is not None:
         mlflow_run.log_params({"restarts": restarts, "chosen_restart": best, "aggregator": aggregator, "seed": seed})
-        for k in range(restarts):  # every restart's curves, under its own prefix
+        for k in range(restarts):  # every restart's curves under its own prefix; the kept one's also unprefixed
             for row in json.loads((out_dir / f"restart_{k}" / "history.json").read_text()):
-                values = {f"restart_{k}.{m}": v for m, v in row.items() if m != "epoch" and math.isfinite(v)}
-                mlflow_run.log_metrics(values, step=row["epoch"])
+                values = {m: v for m, v in row.items() if m != "epoch" and math.isfinite(v)}
+                prefixed = {f"restart_{k}.{m}": v for m, v in values.items()}
+                mlflow_run.log_metrics({**prefixed, **(values if k == best else {})}, step=row["epoch"])
         mlflow_run.log_metrics({f"best_{m}": v for m, v in runs[best]["val"].items() if m.startswith("val_")})
         mlflow_run.log_artifacts(
             [out_dir / n for n in ("bag_classifier.pt", "predictions_val.csv", "predictions_train.csv", "history.json")]
