@@ -75,7 +75,7 @@ def atomic_write_json(path: PathLike, obj: Any, indent: int = 2) -> Path:
 def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
-    if isinstance(o, Path):
+    if isinstance(o, Path) or type(o).__module__ == "torch":  # paths, torch.device, torch.dtype
         return str(o)
     raise TypeError(f"Object of type {type(o).__name__} is not JSON serialisable")
 

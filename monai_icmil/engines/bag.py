@@ -285,7 +285,7 @@ def train_bag_classifier(
         summary = {"restart": 0, "seed": seed, "best_metric": result["best_metric"], "best_epoch": result["best_epoch"]}
         return {**result, "restart": 0, "restarts": [summary]}
     out_dir = Path(output_dir)
-    signature = stable_hash({"bags": _bags_signature(train_ds, val_ds), "settings": _jsonable(common)})
+    signature = stable_hash({"bags": _bags_signature(train_ds, val_ds), "settings": common})
     runs = []
     for k in range(restarts):
         sub = out_dir / f"restart_{k}"
@@ -352,14 +352,6 @@ def _bags_signature(train_ds: Dataset, val_ds: Dataset) -> dict[str, Any]:
         "train": [(i["slide_id"], int(i["label"]), i.get("key")) for i in train_ds.items],
         "val": [(i["slide_id"], int(i["label"]), i.get("key")) for i in val_ds.items],
     }
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj if isinstance(obj, (int, float, str, bool, type(None))) else str(obj)
 
 
 def train_bag_classifier_once(
