@@ -608,6 +608,7 @@ class ICMILWorkflow:
             "best_iteration": result["best_iteration"],
             "best": result["best"],
             "world_size": result["world_size"],
+            "teacher_consistency": result["teacher_consistency"],
         }
         self._end(run)
         if _rank() == 0:  # under torchrun every rank trains (DDP); rank 0 records

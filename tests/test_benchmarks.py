@@ -10,6 +10,9 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "icmil_gain.py"
 
 
@@ -31,6 +34,15 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         for key in ("val_auc", "test_auc", "test_acc", "test_f1", "teacher_patch_auc", "probe_patch_auc"):
             assert isinstance(r[key], float) and (0 <= r[key] <= 1 or math.isnan(r[key])), (key, r)
         assert 0 <= r["test_acc"] <= 1  # two test slides: always defined
+        # every restart is scored on the test slides; the kept one is the workflow's own test result
+        assert len(r["restart_test_aucs"]) == 2
+        same = lambda a, b: a == pytest.approx(b) or (math.isnan(a) and math.isnan(b))  # noqa: E731
+        assert any(same(a, r["test_auc"]) for a in r["restart_test_aucs"]), r
+        assert same(r["restart_mean_test_auc"], float(np.mean(r["restart_test_aucs"])))
+        if r["round"] == 0:
+            assert r["teacher_view_agreement"] is None
+        else:
+            assert 0 <= r["teacher_view_agreement"] <= 1
     # the ssl start pre-trained once per seed and every aggregator's round 0 used that embedder
     fps = {
         json.loads((tmp_path / "runs" / "seed_0" / "ssl" / agg / "state.json").read_text())["rounds"]["0"]["embed"][

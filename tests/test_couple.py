@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from monai_icmil.engines.couple import (
     EmbedderPhaseError,
     InstanceClassifier,
     finetune_embedder,
+    view_consistency,
 )
 from monai_icmil.losses import ICMILDistillationLoss, confidence_weights
 from monai_icmil.networks import create_aggregator, create_embedder
@@ -188,6 +190,41 @@ def test_one_iteration_end_to_end_for_each_teacher(slides, tmp_path, name, confi
     )
     assert len(result["history"]) == 1 and np.isfinite(result["history"][0]["loss_loss"])
     assert (tmp_path / "embedder.safetensors").is_file()
+    c = result["teacher_consistency"]
+    assert 0.0 <= c["view_agreement"] <= 1.0 and 0.0 <= c["view_mae"] <= 1.0 and c["view_kl"] >= 0.0
+
+
+def test_view_consistency_equals_a_hand_computation():
+    torch.manual_seed(0)
+    embedder = create_embedder("resnet18_trunc", input_size=32)
+    teacher = InstanceClassifier(embedder, _teacher("abmil", embedder.out_dim)).eval()
+    plain = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)
+    same = plain.float() / 255.0
+    c = view_consistency(teacher, plain, same, torch.device("cpu"), batch_size=10)
+    assert c["view_agreement"] == 1.0 and c["view_mae"] < 1e-6 and abs(c["view_kl"]) < 1e-6
+    flipped = same.flip(-1)
+    c = view_consistency(teacher, plain, flipped, torch.device("cpu"), batch_size=10)
+    with torch.no_grad():
+        lp, lv = teacher(plain), teacher(flipped)
+    pp, pv = lp.softmax(-1), lv.softmax(-1)
+    assert c["view_mae"] == pytest.approx(float((pv - pp).abs().mean()), rel=1e-5) and c["view_mae"] > 0
+    assert c["view_agreement"] == pytest.approx(float((pv.argmax(1) == pp.argmax(1)).float().mean()))
+    assert c["view_kl"] == pytest.approx(float(_kl(lv, lp)), rel=1e-5)
+
+
+def test_a_teacher_that_disagrees_with_itself_on_the_views_is_warned_about(slides, tmp_path, monkeypatch):
+    train, val = slides
+    torch.manual_seed(0)
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    agg = _teacher("abmil", embedder.out_dim)
+    kw = dict(FAST, batches_per_epoch=1, val_interval=1, val_patches=16, batch_size=8)
+    monkeypatch.setattr(couple_module, "VIEW_AGREEMENT_WARN", 1.01)  # no teacher can reach it
+    with pytest.warns(UserWarning, match="invariance"):
+        finetune_embedder(embedder, agg, train, val, tmp_path / "a", **kw)
+    monkeypatch.setattr(couple_module, "VIEW_AGREEMENT_WARN", 0.0)  # every teacher reaches it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        finetune_embedder(embedder, agg, train, val, tmp_path / "b", **kw)
 
 
 def test_checkpoint_of_another_aggregator_or_dimension_fails_before_training(slides, tmp_path):

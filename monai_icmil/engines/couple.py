@@ -18,8 +18,10 @@ embedding recomputes every feature.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,11 +36,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from monai_icmil.data.slide import get_slide
 from monai_icmil.engines.embedding import _dist_info
 from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
-from monai_icmil.losses import ICMILDistillationLoss
+from monai_icmil.losses import ICMILDistillationLoss, kl_terms
 from monai_icmil.networks.aggregators import MILAggregator
 from monai_icmil.networks.embedders import PatchEmbedder
 from monai_icmil.transforms.stain import RandHEDJitter, slide_stain_normalizer
 from monai_icmil.utils import atomic_path, atomic_write_json, stable_hash
+
+logger = logging.getLogger("monai_icmil.couple")
+
+#: below this teacher agreement between plain patches and student views, the embedder phase warns
+VIEW_AGREEMENT_WARN = 0.9
 
 __all__ = [
     "EmbedderPhaseError",
@@ -49,6 +56,7 @@ __all__ = [
     "student_view_transform",
     "couple_step",
     "agreement",
+    "view_consistency",
     "finetune_embedder",
 ]
 
@@ -306,6 +314,41 @@ def agreement(
     return {"mae": float((s - t).abs().mean()), "agreement": float((s.argmax(1) == t.argmax(1)).float().mean())}
 
 
+@torch.no_grad()
+def view_consistency(
+    teacher: InstanceClassifier,
+    patches: torch.Tensor,
+    views: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 128,
+) -> dict[str, float]:
+    """How far the instance teacher's own labels move between plain patches and the student's views of them.
+
+    The embedder phase asks the student to give each view the label the teacher gives the plain patch. Where the
+    teacher itself labels a view differently (features not invariant to flips, crops or stain), the student first
+    has to learn that invariance, which moves it away from the teacher on plain patches too; a low agreement here
+    warns that coupling will mostly teach invariance, not the teacher's category knowledge.
+
+    Returns:
+        ``view_mae`` (mean absolute probability difference), ``view_agreement`` (same argmax) and ``view_kl`` (the
+        loss's view term with the teacher in the student's place, i.e. the view term at iteration 0).
+    """
+    teacher.eval()
+    pv, pp, kl = [], [], []
+    for i in range(0, len(patches), batch_size):
+        lp = teacher(patches[i : i + batch_size].to(device)).float()
+        lv = teacher(views[i : i + batch_size].to(device)).float()
+        pp.append(torch.softmax(lp, -1).cpu())
+        pv.append(torch.softmax(lv, -1).cpu())
+        kl.append(kl_terms(lv, lp).mean(-1).cpu())
+    v, t = torch.cat(pv), torch.cat(pp)
+    return {
+        "view_mae": float((v - t).abs().mean()),
+        "view_agreement": float((v.argmax(1) == t.argmax(1)).float().mean()),
+        "view_kl": float(torch.cat(kl).mean()),
+    }
+
+
 def finetune_embedder(
     embedder: PatchEmbedder,
     aggregator: MILAggregator,
@@ -382,7 +425,8 @@ def finetune_embedder(
         hed_jitter: random HED stain perturbation of the student view (e.g. 0.05; 0 = ICMIL's views).
 
     Returns:
-        ``{"checkpoint", "fingerprint", "best": {...}, "best_iteration", "history", "embedder", "world_size"}``.
+        ``{"checkpoint", "fingerprint", "best": {...}, "best_iteration", "history", "embedder", "world_size",
+        "teacher_consistency": :func:`view_consistency` of the teacher on the held-out patches}``.
 
     Raises:
         EmbedderPhaseError: no tissue patches, an aggregator without attention for the confidence variant, or a
@@ -437,11 +481,33 @@ def finetune_embedder(
         stain_normalize=stain_normalize,
         with_views=False,
     )
-    held_out = val_data[0]["plain"]  # fixed held-out patches, read once (every rank: same patches, same decisions)
+    # fixed held-out patches, read once (every rank: same patches, same decisions), and one student view of each
+    held_out, held_out_seeds = val_data.draw(0)
+    held_out_views = torch.stack(
+        [val_data.view(p, s) for p, (s,) in zip(held_out.float() / 255.0, held_out_seeds)]
+    ).clamp_(0, 1)
 
     teacher = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(aggregator)).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    consistency = view_consistency(teacher, held_out, held_out_views, device)
+    logger.info(
+        "instance teacher on plain patches vs the student's views of them: agreement %.3f, mean |dp| %.3f, "
+        "view KL %.4f",
+        consistency["view_agreement"],
+        consistency["view_mae"],
+        consistency["view_kl"],
+    )
+    if consistency["view_agreement"] < VIEW_AGREEMENT_WARN:
+        warnings.warn(
+            f"the instance teacher labels {1 - consistency['view_agreement']:.0%} of held-out patches differently "
+            "once flipped/cropped/stain-jittered as the student sees them (agreement "
+            f"{consistency['view_agreement']:.3f} < {VIEW_AGREEMENT_WARN}): the embedder phase will mostly teach the "
+            "student that invariance rather than the teacher's classes. Usual causes: a random-init or untuned "
+            "starting embedder; milder views (min_crop_area closer to 1, lower hed_jitter) or pretrained weights "
+            "help.",
+            stacklevel=2,
+        )
     student = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(aggregator)).to(device)
     for p in student.parameters():
         p.requires_grad_(False)
@@ -612,6 +678,7 @@ def finetune_embedder(
     tuned = create_embedder(None, weights=ckpt)
     if mlflow_run is not None:
         mlflow_run.log_metrics({f"best_val_{k}": v for k, v in best["metrics"].items()})
+        mlflow_run.log_metrics({f"teacher_{k}": v for k, v in consistency.items()})
         mlflow_run.log_artifacts([ckpt, out_dir / "history.json"], artifact_path="embedder_phase")
     return {
         "checkpoint": str(ckpt),
@@ -621,6 +688,7 @@ def finetune_embedder(
         "history": history,
         "embedder": tuned,
         "world_size": world_size,
+        "teacher_consistency": consistency,
     }
 
 
