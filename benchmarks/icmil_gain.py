@@ -8,7 +8,10 @@ start (``random``: a random-init embedder; ``ssl``: the same after SimCLR pre-tr
 and aggregator (MaxPool, AB-MIL, DTFD), the ICMIL bundle runs round 0 (frozen embedder) and rounds 1..k. Per round
 we report test AUC / accuracy / F1, validation AUC, the patch-level AUC of the instance teacher (the round's
 bag classifier applied to single patches of the test slides) against the ground-truth tumour masks, and that of a
-linear probe on the round's features (fitted on half of the test slides, measured on the other half).
+linear probe on the round's features (fitted on half of the test slides, measured on the other half). The bag phase
+keeps the best of 3 restarts by validation AUC; every restart's test AUC is reported too, since their mean does not
+depend on that noisy choice. For coupled rounds, the teacher's agreement between plain patches and the student's
+views (measured by the embedder phase as it starts) is reported.
 
 Settings are fixed here, before looking at test AUCs, and every seed is reported. Round-0 work that does not depend
 on the aggregator (tiling, pre-training, round-0 features) is done once per seed and start and copied.
