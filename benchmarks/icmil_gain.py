@@ -31,6 +31,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,16 @@ def seed_round0(src: Path, dst: Path) -> None:
     atomic_write_json(dst / "state.json", keep)
 
 
+def stored_test_arrays(out: Path, r: int, datalist: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], str, dict]]:
+    """``(index, datalist entry, slide id, stored arrays)`` of every test slide with a non-empty bag in round ``r``."""
+    store = FeatureStore(out / f"round_{r}" / "features")
+    for k, entry in enumerate(datalist["test"]):
+        sid = Path(entry["image"]).stem
+        arrays = store.load(sid)
+        if arrays is not None and len(arrays["features"]):
+            yield k, entry, sid, arrays
+
+
 def patch_aucs(out: Path, r: int, data: Path, datalist: dict[str, Any]) -> dict[str, float]:
     """Round ``r`` against the tumour masks of the test slides (patches >= 50 % tumour are positive, tumour-free
     ones negative, the rest left out):
@@ -144,14 +155,9 @@ def patch_aucs(out: Path, r: int, data: Path, datalist: dict[str, Any]) -> dict[
       on the other half (how well the embedder itself separates tumour patches, across slides and stains).
     """
     net = load_bag_classifier(out / f"round_{r}" / "bag" / "bag_classifier.pt")
-    store = FeatureStore(out / f"round_{r}" / "features")
     ds = int(datalist.get("tumour_mask_downsample", 16))
     scores, labels, feats, groups = [], [], [], []
-    for k, entry in enumerate(datalist["test"]):
-        sid = Path(entry["image"]).stem
-        arrays = store.load(sid)
-        if arrays is None or len(arrays["features"]) == 0:
-            continue
+    for k, entry, sid, arrays in stored_test_arrays(out, r, datalist):
         footprint = float(CoordsStore(out / "coords").metadata(sid)["footprint"])
         frac = patch_tumour_fraction(arrays["coords"].numpy(), footprint, data / entry["tumour_mask"], ds)
         with torch.no_grad():
@@ -177,17 +183,11 @@ def restart_test_aucs(out: Path, r: int, datalist: dict[str, Any]) -> list[float
     """
     bag_dir = out / f"round_{r}" / "bag"
     nets = sorted(bag_dir.glob("restart_*/bag_classifier.pt")) or [bag_dir / "bag_classifier.pt"]
-    store = FeatureStore(out / f"round_{r}" / "features")
-    bags = []
-    for entry in datalist["test"]:
-        sid = Path(entry["image"]).stem
-        arrays = store.load(sid)
-        if arrays is not None and len(arrays["features"]):
-            bags.append({"slide_id": sid, "label": int(entry["label"]), "features": arrays["features"].float()})
-    aucs = []
-    for path in nets:
-        aucs.append(float(evaluate_bags(load_bag_classifier(path), bags)[0]["auc"]))
-    return aucs
+    bags = [
+        {"slide_id": sid, "label": int(entry["label"]), "features": arrays["features"].float()}
+        for _, entry, sid, arrays in stored_test_arrays(out, r, datalist)
+    ]
+    return [float(evaluate_bags(load_bag_classifier(path), bags)[0]["auc"]) for path in nets]
 
 
 def collect(out: Path, seed: int, aggregator: str, start: str, data: Path) -> list[dict[str, Any]]:
