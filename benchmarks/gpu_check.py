@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,13 +38,14 @@ def mask_parity(out: Path, dry: bool) -> dict:
     from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide, write_slide
     from monai_icmil.data.tiling import compute_tissue_mask
 
-    slides = []
-    size = (1024, 768) if dry else (8192, 6144)
-    for i in range(2):
-        cfg = SyntheticSlideConfig(width=size[0], height=size[1])
-        path = out / f"mask_{i}.tiff"
-        write_slide(path, render_slide((5, i), bool(i), cfg)["image"], cfg.mpp)
-        slides.append(path)
+    from bench_data import bench_slide
+
+    # the benchmark slide (8192x6144, cached by gpu_check.sh --fetch) and one small negative slide
+    slides = [bench_slide(out)[0]]
+    cfg = SyntheticSlideConfig(width=1024 if dry else 3072, height=768 if dry else 2048)
+    path = out / "mask_negative.tiff"
+    write_slide(path, render_slide((5, 0), False, cfg)["image"], cfg.mpp)
+    slides.append(path)
     cmu = Path(os.environ.get("ICMIL_CMU_SLIDE", ROOT / ".gpu_data" / "CMU-1-Small-Region.svs"))
     if cmu.is_file():
         slides.append(cmu)
@@ -79,93 +81,104 @@ def mask_parity(out: Path, dry: bool) -> dict:
     return {"rows": rows, "ok": all(r["differing_off_boundary"] == 0 for r in rows)}
 
 
-def script(name: str, args: list[str], out: Path, budget: int) -> dict:
-    js = out / f"{name}.json"
-    cmd = [sys.executable, str(HERE / f"{name}.py"), *args]
-    if name != "end_to_end" or "--json" not in args:
-        cmd += ["--json", str(js)]
+def script(name: str, args: list[str], work: Path, budget: float) -> dict:
+    js = work / f"{name}.json"
+    cmd = [sys.executable, str(HERE / f"{name}.py"), *args, "--json", str(js)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget)
         text, rc = proc.stdout + proc.stderr[-2000:], proc.returncode
     except subprocess.TimeoutExpired as e:
-        text, rc = f"timed out after {budget} s: {(e.stdout or '')[-2000:]}", 124
-    (out / f"{name}.log").write_text(text)
+        partial = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        text, rc = f"timed out after {budget:.0f} s: {partial[-2000:]}", 124
+    (work / f"{name}.log").write_text(text)
     print(f"--- {name} (rc {rc}, {time.perf_counter() - t0:.0f} s)\n{text[-3000:]}", flush=True)
-    return {"rc": rc, "figures": json.loads(js.read_text()) if js.is_file() else None}
+    return {
+        "rc": rc,
+        "seconds": time.perf_counter() - t0,
+        "figures": json.loads(js.read_text()) if js.is_file() else None,
+    }
+
+
+def report(results: dict, out: Path) -> str:
+    """Write ``gpu_check.json`` and ``gpu_check.md`` (atomically) from the steps done so far; returns the markdown."""
+    lines = ["# GPU check", "", f"{results['started']}, {results.get('seconds', 0):.0f} s", ""]
+    lines += ["| check | figures |", "| --- | --- |"]
+    if "mask_parity" in results:
+        mp = results["mask_parity"]
+        rows = "; ".join(
+            f"{r['slide']}: {r['differing']} px differ ({r['differing_off_boundary']} off the boundary), "
+            f"cpu {r['cpu_s']:.2f} s / {r['device']} {r['gpu_s']:.2f} s"
+            for r in mp["rows"]
+        )
+        lines.append(f"| tissue mask parity | ok={mp['ok']}: {rows} |")
+    for k in STEPS:
+        if k in results:
+            fig = results[k]["figures"]
+            lines.append(f"| {k} | rc {results[k]['rc']}: " + (json.dumps(fig) if fig else "no figures") + " |")
+    md = "\n".join(lines) + "\n"
+    for name, text in (("gpu_check.json", json.dumps(results, indent=2, default=str)), ("gpu_check.md", md)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return md
+
+
+STEPS = ("read_patches", "embed", "couple", "end_to_end")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
+    p.add_argument("--work", default=None, help="scratch folder for slides and per-step files (default: a temp dir)")
+    p.add_argument("--deadline", type=float, default=470, help="seconds for the whole check; later steps get less")
     p.add_argument("--dry", action="store_true", help="tiny sizes on the CPU")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    # only gpu_check.json / .md come back from the device (it returns at most 8 files); the rest stays in work
+    work = Path(a.work or tempfile.mkdtemp(prefix="gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
     workers = str(min(16, os.cpu_count() or 2))
     dry = a.dry
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.perf_counter()
-    results["mask_parity"] = mask_parity(out, dry)
+    results["mask_parity"] = mask_parity(work, dry)
     print(json.dumps(results["mask_parity"], indent=1), flush=True)
-    results["read_patches"] = script(
-        "read_patches",
-        ["--patches", "200" if dry else "5000", "--num_workers", workers, "--repeats", "1" if dry else "3"],
-        out,
-        120,
-    )
-    results["embed"] = script(
-        "embed",
-        ["--model", "resnet18_trunc" if dry else "resnet50_trunc", "--patch_size", "64" if dry else "224"]
-        + ["--patches", "256" if dry else "30000", "--batch_size", "64" if dry else "512"]
-        + ["--num_workers", "1" if dry else "8", "--read_threads", "2" if dry else "4"],
-        out,
-        180,
-    )
-    results["couple"] = script(
-        "couple",
-        ["--model", "resnet18_trunc" if dry else "resnet50_trunc", "--patch_size", "64" if dry else "256"]
-        + [
-            "--batch_size",
-            "16" if dry else "100",
-            "--batches",
-            "4" if dry else "60",
-            "--num_workers",
-            "1" if dry else "8",
-        ],
-        out,
-        150,
-    )
-    results["end_to_end"] = script(
-        "end_to_end",
-        ["--train", "4" if dry else "16", "--val", "2" if dry else "8", "--test", "2" if dry else "8"],
-        out,
-        150,
-    )
-    results["seconds"] = time.perf_counter() - t0
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
-    lines = [
-        "# GPU check",
-        "",
-        f"{results['started']}, {results['seconds']:.0f} s",
-        "",
-        "| check | figures |",
-        "| --- | --- |",
-    ]
-    lines.append(
-        f"| tissue mask parity | ok={results['mask_parity']['ok']}: "
-        + "; ".join(
-            f"{r['slide']}: {r['differing']} px differ ({r['differing_off_boundary']} off the boundary), "
-            f"cpu {r['cpu_s']:.2f} s / {r['device']} {r['gpu_s']:.2f} s"
-            for r in results["mask_parity"]["rows"]
-        )
-        + " |"
-    )
-    for k in ("read_patches", "embed", "couple", "end_to_end"):
-        fig = results[k]["figures"]
-        lines.append(f"| {k} | rc {results[k]['rc']}: " + (json.dumps(fig) if fig else "no figures") + " |")
-    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report(results, out)
+    steps = {
+        "read_patches": (
+            ["--patches", "200" if dry else "5000", "--num_workers", workers, "--repeats", "1" if dry else "3"],
+            120,
+        ),
+        "embed": (
+            ["--model", "resnet18_trunc" if dry else "resnet50_trunc", "--patch_size", "64" if dry else "224"]
+            + ["--patches", "256" if dry else "30000", "--batch_size", "64" if dry else "512"]
+            + ["--num_workers", "1" if dry else "8", "--read_threads", "2" if dry else "4"],
+            150,
+        ),
+        "couple": (
+            ["--model", "resnet18_trunc" if dry else "resnet50_trunc", "--patch_size", "64" if dry else "256"]
+            + ["--batch_size", "16" if dry else "100", "--batches", "4" if dry else "60"]
+            + ["--num_workers", "1" if dry else "8"],
+            120,
+        ),
+        "end_to_end": (
+            ["--train", "4" if dry else "16", "--val", "2" if dry else "8", "--test", "2" if dry else "8"],
+            150,
+        ),
+    }
+    for name in STEPS:
+        args, budget = steps[name]
+        left = a.deadline - (time.perf_counter() - t0) - 5
+        if left < 20:
+            print(f"--- {name} skipped: {left:.0f} s left of the {a.deadline:.0f} s deadline", flush=True)
+            results[name] = {"rc": None, "figures": None, "skipped": "deadline"}
+            continue
+        results[name] = script(name, args, work, min(budget, left))
+        results["seconds"] = time.perf_counter() - t0
+        report(results, out)
+    print(report(results, out))
 
 
 if __name__ == "__main__":
