@@ -7,6 +7,7 @@
 #     run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".gpu_data"], timeout_s=540)
 # Results: $OUT/gpu_check.json, gpu_check.md and gpu_check.log (per-step files stay in a temp folder). Here, without a GPU:
 #     bash benchmarks/gpu_check.sh --dry      # the same steps at tiny sizes on the CPU
+# Either takes gpu_check.py's options after it, e.g. `--only embed couple`.
 set -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +33,7 @@ PY=${PYTHON:-python3}
 if [ "$1" = "--dry" ]; then
     PY=${PYTHON:-.venv/bin/python}
     export ICMIL_BENCH_CACHE=$PWD/.gpu_data
-    exec $PY benchmarks/gpu_check.py --dry --out "${OUT:-/tmp/gpu_check_dry}"
+    exec $PY benchmarks/gpu_check.py --dry --out "${OUT:-/tmp/gpu_check_dry}" "${@:2}"
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -44,4 +45,4 @@ export PYTHONUNBUFFERED=1 ICMIL_CMU_SLIDE=$PWD/.gpu_data/CMU-1-Small-Region.svs 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, monai, cucim; print('torch', torch.__version__, 'monai', monai.__version__, 'cucim', cucim.__version__)" || exit 1
 mkdir -p "${OUT:=/tmp/gpu_check}"
-$PY benchmarks/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
+$PY benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"

@@ -6,8 +6,9 @@ The bag classifier trained in the bag phase, applied to single patches through i
 instance-level teacher. Teacher = frozen copies of the embedder, ``reduce`` and ``head`` (eval mode, no gradient);
 student = trainable copies of the same three, initialised from the teacher. For random tissue patches of the
 training slides (no slide labels are used), the teacher sees the plain patch and the student an augmented view
-(random flips + a random resized crop of 50-100 % of the area, back to the patch size, as MONAI transforms); the
-student learns to match the teacher (:class:`~monai_icmil.losses.ICMILDistillationLoss`).
+(random flips + a random resized crop of 50-100 % of the area, back to the patch size; optionally a HED stain
+perturbation), made for the whole batch at once on the training device
+(:class:`~monai_icmil.transforms.views.BatchRandomViews`); the student learns to match the teacher (:class:`~monai_icmil.losses.ICMILDistillationLoss`).
 
 Every ``val_interval`` iterations and at each epoch end, student and teacher are compared on held-out patches of the
 validation slides (mean absolute probability difference, argmax agreement); the best student embedder is kept in
@@ -30,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
-from monai.transforms import Compose, RandFlip, RandScaleCrop, Resize
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from monai_icmil.data.slide import get_slide
@@ -39,7 +39,8 @@ from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
 from monai_icmil.losses import ICMILDistillationLoss, kl_terms
 from monai_icmil.networks.aggregators import MILAggregator
 from monai_icmil.networks.embedders import PatchEmbedder
-from monai_icmil.transforms.stain import RandHEDJitter, slide_stain_normalizer
+from monai_icmil.transforms.stain import slide_stain_normalizer
+from monai_icmil.transforms.views import BatchRandomViews
 from monai_icmil.utils import atomic_path, atomic_write_json, stable_hash
 
 logger = logging.getLogger("monai_icmil.couple")
@@ -53,7 +54,7 @@ __all__ = [
     "DistillationBatches",
     "ResumableSequentialSampler",
     "StudentStep",
-    "student_view_transform",
+    "student_views",
     "couple_step",
     "agreement",
     "view_consistency",
@@ -103,19 +104,10 @@ class StudentStep(nn.Module):
         return logits, h_on_t, logits_on_t
 
 
-def student_view_transform(patch_size: int, min_area: float = 0.5, hed_jitter: float = 0.0) -> Compose:
-    """Random flips + a random resized crop (``min_area``-1 of the area, aspect varying) back to ``patch_size``
-    (ICMIL's student view), plus an optional HED stain perturbation of strength ``hed_jitter``."""
-    side = math.sqrt(min_area)
-    steps = [
-        RandFlip(prob=0.5, spatial_axis=0),
-        RandFlip(prob=0.5, spatial_axis=1),
-        RandScaleCrop(roi_scale=side, max_roi_scale=1.0, random_size=True),
-        Resize((patch_size, patch_size), mode="bilinear", anti_aliasing=False),
-    ]
-    if hed_jitter > 0:
-        steps.append(RandHEDJitter(sigma=hed_jitter, bias=hed_jitter / 2))
-    return Compose(steps)
+def student_views(patch_size: int, min_area: float = 0.5, hed_jitter: float = 0.0) -> BatchRandomViews:
+    """ICMIL's student view: random flips + a random resized crop (``min_area``-1 of the area, aspect varying) back to
+    ``patch_size``, plus an optional HED stain perturbation of strength ``hed_jitter``; made batch-wise."""
+    return BatchRandomViews(patch_size, min_area, hed_jitter)
 
 
 class DistillationBatches(Dataset):
@@ -138,9 +130,12 @@ class DistillationBatches(Dataset):
         stain_normalize: Macenko-normalise patches with their slide's stains (as the embedding did).
         hed_jitter: strength of the random HED stain perturbation of the student view (0: none).
         with_views: make the student views (``False``: plain patches only, e.g. held-out validation patches).
+        views_in_worker: make the views here, in the DataLoader worker (right for CPU training). ``False``: return
+            only their random parameters (``"view_params"``), and the training step makes them on its device
+            (:attr:`views`), which on a GPU is ~100x cheaper than in the worker.
 
-    Returns per item: ``{"plain": uint8 [B, 3, P, P], "view": float [B, 3, P, P] in [0, 1]}`` (``B`` is
-    ``batch_size / world_size`` under DDP).
+    Returns per item: ``{"plain": uint8 [B, 3, P, P], "view": float [B, 3, P, P] in [0, 1]}`` or, without
+    ``views_in_worker``, ``{"plain", "view_params": float [B, 15]}`` (``B`` is ``batch_size / world_size`` under DDP).
     """
 
     def __init__(
@@ -157,6 +152,7 @@ class DistillationBatches(Dataset):
         stain_normalize: bool = False,
         hed_jitter: float = 0.0,
         with_views: bool = True,
+        views_in_worker: bool = True,
     ):
         if batch_size % world_size:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of ranks ({world_size})")
@@ -171,8 +167,8 @@ class DistillationBatches(Dataset):
         self.offsets = np.r_[0, np.cumsum(self.sizes)]
         self.batch_size, self.num_batches, self.seed = batch_size, num_batches, seed
         self.patch_size = int(self.slides[0]["patch_size"])
-        self.views = student_view_transform(self.patch_size, min_area, hed_jitter)
-        self.stain_normalize, self.with_views = stain_normalize, with_views
+        self.views = student_views(self.patch_size, min_area, hed_jitter)
+        self.stain_normalize, self.with_views, self.views_in_worker = stain_normalize, with_views, views_in_worker
         self.read_threads, self.backend = read_threads, backend
         self.epoch = 0
 
@@ -212,17 +208,17 @@ class DistillationBatches(Dataset):
         mine = slice(self.rank, None, self.world_size)
         return self.read(flat[mine]), view_seeds[mine]
 
-    def view(self, patch: torch.Tensor, seed: int) -> torch.Tensor:
-        """One random view of a float ``[3, P, P]`` patch, drawn with ``seed``."""
-        self.views.set_random_state(seed=int(seed))
-        return torch.as_tensor(self.views(patch)).float()
+    def make_views(self, plain: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
+        """One student view of each ``uint8`` patch, drawn with its seed (float ``[B, 3, P, P]`` in [0, 1])."""
+        return self.views(plain, self.views.draw(np.asarray(seeds)[:, 0]))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         plain, seeds = self.draw(i)
         if not self.with_views:
             return {"plain": plain}
-        views = [self.view(p, s) for p, (s,) in zip(plain.float() / 255.0, seeds)]
-        return {"plain": plain, "view": torch.stack(views).clamp_(0, 1)}
+        if self.views_in_worker:
+            return {"plain": plain, "view": self.make_views(plain, seeds)}
+        return {"plain": plain, "view_params": self.views.draw(seeds[:, 0])}
 
 
 class ResumableSequentialSampler(Sampler[int]):
@@ -254,7 +250,11 @@ def couple_step(engine: Engine, batch: Mapping[str, torch.Tensor]) -> dict[str, 
     teacher: InstanceClassifier = engine.teacher
     student: InstanceClassifier = engine.network
     plain = batch["plain"].to(device, non_blocking=True)
-    view = batch["view"].to(device, non_blocking=True)
+    if "view" in batch:
+        view = batch["view"].to(device, non_blocking=True)
+    else:  # the views are made here, on the training device, from the worker's random parameters
+        with torch.no_grad():
+            view = engine.views(plain, batch["view_params"].to(device, non_blocking=True))
     if cfg["channels_last"]:
         plain, view = plain.contiguous(memory_format=torch.channels_last), view.contiguous(
             memory_format=torch.channels_last
@@ -383,6 +383,7 @@ def finetune_embedder(
     backend: str = "auto",
     stain_normalize: bool = False,
     hed_jitter: float = 0.0,
+    views_on_device: bool | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the patch embedder with the bag classifier as instance teacher.
 
@@ -423,6 +424,8 @@ def finetune_embedder(
         backend: slide backend.
         stain_normalize: Macenko-normalise patches with their slide's stains (use the embedding's setting).
         hed_jitter: random HED stain perturbation of the student view (e.g. 0.05; 0 = ICMIL's views).
+        views_on_device: make the views batch-wise in the training step on ``device`` (default: on CUDA) rather
+            than in the DataLoader workers (default on the CPU, where the workers overlap them with training).
 
     Returns:
         ``{"checkpoint", "fingerprint", "best": {...}, "best_iteration", "history", "embedder", "world_size",
@@ -469,6 +472,7 @@ def finetune_embedder(
         world_size,
         stain_normalize,
         hed_jitter,
+        views_in_worker=not (device.type == "cuda" if views_on_device is None else views_on_device),
     )
     val_data = DistillationBatches(
         val_slides or train_slides,
@@ -483,9 +487,7 @@ def finetune_embedder(
     )
     # fixed held-out patches, read once (every rank: same patches, same decisions), and one student view of each
     held_out, held_out_seeds = val_data.draw(0)
-    held_out_views = torch.stack(
-        [val_data.view(p, s) for p, (s,) in zip(held_out.float() / 255.0, held_out_seeds)]
-    ).clamp_(0, 1)
+    held_out_views = val_data.make_views(held_out, held_out_seeds)
 
     teacher = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(aggregator)).to(device).eval()
     for p in teacher.parameters():
@@ -553,6 +555,7 @@ def finetune_embedder(
     )
     trainer.teacher = teacher
     trainer.student_step = student_step
+    trainer.views = train_data.views
     trainer.couple_cfg = {
         "device": device,
         "amp": amp,

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, EventEnum, Events
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from monai_icmil.data.prefetch import Prefetcher
 from monai_icmil.data.prepare import SlideTiles
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import get_slide
@@ -241,7 +242,8 @@ def embed_slides(
         store: the feature store (one file per slide).
         tiling_params: the tiling parameters (part of the feature key).
         batch_size: patches per forward pass.
-        num_workers: DataLoader worker processes reading patches (0 reads in the main process).
+        num_workers: DataLoader worker processes reading patches; 0: one background reader thread in this process
+            (:class:`~monai_icmil.data.prefetch.Prefetcher`), whose reads decode with ``read_threads`` threads.
         read_threads: decoding threads per read.
         device: default CUDA when available, else CPU.
         amp: bf16 autocast (default on CUDA only).
@@ -285,15 +287,19 @@ def embed_slides(
         engine = EmbeddingEngine(embedder, device, amp, channels_last)
         writer.attach(engine)
         bars = _attach_progress(engine, len(pending), total) if progress and rank == 0 else {}
-        loader = DataLoader(
-            PatchBatches(pending, batch_size, read_threads, backend, stain_normalize),
-            batch_size=None,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-            collate_fn=_collate,
-            persistent_workers=False,
-            prefetch_factor=4 if num_workers > 0 else None,
-        )
+        batches = PatchBatches(pending, batch_size, read_threads, backend, stain_normalize)
+        if num_workers > 0:
+            loader = DataLoader(
+                batches,
+                batch_size=None,
+                num_workers=num_workers,
+                pin_memory=device.type == "cuda",
+                collate_fn=_collate,
+                persistent_workers=False,
+                prefetch_factor=4,
+            )
+        else:  # one reader thread here: no inter-process copies (see monai_icmil.data.prefetch)
+            loader = Prefetcher(batches, depth=4, pin_memory=device.type == "cuda")
         try:
             engine.run(loader, max_epochs=1)
         finally:

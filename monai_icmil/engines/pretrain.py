@@ -26,16 +26,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from monai.transforms import Compose, RandFlip, RandGaussianSmooth, RandRotate90, RandScaleCrop, Resize
 from torch.utils.data import DataLoader
 
 from monai_icmil.engines.couple import DistillationBatches, EmbedderPhaseError
 from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
 from monai_icmil.networks.embedders import PatchEmbedder
-from monai_icmil.transforms.stain import RandHEDJitter
+from monai_icmil.transforms.views import BatchRandomViews
 from monai_icmil.utils import atomic_write_json, stable_hash
 
-__all__ = ["nt_xent_loss", "contrastive_view_transform", "TwoViewBatches", "SimCLRModel", "pretrain_embedder"]
+__all__ = ["nt_xent_loss", "contrastive_views", "TwoViewBatches", "SimCLRModel", "pretrain_embedder"]
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
@@ -48,33 +47,23 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -
     return F.cross_entropy(sim, target)
 
 
-def contrastive_view_transform(
+def contrastive_views(
     patch_size: int, min_area: float = 0.8, hed_jitter: float = 0.3, blur: float = 0.0
-) -> Compose:
+) -> BatchRandomViews:
     """One random view: flips, 90-degree rotations, a random resized crop back to ``patch_size``, HED jitter and
     optionally a light blur.
 
     The crop is mild on purpose (``min_area`` 0.8 by default, where SimCLR on photos uses 0.08): cell and nucleus
     size carry diagnostic signal at a fixed magnification, and strong rescaling teaches the embedder to ignore it.
     """
-    steps = [
-        RandFlip(prob=0.5, spatial_axis=0),
-        RandFlip(prob=0.5, spatial_axis=1),
-        RandRotate90(prob=0.5),
-        RandScaleCrop(roi_scale=math.sqrt(min_area), max_roi_scale=1.0, random_size=True),
-        Resize((patch_size, patch_size), mode="bilinear", anti_aliasing=False),
-    ]
-    if hed_jitter > 0:
-        steps.append(RandHEDJitter(sigma=hed_jitter, bias=hed_jitter / 2))
-    if blur > 0:
-        steps.append(RandGaussianSmooth(sigma_x=(0.1, blur), sigma_y=(0.1, blur), prob=0.3))
-    return Compose(steps)
+    return BatchRandomViews(patch_size, min_area, hed_jitter, rotate90=True, blur=blur, blur_prob=0.3)
 
 
 class TwoViewBatches(DistillationBatches):
     """Batches of random tissue patches with two independent random views each: ``{"view1", "view2"}`` (float
-    ``[B, 3, P, P]`` in [0, 1]). Sampling and the view draws follow :class:`~monai_icmil.engines.couple
-    .DistillationBatches` (seeded by ``(seed, epoch, index)``)."""
+    ``[B, 3, P, P]`` in [0, 1]), or with ``views_in_worker=False`` the patches and the views' random parameters
+    (``{"plain", "params1", "params2"}``) for the training step to make them on its device. Sampling and the view
+    draws follow :class:`~monai_icmil.engines.couple.DistillationBatches` (seeded by ``(seed, epoch, index)``)."""
 
     def __init__(
         self,
@@ -85,12 +74,14 @@ class TwoViewBatches(DistillationBatches):
         **kwargs: Any,
     ):
         super().__init__(slides, *args, **kwargs)
-        self.views = contrastive_view_transform(self.patch_size, kwargs.get("min_area", 0.8), hed_jitter, blur)
+        self.views = contrastive_views(self.patch_size, kwargs.get("min_area", 0.8), hed_jitter, blur)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         plain, seeds = self.draw(i, views_per_patch=2)
-        pairs = [(self.view(p, s1), self.view(p, s2)) for p, (s1, s2) in zip(plain.float() / 255.0, seeds)]
-        return {f"view{k + 1}": torch.stack([v[k] for v in pairs]).clamp_(0, 1) for k in (0, 1)}
+        params = {f"params{k + 1}": self.views.draw(seeds[:, k]) for k in (0, 1)}
+        if not self.views_in_worker:
+            return {"plain": plain, **params}
+        return {f"view{k + 1}": self.views(plain, params[f"params{k + 1}"]) for k in (0, 1)}
 
 
 class SimCLRModel(nn.Module):
@@ -113,8 +104,15 @@ def pretrain_step(engine: Engine, batch: Mapping[str, torch.Tensor]) -> dict[str
     cfg = engine.pretrain_cfg
     model: SimCLRModel = engine.network
     model.train()
-    v1 = batch["view1"].to(cfg["device"], non_blocking=True)
-    v2 = batch["view2"].to(cfg["device"], non_blocking=True)
+    if "view1" in batch:
+        v1 = batch["view1"].to(cfg["device"], non_blocking=True)
+        v2 = batch["view2"].to(cfg["device"], non_blocking=True)
+    else:  # made here, on the training device, from the worker's random parameters
+        with torch.no_grad():
+            plain = batch["plain"].to(cfg["device"], non_blocking=True)
+            v1, v2 = (
+                cfg["views"](plain, batch[k].to(cfg["device"], non_blocking=True)) for k in ("params1", "params2")
+            )
     if cfg["channels_last"]:
         v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
     with torch.autocast(cfg["device"].type, dtype=torch.bfloat16, enabled=cfg["amp"]):
@@ -153,6 +151,7 @@ def pretrain_embedder(
     progress: bool = True,
     backend: str = "auto",
     stain_normalize: bool = False,
+    views_on_device: bool | None = None,
 ) -> dict[str, Any]:
     """SimCLR pre-training of ``embedder`` on tissue patches of ``train_slides``; writes ``embedder.safetensors``.
 
@@ -175,6 +174,8 @@ def pretrain_embedder(
         progress: show a progress bar.
         backend: slide backend.
         stain_normalize: Macenko-normalise patches with their slide's stains before the views.
+        views_on_device: make the views batch-wise in the training step on ``device`` (default: on CUDA) rather
+            than in the DataLoader workers (default on the CPU, where the workers overlap them with training).
 
     Returns:
         ``{"checkpoint", "fingerprint", "history", "embedder"}``.
@@ -204,6 +205,7 @@ def pretrain_embedder(
         stain_normalize=stain_normalize,
         hed_jitter=hed_jitter,
         blur=blur,
+        views_in_worker=not (device.type == "cuda" if views_on_device is None else views_on_device),
     )
     model = SimCLRModel(copy.deepcopy(embedder), proj_dim).to(device)
     for p in model.parameters():
@@ -238,7 +240,13 @@ def pretrain_embedder(
         decollate=False,
         epoch_length=batches_per_epoch,
     )
-    trainer.pretrain_cfg = {"device": device, "amp": amp, "channels_last": channels_last, "temperature": temperature}
+    trainer.pretrain_cfg = {
+        "device": device,
+        "amp": amp,
+        "channels_last": channels_last,
+        "temperature": temperature,
+        "views": data.views,
+    }
     progress_state = PhaseProgress()
     history = progress_state.history
     ckpt = out_dir / "embedder.safetensors"
