@@ -156,7 +156,7 @@ def main() -> None:
         "embed": (
             ["--model", "resnet18_trunc" if dry else "resnet50_trunc", "--patch_size", "64" if dry else "224"]
             + ["--patches", "256" if dry else "30000", "--batch_size", "64" if dry else "512"]
-            + ["--loaders", *(["1x2", "0x2"] if dry else ["8x4", "16x1", "4x4", "0x16"])],
+            + ["--loaders", *(["1x2", "0x2"] if dry else ["4x4", "8x2", "0x16"])],
             150,
         ),
         "couple": (

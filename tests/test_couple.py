@@ -127,6 +127,37 @@ def test_ddp_ranks_split_each_batch_into_exactly_the_single_process_batch(slides
         DistillationBatches(train, batch_size=9, num_batches=2, rank=0, world_size=2)
 
 
+def test_views_made_on_the_training_device_equal_the_workers_views(slides):
+    """Without ``views_in_worker`` a batch carries only the views' parameters; the step's views are the same."""
+    train, _ = slides
+    a = DistillationBatches(train, batch_size=8, num_batches=2, seed=5, hed_jitter=0.05)
+    b = DistillationBatches(train, batch_size=8, num_batches=2, seed=5, hed_jitter=0.05, views_in_worker=False)
+    x, y = a[1], b[1]
+    assert "view" not in y and y["view_params"].shape == (8, 15)
+    torch.testing.assert_close(b.views(y["plain"], y["view_params"]), x["view"])
+
+
+def test_an_embedder_phase_with_views_on_the_device_trains_as_with_views_in_the_workers(slides, tmp_path):
+    train, val = slides
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    runs = [
+        finetune_embedder(
+            embedder,
+            _teacher("abmil", embedder.out_dim),
+            train,
+            val,
+            tmp_path / str(on_device),
+            batches_per_epoch=2,
+            val_interval=2,
+            views_on_device=on_device,
+            **FAST,
+        )
+        for on_device in (False, True)
+    ]
+    losses = [r["history"][-1]["loss_loss"] for r in runs]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
 def test_the_sampler_resumes_an_epoch_where_it_stopped():
     sampler = couple_module.ResumableSequentialSampler(5)
     assert list(sampler) == [0, 1, 2, 3, 4]

@@ -38,6 +38,36 @@ def test_two_views_are_reproducible_and_differ(synthetic_dataset, tmp_path):
     assert x["view1"].shape == (8, 3, 32, 32) and not torch.allclose(x["view1"], x["view2"])
 
 
+def test_the_pretraining_step_makes_the_same_views_from_their_parameters(synthetic_dataset, tmp_path):
+    """With ``views_in_worker=False`` the step makes both views on its device; the loss is the one of the worker's
+    views."""
+    from types import SimpleNamespace
+
+    from monai_icmil.engines.pretrain import SimCLRModel, pretrain_step
+    from monai_icmil.networks import create_embedder
+
+    dl = load_datalist(synthetic_dataset)
+    slides = prepare_coords(dl["training"], TilingConfig(patch_size=32, mpp=1.0), CoordsStore(tmp_path), progress=False)
+    kw = dict(hed_jitter=0.2, blur=1.0)
+    in_worker = TwoViewBatches(list(slides.values()), 16, 1, 0, **kw)
+    on_device = TwoViewBatches(list(slides.values()), 16, 1, 0, views_in_worker=False, **kw)
+    a, b = in_worker[0], on_device[0]
+    assert set(b) == {"plain", "params1", "params2"}
+    losses = []
+    for batch in (a, b):
+        torch.manual_seed(0)
+        model = SimCLRModel(create_embedder("resnet18_trunc", input_size=32))
+        cfg = {"device": torch.device("cpu"), "amp": False, "channels_last": False, "temperature": 0.2}
+        engine = SimpleNamespace(
+            network=model,
+            optimizer=torch.optim.AdamW(model.parameters(), lr=0.0),
+            pretrain_cfg={**cfg, "views": on_device.views},
+            state=SimpleNamespace(iteration=0),
+        )
+        losses.append(pretrain_step(engine, batch)["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_linear_probe_auc_finds_a_linear_signal_and_not_noise():
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(100), np.zeros(100)]

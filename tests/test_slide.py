@@ -8,7 +8,7 @@ import tifffile
 import torch
 
 from monai_icmil.data import BACKENDS, SlideError, get_slide, open_slide
-from monai_icmil.data.slide import TiffSlide, resize_patches
+from monai_icmil.data.slide import CuCIMSlide, TiffSlide, resize_patches
 from monai_icmil.data.synthetic import write_slide
 from monai_icmil.data.tiling import compute_tissue_mask, grid_coordinates
 
@@ -75,6 +75,24 @@ def test_read_patches_batch_shapes_and_tensor_layout(synthetic_entries):
     full = s.read_patches([[512, 256]], 128, level=0)[0]
     down = resize_patches(full[None], 64)[0].astype(int)
     assert np.abs(down - arr[1].astype(int)).mean() < 6
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_cucim_reads_a_dense_grid_as_regions_with_the_same_pixels(synthetic_entries, level):
+    """A grid with overlap is read as a few regions cut into patches: identical to one read per patch."""
+    s = CuCIMSlide(synthetic_entries[0]["image"])
+    ds = int(s.level_downsamples[level])
+    xs, ys = np.meshgrid(np.arange(0, 1536 - 96 * ds, 48 * ds), np.arange(0, 1024 - 96 * ds, 48 * ds))
+    coords = np.stack([xs.ravel(), ys.ravel()], 1)
+    plan = s.block_plan(coords, level, (96, 96))
+    assert plan is not None and len(plan["origins0"]) < len(coords) / 4
+    per_patch = s._read_regions(coords, level, (96, 96), 2)
+    np.testing.assert_array_equal(s.read_patches(coords, 96, level, num_workers=2), per_patch)
+    # scattered patches (as the embedder phase samples them) are read one by one; so is everything with blocks off
+    rng = np.random.default_rng(0)
+    assert s.block_plan(rng.integers(0, 1000, (6, 2)) * 1, 0, (96, 96)) is None
+    s.block_tiles = 0
+    assert s.block_plan(coords, level, (96, 96)) is None
 
 
 def test_tile_reader_decodes_only_needed_tiles(synthetic_entries):
