@@ -91,7 +91,9 @@ def test_cucim_reads_a_dense_grid_as_regions_with_the_same_pixels(synthetic_entr
     # scattered patches (as the embedder phase samples them) are read one by one; so is everything with blocks off
     rng = np.random.default_rng(0)
     assert s.block_plan(rng.integers(0, 1000, (6, 2)) * 1, 0, (96, 96)) is None
-    s.block_tiles = 0
+    s.max_block_pixels = 96 * 96  # regions too large together for memory: patch by patch
+    assert s.block_plan(coords, level, (96, 96)) is None
+    s.max_block_pixels, s.block_tiles = CuCIMSlide.max_block_pixels, 0
     assert s.block_plan(coords, level, (96, 96)) is None
 
 

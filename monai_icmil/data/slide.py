@@ -382,6 +382,8 @@ class CuCIMSlide(SlideReader):
     backend = "cucim"
     #: side, in tiles, of the regions a dense batch is read as (0: always read patch by patch)
     block_tiles = 4
+    #: largest total size of one batch's regions, in pixels (above it the batch is read patch by patch)
+    max_block_pixels = 2**26
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
@@ -429,7 +431,7 @@ class CuCIMSlide(SlideReader):
         ``block_tiles`` x ``block_tiles`` tiles. They are used when they decode at most 70 % of the tiles that
         per-patch reads would (counted exactly from the tile size), the level's downsample and the patches' level
         coordinates are whole numbers (so a region holds exactly the patches' pixels), and they hold at most
-        256 Mpx together.
+        ``max_block_pixels`` together (64 Mpx, 192 MB of RGB, by default).
         """
         if self.block_tiles <= 0 or len(locations) < 2:
             return None
@@ -453,7 +455,10 @@ class CuCIMSlide(SlideReader):
         np.minimum.at(y0, block, ly)
         np.maximum.at(x1, block, lx + w)
         np.maximum.at(y1, block, ly + h)
-        if tiles(x0, y0, x1, y1) > 0.7 * tiles(lx, ly, lx + w, ly + h) or int(((x1 - x0) * (y1 - y0)).sum()) > 2**28:
+        if (
+            tiles(x0, y0, x1, y1) > 0.7 * tiles(lx, ly, lx + w, ly + h)
+            or int(((x1 - x0) * (y1 - y0)).sum()) > self.max_block_pixels
+        ):
             return None
         groups: dict[tuple[int, int], np.ndarray] = {}
         for key in sorted(set(zip((x1 - x0).tolist(), (y1 - y0).tolist()))):
