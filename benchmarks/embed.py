@@ -10,7 +10,8 @@ ours: the full embedding phase, ``embed_slides`` (read by coordinate + normalise
 Ours runs once per ``--loaders`` entry ``WxT``: ``W`` DataLoader worker processes with ``T`` decoding threads each,
 ``W = 0`` being one background reader thread in this process (:class:`~monai_icmil.data.prefetch.Prefetcher`).
 
-    python benchmarks/embed.py [--model resnet18] [--patch_size 224] [--patches 448] [--batch_size 64] [--loaders 2x2 0x4]
+    python benchmarks/embed.py [--model resnet18] [--patch_size 224] [--patches 448] [--batch_size 64]
+                               [--loaders 2x2 0x4]
 """
 
 from __future__ import annotations

@@ -416,11 +416,13 @@ class CuCIMSlide(SlideReader):
             return self._read_regions(locations, level, size, num_workers)
         w, h = size
         out = np.empty((len(locations), h, w, 3), np.uint8)
+        order = np.argsort(plan["block"], kind="stable")  # the patches of region b: members[b]
+        members = np.split(order, np.cumsum(np.bincount(plan["block"]))[:-1])
         for (bw, bh), rows in plan["groups"].items():  # one batched read per region size
             regions = self._read_regions(plan["origins0"][rows], level, (bw, bh), num_workers)
             for region, b in zip(regions, rows):
-                members = np.flatnonzero(plan["block"] == b)
-                for i, dx, dy in zip(members, plan["offsets"][members, 0], plan["offsets"][members, 1]):
+                for i in members[b]:
+                    dx, dy = plan["offsets"][i]
                     out[i] = region[dy : dy + h, dx : dx + w]
         return out
 

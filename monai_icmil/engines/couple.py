@@ -8,7 +8,8 @@ student = trainable copies of the same three, initialised from the teacher. For 
 training slides (no slide labels are used), the teacher sees the plain patch and the student an augmented view
 (random flips + a random resized crop of 50-100 % of the area, back to the patch size; optionally a HED stain
 perturbation), made for the whole batch at once on the training device
-(:class:`~monai_icmil.transforms.views.BatchRandomViews`); the student learns to match the teacher (:class:`~monai_icmil.losses.ICMILDistillationLoss`).
+(:class:`~monai_icmil.transforms.views.BatchRandomViews`); the student learns to match the teacher
+(:class:`~monai_icmil.losses.ICMILDistillationLoss`).
 
 Every ``val_interval`` iterations and at each epoch end, student and teacher are compared on held-out patches of the
 validation slides (mean absolute probability difference, argmax agreement); the best student embedder is kept in
@@ -216,9 +217,10 @@ class DistillationBatches(Dataset):
         plain, seeds = self.draw(i)
         if not self.with_views:
             return {"plain": plain}
+        params = self.views.draw(seeds[:, 0])
         if self.views_in_worker:
-            return {"plain": plain, "view": self.make_views(plain, seeds)}
-        return {"plain": plain, "view_params": self.views.draw(seeds[:, 0])}
+            return {"plain": plain, "view": self.views(plain, params)}
+        return {"plain": plain, "view_params": params}
 
 
 class ResumableSequentialSampler(Sampler[int]):
@@ -253,8 +255,7 @@ def couple_step(engine: Engine, batch: Mapping[str, torch.Tensor]) -> dict[str, 
     if "view" in batch:
         view = batch["view"].to(device, non_blocking=True)
     else:  # the views are made here, on the training device, from the worker's random parameters
-        with torch.no_grad():
-            view = engine.views(plain, batch["view_params"].to(device, non_blocking=True))
+        view = engine.views(plain, batch["view_params"])
     if cfg["channels_last"]:
         plain, view = plain.contiguous(memory_format=torch.channels_last), view.contiguous(
             memory_format=torch.channels_last

@@ -108,11 +108,8 @@ def pretrain_step(engine: Engine, batch: Mapping[str, torch.Tensor]) -> dict[str
         v1 = batch["view1"].to(cfg["device"], non_blocking=True)
         v2 = batch["view2"].to(cfg["device"], non_blocking=True)
     else:  # made here, on the training device, from the worker's random parameters
-        with torch.no_grad():
-            plain = batch["plain"].to(cfg["device"], non_blocking=True)
-            v1, v2 = (
-                cfg["views"](plain, batch[k].to(cfg["device"], non_blocking=True)) for k in ("params1", "params2")
-            )
+        plain = batch["plain"].to(cfg["device"], non_blocking=True)
+        v1, v2 = (cfg["views"](plain, batch[k]) for k in ("params1", "params2"))
     if cfg["channels_last"]:
         v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
     with torch.autocast(cfg["device"].type, dtype=torch.bfloat16, enabled=cfg["amp"]):
