@@ -165,6 +165,37 @@ def test_features_equal_the_embedder_applied_to_the_patch_read_directly(prepared
         torch.testing.assert_close(arrays["features"][i], direct, atol=1e-4, rtol=1e-4)
 
 
+def test_writer_waits_for_the_queued_host_copies_once_per_slide_before_reading_them(tmp_path):
+    """On CUDA the engine queues each batch's copy to the host and carries an event; the writer must wait on the
+    slide's final event before it concatenates, and never per batch (that would bring back the blocking copy)."""
+    from types import SimpleNamespace
+
+    queued: list[torch.Tensor] = []  # host buffers whose copies are still in flight on the (one) stream
+
+    class Event:
+        def __init__(self):
+            self.waited = 0
+
+        def synchronize(self) -> None:  # the stream is in order: every copy queued so far lands
+            self.waited += 1
+            while queued:
+                queued.pop().fill_(7.0)
+
+    slides = [{"slide_id": "a", "image": "a.tiff", "coords": np.zeros((5, 2), int), "level": 0}]
+    slides[0].update(read_size=8, patch_size=8)
+    store = FeatureStore(tmp_path)
+    writer = embedding_module.SlideFeatureWriter(slides, store, {"a": {"k": 1}}, "float32")
+    engine = SimpleNamespace(state=SimpleNamespace(), fire_event=lambda e: None)
+    events = []
+    for start, n in ((0, 2), (2, 3)):
+        queued.append(torch.zeros(n, 4))
+        events.append(Event())
+        engine.state.output = {"slide": 0, "start": start, "features": queued[-1], "ready": events[-1]}
+        writer(engine)
+    assert [e.waited for e in events] == [0, 1]
+    assert store.load("a")["features"].eq(7.0).all()  # nothing was read before the copies landed
+
+
 def test_interrupted_extraction_resumes_and_matches_an_uninterrupted_run(
     prepared, small_embedder, tmp_path, monkeypatch
 ):

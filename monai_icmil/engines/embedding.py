@@ -133,8 +133,24 @@ class EmbeddingEngine(Engine):
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
-            feats = self.embedder(x)
-        return {"slide": batch["slide"], "start": batch["start"], "features": feats.float().cpu()}
+            feats, ready = _to_host(self.embedder(x))
+        return {"slide": batch["slide"], "start": batch["start"], "features": feats, "ready": ready}
+
+
+def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """``feats`` as float32 on the host, and the CUDA event after which they are there (``None``: already there).
+
+    On CUDA the copy goes into pinned memory without blocking, so the next batch is read, moved and launched while
+    this one still runs; a blocking ``.cpu()`` per batch would leave the GPU idle for that time. Whoever reads the
+    values first waits on the event (:class:`SlideFeatureWriter` does, once per slide).
+    """
+    if feats.device.type != "cuda":
+        return feats.float().cpu(), None
+    host = torch.empty(feats.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(feats.float(), non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 class SlideFeatureWriter:
@@ -188,6 +204,8 @@ class SlideFeatureWriter:
         self.buffers.setdefault(index, {})[out["start"]] = out["features"]
         self.counts[index] = self.counts.get(index, 0) + len(out["features"])
         if self.counts[index] == len(s["coords"]):
+            if out.get("ready") is not None:  # the copies to the host were queued in order: the last one covers all
+                out["ready"].synchronize()
             parts = self.buffers.pop(index)
             feats = torch.cat([parts[k] for k in sorted(parts)]).to(self.dtype)
             self.write(s, feats)
