@@ -10,4 +10,5 @@ from monai_icmil.engines.embedding import (
     PatchBatches,
     SlideFeatureWriter,
     embed_slides,
+    patch_loader,
 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ from monai_icmil.data.store import FeatureStore, feature_key
 from monai_icmil.networks.embedders import PatchEmbedder
 from monai_icmil.transforms.stain import slide_stain_normalizer
 
-__all__ = ["PatchBatches", "EmbeddingEngine", "EmbeddingEvents", "SlideFeatureWriter", "embed_slides"]
+__all__ = ["PatchBatches", "EmbeddingEngine", "EmbeddingEvents", "SlideFeatureWriter", "embed_slides", "patch_loader"]
 
 
 class EmbeddingEvents(EventEnum):
@@ -228,6 +228,38 @@ class SlideFeatureWriter:
         self.written.append(s["slide_id"])
 
 
+def patch_loader(
+    slides: Sequence[Mapping[str, Any]],
+    batch_size: int = 256,
+    num_workers: int = 2,
+    read_threads: int = 2,
+    device: str | torch.device = "cpu",
+    backend: str = "auto",
+    stain_normalize: bool = False,
+) -> Iterable[dict[str, Any]]:
+    """The batches :func:`embed_slides` embeds (:class:`PatchBatches`), read ahead of the engine.
+
+    Args:
+        slides, batch_size, read_threads, backend, stain_normalize: as for :class:`PatchBatches`.
+        num_workers: DataLoader worker processes; 0: one background reader thread in this process
+            (:class:`~monai_icmil.data.prefetch.Prefetcher`), with no inter-process copies.
+        device: batches for CUDA come in pinned memory.
+    """
+    batches = PatchBatches(slides, batch_size, read_threads, backend, stain_normalize)
+    pin = torch.device(device).type == "cuda"
+    if num_workers > 0:
+        return DataLoader(
+            batches,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin,
+            collate_fn=_collate,
+            persistent_workers=False,
+            prefetch_factor=4,
+        )
+    return Prefetcher(batches, depth=4, pin_memory=pin)
+
+
 def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -305,19 +337,7 @@ def embed_slides(
         engine = EmbeddingEngine(embedder, device, amp, channels_last)
         writer.attach(engine)
         bars = _attach_progress(engine, len(pending), total) if progress and rank == 0 else {}
-        batches = PatchBatches(pending, batch_size, read_threads, backend, stain_normalize)
-        if num_workers > 0:
-            loader = DataLoader(
-                batches,
-                batch_size=None,
-                num_workers=num_workers,
-                pin_memory=device.type == "cuda",
-                collate_fn=_collate,
-                persistent_workers=False,
-                prefetch_factor=4,
-            )
-        else:  # one reader thread here: no inter-process copies (see monai_icmil.data.prefetch)
-            loader = Prefetcher(batches, depth=4, pin_memory=device.type == "cuda")
+        loader = patch_loader(pending, batch_size, num_workers, read_threads, device, backend, stain_normalize)
         try:
             engine.run(loader, max_epochs=1)
         finally:
