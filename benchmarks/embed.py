@@ -40,7 +40,7 @@ from monai_icmil.networks import create_embedder
 def model_only(embedder, n: int, size: int, batch: int, device: torch.device, amp: bool) -> float:
     x = torch.randint(0, 255, (batch, 3, size, size), dtype=torch.uint8, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     with torch.inference_mode(), ctx:
         embedder(x)
         if device.type == "cuda":
@@ -89,7 +89,7 @@ def feature_check(embedder, store: FeatureStore, item: SlideTiles, device: torch
         num_workers=2,
         as_tensor=True,
     )
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     with torch.inference_mode(), ctx:
         direct = embedder(patches.to(device).contiguous(memory_format=torch.channels_last)).float().cpu()
     stored = store.load(item["slide_id"])["features"][:n].float()

@@ -381,23 +381,19 @@ def _pure_patches(seed: int, size: int, per_class: int = 300) -> tuple[torch.Ten
     """Ground-truth patches of a generated positive slide (30-40 % tumour): all-tumour ones (> 90 % of the patch in the
     tumour mask) and tumour-free tissue ones, ``size`` px at 1 um/px (level 0 is 0.5 um/px), at most ``per_class``
     each."""
-    from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide
+    from monai_icmil.data.synthetic import SyntheticSlideConfig, patch_tumour_fraction, render_slide
 
     r = render_slide(seed, True, SyntheticSlideConfig(width=2048, height=1536, tumour_fraction=(0.3, 0.4)))
-    foot, pos, neg = 2 * size, [], []
-    for y in range(0, r["image"].shape[0] - foot, foot // 2):
-        for x in range(0, r["image"].shape[1] - foot, foot // 2):
-            tumour, tissue = (
-                r["tumour"][y : y + foot, x : x + foot].mean(),
-                r["tissue"][y : y + foot, x : x + foot].mean(),
-            )
-            if tumour > 0.9:
-                pos.append(r["image"][y : y + foot : 2, x : x + foot : 2])
-            elif tumour == 0 and tissue > 0.9:
-                neg.append(r["image"][y : y + foot : 2, x : x + foot : 2])
-    neg = [neg[i] for i in np.random.default_rng(0).choice(len(neg), min(len(neg), per_class), replace=False)]
-    pos = pos[:per_class]
-    return torch.as_tensor(np.stack(pos + neg)).permute(0, 3, 1, 2), np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    foot = 2 * size
+    height, width = r["image"].shape[:2]
+    ys, xs = np.meshgrid(np.arange(0, height - foot, foot // 2), np.arange(0, width - foot, foot // 2), indexing="ij")
+    coords = np.stack([xs.ravel(), ys.ravel()], 1)
+    tumour, tissue = (patch_tumour_fraction(coords, foot, r[k], 1) for k in ("tumour", "tissue"))
+    pos = np.flatnonzero(tumour > 0.9)[:per_class]
+    neg = np.flatnonzero((tumour == 0) & (tissue > 0.9))
+    neg = np.random.default_rng(0).choice(neg, min(len(neg), per_class), replace=False)
+    patches = [r["image"][y : y + foot : 2, x : x + foot : 2] for x, y in coords[np.r_[pos, neg]]]
+    return torch.as_tensor(np.stack(patches)).permute(0, 3, 1, 2), np.r_[np.ones(len(pos)), np.zeros(len(neg))]
 
 
 def test_pretrain_json_makes_the_round_0_embedder(tmp_path):
