@@ -7,11 +7,12 @@ ours: the full embedding phase, ``embed_slides`` (read by coordinate + normalise
 (b) the reference pattern: patches saved as PNG beforehand (not timed), then per batch of 448: PIL open one by one,
     ``ToTensor``, ``torch.cat`` onto the device one image at a time, fp32 forward, ``np.save`` of the features.
 
-Ours runs once per ``--loaders`` entry ``WxT``: ``W`` DataLoader worker processes with ``T`` decoding threads each,
-``W = 0`` being one background reader thread in this process (:class:`~monai_icmil.data.prefetch.Prefetcher`).
+Ours runs once per ``--loaders`` entry: ``WxT`` is ``W`` DataLoader worker processes with ``T`` decoding threads
+each; ``tKxT`` is ``K`` reader threads in this process (:class:`~monai_icmil.data.prefetch.Prefetcher`, reading
+straight into pinned memory on CUDA) with ``T`` decoding threads each; ``0xT`` is ``t1xT``.
 
     python benchmarks/embed.py [--model resnet18] [--patch_size 224] [--patches 448] [--batch_size 64]
-                               [--loaders 2x2 0x4]
+                               [--loaders 2x2 0x4 t2x2]
 """
 
 from __future__ import annotations
@@ -96,16 +97,45 @@ def feature_check(embedder, store: FeatureStore, item: SlideTiles, device: torch
     return float((stored - direct.to(stored.dtype)).abs().max())
 
 
-def loader_only(items: list, batch_size: int, workers: int, threads: int, device: torch.device) -> float:
+def parse_loader(spec: str) -> dict[str, int]:
+    """``"8x2"`` -> 8 worker processes x 2 decoding threads; ``"t8x2"`` -> 8 reader threads in this process x 2."""
+    spec = spec.lower()
+    threaded = spec.startswith("t")
+    k, t = (int(v) for v in spec.lstrip("t").split("x"))
+    if threaded:
+        return {"num_workers": 0, "prefetch_threads": k, "read_threads": t}
+    return {"num_workers": k, "prefetch_threads": 1, "read_threads": t}
+
+
+def loader_only(items: list, batch_size: int, loader: dict[str, int], device: torch.device) -> float:
     """Patches/s of the embedding phase's loader alone (read, pin, move to ``device``; no model): what ours is
     capped at when reading, not the GPU, is the limit."""
     t0 = time.perf_counter()
     n = 0
-    for batch in patch_loader(items, batch_size, workers, threads, device):
+    for batch in patch_loader(items, batch_size, device=device, **loader):
         n += len(batch["patches"].to(device, non_blocking=True))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
+
+
+def compare_loaders(
+    items: list, batch_size: int, loaders: list[str], device: torch.device, rounds: int, n: int, out: str | None
+) -> None:
+    """The loaders alone, side by side: ``rounds`` interleaved passes each, median patches/s and its ratio to the
+    first loader's."""
+    runs: dict[str, list[float]] = {spec: [] for spec in loaders}
+    for _ in range(rounds):
+        for spec in loaders:
+            runs[spec].append(loader_only(items, batch_size, parse_loader(spec), device))
+    med = {spec: float(np.median(v)) for spec, v in runs.items()}
+    print(f"loaders alone: {n} patches per pass, batch {batch_size}, {device}, {os.cpu_count()} CPU cores")
+    print(f"{'loader':<10}{'patches/s (median)':>20}{'vs ' + loaders[0]:>12}   passes")
+    for spec in loaders:
+        passes = " ".join(f"{v:.0f}" for v in runs[spec])
+        print(f"{spec:<10}{med[spec]:>20.1f}{med[spec] / med[loaders[0]]:>11.2f}x   {passes}")
+    if out:
+        Path(out).write_text(json.dumps({"loader_only": med, "passes": runs, "n": n, "batch_size": batch_size}))
 
 
 def main() -> None:
@@ -119,6 +149,12 @@ def main() -> None:
     p.add_argument("--loaders", nargs="*", default=None, help="WxT entries (default: --num_workers x --read_threads)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--loader_only",
+        type=int,
+        default=0,
+        help="only time each loader alone (read, pin, move; no model, no reference), this many rounds interleaved",
+    )
     a = p.parse_args()
     device = torch.device(a.device)
     amp = device.type == "cuda"
@@ -131,11 +167,6 @@ def main() -> None:
     # worker start-up is amortised as over a real dataset), the reference embeds its tiles once (its rate is per patch)
     copies = -(-a.patches // len(coords))
     n = copies * len(coords)
-    embedder = create_embedder(a.model, input_size=a.patch_size).to(device).eval()
-    embedder = embedder.to(memory_format=torch.channels_last)  # as the engine does, so (a) is the same model
-
-    rate_model = model_only(embedder, max(n, 4 * a.batch_size), a.patch_size, a.batch_size, device, amp)
-
     items = [
         SlideTiles(
             slide_id=f"bench_{i}",
@@ -148,9 +179,15 @@ def main() -> None:
         for i in range(copies)
     ]
     loaders = a.loaders or [f"{a.num_workers}x{a.read_threads}"]
+    if a.loader_only:
+        compare_loaders(items, a.batch_size, loaders, device, a.loader_only, n, a.json)
+        return
+    embedder = create_embedder(a.model, input_size=a.patch_size).to(device).eval()
+    embedder = embedder.to(memory_format=torch.channels_last)  # as the engine does, so (a) is the same model
+    rate_model = model_only(embedder, max(n, 4 * a.batch_size), a.patch_size, a.batch_size, device, amp)
     rates, reads = {}, {}
     for spec in loaders:
-        workers, threads = (int(v) for v in spec.lower().split("x"))
+        loader = parse_loader(spec)
         t0 = time.perf_counter()
         res = embed_slides(
             items,
@@ -158,22 +195,33 @@ def main() -> None:
             FeatureStore(tmp / f"features_{spec}"),
             tiling.params(),
             batch_size=a.batch_size,
-            num_workers=workers,
-            read_threads=threads,
             device=device,
             progress=False,
+            **loader,
         )
         rates[spec] = res["patches"] / (time.perf_counter() - t0)
-        reads[spec] = loader_only(items, a.batch_size, workers, threads, device)
+        reads[spec] = loader_only(items, a.batch_size, loader, device)
+        how = (
+            f"{loader['num_workers']} worker processes"
+            if loader["num_workers"]
+            else f"{loader['prefetch_threads']} reader threads"
+        )
         print(
-            f"ours with {workers} workers x {threads} read threads: {rates[spec]:.1f} patches/s "
+            f"ours with {how} x {loader['read_threads']} decoding threads: {rates[spec]:.1f} patches/s "
             f"(its loader alone, batches moved to {device.type}: {reads[spec]:.1f})",
             flush=True,
         )
     best = max(rates, key=rates.get)
     rate_ours = rates[best]
-    check = feature_check(embedder, FeatureStore(tmp / f"features_{best}"), items[0], device, amp)
-    print(f"stored features vs the embedder on the same patches read directly: max |diff| {check:.2e}", flush=True)
+    checks = {
+        spec: feature_check(embedder, FeatureStore(tmp / f"features_{spec}"), items[0], device, amp) for spec in rates
+    }
+    check = max(checks.values())
+    print(
+        "stored features vs the embedder on the same patches read directly, max |diff| per loader: "
+        + ", ".join(f"{spec} {v:.2e}" for spec, v in checks.items()),
+        flush=True,
+    )
 
     png_dir = tmp / "pngs"
     png_dir.mkdir()
@@ -201,6 +249,7 @@ def main() -> None:
                 {
                     **rows,
                     "feature_check_max_abs": check,
+                    "feature_check_by_loader": checks,
                     "model": a.model,
                     "patch_size": a.patch_size,
                     "n": n,

@@ -32,13 +32,12 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 def mask_parity(out: Path, dry: bool) -> dict:
     import numpy as np
     import torch
+    from bench_data import bench_slide
 
     import monai_icmil  # noqa: F401
     from monai_icmil.data.slide import open_slide
     from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide, write_slide
     from monai_icmil.data.tiling import compute_tissue_mask
-
-    from bench_data import bench_slide
 
     # the benchmark slide (8192x6144, cached by gpu_check.sh --fetch) and one small negative slide
     slides = [bench_slide(out)[0]]
@@ -156,7 +155,7 @@ def main() -> None:
         "embed": (
             ["--model", "resnet18_trunc" if dry else "resnet50_trunc", "--patch_size", "64" if dry else "224"]
             + ["--patches", "256" if dry else "30000", "--batch_size", "64" if dry else "512"]
-            + ["--loaders", *(["1x2", "0x2"] if dry else ["4x4", "8x2", "0x16"])],
+            + ["--loaders", *(["1x2", "0x2", "t2x1"] if dry else ["8x2", "t8x2", "t16x1", "t4x4"])],
             150,
         ),
         "couple": (

@@ -109,7 +109,8 @@ def predict_slides(
     tiles = prepare_coords(
         items, tiling, CoordsStore(out / "coords"), report=report, backend=backend, progress=progress
     )
-    cfg = {"batch_size": 256, "num_workers": 2, "read_threads": 2, "dtype": "float16", **dict(embed_cfg or {})}
+    cfg = {"batch_size": 256, "num_workers": 2, "read_threads": 2, "prefetch_threads": 1, "dtype": "float16"}
+    cfg.update(embed_cfg or {})
     store = FeatureStore(out / "features")
     embed_slides(
         tiles,
@@ -119,6 +120,7 @@ def predict_slides(
         batch_size=cfg["batch_size"],
         num_workers=cfg["num_workers"],
         read_threads=cfg["read_threads"],
+        prefetch_threads=cfg["prefetch_threads"],
         device=device,
         dtype=cfg["dtype"],
         report=report,

@@ -78,7 +78,8 @@ class ICMILWorkflow:
         embedder: ``create_embedder`` arguments of the starting embedder (``name``, ``weights``, ``input_size``).
         aggregator: ``"maxpool"``, ``"abmil"``, ``"dtfd"``, ``"mean"`` or ``"transformer"``.
         aggregator_kwargs: its extra arguments (``hidden_dim``, ``num_groups``, ...).
-        embed: embedding settings (``batch_size``, ``num_workers``, ``read_threads``, ``dtype``).
+        embed: embedding settings (``batch_size``, ``num_workers``, ``read_threads``, ``prefetch_threads``, ``dtype``;
+            see :func:`~monai_icmil.engines.embedding.embed_slides`).
         bag: bag-phase settings (``train_bag_classifier`` arguments).
         couple: embedder-phase settings (``finetune_embedder`` arguments).
         num_classes: number of slide classes.
@@ -142,6 +143,7 @@ class ICMILWorkflow:
             "batch_size": 256,
             "num_workers": 2,
             "read_threads": 2,
+            "prefetch_threads": 1,
             "dtype": "float16",
             **dict(embed or {}),
         }
@@ -468,6 +470,7 @@ class ICMILWorkflow:
             batch_size=self.embed_cfg["batch_size"],
             num_workers=self.embed_cfg["num_workers"],
             read_threads=self.embed_cfg["read_threads"],
+            prefetch_threads=self.embed_cfg["prefetch_threads"],
             device=self.device,
             dtype=self.embed_cfg["dtype"],
             report=self.report,

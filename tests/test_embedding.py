@@ -246,39 +246,89 @@ def test_store_recomputes_when_weights_or_tiling_change(prepared, small_embedder
     assert store.is_current(sid, feature_key(slides[sid]["image"], TILING.params(), changed.fingerprint()))
 
 
-def test_workers_read_in_parallel_and_give_the_same_features(prepared, small_embedder, tmp_path):
+def test_workers_and_reader_threads_read_in_parallel_and_give_the_same_features(prepared, small_embedder, tmp_path):
     _, slides = prepared
     fp = small_embedder.fingerprint()
-    s0, s2 = FeatureStore(tmp_path / "w0"), FeatureStore(tmp_path / "w2")
-    embed_slides(slides, small_embedder, s0, TILING.params(), num_workers=0, progress=False)
-    embed_slides(slides, small_embedder, s2, TILING.params(), num_workers=2, progress=False)
-    a, b = _features(s0, slides, fp), _features(s2, slides, fp)
+    s0, s2, t3 = FeatureStore(tmp_path / "w0"), FeatureStore(tmp_path / "w2"), FeatureStore(tmp_path / "t3")
+    embed_slides(slides, small_embedder, s0, TILING.params(), batch_size=16, num_workers=0, progress=False)
+    embed_slides(slides, small_embedder, s2, TILING.params(), batch_size=16, num_workers=2, progress=False)
+    embed_slides(
+        slides, small_embedder, t3, TILING.params(), batch_size=16, num_workers=0, prefetch_threads=3, progress=False
+    )
+    a, b, c = _features(s0, slides, fp), _features(s2, slides, fp), _features(t3, slides, fp)
     for sid in slides:
         torch.testing.assert_close(a[sid], b[sid])
+        torch.testing.assert_close(a[sid], c[sid])
 
 
-def test_slide_failing_midway_is_reported_and_the_others_continue(synthetic_dataset, small_embedder, tmp_path):
+def test_reader_threads_give_the_batches_of_a_serial_read_in_order(prepared):
+    """Three reader threads, each reading whole batches of any slide: the same batches, pixels and order as one
+    serial pass, in channels-last layout (a view of ``[B, H, W, 3]``, as the engine runs the model)."""
+    _, slides = prepared
+    items = list(slides.values())[:3]
+    serial = list(embedding_module.PatchBatches(items, batch_size=16, read_threads=1))
+    threaded = list(embedding_module.patch_loader(items, 16, num_workers=0, read_threads=1, prefetch_threads=3))
+    assert [(b["slide"], b["start"]) for b in threaded] == [(b["slide"], b["start"]) for b in serial]
+    assert len(serial) > 6  # several batches per slide, so threads overlap within and across slides
+    for x, y in zip(threaded, serial):
+        torch.testing.assert_close(x["patches"], y["patches"], rtol=0, atol=0)
+        assert x["patches"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_slide_failing_midway_is_reported_and_the_others_continue(
+    synthetic_dataset, small_embedder, tmp_path, monkeypatch, threads
+):
+    """One slide starts failing after two batches (as on a dropped network share), one was truncated after tiling:
+    each is reported once, with its reason, nothing of either is written, and the third slide is."""
     import shutil
+    import warnings
 
-    items = [dict(e) for e in load_datalist(synthetic_dataset)["training"][:2]]
-    broken = tmp_path / "broken.tiff"
-    shutil.copy(items[0]["image"], broken)
-    items[0] = {**items[0], "image": str(broken), "slide_id": "broken"}
+    from monai_icmil.data.slide import SlideError, SlideReader
+
+    items = [dict(e) for e in load_datalist(synthetic_dataset)["training"][:3]]
+    for k, name in ((0, "broken"), (1, "truncated")):
+        shutil.copy(items[k]["image"], tmp_path / f"{name}.tiff")
+        items[k] = {**items[k], "image": str(tmp_path / f"{name}.tiff"), "slide_id": name}
     slides = prepare_coords(items, TILING, CoordsStore(tmp_path / "coords"), progress=False)
-    with tifffile.TiffFile(broken) as tif:  # cut the file inside the tile data of the level patches come from
-        page = tif.pages[slides["broken"]["level"]]
-        cut = int(page.dataoffsets[len(page.dataoffsets) // 2])
-    broken.write_bytes(broken.read_bytes()[:cut])  # truncated after tiling: the first batches read, later fail
+    later = {tuple(xy) for xy in np.asarray(slides["broken"]["coords"][16:]).tolist()}
+    assert len(later) > 8  # more batches after the failure, which must not be read or written
+    read = SlideReader.read_patches
+    failed_reads = []
+
+    def fail_midway(self, locations, *args, **kwargs):
+        if self.path.endswith("broken.tiff") and later & {tuple(xy) for xy in np.asarray(locations).tolist()}:
+            failed_reads.append(len(locations))
+            raise SlideError(self.path, "Input/output error while reading tile data")
+        return read(self, locations, *args, **kwargs)
+
+    monkeypatch.setattr(SlideReader, "read_patches", fail_midway)
+    truncated = tmp_path / "truncated.tiff"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size * 2 // 3])  # after tiling
     report = RunReport(tmp_path / "report.json")
     store = FeatureStore(tmp_path / "features")
-    with pytest.warns(UserWarning, match=r"broken.*failed during embedding"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         result = embed_slides(
-            slides, small_embedder, store, TILING.params(), batch_size=8, num_workers=0, report=report, progress=False
+            slides,
+            small_embedder,
+            store,
+            TILING.params(),
+            batch_size=8,
+            num_workers=0,
+            prefetch_threads=threads,
+            report=report,
+            progress=False,
         )
-    assert result["failed"] == ["broken"] and result["written"] == [items[1]["slide_id"]]
-    assert store.slide_ids() == [items[1]["slide_id"]]  # nothing half-written for the broken slide
+    failures = sorted(str(w.message) for w in caught if "failed during embedding" in str(w.message))
+    assert len(failures) == 2  # once per slide, although several of its batches were in flight
+    assert "'broken'" in failures[0] and "'truncated'" in failures[1]
+    assert 1 <= len(failed_reads) <= threads  # after its first error, only reads already running touch the slide
+    assert result["failed"] == ["broken", "truncated"] and result["written"] == [items[2]["slide_id"]]
+    assert store.slide_ids() == [items[2]["slide_id"]]  # nothing half-written for the failed slides
     saved = RunReport(tmp_path / "report.json")
-    assert "broken" in saved.failed and "exceeds file size" in saved.failed["broken"]["reason"]
+    assert "Input/output error" in saved.failed["broken"]["reason"]
+    assert "truncated" in saved.failed["truncated"]["reason"] and "Copy it again" in saved.failed["truncated"]["reason"]
 
 
 def test_zero_patch_slide_is_an_empty_bag_excluded_from_training(

@@ -77,6 +77,29 @@ def test_read_patches_batch_shapes_and_tensor_layout(synthetic_entries):
     assert np.abs(down - arr[1].astype(int)).mean() < 6
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_read_patches_writes_into_a_given_buffer(synthetic_entries, backend):
+    """``out=`` (how reader threads fill pinned memory): the same pixels, in the caller's memory, for dense grids,
+    scattered patches and resized reads."""
+    s = open_slide(synthetic_entries[0]["image"], backend)
+    xs, ys = np.meshgrid(np.arange(0, 1400, 48), np.arange(0, 900, 48))
+    grid = np.stack([xs.ravel(), ys.ravel()], 1)[:40]
+    scattered = np.random.default_rng(0).integers(0, 900, (7, 2))
+    for coords, out_size in ((grid, None), (scattered, None), (grid, 48)):
+        expected = s.read_patches(coords, 96, 0, out_size=out_size, num_workers=2)
+        buf = torch.full((len(coords), *expected.shape[1:]), 7, dtype=torch.uint8)
+        t = s.read_patches(coords, 96, 0, out_size=out_size, num_workers=2, as_tensor=True, out=buf)
+        np.testing.assert_array_equal(buf.numpy(), expected)
+        assert t.data_ptr() == buf.data_ptr() and t.shape == (len(coords), 3, *expected.shape[1:3])
+        assert t.is_contiguous(memory_format=torch.channels_last)  # goes to the GPU as the engine runs it
+    arr = np.zeros((len(grid), 96, 96, 3), np.uint8)
+    assert s.read_patches(grid, 96, 0, out=arr) is arr
+    with pytest.raises(ValueError, match=r"out must be .* shape \[40, 48, 48, 3\].*got uint8 \[40, 96, 96, 3\]"):
+        s.read_patches(grid, 96, 0, out_size=48, out=arr)
+    with pytest.raises(ValueError, match="not contiguous"):
+        s.read_patches(grid[:4], 48, 0, out=np.zeros((4, 48, 96, 3), np.uint8)[:, :, :48])
+
+
 @pytest.mark.parametrize("level", [0, 1])
 def test_cucim_reads_a_dense_grid_as_regions_with_the_same_pixels(synthetic_entries, level):
     """A grid with overlap is read as a few regions cut into patches: identical to one read per patch."""
@@ -139,6 +162,12 @@ def test_truncated_tiff_fails_with_a_clear_error(synthetic_entries, tmp_path):
         with pytest.raises(SlideError, match=r"truncated\.tiff"):
             s = open_slide(cut, backend)
             s.read_patches([[1400, 900]], 128, level=0)  # the last tiles are past the cut
+    # cut inside the tile data, with the directories intact: refused on opening, before cuCIM reads past the end
+    # (which can corrupt its heap rather than raise)
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    for backend in BACKENDS:
+        with pytest.raises(SlideError, match=r"truncated\.tiff.*truncated: TIFF page \d+ stores .* Copy it again"):
+            open_slide(cut, backend)
 
 
 def test_untiled_tiff_is_rejected_with_the_fix(tmp_path):

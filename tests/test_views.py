@@ -88,15 +88,42 @@ def test_bad_shapes_are_refused():
         BatchRandomViews(P, min_area=0)
 
 
-def test_the_prefetcher_keeps_order_and_raises_the_readers_error():
-    assert list(Prefetcher(range(50), depth=3)) == list(range(50))
+def test_the_prefetcher_keeps_order_across_threads_and_raises_the_readers_error_in_place():
+    import random
+    import threading
+    import time
 
-    def failing():
-        yield 1
-        raise OSError("tile 7 of slide 'x.tiff' is truncated")
+    seen = set()
 
+    def slow_square(i):
+        seen.add(threading.current_thread().name)
+        time.sleep(random.random() * 0.01)  # later items often finish first
+        return i * i
+
+    assert list(Prefetcher(slow_square, range(60), threads=4, depth=6)) == [i * i for i in range(60)]
+    assert len(seen) > 1  # the work was spread over threads
+    assert list(Prefetcher(slow_square, range(5))) == [0, 1, 4, 9, 16]
+
+    def failing(i):
+        if i == 7:
+            raise OSError("tile 7 of slide 'x.tiff' is truncated")
+        return i
+
+    got = []
     with pytest.raises(RuntimeError, match="tile 7 of slide 'x.tiff'"):
-        list(Prefetcher(failing()))
-    it = iter(Prefetcher(range(10**6), depth=2))
+        for v in Prefetcher(failing, range(20), threads=3):
+            got.append(v)
+    assert got == list(range(7))  # everything before the failing item, in order
+
+    started = []
+
+    def record(i):
+        started.append(i)
+        return i
+
+    it = iter(Prefetcher(record, range(10**6), threads=2, depth=3))
     assert next(it) == 0
-    it.close()  # stopping early ends the reader thread
+    it.close()  # stopping early cancels what has not started and ends the threads
+    assert len(started) <= 4
+    with pytest.raises(ValueError, match="threads"):
+        Prefetcher(record, range(3), threads=0)

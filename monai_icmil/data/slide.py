@@ -241,8 +241,11 @@ class SlideReader(ABC):
 
     # ------------------------------------------------------------------ reading
     @abstractmethod
-    def _read_batch(self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int) -> np.ndarray:
-        """Read ``[N, h, w, 3]`` uint8 patches; ``locations`` are validated level-0 ``(x, y)`` int64."""
+    def _read_batch(
+        self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int, out: np.ndarray
+    ) -> np.ndarray:
+        """Read ``[N, h, w, 3]`` uint8 patches into ``out`` and return it; ``locations`` are validated level-0
+        ``(x, y)`` int64."""
 
     def _validate_locations(self, locations: Any) -> np.ndarray:
         loc = np.asarray(locations, dtype=np.int64)
@@ -270,6 +273,7 @@ class SlideReader(ABC):
         num_workers: int = 0,
         as_tensor: bool = False,
         device: str | torch.device | None = None,
+        out: np.ndarray | torch.Tensor | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Read a batch of patches in one call.
 
@@ -281,19 +285,24 @@ class SlideReader(ABC):
             num_workers: decoding threads (cuCIM: its own threads; others: a thread pool). 0 reads serially.
             as_tensor: return a ``uint8`` tensor ``[N, 3, H, W]`` instead of an array ``[N, H, W, 3]``.
             device: with ``as_tensor``, move the batch to this device (e.g. ``"cuda"``).
+            out: write the patches into this ``uint8`` C-contiguous ``[N, H, W, 3]`` array or tensor (e.g. pinned
+                host memory, so the batch needs no further copy before going to the GPU); the result is a view of it.
 
         Raises:
-            ValueError: coordinates outside the slide (the message lists them).
+            ValueError: coordinates outside the slide (the message lists them), or an ``out`` of the wrong shape.
             SlideError: a tile cannot be decoded (truncated or corrupt file).
         """
         self._check_level(level)
         w, h = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
         loc = self._validate_locations(locations)
+        oh, ow = (h, w) if out_size is None else (out_size, out_size) if isinstance(out_size, int) else out_size
+        dst = None if out is None else self._check_out(out, (len(loc), int(oh), int(ow), 3))
         if len(loc) == 0:
             patches = np.zeros((0, h, w, 3), np.uint8)
         else:
             try:
-                patches = self._read_batch(loc, int(level), (w, h), int(num_workers))
+                into = dst if dst is not None and out_size is None else np.empty((len(loc), h, w, 3), np.uint8)
+                patches = self._read_batch(loc, int(level), (w, h), int(num_workers), into)
             except (SlideError, ValueError):
                 raise
             except Exception as e:  # backend-specific decode errors
@@ -304,12 +313,24 @@ class SlideReader(ABC):
                 ) from e
         if out_size is not None:
             patches = resize_patches(patches, out_size)
+        if dst is not None and patches is not dst:
+            dst[...] = patches
+            patches = dst
         if not as_tensor:
             return patches
         t = torch.from_numpy(patches).permute(0, 3, 1, 2)
         if device is not None:
             t = t.to(device, non_blocking=True)
         return t
+
+    def _check_out(self, out: np.ndarray | torch.Tensor, shape: tuple[int, int, int, int]) -> np.ndarray:
+        arr = out.numpy() if isinstance(out, torch.Tensor) else out  # a CPU tensor's numpy view shares its memory
+        if arr.shape != shape or arr.dtype != np.uint8 or not arr.flags.c_contiguous:
+            raise ValueError(
+                f"slide '{self.path}': out must be a C-contiguous uint8 array of shape {list(shape)} [N, H, W, 3], "
+                f"got {arr.dtype} {list(arr.shape)}{'' if arr.flags.c_contiguous else ' (not contiguous)'}."
+            )
+        return arr
 
     def read_region(self, location: tuple[int, int], size: int | tuple[int, int], level: int = 0) -> np.ndarray:
         """Read one region ``[h, w, 3]`` at ``level``; ``location`` is level-0 ``(x, y)``."""
@@ -410,12 +431,13 @@ class CuCIMSlide(SlideReader):
             self.mpp = self.mpp if self.mpp is not None else props["mpp"]
             self.objective_power = self.objective_power or props["objective_power"]
 
-    def _read_batch(self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int) -> np.ndarray:
+    def _read_batch(
+        self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int, out: np.ndarray
+    ) -> np.ndarray:
         plan = self.block_plan(locations, level, size)
         if plan is None:
-            return self._read_regions(locations, level, size, num_workers)
+            return self._read_regions(locations, level, size, num_workers, out)
         w, h = size
-        out = np.empty((len(locations), h, w, 3), np.uint8)
         order = np.argsort(plan["block"], kind="stable")  # the patches of region b: members[b]
         members = np.split(order, np.cumsum(np.bincount(plan["block"]))[:-1])
         for (bw, bh), rows in plan["groups"].items():  # one batched read per region size
@@ -472,11 +494,13 @@ class CuCIMSlide(SlideReader):
             "groups": groups,
         }
 
-    def _read_regions(self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int) -> np.ndarray:
-        """``CuImage.read_region`` of equal-sized regions, ``num_workers`` decoding threads."""
+    def _read_regions(
+        self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``CuImage.read_region`` of equal-sized regions, ``num_workers`` decoding threads (into ``out`` if given)."""
         w, h = size
         n = len(locations)
-        out = np.empty((n, h, w, 3), np.uint8)
+        out = np.empty((n, h, w, 3), np.uint8) if out is None else out
         batch = max(1, min(n, 64))
         regions = self._img.read_region(
             [tuple(int(v) for v in xy) for xy in locations],
@@ -510,9 +534,9 @@ class _PatchByPatchReader(SlideReader):
     def _read_one(self, xy: np.ndarray, level: int, size: tuple[int, int]) -> np.ndarray:
         """One ``[h, w, 3]`` uint8 region at ``level``; ``xy`` is level-0."""
 
-    def _read_batch(self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int) -> np.ndarray:
-        w, h = size
-        out = np.empty((len(locations), h, w, 3), np.uint8)
+    def _read_batch(
+        self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int, out: np.ndarray
+    ) -> np.ndarray:
         if num_workers > 1:
             with ThreadPoolExecutor(num_workers) as pool:
                 for i, patch in enumerate(pool.map(lambda xy: self._read_one(xy, level, size), locations)):
@@ -672,16 +696,30 @@ _READERS: dict[str, type[SlideReader]] = {"cucim": CuCIMSlide, "openslide": Open
 
 
 def _check_tiff_structure(path: str) -> None:
-    """Reject TIFF files that no whole-slide backend can serve patch by patch, with the fix."""
+    """Reject TIFF files that no whole-slide backend can serve patch by patch, with the fix: untiled files, and
+    truncated ones (tile data past the end of the file), which cuCIM may crash on rather than raise for."""
+    size = os.path.getsize(path)
     try:
         tifffile = _import_backend("tifffile")
         with tifffile.TiffFile(path) as tif:
-            first = tif.pages.first
-            tiled = first.is_tiled
+            tiled = tif.pages.first.is_tiled
+            ends = []
+            for i, page in enumerate(tif.pages):
+                offsets = np.asarray(page.dataoffsets, np.int64)
+                counts = np.asarray(page.databytecounts, np.int64)
+                if counts.size:
+                    ends.append((int((offsets + counts)[counts > 0].max(initial=0)), i))
     except Exception:
         return  # not a TIFF tifffile understands: let the backends report
     if not tiled:
         raise _not_tiled_error(path)
+    end, page = max(ends, default=(0, 0))
+    if end > size:
+        raise SlideError(
+            path,
+            f"the file is truncated: TIFF page {page} stores image data up to byte {end:,}, but the file has "
+            f"{size:,} bytes. Copy it again (or re-export it) and check its size against the source.",
+        )
 
 
 def _not_tiled_error(path: str) -> SlideError:

@@ -14,6 +14,7 @@ Under ``torchrun`` the pending slides are split across ranks, each slide written
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -46,8 +47,10 @@ class EmbeddingEvents(EventEnum):
 class PatchBatches(IterableDataset):
     """Batches of patches of several slides, read by coordinate; DataLoader workers take whole slides.
 
-    Yields ``{"slide": index, "start": first patch index, "patches": uint8 [B, 3, H, W]}``; a slide that fails to
-    read yields ``{"slide": index, "error": message}`` and nothing more.
+    Yields ``{"slide": index, "start": first patch index, "patches": uint8 [B, 3, H, W]}`` (channels-last strides:
+    a view of ``[B, H, W, 3]``); a slide that fails to read yields ``{"slide": index, "error": message}`` and nothing
+    more. :meth:`tasks` and :meth:`load` are the same work one batch at a time, for reader threads
+    (:func:`patch_loader`).
 
     Args:
         slides: per slide, ``image``, ``coords``, ``level``, ``read_size``, ``patch_size``.
@@ -68,30 +71,64 @@ class PatchBatches(IterableDataset):
     ):
         self.slides, self.batch_size, self.read_threads, self.backend = list(slides), batch_size, read_threads, backend
         self.stain_normalize = stain_normalize
+        self._failed: set[int] = set()  # slides not to read further in this process
+
+    def tasks(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, int]]:
+        """``(slide index, first patch)`` of every batch of this worker's slides, in order."""
+        for index in range(worker, len(self.slides), num_workers):
+            for start in range(0, len(self.slides[index]["coords"]), self.batch_size):
+                yield index, start
+
+    def load(self, task: tuple[int, int], pin_memory: bool = False) -> dict[str, Any]:
+        """Read one batch; a read error is returned as ``{"slide": index, "error": message}``.
+
+        Args:
+            task: ``(slide index, first patch)`` from :meth:`tasks`.
+            pin_memory: read straight into pinned host memory (CUDA), so the batch goes to the GPU without a copy.
+        """
+        index, start = task
+        if index in self._failed:  # read ahead of the error: drop (the error itself was reported with its batch)
+            return {"slide": index, "error": "an earlier batch of this slide failed"}
+        s = self.slides[index]
+        try:
+            reader = get_slide(s["image"], self.backend)
+            normalize = slide_stain_normalizer(s["image"], reader) if self.stain_normalize else None
+            coords = s["coords"][start : start + self.batch_size]
+            size = s["patch_size"]
+            out = None
+            if pin_memory and normalize is None:
+                out = torch.empty((len(coords), size, size, 3), dtype=torch.uint8, pin_memory=True)
+            patches = reader.read_patches(
+                coords,
+                s["read_size"],
+                s["level"],
+                out_size=size if size != s["read_size"] else None,
+                num_workers=self.read_threads,
+                as_tensor=True,
+                out=out,
+            )
+            if normalize is not None:
+                patches = normalize(patches)
+                patches = patches.pin_memory() if pin_memory else patches
+            return {"slide": index, "start": start, "patches": patches}
+        except Exception as e:  # reported per slide; the other slides go on
+            self._failed.add(index)
+            return {"slide": index, "error": f"{type(e).__name__}: {e}"}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
-        for index in range(wid, len(self.slides), nw):
-            s = self.slides[index]
-            try:
-                reader = get_slide(s["image"], self.backend)
-                normalize = slide_stain_normalizer(s["image"], reader) if self.stain_normalize else None
-                coords = s["coords"]
-                for start in range(0, len(coords), self.batch_size):
-                    patches = reader.read_patches(
-                        coords[start : start + self.batch_size],
-                        s["read_size"],
-                        s["level"],
-                        out_size=s["patch_size"] if s["patch_size"] != s["read_size"] else None,
-                        num_workers=self.read_threads,
-                        as_tensor=True,
-                    )
-                    if normalize is not None:
-                        patches = normalize(patches)
-                    yield {"slide": index, "start": start, "patches": patches}
-            except Exception as e:  # reported per slide; the other slides go on
-                yield {"slide": index, "error": f"{type(e).__name__}: {e}"}
+        yield from _until_failed(map(self.load, self.tasks(*((0, 1) if info is None else (info.id, info.num_workers)))))
+
+
+def _until_failed(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``batches`` without those of a slide after its first error."""
+    failed: set[int] = set()
+    for batch in batches:
+        if batch["slide"] in failed:
+            continue
+        if "error" in batch:
+            failed.add(batch["slide"])
+        yield batch
 
 
 def _collate(batch: dict[str, Any]) -> dict[str, Any]:
@@ -236,14 +273,19 @@ def patch_loader(
     device: str | torch.device = "cpu",
     backend: str = "auto",
     stain_normalize: bool = False,
+    prefetch_threads: int = 1,
 ) -> Iterable[dict[str, Any]]:
     """The batches :func:`embed_slides` embeds (:class:`PatchBatches`), read ahead of the engine.
 
+    The DataLoader can be iterated again; the reader threads' iterator, once.
+
     Args:
         slides, batch_size, read_threads, backend, stain_normalize: as for :class:`PatchBatches`.
-        num_workers: DataLoader worker processes; 0: one background reader thread in this process
-            (:class:`~monai_icmil.data.prefetch.Prefetcher`), with no inter-process copies.
-        device: batches for CUDA come in pinned memory.
+        num_workers: DataLoader worker processes (each reads whole slides); 0: ``prefetch_threads`` reader threads
+            in this process (:class:`~monai_icmil.data.prefetch.Prefetcher`), each reading whole batches, with no
+            inter-process copies.
+        device: batches for CUDA come in pinned memory; reader threads read straight into it.
+        prefetch_threads: reader threads when ``num_workers`` is 0.
     """
     batches = PatchBatches(slides, batch_size, read_threads, backend, stain_normalize)
     pin = torch.device(device).type == "cuda"
@@ -257,7 +299,9 @@ def patch_loader(
             persistent_workers=False,
             prefetch_factor=4,
         )
-    return Prefetcher(batches, depth=4, pin_memory=pin)
+    read = functools.partial(batches.load, pin_memory=pin)
+    threads = int(prefetch_threads)
+    return _until_failed(Prefetcher(read, batches.tasks(), threads, depth=max(4, 2 * threads)))
 
 
 def _dist_info() -> tuple[int, int]:
@@ -283,6 +327,7 @@ def embed_slides(
     progress: bool = True,
     meta: Mapping[str, Any] | None = None,
     stain_normalize: bool = False,
+    prefetch_threads: int = 1,
 ) -> dict[str, Any]:
     """Embed every patch of every slide whose features are not current, and write them to ``store``.
 
@@ -292,8 +337,9 @@ def embed_slides(
         store: the feature store (one file per slide).
         tiling_params: the tiling parameters (part of the feature key).
         batch_size: patches per forward pass.
-        num_workers: DataLoader worker processes reading patches; 0: one background reader thread in this process
-            (:class:`~monai_icmil.data.prefetch.Prefetcher`), whose reads decode with ``read_threads`` threads.
+        num_workers: DataLoader worker processes reading patches; 0: ``prefetch_threads`` background reader threads
+            in this process (:class:`~monai_icmil.data.prefetch.Prefetcher`), reading straight into pinned memory on
+            CUDA.
         read_threads: decoding threads per read.
         device: default CUDA when available, else CPU.
         amp: bf16 autocast (default on CUDA only).
@@ -304,6 +350,7 @@ def embed_slides(
         progress: progress bars over slides and patches.
         meta: extra metadata stored with each slide.
         stain_normalize: Macenko-normalise every patch with its slide's stains (part of the feature key).
+        prefetch_threads: reader threads when ``num_workers`` is 0.
 
     Returns:
         ``{"written": [...], "skipped": [...], "failed": [...], "empty": [...], "patches": n, "seconds": t,
@@ -337,7 +384,9 @@ def embed_slides(
         engine = EmbeddingEngine(embedder, device, amp, channels_last)
         writer.attach(engine)
         bars = _attach_progress(engine, len(pending), total) if progress and rank == 0 else {}
-        loader = patch_loader(pending, batch_size, num_workers, read_threads, device, backend, stain_normalize)
+        loader = patch_loader(
+            pending, batch_size, num_workers, read_threads, device, backend, stain_normalize, prefetch_threads
+        )
         try:
             engine.run(loader, max_epochs=1)
         finally:
