@@ -275,6 +275,26 @@ def test_reader_threads_give_the_batches_of_a_serial_read_in_order(prepared):
         assert x["patches"].is_contiguous(memory_format=torch.channels_last)
 
 
+def test_reader_threads_for_cuda_read_straight_into_the_pinned_buffers(prepared, monkeypatch):
+    """For CUDA each batch is read into a buffer from the pinned allocator, and that buffer is what goes to the
+    engine: no copy after the read (the allocator is replaced by plain memory here; there is no GPU)."""
+    _, slides = prepared
+    items = list(slides.values())[:2]
+    buffers = []
+
+    def fake_pinned(shape):
+        buffers.append(torch.empty(shape, dtype=torch.uint8))
+        return buffers[-1]
+
+    monkeypatch.setattr(embedding_module, "_pinned_batch", fake_pinned)
+    batches = list(embedding_module.patch_loader(items, 16, 0, 1, device="cuda", prefetch_threads=2))
+    serial = list(embedding_module.PatchBatches(items, batch_size=16, read_threads=1))
+    assert len(buffers) == len(batches) == len(serial)
+    assert sorted(b["patches"].data_ptr() for b in batches) == sorted(t.data_ptr() for t in buffers)
+    for x, y in zip(batches, serial):
+        torch.testing.assert_close(x["patches"], y["patches"], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_slide_failing_midway_is_reported_and_the_others_continue(
     synthetic_dataset, small_embedder, tmp_path, monkeypatch, threads

@@ -95,9 +95,7 @@ class PatchBatches(IterableDataset):
             normalize = slide_stain_normalizer(s["image"], reader) if self.stain_normalize else None
             coords = s["coords"][start : start + self.batch_size]
             size = s["patch_size"]
-            out = None
-            if pin_memory and normalize is None:
-                out = torch.empty((len(coords), size, size, 3), dtype=torch.uint8, pin_memory=True)
+            out = _pinned_batch((len(coords), size, size, 3)) if pin_memory and normalize is None else None
             patches = reader.read_patches(
                 coords,
                 s["read_size"],
@@ -118,6 +116,12 @@ class PatchBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         yield from _until_failed(map(self.load, self.tasks(*((0, 1) if info is None else (info.id, info.num_workers)))))
+
+
+def _pinned_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty ``uint8`` batch in pinned host memory (from PyTorch's caching host allocator, which reuses a block
+    only once the non-blocking copies queued from it are done)."""
+    return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
 
 
 def _until_failed(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -301,7 +305,7 @@ def patch_loader(
         )
     read = functools.partial(batches.load, pin_memory=pin)
     threads = int(prefetch_threads)
-    return _until_failed(Prefetcher(read, batches.tasks(), threads, depth=max(4, 2 * threads)))
+    return _until_failed(Prefetcher(read, batches.tasks(), threads, depth=max(4, threads + 2)))  # bounds pinned memory
 
 
 def _dist_info() -> tuple[int, int]:
