@@ -275,6 +275,38 @@ def test_reader_threads_give_the_batches_of_a_serial_read_in_order(prepared):
         assert x["patches"].is_contiguous(memory_format=torch.channels_last)
 
 
+def test_reader_threads_reaching_a_new_slide_together_open_and_stain_fit_it_once(prepared, tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    from monai_icmil.data import slide as slide_module
+
+    _, slides = prepared
+    items = []
+    for k, s in enumerate(list(slides.values())[:2]):  # fresh paths: nothing cached yet
+        shutil.copy(s["image"], tmp_path / f"copy_{k}.tiff")
+        items.append({**s, "image": str(tmp_path / f"copy_{k}.tiff")})
+    opened, thumbs = collections.Counter(), collections.Counter()
+    open_slide, thumbnail = slide_module.open_slide, slide_module.SlideReader.thumbnail
+
+    def slow_open(path, backend="auto"):
+        opened[path] += 1
+        time.sleep(0.05)  # the threads all miss the cache inside this window
+        return open_slide(path, backend)
+
+    def counted_thumbnail(self, *args, **kwargs):
+        thumbs[self.path] += 1
+        return thumbnail(self, *args, **kwargs)
+
+    monkeypatch.setattr(slide_module, "open_slide", slow_open)
+    monkeypatch.setattr(slide_module.SlideReader, "thumbnail", counted_thumbnail)
+    batches = list(
+        embedding_module.patch_loader(items, 4, 0, 1, stain_normalize=True, prefetch_threads=4)  # 4 batches in flight
+    )
+    assert len(batches) > 8 and all("patches" in b for b in batches)
+    assert sorted(opened.values()) == [1, 1] and sorted(thumbs.values()) == [1, 1]
+
+
 def test_reader_threads_for_cuda_read_straight_into_the_pinned_buffers(prepared, monkeypatch):
     """For CUDA each batch is read into a buffer from the pinned allocator, and that buffer is what goes to the
     engine: no copy after the read (the allocator is replaced by plain memory here; there is no GPU)."""

@@ -776,6 +776,9 @@ def open_slide(path: str | os.PathLike, backend: str = "auto") -> SlideReader:
     raise SlideError(path, "cannot be opened as a whole-slide image (" + "; ".join(reasons) + ").")
 
 
+_OPEN_LOCK = threading.Lock()  # reader threads reaching a new slide together open it once
+
+
 @functools.lru_cache(maxsize=16)
 def _cached_slide(path: str, backend: str, mtime_ns: int, size: int, pid: int) -> SlideReader:
     return open_slide(path, backend)
@@ -792,7 +795,8 @@ def get_slide(slide: str | os.PathLike | SlideReader, backend: str = "auto") -> 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"slide '{path}' does not exist. Check the datalist entry and the data root.")
     st = os.stat(path)
-    return _cached_slide(os.path.abspath(path), backend, st.st_mtime_ns, st.st_size, os.getpid())
+    with _OPEN_LOCK:
+        return _cached_slide(os.path.abspath(path), backend, st.st_mtime_ns, st.st_size, os.getpid())
 
 
 def slide_identity(path: str | os.PathLike) -> dict[str, Any]:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -206,11 +207,13 @@ class HEStainNormalizer:
 
 
 _NORMALIZERS: dict[str, HEStainNormalizer] = {}
+_FIT_LOCK = threading.Lock()  # reader threads reaching a new slide together fit it once
 
 
 def slide_stain_normalizer(image: str, reader: Any, max_size: int = 1024) -> HEStainNormalizer:
     """The :class:`HEStainNormalizer` of slide ``image`` (fitted on its thumbnail once per process)."""
-    if image not in _NORMALIZERS:
-        thumb, _ = reader.thumbnail(max_size)
-        _NORMALIZERS[image] = HEStainNormalizer().fit(thumb, name=str(image))
-    return _NORMALIZERS[image]
+    with _FIT_LOCK:
+        if image not in _NORMALIZERS:
+            thumb, _ = reader.thumbnail(max_size)
+            _NORMALIZERS[image] = HEStainNormalizer().fit(thumb, name=str(image))
+        return _NORMALIZERS[image]
