@@ -9,7 +9,8 @@ ours: the full embedding phase, ``embed_slides`` (read by coordinate + normalise
 
 Ours runs once per ``--loaders`` entry: ``WxT`` is ``W`` DataLoader worker processes with ``T`` decoding threads
 each; ``tKxT`` is ``K`` reader threads in this process (:class:`~monai_icmil.data.prefetch.Prefetcher`, reading
-straight into pinned memory on CUDA) with ``T`` decoding threads each; ``0xT`` is ``t1xT``.
+straight into pinned memory on CUDA) with ``T`` decoding threads each; ``0xT`` is ``t1xT``. A trailing ``s``
+(``t8x2s``) moves the batches to the GPU on a copy stream of their own (``embed_slides(copy_stream=True)``).
 
     python benchmarks/embed.py [--model resnet18] [--patch_size 224] [--patches 448] [--batch_size 64]
                                [--loaders 2x2 0x4 t2x2]
@@ -98,13 +99,14 @@ def feature_check(embedder, store: FeatureStore, item: SlideTiles, device: torch
 
 
 def parse_loader(spec: str) -> dict[str, int]:
-    """``"8x2"`` -> 8 worker processes x 2 decoding threads; ``"t8x2"`` -> 8 reader threads in this process x 2."""
+    """``"8x2"`` -> 8 worker processes x 2 decoding threads; ``"t8x2"`` -> 8 reader threads in this process x 2;
+    ``"t8x2s"`` -> the same, with the copies to the GPU on a stream of their own."""
     spec = spec.lower()
-    threaded = spec.startswith("t")
-    k, t = (int(v) for v in spec.lstrip("t").split("x"))
+    threaded, copy_stream = spec.startswith("t"), spec.endswith("s")
+    k, t = (int(v) for v in spec.strip("ts").split("x"))
     if threaded:
-        return {"num_workers": 0, "prefetch_threads": k, "read_threads": t}
-    return {"num_workers": k, "prefetch_threads": 1, "read_threads": t}
+        return {"num_workers": 0, "prefetch_threads": k, "read_threads": t, "copy_stream": copy_stream}
+    return {"num_workers": k, "prefetch_threads": 1, "read_threads": t, "copy_stream": copy_stream}
 
 
 def loader_only(items: list, batch_size: int, loader: dict[str, int], device: torch.device) -> float:
@@ -112,7 +114,8 @@ def loader_only(items: list, batch_size: int, loader: dict[str, int], device: to
     capped at when reading, not the GPU, is the limit."""
     t0 = time.perf_counter()
     n = 0
-    for batch in patch_loader(items, batch_size, device=device, **loader):
+    reading = {k: v for k, v in loader.items() if k != "copy_stream"}  # an engine setting
+    for batch in patch_loader(items, batch_size, device=device, **reading):
         n += len(batch["patches"].to(device, non_blocking=True))
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -205,7 +208,7 @@ def main() -> None:
             f"{loader['num_workers']} worker processes"
             if loader["num_workers"]
             else f"{loader['prefetch_threads']} reader threads"
-        )
+        ) + (" (copy stream)" if loader["copy_stream"] else "")
         print(
             f"ours with {how} x {loader['read_threads']} decoding threads: {rates[spec]:.1f} patches/s "
             f"(its loader alone, batches moved to {device.type}: {reads[spec]:.1f})",

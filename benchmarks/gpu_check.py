@@ -155,8 +155,11 @@ def main() -> None:
         "embed": (
             ["--model", "resnet18_trunc" if dry else "resnet50_trunc", "--patch_size", "64" if dry else "224"]
             + ["--patches", "256" if dry else "30000", "--batch_size", "64" if dry else "512"]
-            + ["--loaders", *(["1x2", "0x2", "t2x1"] if dry else ["8x2", "t8x2", "t16x1", "t4x4"])],
-            150,
+            + [
+                "--loaders",
+                *(["1x2", "0x2", "t2x1", "t2x1s"] if dry else ["8x2", "t8x2", "t16x1", "t4x4", "8x2s", "t8x2s"]),
+            ],
+            180,
         ),
         "couple": (
             ["--model", "resnet18_trunc" if dry else "resnet50_trunc", "--patch_size", "64" if dry else "256"]

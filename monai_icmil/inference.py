@@ -109,8 +109,15 @@ def predict_slides(
     tiles = prepare_coords(
         items, tiling, CoordsStore(out / "coords"), report=report, backend=backend, progress=progress
     )
-    cfg = {"batch_size": 256, "num_workers": 2, "read_threads": 2, "prefetch_threads": 1, "dtype": "float16"}
-    cfg.update(embed_cfg or {})
+    cfg = {
+        "batch_size": 256,
+        "num_workers": 2,
+        "read_threads": 2,
+        "prefetch_threads": 1,
+        "copy_stream": False,
+        "dtype": "float16",
+        **dict(embed_cfg or {}),
+    }
     store = FeatureStore(out / "features")
     embed_slides(
         tiles,
@@ -121,6 +128,7 @@ def predict_slides(
         num_workers=cfg["num_workers"],
         read_threads=cfg["read_threads"],
         prefetch_threads=cfg["prefetch_threads"],
+        copy_stream=cfg["copy_stream"],
         device=device,
         dtype=cfg["dtype"],
         report=report,

@@ -78,8 +78,8 @@ class ICMILWorkflow:
         embedder: ``create_embedder`` arguments of the starting embedder (``name``, ``weights``, ``input_size``).
         aggregator: ``"maxpool"``, ``"abmil"``, ``"dtfd"``, ``"mean"`` or ``"transformer"``.
         aggregator_kwargs: its extra arguments (``hidden_dim``, ``num_groups``, ...).
-        embed: embedding settings (``batch_size``, ``num_workers``, ``read_threads``, ``prefetch_threads``, ``dtype``;
-            see :func:`~monai_icmil.engines.embedding.embed_slides`).
+        embed: embedding settings (``batch_size``, ``num_workers``, ``read_threads``, ``prefetch_threads``,
+            ``copy_stream``, ``dtype``; see :func:`~monai_icmil.engines.embedding.embed_slides`).
         bag: bag-phase settings (``train_bag_classifier`` arguments).
         couple: embedder-phase settings (``finetune_embedder`` arguments).
         num_classes: number of slide classes.
@@ -144,6 +144,7 @@ class ICMILWorkflow:
             "num_workers": 2,
             "read_threads": 2,
             "prefetch_threads": 1,
+            "copy_stream": False,
             "dtype": "float16",
             **dict(embed or {}),
         }
@@ -471,6 +472,7 @@ class ICMILWorkflow:
             num_workers=self.embed_cfg["num_workers"],
             read_threads=self.embed_cfg["read_threads"],
             prefetch_threads=self.embed_cfg["prefetch_threads"],
+            copy_stream=self.embed_cfg["copy_stream"],
             device=self.device,
             dtype=self.embed_cfg["dtype"],
             report=self.report,

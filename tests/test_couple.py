@@ -187,7 +187,7 @@ def test_short_run_keeps_the_teacher_and_lowers_the_student_loss(slides, tmp_pat
             return criterion(student(fixed["view"]), logits_t, logits_s_t, h_s, h_t)["loss"].item()
 
     # the same seeded run, stopped after its first iteration and after sixteen
-    first = finetune_embedder(
+    finetune_embedder(
         embedder, agg, train, val, tmp_path / "first", batches_per_epoch=1, lr=1e-4, select="last", **FAST
     )
     result = finetune_embedder(

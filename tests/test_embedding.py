@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import timm
 import torch
 
@@ -325,6 +324,57 @@ def test_reader_threads_for_cuda_read_straight_into_the_pinned_buffers(prepared,
     assert sorted(b["patches"].data_ptr() for b in batches) == sorted(t.data_ptr() for t in buffers)
     for x, y in zip(batches, serial):
         torch.testing.assert_close(x["patches"], y["patches"], rtol=0, atol=0)
+
+
+def test_copy_stream_moves_each_batch_on_its_own_stream_and_the_forward_waits_for_it(small_embedder, monkeypatch):
+    """With ``copy_stream`` each batch is copied inside the copy stream's context; the compute stream then waits for
+    the copy stream and holds the batch's memory before the forward runs; the features are those of the plain path
+    (the streams are stand-ins here; there is no GPU)."""
+    import contextlib
+
+    log: list[str] = []
+
+    class Stream:
+        def __init__(self, name: str):
+            self.name = name
+
+        def wait_stream(self, other: "Stream") -> None:
+            log.append(f"{self.name} waits for {other.name}")
+
+    copy, compute = Stream("copy"), Stream("compute")
+
+    @contextlib.contextmanager
+    def in_stream(s: Stream):
+        log.append(f"enter {s.name}")
+        yield
+        log.append(f"leave {s.name}")
+
+    plain = embedding_module.EmbeddingEngine(small_embedder, "cpu")
+    engine = embedding_module.EmbeddingEngine(small_embedder, "cpu", copy_stream=True)
+    assert engine.copy_stream is None  # ignored on the CPU
+    engine.copy_stream = copy
+    patches = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    expected = plain._iteration(plain, {"slide": 0, "start": 0, "patches": patches})["features"]
+
+    move = torch.Tensor.to
+    monkeypatch.setattr(torch.cuda, "stream", in_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log.append(f"held by {s.name}"))
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: (log.append("copy"), move(t, *a, **k))[1])
+    hook = engine.embedder.register_forward_pre_hook(lambda *_: log.append("forward"))
+    try:
+        out = engine._iteration(engine, {"slide": 0, "start": 0, "patches": patches})
+    finally:
+        hook.remove()  # the embedder is the module's
+    assert log[: log.index("forward") + 1] == [
+        "enter copy",
+        "copy",
+        "leave copy",
+        "compute waits for copy",
+        "held by compute",
+        "forward",
+    ]
+    torch.testing.assert_close(out["features"], expected)
 
 
 @pytest.mark.parametrize("threads", [1, 3])

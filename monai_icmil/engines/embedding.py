@@ -147,6 +147,8 @@ class EmbeddingEngine(Engine):
         device: where to run it.
         amp: bf16 autocast (default: on for CUDA, off on CPU).
         channels_last: channels-last memory format (default on: measured 1.35x faster for ResNet18 on 2 CPU cores).
+        copy_stream: on CUDA, move each batch to the GPU on a stream of its own, so the copy of the next batch runs
+            while the current one is embedded instead of waiting behind it on the compute stream (ignored on CPU).
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class EmbeddingEngine(Engine):
         device: str | torch.device = "cpu",
         amp: bool | None = None,
         channels_last: bool | None = None,
+        copy_stream: bool = False,
     ):
         super().__init__(self._iteration)
         self.device = torch.device(device)
@@ -164,12 +167,24 @@ class EmbeddingEngine(Engine):
         self.embedder = embedder.to(self.device).eval()
         if self.channels_last:
             self.embedder = self.embedder.to(memory_format=torch.channels_last)
+        self.copy_stream = torch.cuda.Stream(self.device) if copy_stream and cuda else None
         self.register_events(*EmbeddingEvents)
+
+    def _to_device(self, patches: torch.Tensor) -> torch.Tensor:
+        """``patches`` on the engine's device; with a copy stream, the compute stream waits for the copy only."""
+        if self.copy_stream is None:
+            return patches.to(self.device, non_blocking=True)
+        with torch.cuda.stream(self.copy_stream):
+            x = patches.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.copy_stream)
+        x.record_stream(compute)  # its memory is not reused before the compute stream is done with it
+        return x
 
     def _iteration(self, engine: Engine, batch: dict[str, Any]) -> dict[str, Any]:
         if "error" in batch:
             return batch
-        x = batch["patches"].to(self.device, non_blocking=True)
+        x = self._to_device(batch["patches"])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
@@ -332,6 +347,7 @@ def embed_slides(
     meta: Mapping[str, Any] | None = None,
     stain_normalize: bool = False,
     prefetch_threads: int = 1,
+    copy_stream: bool = False,
 ) -> dict[str, Any]:
     """Embed every patch of every slide whose features are not current, and write them to ``store``.
 
@@ -355,6 +371,7 @@ def embed_slides(
         meta: extra metadata stored with each slide.
         stain_normalize: Macenko-normalise every patch with its slide's stains (part of the feature key).
         prefetch_threads: reader threads when ``num_workers`` is 0.
+        copy_stream: on CUDA, copy batches to the GPU on a stream of their own (:class:`EmbeddingEngine`).
 
     Returns:
         ``{"written": [...], "skipped": [...], "failed": [...], "empty": [...], "patches": n, "seconds": t,
@@ -385,7 +402,7 @@ def embed_slides(
     total = int(sum(len(s["coords"]) for s in pending))
     t0 = time.perf_counter()
     if pending:
-        engine = EmbeddingEngine(embedder, device, amp, channels_last)
+        engine = EmbeddingEngine(embedder, device, amp, channels_last, copy_stream)
         writer.attach(engine)
         bars = _attach_progress(engine, len(pending), total) if progress and rank == 0 else {}
         loader = patch_loader(
