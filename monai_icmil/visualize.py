@@ -84,7 +84,7 @@ def save_patch_montage(path: str | os.PathLike, patches: np.ndarray, ncols: int 
 
 def save_roc_curve(path: str | os.PathLike, probs: np.ndarray, labels: np.ndarray, title: str = "") -> Path:
     """ROC curve of the positive-class probability (binary) or one curve per class (one-vs-rest), PNG (atomic)."""
-    from monai_icmil.metrics import binary_auc, roc_curve
+    from monai_icmil.metrics import auc_confidence_interval, binary_auc, roc_curve
 
     plt = _figure()
     probs, labels = np.asarray(probs), np.asarray(labels).astype(int)
@@ -93,7 +93,12 @@ def save_roc_curve(path: str | os.PathLike, probs: np.ndarray, labels: np.ndarra
     for c in classes:
         fpr, tpr, _ = roc_curve(probs[:, c], labels == c)
         auc = binary_auc(probs[:, c], labels == c)
-        ax.plot(fpr, tpr, lw=2, label=f"class {c}: AUC {auc:.3f}" if len(classes) > 1 else f"AUC {auc:.3f}")
+        if len(classes) > 1:
+            label = f"class {c}: AUC {auc:.3f}"
+        else:
+            lo, hi = auc_confidence_interval(probs[:, c], labels == c)
+            label = f"AUC {auc:.3f} (95 % CI {lo:.2f}-{hi:.2f})"
+        ax.plot(fpr, tpr, lw=2, label=label)
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")

@@ -695,6 +695,8 @@ class ICMILWorkflow:
                     "round": int(r),
                     "val_auc": s.get("bag", {}).get("val", {}).get("auc"),
                     "test_auc": test.get("auc"),
+                    "test_auc_ci": [test.get("auc_ci_low"), test.get("auc_ci_high")],
+                    "test_slides": s.get("test", {}).get("slides"),
                     "test_acc": test.get("acc"),
                     "test_f1": test.get("f1"),
                     "embedder_phase_s": s.get("embedder_phase", {}).get("seconds"),
@@ -707,6 +709,11 @@ class ICMILWorkflow:
         def fmt(v: Any, digits: int = 3) -> str:
             return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
+        def ci(bounds: list[Any]) -> str:
+            if any(v is None or math.isnan(v) for v in bounds):
+                return ""
+            return f" ({bounds[0]:.2f}-{bounds[1]:.2f})"
+
         lines = [
             f"# ICMIL summary ({self.aggregator}, {self.embedder_cfg['name']})",
             "",
@@ -716,9 +723,12 @@ class ICMILWorkflow:
         for row in rows:
             lines.append(
                 f"| {row['round']}{' (final)' if row['round'] == final else ''} | {fmt(row['val_auc'])} | "
-                f"{fmt(row['test_auc'])} | {fmt(row['test_acc'])} | {fmt(row['test_f1'])} | "
+                f"{fmt(row['test_auc'])}{ci(row['test_auc_ci'])} | {fmt(row['test_acc'])} | {fmt(row['test_f1'])} | "
                 f"{fmt(row['embedder_phase_s'], 1)} | {fmt(row['embed_s'], 1)} | {fmt(row['bag_s'], 1)} |"
             )
+        if any(ci(row["test_auc_ci"]) for row in rows):
+            n_test = max(row["test_slides"] or 0 for row in rows)
+            lines += ["", f"Test AUC with its 95 % DeLong confidence interval, over {n_test} test slides."]
         excluded = self.report.excluded()
         if excluded:
             lines += ["", f"{len(excluded)} slide(s) left out (failed or no tissue): {', '.join(sorted(excluded))}"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,8 @@ def test_train_bundle_runs_two_rounds_end_to_end(trained):
     summary = (out / "summary.md").read_text()
     assert "| round | val AUC | test AUC | test acc | test F1 |" in summary
     assert summary.count("\n| ") == 5  # header, separator, 3 rounds
+    assert len(re.findall(r"\| \d\.\d{3} \(\d\.\d{2}-\d\.\d{2}\) \|", summary)) == 3  # test AUC (95 % CI)
+    assert "95 % DeLong confidence interval, over" in summary
     assert "| round | val AUC" in (trained / "stdout.txt").read_text()  # printed too
     state = json.loads((out / "state.json").read_text())
     assert set(state["rounds"]) == {"0", "1", "2"}
@@ -197,6 +200,7 @@ def test_evaluate_config_writes_test_metrics(trained):
     final = json.loads((trained / "out" / "summary.json").read_text())["final_round"]
     metrics = json.loads((trained / "out" / f"round_{final}" / "test" / "metrics.json").read_text())
     assert {"auc", "acc", "f1", "youden_acc", "youden_f1"} <= set(metrics)
+    assert metrics["auc_ci_low"] <= metrics["auc"] <= metrics["auc_ci_high"]
 
 
 def test_verify_metadata_and_ckpt_export_of_the_final_bag_classifier(trained, tmp_path):
