@@ -93,8 +93,10 @@ def predict_slides(
     training run's setting.
     """
     from monai_icmil.engines.bag import load_bag_classifier, write_predictions_csv
-    from monai_icmil.engines.embedding import embed_slides
+    from monai_icmil.engines.embedding import embed_settings, embed_slides
     from monai_icmil.visualize import save_heatmaps, score_grid
+
+    cfg = embed_settings(embed_cfg)  # refuses an unknown key before any work
 
     out = Path(output_dir)
     paths = list_slides(slides)
@@ -109,28 +111,14 @@ def predict_slides(
     tiles = prepare_coords(
         items, tiling, CoordsStore(out / "coords"), report=report, backend=backend, progress=progress
     )
-    cfg = {
-        "batch_size": 256,
-        "num_workers": 2,
-        "read_threads": 2,
-        "prefetch_threads": 1,
-        "copy_stream": False,
-        "dtype": "float16",
-        **dict(embed_cfg or {}),
-    }
     store = FeatureStore(out / "features")
     embed_slides(
         tiles,
         embedder,
         store,
         tiling.params(),
-        batch_size=cfg["batch_size"],
-        num_workers=cfg["num_workers"],
-        read_threads=cfg["read_threads"],
-        prefetch_threads=cfg["prefetch_threads"],
-        copy_stream=cfg["copy_stream"],
+        **cfg,
         device=device,
-        dtype=cfg["dtype"],
         report=report,
         backend=backend,
         progress=progress,

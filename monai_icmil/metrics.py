@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from statistics import NormalDist
 from collections.abc import Callable, Sequence
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np

@@ -139,15 +139,9 @@ class ICMILWorkflow:
         self.embedder_cfg = {"name": "resnet50_trunc", **dict(embedder or {})}
         self.aggregator = aggregator
         self.aggregator_kwargs = dict(aggregator_kwargs or {})
-        self.embed_cfg = {
-            "batch_size": 256,
-            "num_workers": 2,
-            "read_threads": 2,
-            "prefetch_threads": 1,
-            "copy_stream": False,
-            "dtype": "float16",
-            **dict(embed or {}),
-        }
+        from monai_icmil.engines.embedding import embed_settings
+
+        self.embed_cfg = embed_settings(embed)
         self.bag_cfg = dict(bag or {})
         self.couple_cfg = dict(couple or {})
         self.num_classes, self.class_names = int(num_classes), list(class_names) if class_names else None
@@ -468,13 +462,8 @@ class ICMILWorkflow:
             embedder,
             FeatureStore(self.round_dir(r) / "features"),
             self.tiling.params(),
-            batch_size=self.embed_cfg["batch_size"],
-            num_workers=self.embed_cfg["num_workers"],
-            read_threads=self.embed_cfg["read_threads"],
-            prefetch_threads=self.embed_cfg["prefetch_threads"],
-            copy_stream=self.embed_cfg["copy_stream"],
+            **self.embed_cfg,
             device=self.device,
-            dtype=self.embed_cfg["dtype"],
             report=self.report,
             backend=self.backend,
             progress=self.progress,

@@ -300,6 +300,17 @@ def test_missing_dataset_dir_is_a_clear_error(tmp_path):
         ICMILWorkflow(dataset_dir=str(tmp_path / "nowhere"), output_dir=str(tmp_path / "out"))
 
 
+def test_a_misspelt_embedding_setting_is_refused_by_name(synthetic_dataset, tmp_path):
+    """One list of embedding settings serves the workflow and inference; a key outside it is an error, not ignored."""
+    from monai_icmil.engines.embedding import EMBED_DEFAULTS, embed_settings
+
+    with pytest.raises(ValueError, match=r"unknown embedding setting\(s\) \['prefetch_thread'\]"):
+        ICMILWorkflow(
+            dataset_dir=str(synthetic_dataset.parent), output_dir=str(tmp_path / "out"), embed={"prefetch_thread": 4}
+        )
+    assert embed_settings({"prefetch_threads": 4}) == {**EMBED_DEFAULTS, "prefetch_threads": 4}
+
+
 def test_datalist_without_validation_gets_a_recorded_reproducible_split(synthetic_dataset, tmp_path):
     data = json.loads(synthetic_dataset.read_text())
     no_val = {"training": data["training"] + data["validation"], "test": data["test"]}

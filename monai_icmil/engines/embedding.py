@@ -34,7 +34,34 @@ from monai_icmil.data.store import FeatureStore, feature_key
 from monai_icmil.networks.embedders import PatchEmbedder
 from monai_icmil.transforms.stain import slide_stain_normalizer
 
-__all__ = ["PatchBatches", "EmbeddingEngine", "EmbeddingEvents", "SlideFeatureWriter", "embed_slides", "patch_loader"]
+__all__ = [
+    "EMBED_DEFAULTS",
+    "PatchBatches",
+    "EmbeddingEngine",
+    "EmbeddingEvents",
+    "SlideFeatureWriter",
+    "embed_settings",
+    "embed_slides",
+    "patch_loader",
+]
+
+EMBED_DEFAULTS: dict[str, Any] = {
+    "batch_size": 256,
+    "num_workers": 2,
+    "read_threads": 2,
+    "prefetch_threads": 1,
+    "copy_stream": False,
+    "dtype": "float16",
+}
+"""The embedding settings a workflow or inference run passes to :func:`embed_slides`, with their defaults."""
+
+
+def embed_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:data:`EMBED_DEFAULTS` updated with ``settings``; an unknown key is refused by name."""
+    unknown = sorted(set(settings or {}) - set(EMBED_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown embedding setting(s) {unknown}; the settings are {sorted(EMBED_DEFAULTS)}.")
+    return {**EMBED_DEFAULTS, **dict(settings or {})}
 
 
 class EmbeddingEvents(EventEnum):
