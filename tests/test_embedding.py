@@ -164,35 +164,133 @@ def test_features_equal_the_embedder_applied_to_the_patch_read_directly(prepared
         torch.testing.assert_close(arrays["features"][i], direct, atol=1e-4, rtol=1e-4)
 
 
-def test_writer_waits_for_the_queued_host_copies_once_per_slide_before_reading_them(tmp_path):
-    """On CUDA the engine queues each batch's copy to the host and carries an event; the writer must wait on the
-    slide's final event before it concatenates, and never per batch (that would bring back the blocking copy)."""
-    from types import SimpleNamespace
+class _Copies:
+    """Stand-ins for the host copies the engine queues on CUDA, in order on one stream, and their events."""
 
-    queued: list[torch.Tensor] = []  # host buffers whose copies are still in flight on the (one) stream
+    def __init__(self):
+        self.queued: list[torch.Tensor] = []  # host buffers whose copies are still in flight
+        self.waits = 0
+
+    def queue(self, n: int, dim: int = 4) -> tuple[torch.Tensor, "_Copies.Event"]:
+        self.queued.append(torch.zeros(n, dim))
+        return self.queued[-1], self.Event(self, self.queued[-1])
+
+    def land(self) -> None:  # the stream catches up: every copy queued so far lands
+        while self.queued:
+            self.queued.pop().fill_(7.0)
 
     class Event:
-        def __init__(self):
-            self.waited = 0
+        def __init__(self, copies: "_Copies", buffer: torch.Tensor):
+            self.copies, self.buffer = copies, buffer
 
-        def synchronize(self) -> None:  # the stream is in order: every copy queued so far lands
-            self.waited += 1
-            while queued:
-                queued.pop().fill_(7.0)
+        def query(self) -> bool:
+            return not any(b is self.buffer for b in self.copies.queued)
 
-    slides = [{"slide_id": "a", "image": "a.tiff", "coords": np.zeros((5, 2), int), "level": 0}]
-    slides[0].update(read_size=8, patch_size=8)
+        def synchronize(self) -> None:
+            self.copies.waits += 1
+            self.copies.land()
+
+
+def _writer_and_engine(tmp_path, sizes):
+    from types import SimpleNamespace
+
+    slides = [
+        {"slide_id": sid, "image": f"{sid}.tiff", "coords": np.zeros((n, 2), int), "level": 0, "read_size": 8}
+        for sid, n in sizes.items()
+    ]
+    for s in slides:
+        s["patch_size"] = 8
     store = FeatureStore(tmp_path)
-    writer = embedding_module.SlideFeatureWriter(slides, store, {"a": {"k": 1}}, "float32")
-    engine = SimpleNamespace(state=SimpleNamespace(), fire_event=lambda e: None)
-    events = []
+    writer = embedding_module.SlideFeatureWriter(slides, store, {sid: {"k": 1} for sid in sizes}, "float32")
+    fired = []
+    engine = SimpleNamespace(state=SimpleNamespace(), fire_event=lambda e: fired.append(engine.state.last_slide))
+    return writer, engine, store, fired
+
+
+def test_writer_waits_for_the_queued_host_copies_once_per_slide_before_reading_them(tmp_path):
+    """On CUDA the engine queues each batch's copy to the host and carries an event; nothing is read before the
+    slide's copies have landed, and the writer never waits per batch (that would bring back the blocking copy)."""
+    copies = _Copies()
+    writer, engine, store, fired = _writer_and_engine(tmp_path, {"a": 5})
     for start, n in ((0, 2), (2, 3)):
-        queued.append(torch.zeros(n, 4))
-        events.append(Event())
-        engine.state.output = {"slide": 0, "start": start, "features": queued[-1], "ready": events[-1]}
+        feats, ready = copies.queue(n)
+        engine.state.output = {"slide": 0, "start": start, "features": feats, "ready": ready}
         writer(engine)
-    assert [e.waited for e in events] == [0, 1]
+    assert copies.waits == 0 and store.slide_ids() == [] and fired == []  # complete, but still landing
+    writer.flush(engine)  # the run completes
+    assert copies.waits == 1 and fired == ["a"]
     assert store.load("a")["features"].eq(7.0).all()  # nothing was read before the copies landed
+
+
+def test_writer_does_not_drain_the_gpu_at_each_slide_but_writes_it_once_its_copies_land(tmp_path):
+    """A complete slide whose copies are in flight is written on a later iteration, when its event says they have
+    landed, without ever blocking; slides are written in the order they completed."""
+    copies = _Copies()
+    writer, engine, store, fired = _writer_and_engine(tmp_path, {"a": 2, "b": 3, "c": 2, "d": 2})
+
+    def step(index, start, n):
+        feats, ready = copies.queue(n)
+        engine.state.output = {"slide": index, "start": start, "features": feats, "ready": ready}
+        writer(engine)
+
+    step(0, 0, 2)  # a complete, its copy in flight
+    step(1, 0, 2)
+    assert store.slide_ids() == [] and fired == []
+    copies.land()  # the GPU got through a and b's first batch while the main thread went on
+    step(1, 2, 1)  # b complete (in flight); a has landed and is written now
+    assert fired == ["a"] and store.slide_ids() == ["a"]
+    step(2, 0, 2)  # c complete; b has not landed: neither is written, and nothing waits
+    assert fired == ["a"] and copies.waits == 0
+    copies.land()
+    step(3, 0, 1)  # the next iteration writes both
+    assert fired == ["a", "b", "c"] and copies.waits == 0
+    for sid in "abc":
+        assert store.load(sid)["features"].eq(7.0).all()
+
+
+def test_slides_complete_on_the_gpu_are_written_at_the_end_and_on_an_interruption(
+    prepared, small_embedder, tmp_path, monkeypatch
+):
+    """With copies whose events never report landed on their own, every slide is still written when the run ends
+    (the writer waits then), and an interruption keeps the slides completed before it."""
+    _, slides = prepared
+    fp = small_embedder.fingerprint()
+    plain = FeatureStore(tmp_path / "plain")
+    embed_slides(slides, small_embedder, plain, TILING.params(), batch_size=16, num_workers=0, progress=False)
+
+    class InFlight:
+        waits = 0
+
+        def query(self) -> bool:
+            return False
+
+        def synchronize(self) -> None:
+            InFlight.waits += 1
+
+    monkeypatch.setattr(embedding_module, "_to_host", lambda feats: (feats.float().cpu(), InFlight()))
+    ended = FeatureStore(tmp_path / "ended")
+    result = embed_slides(slides, small_embedder, ended, TILING.params(), batch_size=16, num_workers=0, progress=False)
+    assert sorted(result["written"]) == sorted(slides) and InFlight.waits == len(slides)
+    a, b = _features(plain, slides, fp), _features(ended, slides, fp)
+    for sid in slides:
+        torch.testing.assert_close(a[sid], b[sid])
+
+    first = next(iter(slides.values()))
+    batches_of_first = -(-len(first["coords"]) // 16)
+    original, calls = embedding_module.EmbeddingEngine._iteration, {"n": 0}
+
+    def interrupt_after_the_first_slide(self, engine, batch):
+        calls["n"] += 1
+        if calls["n"] > batches_of_first + 1:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, engine, batch)
+
+    monkeypatch.setattr(embedding_module.EmbeddingEngine, "_iteration", interrupt_after_the_first_slide)
+    cut = FeatureStore(tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        embed_slides(slides, small_embedder, cut, TILING.params(), batch_size=16, num_workers=0, progress=False)
+    assert cut.slide_ids() == [first["slide_id"]]  # complete but not yet landed when interrupted: kept
+    assert not [p for p in cut.root.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_interrupted_extraction_resumes_and_matches_an_uninterrupted_run(
