@@ -486,6 +486,7 @@ class ICMILWorkflow:
                 {
                     "patches": result["patches"],
                     "patches_per_s": result["patches_per_s"],
+                    "steady_patches_per_s": result["steady_patches_per_s"],
                     "seconds": record["seconds"],
                     "failed_slides": len(result["failed"]),
                 }

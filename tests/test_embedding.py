@@ -293,6 +293,26 @@ def test_slides_complete_on_the_gpu_are_written_at_the_end_and_on_an_interruptio
     assert not [p for p in cut.root.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_steady_rate_leaves_out_the_start_up(prepared, small_embedder, tmp_path, monkeypatch):
+    """``steady_patches_per_s`` counts from the end of the first batch: a slow first read (a worker starting, a
+    slide opening) lowers the whole-call rate but not the steady one."""
+    _, slides = prepared
+    delay, original, calls = 1.5, embedding_module.PatchBatches.load, {"n": 0}
+
+    def slow_first_read(self, task, pin_memory=False):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            time.sleep(delay)
+        return original(self, task, pin_memory)
+
+    monkeypatch.setattr(embedding_module.PatchBatches, "load", slow_first_read)
+    res = embed_slides(slides, small_embedder, FeatureStore(tmp_path), TILING.params(), batch_size=16, num_workers=0)
+    first = min(16, len(next(iter(slides.values()))["coords"]))
+    assert res["seconds"] > delay and res["steady_patches_per_s"] > res["patches_per_s"] > 0
+    steady_window = (res["patches"] - first) / res["steady_patches_per_s"]
+    assert steady_window < res["seconds"] - delay + 0.5  # the delay is outside the steady window
+
+
 def test_interrupted_extraction_resumes_and_matches_an_uninterrupted_run(
     prepared, small_embedder, tmp_path, monkeypatch
 ):

@@ -429,7 +429,9 @@ def embed_slides(
 
     Returns:
         ``{"written": [...], "skipped": [...], "failed": [...], "empty": [...], "patches": n, "seconds": t,
-        "patches_per_s": r}`` for this rank.
+        "patches_per_s": r, "steady_patches_per_s": r1, "fingerprint": f}`` for this rank; ``r1`` leaves out the
+        start-up (loader start, first read, first forward): the patches after the first batch over the time from it
+        to the last write, the rate a long run settles at (0 with fewer than two batches).
     """
     if dtype not in ("float16", "float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float16', 'float32' or 'bfloat16', got {dtype!r}")
@@ -458,6 +460,8 @@ def embed_slides(
     if pending:
         engine = EmbeddingEngine(embedder, device, amp, channels_last, copy_stream)
         writer.attach(engine)
+        pace = _SteadyPace()
+        pace.attach(engine)
         bars = _attach_progress(engine, len(pending), total) if progress and rank == 0 else {}
         loader = patch_loader(
             pending, batch_size, num_workers, read_threads, device, backend, stain_normalize, prefetch_threads
@@ -481,8 +485,34 @@ def embed_slides(
         "patches": done,
         "seconds": seconds,
         "patches_per_s": done / seconds if seconds > 0 and done else 0.0,
+        "steady_patches_per_s": pace.rate if pending else 0.0,
         "fingerprint": fingerprint,
     }
+
+
+class _SteadyPace:
+    """Patches/s after the first batch: from its end to the end of the run (the last slide written)."""
+
+    def __init__(self):
+        self.first: float | None = None
+        self.patches = 0
+        self.rate = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.step)
+        engine.add_event_handler(Events.COMPLETED, self.end)  # after the writer's flush: attached after it
+
+    def step(self, engine: Engine) -> None:
+        if "features" not in engine.state.output:
+            return
+        if self.first is None:
+            self.first = time.perf_counter()
+        else:
+            self.patches += len(engine.state.output["features"])
+
+    def end(self, _: Engine) -> None:
+        if self.first is not None and self.patches:
+            self.rate = self.patches / (time.perf_counter() - self.first)
 
 
 def _attach_progress(engine: Engine, n_slides: int, n_patches: int) -> dict[str, Any]:
