@@ -25,12 +25,33 @@ __all__ = [
 PathLike = str | os.PathLike
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``os.umask`` sets it to read it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(path: Path) -> int:
+    """The permissions a plain ``open(path, "w")`` would leave: the replaced file's, else ``0o666`` less the umask
+    (temporary files are created ``0o600``, which would hide every output from the rest of a lab's group)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed over ``path``.
 
     The temporary file lives in the same directory so that ``os.replace`` is atomic. If the body
-    raises (disk full, interrupted write), the temporary file is removed and ``path`` is untouched.
+    raises (disk full, interrupted write), the temporary file is removed and ``path`` is untouched. The file ends
+    with the permissions a plain write would give it (:func:`_final_mode`), not the temporary file's ``0o600``.
 
     Args:
         path: final destination.
@@ -48,6 +69,7 @@ def atomic_path(path: PathLike, suffix: str | None = None) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _final_mode(path))
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

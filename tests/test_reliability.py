@@ -85,6 +85,32 @@ def test_disk_full_during_a_feature_write_leaves_no_partial_file(tmp_path, monke
     assert store.is_current("slide_a", {"k": 1}) and store.load("slide_a")["features"].sum() == 12
 
 
+def test_atomic_writes_leave_the_permissions_of_a_plain_write(tmp_path):
+    """Temporary files are created 0o600; the outputs must not stay that way (a lab's group could not read them):
+    a new file gets 0o666 less the umask, a replaced file keeps its mode."""
+    import os
+
+    from monai_icmil.utils import atomic_write_json, atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_json(tmp_path / "new.json", {"a": 1})
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o640
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        atomic_write_text(tmp_path / "atomic.txt", "x")
+        assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+        os.chmod(tmp_path / "new.json", 0o664)
+        atomic_write_json(tmp_path / "new.json", {"a": 2})
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o664
+        store = FeatureStore(tmp_path / "features")
+        path = store.save("s", {"features": torch.zeros(2, 3)}, {"k": 1})
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
 def test_two_runs_with_the_same_seed_give_identical_metrics(synthetic_dataset, tmp_path):
     results = []
     for name in ("a", "b"):
