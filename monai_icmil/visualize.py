@@ -141,7 +141,9 @@ def save_heatmaps(
     plt = _figure()
     n = len(maps)
     h, w = thumbnail.shape[:2]
-    fig, axes = plt.subplots(1, n + 1, figsize=(4.5 * (n + 1), 4.5 * h / max(w, 1) + 0.8), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(
+        1, n + 1, figsize=(4.5 * (n + 1), 4.5 * h / max(w, 1) + 0.8), dpi=100, squeeze=False, layout="constrained"
+    )
     axes[0, 0].imshow(thumbnail)
     axes[0, 0].set_title("slide")
     for ax, (name, grid) in zip(axes[0, 1:], maps.items()):
