@@ -378,6 +378,34 @@ def test_workers_and_reader_threads_read_in_parallel_and_give_the_same_features(
         torch.testing.assert_close(a[sid], c[sid])
 
 
+def test_a_slow_slide_holds_up_only_its_own_worker(prepared, small_embedder, tmp_path, monkeypatch):
+    """Worker processes hand over batches as they finish them: while one worker is stuck on a slow slide, the other's
+    batches flow (in order, the loader would alternate and wait for the slow one), and the features are the same."""
+    _, slides = prepared
+    items = list(slides.values())[:2]
+    slow_image = items[0]["image"]
+    original = embedding_module.PatchBatches.load
+
+    def slow_on_the_first_slide(self, task, pin_memory=False):
+        if self.slides[task[0]]["image"] == slow_image:
+            time.sleep(0.4)
+        return original(self, task, pin_memory)
+
+    monkeypatch.setattr(embedding_module.PatchBatches, "load", slow_on_the_first_slide)  # workers are forked
+    order = [b["slide"] for b in embedding_module.patch_loader(items, batch_size=16, num_workers=2, read_threads=1)]
+    slow = [i for i, index in enumerate(order) if index == 0]
+    fast = [i for i, index in enumerate(order) if index == 1]
+    assert len(slow) >= 3 and len(fast) >= 3
+    assert max(fast) < slow[1], order  # the fast slide is done before the slow one's second batch
+    monkeypatch.setattr(embedding_module.PatchBatches, "load", original)
+    a = FeatureStore(tmp_path / "workers")
+    embed_slides(items, small_embedder, a, TILING.params(), batch_size=16, num_workers=2, progress=False)
+    b = FeatureStore(tmp_path / "serial")
+    embed_slides(items, small_embedder, b, TILING.params(), batch_size=16, num_workers=0, progress=False)
+    for s in items:
+        torch.testing.assert_close(a.load(s["slide_id"])["features"], b.load(s["slide_id"])["features"])
+
+
 def test_reader_threads_give_the_batches_of_a_serial_read_in_order(prepared):
     """Three reader threads, each reading whole batches of any slide: the same batches, pixels and order as one
     serial pass, in channels-last layout (a view of ``[B, H, W, 3]``, as the engine runs the model)."""

@@ -371,6 +371,8 @@ def patch_loader(
             collate_fn=_collate,
             persistent_workers=False,
             prefetch_factor=4,
+            in_order=False,  # a batch as soon as any worker has one: a slow slide (large, on a slow share) holds
+            # up only its own worker (the writer gathers each slide's batches by position, in any order)
         )
     read = functools.partial(batches.load, pin_memory=pin)
     threads = int(prefetch_threads)
