@@ -194,6 +194,31 @@ def test_inference_writes_heatmaps_on_the_patch_grid_and_geojson(trained):
     assert grid[int(y // footprint), int(x // footprint)] == 0
 
 
+def test_inference_on_a_real_aperio_slide(trained, cmu_slide):
+    """New slides in the wild are Aperio SVS (JPEG tiles with shared tables, one level here, 0.5 um/px): the
+    bundle trained on generated TIFFs tiles it at its 1 um/px (64 px read, resized to 32), scores it and draws it."""
+    folder = trained / "aperio_in"
+    folder.mkdir()
+    (folder / "CMU-1-Small-Region.svs").symlink_to(cmu_slide)
+    out = trained / "aperio_out"
+    proc = _bundle(trained, "run", str(CONFIGS / "inference.json"), input_slides=str(folder), inference_dir=str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    header, row = (out / "probabilities.csv").read_text().strip().splitlines()
+    cells = dict(zip(header.split(","), row.split(",")))
+    assert cells["slide"] == "CMU-1-Small-Region" and cells["label"] == ""  # a new slide: no label
+    p_normal, p_tumour = float(cells["prob_normal"]), float(cells["prob_tumour"])
+    assert p_normal + p_tumour == pytest.approx(1.0, abs=1e-3)
+    assert cells["pred_class"] == ("tumour" if p_tumour > p_normal else "normal")
+    from monai_icmil.data.store import CoordsStore
+
+    coords = CoordsStore(out / "coords").load("CMU-1-Small-Region")["coords"].numpy()
+    assert 50 < len(coords) < 2220 * 2967 / 64**2  # tissue only, on the 64 px level-0 grid
+    assert not np.any(coords % 64)
+    geo = json.loads((out / "CMU-1-Small-Region.geojson").read_text())
+    assert len(geo["features"]) == len(coords)
+    assert Image.open(out / "CMU-1-Small-Region_heatmap.png").size[0] > 100
+
+
 def test_evaluate_config_writes_test_metrics(trained):
     proc = _bundle(trained, "run", str(CONFIGS / "evaluate.json"))
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -214,15 +214,17 @@ def predict_bags(net: MILAggregator, dataset: Dataset, device: str | torch.devic
 def write_predictions_csv(
     path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], class_names: Sequence[str] | None = None
 ) -> Path:
-    """``slide,label,prob_<class>...,pred`` (atomic)."""
+    """``slide,label,prob_<class>...,pred,pred_class`` (atomic): ``label`` and ``pred`` are class indices (``label``
+    empty for unlabelled slides), ``pred_class`` the predicted class's name."""
     n = len(rows[0]["probs"]) if rows else len(class_names or [0, 1])
     names = list(class_names) if class_names else [str(c) for c in range(n)]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["slide", "label", *[f"prob_{c}" for c in names], "pred"])
+    w.writerow(["slide", "label", *[f"prob_{c}" for c in names], "pred", "pred_class"])
     for r in rows:
         label = "" if r.get("label") is None else r["label"]
-        w.writerow([r["slide_id"], label, *[f"{p:.6f}" for p in r["probs"]], int(np.argmax(r["probs"]))])
+        pred = int(np.argmax(r["probs"]))
+        w.writerow([r["slide_id"], label, *[f"{p:.6f}" for p in r["probs"]], pred, names[pred]])
     return atomic_write_text(path, buf.getvalue())
 
 
