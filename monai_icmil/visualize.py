@@ -1,6 +1,7 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""Pictures people would rather look at than read: tiling overlays, patch montages."""
+"""Pictures people would rather look at than read: tiling overlays and QC images, patch montages, ROC curves,
+heatmaps."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import numpy as np
 
 from monai_icmil.utils import atomic_path
 
-__all__ = ["save_tiling_overlay", "save_patch_montage", "save_roc_curve", "score_grid", "save_heatmaps"]
+__all__ = [
+    "save_tiling_overlay",
+    "tiling_qc_image",
+    "save_tiling_qc",
+    "save_patch_montage",
+    "save_roc_curve",
+    "score_grid",
+    "save_heatmaps",
+]
 
 
 def _figure():
@@ -59,6 +68,91 @@ def save_tiling_overlay(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
+    return path
+
+
+def tiling_qc_image(
+    thumbnail: np.ndarray,
+    thumb_downsample: float,
+    coords: np.ndarray,
+    footprint: float,
+    color: tuple[int, int, int] = (0, 90, 255),
+    alpha: float = 0.35,
+) -> np.ndarray:
+    """The thumbnail with the area the patches cover tinted and outlined, and each patch's edges where patches are
+    at least 6 px across: tissue left untinted was missed.
+
+    Drawn with NumPy alone (no Matplotlib), so it costs milliseconds per slide and can be made for every slide.
+
+    Args:
+        thumbnail: ``[h, w, 3]`` uint8 thumbnail of the slide.
+        thumb_downsample: level-0 pixels per thumbnail pixel.
+        coords: ``[N, 2]`` level-0 ``(x, y)`` of each patch's top-left corner.
+        footprint: patch side in level-0 pixels.
+        color: tint and outline colour.
+        alpha: tint strength.
+
+    Returns:
+        ``[h, w, 3]`` uint8.
+    """
+    h, w = thumbnail.shape[:2]
+    img = np.array(thumbnail[..., :3], dtype=np.float32)
+    covered = np.zeros((h, w), bool)
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    if len(coords):
+        x0 = np.clip(np.floor(coords[:, 0] / thumb_downsample).astype(int), 0, w)
+        y0 = np.clip(np.floor(coords[:, 1] / thumb_downsample).astype(int), 0, h)
+        x1 = np.clip(np.ceil((coords[:, 0] + footprint) / thumb_downsample).astype(int), 0, w)
+        y1 = np.clip(np.ceil((coords[:, 1] + footprint) / thumb_downsample).astype(int), 0, h)
+        corners = np.zeros((h + 1, w + 1), np.int64)  # each box as +1/-1 at its corners, then a 2-D running sum
+        np.add.at(corners, (y0, x0), 1)
+        np.add.at(corners, (y0, x1), -1)
+        np.add.at(corners, (y1, x0), -1)
+        np.add.at(corners, (y1, x1), 1)
+        covered = corners.cumsum(0).cumsum(1)[:h, :w] > 0
+    tint = np.asarray(color, np.float32)
+    img[covered] = (1 - alpha) * img[covered] + alpha * tint
+    if len(coords) and footprint / thumb_downsample >= 6:  # each patch's edges, where patches are large enough
+        rows, cols = np.zeros((h, w + 1), np.int64), np.zeros((h + 1, w), np.int64)
+        for y in (y0, np.maximum(y1 - 1, y0)):  # top and bottom edges: runs along rows
+            keep = y < h
+            np.add.at(rows, (y[keep], x0[keep]), 1)
+            np.add.at(rows, (y[keep], x1[keep]), -1)
+        for x in (x0, np.maximum(x1 - 1, x0)):  # left and right edges: runs along columns
+            keep = x < w
+            np.add.at(cols, (y0[keep], x[keep]), 1)
+            np.add.at(cols, (y1[keep], x[keep]), -1)
+        edges = (rows.cumsum(1)[:, :w] > 0) | (cols.cumsum(0)[:h] > 0)
+        img[edges] = 0.5 * img[edges] + 0.5 * tint
+    inner = covered.copy()
+    inner[1:] &= covered[:-1]
+    inner[:-1] &= covered[1:]
+    inner[:, 1:] &= covered[:, :-1]
+    inner[:, :-1] &= covered[:, 1:]
+    img[covered & ~inner] = tint
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def save_tiling_qc(
+    path: str | os.PathLike,
+    thumbnail: np.ndarray,
+    thumb_downsample: float,
+    coords: np.ndarray,
+    footprint: float,
+    caption: str = "",
+) -> Path:
+    """:func:`tiling_qc_image` with a caption line above it, as a PNG (atomic)."""
+    from PIL import Image, ImageDraw
+
+    qc = tiling_qc_image(thumbnail, thumb_downsample, coords, footprint)
+    band = 18 if caption else 0
+    canvas = Image.new("RGB", (qc.shape[1], qc.shape[0] + band), "white")
+    canvas.paste(Image.fromarray(qc), (0, band))
+    if caption:
+        ImageDraw.Draw(canvas).text((4, 3), caption, fill="black")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path
 
 

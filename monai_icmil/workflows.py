@@ -100,6 +100,8 @@ class ICMILWorkflow:
         pretrain: when given, round 0's embedder is the starting embedder after self-supervised pre-training (SimCLR)
             on the training slides' tissue patches, with these :func:`~monai_icmil.engines.pretrain
             .pretrain_embedder` arguments (``configs/pretrain.json``); kept in ``output_dir/pretrain/``.
+        tiling_qc: a QC image per slide in ``output_dir/coords/qc/<slide>.png`` (thumbnail, patches' area tinted and
+            outlined), to check tissue detection and the grid at a glance.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class ICMILWorkflow:
         allow_outside_root: bool = False,
         stain_normalize: bool = False,
         pretrain: Mapping[str, Any] | None = None,
+        tiling_qc: bool = True,
     ):
         self.dataset_dir = Path(dataset_dir)
         self.output_dir = Path(output_dir)
@@ -161,6 +164,7 @@ class ICMILWorkflow:
         self.backend, self.progress, self.allow_outside_root = backend, progress, allow_outside_root
         self.stain_normalize = bool(stain_normalize)
         self.pretrain_cfg = dict(pretrain) if pretrain is not None else None
+        self.tiling_qc = bool(tiling_qc)
         # checks that must fail before any heavy work
         create_aggregator(self.aggregator, 8, self.num_classes, **self.aggregator_kwargs)
         if self.synthetic is None and not self.dataset_dir.is_dir():
@@ -274,6 +278,7 @@ class ICMILWorkflow:
                 on_slide_error=self.on_slide_error,
                 backend=self.backend,
                 progress=self.progress,
+                qc_dir=self.output_dir / "coords" / "qc" if self.tiling_qc else None,
             )
             if _rank() == 0:
                 _barrier()

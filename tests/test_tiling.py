@@ -145,3 +145,47 @@ def test_ground_truth_mask_matches_the_slide(synthetic_entries):
         assert 0.01 <= e["tumour_fraction"] <= 0.11
     for e in neg:
         assert not (np.asarray(Image.open(e["tumour_mask"])) > 0).any()
+
+
+def test_tiling_qc_image_tints_and_outlines_exactly_the_patches_area():
+    from monai_icmil.visualize import tiling_qc_image
+
+    thumb = np.full((40, 60, 3), 200, np.uint8)
+    # two touching 10x10-thumbnail-px patches (footprint 40 level-0 px at downsample 4) and one past the edge
+    coords = np.array([[40, 40], [80, 40], [220, 140]])
+    qc = tiling_qc_image(thumb, 4.0, coords, 40.0, color=(0, 0, 255), alpha=0.5)
+    changed = np.any(qc != 200, axis=-1)
+    expected = np.zeros((40, 60), bool)
+    expected[10:20, 10:30] = True
+    expected[35:40, 55:60] = True  # clipped at the border, drawn without error
+    np.testing.assert_array_equal(changed, expected)
+    assert qc[10, 15].tolist() == [0, 0, 255] and qc[19, 29].tolist() == [0, 0, 255]  # the outline
+    assert qc[15, 15].tolist() == [100, 100, 228]  # inside: tinted
+    assert qc[15, 19].tolist() == qc[15, 20].tolist() == [50, 50, 241]  # the seam: both patches' edges, fainter
+    small = tiling_qc_image(thumb, 8.0, coords, 40.0, color=(0, 0, 255), alpha=0.5)  # 5 px patches: no edges
+    assert small[7, 9].tolist() == small[7, 10].tolist() == [100, 100, 228]  # the seam, tinted only
+    np.testing.assert_array_equal(tiling_qc_image(thumb, 4.0, np.zeros((0, 2)), 40.0), thumb)
+
+
+def test_prepare_draws_a_qc_image_per_slide_matching_its_grid(cmu_slide, tmp_path):
+    from monai_icmil.data.prepare import prepare_coords
+    from monai_icmil.data.store import CoordsStore
+    from monai_icmil.data.tiling import TilingConfig
+
+    items = [{"slide_id": "cmu", "image": cmu_slide}]
+    tiles = prepare_coords(
+        items, TilingConfig(patch_size=64, mpp=1.0), CoordsStore(tmp_path / "c"), progress=False, qc_dir=tmp_path / "qc"
+    )
+    png = tmp_path / "qc" / "cmu.png"
+    img = np.asarray(Image.open(png).convert("RGB"))
+    reader = open_slide(cmu_slide)
+    thumb, ds = reader.thumbnail(1024)
+    assert img.shape == (thumb.shape[0] + 18, thumb.shape[1], 3)  # a caption band above the thumbnail
+    tinted = np.any(img[18:] != thumb, axis=-1).mean()
+    n, side = len(tiles["cmu"]["coords"]), 128 / ds  # 64 px at 1 um/px = 128 level-0 px on this 0.5 um/px slide
+    assert n > 50 and tinted == pytest.approx(n * side**2 / thumb.shape[0] / thumb.shape[1], rel=0.1)
+    png.unlink()
+    prepare_coords(
+        items, TilingConfig(patch_size=64, mpp=1.0), CoordsStore(tmp_path / "c"), progress=False, qc_dir=tmp_path / "qc"
+    )
+    assert png.is_file()  # a slide already tiled gets its missing image back

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,18 @@ from monai_icmil.data.store import CoordsStore, coords_key
 from monai_icmil.data.tiling import TilingConfig
 
 __all__ = ["prepare_coords", "SlideTiles"]
+
+
+def _save_qc(path: Path, reader: Any, sid: str, coords: np.ndarray, meta: Mapping[str, Any]) -> None:
+    from monai_icmil.visualize import save_tiling_qc
+
+    mpp = f"{meta['mpp']:.2f} um/px, " if meta.get("mpp") else ""
+    caption = f"{sid}: {len(coords)} patches of {meta['patch_size']} px ({mpp}level {meta['level']})"
+    try:
+        thumb, ds = reader.thumbnail(1024)
+        save_tiling_qc(path, thumb, ds, np.asarray(coords), float(meta["footprint"]), caption)
+    except Exception as e:  # a picture is not worth a slide
+        warnings.warn(f"slide '{sid}': no tiling QC image ({type(e).__name__}: {e})", stacklevel=3)
 
 
 class SlideTiles(dict):
@@ -32,6 +46,7 @@ def prepare_coords(
     backend: str = "auto",
     device: str | torch.device | None = "auto",
     progress: bool = True,
+    qc_dir: str | os.PathLike | None = None,
 ) -> dict[str, SlideTiles]:
     """Tile every slide (or load its current coordinates from ``store``).
 
@@ -44,6 +59,9 @@ def prepare_coords(
         backend: slide backend.
         device: tissue-mask device.
         progress: show a progress bar.
+        qc_dir: when given, a QC image per slide, ``<qc_dir>/<slide_id>.png``: the thumbnail with the patches' area
+            tinted and outlined (:func:`~monai_icmil.visualize.save_tiling_qc`), made when the slide is tiled or
+            its image is missing. A slide whose image cannot be drawn is warned about, not failed.
 
     Returns:
         ``{slide_id: SlideTiles}`` for the slides that could be tiled (empty ones included, with zero coords).
@@ -91,6 +109,8 @@ def prepare_coords(
             report.succeed(sid)
             if len(coords) == 0:
                 report.mark_empty(sid, path, "prepare")
+        if qc_dir is not None and (arrays is None or not (Path(qc_dir) / f"{sid}.png").is_file()):
+            _save_qc(Path(qc_dir) / f"{sid}.png", reader, sid, coords, meta)
         out[sid] = SlideTiles(
             slide_id=sid,
             image=path,
