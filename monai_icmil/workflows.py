@@ -100,7 +100,7 @@ class ICMILWorkflow:
         pretrain: when given, round 0's embedder is the starting embedder after self-supervised pre-training (SimCLR)
             on the training slides' tissue patches, with these :func:`~monai_icmil.engines.pretrain
             .pretrain_embedder` arguments (``configs/pretrain.json``); kept in ``output_dir/pretrain/``.
-        tiling_qc: a QC image per slide in ``output_dir/coords/qc/<slide>.png`` (thumbnail, patches' area tinted and
+        tiling_qc: a QC image per slide in ``output_dir/coords/qc/<slide>.jpg`` (thumbnail, patches' area tinted and
             outlined), to check tissue detection and the grid at a glance.
     """
 

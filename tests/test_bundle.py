@@ -95,7 +95,7 @@ def test_train_bundle_runs_two_rounds_end_to_end(trained):
         assert len(list((out / f"round_{r}" / "features").glob("*.safetensors"))) == 14
     for r in (1, 2):
         assert (out / f"round_{r}" / "embedder_phase" / "embedder.safetensors").is_file()
-    qc = sorted(p.stem for p in (out / "coords" / "qc").glob("*.png"))  # one tiling QC image per slide
+    qc = sorted(p.stem for p in (out / "coords" / "qc").glob("*.jpg"))  # one tiling QC image per slide
     assert qc == sorted(p.stem for p in (out / "coords").glob("*.safetensors")) and len(qc) >= 14
     summary = (out / "summary.md").read_text()
     assert "| round | val AUC | test AUC | test acc | test F1 |" in summary

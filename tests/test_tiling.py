@@ -171,21 +171,23 @@ def test_prepare_draws_a_qc_image_per_slide_matching_its_grid(cmu_slide, tmp_pat
     from monai_icmil.data.prepare import prepare_coords
     from monai_icmil.data.store import CoordsStore
     from monai_icmil.data.tiling import TilingConfig
+    from monai_icmil.visualize import tiling_qc_image
 
     items = [{"slide_id": "cmu", "image": cmu_slide}]
-    tiles = prepare_coords(
-        items, TilingConfig(patch_size=64, mpp=1.0), CoordsStore(tmp_path / "c"), progress=False, qc_dir=tmp_path / "qc"
-    )
-    png = tmp_path / "qc" / "cmu.png"
-    img = np.asarray(Image.open(png).convert("RGB"))
-    reader = open_slide(cmu_slide)
-    thumb, ds = reader.thumbnail(1024)
+    tiling, store = TilingConfig(patch_size=64, mpp=1.0), CoordsStore(tmp_path / "c")
+    tiles = prepare_coords(items, tiling, store, progress=False, qc_dir=tmp_path / "qc")
+    jpg = tmp_path / "qc" / "cmu.jpg"
+    img = np.asarray(Image.open(jpg).convert("RGB")).astype(float)
+    thumb, ds = open_slide(cmu_slide).thumbnail(1024)
     assert img.shape == (thumb.shape[0] + 18, thumb.shape[1], 3)  # a caption band above the thumbnail
-    tinted = np.any(img[18:] != thumb, axis=-1).mean()
-    n, side = len(tiles["cmu"]["coords"]), 128 / ds  # 64 px at 1 um/px = 128 level-0 px on this 0.5 um/px slide
-    assert n > 50 and tinted == pytest.approx(n * side**2 / thumb.shape[0] / thumb.shape[1], rel=0.1)
-    png.unlink()
-    prepare_coords(
-        items, TilingConfig(patch_size=64, mpp=1.0), CoordsStore(tmp_path / "c"), progress=False, qc_dir=tmp_path / "qc"
+    coords, side = tiles["cmu"]["coords"], 128 / ds  # 64 px at 1 um/px = 128 level-0 px on this 0.5 um/px slide
+    drawn = tiling_qc_image(thumb, ds, coords, 128.0)
+    error = np.abs(img[18:] - drawn).mean()  # the JPEG is that picture, to JPEG's error
+    assert error < 6 and np.abs(img[18:] - thumb).mean() > 3 * error
+    tinted = np.any(drawn != thumb, axis=-1).mean()
+    assert len(coords) > 50 and tinted == pytest.approx(
+        len(coords) * side**2 / thumb.shape[0] / thumb.shape[1], rel=0.1
     )
-    assert png.is_file()  # a slide already tiled gets its missing image back
+    jpg.unlink()
+    prepare_coords(items, tiling, store, progress=False, qc_dir=tmp_path / "qc")
+    assert jpg.is_file()  # a slide already tiled gets its missing image back

@@ -59,7 +59,7 @@ def prepare_coords(
         backend: slide backend.
         device: tissue-mask device.
         progress: show a progress bar.
-        qc_dir: when given, a QC image per slide, ``<qc_dir>/<slide_id>.png``: the thumbnail with the patches' area
+        qc_dir: when given, a QC image per slide, ``<qc_dir>/<slide_id>.jpg``: the thumbnail with the patches' area
             tinted and outlined (:func:`~monai_icmil.visualize.save_tiling_qc`), made when the slide is tiled or
             its image is missing. A slide whose image cannot be drawn is warned about, not failed.
 
@@ -109,8 +109,8 @@ def prepare_coords(
             report.succeed(sid)
             if len(coords) == 0:
                 report.mark_empty(sid, path, "prepare")
-        if qc_dir is not None and (arrays is None or not (Path(qc_dir) / f"{sid}.png").is_file()):
-            _save_qc(Path(qc_dir) / f"{sid}.png", reader, sid, coords, meta)
+        if qc_dir is not None and (arrays is None or not (Path(qc_dir) / f"{sid}.jpg").is_file()):
+            _save_qc(Path(qc_dir) / f"{sid}.jpg", reader, sid, coords, meta)
         out[sid] = SlideTiles(
             slide_id=sid,
             image=path,
