@@ -26,7 +26,8 @@ PathLike = str | os.PathLike
 
 
 def _umask() -> int:
-    """The process's umask, read without changing it where Linux says it (``os.umask`` sets it to read it)."""
+    """The process's umask: from ``/proc/self/status`` on Linux, elsewhere by setting and restoring it (``os.umask``
+    can only read it by changing it, which is not thread-safe)."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
