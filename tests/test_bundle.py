@@ -97,6 +97,8 @@ def test_train_bundle_runs_two_rounds_end_to_end(trained):
         assert (out / f"round_{r}" / "embedder_phase" / "embedder.safetensors").is_file()
     qc = sorted(p.stem for p in (out / "coords" / "qc").glob("*.jpg"))  # one tiling QC image per slide
     assert qc == sorted(p.stem for p in (out / "coords").glob("*.safetensors")) and len(qc) >= 14
+    tiling_rows = (out / "coords" / "qc" / "tiling.csv").read_text().strip().splitlines()
+    assert len(tiling_rows) == 1 + len(qc) and tiling_rows[0].startswith("slide,image,status,patches")
     summary = (out / "summary.md").read_text()
     assert "| round | val AUC | test AUC | test acc | test F1 |" in summary
     assert summary.count("\n| ") == 5  # header, separator, 3 rounds

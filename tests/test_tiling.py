@@ -189,5 +189,14 @@ def test_prepare_draws_a_qc_image_per_slide_matching_its_grid(cmu_slide, tmp_pat
         len(coords) * side**2 / thumb.shape[0] / thumb.shape[1], rel=0.1
     )
     jpg.unlink()
-    prepare_coords(items, tiling, store, progress=False, qc_dir=tmp_path / "qc")
+    gone = {"slide_id": "gone", "image": str(tmp_path / "gone.svs")}
+    with pytest.warns(UserWarning, match="'gone'"):
+        prepare_coords([*items, gone], tiling, store, progress=False, qc_dir=tmp_path / "qc")
     assert jpg.is_file()  # a slide already tiled gets its missing image back
+    import csv
+
+    rows = {r["slide"]: r for r in csv.DictReader(open(tmp_path / "qc" / "tiling.csv"))}
+    assert rows["cmu"]["status"] == "ok" and int(rows["cmu"]["patches"]) == len(coords)
+    assert float(rows["cmu"]["mpp"]) == 1.0 and rows["cmu"]["level"] == "0" and rows["cmu"]["read_size"] == "128"
+    assert float(rows["cmu"]["area_mm2"]) == pytest.approx(len(coords) * 0.064**2, abs=1e-3)
+    assert rows["gone"]["status"].startswith("failed: ") and rows["gone"]["patches"] == ""

@@ -33,6 +33,38 @@ def _save_qc(path: Path, reader: Any, sid: str, coords: np.ndarray, meta: Mappin
         warnings.warn(f"slide '{sid}': no tiling QC image ({type(e).__name__}: {e})", stacklevel=3)
 
 
+_SUMMARY_COLUMNS = ("slide", "image", "status", "patches", "level", "read_size", "patch_size", "mpp", "area_mm2")
+
+
+def _summary_row(sid: str, path: str, n: int, meta: Mapping[str, Any]) -> dict[str, Any]:
+    mpp = meta.get("mpp")
+    return {
+        "slide": sid,
+        "image": path,
+        "status": "ok" if n else "empty (no tissue patches)",
+        "patches": n,
+        "level": meta["level"],
+        "read_size": meta["read_size"],
+        "patch_size": meta["patch_size"],
+        "mpp": f"{mpp:.4g}" if mpp else "",
+        "area_mm2": f"{n * (meta['patch_size'] * mpp) ** 2 / 1e6:.3f}" if mpp else "",  # the patches' area
+    }
+
+
+def _write_summary(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """One row per slide (tiled, empty or failed), atomically: outliers in patch count or area stand out."""
+    import csv
+    import io
+
+    from monai_icmil.utils import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, _SUMMARY_COLUMNS, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
 class SlideTiles(dict):
     """One slide's tiles: ``slide_id``, ``image``, ``coords`` ``[N, 2]``, ``level``, ``read_size``, ``patch_size``."""
 
@@ -61,7 +93,9 @@ def prepare_coords(
         progress: show a progress bar.
         qc_dir: when given, a QC image per slide, ``<qc_dir>/<slide_id>.jpg``: the thumbnail with the patches' area
             tinted and outlined (:func:`~monai_icmil.visualize.save_tiling_qc`), made when the slide is tiled or
-            its image is missing. A slide whose image cannot be drawn is warned about, not failed.
+            its image is missing. A slide whose image cannot be drawn is warned about, not failed. Also
+            ``<qc_dir>/tiling.csv``: per slide, its status (ok, empty, or failed with the reason), patch count,
+            level, read and patch size, mpp and the patches' area in mm^2.
 
     Returns:
         ``{slide_id: SlideTiles}`` for the slides that could be tiled (empty ones included, with zero coords).
@@ -70,6 +104,7 @@ def prepare_coords(
         raise ValueError(f"on_slide_error must be 'skip' or 'raise', got {on_slide_error!r}")
     params = tiling.params()
     out: dict[str, SlideTiles] = {}
+    summary: list[dict[str, Any]] = []
     iterator: Any = items
     if progress:
         from tqdm.auto import tqdm
@@ -104,6 +139,7 @@ def prepare_coords(
             if report is not None:
                 report.fail(sid, path, "prepare", f"{type(e).__name__}: {e}")
             warnings.warn(f"slide '{sid}' ({path}) skipped: {type(e).__name__}: {e}", stacklevel=2)
+            summary.append({"slide": sid, "image": path, "status": f"failed: {type(e).__name__}: {e}"})
             continue
         if report is not None:
             report.succeed(sid)
@@ -111,6 +147,7 @@ def prepare_coords(
                 report.mark_empty(sid, path, "prepare")
         if qc_dir is not None and (arrays is None or not (Path(qc_dir) / f"{sid}.jpg").is_file()):
             _save_qc(Path(qc_dir) / f"{sid}.jpg", reader, sid, coords, meta)
+        summary.append(_summary_row(sid, path, len(coords), meta))
         out[sid] = SlideTiles(
             slide_id=sid,
             image=path,
@@ -119,4 +156,6 @@ def prepare_coords(
             read_size=int(meta["read_size"]),
             patch_size=int(meta["patch_size"]),
         )
+    if qc_dir is not None:
+        _write_summary(Path(qc_dir) / "tiling.csv", summary)
     return out
