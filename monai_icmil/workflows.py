@@ -663,6 +663,7 @@ class ICMILWorkflow:
             )
             top.log_metrics({"failed_slides": len(self.report.failed), "empty_slides": len(self.report.empty)})
             top.log_artifacts([self.output_dir / "summary.md", self.output_dir / "report.json"])
+            top.log_artifacts([self.output_dir / "coords" / "qc" / "tiling.csv"], artifact_path="qc")
             self._end(top)
         return summary
 

@@ -129,6 +129,7 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
     by_name = {r.info.run_name: r for r in runs}
     parent = by_name["icmil"]
     assert parent.data.params["aggregator"] == "abmil" and "final_round" in parent.data.metrics
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "qc")} == {"qc/tiling.csv"}
     for r in (0, 1, 2):
         rr = by_name[f"round_{r}"]
         assert rr.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -137,6 +138,7 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
         assert bag.data.tags["mlflow.parentRunId"] == rr.info.run_id
         assert len(client.get_metric_history(bag.info.run_id, "val_auc")) >= 1
         assert by_name[f"round_{r}/embed"].data.metrics["patches"] > 0
+        assert by_name[f"round_{r}/embed"].data.metrics["steady_patches_per_s"] > 0
     assert "val_auc_before" in by_name["round_1"].data.metrics
     couple = by_name["round_1/embedder_phase"]
     assert "val_mae" in couple.data.metrics and "loss_loss" in couple.data.metrics
