@@ -87,7 +87,8 @@ def predict_slides(
     progress: bool = True,
     stain_normalize: bool = False,
 ) -> list[dict[str, Any]]:
-    """Predict each slide; write ``probabilities.csv``, ``<slide>_heatmap.png`` and ``<slide>.geojson``.
+    """Predict each slide; write ``probabilities.csv``, ``<slide>_heatmap.png`` and ``<slide>.geojson``, and the
+    tiling QC images and ``tiling.csv`` in ``coords/qc/``.
 
     Slides that fail are listed in ``output_dir/report.json`` and skipped. ``stain_normalize`` must match the
     training run's setting.
@@ -109,7 +110,13 @@ def predict_slides(
         items.append({"image": p, "slide_id": sid, "label": None})
     report = RunReport(out / "report.json")
     tiles = prepare_coords(
-        items, tiling, CoordsStore(out / "coords"), report=report, backend=backend, progress=progress
+        items,
+        tiling,
+        CoordsStore(out / "coords"),
+        report=report,
+        backend=backend,
+        progress=progress,
+        qc_dir=out / "coords" / "qc",  # new slides in the wild: pen marks, folds, odd scans show here first
     )
     store = FeatureStore(out / "features")
     embed_slides(

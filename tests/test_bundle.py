@@ -223,6 +223,9 @@ def test_inference_on_a_real_aperio_slide(trained, cmu_slide):
     geo = json.loads((out / "CMU-1-Small-Region.geojson").read_text())
     assert len(geo["features"]) == len(coords)
     assert Image.open(out / "CMU-1-Small-Region_heatmap.png").size[0] > 100
+    assert (out / "coords" / "qc" / "CMU-1-Small-Region.jpg").is_file()  # the tiling QC of new slides too
+    tiling_row = (out / "coords" / "qc" / "tiling.csv").read_text().splitlines()[1].split(",")
+    assert tiling_row[0] == "CMU-1-Small-Region" and tiling_row[2] == "ok" and int(tiling_row[3]) == len(coords)
 
 
 def test_evaluate_config_writes_test_metrics(trained):
