@@ -54,6 +54,15 @@ def patch_scores(net: torch.nn.Module, feats: torch.Tensor) -> dict[str, Any]:
     return scores
 
 
+def top_patches(scores: Mapping[str, np.ndarray], k: int = 8) -> dict[str, np.ndarray]:
+    """Indices of the ``k`` patches with the highest instance probability (of the last class) and, where the
+    aggregator has attention, the ``k`` with the highest attention: what a pathologist looks at first."""
+    order = {"instance probability": np.argsort(-np.asarray(scores["instance_prob"]), kind="stable")[:k]}
+    if "attention" in scores:
+        order["attention"] = np.argsort(-np.asarray(scores["attention"]), kind="stable")[:k]
+    return order
+
+
 def geojson_patches(coords: np.ndarray, footprint: float, measurements: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """A GeoJSON FeatureCollection with one square polygon per patch (level-0 pixels) and its scores.
 
@@ -87,15 +96,16 @@ def predict_slides(
     progress: bool = True,
     stain_normalize: bool = False,
 ) -> list[dict[str, Any]]:
-    """Predict each slide; write ``probabilities.csv``, ``<slide>_heatmap.png`` and ``<slide>.geojson``, and the
-    tiling QC images and ``tiling.csv`` in ``coords/qc/``.
+    """Predict each slide; write ``probabilities.csv``, ``<slide>_heatmap.png``, ``<slide>_top_patches.jpg`` (the
+    patches with the highest instance probability and attention, at the model's resolution) and
+    ``<slide>.geojson``, and the tiling QC images and ``tiling.csv`` in ``coords/qc/``.
 
     Slides that fail are listed in ``output_dir/report.json`` and skipped. ``stain_normalize`` must match the
     training run's setting.
     """
     from monai_icmil.engines.bag import load_bag_classifier, write_predictions_csv
     from monai_icmil.engines.embedding import embed_settings, embed_slides
-    from monai_icmil.visualize import save_heatmaps, score_grid
+    from monai_icmil.visualize import save_heatmaps, save_patch_montage, score_grid
 
     cfg = embed_settings(embed_cfg)  # refuses an unknown key before any work
 
@@ -169,5 +179,16 @@ def predict_slides(
                 title=f"{sid}: predicted {label} (p={float(np.max(scores['probs'])):.3f})",
             )
             atomic_write_text(out / f"{sid}.geojson", json.dumps(geojson_patches(coords, footprint, measurements)))
+            top = top_patches(scores)
+            k = min(len(v) for v in top.values())
+            picks = np.concatenate([v[:k] for v in top.values()])
+            patches = reader.read_patches(
+                coords[picks], t["read_size"], t["level"], out_size=t["patch_size"], num_workers=2
+            )
+            positive = class_names[-1] if class_names else "last class"
+            by = " / ".join({"instance probability": f"{positive} probability"}.get(n, n) for n in top)
+            save_patch_montage(
+                out / f"{sid}_top_patches.jpg", patches, ncols=k, caption=f"{sid}: top {k} patches by {by} (rows)"
+            )
     write_predictions_csv(out / "probabilities.csv", rows, class_names)
     return rows

@@ -157,9 +157,12 @@ def save_tiling_qc(
     return path
 
 
-def save_patch_montage(path: str | os.PathLike, patches: np.ndarray, ncols: int = 8, max_patches: int = 64) -> Path:
-    """Save up to ``max_patches`` patches ``[N, H, W, 3]`` as one grid image (PNG, atomic)."""
-    from PIL import Image
+def save_patch_montage(
+    path: str | os.PathLike, patches: np.ndarray, ncols: int = 8, max_patches: int = 64, caption: str = ""
+) -> Path:
+    """Save up to ``max_patches`` patches ``[N, H, W, 3]`` as one grid image, atomically: JPEG (quality 90) when
+    ``path`` ends in ``.jpg``/``.jpeg``, else PNG; ``caption`` goes on a line above the grid."""
+    from PIL import Image, ImageDraw
 
     patches = np.asarray(patches)[:max_patches]
     n = len(patches)
@@ -167,13 +170,19 @@ def save_patch_montage(path: str | os.PathLike, patches: np.ndarray, ncols: int 
         raise ValueError("no patches to draw")
     ph, pw = patches.shape[1:3]
     rows = -(-n // ncols)
-    canvas = np.full((rows * (ph + 2), min(n, ncols) * (pw + 2), 3), 255, np.uint8)
+    band = 18 if caption else 0
+    canvas = np.full((band + rows * (ph + 2), min(n, ncols) * (pw + 2), 3), 255, np.uint8)
     for i, p in enumerate(patches):
         r, c = divmod(i, ncols)
-        canvas[r * (ph + 2) : r * (ph + 2) + ph, c * (pw + 2) : c * (pw + 2) + pw] = p
+        top = band + r * (ph + 2)
+        canvas[top : top + ph, c * (pw + 2) : c * (pw + 2) + pw] = p
+    image = Image.fromarray(canvas)
+    if caption:
+        ImageDraw.Draw(image).text((4, 3), caption, fill="black")
     path = Path(path)
+    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
     with atomic_path(path) as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG")
+        image.save(tmp, format="JPEG", quality=90) if jpeg else image.save(tmp, format="PNG")
     return path
 
 

@@ -224,6 +224,21 @@ def test_inference_on_a_real_aperio_slide(trained, cmu_slide):
     assert len(geo["features"]) == len(coords)
     assert Image.open(out / "CMU-1-Small-Region_heatmap.png").size[0] > 100
     assert (out / "coords" / "qc" / "CMU-1-Small-Region.jpg").is_file()  # the tiling QC of new slides too
+    # the top patches: row 1 by tumour probability, row 2 by attention, as the model saw them (32 px)
+    montage = np.asarray(Image.open(out / "CMU-1-Small-Region_top_patches.jpg").convert("RGB")).astype(float)
+    assert montage.shape == (18 + 2 * 34, 8 * 34, 3)
+    measured = {k: np.array([f["properties"]["measurements"][k] for f in geo["features"]]) for k in ("attention",)}
+    measured["instance_probability"] = np.array(
+        [f["properties"]["measurements"]["instance_probability"] for f in geo["features"]]
+    )
+    from monai_icmil.data import open_slide
+
+    reader = open_slide(cmu_slide)
+    for row, key in enumerate(("instance_probability", "attention")):
+        best = int(np.argmax(measured[key]))
+        direct = reader.read_patches(coords[best : best + 1], 64, 0, out_size=32)[0].astype(float)
+        first = montage[18 + row * 34 : 18 + row * 34 + 32, :32]
+        assert np.abs(first - direct).mean() < 20, key  # JPEG: ~7; any other patch of the slide: > 50
     tiling_row = (out / "coords" / "qc" / "tiling.csv").read_text().splitlines()[1].split(",")
     assert tiling_row[0] == "CMU-1-Small-Region" and tiling_row[2] == "ok" and int(tiling_row[3]) == len(coords)
 
