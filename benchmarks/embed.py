@@ -38,6 +38,7 @@ from monai_icmil.data.store import FeatureStore
 from monai_icmil.data.tiling import TilingConfig
 from monai_icmil.engines import embed_slides, patch_loader
 from monai_icmil.networks import create_embedder
+from monai_icmil.utils import atomic_write_json
 
 
 def model_only(embedder, n: int, size: int, batch: int, device: torch.device, amp: bool) -> float:
@@ -215,9 +216,7 @@ def main() -> None:
             "partial": not final,
             **final,
         }
-        tmp_json = Path(a.json).with_suffix(".tmp")
-        tmp_json.write_text(json.dumps(figures, indent=2))
-        os.replace(tmp_json, a.json)
+        atomic_write_json(a.json, figures)
 
     for spec in loaders:
         loader = parse_loader(spec)
@@ -251,11 +250,6 @@ def main() -> None:
     best = max(rates, key=rates.get)
     rate_ours = rates[best]
     check = max(checks.values())
-    print(
-        "stored features vs the embedder on the same patches read directly, max |diff| per loader: "
-        + ", ".join(f"{spec} {v:.2e}" for spec, v in checks.items()),
-        flush=True,
-    )
 
     png_dir = tmp / "pngs"
     png_dir.mkdir()

@@ -18,7 +18,7 @@ from monai_icmil.data.slide import get_slide
 from monai_icmil.data.synthetic import SyntheticSlideConfig, make_dataset
 from monai_icmil.transforms import GridPatchCoordsd, ReadPatchesd, TissueMaskd
 from monai_icmil.utils import atomic_write_json
-from monai_icmil.visualize import save_patch_montage, save_tiling_overlay
+from monai_icmil.visualize import save_patch_montage, save_tiling_qc
 
 
 def run_demo(output_dir: str, patch_size: int = 128, mpp: float = 1.0, num_workers: int = 2, seed: int = 0) -> dict:
@@ -52,14 +52,15 @@ def run_demo(output_dir: str, patch_size: int = 128, mpp: float = 1.0, num_worke
         reader = get_slide(path)
         thumb, thumb_ds = reader.thumbnail(768)
         name = Path(path).stem
-        save_tiling_overlay(
+        save_tiling_qc(
             out / f"{name}_tiling.png",
             thumb,
             thumb_ds,
             d["coords"],
             d["tiling"]["footprint"],
-            d["tissue_mask"],
-            title=f"{name}: label {entry['label']}, {len(d['coords'])} patches of {patch_size}px at {mpp} um/px",
+            caption=f"{name}: label {entry['label']}, {len(d['coords'])} patches of {patch_size}px at {mpp} um/px",
+            mask=d["tissue_mask"],
+            mask_downsample=d["tissue_mask_downsample"],
         )
         save_patch_montage(out / f"{name}_patches.png", d["patches"])
         row = {

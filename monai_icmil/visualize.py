@@ -1,7 +1,6 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""Pictures people would rather look at than read: tiling overlays and QC images, patch montages, ROC curves,
-heatmaps."""
+"""Pictures people would rather look at than read: tiling QC pictures, patch montages, ROC curves, heatmaps."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import numpy as np
 from monai_icmil.utils import atomic_path
 
 __all__ = [
-    "save_tiling_overlay",
     "tiling_qc_image",
     "save_tiling_qc",
     "save_patch_montage",
@@ -32,45 +30,6 @@ def _figure():
     return plt
 
 
-def save_tiling_overlay(
-    path: str | os.PathLike,
-    thumbnail: np.ndarray,
-    thumb_downsample: float,
-    coords: np.ndarray,
-    footprint: float,
-    mask: np.ndarray | None = None,
-    title: str = "",
-) -> Path:
-    """Save the thumbnail with the tissue-mask outline and one box per patch (PNG, atomic)."""
-    plt = _figure()
-    h, w = thumbnail.shape[:2]
-    fig, ax = plt.subplots(figsize=(8, 8 * h / max(w, 1)), dpi=100)
-    ax.imshow(thumbnail)
-    if mask is not None and mask.any():
-        ax.contour(
-            np.linspace(0, w, mask.shape[1]),
-            np.linspace(0, h, mask.shape[0]),
-            mask.astype(float),
-            levels=[0.5],
-            colors="lime",
-            linewidths=1.0,
-        )
-    from matplotlib.patches import Rectangle
-
-    side = footprint / thumb_downsample
-    for x, y in coords:
-        ax.add_patch(
-            Rectangle((x / thumb_downsample, y / thumb_downsample), side, side, fill=False, lw=0.4, edgecolor="blue")
-        )
-    ax.set_title(title or f"{len(coords)} patches")
-    ax.axis("off")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def tiling_qc_image(
     thumbnail: np.ndarray,
     thumb_downsample: float,
@@ -78,9 +37,11 @@ def tiling_qc_image(
     footprint: float,
     color: tuple[int, int, int] = (0, 90, 255),
     alpha: float = 0.35,
+    mask: np.ndarray | None = None,
+    mask_downsample: float | None = None,
 ) -> np.ndarray:
     """The thumbnail with the area the patches cover tinted and outlined, and each patch's edges where patches are
-    at least 6 px across: tissue left untinted was missed.
+    at least 6 px across: tissue left untinted was missed. With ``mask``, the tissue mask's outline in green.
 
     Drawn with NumPy alone (no Matplotlib), so it costs milliseconds per slide and can be made for every slide.
 
@@ -91,6 +52,8 @@ def tiling_qc_image(
         footprint: patch side in level-0 pixels.
         color: tint and outline colour.
         alpha: tint strength.
+        mask: boolean tissue mask to outline (e.g. ``TissueMaskd``'s ``tissue_mask``).
+        mask_downsample: level-0 pixels per mask pixel (required with ``mask``).
 
     Returns:
         ``[h, w, 3]`` uint8.
@@ -124,13 +87,42 @@ def tiling_qc_image(
             np.add.at(cols, (y1[keep], x[keep]), -1)
         edges = (rows.cumsum(1)[:, :w] > 0) | (cols.cumsum(0)[:h] > 0)
         img[edges] = 0.5 * img[edges] + 0.5 * tint
-    inner = covered.copy()
-    inner[1:] &= covered[:-1]
-    inner[:-1] &= covered[1:]
-    inner[:, 1:] &= covered[:, :-1]
-    inner[:, :-1] &= covered[:, 1:]
-    img[covered & ~inner] = tint
+    img[_boundary(covered)] = tint
+    if mask is not None:
+        if mask_downsample is None:
+            raise ValueError("`mask_downsample` is required with `mask`.")
+        mask = np.asarray(mask, bool)
+        rows_at = np.clip(((np.arange(h) + 0.5) * thumb_downsample / mask_downsample).astype(int), 0, mask.shape[0] - 1)
+        cols_at = np.clip(((np.arange(w) + 0.5) * thumb_downsample / mask_downsample).astype(int), 0, mask.shape[1] - 1)
+        img[_boundary(mask[rows_at][:, cols_at])] = (0, 220, 0)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def _boundary(region: np.ndarray) -> np.ndarray:
+    """The pixels of ``region`` with a 4-neighbour inside the image and outside ``region``."""
+    inner = region.copy()
+    inner[1:] &= region[:-1]
+    inner[:-1] &= region[1:]
+    inner[:, 1:] &= region[:, :-1]
+    inner[:, :-1] &= region[:, 1:]
+    return region & ~inner
+
+
+def _save_picture(path: str | os.PathLike, picture: np.ndarray, caption: str = "", quality: int = 85) -> Path:
+    """``picture`` (``[h, w, 3]`` uint8) with ``caption`` on a line above it, atomically: JPEG when ``path`` ends in
+    ``.jpg``/``.jpeg`` (a sixth of a PNG's size for photo-like pictures, which matters at one per slide), else PNG."""
+    from PIL import Image, ImageDraw
+
+    band = 18 if caption else 0
+    canvas = Image.new("RGB", (picture.shape[1], picture.shape[0] + band), "white")
+    canvas.paste(Image.fromarray(picture), (0, band))
+    if caption:
+        ImageDraw.Draw(canvas).text((4, 3), caption, fill="black")
+    path = Path(path)
+    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="JPEG", quality=quality) if jpeg else canvas.save(tmp, format="PNG")
+    return path
 
 
 def save_tiling_qc(
@@ -140,50 +132,34 @@ def save_tiling_qc(
     coords: np.ndarray,
     footprint: float,
     caption: str = "",
+    mask: np.ndarray | None = None,
+    mask_downsample: float | None = None,
 ) -> Path:
-    """:func:`tiling_qc_image` with a caption line above it, as a JPEG (quality 85, ~150 KB for 1024 px: a sixth of
-    a PNG of the same photo-like picture, which matters at one per slide) written atomically."""
-    from PIL import Image, ImageDraw
-
-    qc = tiling_qc_image(thumbnail, thumb_downsample, coords, footprint)
-    band = 18 if caption else 0
-    canvas = Image.new("RGB", (qc.shape[1], qc.shape[0] + band), "white")
-    canvas.paste(Image.fromarray(qc), (0, band))
-    if caption:
-        ImageDraw.Draw(canvas).text((4, 3), caption, fill="black")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="JPEG", quality=85)
-    return path
+    """:func:`tiling_qc_image` with a caption line above it, written atomically: JPEG for a ``.jpg`` path (quality 85,
+    ~150 KB at 1024 px), else PNG."""
+    return _save_picture(
+        path,
+        tiling_qc_image(thumbnail, thumb_downsample, coords, footprint, mask=mask, mask_downsample=mask_downsample),
+        caption,
+    )
 
 
 def save_patch_montage(
     path: str | os.PathLike, patches: np.ndarray, ncols: int = 8, max_patches: int = 64, caption: str = ""
 ) -> Path:
-    """Save up to ``max_patches`` patches ``[N, H, W, 3]`` as one grid image, atomically: JPEG (quality 90) when
-    ``path`` ends in ``.jpg``/``.jpeg``, else PNG; ``caption`` goes on a line above the grid."""
-    from PIL import Image, ImageDraw
-
+    """Save up to ``max_patches`` patches ``[N, H, W, 3]`` as one grid image, atomically: JPEG when ``path`` ends in
+    ``.jpg``/``.jpeg``, else PNG; ``caption`` goes on a line above the grid."""
     patches = np.asarray(patches)[:max_patches]
     n = len(patches)
     if n == 0:
         raise ValueError("no patches to draw")
     ph, pw = patches.shape[1:3]
     rows = -(-n // ncols)
-    band = 18 if caption else 0
-    canvas = np.full((band + rows * (ph + 2), min(n, ncols) * (pw + 2), 3), 255, np.uint8)
+    canvas = np.full((rows * (ph + 2), min(n, ncols) * (pw + 2), 3), 255, np.uint8)
     for i, p in enumerate(patches):
         r, c = divmod(i, ncols)
-        top = band + r * (ph + 2)
-        canvas[top : top + ph, c * (pw + 2) : c * (pw + 2) + pw] = p
-    image = Image.fromarray(canvas)
-    if caption:
-        ImageDraw.Draw(image).text((4, 3), caption, fill="black")
-    path = Path(path)
-    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="JPEG", quality=90) if jpeg else image.save(tmp, format="PNG")
-    return path
+        canvas[r * (ph + 2) : r * (ph + 2) + ph, c * (pw + 2) : c * (pw + 2) + pw] = p
+    return _save_picture(path, canvas, caption, quality=90)
 
 
 def save_roc_curve(path: str | os.PathLike, probs: np.ndarray, labels: np.ndarray, title: str = "") -> Path:

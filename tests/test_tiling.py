@@ -165,6 +165,13 @@ def test_tiling_qc_image_tints_and_outlines_exactly_the_patches_area():
     small = tiling_qc_image(thumb, 8.0, coords, 40.0, color=(0, 0, 255), alpha=0.5)  # 5 px patches: no edges
     assert small[7, 9].tolist() == small[7, 10].tolist() == [100, 100, 228]  # the seam, tinted only
     np.testing.assert_array_equal(tiling_qc_image(thumb, 4.0, np.zeros((0, 2)), 40.0), thumb)
+    mask = np.zeros((4, 6), bool)
+    mask[1, 1] = True  # one mask pixel = 40 level-0 px = thumbnail rows and columns 10-19
+    outlined = tiling_qc_image(thumb, 4.0, np.zeros((0, 2)), 40.0, mask=mask, mask_downsample=40.0)
+    assert outlined[10, 15].tolist() == outlined[19, 10].tolist() == [0, 220, 0]  # the tissue mask's outline
+    assert outlined[15, 15].tolist() == outlined[9, 15].tolist() == [200, 200, 200]
+    with pytest.raises(ValueError, match="mask_downsample"):
+        tiling_qc_image(thumb, 4.0, coords, 40.0, mask=mask)
 
 
 def test_prepare_draws_a_qc_image_per_slide_matching_its_grid(cmu_slide, tmp_path):
