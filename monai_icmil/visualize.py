@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +16,7 @@ from monai_icmil.utils import atomic_path
 __all__ = [
     "tiling_qc_image",
     "save_tiling_qc",
+    "save_qc_overview",
     "save_patch_montage",
     "save_roc_curve",
     "score_grid",
@@ -108,12 +111,15 @@ def _boundary(region: np.ndarray) -> np.ndarray:
     return region & ~inner
 
 
+_CAPTION_BAND = 18  # px of caption line above a picture written by _save_picture
+
+
 def _save_picture(path: str | os.PathLike, picture: np.ndarray, caption: str = "", quality: int = 85) -> Path:
     """``picture`` (``[h, w, 3]`` uint8) with ``caption`` on a line above it, atomically: JPEG when ``path`` ends in
     ``.jpg``/``.jpeg`` (a sixth of a PNG's size for photo-like pictures, which matters at one per slide), else PNG."""
     from PIL import Image, ImageDraw
 
-    band = 18 if caption else 0
+    band = _CAPTION_BAND if caption else 0
     canvas = Image.new("RGB", (picture.shape[1], picture.shape[0] + band), "white")
     canvas.paste(Image.fromarray(picture), (0, band))
     if caption:
@@ -142,6 +148,110 @@ def save_tiling_qc(
         tiling_qc_image(thumbnail, thumb_downsample, coords, footprint, mask=mask, mask_downsample=mask_downsample),
         caption,
     )
+
+
+def _qc_tile(path: Path, tile: int):
+    """The QC picture at ``path`` without its caption line, shrunk to fit ``tile`` px (``None`` if unreadable)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            full_height = im.size[1]
+            im.draft("RGB", (tile, tile))  # a JPEG decodes at 1/2-1/8 scale: a few ms a slide
+            band = int(np.ceil(_CAPTION_BAND * im.size[1] / full_height))
+            pic = im.convert("RGB")
+    except (OSError, ValueError):
+        return None
+    if (np.asarray(pic.crop((0, 0, pic.width, band))) > 235).all(axis=-1).mean() > 0.8:  # a white caption line
+        pic = pic.crop((0, band, pic.width, pic.height))
+    pic.thumbnail((tile, tile))
+    return pic
+
+
+def _fit_text(draw: Any, text: str, width: float) -> str:
+    """``text`` cut to ``width`` px with a trailing ``...`` where it is longer."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def save_qc_overview(
+    qc_dir: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    per_page: int = 48,
+    ncols: int = 8,
+    tile: int = 192,
+) -> list[Path]:
+    """Contact sheets of a cohort's tiling QC pictures, ``<qc_dir>/overview/page_<k>.jpg``: a cohort of hundreds of
+    slides checked by flicking through a few pages instead of opening a picture per slide.
+
+    Each slide's QC picture (``<qc_dir>/<slide>.jpg``, from :func:`save_tiling_qc`) is shrunk to ``tile`` px, in
+    ``rows``' order, above its name and patch count. A failed slide is a grey tile carrying the reason, its caption
+    in red; an empty one (no tissue patches) has an orange caption. Each page's title counts both. Pages left over
+    from a larger cohort are removed.
+
+    Args:
+        qc_dir: the folder of the QC pictures.
+        rows: one mapping per slide with ``slide``, ``status`` (``ok``, ``empty ...`` or ``failed: <reason>``) and
+            ``patches`` (``tiling.csv``'s rows).
+        per_page: slides per page.
+        ncols: slides per row.
+        tile: largest side of each slide's picture, px.
+
+    Returns:
+        The pages written.
+    """
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    if per_page < 1 or ncols < 1 or tile < 32:
+        raise ValueError(f"per_page and ncols must be >= 1 and tile >= 32, got {per_page}, {ncols}, {tile}")
+    qc_dir, rows = Path(qc_dir), list(rows)
+    out_dir = qc_dir / "overview"
+    statuses = [str(r.get("status", "")) for r in rows]
+    failed, empty = sum(s.startswith("failed") for s in statuses), sum(s.startswith("empty") for s in statuses)
+    cell_w, cell_h = tile + 8, tile + 36  # a 4 px margin, two caption lines below the picture
+    n_pages = -(-len(rows) // per_page)
+    pages = []
+    for k in range(n_pages):
+        chunk = rows[k * per_page : (k + 1) * per_page]
+        canvas = Image.new(
+            "RGB", (max(min(ncols, len(chunk)) * cell_w, 520), -(-len(chunk) // ncols) * cell_h), "white"
+        )
+        draw = ImageDraw.Draw(canvas)
+        char_w = draw.textlength("x" * 20) / 20
+        for i, row in enumerate(chunk):
+            x, y = (i % ncols) * cell_w + 4, (i // ncols) * cell_h + 4
+            status = str(row.get("status", ""))
+            pic = None if status.startswith("failed") else _qc_tile(qc_dir / f"{row['slide']}.jpg", tile)
+            if pic is None:  # failed, or its picture could not be drawn
+                draw.rectangle((x, y, x + tile - 1, y + tile - 1), fill=(205, 205, 205))
+                reason = status if status.startswith("failed") else "no QC picture"
+                for j, line in enumerate(textwrap.wrap(reason, max(8, int((tile - 8) / char_w)))[: tile // 14]):
+                    draw.text((x + 4, y + 4 + 14 * j), line, fill=(190, 0, 0))
+            else:
+                draw.rectangle((x - 1, y - 1, x + tile, y + tile), outline=(225, 225, 225))  # the slide's cell
+                canvas.paste(pic, (x + (tile - pic.width) // 2, y + (tile - pic.height) // 2))
+            if status.startswith("failed"):
+                color, second = (190, 0, 0), "failed"
+            elif status.startswith("empty"):
+                color, second = (230, 120, 0), "empty: no tissue patches"
+            else:
+                color, second = (0, 0, 0), f"{row.get('patches', '')} patches"
+            draw.text((x, y + tile + 3), _fit_text(draw, str(row["slide"]), tile), fill=color)
+            draw.text((x, y + tile + 18), _fit_text(draw, second, tile), fill=color)
+        first = k * per_page + 1
+        title = f"tiling QC, page {k + 1} of {n_pages}: slides {first}-{first + len(chunk) - 1} of {len(rows)}"
+        if failed or empty:
+            title += f"; {failed} failed (red), {empty} empty (orange)"
+        pages.append(_save_picture(out_dir / f"page_{k + 1:03d}.jpg", np.asarray(canvas), title))
+    for stale in out_dir.glob("page_*.jpg"):
+        if stale not in pages:
+            stale.unlink()
+    return pages
 
 
 def save_patch_montage(

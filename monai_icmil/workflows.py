@@ -663,7 +663,9 @@ class ICMILWorkflow:
             )
             top.log_metrics({"failed_slides": len(self.report.failed), "empty_slides": len(self.report.empty)})
             top.log_artifacts([self.output_dir / "summary.md", self.output_dir / "report.json"])
-            top.log_artifacts([self.output_dir / "coords" / "qc" / "tiling.csv"], artifact_path="qc")
+            qc = self.output_dir / "coords" / "qc"
+            top.log_artifacts([qc / "tiling.csv"], artifact_path="qc")
+            top.log_artifacts([qc / "overview"], artifact_path="qc/overview")  # the contact sheets, viewable in MLflow
             self._end(top)
         return summary
 

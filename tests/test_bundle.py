@@ -99,6 +99,8 @@ def test_train_bundle_runs_two_rounds_end_to_end(trained):
     assert qc == sorted(p.stem for p in (out / "coords").glob("*.safetensors")) and len(qc) >= 14
     tiling_rows = (out / "coords" / "qc" / "tiling.csv").read_text().strip().splitlines()
     assert len(tiling_rows) == 1 + len(qc) and tiling_rows[0].startswith("slide,image,status,patches")
+    overview = Image.open(out / "coords" / "qc" / "overview" / "page_001.jpg")  # every slide on one contact sheet
+    assert overview.size == (8 * 200, 18 + -(-len(qc) // 8) * 228)
     summary = (out / "summary.md").read_text()
     assert "| round | val AUC | test AUC | test acc | test F1 |" in summary
     assert summary.count("\n| ") == 5  # header, separator, 3 rounds
@@ -129,7 +131,8 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
     by_name = {r.info.run_name: r for r in runs}
     parent = by_name["icmil"]
     assert parent.data.params["aggregator"] == "abmil" and "final_round" in parent.data.metrics
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "qc")} == {"qc/tiling.csv"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "qc")} == {"qc/tiling.csv", "qc/overview"}
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "qc/overview")] == ["qc/overview/page_001.jpg"]
     for r in (0, 1, 2):
         rr = by_name[f"round_{r}"]
         assert rr.data.tags["mlflow.parentRunId"] == parent.info.run_id

@@ -174,6 +174,59 @@ def test_tiling_qc_image_tints_and_outlines_exactly_the_patches_area():
         tiling_qc_image(thumb, 4.0, coords, 40.0, mask=mask)
 
 
+def test_qc_overview_pages_show_each_slide_in_its_cell_and_mark_failed_and_empty_ones(tmp_path):
+    from monai_icmil.visualize import save_qc_overview, save_tiling_qc
+
+    for name, color, shape in (("wide", (200, 30, 30), (200, 300)), ("tall", (30, 30, 200), (400, 100))):
+        thumb = np.empty((*shape, 3), np.uint8)
+        thumb[:] = color
+        save_tiling_qc(tmp_path / f"{name}.jpg", thumb, 1.0, np.zeros((0, 2)), 1.0, caption=f"{name}: a caption")
+    save_tiling_qc(tmp_path / "blank.jpg", np.full((64, 64, 3), 240, np.uint8), 1.0, np.zeros((0, 2)), 1.0, "blank")
+    rows = [
+        {"slide": "wide", "status": "ok", "patches": "10"},
+        {"slide": "tall", "status": "ok", "patches": "5"},
+        {"slide": "bad", "status": "failed: OSError: truncated file; copy the slide again", "patches": ""},
+        {"slide": "blank", "status": "empty (no tissue patches)", "patches": "0"},
+        {"slide": "lost", "status": "ok", "patches": "3"},  # its picture is missing
+    ]
+    pages = save_qc_overview(tmp_path, rows, per_page=3, ncols=2, tile=64)
+    assert [p.name for p in pages] == ["page_001.jpg", "page_002.jpg"]
+    first, second = (np.asarray(Image.open(p).convert("RGB")).astype(int) for p in pages)
+    assert first.shape[0] == 18 + 2 * 100 and second.shape[0] == 18 + 100  # title line, then rows of 64 + 36 px
+
+    def picture(page, i):  # cell i's 64 x 64 picture area
+        x, y = (i % 2) * 72 + 4, 18 + (i // 2) * 100 + 4
+        return page[y : y + 64, x : x + 64]
+
+    def caption(page, i):
+        x, y = (i % 2) * 72 + 4, 18 + (i // 2) * 100 + 4 + 64
+        return page[y : y + 34, x : x + 64]
+
+    def near(area, color, tol=40):
+        return (np.abs(area - np.asarray(color)).max(axis=-1) < tol).mean()
+
+    for i, color, (h, w) in ((0, (200, 30, 30), (43, 64)), (1, (30, 30, 200), (64, 16))):
+        filled = near(picture(first, i), color)
+        assert filled == pytest.approx(h * w / 64**2, abs=0.04)  # the picture, its aspect kept, its caption cut off
+        assert near(picture(first, i)[32 - h // 3 : 32 + h // 3, 32 - w // 3 : 32 + w // 3], color) == 1.0
+
+    def red(area):  # text in red: red well above green and blue
+        return ((area[..., 0] - area[..., 1] > 60) & (area[..., 0] - area[..., 2] > 60)).mean()
+
+    def orange(area):  # text in orange: red above green above blue
+        return ((area[..., 0] - area[..., 1] > 40) & (area[..., 1] - area[..., 2] > 30)).mean()
+
+    assert near(picture(first, 2), (205, 205, 205), 20) > 0.6 and red(picture(first, 2)) > 0.01  # the reason
+    assert red(caption(first, 2)) > 0.01 and red(caption(first, 0)) == red(caption(first, 1)) == 0
+    assert orange(caption(second, 0)) > 0.01 and orange(caption(first, 0)) == 0
+    assert near(picture(second, 0), (240, 240, 240), 12) > 0.9
+    assert near(picture(second, 1), (205, 205, 205), 20) > 0.6  # no picture: a grey cell, not an error
+    assert save_qc_overview(tmp_path, rows[:3], per_page=3) == [tmp_path / "overview" / "page_001.jpg"]
+    assert not (tmp_path / "overview" / "page_002.jpg").exists()  # a page left from the larger cohort
+    with pytest.raises(ValueError, match="per_page"):
+        save_qc_overview(tmp_path, rows, per_page=0)
+
+
 def test_prepare_draws_a_qc_image_per_slide_matching_its_grid(cmu_slide, tmp_path):
     from monai_icmil.data.prepare import prepare_coords
     from monai_icmil.data.store import CoordsStore
@@ -200,6 +253,7 @@ def test_prepare_draws_a_qc_image_per_slide_matching_its_grid(cmu_slide, tmp_pat
     with pytest.warns(UserWarning, match="'gone'"):
         prepare_coords([*items, gone], tiling, store, progress=False, qc_dir=tmp_path / "qc")
     assert jpg.is_file()  # a slide already tiled gets its missing image back
+    assert [p.name for p in (tmp_path / "qc" / "overview").iterdir()] == ["page_001.jpg"]  # the cohort's overview
     import csv
 
     rows = {r["slide"]: r for r in csv.DictReader(open(tmp_path / "qc" / "tiling.csv"))}

@@ -95,7 +95,9 @@ def prepare_coords(
             tinted and outlined (:func:`~monai_icmil.visualize.save_tiling_qc`), made when the slide is tiled or
             its image is missing. A slide whose image cannot be drawn is warned about, not failed. Also
             ``<qc_dir>/tiling.csv``: per slide, its status (ok, empty, or failed with the reason), patch count,
-            level, read and patch size, mpp and the patches' area in mm^2.
+            level, read and patch size, mpp and the patches' area in mm^2; and ``<qc_dir>/overview/page_<k>.jpg``,
+            contact sheets of the QC pictures, 48 slides a page, failed and empty slides marked
+            (:func:`~monai_icmil.visualize.save_qc_overview`).
 
     Returns:
         ``{slide_id: SlideTiles}`` for the slides that could be tiled (empty ones included, with zero coords).
@@ -158,4 +160,10 @@ def prepare_coords(
         )
     if qc_dir is not None:
         _write_summary(Path(qc_dir) / "tiling.csv", summary)
+        from monai_icmil.visualize import save_qc_overview
+
+        try:
+            save_qc_overview(qc_dir, summary)
+        except Exception as e:  # pictures are not worth a run
+            warnings.warn(f"no tiling QC overview in {qc_dir}/overview ({type(e).__name__}: {e})", stacklevel=2)
     return out
