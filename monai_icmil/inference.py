@@ -98,14 +98,23 @@ def predict_slides(
 ) -> list[dict[str, Any]]:
     """Predict each slide; write ``probabilities.csv``, ``<slide>_heatmap.png``, ``<slide>_top_patches.jpg`` (the
     patches with the highest instance probability and attention, at the model's resolution) and
-    ``<slide>.geojson``, and the tiling QC images and ``tiling.csv`` in ``coords/qc/``.
+    ``<slide>.geojson``, the tiling QC images and ``tiling.csv`` in ``coords/qc/``, and ``overview/page_<k>.jpg``:
+    contact sheets of every slide's instance-probability overlay, the highest positive-class probability first, its
+    caption in red where that class is predicted (triage: the slides to look at first are on page 1).
 
     Slides that fail are listed in ``output_dir/report.json`` and skipped. ``stain_normalize`` must match the
     training run's setting.
     """
     from monai_icmil.engines.bag import load_bag_classifier, write_predictions_csv
     from monai_icmil.engines.embedding import embed_settings, embed_slides
-    from monai_icmil.visualize import save_heatmaps, save_patch_montage, score_grid
+    from monai_icmil.visualize import (
+        encode_jpeg,
+        save_contact_sheets,
+        save_heatmaps,
+        save_patch_montage,
+        score_grid,
+        score_overlay,
+    )
 
     cfg = embed_settings(embed_cfg)  # refuses an unknown key before any work
 
@@ -143,7 +152,8 @@ def predict_slides(
     )
     net = load_bag_classifier(bag_classifier, device, expect_in_dim=embedder.out_dim)
     fp = embedder.fingerprint()
-    rows = []
+    positive = class_names[-1] if class_names else "last class"
+    rows, cells = [], []
     for item in items:
         sid = item["slide_id"]
         if sid not in tiles or sid in report.failed:
@@ -168,6 +178,15 @@ def predict_slides(
                 att_norm = (att - att.min()) / max(float(att.max() - att.min()), 1e-12)
                 maps = {"attention (min-max)": score_grid(coords, att_norm, footprint, reader.dimensions), **maps}
                 measurements["attention"] = att
+            overlay = score_overlay(thumb, thumb_ds, maps["instance probability"], footprint)
+            cells.append(
+                {
+                    "picture": encode_jpeg(overlay, 384),  # a few KB a slide until the pages are drawn
+                    "lines": (sid, f"{positive} {float(scores['probs'][-1]):.3f}"),
+                    "color": (190, 0, 0) if int(np.argmax(scores["probs"])) == len(scores["probs"]) - 1 else (0, 0, 0),
+                    "sort": float(scores["probs"][-1]),
+                }
+            )
             grid_h, grid_w = next(iter(maps.values())).shape
             extent = (grid_w * footprint / thumb_ds, grid_h * footprint / thumb_ds)
             label = class_names[int(np.argmax(scores["probs"]))] if class_names else int(np.argmax(scores["probs"]))
@@ -185,10 +204,14 @@ def predict_slides(
             patches = reader.read_patches(
                 coords[picks], t["read_size"], t["level"], out_size=t["patch_size"], num_workers=2
             )
-            positive = class_names[-1] if class_names else "last class"
             by = " / ".join({"instance probability": f"{positive} probability"}.get(n, n) for n in top)
             save_patch_montage(
                 out / f"{sid}_top_patches.jpg", patches, ncols=k, caption=f"{sid}: top {k} patches by {by} (rows)"
             )
     write_predictions_csv(out / "probabilities.csv", rows, class_names)
+    if cells:  # triage: every slide's instance-probability overlay, the most likely positive first
+        cells.sort(key=lambda c: -c["sort"])
+        save_contact_sheets(
+            out / "overview", cells, f"predictions, highest {positive} probability first (red: predicted)"
+        )
     return rows

@@ -17,6 +17,9 @@ __all__ = [
     "tiling_qc_image",
     "save_tiling_qc",
     "save_qc_overview",
+    "save_contact_sheets",
+    "score_overlay",
+    "encode_jpeg",
     "save_patch_montage",
     "save_roc_curve",
     "score_grid",
@@ -150,12 +153,19 @@ def save_tiling_qc(
     )
 
 
-def _qc_tile(path: Path, tile: int):
-    """The QC picture at ``path`` without its caption line, shrunk to fit ``tile`` px (``None`` if unreadable)."""
+def _sheet_tile(source: Any, tile: int):
+    """The picture in ``source`` (a path, or encoded bytes) shrunk to fit ``tile`` px, without the caption line
+    :func:`_save_picture` puts above it; ``None`` if there is none or it cannot be read."""
+    import io
+
     from PIL import Image
 
+    if source is None:
+        return None
+    if isinstance(source, np.ndarray):
+        source = encode_jpeg(source, 2 * tile)
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             full_height = im.size[1]
             im.draft("RGB", (tile, tile))  # a JPEG decodes at 1/2-1/8 scale: a few ms a slide
             band = int(np.ceil(_CAPTION_BAND * im.size[1] / full_height))
@@ -168,6 +178,20 @@ def _qc_tile(path: Path, tile: int):
     return pic
 
 
+def encode_jpeg(picture: np.ndarray, max_side: int | None = None, quality: int = 85) -> bytes:
+    """``picture`` (``[h, w, 3]`` uint8) as JPEG bytes, first shrunk to ``max_side`` px where given."""
+    import io
+
+    from PIL import Image
+
+    im = Image.fromarray(np.ascontiguousarray(picture[..., :3]))
+    if max_side:
+        im.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def _fit_text(draw: Any, text: str, width: float) -> str:
     """``text`` cut to ``width`` px with a trailing ``...`` where it is longer."""
     if draw.textlength(text) <= width:
@@ -177,25 +201,24 @@ def _fit_text(draw: Any, text: str, width: float) -> str:
     return text + "..."
 
 
-def save_qc_overview(
-    qc_dir: str | os.PathLike,
-    rows: Sequence[Mapping[str, Any]],
+def save_contact_sheets(
+    out_dir: str | os.PathLike,
+    cells: Sequence[Mapping[str, Any]],
+    title: str,
     per_page: int = 48,
     ncols: int = 8,
     tile: int = 192,
 ) -> list[Path]:
-    """Contact sheets of a cohort's tiling QC pictures, ``<qc_dir>/overview/page_<k>.jpg``: a cohort of hundreds of
-    slides checked by flicking through a few pages instead of opening a picture per slide.
-
-    Each slide's QC picture (``<qc_dir>/<slide>.jpg``, from :func:`save_tiling_qc`) is shrunk to ``tile`` px, in
-    ``rows``' order, above its name and patch count. A failed slide is a grey tile carrying the reason, its caption
-    in red; an empty one (no tissue patches) has an orange caption. Each page's title counts both. Pages left over
-    from a larger cohort are removed.
+    """Pictures of many slides in grids, ``<out_dir>/page_<k>.jpg``: a cohort checked by flicking through a few
+    pages instead of opening a picture per slide. Pages left over from a larger cohort are removed.
 
     Args:
-        qc_dir: the folder of the QC pictures.
-        rows: one mapping per slide with ``slide``, ``status`` (``ok``, ``empty ...`` or ``failed: <reason>``) and
-            ``patches`` (``tiling.csv``'s rows).
+        out_dir: the pages' folder.
+        cells: one mapping per slide, in page order: ``picture`` (a path, encoded bytes (:func:`encode_jpeg`: a
+            cohort's pictures kept in memory at a few KB each) or a ``[h, w, 3]`` uint8 array, shrunk to ``tile``
+            px; ``None`` or unreadable for a grey cell), ``lines`` (two caption lines under it), ``color`` (the
+            captions' RGB) and, for a grey cell, ``note`` (written on it).
+        title: each page's title; ``page k of n: slides i-j of N`` is added.
         per_page: slides per page.
         ncols: slides per row.
         tile: largest side of each slide's picture, px.
@@ -209,49 +232,109 @@ def save_qc_overview(
 
     if per_page < 1 or ncols < 1 or tile < 32:
         raise ValueError(f"per_page and ncols must be >= 1 and tile >= 32, got {per_page}, {ncols}, {tile}")
-    qc_dir, rows = Path(qc_dir), list(rows)
-    out_dir = qc_dir / "overview"
-    statuses = [str(r.get("status", "")) for r in rows]
-    failed, empty = sum(s.startswith("failed") for s in statuses), sum(s.startswith("empty") for s in statuses)
+    out_dir, cells = Path(out_dir), list(cells)
     cell_w, cell_h = tile + 8, tile + 36  # a 4 px margin, two caption lines below the picture
-    n_pages = -(-len(rows) // per_page)
+    n_pages = -(-len(cells) // per_page)
     pages = []
     for k in range(n_pages):
-        chunk = rows[k * per_page : (k + 1) * per_page]
-        canvas = Image.new(
-            "RGB", (max(min(ncols, len(chunk)) * cell_w, 520), -(-len(chunk) // ncols) * cell_h), "white"
-        )
+        chunk = cells[k * per_page : (k + 1) * per_page]
+        width = max(min(ncols, len(chunk)) * cell_w, 640)  # room for the title
+        canvas = Image.new("RGB", (width, -(-len(chunk) // ncols) * cell_h), "white")
         draw = ImageDraw.Draw(canvas)
         char_w = draw.textlength("x" * 20) / 20
-        for i, row in enumerate(chunk):
+        for i, cell in enumerate(chunk):
             x, y = (i % ncols) * cell_w + 4, (i // ncols) * cell_h + 4
-            status = str(row.get("status", ""))
-            pic = None if status.startswith("failed") else _qc_tile(qc_dir / f"{row['slide']}.jpg", tile)
-            if pic is None:  # failed, or its picture could not be drawn
+            pic = _sheet_tile(cell.get("picture"), tile)
+            if pic is None:
                 draw.rectangle((x, y, x + tile - 1, y + tile - 1), fill=(205, 205, 205))
-                reason = status if status.startswith("failed") else "no QC picture"
-                for j, line in enumerate(textwrap.wrap(reason, max(8, int((tile - 8) / char_w)))[: tile // 14]):
-                    draw.text((x + 4, y + 4 + 14 * j), line, fill=(190, 0, 0))
+                for j, line in enumerate(textwrap.wrap(cell.get("note", ""), max(8, int((tile - 8) / char_w)))):
+                    if j < tile // 14:
+                        draw.text((x + 4, y + 4 + 14 * j), line, fill=(190, 0, 0))
             else:
                 draw.rectangle((x - 1, y - 1, x + tile, y + tile), outline=(225, 225, 225))  # the slide's cell
                 canvas.paste(pic, (x + (tile - pic.width) // 2, y + (tile - pic.height) // 2))
-            if status.startswith("failed"):
-                color, second = (190, 0, 0), "failed"
-            elif status.startswith("empty"):
-                color, second = (230, 120, 0), "empty: no tissue patches"
-            else:
-                color, second = (0, 0, 0), f"{row.get('patches', '')} patches"
-            draw.text((x, y + tile + 3), _fit_text(draw, str(row["slide"]), tile), fill=color)
-            draw.text((x, y + tile + 18), _fit_text(draw, second, tile), fill=color)
+            for j, line in enumerate(cell.get("lines", ())[:2]):
+                draw.text((x, y + tile + 3 + 15 * j), _fit_text(draw, str(line), tile), fill=cell.get("color", 0))
         first = k * per_page + 1
-        title = f"tiling QC, page {k + 1} of {n_pages}: slides {first}-{first + len(chunk) - 1} of {len(rows)}"
-        if failed or empty:
-            title += f"; {failed} failed (red), {empty} empty (orange)"
-        pages.append(_save_picture(out_dir / f"page_{k + 1:03d}.jpg", np.asarray(canvas), title))
+        heading = f"{title}, page {k + 1} of {n_pages}: slides {first}-{first + len(chunk) - 1} of {len(cells)}"
+        pages.append(_save_picture(out_dir / f"page_{k + 1:03d}.jpg", np.asarray(canvas), heading))
     for stale in out_dir.glob("page_*.jpg"):
         if stale not in pages:
             stale.unlink()
     return pages
+
+
+def save_qc_overview(
+    qc_dir: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    per_page: int = 48,
+    ncols: int = 8,
+    tile: int = 192,
+) -> list[Path]:
+    """Contact sheets of a cohort's tiling QC pictures, ``<qc_dir>/overview/page_<k>.jpg``
+    (:func:`save_contact_sheets`).
+
+    Each slide's QC picture (``<qc_dir>/<slide>.jpg``, from :func:`save_tiling_qc`) in ``rows``' order, above its
+    name and patch count. A failed slide is a grey cell carrying the reason, its caption in red; an empty one (no
+    tissue patches) has an orange caption. Each page's title counts both.
+
+    Args:
+        qc_dir: the folder of the QC pictures.
+        rows: one mapping per slide with ``slide``, ``status`` (``ok``, ``empty ...`` or ``failed: <reason>``) and
+            ``patches`` (``tiling.csv``'s rows).
+        per_page: slides per page.
+        ncols: slides per row.
+        tile: largest side of each slide's picture, px.
+
+    Returns:
+        The pages written.
+    """
+    qc_dir = Path(qc_dir)
+    cells, failed, empty = [], 0, 0
+    for row in rows:
+        status = str(row.get("status", ""))
+        if status.startswith("failed"):
+            failed += 1
+            cell = {"picture": None, "note": status, "lines": (row["slide"], "failed"), "color": (190, 0, 0)}
+        else:
+            cell = {"picture": qc_dir / f"{row['slide']}.jpg", "note": "no QC picture"}
+            if status.startswith("empty"):
+                empty += 1
+                cell.update(lines=(row["slide"], "empty: no tissue patches"), color=(230, 120, 0))
+            else:
+                cell.update(lines=(row["slide"], f"{row.get('patches', '')} patches"), color=(0, 0, 0))
+        cells.append(cell)
+    title = "tiling QC" + (f" ({failed} failed: red, {empty} empty: orange)" if failed or empty else "")
+    return save_contact_sheets(qc_dir / "overview", cells, title, per_page, ncols, tile)
+
+
+def score_overlay(
+    thumbnail: np.ndarray,
+    thumb_downsample: float,
+    grid: np.ndarray,
+    footprint: float,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    vmax: float = 1.0,
+) -> np.ndarray:
+    """The thumbnail with a score grid (:func:`score_grid`, NaN where no patch) blended over it in ``cmap``'s colours
+    (0 to ``vmax``), drawn with NumPy at the thumbnail's size: a heatmap without a Matplotlib figure.
+
+    Returns:
+        ``[h, w, 3]`` uint8.
+    """
+    import matplotlib
+
+    h, w = thumbnail.shape[:2]
+    rows = np.minimum(((np.arange(h) + 0.5) * thumb_downsample / footprint).astype(int), grid.shape[0] - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * thumb_downsample / footprint).astype(int), grid.shape[1] - 1)
+    values = grid[rows][:, cols]
+    scored = np.isfinite(values)
+    lut = (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
+    index = np.clip(np.nan_to_num(values[scored]) / vmax * 255 + 0.5, 0, 255).astype(int)
+    img = np.array(thumbnail[..., :3], dtype=np.float32)
+    img[scored] = (1 - alpha) * img[scored] + alpha * lut[index]
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
 def save_patch_montage(

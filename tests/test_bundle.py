@@ -201,6 +201,31 @@ def test_inference_writes_heatmaps_on_the_patch_grid_and_geojson(trained):
     grid = score_grid(coords, np.arange(len(coords), dtype=float), footprint, (1024, 768))
     assert np.isfinite(grid).sum() == len(coords)
     assert grid[int(y // footprint), int(x // footprint)] == 0
+    # the triage sheet: every slide's instance-probability overlay, the highest tumour probability first
+    import csv
+
+    from monai_icmil.data import open_slide
+    from monai_icmil.visualize import score_overlay
+
+    probs = {r["slide"]: float(r["prob_tumour"]) for r in csv.DictReader(open(inf / "probabilities.csv"))}
+    page = np.asarray(Image.open(inf / "overview" / "page_001.jpg").convert("RGB")).astype(int)
+    assert page.shape[:2] == (18 + -(-n_slides // 8) * 228, max(min(8, n_slides) * 200, 640))
+    reds = [page[18 + (i // 8) * 228 + 4 + 192 :][:34, (i % 8) * 200 + 4 :][:, :192] for i in range(n_slides)]
+    reds = [bool(((c[..., 0] - c[..., 1] > 60) & (c[..., 0] - c[..., 2] > 60)).any()) for c in reds]
+    assert reds == sorted(reds, reverse=True) and sum(reds) == sum(p > 0.5 for p in probs.values())  # predicted: red
+
+    def overlay(sid):  # as drawn from the GeoJSON's scores, shrunk as on the sheet (1024 x 768 -> 192 x 144)
+        feats = json.loads((inf / f"{sid}.geojson").read_text())["features"]
+        xy = np.array([f["geometry"]["coordinates"][0][0] for f in feats])
+        prob = np.array([f["properties"]["measurements"]["instance_probability"] for f in feats])
+        thumb, ds = open_slide(slide.parent / f"{sid}.tiff").thumbnail(1024)
+        drawn = score_overlay(thumb, ds, score_grid(xy, prob, footprint, (1024, 768)), footprint)
+        return np.asarray(Image.fromarray(drawn).resize((192, 144), Image.BILINEAR)).astype(int)
+
+    first_cell = page[18 + 4 + 24 :][:144, 4:196]  # centred in its 192 px cell
+    ranked = sorted(probs, key=probs.get, reverse=True)
+    error = {sid: np.abs(first_cell - overlay(sid)).mean() for sid in (ranked[0], ranked[-1])}
+    assert error[ranked[0]] < 15 and error[ranked[-1]] > 2 * error[ranked[0]], error  # two JPEGs, two resizes
 
 
 def test_inference_on_a_real_aperio_slide(trained, cmu_slide):
@@ -227,6 +252,7 @@ def test_inference_on_a_real_aperio_slide(trained, cmu_slide):
     assert len(geo["features"]) == len(coords)
     assert Image.open(out / "CMU-1-Small-Region_heatmap.png").size[0] > 100
     assert (out / "coords" / "qc" / "CMU-1-Small-Region.jpg").is_file()  # the tiling QC of new slides too
+    assert Image.open(out / "overview" / "page_001.jpg").size == (640, 18 + 228)  # one slide on the triage sheet
     # the top patches: row 1 by tumour probability, row 2 by attention, as the model saw them (32 px)
     montage = np.asarray(Image.open(out / "CMU-1-Small-Region_top_patches.jpg").convert("RGB")).astype(float)
     assert montage.shape == (18 + 2 * 34, 8 * 34, 3)

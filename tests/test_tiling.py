@@ -174,6 +174,24 @@ def test_tiling_qc_image_tints_and_outlines_exactly_the_patches_area():
         tiling_qc_image(thumb, 4.0, coords, 40.0, mask=mask)
 
 
+def test_score_overlay_colours_exactly_each_scored_patch():
+    import matplotlib
+
+    from monai_icmil.visualize import score_overlay
+
+    thumb = np.full((20, 30, 3), 100, np.uint8)
+    grid = np.full((4, 6), np.nan, np.float32)  # patches of 10 level-0 px = 5 thumbnail px at downsample 2
+    grid[1, 2], grid[3, 5] = 1.0, 0.0
+    drawn = score_overlay(thumb, 2.0, grid, 10.0)
+    jet = matplotlib.colormaps["jet"]
+    expected = np.full((20, 30, 3), 100.0)
+    expected[5:10, 10:15] = 50 + 0.5 * np.asarray(jet(1.0)[:3]) * 255
+    expected[15:20, 25:30] = 50 + 0.5 * np.asarray(jet(0.0)[:3]) * 255
+    np.testing.assert_allclose(drawn, expected, atol=1)
+    half = score_overlay(thumb, 2.0, grid, 10.0, vmax=2.0)  # 1.0 is mid-scale now
+    np.testing.assert_allclose(half[7, 12], 50 + 0.5 * np.asarray(jet(0.5)[:3]) * 255, atol=2)
+
+
 def test_qc_overview_pages_show_each_slide_in_its_cell_and_mark_failed_and_empty_ones(tmp_path):
     from monai_icmil.visualize import save_qc_overview, save_tiling_qc
 
