@@ -98,9 +98,10 @@ def predict_slides(
 ) -> list[dict[str, Any]]:
     """Predict each slide; write ``probabilities.csv``, ``<slide>_heatmap.png``, ``<slide>_top_patches.jpg`` (the
     patches with the highest instance probability and attention, at the model's resolution) and
-    ``<slide>.geojson``, the tiling QC images and ``tiling.csv`` in ``coords/qc/``, and ``overview/page_<k>.jpg``:
-    contact sheets of every slide's instance-probability overlay, the highest positive-class probability first, its
-    caption in red where that class is predicted (triage: the slides to look at first are on page 1).
+    ``<slide>.geojson``, the tiling QC images and ``tiling.csv`` in ``coords/qc/``, and (with ``heatmaps``)
+    ``overview/page_<k>.jpg``: contact sheets of every slide's instance-probability overlay, the highest
+    positive-class probability first, its caption in red where that class is predicted (triage: the slides to look
+    at first are on page 1).
 
     Slides that fail are listed in ``output_dir/report.json`` and skipped. ``stain_normalize`` must match the
     training run's setting.

@@ -730,6 +730,13 @@ class ICMILWorkflow:
         excluded = self.report.excluded()
         if excluded:
             lines += ["", f"{len(excluded)} slide(s) left out (failed or no tissue): {', '.join(sorted(excluded))}"]
+        roc = Path(f"round_{final}") / "test" / "roc.png"
+        if (self.output_dir / roc).is_file():
+            lines += ["", f"![test ROC, round {final}]({roc.as_posix()})"]
+        pages = sorted((self.output_dir / "coords" / "qc" / "overview").glob("page_*.jpg"))
+        if pages:
+            links = ", ".join(f"[{p.stem}]({p.relative_to(self.output_dir).as_posix()})" for p in pages)
+            lines += ["", f"Tiling QC of every slide: {links} (per slide: `coords/qc/tiling.csv`)."]
         text = "\n".join(lines) + "\n"
         atomic_write_text(self.output_dir / "summary.md", text)
         atomic_write_json(self.output_dir / "summary.json", {"rows": rows, "final_round": final})

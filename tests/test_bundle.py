@@ -106,6 +106,10 @@ def test_train_bundle_runs_two_rounds_end_to_end(trained):
     assert summary.count("\n| ") == 5  # header, separator, 3 rounds
     assert len(re.findall(r"\| \d\.\d{3} \(\d\.\d{2}-\d\.\d{2}\) \|", summary)) == 3  # test AUC (95 % CI)
     assert "95 % DeLong confidence interval, over" in summary
+    final = json.loads((out / "summary.json").read_text())["final_round"]
+    for target in re.findall(r"\]\(([^)]+)\)", summary):  # its pictures: the final round's ROC, the QC sheet
+        assert (out / target).is_file(), target
+    assert f"](round_{final}/test/roc.png)" in summary and "[page_001](coords/qc/overview/page_001.jpg)" in summary
     assert "| round | val AUC" in (trained / "stdout.txt").read_text()  # printed too
     state = json.loads((out / "state.json").read_text())
     assert set(state["rounds"]) == {"0", "1", "2"}
