@@ -2,10 +2,15 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from monai.transforms import Compose, Lambdad
+from PIL import Image
 
+from monai_icmil.data import open_slide
 from monai_icmil.transforms import (
     GridPatchCoords,
     GridPatchCoordsd,
@@ -69,3 +74,20 @@ def test_custom_output_keys(synthetic_entries):
     )({"wsi": synthetic_entries[0]["image"]})
     assert {"m", "m_ds", "xy", "t", "px"} <= set(d)
     assert d["px"].shape[0] == len(d["xy"])
+
+
+def test_patching_demo_command_writes_its_pictures_and_summary(tmp_path):
+    """``python -m monai_icmil.demo`` (the README's patching demo): two generated slides through the Compose."""
+    from monai_icmil.demo import main
+
+    main(["--output_dir", str(tmp_path), "--patch_size", "128", "--mpp", "1.0", "--num_workers", "1"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [Path(s["slide"]).stem for s in summary["slides"]] == ["training_000", "training_001"]
+    for s in summary["slides"]:
+        name, n = Path(s["slide"]).stem, s["patches"]
+        assert n > 20 and s["read_level"] == 1 and 0.2 < s["tissue_fraction_of_image"] < 0.9  # 128 px at 1 um/px
+        tiling = Image.open(tmp_path / f"{name}_tiling.png")
+        thumb, _ = open_slide(s["slide"]).thumbnail(768)
+        assert tiling.size == (thumb.shape[1], thumb.shape[0] + 18)  # the QC picture under its caption
+        montage = Image.open(tmp_path / f"{name}_patches.png")
+        assert montage.size == (8 * 130, -(-min(n, 64) // 8) * 130)  # every patch read, up to 64, 128 px + 2
