@@ -155,7 +155,12 @@ def predict_slides(
     fp = embedder.fingerprint()
     positive = class_names[-1] if class_names else "last class"
     rows, cells = [], []
-    for item in items:
+    iterator: Any = items
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(items, desc="predict (scores + pictures)" if heatmaps else "predict", unit="slide")
+    for item in iterator:
         sid = item["slide_id"]
         if sid not in tiles or sid in report.failed:
             continue

@@ -239,8 +239,12 @@ def test_inference_on_a_real_aperio_slide(trained, cmu_slide):
     folder.mkdir()
     (folder / "CMU-1-Small-Region.svs").symlink_to(cmu_slide)
     out = trained / "aperio_out"
-    proc = _bundle(trained, "run", str(CONFIGS / "inference.json"), input_slides=str(folder), inference_dir=str(out))
+    proc = _bundle(
+        trained, "run", str(CONFIGS / "inference.json"), input_slides=str(folder), inference_dir=str(out), progress=True
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    for bar in ("prepare (tissue + grid)", "embed slides", "predict (scores + pictures)"):  # every long step shows
+        assert re.search(re.escape(bar) + r": 100%.* 1/1 ", proc.stderr), bar
     header, row = (out / "probabilities.csv").read_text().strip().splitlines()
     cells = dict(zip(header.split(","), row.split(",")))
     assert cells["slide"] == "CMU-1-Small-Region" and cells["label"] == ""  # a new slide: no label
