@@ -128,10 +128,29 @@ def _save_picture(path: str | os.PathLike, picture: np.ndarray, caption: str = "
     if caption:
         ImageDraw.Draw(canvas).text((4, 3), caption, fill="black")
     path = Path(path)
-    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="JPEG", quality=quality) if jpeg else canvas.save(tmp, format="PNG")
+    with atomic_path(path) as tmp:  # the caption's height goes along, so a contact sheet can cut it off
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            canvas.save(tmp, format="JPEG", quality=quality, comment=f"caption_band={band}")
+        else:
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            info.add_text("caption_band", str(band))
+            canvas.save(tmp, format="PNG", pnginfo=info)
     return path
+
+
+def _caption_band(info: Mapping[str, Any]) -> int:
+    """The caption line's height recorded by :func:`_save_picture` in a picture's metadata (0 if none)."""
+    value = info.get("caption_band")
+    comment = info.get("comment", b"")
+    comment = comment.decode("ascii", "replace") if isinstance(comment, bytes) else str(comment)
+    if value is None and comment.startswith("caption_band="):
+        value = comment.split("=", 1)[1]
+    try:
+        return max(int(value), 0) if value is not None else 0
+    except ValueError:
+        return 0
 
 
 def save_tiling_qc(
@@ -154,8 +173,9 @@ def save_tiling_qc(
 
 
 def _sheet_tile(source: Any, tile: int):
-    """The picture in ``source`` (a path, or encoded bytes) shrunk to fit ``tile`` px, without the caption line
-    :func:`_save_picture` puts above it; ``None`` if there is none or it cannot be read."""
+    """The picture in ``source`` (a path, encoded bytes or an array) shrunk to fit ``tile`` px, without the caption
+    line :func:`_save_picture` puts above it (its height is in the picture's metadata); ``None`` if there is none or
+    it cannot be read."""
     import io
 
     from PIL import Image
@@ -166,14 +186,13 @@ def _sheet_tile(source: Any, tile: int):
         source = encode_jpeg(source, 2 * tile)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            full_height = im.size[1]
+            full_height, band = im.size[1], _caption_band(im.info)
             im.draft("RGB", (tile, tile))  # a JPEG decodes at 1/2-1/8 scale: a few ms a slide
-            band = int(np.ceil(_CAPTION_BAND * im.size[1] / full_height))
             pic = im.convert("RGB")
     except (OSError, ValueError):
         return None
-    if (np.asarray(pic.crop((0, 0, pic.width, band))) > 235).all(axis=-1).mean() > 0.8:  # a white caption line
-        pic = pic.crop((0, band, pic.width, pic.height))
+    if band:
+        pic = pic.crop((0, int(np.ceil(band * pic.height / full_height)), pic.width, pic.height))
     pic.thumbnail((tile, tile))
     return pic
 

@@ -193,24 +193,28 @@ def test_score_overlay_colours_exactly_each_scored_patch():
 
 
 def test_qc_overview_pages_show_each_slide_in_its_cell_and_mark_failed_and_empty_ones(tmp_path):
-    from monai_icmil.visualize import save_qc_overview, save_tiling_qc
+    from monai_icmil.visualize import save_contact_sheets, save_qc_overview, save_tiling_qc
 
     for name, color, shape in (("wide", (200, 30, 30), (200, 300)), ("tall", (30, 30, 200), (400, 100))):
         thumb = np.empty((*shape, 3), np.uint8)
         thumb[:] = color
         save_tiling_qc(tmp_path / f"{name}.jpg", thumb, 1.0, np.zeros((0, 2)), 1.0, caption=f"{name}: a caption")
     save_tiling_qc(tmp_path / "blank.jpg", np.full((64, 64, 3), 240, np.uint8), 1.0, np.zeros((0, 2)), 1.0, "blank")
+    top_green = np.full((128, 128, 3), (200, 200, 0), np.uint8)
+    top_green[:32] = (0, 150, 0)
+    save_tiling_qc(tmp_path / "plain.jpg", top_green, 1.0, np.zeros((0, 2)), 1.0)  # no caption: nothing to cut
     rows = [
         {"slide": "wide", "status": "ok", "patches": "10"},
         {"slide": "tall", "status": "ok", "patches": "5"},
         {"slide": "bad", "status": "failed: OSError: truncated file; copy the slide again", "patches": ""},
         {"slide": "blank", "status": "empty (no tissue patches)", "patches": "0"},
         {"slide": "lost", "status": "ok", "patches": "3"},  # its picture is missing
+        {"slide": "plain", "status": "ok", "patches": "1"},
     ]
     pages = save_qc_overview(tmp_path, rows, per_page=3, ncols=2, tile=64)
     assert [p.name for p in pages] == ["page_001.jpg", "page_002.jpg"]
     first, second = (np.asarray(Image.open(p).convert("RGB")).astype(int) for p in pages)
-    assert first.shape[0] == 18 + 2 * 100 and second.shape[0] == 18 + 100  # title line, then rows of 64 + 36 px
+    assert first.shape[0] == second.shape[0] == 18 + 2 * 100  # a title line, then rows of 64 + 36 px
 
     def picture(page, i):  # cell i's 64 x 64 picture area
         x, y = (i % 2) * 72 + 4, 18 + (i // 2) * 100 + 4
@@ -239,10 +243,16 @@ def test_qc_overview_pages_show_each_slide_in_its_cell_and_mark_failed_and_empty
     assert orange(caption(second, 0)) > 0.01 and orange(caption(first, 0)) == 0
     assert near(picture(second, 0), (240, 240, 240), 12) > 0.9
     assert near(picture(second, 1), (205, 205, 205), 20) > 0.6  # no picture: a grey cell, not an error
+    assert near(picture(second, 2)[1:15], (0, 150, 0)) > 0.95 and near(picture(second, 2)[18:], (200, 200, 0)) > 0.95
     assert save_qc_overview(tmp_path, rows[:3], per_page=3) == [tmp_path / "overview" / "page_001.jpg"]
     assert not (tmp_path / "overview" / "page_002.jpg").exists()  # a page left from the larger cohort
     with pytest.raises(ValueError, match="per_page"):
         save_qc_overview(tmp_path, rows, per_page=0)
+    # the same for PNGs (the caption's height travels in a text chunk) and with a long, dark caption
+    blue = np.full((64, 64, 3), (30, 30, 200), np.uint8)
+    save_tiling_qc(tmp_path / "png.png", blue, 1.0, np.zeros((0, 2)), 1.0, caption="W" * 40)
+    (page,) = save_contact_sheets(tmp_path / "png_sheet", [{"picture": tmp_path / "png.png"}], "t", tile=64)
+    assert near(np.asarray(Image.open(page).convert("RGB")).astype(int)[18 + 4 :][:64, 4:68], (30, 30, 200)) > 0.97
 
 
 def test_prepare_draws_a_qc_image_per_slide_matching_its_grid(cmu_slide, tmp_path):
