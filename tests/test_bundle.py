@@ -75,6 +75,22 @@ def _bundle(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
 
 
+def test_every_parameter_the_bundle_docs_list_is_in_the_configs_they_name():
+    """The docs' parameter table is what users override: each id in it must exist in train.json (or the config named
+    in its row), so that the table cannot drift from the configs."""
+    from monai.bundle import ConfigParser
+
+    table = (BUNDLE / "docs" / "README.md").read_text().split("## Parameters that matter")[1].split("\n\n")[1]
+    rows = [line.split("|")[1] for line in table.splitlines()[2:]]
+    assert len(rows) > 15
+    for cell in rows:
+        named = re.findall(r"\(([a-z_]+\.json)\)", cell)
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / "train.json"), *(str(CONFIGS / n) for n in named)])
+        for key in re.findall(r"`([^`]+)`", cell):
+            assert key in parser, f"{key} (bundle docs) is in none of train.json {named}"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """train.json + demo.json + a test-sized override, 2 rounds, end to end."""
