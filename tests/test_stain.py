@@ -105,3 +105,11 @@ def test_a_run_with_stain_normalisation_and_hed_views(synthetic_dataset, tmp_pat
     store = FeatureStore(tmp_path / "out" / "round_0" / "features")
     sid = store.slide_ids()[0]
     assert store.stored_key(sid)["stain_normalize"] == "macenko"
+
+
+def test_stain_transforms_import_from_the_transforms_package_as_the_readme_says():
+    import monai_icmil.transforms as transforms
+    from monai_icmil.transforms import stain
+
+    for name in ("RandHEDJitter", "RandHEDJitterd", "HEStainNormalizer"):
+        assert getattr(transforms, name) is getattr(stain, name)
