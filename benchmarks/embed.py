@@ -155,6 +155,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
     p.add_argument(
+        "--amp",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="bf16 autocast for (a) and ours (auto: on CUDA only, as the engine); (b) stays fp32",
+    )
+    p.add_argument(
         "--loader_only",
         type=int,
         default=0,
@@ -162,7 +168,7 @@ def main() -> None:
     )
     a = p.parse_args()
     device = torch.device(a.device)
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" if a.amp == "auto" else a.amp == "on"
     tmp = Path(tempfile.mkdtemp())
     slide, _ = bench_slide(tmp)
     tiling = TilingConfig(patch_size=a.patch_size, mpp=0.5, stride=a.patch_size // 2, min_tissue=0.25)
@@ -228,6 +234,7 @@ def main() -> None:
             tiling.params(),
             batch_size=a.batch_size,
             device=device,
+            amp=amp,
             progress=False,
             **loader,
         )
