@@ -20,7 +20,6 @@ straight into pinned memory on CUDA) with ``T`` decoding threads each; ``0xT`` i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -140,7 +139,7 @@ def compare_loaders(
         passes = " ".join(f"{v:.0f}" for v in runs[spec])
         print(f"{spec:<10}{med[spec]:>20.1f}{med[spec] / med[loaders[0]]:>11.2f}x   {passes}")
     if out:
-        Path(out).write_text(json.dumps({"loader_only": med, "passes": runs, "n": n, "batch_size": batch_size}))
+        atomic_write_json(out, {"loader_only": med, "passes": runs, "n": n, "batch_size": batch_size})
 
 
 def main() -> None:
@@ -218,6 +217,7 @@ def main() -> None:
             "feature_check_by_loader": checks,
             "model": a.model,
             "patch_size": a.patch_size,
+            "amp": amp,
             "n": n,
             "partial": not final,
             **final,

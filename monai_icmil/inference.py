@@ -185,13 +185,16 @@ def predict_slides(
                 maps = {"attention (min-max)": score_grid(coords, att_norm, footprint, reader.dimensions), **maps}
                 measurements["attention"] = att
             overlay = score_overlay(thumb, thumb_ds, maps["instance probability"], footprint)
+            p_positive = float(scores["probs"][-1])
             cells.append(
-                {
-                    "picture": encode_jpeg(overlay, 384),  # a few KB a slide until the pages are drawn
-                    "lines": (sid, f"{positive} {float(scores['probs'][-1]):.3f}"),
-                    "color": (190, 0, 0) if int(np.argmax(scores["probs"])) == len(scores["probs"]) - 1 else (0, 0, 0),
-                    "sort": float(scores["probs"][-1]),
-                }
+                (
+                    p_positive,
+                    {
+                        "picture": encode_jpeg(overlay, 384),  # a few KB a slide until the pages are drawn
+                        "lines": (sid, f"{positive} {p_positive:.3f}"),
+                        "color": (190, 0, 0) if int(np.argmax(scores["probs"])) == len(scores["probs"]) - 1 else 0,
+                    },
+                )
             )
             grid_h, grid_w = next(iter(maps.values())).shape
             extent = (grid_w * footprint / thumb_ds, grid_h * footprint / thumb_ds)
@@ -216,8 +219,8 @@ def predict_slides(
             )
     write_predictions_csv(out / "probabilities.csv", rows, class_names)
     if cells:  # triage: every slide's instance-probability overlay, the most likely positive first
-        cells.sort(key=lambda c: -c["sort"])
+        ranked = [cell for _, cell in sorted(cells, key=lambda pc: -pc[0])]
         save_contact_sheets(
-            out / "overview", cells, f"predictions, highest {positive} probability first (red: predicted)"
+            out / "overview", ranked, f"predictions, highest {positive} probability first (red: predicted)"
         )
     return rows

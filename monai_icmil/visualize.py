@@ -97,11 +97,16 @@ def tiling_qc_image(
     if mask is not None:
         if mask_downsample is None:
             raise ValueError("`mask_downsample` is required with `mask`.")
-        mask = np.asarray(mask, bool)
-        rows_at = np.clip(((np.arange(h) + 0.5) * thumb_downsample / mask_downsample).astype(int), 0, mask.shape[0] - 1)
-        cols_at = np.clip(((np.arange(w) + 0.5) * thumb_downsample / mask_downsample).astype(int), 0, mask.shape[1] - 1)
-        img[_boundary(mask[rows_at][:, cols_at])] = (0, 220, 0)
+        img[_boundary(_on_thumbnail(np.asarray(mask, bool), (h, w), thumb_downsample, mask_downsample))] = (0, 220, 0)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def _on_thumbnail(grid: np.ndarray, shape: tuple[int, int], thumb_downsample: float, cell: float) -> np.ndarray:
+    """``grid`` (one value per ``cell`` level-0 px, e.g. a tissue mask or patch scores) at each thumbnail pixel of
+    a thumbnail of ``shape`` (nearest cell, clipped at the grid's edge)."""
+    rows = np.clip(((np.arange(shape[0]) + 0.5) * thumb_downsample / cell).astype(int), 0, grid.shape[0] - 1)
+    cols = np.clip(((np.arange(shape[1]) + 0.5) * thumb_downsample / cell).astype(int), 0, grid.shape[1] - 1)
+    return grid[rows][:, cols]
 
 
 def _boundary(region: np.ndarray) -> np.ndarray:
@@ -182,8 +187,10 @@ def _sheet_tile(source: Any, tile: int):
 
     if source is None:
         return None
-    if isinstance(source, np.ndarray):
-        source = encode_jpeg(source, 2 * tile)
+    if isinstance(source, np.ndarray):  # no caption line to cut, nothing to decode
+        pic = Image.fromarray(np.ascontiguousarray(source[..., :3]))
+        pic.thumbnail((tile, tile))
+        return pic
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             full_height, band = im.size[1], _caption_band(im.info)
@@ -344,10 +351,7 @@ def score_overlay(
     """
     import matplotlib
 
-    h, w = thumbnail.shape[:2]
-    rows = np.minimum(((np.arange(h) + 0.5) * thumb_downsample / footprint).astype(int), grid.shape[0] - 1)
-    cols = np.minimum(((np.arange(w) + 0.5) * thumb_downsample / footprint).astype(int), grid.shape[1] - 1)
-    values = grid[rows][:, cols]
+    values = _on_thumbnail(grid, thumbnail.shape[:2], thumb_downsample, footprint)
     scored = np.isfinite(values)
     lut = (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
     index = np.clip(np.nan_to_num(values[scored]) / vmax * 255 + 0.5, 0, 255).astype(int)

@@ -253,6 +253,8 @@ def test_qc_overview_pages_show_each_slide_in_its_cell_and_mark_failed_and_empty
     save_tiling_qc(tmp_path / "png.png", blue, 1.0, np.zeros((0, 2)), 1.0, caption="W" * 40)
     (page,) = save_contact_sheets(tmp_path / "png_sheet", [{"picture": tmp_path / "png.png"}], "t", tile=64)
     assert near(np.asarray(Image.open(page).convert("RGB")).astype(int)[18 + 4 :][:64, 4:68], (30, 30, 200)) > 0.97
+    (page,) = save_contact_sheets(tmp_path / "array_sheet", [{"picture": blue}], "t", tile=64)  # an array as is
+    assert near(np.asarray(Image.open(page).convert("RGB")).astype(int)[18 + 4 :][:64, 4:68], (30, 30, 200)) > 0.97
 
 
 def test_prepare_draws_a_qc_image_per_slide_matching_its_grid(cmu_slide, tmp_path):
