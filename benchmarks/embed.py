@@ -3,15 +3,15 @@
 """Embedding-phase throughput, side by side in one run:
 
 (a) model alone: the embedder on random uint8 tensors already in memory (the ceiling);
-ours: the full embedding phase, ``embed_slides`` (read by coordinate + normalise + forward + atomic write), timed
-    over the whole call and, as ``ours_steady_by_loader``, after its first batch (without the start-up);
+ours: the full embed phase, :class:`~monai_icmil.engines.Embed` (read by coordinate + normalise + forward + atomic
+    write), timed over the whole call and, as ``ours_steady_by_loader``, after its first batch (without the start-up);
 (b) the reference pattern: patches saved as PNG beforehand (not timed), then per batch of 448: PIL open one by one,
     ``ToTensor``, ``torch.cat`` onto the device one image at a time, fp32 forward, ``np.save`` of the features.
 
 Ours runs once per ``--loaders`` entry: ``WxT`` is ``W`` DataLoader worker processes with ``T`` decoding threads
 each; ``tKxT`` is ``K`` reader threads in this process (:class:`~monai_icmil.data.prefetch.Prefetcher`, reading
 straight into pinned memory on CUDA) with ``T`` decoding threads each; ``0xT`` is ``t1xT``. A trailing ``s``
-(``t8x2s``) moves the batches to the GPU on a copy stream of their own (``embed_slides(copy_stream=True)``).
+(``t8x2s``) moves the batches to the GPU on a copy stream of their own (``Embed(copy_stream=True)``).
 
     python benchmarks/embed.py [--model resnet18] [--patch_size 224] [--patches 448] [--batch_size 64]
                                [--loaders 2x2 0x4 t2x2]
@@ -35,7 +35,7 @@ from monai_icmil.data.prepare import SlideTiles
 from monai_icmil.data.slide import open_slide
 from monai_icmil.data.store import FeatureStore
 from monai_icmil.data.tiling import TilingConfig
-from monai_icmil.engines import embed_slides, patch_loader
+from monai_icmil.engines import Embed, patch_loader
 from monai_icmil.networks import create_embedder
 from monai_icmil.utils import atomic_write_json
 
@@ -227,17 +227,8 @@ def main() -> None:
     for spec in loaders:
         loader = parse_loader(spec)
         t0 = time.perf_counter()
-        res = embed_slides(
-            items,
-            embedder,
-            FeatureStore(tmp / f"features_{spec}"),
-            tiling.params(),
-            batch_size=a.batch_size,
-            device=device,
-            amp=amp,
-            progress=False,
-            **loader,
-        )
+        phase = Embed(batch_size=a.batch_size, amp=amp, progress=False, **loader)
+        res = phase(items, embedder, FeatureStore(tmp / f"features_{spec}"), tiling.params(), device=device)
         rates[spec] = res["patches"] / (time.perf_counter() - t0)
         steady[spec] = res["steady_patches_per_s"]
         reads[spec] = loader_only(items, a.batch_size, loader, device)

@@ -100,13 +100,14 @@ def main() -> None:
     rounds = json.loads((out / "state.json").read_text())["rounds"]
     ours = {
         "embed round 0": rounds["0"]["embed"]["seconds"],
-        "bag phase round 0": rounds["0"]["bag"]["seconds"],
+        "bag phase round 0": rounds["0"]["bag_phase"]["seconds"],
         "embedder phase round 1": rounds["1"]["embedder_phase"]["seconds"],
         "embed round 1": rounds["1"]["embed"]["seconds"],
-        "bag phase round 1": rounds["1"]["bag"]["seconds"],
+        "bag phase round 1": rounds["1"]["bag_phase"]["seconds"],
     }
 
-    cfg = json.loads((BUNDLE / "configs" / "demo.json").read_text())["embedder"]
+    demo = json.loads((BUNDLE / "configs" / "demo.json").read_text())
+    cfg = {"name": demo["embedder#name"], "input_size": demo["embedder#input_size"]}
     png_dir = tmp / "pngs"
     png_dir.mkdir(exist_ok=True)
     pngs, dump_s = dump_pngs(png_dir, data, out / "coords")

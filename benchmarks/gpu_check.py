@@ -6,7 +6,8 @@
    boundary pixel; both timings.
 2. #2 reading: ``benchmarks/read_patches.py`` (cuCIM batched vs the OpenSlide loop, when OpenSlide is there).
 3. #3 embedding: ``benchmarks/embed.py`` with ResNet50-trunc at 224 px (ours vs model-only vs the reference).
-4. #5 embedder phase: ``benchmarks/couple.py`` with ResNet50-trunc, 256 px, batch 100, bf16 (patches/s, peak memory).
+4. #5 embedder phase: ``benchmarks/embedder_phase.py`` with ResNet50-trunc, 256 px, batch 100, bf16 (patches/s,
+   peak memory).
 5. #7 end to end: ``benchmarks/end_to_end.py`` (one ICMIL round, time per phase vs the reference pattern).
 
 Each step has a time budget and its own JSON; ``gpu_check.json`` and ``gpu_check.md`` gather them. ``--dry`` runs
@@ -123,7 +124,7 @@ def report(results: dict, out: Path) -> str:
     return md
 
 
-STEPS = ("read_patches", "embed", "couple", "end_to_end")
+STEPS = ("read_patches", "embed", "embedder_phase", "end_to_end")
 
 
 def main() -> None:
@@ -161,7 +162,7 @@ def main() -> None:
             ],
             180,
         ),
-        "couple": (
+        "embedder_phase": (
             ["--model", "resnet18_trunc" if dry else "resnet50_trunc", "--patch_size", "64" if dry else "256"]
             + ["--batch_size", "16" if dry else "100", "--batches", "4" if dry else "40"]
             + ["--num_workers", "1" if dry else "8"],

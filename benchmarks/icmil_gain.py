@@ -45,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 import monai_icmil  # noqa: E402,F401  (quiet cuCIM import first)
 from monai_icmil.data.store import CoordsStore, FeatureStore  # noqa: E402
 from monai_icmil.data.synthetic import make_dataset, patch_tumour_fraction  # noqa: E402
-from monai_icmil.engines.bag import evaluate_bags, load_bag_classifier  # noqa: E402
+from monai_icmil.engines.bag_phase import evaluate_bags, load_bag_classifier  # noqa: E402
 from monai_icmil.metrics import binary_auc, linear_probe_auc  # noqa: E402
+from monai_icmil.networks import aggregator_class  # noqa: E402
 from monai_icmil.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 AGGREGATORS = ("maxpool", "abmil", "dtfd")
@@ -61,11 +62,11 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "round_patience": args.rounds + 1,  # every round is reported, none is skipped
         "tiling#patch_size": args.patch_size,
         "tiling#mpp": args.mpp,
-        "embedder": {"name": args.embedder, "input_size": args.patch_size},
-        "aggregator_kwargs": {"hidden_dim": 128},
-        "embedding#batch_size": 128,
-        "embedding#num_workers": args.workers,
-        "embedding#read_threads": 2,
+        "embedder#name": args.embedder,
+        "embedder#input_size": args.patch_size,
+        "embed#batch_size": 128,
+        "embed#num_workers": args.workers,
+        "embed#read_threads": 2,
         "bag_phase#epochs": args.bag_epochs,
         "bag_phase#early_stop_patience": max(5, args.bag_epochs // 3),
         "bag_phase#standardize": True,
@@ -86,7 +87,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def pretrain_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    """configs/pretrain.json's pre-training (wired into the loop), at this benchmark's size."""
+    values = {
         "epochs": args.ssl_epochs,
         "batches_per_epoch": args.ssl_batches,
         "batch_size": args.couple_batch_size,
@@ -98,6 +100,13 @@ def pretrain_settings(args: argparse.Namespace) -> dict[str, Any]:
         "num_workers": min(1, args.workers),
         "read_threads": 1,
     }
+    return {"workflow#pretrain": "@pretrain#phase", **{f"pretrain#{k}": v for k, v in values.items()}}
+
+
+def aggregator_component(name: str) -> dict[str, Any]:
+    """The bundle's ``aggregator`` component for a registered name, 128 wide."""
+    cls = aggregator_class(name)
+    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", "_mode_": "callable", "hidden_dim": 128}
 
 
 def run_bundle(data: Path, out: Path, seed: int, aggregator: str, start: str, args: argparse.Namespace) -> None:
@@ -108,8 +117,8 @@ def run_bundle(data: Path, out: Path, seed: int, aggregator: str, start: str, ar
         "dataset_dir": str(data),
         "output_dir": str(out),
         "seed": seed,
-        "aggregator": aggregator,
-        "pretrain": pretrain_settings(args) if start == "ssl" else None,
+        "aggregator": aggregator_component(aggregator),
+        **(pretrain_settings(args) if start == "ssl" else {}),
     }
     run(
         run_id="run",
@@ -154,7 +163,7 @@ def patch_aucs(out: Path, r: int, data: Path, datalist: dict[str, Any]) -> dict[
     - ``probe_patch_auc``: a linear probe on the round's features, fitted on half of the test slides and measured
       on the other half (how well the embedder itself separates tumour patches, across slides and stains).
     """
-    net = load_bag_classifier(out / f"round_{r}" / "bag" / "bag_classifier.pt")
+    net = load_bag_classifier(out / f"round_{r}" / "bag_phase" / "bag_classifier.pt")
     ds = int(datalist.get("tumour_mask_downsample", 16))
     scores, labels, feats, groups = [], [], [], []
     for k, entry, sid, arrays in stored_test_arrays(out, r, datalist):
@@ -181,7 +190,7 @@ def restart_test_aucs(out: Path, r: int, datalist: dict[str, Any]) -> list[float
     Keeping the restart with the best validation AUC is a noisy choice on 40 validation slides; the mean over the
     restarts says what the round's features support without that choice.
     """
-    bag_dir = out / f"round_{r}" / "bag"
+    bag_dir = out / f"round_{r}" / "bag_phase"
     nets = sorted(bag_dir.glob("restart_*/bag_classifier.pt")) or [bag_dir / "bag_classifier.pt"]
     bags = [
         {"slide_id": sid, "label": int(entry["label"]), "features": arrays["features"].float()}
@@ -204,7 +213,7 @@ def collect(out: Path, seed: int, aggregator: str, start: str, data: Path) -> li
                 "start": start,
                 "aggregator": aggregator,
                 "round": int(r),
-                "val_auc": s["bag"]["val"].get("auc"),
+                "val_auc": s["bag_phase"]["val"].get("auc"),
                 "test_auc": test.get("auc"),
                 "test_acc": test.get("acc"),
                 "test_f1": test.get("f1"),
@@ -215,7 +224,7 @@ def collect(out: Path, seed: int, aggregator: str, start: str, data: Path) -> li
                 .get("teacher_consistency", {})
                 .get("view_agreement"),
                 **patch_aucs(out, int(r), data, datalist),
-                "seconds": sum(s.get(k, {}).get("seconds", 0.0) for k in ("embed", "bag", "embedder_phase")),
+                "seconds": sum(s.get(k, {}).get("seconds", 0.0) for k in ("embed", "bag_phase", "embedder_phase")),
             }
         )
     return rows

@@ -11,12 +11,15 @@ the student and ``_t`` the teacher. As in the paper's code, each KL is ``torch.n
 between the student's log-probabilities and the teacher's probabilities, averaged over every element. Defaults:
 ``w_view = 1``, ``w_head = w_reduce = 0.5``.
 
-The confidence-based variant weights the first term per patch by ``|2a - 1| ** beta``, where ``a`` is the teacher's
-attention score min-max normalised over the batch: patches the teacher attends to strongly or not at all are
-trusted, ambiguous ones less.
+The confidence-based variant weights the first term per patch by ``|2a - 1| ** beta``, where ``a`` in [0, 1] is the
+teacher's confidence score (:meth:`~monai_icmil.networks.MILAggregator.confidence_scores`: the attention min-max
+normalised over the batch; for DTFD-MIL the product of its two tiers' normalised attentions): patches the teacher
+attends to strongly or not at all are trusted, ambiguous ones less.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
@@ -25,16 +28,10 @@ import torch.nn.functional as F
 __all__ = ["ICMILDistillationLoss", "confidence_weights", "kl_terms"]
 
 
-def confidence_weights(attention: torch.Tensor, beta: float) -> torch.Tensor:
-    """``|2a - 1| ** beta`` per patch, ``a`` the attention scores min-max normalised over the batch.
-
-    A batch whose scores are all equal gets weight 1 everywhere (no information to weight by).
-    """
-    a = attention.detach().float().reshape(-1)
-    lo, hi = a.min(), a.max()
-    if float(hi - lo) <= 1e-12:
-        return torch.ones_like(a)
-    a = (a - lo) / (hi - lo)
+def confidence_weights(scores: torch.Tensor, beta: float) -> torch.Tensor:
+    """``|2a - 1| ** beta`` per patch, ``a`` the teacher's confidence scores in [0, 1]
+    (:meth:`~monai_icmil.networks.MILAggregator.confidence_scores`)."""
+    a = scores.detach().float().reshape(-1)
     return (2 * a - 1).abs().pow(beta)
 
 
@@ -52,8 +49,9 @@ class ICMILDistillationLoss(nn.Module):
         view_weight: weight of the student-view vs teacher-patch term.
         head_weight: weight of the student-head-on-teacher-features term.
         reduce_weight: weight of the reduced-feature term.
-        confidence: weight the view term per patch by the teacher's attention confidence.
-        beta: exponent of the confidence weight (ICMIL uses 6 for AB-MIL, 2 for DTFD).
+        confidence: weight the view term per patch by the teacher's confidence scores.
+        beta: exponent of the confidence weight (ICMIL uses 6 for AB-MIL, 2 for DTFD); ``None``: the teacher's
+            (:meth:`for_teacher`; 6 when used directly).
 
     ``forward`` returns a dict: ``"loss"`` (the total) and the unweighted terms ``"view"``, ``"head"``, ``"reduce"``.
     """
@@ -64,11 +62,20 @@ class ICMILDistillationLoss(nn.Module):
         head_weight: float = 0.5,
         reduce_weight: float = 0.5,
         confidence: bool = False,
-        beta: float = 6.0,
+        beta: float | None = None,
     ):
         super().__init__()
         self.view_weight, self.head_weight, self.reduce_weight = view_weight, head_weight, reduce_weight
-        self.confidence, self.beta = confidence, beta
+        self.confidence, self.beta = bool(confidence), beta
+
+    def for_teacher(self, aggregator: nn.Module) -> ICMILDistillationLoss:
+        """This loss with ``beta`` set to the teacher aggregator's ``confidence_beta`` (2 for DTFD-MIL, 6 for the
+        others, as ICMIL) when it was left ``None``; otherwise itself."""
+        if self.beta is not None:
+            return self
+        resolved = copy.copy(self)
+        resolved.beta = float(getattr(aggregator, "confidence_beta", 6.0))
+        return resolved
 
     def forward(
         self,
@@ -77,7 +84,7 @@ class ICMILDistillationLoss(nn.Module):
         student_head_on_teacher: torch.Tensor,
         student_reduce_on_teacher: torch.Tensor,
         teacher_reduce: torch.Tensor,
-        attention: torch.Tensor | None = None,
+        confidence_scores: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Args:
@@ -86,14 +93,15 @@ class ICMILDistillationLoss(nn.Module):
             student_head_on_teacher: ``head_s(reduce_s(f_t))``, ``[B, C]``.
             student_reduce_on_teacher: ``reduce_s(f_t)``, ``[B, H]``.
             teacher_reduce: ``reduce_t(f_t)``, ``[B, H]``.
-            attention: the teacher's raw attention scores ``[B]`` (required with ``confidence=True``).
+            confidence_scores: the teacher's confidence ``a`` in [0, 1], ``[B]`` (required with ``confidence=True``).
         """
         teacher_logits = teacher_logits.detach()
         view = kl_terms(student_view_logits, teacher_logits)
         if self.confidence:
-            if attention is None:
-                raise ValueError("the confidence-based loss needs the teacher's attention scores")
-            view_term = (view * confidence_weights(attention, self.beta).to(view.device)[:, None]).mean()
+            if confidence_scores is None:
+                raise ValueError("the confidence-based loss needs the teacher's confidence scores")
+            beta = 6.0 if self.beta is None else self.beta
+            view_term = (view * confidence_weights(confidence_scores, beta).to(view.device)[:, None]).mean()
         else:
             view_term = view.mean()
         head_term = kl_terms(student_head_on_teacher, teacher_logits).mean()

@@ -1,6 +1,6 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""Small shared helpers: atomic writes, quiet optional imports, hashing."""
+"""Small shared helpers: atomic writes, quiet optional imports, hashing, component signatures, distributed rank."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "stable_hash",
+    "component_signature",
     "quiet_native_output",
+    "dist_info",
+    "barrier",
+    "default_device",
 ]
 
 PathLike = str | os.PathLike
@@ -107,6 +111,77 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     """A short, order-independent SHA-256 hex digest of a JSON-serialisable object."""
     blob = json.dumps(obj, sort_keys=True, default=_json_default).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+_SIMPLE = (str, int, float, bool, type(None))
+
+
+def component_signature(obj: Any, _depth: int = 0) -> Any:
+    """A JSON-able description of a configured component that changes when its configuration changes.
+
+    Used to key resume checkpoints, restarts and stores by what a phase was built with: a ``functools.partial``
+    (what a bundle's ``_mode_: "callable"`` gives) is its target and keywords; a class or function its import path;
+    a tensor its shape and sum; any other object its class and public attributes, recursively (transforms, losses,
+    views). Private attributes and large containers are left out.
+    """
+    import functools
+    import inspect
+
+    if _depth > 16:
+        return type(obj).__qualname__
+    if isinstance(obj, _SIMPLE):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [component_signature(v, _depth + 1) for v in obj[:64]]
+    if isinstance(obj, dict):
+        return {str(k): component_signature(v, _depth + 1) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, functools.partial):
+        return {"callable": component_signature(obj.func, _depth + 1), **component_signature(obj.keywords, _depth + 1)}
+    if isinstance(obj, type) or inspect.isroutine(obj):
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "shape"):
+        return {"shape": list(obj.shape), "sum": float(obj.double().sum())}
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return component_signature(obj.tolist(), _depth + 1)
+    cls = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if not hasattr(obj, "__dict__"):  # e.g. torch.device, a NumPy RandomState
+        text = repr(obj)
+        return {"class": cls, "repr": "" if " at 0x" in text else text}
+    attrs = obj.__dict__
+    if hasattr(obj, "state_dict") and hasattr(obj, "named_modules"):  # torch modules: hyper-parameters + buffers
+        attrs = {**{k: v for k, v in attrs.items() if not k.startswith("_")}, "buffers": dict(obj.named_buffers())}
+    return {"class": cls, **component_signature({k: v for k, v in attrs.items() if not k.startswith("_")}, _depth + 1)}
+
+
+def default_device(device: Any = None) -> Any:
+    """``device`` as a ``torch.device``; ``None``: CUDA when available, else the CPU."""
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group (``(0, 1)`` without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group).
+
+    ignite sets up its distributed context with a collective call the first time it is asked; doing it here, on
+    every rank at once, keeps a rank-0-only phase (the bag phase) from waiting on the other ranks later.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        import ignite.distributed as idist
+
+        idist.get_rank()
+        dist.barrier()
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from monai_icmil.data import load_datalist
 from monai_icmil.data.prepare import prepare_coords
 from monai_icmil.data.store import CoordsStore, FeatureStore
 from monai_icmil.data.tiling import TilingConfig
-from monai_icmil.engines import embed_slides
+from monai_icmil.engines import Embed
 from monai_icmil.networks import create_embedder
 
 
@@ -31,14 +31,8 @@ def main() -> None:
     slides = prepare_coords(items, tiling, CoordsStore(os.path.join(a.out, f"coords_rank{rank}")), progress=False)
     torch.manual_seed(0)
     embedder = create_embedder("resnet18_trunc", input_size=48)
-    embed_slides(
-        slides,
-        embedder,
-        FeatureStore(os.path.join(a.out)),
-        tiling.params(),
-        num_workers=0,
-        progress=False,
-        meta={"rank": rank},
+    Embed(num_workers=0, progress=False)(
+        slides, embedder, FeatureStore(os.path.join(a.out)), tiling.params(), meta={"rank": rank}
     )
     if dist.is_initialized():
         dist.barrier()

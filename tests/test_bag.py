@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 
 import numpy as np
@@ -10,19 +11,33 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from monai_icmil.engines.bag import (
+from monai_icmil.engines.bag_phase import (
+    BagPhase,
     BagTrainingError,
     feature_stats,
     load_bag_classifier,
     predict_bags,
     save_bag_classifier,
-    train_bag_classifier,
 )
 from monai_icmil.handlers.tracking import sqlite_tracking_uri, start_run
 from monai_icmil.metrics import binary_auc, slide_metrics
-from monai_icmil.networks import AGGREGATORS, create_aggregator
+from monai_icmil.networks import AGGREGATORS, aggregator_class, create_aggregator
 
 FAST = {"hidden_dim": 64}
+
+
+def train_bag_classifier(
+    train, val, aggregator, output_dir, aggregator_kwargs=None, lr=2e-4, seed=0, mlflow_run=None, class_names=None, **kw
+):
+    """The bag phase as train.json configures it (Adam, cosine schedule), with these tests' settings."""
+    epochs = kw.setdefault("epochs", 50)
+    phase = BagPhase(
+        optimizer=functools.partial(torch.optim.Adam, lr=lr, weight_decay=1e-4),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=max(1, epochs)),
+        **kw,
+    )
+    factory = functools.partial(aggregator_class(aggregator), **(aggregator_kwargs or {}))
+    return phase(train, val, factory, output_dir, seed=seed, class_names=class_names, mlflow_run=mlflow_run)
 
 
 class ShiftedBags(Dataset):
@@ -131,7 +146,7 @@ def test_unknown_aggregator_lists_the_known_ones():
 def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
     torch.manual_seed(0)
     net = create_aggregator("dtfd", 32, 2, hidden_dim=48, num_groups=3)
-    path = save_bag_classifier(tmp_path / "c.pt", net, "dtfd")
+    path = save_bag_classifier(tmp_path / "c.pt", net)
     again = load_bag_classifier(path)
     ds = ShiftedBags(6, 2)
     assert [r["probs"] for r in predict_bags(net, ds)] == [r["probs"] for r in predict_bags(again, ds)]
@@ -273,7 +288,8 @@ def test_predictions_csv_and_mlflow_tracking(tmp_path):
     assert all(r["pred_class"] == ["normal", "tumour"][int(r["pred"])] for r in rows)
     client = mlflow.MlflowClient(tracking_uri=sqlite_tracking_uri(tmp_path))
     data = client.get_run(run.run_id).data
-    assert data.params["aggregator"] == "abmil" and data.params["lr"] == "0.0002" and data.params["optimizer"] == "Adam"
+    assert data.params["aggregator"] == "abmil" and data.params["optimizer"] == "Adam"
+    assert data.params["optimizer.lr"] == "0.0002" and data.params["loss"] == "CrossEntropyLoss"
     history = client.get_metric_history(run.run_id, "val_auc")
     assert [m.step for m in history] == [1, 2, 3]
     assert data.metrics["best_val_auc"] == pytest.approx(result["best_metric"])
@@ -308,7 +324,7 @@ def test_standardisation_lets_the_bag_phase_learn_features_of_a_small_scale(tmp_
 
 def test_checkpoint_without_input_statistics_loads_as_identity(tmp_path):
     net = create_aggregator("abmil", 32, 2, **FAST)
-    save_bag_classifier(tmp_path / "old.pt", net, "abmil")
+    save_bag_classifier(tmp_path / "old.pt", net)
     ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
     del ckpt["state_dict"]["input_mean"], ckpt["state_dict"]["input_std"]  # as saved before standardisation
     torch.save(ckpt, tmp_path / "old.pt")
@@ -317,8 +333,6 @@ def test_checkpoint_without_input_statistics_loads_as_identity(tmp_path):
 
 
 def test_restarts_keep_the_best_validation_run_and_a_rerun_skips_finished_ones(tmp_path, monkeypatch):
-    import monai_icmil.engines.bag as bag
-
     train, val = ShiftedBags(12, 0), ShiftedBags(8, 1, shift=1.5)
     kw = dict(aggregator_kwargs=FAST, epochs=2, progress=False, device="cpu")
     result = train_bag_classifier(train, val, "abmil", tmp_path / "r", restarts=3, **kw)
@@ -338,11 +352,11 @@ def test_restarts_keep_the_best_validation_run_and_a_rerun_skips_finished_ones(t
     def must_not_train(*a, **k):
         raise AssertionError("a finished restart was trained again")
 
-    monkeypatch.setattr(bag, "train_bag_classifier_once", must_not_train)
-    again = bag.train_bag_classifier(train, val, "abmil", tmp_path / "r", restarts=3, **kw)
+    monkeypatch.setattr(BagPhase, "train_once", must_not_train)
+    again = train_bag_classifier(train, val, "abmil", tmp_path / "r", restarts=3, **kw)
     assert again["restart"] == result["restart"] and again["best_metric"] == result["best_metric"]
     with pytest.raises(AssertionError, match="trained again"):  # other settings: the records are not reused
-        bag.train_bag_classifier(train, val, "abmil", tmp_path / "r", restarts=3, **{**kw, "epochs": 3})
+        train_bag_classifier(train, val, "abmil", tmp_path / "r", restarts=3, **{**kw, "epochs": 3})
     with pytest.raises(ValueError, match="restarts must be >= 1"):
         train_bag_classifier(train, val, "abmil", tmp_path / "r", restarts=0, **kw)
 
@@ -363,10 +377,10 @@ def test_epoch_summaries_and_restart_choice_reach_the_configured_logging(tmp_pat
             progress=False,
             device="cpu",
         )
-    bag = [r.getMessage() for r in caplog.records if r.name == "monai_icmil.bag"]
+    bag = [r.getMessage() for r in caplog.records if r.name == "monai_icmil.bag_phase"]
     assert any("restart 2 of 2" in m for m in bag) and any("kept" in m for m in bag), bag
     assert sum("train_loss" in m for m in bag) >= 4, bag  # per epoch, both restarts
-    assert logging.getLogger("monai_icmil.bag").propagate
+    assert logging.getLogger("monai_icmil.bag_phase").propagate
 
 
 def test_restarts_log_every_curve_and_the_kept_one_under_the_plain_names(tmp_path):
@@ -392,3 +406,32 @@ def test_restarts_log_every_curve_and_the_kept_one_under_the_plain_names(tmp_pat
     chosen = [m.value for m in client.get_metric_history(run.run_id, f"restart_{result['restart']}.val_auc")]
     assert kept == chosen
     assert client.get_run(run.run_id).data.params["chosen_restart"] == str(result["restart"])
+
+
+def test_the_bag_phase_loss_comes_from_the_config(tmp_path):
+    """train.json's ``bag_phase#loss`` is the loss the phase trains with: a class-weighted one (an override) changes
+    the trained weights, while the same config twice gives the same weights. (One bag per step: a weighted *mean*
+    divides the weight out again, so class weights need ``reduction: "sum"``, as the bundle docs say.)"""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    from monai_icmil.networks import ABMIL
+
+    train_json = Path(__file__).resolve().parents[1] / "bundles" / "icmil" / "configs" / "train.json"
+    heads, phases = [], []
+    for k, weight in enumerate((None, None, "$torch.tensor([1.0, 10.0])")):
+        parser = ConfigParser()
+        parser.read_config(str(train_json))
+        parser.update({"bag_phase#epochs": 3, "bag_phase#restarts": 1, "progress": False, "device": "cpu"})
+        if weight is not None:
+            parser["bag_phase#loss#weight"] = weight
+            parser["bag_phase#loss#reduction"] = "sum"
+        phase = parser.get_parsed_content("bag_phase#phase")
+        factory = functools.partial(ABMIL, hidden_dim=16)
+        result = phase(ShiftedBags(10, 0), ShiftedBags(6, 1), factory, tmp_path / str(k))
+        heads.append(result["network"].head.weight.detach().clone())
+        phases.append(phase)
+    assert isinstance(phases[2].loss_function, torch.nn.CrossEntropyLoss)
+    assert torch.equal(phases[2].loss_function.weight, torch.tensor([1.0, 10.0]))
+    assert torch.equal(heads[0], heads[1]) and not torch.allclose(heads[0], heads[2])

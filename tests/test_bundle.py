@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from monai_icmil.engines.bag import load_bag_classifier
+from monai_icmil.engines.bag_phase import load_bag_classifier
 from monai_icmil.workflows import ICMILWorkflow, check_cli_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +35,9 @@ TINY = {
         "num_workers": 1,
     },
     "tiling#patch_size": 32,
-    "embedder": {"name": "resnet18_trunc", "input_size": 32},
-    "aggregator_kwargs": {"hidden_dim": 32},
+    "embedder#name": "resnet18_trunc",
+    "embedder#input_size": 32,
+    "aggregator#hidden_dim": 32,
     "bag_phase#epochs": 3,
     "embedder_phase#epochs": 1,
     "embedder_phase#batches_per_epoch": 3,
@@ -71,7 +72,7 @@ def _bundle(
     ]
     for k, v in overrides.items():
         cmd += [f"--{k}", str(v)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "2"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
 
 
@@ -91,6 +92,72 @@ def test_every_parameter_the_bundle_docs_list_is_in_the_configs_they_name():
             assert key in parser, f"{key} (bundle docs) is in none of train.json {named}"
 
 
+def test_network_def_is_the_untrained_bag_classifier_built_from_the_configs(tmp_path):
+    """The model zoo's ``network_def``: the bag classifier the configs declare (aggregator, the starting embedder's
+    feature dimension, the classes), built before any run and without touching data or outputs."""
+    from monai.bundle import ConfigParser
+
+    from monai_icmil.networks import ABMIL
+
+    nets = {}
+    for name, files in (("train", ["train.json"]), ("demo", ["train.json", "demo.json"])):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / f) for f in files])
+        parser.update(
+            {"bundle_root": str(BUNDLE), "dataset_dir": str(tmp_path / "d"), "output_dir": str(tmp_path / "o")}
+        )
+        nets[name] = parser.get_parsed_content("network_def")
+    assert isinstance(nets["train"], ABMIL) and (nets["train"].in_dim, nets["train"].hidden_dim) == (1024, 512)
+    assert (nets["demo"].in_dim, nets["demo"].hidden_dim, nets["demo"].num_classes) == (256, 128, 2)
+    assert nets["demo"](torch.randn(7, 256))["logits"].shape == (1, 2)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_config_file_swaps_in_an_aggregator_class_an_optimizer_and_a_handler(tmp_path):
+    """No edit to the package: a config file brings an aggregator class and a handler from a module of the user's
+    (tests/custom_components.py) and SGD for the bag phase; one coupled round runs and each of them was used."""
+    custom = tmp_path / "custom.json"
+    custom.write_text(
+        json.dumps(
+            {
+                "aggregator": {"_target_": "custom_components.MeanMaxMIL", "_mode_": "callable", "hidden_dim": 32},
+                "bag_phase#optimizer": {
+                    "_target_": "torch.optim.SGD",
+                    "_mode_": "callable",
+                    "lr": 0.01,
+                    "momentum": 0.9,
+                },
+                "bag_phase#handlers": [
+                    {"_target_": "custom_components.IterationCounter", "path": "$@output_dir + '/iterations.json'"}
+                ],
+            }
+        )
+    )
+    proc = _bundle(tmp_path, "run", str(custom), num_rounds=1, extra={"bag_phase#restarts": 2})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    for r in (0, 1):  # the bag classifiers are the user's class, and load again by its import path
+        assert torch.load(out / f"round_{r}" / "bag_phase" / "bag_classifier.pt")["aggregator"] == (
+            "custom_components.MeanMaxMIL"
+        )
+        assert type(load_bag_classifier(out / f"round_{r}" / "bag_phase" / "bag_classifier.pt")).__name__ == (
+            "MeanMaxMIL"
+        )
+    records = json.loads((out / "iterations.json").read_text())
+    assert len(records) == 4  # 2 rounds x 2 restarts: one handler object, attached to every bag-phase trainer
+    assert {(r["optimizer"], r["network"]) for r in records} == {("SGD", "MeanMaxMIL")}
+    assert records[-1]["total"] == sum(r["iterations"] for r in records) > 0
+    state = json.loads((out / "state.json").read_text())["rounds"]
+    assert state["1"]["embedder_phase"]["world_size"] == 1  # the user's aggregator taught the embedder phase
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("icmil").experiment_id])
+    bag = next(r for r in runs if r.info.run_name == "round_0/bag_phase")
+    assert bag.data.params["optimizer"] == "SGD" and bag.data.params["optimizer.momentum"] == "0.9"
+    assert bag.data.params["aggregator"] == "custom_components.MeanMaxMIL"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """train.json + demo.json + a test-sized override, 2 rounds, end to end."""
@@ -104,8 +171,8 @@ def trained(tmp_path_factory) -> Path:
 def test_train_bundle_runs_two_rounds_end_to_end(trained):
     out = trained / "out"
     for r in (0, 1, 2):
-        assert (out / f"round_{r}" / "bag" / "bag_classifier.pt").is_file()
-        assert (out / f"round_{r}" / "bag" / "predictions_val.csv").is_file()
+        assert (out / f"round_{r}" / "bag_phase" / "bag_classifier.pt").is_file()
+        assert (out / f"round_{r}" / "bag_phase" / "predictions_val.csv").is_file()
         assert (out / f"round_{r}" / "test" / "predictions.csv").is_file()
         assert (out / f"round_{r}" / "test" / "roc.png").is_file()
         assert len(list((out / f"round_{r}" / "features").glob("*.safetensors"))) == 14
@@ -134,11 +201,11 @@ def test_train_bundle_runs_two_rounds_end_to_end(trained):
     assert len(fps) == 3
     # train.json's bag phase: 3 restarts on standardised features, the best by validation AUC is the round's
     for r in ("0", "1", "2"):
-        bag = state["rounds"][r]["bag"]
-        restarts = json.loads((out / f"round_{r}" / "bag" / "restarts.json").read_text())
+        bag = state["rounds"][r]["bag_phase"]
+        restarts = json.loads((out / f"round_{r}" / "bag_phase" / "restarts.json").read_text())
         assert len(bag["restarts_val"]) == 3 and restarts["chosen"] == bag["restart"]
         assert bag["val"]["auc"] == pytest.approx(max(bag["restarts_val"]))
-    net = load_bag_classifier(out / "round_0" / "bag" / "bag_classifier.pt")
+    net = load_bag_classifier(out / "round_0" / "bag_phase" / "bag_classifier.pt")
     assert not torch.equal(net.input_std, torch.ones_like(net.input_std))
 
 
@@ -157,7 +224,7 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
         rr = by_name[f"round_{r}"]
         assert rr.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert "test_auc" in rr.data.metrics and "val_auc_after" in rr.data.metrics
-        bag = by_name[f"round_{r}/bag"]
+        bag = by_name[f"round_{r}/bag_phase"]
         assert bag.data.tags["mlflow.parentRunId"] == rr.info.run_id
         assert len(client.get_metric_history(bag.info.run_id, "val_auc")) >= 1
         assert by_name[f"round_{r}/embed"].data.metrics["patches"] > 0
@@ -171,17 +238,17 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
 
 
 def test_rerun_after_round_one_bag_phase_does_not_redo_finished_phases(tmp_path):
-    first = _bundle(tmp_path, "train_bag", num_rounds=2, round=1)  # stops after round 1's bag phase
+    first = _bundle(tmp_path, "bag_phase#run", num_rounds=2, round=1)  # stops after round 1's bag phase
     assert first.returncode == 0, first.stderr[-4000:]
     out = tmp_path / "out"
     state = json.loads((out / "state.json").read_text())
-    assert set(state["rounds"]) == {"0", "1"} and "bag" in state["rounds"]["1"]
+    assert set(state["rounds"]) == {"0", "1"} and "bag_phase" in state["rounds"]["1"]
     before = {p: p.stat().st_mtime_ns for p in out.glob("round_*/**/*") if p.is_file()}
     second = _bundle(tmp_path, "run", num_rounds=2)
     assert second.returncode == 0, second.stderr[-4000:]
     after = json.loads((out / "state.json").read_text())
     assert after["rounds"]["0"] == state["rounds"]["0"] and after["rounds"]["1"] == state["rounds"]["1"]
-    assert "bag" in after["rounds"]["2"]
+    assert "bag_phase" in after["rounds"]["2"]
     rewritten = [str(p.relative_to(out)) for p, t in before.items() if p.stat().st_mtime_ns != t]
     assert rewritten == []  # nothing of rounds 0-1 was rewritten
 
@@ -325,7 +392,7 @@ def test_verify_metadata_and_ckpt_export_of_the_final_bag_classifier(trained, tm
     )
     assert verify.returncode == 0 and "metadata is verified with no error" in verify.stdout + verify.stderr
     final = json.loads((trained / "out" / "summary.json").read_text())["final_round"]
-    ckpt = trained / "out" / f"round_{final}" / "bag" / "bag_classifier.pt"
+    ckpt = trained / "out" / f"round_{final}" / "bag_phase" / "bag_classifier.pt"
     tiny = tmp_path / "tiny.json"
     tiny.write_text(json.dumps(TINY))
     files = [str(CONFIGS / "train.json"), str(CONFIGS / "demo.json"), str(tiny)]
@@ -368,7 +435,7 @@ def test_verify_metadata_and_ckpt_export_of_the_final_bag_classifier(trained, tm
     assert export.returncode == 0, export.stderr[-4000:]
     import torch
 
-    from monai_icmil.engines.bag import load_bag_classifier
+    from monai_icmil.engines.bag_phase import load_bag_classifier
 
     scripted = torch.jit.load(str(ts))
     feats = torch.randn(20, 256)
@@ -402,15 +469,17 @@ def test_missing_dataset_dir_is_a_clear_error(tmp_path):
         ICMILWorkflow(dataset_dir=str(tmp_path / "nowhere"), output_dir=str(tmp_path / "out"))
 
 
-def test_a_misspelt_embedding_setting_is_refused_by_name(synthetic_dataset, tmp_path):
-    """One list of embedding settings serves the workflow and inference; a key outside it is an error, not ignored."""
-    from monai_icmil.engines.embedding import EMBED_DEFAULTS, embed_settings
+def test_a_misspelt_setting_is_refused_by_name(tmp_path):
+    """A setting outside a phase's list is an error, not ignored: on the command line (before any work), and in Python
+    (the phase component's own arguments)."""
+    from monai_icmil.engines import Embed
 
-    with pytest.raises(ValueError, match=r"unknown embedding setting\(s\) \['prefetch_thread'\]"):
-        ICMILWorkflow(
-            dataset_dir=str(synthetic_dataset.parent), output_dir=str(tmp_path / "out"), embed={"prefetch_thread": 4}
-        )
-    assert embed_settings({"prefetch_threads": 4}) == {**EMBED_DEFAULTS, "prefetch_threads": 4}
+    proc = _bundle(tmp_path, "run", **{"embed#prefetch_thread": 4})
+    assert proc.returncode != 0 and "unknown id(s): --embed#prefetch_thread" in proc.stderr
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(TypeError, match="prefetch_thread"):
+        Embed(prefetch_thread=4)
+    assert Embed(prefetch_threads=4).prefetch_threads == 4
 
 
 def test_datalist_without_validation_gets_a_recorded_reproducible_split(synthetic_dataset, tmp_path):
@@ -428,14 +497,14 @@ def test_datalist_without_validation_gets_a_recorded_reproducible_split(syntheti
             mlflow={"enabled": False},
         )
         with pytest.warns(UserWarning, match="no validation split.*held out.*validation_split.json"):
-            items = wf.items()
+            items = wf.splits.items()
         splits.append(sorted(e["slide_id"] for e in items["validation"]))
     assert splits[0] == splits[1] and len(splits[0]) == 2
     assert {
         e["label"]
         for e in ICMILWorkflow(
             dataset_dir=str(synthetic_dataset.parent), output_dir=str(tmp_path / "out"), datalist=path.name
-        ).items()["validation"]
+        ).splits.items()["validation"]
     } == {0, 1}
     assert json.loads((tmp_path / "out" / "validation_split.json").read_text())["validation"] == splits[0]
 
@@ -490,7 +559,7 @@ def test_two_cpu_ranks_under_torchrun_match_one_process(trained, tmp_path):
     assert multi["1"]["embedder_phase"]["world_size"] == 2  # the embedder phase trained with DDP on both ranks
     assert single["1"]["embedder_phase"]["world_size"] == 1
     for r in ("0", "1"):
-        assert multi[r]["bag"]["val"]["auc"] == pytest.approx(single[r]["bag"]["val"]["auc"])
+        assert multi[r]["bag_phase"]["val"]["auc"] == pytest.approx(single[r]["bag_phase"]["val"]["auc"])
         assert multi[r]["test"]["metrics"]["auc"] == pytest.approx(single[r]["test"]["metrics"]["auc"])
 
 
@@ -532,7 +601,7 @@ def test_pretrain_json_makes_the_round_0_embedder(tmp_path):
         "pretrain#num_workers": 0,
         "pretrain#read_threads": 1,
     }
-    proc = _bundle(tmp_path, "pretrain_embedder", str(CONFIGS / "pretrain.json"), extra=extra)
+    proc = _bundle(tmp_path, "pretrain#run", str(CONFIGS / "pretrain.json"), extra=extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     pretrained = create_embedder(None, weights=out / "pretrain" / "embedder.safetensors")  # the embedder factory
@@ -544,9 +613,9 @@ def test_pretrain_json_makes_the_round_0_embedder(tmp_path):
     assert not (out / "pretrain" / "resume").exists()
 
     torch.manual_seed(0)  # the bundle's random-init starting embedder (seed 0), which pre-training started from
-    random_init = create_embedder(TINY["embedder"]["name"], input_size=TINY["embedder"]["input_size"])
+    random_init = create_embedder(TINY["embedder#name"], input_size=TINY["embedder#input_size"])
     assert random_init.fingerprint() != pretrained.fingerprint()
-    slides = [_pure_patches(seed, TINY["embedder"]["input_size"]) for seed in (101, 102, 103, 104, 105, 106)]
+    slides = [_pure_patches(seed, TINY["embedder#input_size"]) for seed in (101, 102, 103, 104, 105, 106)]
     y = np.concatenate([labels for _, labels in slides])
     group = np.concatenate([np.full(len(labels), k) for k, (_, labels) in enumerate(slides)])
     aucs = {}
@@ -556,7 +625,7 @@ def test_pretrain_json_makes_the_round_0_embedder(tmp_path):
         aucs[name] = [linear_probe_auc(feats, y, train_mask=np.isin(group, fit)) for fit in ((0, 2, 4), (1, 3, 5))]
     assert all(p > r + 0.01 for p, r in zip(aucs["pretrained"], aucs["random"])), aucs
 
-    proc = _bundle(tmp_path, "embed", str(CONFIGS / "pretrain.json"), extra=extra)
+    proc = _bundle(tmp_path, "embed#run", str(CONFIGS / "pretrain.json"), extra=extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state = json.loads((out / "state.json").read_text())
     assert state["rounds"]["0"]["embed"]["fingerprint"] == pretrained.fingerprint()  # round 0 uses it, not random

@@ -64,15 +64,13 @@ def test_paper_recipe_override_resolves_on_top_of_train_json(tmp_path):
     parser["dataset_dir"] = str(tmp_path)
     tiling = parser.get_parsed_content("tiling")
     assert tiling["level"] == 1 and tiling["patch_size"] == 256 and tiling["mpp"] is None
-    assert parser.get_parsed_content("embedder") == {
-        "name": "resnet50_trunc",
-        "weights": "/bundle/models/resnet50_imagenet.pth",
-    }
-    assert parser.get_parsed_content("aggregator") == "abmil"
-    assert (
-        parser.get_parsed_content("embedder_phase")["lr"] == 1e-5
-        and parser.get_parsed_content("bag_phase")["lr"] == 2e-4
-    )
+    embedder = parser.get_parsed_content("embedder")  # the starting embedder's factory
+    assert embedder.keywords == {"name": "resnet50_trunc", "weights": "/bundle/models/resnet50_imagenet.pth"}
+    assert parser.get_parsed_content("aggregator").func.__name__ == "ABMIL"
+    assert parser.get_parsed_content("embedder_phase#optimizer").keywords["lr"] == 1e-5
+    assert parser.get_parsed_content("bag_phase#optimizer").keywords["lr"] == 2e-4
+    schedule = parser.get_parsed_content("bag_phase#lr_scheduler")  # the paper's step schedule: x0.2 at half
+    assert schedule.func.__name__ == "StepLR" and schedule.keywords == {"step_size": 100, "gamma": 0.2}
     _fake_tree(tmp_path)
     path = parser.get_parsed_content("build_datalist")  # the run id that builds the datalist
     assert Path(path) == tmp_path / "datalist.json" and len(json.loads(Path(path).read_text())["test"]) == 4

@@ -36,7 +36,7 @@ def uninterrupted(synthetic_dataset, tmp_path_factory) -> Path:
 def _final(out: Path) -> dict:
     rounds = json.loads((out / "state.json").read_text())["rounds"]
     return {
-        r: {"val": s["bag"]["val"], "test": s["test"]["metrics"], "fingerprint": s["embed"]["fingerprint"]}
+        r: {"val": s["bag_phase"]["val"], "test": s["test"]["metrics"], "fingerprint": s["embed"]["fingerprint"]}
         for r, s in rounds.items()
     }
 
@@ -46,11 +46,11 @@ def _final(out: Path) -> dict:
     [
         ("embed:3", None),  # while the third slide's features of round 0 are written
         (
-            "bag:10",
-            "round_0/bag/resume/resume_checkpoint_8.pt (iteration 8)",
+            "bag_phase:10",
+            "round_0/bag_phase/resume/resume_checkpoint_8.pt (iteration 8)",
         ),  # round 0's bag phase, in its third epoch
         (
-            "couple:7",
+            "embedder_phase:7",
             "round_1/embedder_phase/resume/resume_checkpoint_6.pt (iteration 6)",
         ),  # round 1's embedder phase, inside its second epoch
     ],
@@ -69,7 +69,7 @@ def test_kill_9_then_rerun_ends_as_the_uninterrupted_run(kill, resumed, uninterr
         assert json.loads((out / "state.json").read_text())["rounds"]["0"]["embed"]["skipped"] == 2
     assert _final(out) == _final(uninterrupted)
     for r in (0, 1):
-        want = torch.load(uninterrupted / f"round_{r}/bag/bag_classifier.pt", weights_only=True)["state_dict"]
-        got = torch.load(out / f"round_{r}/bag/bag_classifier.pt", weights_only=True)["state_dict"]
+        want = torch.load(uninterrupted / f"round_{r}/bag_phase/bag_classifier.pt", weights_only=True)["state_dict"]
+        got = torch.load(out / f"round_{r}/bag_phase/bag_classifier.pt", weights_only=True)["state_dict"]
         assert all(torch.equal(want[k], got[k]) for k in want)
     assert not list(out.rglob("resume_checkpoint_*.pt"))  # finished phases leave no resume checkpoint

@@ -18,12 +18,18 @@ from monai_icmil.data.prepare import prepare_coords
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.store import BagDataset, CoordsStore, FeatureStore, feature_key
 from monai_icmil.data.tiling import TilingConfig
-from monai_icmil.engines import embed_slides
-from monai_icmil.engines import embedding as embedding_module
+from monai_icmil.engines import Embed
+from monai_icmil.engines import embed as embedding_module
 from monai_icmil.networks import EmbedderWeightsError, create_embedder
 
 TILING = TilingConfig(patch_size=48, mpp=1.0)
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def embed_slides(slides, embedder, store, tiling_params, **kw):
+    """The embed phase configured with ``kw``'s settings (the rest are the call's), run on ``slides``."""
+    call = {k: kw.pop(k) for k in ("device", "report", "backend", "meta", "stain_normalize") if k in kw}
+    return Embed(**kw)(slides, embedder, store, tiling_params, **call)
 
 
 @pytest.fixture(scope="module")

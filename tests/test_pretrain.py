@@ -14,8 +14,15 @@ from monai_icmil.data import load_datalist
 from monai_icmil.data.prepare import prepare_coords
 from monai_icmil.data.store import CoordsStore
 from monai_icmil.data.tiling import TilingConfig
-from monai_icmil.engines.pretrain import TwoViewBatches, nt_xent_loss
+from monai_icmil.engines.pretrain import PretrainTrainer, SimCLRModel, TwoViewBatches, contrastive_views, nt_xent_loss
 from monai_icmil.metrics import linear_probe_auc
+from monai_icmil.networks import create_embedder
+
+
+def _step(model: SimCLRModel, optimizer: torch.optim.Optimizer, views, batch: dict) -> float:
+    """One pre-training iteration of the phase's engine on ``batch`` (CPU, fp32)."""
+    trainer = PretrainTrainer(torch.device("cpu"), 1, 1, [batch], model, optimizer, views, 0.2, channels_last=False)
+    return trainer._iteration(trainer, batch)["loss"]
 
 
 def test_nt_xent_prefers_matching_views():
@@ -30,8 +37,8 @@ def test_nt_xent_prefers_matching_views():
 def test_two_views_are_reproducible_and_differ(synthetic_dataset, tmp_path):
     dl = load_datalist(synthetic_dataset)
     slides = prepare_coords(dl["training"], TilingConfig(patch_size=32, mpp=1.0), CoordsStore(tmp_path), progress=False)
-    a = TwoViewBatches(list(slides.values()), 8, 2, 3, hed_jitter=0.2)
-    b = TwoViewBatches(list(slides.values()), 8, 2, 3, hed_jitter=0.2)
+    a = TwoViewBatches(list(slides.values()), contrastive_views(32, hed_jitter=0.2), 8, 2, 3)
+    b = TwoViewBatches(list(slides.values()), contrastive_views(32, hed_jitter=0.2), 8, 2, 3)
     x, y = a[1], b[1]
     torch.testing.assert_close(x["view1"], y["view1"])
     assert x["view1"].shape == (8, 3, 32, 32) and not torch.allclose(x["view1"], x["view2"])
@@ -40,30 +47,18 @@ def test_two_views_are_reproducible_and_differ(synthetic_dataset, tmp_path):
 def test_the_pretraining_step_makes_the_same_views_from_their_parameters(synthetic_dataset, tmp_path):
     """With ``views_in_worker=False`` the step makes both views on its device; the loss is the one of the worker's
     views."""
-    from types import SimpleNamespace
-
-    from monai_icmil.engines.pretrain import SimCLRModel, pretrain_step
-    from monai_icmil.networks import create_embedder
-
     dl = load_datalist(synthetic_dataset)
     slides = prepare_coords(dl["training"], TilingConfig(patch_size=32, mpp=1.0), CoordsStore(tmp_path), progress=False)
-    kw = dict(hed_jitter=0.2, blur=1.0)
-    in_worker = TwoViewBatches(list(slides.values()), 16, 1, 0, **kw)
-    on_device = TwoViewBatches(list(slides.values()), 16, 1, 0, views_in_worker=False, **kw)
+    views = contrastive_views(32, hed_jitter=0.2, blur=1.0)
+    in_worker = TwoViewBatches(list(slides.values()), views, 16, 1, 0)
+    on_device = TwoViewBatches(list(slides.values()), views, 16, 1, 0, views_in_worker=False)
     a, b = in_worker[0], on_device[0]
     assert set(b) == {"plain", "params1", "params2"}
     losses = []
     for batch in (a, b):
         torch.manual_seed(0)
         model = SimCLRModel(create_embedder("resnet18_trunc", input_size=32))
-        cfg = {"device": torch.device("cpu"), "amp": False, "channels_last": False, "temperature": 0.2}
-        engine = SimpleNamespace(
-            network=model,
-            optimizer=torch.optim.AdamW(model.parameters(), lr=0.0),
-            pretrain_cfg={**cfg, "views": on_device.views},
-            state=SimpleNamespace(iteration=0),
-        )
-        losses.append(pretrain_step(engine, batch)["loss"])
+        losses.append(_step(model, torch.optim.AdamW(model.parameters(), lr=0.0), on_device.views, batch))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
@@ -82,23 +77,14 @@ def test_linear_probe_auc_finds_a_linear_signal_and_not_noise():
 
 def test_simclr_steps_learn_the_contrastive_task_on_a_fixed_batch(synthetic_dataset, tmp_path):
     """Repeated steps on one batch of two views lower the NT-Xent loss: gradients reach embedder and projector."""
-    from types import SimpleNamespace
-
-    from monai_icmil.engines.pretrain import SimCLRModel, pretrain_step
-    from monai_icmil.networks import create_embedder
-
     dl = load_datalist(synthetic_dataset)
     slides = prepare_coords(dl["training"], TilingConfig(patch_size=32, mpp=1.0), CoordsStore(tmp_path), progress=False)
-    batch = TwoViewBatches(list(slides.values()), 32, 1, 0, hed_jitter=0.2)[0]
+    views = contrastive_views(32, hed_jitter=0.2)
+    batch = TwoViewBatches(list(slides.values()), views, 32, 1, 0)[0]
     torch.manual_seed(0)
     model = SimCLRModel(create_embedder("resnet18_trunc", input_size=32))
     before = {k: v.clone() for k, v in model.embedder.state_dict().items()}
-    engine = SimpleNamespace(
-        network=model,
-        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-        pretrain_cfg={"device": torch.device("cpu"), "amp": False, "channels_last": False, "temperature": 0.2},
-        state=SimpleNamespace(iteration=0),
-    )
-    losses = [pretrain_step(engine, batch)["loss"] for _ in range(8)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = [_step(model, optimizer, views, batch) for _ in range(8)]
     assert losses[-1] < 0.7 * losses[0], losses
     assert any(not torch.equal(before[k], v) for k, v in model.embedder.state_dict().items())

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import shutil
 
@@ -13,14 +14,17 @@ import pytest
 import torch
 
 from monai_icmil.data.store import FeatureStore
+from monai_icmil.data.tiling import TilingConfig
+from monai_icmil.engines import BagPhase, Embed
+from monai_icmil.networks import ABMIL
 from monai_icmil.workflows import ICMILWorkflow
 
 TINY = dict(
-    tiling={"patch_size": 32, "mpp": 1.0},
+    tiling=TilingConfig(patch_size=32, mpp=1.0),
     embedder={"name": "resnet18_trunc", "input_size": 32},
-    aggregator_kwargs={"hidden_dim": 32},
-    embed={"batch_size": 64, "num_workers": 0},
-    bag={"epochs": 2},
+    aggregator=functools.partial(ABMIL, hidden_dim=32),
+    embed=Embed(batch_size=64, num_workers=0, progress=False),
+    bag_phase=BagPhase(epochs=2, device="cpu", progress=False),
     num_rounds=0,
     progress=False,
     mlflow={"enabled": False},
@@ -117,5 +121,5 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(synthetic_dataset, t
         wf = ICMILWorkflow(dataset_dir=str(synthetic_dataset.parent), output_dir=str(tmp_path / name), seed=11, **TINY)
         wf.run()
         state = json.loads((tmp_path / name / "state.json").read_text())["rounds"]["0"]
-        results.append((state["bag"]["val"], state["test"]["metrics"], state["embed"]["fingerprint"]))
+        results.append((state["bag_phase"]["val"], state["test"]["metrics"], state["embed"]["fingerprint"]))
     assert results[0] == results[1]

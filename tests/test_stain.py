@@ -77,20 +77,35 @@ def test_stain_normalisation_is_part_of_the_feature_key(cmu_slide):
 
 
 def test_a_run_with_stain_normalisation_and_hed_views(synthetic_dataset, tmp_path):
+    import functools
     import json
 
     from monai_icmil.data.store import FeatureStore
+    from monai_icmil.data.tiling import TilingConfig
+    from monai_icmil.engines import BagPhase, Embed, EmbedderPhase
+    from monai_icmil.networks import ABMIL
+    from monai_icmil.transforms import BatchRandomViews
     from monai_icmil.workflows import ICMILWorkflow
 
+    embedder_phase = EmbedderPhase(
+        views=BatchRandomViews(32, hed_jitter=0.05),
+        epochs=1,
+        batches_per_epoch=2,
+        batch_size=8,
+        val_patches=16,
+        num_workers=1,
+        device="cpu",
+        progress=False,
+    )
     wf = ICMILWorkflow(
         dataset_dir=str(synthetic_dataset.parent),
         output_dir=str(tmp_path / "out"),
-        tiling={"patch_size": 32, "mpp": 1.0},
+        tiling=TilingConfig(patch_size=32, mpp=1.0),
         embedder={"name": "resnet18_trunc", "input_size": 32},
-        aggregator_kwargs={"hidden_dim": 32},
-        embed={"batch_size": 64, "num_workers": 1},
-        bag={"epochs": 2},
-        couple={"epochs": 1, "batches_per_epoch": 2, "batch_size": 8, "val_patches": 16, "num_workers": 1},
+        aggregator=functools.partial(ABMIL, hidden_dim=32),
+        embed=Embed(batch_size=64, num_workers=1, progress=False),
+        bag_phase=BagPhase(epochs=2, device="cpu", progress=False),
+        embedder_phase=embedder_phase,
         num_rounds=1,
         round_patience=2,
         stain_normalize=True,
@@ -98,7 +113,6 @@ def test_a_run_with_stain_normalisation_and_hed_views(synthetic_dataset, tmp_pat
         mlflow={"enabled": False},
         device="cpu",
     )
-    wf.couple_cfg["hed_jitter"] = 0.05
     wf.run()
     state = json.loads((tmp_path / "out" / "state.json").read_text())["rounds"]
     assert state["1"]["embed"]["written"] == 8 and state["1"]["test"]["slides"] == 2

@@ -110,11 +110,28 @@ def load_datalist(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"datalist '{path}' does not exist.")
-    root = Path(data_root) if data_root is not None else path.parent
-    root = root.resolve()
+    root = (Path(data_root) if data_root is not None else path.parent).resolve()
     rows, errors = _read_rows(path, splits)
+    label_index = _label_index(rows, labels, errors)
+    seen: dict[str, str] = {}
+    out: dict[str, list[dict[str, Any]]] = {s: [] for s in splits}
+    for split, i, entry in rows:
+        where = f"{split}[{i}]" if path.suffix.lower() != ".csv" else f"row {i}"
+        item = _check_entry(
+            entry, where, root, split, label_index, seen, errors, check_files, allow_outside_root, require_labels
+        )
+        if item is not None:
+            out.setdefault(split, []).append(item)
+    if errors:
+        raise DatalistError(str(path), errors)
+    _unique_slide_ids(out)
+    return out
 
-    # labels: one type, known values
+
+def _label_index(
+    rows: Sequence[tuple[str, int, dict[str, Any]]], labels: Sequence[Any] | None, errors: list[str]
+) -> dict[Any, int] | None:
+    """Labels of one type and the map from their values to class indices (``None``: integer labels as they are)."""
     present = [e["label"] for _, _, e in rows if "label" in e and e["label"] is not None]
     types = {type(v).__name__ for v in present}
     if len(types) > 1:
@@ -123,60 +140,71 @@ def load_datalist(
             f"labels have mixed types ({', '.join(f'{t} e.g. {examples[t]!r}' for t in sorted(types))}); use one"
         )
     if labels is not None:
-        label_index = {lab: i for i, lab in enumerate(labels)}
-    elif present and all(isinstance(v, str) for v in present):
-        label_index = {lab: i for i, lab in enumerate(sorted(set(present)))}
-    else:
-        label_index = None
+        return {lab: i for i, lab in enumerate(labels)}
+    if present and all(isinstance(v, str) for v in present):
+        return {lab: i for i, lab in enumerate(sorted(set(present)))}
+    return None
 
-    seen: dict[str, str] = {}
-    out: dict[str, list[dict[str, Any]]] = {s: [] for s in splits}
-    for split, i, entry in rows:
-        where = f"{split}[{i}]" if path.suffix.lower() != ".csv" else f"row {i}"
-        image = entry.get("image")
-        if not image or not isinstance(image, str):
-            errors.append(f"{where}: missing 'image' (the slide path)")
-            continue
-        where = f"{where} ({image})"
-        p = Path(image)
-        full = (p if p.is_absolute() else root / p).resolve()
-        if not allow_outside_root and not full.is_relative_to(root):
-            errors.append(f"{where}: path leaves the data root '{root}' (pass allow_outside_root=True to allow it)")
-            continue
-        if check_files and not full.is_file():
-            errors.append(f"{where}: file not found at '{full}'")
-        key = str(full)
-        if key in seen:
-            errors.append(f"{where}: duplicate slide, already listed at {seen[key]}")
-        else:
-            seen[key] = where
-        label = entry.get("label")
-        if label is None:
-            if split in require_labels:
-                errors.append(f"{where}: missing label")
-        elif label_index is not None:
-            if label not in label_index:
-                errors.append(f"{where}: unknown label {label!r} (known: {list(label_index)})")
-            else:
-                label = label_index[label]
-        elif not isinstance(label, int) or isinstance(label, bool) or label < 0:
-            errors.append(f"{where}: label {label!r} must be a non-negative integer class index")
-        item = dict(entry)
-        item["image"] = str(full)
-        item["label"] = label
-        item.setdefault("slide_id", Path(image).stem if "slide_id" not in entry else entry["slide_id"])
-        for extra_key in ("tumour_mask",):
-            if isinstance(item.get(extra_key), str) and not Path(item[extra_key]).is_absolute():
-                item[extra_key] = str((root / item[extra_key]).resolve())
-        out.setdefault(split, []).append(item)
-    if errors:
-        raise DatalistError(str(path), errors)
-    # slide ids must be unique too: they name the per-slide files of the feature store
+
+def _check_entry(
+    entry: dict[str, Any],
+    where: str,
+    root: Path,
+    split: str,
+    label_index: dict[Any, int] | None,
+    seen: dict[str, str],
+    errors: list[str],
+    check_files: bool,
+    allow_outside_root: bool,
+    require_labels: Sequence[str],
+) -> dict[str, Any] | None:
+    """One entry with an absolute path, a class index and a slide id; its problems go to ``errors``."""
+    image = entry.get("image")
+    if not image or not isinstance(image, str):
+        errors.append(f"{where}: missing 'image' (the slide path)")
+        return None
+    where = f"{where} ({image})"
+    p = Path(image)
+    full = (p if p.is_absolute() else root / p).resolve()
+    if not allow_outside_root and not full.is_relative_to(root):
+        errors.append(f"{where}: path leaves the data root '{root}' (pass allow_outside_root=True to allow it)")
+        return None
+    if check_files and not full.is_file():
+        errors.append(f"{where}: file not found at '{full}'")
+    if str(full) in seen:
+        errors.append(f"{where}: duplicate slide, already listed at {seen[str(full)]}")
+    else:
+        seen[str(full)] = where
+    label = entry.get("label")
+    if label is None and split in require_labels:
+        errors.append(f"{where}: missing label")
+    item = dict(entry)
+    item["image"] = str(full)
+    item["label"] = _class_index(label, where, label_index, errors) if label is not None else None
+    item.setdefault("slide_id", Path(image).stem)
+    for extra_key in ("tumour_mask",):
+        if isinstance(item.get(extra_key), str) and not Path(item[extra_key]).is_absolute():
+            item[extra_key] = str((root / item[extra_key]).resolve())
+    return item
+
+
+def _class_index(label: Any, where: str, label_index: dict[Any, int] | None, errors: list[str]) -> Any:
+    if label_index is not None:
+        if label not in label_index:
+            errors.append(f"{where}: unknown label {label!r} (known: {list(label_index)})")
+            return label
+        return label_index[label]
+    if not isinstance(label, int) or isinstance(label, bool) or label < 0:
+        errors.append(f"{where}: label {label!r} must be a non-negative integer class index")
+    return label
+
+
+def _unique_slide_ids(out: dict[str, list[dict[str, Any]]]) -> None:
+    """Slide ids must be unique too: they name the per-slide files of the feature store."""
     ids: dict[str, str] = {}
-    for split, items in out.items():
+    for items in out.values():
         for item in items:
             sid = item["slide_id"]
             if sid in ids and ids[sid] != item["image"]:
                 item["slide_id"] = f"{sid}-{stable_hash(item['image'], 8)}"
             ids[item["slide_id"]] = item["image"]
-    return out

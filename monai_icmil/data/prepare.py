@@ -1,24 +1,31 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""The prepare step: tissue mask and grid coordinates of every slide, kept in a :class:`CoordsStore`."""
+"""The prepare step: tissue mask and grid coordinates of every slide, kept in a :class:`CoordsStore`.
+
+Each slide goes through a dictionary transform, by default a MONAI ``Compose`` of our own
+:class:`~monai_icmil.transforms.TissueMaskd` and :class:`~monai_icmil.transforms.GridPatchCoordsd` (the bundle's
+``prepare#transforms``; :class:`~monai_icmil.data.tiling.TilingConfig` is the same pair as one object), so a transform
+added to that ``Compose`` (a pen-mark filter, another tissue detector) shapes the grid every later phase uses. The
+coordinates are stored under a key made of the slide's identity and the transforms' configuration
+(:func:`tiling_signature`): changing either tiles the slide again.
+"""
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import get_slide
 from monai_icmil.data.store import CoordsStore, coords_key
-from monai_icmil.data.tiling import TilingConfig
+from monai_icmil.utils import component_signature
 
-__all__ = ["prepare_coords", "SlideTiles"]
+__all__ = ["prepare_coords", "SlideTiles", "tiling_signature"]
 
 
 def _save_qc(path: Path, reader: Any, sid: str, coords: np.ndarray, meta: Mapping[str, Any]) -> None:
@@ -69,14 +76,57 @@ class SlideTiles(dict):
     """One slide's tiles: ``slide_id``, ``image``, ``coords`` ``[N, 2]``, ``level``, ``read_size``, ``patch_size``."""
 
 
+def tiling_signature(transforms: Any) -> dict[str, Any]:
+    """The configuration of a tiling transform as a dict (part of the coordinate and feature stores' keys)."""
+    return {"transforms": component_signature(transforms)}
+
+
+def _tile(transforms: Callable[[dict], Mapping[str, Any]], sid: str, path: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Run the tiling transforms on one slide: its coordinates and the metadata the store keeps with them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an empty slide is reported once, by prepare_coords
+        d = transforms({"image": path, "slide_id": sid})
+    if "coords" not in d or "tiling" not in d:
+        raise KeyError(
+            "the tiling transforms must put 'coords' and 'tiling' in the data (end them with GridPatchCoordsd)"
+        )
+    tiling = d["tiling"]
+    coords = np.asarray(d["coords"], np.int64).reshape(-1, 2)
+    meta = {
+        "level": int(tiling["level"]),
+        "read_size": int(tiling["read_size"]),
+        "patch_size": int(tiling["patch_size"]),
+        "mpp": tiling.get("effective_mpp"),
+        "footprint": float(tiling["footprint"]),
+        "num_patches": len(coords),
+    }
+    fraction = d.get("tissue_fraction")
+    fraction = np.ones(len(coords), np.float32) if fraction is None else np.asarray(fraction, np.float32)
+    return coords, {"meta": meta, "tissue_fraction": fraction}
+
+
+def _load_or_tile(
+    item: Mapping[str, Any], transforms: Any, store: CoordsStore, backend: str, signature: Mapping[str, Any]
+) -> tuple[Any, np.ndarray, dict[str, Any], bool]:
+    """``(reader, coords, meta, tiled now)`` of one slide: its current coordinates from the store, or tiled."""
+    sid, path = item["slide_id"], item["image"]
+    reader = get_slide(path, backend)  # a missing or unreadable slide fails here, with its name
+    key = coords_key(path, signature)
+    arrays = store.load(sid, key)
+    if arrays is not None:
+        return reader, arrays["coords"].numpy(), store.metadata(sid), False
+    coords, out = _tile(transforms, sid, path)
+    store.save(sid, {"coords": coords, "tissue_fraction": out["tissue_fraction"]}, key, out["meta"])
+    return reader, coords, out["meta"], True
+
+
 def prepare_coords(
     items: Sequence[Mapping[str, Any]],
-    tiling: TilingConfig,
+    transforms: Callable[[dict], Mapping[str, Any]],
     store: CoordsStore,
     report: RunReport | None = None,
     on_slide_error: str = "skip",
     backend: str = "auto",
-    device: str | torch.device | None = "auto",
     progress: bool = True,
     qc_dir: str | os.PathLike | None = None,
 ) -> dict[str, SlideTiles]:
@@ -84,12 +134,14 @@ def prepare_coords(
 
     Args:
         items: datalist entries with ``slide_id`` and ``image``.
-        tiling: the tiling configuration.
+        transforms: a dictionary transform called with ``{"image": path, "slide_id": id}`` that adds ``"coords"``
+            (``[N, 2]`` level-0 x, y) and ``"tiling"`` (level, read_size, patch_size, effective_mpp, footprint), e.g.
+            ``Compose([TissueMaskd(...), GridPatchCoordsd(...)])`` or a :class:`~monai_icmil.data.tiling
+            .TilingConfig`.
         store: where coordinates are kept; a slide whose stored key matches is not tiled again.
         report: failures and empty slides are recorded here.
         on_slide_error: ``"skip"`` records a failing slide and goes on; ``"raise"`` stops at it.
-        backend: slide backend.
-        device: tissue-mask device.
+        backend: slide backend (opening each slide, QC thumbnails).
         progress: show a progress bar.
         qc_dir: when given, a QC image per slide, ``<qc_dir>/<slide_id>.jpg``: the thumbnail with the patches' area
             tinted and outlined (:func:`~monai_icmil.visualize.save_tiling_qc`), made when the slide is tiled or
@@ -104,37 +156,13 @@ def prepare_coords(
     """
     if on_slide_error not in ("skip", "raise"):
         raise ValueError(f"on_slide_error must be 'skip' or 'raise', got {on_slide_error!r}")
-    params = tiling.params()
+    signature = tiling_signature(transforms)
     out: dict[str, SlideTiles] = {}
     summary: list[dict[str, Any]] = []
-    iterator: Any = items
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(items, desc="prepare (tissue + grid)", unit="slide")
-    for item in iterator:
+    for item in _progress(items, progress):
         sid, path = item["slide_id"], item["image"]
         try:
-            reader = get_slide(path, backend)  # a missing or unreadable slide fails here, with its name
-            key = coords_key(path, params)
-            arrays = store.load(sid, key)
-            if arrays is None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # an empty slide is reported below, once
-                    result = tiling.tile(reader, device=device)
-                meta = {
-                    "level": result.level,
-                    "read_size": result.read_size,
-                    "patch_size": result.patch_size,
-                    "mpp": result.mpp,
-                    "footprint": result.footprint,
-                    "num_patches": len(result),
-                }
-                store.save(sid, {"coords": result.coords, "tissue_fraction": result.tissue_fraction}, key, meta)
-                coords = result.coords
-            else:
-                meta = store.metadata(sid)
-                coords = arrays["coords"].numpy()
+            reader, coords, meta, tiled = _load_or_tile(item, transforms, store, backend, signature)
         except Exception as e:
             if on_slide_error == "raise":
                 raise
@@ -147,7 +175,7 @@ def prepare_coords(
             report.succeed(sid)
             if len(coords) == 0:
                 report.mark_empty(sid, path, "prepare")
-        if qc_dir is not None and (arrays is None or not (Path(qc_dir) / f"{sid}.jpg").is_file()):
+        if qc_dir is not None and (tiled or not (Path(qc_dir) / f"{sid}.jpg").is_file()):
             _save_qc(Path(qc_dir) / f"{sid}.jpg", reader, sid, coords, meta)
         summary.append(_summary_row(sid, path, len(coords), meta))
         out[sid] = SlideTiles(
@@ -159,11 +187,23 @@ def prepare_coords(
             patch_size=int(meta["patch_size"]),
         )
     if qc_dir is not None:
-        _write_summary(Path(qc_dir) / "tiling.csv", summary)
-        from monai_icmil.visualize import save_qc_overview
-
-        try:
-            save_qc_overview(qc_dir, summary)
-        except Exception as e:  # pictures are not worth a run
-            warnings.warn(f"no tiling QC overview in {qc_dir}/overview ({type(e).__name__}: {e})", stacklevel=2)
+        _write_qc_summary(Path(qc_dir), summary)
     return out
+
+
+def _progress(items: Sequence[Any], progress: bool) -> Any:
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="prepare (tissue + grid)", unit="slide")
+
+
+def _write_qc_summary(qc_dir: Path, summary: Sequence[Mapping[str, Any]]) -> None:
+    from monai_icmil.visualize import save_qc_overview
+
+    _write_summary(qc_dir / "tiling.csv", summary)
+    try:
+        save_qc_overview(qc_dir, summary)
+    except Exception as e:  # pictures are not worth a run
+        warnings.warn(f"no tiling QC overview in {qc_dir}/overview ({type(e).__name__}: {e})", stacklevel=3)

@@ -283,6 +283,58 @@ def _generate_one(args: tuple[str, str, int, int, bool, SyntheticSlideConfig]) -
     }
 
 
+def _is_complete(datalist_path: Path, params: dict[str, Any]) -> bool:
+    """A datalist made with these parameters whose slides are all on disk."""
+    if not datalist_path.exists():
+        return False
+    try:
+        existing = json.loads(datalist_path.read_text())
+        if json.loads(json.dumps(existing.get("synthetic", {}))) != json.loads(json.dumps(params)):
+            return False
+        entries = [e for split in ("training", "validation", "test") for e in existing.get(split, [])]
+        return all((datalist_path.parent / e["image"]).is_file() for e in entries)
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def _jobs(
+    root: Path, seed: int, cfg: SyntheticSlideConfig, positive_fraction: float, *sizes: int
+) -> list[tuple[str, tuple[str, str, int, int, bool, SyntheticSlideConfig]]]:
+    """``(split, job)`` per slide: a shuffled balanced label per split (at least one of each class from 2 slides)."""
+    jobs: list[tuple[str, tuple[str, str, int, int, bool, SyntheticSlideConfig]]] = []
+    labels_rng = np.random.default_rng((seed, 10**6))
+    for split, n in zip(("training", "validation", "test"), sizes):
+        n_pos = int(round(n * positive_fraction))
+        if n >= 2:
+            n_pos = min(max(n_pos, 1), n - 1)
+        labels = np.array([1] * n_pos + [0] * (n - n_pos), bool)
+        labels_rng.shuffle(labels)
+        for i, positive in enumerate(labels):
+            jobs.append((split, (str(root), f"{split}_{i:03d}", seed, len(jobs), bool(positive), cfg)))
+    return jobs
+
+
+def _render(jobs: list[tuple[str, Any]], num_workers: int, progress: bool) -> list[dict[str, Any]]:
+    """Render and write every slide (in ``num_workers`` processes), in job order."""
+    pool = None
+    if num_workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(num_workers)
+        iterator: Any = pool.map(_generate_one, [j for _, j in jobs])
+    else:
+        iterator = map(_generate_one, [j for _, j in jobs])
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, total=len(jobs), desc="synthetic slides", unit="slide")
+    try:
+        return list(iterator)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
 def make_dataset(
     output_dir: str | os.PathLike,
     num_training: int = 8,
@@ -322,44 +374,10 @@ def make_dataset(
         "positive_fraction": positive_fraction,
         "config": asdict(cfg),
     }
-    if datalist_path.exists() and not overwrite:
-        try:
-            existing = json.loads(datalist_path.read_text())
-            if json.loads(json.dumps(existing.get("synthetic", {}))) == json.loads(json.dumps(params)):
-                entries = [e for split in ("training", "validation", "test") for e in existing.get(split, [])]
-                if all((root / e["image"]).is_file() for e in entries):
-                    return datalist_path
-        except (ValueError, KeyError, TypeError):
-            pass
-    jobs = []
-    labels_rng = np.random.default_rng((seed, 10**6))
-    for split, n in (("training", num_training), ("validation", num_validation), ("test", num_test)):
-        n_pos = int(round(n * positive_fraction))
-        if n >= 2:
-            n_pos = min(max(n_pos, 1), n - 1)
-        labels = np.array([1] * n_pos + [0] * (n - n_pos), bool)
-        labels_rng.shuffle(labels)
-        for i, positive in enumerate(labels):
-            jobs.append((split, (str(root), f"{split}_{i:03d}", seed, len(jobs), bool(positive), cfg)))
-    results: list[dict[str, Any]] = []
-    iterator: Any
-    if num_workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(num_workers)
-        iterator = pool.map(_generate_one, [j for _, j in jobs])
-    else:
-        pool = None
-        iterator = map(_generate_one, [j for _, j in jobs])
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, total=len(jobs), desc="synthetic slides", unit="slide")
-    try:
-        results = list(iterator)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    if not overwrite and _is_complete(datalist_path, params):
+        return datalist_path
+    jobs = _jobs(root, seed, cfg, positive_fraction, num_training, num_validation, num_test)
+    results = _render(jobs, num_workers, progress)
     datalist: dict[str, Any] = {"training": [], "validation": [], "test": []}
     for (split, _), entry in zip(jobs, results):
         datalist[split].append(entry)

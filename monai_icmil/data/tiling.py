@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Hashable, Mapping
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
@@ -252,6 +253,35 @@ def compute_tissue_mask(
     return TissueMaskResult(mask=mask, downsample=float(downsample), threshold=thr)
 
 
+def _check_grid_args(
+    patch_size: int, mpp: float | None, level: int | None, stride: int | None, min_tissue: float
+) -> int:
+    """The stride (``patch_size`` when not given), refusing inconsistent grid arguments by name."""
+    if mpp is not None and level is not None:
+        raise ValueError("pass either `mpp` or `level`, not both.")
+    if patch_size <= 0:
+        raise ValueError(f"patch_size must be positive, got {patch_size}")
+    stride = patch_size if stride is None else int(stride)
+    if stride <= 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise ValueError(f"min_tissue must be within [0, 1], got {min_tissue}")
+    return stride
+
+
+def _read_level(
+    reader: SlideReader, patch_size: int, mpp: float | None, level: int | None
+) -> tuple[int, int, float | None]:
+    """``(level, read size, effective mpp)``: the coarsest level at least as fine as ``mpp`` (read larger, resized
+    to ``patch_size``), or ``level`` read at ``patch_size``."""
+    if mpp is not None:
+        level, scale = reader.level_for_mpp(float(mpp))
+        return level, int(round(patch_size / scale)), float(mpp)
+    level = 0 if level is None else int(level)
+    reader._check_level(level)
+    return level, int(patch_size), reader.level_mpp(level)
+
+
 def grid_coordinates(
     reader: SlideReader,
     patch_size: int,
@@ -279,24 +309,8 @@ def grid_coordinates(
         :class:`TilingResult` with coordinates in row-major (y, then x) order; a slide without tissue gives zero
         coordinates and a warning naming it.
     """
-    if mpp is not None and level is not None:
-        raise ValueError("pass either `mpp` or `level`, not both.")
-    if patch_size <= 0:
-        raise ValueError(f"patch_size must be positive, got {patch_size}")
-    stride = patch_size if stride is None else int(stride)
-    if stride <= 0:
-        raise ValueError(f"stride must be positive, got {stride}")
-    if not 0.0 <= min_tissue <= 1.0:
-        raise ValueError(f"min_tissue must be within [0, 1], got {min_tissue}")
-    if mpp is not None:
-        level, scale = reader.level_for_mpp(float(mpp))
-        read_size = int(round(patch_size / scale))
-        eff_mpp = float(mpp)
-    else:
-        level = 0 if level is None else int(level)
-        reader._check_level(level)
-        read_size = int(patch_size)
-        eff_mpp = reader.level_mpp(level)
+    stride = _check_grid_args(patch_size, mpp, level, stride, min_tissue)
+    level, read_size, eff_mpp = _read_level(reader, patch_size, mpp, level)
     ds = reader.level_downsamples[level]
     footprint = read_size * ds  # level-0 pixels per patch side
     step = footprint * stride / patch_size
@@ -350,7 +364,11 @@ def _patch_tissue_fraction(mask: np.ndarray, mask_ds: float, coords: np.ndarray,
 
 @dataclass
 class TilingConfig:
-    """How slides are cut into patches (the same for every slide of an experiment).
+    """How slides are cut into patches (the same for every slide of an experiment), as one dictionary transform.
+
+    Calling it on ``{"image": path}`` is the same as the bundle's ``prepare#transforms``,
+    ``Compose([TissueMaskd(...), GridPatchCoordsd(...)])`` with these values (:meth:`transforms`): it adds
+    ``"tissue_mask"``, ``"coords"``, ``"tiling"`` and ``"tissue_fraction"``.
 
     Attributes:
         patch_size: output patch side in pixels.
@@ -361,6 +379,7 @@ class TilingConfig:
         mask_mpp: resolution of the tissue mask (um/px).
         min_saturation: lower bound of the tissue threshold.
         min_area_um2: tissue specks smaller than this are dropped.
+        backend: slide backend.
     """
 
     patch_size: int = 224
@@ -371,27 +390,46 @@ class TilingConfig:
     mask_mpp: float = 8.0
     min_saturation: float = 0.05
     min_area_um2: float = 20_000.0
+    backend: str = "auto"
 
     def params(self) -> dict[str, Any]:
-        """The tiling parameters as a plain dict (part of the coordinate and feature stores' keys)."""
+        """The tiling parameters as a plain dict."""
         return asdict(self)
 
+    def _mask_args(self) -> dict[str, Any]:
+        return {
+            "mask_mpp": self.mask_mpp,
+            "min_area_um2": self.min_area_um2,
+            "min_saturation": self.min_saturation,
+            "backend": self.backend,
+        }
+
+    def _grid_args(self) -> dict[str, Any]:
+        return {
+            "patch_size": self.patch_size,
+            "mpp": self.mpp,
+            "level": self.level if self.mpp is None else None,
+            "stride": self.stride,
+            "min_tissue": self.min_tissue,
+            "backend": self.backend,
+        }
+
+    def transforms(self, device: str | torch.device | None = "auto") -> Any:
+        """The MONAI ``Compose`` of :class:`~monai_icmil.transforms.TissueMaskd` and
+        :class:`~monai_icmil.transforms.GridPatchCoordsd` these values describe."""
+        from monai.transforms import Compose
+
+        from monai_icmil.transforms.dictionary import GridPatchCoordsd, TissueMaskd
+
+        return Compose(
+            [TissueMaskd("image", device=device, **self._mask_args()), GridPatchCoordsd(**self._grid_args())]
+        )
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        return self.transforms()(data)
+
     def tile(self, reader: SlideReader, device: str | torch.device | None = "auto") -> TilingResult:
-        """Tissue mask + grid coordinates of one slide."""
-        mask = compute_tissue_mask(
-            reader,
-            mask_mpp=self.mask_mpp,
-            min_area_um2=self.min_area_um2,
-            min_saturation=self.min_saturation,
-            device=device,
-        )
-        return grid_coordinates(
-            reader,
-            self.patch_size,
-            mpp=self.mpp,
-            level=self.level if self.mpp is None else None,
-            stride=self.stride,
-            mask=mask.mask,
-            mask_downsample=mask.downsample,
-            min_tissue=self.min_tissue,
-        )
+        """Tissue mask + grid coordinates of one open slide (the array transforms)."""
+        from monai_icmil.transforms.array import GridPatchCoords, TissueMask
+
+        return GridPatchCoords(**self._grid_args())(reader, TissueMask(device=device, **self._mask_args())(reader))

@@ -1,14 +1,16 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""pytorch-ignite engines for the ICMIL phases: embedding, bag phase, embedder phase."""
+"""The ICMIL phases, each a configured component over pytorch-ignite engines: embed, bag phase, embedder phase,
+pretrain."""
 
-from monai_icmil.engines.bag import train_bag_classifier
-from monai_icmil.engines.couple import finetune_embedder
-from monai_icmil.engines.embedding import (
+from monai_icmil.engines.bag_phase import BagPhase, BagPhaseEvaluator, BagPhaseTrainer, BagSelection
+from monai_icmil.engines.embed import (
+    Embed,
     EmbeddingEngine,
     EmbeddingEvents,
     PatchBatches,
     SlideFeatureWriter,
-    embed_slides,
     patch_loader,
 )
+from monai_icmil.engines.embedder_phase import EmbedderPhase, EmbedderPhaseTrainer, StudentSelection
+from monai_icmil.engines.pretrain import Pretrain, PretrainTrainer

@@ -1,3 +1,15 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""Handlers and writers: MLflow wiring, predictions, heatmaps."""
+"""Handlers and writers: resume checkpoints, MLflow wiring, configured handlers, inference writers."""
+
+from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint, RNGState
+from monai_icmil.handlers.common import EpochLoss, attach_handlers, attach_progress_bar, describe_components
+from monai_icmil.handlers.tracking import MLflowRun, MLflowRunTree, mlflow_handler, start_run
+from monai_icmil.handlers.writers import (
+    GeoJSONWriter,
+    HeatmapWriter,
+    SlidePrediction,
+    SlideWriter,
+    TopPatchesWriter,
+    TriageSheetWriter,
+)

@@ -10,12 +10,12 @@ and phase of an ICMIL experiment is a nested run of one parent run.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MLflowRun", "sqlite_tracking_uri", "start_run", "end_run", "mlflow_handler"]
+__all__ = ["MLflowRun", "MLflowRunTree", "sqlite_tracking_uri", "start_run", "end_run", "mlflow_handler"]
 
 
 def sqlite_tracking_uri(output_dir: str | os.PathLike) -> str:
@@ -130,3 +130,68 @@ def mlflow_handler(run: MLflowRun, **kwargs: Any) -> Any:
     )
     handler.cur_run = run.client().get_run(run.run_id)  # exactly our run, even if another has the same name
     return handler
+
+
+class MLflowRunTree:
+    """An ICMIL experiment's runs: one parent run, a nested run per round and one per phase of a round
+    (``round_<r>/<phase>``), or per step before the rounds (``pretrain``). Only rank 0 logs; elsewhere, or when
+    disabled, every run is ``None``.
+
+    Args:
+        output_dir: the default store is ``sqlite:///<output_dir>/mlruns.db``.
+        enabled: log at all.
+        tracking_uri: another tracking store.
+        experiment_name, run_name: the experiment and the parent run's name.
+        params: the parent run's parameters (or a function giving them), logged when it is created.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        enabled: bool = True,
+        tracking_uri: str | None = None,
+        experiment_name: str = "icmil",
+        run_name: str = "icmil",
+        params: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+    ):
+        self.output_dir, self.enabled, self.tracking_uri = Path(output_dir), bool(enabled), tracking_uri
+        self.experiment_name, self.run_name, self.params = experiment_name, run_name, params
+        self._parent: MLflowRun | None = None
+
+    def parent(self) -> MLflowRun | None:
+        """The parent run (created, or resumed when unfinished, on first use)."""
+        from monai_icmil.utils import dist_info
+
+        if not self.enabled or dist_info()[0] != 0:
+            return None
+        if self._parent is None:
+            uri = self.tracking_uri or sqlite_tracking_uri(self.output_dir)
+            self._parent = start_run(uri, self.experiment_name, self.run_name)
+            params = self.params() if callable(self.params) else self.params
+            if params:
+                self._parent.log_params(params)
+        return self._parent
+
+    def nested(self, name: str, parent: MLflowRun | None = None) -> MLflowRun | None:
+        """A run nested under ``parent`` (default: the parent run)."""
+        top = self.parent()
+        if top is None:
+            return None
+        return start_run(top.tracking_uri, top.experiment_name, name, parent=parent or top)
+
+    def round(self, r: int) -> MLflowRun | None:
+        return self.nested(f"round_{r}")
+
+    def phase(self, r: int, phase: str) -> MLflowRun | None:
+        rr = self.round(r)
+        return None if rr is None else self.nested(f"round_{r}/{phase}", parent=rr)
+
+    @staticmethod
+    def end(run: MLflowRun | None) -> None:
+        if run is not None:
+            end_run(run)
+
+    def close(self) -> None:
+        """End the parent run (a later use starts or resumes one again)."""
+        self.end(self._parent)
+        self._parent = None

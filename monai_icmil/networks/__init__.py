@@ -1,6 +1,6 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""Networks: patch embedders and MIL aggregators."""
+"""Networks: patch embedders and MIL aggregators (an open registry)."""
 
 from monai_icmil.networks.aggregators import (
     ABMIL,
@@ -10,6 +10,9 @@ from monai_icmil.networks.aggregators import (
     MeanPoolMIL,
     MILAggregator,
     TransformerMIL,
+    aggregator_class,
+    aggregator_name,
     create_aggregator,
+    register_aggregator,
 )
 from monai_icmil.networks.embedders import EmbedderWeightsError, PatchEmbedder, create_embedder, load_state_dict_file

@@ -10,16 +10,28 @@ Every aggregator has one interface, which is all the embedder phase needs:
 * ``forward(bag) -> {"logits": [1, C], "attention": [N] (where it has one)}`` for one bag ``[N, D]``;
 * ``instance_logits(feats) -> [N, C]``: the bag classifier's last layer applied to each instance (the teacher);
 * ``attention(h) -> [N]``: raw (pre-softmax) attention scores, where the aggregator has attention;
-* ``head``: the linear layer that ``instance_logits`` applies (the part the student copies and trains).
+* ``head``: the linear layer that ``instance_logits`` applies (the part the student copies and trains);
+* ``instance_head(h, confidence)``: the instance teacher's logits on reduced features (``head``; for DTFD-MIL's
+  confidence-based variant ``0.7 * head + 0.3 * tier1_head``, as ICMIL's reference);
+* ``confidence_scores(h) -> [N]`` in [0, 1]: what the confidence-based embedder phase weights patches by (the
+  attention min-max normalised over the batch; for DTFD-MIL the product of its two tiers' normalised attentions).
 
 Aggregators: :class:`MaxPoolMIL`, :class:`ABMIL` (gated attention), :class:`DTFDMIL` (double-tier feature
 distillation), :class:`MeanPoolMIL` and :class:`TransformerMIL` (MONAI ``MILModel``'s ``att_trans`` head).
-:func:`create_aggregator` builds one by name.
+
+The registry is open, like timm's ``register_model``: :func:`register_aggregator` adds a class under a name (your
+own too), :func:`create_aggregator` builds one by name, and a bag-classifier checkpoint records the registered name
+(or, for an unregistered class, its import path) with the constructor arguments every aggregator keeps
+(:attr:`MILAggregator.init_args`), so it can be rebuilt without the code that made it.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,8 +48,22 @@ __all__ = [
     "MeanPoolMIL",
     "TransformerMIL",
     "create_aggregator",
+    "register_aggregator",
+    "min_max_normalize",
+    "aggregator_name",
+    "aggregator_class",
     "AGGREGATORS",
 ]
+
+
+def min_max_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``(x - min) / (max - min)`` over a batch of scores (detached, float); all ones when the scores are equal (no
+    information to weight by)."""
+    a = x.detach().float().reshape(-1)
+    lo, hi = a.min(), a.max()
+    if float(hi - lo) <= 1e-12:
+        return torch.ones_like(a)
+    return (a - lo) / (hi - lo)
 
 
 class _Residual(nn.Module):
@@ -89,6 +115,14 @@ class MILAggregator(nn.Module):
     """
 
     has_attention = False
+    #: the exponent of ICMIL's confidence weight for this teacher (6 in the paper; 2 for DTFD-MIL)
+    confidence_beta = 6.0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass records the arguments it was built with (:attr:`init_args`), for its checkpoints."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_init(cls.__init__)
 
     def __init__(
         self, in_dim: int, num_classes: int = 2, hidden_dim: int = 512, num_res_blocks: int = 0, dropout: float = 0.0
@@ -119,6 +153,22 @@ class MILAggregator(nn.Module):
         """The bag classifier applied to each instance: ``[N, D] -> [N, C]``."""
         return self.head(self.reduce(feats))
 
+    def instance_head(self, h: torch.Tensor, confidence: bool = False) -> torch.Tensor:
+        """The instance teacher's logits on reduced features ``h`` (``[N, hidden] -> [N, C]``): ``head``."""
+        return self.head(h)
+
+    def confidence_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Per-instance confidence ``a`` in [0, 1] for the confidence-based embedder phase: the attention scores
+        min-max normalised over the batch (weight ``|2a - 1| ** beta``: patches attended to strongly or not at all are
+        trusted, ambiguous ones less).
+
+        Raises:
+            TypeError: the aggregator has no attention.
+        """
+        if not self.has_attention:
+            raise TypeError(f"{type(self).__name__} has no attention to weight instances by")
+        return min_max_normalize(self.attention(h))
+
     @staticmethod
     def _as_bag(bag: torch.Tensor) -> torch.Tensor:
         if bag.dim() == 3:
@@ -129,8 +179,33 @@ class MILAggregator(nn.Module):
             raise ValueError(f"a bag must be a non-empty [N, D] tensor, got {tuple(bag.shape)}")
         return bag
 
-    def config(self) -> dict[str, Any]:
-        return {"in_dim": self.in_dim, "num_classes": self.num_classes, "hidden_dim": self.hidden_dim}
+    @property
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments of this aggregator (defaults filled in), as recorded when it was built."""
+        return dict(self.__dict__.get("_init_args", {}))
+
+
+def _recording_init(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap an aggregator's ``__init__`` so that the outermost class's bound arguments are kept in ``_init_args``."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self: MILAggregator, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        values: dict[str, Any] = {}
+        for name, param in list(signature.parameters.items())[1:]:
+            if param.kind is param.VAR_KEYWORD:
+                values.update(bound.arguments.get(name, {}))
+            elif param.kind is not param.VAR_POSITIONAL:
+                values[name] = bound.arguments[name]
+        object.__setattr__(self, "_init_args", values)  # the subclass's wrapper runs last and wins
+
+    return wrapper
+
+
+MILAggregator.__init__ = _recording_init(MILAggregator.__init__)
 
 
 class MaxPoolMIL(MILAggregator):
@@ -165,9 +240,6 @@ class MaxPoolMIL(MILAggregator):
         inst = self.head(h)
         top = int(torch.argmax(-torch.log_softmax(inst, dim=-1)[:, 0]))  # -log p(class 0): larger = more positive
         return {"logits": inst[top : top + 1], "instance_logits": inst}
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "pooling": self.pooling}
 
 
 class MeanPoolMIL(MILAggregator):
@@ -221,6 +293,7 @@ class DTFDMIL(MILAggregator):
     """
 
     has_attention = True
+    confidence_beta = 2.0
 
     def __init__(
         self,
@@ -243,6 +316,20 @@ class DTFDMIL(MILAggregator):
 
     def attention(self, h: torch.Tensor) -> torch.Tensor:
         return self.gated(h)
+
+    #: the confidence-based variant's teacher: tier-2 and tier-1 instance classifiers mixed (ICMIL's reference)
+    teacher_mix = (0.7, 0.3)
+
+    def instance_head(self, h: torch.Tensor, confidence: bool = False) -> torch.Tensor:
+        """Tier 2's classifier on ``h``; in the confidence-based variant ``0.7 * tier 2 + 0.3 * tier 1``."""
+        if not confidence:
+            return self.head(h)
+        w2, w1 = self.teacher_mix
+        return w2 * self.head(h) + w1 * self.tier1_head(h)
+
+    def confidence_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """The product of the min-max normalised tier-1 and tier-2 attention scores (ICMIL's reference)."""
+        return min_max_normalize(self.tier1_attention(h)) * min_max_normalize(self.attention(h))
 
     def _groups(self, n: int, device: torch.device) -> list[torch.Tensor]:
         if self.training:
@@ -272,9 +359,6 @@ class DTFDMIL(MILAggregator):
         a2 = torch.softmax(self.attention(d), dim=0)
         logits = self.head((a2[:, None] * d).sum(dim=0, keepdim=True))
         return {"logits": logits, "tier1_logits": torch.stack(tier1_logits)}
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "num_groups": self.num_groups, "distill": self.distill}
 
 
 class TransformerMIL(MILAggregator):
@@ -322,33 +406,92 @@ class TransformerMIL(MILAggregator):
         return {"logits": self.head((a[:, None] * x).sum(dim=0, keepdim=True)), "attention": a}
 
 
-AGGREGATORS: dict[str, type[MILAggregator]] = {
-    "maxpool": MaxPoolMIL,
-    "abmil": ABMIL,
-    "dtfd": DTFDMIL,
-    "mean": MeanPoolMIL,
-    "transformer": TransformerMIL,
-}
-_ALIASES = {
-    "max": "maxpool",
-    "maxpool_mil": "maxpool",
-    "ab-mil": "abmil",
-    "ab_mil": "abmil",
-    "attention": "abmil",
-    "dtfd-mil": "dtfd",
-    "dtfd_mil": "dtfd",
-    "meanpool": "mean",
-    "att_trans": "transformer",
-}
+AGGREGATORS: dict[str, type[MILAggregator]] = {}
+"""The aggregator registry: name -> class (:func:`register_aggregator` adds to it)."""
+_ALIASES: dict[str, str] = {}
+
+
+def register_aggregator(name: str, *aliases: str) -> Callable[[type[MILAggregator]], type[MILAggregator]]:
+    """Register an aggregator class under ``name`` (and ``aliases``), as timm's ``register_model`` does for models.
+
+    Example::
+
+        @register_aggregator("meanmax")
+        class MeanMaxMIL(MILAggregator):
+            ...
+
+        create_aggregator("meanmax", in_dim=1024)
+
+    Raises:
+        ValueError: ``name`` is taken by another class, or the class is not a :class:`MILAggregator`.
+    """
+
+    def decorator(cls: type[MILAggregator]) -> type[MILAggregator]:
+        if not (isinstance(cls, type) and issubclass(cls, MILAggregator)):
+            raise ValueError(f"register_aggregator('{name}'): {cls!r} is not a MILAggregator subclass")
+        key = name.lower()
+        if AGGREGATORS.get(key, cls) is not cls:
+            raise ValueError(f"aggregator name '{name}' is already registered to {AGGREGATORS[key].__qualname__}")
+        AGGREGATORS[key] = cls
+        _ALIASES.update({a.lower(): key for a in aliases})
+        return cls
+
+    return decorator
+
+
+for _name, _cls, _aliases in (
+    ("maxpool", MaxPoolMIL, ("max", "maxpool_mil")),
+    ("abmil", ABMIL, ("ab-mil", "ab_mil", "attention")),
+    ("dtfd", DTFDMIL, ("dtfd-mil", "dtfd_mil")),
+    ("mean", MeanPoolMIL, ("meanpool",)),
+    ("transformer", TransformerMIL, ("att_trans",)),
+):
+    register_aggregator(_name, *_aliases)(_cls)
+
+
+def aggregator_class(name: str) -> type[MILAggregator]:
+    """The class of a registered name (or alias), or of an import path ``"package.module.Class"``.
+
+    Raises:
+        ValueError: neither a registered name nor an importable :class:`MILAggregator` (the message lists the names).
+    """
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key in AGGREGATORS:
+        return AGGREGATORS[key]
+    module, _, attr = name.rpartition(".")
+    cls = None
+    if module:
+        try:
+            cls = getattr(importlib.import_module(module), attr, None)
+        except ImportError:
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, MILAggregator)):
+        raise ValueError(
+            f"unknown aggregator '{name}'; choose one of {sorted(AGGREGATORS)}, or give the import path of a "
+            "MILAggregator subclass (package.module.Class)."
+        )
+    return cls
+
+
+def aggregator_name(cls_or_net: type[MILAggregator] | MILAggregator | Callable[..., MILAggregator]) -> str:
+    """The registered name of an aggregator class (or instance, or ``functools.partial`` of a class), else its import
+    path: what a checkpoint records and :func:`aggregator_class` resolves."""
+    cls = cls_or_net
+    while isinstance(cls, functools.partial):
+        cls = cls.func
+    if isinstance(cls, MILAggregator):
+        cls = type(cls)
+    for name, registered in AGGREGATORS.items():
+        if registered is cls:
+            return name
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def create_aggregator(name: str, in_dim: int, num_classes: int = 2, **kwargs: Any) -> MILAggregator:
-    """Build an aggregator by name: ``"maxpool"``, ``"abmil"``, ``"dtfd"``, ``"mean"`` or ``"transformer"``.
+    """Build an aggregator by registered name (``"maxpool"``, ``"abmil"``, ``"dtfd"``, ``"mean"``, ``"transformer"``,
+    or one added with :func:`register_aggregator`) or by import path.
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
     """
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator '{name}'; choose one of {sorted(AGGREGATORS)}.")
-    return AGGREGATORS[key](in_dim, num_classes, **kwargs)
+    return aggregator_class(name)(in_dim, num_classes, **kwargs)

@@ -21,3 +21,4 @@ from monai_icmil.transforms.stain import (
     RandHEDJitterD,
     RandHEDJitterDict,
 )
+from monai_icmil.transforms.views import BatchRandomViews

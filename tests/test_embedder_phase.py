@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import numpy as np
@@ -14,20 +15,32 @@ from monai_icmil.data import load_datalist
 from monai_icmil.data.prepare import prepare_coords
 from monai_icmil.data.store import CoordsStore
 from monai_icmil.data.tiling import TilingConfig
-from monai_icmil.engines import couple as couple_module
-from monai_icmil.engines.bag import load_bag_classifier, save_bag_classifier
-from monai_icmil.engines.couple import (
+from monai_icmil.engines import embedder_phase as phase_module
+from monai_icmil.engines.bag_phase import load_bag_classifier, save_bag_classifier
+from monai_icmil.engines.embedder_phase import (
     DistillationBatches,
+    EmbedderPhase,
     EmbedderPhaseError,
     InstanceClassifier,
-    finetune_embedder,
     view_consistency,
 )
 from monai_icmil.losses import ICMILDistillationLoss, confidence_weights
 from monai_icmil.networks import create_aggregator, create_embedder
+from monai_icmil.networks.aggregators import min_max_normalize
+from monai_icmil.transforms import BatchRandomViews
 
 TILING = TilingConfig(patch_size=48, mpp=1.0)
 FAST = dict(epochs=1, batch_size=16, val_patches=32, num_workers=0, progress=False, device="cpu")
+
+
+def finetune_embedder(embedder, aggregator, train, val, output_dir, lr=1e-5, confidence=False, beta=None, **kw):
+    """The embedder phase as train.json configures it (Adam, ICMIL's loss and views), with these tests' settings."""
+    phase = EmbedderPhase(
+        loss_function=ICMILDistillationLoss(confidence=confidence, beta=beta),
+        optimizer=functools.partial(torch.optim.Adam, lr=lr, weight_decay=1e-4),
+        **kw,
+    )
+    return phase(embedder, aggregator, train, val, output_dir)
 
 
 @pytest.fixture(scope="module")
@@ -74,24 +87,53 @@ def test_confidence_loss_equals_a_hand_computation():
     w = (2 * a - 1).abs() ** 2
     per_patch = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s_view, -1))).mean(-1)
     expected = (w * per_patch).mean() + 0.5 * _kl(s_head, t) + 0.5 * _kl(h_s, h_t)
-    out = ICMILDistillationLoss(confidence=True, beta=2.0)(s_view, t, s_head, h_s, h_t, att)
+    scores = min_max_normalize(att)
+    out = ICMILDistillationLoss(confidence=True, beta=2.0)(s_view, t, s_head, h_s, h_t, scores)
     torch.testing.assert_close(out["loss"], expected)
+
+
+def test_dtfd_confidence_variant_follows_the_reference_equations():
+    """DTFD-MIL's confidence-based embedder phase, as ICMIL's reference: the teacher's instance logits are
+    ``0.7 * tier-2 classifier + 0.3 * tier-1 classifier`` on the reduced features, and each patch's view term is
+    weighted by ``|2a - 1| ** 2`` with ``a`` the product of the min-max-normalised tier-1 and tier-2 attention
+    scores; the engine's step computes exactly this (checked on random tensors through its teacher)."""
+    torch.manual_seed(3)
+    agg = create_aggregator("dtfd", 16, 2, hidden_dim=8).eval()
+    feats, s_view, h_s, s_head = torch.randn(6, 16), torch.randn(6, 2), torch.randn(6, 8), torch.randn(6, 2)
+    with torch.no_grad():
+        h = agg.reduce(feats)
+        mm = lambda x: (x - x.min()) / (x.max() - x.min())  # noqa: E731
+        a = mm(agg.tier1_attention(h)) * mm(agg.gated(h))
+        teacher = 0.7 * agg.head(h) + 0.3 * agg.tier1_head(h)
+        per_patch = (F.softmax(teacher, -1) * (F.log_softmax(teacher, -1) - F.log_softmax(s_view, -1))).mean(-1)
+        expected = ((2 * a - 1).abs() ** 2 * per_patch).mean() + 0.5 * _kl(s_head, teacher) + 0.5 * _kl(h_s, h)
+        loss = ICMILDistillationLoss(confidence=True).for_teacher(agg)
+        assert loss.beta == 2.0  # DTFD's exponent in the reference, chosen from the teacher
+        instance = InstanceClassifier(torch.nn.Identity(), agg, confidence=True)
+        h_t, logits_t = instance.head_on_features(feats)
+        out = loss(s_view, logits_t, s_head, h_s, h_t, agg.confidence_scores(h_t))
+    torch.testing.assert_close(logits_t, teacher)
+    torch.testing.assert_close(agg.confidence_scores(h_t), a)
+    torch.testing.assert_close(out["loss"], expected)
+    plain = InstanceClassifier(torch.nn.Identity(), agg)  # the plain variant's teacher is tier 2 alone
+    torch.testing.assert_close(plain.head_on_features(feats)[1], agg.head(h))
+    assert ICMILDistillationLoss(confidence=True).for_teacher(create_aggregator("abmil", 16, 2)).beta == 6.0
 
 
 def test_loss_is_zero_when_student_equals_teacher_and_view_equals_patch():
     logits, h = torch.randn(6, 3), torch.randn(6, 8)
-    out = ICMILDistillationLoss(confidence=True)(logits, logits, logits, h, h, torch.randn(6))
+    out = ICMILDistillationLoss(confidence=True)(logits, logits, logits, h, h, min_max_normalize(torch.randn(6)))
     assert out["loss"].abs().item() < 1e-6
 
 
 def test_confidence_weight_grows_with_distance_from_one_half():
     att = torch.linspace(0, 1, 11)
-    w = confidence_weights(att, beta=6.0)
+    w = confidence_weights(min_max_normalize(att), beta=6.0)
     dist = (2 * att - 1).abs()
     order = torch.argsort(dist)
     assert torch.all(w[order][1:] >= w[order][:-1])
     assert w[5].item() == pytest.approx(0.0) and w[0].item() == pytest.approx(1.0) and w[-1].item() == 1.0
-    assert torch.all(confidence_weights(torch.full((4,), 3.0), 6.0) == 1)
+    assert torch.all(confidence_weights(min_max_normalize(torch.full((4,), 3.0)), 6.0) == 1)
 
 
 # ------------------------------------------------------------------------------------------------------ engine
@@ -130,8 +172,9 @@ def test_ddp_ranks_split_each_batch_into_exactly_the_single_process_batch(slides
 def test_views_made_on_the_training_device_equal_the_workers_views(slides):
     """Without ``views_in_worker`` a batch carries only the views' parameters; the step's views are the same."""
     train, _ = slides
-    a = DistillationBatches(train, batch_size=8, num_batches=2, seed=5, hed_jitter=0.05)
-    b = DistillationBatches(train, batch_size=8, num_batches=2, seed=5, hed_jitter=0.05, views_in_worker=False)
+    views = BatchRandomViews(48, hed_jitter=0.05)
+    a = DistillationBatches(train, views, batch_size=8, num_batches=2, seed=5)
+    b = DistillationBatches(train, views, batch_size=8, num_batches=2, seed=5, views_in_worker=False)
     x, y = a[1], b[1]
     assert "view" not in y and y["view_params"].shape == (8, 15)
     torch.testing.assert_close(b.views(y["plain"], y["view_params"]), x["view"])
@@ -159,7 +202,7 @@ def test_an_embedder_phase_with_views_on_the_device_trains_as_with_views_in_the_
 
 
 def test_the_sampler_resumes_an_epoch_where_it_stopped():
-    sampler = couple_module.ResumableSequentialSampler(5)
+    sampler = phase_module.ResumableSequentialSampler(5)
     assert list(sampler) == [0, 1, 2, 3, 4]
     sampler.start = 3
     assert list(sampler) == [3, 4] and len(sampler) == 2
@@ -249,10 +292,10 @@ def test_a_teacher_that_disagrees_with_itself_on_the_views_is_warned_about(slide
     embedder = create_embedder("resnet18_trunc", input_size=48)
     agg = _teacher("abmil", embedder.out_dim)
     kw = dict(FAST, batches_per_epoch=1, val_interval=1, val_patches=16, batch_size=8)
-    monkeypatch.setattr(couple_module, "VIEW_AGREEMENT_WARN", 1.01)  # no teacher can reach it
+    monkeypatch.setattr(phase_module, "VIEW_AGREEMENT_WARN", 1.01)  # no teacher can reach it
     with pytest.warns(UserWarning, match="invariance"):
         finetune_embedder(embedder, agg, train, val, tmp_path / "a", **kw)
-    monkeypatch.setattr(couple_module, "VIEW_AGREEMENT_WARN", 0.0)  # every teacher reaches it
+    monkeypatch.setattr(phase_module, "VIEW_AGREEMENT_WARN", 0.0)  # every teacher reaches it
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         finetune_embedder(embedder, agg, train, val, tmp_path / "b", **kw)
@@ -261,7 +304,7 @@ def test_a_teacher_that_disagrees_with_itself_on_the_views_is_warned_about(slide
 def test_checkpoint_of_another_aggregator_or_dimension_fails_before_training(slides, tmp_path):
     train, val = slides
     embedder = create_embedder("resnet18_trunc", input_size=48)  # 256-d
-    path = save_bag_classifier(tmp_path / "bag.pt", create_aggregator("abmil", 512, 2, hidden_dim=32), "abmil")
+    path = save_bag_classifier(tmp_path / "bag.pt", create_aggregator("abmil", 512, 2, hidden_dim=32))
     with pytest.raises(ValueError, match="expects 512-d features but the embedder gives 256-d"):
         load_bag_classifier(path, expect_in_dim=embedder.out_dim)
     with pytest.raises(ValueError, match="holds a 'abmil' bag classifier, but 'dtfd' was configured"):
@@ -293,7 +336,7 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_best_embedder(slides, t
             batch["view"] = torch.full_like(batch["view"], float("nan"))
         return batch
 
-    monkeypatch.setattr(couple_module.DistillationBatches, "__getitem__", poisoned)
+    monkeypatch.setattr(phase_module.DistillationBatches, "__getitem__", poisoned)
     embedder = create_embedder("resnet18_trunc", input_size=48)
     with pytest.raises(EmbedderPhaseError, match="non-finite loss .* at iteration 3"):
         finetune_embedder(

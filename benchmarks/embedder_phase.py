@@ -4,15 +4,16 @@
 
 (a) the bare training step on random tensors already on the device (teacher forward + student forward/backward +
     Adam);
-ours: ``finetune_embedder`` on a generated slide, including patch reading, the student views (flips + random resized
-    crop, made batch-wise on the training device) and the DataLoader: the whole call (``--batches`` batches, with its
+ours: the configured embedder phase (:class:`~monai_icmil.engines.EmbedderPhase`) on a generated slide, including
+    patch reading, the student views (flips + random resized crop, made batch-wise on the training device) and the
+    DataLoader: the whole call (``--batches`` batches, with its
     start-up: worker processes, teacher consistency check, validation, checkpoint) and its steady rate (the
     difference of two calls of ``--batches`` and ``3 * --batches`` batches, which cancels the start-up);
 (b) the previous pattern, views made patch by patch in the DataLoader workers (``views_on_device=False``), whole call.
 
 Also prints the peak GPU memory on CUDA.
 
-    python benchmarks/couple.py [--model resnet50_trunc] [--patch_size 256] [--batch_size 100] [--batches 20]
+    python benchmarks/embedder_phase.py [--model resnet50_trunc] [--patch_size 256] [--batch_size 100] [--batches 20]
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import monai_icmil  # noqa: F401
 from monai_icmil.data.prepare import SlideTiles
 from monai_icmil.data.slide import open_slide
 from monai_icmil.data.tiling import TilingConfig
-from monai_icmil.engines.couple import InstanceClassifier, finetune_embedder
+from monai_icmil.engines.embedder_phase import EmbedderPhase, InstanceClassifier
 from monai_icmil.losses import ICMILDistillationLoss
 from monai_icmil.networks import create_aggregator, create_embedder
 
@@ -102,14 +103,9 @@ def main() -> None:
     rate_bare = bare_steps(embedder, agg, a.batches, a.batch_size, a.patch_size, device, amp)
 
     def call(batches: int, views_on_device: bool | None = None) -> float:
-        """Seconds of one ``finetune_embedder`` call of ``batches`` batches."""
+        """Seconds of one embedder phase of ``batches`` batches."""
         t0 = time.perf_counter()
-        finetune_embedder(
-            embedder,
-            agg,
-            [item],
-            [item],
-            Path(tempfile.mkdtemp(dir=tmp)),
+        phase = EmbedderPhase(
             epochs=1,
             batches_per_epoch=batches,
             batch_size=a.batch_size,
@@ -120,6 +116,7 @@ def main() -> None:
             progress=False,
             views_on_device=views_on_device,
         )
+        phase(embedder, agg, [item], [item], Path(tempfile.mkdtemp(dir=tmp)))
         return time.perf_counter() - t0
 
     if device.type == "cuda":

@@ -1,13 +1,14 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""The embedding phase: every tissue patch of every slide through the current embedder, into the feature store.
+"""The embed phase: every tissue patch of every slide through the current embedder, into the feature store.
 
-An ignite :class:`EmbeddingEngine` runs the embedder over batches of patches; a DataLoader over
-:class:`PatchBatches` reads them by coordinate (cuCIM's own threads inside, DataLoader workers around it), so
-reading overlaps the forward pass. The :class:`SlideFeatureWriter` handler gathers each slide's features and
-writes them atomically when the slide is complete (on CUDA, once its features have reached the host, without
-stalling the GPU). Slides whose features are current are skipped; a slide that fails to read is recorded in the run
-report and the others go on; nothing half-written is left.
+:class:`Embed` is the phase as the bundle declares it (``embed`` in ``configs/train.json``). An ignite
+:class:`EmbeddingEngine` runs the embedder over batches of patches; reader threads (or DataLoader workers) over
+:class:`PatchBatches` read them by coordinate (cuCIM's own threads inside), so reading overlaps the forward pass. The
+:class:`SlideFeatureWriter` handler gathers each slide's features and writes them atomically when the slide is
+complete (on CUDA, once its features have reached the host, without stalling the GPU). Slides whose features are
+current are skipped; a slide that fails to read is recorded in the run report and the others go on; nothing
+half-written is left.
 
 Under ``torchrun`` the pending slides are split across ranks, each slide written by exactly one rank.
 """
@@ -24,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, EventEnum, Events
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -33,37 +33,19 @@ from monai_icmil.data.prepare import SlideTiles
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import get_slide
 from monai_icmil.data.store import FeatureStore, feature_key
+from monai_icmil.handlers.common import attach_handlers
 from monai_icmil.networks.embedders import PatchEmbedder
 from monai_icmil.transforms.stain import slide_stain_normalizer
+from monai_icmil.utils import default_device, dist_info
 
 __all__ = [
-    "EMBED_DEFAULTS",
+    "Embed",
     "PatchBatches",
     "EmbeddingEngine",
     "EmbeddingEvents",
     "SlideFeatureWriter",
-    "embed_settings",
-    "embed_slides",
     "patch_loader",
 ]
-
-EMBED_DEFAULTS: dict[str, Any] = {
-    "batch_size": 256,
-    "num_workers": 2,
-    "read_threads": 2,
-    "prefetch_threads": 1,
-    "copy_stream": False,
-    "dtype": "float16",
-}
-"""The embedding settings a workflow or inference run passes to :func:`embed_slides`, with their defaults."""
-
-
-def embed_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """:data:`EMBED_DEFAULTS` updated with ``settings``; an unknown key is refused by name."""
-    unknown = sorted(set(settings or {}) - set(EMBED_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown embedding setting(s) {unknown}; the settings are {sorted(EMBED_DEFAULTS)}.")
-    return {**EMBED_DEFAULTS, **dict(settings or {})}
 
 
 class EmbeddingEvents(EventEnum):
@@ -348,7 +330,7 @@ def patch_loader(
     stain_normalize: bool = False,
     prefetch_threads: int = 1,
 ) -> Iterable[dict[str, Any]]:
-    """The batches :func:`embed_slides` embeds (:class:`PatchBatches`), read ahead of the engine.
+    """The batches :class:`Embed` embeds (:class:`PatchBatches`), read ahead of the engine.
 
     The DataLoader can be iterated again; the reader threads' iterator, once.
 
@@ -379,95 +361,129 @@ def patch_loader(
     return _until_failed(Prefetcher(read, batches.tasks(), threads, depth=max(4, threads + 2)))  # bounds pinned memory
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def embed_slides(
-    slides: Mapping[str, SlideTiles] | Sequence[SlideTiles],
-    embedder: PatchEmbedder,
-    store: FeatureStore,
-    tiling_params: Mapping[str, Any],
-    batch_size: int = 256,
-    num_workers: int = 2,
-    read_threads: int = 2,
-    device: str | torch.device | None = None,
-    amp: bool | None = None,
-    channels_last: bool | None = None,
-    dtype: str = "float16",
-    report: RunReport | None = None,
-    backend: str = "auto",
-    progress: bool = True,
-    meta: Mapping[str, Any] | None = None,
-    stain_normalize: bool = False,
-    prefetch_threads: int = 1,
-    copy_stream: bool = False,
-) -> dict[str, Any]:
-    """Embed every patch of every slide whose features are not current, and write them to ``store``.
+class Embed:
+    """ICMIL's embed phase as configured: every patch of every slide whose features are not current, through the
+    embedder, into the feature store.
 
     Args:
-        slides: the prepared slides (from :func:`~monai_icmil.data.prepare.prepare_coords`).
-        embedder: the current embedder.
-        store: the feature store (one file per slide).
-        tiling_params: the tiling parameters (part of the feature key).
         batch_size: patches per forward pass.
         num_workers: DataLoader worker processes reading patches; 0: ``prefetch_threads`` background reader threads
             in this process (:class:`~monai_icmil.data.prefetch.Prefetcher`), reading straight into pinned memory on
             CUDA.
         read_threads: decoding threads per read.
-        device: default CUDA when available, else CPU.
-        amp: bf16 autocast (default on CUDA only).
-        channels_last: channels-last memory format (default on).
-        dtype: stored dtype, ``"float16"`` (default) or ``"float32"``.
-        report: failed and empty slides are recorded here.
-        backend: slide backend.
-        progress: progress bars over slides and patches.
-        meta: extra metadata stored with each slide.
-        stain_normalize: Macenko-normalise every patch with its slide's stains (part of the feature key).
         prefetch_threads: reader threads when ``num_workers`` is 0.
         copy_stream: on CUDA, copy batches to the GPU on a stream of their own (:class:`EmbeddingEngine`).
+        dtype: stored dtype, ``"float16"`` (default), ``"bfloat16"`` or ``"float32"`` (part of the feature key).
+        amp: bf16 autocast (default on CUDA only).
+        channels_last: channels-last memory format (default on).
+        handlers: more handlers for the :class:`EmbeddingEngine` (e.g. on :class:`EmbeddingEvents`).
+        progress: progress bars over slides and patches.
 
-    Returns:
-        ``{"written": [...], "skipped": [...], "failed": [...], "empty": [...], "patches": n, "seconds": t,
-        "patches_per_s": r, "steady_patches_per_s": r1, "fingerprint": f}`` for this rank; ``r1`` leaves out the
-        start-up (loader start, first read, first forward): the patches after the first batch over the time from it
-        to the last write, the rate a long run settles at (0 with fewer than two batches).
+    Raises:
+        ValueError: an unknown ``dtype``.
     """
-    if dtype not in ("float16", "float32", "bfloat16"):
-        raise ValueError(f"dtype must be 'float16', 'float32' or 'bfloat16', got {dtype!r}")
-    items = list(slides.values()) if isinstance(slides, Mapping) else list(slides)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    fingerprint = embedder.fingerprint()
-    keys = {s["slide_id"]: feature_key(s["image"], tiling_params, fingerprint, dtype, stain_normalize) for s in items}
-    rank, world = _dist_info()
-    pending, skipped, empty = [], [], []
-    # shard the full list, then skip what is current: every rank sees the same shards even while others write
-    for s in items[rank::world]:
-        if store.is_current(s["slide_id"], keys[s["slide_id"]]):
-            skipped.append(s["slide_id"])
-        elif len(s["coords"]) == 0:
-            empty.append(s)
-        else:
-            pending.append(s)
-    meta = {**dict(meta or {}), "embedder": embedder.name, "embedder_fingerprint": fingerprint}
-    writer = SlideFeatureWriter(pending, store, keys, dtype, report, meta)
-    for s in empty:  # an empty bag is recorded as such, so it is current and excluded from training
-        writer.write(s, torch.zeros(0, embedder.out_dim, dtype=getattr(torch, dtype)))
-        if report is not None:
-            report.mark_empty(s["slide_id"], s["image"], "embed")
-    total = int(sum(len(s["coords"]) for s in pending))
-    t0 = time.perf_counter()
-    if pending:
-        engine = EmbeddingEngine(embedder, device, amp, channels_last, copy_stream)
+
+    def __init__(
+        self,
+        batch_size: int = 256,
+        num_workers: int = 2,
+        read_threads: int = 2,
+        prefetch_threads: int = 1,
+        copy_stream: bool = False,
+        dtype: str = "float16",
+        amp: bool | None = None,
+        channels_last: bool | None = None,
+        handlers: Sequence[Any] = (),
+        progress: bool = True,
+    ):
+        if dtype not in ("float16", "float32", "bfloat16"):
+            raise ValueError(f"embed: dtype must be 'float16', 'float32' or 'bfloat16', got {dtype!r}")
+        self.batch_size, self.num_workers, self.read_threads = int(batch_size), int(num_workers), int(read_threads)
+        self.prefetch_threads, self.copy_stream, self.dtype = int(prefetch_threads), bool(copy_stream), dtype
+        self.amp, self.channels_last, self.handlers, self.progress = amp, channels_last, list(handlers or []), progress
+
+    def __call__(
+        self,
+        slides: Mapping[str, SlideTiles] | Sequence[SlideTiles],
+        embedder: PatchEmbedder,
+        store: FeatureStore,
+        tiling_params: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        report: RunReport | None = None,
+        backend: str = "auto",
+        meta: Mapping[str, Any] | None = None,
+        stain_normalize: bool = False,
+    ) -> dict[str, Any]:
+        """Embed the slides whose features are not current and write them to ``store``.
+
+        Args:
+            slides: the prepared slides (from :func:`~monai_icmil.data.prepare.prepare_coords`).
+            embedder: the current embedder.
+            store: the feature store (one file per slide).
+            tiling_params: the tiling's description (part of the feature key).
+            device: default CUDA when available, else CPU.
+            report: failed and empty slides are recorded here.
+            backend: slide backend.
+            meta: extra metadata stored with each slide.
+            stain_normalize: Macenko-normalise every patch with its slide's stains (part of the feature key).
+
+        Returns:
+            ``{"written": [...], "skipped": [...], "failed": [...], "empty": [...], "patches": n, "seconds": t,
+            "patches_per_s": r, "steady_patches_per_s": r1, "fingerprint": f}`` for this rank; ``r1`` leaves out
+            the start-up (loader start, first read, first forward): the patches after the first batch over the time
+            from it to the last write, the rate a long run settles at (0 with fewer than two batches).
+        """
+        items = list(slides.values()) if isinstance(slides, Mapping) else list(slides)
+        device = default_device(device)
+        fingerprint = embedder.fingerprint()
+        keys = {
+            s["slide_id"]: feature_key(s["image"], tiling_params, fingerprint, self.dtype, stain_normalize)
+            for s in items
+        }
+        pending, skipped, empty = _pending(items, store, keys)
+        meta = {**dict(meta or {}), "embedder": embedder.name, "embedder_fingerprint": fingerprint}
+        writer = SlideFeatureWriter(pending, store, keys, self.dtype, report, meta)
+        for s in empty:  # an empty bag is recorded as such, so it is current and excluded from training
+            writer.write(s, torch.zeros(0, embedder.out_dim, dtype=getattr(torch, self.dtype)))
+            if report is not None:
+                report.mark_empty(s["slide_id"], s["image"], "embed")
+        t0 = time.perf_counter()
+        pace = self._run(pending, embedder, writer, device, backend, stain_normalize) if pending else None
+        seconds = time.perf_counter() - t0
+        done = int(sum(len(s["coords"]) for s in pending if s["slide_id"] in set(writer.written)))
+        return {
+            "written": writer.written,
+            "skipped": skipped,
+            "failed": [pending[i]["slide_id"] for i in sorted(writer.failed)],
+            "empty": [s["slide_id"] for s in empty],
+            "patches": done,
+            "seconds": seconds,
+            "patches_per_s": done / seconds if seconds > 0 and done else 0.0,
+            "steady_patches_per_s": pace.rate if pace is not None else 0.0,
+            "fingerprint": fingerprint,
+        }
+
+    def _run(
+        self,
+        pending: list[SlideTiles],
+        embedder: PatchEmbedder,
+        writer: SlideFeatureWriter,
+        device: torch.device,
+        backend: str,
+        stain_normalize: bool,
+    ) -> _SteadyPace:
+        """The engine over the pending slides' batches, with the writer, the pace and the progress bars."""
+        engine = EmbeddingEngine(embedder, device, self.amp, self.channels_last, self.copy_stream)
         writer.attach(engine)
         pace = _SteadyPace()
         pace.attach(engine)
-        bars = _attach_progress(engine, len(pending), total) if progress and rank == 0 else {}
+        attach_handlers(engine, self.handlers)
+        total = int(sum(len(s["coords"]) for s in pending))
+        bars = _attach_progress(engine, len(pending), total) if self.progress and dist_info()[0] == 0 else {}
         loader = patch_loader(
-            pending, batch_size, num_workers, read_threads, device, backend, stain_normalize, prefetch_threads
-        )
+            pending, self.batch_size, self.num_workers, self.read_threads, device, backend, stain_normalize,
+            self.prefetch_threads,
+        )  # fmt: skip
         try:
             engine.run(loader, max_epochs=1)
         except BaseException:
@@ -477,19 +493,24 @@ def embed_slides(
         finally:
             for bar in bars.values():
                 bar.close()
-    seconds = time.perf_counter() - t0
-    done = int(sum(len(s["coords"]) for s in pending if s["slide_id"] in set(writer.written)))
-    return {
-        "written": writer.written,
-        "skipped": skipped,
-        "failed": [pending[i]["slide_id"] for i in sorted(writer.failed)],
-        "empty": [s["slide_id"] for s in empty],
-        "patches": done,
-        "seconds": seconds,
-        "patches_per_s": done / seconds if seconds > 0 and done else 0.0,
-        "steady_patches_per_s": pace.rate if pending else 0.0,
-        "fingerprint": fingerprint,
-    }
+        return pace
+
+
+def _pending(
+    items: Sequence[SlideTiles], store: FeatureStore, keys: Mapping[str, Any]
+) -> tuple[list[SlideTiles], list[str], list[SlideTiles]]:
+    """This rank's share of the slides: ``(to embed, current ids, empty)``. The full list is sharded first, then what
+    is current skipped, so every rank sees the same shards even while others write."""
+    rank, world = dist_info()
+    pending, skipped, empty = [], [], []
+    for s in items[rank::world]:
+        if store.is_current(s["slide_id"], keys[s["slide_id"]]):
+            skipped.append(s["slide_id"])
+        elif len(s["coords"]) == 0:
+            empty.append(s)
+        else:
+            pending.append(s)
+    return pending, skipped, empty
 
 
 class _SteadyPace:

@@ -1,0 +1,883 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""The embedder phase: ICMIL's teacher-student fine-tuning of the patch embedder.
+
+The bag classifier trained in the bag phase, applied to single patches through its ``reduce`` and ``head``, is an
+instance-level teacher. Teacher = frozen copies of the embedder, ``reduce`` and ``head`` (eval mode, no gradient);
+student = trainable copies of the same three, initialised from the teacher. For random tissue patches of the
+training slides (no slide labels are used), the teacher sees the plain patch and the student a random view of it
+(the bundle's ``embedder_phase#views``: by default flips + a random resized crop of 50-100 % of the area, optionally
+a HED stain perturbation), made for the whole batch at once (:class:`~monai_icmil.transforms.views
+.BatchRandomViews`); the student learns to match the teacher (``embedder_phase#loss``:
+:class:`~monai_icmil.losses.ICMILDistillationLoss`).
+
+:class:`EmbedderPhase` is the phase as the bundle declares it; :class:`EmbedderPhaseTrainer` is its engine, holding
+both networks (as MONAI's ``AdversarialTrainer`` holds two) with the teacher-student step as its ``_iteration``;
+:class:`StudentSelection` is the handler that, every ``val_interval`` iterations and at each epoch end, compares
+student and teacher on held-out patches of the validation slides (mean absolute probability difference, argmax
+agreement), keeps the best student in the format :func:`~monai_icmil.networks.create_embedder` loads (a new
+fingerprint, so the next round's embedding recomputes every feature), stops early and checkpoints for resuming.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from ignite.engine import Engine, Events
+from monai.engines import SupervisedTrainer
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from monai_icmil.data.slide import get_slide
+from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
+from monai_icmil.handlers.common import attach_handlers, attach_progress_bar, describe_components
+from monai_icmil.losses import ICMILDistillationLoss, kl_terms
+from monai_icmil.networks.aggregators import MILAggregator, aggregator_name
+from monai_icmil.networks.embedders import PatchEmbedder
+from monai_icmil.transforms.stain import slide_stain_normalizer
+from monai_icmil.transforms.views import BatchRandomViews
+from monai_icmil.utils import (
+    atomic_path,
+    atomic_write_json,
+    component_signature,
+    default_device,
+    dist_info,
+    stable_hash,
+)
+
+logger = logging.getLogger("monai_icmil.embedder_phase")
+
+#: below this teacher agreement between plain patches and student views, the embedder phase warns
+VIEW_AGREEMENT_WARN = 0.9
+
+__all__ = [
+    "EmbedderPhase",
+    "EmbedderPhaseError",
+    "EmbedderPhaseTrainer",
+    "StudentSelection",
+    "InstanceClassifier",
+    "DistillationBatches",
+    "ResumableSequentialSampler",
+    "StudentStep",
+    "agreement",
+    "view_consistency",
+]
+
+
+class EmbedderPhaseError(RuntimeError):
+    """The embedder phase cannot start or go on; the message says why and what to do."""
+
+
+class InstanceClassifier(nn.Module):
+    """A bag classifier applied to single patches: ``embedder -> reduce -> instance head`` (+ the aggregator's
+    attention).
+
+    Args:
+        embedder: the patch embedder.
+        aggregator: the bag classifier.
+        confidence: the confidence-based variant's teacher (its instance head may differ: DTFD-MIL mixes its two
+            tiers, :meth:`~monai_icmil.networks.MILAggregator.instance_head`).
+    """
+
+    def __init__(self, embedder: PatchEmbedder, aggregator: MILAggregator, confidence: bool = False):
+        super().__init__()
+        self.embedder, self.aggregator, self.confidence = embedder, aggregator, bool(confidence)
+
+    def head_on_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(reduce(feats), instance_head(reduce(feats)))``."""
+        h = self.aggregator.reduce(feats)
+        return h, self.aggregator.instance_head(h, self.confidence)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_on_features(self.embedder(x))[1]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What ICMIL fine-tunes: the embedder, ``reduce`` and ``head`` (not the attention or DTFD's tier 1)."""
+        return [
+            *self.embedder.parameters(),
+            *self.aggregator.dim_reduction.parameters(),
+            *self.aggregator.head.parameters(),
+        ]
+
+
+class StudentStep(nn.Module):
+    """The student's two forward passes of one iteration as one module call (so DDP sees every trainable parameter
+    in a single forward): ``(student(view), *student.head_on_features(teacher_features))``."""
+
+    def __init__(self, student: InstanceClassifier):
+        super().__init__()
+        self.student = student
+
+    def forward(self, view: torch.Tensor, teacher_feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.student(view)
+        h_on_t, logits_on_t = self.student.head_on_features(teacher_feats)
+        return logits, h_on_t, logits_on_t
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+class DistillationBatches(Dataset):
+    """Batches of random tissue patches of the training slides, with their student views.
+
+    Item ``i`` of epoch ``e`` is drawn from a generator seeded with ``(seed, e, i)``, so batches are the same
+    whatever the number of DataLoader workers. Patches are read with one batched call per slide. Under DDP (the
+    distributed patch sampler), rank ``k`` of ``n`` takes patches ``k, k + n, ...`` of each drawn batch, with the
+    same student views they would have in one process: together the ranks see exactly the single-process batch.
+
+    Args:
+        slides: prepared slides (``image``, ``coords``, ``level``, ``read_size``, ``patch_size``).
+        views: the student views (default: ICMIL's, flips + a random resized crop of 50-100 % of the area).
+        batch_size: patches per batch.
+        num_batches: batches per epoch.
+        seed: base seed.
+        read_threads: decoding threads per read.
+        backend: slide backend.
+        rank, world_size: this process's share of each batch (DDP).
+        stain_normalize: Macenko-normalise patches with their slide's stains (as the embedding did).
+        with_views: make the student views (``False``: plain patches only, e.g. held-out validation patches).
+        views_in_worker: make the views here, in the DataLoader worker (right for CPU training). ``False``: return
+            only their random parameters (``"view_params"``), and the training step makes them on its device
+            (:attr:`views`), which on a GPU is ~100x cheaper than in the worker.
+
+    Returns per item: ``{"plain": uint8 [B, 3, P, P], "view": float [B, 3, P, P] in [0, 1]}`` or, without
+    ``views_in_worker``, ``{"plain", "view_params": float [B, 15]}`` (``B`` is ``batch_size / world_size`` under DDP).
+
+    Raises:
+        EmbedderPhaseError: no slide has a tissue patch.
+        ValueError: the views' patch size differs from the slides', or a batch that the ranks cannot split.
+    """
+
+    def __init__(
+        self,
+        slides: Sequence[Mapping[str, Any]],
+        views: BatchRandomViews | None = None,
+        batch_size: int = 100,
+        num_batches: int = 100,
+        seed: int = 0,
+        read_threads: int = 2,
+        backend: str = "auto",
+        rank: int = 0,
+        world_size: int = 1,
+        stain_normalize: bool = False,
+        with_views: bool = True,
+        views_in_worker: bool = True,
+    ):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of ranks ({world_size})")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.slides = [s for s in slides if len(s["coords"])]
+        if not self.slides:
+            raise EmbedderPhaseError(
+                "the embedder phase has no tissue patches to sample: every training slide has zero patches. "
+                "Check the tissue detection (min_tissue, min_saturation) or the slides."
+            )
+        self.sizes = np.array([len(s["coords"]) for s in self.slides])
+        self.offsets = np.r_[0, np.cumsum(self.sizes)]
+        self.batch_size, self.num_batches, self.seed = batch_size, num_batches, seed
+        self.patch_size = int(self.slides[0]["patch_size"])
+        self.views = views if views is not None else BatchRandomViews(self.patch_size)
+        if self.views.patch_size != self.patch_size:
+            raise ValueError(
+                f"the views make {self.views.patch_size}-px patches but the slides are tiled at {self.patch_size} px: "
+                "set the views' patch_size to the tiling's (embedder_phase#views#patch_size: @tiling#patch_size)."
+            )
+        self.stain_normalize, self.with_views, self.views_in_worker = stain_normalize, with_views, views_in_worker
+        self.read_threads, self.backend = read_threads, backend
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def read(self, flat: np.ndarray) -> torch.Tensor:
+        """Patches ``[B, 3, P, P]`` (uint8) for flat patch indices, read with one call per slide."""
+        slide_idx = np.searchsorted(self.offsets, flat, side="right") - 1
+        out = torch.empty((len(flat), 3, self.patch_size, self.patch_size), dtype=torch.uint8)
+        for si in np.unique(slide_idx):
+            rows = np.flatnonzero(slide_idx == si)
+            s = self.slides[si]
+            coords = np.asarray(s["coords"])[flat[rows] - self.offsets[si]]
+            reader = get_slide(s["image"], self.backend)
+            patches = reader.read_patches(
+                coords,
+                s["read_size"],
+                s["level"],
+                out_size=s["patch_size"] if s["patch_size"] != s["read_size"] else None,
+                num_workers=self.read_threads,
+                as_tensor=True,
+            )
+            if self.stain_normalize:
+                patches = slide_stain_normalizer(s["image"], reader)(patches)
+            out[torch.as_tensor(rows)] = patches
+        return out
+
+    def draw(self, i: int, views_per_patch: int = 1) -> tuple[torch.Tensor, np.ndarray]:
+        """This rank's patches of item ``i`` (uint8) and ``views_per_patch`` view seeds for each of them."""
+        rng = np.random.default_rng((self.seed, self.epoch, int(i)))
+        flat = rng.integers(0, int(self.offsets[-1]), self.batch_size)
+        view_seeds = rng.integers(2**31, size=(self.batch_size, views_per_patch))
+        mine = slice(self.rank, None, self.world_size)
+        return self.read(flat[mine]), view_seeds[mine]
+
+    def make_views(self, plain: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
+        """One student view of each ``uint8`` patch, drawn with its seed (float ``[B, 3, P, P]`` in [0, 1])."""
+        return self.views(plain, self.views.draw(np.asarray(seeds)[:, 0]))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        plain, seeds = self.draw(i)
+        if not self.with_views:
+            return {"plain": plain}
+        params = self.views.draw(seeds[:, 0])
+        if self.views_in_worker:
+            return {"plain": plain, "view": self.views(plain, params)}
+        return {"plain": plain, "view_params": params}
+
+
+class ResumableSequentialSampler(Sampler[int]):
+    """``start, start + 1, ..., n - 1``: batch indices of one epoch, from where an interrupted epoch stopped.
+
+    The embedder phase sets ``start`` when an epoch starts (``iteration % epoch_length``: 0 unless resuming).
+    """
+
+    def __init__(self, n: int):
+        self.n, self.start = int(n), 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.n))
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+
+
+class EmbedderPhaseTrainer(SupervisedTrainer):
+    """MONAI's trainer holding the teacher and the student, with ICMIL's teacher-student step as its iteration.
+
+    The step moves the batch to the device (making the student views there when the batch carries only their
+    parameters), runs the frozen teacher on the plain patches (embedder features, reduced features, logits and, for
+    a confidence-weighted loss, the teacher's confidence scores,
+    :meth:`~monai_icmil.networks.MILAggregator.confidence_scores`), the student on the views and on the teacher's
+    features (:class:`StudentStep`, DDP-wrapped under ``torchrun``), applies ``loss_function``, refuses a non-finite
+    loss, clips the reduction's and classifier's gradients (as ICMIL's reference; the embedder's too with
+    ``clip_embedder``) and steps the optimizer.
+
+    Args:
+        device, max_epochs, epoch_length, train_data_loader, optimizer, loss_function, train_handlers: as MONAI's
+            trainer (``network`` is the student).
+        teacher: the frozen instance classifier.
+        student: the trainable one (its :meth:`InstanceClassifier.trainable_parameters` are optimised).
+        views: the batch views (for batches that carry ``view_params``).
+        student_step: the student's forward as one module (default: ``StudentStep(student)``).
+        amp: bf16 autocast.
+        channels_last: channels-last inputs.
+        grad_clip: clip norm of ``reduce`` and ``head`` (and the embedder with ``clip_embedder``).
+        freeze_bn: keep the student embedder's batch-norm layers on their running statistics.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        max_epochs: int,
+        epoch_length: int,
+        train_data_loader: DataLoader,
+        teacher: InstanceClassifier,
+        student: InstanceClassifier,
+        optimizer: torch.optim.Optimizer,
+        loss_function: ICMILDistillationLoss,
+        views: BatchRandomViews,
+        student_step: nn.Module | None = None,
+        amp: bool = False,
+        channels_last: bool = True,
+        grad_clip: float | None = 5.0,
+        clip_embedder: bool = False,
+        freeze_bn: bool = True,
+        train_handlers: Sequence[Any] | None = None,
+    ):
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=student,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            decollate=False,
+            epoch_length=epoch_length,
+        )
+        self.teacher, self.views = teacher, views
+        self.student_step = student_step if student_step is not None else StudentStep(student)
+        self.amp, self.channels_last, self.grad_clip, self.clip_embedder = amp, channels_last, grad_clip, clip_embedder
+        self.freeze_bn = freeze_bn
+        attach_handlers(self, train_handlers)
+
+    def _inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        plain = batch["plain"].to(self.state.device, non_blocking=True)
+        if "view" in batch:
+            view = batch["view"].to(self.state.device, non_blocking=True)
+        else:  # the views are made here, on the training device, from the worker's random parameters
+            view = self.views(plain, batch["view_params"])
+        if self.channels_last:
+            plain = plain.contiguous(memory_format=torch.channels_last)
+            view = view.contiguous(memory_format=torch.channels_last)
+        return plain, view
+
+    def _iteration(self, engine: Engine, batchdata: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        plain, view = self._inputs(batchdata)
+        autocast = torch.autocast(self.state.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        confidence = getattr(self.loss_function, "confidence", False)
+        with torch.no_grad(), autocast:
+            f_t = self.teacher.embedder(plain)
+            h_t, logits_t = self.teacher.head_on_features(f_t)
+            scores = self.teacher.aggregator.confidence_scores(h_t) if confidence else None
+        student: InstanceClassifier = self.network
+        student.train()
+        if self.freeze_bn:
+            _freeze_batchnorm(student.embedder)
+        with autocast:
+            logits_s, h_s_on_t, logits_s_on_t = self.student_step(view, f_t.detach())
+            terms = self.loss_function(logits_s, logits_t, logits_s_on_t, h_s_on_t, h_t, scores)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise EmbedderPhaseError(
+                f"non-finite loss ({loss.item()}) at iteration {self.state.iteration}; training stopped, the best "
+                "student embedder so far is kept. Lower the learning rate."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            # as ICMIL's reference: clip the reduction and the classifier (optionally the embedder too)
+            torch.nn.utils.clip_grad_norm_(student.aggregator.dim_reduction.parameters(), self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(student.aggregator.head.parameters(), self.grad_clip)
+            if self.clip_embedder:
+                torch.nn.utils.clip_grad_norm_(student.embedder.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _freeze_batchnorm(module: nn.Module) -> None:
+    """Keep batch-norm layers on their running statistics (their affine parameters still train)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+@torch.no_grad()
+def agreement(
+    student: InstanceClassifier,
+    teacher: InstanceClassifier,
+    patches: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 128,
+) -> dict[str, float]:
+    """Student vs teacher on the same plain patches: mean absolute probability difference and argmax agreement."""
+    student.eval()
+    ps, pt = [], []
+    for i in range(0, len(patches), batch_size):
+        x = patches[i : i + batch_size].to(device)
+        ps.append(torch.softmax(student(x).float(), -1).cpu())
+        pt.append(torch.softmax(teacher(x).float(), -1).cpu())
+    s, t = torch.cat(ps), torch.cat(pt)
+    return {"mae": float((s - t).abs().mean()), "agreement": float((s.argmax(1) == t.argmax(1)).float().mean())}
+
+
+@torch.no_grad()
+def view_consistency(
+    teacher: InstanceClassifier,
+    patches: torch.Tensor,
+    views: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 128,
+) -> dict[str, float]:
+    """How far the instance teacher's own labels move between plain patches and the student's views of them.
+
+    The embedder phase asks the student to give each view the label the teacher gives the plain patch. Where the
+    teacher itself labels a view differently (features not invariant to flips, crops or stain), the student first
+    has to learn that invariance, which moves it away from the teacher on plain patches too; a low agreement here
+    warns that coupling will mostly teach invariance, not the teacher's category knowledge.
+
+    Returns:
+        ``view_mae`` (mean absolute probability difference), ``view_agreement`` (same argmax) and ``view_kl`` (the
+        loss's view term with the teacher in the student's place, i.e. the view term at iteration 0).
+    """
+    teacher.eval()
+    pv, pp, kl = [], [], []
+    for i in range(0, len(patches), batch_size):
+        lp = teacher(patches[i : i + batch_size].to(device)).float()
+        lv = teacher(views[i : i + batch_size].to(device)).float()
+        pp.append(torch.softmax(lp, -1).cpu())
+        pv.append(torch.softmax(lv, -1).cpu())
+        kl.append(kl_terms(lv, lp).mean(-1).cpu())
+    v, t = torch.cat(pv), torch.cat(pp)
+    return {
+        "view_mae": float((v - t).abs().mean()),
+        "view_agreement": float((v.argmax(1) == t.argmax(1)).float().mean()),
+        "view_kl": float(torch.cat(kl).mean()),
+    }
+
+
+class StudentSelection:
+    """Student vs teacher on fixed held-out patches every ``interval`` iterations and at each epoch end.
+
+    Each validation appends a history row (iteration, epoch, :func:`agreement`, the last loss terms), keeps the
+    student when its score is the best so far (``select``: lowest ``"mae"``, highest ``"agreement"``, or the
+    ``"last"`` one) by saving its embedder (``embedder.safetensors``, with the teacher embedder's fingerprint as its
+    source) and head (``student_head.pt``) on rank 0, stops the engine after ``early_stop_patience`` validations
+    without improvement, logs to MLflow and finally calls ``on_validated`` (the resume checkpoint).
+
+    Args:
+        teacher, student: the two instance classifiers.
+        held_out: uint8 held-out patches of the validation slides.
+        device: where to run them.
+        progress: history and best record (part of the resume checkpoint).
+        output_dir: where the kept student goes.
+        source_fingerprint: the teacher embedder's fingerprint.
+        select, interval, early_stop_patience: see above.
+        rank: the process's rank (rank 0 writes).
+        mlflow_run: ``val_*`` metrics per validation.
+        on_validated: called with the engine after each validation.
+    """
+
+    def __init__(
+        self,
+        teacher: InstanceClassifier,
+        student: InstanceClassifier,
+        held_out: torch.Tensor,
+        device: torch.device,
+        progress: PhaseProgress,
+        output_dir: Path,
+        source_fingerprint: str,
+        select: str = "mae",
+        interval: int = 50,
+        early_stop_patience: int | None = None,
+        rank: int = 0,
+        mlflow_run: Any = None,
+        on_validated: Callable[[Engine], None] | None = None,
+    ):
+        self.teacher, self.student, self.held_out, self.device = teacher, student, held_out, device
+        self.progress, self.output_dir, self.source = progress, Path(output_dir), source_fingerprint
+        self.select, self.interval, self.patience, self.rank = select, int(interval), early_stop_patience, rank
+        self.mlflow_run, self.on_validated = mlflow_run, on_validated
+        self.progress.extra.setdefault("stale", 0)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, self.interval)), self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        history, best, extra = self.progress.history, self.progress.best, self.progress.extra
+        if history and history[-1]["iteration"] == engine.state.iteration:
+            return
+        m = agreement(self.student, self.teacher, self.held_out, self.device)
+        losses = {f"loss_{k}": v for k, v in (engine.state.output or {}).items()}
+        history.append({"iteration": engine.state.iteration, "epoch": engine.state.epoch, **m, **losses})
+        score = {"mae": -m["mae"], "agreement": m["agreement"], "last": float(engine.state.iteration)}[self.select]
+        if score > best["score"]:
+            best.update(score=score, iteration=engine.state.iteration, metrics=m)
+            if self.rank == 0:
+                self.save(engine.state.iteration)
+            extra["stale"] = 0
+        else:
+            extra["stale"] += 1
+        if self.mlflow_run is not None:
+            self.mlflow_run.log_metrics({f"val_{k}": v for k, v in m.items()}, step=engine.state.iteration)
+        if self.patience and extra["stale"] >= self.patience:
+            engine.terminate()
+        if self.on_validated is not None:
+            self.on_validated(engine)  # a kill from here on loses at most `interval` iterations
+
+    def save(self, iteration: int | None = None) -> None:
+        """The student's embedder and head, as the kept student."""
+        extra = {"round_source": self.source, "iteration": str(iteration)} if iteration is not None else None
+        self.student.embedder.save(self.output_dir / "embedder.safetensors", extra=extra)
+        with atomic_path(self.output_dir / "student_head.pt") as tmp:
+            torch.save({k: v.detach().cpu() for k, v in self.student.aggregator.state_dict().items()}, tmp)
+
+
+# ---------------------------------------------------------------------------------------------------- the phase
+
+
+class EmbedderPhase:
+    """ICMIL's embedder phase as configured: fine-tunes the patch embedder with the bag classifier as teacher.
+
+    Under ``torchrun`` (a default process group is set up), every rank trains the student wrapped in DDP on its share
+    of each batch (:class:`DistillationBatches` with ``rank``/``world_size``), so the ranks together take the same
+    optimiser steps on the same patches as one process; rank 0 writes the files. The whole state (student, optimiser,
+    iteration, best score, random generators) is checkpointed at every validation into ``output_dir/resume/``: the
+    same call after an interruption continues from there and ends as an uninterrupted run would.
+
+    Args:
+        loss_function: the distillation loss (default: :class:`~monai_icmil.losses.ICMILDistillationLoss`; with
+            ``confidence=True`` and ``beta=None``, beta is 2 for DTFD-MIL and 6 otherwise).
+        optimizer: a factory called with the student's trainable parameters (default: Adam, lr 1e-5, weight decay
+            1e-4, as the paper).
+        views: the student views (default: flips + a random resized crop of 50-100 % of the area, at the slides'
+            patch size).
+        handlers: more handlers for the trainer (objects with ``attach``, or classes/partials building them).
+        epochs, batches_per_epoch, batch_size: how many patches (paper: batch 100).
+        grad_clip: clip norm of ``reduce`` and ``head`` (and the embedder with ``clip_embedder``).
+        val_interval: validate every this many iterations (and at each epoch end).
+        val_patches: held-out validation patches.
+        select: keep the student with the lowest ``"mae"`` or the highest ``"agreement"`` (ICMIL selects by the
+            agreement with the teacher), or the ``"last"`` one.
+        early_stop_patience: validations without improvement before stopping (``None``: never).
+        num_workers, read_threads: reading and augmentation overlap training.
+        device, amp, channels_last: default CUDA with bf16 autocast and channels-last; fp32 on CPU.
+        grad_checkpointing: trade compute for memory in the student embedder (larger backbones / batches).
+        freeze_bn: keep the student's batch-norm layers on their running statistics, as the teacher's are (eval
+            mode). Updating them from batches of augmented views made the student drift from the teacher in eval
+            mode in our CPU tests (distillation loss 0.0004 -> 0.019), hence on by default.
+        views_on_device: make the views batch-wise in the training step on ``device`` (default: on CUDA) rather
+            than in the DataLoader workers (default on the CPU, where the workers overlap them with training).
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        loss_function: ICMILDistillationLoss | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        views: BatchRandomViews | None = None,
+        handlers: Sequence[Any] = (),
+        epochs: int = 1,
+        batches_per_epoch: int = 100,
+        batch_size: int = 100,
+        grad_clip: float | None = 5.0,
+        clip_embedder: bool = False,
+        val_interval: int = 50,
+        val_patches: int = 256,
+        select: str = "mae",
+        early_stop_patience: int | None = None,
+        num_workers: int = 2,
+        read_threads: int = 2,
+        device: str | torch.device | None = None,
+        amp: bool | None = None,
+        channels_last: bool | None = None,
+        grad_checkpointing: bool = False,
+        freeze_bn: bool = True,
+        views_on_device: bool | None = None,
+        progress: bool = True,
+    ):
+        if select not in ("mae", "agreement", "last"):
+            raise ValueError(f"embedder_phase: select must be 'mae', 'agreement' or 'last', got {select!r}")
+        self.loss_function = loss_function if loss_function is not None else ICMILDistillationLoss()
+        self.optimizer = optimizer or functools.partial(torch.optim.Adam, lr=1e-5, weight_decay=1e-4)
+        self.views, self.handlers = views, list(handlers or [])
+        self.epochs, self.batches_per_epoch, self.batch_size = int(epochs), int(batches_per_epoch), int(batch_size)
+        self.grad_clip, self.clip_embedder = grad_clip, clip_embedder
+        self.val_interval, self.val_patches, self.select = int(val_interval), int(val_patches), select
+        self.early_stop_patience, self.num_workers, self.read_threads = early_stop_patience, num_workers, read_threads
+        self.device = default_device(device)
+        self.amp = self.device.type == "cuda" if amp is None else amp
+        self.channels_last = True if channels_last is None else channels_last
+        self.grad_checkpointing, self.freeze_bn, self.progress = grad_checkpointing, freeze_bn, progress
+        self.views_on_device = self.device.type == "cuda" if views_on_device is None else views_on_device
+
+    def signature(self) -> dict[str, Any]:
+        """What the phase's results depend on (its resume checkpoints carry the hash)."""
+        return component_signature(
+            {
+                "loss": self.loss_function,
+                "optimizer": self.optimizer,
+                "views": self.views,
+                "settings": [self.epochs, self.batches_per_epoch, self.batch_size, self.grad_clip, self.clip_embedder],
+                "validation": [self.val_interval, self.val_patches, self.select, self.early_stop_patience],
+                "freeze_bn": self.freeze_bn,
+            }
+        )
+
+    def __call__(
+        self,
+        embedder: PatchEmbedder,
+        aggregator: MILAggregator,
+        train_slides: Sequence[Mapping[str, Any]],
+        val_slides: Sequence[Mapping[str, Any]],
+        output_dir: str | os.PathLike,
+        seed: int = 0,
+        mlflow_run: Any = None,
+        backend: str = "auto",
+        stain_normalize: bool = False,
+    ) -> dict[str, Any]:
+        """Fine-tune ``embedder`` with ``aggregator`` (a trained bag classifier) as the instance teacher.
+
+        Args:
+            embedder: the embedder that made the bag phase's features (the teacher's; the student starts from it).
+            aggregator: the trained bag classifier (its ``reduce``, ``head`` and, for the confidence variant,
+                ``attention`` are used).
+            train_slides: prepared training slides (patches are sampled from their coordinates; labels are not used).
+            val_slides: prepared validation slides (held-out patches for student-vs-teacher agreement).
+            output_dir: ``embedder.safetensors`` (the kept student), ``student_head.pt`` and ``history.json`` go here.
+            seed: seeds patch sampling and the views.
+            mlflow_run: log params, loss terms, agreement metrics and the checkpoint here.
+            backend: slide backend.
+            stain_normalize: Macenko-normalise patches with their slide's stains (use the embedding's setting).
+
+        Returns:
+            ``{"checkpoint", "fingerprint", "best": {...}, "best_iteration", "history", "embedder", "world_size",
+            "teacher_consistency": :func:`view_consistency` of the teacher on the held-out patches}``.
+
+        Raises:
+            EmbedderPhaseError: no tissue patches, an aggregator without attention for the confidence variant, or a
+                non-finite loss (names the iteration; the best embedder so far is kept).
+            ValueError: the bag classifier's feature dimension differs from the embedder's output.
+        """
+        from monai.utils import set_determinism
+
+        criterion = self._criterion(embedder, aggregator)
+        out_dir = Path(output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        set_determinism(seed)
+        rank, world_size = _dist_context()
+        views = self.views if self.views is not None else BatchRandomViews(int(train_slides[0]["patch_size"]))
+        data_args = dict(read_threads=self.read_threads, backend=backend, stain_normalize=stain_normalize)
+        train_data = DistillationBatches(
+            train_slides, views, self.batch_size, self.batches_per_epoch, seed, rank=rank, world_size=world_size,
+            views_in_worker=not self.views_on_device, **data_args,
+        )  # fmt: skip
+        val_data = DistillationBatches(val_slides or train_slides, views, self.val_patches, 1, seed + 1, **data_args)
+        # fixed held-out patches, read once (every rank: same patches, same decisions), and one student view of each
+        held_out, held_out_seeds = val_data.draw(0)
+        teacher, student, consistency = self._networks(embedder, aggregator, held_out, val_data, held_out_seeds)
+        trainer, progress, resume = self._trainer(
+            teacher, student, criterion, train_data, held_out, out_dir, embedder, aggregator, seed, mlflow_run
+        )
+        if mlflow_run is not None:
+            self._track(mlflow_run, trainer, embedder, aggregator, seed, world_size, stain_normalize)
+        resume.run(trainer)  # continues an interrupted run (logs where from)
+        return self._finish(student, out_dir, progress, resume, consistency, world_size, rank, mlflow_run)
+
+    def _criterion(self, embedder: PatchEmbedder, aggregator: MILAggregator) -> ICMILDistillationLoss:
+        """The loss for this teacher (checked against it), refusing a mismatched bag classifier before any work."""
+        if aggregator.in_dim != embedder.out_dim:
+            raise ValueError(
+                f"the bag classifier expects {aggregator.in_dim}-d features but the embedder '{embedder.name}' gives "
+                f"{embedder.out_dim}-d: the checkpoint belongs to another embedder or feature dimension."
+            )
+        confidence = getattr(self.loss_function, "confidence", False)
+        if confidence and not aggregator.has_attention:
+            raise EmbedderPhaseError(
+                f"the confidence-based variant needs attention; {type(aggregator).__name__} has none"
+            )
+        if isinstance(self.loss_function, ICMILDistillationLoss):
+            return self.loss_function.for_teacher(aggregator)
+        return self.loss_function
+
+    def _networks(
+        self,
+        embedder: PatchEmbedder,
+        aggregator: MILAggregator,
+        held_out: torch.Tensor,
+        val_data: DistillationBatches,
+        held_out_seeds: np.ndarray,
+    ) -> tuple[InstanceClassifier, InstanceClassifier, dict[str, float]]:
+        """The frozen teacher, its view consistency on the held-out patches (warned about when low), the student."""
+        device, confidence = self.device, getattr(self.loss_function, "confidence", False)
+        teacher = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(aggregator), confidence)
+        teacher = teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        consistency = view_consistency(teacher, held_out, val_data.make_views(held_out, held_out_seeds), device)
+        logger.info(
+            "instance teacher on plain patches vs the student's views of them: agreement %.3f, mean |dp| %.3f, "
+            "view KL %.4f",
+            consistency["view_agreement"],
+            consistency["view_mae"],
+            consistency["view_kl"],
+        )
+        if consistency["view_agreement"] < VIEW_AGREEMENT_WARN:
+            warnings.warn(
+                f"the instance teacher labels {1 - consistency['view_agreement']:.0%} of held-out patches differently "
+                "once flipped/cropped/stain-jittered as the student sees them (agreement "
+                f"{consistency['view_agreement']:.3f} < {VIEW_AGREEMENT_WARN}): the embedder phase will mostly teach "
+                "the student that invariance rather than the teacher's classes. Usual causes: a random-init or "
+                "untuned starting embedder; milder views (a larger min_area, lower hed_jitter) or pretrained weights "
+                "help.",
+                stacklevel=3,
+            )
+        student = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(aggregator)).to(device)
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for p in student.trainable_parameters():
+            p.requires_grad_(True)
+        if self.channels_last:
+            teacher.embedder.to(memory_format=torch.channels_last)
+            student.embedder.to(memory_format=torch.channels_last)
+        if self.grad_checkpointing:
+            student.embedder.set_grad_checkpointing(True)
+        return teacher, student, consistency
+
+    def _trainer(
+        self,
+        teacher: InstanceClassifier,
+        student: InstanceClassifier,
+        criterion: ICMILDistillationLoss,
+        train_data: DistillationBatches,
+        held_out: torch.Tensor,
+        out_dir: Path,
+        embedder: PatchEmbedder,
+        aggregator: MILAggregator,
+        seed: int,
+        mlflow_run: Any,
+    ) -> tuple[EmbedderPhaseTrainer, PhaseProgress, ResumeCheckpoint]:
+        """The trainer (DDP-wrapped student step under ``torchrun``) with its handlers and resume checkpoint."""
+        student_step: nn.Module = StudentStep(student)
+        if train_data.world_size > 1:  # gradients are averaged over the ranks, whose batches make the whole batch
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            student_step = DistributedDataParallel(student_step, device_ids=ids)
+        optimizer = self.optimizer(student.trainable_parameters())
+        sampler = ResumableSequentialSampler(self.batches_per_epoch)
+        loader = DataLoader(
+            train_data,
+            batch_size=None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if self.num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed),  # leaves the global generators alone (exact resumes)
+        )
+        trainer = EmbedderPhaseTrainer(
+            self.device, self.epochs, self.batches_per_epoch, loader, teacher, student, optimizer, criterion,
+            train_data.views, student_step, self.amp, self.channels_last, self.grad_clip, self.clip_embedder,
+            self.freeze_bn, self.handlers,
+        )  # fmt: skip
+        progress = PhaseProgress({"score": -math.inf, "iteration": 0, "metrics": {}})
+        signature = {
+            "embedder": embedder.fingerprint(),
+            "aggregator": {k: v.float().sum().item() for k, v in aggregator.state_dict().items()},
+            "train": [(s["slide_id"], len(s["coords"])) for s in train_data.slides],
+            "phase": self.signature(),
+            "rest": [seed, train_data.world_size, train_data.stain_normalize],
+        }
+        state = {"trainer": trainer, "network": student, "optimizer": optimizer, "progress": progress}
+        resume = ResumeCheckpoint(out_dir / "resume", state, stable_hash(signature))
+
+        @trainer.on(Events.EPOCH_STARTED)
+        def _epoch(engine: Engine) -> None:
+            train_data.set_epoch(engine.state.epoch)
+            sampler.start = engine.state.iteration % self.batches_per_epoch  # not 0 only when resuming in an epoch
+
+        StudentSelection(
+            teacher, student, held_out, self.device, progress, out_dir, embedder.fingerprint(), self.select,
+            self.val_interval, self.early_stop_patience, train_data.rank, mlflow_run, on_validated=resume,
+        ).attach(trainer)  # fmt: skip
+        self._log(trainer, train_data.rank)
+        return trainer, progress, resume
+
+    def _log(self, trainer: EmbedderPhaseTrainer, rank: int) -> None:
+        from monai_icmil.handlers.stats import stats_handler
+
+        stats_handler(
+            "monai_icmil.embedder_phase",
+            output_transform=lambda o: o["loss"],
+            iteration_log=False,
+            tag_name="distillation_loss",
+        ).attach(trainer)
+        if self.progress and rank == 0:
+            attach_progress_bar(trainer, "embedder_phase")
+
+    def _track(
+        self,
+        run: Any,
+        trainer: EmbedderPhaseTrainer,
+        embedder: PatchEmbedder,
+        aggregator: MILAggregator,
+        seed: int,
+        world_size: int,
+        stain_normalize: bool,
+    ) -> None:
+        from monai_icmil.handlers.tracking import mlflow_handler
+
+        mlflow_handler(
+            run,
+            iteration_log=True,
+            epoch_log=False,
+            tag_name="loss",
+            output_transform=lambda o: {f"loss_{k}": v for k, v in o.items()},
+        ).attach(trainer)
+        loss = self.loss_function
+        run.log_params(
+            {
+                "embedder": embedder.name,
+                "embedder_fingerprint": embedder.fingerprint(),
+                "aggregator": aggregator_name(aggregator),
+                **describe_components(loss=loss, optimizer=self.optimizer, views=self.views),
+                "confidence": getattr(loss, "confidence", None),
+                "beta": getattr(trainer.loss_function, "beta", None),
+                **{f"views.{k}": v for k, v in vars(trainer.views).items() if isinstance(v, (int, float, bool))},
+                "grad_clip": self.grad_clip,
+                "batch_size": self.batch_size,
+                "epochs": self.epochs,
+                "batches_per_epoch": self.batches_per_epoch,
+                "select": self.select,
+                "seed": seed,
+                "freeze_bn": self.freeze_bn,
+                "world_size": world_size,
+                "stain_normalize": stain_normalize,
+            }
+        )
+
+    def _finish(
+        self,
+        student: InstanceClassifier,
+        out_dir: Path,
+        progress: PhaseProgress,
+        resume: ResumeCheckpoint,
+        consistency: dict[str, float],
+        world_size: int,
+        rank: int,
+        mlflow_run: Any,
+    ) -> dict[str, Any]:
+        """The kept student as the round's embedder (every rank loads the same file), its history and records."""
+        from monai_icmil.networks.embedders import create_embedder
+
+        ckpt = out_dir / "embedder.safetensors"
+        if world_size > 1:
+            torch.distributed.barrier()
+        if rank == 0:
+            if not ckpt.is_file():  # no validation ran (e.g. terminated at once): keep the initial student
+                student.embedder.save(ckpt)
+            atomic_write_json(out_dir / "history.json", progress.history)
+            resume.clear()
+        if world_size > 1:
+            torch.distributed.barrier()  # every rank loads the same tuned embedder
+        tuned = create_embedder(None, weights=ckpt)
+        best = progress.best
+        if mlflow_run is not None:
+            mlflow_run.log_metrics({f"best_val_{k}": v for k, v in best["metrics"].items()})
+            mlflow_run.log_metrics({f"teacher_{k}": v for k, v in consistency.items()})
+            mlflow_run.log_artifacts([ckpt, out_dir / "history.json"], artifact_path="embedder_phase")
+        return {
+            "checkpoint": str(ckpt),
+            "fingerprint": tuned.fingerprint(),
+            "best": best["metrics"],
+            "best_iteration": best["iteration"],
+            "history": progress.history,
+            "embedder": tuned,
+            "world_size": world_size,
+            "teacher_consistency": consistency,
+        }
+
+
+def _dist_context() -> tuple[int, int]:
+    """``(rank, world_size)``; under a process group also sets up ignite's context on every rank at once (ignite's
+    first distributed call is collective, and the resume checkpoint's saver makes it)."""
+    rank, world_size = dist_info()
+    if world_size > 1:
+        import ignite.distributed as idist
+
+        idist.get_rank()
+    return rank, world_size

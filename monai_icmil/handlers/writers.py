@@ -1,0 +1,232 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Inference writers: what a pathologist looks at for each predicted slide, declared in ``configs/inference.json``.
+
+Inference (:func:`~monai_icmil.inference.predict_slides`) scores every slide and hands each writer a
+:class:`SlidePrediction` (slide, reader, coordinates, scores); after the last slide each writer's :meth:`finish`
+runs. A writer of your own needs only those two methods (``write`` and ``finish``) and goes into the bundle's
+``inference_writers`` list.
+
+* :class:`HeatmapWriter`: ``<slide>_heatmap.png``, attention and instance probability over the thumbnail;
+* :class:`GeoJSONWriter`: ``<slide>.geojson``, one polygon per patch with its scores (QuPath: File > Import objects);
+* :class:`TopPatchesWriter`: ``<slide>_top_patches.jpg``, the patches with the highest tumour probability and
+  attention, as the model saw them;
+* :class:`TriageSheetWriter`: ``overview/page_<k>.jpg``, every slide's instance-probability overlay on contact
+  sheets, the highest positive-class probability first, predicted-positive captions in red.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monai_icmil.utils import atomic_write_text
+
+__all__ = [
+    "SlidePrediction",
+    "SlideWriter",
+    "HeatmapWriter",
+    "GeoJSONWriter",
+    "TopPatchesWriter",
+    "TriageSheetWriter",
+    "top_patches",
+    "geojson_patches",
+]
+
+
+@dataclass
+class SlidePrediction:
+    """One scored slide, as the writers see it.
+
+    Attributes:
+        slide_id: the slide's name in the outputs.
+        image: its path.
+        reader: the open slide.
+        tiles: its tiling (``level``, ``read_size``, ``patch_size``).
+        coords: ``[N, 2]`` level-0 patch coordinates.
+        scores: ``probs`` (slide probabilities), ``instance_prob`` (``[N]``, last class) and, where the aggregator
+            has attention, ``attention`` (``[N]``, softmax over the slide).
+        output_dir: the inference folder.
+        class_names: class names (the last is the positive class).
+    """
+
+    slide_id: str
+    image: str
+    reader: Any
+    tiles: Mapping[str, Any]
+    coords: np.ndarray
+    scores: Mapping[str, np.ndarray]
+    output_dir: Path
+    class_names: Sequence[str] | None = None
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def footprint(self) -> float:
+        """Patch side in level-0 pixels."""
+        return float(self.tiles["read_size"] * self.reader.level_downsamples[self.tiles["level"]])
+
+    @property
+    def positive(self) -> str:
+        return self.class_names[-1] if self.class_names else "last class"
+
+    @property
+    def predicted(self) -> str:
+        k = int(np.argmax(self.scores["probs"]))
+        return str(self.class_names[k]) if self.class_names else str(k)
+
+    def thumbnail(self) -> tuple[np.ndarray, float]:
+        """The slide's thumbnail (at most 1024 px) and its downsample, read once for all writers."""
+        if "thumbnail" not in self._cache:
+            self._cache["thumbnail"] = self.reader.thumbnail(1024)
+        return self._cache["thumbnail"]
+
+    def maps(self) -> dict[str, np.ndarray]:
+        """Score grids on the patch grid: attention (min-max normalised, where there is one), instance probability."""
+        if "maps" not in self._cache:
+            from monai_icmil.visualize import score_grid
+
+            dims, foot = self.reader.dimensions, self.footprint
+            maps = {"instance probability": score_grid(self.coords, self.scores["instance_prob"], foot, dims)}
+            if "attention" in self.scores:
+                att = np.asarray(self.scores["attention"])
+                att_norm = (att - att.min()) / max(float(att.max() - att.min()), 1e-12)
+                maps = {"attention (min-max)": score_grid(self.coords, att_norm, foot, dims), **maps}
+            self._cache["maps"] = maps
+        return self._cache["maps"]
+
+
+class SlideWriter(ABC):
+    """Base of the inference writers: :meth:`write` per slide, :meth:`finish` after the last one."""
+
+    @abstractmethod
+    def write(self, pred: SlidePrediction) -> None:
+        """Write this slide's outputs into ``pred.output_dir``."""
+
+    def finish(self, output_dir: Path) -> None:
+        """After the last slide (nothing by default)."""
+
+
+class HeatmapWriter(SlideWriter):
+    """``<slide>_heatmap.png``: the thumbnail, then attention and instance probability over it (Matplotlib figure,
+    about 1 s a slide on 2 CPU cores)."""
+
+    def write(self, pred: SlidePrediction) -> None:
+        from monai_icmil.visualize import save_heatmaps
+
+        thumb, thumb_ds = pred.thumbnail()
+        maps = pred.maps()
+        grid_h, grid_w = next(iter(maps.values())).shape
+        extent = (grid_w * pred.footprint / thumb_ds, grid_h * pred.footprint / thumb_ds)
+        title = f"{pred.slide_id}: predicted {pred.predicted} (p={float(np.max(pred.scores['probs'])):.3f})"
+        save_heatmaps(pred.output_dir / f"{pred.slide_id}_heatmap.png", thumb, extent, maps, title=title)
+
+
+def geojson_patches(coords: np.ndarray, footprint: float, measurements: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection with one square polygon per patch (level-0 pixels) and its scores.
+
+    QuPath imports it (File > Import objects) as tiles carrying the scores as measurements.
+    """
+    features = []
+    for i, (x, y) in enumerate(np.asarray(coords, dtype=float)):
+        ring = [[x, y], [x + footprint, y], [x + footprint, y + footprint], [x, y + footprint], [x, y]]
+        values = {k: float(v[i]) for k, v in measurements.items()}
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"objectType": "tile", "name": f"patch {i}", "measurements": values},
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+class GeoJSONWriter(SlideWriter):
+    """``<slide>.geojson``: one square per patch with its instance probability and attention."""
+
+    def write(self, pred: SlidePrediction) -> None:
+        measurements = {"instance_probability": pred.scores["instance_prob"]}
+        if "attention" in pred.scores:
+            measurements["attention"] = pred.scores["attention"]
+        collection = geojson_patches(pred.coords, pred.footprint, measurements)
+        atomic_write_text(pred.output_dir / f"{pred.slide_id}.geojson", json.dumps(collection))
+
+
+def top_patches(scores: Mapping[str, np.ndarray], k: int = 8) -> dict[str, np.ndarray]:
+    """Indices of the ``k`` patches with the highest instance probability (of the last class) and, where the
+    aggregator has attention, the ``k`` with the highest attention: what a pathologist looks at first."""
+    order = {"instance probability": np.argsort(-np.asarray(scores["instance_prob"]), kind="stable")[:k]}
+    if "attention" in scores:
+        order["attention"] = np.argsort(-np.asarray(scores["attention"]), kind="stable")[:k]
+    return order
+
+
+class TopPatchesWriter(SlideWriter):
+    """``<slide>_top_patches.jpg``: row 1 the ``k`` patches with the highest positive-class probability, row 2 those
+    with the highest attention, read at the model's resolution.
+
+    Args:
+        k: patches per row.
+        read_threads: decoding threads.
+    """
+
+    def __init__(self, k: int = 8, read_threads: int = 2):
+        self.k, self.read_threads = int(k), int(read_threads)
+
+    def write(self, pred: SlidePrediction) -> None:
+        from monai_icmil.visualize import save_patch_montage
+
+        top = top_patches(pred.scores, self.k)
+        k = min(len(v) for v in top.values())
+        picks = np.concatenate([v[:k] for v in top.values()])
+        t = pred.tiles
+        patches = pred.reader.read_patches(
+            pred.coords[picks], t["read_size"], t["level"], out_size=t["patch_size"], num_workers=self.read_threads
+        )
+        by = " / ".join({"instance probability": f"{pred.positive} probability"}.get(n, n) for n in top)
+        caption = f"{pred.slide_id}: top {k} patches by {by} (rows)"
+        save_patch_montage(pred.output_dir / f"{pred.slide_id}_top_patches.jpg", patches, ncols=k, caption=caption)
+
+
+class TriageSheetWriter(SlideWriter):
+    """``overview/page_<k>.jpg``: every slide's instance-probability overlay, the most likely positive first, its
+    caption in red where the positive class is predicted (triage: the slides to look at first are on page 1).
+
+    Args:
+        cell_side: the overlay kept per slide until the pages are drawn (JPEG, a few KB).
+    """
+
+    def __init__(self, cell_side: int = 384):
+        self.cell_side = int(cell_side)
+        self.cells: list[tuple[float, dict[str, Any]]] = []
+        self.positive = "last class"
+
+    def write(self, pred: SlidePrediction) -> None:
+        from monai_icmil.visualize import encode_jpeg, score_overlay
+
+        thumb, thumb_ds = pred.thumbnail()
+        overlay = score_overlay(thumb, thumb_ds, pred.maps()["instance probability"], pred.footprint)
+        probs = pred.scores["probs"]
+        p_positive = float(probs[-1])
+        self.positive = pred.positive
+        cell = {
+            "picture": encode_jpeg(overlay, self.cell_side),
+            "lines": (pred.slide_id, f"{pred.positive} {p_positive:.3f}"),
+            "color": (190, 0, 0) if int(np.argmax(probs)) == len(probs) - 1 else 0,
+        }
+        self.cells.append((p_positive, cell))
+
+    def finish(self, output_dir: Path) -> None:
+        from monai_icmil.visualize import save_contact_sheets
+
+        if not self.cells:
+            return
+        ranked = [cell for _, cell in sorted(self.cells, key=lambda pc: -pc[0])]
+        title = f"predictions, highest {self.positive} probability first (red: predicted)"
+        save_contact_sheets(Path(output_dir) / "overview", ranked, title)
+        self.cells = []

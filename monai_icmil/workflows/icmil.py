@@ -1,0 +1,556 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""The ICMIL loop: a thin MONAI bundle workflow over configured phase components.
+
+Round 0 embeds every slide with the starting (frozen) embedder and trains the bag classifier. Each round ``r >= 1``
+couples: the embedder phase fine-tunes round ``r-1``'s embedder with round ``r-1``'s bag classifier as teacher,
+the tuned embedder re-embeds every slide (the fingerprint changed, so no stale feature is reused), and a new bag
+classifier is trained. Every round keeps its artifacts under ``output_dir/round_<r>/``::
+
+    round_<r>/embedder_phase/embedder.safetensors   the round's embedder (r >= 1)
+    round_<r>/features/<slide>.safetensors           its features (the embed phase's store)
+    round_<r>/bag_phase/bag_classifier.pt            the round's bag classifier, predictions, history
+    round_<r>/test/                                  test predictions, ROC curve, metrics
+
+The phases are components the bundle declares (``configs/train.json``): the tiling transforms, the starting
+embedder and the aggregator (factories), :class:`~monai_icmil.engines.Pretrain`, :class:`~monai_icmil.engines.Embed`,
+:class:`~monai_icmil.engines.BagPhase` and :class:`~monai_icmil.engines.EmbedderPhase`. This workflow only orders
+them, with :class:`~monai_icmil.workflows.ledger.PhaseLedger` (``state.json``: a rerun after an interruption continues
+at the first unfinished phase), :class:`~monai_icmil.workflows.splits.DatasetSplits`, an
+:class:`~monai_icmil.handlers.tracking.MLflowRunTree` (one parent run, a nested run per round and per phase) and
+:func:`~monai_icmil.workflows.summary.write_summary`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import BundleWorkflow
+
+from monai_icmil.data.prepare import SlideTiles, prepare_coords, tiling_signature
+from monai_icmil.data.report import RunReport
+from monai_icmil.data.store import BagDataset, CoordsStore, FeatureStore, feature_key
+from monai_icmil.data.tiling import TilingConfig
+from monai_icmil.engines.bag_phase import BagPhase
+from monai_icmil.engines.embed import Embed
+from monai_icmil.engines.embedder_phase import EmbedderPhase
+from monai_icmil.engines.pretrain import Pretrain
+from monai_icmil.handlers.tracking import MLflowRunTree
+from monai_icmil.networks.aggregators import MILAggregator, aggregator_class, aggregator_name
+from monai_icmil.networks.embedders import PatchEmbedder, create_embedder
+from monai_icmil.utils import atomic_write_json, barrier, component_signature, default_device, dist_info
+from monai_icmil.workflows.ledger import PhaseLedger
+from monai_icmil.workflows.splits import DatasetSplits
+from monai_icmil.workflows.summary import write_summary
+
+__all__ = ["ICMILWorkflow"]
+
+logger = logging.getLogger("monai_icmil.workflow")
+
+
+def _rank() -> int:
+    return dist_info()[0]
+
+
+class ICMILWorkflow(BundleWorkflow):
+    """Rounds of embed -> bag phase -> embedder phase over configured components, resumable, tracked in MLflow.
+
+    Args:
+        dataset_dir: data root of the datalist's relative paths.
+        output_dir: where every round's artifacts, ``state.json``, ``summary.md`` and ``mlruns.db`` go.
+        datalist: the datalist file (relative to ``dataset_dir`` unless absolute).
+        num_rounds: coupled rounds after round 0 (``num_rounds=2`` trains three bag classifiers).
+        round_patience: stop early after this many rounds without a better validation AUC.
+        tiling: the prepare step's dictionary transform (default :class:`~monai_icmil.data.tiling.TilingConfig`).
+        embedder: a factory of the starting embedder (called after seeding, so a random init is the same in every
+            run), or ``create_embedder`` arguments.
+        aggregator: a factory of the bag classifier, called with ``in_dim`` and ``num_classes`` (a class or a partial
+            of one), or a registered name.
+        pretrain: when given, round 0's embedder is the starting embedder after this self-supervised pre-training on
+            the training slides' tissue patches (kept in ``output_dir/pretrain/``).
+        embed, bag_phase, embedder_phase: the phases (defaults: each component with its defaults).
+        num_classes: number of slide classes.
+        class_names: names of the classes (CSV headers; the last is the positive class).
+        val_fraction: fraction of training slides held out when the datalist has no validation split.
+        seed: one seed for tiling order, sampling, augmentation and initialisation.
+        device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when available).
+        mlflow: ``{"enabled": True, "tracking_uri": None, "experiment_name": "icmil", "run_name": "icmil"}``.
+        synthetic: when given and the datalist is missing, generate a synthetic dataset into ``dataset_dir`` with
+            these :func:`~monai_icmil.data.synthetic.make_dataset` arguments (the demo).
+        on_slide_error: ``"skip"`` (record in ``report.json`` and go on) or ``"raise"``.
+        min_slides: stop with a clear error when fewer usable training slides remain.
+        backend: slide backend.
+        progress: progress bars.
+        allow_outside_root: allow datalist paths outside ``dataset_dir``.
+        stain_normalize: Macenko-normalise every patch with its slide's stains (embedding, embedder phase,
+            inference); off by default.
+        tiling_qc: a QC image per slide in ``output_dir/coords/qc/<slide>.jpg``, ``tiling.csv`` and contact sheets.
+
+    Raises:
+        FileNotFoundError: ``dataset_dir`` does not exist (and no synthetic dataset is configured).
+        ValueError: an unknown aggregator, a negative ``num_rounds`` or an unknown ``on_slide_error``.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str,
+        output_dir: str,
+        datalist: str = "datalist.json",
+        num_rounds: int = 1,
+        round_patience: int = 1,
+        tiling: Callable[[dict], Mapping[str, Any]] | None = None,
+        embedder: Callable[..., PatchEmbedder] | Mapping[str, Any] | None = None,
+        aggregator: Callable[..., MILAggregator] | str = "abmil",
+        pretrain: Pretrain | None = None,
+        embed: Embed | None = None,
+        bag_phase: BagPhase | None = None,
+        embedder_phase: EmbedderPhase | None = None,
+        num_classes: int = 2,
+        class_names: Sequence[str] | None = None,
+        val_fraction: float = 0.25,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        mlflow: Mapping[str, Any] | None = None,
+        synthetic: Mapping[str, Any] | None = None,
+        on_slide_error: str = "skip",
+        min_slides: int = 2,
+        backend: str = "auto",
+        progress: bool = True,
+        allow_outside_root: bool = False,
+        stain_normalize: bool = False,
+        tiling_qc: bool = True,
+    ):
+        super().__init__(workflow_type=None)
+        self.dataset_dir, self.output_dir = Path(dataset_dir), Path(output_dir)
+        self.num_rounds, self.round_patience = int(num_rounds), int(round_patience)
+        self.num_classes, self.class_names = int(num_classes), list(class_names) if class_names else None
+        self.seed, self.device = int(seed), default_device(device)
+        self.tiling = tiling if tiling is not None else TilingConfig(backend=backend)
+        self.embedder = functools.partial(create_embedder, **embedder) if isinstance(embedder, Mapping) else embedder
+        self.embedder = self.embedder or functools.partial(create_embedder, "resnet50_trunc")
+        self.aggregator = self._check_aggregator(aggregator)
+        dev, prog = self.device, progress
+        self.phases = {
+            "pretrain": pretrain,
+            "embed": embed or Embed(progress=prog),
+            "bag_phase": bag_phase or BagPhase(device=dev, progress=prog),
+            "embedder_phase": embedder_phase or EmbedderPhase(device=dev, progress=prog),
+        }
+        if on_slide_error not in ("skip", "raise"):
+            raise ValueError(f"on_slide_error must be 'skip' or 'raise', got {on_slide_error!r}")
+        self.on_slide_error, self.min_slides, self.backend, self.progress = (
+            on_slide_error,
+            int(min_slides),
+            backend,
+            progress,
+        )
+        self.stain_normalize, self.tiling_qc = bool(stain_normalize), bool(tiling_qc)
+        if synthetic is None and not self.dataset_dir.is_dir():
+            raise FileNotFoundError(
+                f"dataset_dir '{self.dataset_dir}' does not exist. Set `dataset_dir` to the folder holding the slides "
+                "and the datalist (or add configs/demo.json to generate a synthetic dataset there)."
+            )
+        if self.num_rounds < 0:
+            raise ValueError(f"num_rounds must be >= 0, got {num_rounds}")
+        self.splits = DatasetSplits(
+            dataset_dir, datalist, output_dir, self.seed, val_fraction, synthetic, allow_outside_root, progress
+        )
+        self.ledger = PhaseLedger(self.output_dir / "state.json")
+        self.report = RunReport(self.output_dir / "report.json")
+        self.tracking = MLflowRunTree(self.output_dir, **{**dict(mlflow or {}), "params": self.params})
+        self.tiling_params = tiling_signature(self.tiling)
+        self._slides: dict[str, SlideTiles] | None = None
+        self._pretrain_record: dict[str, Any] | None = None
+
+    def _check_aggregator(self, aggregator: Callable[..., MILAggregator] | str) -> Callable[..., MILAggregator]:
+        """The aggregator as a factory, built once on a tiny input so that bad arguments fail before any work."""
+        if isinstance(aggregator, str):
+            aggregator = aggregator_class(aggregator)  # an unknown name fails here, listing the known ones
+        net = aggregator(in_dim=8, num_classes=self.num_classes)
+        if not isinstance(net, MILAggregator):
+            raise TypeError(f"the aggregator factory {aggregator!r} built a {type(net).__name__}, not a MILAggregator")
+        return aggregator
+
+    # ------------------------------------------------------------------------------------------------ bundle workflow
+    def initialize(self) -> ICMILWorkflow:
+        """Ready to run: the output folder exists (the checks that need no data ran at construction)."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def finalize(self) -> None:
+        """End the parent MLflow run."""
+        self.tracking.close()
+
+    def _get_property(self, name: str, property: dict) -> Any:
+        return self.__dict__.get(name)
+
+    def _set_property(self, name: str, property: dict, value: Any) -> None:
+        self.__dict__[name] = value
+
+    def params(self) -> dict[str, Any]:
+        """The parent MLflow run's parameters."""
+        return {
+            "dataset_dir": str(self.dataset_dir),
+            "num_rounds": self.num_rounds,
+            "aggregator": aggregator_name(self.aggregator),
+            "aggregator_config": component_signature(self.aggregator),
+            "embedder": component_signature(self.embedder),
+            "tiling": self.tiling_params,
+            **{name: component_signature(phase) for name, phase in self.phases.items() if phase is not None},
+            "seed": self.seed,
+            "stain_normalize": self.stain_normalize,
+            "device": str(self.device),
+            "num_classes": self.num_classes,
+        }
+
+    def round_dir(self, r: int) -> Path:
+        return self.output_dir / f"round_{r}"
+
+    # ------------------------------------------------------------------------------------------------ data
+    def prepare(self) -> dict[str, SlideTiles]:
+        """Tissue masks and patch coordinates of every slide (kept in ``output_dir/coords``)."""
+        if self._slides is not None:
+            return self._slides
+        if _rank() != 0:
+            barrier()  # rank 0 tiles first; the others then load the same coordinates from the store
+        self._slides = prepare_coords(
+            self.splits.all_items(),
+            self.tiling,
+            CoordsStore(self.output_dir / "coords"),
+            report=self.report,
+            on_slide_error=self.on_slide_error,
+            backend=self.backend,
+            progress=self.progress,
+            qc_dir=self.output_dir / "coords" / "qc" if self.tiling_qc else None,
+        )
+        if _rank() == 0:
+            barrier()
+        usable = self._usable("training")
+        excluded = len(self.report.excluded())
+        if excluded:
+            warnings.warn(
+                f"{excluded} slide(s) failed or have no tissue; they are left out (see {self.report.path}).",
+                stacklevel=2,
+            )
+        if len(usable) < self.min_slides:
+            raise RuntimeError(
+                f"only {len(usable)} usable training slide(s) remain (min_slides={self.min_slides}); see "
+                f"{self.report.path} for the slides that failed."
+            )
+        return self._slides
+
+    def _usable(self, split: str) -> list[SlideTiles]:
+        """The split's prepared slides, less those that failed or have no tissue."""
+        slides, excluded = self.prepare(), self.report.excluded()
+        return [
+            slides[e["slide_id"]]
+            for e in self.splits.items().get(split, [])
+            if e["slide_id"] in slides and e["slide_id"] not in excluded and len(slides[e["slide_id"]]["coords"])
+        ]
+
+    def bags(self, r: int, split: str, embedder: PatchEmbedder | None = None) -> BagDataset:
+        """Round ``r``'s feature bags of ``split`` (every one current for the round's embedder)."""
+        fp = (embedder or self.embedder_for(r)).fingerprint()
+        dtype = self.phases["embed"].dtype
+        keys = {
+            sid: feature_key(s["image"], self.tiling_params, fp, dtype, self.stain_normalize)
+            for sid, s in self.prepare().items()
+        }
+        excluded = self.report.excluded()
+        items = [
+            e for e in self.splits.items().get(split, []) if e["slide_id"] in keys and e["slide_id"] not in excluded
+        ]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # empty bags are already reported once
+            return BagDataset(FeatureStore(self.round_dir(r) / "features"), items, keys)
+
+    # ------------------------------------------------------------------------------------------------ models
+    def starting_embedder(self) -> PatchEmbedder:
+        """The configured starting embedder (random init, or the weights it names), before any pre-training."""
+        torch.manual_seed(self.seed)  # a random-init starting embedder is the same in every run
+        return self.embedder()
+
+    def embedder_for(self, r: int) -> PatchEmbedder:
+        """Round ``r``'s embedder: the starting one (or its pre-trained version) for round 0, the embedder phase's
+        output after."""
+        if r == 0 and self.phases["pretrain"] is not None:
+            self.pretrain()
+            return create_embedder(None, weights=self.output_dir / "pretrain" / "embedder.safetensors")
+        if r == 0:
+            return self.starting_embedder()
+        path = self.round_dir(r) / "embedder_phase" / "embedder.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"round {r}'s embedder is missing ({path}); run its embedder phase first.")
+        return create_embedder(None, weights=path)
+
+    def bag_classifier_path(self, r: int) -> Path:
+        return self.round_dir(r) / "bag_phase" / "bag_classifier.pt"
+
+    def final_round(self) -> int:
+        """The finished round with the best validation AUC (the model :meth:`infer` uses)."""
+        rounds = {r: s for r, s in self.ledger.rounds().items() if "bag_phase" in s}
+        if not rounds:
+            raise FileNotFoundError(f"no finished round in {self.output_dir}; run the training first.")
+
+        def score(r: int) -> float:
+            auc = rounds[r]["bag_phase"]["val"].get("auc")
+            return -math.inf if auc is None or math.isnan(auc) else auc
+
+        return max(sorted(rounds), key=score)
+
+    # ------------------------------------------------------------------------------------------------ phases
+    def pretrain(self) -> dict[str, Any]:
+        """Pre-training of the starting embedder (``pretrain``); its output is round 0's embedder. Runs once
+        (recorded in ``state.json``), on rank 0 while the others wait."""
+        if self._pretrain_record is not None:
+            return self._pretrain_record
+        phase = self.phases["pretrain"]
+        if phase is None:
+            raise ValueError("no pretrain phase is configured (add configs/pretrain.json).")
+        out = self.output_dir / "pretrain"
+        if _rank() == 0 and not (self.ledger.get(None, "pretrain") and (out / "embedder.safetensors").is_file()):
+            run, t0 = self.tracking.nested("pretrain"), time.perf_counter()
+            result = phase(
+                self.starting_embedder(), self._usable("training"), out, self.seed + 7, run, self.backend,
+                self.stain_normalize,
+            )  # fmt: skip
+            final_loss = result["history"][-1]["loss"] if result["history"] else None
+            record = {
+                "seconds": time.perf_counter() - t0,
+                "fingerprint": result["fingerprint"],
+                "final_loss": final_loss,
+            }
+            self.tracking.end(run)
+            self.ledger.mark(None, "pretrain", record)
+        barrier()  # every rank passes here once, whether or not there was work
+        self._pretrain_record = self.ledger.get(None, "pretrain") or {}
+        return self._pretrain_record
+
+    def embed(self, r: int = 0) -> dict[str, Any]:
+        """Round ``r``'s embed phase: every slide through round ``r``'s embedder into ``round_<r>/features``."""
+        if (done := self.ledger.get(r, "embed")) is not None:
+            return done
+        if r >= 1:
+            self.embedder_phase(r)  # round r's embedder comes out of its embedder phase
+        embedder = self.embedder_for(r)  # (round 0 with pre-training configured: pre-trains first, timed apart)
+        run, t0 = self.tracking.phase(r, "embed"), time.perf_counter()
+        result = self.phases["embed"](
+            self.prepare(), embedder, FeatureStore(self.round_dir(r) / "features"), self.tiling_params,
+            device=self.device, report=self.report, backend=self.backend, meta={"round": r},
+            stain_normalize=self.stain_normalize,
+        )  # fmt: skip
+        if self.on_slide_error == "raise" and result["failed"]:
+            raise RuntimeError(f"embedding failed for slide(s) {result['failed']} (see {self.report.path})")
+        record = {"seconds": time.perf_counter() - t0, "patches": result["patches"]}
+        record.update(fingerprint=result["fingerprint"], written=len(result["written"]))
+        record.update(skipped=len(result["skipped"]), failed=result["failed"])
+        if run is not None:
+            run.log_params({"embedder": embedder.name, "fingerprint": result["fingerprint"], "round": r})
+            rates = {k: result[k] for k in ("patches", "patches_per_s", "steady_patches_per_s")}
+            run.log_metrics({**rates, "seconds": record["seconds"], "failed_slides": len(result["failed"])})
+            self.tracking.end(run)
+        barrier()  # under torchrun every rank embeds its share of the slides
+        if _rank() == 0:
+            self.ledger.mark(r, "embed", record)
+        barrier()
+        return record
+
+    def bag_phase(self, r: int = 0) -> dict[str, Any]:
+        """Round ``r``'s bag phase on its features (embeds first if needed), then its test metrics."""
+        if (done := self.ledger.get(r, "bag_phase")) is not None:
+            return done
+        self.embed(r)
+        if _rank() != 0:  # the bag phase runs on rank 0 (bags are small); the others wait
+            barrier()
+            return self.ledger.get(r, "bag_phase") or {}
+        run, t0 = self.tracking.phase(r, "bag_phase"), time.perf_counter()
+        embedder = self.embedder_for(r)
+        result = self.phases["bag_phase"](
+            self.bags(r, "training", embedder), self.bags(r, "validation", embedder), self.aggregator,
+            self.round_dir(r) / "bag_phase", self.num_classes, self.seed + r, self.class_names, run,
+        )  # fmt: skip
+        record = {
+            "seconds": time.perf_counter() - t0,
+            "best_epoch": result["best_epoch"],
+            "val": {k[4:]: v for k, v in result["val"].items() if k.startswith("val_")},
+            "restart": result["restart"],
+            "restarts_val": [x["best_metric"] for x in result["restarts"]],
+        }
+        self.tracking.end(run)
+        self.ledger.mark(r, "bag_phase", record)
+        self.test(r)
+        barrier()
+        return record
+
+    def embedder_phase(self, r: int = 1) -> dict[str, Any]:
+        """Round ``r``'s embedder phase: round ``r-1``'s bag classifier teaches round ``r-1``'s embedder."""
+        from monai_icmil.engines.bag_phase import load_bag_classifier
+
+        if r < 1:
+            raise ValueError("the embedder phase starts round 1 (it needs round 0's bag classifier as teacher)")
+        if (done := self.ledger.get(r, "embedder_phase")) is not None:
+            return done
+        self.bag_phase(r - 1)
+        run, t0 = self.tracking.phase(r, "embedder_phase"), time.perf_counter()
+        embedder = self.embedder_for(r - 1)
+        teacher = load_bag_classifier(
+            self.bag_classifier_path(r - 1), "cpu", expect_in_dim=embedder.out_dim, expect_aggregator=self.aggregator
+        )
+        result = self.phases["embedder_phase"](
+            embedder, teacher, self._usable("training"), self._usable("validation"),
+            self.round_dir(r) / "embedder_phase", self.seed + 1000 * r, run, self.backend, self.stain_normalize,
+        )  # fmt: skip
+        record = {"seconds": time.perf_counter() - t0}
+        record.update({k: result[k] for k in ("fingerprint", "best_iteration", "best", "world_size")})
+        record["teacher_consistency"] = result["teacher_consistency"]
+        self.tracking.end(run)
+        if _rank() == 0:  # under torchrun every rank trains (DDP); rank 0 records
+            self.ledger.mark(r, "embedder_phase", record)
+        barrier()
+        return record
+
+    def test(self, r: int = 0, split: str = "test") -> dict[str, Any]:
+        """Metrics, predictions CSV and ROC curve of round ``r``'s bag classifier on ``split``."""
+        from monai_icmil.engines.bag_phase import evaluate_bags, load_bag_classifier, write_predictions_csv
+        from monai_icmil.visualize import save_roc_curve
+
+        if split == "test" and (done := self.ledger.get(r, "test")) is not None:
+            return done
+        out, ds = self.round_dir(r) / split, self.bags(r, split)
+        record: dict[str, Any] = {"metrics": {}, "slides": 0}
+        if len(ds):
+            net = load_bag_classifier(self.bag_classifier_path(r), self.device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                metrics, rows = evaluate_bags(net, ds, self.device)
+            write_predictions_csv(out / "predictions.csv", rows, self.class_names)
+            probs, labels = np.array([x["probs"] for x in rows]), np.array([x["label"] for x in rows])
+            if len(set(labels.tolist())) > 1:
+                save_roc_curve(out / "roc.png", probs, labels, title=f"round {r}, {split}: {len(rows)} slides")
+            atomic_write_json(out / "metrics.json", metrics)
+            record = {"metrics": metrics, "slides": len(rows)}
+        if split == "test":
+            self.ledger.mark(r, "test", record)
+            rr = self.tracking.round(r)
+            if rr is not None:
+                rr.log_metrics({f"test_{k}": v for k, v in record["metrics"].items()})
+                rr.log_artifacts([out / "predictions.csv", out / "roc.png"], artifact_path="test")
+        return record
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def run_round(self, r: int) -> dict[str, Any]:
+        """Round ``r``: (embedder phase,) embed, bag phase and test; the round's MLflow run gets the validation AUC
+        before and after."""
+        if r >= 1:
+            self.embedder_phase(r)
+        self.embed(r)
+        self.bag_phase(r)
+        rounds = self.ledger.rounds()
+        rr = self.tracking.round(r)
+        if rr is not None:
+            metrics = {"val_auc_after": rounds[r]["bag_phase"]["val"].get("auc")}
+            if r >= 1:
+                metrics["val_auc_before"] = rounds[r - 1]["bag_phase"]["val"].get("auc")
+            rr.log_metrics(metrics)
+            self.tracking.end(rr)
+        return rounds[r]
+
+    def run(self) -> dict[str, Any]:
+        """The whole ICMIL loop with the stopping rule; prints and saves ``summary.md``."""
+        self.prepare()
+        best_auc, stale = -math.inf, 0
+        for r in range(self.num_rounds + 1):
+            auc = self.run_round(r)["bag_phase"]["val"].get("auc", float("nan"))
+            if auc is not None and not math.isnan(auc) and auc > best_auc + 1e-9:
+                best_auc, stale = auc, 0
+            elif r > 0:
+                stale += 1
+                if stale >= self.round_patience and r < self.num_rounds:
+                    logger.info("validation AUC did not improve for %d round(s): stopping after round %d", stale, r)
+                    break
+        if _rank() != 0:
+            return {}
+        summary = self.summary()
+        self._log_run(summary)
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        """``summary.md`` (printed) and ``summary.json``: per round, val AUC, test AUC with its interval, accuracy,
+        F1 and time per phase."""
+        title = f"{aggregator_name(self.aggregator)}, {self.starting_embedder_name()}"
+        return write_summary(self.output_dir, self.ledger.rounds(), self.final_round(), title, self.report.excluded())
+
+    def starting_embedder_name(self) -> str:
+        """The starting embedder's name, from its configuration (nothing is built)."""
+        keywords = getattr(self.embedder, "keywords", {})
+        args = getattr(self.embedder, "args", ())
+        return str(keywords.get("name") or (args[0] if args else getattr(self.embedder, "__name__", "embedder")))
+
+    def _log_run(self, summary: Mapping[str, Any]) -> None:
+        """The parent run: final metrics, the summary, the report and the tiling QC."""
+        top = self.tracking.parent()
+        if top is None:
+            return
+        final = summary["final_round"]
+        values = {f"final_{k}": v for k, v in summary["rows"][final].items() if isinstance(v, (int, float))}
+        top.log_metrics({"final_round": final, **values})
+        top.log_metrics({"failed_slides": len(self.report.failed), "empty_slides": len(self.report.empty)})
+        top.log_artifacts([self.output_dir / "summary.md", self.output_dir / "report.json"])
+        qc = self.output_dir / "coords" / "qc"
+        top.log_artifacts([qc / "tiling.csv"], artifact_path="qc")
+        top.log_artifacts([qc / "overview"], artifact_path="qc/overview")  # the contact sheets, viewable in MLflow
+        self.tracking.close()
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def evaluate(self, split: str = "test", round: int | None = None) -> dict[str, Any]:
+        """Metrics, predictions CSV and ROC curve of the final (or given) round on ``split``."""
+        r = self.final_round() if round is None else int(round)
+        if split == "test":
+            self.ledger.forget(r, "test")
+        record = self.test(r, split)
+        print(json.dumps({"round": r, "split": split, **record}, indent=2, default=str))
+        return {"round": r, **record}
+
+    def infer(
+        self,
+        slides: str | Sequence[str],
+        output_dir: str | None = None,
+        round: int | None = None,
+        writers: Sequence[Any] = (),
+    ) -> list[dict[str, Any]]:
+        """Predict new slides: ``probabilities.csv`` and what ``writers`` make of each slide (the bundle's
+        ``inference_writers``: heatmaps, GeoJSON, top patches, triage sheets).
+
+        Args:
+            slides: a folder (every slide file in it) or a list of paths.
+            output_dir: where to write (default ``output_dir/inference``).
+            round: the round whose models to use (default: the best by validation AUC).
+            writers: :mod:`monai_icmil.handlers.writers` objects (none: probabilities only).
+        """
+        from monai_icmil.inference import predict_slides
+
+        r = self.final_round() if round is None else int(round)
+        return predict_slides(
+            slides,
+            self.embedder_for(r),
+            self.bag_classifier_path(r),
+            self.tiling,
+            Path(output_dir) if output_dir else self.output_dir / "inference",
+            embed=self.phases["embed"],
+            writers=writers,
+            device=self.device,
+            backend=self.backend,
+            class_names=self.class_names,
+            progress=self.progress,
+            stain_normalize=self.stain_normalize,
+        )

@@ -1,0 +1,117 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""The data of a run: the datalist by split (validated), a synthetic dataset generated on demand, and a recorded,
+stratified validation split when the datalist has none."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monai_icmil.data.datalist import SPLITS, load_datalist
+from monai_icmil.utils import atomic_write_json, barrier, dist_info
+
+__all__ = ["DatasetSplits"]
+
+logger = logging.getLogger("monai_icmil.workflow")
+
+
+class DatasetSplits:
+    """The datalist's ``training``, ``validation`` and ``test`` entries, loaded once.
+
+    Args:
+        dataset_dir: data root of the datalist's relative paths.
+        datalist: the datalist file (relative to ``dataset_dir`` unless absolute).
+        output_dir: where a generated validation split is recorded (``validation_split.json``).
+        seed: seeds the validation split.
+        val_fraction: fraction of each class of the training slides held out when there is no validation split.
+        synthetic: when given and the datalist is missing, generate a synthetic dataset into ``dataset_dir`` with
+            these :func:`~monai_icmil.data.synthetic.make_dataset` arguments (rank 0 writes, every rank waits).
+        allow_outside_root: allow datalist paths outside ``dataset_dir``.
+        progress: progress bar while generating.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str | os.PathLike,
+        datalist: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        seed: int = 0,
+        val_fraction: float = 0.25,
+        synthetic: Mapping[str, Any] | None = None,
+        allow_outside_root: bool = False,
+        progress: bool = True,
+    ):
+        self.dataset_dir, self.output_dir = Path(dataset_dir), Path(output_dir)
+        self.path = Path(datalist) if Path(datalist).is_absolute() else self.dataset_dir / datalist
+        self.seed, self.val_fraction = int(seed), float(val_fraction)
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.allow_outside_root, self.progress = allow_outside_root, progress
+        self._items: dict[str, list[dict[str, Any]]] | None = None
+
+    def items(self) -> dict[str, list[dict[str, Any]]]:
+        """The datalist by split (validated); generates the synthetic dataset first when configured."""
+        if self._items is not None:
+            return self._items
+        if self.synthetic is not None:
+            self._generate()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"datalist '{self.path}' does not exist (set `datalist` or `dataset_dir`).")
+        items = load_datalist(
+            self.path,
+            self.dataset_dir,
+            labels=None,
+            check_files=False,
+            require_labels=("training", "validation"),
+            allow_outside_root=self.allow_outside_root,
+        )
+        if not items.get("validation"):
+            items = self._with_validation_split(items)
+        self._items = items
+        return items
+
+    def all_items(self) -> list[dict[str, Any]]:
+        """Every entry of every split, in split order."""
+        return [e for split in SPLITS for e in self.items().get(split, [])]
+
+    def _generate(self) -> None:
+        from monai_icmil.data.synthetic import make_dataset
+
+        if dist_info()[0] == 0 and not self.path.is_file():  # one rank writes it; every rank waits here
+            logger.info("generating the synthetic dataset into %s", self.dataset_dir)
+            made = make_dataset(self.dataset_dir, progress=self.progress, **self.synthetic)
+            if made.resolve() != self.path.resolve():
+                raise FileNotFoundError(f"the synthetic datalist is {made}, but `datalist` is {self.path}")
+        barrier()
+
+    def _with_validation_split(self, items: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+        split_file = self.output_dir / "validation_split.json"
+        train = items["training"]
+        if split_file.is_file():
+            val_ids = set(json.loads(split_file.read_text())["validation"])
+        else:
+            rng = np.random.default_rng(self.seed)
+            val_ids = set()
+            for label in sorted({e["label"] for e in train}):
+                ids = [e["slide_id"] for e in train if e["label"] == label]
+                k = max(1, int(round(len(ids) * self.val_fraction))) if len(ids) > 1 else 0
+                val_ids.update(rng.choice(ids, k, replace=False).tolist() if k else [])
+            record = {"validation": sorted(val_ids), "seed": self.seed, "val_fraction": self.val_fraction}
+            atomic_write_json(split_file, record)
+        warnings.warn(
+            f"the datalist has no validation split: {len(val_ids)} training slides were held out (stratified, seed "
+            f"{self.seed}); the split is recorded in {split_file}.",
+            stacklevel=3,
+        )
+        return {
+            **items,
+            "training": [e for e in train if e["slide_id"] not in val_ids],
+            "validation": [e for e in train if e["slide_id"] in val_ids],
+        }
