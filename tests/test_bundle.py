@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from monai_icmil.engines.bag_phase import load_bag_classifier
-from monai_icmil.workflows import ICMILWorkflow, check_cli_overrides
+from monai_icmil.workflows import ICMILWorkflow, check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "icmil"
@@ -458,10 +458,22 @@ def test_override_of_a_non_existent_id_is_refused(tmp_path):
     assert proc.returncode != 0 and "unknown id(s): --num_round" in proc.stderr
     assert not (tmp_path / "data").exists()
     with pytest.raises(ValueError, match="unknown id"):
-        check_cli_overrides(["run", "--config_file", str(CONFIGS / "train.json"), "--agregator", "abmil"])
-    assert check_cli_overrides(["run", "--config_file", str(CONFIGS / "train.json"), "--tiling#mpp", "1.0"]) == [
+        check_config(["run", "--config_file", str(CONFIGS / "train.json"), "--agregator", "abmil"])
+    assert check_config(["run", "--config_file", str(CONFIGS / "train.json"), "--tiling#mpp", "1.0"]) == [
         "tiling#mpp"
     ]
+
+
+def test_settings_that_no_component_uses_are_refused(tmp_path):
+    """A setting in a config file that no component references (a typo, or an id of monai-icmil 0.1) would change
+    nothing: it is refused by name before any work; the shipped configs pass."""
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"bag_phase#class_weights": "balanced", "aggregator_kwargs": {"hidden_dim": 8}}))
+    with pytest.raises(ValueError, match=r"0\.1: 'aggregator_kwargs'.*no component uses: bag_phase#class_weights"):
+        check_config(["run", "--config_file", json.dumps([str(CONFIGS / "train.json"), str(old)])])
+    for extra in ("demo.json", "camelyon16.json", "pretrain.json", "inference.json", "evaluate.json"):
+        files = json.dumps([str(CONFIGS / "train.json"), str(CONFIGS / extra)])
+        assert check_config(["run", "--config_file", files, "--bag_phase#epochs", "3"]) == ["bag_phase#epochs"]
 
 
 def test_missing_dataset_dir_is_a_clear_error(tmp_path):

@@ -37,7 +37,7 @@ from monai_icmil.data.store import BagDataset
 from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
 from monai_icmil.handlers.common import EpochLoss, attach_handlers, attach_progress_bar, describe_components
 from monai_icmil.metrics import METRIC_NAMES, SlideMetric, slide_metrics
-from monai_icmil.networks.aggregators import MILAggregator, aggregator_class, aggregator_name, create_aggregator
+from monai_icmil.networks.aggregators import MILAggregator, aggregator_class, aggregator_factory, aggregator_name
 from monai_icmil.utils import (
     atomic_path,
     atomic_write_json,
@@ -93,7 +93,7 @@ class BagPhaseTrainer(SupervisedTrainer):
     carrying the slide's label), refuses a non-finite loss, and takes a clipped optimizer step.
 
     Args:
-        device, max_epochs, train_data_loader, network, optimizer, loss_function, train_handlers: as MONAI's
+        device, max_epochs, train_data_loader, network, optimizer, loss_function: as MONAI's
             :class:`~monai.engines.SupervisedTrainer` (one bag per batch: ``{"features" [N, D], "label",
             "slide_id"}``).
         grad_clip: gradient-norm clip of the whole network (0/``None``: none).
@@ -114,7 +114,6 @@ class BagPhaseTrainer(SupervisedTrainer):
         shuffle_instances: bool = True,
         max_instances: int | None = None,
         tier1_weight: float = 1.0,
-        train_handlers: Sequence[Any] | None = None,
     ):
         if isinstance(loss_function, torch.nn.Module):
             loss_function = loss_function.to(device)  # e.g. class weights
@@ -129,7 +128,6 @@ class BagPhaseTrainer(SupervisedTrainer):
         )
         self.grad_clip, self.shuffle_instances, self.max_instances = grad_clip, shuffle_instances, max_instances
         self.tier1_weight = tier1_weight
-        attach_handlers(self, train_handlers)
 
     def _iteration(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         feats = batchdata["features"].to(self.state.device).float()
@@ -219,7 +217,9 @@ class BagPhase:
         loss_function: slide-level loss on ``(logits [B, C], labels [B])`` (default: cross-entropy).
         optimizer: a factory called with the network's parameters (default: Adam, lr 2e-4, weight decay 1e-4).
         lr_scheduler: a factory called with the optimizer, stepped every epoch (``None``: constant learning rate).
-        handlers: more handlers for the trainer (objects with ``attach``, or classes/partials building them).
+        handlers: more handlers for the trainer (objects with ``attach``, or classes/partials building them),
+            attached after the phase's own, so at an epoch's end they see its loss, validation metrics and the best
+            checkpoint.
         epochs: most epochs per restart.
         restarts: initialisations to try (>= 1).
         key_metric: the validation metric that selects the epoch and the restart (one of auc, acc, f1, youden_acc,
@@ -461,11 +461,13 @@ class BagPhase:
         )
         metrics = {f"val_{m}": SlideMetric(m) for m in METRIC_NAMES}
         key = {f"val_{self.key_metric}": metrics.pop(f"val_{self.key_metric}")}
-        evaluator = BagPhaseEvaluator(self.device, val_loader, net, key_val_metric=key, additional_metrics=metrics)
+        evaluator = BagPhaseEvaluator(
+            self.device, val_loader, net, key_val_metric=key, additional_metrics=metrics, decollate=False
+        )
         evaluator.logger.setLevel(logging.WARNING)  # one validation per epoch: the stats handler reports it
         trainer = BagPhaseTrainer(
             self.device, self.epochs, train_loader, net, optimizer, self.loss_function, self.grad_clip,
-            self.shuffle_instances, self.max_instances, self.tier1_weight, self.handlers,
+            self.shuffle_instances, self.max_instances, self.tier1_weight,
         )  # fmt: skip
         progress = PhaseProgress({"metric": -math.inf, "epoch": 0, "val": {}})
         state = {"trainer": trainer, "network": net, "optimizer": optimizer, "progress": progress}
@@ -507,6 +509,7 @@ class BagPhase:
         stats_handler("monai_icmil.bag_phase", output_transform=lambda o: None, iteration_log=False).attach(evaluator)
         if self.progress:
             attach_progress_bar(trainer, "bag_phase")
+        attach_handlers(trainer, self.handlers)  # the bundle's own, last: they see the epoch's metrics
         return resume
 
     def _track(
@@ -543,9 +546,7 @@ class BagPhase:
 
 def _aggregator_factory(aggregator: AggregatorFactory | str, num_classes: int) -> AggregatorFactory:
     """``aggregator`` as a factory of ``in_dim`` alone, with the number of classes bound."""
-    if isinstance(aggregator, str):
-        return functools.partial(create_aggregator, aggregator, num_classes=num_classes)
-    return functools.partial(aggregator, num_classes=num_classes)
+    return functools.partial(aggregator_factory(aggregator), num_classes=num_classes)
 
 
 def _bags_signature(train_ds: Dataset, val_ds: Dataset) -> dict[str, Any]:

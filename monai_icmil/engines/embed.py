@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 import warnings
 from collections import deque
@@ -37,6 +38,8 @@ from monai_icmil.handlers.common import attach_handlers
 from monai_icmil.networks.embedders import PatchEmbedder
 from monai_icmil.transforms.stain import slide_stain_normalizer
 from monai_icmil.utils import default_device, dist_info
+
+logger = logging.getLogger("monai_icmil.embed")
 
 __all__ = [
     "Embed",
@@ -451,6 +454,10 @@ class Embed:
         pace = self._run(pending, embedder, writer, device, backend, stain_normalize) if pending else None
         seconds = time.perf_counter() - t0
         done = int(sum(len(s["coords"]) for s in pending if s["slide_id"] in set(writer.written)))
+        logger.info(
+            "embed: %d slide(s) written (%d patches, %.1f s), %d current, %d empty, %d failed",
+            len(writer.written), done, seconds, len(skipped), len(empty), len(writer.failed),
+        )  # fmt: skip
         return {
             "written": writer.written,
             "skipped": skipped,

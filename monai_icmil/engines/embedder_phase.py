@@ -277,8 +277,8 @@ class EmbedderPhaseTrainer(SupervisedTrainer):
     ``clip_embedder``) and steps the optimizer.
 
     Args:
-        device, max_epochs, epoch_length, train_data_loader, optimizer, loss_function, train_handlers: as MONAI's
-            trainer (``network`` is the student).
+        device, max_epochs, epoch_length, train_data_loader, optimizer, loss_function: as MONAI's trainer
+            (``network`` is the student).
         teacher: the frozen instance classifier.
         student: the trainable one (its :meth:`InstanceClassifier.trainable_parameters` are optimised).
         views: the batch views (for batches that carry ``view_params``).
@@ -306,7 +306,6 @@ class EmbedderPhaseTrainer(SupervisedTrainer):
         grad_clip: float | None = 5.0,
         clip_embedder: bool = False,
         freeze_bn: bool = True,
-        train_handlers: Sequence[Any] | None = None,
     ):
         super().__init__(
             device=device,
@@ -322,7 +321,6 @@ class EmbedderPhaseTrainer(SupervisedTrainer):
         self.student_step = student_step if student_step is not None else StudentStep(student)
         self.amp, self.channels_last, self.grad_clip, self.clip_embedder = amp, channels_last, grad_clip, clip_embedder
         self.freeze_bn = freeze_bn
-        attach_handlers(self, train_handlers)
 
     def _inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         plain = batch["plain"].to(self.state.device, non_blocking=True)
@@ -499,9 +497,9 @@ class StudentSelection:
         if self.on_validated is not None:
             self.on_validated(engine)  # a kill from here on loses at most `interval` iterations
 
-    def save(self, iteration: int | None = None) -> None:
+    def save(self, iteration: int) -> None:
         """The student's embedder and head, as the kept student."""
-        extra = {"round_source": self.source, "iteration": str(iteration)} if iteration is not None else None
+        extra = {"round_source": self.source, "iteration": str(iteration)}
         self.student.embedder.save(self.output_dir / "embedder.safetensors", extra=extra)
         with atomic_path(self.output_dir / "student_head.pt") as tmp:
             torch.save({k: v.detach().cpu() for k, v in self.student.aggregator.state_dict().items()}, tmp)
@@ -640,7 +638,8 @@ class EmbedderPhase:
         out_dir.mkdir(parents=True, exist_ok=True)
         set_determinism(seed)
         rank, world_size = _dist_context()
-        views = self.views if self.views is not None else BatchRandomViews(int(train_slides[0]["patch_size"]))
+        sizes = [int(s["patch_size"]) for s in train_slides if len(s["coords"])]
+        views = self.views if self.views is not None or not sizes else BatchRandomViews(sizes[0])
         data_args = dict(read_threads=self.read_threads, backend=backend, stain_normalize=stain_normalize)
         train_data = DistillationBatches(
             train_slides, views, self.batch_size, self.batches_per_epoch, seed, rank=rank, world_size=world_size,
@@ -752,7 +751,7 @@ class EmbedderPhase:
         trainer = EmbedderPhaseTrainer(
             self.device, self.epochs, self.batches_per_epoch, loader, teacher, student, optimizer, criterion,
             train_data.views, student_step, self.amp, self.channels_last, self.grad_clip, self.clip_embedder,
-            self.freeze_bn, self.handlers,
+            self.freeze_bn,
         )  # fmt: skip
         progress = PhaseProgress({"score": -math.inf, "iteration": 0, "metrics": {}})
         signature = {
@@ -775,6 +774,7 @@ class EmbedderPhase:
             self.val_interval, self.early_stop_patience, train_data.rank, mlflow_run, on_validated=resume,
         ).attach(trainer)  # fmt: skip
         self._log(trainer, train_data.rank)
+        attach_handlers(trainer, self.handlers)  # the bundle's own, last: they see each validation's record
         return trainer, progress, resume
 
     def _log(self, trainer: EmbedderPhaseTrainer, rank: int) -> None:
@@ -817,6 +817,11 @@ class EmbedderPhase:
                 **describe_components(loss=loss, optimizer=self.optimizer, views=self.views),
                 "confidence": getattr(loss, "confidence", None),
                 "beta": getattr(trainer.loss_function, "beta", None),
+                **{
+                    f"loss.{k}": getattr(loss, k)
+                    for k in ("view_weight", "head_weight", "reduce_weight")
+                    if hasattr(loss, k)
+                },
                 **{f"views.{k}": v for k, v in vars(trainer.views).items() if isinstance(v, (int, float, bool))},
                 "grad_clip": self.grad_clip,
                 "batch_size": self.batch_size,

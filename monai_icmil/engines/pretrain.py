@@ -108,8 +108,8 @@ class PretrainTrainer(SupervisedTrainer):
     projector, the NT-Xent loss (``loss_function``, with ``temperature``), an optimizer step.
 
     Args:
-        device, max_epochs, epoch_length, train_data_loader, network, optimizer, train_handlers: as MONAI's trainer
-            (``network`` is the :class:`SimCLRModel`).
+        device, max_epochs, epoch_length, train_data_loader, network, optimizer: as MONAI's trainer (``network`` is
+            the :class:`SimCLRModel`).
         views: the batch views (for batches that carry only their parameters).
         temperature: NT-Xent temperature.
         amp, channels_last: bf16 autocast, channels-last inputs.
@@ -127,7 +127,6 @@ class PretrainTrainer(SupervisedTrainer):
         temperature: float = 0.2,
         amp: bool = False,
         channels_last: bool = True,
-        train_handlers: Sequence[Any] | None = None,
     ):
         super().__init__(
             device=device,
@@ -141,7 +140,6 @@ class PretrainTrainer(SupervisedTrainer):
             epoch_length=epoch_length,
         )
         self.views, self.amp, self.channels_last = views, amp, channels_last
-        attach_handlers(self, train_handlers)
 
     def _iteration(self, engine: Engine, batchdata: Mapping[str, torch.Tensor]) -> dict[str, float]:
         self.network.train()
@@ -270,7 +268,7 @@ class Pretrain:
             model.embedder.to(memory_format=torch.channels_last)
         trainer, progress, resume = self._trainer(model, data, embedder, out_dir, seed, mlflow_run)
         if mlflow_run is not None:
-            mlflow_run.log_params(self._params(embedder, seed))
+            mlflow_run.log_params(self._params(embedder, data.views, seed))
         resume.run(trainer)
         ckpt = out_dir / "embedder.safetensors"
         model.embedder.save(ckpt, extra={"pretrained_from": embedder.fingerprint(), "method": "SimCLR"})
@@ -308,7 +306,7 @@ class Pretrain:
         )
         trainer = PretrainTrainer(
             self.device, self.epochs, self.batches_per_epoch, loader, model, optimizer, data.views, self.temperature,
-            self.amp, self.channels_last, self.handlers,
+            self.amp, self.channels_last,
         )  # fmt: skip
         progress = PhaseProgress()
         state = {"trainer": trainer, "network": model, "optimizer": optimizer, "progress": progress}
@@ -338,10 +336,11 @@ class Pretrain:
         ).attach(trainer)
         if self.progress:
             attach_progress_bar(trainer, "pretrain")
+        attach_handlers(trainer, self.handlers)  # the bundle's own, last: they see the epoch's loss
         return trainer, progress, resume
 
-    def _params(self, embedder: PatchEmbedder, seed: int) -> dict[str, Any]:
-        views = {f"views.{k}": v for k, v in vars(self.views or {}).items() if isinstance(v, (int, float, bool))}
+    def _params(self, embedder: PatchEmbedder, views: BatchRandomViews, seed: int) -> dict[str, Any]:
+        views = {f"views.{k}": v for k, v in vars(views).items() if isinstance(v, (int, float, bool))}
         return {
             "method": "SimCLR",
             "embedder": embedder.name,

@@ -11,6 +11,7 @@ from monai_icmil.networks.aggregators import (
     MILAggregator,
     TransformerMIL,
     aggregator_class,
+    aggregator_factory,
     aggregator_name,
     create_aggregator,
     register_aggregator,

@@ -52,6 +52,7 @@ __all__ = [
     "min_max_normalize",
     "aggregator_name",
     "aggregator_class",
+    "aggregator_factory",
     "AGGREGATORS",
 ]
 
@@ -485,6 +486,16 @@ def aggregator_name(cls_or_net: type[MILAggregator] | MILAggregator | Callable[.
         if registered is cls:
             return name
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def aggregator_factory(aggregator: str | Callable[..., MILAggregator]) -> Callable[..., MILAggregator]:
+    """A factory of bag classifiers (called with ``in_dim``, ``num_classes`` and more arguments): a registered name
+    or import path becomes its class; a class or a partial of one (the bundle's ``aggregator``) is returned as is.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    return aggregator_class(aggregator) if isinstance(aggregator, str) else aggregator
 
 
 def create_aggregator(name: str, in_dim: int, num_classes: int = 2, **kwargs: Any) -> MILAggregator:

@@ -1,16 +1,26 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""Checks of the ``python -m monai.bundle run ...`` command line, before any work."""
+"""Checks of the ``python -m monai.bundle run ...`` command line and its config files, before any work."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_cli_overrides"]
+__all__ = ["check_config"]
+
+#: the value dicts whose settings the phase components reference (``@bag_phase#epochs``)
+_SETTINGS = ("tiling", "embed", "bag_phase", "embedder_phase", "pretrain")
+#: top-level ids of monai-icmil 0.1 and where their settings went
+_REMOVED = {
+    "aggregator_kwargs": "aggregator#<argument> (the aggregator is a component)",
+    "embedding": "embed#<setting>",
+}
+_REFERENCE = re.compile(r"@([A-Za-z_]\w*(?:(?:#|::)\w+)*)")
 
 _BUNDLE_ARGS = {
     "config_file",
@@ -27,19 +37,23 @@ _BUNDLE_ARGS = {
 }
 
 
-def check_cli_overrides(argv: Sequence[str] | None = None, config_ids: Sequence[str] | None = None) -> list[str]:
-    """Refuse ``--id value`` overrides of ids that the config files do not define (a typo would otherwise be ignored).
+def check_config(argv: Sequence[str] | None = None, config_ids: Sequence[str] | None = None) -> list[str]:
+    """Refuse what would otherwise be silently ignored: ``--id value`` overrides of ids that the config files do not
+    define, and settings in the config files that no component uses.
 
-    An id is known when its top-level part is defined and every nested part (``embed#batch_size``) is a key of the
-    merged configs, except that a component's arguments (a dict with ``_target_``) may be added to
-    (``embedder#input_size``). Reads the ``python -m monai.bundle run ...`` command line. Returns the checked ids.
+    An override id is known when its top-level part is defined and every nested part (``embed#batch_size``) is a key
+    of the merged configs, except that a component's arguments (a dict with ``_target_``) may be added to
+    (``embedder#input_size``). A setting of ``tiling``, ``embed``, ``bag_phase``, ``embedder_phase`` or ``pretrain``
+    is used when some ``@`` reference names it; ids of monai-icmil 0.1 (``aggregator_kwargs``, ``embedding``) are
+    refused with where their settings went. Reads the ``python -m monai.bundle run ...`` command line. Returns the
+    checked override ids.
 
     Args:
         argv: the command line after the program (default: ``sys.argv``).
         config_ids: the known top-level ids instead of the config files' (nested parts are then not checked).
 
     Raises:
-        ValueError: naming the unknown id(s) and the known top-level ids.
+        ValueError: naming the unknown id(s) and the known top-level ids, or the unused settings.
     """
     if argv is None:
         if Path(sys.argv[0]).parts[-2:] != ("bundle", "__main__.py"):
@@ -47,10 +61,13 @@ def check_cli_overrides(argv: Sequence[str] | None = None, config_ids: Sequence[
         argv = sys.argv[1:]
     overrides, files = _parse_argv(list(argv))
     config: dict[str, Any] = {}
+    changed: set[str] = set()  # the settings the files after the first (train.json) set
     if config_ids is None:
-        for f in files:
+        for k, f in enumerate(files):
             if Path(f).is_file():
-                _merge(config, json.loads(Path(f).read_text()))
+                content = json.loads(Path(f).read_text())
+                _merge(config, content)
+                changed |= _settings_of(content) if k else set()
     else:
         config = {k: _ANY for k in config_ids}
     unknown = [o for o in overrides if not _defines(config, o.replace("::", "#").split("#"))]
@@ -59,7 +76,49 @@ def check_cli_overrides(argv: Sequence[str] | None = None, config_ids: Sequence[
             f"override(s) of unknown id(s): {', '.join('--' + u for u in unknown)}. Known top-level ids: "
             f"{', '.join(sorted(config))}."
         )
+    if config_ids is None:
+        _check_settings(config, changed)
     return overrides
+
+
+def _settings_of(content: Mapping[str, Any]) -> set[str]:
+    """The ``<settings>#<key>`` ids a config file sets (``tiling#mpp``, or every key of a whole ``tiling`` dict)."""
+    out = set()
+    for key, value in content.items():
+        parts = key.replace("::", "#").split("#")
+        if parts[0] not in _SETTINGS:
+            continue
+        if len(parts) > 1:
+            out.add(f"{parts[0]}#{parts[1]}")
+        elif isinstance(value, dict):
+            out |= {f"{parts[0]}#{k}" for k in value}
+    return out
+
+
+def _check_settings(config: Mapping[str, Any], changed: set[str]) -> None:
+    """Refuse settings that a config file after the first sets and no component references (a setting the first file
+    declares may go unused when a component is swapped), and ids this version no longer has."""
+    removed = [f"'{k}' (now {_REMOVED[k]})" for k in _REMOVED if k in config]
+    refs = {r.replace("::", "#") for r in _REFERENCE.findall(json.dumps(config))}
+    unused = []
+    for name in _SETTINGS:
+        values = config.get(name)
+        if not isinstance(values, dict) or "_target_" in values or name in refs:
+            continue
+        for key in values:
+            ref = f"{name}#{key}"
+            used = ref in refs or any(r.startswith(ref + "#") for r in refs)
+            if key not in ("run", "phase") and ref in changed and not used:
+                unused.append(ref)
+    if removed or unused:
+        problems = ([f"id(s) of monai-icmil 0.1: {', '.join(removed)}"] if removed else []) + (
+            [
+                f"setting(s) that no component uses: {', '.join(unused)} (a typo, or a setting this version no longer has)"
+            ]
+            if unused
+            else []
+        )
+        raise ValueError("the config files hold " + "; ".join(problems) + ". See bundles/icmil/docs/README.md.")
 
 
 _ANY = object()  # a value whose nested parts are not checked

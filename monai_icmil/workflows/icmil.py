@@ -23,13 +23,14 @@ at the first unfinished phase), :class:`~monai_icmil.workflows.splits.DatasetSpl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from monai_icmil.engines.embed import Embed
 from monai_icmil.engines.embedder_phase import EmbedderPhase
 from monai_icmil.engines.pretrain import Pretrain
 from monai_icmil.handlers.tracking import MLflowRunTree
-from monai_icmil.networks.aggregators import MILAggregator, aggregator_class, aggregator_name
+from monai_icmil.networks.aggregators import MILAggregator, aggregator_factory, aggregator_name
 from monai_icmil.networks.embedders import PatchEmbedder, create_embedder
 from monai_icmil.utils import atomic_write_json, barrier, component_signature, default_device, dist_info
 from monai_icmil.workflows.ledger import PhaseLedger
@@ -60,6 +61,18 @@ logger = logging.getLogger("monai_icmil.workflow")
 
 def _rank() -> int:
     return dist_info()[0]
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Raise a logger's level to WARNING for the duration."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 class ICMILWorkflow(BundleWorkflow):
@@ -130,7 +143,8 @@ class ICMILWorkflow(BundleWorkflow):
         stain_normalize: bool = False,
         tiling_qc: bool = True,
     ):
-        super().__init__(workflow_type=None)
+        with _quiet("monai.bundle.workflows"):  # "No workflow type ... specified": ours has none, on purpose
+            super().__init__(workflow_type=None)
         self.dataset_dir, self.output_dir = Path(dataset_dir), Path(output_dir)
         self.num_rounds, self.round_patience = int(num_rounds), int(round_patience)
         self.num_classes, self.class_names = int(num_classes), list(class_names) if class_names else None
@@ -173,9 +187,9 @@ class ICMILWorkflow(BundleWorkflow):
         self._pretrain_record: dict[str, Any] | None = None
 
     def _check_aggregator(self, aggregator: Callable[..., MILAggregator] | str) -> Callable[..., MILAggregator]:
-        """The aggregator as a factory, built once on a tiny input so that bad arguments fail before any work."""
-        if isinstance(aggregator, str):
-            aggregator = aggregator_class(aggregator)  # an unknown name fails here, listing the known ones
+        """The aggregator as a factory (an unknown name fails here, listing the known ones), built once on a tiny
+        input so that bad arguments fail before any work."""
+        aggregator = aggregator_factory(aggregator)
         net = aggregator(in_dim=8, num_classes=self.num_classes)
         if not isinstance(net, MILAggregator):
             raise TypeError(f"the aggregator factory {aggregator!r} built a {type(net).__name__}, not a MILAggregator")
@@ -188,8 +202,8 @@ class ICMILWorkflow(BundleWorkflow):
         return self
 
     def finalize(self) -> None:
-        """End the parent MLflow run."""
-        self.tracking.close()
+        """Nothing to release: :meth:`run` ends the parent MLflow run when the loop completes, and a single-phase
+        command (``bag_phase#run``, ...) leaves it open so that the next command logs into the same run tree."""
 
     def _get_property(self, name: str, property: dict) -> Any:
         return self.__dict__.get(name)

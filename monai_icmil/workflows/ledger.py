@@ -28,10 +28,21 @@ class PhaseLedger:
         self.path = Path(path)
 
     def state(self) -> dict[str, Any]:
-        """The whole ledger (an empty one when the file does not exist yet)."""
-        if self.path.is_file():
-            return json.loads(self.path.read_text())
-        return {"rounds": {}}
+        """The whole ledger (an empty one when the file does not exist yet).
+
+        Raises:
+            RuntimeError: the ledger was written by monai-icmil 0.1 (its stores are keyed otherwise, so nothing in
+                that folder can be continued): the message says to use a new ``output_dir``.
+        """
+        if not self.path.is_file():
+            return {"rounds": {}}
+        state = json.loads(self.path.read_text())
+        if any("bag" in phases for phases in state.get("rounds", {}).values()):
+            raise RuntimeError(
+                f"'{self.path}' was written by monai-icmil 0.1, whose coordinate and feature stores are keyed "
+                "differently: this run cannot continue it. Use a new output_dir (or remove this one)."
+            )
+        return state
 
     def get(self, r: int | None, phase: str) -> dict[str, Any] | None:
         """The record of ``phase`` in round ``r`` (``None``: a phase before the rounds, e.g. pre-training)."""
