@@ -53,10 +53,13 @@ def patch_scores(net: torch.nn.Module, feats: torch.Tensor) -> dict[str, Any]:
     return scores
 
 
-def _slide_items(paths: Sequence[str]) -> list[dict[str, Any]]:
-    """Datalist-like entries of new slides, named by file stem (made unique)."""
+def _slide_items(slides: str | os.PathLike | Sequence[str | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Datalist-like entries: datalist entries as they are; paths (or a folder's slides) named by file stem (made
+    unique), without a label."""
+    if not isinstance(slides, (str, os.PathLike)) and all(isinstance(s, Mapping) for s in slides):
+        return [{"label": None, **dict(s)} for s in slides]
     items, seen = [], set()
-    for p in paths:
+    for p in list_slides(slides):
         sid = Path(p).stem
         if sid in seen:
             sid = f"{sid}-{len(seen)}"
@@ -66,7 +69,7 @@ def _slide_items(paths: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def predict_slides(
-    slides: str | os.PathLike | Sequence[str],
+    slides: str | os.PathLike | Sequence[str] | Sequence[Mapping[str, Any]],
     embedder: PatchEmbedder,
     bag_classifier: str | os.PathLike,
     tiling: Callable[[dict], Mapping[str, Any]],
@@ -84,7 +87,8 @@ def predict_slides(
     (:class:`~monai_icmil.handlers.writers.SlidePrediction`; the bundle's ``inference_writers``).
 
     Args:
-        slides: a folder (every slide file in it) or a list of paths.
+        slides: a folder (every slide file in it), a list of paths, or datalist entries (``image``, ``slide_id``,
+            ``label``, ``tumour_mask``: a split of a training run, as its test inference does).
         embedder: the round's embedder.
         bag_classifier: the round's bag classifier checkpoint.
         tiling: the training run's tiling transforms (the same grid as in training).
@@ -98,13 +102,13 @@ def predict_slides(
         stain_normalize: must match the training run's setting.
 
     Returns:
-        ``[{"slide_id", "label": None, "probs", "image"}]`` per scored slide. Slides that fail are listed in
-        ``output_dir/report.json`` and skipped.
+        ``[{"slide_id", "label", "probs", "image"}]`` per scored slide (``label`` ``None`` for new slides). Slides
+        that fail are listed in ``output_dir/report.json`` and skipped.
     """
     from monai_icmil.engines.bag_phase import load_bag_classifier, write_predictions_csv
 
     out = Path(output_dir)
-    items = _slide_items(list_slides(slides))
+    items = _slide_items(slides)
     report = RunReport(out / "report.json")
     tiles = prepare_coords(
         items, tiling, CoordsStore(out / "coords"), report=report, backend=backend, progress=progress,
@@ -127,11 +131,14 @@ def predict_slides(
             warnings.warn(f"slide '{item['image']}' has no tissue patches; no prediction", stacklevel=2)
             continue
         scores = patch_scores(net, arrays["features"].float().to(device))
-        rows.append({"slide_id": sid, "label": None, "probs": scores["probs"].tolist(), "image": item["image"]})
+        rows.append(
+            {"slide_id": sid, "label": item["label"], "probs": scores["probs"].tolist(), "image": item["image"]}
+        )
         if writers:
             reader = get_slide(item["image"], backend)
             coords = arrays["coords"].numpy()
-            pred = SlidePrediction(sid, item["image"], reader, tiles[sid], coords, scores, out, class_names)
+            mask = item.get("tumour_mask")
+            pred = SlidePrediction(sid, item["image"], reader, tiles[sid], coords, scores, out, class_names, mask)
             for writer in writers:
                 writer.write(pred)
     write_predictions_csv(out / "probabilities.csv", rows, class_names)

@@ -29,11 +29,17 @@ __all__ = [
     "slide_metrics",
     "SlideMetric",
     "METRIC_NAMES",
+    "SLIDE_METRICS",
     "youden_threshold",
     "linear_probe_auc",
+    "instance_auc",
 ]
 
 METRIC_NAMES = ("auc", "acc", "f1", "youden_acc", "youden_f1")
+"""Slide metrics that select models (higher is better)."""
+SLIDE_METRICS = (*METRIC_NAMES, "loss")
+"""Every slide metric :class:`SlideMetric` computes; ``loss`` is the mean negative log-likelihood of the true class
+(lower is better), which breaks ties of the others (a validation AUC of 1.0 from the second epoch on)."""
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -137,6 +143,8 @@ def slide_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.T
     n_classes = p.shape[1]
     pred = p.argmax(axis=1)
     out: dict[str, float] = {"acc": float((pred == y).mean()) if len(y) else float("nan")}
+    true = p[np.arange(len(y)), np.clip(y, 0, n_classes - 1)] if len(y) else np.zeros(0)
+    out["loss"] = float(-np.log(np.clip(true, 1e-12, 1.0)).mean()) if len(y) else float("nan")
     if n_classes == 2:
         out["auc"] = binary_auc(p[:, 1], y)
         out["auc_ci_low"], out["auc_ci_high"] = auc_confidence_interval(p[:, 1], y)
@@ -162,7 +170,8 @@ def slide_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.T
 
 class SlideMetric(Metric):
     """An ignite metric over slide probabilities: one of ``"auc"``, ``"acc"``, ``"f1"``, ``"youden_acc"``,
-    ``"youden_f1"``. The engine's output must give ``(probs [B, C], labels [B])`` through ``output_transform``.
+    ``"youden_f1"``, ``"loss"`` (:data:`SLIDE_METRICS`). The engine's output must give ``(probs [B, C], labels [B])``
+    through ``output_transform``.
     """
 
     def __init__(
@@ -171,8 +180,8 @@ class SlideMetric(Metric):
         output_transform: Callable = lambda x: (x["pred"], x["label"]),
         device: str | torch.device = "cpu",
     ):
-        if name not in METRIC_NAMES:
-            raise ValueError(f"unknown slide metric {name!r}; choose one of {METRIC_NAMES}")
+        if name not in SLIDE_METRICS:
+            raise ValueError(f"unknown slide metric {name!r}; choose one of {SLIDE_METRICS}")
         self.name = name
         super().__init__(output_transform=output_transform, device=device)
 
@@ -191,6 +200,33 @@ class SlideMetric(Metric):
         if not self._probs:
             return float("nan")
         return float(slide_metrics(torch.cat(self._probs), torch.cat(self._labels), warn=self.name == "auc")[self.name])
+
+
+def instance_auc(
+    scores: Sequence[np.ndarray], fractions: Sequence[np.ndarray], positive: float = 0.5
+) -> dict[str, float | int]:
+    """Patch-level AUC of instance scores against ground truth (the instance teacher's quality, what ICMIL couples):
+    patches with at least ``positive`` of their area in tumour are positive, tumour-free ones negative, the ones in
+    between (on a tumour's border) left out.
+
+    Args:
+        scores: per slide, each patch's score (e.g. the teacher's tumour probability).
+        fractions: per slide, each patch's tumour fraction (:class:`~monai_icmil.data.annotations.GroundTruth`).
+        positive: the tumour fraction from which a patch is positive.
+
+    Returns:
+        ``{"patch_auc", "patches", "tumour_patches", "slides"}`` (``patch_auc`` is ``nan`` without both kinds).
+    """
+    s, y = [], []
+    for sc, fr in zip(scores, fractions):
+        sc, fr = np.asarray(sc, np.float64).reshape(-1), np.asarray(fr, np.float64).reshape(-1)
+        keep = (fr >= positive) | (fr == 0)
+        s.append(sc[keep])
+        y.append(fr[keep] >= positive)
+    s_all = np.concatenate(s) if s else np.zeros(0)
+    y_all = np.concatenate(y) if y else np.zeros(0, bool)
+    auc = binary_auc(s_all, y_all) if 0 < y_all.sum() < len(y_all) else float("nan")
+    return {"patch_auc": auc, "patches": int(len(y_all)), "tumour_patches": int(y_all.sum()), "slides": len(s)}
 
 
 def linear_probe_auc(

@@ -24,6 +24,9 @@ __all__ = [
     "save_roc_curve",
     "score_grid",
     "save_heatmaps",
+    "save_rounds_plot",
+    "prediction_vs_truth",
+    "save_prediction_vs_truth",
 ]
 
 
@@ -466,3 +469,63 @@ def save_heatmaps(
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def save_rounds_plot(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], title: str = "") -> Path:
+    """One picture of an ICMIL run: validation and test AUC (with their 95 % intervals) and the instance teacher's
+    patch AUC against the ground truth, per round (PNG, atomic). ``rows`` are the summary's rows."""
+    plt = _figure()
+    rounds = [int(r["round"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100, layout="constrained")
+    series = (("val_auc", "val_auc_ci", "validation AUC (slides)", "tab:blue"),
+              ("test_auc", "test_auc_ci", "test AUC (slides)", "tab:orange"),
+              ("teacher_patch_auc", None, "instance teacher patch AUC (vs ground truth)", "tab:green"))  # fmt: skip
+    for key, ci_key, label, colour in series:
+        values = [r.get(key) for r in rows]
+        if all(v is None for v in values):
+            continue
+        y = np.array([np.nan if v is None else v for v in values], float)
+        ax.plot(rounds, y, "o-", color=colour, label=label)
+        bounds = np.array([r.get(ci_key) or [None, None] for r in rows], float) if ci_key else None
+        if bounds is not None and np.isfinite(bounds).any():
+            ax.fill_between(rounds, bounds[:, 0], bounds[:, 1], color=colour, alpha=0.15, linewidth=0)
+    ax.set_xticks(rounds)
+    ax.set_xlabel("round (0: frozen starting embedder; r: after r embedder phases)", fontsize=9)
+    ax.set_ylabel("AUC")
+    ax.set_ylim(min(0.4, ax.get_ylim()[0]), 1.01)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or "ICMIL rounds", fontsize=10)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def prediction_vs_truth(
+    thumbnail: np.ndarray,
+    thumb_downsample: float,
+    grid: np.ndarray,
+    footprint: float,
+    truth: np.ndarray,
+    truth_downsample: float,
+) -> np.ndarray:
+    """Side by side over the slide's thumbnail: the instance-probability overlay (:func:`score_overlay`) and the
+    ground-truth tumour region (tinted red, outlined), each outlined on the other, so agreement shows at a glance."""
+    h, w = thumbnail.shape[:2]
+    region = _on_thumbnail(np.asarray(truth, bool), (h, w), thumb_downsample, truth_downsample)
+    predicted = score_overlay(thumbnail, thumb_downsample, grid, footprint)
+    truth_img = np.array(thumbnail[..., :3], dtype=np.float32)
+    truth_img[region] = 0.55 * truth_img[region] + 0.45 * np.array([230.0, 30.0, 30.0])
+    edge = _boundary(region)
+    predicted[edge] = (255, 255, 255)
+    truth_img[edge] = (120, 0, 0)
+    gap = np.full((h, 8, 3), 255, np.uint8)
+    return np.concatenate([predicted, gap, np.clip(truth_img + 0.5, 0, 255).astype(np.uint8)], axis=1)
+
+
+def save_prediction_vs_truth(path: str | os.PathLike, picture: np.ndarray, caption: str = "") -> Path:
+    """:func:`prediction_vs_truth`'s picture under a caption, atomically (JPEG for ``.jpg``, else PNG)."""
+    return _save_picture(path, picture, caption, quality=90)

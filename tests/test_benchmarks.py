@@ -28,8 +28,14 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
     rows = gain.main(["--smoke", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "report.json").read_text())
     assert json.dumps(report["rows"]) == json.dumps(rows)  # (NaN != NaN, so compare the text)
-    want = {(0, start, agg, r) for start in gain.STARTS for agg in gain.AGGREGATORS for r in (0, 1)}
-    assert {(r["seed"], r["start"], r["aggregator"], r["round"]) for r in rows} == want
+    want = {
+        (setting, 0, start, agg, r)
+        for setting in ("default", "hard")
+        for start in gain.STARTS
+        for agg in gain.AGGREGATORS
+        for r in (0, 1)
+    }
+    assert {(r["setting"], r["seed"], r["start"], r["aggregator"], r["round"]) for r in rows} == want
     for r in rows:
         for key in ("val_auc", "test_auc", "test_acc", "test_f1", "teacher_patch_auc", "probe_patch_auc"):
             assert isinstance(r[key], float) and (0 <= r[key] <= 1 or math.isnan(r[key])), (key, r)
@@ -44,15 +50,19 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         else:
             assert 0 <= r["teacher_view_agreement"] <= 1
     # the ssl start pre-trained once per seed and every aggregator's round 0 used that embedder
-    fps = {
-        json.loads((tmp_path / "runs" / "seed_0" / "ssl" / agg / "state.json").read_text())["rounds"]["0"]["embed"][
-            "fingerprint"
-        ]
-        for agg in gain.AGGREGATORS
-    }
-    random_fp = json.loads((tmp_path / "runs" / "seed_0" / "random" / "abmil" / "state.json").read_text())["rounds"][
-        "0"
-    ]["embed"]["fingerprint"]
-    assert len(fps) == 1 and random_fp not in fps
+    for setting in ("default", "hard"):
+        runs = tmp_path / "runs" / setting / "seed_0"
+        fps = {
+            json.loads((runs / "ssl" / agg / "state.json").read_text())["rounds"]["0"]["embed"]["fingerprint"]
+            for agg in gain.AGGREGATORS
+        }
+        random_fp = json.loads((runs / "random" / "abmil" / "state.json").read_text())["rounds"]["0"]["embed"]
+        assert len(fps) == 1 and random_fp["fingerprint"] not in fps
+    # the hard setting's slides: tumour in 0.5-3 % of the tissue of positive slides
+    hard = json.loads((tmp_path / "data" / "hard" / "seed_0" / "datalist.json").read_text())
+    fractions = [
+        e["tumour_fraction"] for split in ("training", "validation", "test") for e in hard[split] if e["label"]
+    ]
+    assert fractions and all(0.003 <= f <= 0.035 for f in fractions), fractions
     md = (tmp_path / "report.md").read_text()
-    assert md.count("| 0 | ssl |") == 6 and "Mean +/- sd over seeds" in md
+    assert md.count("| 0 | ssl |") == 12 and "Mean +/- sd over seeds" in md and "| hard | ssl | dtfd | 1 |" in md

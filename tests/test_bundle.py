@@ -31,7 +31,7 @@ TINY = {
         "num_validation": 4,
         "num_test": 4,
         "seed": 3,
-        "config": {"width": 1024, "height": 768},
+        "config": {"width": 1024, "height": 768, "tumour_fraction": [0.2, 0.4]},
         "num_workers": 1,
     },
     "tiling#patch_size": 32,
@@ -185,10 +185,11 @@ def test_train_bundle_runs_two_rounds_end_to_end(trained):
     overview = Image.open(out / "coords" / "qc" / "overview" / "page_001.jpg")  # every slide on one contact sheet
     assert overview.size == (8 * 200, 18 + -(-len(qc) // 8) * 228)
     summary = (out / "summary.md").read_text()
-    assert "| round | val AUC | test AUC | test acc | test F1 |" in summary
+    assert "| round | val AUC (95 % CI) | test AUC (95 % CI) | change in test AUC | teacher patch AUC |" in summary
     assert summary.count("\n| ") == 5  # header, separator, 3 rounds
-    assert len(re.findall(r"\| \d\.\d{3} \(\d\.\d{2}-\d\.\d{2}\) \|", summary)) == 3  # test AUC (95 % CI)
-    assert "95 % DeLong confidence interval, over" in summary
+    assert len(re.findall(r"\| \d\.\d{3} \(\d\.\d{2}-\d\.\d{2}\)(?= \|)", summary)) == 6  # val and test AUC (95 % CI)
+    assert "95 % DeLong confidence intervals; the test split has 4 slides" in summary
+    assert "](rounds.png)" in summary and Image.open(out / "rounds.png").size[0] > 300  # the rounds in one picture
     final = json.loads((out / "summary.json").read_text())["final_round"]
     for target in re.findall(r"\]\(([^)]+)\)", summary):  # its pictures: the final round's ROC, the QC sheet
         assert (out / target).is_file(), target
@@ -209,6 +210,69 @@ def test_train_bundle_runs_two_rounds_end_to_end(trained):
     assert not torch.equal(net.input_std, torch.ones_like(net.input_std))
 
 
+def test_the_teacher_patch_auc_in_the_summary_is_the_teachers_auc_against_the_masks(trained):
+    """Every round's instance teacher against the generated ground truth: the summary's value equals a computation
+    by hand from the stored features, the bag classifier and the tumour masks (pixels counted under each patch)."""
+    from sklearn.metrics import roc_auc_score
+
+    from monai_icmil.data.store import CoordsStore, FeatureStore
+
+    out, data = trained / "out", json.loads((trained / "data" / "datalist.json").read_text())
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    for row in rows:
+        r = row["round"]
+        net = load_bag_classifier(out / f"round_{r}" / "bag_phase" / "bag_classifier.pt").eval()
+        scores, labels = [], []
+        for entry in data["test"]:  # one slide at a time
+            sid = Path(entry["image"]).stem
+            arrays = FeatureStore(out / f"round_{r}" / "features").load(sid)
+            mask = np.asarray(Image.open(trained / "data" / entry["tumour_mask"]).convert("L")) > 127
+            ds, foot = 1024 / mask.shape[1], CoordsStore(out / "coords").metadata(sid)["footprint"]
+            with torch.no_grad():
+                probs = torch.softmax(net.instance_logits(arrays["features"].float()), -1)[:, 1].numpy()
+            for (x, y), p in zip(arrays["coords"].numpy(), probs):
+                fraction = mask[
+                    int(y // ds) : int(math.ceil((y + foot) / ds)), int(x // ds) : int(math.ceil((x + foot) / ds))
+                ]
+                if fraction.mean() >= 0.5 or not fraction.any():
+                    scores.append(p)
+                    labels.append(fraction.mean() >= 0.5)
+        assert 0 < sum(labels) < len(labels)
+        assert row["teacher_patch_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9), r
+        assert row["teacher_patches"] == len(labels)
+    for r in (1, 2):
+        assert rows[r]["teacher_patch_auc_delta"] == pytest.approx(
+            rows[r]["teacher_patch_auc"] - rows[r - 1]["teacher_patch_auc"]
+        )
+    summary = (out / "summary.md").read_text()
+    assert f"| {rows[0]['teacher_patch_auc']:.3f} |" in summary and "Teacher patch AUC: each round's" in summary
+
+
+def test_the_run_shows_the_highest_scoring_test_slide_beside_its_ground_truth(trained):
+    """demo.json's test inference: the final round scores the test split, and summary.md shows the top slide's
+    predicted patch probabilities beside its tumour mask."""
+    import csv
+
+    out = trained / "out"
+    probs = {
+        r["slide"]: float(r["prob_tumour"]) for r in csv.DictReader(open(out / "test_inference" / "probabilities.csv"))
+    }
+    top = max(probs, key=probs.get)
+    showcase = json.loads((out / "summary.json").read_text())["showcase"]
+    assert showcase["slide"] == top and showcase["probability"] == pytest.approx(probs[top])
+    assert f"]({showcase['picture']})" in (out / "summary.md").read_text()
+    picture = Image.open(out / f"test_inference/{top}_vs_truth.jpg")
+    thumb = 1024  # the slide's thumbnail (at most 1024 px): prediction, an 8 px gap, the ground truth, a caption band
+    assert picture.size == (2 * thumb + 8, 768 + 18)
+    right = np.asarray(picture.convert("RGB"))[18:, thumb + 8 :].astype(int)
+    mask = (
+        np.asarray(Image.open(trained / "data" / "masks" / f"{top}_tumour.png").convert("L").resize((1024, 768))) > 127
+    )
+    reddish = (right[..., 0] - right[..., 1]) > 40  # the tinted ground truth
+    if mask.any():
+        assert reddish[mask].mean() > 0.8 and reddish[~mask].mean() < 0.2
+
+
 def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
     import mlflow
 
@@ -224,6 +288,7 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
         rr = by_name[f"round_{r}"]
         assert rr.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert "test_auc" in rr.data.metrics and "val_auc_after" in rr.data.metrics
+        assert "teacher_patch_auc" in rr.data.metrics
         bag = by_name[f"round_{r}/bag_phase"]
         assert bag.data.tags["mlflow.parentRunId"] == rr.info.run_id
         assert len(client.get_metric_history(bag.info.run_id, "val_auc")) >= 1
@@ -459,9 +524,7 @@ def test_override_of_a_non_existent_id_is_refused(tmp_path):
     assert not (tmp_path / "data").exists()
     with pytest.raises(ValueError, match="unknown id"):
         check_config(["run", "--config_file", str(CONFIGS / "train.json"), "--agregator", "abmil"])
-    assert check_config(["run", "--config_file", str(CONFIGS / "train.json"), "--tiling#mpp", "1.0"]) == [
-        "tiling#mpp"
-    ]
+    assert check_config(["run", "--config_file", str(CONFIGS / "train.json"), "--tiling#mpp", "1.0"]) == ["tiling#mpp"]
 
 
 def test_settings_that_no_component_uses_are_refused(tmp_path):
@@ -474,6 +537,12 @@ def test_settings_that_no_component_uses_are_refused(tmp_path):
     for extra in ("demo.json", "camelyon16.json", "pretrain.json", "inference.json", "evaluate.json"):
         files = json.dumps([str(CONFIGS / "train.json"), str(CONFIGS / extra)])
         assert check_config(["run", "--config_file", files, "--bag_phase#epochs", "3"]) == ["bag_phase#epochs"]
+    # a value for a component that a later file replaced: warned about, by name
+    swapped = tmp_path / "swapped.json"
+    sgd = {"_target_": "torch.optim.SGD", "_mode_": "callable", "lr": 0.1}
+    swapped.write_text(json.dumps({"bag_phase#lr": 0.01, "bag_phase#optimizer": sgd}))
+    with pytest.warns(UserWarning, match="bag_phase#lr are set by a config file but used by no component"):
+        check_config(["run", "--config_file", json.dumps([str(CONFIGS / "train.json"), str(swapped)])])
 
 
 def test_missing_dataset_dir_is_a_clear_error(tmp_path):

@@ -25,6 +25,41 @@ def _fake_tree(root: Path) -> None:
     (root / "testing" / "reference.csv").write_text(
         "test_001,Tumor,Macro,Primary\ntest_002,Normal\ntest_003,Normal\ntest_004,Tumor,Micro,Primary\n"
     )
+    (root / "training" / "lesion_annotations").mkdir()
+    (root / "training" / "lesion_annotations" / "tumor_001.xml").write_text(ASAP_XML)
+
+
+# a tumour square (group _0) with a non-tumour hole (_2), as in Camelyon16's lesion annotations
+ASAP_XML = """<?xml version="1.0"?>
+<ASAP_Annotations><Annotations>
+<Annotation Name="Annotation 0" Type="Polygon" PartOfGroup="_0" Color="#F4FA58"><Coordinates>
+<Coordinate Order="0" X="160" Y="160"/><Coordinate Order="1" X="800" Y="160"/>
+<Coordinate Order="2" X="800" Y="800"/><Coordinate Order="3" X="160" Y="800"/>
+</Coordinates></Annotation>
+<Annotation Name="Annotation 1" Type="Polygon" PartOfGroup="_2" Color="#64FE2E"><Coordinates>
+<Coordinate Order="0" X="320" Y="320"/><Coordinate Order="1" X="480" Y="320"/>
+<Coordinate Order="2" X="480" Y="480"/><Coordinate Order="3" X="320" Y="480"/>
+</Coordinates></Annotation>
+</Annotations><AnnotationGroups/></ASAP_Annotations>
+"""
+
+
+def test_lesion_annotations_become_ground_truth_masks(tmp_path):
+    """The builder attaches each slide's XML outline as its ``tumour_mask``; rasterised, the tumour polygons are
+    tumour and the ``_2`` polygons inside them are not."""
+    import numpy as np
+
+    from monai_icmil.data.annotations import GroundTruth
+
+    _fake_tree(tmp_path)
+    dl = load_datalist(build_camelyon16_datalist(tmp_path, val_fraction=0.2, seed=1))
+    entries = {e["slide_id"]: e for split in dl.values() for e in split}
+    assert entries["tumor_001"]["tumour_mask"] == str(tmp_path / "training" / "lesion_annotations" / "tumor_001.xml")
+    assert "tumour_mask" not in entries["tumor_002"]
+    truth = GroundTruth(entries["tumor_001"]["tumour_mask"], (1024, 1024))
+    assert truth.mask.shape == (64, 64) and truth.downsample == 16
+    coords = np.array([[160, 160], [320, 320], [640, 640], [832, 832], [160, 480]])
+    np.testing.assert_allclose(truth.patch_fraction(coords, 160), [1.0, 0.0, 1.0, 0.0, 1.0], atol=0.07)
 
 
 def test_official_layout_maps_to_labels_and_splits(tmp_path):

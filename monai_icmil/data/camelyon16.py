@@ -9,7 +9,10 @@ Expected under the data root (the layout of the challenge's release)::
     testing/images/test_001.tif ...     labels from testing/reference.csv ("test_001,Tumor,..." / "test_002,Normal")
 
 Slides found elsewhere under the root are placed by their name (``tumor_*``, ``normal_*``, ``test_*``). A stratified,
-seeded part of the training slides becomes the validation split (the challenge has none).
+seeded part of the training slides becomes the validation split (the challenge has none). A slide's lesion annotation
+(``training/lesion_annotations/tumor_001.xml``, ``testing/lesion_annotations/test_001.xml``, or ``<name>.xml``
+anywhere under the root) becomes its ``tumour_mask``, so the workflow measures each round's instance teacher
+against the pathologists' outlines (:mod:`monai_icmil.data.annotations`).
 """
 
 from __future__ import annotations
@@ -75,12 +78,15 @@ def build_camelyon16_datalist(
     if not found:
         raise FileNotFoundError(f"no Camelyon16 slides (tumor_*, normal_*, test_* {suffixes}) under '{root}'")
     refs = _reference_labels(root)
+    xmls = {p.stem.lower(): p for p in sorted(root.rglob("*.xml")) if _NAME.match(p.stem)}
     training: list[dict[str, Any]] = []
     test: list[dict[str, Any]] = []
     unlabelled = []
     for name, path in sorted(found.items()):
         kind = _NAME.match(name).group(1).lower()
         entry = {"image": path.relative_to(root).as_posix(), "slide_id": name}
+        if name in xmls:
+            entry["tumour_mask"] = xmls[name].relative_to(root).as_posix()
         if kind == "test":
             if name not in refs:
                 unlabelled.append(name)

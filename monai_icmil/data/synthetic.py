@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
+from monai_icmil.data.annotations import patch_tumour_fraction
 from monai_icmil.utils import atomic_path, atomic_write_json
 
 __all__ = [
@@ -246,26 +247,6 @@ def _write_mask(path: Path, mask: np.ndarray, downsample: int) -> None:
     low = mask[: h * downsample, : w * downsample].reshape(h, downsample, w, downsample).mean(axis=(1, 3)) >= 0.5
     with atomic_path(path) as tmp:
         Image.fromarray((low * 255).astype(np.uint8)).save(tmp, format="PNG")
-
-
-def patch_tumour_fraction(
-    coords: np.ndarray, footprint: float, mask: str | os.PathLike | np.ndarray, downsample: int
-) -> np.ndarray:
-    """Fraction of each patch (level-0 top-left ``coords``, side ``footprint``) covered by the ground-truth tumour
-    mask (a ``masks/*_tumour.png`` written by :func:`make_dataset`, ``downsample`` times smaller than level 0)."""
-    if not isinstance(mask, np.ndarray):
-        from PIL import Image
-
-        mask = np.asarray(Image.open(mask)) > 127
-    integral = np.pad(mask.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
-    x0 = np.clip(np.floor(coords[:, 0] / downsample).astype(int), 0, mask.shape[1])
-    y0 = np.clip(np.floor(coords[:, 1] / downsample).astype(int), 0, mask.shape[0])
-    x1 = np.clip(np.ceil((coords[:, 0] + footprint) / downsample).astype(int), 0, mask.shape[1])
-    y1 = np.clip(np.ceil((coords[:, 1] + footprint) / downsample).astype(int), 0, mask.shape[0])
-    area = np.maximum((x1 - x0) * (y1 - y0), 1)
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return inside / area
 
 
 def _generate_one(args: tuple[str, str, int, int, bool, SyntheticSlideConfig]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from monai_icmil.data.store import BagDataset
 from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
 from monai_icmil.handlers.common import EpochLoss, attach_handlers, attach_progress_bar, describe_components
-from monai_icmil.metrics import METRIC_NAMES, SlideMetric, slide_metrics
+from monai_icmil.metrics import METRIC_NAMES, SLIDE_METRICS, SlideMetric, slide_metrics
 from monai_icmil.networks.aggregators import MILAggregator, aggregator_class, aggregator_factory, aggregator_name
 from monai_icmil.utils import (
     atomic_path,
@@ -173,7 +173,9 @@ class BagPhaseEvaluator(SupervisedEvaluator):
 
 class BagSelection:
     """After each validation: a history row (epoch, training loss, validation metrics) and, when the key metric
-    improved, the bag classifier saved as the best checkpoint (the first epoch's is kept if the metric is undefined).
+    improved (or stayed equal with a lower validation loss: a small validation set reaches an AUC of 1.0 early, and
+    the epochs after it are then told apart by how sure they are), the bag classifier saved as the best checkpoint
+    (the first epoch's is kept if the metric is undefined).
 
     Args:
         trainer: the bag phase's trainer (epoch and ``train_loss``).
@@ -194,9 +196,10 @@ class BagSelection:
         row = {"epoch": epoch, "train_loss": self.trainer.state.metrics.get("train_loss", float("nan"))}
         row.update({k: float(v) for k, v in evaluator.state.metrics.items()})
         self.progress.history.append(row)
-        score = row[self.key]
-        if (not math.isnan(score) and score > best["metric"]) or (best["epoch"] == 0 and math.isnan(score)):
-            best.update(metric=score, epoch=epoch, val=row)
+        score, loss = row[self.key], row.get("val_loss", math.inf)
+        better = score > best["metric"] or (score == best["metric"] and loss < best.get("loss", math.inf))
+        if (not math.isnan(score) and better) or (best["epoch"] == 0 and math.isnan(score)):
+            best.update(metric=score, epoch=epoch, val=row, loss=loss)
             save_bag_classifier(self.checkpoint, self.trainer.network, {"epoch": epoch, self.key: score})
 
 
@@ -321,7 +324,7 @@ class BagPhase:
             self._restart(k, train_ds, val_ds, factory, out_dir, seed, class_names, signature)
             for k in range(self.restarts)
         ]
-        best = max(range(self.restarts), key=lambda k: (_finite(runs[k]["best_metric"]), -k))
+        best = max(range(self.restarts), key=lambda k: _restart_rank(runs[k], k))
         for name in _OUTPUTS:
             with atomic_path(out_dir / name) as tmp:
                 shutil.copyfile(out_dir / f"restart_{best}" / name, tmp)
@@ -459,7 +462,7 @@ class BagPhase:
         val_loader = DataLoader(
             val_ds, batch_size=1, shuffle=False, collate_fn=_first, generator=torch.Generator().manual_seed(seed)
         )
-        metrics = {f"val_{m}": SlideMetric(m) for m in METRIC_NAMES}
+        metrics = {f"val_{m}": SlideMetric(m) for m in SLIDE_METRICS}
         key = {f"val_{self.key_metric}": metrics.pop(f"val_{self.key_metric}")}
         evaluator = BagPhaseEvaluator(
             self.device, val_loader, net, key_val_metric=key, additional_metrics=metrics, decollate=False
@@ -480,8 +483,9 @@ class BagPhase:
         if self.early_stop_patience:
             key_name = f"val_{self.key_metric}"
             early_stop = EarlyStopHandler(
-                patience=self.early_stop_patience,
-                score_function=lambda ev: _finite(ev.state.metrics[key_name]),
+                patience=self.early_stop_patience,  # ties of the key metric are told apart by the validation loss
+                score_function=lambda ev: _finite(ev.state.metrics[key_name])
+                - 1e-6 * _finite(ev.state.metrics["val_loss"]),
                 trainer=trainer,
                 epoch_level=True,
             )
@@ -542,6 +546,18 @@ class BagPhase:
                 "seed": seed,
             }
         )
+
+
+def _stop_score(metrics: Mapping[str, float], key: str) -> float:
+    """The early-stopping score: the key metric, less a millionth of the validation loss (it only breaks ties)."""
+    loss = metrics.get("val_loss", math.nan)
+    return _finite(metrics[key]) - (1e-6 * loss if math.isfinite(loss) else 0.0)
+
+
+def _restart_rank(run: Mapping[str, Any], k: int) -> tuple[float, float, int]:
+    """Restarts compare by their best key metric, then by its validation loss, then the earliest wins."""
+    loss = run.get("val", {}).get("val_loss")
+    return _finite(run["best_metric"]), -(loss if loss is not None and math.isfinite(loss) else math.inf), -k
 
 
 def _aggregator_factory(aggregator: AggregatorFactory | str, num_classes: int) -> AggregatorFactory:
@@ -691,7 +707,7 @@ def evaluate_bags(net: MILAggregator, dataset: Dataset, device: str | torch.devi
     """Metrics and per-slide rows of ``net`` on ``dataset``."""
     rows = predict_bags(net, dataset, device)
     if not rows:
-        return {m: float("nan") for m in METRIC_NAMES}, rows
+        return {m: float("nan") for m in SLIDE_METRICS}, rows
     probs = np.array([r["probs"] for r in rows])
     labels = np.array([r["label"] for r in rows])
     return slide_metrics(probs, labels), rows

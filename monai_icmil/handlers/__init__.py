@@ -7,6 +7,7 @@ from monai_icmil.handlers.common import EpochLoss, attach_handlers, attach_progr
 from monai_icmil.handlers.tracking import MLflowRun, MLflowRunTree, mlflow_handler, start_run
 from monai_icmil.handlers.writers import (
     GeoJSONWriter,
+    GroundTruthWriter,
     HeatmapWriter,
     SlidePrediction,
     SlideWriter,

@@ -12,7 +12,9 @@ runs. A writer of your own needs only those two methods (``write`` and ``finish`
 * :class:`TopPatchesWriter`: ``<slide>_top_patches.jpg``, the patches with the highest tumour probability and
   attention, as the model saw them;
 * :class:`TriageSheetWriter`: ``overview/page_<k>.jpg``, every slide's instance-probability overlay on contact
-  sheets, the highest positive-class probability first, predicted-positive captions in red.
+  sheets, the highest positive-class probability first, predicted-positive captions in red;
+* :class:`GroundTruthWriter`: ``<slide>_vs_truth.jpg``, the instance-probability overlay beside the slide's
+  ground-truth tumour region, for slides whose datalist entry has a ``tumour_mask``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "GeoJSONWriter",
     "TopPatchesWriter",
     "TriageSheetWriter",
+    "GroundTruthWriter",
     "top_patches",
     "geojson_patches",
 ]
@@ -54,6 +57,7 @@ class SlidePrediction:
             has attention, ``attention`` (``[N]``, softmax over the slide).
         output_dir: the inference folder.
         class_names: class names (the last is the positive class).
+        tumour_mask: the slide's ground-truth tumour mask or annotation, where it has one.
     """
 
     slide_id: str
@@ -64,6 +68,7 @@ class SlidePrediction:
     scores: Mapping[str, np.ndarray]
     output_dir: Path
     class_names: Sequence[str] | None = None
+    tumour_mask: str | None = None
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -230,3 +235,26 @@ class TriageSheetWriter(SlideWriter):
         title = f"predictions, highest {self.positive} probability first (red: predicted)"
         save_contact_sheets(Path(output_dir) / "overview", ranked, title)
         self.cells = []
+
+
+class GroundTruthWriter(SlideWriter):
+    """``<slide>_vs_truth.jpg``: the predicted instance probability of each patch over the thumbnail, beside the
+    slide's ground-truth tumour region (:class:`~monai_icmil.data.annotations.GroundTruth`), for slides whose entry
+    has a ``tumour_mask``; drawn with NumPy (~0.1 s a slide)."""
+
+    def write(self, pred: SlidePrediction) -> None:
+        from monai_icmil.data.annotations import GroundTruth
+        from monai_icmil.visualize import prediction_vs_truth, save_prediction_vs_truth
+
+        if pred.tumour_mask is None:
+            return
+        truth = GroundTruth(pred.tumour_mask, pred.reader.dimensions)
+        thumb, thumb_ds = pred.thumbnail()
+        grid = pred.maps()["instance probability"]
+        picture = prediction_vs_truth(thumb, thumb_ds, grid, pred.footprint, truth.mask, truth.downsample)
+        p = float(pred.scores["probs"][-1])
+        caption = (
+            f"{pred.slide_id}: p({pred.positive}) = {p:.3f}. Left: each patch's {pred.positive} probability (the "
+            "instance teacher); right: the ground truth"
+        )
+        save_prediction_vs_truth(pred.output_dir / f"{pred.slide_id}_vs_truth.jpg", picture, caption)

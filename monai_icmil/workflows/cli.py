@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,14 @@ def check_config(argv: Sequence[str] | None = None, config_ids: Sequence[str] | 
         argv = sys.argv[1:]
     overrides, files = _parse_argv(list(argv))
     config: dict[str, Any] = {}
-    changed: set[str] = set()  # the settings the files after the first (train.json) set
+    base: dict[str, Any] = {}  # the first file (train.json)
+    changed: set[str] = set()  # the settings the files after the first set
     if config_ids is None:
         for k, f in enumerate(files):
             if Path(f).is_file():
                 content = json.loads(Path(f).read_text())
                 _merge(config, content)
+                base = base or json.loads(json.dumps(config))
                 changed |= _settings_of(content) if k else set()
     else:
         config = {k: _ANY for k in config_ids}
@@ -77,7 +80,7 @@ def check_config(argv: Sequence[str] | None = None, config_ids: Sequence[str] | 
             f"{', '.join(sorted(config))}."
         )
     if config_ids is None:
-        _check_settings(config, changed)
+        _check_settings(config, changed, base)
     return overrides
 
 
@@ -95,12 +98,13 @@ def _settings_of(content: Mapping[str, Any]) -> set[str]:
     return out
 
 
-def _check_settings(config: Mapping[str, Any], changed: set[str]) -> None:
-    """Refuse settings that a config file after the first sets and no component references (a setting the first file
-    declares may go unused when a component is swapped), and ids this version no longer has."""
+def _check_settings(config: Mapping[str, Any], changed: set[str], base: Mapping[str, Any]) -> None:
+    """Settings that a config file after the first sets but no component references: refused when the first file
+    (train.json) does not define them either (a typo, or a setting this version no longer has), warned about when it
+    does (a later file swapped the component that used it); ids this version no longer has are refused."""
     removed = [f"'{k}' (now {_REMOVED[k]})" for k in _REMOVED if k in config]
     refs = {r.replace("::", "#") for r in _REFERENCE.findall(json.dumps(config))}
-    unused = []
+    unknown, unused = [], []
     for name in _SETTINGS:
         values = config.get(name)
         if not isinstance(values, dict) or "_target_" in values or name in refs:
@@ -108,16 +112,21 @@ def _check_settings(config: Mapping[str, Any], changed: set[str]) -> None:
         for key in values:
             ref = f"{name}#{key}"
             used = ref in refs or any(r.startswith(ref + "#") for r in refs)
-            if key not in ("run", "phase") and ref in changed and not used:
-                unused.append(ref)
-    if removed or unused:
-        problems = ([f"id(s) of monai-icmil 0.1: {', '.join(removed)}"] if removed else []) + (
-            [
-                f"setting(s) that no component uses: {', '.join(unused)} (a typo, or a setting this version no longer has)"
-            ]
-            if unused
-            else []
+            if key in ("run", "phase") or ref not in changed or used:
+                continue
+            (unused if isinstance(base.get(name), dict) and key in base[name] else unknown).append(ref)
+    if unused:
+        warnings.warn(
+            f"setting(s) {', '.join(unused)} are set by a config file but used by no component: the component that "
+            "read them was replaced. Give the value to the new component instead.",
+            stacklevel=3,
         )
+    if removed or unknown:
+        problems = [f"id(s) of monai-icmil 0.1: {', '.join(removed)}"] if removed else []
+        if unknown:
+            problems.append(
+                f"setting(s) no component uses: {', '.join(unknown)} (a typo, or a setting no longer there)"
+            )
         raise ValueError("the config files hold " + "; ".join(problems) + ". See bundles/icmil/docs/README.md.")
 
 

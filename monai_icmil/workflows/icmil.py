@@ -108,6 +108,10 @@ class ICMILWorkflow(BundleWorkflow):
         stain_normalize: Macenko-normalise every patch with its slide's stains (embedding, embedder phase,
             inference); off by default.
         tiling_qc: a QC image per slide in ``output_dir/coords/qc/<slide>.jpg``, ``tiling.csv`` and contact sheets.
+        test_writers: when given, the final round also scores the test split with these inference writers into
+            ``output_dir/test_inference/`` (:func:`~monai_icmil.inference.predict_slides`), and ``summary.md`` shows
+            the highest-scoring test slide's ``<slide>_vs_truth.jpg`` where there is one
+            (:class:`~monai_icmil.handlers.writers.GroundTruthWriter`).
 
     Raises:
         FileNotFoundError: ``dataset_dir`` does not exist (and no synthetic dataset is configured).
@@ -142,6 +146,7 @@ class ICMILWorkflow(BundleWorkflow):
         allow_outside_root: bool = False,
         stain_normalize: bool = False,
         tiling_qc: bool = True,
+        test_writers: Sequence[Any] | None = None,
     ):
         with _quiet("monai.bundle.workflows"):  # "No workflow type ... specified": ours has none, on purpose
             super().__init__(workflow_type=None)
@@ -169,6 +174,7 @@ class ICMILWorkflow(BundleWorkflow):
             progress,
         )
         self.stain_normalize, self.tiling_qc = bool(stain_normalize), bool(tiling_qc)
+        self.test_writers = list(test_writers) if test_writers else []
         if synthetic is None and not self.dataset_dir.is_dir():
             raise FileNotFoundError(
                 f"dataset_dir '{self.dataset_dir}' does not exist. Set `dataset_dir` to the folder holding the slides "
@@ -311,16 +317,19 @@ class ICMILWorkflow(BundleWorkflow):
         return self.round_dir(r) / "bag_phase" / "bag_classifier.pt"
 
     def final_round(self) -> int:
-        """The finished round with the best validation AUC (the model :meth:`infer` uses)."""
+        """The finished round with the best validation AUC, ties broken by the lower validation loss, then the
+        earlier round (the model :meth:`infer` uses)."""
         rounds = {r: s for r, s in self.ledger.rounds().items() if "bag_phase" in s}
         if not rounds:
             raise FileNotFoundError(f"no finished round in {self.output_dir}; run the training first.")
 
-        def score(r: int) -> float:
-            auc = rounds[r]["bag_phase"]["val"].get("auc")
-            return -math.inf if auc is None or math.isnan(auc) else auc
+        def score(r: int) -> tuple[float, float, int]:
+            val = rounds[r]["bag_phase"]["val"]
+            auc, loss = val.get("auc"), val.get("loss")
+            auc = -math.inf if auc is None or math.isnan(auc) else auc
+            return auc, -math.inf if loss is None or math.isnan(loss) else -loss, -r
 
-        return max(sorted(rounds), key=score)
+        return max(rounds, key=score)
 
     # ------------------------------------------------------------------------------------------------ phases
     def pretrain(self) -> dict[str, Any]:
@@ -380,7 +389,10 @@ class ICMILWorkflow(BundleWorkflow):
         return record
 
     def bag_phase(self, r: int = 0) -> dict[str, Any]:
-        """Round ``r``'s bag phase on its features (embeds first if needed), then its test metrics."""
+        """Round ``r``'s bag phase on its features (embeds first if needed), then its test metrics and, where the
+        datalist has ground-truth masks, its instance teacher's patch AUC (:meth:`teacher_vs_truth`)."""
+        from monai_icmil.engines.bag_phase import evaluate_bags
+
         if (done := self.ledger.get(r, "bag_phase")) is not None:
             return done
         self.embed(r)
@@ -393,16 +405,17 @@ class ICMILWorkflow(BundleWorkflow):
             self.bags(r, "training", embedder), self.bags(r, "validation", embedder), self.aggregator,
             self.round_dir(r) / "bag_phase", self.num_classes, self.seed + r, self.class_names, run,
         )  # fmt: skip
-        record = {
-            "seconds": time.perf_counter() - t0,
-            "best_epoch": result["best_epoch"],
-            "val": {k[4:]: v for k, v in result["val"].items() if k.startswith("val_")},
-            "restart": result["restart"],
-            "restarts_val": [x["best_metric"] for x in result["restarts"]],
-        }
+        val = {k[4:]: v for k, v in result["val"].items() if k.startswith("val_")}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an undefined AUC is reported by the phase already
+            metrics, _ = evaluate_bags(result["network"], self.bags(r, "validation", embedder), self.device)
+        val.update({k: metrics[k] for k in ("auc_ci_low", "auc_ci_high") if k in metrics})
+        record = {"seconds": time.perf_counter() - t0, "best_epoch": result["best_epoch"], "val": val}
+        record.update(restart=result["restart"], restarts_val=[x["best_metric"] for x in result["restarts"]])
         self.tracking.end(run)
         self.ledger.mark(r, "bag_phase", record)
         self.test(r)
+        self.teacher_vs_truth(r)
         barrier()
         return record
 
@@ -452,13 +465,38 @@ class ICMILWorkflow(BundleWorkflow):
             if len(set(labels.tolist())) > 1:
                 save_roc_curve(out / "roc.png", probs, labels, title=f"round {r}, {split}: {len(rows)} slides")
             atomic_write_json(out / "metrics.json", metrics)
-            record = {"metrics": metrics, "slides": len(rows)}
+            predicted = np.bincount(probs.argmax(1), minlength=probs.shape[1]).tolist()  # slides called each class
+            record = {"metrics": metrics, "slides": len(rows), "predicted": predicted}
         if split == "test":
             self.ledger.mark(r, "test", record)
             rr = self.tracking.round(r)
             if rr is not None:
                 rr.log_metrics({f"test_{k}": v for k, v in record["metrics"].items()})
                 rr.log_artifacts([out / "predictions.csv", out / "roc.png"], artifact_path="test")
+        return record
+
+    def teacher_vs_truth(self, r: int) -> dict[str, Any] | None:
+        """Round ``r``'s instance teacher against the ground-truth tumour masks of the test slides (the validation
+        slides when the test split has none): its patch AUC, recorded as the round's ``teacher`` in ``state.json``,
+        MLflow and the summary. ``None`` when the datalist carries no ``tumour_mask``."""
+        from monai_icmil.engines.bag_phase import load_bag_classifier
+        from monai_icmil.workflows.evaluation import has_ground_truth, teacher_patch_auc
+
+        if (done := self.ledger.get(r, "teacher")) is not None:
+            return done
+        split = "test" if has_ground_truth(self.splits.items().get("test", [])) else "validation"
+        entries = {e["slide_id"]: e for e in self.splits.items().get(split, [])}
+        if not has_ground_truth(list(entries.values())):
+            return None
+        net = load_bag_classifier(self.bag_classifier_path(r))
+        result = teacher_patch_auc(net, self.bags(r, split), entries, CoordsStore(self.output_dir / "coords"))
+        if result is None:
+            return None
+        record = {**result, "split": split}
+        self.ledger.mark(r, "teacher", record)
+        rr = self.tracking.round(r)
+        if rr is not None:
+            rr.log_metrics({"teacher_patch_auc": record["patch_auc"]})
         return record
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -494,15 +532,43 @@ class ICMILWorkflow(BundleWorkflow):
                     break
         if _rank() != 0:
             return {}
+        if self.test_writers:
+            self.infer_test()
         summary = self.summary()
         self._log_run(summary)
         return summary
 
+    def infer_test(self) -> dict[str, Any]:
+        """The final round on the test split with :attr:`test_writers`, into ``output_dir/test_inference/``; records
+        the highest-scoring test slide (and its ``_vs_truth`` picture, where one was drawn) for the summary."""
+        excluded = self.report.excluded()
+        entries = [e for e in self.splits.items().get("test", []) if e["slide_id"] not in excluded]
+        out = self.output_dir / "test_inference"
+        rows = self.infer(entries, str(out), writers=self.test_writers) if entries else []
+        record: dict[str, Any] = {"round": self.final_round(), "slides": len(rows)}
+        if rows:
+            top = max(rows, key=lambda row: row["probs"][-1])
+            picture = out / f"{top['slide_id']}_vs_truth.jpg"
+            record.update(slide=top["slide_id"], probability=float(top["probs"][-1]), label=top["label"])
+            if picture.is_file():
+                record["picture"] = picture.relative_to(self.output_dir).as_posix()
+        self.ledger.mark(None, "test_inference", record)
+        return record
+
     def summary(self) -> dict[str, Any]:
-        """``summary.md`` (printed) and ``summary.json``: per round, val AUC, test AUC with its interval, accuracy,
-        F1 and time per phase."""
+        """``summary.md`` (printed) and ``summary.json``: per round, val and test AUC with their intervals, the
+        change from the previous round, the instance teacher's patch AUC against the ground truth where there is one,
+        accuracy, F1 and time per phase; ``rounds.png``, one picture of it all."""
         title = f"{aggregator_name(self.aggregator)}, {self.starting_embedder_name()}"
-        return write_summary(self.output_dir, self.ledger.rounds(), self.final_round(), title, self.report.excluded())
+        return write_summary(
+            self.output_dir,
+            self.ledger.rounds(),
+            self.final_round(),
+            title,
+            self.report.excluded(),
+            showcase=self.ledger.get(None, "test_inference"),
+            class_names=self.class_names,
+        )
 
     def starting_embedder_name(self) -> str:
         """The starting embedder's name, from its configuration (nothing is built)."""
@@ -519,7 +585,9 @@ class ICMILWorkflow(BundleWorkflow):
         values = {f"final_{k}": v for k, v in summary["rows"][final].items() if isinstance(v, (int, float))}
         top.log_metrics({"final_round": final, **values})
         top.log_metrics({"failed_slides": len(self.report.failed), "empty_slides": len(self.report.empty)})
-        top.log_artifacts([self.output_dir / "summary.md", self.output_dir / "report.json"])
+        top.log_artifacts([self.output_dir / n for n in ("summary.md", "summary.json", "rounds.png", "report.json")])
+        if summary.get("showcase", {}).get("picture"):
+            top.log_artifacts([self.output_dir / summary["showcase"]["picture"]], artifact_path="test_inference")
         qc = self.output_dir / "coords" / "qc"
         top.log_artifacts([qc / "tiling.csv"], artifact_path="qc")
         top.log_artifacts([qc / "overview"], artifact_path="qc/overview")  # the contact sheets, viewable in MLflow
@@ -537,7 +605,7 @@ class ICMILWorkflow(BundleWorkflow):
 
     def infer(
         self,
-        slides: str | Sequence[str],
+        slides: str | Sequence[str] | Sequence[Mapping[str, Any]],
         output_dir: str | None = None,
         round: int | None = None,
         writers: Sequence[Any] = (),
@@ -546,7 +614,7 @@ class ICMILWorkflow(BundleWorkflow):
         ``inference_writers``: heatmaps, GeoJSON, top patches, triage sheets).
 
         Args:
-            slides: a folder (every slide file in it) or a list of paths.
+            slides: a folder (every slide file in it), a list of paths, or datalist entries.
             output_dir: where to write (default ``output_dir/inference``).
             round: the round whose models to use (default: the best by validation AUC).
             writers: :mod:`monai_icmil.handlers.writers` objects (none: probabilities only).

@@ -1,14 +1,17 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""The run's summary: one row per round (validation AUC, test AUC with its confidence interval, accuracy, F1, time per
-phase) as ``summary.md`` (printed, with the final round's ROC curve and the tiling QC sheets linked) and
+"""The run's summary, and whether coupling helped: one row per round (validation and test AUC with their 95 %
+intervals, the change from the previous round, the instance teacher's patch AUC against the ground truth where the
+datalist has tumour masks, accuracy, F1, time per phase) as ``summary.md`` (printed; with ``rounds.png``, the final
+round's ROC curve, the highest-scoring test slide beside its ground truth and the tiling QC sheets) and
 ``summary.json``."""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +21,99 @@ __all__ = ["summary_rows", "write_summary"]
 
 
 def summary_rows(rounds: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per round from the ledger's records."""
-    rows = []
+    """One row per round from the ledger's records (``*_delta``: the change from the previous round)."""
+    rows, previous = [], None
     for r in sorted(rounds):
         s = rounds[r]
-        test = s.get("test", {}).get("metrics", {})
-        rows.append(
-            {
-                "round": int(r),
-                "val_auc": s.get("bag_phase", {}).get("val", {}).get("auc"),
-                "test_auc": test.get("auc"),
-                "test_auc_ci": [test.get("auc_ci_low"), test.get("auc_ci_high")],
-                "test_slides": s.get("test", {}).get("slides"),
-                "test_acc": test.get("acc"),
-                "test_f1": test.get("f1"),
-                "embedder_phase_s": s.get("embedder_phase", {}).get("seconds"),
-                "embed_s": s.get("embed", {}).get("seconds"),
-                "bag_phase_s": s.get("bag_phase", {}).get("seconds"),
-            }
-        )
+        test, val = s.get("test", {}).get("metrics", {}), s.get("bag_phase", {}).get("val", {})
+        row = {
+            "round": int(r),
+            "val_auc": val.get("auc"),
+            "val_auc_ci": [val.get("auc_ci_low"), val.get("auc_ci_high")],
+            "test_auc": test.get("auc"),
+            "test_auc_ci": [test.get("auc_ci_low"), test.get("auc_ci_high")],
+            "test_slides": s.get("test", {}).get("slides"),
+            "test_acc": test.get("acc"),
+            "test_f1": test.get("f1"),
+            "test_predicted": s.get("test", {}).get("predicted"),
+            "teacher_patch_auc": s.get("teacher", {}).get("patch_auc"),
+            "teacher_patches": s.get("teacher", {}).get("patches"),
+            "embedder_phase_s": s.get("embedder_phase", {}).get("seconds"),
+            "embed_s": s.get("embed", {}).get("seconds"),
+            "bag_phase_s": s.get("bag_phase", {}).get("seconds"),
+        }
+        for key in ("val_auc", "test_auc", "teacher_patch_auc"):
+            row[f"{key}_delta"] = _delta(row[key], previous[key]) if previous else None
+        rows.append(row)
+        previous = row
     return rows
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+def _finite(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
-def _ci(bounds: list[Any]) -> str:
-    if any(v is None or math.isnan(v) for v in bounds):
-        return ""
-    return f" ({bounds[0]:.2f}-{bounds[1]:.2f})"
+def _delta(now: Any, before: Any) -> float | None:
+    return float(now) - float(before) if _finite(now) and _finite(before) else None
+
+
+def _fmt(v: Any, digits: int = 3, sign: bool = False) -> str:
+    return f"{v:{'+' if sign else ''}.{digits}f}" if _finite(v) else "-"
+
+
+def _ci(bounds: Sequence[Any]) -> str:
+    return f" ({bounds[0]:.2f}-{bounds[1]:.2f})" if all(_finite(v) for v in bounds) else ""
+
+
+def _table(rows: list[dict[str, Any]], final_round: int) -> list[str]:
+    lines = [
+        "| round | val AUC (95 % CI) | test AUC (95 % CI) | change in test AUC | teacher patch AUC | change in teacher "
+        "| test acc | test F1 | embedder phase (s) | embed (s) | bag phase (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['round']}{' (final)' if row['round'] == final_round else ''} | {_fmt(row['val_auc'])}"
+            f"{_ci(row['val_auc_ci'])} | {_fmt(row['test_auc'])}{_ci(row['test_auc_ci'])} | "
+            f"{_fmt(row['test_auc_delta'], sign=True)} | {_fmt(row['teacher_patch_auc'])} | "
+            f"{_fmt(row['teacher_patch_auc_delta'], sign=True)} | {_fmt(row['test_acc'])} | {_fmt(row['test_f1'])} | "
+            f"{_fmt(row['embedder_phase_s'], 1)} | {_fmt(row['embed_s'], 1)} | {_fmt(row['bag_phase_s'], 1)} |"
+        )
+    return lines
+
+
+def _notes(rows: list[dict[str, Any]], final_round: int, class_names: Sequence[str] | None) -> list[str]:
+    """What the table says: intervals, whether coupling helped, rounds that call every slide one class."""
+    notes = []
+    if any(_ci(row["test_auc_ci"]) for row in rows):
+        n_test = max(row["test_slides"] or 0 for row in rows)
+        notes.append(f"AUCs with their 95 % DeLong confidence intervals; the test split has {n_test} slides.")
+    if any(_finite(row["teacher_patch_auc"]) for row in rows):
+        n = max(row["teacher_patches"] or 0 for row in rows)
+        notes.append(
+            "Teacher patch AUC: each round's bag classifier applied to single patches (ICMIL's instance teacher), "
+            f"against the ground-truth tumour masks ({n} patches: >= 50 % tumour vs tumour-free)."
+        )
+    first, last = rows[0], next((row for row in rows if row["round"] == final_round), rows[-1])
+    if last["round"] > first["round"]:
+        parts = [
+            f"{name} {_fmt(first[key])} -> {_fmt(last[key])} ({_fmt(_delta(last[key], first[key]), sign=True)})"
+            for key, name in (("test_auc", "test AUC"), ("teacher_patch_auc", "teacher patch AUC"))
+            if _finite(first[key]) and _finite(last[key])
+        ]
+        if parts:
+            notes.append(
+                f"Coupling, round {first['round']} -> round {last['round']} (final): " + "; ".join(parts) + "."
+            )
+    elif len(rows) > 1:
+        notes.append(f"Coupling did not improve the validation AUC: round {final_round} (frozen embedder) is final.")
+    for row in rows:
+        predicted = row["test_predicted"] or []
+        if sum(1 for c in predicted if c) == 1 and sum(predicted) > 1:
+            k = next(i for i, c in enumerate(predicted) if c)
+            name = class_names[k] if class_names and k < len(class_names) else f"class {k}"
+            notes.append(f"**Round {row['round']} calls every test slide {name}**: it has not learnt to separate them.")
+    return notes
 
 
 def write_summary(
@@ -56,9 +122,11 @@ def write_summary(
     final_round: int,
     title: str,
     excluded: Iterable[str] = (),
+    showcase: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Write ``summary.md`` and ``summary.json`` into ``output_dir``, print the markdown and return
-    ``{"rows": {round: row}, "final_round", "markdown"}``.
+    """Write ``summary.md``, ``summary.json`` and ``rounds.png`` into ``output_dir``, print the markdown and return
+    ``{"rows": {round: row}, "final_round", "markdown", "showcase"}``.
 
     Args:
         output_dir: the run's folder (the pictures it links are relative to it).
@@ -66,36 +134,45 @@ def write_summary(
         final_round: the round whose models count (best validation AUC).
         title: what the heading names (aggregator, embedder).
         excluded: slides left out (failed or without tissue).
+        showcase: the test inference's record (highest-scoring slide, its picture beside the ground truth).
+        class_names: names of the classes.
     """
+    from monai_icmil.visualize import save_rounds_plot
+
     out = Path(output_dir)
     rows = summary_rows(rounds)
-    lines = [
-        f"# ICMIL summary ({title})",
-        "",
-        "| round | val AUC | test AUC | test acc | test F1 | embedder phase (s) | embed (s) | bag phase (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['round']}{' (final)' if row['round'] == final_round else ''} | {_fmt(row['val_auc'])} | "
-            f"{_fmt(row['test_auc'])}{_ci(row['test_auc_ci'])} | {_fmt(row['test_acc'])} | {_fmt(row['test_f1'])} | "
-            f"{_fmt(row['embedder_phase_s'], 1)} | {_fmt(row['embed_s'], 1)} | {_fmt(row['bag_phase_s'], 1)} |"
-        )
-    if any(_ci(row["test_auc_ci"]) for row in rows):
-        n_test = max(row["test_slides"] or 0 for row in rows)
-        lines += ["", f"Test AUC with its 95 % DeLong confidence interval, over {n_test} test slides."]
+    lines = [f"# ICMIL summary ({title})", "", *_table(rows, final_round)]
+    lines += [line for note in _notes(rows, final_round, class_names) for line in ("", note)]
+    try:
+        save_rounds_plot(out / "rounds.png", rows, title=f"ICMIL rounds ({title})")
+        lines += ["", "![the rounds: validation, test and teacher patch AUC](rounds.png)"]
+    except Exception as e:  # a picture is not worth a run
+        warnings.warn(f"no rounds.png ({type(e).__name__}: {e})", stacklevel=2)
     excluded = sorted(excluded)
     if excluded:
         lines += ["", f"{len(excluded)} slide(s) left out (failed or no tissue): {', '.join(excluded)}"]
     roc = Path(f"round_{final_round}") / "test" / "roc.png"
     if (out / roc).is_file():
         lines += ["", f"![test ROC, round {final_round}]({roc.as_posix()})"]
+    if showcase and showcase.get("picture"):
+        lines += [
+            "",
+            f"The test slide the final round scores highest, {showcase['slide']} (tumour probability "
+            f"{showcase['probability']:.3f}), each patch's predicted probability beside the ground truth:",
+            "",
+            f"![{showcase['slide']}: prediction vs ground truth]({showcase['picture']})",
+        ]
     pages = sorted((out / "coords" / "qc" / "overview").glob("page_*.jpg"))
     if pages:
         links = ", ".join(f"[{p.stem}]({p.relative_to(out).as_posix()})" for p in pages)
         lines += ["", f"Tiling QC of every slide: {links} (per slide: `coords/qc/tiling.csv`)."]
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "summary.md", text)
-    atomic_write_json(out / "summary.json", {"rows": rows, "final_round": final_round})
+    atomic_write_json(out / "summary.json", {"rows": rows, "final_round": final_round, "showcase": showcase})
     print(text)
-    return {"rows": {row["round"]: row for row in rows}, "final_round": final_round, "markdown": text}
+    return {
+        "rows": {row["round"]: row for row in rows},
+        "final_round": final_round,
+        "markdown": text,
+        "showcase": showcase,
+    }

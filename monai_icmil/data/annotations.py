@@ -1,0 +1,114 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Ground-truth tumour regions of slides, to measure the instance teacher against them (patch AUC).
+
+A datalist entry may carry ``"tumour_mask"``: a mask image (PNG or TIFF, tumour > 127, at any scale: its downsample is
+the slide's width over the mask's, as the synthetic slides' ``masks/*_tumour.png``) or polygon annotations in the
+ASAP XML format of Camelyon16 (``lesion_annotations/tumor_001.xml``; groups ``_0`` and ``_1`` are tumour, ``_2``
+marks non-tumour areas inside them), rasterised here at 1/16 of level 0.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["GroundTruth", "patch_tumour_fraction", "read_xml_polygons"]
+
+#: ASAP annotation groups that mark non-tumour areas (Camelyon16 uses ``_2``)
+EXCLUSION_GROUPS = ("_2", "exclusion", "none")
+
+
+def patch_tumour_fraction(
+    coords: np.ndarray, footprint: float, mask: str | os.PathLike | np.ndarray, downsample: float
+) -> np.ndarray:
+    """Fraction of each patch (level-0 top-left ``coords``, side ``footprint``) covered by a tumour mask that is
+    ``downsample`` times smaller than level 0 (a boolean array, or an image file read as ``> 127``)."""
+    if not isinstance(mask, np.ndarray):
+        from PIL import Image
+
+        mask = np.asarray(Image.open(mask).convert("L")) > 127
+    integral = np.pad(mask.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    x0 = np.clip(np.floor(coords[:, 0] / downsample).astype(int), 0, mask.shape[1])
+    y0 = np.clip(np.floor(coords[:, 1] / downsample).astype(int), 0, mask.shape[0])
+    x1 = np.clip(np.ceil((coords[:, 0] + footprint) / downsample).astype(int), 0, mask.shape[1])
+    y1 = np.clip(np.ceil((coords[:, 1] + footprint) / downsample).astype(int), 0, mask.shape[0])
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return inside / area
+
+
+def read_xml_polygons(path: str | os.PathLike) -> list[tuple[str, np.ndarray]]:
+    """``[(group, [K, 2] level-0 x, y)]`` of every polygon of an ASAP XML annotation file.
+
+    Raises:
+        ValueError: the file is not ASAP XML (names it).
+    """
+    try:
+        root = ET.parse(str(path)).getroot()
+    except ET.ParseError as e:
+        raise ValueError(f"annotation '{path}' is not readable XML ({e})") from e
+    polygons = []
+    for ann in root.iter("Annotation"):
+        group = (ann.get("PartOfGroup") or ann.get("Name") or "").strip()
+        points = [
+            (float(c.get("X", "nan")), float(c.get("Y", "nan")), float(c.get("Order", "0")))
+            for c in ann.iter("Coordinate")
+        ]
+        if len(points) >= 3:
+            pts = np.array(sorted(points, key=lambda p: p[2]))[:, :2]
+            polygons.append((group, pts))
+    if root.tag != "ASAP_Annotations" and not polygons:
+        raise ValueError(f"annotation '{path}' holds no ASAP polygons (<Annotation><Coordinates><Coordinate X Y>)")
+    return polygons
+
+
+class GroundTruth:
+    """A slide's ground-truth tumour mask at low resolution.
+
+    Args:
+        path: a mask image or an ASAP XML annotation file (``None``: a slide without tumour).
+        dimensions: the slide's level-0 ``(width, height)``.
+        xml_downsample: the scale XML polygons are rasterised at.
+
+    Attributes:
+        mask: boolean ``[h, w]``; ``downsample``: level-0 pixels per mask pixel.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, dimensions: tuple[int, int], xml_downsample: float = 16.0):
+        width, height = int(dimensions[0]), int(dimensions[1])
+        if path is None:
+            self.downsample = float(xml_downsample)
+            self.mask = np.zeros(
+                (max(1, round(height / self.downsample)), max(1, round(width / self.downsample))), bool
+            )
+        elif Path(path).suffix.lower() == ".xml":
+            self.downsample = float(xml_downsample)
+            self.mask = _rasterise(read_xml_polygons(path), width, height, self.downsample)
+        else:
+            from PIL import Image
+
+            self.mask = np.asarray(Image.open(path).convert("L")) > 127
+            self.downsample = width / self.mask.shape[1]
+
+    def patch_fraction(self, coords: np.ndarray, footprint: float) -> np.ndarray:
+        """The tumour fraction of each patch."""
+        return patch_tumour_fraction(coords, footprint, self.mask, self.downsample)
+
+
+def _rasterise(polygons: list[tuple[str, np.ndarray]], width: int, height: int, downsample: float) -> np.ndarray:
+    """Tumour polygons filled, exclusion polygons cut out, at ``1 / downsample`` of level 0."""
+    from PIL import Image, ImageDraw
+
+    size = (max(1, round(width / downsample)), max(1, round(height / downsample)))
+    canvas = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(canvas)
+    ordered = sorted(polygons, key=lambda gp: gp[0].lower() in EXCLUSION_GROUPS)  # tumour first, then holes
+    for group, pts in ordered:
+        fill = 0 if group.lower() in EXCLUSION_GROUPS else 255
+        draw.polygon([tuple(p) for p in (pts / downsample).tolist()], fill=fill)
+    return np.asarray(canvas) > 127
