@@ -145,13 +145,14 @@ def run_bundle(data: Path, out: Path, seed: int, aggregator: str, start: str, ar
     )
 
 
-def seed_round0(src: Path, dst: Path) -> None:
-    """Copy what does not depend on the aggregator (coordinates, pre-training, round-0 features) to a new run."""
+def seed_round0(src: Path, dst: Path, whole: bool = False) -> None:
+    """Copy what does not depend on the aggregator (coordinates, pre-training, round-0 features) to a new run; with
+    ``whole``, all of round 0 (its bag phase too: another variant of the coupled rounds of the same aggregator)."""
     state = json.loads((src / "state.json").read_text())
-    for sub in ("coords", "pretrain", "round_0/features"):
+    for sub in ("coords", "pretrain", "round_0" if whole else "round_0/features"):
         if (src / sub).is_dir():
             shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
-    keep = {"rounds": {"0": {"embed": state["rounds"]["0"]["embed"]}}}
+    keep = {"rounds": {"0": state["rounds"]["0"] if whole else {"embed": state["rounds"]["0"]["embed"]}}}
     if "pretrain" in state:
         keep["pretrain"] = state["pretrain"]
     for f in ("validation_split.json", "report.json"):
@@ -205,7 +206,9 @@ def restart_test_aucs(out: Path, r: int, datalist: dict[str, Any]) -> list[float
     return [float(evaluate_bags(load_bag_classifier(path), bags)[0]["auc"]) for path in nets]
 
 
-def collect(out: Path, setting: str, seed: int, aggregator: str, start: str, data: Path) -> list[dict[str, Any]]:
+def collect(
+    out: Path, setting: str, seed: int, aggregator: str, start: str, data: Path, variant: str = ""
+) -> list[dict[str, Any]]:
     state = json.loads((out / "state.json").read_text())
     datalist = json.loads((data / "datalist.json").read_text())
     rows = []
@@ -216,6 +219,7 @@ def collect(out: Path, setting: str, seed: int, aggregator: str, start: str, dat
         rows.append(
             {
                 "setting": setting,
+                "variant": variant,
                 "seed": seed,
                 "start": start,
                 "aggregator": aggregator,
@@ -286,9 +290,11 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: floa
         "probe patch AUC | test AUC gain vs round 0 | restarts' mean test AUC | its gain vs round 0 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    groups = dict.fromkeys((r["setting"], r["start"], r["aggregator"]) for r in rows)
-    for setting, start, agg in groups:
-        group = [r for r in rows if (r["setting"], r["start"], r["aggregator"]) == (setting, start, agg)]
+    groups = dict.fromkeys((r["setting"], r["start"], r["aggregator"], r.get("variant", "")) for r in rows)
+    for setting, start, agg, variant in groups:
+        key = (setting, start, agg, variant)
+        group = [r for r in rows if (r["setting"], r["start"], r["aggregator"], r.get("variant", "")) == key]
+        agg = f"{agg} ({variant})" if variant else agg
         for rnd in sorted({r["round"] for r in group}):
             sel = [r for r in group if r["round"] == rnd]
             gain, mean_gain = (_gains(group, sel, k) for k in ("test_auc", "restart_mean_test_auc"))
@@ -328,6 +334,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--confidence", action="store_true", help="the confidence-based embedder phase")
     p.add_argument("--select", default="mae", choices=("mae", "agreement", "last"), help="student selection")
     p.add_argument("--settings", nargs="+", default=["default"], choices=list(DATA_SETTINGS), help="data settings")
+    p.add_argument(
+        "--variant",
+        default="",
+        help="name of this run's embedder-phase options: its runs go to <aggregator>-<variant>/ and start from the "
+        "plain runs' round 0 where those exist",
+    )
     p.add_argument("--val_patches", type=int, default=256)
     p.add_argument("--ssl_epochs", type=int, default=10)
     p.add_argument("--ssl_batches", type=int, default=40)
@@ -366,22 +378,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     out = Path(args.out)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    suffix = f"-{args.variant}" if args.variant else ""  # report.json, or report-<variant>.json
     for setting in args.settings:
         for seed in args.seeds:
             data = make_data(setting, seed, args, out)
             for start in args.starts:
                 first = None
                 for agg in args.aggregators:
-                    run_dir = out / "runs" / setting / f"seed_{seed}" / start / agg
-                    if first is not None and not (run_dir / "state.json").is_file():
-                        seed_round0(first, run_dir)
-                    print(f"[icmil_gain] {setting} data, seed {seed}, start {start}, {agg}", flush=True)
+                    plain = out / "runs" / setting / f"seed_{seed}" / start / agg
+                    run_dir = plain.with_name(f"{agg}-{args.variant}") if args.variant else plain
+                    if not (run_dir / "state.json").is_file():
+                        if args.variant and (plain / "state.json").is_file():
+                            seed_round0(plain, run_dir, whole=True)
+                        elif first is not None:
+                            seed_round0(first, run_dir)
+                    print(f"[icmil_gain] {setting} data, seed {seed}, start {start}, {run_dir.name}", flush=True)
                     run_bundle(data, run_dir, seed, agg, start, args)
                     first = first or run_dir
-                    rows += collect(run_dir, setting, seed, agg, start, data)
-                    atomic_write_json(out / "report.json", {"args": vars(args), "rows": rows})
+                    rows += collect(run_dir, setting, seed, agg, start, data, args.variant)
+                    atomic_write_json(out / f"report{suffix}.json", {"args": vars(args), "rows": rows})
     text = markdown(rows, args, time.perf_counter() - t0)
-    atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / f"report{suffix}.md", text)
     print(text)
     return rows
 

@@ -66,7 +66,9 @@ class ICMILDistillationLoss(nn.Module):
     ):
         super().__init__()
         self.view_weight, self.head_weight, self.reduce_weight = view_weight, head_weight, reduce_weight
-        self.confidence, self.beta = bool(confidence), beta
+        from monai_icmil.utils import as_bool
+
+        self.confidence, self.beta = as_bool(confidence, "confidence"), None if beta is None else float(beta)
 
     def for_teacher(self, aggregator: nn.Module) -> ICMILDistillationLoss:
         """This loss with ``beta`` set to the teacher aggregator's ``confidence_beta`` (2 for DTFD-MIL, 6 for the

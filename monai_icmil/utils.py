@@ -24,7 +24,30 @@ __all__ = [
     "dist_info",
     "barrier",
     "default_device",
+    "as_bool",
 ]
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def as_bool(value: Any, name: str = "value") -> bool:
+    """A boolean setting as given on a command line or in a config: ``True``/``False``, 1/0, or the strings
+    true/false, yes/no, on/off, 1/0 in any case (``python -m monai.bundle run ... --heatmaps false`` passes the string).
+
+    Raises:
+        ValueError: anything else, naming the setting and the accepted values.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(
+        f"'{name}' must be a boolean (true or false, in any case; also 1/0, yes/no, on/off), got {value!r}"
+    )
+
 
 PathLike = str | os.PathLike
 

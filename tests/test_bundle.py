@@ -380,6 +380,35 @@ def test_inference_writes_heatmaps_on_the_patch_grid_and_geojson(trained):
     assert error[ranked[0]] < 15 and error[ranked[-1]] > 2 * error[ranked[0]], error  # two JPEGs, two resizes
 
 
+def test_boolean_overrides_are_read_as_booleans_in_any_case(trained, tmp_path):
+    """``--heatmaps FALSE --progress 0`` as the command line gives them (strings): probabilities only, no bars;
+    ``--heatmaps maybe`` is refused before any work, naming the id."""
+    data = json.loads((trained / "data" / "datalist.json").read_text())
+    slides = str((trained / "data" / data["test"][0]["image"]).parent)
+    out = tmp_path / "inference"
+    proc = _bundle(
+        trained, "run", str(CONFIGS / "inference.json"), input_slides=slides, inference_dir=str(out),
+        heatmaps="FALSE", progress="0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        (out / "probabilities.csv").is_file()
+        and not list(out.glob("*_heatmap.png"))
+        and not list(out.glob("*.geojson"))
+    )
+    assert "predict" not in proc.stderr and "embed slides" not in proc.stderr  # no progress bars
+    refused = _bundle(
+        tmp_path, "run", str(CONFIGS / "inference.json"), heatmaps="maybe", inference_dir=str(tmp_path / "x")
+    )
+    assert refused.returncode != 0 and "'heatmaps' must be a boolean (true or false, in any case" in refused.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "data").exists()
+    files = json.dumps([str(CONFIGS / "train.json"), str(CONFIGS / "inference.json")])
+    for value in ("false", "FALSE", "False", "0", "no", "TRUE", "1"):
+        assert check_config(["run", "--config_file", files, "--heatmaps", value]) == ["heatmaps"]
+    with pytest.raises(ValueError, match="'num_rounds' must be a number"):
+        check_config(["run", "--config_file", files, "--num_rounds", "two"])
+
+
 def test_inference_on_a_real_aperio_slide(trained, cmu_slide):
     """New slides in the wild are Aperio SVS (JPEG tiles with shared tables, one level here, 0.5 um/px): the
     bundle trained on generated TIFFs tiles it at its 1 um/px (64 px read, resized to 32), scores it and draws it."""

@@ -39,6 +39,7 @@ from monai_icmil.handlers.common import EpochLoss, attach_handlers, attach_progr
 from monai_icmil.metrics import METRIC_NAMES, SLIDE_METRICS, SlideMetric, slide_metrics
 from monai_icmil.networks.aggregators import MILAggregator, aggregator_class, aggregator_factory, aggregator_name
 from monai_icmil.utils import (
+    as_bool,
     atomic_path,
     atomic_write_json,
     atomic_write_text,
@@ -264,9 +265,11 @@ class BagPhase:
         self.optimizer = optimizer or functools.partial(torch.optim.Adam, lr=2e-4, weight_decay=1e-4)
         self.lr_scheduler, self.handlers = lr_scheduler, list(handlers or [])
         self.epochs, self.restarts, self.key_metric = int(epochs), int(restarts), key_metric
-        self.early_stop_patience, self.grad_clip, self.standardize = early_stop_patience, grad_clip, bool(standardize)
-        self.shuffle_instances, self.max_instances, self.tier1_weight = shuffle_instances, max_instances, tier1_weight
-        self.device, self.progress = default_device(device), progress
+        self.early_stop_patience, self.grad_clip = early_stop_patience, grad_clip
+        self.standardize = as_bool(standardize, "standardize")
+        self.shuffle_instances = as_bool(shuffle_instances, "shuffle_instances")
+        self.max_instances, self.tier1_weight = max_instances, tier1_weight
+        self.device, self.progress = default_device(device), as_bool(progress, "progress")
 
     def signature(self) -> dict[str, Any]:
         """What the phase's results depend on (restart records and resume checkpoints carry its hash)."""

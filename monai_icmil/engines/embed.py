@@ -37,7 +37,7 @@ from monai_icmil.data.store import FeatureStore, feature_key
 from monai_icmil.handlers.common import attach_handlers
 from monai_icmil.networks.embedders import PatchEmbedder
 from monai_icmil.transforms.stain import slide_stain_normalizer
-from monai_icmil.utils import default_device, dist_info
+from monai_icmil.utils import as_bool, default_device, dist_info
 
 logger = logging.getLogger("monai_icmil.embed")
 
@@ -402,8 +402,13 @@ class Embed:
         if dtype not in ("float16", "float32", "bfloat16"):
             raise ValueError(f"embed: dtype must be 'float16', 'float32' or 'bfloat16', got {dtype!r}")
         self.batch_size, self.num_workers, self.read_threads = int(batch_size), int(num_workers), int(read_threads)
-        self.prefetch_threads, self.copy_stream, self.dtype = int(prefetch_threads), bool(copy_stream), dtype
-        self.amp, self.channels_last, self.handlers, self.progress = amp, channels_last, list(handlers or []), progress
+        self.prefetch_threads, self.copy_stream, self.dtype = (
+            int(prefetch_threads),
+            as_bool(copy_stream, "copy_stream"),
+            dtype,
+        )
+        self.amp, self.channels_last, self.handlers = amp, channels_last, list(handlers or [])
+        self.progress = as_bool(progress, "progress")
 
     def __call__(
         self,

@@ -47,6 +47,7 @@ from monai_icmil.networks.embedders import PatchEmbedder
 from monai_icmil.transforms.stain import slide_stain_normalizer
 from monai_icmil.transforms.views import BatchRandomViews
 from monai_icmil.utils import (
+    as_bool,
     atomic_path,
     atomic_write_json,
     component_signature,
@@ -574,13 +575,14 @@ class EmbedderPhase:
         self.optimizer = optimizer or functools.partial(torch.optim.Adam, lr=1e-5, weight_decay=1e-4)
         self.views, self.handlers = views, list(handlers or [])
         self.epochs, self.batches_per_epoch, self.batch_size = int(epochs), int(batches_per_epoch), int(batch_size)
-        self.grad_clip, self.clip_embedder = grad_clip, clip_embedder
+        self.grad_clip, self.clip_embedder = grad_clip, as_bool(clip_embedder, "clip_embedder")
         self.val_interval, self.val_patches, self.select = int(val_interval), int(val_patches), select
         self.early_stop_patience, self.num_workers, self.read_threads = early_stop_patience, num_workers, read_threads
         self.device = default_device(device)
         self.amp = self.device.type == "cuda" if amp is None else amp
         self.channels_last = True if channels_last is None else channels_last
-        self.grad_checkpointing, self.freeze_bn, self.progress = grad_checkpointing, freeze_bn, progress
+        self.grad_checkpointing = as_bool(grad_checkpointing, "grad_checkpointing")
+        self.freeze_bn, self.progress = as_bool(freeze_bn, "freeze_bn"), as_bool(progress, "progress")
         self.views_on_device = self.device.type == "cuda" if views_on_device is None else views_on_device
 
     def signature(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
 from monai_icmil.handlers.common import EpochLoss, attach_handlers, attach_progress_bar, describe_components
 from monai_icmil.networks.embedders import PatchEmbedder
 from monai_icmil.transforms.views import BatchRandomViews
-from monai_icmil.utils import atomic_write_json, component_signature, default_device, stable_hash
+from monai_icmil.utils import as_bool, atomic_write_json, component_signature, default_device, stable_hash
 
 __all__ = ["nt_xent_loss", "contrastive_views", "TwoViewBatches", "SimCLRModel", "PretrainTrainer", "Pretrain"]
 
@@ -208,7 +208,7 @@ class Pretrain:
         self.lr_scheduler, self.views, self.handlers = lr_scheduler, views, list(handlers or [])
         self.epochs, self.batches_per_epoch, self.batch_size = int(epochs), int(batches_per_epoch), int(batch_size)
         self.embedder_lr_scale, self.temperature, self.proj_dim = embedder_lr_scale, temperature, proj_dim
-        self.num_workers, self.read_threads, self.progress = num_workers, read_threads, progress
+        self.num_workers, self.read_threads, self.progress = num_workers, read_threads, as_bool(progress, "progress")
         self.device = default_device(device)
         self.amp = self.device.type == "cuda" if amp is None else amp
         self.channels_last = True if channels_last is None else channels_last

@@ -154,7 +154,13 @@ class MLflowRunTree:
         run_name: str = "icmil",
         params: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     ):
-        self.output_dir, self.enabled, self.tracking_uri = Path(output_dir), bool(enabled), tracking_uri
+        from monai_icmil.utils import as_bool
+
+        self.output_dir, self.enabled, self.tracking_uri = (
+            Path(output_dir),
+            as_bool(enabled, "mlflow#enabled"),
+            tracking_uri,
+        )
         self.experiment_name, self.run_name, self.params = experiment_name, run_name, params
         self._parent: MLflowRun | None = None
 

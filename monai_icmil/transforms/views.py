@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from monai_icmil.transforms.stain import hed_to_rgb, rgb_to_hed
+from monai_icmil.utils import as_bool
 
 __all__ = ["BatchRandomViews"]
 
@@ -67,7 +68,7 @@ class BatchRandomViews:
         if hed_jitter < 0 or blur < 0:
             raise ValueError(f"hed_jitter and blur must be >= 0, got {hed_jitter} and {blur}")
         self.patch_size, self.min_area, self.hed_jitter = int(patch_size), float(min_area), float(hed_jitter)
-        self.rotate90, self.blur, self.blur_prob = bool(rotate90), float(blur), float(blur_prob)
+        self.rotate90, self.blur, self.blur_prob = as_bool(rotate90, "rotate90"), float(blur), float(blur_prob)
 
     def draw(self, seeds: Sequence[int] | np.ndarray) -> torch.Tensor:
         """The random parameters of one view per seed: a float32 ``[len(seeds), 15]`` table."""

@@ -60,7 +60,8 @@ def check_config(argv: Sequence[str] | None = None, config_ids: Sequence[str] | 
         if Path(sys.argv[0]).parts[-2:] != ("bundle", "__main__.py"):
             return []  # not the `python -m monai.bundle` command line (e.g. the API called in-process)
         argv = sys.argv[1:]
-    overrides, files = _parse_argv(list(argv))
+    pairs, files = _parse_argv(list(argv))
+    overrides = [key for key, _ in pairs]
     config: dict[str, Any] = {}
     base: dict[str, Any] = {}  # the first file (train.json)
     changed: set[str] = set()  # the settings the files after the first set
@@ -81,7 +82,44 @@ def check_config(argv: Sequence[str] | None = None, config_ids: Sequence[str] | 
         )
     if config_ids is None:
         _check_settings(config, changed, base)
+        _check_types(config, pairs)
     return overrides
+
+
+def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, str]]) -> None:
+    """Override values that cannot be what the config holds at that id: a boolean (true/false in any case, 1/0,
+    yes/no, on/off, as :func:`~monai_icmil.utils.as_bool` reads them downstream) or a number."""
+    from monai_icmil.utils import as_bool
+
+    problems = []
+    for key, value in pairs:
+        default = _value_at(config, key.replace("::", "#").split("#"))
+        try:
+            if isinstance(default, bool):
+                as_bool(value, key)
+            elif isinstance(default, int) and not float(value).is_integer():
+                raise ValueError(f"'{key}' must be a whole number, got {value!r}")
+            elif isinstance(default, float):
+                float(value)
+        except ValueError as e:
+            number = isinstance(default, (int, float)) and not isinstance(default, bool)
+            problems.append(
+                f"--{key} {value}: " + (f"'{key}' must be a number" if number and "number" not in str(e) else str(e))
+            )
+    if problems:
+        raise ValueError("override(s) of the wrong type: " + "; ".join(problems) + ".")
+
+
+def _value_at(config: Any, parts: list[str]) -> Any:
+    node = config
+    for part in parts:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
 
 
 def _settings_of(content: Mapping[str, Any]) -> set[str]:
@@ -162,8 +200,8 @@ def _defines(config: Any, parts: list[str]) -> bool:
     return True
 
 
-def _parse_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``(override ids, config files)`` of a command line."""
+def _parse_argv(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """``([(override id, value)], config files)`` of a command line."""
     overrides, files = [], []
     i = 0
     while i < len(argv):
@@ -174,7 +212,7 @@ def _parse_argv(argv: list[str]) -> tuple[list[str], list[str]]:
             if key == "config_file":
                 files = _parse_files(value)
             elif key not in _BUNDLE_ARGS:
-                overrides.append(key)
+                overrides.append((key, value))
             i += 1 if "=" in arg else 2
         else:
             i += 1

@@ -49,7 +49,7 @@ from monai_icmil.engines.pretrain import Pretrain
 from monai_icmil.handlers.tracking import MLflowRunTree
 from monai_icmil.networks.aggregators import MILAggregator, aggregator_factory, aggregator_name
 from monai_icmil.networks.embedders import PatchEmbedder, create_embedder
-from monai_icmil.utils import atomic_write_json, barrier, component_signature, default_device, dist_info
+from monai_icmil.utils import as_bool, atomic_write_json, barrier, component_signature, default_device, dist_info
 from monai_icmil.workflows.ledger import PhaseLedger
 from monai_icmil.workflows.splits import DatasetSplits
 from monai_icmil.workflows.summary import write_summary
@@ -158,7 +158,8 @@ class ICMILWorkflow(BundleWorkflow):
         self.embedder = functools.partial(create_embedder, **embedder) if isinstance(embedder, Mapping) else embedder
         self.embedder = self.embedder or functools.partial(create_embedder, "resnet50_trunc")
         self.aggregator = self._check_aggregator(aggregator)
-        dev, prog = self.device, progress
+        self.progress = prog = as_bool(progress, "progress")
+        dev = self.device
         self.phases = {
             "pretrain": pretrain,
             "embed": embed or Embed(progress=prog),
@@ -167,13 +168,9 @@ class ICMILWorkflow(BundleWorkflow):
         }
         if on_slide_error not in ("skip", "raise"):
             raise ValueError(f"on_slide_error must be 'skip' or 'raise', got {on_slide_error!r}")
-        self.on_slide_error, self.min_slides, self.backend, self.progress = (
-            on_slide_error,
-            int(min_slides),
-            backend,
-            progress,
-        )
-        self.stain_normalize, self.tiling_qc = bool(stain_normalize), bool(tiling_qc)
+        self.on_slide_error, self.min_slides, self.backend = on_slide_error, int(min_slides), backend
+        self.stain_normalize = as_bool(stain_normalize, "stain_normalize")
+        self.tiling_qc = as_bool(tiling_qc, "tiling_qc")
         self.test_writers = list(test_writers) if test_writers else []
         if synthetic is None and not self.dataset_dir.is_dir():
             raise FileNotFoundError(

@@ -1,0 +1,53 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Importing and using the package prints nothing and leaves nothing behind, on machines without a GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CUFILE_LOGFILE_PATH"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "from monai.transforms import Compose\nfrom monai_icmil.transforms import GridPatchCoordsd, TissueMaskd",
+        "from monai_icmil.transforms import GridPatchCoordsd, TissueMaskd\nfrom monai.transforms import Compose",
+        "import monai\nimport monai_icmil",
+    ],
+)
+def test_imports_in_either_order_print_nothing(code, tmp_path):
+    proc = _python(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reading_a_slide_with_cucim_leaves_no_log_in_the_working_directory(cmu_slide, tmp_path):
+    """cuFile, which cuCIM loads, writes cufile.log into the working directory unless told otherwise."""
+    code = (
+        "from monai_icmil.data import open_slide\n"
+        f"s = open_slide({cmu_slide!r}, 'cucim')\n"
+        "print(s.read_patches([[0, 0]], 64, 0).shape)"
+    )
+    proc = _python(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "(1, 64, 64, 3)" and proc.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_real_errors_still_surface(tmp_path):
+    proc = _python("from monai_icmil.data import open_slide\nopen_slide('missing.svs')", tmp_path)
+    assert proc.returncode != 0 and "slide 'missing.svs' does not exist" in proc.stderr
