@@ -81,6 +81,7 @@ def predict_slides(
     class_names: Sequence[str] | None = None,
     progress: bool = True,
     stain_normalize: bool = False,
+    tile_policy: Any = None,
 ) -> list[dict[str, Any]]:
     """Predict each slide: ``probabilities.csv``, the tiling QC images and ``tiling.csv`` in ``coords/qc/`` (new
     slides in the wild: pen marks, folds, odd scans show there first), and whatever ``writers`` make of each slide
@@ -100,6 +101,8 @@ def predict_slides(
         class_names: class names (CSV header; the last is the positive class).
         progress: progress bars.
         stain_normalize: must match the training run's setting.
+        tile_policy: what damaged JPEG tiles do (:class:`~monai_icmil.data.integrity.TileErrorPolicy`; default: drop
+            their patches, fail a slide with more than 5 % of them).
 
     Returns:
         ``[{"slide_id", "label", "probs", "image"}]`` per scored slide (``label`` ``None`` for new slides). Slides
@@ -112,7 +115,7 @@ def predict_slides(
     report = RunReport(out / "report.json")
     tiles = prepare_coords(
         items, tiling, CoordsStore(out / "coords"), report=report, backend=backend, progress=progress,
-        qc_dir=out / "coords" / "qc",
+        qc_dir=out / "coords" / "qc", tile_policy=tile_policy,
     )  # fmt: skip
     store, params = FeatureStore(out / "features"), tiling_signature(tiling)
     embed = embed if embed is not None else Embed(progress=progress)

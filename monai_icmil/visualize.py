@@ -48,9 +48,11 @@ def tiling_qc_image(
     alpha: float = 0.35,
     mask: np.ndarray | None = None,
     mask_downsample: float | None = None,
+    damaged: np.ndarray | None = None,
 ) -> np.ndarray:
     """The thumbnail with the area the patches cover tinted and outlined, and each patch's edges where patches are
-    at least 6 px across: tissue left untinted was missed. With ``mask``, the tissue mask's outline in green.
+    at least 6 px across: tissue left untinted was missed. With ``mask``, the tissue mask's outline in green; with
+    ``damaged``, the patches dropped for lying on damaged JPEG tiles, filled in red.
 
     Drawn with NumPy alone (no Matplotlib), so it costs milliseconds per slide and can be made for every slide.
 
@@ -63,6 +65,7 @@ def tiling_qc_image(
         alpha: tint strength.
         mask: boolean tissue mask to outline (e.g. ``TissueMaskd``'s ``tissue_mask``).
         mask_downsample: level-0 pixels per mask pixel (required with ``mask``).
+        damaged: ``[K, 2]`` level-0 ``(x, y)`` of dropped patches.
 
     Returns:
         ``[h, w, 3]`` uint8.
@@ -97,6 +100,11 @@ def tiling_qc_image(
         edges = (rows.cumsum(1)[:, :w] > 0) | (cols.cumsum(0)[:h] > 0)
         img[edges] = 0.5 * img[edges] + 0.5 * tint
     img[_boundary(covered)] = tint
+    if damaged is not None and len(damaged):
+        for x, y in np.asarray(damaged, np.float64).reshape(-1, 2):
+            xa, ya = int(x / thumb_downsample), int(y / thumb_downsample)
+            xb, yb = int(np.ceil((x + footprint) / thumb_downsample)), int(np.ceil((y + footprint) / thumb_downsample))
+            img[max(ya, 0) : min(yb, h), max(xa, 0) : min(xb, w)] = (220, 0, 0)
     if mask is not None:
         if mask_downsample is None:
             raise ValueError("`mask_downsample` is required with `mask`.")
@@ -170,14 +178,14 @@ def save_tiling_qc(
     caption: str = "",
     mask: np.ndarray | None = None,
     mask_downsample: float | None = None,
+    damaged: np.ndarray | None = None,
 ) -> Path:
     """:func:`tiling_qc_image` with a caption line above it, written atomically: JPEG for a ``.jpg`` path (quality 85,
     ~150 KB at 1024 px), else PNG."""
-    return _save_picture(
-        path,
-        tiling_qc_image(thumbnail, thumb_downsample, coords, footprint, mask=mask, mask_downsample=mask_downsample),
-        caption,
+    picture = tiling_qc_image(
+        thumbnail, thumb_downsample, coords, footprint, mask=mask, mask_downsample=mask_downsample, damaged=damaged
     )
+    return _save_picture(path, picture, caption)
 
 
 def _sheet_tile(source: Any, tile: int):

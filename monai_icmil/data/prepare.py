@@ -8,6 +8,10 @@ Each slide goes through a dictionary transform, by default a MONAI ``Compose`` o
 added to that ``Compose`` (a pen-mark filter, another tissue detector) shapes the grid every later phase uses. The
 coordinates are stored under a key made of the slide's identity and the transforms' configuration
 (:func:`tiling_signature`): changing either tiles the slide again.
+
+When a slide is tiled, the JPEG tiles under its grid are checked once (:mod:`monai_icmil.data.integrity`): patches on
+damaged tiles are dropped from the grid or fail the slide (:class:`~monai_icmil.data.integrity.TileErrorPolicy`),
+so no later phase reads them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from monai_icmil.data.integrity import TileErrorPolicy, damaged_patches
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import get_slide
 from monai_icmil.data.store import CoordsStore, coords_key
@@ -28,19 +33,25 @@ from monai_icmil.utils import component_signature
 __all__ = ["prepare_coords", "SlideTiles", "tiling_signature"]
 
 
-def _save_qc(path: Path, reader: Any, sid: str, coords: np.ndarray, meta: Mapping[str, Any]) -> None:
+def _save_qc(
+    path: Path, reader: Any, sid: str, coords: np.ndarray, meta: Mapping[str, Any], damaged: np.ndarray | None = None
+) -> None:
     from monai_icmil.visualize import save_tiling_qc
 
     mpp = f"{meta['mpp']:.2f} um/px, " if meta.get("mpp") else ""
     caption = f"{sid}: {len(coords)} patches of {meta['patch_size']} px ({mpp}level {meta['level']})"
+    if meta.get("damaged_patches"):
+        caption += f"; {meta['damaged_patches']} dropped on damaged JPEG tiles (red)"
     try:
         thumb, ds = reader.thumbnail(1024)
-        save_tiling_qc(path, thumb, ds, np.asarray(coords), float(meta["footprint"]), caption)
+        save_tiling_qc(path, thumb, ds, np.asarray(coords), float(meta["footprint"]), caption, damaged=damaged)
     except Exception as e:  # a picture is not worth a slide
         warnings.warn(f"slide '{sid}': no tiling QC image ({type(e).__name__}: {e})", stacklevel=3)
 
 
-_SUMMARY_COLUMNS = ("slide", "image", "status", "patches", "level", "read_size", "patch_size", "mpp", "area_mm2")
+_SUMMARY_COLUMNS = (
+    "slide", "image", "status", "patches", "damaged_patches", "level", "read_size", "patch_size", "mpp", "area_mm2",
+)  # fmt: skip
 
 
 def _summary_row(sid: str, path: str, n: int, meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -50,6 +61,7 @@ def _summary_row(sid: str, path: str, n: int, meta: Mapping[str, Any]) -> dict[s
         "image": path,
         "status": "ok" if n else "empty (no tissue patches)",
         "patches": n,
+        "damaged_patches": int(meta.get("damaged_patches", 0)),
         "level": meta["level"],
         "read_size": meta["read_size"],
         "patch_size": meta["patch_size"],
@@ -106,18 +118,38 @@ def _tile(transforms: Callable[[dict], Mapping[str, Any]], sid: str, path: str) 
 
 
 def _load_or_tile(
-    item: Mapping[str, Any], transforms: Any, store: CoordsStore, backend: str, signature: Mapping[str, Any]
-) -> tuple[Any, np.ndarray, dict[str, Any], bool]:
-    """``(reader, coords, meta, tiled now)`` of one slide: its current coordinates from the store, or tiled."""
+    item: Mapping[str, Any],
+    transforms: Any,
+    store: CoordsStore,
+    backend: str,
+    signature: Mapping[str, Any],
+    policy: TileErrorPolicy,
+) -> tuple[Any, dict[str, np.ndarray], dict[str, Any], bool]:
+    """``(reader, arrays, meta, tiled now)`` of one slide: its current coordinates from the store, or tiled and
+    checked for damaged tiles (``arrays``: ``coords``, ``damaged``: the dropped patches' coordinates).
+
+    Raises:
+        DamagedSlideError: the slide's damaged share of patches is not acceptable under ``policy``.
+    """
     sid, path = item["slide_id"], item["image"]
     reader = get_slide(path, backend)  # a missing or unreadable slide fails here, with its name
     key = coords_key(path, signature)
-    arrays = store.load(sid, key)
-    if arrays is not None:
-        return reader, arrays["coords"].numpy(), store.metadata(sid), False
+    stored = store.load(sid, key)
+    if stored is not None:
+        meta = store.metadata(sid)
+        arrays = {k: v.numpy() for k, v in stored.items()}
+        arrays.setdefault("damaged", np.zeros((0, 2), np.int64))
+        policy.check(path, len(arrays["damaged"]), len(arrays["coords"]) + len(arrays["damaged"]))
+        return reader, arrays, meta, False
     coords, out = _tile(transforms, sid, path)
-    store.save(sid, {"coords": coords, "tissue_fraction": out["tissue_fraction"]}, key, out["meta"])
-    return reader, coords, out["meta"], True
+    meta = out["meta"]
+    bad = damaged_patches(reader, coords, meta["read_size"], meta["level"])
+    policy.check(path, len(bad), len(coords))
+    keep = np.setdiff1d(np.arange(len(coords)), bad)
+    arrays = {"coords": coords[keep], "tissue_fraction": out["tissue_fraction"][keep], "damaged": coords[bad]}
+    meta.update(num_patches=len(keep), damaged_patches=len(bad))
+    store.save(sid, arrays, key, meta)
+    return reader, arrays, meta, True
 
 
 def prepare_coords(
@@ -129,8 +161,9 @@ def prepare_coords(
     backend: str = "auto",
     progress: bool = True,
     qc_dir: str | os.PathLike | None = None,
+    tile_policy: TileErrorPolicy | None = None,
 ) -> dict[str, SlideTiles]:
-    """Tile every slide (or load its current coordinates from ``store``).
+    """Tile every slide (or load its current coordinates from ``store``), dropping the patches on damaged JPEG tiles.
 
     Args:
         items: datalist entries with ``slide_id`` and ``image``.
@@ -150,6 +183,8 @@ def prepare_coords(
             level, read and patch size, mpp and the patches' area in mm^2; and ``<qc_dir>/overview/page_<k>.jpg``,
             contact sheets of the QC pictures, 48 slides a page, failed and empty slides marked
             (:func:`~monai_icmil.visualize.save_qc_overview`).
+        tile_policy: what damaged JPEG tiles do (default: drop their patches; a slide with more than 5 % of its
+            patches on them fails).
 
     Returns:
         ``{slide_id: SlideTiles}`` for the slides that could be tiled (empty ones included, with zero coords).
@@ -157,12 +192,13 @@ def prepare_coords(
     if on_slide_error not in ("skip", "raise"):
         raise ValueError(f"on_slide_error must be 'skip' or 'raise', got {on_slide_error!r}")
     signature = tiling_signature(transforms)
+    policy = tile_policy or TileErrorPolicy()
     out: dict[str, SlideTiles] = {}
     summary: list[dict[str, Any]] = []
     for item in _progress(items, progress):
         sid, path = item["slide_id"], item["image"]
         try:
-            reader, coords, meta, tiled = _load_or_tile(item, transforms, store, backend, signature)
+            reader, arrays, meta, tiled = _load_or_tile(item, transforms, store, backend, signature, policy)
         except Exception as e:
             if on_slide_error == "raise":
                 raise
@@ -171,12 +207,10 @@ def prepare_coords(
             warnings.warn(f"slide '{sid}' ({path}) skipped: {type(e).__name__}: {e}", stacklevel=2)
             summary.append({"slide": sid, "image": path, "status": f"failed: {type(e).__name__}: {e}"})
             continue
-        if report is not None:
-            report.succeed(sid)
-            if len(coords) == 0:
-                report.mark_empty(sid, path, "prepare")
+        coords, damaged = arrays["coords"], arrays["damaged"]
+        _record(report, sid, path, coords, damaged)
         if qc_dir is not None and (tiled or not (Path(qc_dir) / f"{sid}.jpg").is_file()):
-            _save_qc(Path(qc_dir) / f"{sid}.jpg", reader, sid, coords, meta)
+            _save_qc(Path(qc_dir) / f"{sid}.jpg", reader, sid, coords, meta, damaged)
         summary.append(_summary_row(sid, path, len(coords), meta))
         out[sid] = SlideTiles(
             slide_id=sid,
@@ -189,6 +223,23 @@ def prepare_coords(
     if qc_dir is not None:
         _write_qc_summary(Path(qc_dir), summary)
     return out
+
+
+def _record(report: RunReport | None, sid: str, path: str, coords: np.ndarray, damaged: np.ndarray) -> None:
+    """A tiled slide in the run report (its empty grid, its dropped patches), with a warning naming it."""
+    if len(damaged):
+        warnings.warn(
+            f"slide '{sid}' ({path}): {len(damaged)} of {len(coords) + len(damaged)} patches lie on damaged JPEG "
+            "tiles and were dropped (their positions are in report.json and red in the tiling QC picture).",
+            stacklevel=3,
+        )
+    if report is None:
+        return
+    report.succeed(sid)
+    if len(coords) == 0:
+        report.mark_empty(sid, path, "prepare")
+    if len(damaged):
+        report.mark_damaged(sid, path, damaged, len(coords) + len(damaged))
 
 
 def _progress(items: Sequence[Any], progress: bool) -> Any:

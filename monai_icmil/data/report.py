@@ -1,6 +1,7 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""The run report: which slides failed (and why) or had no tissue, kept in ``report.json``."""
+"""The run report: which slides failed (and why), had no tissue, or lost patches on damaged JPEG tiles, kept in
+``report.json``."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ __all__ = ["RunReport"]
 class RunReport:
     """Slides that failed or were empty, per phase; saved atomically after every change.
 
-    The file looks like ``{"failed": {slide_id: {"path", "phase", "reason"}}, "empty": {slide_id: {...}}}``.
-    A slide that later succeeds in the same phase is removed from ``failed``.
+    The file looks like ``{"failed": {slide_id: {"path", "phase", "reason"}}, "empty": {slide_id: {...}},
+    "damaged": {slide_id: {"path", "patches", "of", "positions"}}}``: a slide in ``damaged`` is still used, without
+    the listed patches. A slide that later succeeds in the same phase is removed from ``failed``.
 
     Args:
         path: the JSON file (``None`` keeps the report in memory only).
@@ -29,10 +31,12 @@ class RunReport:
         self.path = None if path is None else Path(path)
         self.failed: dict[str, dict[str, Any]] = {}
         self.empty: dict[str, dict[str, Any]] = {}
+        self.damaged: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         if self.path is not None and self.path.is_file():
             data = json.loads(self.path.read_text())
             self.failed, self.empty = data.get("failed", {}), data.get("empty", {})
+            self.damaged = data.get("damaged", {})
 
     def fail(self, slide_id: str, path: str, phase: str, reason: str) -> None:
         with self._lock:
@@ -42,6 +46,17 @@ class RunReport:
     def mark_empty(self, slide_id: str, path: str, phase: str, reason: str = "no tissue patches") -> None:
         with self._lock:
             self.empty[slide_id] = {"path": str(path), "phase": phase, "reason": reason}
+            self._save()
+
+    def mark_damaged(self, slide_id: str, path: str, positions: Any, total: int) -> None:
+        """Patches of a slide dropped for lying on damaged JPEG tiles (level-0 ``positions``, of ``total``)."""
+        with self._lock:
+            self.damaged[slide_id] = {
+                "path": str(path),
+                "patches": len(positions),
+                "of": int(total),
+                "positions": [[int(x), int(y)] for x, y in positions],
+            }
             self._save()
 
     def succeed(self, slide_id: str) -> None:
@@ -54,7 +69,7 @@ class RunReport:
         return set(self.failed) | set(self.empty)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"failed": self.failed, "empty": self.empty}
+        return {"failed": self.failed, "empty": self.empty, "damaged": self.damaged}
 
     def _save(self) -> None:
         if self.path is not None:

@@ -21,6 +21,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,10 +243,10 @@ class SlideReader(ABC):
     # ------------------------------------------------------------------ reading
     @abstractmethod
     def _read_batch(
-        self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int, out: np.ndarray
+        self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int, out: np.ndarray | None
     ) -> np.ndarray:
-        """Read ``[N, h, w, 3]`` uint8 patches into ``out`` and return it; ``locations`` are validated level-0
-        ``(x, y)`` int64."""
+        """Read ``[N, h, w, 3]`` uint8 patches into ``out`` (a new array when ``None``) and return it; ``locations``
+        are validated level-0 ``(x, y)`` int64."""
 
     def _validate_locations(self, locations: Any) -> np.ndarray:
         loc = np.asarray(locations, dtype=np.int64)
@@ -331,6 +332,41 @@ class SlideReader(ABC):
                 f"got {arr.dtype} {list(arr.shape)}{'' if arr.flags.c_contiguous else ' (not contiguous)'}."
             )
         return arr
+
+    # ------------------------------------------------------------------ integrity
+    def tile_size(self, level: int) -> tuple[int, int]:
+        """``(width, height)`` of the tiles of ``level`` as stored in the file (256 x 256 when the backend does not
+        say): what :meth:`damaged_tiles` checks one at a time."""
+        return (256, 256)
+
+    def _tile_origins(self, level: int, tiles: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Level-0 ``(x, y)`` of tiles given as ``(column, row)`` of ``level``."""
+        tw, th = self.tile_size(level)
+        ds = self.level_downsamples[level]
+        return np.array([[int(round(tx * tw * ds)), int(round(ty * th * ds))] for tx, ty in tiles], np.int64)
+
+    def _probe_tiles(self, level: int, tiles: Sequence[tuple[int, int]], num_workers: int) -> bool:
+        """Whether decoding these tiles raises or makes the JPEG decoder complain (in the native output)."""
+        from monai_icmil.data.integrity import JPEG_PROBLEM, native_output
+
+        w0, h0 = self.dimensions
+        origins = self._tile_origins(level, tiles)
+        origins = origins[(origins[:, 0] < w0) & (origins[:, 1] < h0)]
+        try:
+            with native_output() as lines:
+                self._read_batch(origins, level, self.tile_size(level), num_workers, None)
+        except Exception:  # noqa: BLE001 - a backend that raises on a damaged tile
+            return True
+        return any(JPEG_PROBLEM.search(line) for line in lines)
+
+    def damaged_tiles(self, level: int, tiles: Sequence[tuple[int, int]], num_workers: int = 2) -> set[tuple[int, int]]:
+        """The tiles of ``level`` (``(column, row)``) whose data is damaged: decoding raises, or the decoder reports a
+        corrupt stream. Checked in batches; a damaged batch is halved until the tiles are found
+        (:func:`~monai_icmil.data.integrity.find_damaged`)."""
+        from monai_icmil.data.integrity import find_damaged
+
+        self._check_level(level)
+        return find_damaged(list(tiles), lambda part: self._probe_tiles(level, part, num_workers))
 
     def read_region(self, location: tuple[int, int], size: int | tuple[int, int], level: int = 0) -> np.ndarray:
         """Read one region ``[h, w, 3]`` at ``level``; ``location`` is level-0 ``(x, y)``."""
@@ -431,9 +467,13 @@ class CuCIMSlide(SlideReader):
             self.mpp = self.mpp if self.mpp is not None else props["mpp"]
             self.objective_power = self.objective_power or props["objective_power"]
 
+    def tile_size(self, level: int) -> tuple[int, int]:
+        return self._tile_sizes[min(level, len(self._tile_sizes) - 1)]
+
     def _read_batch(
-        self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int, out: np.ndarray
+        self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int, out: np.ndarray | None
     ) -> np.ndarray:
+        out = np.empty((len(locations), size[1], size[0], 3), np.uint8) if out is None else out
         plan = self.block_plan(locations, level, size)
         if plan is None:
             return self._read_regions(locations, level, size, num_workers, out)
@@ -535,8 +575,9 @@ class _PatchByPatchReader(SlideReader):
         """One ``[h, w, 3]`` uint8 region at ``level``; ``xy`` is level-0."""
 
     def _read_batch(
-        self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int, out: np.ndarray
+        self, locations: np.ndarray, level: int, size: tuple[int, int], num_workers: int, out: np.ndarray | None
     ) -> np.ndarray:
+        out = np.empty((len(locations), size[1], size[0], 3), np.uint8) if out is None else out
         if num_workers > 1:
             with ThreadPoolExecutor(num_workers) as pool:
                 for i, patch in enumerate(pool.map(lambda xy: self._read_one(xy, level, size), locations)):
@@ -578,6 +619,23 @@ class OpenSlideSlide(_PatchByPatchReader):
         if alpha.min() < 255:  # transparent = outside the scanned area: composite on white like cuCIM
             rgb = (rgb.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))) // 255
         return rgb.astype(np.uint8)
+
+    def tile_size(self, level: int) -> tuple[int, int]:
+        props = self._osr.properties
+        w, h = props.get(f"openslide.level[{level}].tile-width"), props.get(f"openslide.level[{level}].tile-height")
+        return (int(w), int(h)) if w and h else (256, 256)
+
+    def _probe_tiles(self, level: int, tiles: Sequence[tuple[int, int]], num_workers: int) -> bool:
+        """OpenSlide raises on a damaged tile, and its handle stays in error afterwards: each check opens its own."""
+        openslide = _import_backend("openslide")
+        tw, th = self.tile_size(level)
+        with openslide.OpenSlide(self.path) as osr:
+            try:
+                for xy in self._tile_origins(level, tiles):
+                    osr.read_region((int(xy[0]), int(xy[1])), level, (tw, th))
+            except openslide.OpenSlideError:
+                return True
+        return False
 
     def close(self) -> None:
         osr, self._osr = getattr(self, "_osr", None), None
@@ -684,10 +742,52 @@ class TiffSlide(_PatchByPatchReader):
                 out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw]
         return out
 
+    def tile_size(self, level: int) -> tuple[int, int]:
+        page = self._pages[level]
+        return int(page.tilewidth), int(page.tilelength)
+
+    def _probe_tiles(self, level: int, tiles: Sequence[tuple[int, int]], num_workers: int) -> bool:
+        """imagecodecs decodes a damaged JPEG tile without a word: the raw tiles are decoded again by libjpeg as
+        torchvision links it, which reports a corrupt stream (only here, when a slide is tiled)."""
+        page = self._pages[level]
+        if page.compression != 7:  # not JPEG: the decoder raises on damage
+            return super()._probe_tiles(level, tiles, num_workers)
+        from monai_icmil.data.integrity import JPEG_PROBLEM, native_output
+
+        n_tx = -(-self.level_dimensions[level][0] // int(page.tilewidth))
+        tables = page.jpegtables
+        streams = []
+        for tx, ty in tiles:
+            index = ty * n_tx + tx
+            offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+            if count == 0 or offset + count > self._file_size:
+                return True
+            with self._io_lock:
+                self._tif.filehandle.seek(offset)
+                data = self._tif.filehandle.read(count)
+            streams.append(bytes(tables[:-2]) + data[2:] if tables else data)
+        return _jpeg_streams_complain(streams, JPEG_PROBLEM, native_output)
+
     def close(self) -> None:
         tif, self._tif = getattr(self, "_tif", None), None
         if tif is not None:
             tif.close()
+
+
+def _jpeg_streams_complain(streams: list[bytes], problem: re.Pattern, capture: Any) -> bool:
+    """Whether libjpeg (as torchvision links it) raises or reports a corrupt stream for any of these JPEG streams."""
+    import torch
+    from torchvision.io import decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's notice that its image codecs are deprecated
+        try:
+            with capture() as lines:
+                for data in streams:
+                    decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        except RuntimeError:
+            return True
+    return any(problem.search(line) for line in lines)
 
 
 # --------------------------------------------------------------------------------------------------- opening

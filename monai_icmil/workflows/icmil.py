@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from monai.bundle import BundleWorkflow
 
+from monai_icmil.data.integrity import TileErrorPolicy
 from monai_icmil.data.prepare import SlideTiles, prepare_coords, tiling_signature
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.store import BagDataset, CoordsStore, FeatureStore, feature_key
@@ -112,6 +113,10 @@ class ICMILWorkflow(BundleWorkflow):
             ``output_dir/test_inference/`` (:func:`~monai_icmil.inference.predict_slides`), and ``summary.md`` shows
             the highest-scoring test slide's ``<slide>_vs_truth.jpg`` where there is one
             (:class:`~monai_icmil.handlers.writers.GroundTruthWriter`).
+        on_tile_error: patches on damaged JPEG tiles (found when a slide is tiled): ``"drop"`` them (recorded in
+            ``report.json``, ``tiling.csv`` and the QC picture) or ``"fail"`` the slide.
+        max_damaged_fraction: a slide with a larger share of its patches on damaged tiles fails whatever
+            ``on_tile_error``.
 
     Raises:
         FileNotFoundError: ``dataset_dir`` does not exist (and no synthetic dataset is configured).
@@ -147,6 +152,8 @@ class ICMILWorkflow(BundleWorkflow):
         stain_normalize: bool = False,
         tiling_qc: bool = True,
         test_writers: Sequence[Any] | None = None,
+        on_tile_error: str = "drop",
+        max_damaged_fraction: float = 0.05,
     ):
         with _quiet("monai.bundle.workflows"):  # "No workflow type ... specified": ours has none, on purpose
             super().__init__(workflow_type=None)
@@ -172,6 +179,7 @@ class ICMILWorkflow(BundleWorkflow):
         self.stain_normalize = as_bool(stain_normalize, "stain_normalize")
         self.tiling_qc = as_bool(tiling_qc, "tiling_qc")
         self.test_writers = list(test_writers) if test_writers else []
+        self.tile_policy = TileErrorPolicy(on_tile_error, float(max_damaged_fraction))
         if synthetic is None and not self.dataset_dir.is_dir():
             raise FileNotFoundError(
                 f"dataset_dir '{self.dataset_dir}' does not exist. Set `dataset_dir` to the folder holding the slides "
@@ -249,6 +257,7 @@ class ICMILWorkflow(BundleWorkflow):
             backend=self.backend,
             progress=self.progress,
             qc_dir=self.output_dir / "coords" / "qc" if self.tiling_qc else None,
+            tile_policy=self.tile_policy,
         )
         if _rank() == 0:
             barrier()
@@ -632,4 +641,5 @@ class ICMILWorkflow(BundleWorkflow):
             class_names=self.class_names,
             progress=self.progress,
             stain_normalize=self.stain_normalize,
+            tile_policy=self.tile_policy,
         )
