@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from monai_icmil.data.prepare import prepare_coords, tiling_signature
+from monai_icmil.data.prepare import prepare_coords, slide_signature, tiling_signature
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import get_slide
 from monai_icmil.data.store import CoordsStore, FeatureStore, feature_key
@@ -82,6 +82,7 @@ def predict_slides(
     progress: bool = True,
     stain_normalize: bool = False,
     tile_policy: Any = None,
+    assume_mpp: float | None = None,
 ) -> list[dict[str, Any]]:
     """Predict each slide: ``probabilities.csv``, the tiling QC images and ``tiling.csv`` in ``coords/qc/`` (new
     slides in the wild: pen marks, folds, odd scans show there first), and whatever ``writers`` make of each slide
@@ -103,6 +104,8 @@ def predict_slides(
         stain_normalize: must match the training run's setting.
         tile_policy: what damaged JPEG tiles do (:class:`~monai_icmil.data.integrity.TileErrorPolicy`; default: drop
             their patches, fail a slide with more than 5 % of them).
+        assume_mpp: level-0 microns per pixel of the slides whose files have none (a datalist entry's ``mpp``
+            replaces its file's value).
 
     Returns:
         ``[{"slide_id", "label", "probs", "image"}]`` per scored slide (``label`` ``None`` for new slides). Slides
@@ -115,7 +118,7 @@ def predict_slides(
     report = RunReport(out / "report.json")
     tiles = prepare_coords(
         items, tiling, CoordsStore(out / "coords"), report=report, backend=backend, progress=progress,
-        qc_dir=out / "coords" / "qc", tile_policy=tile_policy,
+        qc_dir=out / "coords" / "qc", tile_policy=tile_policy, assume_mpp=assume_mpp,
     )  # fmt: skip
     store, params = FeatureStore(out / "features"), tiling_signature(tiling)
     embed = embed if embed is not None else Embed(progress=progress)
@@ -128,7 +131,7 @@ def predict_slides(
         sid = item["slide_id"]
         if sid not in tiles or sid in report.failed:
             continue
-        key = feature_key(item["image"], params, fp, embed.dtype, stain_normalize)
+        key = feature_key(item["image"], slide_signature(params, tiles[sid]), fp, embed.dtype, stain_normalize)
         arrays = store.load(sid, key)
         if arrays is None or len(arrays["features"]) == 0:
             warnings.warn(f"slide '{item['image']}' has no tissue patches; no prediction", stacklevel=2)

@@ -49,6 +49,23 @@ def as_bool(value: Any, name: str = "value") -> bool:
     )
 
 
+def as_positive(value: Any, name: str = "value", optional: bool = False) -> float | None:
+    """A positive number setting (a string such as ``"0.5"`` is parsed); ``None`` passes when ``optional``.
+
+    Raises:
+        ValueError: anything else, naming the setting.
+    """
+    if value is None and optional:
+        return None
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"'{name}' must be a positive number{' or null' if optional else ''}, got {value!r}")
+    return number
+
+
 PathLike = str | os.PathLike
 
 

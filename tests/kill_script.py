@@ -2,9 +2,12 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 """One small ICMIL run (round 0 + one coupled round) that can SIGKILL itself at a deterministic point.
 
-``--kill embed:N`` dies while the N-th slide's features are written, ``--kill bag_phase:N`` at the N-th bag of the
-bag phase, ``--kill embedder_phase:N`` at the N-th embedder-phase iteration; without ``--kill`` it runs to the end. The
-crash tests run it once with a kill point, then again without, and compare with an uninterrupted run.
+``--kill prepare:N`` dies while the N-th slide's coordinates are written, ``--kill embed:N`` while the N-th slide's
+features are written, ``--kill bag_phase:N`` at the N-th bag of the bag phase, ``--kill embedder_phase:N`` at the N-th
+embedder-phase iteration; without ``--kill`` it runs to the end. ``--only prepare`` stops after tiling. ``--infer DIR``
+scores every slide of the datalist with the trained run in ``--out`` into ``DIR``, with every inference writer
+(``--kill`` points there: ``prepare``, ``embed`` and ``write:N``, the N-th call of a writer's ``write`` or
+``finish``). The crash tests run it once with a kill point, then again without, and compare with an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import torch
 
 import monai_icmil.data.store as store
 from monai_icmil.data.tiling import TilingConfig
+from monai_icmil.data.datalist import load_datalist
 from monai_icmil.engines import BagPhase, BagPhaseTrainer, Embed, EmbedderPhase, EmbedderPhaseTrainer
+from monai_icmil.handlers import GeoJSONWriter, HeatmapWriter, TopPatchesWriter, TriageSheetWriter
 from monai_icmil.networks import ABMIL
 from monai_icmil.workflows import ICMILWorkflow
 
@@ -63,16 +68,24 @@ def settings() -> dict:
     )
 
 
-def _die_at(module: object, name: str, n: int) -> None:
-    real, calls = getattr(module, name), {"n": 0}
+WRITERS = (HeatmapWriter, GeoJSONWriter, TopPatchesWriter, TriageSheetWriter)
 
-    def wrapper(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
 
-    setattr(module, name, wrapper)
+def _die_at(targets: list[tuple[object, str]], n: int) -> None:
+    """SIGKILL this process at the ``n``-th call of any of ``targets`` (counted together)."""
+    calls = {"n": 0}
+
+    def wrap(real):
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for owner, name in targets:
+        setattr(owner, name, wrap(getattr(owner, name)))
 
 
 def main() -> None:
@@ -80,17 +93,28 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--kill", default=None)
+    parser.add_argument("--infer", default=None)
+    parser.add_argument("--only", choices=["prepare"], default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     if args.kill:
         phase, n = args.kill.split(":")
         target = {
-            "embed": (store.FeatureStore, "save"),
-            "bag_phase": (BagPhaseTrainer, "_iteration"),
-            "embedder_phase": (EmbedderPhaseTrainer, "_iteration"),
+            "prepare": [(store.CoordsStore, "save")],
+            "embed": [(store.FeatureStore, "save")],
+            "bag_phase": [(BagPhaseTrainer, "_iteration")],
+            "embedder_phase": [(EmbedderPhaseTrainer, "_iteration")],
+            "write": [(w, "write") for w in WRITERS] + [(w, "finish") for w in WRITERS],
         }
-        _die_at(*target[phase], int(n))
-    ICMILWorkflow(dataset_dir=args.data, output_dir=args.out, **settings()).run()
+        _die_at(target[phase], int(n))
+    workflow = ICMILWorkflow(dataset_dir=args.data, output_dir=args.out, **settings())
+    if args.infer:
+        slides = [e for split in load_datalist(os.path.join(args.data, "datalist.json")).values() for e in split]
+        workflow.initialize().infer(slides, args.infer, writers=[w() for w in WRITERS])
+    elif args.only == "prepare":
+        workflow.initialize().prepare()
+    else:
+        workflow.run()
     print(json.dumps({"done": True}))
 
 

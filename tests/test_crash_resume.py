@@ -1,7 +1,8 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""``kill -9`` during embedding, the bag phase or the embedder phase, then the same command again: the run resumes
-(it does not start over) and ends with exactly the uninterrupted run's metrics and weights (CPU, same seed)."""
+"""``kill -9`` during tiling, embedding, the bag phase, the embedder phase or inference, then the same command again:
+the run resumes (it does not start over) and ends with exactly the uninterrupted run's metrics, weights and files
+(CPU, same seed)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ SCRIPT = Path(__file__).with_name("kill_script.py")
 ROOT = SCRIPT.parents[1]
 
 
-def _run(data: Path, out: Path, kill: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(SCRIPT), "--data", str(data), "--out", str(out)] + (["--kill", kill] if kill else [])
+def _run(data: Path, out: Path, kill: str | None = None, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), "--data", str(data), "--out", str(out), *extra]
+    cmd += ["--kill", kill] if kill else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
@@ -73,3 +75,65 @@ def test_kill_9_then_rerun_ends_as_the_uninterrupted_run(kill, resumed, uninterr
         got = torch.load(out / f"round_{r}/bag_phase/bag_classifier.pt", weights_only=True)["state_dict"]
         assert all(torch.equal(want[k], got[k]) for k in want)
     assert not list(out.rglob("resume_checkpoint_*.pt"))  # finished phases leave no resume checkpoint
+
+
+def _content(path: Path) -> object:
+    """A file's bytes; a safetensors file's metadata and tensors (its header's key order varies between processes)."""
+    if path.suffix != ".safetensors":
+        return path.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return f.metadata(), {k: f.get_tensor(k).tobytes() for k in sorted(f.keys())}
+
+
+def _files(folder: Path) -> dict[str, object]:
+    return {str(p.relative_to(folder)): _content(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _no_partial_writes(out: Path) -> None:
+    assert not [p for p in out.rglob("*") if p.name.startswith((".", "tmp")) and p.is_file()]
+
+
+def test_kill_9_while_tiling_then_rerun_keeps_the_tiled_slides_and_ends_with_the_same_files(
+    uninterrupted, synthetic_dataset, tmp_path
+):
+    out = tmp_path / "out"
+    killed = _run(synthetic_dataset.parent, out, "prepare:4", "--only", "prepare")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    _no_partial_writes(out)
+    done = {p: p.stat().st_mtime_ns for p in (out / "coords").glob("*.safetensors")}
+    assert len(done) == 3  # three slides tiled before the kill; no tiling.csv yet
+    assert not (out / "coords" / "qc" / "tiling.csv").exists()
+    rerun = _run(synthetic_dataset.parent, out, None, "--only", "prepare")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # not tiled again
+    assert _files(out / "coords") == _files(uninterrupted / "coords")  # coordinates, QC pictures, tiling.csv
+    assert (
+        not (out / "report.json").exists()
+        or (out / "report.json").read_bytes() == (uninterrupted / "report.json").read_bytes()
+    )
+
+
+@pytest.fixture(scope="module")
+def inferred(uninterrupted, synthetic_dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("inferred") / "inference"
+    proc = _run(synthetic_dataset.parent, uninterrupted, None, "--infer", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("kill", ["prepare:3", "write:6"])  # tiling the third slide; a writer on the second slide
+def test_kill_9_during_inference_then_rerun_writes_the_same_files(
+    kill, inferred, uninterrupted, synthetic_dataset, tmp_path
+):
+    out = tmp_path / "inference"
+    killed = _run(synthetic_dataset.parent, uninterrupted, kill, "--infer", str(out))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (out / "probabilities.csv").exists()
+    _no_partial_writes(out)
+    rerun = _run(synthetic_dataset.parent, uninterrupted, None, "--infer", str(out))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    want, got = _files(inferred), _files(out)
+    assert sorted(got) == sorted(want)
+    assert [name for name in want if got[name] != want[name]] == []

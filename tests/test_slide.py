@@ -194,7 +194,7 @@ def test_slide_without_mpp_warns_and_can_still_be_tiled_by_level(tmp_path):
     img = np.full((512, 512, 3), 230, np.uint8)
     img[100:400, 100:400] = (200, 120, 190)
     tifffile.imwrite(path, img, photometric="rgb", tile=(256, 256), compression="jpeg")
-    with pytest.warns(UserWarning, match=r"nompp\.tiff.*no microns-per-pixel"):
+    with pytest.warns(UserWarning, match=r"nompp\.tiff.*no microns per pixel.*datalist.*assume_mpp"):
         s = open_slide(path, "tifffile")
     assert s.mpp is None
     with pytest.raises(SlideError, match=r"nompp\.tiff.*needs the slide's microns per pixel"):

@@ -7,6 +7,9 @@ Two formats are read:
 * MONAI-style JSON: ``{"training": [{"image": "slides/a.svs", "label": 1}, ...], "validation": [...], "test": [...]}``
 * CSV with a header ``slide,label[,split]`` (rows without a split go to ``training``).
 
+Any other column or key is kept with the entry; ``mpp`` (the slide's level-0 microns per pixel) replaces the file's
+value when tiling, for slides without resolution metadata or with wrong metadata.
+
 Paths are relative to a data root (default: the datalist's folder). Loading validates every row and, when
 anything is wrong, raises one :class:`DatalistError` that lists every bad row: missing files, missing or unknown
 labels, duplicate slides, labels of mixed types, paths that leave the data root.
@@ -21,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_icmil.utils import stable_hash
+from monai_icmil.utils import as_positive, stable_hash
 
 __all__ = ["DatalistError", "load_datalist", "SPLITS"]
 
@@ -182,6 +185,11 @@ def _check_entry(
     item["image"] = str(full)
     item["label"] = _class_index(label, where, label_index, errors) if label is not None else None
     item.setdefault("slide_id", Path(image).stem)
+    if item.get("mpp") not in (None, ""):
+        try:
+            item["mpp"] = as_positive(item["mpp"], "mpp")
+        except ValueError:
+            errors.append(f"{where}: mpp {item['mpp']!r} must be a positive number (the slide's microns per pixel)")
     for extra_key in ("tumour_mask",):
         if isinstance(item.get(extra_key), str) and not Path(item[extra_key]).is_absolute():
             item[extra_key] = str((root / item[extra_key]).resolve())

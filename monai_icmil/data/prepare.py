@@ -28,9 +28,9 @@ from monai_icmil.data.integrity import TileErrorPolicy, damaged_patches
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import get_slide
 from monai_icmil.data.store import CoordsStore, coords_key
-from monai_icmil.utils import component_signature
+from monai_icmil.utils import as_positive, component_signature
 
-__all__ = ["prepare_coords", "SlideTiles", "tiling_signature"]
+__all__ = ["prepare_coords", "SlideTiles", "tiling_signature", "slide_signature"]
 
 
 def _save_qc(
@@ -50,7 +50,8 @@ def _save_qc(
 
 
 _SUMMARY_COLUMNS = (
-    "slide", "image", "status", "patches", "damaged_patches", "level", "read_size", "patch_size", "mpp", "area_mm2",
+    "slide", "image", "status", "patches", "damaged_patches", "level", "read_size", "patch_size", "mpp", "slide_mpp",
+    "area_mm2",
 )  # fmt: skip
 
 
@@ -66,6 +67,7 @@ def _summary_row(sid: str, path: str, n: int, meta: Mapping[str, Any]) -> dict[s
         "read_size": meta["read_size"],
         "patch_size": meta["patch_size"],
         "mpp": f"{mpp:.4g}" if mpp else "",
+        "slide_mpp": f"{meta['slide_mpp']:.4g} (given)" if meta.get("slide_mpp") else "",
         "area_mm2": f"{n * (meta['patch_size'] * mpp) ** 2 / 1e6:.3f}" if mpp else "",  # the patches' area
     }
 
@@ -85,7 +87,8 @@ def _write_summary(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 class SlideTiles(dict):
-    """One slide's tiles: ``slide_id``, ``image``, ``coords`` ``[N, 2]``, ``level``, ``read_size``, ``patch_size``."""
+    """One slide's tiles: ``slide_id``, ``image``, ``coords`` ``[N, 2]``, ``level``, ``read_size``, ``patch_size``
+    (and ``slide_mpp`` when the slide's level-0 mpp was given rather than read from its file)."""
 
 
 def tiling_signature(transforms: Any) -> dict[str, Any]:
@@ -93,11 +96,41 @@ def tiling_signature(transforms: Any) -> dict[str, Any]:
     return {"transforms": component_signature(transforms)}
 
 
-def _tile(transforms: Callable[[dict], Mapping[str, Any]], sid: str, path: str) -> tuple[np.ndarray, dict[str, Any]]:
+def slide_signature(signature: Mapping[str, Any], slide: Mapping[str, Any]) -> dict[str, Any]:
+    """The tiling signature of one slide (a :class:`SlideTiles` or datalist entry): the experiment's, with the
+    slide's own level-0 mpp when one replaces the file's (so that changing it tiles and embeds the slide again)."""
+    mpp = slide.get("slide_mpp")
+    return {**signature, "slide_mpp": float(mpp)} if mpp is not None else dict(signature)
+
+
+def _slide_mpp(item: Mapping[str, Any], reader: Any, assume_mpp: float | None) -> float | None:
+    """The level-0 mpp to use instead of the file's: the datalist's ``mpp`` for this slide, else ``assume_mpp``
+    when the file has none; ``None`` keeps the file's."""
+    mpp = item.get("mpp")
+    if mpp in (None, ""):
+        return as_positive(assume_mpp, "assume_mpp") if assume_mpp is not None and reader.mpp is None else None
+    return as_positive(mpp, f"mpp of slide '{item['image']}' in the datalist")
+
+
+def _transform_error(error: BaseException) -> BaseException:
+    """The error a transform raised, out of MONAI's "applying transform <object at 0x...>" wrappers (whose
+    message says nothing about the slide)."""
+    while isinstance(error, RuntimeError) and str(error).startswith("applying transform") and error.__cause__:
+        error = error.__cause__
+    return error
+
+
+def _tile(
+    transforms: Callable[[dict], Mapping[str, Any]], sid: str, path: str, slide_mpp: float | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Run the tiling transforms on one slide: its coordinates and the metadata the store keeps with them."""
+    data = {"image": path, "slide_id": sid, **({"mpp": slide_mpp} if slide_mpp is not None else {})}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an empty slide is reported once, by prepare_coords
-        d = transforms({"image": path, "slide_id": sid})
+        try:
+            d = transforms(data)
+        except RuntimeError as e:
+            raise _transform_error(e) from e
     if "coords" not in d or "tiling" not in d:
         raise KeyError(
             "the tiling transforms must put 'coords' and 'tiling' in the data (end them with GridPatchCoordsd)"
@@ -124,6 +157,7 @@ def _load_or_tile(
     backend: str,
     signature: Mapping[str, Any],
     policy: TileErrorPolicy,
+    assume_mpp: float | None = None,
 ) -> tuple[Any, dict[str, np.ndarray], dict[str, Any], bool]:
     """``(reader, arrays, meta, tiled now)`` of one slide: its current coordinates from the store, or tiled and
     checked for damaged tiles (``arrays``: ``coords``, ``damaged``: the dropped patches' coordinates).
@@ -132,8 +166,14 @@ def _load_or_tile(
         DamagedSlideError: the slide's damaged share of patches is not acceptable under ``policy``.
     """
     sid, path = item["slide_id"], item["image"]
-    reader = get_slide(path, backend)  # a missing or unreadable slide fails here, with its name
-    key = coords_key(path, signature)
+    with warnings.catch_warnings():
+        if item.get("mpp") not in (None, "") or assume_mpp is not None:
+            warnings.filterwarnings("ignore", message=".*has no microns per pixel")  # it is given here
+        reader = get_slide(path, backend)  # a missing or unreadable slide fails here, with its name
+    slide_mpp = _slide_mpp(item, reader, assume_mpp)
+    if slide_mpp is not None:
+        reader = get_slide(path, backend, slide_mpp)
+    key = coords_key(path, slide_signature(signature, {"slide_mpp": slide_mpp}))
     stored = store.load(sid, key)
     if stored is not None:
         meta = store.metadata(sid)
@@ -141,8 +181,8 @@ def _load_or_tile(
         arrays.setdefault("damaged", np.zeros((0, 2), np.int64))
         policy.check(path, len(arrays["damaged"]), len(arrays["coords"]) + len(arrays["damaged"]))
         return reader, arrays, meta, False
-    coords, out = _tile(transforms, sid, path)
-    meta = out["meta"]
+    coords, out = _tile(transforms, sid, path, slide_mpp)
+    meta = {**out["meta"], "slide_mpp": slide_mpp}
     bad = damaged_patches(reader, coords, meta["read_size"], meta["level"])
     policy.check(path, len(bad), len(coords))
     keep = np.setdiff1d(np.arange(len(coords)), bad)
@@ -162,6 +202,7 @@ def prepare_coords(
     progress: bool = True,
     qc_dir: str | os.PathLike | None = None,
     tile_policy: TileErrorPolicy | None = None,
+    assume_mpp: float | None = None,
 ) -> dict[str, SlideTiles]:
     """Tile every slide (or load its current coordinates from ``store``), dropping the patches on damaged JPEG tiles.
 
@@ -185,6 +226,8 @@ def prepare_coords(
             (:func:`~monai_icmil.visualize.save_qc_overview`).
         tile_policy: what damaged JPEG tiles do (default: drop their patches; a slide with more than 5 % of its
             patches on them fails).
+        assume_mpp: level-0 microns per pixel of the slides whose files have none (a datalist entry's own ``mpp``
+            replaces the file's for that slide, whatever the file says). Either is part of the slide's keys.
 
     Returns:
         ``{slide_id: SlideTiles}`` for the slides that could be tiled (empty ones included, with zero coords).
@@ -198,7 +241,7 @@ def prepare_coords(
     for item in _progress(items, progress):
         sid, path = item["slide_id"], item["image"]
         try:
-            reader, arrays, meta, tiled = _load_or_tile(item, transforms, store, backend, signature, policy)
+            reader, arrays, meta, tiled = _load_or_tile(item, transforms, store, backend, signature, policy, assume_mpp)
         except Exception as e:
             if on_slide_error == "raise":
                 raise
@@ -219,6 +262,7 @@ def prepare_coords(
             level=int(meta["level"]),
             read_size=int(meta["read_size"]),
             patch_size=int(meta["patch_size"]),
+            **({"slide_mpp": meta["slide_mpp"]} if meta.get("slide_mpp") is not None else {}),
         )
     if qc_dir is not None:
         _write_qc_summary(Path(qc_dir), summary)

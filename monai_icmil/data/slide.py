@@ -118,8 +118,9 @@ def _mpp_from_resolution(value: Any, unit: Any) -> float | None:
 
 
 def _tiff_properties(path: str) -> dict[str, float | None]:
-    """mpp and objective power from a TIFF's first page: Aperio description, then resolution tags."""
-    props: dict[str, float | None] = {"mpp": None, "objective_power": None}
+    """mpp and objective power from a TIFF's first page: the Aperio description's ``MPP`` wins over the resolution
+    tags (``mpp``); both sources are also returned on their own (``aperio_mpp``, ``tiff_mpp``)."""
+    props: dict[str, float | None] = {"mpp": None, "objective_power": None, "aperio_mpp": None, "tiff_mpp": None}
     try:
         tifffile = _import_backend("tifffile")
         with tifffile.TiffFile(path) as tif:
@@ -127,17 +128,53 @@ def _tiff_properties(path: str) -> dict[str, float | None]:
             desc = page.description or ""
             m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", desc)
             if m:
-                props["mpp"] = float(m.group(1))
+                props["aperio_mpp"] = float(m.group(1))
             m = re.search(r"\|\s*AppMag\s*=\s*([0-9.]+)", desc)
             if m:
                 props["objective_power"] = float(m.group(1))
-            if props["mpp"] is None:
-                xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
-                if xres is not None and unit is not None:
-                    props["mpp"] = _mpp_from_resolution(xres.value, unit.value)
+            xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
+            if xres is not None and unit is not None:
+                props["tiff_mpp"] = _mpp_from_resolution(xres.value, unit.value)
     except Exception:
         pass
+    props["mpp"] = props["aperio_mpp"] if props["aperio_mpp"] is not None else props["tiff_mpp"]
     return props
+
+
+#: relative difference above which the Aperio description's and the TIFF tags' mpp are reported as disagreeing
+MPP_DISAGREEMENT = 0.05
+
+
+def _check_mpp_sources(path: str) -> None:
+    """Warn when a TIFF's Aperio description and resolution tags give different mpp (the description is used)."""
+    props = _tiff_properties(path)
+    aperio, tags = props["aperio_mpp"], props["tiff_mpp"]
+    if aperio and tags and abs(aperio - tags) > MPP_DISAGREEMENT * aperio:
+        warnings.warn(
+            f"slide '{path}': its Aperio description says MPP = {aperio:g} um/px but its TIFF resolution tags say "
+            f"{tags:g} um/px; using the Aperio value ({aperio:g}), as every reader here does. If the tags are right, "
+            "give the slide an `mpp` in the datalist.",
+            stacklevel=3,
+        )
+
+
+#: what to do about a slide without microns per pixel (the error and warning name it)
+NO_MPP_FIX = (
+    "Give it an `mpp` column (or key) in the datalist, set `assume_mpp` (the bundle's --assume_mpp, used for every "
+    "slide without one), or tile by level (`level=` and no `mpp=`)."
+)
+
+
+def block_mean(img: np.ndarray, factor: int) -> np.ndarray:
+    """``[h, w, 3]`` uint8 averaged over ``factor x factor`` blocks (the ragged right and bottom edges dropped)."""
+    if factor <= 1:
+        return img
+    h, w = img.shape[0] // factor, img.shape[1] // factor
+    if h == 0 or w == 0:
+        return img
+    t = torch.from_numpy(np.ascontiguousarray(img[: h * factor, : w * factor])).permute(2, 0, 1)[None].float()
+    t = torch.nn.functional.avg_pool2d(t, factor)
+    return t[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
 
 
 # --------------------------------------------------------------------------------------------------- base class
@@ -195,9 +232,7 @@ class SlideReader(ABC):
     def require_mpp(self, what: str = "tiling at a target mpp") -> float:
         if self.mpp is None:
             raise SlideError(
-                self.path,
-                f"{what} needs the slide's microns per pixel, but its metadata has none. "
-                "Tile by level instead (pass `level=` and no `mpp=`) or fix the file's resolution tags.",
+                self.path, f"{what} needs the slide's microns per pixel, but its metadata has none. {NO_MPP_FIX}"
             )
         return self.mpp
 
@@ -372,24 +407,30 @@ class SlideReader(ABC):
         """Read one region ``[h, w, 3]`` at ``level``; ``location`` is level-0 ``(x, y)``."""
         return self.read_patches([location], size, level)[0]
 
-    def read_level(self, level: int, max_pixels: int = 400_000_000) -> np.ndarray:
-        """Read a whole level ``[H, W, 3]`` (meant for low-resolution levels: thumbnails, tissue masks)."""
+    def read_level(self, level: int, max_pixels: int = 400_000_000, block: int = 1) -> np.ndarray:
+        """Read a whole level ``[H, W, 3]``, averaged over ``block x block`` pixel blocks (thumbnails, tissue masks).
+
+        The level is read in chunks and each chunk averaged as it arrives, so a slide without a pyramid (one
+        level) gives its low-resolution picture without holding level 0 in memory. ``max_pixels`` bounds the
+        output.
+        """
         self._check_level(level)
+        block = max(1, int(block))
         w, h = self.level_dimensions[level]
-        if w * h > max_pixels:
+        ow, oh = (w // block, h // block) if block > 1 and w >= block and h >= block else (w, h)
+        if ow * oh > max_pixels:
             raise SlideError(self.path, f"level {level} is {w}x{h} px, too large to read whole; use a coarser level.")
+        if (ow, oh) == (w, h):
+            block = 1
         ds = self.level_downsamples[level]
-        tile = 2048
-        out = np.empty((h, w, 3), np.uint8)
-        locs, boxes = [], []
-        for y in range(0, h, tile):
-            for x in range(0, w, tile):
-                locs.append(
-                    (min(int(round(x * ds)), self.dimensions[0] - 1), min(int(round(y * ds)), self.dimensions[1] - 1))
-                )
-                boxes.append((x, y, min(tile, w - x), min(tile, h - y)))
-        for (x0, y0), (x, y, bw, bh) in zip(locs, boxes):
-            out[y : y + bh, x : x + bw] = self.read_patches([(x0, y0)], (bw, bh), level)[0]
+        chunk = block * max(1, 2048 // block)  # chunks start on block boundaries: the same result as one read
+        out = np.empty((oh, ow, 3), np.uint8)
+        for y in range(0, oh * block, chunk):
+            for x in range(0, ow * block, chunk):
+                loc = (min(int(round(x * ds)), self.dimensions[0] - 1), min(int(round(y * ds)), self.dimensions[1] - 1))
+                bw, bh = min(chunk, ow * block - x), min(chunk, oh * block - y)
+                part = block_mean(self.read_patches([loc], (bw, bh), level)[0], block)
+                out[y // block : y // block + part.shape[0], x // block : x // block + part.shape[1]] = part
         return out
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
@@ -397,8 +438,8 @@ class SlideReader(ABC):
         w0, h0 = self.dimensions
         target_ds = max(w0, h0) / max_size
         level = self.level_for_downsample(max(target_ds, 1.0))
-        img = self.read_level(level)
-        lw, lh = self.level_dimensions[level]
+        img = self.read_level(level, block=int(max(1.0, target_ds / self.level_downsamples[level]) // 2))
+        lh, lw = img.shape[:2]
         scale = min(1.0, max_size / max(lw, lh))
         if scale < 1.0:
             img = resize_patches(img[None], (max(1, round(lh * scale)), max(1, round(lw * scale))))[0]
@@ -830,25 +871,35 @@ def _not_tiled_error(path: str) -> SlideError:
     )
 
 
-def open_slide(path: str | os.PathLike, backend: str = "auto") -> SlideReader:
+def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None = None) -> SlideReader:
     """Open a whole-slide image.
 
     Args:
         path: the slide file (SVS, generic tiled TIFF, and whatever cuCIM/OpenSlide read).
         backend: ``"auto"`` tries cuCIM, then OpenSlide, then our tifffile reader, taking the first that is
             installed and opens the file; or name one of ``"cucim"``, ``"openslide"``, ``"tifffile"``.
+        mpp: level-0 microns per pixel to use instead of the file's (a slide without resolution metadata, or one
+            whose metadata is wrong); the other levels follow from their downsamples.
+
+    A TIFF whose Aperio description and resolution tags disagree on mpp by more than 5 % is warned about; the
+    description's value is used.
 
     Raises:
         FileNotFoundError: the file does not exist.
         SlideError: no backend can open it (the message lists each backend's reason).
+        ValueError: ``mpp`` is not a positive number.
     """
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"slide '{path}' does not exist. Check the datalist entry and the data root.")
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"unknown slide backend '{backend}'; choose 'auto' or one of {BACKENDS}.")
+    if mpp is not None and not (isinstance(mpp, (int, float)) and not isinstance(mpp, bool) and mpp > 0):
+        raise ValueError(f"slide '{path}': mpp must be a positive number of microns per pixel, got {mpp!r}.")
     if path.lower().endswith(TIFF_SUFFIXES):
         _check_tiff_structure(path)
+        if mpp is None:
+            _check_mpp_sources(path)
     names = BACKENDS if backend == "auto" else (backend,)
     reasons = []
     for name in names:
@@ -866,12 +917,10 @@ def open_slide(path: str | os.PathLike, backend: str = "auto") -> SlideReader:
         except Exception as e:
             reasons.append(f"{name}: {type(e).__name__}: {e}")
             continue
-        if reader.mpp is None:
-            warnings.warn(
-                f"slide '{path}' has no microns-per-pixel metadata; tiling at a target mpp will fail for it "
-                "(tile by level instead).",
-                stacklevel=2,
-            )
+        if mpp is not None:
+            reader.mpp = float(mpp)
+        elif reader.mpp is None:
+            warnings.warn(f"slide '{path}' has no microns per pixel in its metadata. {NO_MPP_FIX}", stacklevel=2)
         return reader
     raise SlideError(path, "cannot be opened as a whole-slide image (" + "; ".join(reasons) + ").")
 
@@ -880,23 +929,26 @@ _OPEN_LOCK = threading.Lock()  # reader threads reaching a new slide together op
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_slide(path: str, backend: str, mtime_ns: int, size: int, pid: int) -> SlideReader:
-    return open_slide(path, backend)
+def _cached_slide(path: str, backend: str, mtime_ns: int, size: int, pid: int, mpp: float | None) -> SlideReader:
+    return open_slide(path, backend, mpp)
 
 
-def get_slide(slide: str | os.PathLike | SlideReader, backend: str = "auto") -> SlideReader:
+def get_slide(slide: str | os.PathLike | SlideReader, backend: str = "auto", mpp: float | None = None) -> SlideReader:
     """A reader for ``slide``: passes readers through; opens paths once per process and caches them.
 
-    The cache key includes the file's size and modification time, so a rewritten slide is reopened.
+    The cache key includes the file's size and modification time, so a rewritten slide is reopened, and ``mpp``
+    (the level-0 microns per pixel to use instead of the file's, see :func:`open_slide`).
     """
     if isinstance(slide, SlideReader):
+        if mpp is not None and slide.mpp != mpp:
+            raise ValueError(f"slide '{slide.path}' is open with mpp {slide.mpp}; open it with mpp={mpp} instead.")
         return slide
     path = str(slide)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"slide '{path}' does not exist. Check the datalist entry and the data root.")
     st = os.stat(path)
     with _OPEN_LOCK:
-        return _cached_slide(os.path.abspath(path), backend, st.st_mtime_ns, st.st_size, os.getpid())
+        return _cached_slide(os.path.abspath(path), backend, st.st_mtime_ns, st.st_size, os.getpid(), mpp)
 
 
 def slide_identity(path: str | os.PathLike) -> dict[str, Any]:

@@ -193,17 +193,6 @@ def mask_level(reader: SlideReader, mask_mpp: float = 8.0, fallback_downsample: 
     return level, factor
 
 
-def _block_mean(img: np.ndarray, factor: int) -> np.ndarray:
-    if factor <= 1:
-        return img
-    h, w = img.shape[0] // factor, img.shape[1] // factor
-    if h == 0 or w == 0:
-        return img
-    t = torch.from_numpy(np.ascontiguousarray(img[: h * factor, : w * factor])).permute(2, 0, 1)[None].float()
-    t = torch.nn.functional.avg_pool2d(t, factor)
-    return t[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
-
-
 def compute_tissue_mask(
     reader: SlideReader,
     mask_mpp: float = 8.0,
@@ -236,7 +225,7 @@ def compute_tissue_mask(
     else:
         reader._check_level(level)
         factor = 1
-    img = _block_mean(reader.read_level(level), factor)
+    img = reader.read_level(level, block=factor)
     downsample = reader.dimensions[0] / img.shape[1]
     px_um = (reader.mpp * downsample) if reader.mpp is not None else 8.0
     min_area_px = max(1, int(round(min_area_um2 / (px_um * px_um))))

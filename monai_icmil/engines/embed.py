@@ -30,7 +30,7 @@ from ignite.engine import Engine, EventEnum, Events
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from monai_icmil.data.prefetch import Prefetcher
-from monai_icmil.data.prepare import SlideTiles
+from monai_icmil.data.prepare import SlideTiles, slide_signature
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import get_slide
 from monai_icmil.data.store import FeatureStore, feature_key
@@ -445,7 +445,9 @@ class Embed:
         device = default_device(device)
         fingerprint = embedder.fingerprint()
         keys = {
-            s["slide_id"]: feature_key(s["image"], tiling_params, fingerprint, self.dtype, stain_normalize)
+            s["slide_id"]: feature_key(
+                s["image"], slide_signature(tiling_params, s), fingerprint, self.dtype, stain_normalize
+            )
             for s in items
         }
         pending, skipped, empty = _pending(items, store, keys)

@@ -47,6 +47,8 @@ class TissueMask(Transform):
         device: ``"auto"``, ``"cpu"`` or a CUDA device.
         backend: slide backend used when given a path (``"auto"``, ``"cucim"``, ``"openslide"``, ``"tifffile"``).
 
+    Call it with ``slide_mpp`` to use that level-0 mpp instead of the file's (a slide without resolution metadata).
+
     Returns:
         :class:`~monai_icmil.data.tiling.TissueMaskResult` (``mask``: bool ``[h, w]``; ``downsample``: level-0
         pixels per mask pixel; ``threshold``).
@@ -76,8 +78,8 @@ class TissueMask(Transform):
         }
         self.slide_backend = backend
 
-    def __call__(self, slide: SlideLike) -> TissueMaskResult:
-        return compute_tissue_mask(get_slide(slide, self.slide_backend), **self.kwargs)
+    def __call__(self, slide: SlideLike, slide_mpp: float | None = None) -> TissueMaskResult:
+        return compute_tissue_mask(get_slide(slide, self.slide_backend, slide_mpp), **self.kwargs)
 
 
 class GridPatchCoords(Transform):
@@ -91,6 +93,8 @@ class GridPatchCoords(Transform):
         stride: step between patches in output pixels; ``< patch_size`` overlaps. Default: ``patch_size``.
         min_tissue: minimum tissue fraction of a patch.
         backend: slide backend used when given a path.
+
+    Call it with ``slide_mpp`` to use that level-0 mpp instead of the file's (a slide without resolution metadata).
 
     Returns:
         :class:`~monai_icmil.data.tiling.TilingResult`: ``coords`` ``[N, 2]`` level-0 ``(x, y)`` in row-major
@@ -114,12 +118,16 @@ class GridPatchCoords(Transform):
         self.slide_backend = backend
 
     def __call__(
-        self, slide: SlideLike, mask: np.ndarray | TissueMaskResult | None = None, mask_downsample: float | None = None
+        self,
+        slide: SlideLike,
+        mask: np.ndarray | TissueMaskResult | None = None,
+        mask_downsample: float | None = None,
+        slide_mpp: float | None = None,
     ) -> TilingResult:
         if isinstance(mask, TissueMaskResult):
             mask, mask_downsample = mask.mask, mask.downsample
         return grid_coordinates(
-            get_slide(slide, self.slide_backend),
+            get_slide(slide, self.slide_backend, slide_mpp),
             patch_size=self.patch_size,
             mpp=self.mpp,
             level=self.level,

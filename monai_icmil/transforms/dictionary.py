@@ -54,6 +54,8 @@ class TissueMaskd(MapTransform):
         keys: key(s) of the slide path.
         mask_key: output key of the boolean mask.
         downsample_key: output key of the mask's downsample relative to level 0.
+        slide_mpp_key: key of the slide's level-0 microns per pixel, used instead of the file's when the data has
+            it (the datalist's per-slide ``mpp`` column).
         allow_missing_keys: don't raise when a key is absent.
         kwargs: forwarded to :class:`TissueMask`.
     """
@@ -65,17 +67,18 @@ class TissueMaskd(MapTransform):
         keys: KeysCollection = "image",
         mask_key: str = "tissue_mask",
         downsample_key: str = "tissue_mask_downsample",
+        slide_mpp_key: str = "mpp",
         allow_missing_keys: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.transform = TissueMask(**kwargs)
-        self.mask_key, self.downsample_key = mask_key, downsample_key
+        self.mask_key, self.downsample_key, self.slide_mpp_key = mask_key, downsample_key, slide_mpp_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            result = self.transform(d[key])
+            result = self.transform(d[key], d.get(self.slide_mpp_key))
             d[self.mask_key] = result.mask
             d[self.downsample_key] = result.downsample
         return d
@@ -92,6 +95,8 @@ class GridPatchCoordsd(MapTransform):
         coords_key: output key of the ``[N, 2]`` coordinates.
         tiling_key: output key of the tiling description (level, read_size, patch_size, mpp, ...).
         fraction_key: output key of each patch's tissue fraction.
+        slide_mpp_key: key of the slide's level-0 microns per pixel, used instead of the file's when the data has
+            it (the datalist's per-slide ``mpp`` column).
         allow_missing_keys: don't raise when a key is absent.
         kwargs: forwarded to :class:`GridPatchCoords`.
     """
@@ -106,18 +111,21 @@ class GridPatchCoordsd(MapTransform):
         coords_key: str = "coords",
         tiling_key: str = "tiling",
         fraction_key: str = "tissue_fraction",
+        slide_mpp_key: str = "mpp",
         allow_missing_keys: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.transform = GridPatchCoords(**kwargs)
-        self.mask_key, self.downsample_key = mask_key, downsample_key
+        self.mask_key, self.downsample_key, self.slide_mpp_key = mask_key, downsample_key, slide_mpp_key
         self.coords_key, self.tiling_key, self.fraction_key = coords_key, tiling_key, fraction_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            result = self.transform(d[key], d.get(self.mask_key), d.get(self.downsample_key))
+            result = self.transform(
+                d[key], d.get(self.mask_key), d.get(self.downsample_key), slide_mpp=d.get(self.slide_mpp_key)
+            )
             d[self.coords_key] = result.coords
             d[self.tiling_key] = {
                 **result.params,

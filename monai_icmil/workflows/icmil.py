@@ -39,7 +39,7 @@ import torch
 from monai.bundle import BundleWorkflow
 
 from monai_icmil.data.integrity import TileErrorPolicy
-from monai_icmil.data.prepare import SlideTiles, prepare_coords, tiling_signature
+from monai_icmil.data.prepare import SlideTiles, prepare_coords, slide_signature, tiling_signature
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.store import BagDataset, CoordsStore, FeatureStore, feature_key
 from monai_icmil.data.tiling import TilingConfig
@@ -50,7 +50,15 @@ from monai_icmil.engines.pretrain import Pretrain
 from monai_icmil.handlers.tracking import MLflowRunTree
 from monai_icmil.networks.aggregators import MILAggregator, aggregator_factory, aggregator_name
 from monai_icmil.networks.embedders import PatchEmbedder, create_embedder
-from monai_icmil.utils import as_bool, atomic_write_json, barrier, component_signature, default_device, dist_info
+from monai_icmil.utils import (
+    as_bool,
+    as_positive,
+    atomic_write_json,
+    barrier,
+    component_signature,
+    default_device,
+    dist_info,
+)
 from monai_icmil.workflows.ledger import PhaseLedger
 from monai_icmil.workflows.splits import DatasetSplits
 from monai_icmil.workflows.summary import write_summary
@@ -117,6 +125,8 @@ class ICMILWorkflow(BundleWorkflow):
             ``report.json``, ``tiling.csv`` and the QC picture) or ``"fail"`` the slide.
         max_damaged_fraction: a slide with a larger share of its patches on damaged tiles fails whatever
             ``on_tile_error``.
+        assume_mpp: level-0 microns per pixel of every slide whose file has none (TIFFs without resolution tags,
+            some MRXS exports); a datalist entry's own ``mpp`` replaces its file's value whatever the file says.
 
     Raises:
         FileNotFoundError: ``dataset_dir`` does not exist (and no synthetic dataset is configured).
@@ -154,6 +164,7 @@ class ICMILWorkflow(BundleWorkflow):
         test_writers: Sequence[Any] | None = None,
         on_tile_error: str = "drop",
         max_damaged_fraction: float = 0.05,
+        assume_mpp: float | None = None,
     ):
         with _quiet("monai.bundle.workflows"):  # "No workflow type ... specified": ours has none, on purpose
             super().__init__(workflow_type=None)
@@ -180,6 +191,7 @@ class ICMILWorkflow(BundleWorkflow):
         self.tiling_qc = as_bool(tiling_qc, "tiling_qc")
         self.test_writers = list(test_writers) if test_writers else []
         self.tile_policy = TileErrorPolicy(on_tile_error, float(max_damaged_fraction))
+        self.assume_mpp = as_positive(assume_mpp, "assume_mpp", optional=True)
         if synthetic is None and not self.dataset_dir.is_dir():
             raise FileNotFoundError(
                 f"dataset_dir '{self.dataset_dir}' does not exist. Set `dataset_dir` to the folder holding the slides "
@@ -258,6 +270,7 @@ class ICMILWorkflow(BundleWorkflow):
             progress=self.progress,
             qc_dir=self.output_dir / "coords" / "qc" if self.tiling_qc else None,
             tile_policy=self.tile_policy,
+            assume_mpp=self.assume_mpp,
         )
         if _rank() == 0:
             barrier()
@@ -289,7 +302,7 @@ class ICMILWorkflow(BundleWorkflow):
         fp = (embedder or self.embedder_for(r)).fingerprint()
         dtype = self.phases["embed"].dtype
         keys = {
-            sid: feature_key(s["image"], self.tiling_params, fp, dtype, self.stain_normalize)
+            sid: feature_key(s["image"], slide_signature(self.tiling_params, s), fp, dtype, self.stain_normalize)
             for sid, s in self.prepare().items()
         }
         excluded = self.report.excluded()
@@ -642,4 +655,5 @@ class ICMILWorkflow(BundleWorkflow):
             progress=self.progress,
             stain_normalize=self.stain_normalize,
             tile_policy=self.tile_policy,
+            assume_mpp=self.assume_mpp,
         )
