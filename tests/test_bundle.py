@@ -72,8 +72,9 @@ def _bundle(
     ]
     for k, v in overrides.items():
         cmd += [f"--{k}", str(v)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "2"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    env = {k: v for k, v in os.environ.items() if k != "CUFILE_LOGFILE_PATH"}  # as a user's shell has it
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="2")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp)
 
 
 def test_every_parameter_the_bundle_docs_list_is_in_the_configs_they_name():
@@ -164,12 +165,15 @@ def trained(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("bundle")
     proc = _bundle(tmp, "run", num_rounds=2)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (tmp / "left_in_cwd.json").write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
     (tmp / "stdout.txt").write_text(proc.stdout)
     return tmp
 
 
 def test_train_bundle_runs_two_rounds_end_to_end(trained):
     out = trained / "out"
+    # run from its own folder, the run wrote nothing there but the data it generates and output_dir (no cufile.log)
+    assert json.loads((trained / "left_in_cwd.json").read_text()) == ["data", "out", "tiny.json"]
     for r in (0, 1, 2):
         assert (out / f"round_{r}" / "bag_phase" / "bag_classifier.pt").is_file()
         assert (out / f"round_{r}" / "bag_phase" / "predictions_val.csv").is_file()
