@@ -11,7 +11,10 @@ ours: the full embed phase, :class:`~monai_icmil.engines.Embed` (read by coordin
 Ours runs once per ``--loaders`` entry: ``WxT`` is ``W`` DataLoader worker processes with ``T`` decoding threads
 each; ``tKxT`` is ``K`` reader threads in this process (:class:`~monai_icmil.data.prefetch.Prefetcher`, reading
 straight into pinned memory on CUDA) with ``T`` decoding threads each; ``0xT`` is ``t1xT``. A trailing ``s``
-(``t8x2s``) moves the batches to the GPU on a copy stream of their own (``Embed(copy_stream=True)``).
+(``t8x2s``) moves the batches to the GPU on a copy stream of their own (``Embed(copy_stream=True)``); a trailing
+``e`` (``t8x2se``) runs the embedder eagerly (``Embed(compile=False)``), without it the engine's default applies
+(``torch.compile`` with a fixed batch shape on CUDA, eager on the CPU). On CUDA, (a) is also timed compiled
+(``a_model_only_compiled``), the ceiling of the compiled path.
 
     python benchmarks/embed.py [--model resnet18] [--patch_size 224] [--patches 448] [--batch_size 64]
                                [--loaders 2x2 0x4 t2x2]
@@ -104,11 +107,14 @@ def parse_loader(spec: str) -> dict[str, int]:
     """``"8x2"`` -> 8 worker processes x 2 decoding threads; ``"t8x2"`` -> 8 reader threads in this process x 2;
     ``"t8x2s"`` -> the same, with the copies to the GPU on a stream of their own."""
     spec = spec.lower()
+    eager = spec.endswith("e")
+    spec = spec.rstrip("e")
     threaded, copy_stream = spec.startswith("t"), spec.endswith("s")
     k, t = (int(v) for v in spec.strip("ts").split("x"))
+    flags = {"copy_stream": copy_stream, **({"compile": False} if eager else {})}
     if threaded:
-        return {"num_workers": 0, "prefetch_threads": k, "read_threads": t, "copy_stream": copy_stream}
-    return {"num_workers": k, "prefetch_threads": 1, "read_threads": t, "copy_stream": copy_stream}
+        return {"num_workers": 0, "prefetch_threads": k, "read_threads": t, **flags}
+    return {"num_workers": k, "prefetch_threads": 1, "read_threads": t, **flags}
 
 
 def loader_only(items: list, batch_size: int, loader: dict[str, int], device: torch.device) -> float:
@@ -116,7 +122,7 @@ def loader_only(items: list, batch_size: int, loader: dict[str, int], device: to
     capped at when reading, not the GPU, is the limit."""
     t0 = time.perf_counter()
     n = 0
-    reading = {k: v for k, v in loader.items() if k != "copy_stream"}  # an engine setting
+    reading = {k: v for k, v in loader.items() if k not in ("copy_stream", "compile")}  # engine settings
     for batch in patch_loader(items, batch_size, device=device, **reading):
         n += len(batch["patches"].to(device, non_blocking=True))
     if device.type == "cuda":
@@ -196,12 +202,18 @@ def main() -> None:
     embedder = create_embedder(a.model, input_size=a.patch_size).to(device).eval()
     embedder = embedder.to(memory_format=torch.channels_last)  # as the engine does, so (a) is the same model
     rate_model = model_only(embedder, max(n, 4 * a.batch_size), a.patch_size, a.batch_size, device, amp)
+    rate_compiled = compile_s = None
     rate_tuned = None  # (a) with cuDNN's autotuner: does the engine leave speed on the table by not turning it on?
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         rate_tuned = model_only(embedder, max(n, 4 * a.batch_size), a.patch_size, a.batch_size, device, amp)
         torch.backends.cudnn.benchmark = False
         print(f"(a) with cudnn.benchmark: {rate_tuned:.1f} patches/s (without: {rate_model:.1f})", flush=True)
+        t0 = time.perf_counter()
+        compiled = torch.compile(embedder, dynamic=False)
+        rate_compiled = model_only(compiled, max(n, 4 * a.batch_size), a.patch_size, a.batch_size, device, amp)
+        compile_s = time.perf_counter() - t0  # the first call's compile, and the timed passes
+        print(f"(a) compiled: {rate_compiled:.1f} patches/s (compile + timing {compile_s:.0f} s)", flush=True)
     print(f"(a) model only: {rate_model:.1f} patches/s", flush=True)
     rates, steady, reads, checks = {}, {}, {}, {}
 
@@ -212,6 +224,8 @@ def main() -> None:
         figures = {
             "a_model_only": rate_model,
             "a_model_only_cudnn_benchmark": rate_tuned,
+            "a_model_only_compiled": rate_compiled,
+            "a_compile_and_time_s": compile_s,
             "ours_by_loader": rates,
             "ours_steady_by_loader": steady,
             "loader_only": reads,
@@ -234,10 +248,14 @@ def main() -> None:
         steady[spec] = res["steady_patches_per_s"]
         reads[spec] = loader_only(items, a.batch_size, loader, device)
         how = (
-            f"{loader['num_workers']} worker processes"
-            if loader["num_workers"]
-            else f"{loader['prefetch_threads']} reader threads"
-        ) + (" (copy stream)" if loader["copy_stream"] else "")
+            (
+                f"{loader['num_workers']} worker processes"
+                if loader["num_workers"]
+                else f"{loader['prefetch_threads']} reader threads"
+            )
+            + (" (copy stream)" if loader["copy_stream"] else "")
+            + (" (eager)" if loader.get("compile") is False else "")
+        )
         checks[spec] = feature_check(embedder, FeatureStore(tmp / f"features_{spec}"), items[0], device, amp)
         print(
             f"ours with {how} x {loader['read_threads']} decoding threads: {rates[spec]:.1f} patches/s, "

@@ -8,7 +8,11 @@
 3. #3 embedding: ``benchmarks/embed.py`` with ResNet50-trunc at 224 px (ours vs model-only vs the reference).
 4. #5 embedder phase: ``benchmarks/embedder_phase.py`` with ResNet50-trunc, 256 px, batch 100, bf16 (patches/s,
    peak memory).
-5. #7 end to end: ``benchmarks/end_to_end.py`` (one ICMIL round, time per phase vs the reference pattern).
+5. #24 scale: ``benchmarks/scale.py round`` (a round on generated Camelyon16-size slides, per-phase rates and the
+   extrapolation to 2.7 M patches). Step 3 also times the compiled embedder (``t8x2s``, compiled by default on CUDA)
+   against the eager one (``t8x2se``) and the compiled model alone. For #24 alone:
+   ``bash benchmarks/gpu_check.sh --only embed embedder_phase scale``.
+6. #7 end to end: ``benchmarks/end_to_end.py`` (one ICMIL round, time per phase vs the reference pattern).
 
 Each step has a time budget and its own JSON; ``gpu_check.json`` and ``gpu_check.md`` gather them. ``--dry`` runs
 the same steps at tiny sizes on the CPU (to check the script here before spending device time).
@@ -124,7 +128,7 @@ def report(results: dict, out: Path) -> str:
     return md
 
 
-STEPS = ("read_patches", "embed", "embedder_phase", "end_to_end")
+STEPS = ("read_patches", "embed", "embedder_phase", "scale", "end_to_end")
 
 
 def main() -> None:
@@ -158,7 +162,7 @@ def main() -> None:
             + ["--patches", "256" if dry else "30000", "--batch_size", "64" if dry else "512"]
             + [
                 "--loaders",
-                *(["1x2", "0x2", "t2x1", "t2x1s"] if dry else ["8x2", "t8x2", "t16x1", "t4x4", "8x2s", "t8x2s"]),
+                *(["0x2", "t2x1se", "t2x1s"] if dry else ["t8x2se", "t8x2s", "t16x1s", "t4x4s"]),
             ],
             180,
         ),
@@ -168,6 +172,7 @@ def main() -> None:
             + ["--num_workers", "1" if dry else "8"],
             120,
         ),
+        "scale": (["round", "--smoke", "--device", "cpu"] if dry else ["round", "--slides", "6"], 240),
         "end_to_end": (
             ["--train", "4" if dry else "16", "--val", "2" if dry else "8", "--test", "2" if dry else "8"],
             150,

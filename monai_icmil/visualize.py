@@ -360,15 +360,15 @@ def score_overlay(
     Returns:
         ``[h, w, 3]`` uint8.
     """
-    import matplotlib
-
-    values = _on_thumbnail(grid, thumbnail.shape[:2], thumb_downsample, footprint)
-    scored = np.isfinite(values)
-    lut = (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
-    index = np.clip(np.nan_to_num(values[scored]) / vmax * 255 + 0.5, 0, 255).astype(int)
-    img = np.array(thumbnail[..., :3], dtype=np.float32)
-    img[scored] = (1 - alpha) * img[scored] + alpha * lut[index]
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    h, w = thumbnail.shape[:2]
+    scored = np.isfinite(grid)
+    index = np.clip(np.nan_to_num(grid) / vmax * 255 + 0.5, 0, 255).astype(np.intp)
+    # colour and weight per grid cell, then spread to the thumbnail's pixels: whole-array work, no per-pixel gathers
+    cell = np.concatenate([alpha * _colour_lut(cmap)[index], np.where(scored, 1 - alpha, 1.0)[..., None]], axis=-1)
+    cell[~scored, :3] = 0
+    pixel = _on_thumbnail(cell.astype(np.float32), (h, w), thumb_downsample, footprint)
+    blended = thumbnail[..., :3] * pixel[..., 3:] + pixel[..., :3]
+    return (blended + 0.5).clip(0, 255).astype(np.uint8)
 
 
 def save_patch_montage(
@@ -429,53 +429,114 @@ def score_grid(coords: np.ndarray, scores: np.ndarray, footprint: float, dimensi
     return grid
 
 
+def _colour_lut(cmap: str = "jet") -> np.ndarray:
+    """``cmap``'s 256 colours, ``[256, 3]`` float32 in 0-255 (cached per name)."""
+    if cmap not in _LUTS:
+        import matplotlib
+
+        _LUTS[cmap] = (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
+    return _LUTS[cmap]
+
+
+_LUTS: dict[str, np.ndarray] = {}
+_FONTS: dict[int, Any] = {}
+
+
+def _font(size: int) -> Any:
+    """Pillow's default font at ``size`` px (its bitmap font where Pillow has no FreeType), cached."""
+    if size not in _FONTS:
+        from PIL import ImageFont
+
+        try:
+            _FONTS[size] = ImageFont.load_default(size=size)
+        except (TypeError, ImportError, OSError):
+            _FONTS[size] = ImageFont.load_default()
+    return _FONTS[size]
+
+
+def heatmap_panels(
+    thumbnail: np.ndarray,
+    thumb_downsample: float,
+    maps: Mapping[str, np.ndarray],
+    footprint: float,
+    title: str = "",
+    cmap: str = "jet",
+) -> np.ndarray:
+    """The slide's thumbnail, then each score map (0-1, :func:`score_grid`) blended over it, each under its name and
+    beside a colour bar, under ``title``: drawn with NumPy and Pillow (tens of milliseconds, where a Matplotlib figure
+    of the same panels costs about a second).
+
+    Args:
+        thumbnail: RGB thumbnail of the whole slide.
+        thumb_downsample: its downsample from level 0.
+        maps: ``{name: grid}``, scores from 0 to 1 (probabilities, min-max normalised attention).
+        footprint: a grid cell's side in level-0 pixels.
+        title: a line above the panels.
+        cmap: Matplotlib colour map of the overlays and bars.
+
+    Returns:
+        ``[H, W, 3]`` uint8.
+    """
+    from PIL import Image, ImageDraw
+
+    h, w = thumbnail.shape[:2]
+    pad, bar, label, name_band = 10, 14, 34, 22
+    title_band = 26 if title else 0
+    font, small = _font(16), _font(12)
+    panels = [("slide", np.ascontiguousarray(thumbnail[..., :3]), False)]
+    panels += [
+        (name, score_overlay(thumbnail, thumb_downsample, grid, footprint, cmap=cmap), True)
+        for name, grid in maps.items()
+    ]
+    widths = [w + (pad // 2 + bar + label if scored else 0) for _, _, scored in panels]
+    canvas = Image.new("RGB", (sum(widths) + pad * (len(panels) + 1), title_band + name_band + h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, 4), title, fill="black", font=font)
+    colours = _colour_lut(cmap)[np.linspace(255, 0, h).round().astype(int)]  # top: 1, bottom: 0
+    strip = np.repeat(np.clip(colours + 0.5, 0, 255).astype(np.uint8)[:, None], bar, axis=1)
+    x, top = pad, title_band + name_band
+    for (name, picture, scored), width in zip(panels, widths):
+        draw.text((x, title_band + 3), name, fill="black", font=font)
+        canvas.paste(Image.fromarray(picture), (x, top))
+        if scored:
+            bx = x + w + pad // 2
+            canvas.paste(Image.fromarray(strip), (bx, top))
+            draw.rectangle((bx, top, bx + bar - 1, top + h - 1), outline="black")
+            for value, y in ((1.0, top), (0.5, top + h // 2 - 6), (0.0, top + h - 13)):
+                draw.text((bx + bar + 3, y), f"{value:g}", fill="black", font=small)
+        x += width + pad
+    return np.asarray(canvas)
+
+
 def save_heatmaps(
     path: str | os.PathLike,
     thumbnail: np.ndarray,
-    grid_extent: tuple[float, float],
-    maps: dict[str, np.ndarray],
+    thumb_downsample: float,
+    maps: Mapping[str, np.ndarray],
+    footprint: float,
     title: str = "",
 ) -> Path:
-    """One panel per score map (e.g. attention, instance probability) over the slide thumbnail (PNG, atomic).
+    """:func:`heatmap_panels` as a JPEG (quality 90, full colour resolution: 30 ms against ~280 ms for a PNG of
+    the same panels) for a ``.jpg``/``.jpeg`` path, else a PNG; atomically.
 
     Args:
-        path: output PNG.
+        path: output picture.
         thumbnail: RGB thumbnail of the whole slide.
-        grid_extent: ``(width, height)`` of the score grid in thumbnail pixels.
-        maps: ``{name: grid}`` from :func:`score_grid`.
-        title: figure title.
+        thumb_downsample: its downsample from level 0.
+        maps: ``{name: grid}`` from :func:`score_grid`, scores from 0 to 1.
+        footprint: a grid cell's side in level-0 pixels.
+        title: a line above the panels.
     """
-    plt = _figure()
-    n = len(maps)
-    h, w = thumbnail.shape[:2]
-    fig, axes = plt.subplots(
-        1, n + 1, figsize=(4.5 * (n + 1), 4.5 * h / max(w, 1) + 0.8), dpi=100, squeeze=False, layout="constrained"
-    )
-    axes[0, 0].imshow(thumbnail)
-    axes[0, 0].set_title("slide")
-    for ax, (name, grid) in zip(axes[0, 1:], maps.items()):
-        ax.imshow(thumbnail)
-        im = ax.imshow(
-            np.ma.masked_invalid(grid),
-            cmap="jet",
-            alpha=0.5,
-            extent=(0, grid_extent[0], grid_extent[1], 0),
-            interpolation="nearest",
-            vmin=0.0,
-            vmax=1.0 if "prob" in name else None,
-        )
-        ax.set_xlim(0, w)
-        ax.set_ylim(h, 0)
-        ax.set_title(name)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    for ax in axes[0]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
+    from PIL import Image
+
+    picture = heatmap_panels(thumbnail, thumb_downsample, maps, footprint, title)
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            Image.fromarray(picture).save(tmp, format="JPEG", quality=90, subsampling=0)
+        else:
+            Image.fromarray(picture).save(tmp, format="PNG", compress_level=1)
     return path
 
 

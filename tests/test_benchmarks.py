@@ -66,3 +66,28 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
     assert fractions and all(0.003 <= f <= 0.035 for f in fractions), fractions
     md = (tmp_path / "report.md").read_text()
     assert md.count("| 0 | ssl |") == 12 and "Mean +/- sd over seeds" in md and "| hard | ssl | dtfd | 1 |" in md
+
+
+def _scale():
+    spec = importlib.util.spec_from_file_location("scale", BENCH.with_name("scale.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scale_round_smoke_times_every_phase_and_extrapolates(tmp_path):
+    result = _scale().main(
+        ["round", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--json", str(tmp_path / "r.json")]
+    )
+    assert json.loads((tmp_path / "r.json").read_text())["measured"] == result["measured"]
+    assert set(result["measured"]) == set(result["extrapolated"]) and len(result["measured"]) == 5
+    assert all(v > 0 for v in [*result["measured"].values(), *result["rates"].values()])
+    assert result["patches"][0] == result["patches"][1] > 6 * 100  # every generated slide has tissue patches
+    embed = result["extrapolated"]["embed round 0 (s)"]
+    assert embed == pytest.approx(2.7e6 / result["rates"]["embed patches/s (round 0)"])
+
+
+def test_scale_bags_measures_peak_memory_per_bag_size():
+    rows = _scale().main(["bags", "--sizes", "2000", "--dim", "32", "--cohort", "4"])
+    assert [(r["size"], r["bags"]) for r in rows] == [(2000, 2), (2000, 4)]
+    assert all(r["peak_gib"] > 0.1 and r["seconds_per_bag_step"] > 0 for r in rows)

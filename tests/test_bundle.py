@@ -349,7 +349,7 @@ def test_inference_writes_heatmaps_on_the_patch_grid_and_geojson(trained):
     )
     x, y = coords[0]
     assert first["geometry"]["coordinates"][0][0] == [float(x), float(y)]
-    assert Image.open(inf / f"{sid}_heatmap.png").size[0] > 100
+    assert Image.open(inf / f"{sid}_heatmap.jpg").size[0] > 100
     # the heatmap grid cells are exactly the patch grid: one cell per patch, at its coordinate
     from monai_icmil.visualize import score_grid
 
@@ -397,7 +397,7 @@ def test_boolean_overrides_are_read_as_booleans_in_any_case(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
         (out / "probabilities.csv").is_file()
-        and not list(out.glob("*_heatmap.png"))
+        and not list(out.glob("*_heatmap.jpg"))
         and not list(out.glob("*.geojson"))
     )
     assert "predict" not in proc.stderr and "embed slides" not in proc.stderr  # no progress bars
@@ -439,7 +439,7 @@ def test_inference_on_a_real_aperio_slide(trained, cmu_slide):
     assert not np.any(coords % 64)
     geo = json.loads((out / "CMU-1-Small-Region.geojson").read_text())
     assert len(geo["features"]) == len(coords)
-    assert Image.open(out / "CMU-1-Small-Region_heatmap.png").size[0] > 100
+    assert Image.open(out / "CMU-1-Small-Region_heatmap.jpg").size[0] > 100
     assert (out / "coords" / "qc" / "CMU-1-Small-Region.jpg").is_file()  # the tiling QC of new slides too
     assert Image.open(out / "overview" / "page_001.jpg").size == (640, 18 + 228)  # one slide on the triage sheet
     # the top patches: row 1 by tumour probability, row 2 by attention, as the model saw them (32 px)
@@ -744,3 +744,15 @@ def test_pretrain_json_makes_the_round_0_embedder(tmp_path):
     state = json.loads((out / "state.json").read_text())
     assert state["rounds"]["0"]["embed"]["fingerprint"] == pretrained.fingerprint()  # round 0 uses it, not random
     assert pretrained.describe()["name"] == random_init.describe()["name"]
+
+
+def test_the_embedder_phase_adam_is_fused_on_cuda_only():
+    from monai.bundle import ConfigParser
+
+    fused = {}
+    for device in ("cpu", "cuda", "cuda:1"):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / "train.json"))
+        parser.update({"device": device, "bundle_root": str(BUNDLE)})
+        fused[device] = parser.get_parsed_content("embedder_phase#optimizer").keywords["fused"]
+    assert fused == {"cpu": False, "cuda": True, "cuda:1": True}  # the CPU keeps the plain Adam's exact numbers

@@ -647,3 +647,27 @@ def test_two_ranks_under_torchrun_write_each_slide_once_and_match_one_process(sy
     assert sorted(ranks) == [0, 0, 1, 1]  # each slide written by exactly one rank, the work split in two
     for sid in one.slide_ids():
         torch.testing.assert_close(one.load(sid)["features"], many.load(sid)["features"])
+
+
+def test_the_compiled_embedder_pads_each_slides_last_batch_and_gives_the_eager_features(prepared, tmp_path):
+    """``compile: true`` (the default on CUDA) compiles the embedder once for one batch shape: each slide's last,
+    smaller batch is padded, and every slide's features equal the eager path's."""
+    from torch._dynamo.utils import counters
+
+    _, slides = prepared
+    slides = dict(list(slides.items())[:2])
+    assert all(len(s["coords"]) % 32 for s in slides.values())  # every slide ends on a smaller batch
+    torch.manual_seed(0)
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    params, fp = TILING.params(), embedder.fingerprint()
+    eager, compiled = FeatureStore(tmp_path / "eager"), FeatureStore(tmp_path / "compiled")
+    common = dict(batch_size=32, num_workers=0, progress=False, device="cpu")
+    embed_slides(slides, embedder, eager, params, compile=False, **common)
+    counters.clear()
+    embed_slides(slides, embedder, compiled, params, compile="true", **common)
+    assert counters["stats"]["unique_graphs"] == 1  # one shape, one graph, for every batch of both slides
+    want, got = _features(eager, slides, fp), _features(compiled, slides, fp)
+    for sid in slides:
+        assert got[sid].shape == want[sid].shape
+        torch.testing.assert_close(got[sid].float(), want[sid].float(), atol=2e-3, rtol=2e-3)  # stored as float16
+    assert embedding_module.EmbeddingEngine(embedder, "cpu").compiled is False  # off on the CPU unless asked

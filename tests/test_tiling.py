@@ -192,6 +192,35 @@ def test_score_overlay_colours_exactly_each_scored_patch():
     np.testing.assert_allclose(half[7, 12], 50 + 0.5 * np.asarray(jet(0.5)[:3]) * 255, atol=2)
 
 
+def test_heatmap_panels_show_the_slide_each_overlay_and_a_colour_bar_from_0_to_1(tmp_path):
+    import matplotlib
+    from PIL import Image
+
+    from monai_icmil.visualize import heatmap_panels, save_heatmaps, score_overlay
+
+    thumb = np.full((60, 90, 3), 120, np.uint8)
+    grid = np.full((6, 9), np.nan, np.float32)
+    grid[2, 3] = 1.0
+    maps = {"attention": grid, "instance probability": np.where(np.isnan(grid), np.nan, 0.0)}
+    picture = heatmap_panels(thumb, 2.0, maps, 20.0, title="slide 1")
+    overlays = [score_overlay(thumb, 2.0, g, 20.0) for g in maps.values()]
+    top, left = 26 + 22, 10  # title band, name band; the first panel at the padding
+    np.testing.assert_array_equal(picture[top : top + 60, left : left + 90], thumb)  # the slide, untouched
+    x = left + 90 + 10
+    for overlay in overlays:  # each overlay in its panel, then its colour bar: red (1) on top, dark blue (0) below
+        np.testing.assert_array_equal(picture[top : top + 60, x : x + 90], overlay)
+        bar = picture[top : top + 60, x + 90 + 5 + 7]
+        jet = matplotlib.colormaps["jet"]
+        np.testing.assert_allclose(bar[2], np.asarray(jet(1.0 - 2 / 59)[:3]) * 255, atol=6)
+        np.testing.assert_allclose(bar[-3], np.asarray(jet(2 / 59)[:3]) * 255, atol=6)
+        x += 90 + 5 + 14 + 34 + 10
+    assert picture.shape == (26 + 22 + 60 + 10, x, 3)
+    assert (picture[:26] < 128).any()  # the title is written
+    for name in ("h.jpg", "h.png"):
+        saved = np.asarray(Image.open(save_heatmaps(tmp_path / name, thumb, 2.0, maps, 20.0, "slide 1")).convert("RGB"))
+        assert saved.shape == picture.shape and np.abs(saved.astype(int) - picture).mean() < 3
+
+
 def test_qc_overview_pages_show_each_slide_in_its_cell_and_mark_failed_and_empty_ones(tmp_path):
     from monai_icmil.visualize import save_contact_sheets, save_qc_overview, save_tiling_qc
 
