@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import monai_icmil  # noqa: F401  (quiet cuCIM import before MONAI imports it)
 from monai_icmil.data.synthetic import SyntheticSlideConfig, make_dataset, render_slide, write_slide
@@ -66,3 +67,27 @@ def blank_slide(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("blank") / "blank.tiff"
     write_slide(path, img, mpp=0.5)
     return str(path)
+
+
+VIT_ARGS = {
+    "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "init_values": 1e-5,
+    "dynamic_img_size": True, "reg_tokens": 4, "no_embed_class": True, "num_classes": 0,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def vit_folder(tmp_path_factory) -> Path:
+    """A tiny UNI-style ViT as the hub lays one out: ``config.json`` (timm: architecture, model_args with layer scale,
+    register tokens and dynamic image size, pretrained_cfg with its normalisation and input size) and
+    ``model.safetensors``; made here, since nothing can be downloaded."""
+    import timm
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("vit_uni_style")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **VIT_ARGS)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    cfg = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "input_size": [3, 32, 32]}
+    config = {"architecture": "vit_small_patch16_224", "model_args": VIT_ARGS, "pretrained_cfg": cfg}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

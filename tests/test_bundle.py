@@ -401,6 +401,16 @@ def test_boolean_overrides_are_read_as_booleans_in_any_case(trained, tmp_path):
         and not list(out.glob("*.geojson"))
     )
     assert "predict" not in proc.stderr and "embed slides" not in proc.stderr  # no progress bars
+    # the same command with heatmaps on draws them from the stored coordinates and features: no re-tiling, no
+    # re-embedding (every stored file is left as it was)
+    stored = {p: p.stat().st_mtime_ns for p in [*out.glob("coords/*.safetensors"), *out.glob("features/*.safetensors")]}
+    assert stored
+    again = _bundle(
+        trained, "run", str(CONFIGS / "inference.json"), input_slides=slides, inference_dir=str(out), heatmaps="true"
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(list(out.glob("*_heatmap.jpg"))) == len(list(out.glob("features/*.safetensors")))
+    assert all(p.stat().st_mtime_ns == t for p, t in stored.items())
     refused = _bundle(
         tmp_path, "run", str(CONFIGS / "inference.json"), heatmaps="maybe", inference_dir=str(tmp_path / "x")
     )
@@ -756,3 +766,16 @@ def test_the_embedder_phase_adam_is_fused_on_cuda_only():
         parser.update({"device": device, "bundle_root": str(BUNDLE)})
         fused[device] = parser.get_parsed_content("embedder_phase#optimizer").keywords["fused"]
     assert fused == {"cpu": False, "cuda": True, "cuda:1": True}  # the CPU keeps the plain Adam's exact numbers
+
+
+def test_network_def_takes_its_input_size_from_a_vit_model_folder(vit_folder):
+    """``--embedder#weights /models/uni --embedder#name None``: the definition's input size is the ViT's."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"bundle_root": str(BUNDLE), "embedder#weights": str(vit_folder), "embedder#name": None})
+    assert parser.get_parsed_content("feature_dim") == 64 and parser.get_parsed_content("network_def").in_dim == 64
+    parser.update({"embedder#weights": None, "embedder#name": "resnet18_trunc"})
+    parser.parse()
+    assert parser.get_parsed_content("feature_dim") == 256

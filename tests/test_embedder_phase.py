@@ -344,3 +344,18 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_best_embedder(slides, t
         )
     kept = create_embedder(None, weights=tmp_path / "embedder.safetensors")
     assert all(torch.isfinite(p).all() for p in kept.parameters())
+
+
+def test_the_embedder_phase_fine_tunes_a_vit_from_a_model_folder(slides, vit_folder, tmp_path):
+    """A ViT (LayerNorm, no batch-norm statistics to freeze) at the slides' 48 px through the dynamic image size."""
+    train, val = slides
+    embedder = create_embedder(None, weights=vit_folder, input_size=48)
+    before = embedder.fingerprint()
+    agg = _teacher("abmil", embedder.out_dim)
+    result = finetune_embedder(
+        embedder, agg, train, val, tmp_path, batches_per_epoch=2, val_interval=2, lr=1e-3, **FAST
+    )
+    assert np.isfinite(result["history"][0]["loss_loss"]) and embedder.fingerprint() == before  # the teacher's
+    tuned = create_embedder(None, weights=result["checkpoint"])
+    assert tuned.name == "vit_small_patch16_224" and tuned.input_size == 48
+    assert tuned.fingerprint() == result["fingerprint"] != before

@@ -671,3 +671,36 @@ def test_the_compiled_embedder_pads_each_slides_last_batch_and_gives_the_eager_f
         assert got[sid].shape == want[sid].shape
         torch.testing.assert_close(got[sid].float(), want[sid].float(), atol=2e-3, rtol=2e-3)  # stored as float16
     assert embedding_module.EmbeddingEngine(embedder, "cpu").compiled is False  # off on the CPU unless asked
+
+
+def test_a_vit_model_folder_loads_offline_with_its_own_architecture_arguments_and_normalisation(vit_folder, tmp_path):
+    """A UNI-style folder (timm config.json + weights): no name needed, the file's model_args (layer scale, register
+    tokens, dynamic image size) and normalisation are used, the call's arguments win, .bin weights load too."""
+    import shutil
+
+    import timm
+    from safetensors.torch import load_file
+
+    from conftest import VIT_ARGS
+
+    reference = timm.create_model("vit_small_patch16_224", pretrained=False, **VIT_ARGS).eval()
+    reference.load_state_dict(load_file(str(vit_folder / "model.safetensors")))
+    embedder = create_embedder(None, weights=vit_folder).eval()
+    assert embedder.name == "vit_small_patch16_224" and embedder.input_size == 32 and embedder.out_dim == 64
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(embedder(x), reference((x.float() / 255 - 0.5) / 0.25))
+        assert embedder(torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)).shape == (2, 64)  # other sizes
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    shutil.copy(vit_folder / "config.json", bin_folder)
+    torch.save(load_file(str(vit_folder / "model.safetensors")), bin_folder / "pytorch_model.bin")
+    from_bin = create_embedder(None, weights=bin_folder / "pytorch_model.bin", input_size=48, mean=(0.4, 0.4, 0.4))
+    assert from_bin.input_size == 48 and from_bin.mean.flatten().tolist() == pytest.approx([0.4] * 3)
+    assert from_bin.std.flatten().tolist() == pytest.approx([0.25] * 3)
+    with pytest.warns(UserWarning, match="holds a 'vit_small_patch16_224'"):
+        assert create_embedder("resnet50_trunc", weights=vit_folder).fingerprint() == embedder.fingerprint()
+    saved = create_embedder(None, weights=embedder.save(tmp_path / "own.safetensors"))  # our checkpoint of it
+    assert saved.fingerprint() == embedder.fingerprint() and saved.input_size == 32
+    with pytest.raises(EmbedderWeightsError, match="no weights file"):
+        create_embedder(None, weights=tmp_path)

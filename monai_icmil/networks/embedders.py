@@ -30,7 +30,14 @@ import torch.nn as nn
 
 from monai_icmil.utils import atomic_path
 
-__all__ = ["PatchEmbedder", "EmbedderWeightsError", "create_embedder", "load_state_dict_file", "TRUNCATED_MODELS"]
+__all__ = [
+    "PatchEmbedder",
+    "EmbedderWeightsError",
+    "create_embedder",
+    "load_state_dict_file",
+    "model_folder_config",
+    "TRUNCATED_MODELS",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -301,6 +308,39 @@ def _hub_weights(hub_id: str) -> str:
     raise EmbedderWeightsError(f"cannot download weights '{hub_id}' ({last}). Pass a local weights file instead.")
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.bin", "model.pth")
+
+
+def _weights_in(path: str) -> str:
+    """``path`` itself, or the weights file inside a model folder (as a hub snapshot or a copy of one lays it out)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return str(folder / name)
+    raise EmbedderWeightsError(f"no weights file ({', '.join(WEIGHT_FILES)}) in folder '{folder}'.")
+
+
+def model_folder_config(weights: str | os.PathLike) -> dict[str, Any]:
+    """The timm model config (``config.json``: ``architecture``, ``model_args``, ``pretrained_cfg``) beside a weights
+    file or in its folder, as the hub publishes UNI-, Virchow- or Prov-GigaPath-style encoders; ``{}`` when there is
+    none (or the file there is not a timm config, e.g. a ``transformers`` one).
+
+    Raises:
+        EmbedderWeightsError: a ``config.json`` that cannot be read, naming it.
+    """
+    path = Path(weights)
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise EmbedderWeightsError(f"cannot read the model config '{config}' ({type(e).__name__}: {e}).") from e
+    return data if isinstance(data, dict) and "architecture" in data else {}
+
+
 def _is_local(weights: str) -> bool:
     """A path (existing, or named like a weights file) rather than a hub id (``hf-hub:org/name`` or ``org/name``)."""
     if weights.startswith("hf-hub:"):
@@ -324,9 +364,13 @@ def create_embedder(
         name: ``"resnet50_trunc"`` (default, 1024-d), ``"resnet18_trunc"``/``"resnet34_trunc"`` (256-d), or any
             timm model name (pooled features, ``num_classes=0``), e.g. ``"resnet18"`` (512-d) or
             ``"vit_small_patch16_224"``. ``None`` with an own checkpoint in ``weights`` takes the recorded name.
-        weights: ``None`` (random init), a local file (``.safetensors``, ``.pth``, ``.pt``; our fine-tuned
-            checkpoints included) or a hub id (``"hf-hub:timm/resnet50.a1_in1k"`` or ``"timm/resnet50.a1_in1k"``).
-            Offline, a hub id that is not cached fails at once with a message that says to pass a file.
+        weights: ``None`` (random init), a local file (``.safetensors``, ``.pth``, ``.pt``, ``.bin``; our
+            fine-tuned checkpoints included), a model folder (a hub snapshot copied by hand: ``config.json`` +
+            ``model.safetensors`` or ``pytorch_model.bin``) or a hub id (``"hf-hub:timm/resnet50.a1_in1k"`` or
+            ``"timm/resnet50.a1_in1k"``). Offline, a hub id that is not cached fails at once with a message that says
+            to pass a file. A timm ``config.json`` beside the weights (or in the folder) gives the architecture (it
+            replaces ``name``, with a warning when they differ), its ``model_args`` (e.g. ``dynamic_img_size``, ``init_values``,
+            ``reg_tokens``; the call's ``kwargs`` win) and its normalisation and input size (the call's win).
         input_size: patch side used with the embedder (default: the model's pretrained config, else 224).
         mean, std: normalisation (default: the model's pretrained config, ImageNet for ResNets).
         kwargs: forwarded to ``timm.create_model`` (e.g. ``drop_path_rate``).
@@ -340,9 +384,23 @@ def create_embedder(
     state, meta, source = None, {}, None
     if weights is not None:
         weights = str(weights)
-        path = weights if _is_local(weights) else _hub_weights(weights)
+        path = _weights_in(weights) if _is_local(weights) else _hub_weights(weights)
         source = weights
         state, meta = load_state_dict_file(path)
+        folder = model_folder_config(path) if meta.get("format") != CHECKPOINT_FORMAT else {}
+        if folder:  # the file's own description of its architecture, arguments and normalisation
+            if name is not None and name != folder["architecture"]:
+                warnings.warn(
+                    f"'{source}' holds a '{folder['architecture']}' (its config.json); building that, not '{name}'.",
+                    stacklevel=2,
+                )
+            name = folder["architecture"]
+            args = {k: v for k, v in dict(folder.get("model_args") or {}).items() if k != "num_classes"}
+            kwargs = {**args, **kwargs}
+            pcfg = dict(folder.get("pretrained_cfg") or {})
+            mean = mean or pcfg.get("mean")
+            std = std or pcfg.get("std")
+            input_size = input_size or (pcfg.get("input_size") or [None])[-1] or args.get("img_size")
     if meta.get("format") == CHECKPOINT_FORMAT:
         recorded = json.loads(meta["embedder"])
         if name is not None and name != recorded["name"]:
