@@ -779,3 +779,41 @@ def test_network_def_takes_its_input_size_from_a_vit_model_folder(vit_folder):
     parser.update({"embedder#weights": None, "embedder#name": "resnet18_trunc"})
     parser.parse()
     assert parser.get_parsed_content("feature_dim") == 256
+
+
+def test_the_final_model_is_registered_in_mlflow_and_predicts_what_inference_writes(trained):
+    """``models:/icmil/1`` (the run's SQLite registry) scores slide paths as ``inference.json`` does."""
+    import csv
+
+    import mlflow
+    import pandas as pd
+
+    out = trained / "out"
+    uri = f"sqlite:///{out / 'mlruns.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    summary = json.loads((out / "summary.json").read_text())
+    version = client.get_model_version("icmil", "1")
+    assert version.tags["round"] == str(summary["final_round"]) and float(version.tags["val_auc"]) >= 0
+    data = json.loads((trained / "data" / "datalist.json").read_text())
+    folder = trained / "served"
+    folder.mkdir()
+    for e in data["test"]:
+        (folder / Path(e["image"]).name).symlink_to(trained / "data" / e["image"])
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model("models:/icmil/1")
+        got = model.predict(pd.DataFrame({"image": sorted(str(p) for p in folder.iterdir())}))
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+    proc = _bundle(
+        trained, "run", str(CONFIGS / "inference.json"), input_slides=str(folder),
+        inference_dir=str(trained / "served_inference"), heatmaps="false",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = list(csv.DictReader(open(trained / "served_inference" / "probabilities.csv")))
+    assert list(got["slide"]) == [r["slide"] for r in want] and len(want) == len(data["test"])
+    for column in ("prob_normal", "prob_tumour"):
+        np.testing.assert_allclose(got[column], [float(r[column]) for r in want], atol=1e-5)

@@ -143,6 +143,8 @@ class MLflowRunTree:
         tracking_uri: another tracking store.
         experiment_name, run_name: the experiment and the parent run's name.
         params: the parent run's parameters (or a function giving them), logged when it is created.
+        registered_model_name: the name under which the final model is registered in the store's model registry
+            (:mod:`monai_icmil.serving`); ``None``: not logged as an MLflow model.
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class MLflowRunTree:
         experiment_name: str = "icmil",
         run_name: str = "icmil",
         params: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+        registered_model_name: str | None = "icmil",
     ):
         from monai_icmil.utils import as_bool
 
@@ -162,6 +165,7 @@ class MLflowRunTree:
             tracking_uri,
         )
         self.experiment_name, self.run_name, self.params = experiment_name, run_name, params
+        self.registered_model_name = registered_model_name or None
         self._parent: MLflowRun | None = None
 
     def parent(self) -> MLflowRun | None:

@@ -610,7 +610,36 @@ class ICMILWorkflow(BundleWorkflow):
         qc = self.output_dir / "coords" / "qc"
         top.log_artifacts([qc / "tiling.csv"], artifact_path="qc")
         top.log_artifacts([qc / "overview"], artifact_path="qc/overview")  # the contact sheets, viewable in MLflow
+        self._log_model(top, summary)
         self.tracking.close()
+
+    def _log_model(self, top: Any, summary: Mapping[str, Any]) -> None:
+        """The final round's embedder and bag classifier as an MLflow ``pyfunc`` in the parent run, registered under
+        ``mlflow#registered_model_name`` with the round and its validation AUC as tags (:mod:`monai_icmil.serving`).
+        A registry that refuses it costs a warning, not the run."""
+        name = self.tracking.registered_model_name
+        if name is None:
+            return
+        from monai_icmil.serving import log_slide_classifier, model_settings
+
+        r = summary["final_round"]
+        excluded = self.report.excluded()
+        items = self.splits.items()
+        slides = [e["image"] for s in ("test", "validation") for e in items.get(s, []) if e["slide_id"] not in excluded]
+        embedder = self.embedder_for(r)
+        path = self.round_dir(r) / "embedder_phase" / "embedder.safetensors"
+        if r == 0:  # the starting (or pre-trained) embedder, as a checkpoint the model can carry
+            path = embedder.save(self.output_dir / "model" / "embedder.safetensors")
+        tags = {"round": r, "val_auc": summary["rows"][r].get("val_auc")}
+        try:
+            logged = log_slide_classifier(
+                top.run_id, top.tracking_uri, path, self.bag_classifier_path(r), self.tiling, model_settings(self),
+                slides, name, tags,
+            )  # fmt: skip
+        except Exception as e:
+            warnings.warn(f"the final model was not logged to MLflow ({type(e).__name__}: {e})", stacklevel=2)
+            return
+        logger.info("final model (round %d) registered as %s version %s", r, logged["name"], logged["version"])
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "test", round: int | None = None) -> dict[str, Any]:

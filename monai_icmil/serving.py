@@ -1,0 +1,173 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""The final model as an MLflow model: a ``pyfunc`` that takes slide paths and returns the slide probabilities that
+``probabilities.csv`` holds, logged in the training run and registered in its model registry.
+
+    import mlflow
+    mlflow.set_tracking_uri("sqlite:///outputs/mlruns.db"); mlflow.set_registry_uri("sqlite:///outputs/mlruns.db")
+    model = mlflow.pyfunc.load_model("models:/icmil/1")
+    model.predict(pandas.DataFrame({"image": ["/data/slide_1.svs", "/data/slide_2.svs"]}))
+
+Where monai-icmil is installed, MLflow's tools take it like any ``pyfunc`` (e.g. ``mlflow models serve -m
+models:/icmil/1 --env-manager local``; the tests exercise ``load_model`` and ``predict`` only).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import mlflow.pyfunc
+
+__all__ = ["SlideClassifierModel", "log_slide_classifier", "model_settings", "INPUT_COLUMN"]
+
+INPUT_COLUMN = "image"
+
+
+def _paths(model_input: Any) -> list[str]:
+    """Slide paths from a DataFrame (its ``image`` column), a list, a dict of lists, or one path."""
+    if hasattr(model_input, "columns"):
+        if INPUT_COLUMN not in model_input.columns:
+            raise ValueError(
+                f"the input table needs an '{INPUT_COLUMN}' column of slide paths, got {list(model_input.columns)}"
+            )
+        return [str(p) for p in model_input[INPUT_COLUMN]]
+    if isinstance(model_input, Mapping):
+        return [str(p) for p in model_input[INPUT_COLUMN]]
+    if isinstance(model_input, (str, os.PathLike)):
+        return [str(model_input)]
+    return [str(p) for p in model_input]
+
+
+class SlideClassifierModel(mlflow.pyfunc.PythonModel):
+    """One round's embedder and bag classifier with the run's tiling, as an MLflow ``pyfunc``.
+
+    Args:
+        tiling: the training run's tiling transforms (pickled with the model).
+        settings: ``class_names``, ``stain_normalize``, ``backend``, ``embed`` (the embed phase's settings) and
+            ``device`` (``None``: CUDA when available).
+
+    ``predict`` tiles, embeds and scores the slides in a temporary folder (:func:`~monai_icmil.inference
+    .predict_slides`) and returns one row per scored slide: ``slide`` and ``prob_<class>`` per class. A slide that
+    fails is left out (as in ``probabilities.csv``), with the reason in a warning.
+    """
+
+    def __init__(self, tiling: Any, settings: Mapping[str, Any]):
+        self.tiling, self.settings = tiling, dict(settings)
+
+    def load_context(self, context: Any) -> None:
+        from monai_icmil.networks import create_embedder
+
+        self.embedder = create_embedder(None, weights=context.artifacts["embedder"])
+        self.bag_classifier = context.artifacts["bag_classifier"]
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 (MLflow reads type hints as a schema)
+        import pandas as pd
+
+        from monai_icmil.engines.embed import Embed
+        from monai_icmil.inference import predict_slides
+        from monai_icmil.utils import default_device
+
+        names = self.settings.get("class_names") or [str(k) for k in range(2)]
+        with tempfile.TemporaryDirectory(prefix="icmil_pyfunc_") as tmp:
+            rows = predict_slides(
+                _paths(model_input),
+                self.embedder,
+                self.bag_classifier,
+                self.tiling,
+                tmp,
+                embed=Embed(**{**self.settings.get("embed", {}), "progress": False}),
+                device=default_device(self.settings.get("device")),
+                backend=self.settings.get("backend", "auto"),
+                class_names=names,
+                progress=False,
+                stain_normalize=bool(self.settings.get("stain_normalize", False)),
+            )
+        columns = ["slide"] + [f"prob_{c}" for c in names]
+        return pd.DataFrame([[r["slide_id"], *map(float, r["probs"])] for r in rows], columns=columns)
+
+
+def log_slide_classifier(
+    run_id: str,
+    tracking_uri: str,
+    embedder_path: str | os.PathLike,
+    bag_classifier_path: str | os.PathLike,
+    tiling: Any,
+    settings: Mapping[str, Any],
+    example_slides: Sequence[str],
+    registered_model_name: str | None = "icmil",
+    tags: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Log the model into run ``run_id`` (artifact ``model``; the run is ended as MLflow ends a run it was given)
+    and register it as the next version of
+    ``registered_model_name`` in the same store, with ``tags`` on the version.
+
+    Args:
+        run_id: the training's parent run.
+        tracking_uri: its store (tracking and registry, e.g. ``sqlite:///<output_dir>/mlruns.db``).
+        embedder_path, bag_classifier_path: the final round's embedder checkpoint and bag classifier.
+        tiling: the run's tiling transforms.
+        settings: see :class:`SlideClassifierModel`.
+        example_slides: slide paths for the input example (the first is used; MLflow scores it once to check the
+            model serves).
+        registered_model_name: the registry name (``None``: log without registering).
+        tags: the version's tags (e.g. the round and its validation AUC).
+
+    Returns:
+        ``{"model_uri", "name", "version"}`` (``version`` ``None`` when not registered).
+    """
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    import monai_icmil
+
+    model = SlideClassifierModel(tiling, settings)
+    artifacts = {"embedder": str(embedder_path), "bag_classifier": str(bag_classifier_path)}
+    example = pd.DataFrame({INPUT_COLUMN: [str(example_slides[0])]})
+    names = settings.get("class_names") or ["0", "1"]
+    output = pd.DataFrame({"slide": ["s"], **{f"prob_{c}": [0.5] for c in names}})
+    requirements = [f"monai-icmil=={monai_icmil.__version__}"]
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=model,
+                artifacts=artifacts,
+                signature=infer_signature(example, output),
+                input_example=example,
+                pip_requirements=requirements,
+                registered_model_name=registered_model_name,
+            )
+        version = None
+        if registered_model_name:
+            found = client.search_model_versions(f"name = '{registered_model_name}'")
+            version = max((v for v in found if v.run_id == run_id), key=lambda v: int(v.version)).version
+            for key, value in (tags or {}).items():
+                client.set_model_version_tag(registered_model_name, version, key, str(value))
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+    return {"model_uri": info.model_uri, "name": registered_model_name, "version": version}
+
+
+def model_settings(workflow: Any) -> dict[str, Any]:
+    """What :class:`SlideClassifierModel` needs of a workflow besides its files."""
+    embed = workflow.phases["embed"]
+    return {
+        "class_names": workflow.class_names,
+        "stain_normalize": workflow.stain_normalize,
+        "backend": workflow.backend,
+        "device": None,
+        "embed": {
+            "batch_size": embed.batch_size,
+            "num_workers": 0,
+            "read_threads": embed.read_threads,
+            "dtype": embed.dtype,
+        },
+    }
