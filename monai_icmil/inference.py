@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -21,7 +22,7 @@ from monai_icmil.engines.embed import Embed
 from monai_icmil.handlers.writers import SlidePrediction
 from monai_icmil.networks.embedders import PatchEmbedder
 
-__all__ = ["predict_slides", "patch_scores", "list_slides"]
+__all__ = ["predict_slides", "patch_scores", "list_slides", "with_stride"]
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")
 
@@ -38,6 +39,38 @@ def list_slides(slides: str | os.PathLike | Sequence[str]) -> list[str]:
     if missing:
         raise FileNotFoundError(f"slide(s) not found: {', '.join(missing)}")
     return paths
+
+
+def with_stride(tiling: Any, stride: int) -> Any:
+    """A copy of the tiling transforms whose patch grid steps by ``stride`` output pixels (overlapping patches when
+    below the patch size): every grid in it (a :class:`~monai_icmil.transforms.GridPatchCoordsd`'s, a
+    :class:`~monai_icmil.data.tiling.TilingConfig`) gets the stride.
+
+    Raises:
+        ValueError: ``stride`` not a positive divisor of the patch size, or no grid with a stride in ``tiling``.
+    """
+    dense, grids = copy.deepcopy(tiling), []
+
+    def visit(obj: Any, depth: int = 0) -> None:
+        if obj is None or depth > 4:
+            return
+        if hasattr(obj, "stride") and hasattr(obj, "patch_size"):
+            grids.append(obj)
+            return
+        for child in [*(getattr(obj, "transforms", None) or []), getattr(obj, "transform", None)]:
+            visit(child, depth + 1)
+
+    visit(dense)
+    if not grids:
+        raise ValueError("heatmap_stride: the tiling has no patch grid with a stride (GridPatchCoordsd, TilingConfig).")
+    for grid in grids:
+        if int(stride) <= 0 or int(grid.patch_size) % int(stride):
+            raise ValueError(
+                f"heatmap_stride must be a positive divisor of the patch size ({grid.patch_size}), got {stride}; "
+                f"e.g. {int(grid.patch_size) // 2} for patches that overlap by half."
+            )
+        object.__setattr__(grid, "stride", int(stride))
+    return dense
 
 
 @torch.no_grad()
@@ -83,6 +116,7 @@ def predict_slides(
     stain_normalize: bool = False,
     tile_policy: Any = None,
     assume_mpp: float | None = None,
+    heatmap_stride: int | None = None,
 ) -> list[dict[str, Any]]:
     """Predict each slide: ``probabilities.csv``, the tiling QC images and ``tiling.csv`` in ``coords/qc/`` (new
     slides in the wild: pen marks, folds, odd scans show there first), and whatever ``writers`` make of each slide
@@ -106,6 +140,10 @@ def predict_slides(
             their patches, fail a slide with more than 5 % of them).
         assume_mpp: level-0 microns per pixel of the slides whose files have none (a datalist entry's ``mpp``
             replaces its file's value).
+        heatmap_stride: with ``writers``, draw the maps from overlapping patches that step by this many output
+            pixels (a divisor of the patch size, e.g. half of it): they are tiled and embedded too (``heatmap/``),
+            and each map cell is the mean instance probability (and attention) of the patches covering it, for
+            smooth maps. The slide probability stays that of the training grid.
 
     Returns:
         ``[{"slide_id", "label", "probs", "image"}]`` per scored slide (``label`` ``None`` for new slides). Slides
@@ -126,6 +164,26 @@ def predict_slides(
         tiles, embedder, store, params, device=device, report=report, backend=backend, stain_normalize=stain_normalize
     )
     net = load_bag_classifier(bag_classifier, device, expect_in_dim=embedder.out_dim)
+    dense = (
+        _dense_patches(
+            items,
+            tiles,
+            tiling,
+            heatmap_stride,
+            embedder,
+            embed,
+            out,
+            report,
+            backend,
+            device,
+            stain_normalize,
+            tile_policy,
+            assume_mpp,
+            progress,
+        )
+        if writers and heatmap_stride
+        else None
+    )
     fp, rows = embedder.fingerprint(), []
     for item in _progress(items, progress, bool(writers)):
         sid = item["slide_id"]
@@ -144,13 +202,49 @@ def predict_slides(
             reader = get_slide(item["image"], backend)
             coords = arrays["coords"].numpy()
             mask = item.get("tumour_mask")
-            pred = SlidePrediction(sid, item["image"], reader, tiles[sid], coords, scores, out, class_names, mask)
+            extra = dense(net, sid, tiles[sid]) if dense is not None else None
+            pred = SlidePrediction(
+                sid, item["image"], reader, tiles[sid], coords, scores, out, class_names, mask, extra
+            )
             for writer in writers:
                 writer.write(pred)
     write_predictions_csv(out / "probabilities.csv", rows, class_names)
     for writer in writers:
         writer.finish(out)
     return rows
+
+
+def _dense_patches(
+    items, tiles, tiling, stride, embedder, embed, out, report, backend, device, stain_normalize, tile_policy,
+    assume_mpp, progress,
+) -> Callable[..., dict[str, Any] | None]:  # fmt: skip
+    """Tile and embed the overlapping patches (``out/heatmap/``); returns ``(net, slide_id, tiles) -> {"coords",
+    "scores", "cell"}`` for :class:`SlidePrediction` (``None`` for a slide without them)."""
+    dense_tiling = with_stride(tiling, stride)
+    root = out / "heatmap"
+    dense_tiles = prepare_coords(
+        items, dense_tiling, CoordsStore(root / "coords"), report=report, backend=backend, progress=progress,
+        tile_policy=tile_policy, assume_mpp=assume_mpp,
+    )  # fmt: skip
+    store, params = FeatureStore(root / "features"), tiling_signature(dense_tiling)
+    embed(dense_tiles, embedder, store, params, device=device, report=report, backend=backend,
+          stain_normalize=stain_normalize)  # fmt: skip
+    fp = embedder.fingerprint()
+
+    def scores(net: torch.nn.Module, sid: str, slide: Any) -> dict[str, Any] | None:
+        if sid not in dense_tiles:
+            return None
+        item = dense_tiles[sid]
+        key = feature_key(item["image"], slide_signature(params, item), fp, embed.dtype, stain_normalize)
+        arrays = store.load(sid, key)
+        if arrays is None or len(arrays["features"]) == 0:
+            return None
+        footprint = float(slide["read_size"]) * get_slide(item["image"], backend).level_downsamples[slide["level"]]
+        cell = footprint * int(stride) / int(slide["patch_size"])
+        found = patch_scores(net, arrays["features"].float().to(device))
+        return {"coords": arrays["coords"].numpy(), "scores": found, "cell": cell}
+
+    return scores
 
 
 def _progress(items: Sequence[Any], progress: bool, pictures: bool) -> Any:

@@ -24,6 +24,8 @@ __all__ = [
     "save_roc_curve",
     "score_grid",
     "save_heatmaps",
+    "heatmap_panels",
+    "overlap_grid",
     "save_rounds_plot",
     "prediction_vs_truth",
     "save_prediction_vs_truth",
@@ -452,6 +454,34 @@ def _font(size: int) -> Any:
         except (TypeError, ImportError, OSError):
             _FONTS[size] = ImageFont.load_default()
     return _FONTS[size]
+
+
+def overlap_grid(
+    coords: np.ndarray, scores: np.ndarray, footprint: float, cell: float, dimensions: tuple[int, int]
+) -> np.ndarray:
+    """Scores of overlapping patches averaged per ``cell`` (level-0 px, the patches' step): each cell holds the mean
+    score of the patches that cover it, NaN where none does. With ``cell == footprint`` it is :func:`score_grid`.
+
+    Args:
+        coords: ``[N, 2]`` level-0 top-left ``(x, y)`` of the patches.
+        scores: ``[N]`` a score per patch.
+        footprint: a patch's side in level-0 pixels.
+        cell: the grid's cell side (the stride's step), dividing ``footprint``.
+        dimensions: level-0 ``(width, height)``.
+    """
+    span = max(1, int(round(footprint / cell)))
+    ny, nx = int(np.ceil(dimensions[1] / cell)), int(np.ceil(dimensions[0] / cell))
+    total, count = np.zeros((ny + span, nx + span)), np.zeros((ny + span, nx + span))
+    cols = np.floor(np.asarray(coords)[:, 0] / cell + 1e-6).astype(int)
+    rows = np.floor(np.asarray(coords)[:, 1] / cell + 1e-6).astype(int)
+    values = np.asarray(scores, np.float64)
+    for dy in range(span):  # span^2 scatter-adds, each over all patches
+        for dx in range(span):
+            np.add.at(total, (rows + dy, cols + dx), values)
+            np.add.at(count, (rows + dy, cols + dx), 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return mean[:ny, :nx].astype(np.float32)
 
 
 def heatmap_panels(

@@ -817,3 +817,28 @@ def test_the_final_model_is_registered_in_mlflow_and_predicts_what_inference_wri
     assert list(got["slide"]) == [r["slide"] for r in want] and len(want) == len(data["test"])
     for column in ("prob_normal", "prob_tumour"):
         np.testing.assert_allclose(got[column], [float(r[column]) for r in want], atol=1e-5)
+
+
+def test_heatmap_stride_draws_maps_from_overlapping_patches_and_keeps_the_slide_probabilities(trained, tmp_path):
+    data = json.loads((trained / "data" / "datalist.json").read_text())
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for e in data["test"][:2]:
+        (folder / Path(e["image"]).name).symlink_to(trained / "data" / e["image"])
+    runs = {}
+    for name, extra in (("plain", {"heatmaps": "false"}), ("dense", {"heatmap_stride": 16})):  # patches of 32 px
+        out = tmp_path / name
+        proc = _bundle(
+            trained, "run", str(CONFIGS / "inference.json"), input_slides=str(folder), inference_dir=str(out), **extra
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = out
+    assert (runs["dense"] / "probabilities.csv").read_text() == (runs["plain"] / "probabilities.csv").read_text()
+    from monai_icmil.data.store import CoordsStore
+
+    for e in data["test"][:2]:
+        sid = Path(e["image"]).stem
+        grid = len(CoordsStore(runs["dense"] / "coords").load(sid)["coords"])
+        overlapping = len(CoordsStore(runs["dense"] / "heatmap" / "coords").load(sid)["coords"])
+        assert overlapping > 2.5 * grid  # about four patches where the grid has one
+        assert (runs["dense"] / f"{sid}_heatmap.jpg").is_file()

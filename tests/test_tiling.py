@@ -221,6 +221,39 @@ def test_heatmap_panels_show_the_slide_each_overlay_and_a_colour_bar_from_0_to_1
         assert saved.shape == picture.shape and np.abs(saved.astype(int) - picture).mean() < 3
 
 
+def test_overlap_grid_averages_the_patches_covering_each_cell():
+    from monai_icmil.visualize import overlap_grid, score_grid
+
+    # patches of 20 level-0 px stepping by 10: each covers 2 x 2 cells of 10 px
+    coords = np.array([[0, 0], [10, 0], [0, 10], [10, 10]], float)
+    scores = np.array([1.0, 2.0, 3.0, 4.0])
+    grid = overlap_grid(coords, scores, 20.0, 10.0, (40, 30))
+    assert grid.shape == (3, 4)
+    assert grid[0, 0] == 1.0 and grid[0, 1] == 1.5 and grid[0, 2] == 2.0  # cell (1, 0): patches 0 and 1
+    assert grid[1, 1] == 2.5 and grid[2, 2] == 4.0 and grid[1, 0] == 2.0  # the centre: all four
+    assert np.isnan(grid[:, 3]).all()
+    plain = np.array([[0, 0], [20, 0]], float)  # no overlap: the patch grid itself
+    np.testing.assert_array_equal(
+        overlap_grid(plain, np.array([0.2, 0.7]), 20.0, 20.0, (40, 30)),
+        score_grid(plain, np.array([0.2, 0.7]), 20.0, (40, 30)),
+    )
+
+
+def test_with_stride_copies_the_tiling_with_an_overlapping_grid():
+    from monai.transforms import Compose
+
+    from monai_icmil.data.tiling import TilingConfig
+    from monai_icmil.inference import with_stride
+    from monai_icmil.transforms import GridPatchCoordsd, TissueMaskd
+
+    tiling = Compose([TissueMaskd("image"), GridPatchCoordsd("image", patch_size=64, mpp=1.0)])
+    dense = with_stride(tiling, 32)
+    assert dense.transforms[1].transform.stride == 32 and tiling.transforms[1].transform.stride is None
+    assert with_stride(TilingConfig(patch_size=64, mpp=1.0), 16).stride == 16
+    with pytest.raises(ValueError, match="heatmap_stride must be a positive divisor of the patch size \\(64\\)"):
+        with_stride(tiling, 24)
+
+
 def test_qc_overview_pages_show_each_slide_in_its_cell_and_mark_failed_and_empty_ones(tmp_path):
     from monai_icmil.visualize import save_contact_sheets, save_qc_overview, save_tiling_qc
 

@@ -69,6 +69,7 @@ class SlidePrediction:
     output_dir: Path
     class_names: Sequence[str] | None = None
     tumour_mask: str | None = None
+    dense: Mapping[str, Any] | None = None
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -91,17 +92,39 @@ class SlidePrediction:
             self._cache["thumbnail"] = self.reader.thumbnail(1024)
         return self._cache["thumbnail"]
 
+    @property
+    def cell(self) -> float:
+        """Side of a cell of :meth:`maps` in level-0 pixels: the patch footprint, or the heatmap stride's step when
+        the maps come from overlapping patches."""
+        return float(self.dense["cell"]) if self.dense is not None else self.footprint
+
     def maps(self) -> dict[str, np.ndarray]:
-        """Score grids on the patch grid: attention (min-max normalised, where there is one), instance probability."""
+        """Score grids: attention (min-max normalised, where there is one) and instance probability, one cell per
+        patch, or, with ``dense`` (overlapping patches: ``coords``, ``scores``, ``cell``), per stride cell, each cell
+        the mean over the patches that cover it (:func:`~monai_icmil.visualize.overlap_grid`)."""
         if "maps" not in self._cache:
-            from monai_icmil.visualize import score_grid
+            from monai_icmil.visualize import overlap_grid, score_grid
 
             dims, foot = self.reader.dimensions, self.footprint
-            maps = {"instance probability": score_grid(self.coords, self.scores["instance_prob"], foot, dims)}
-            if "attention" in self.scores:
-                att = np.asarray(self.scores["attention"])
+            coords, scores = (
+                (self.dense["coords"], self.dense["scores"])
+                if self.dense is not None
+                else (
+                    self.coords,
+                    self.scores,
+                )
+            )
+
+            def grid(values: np.ndarray) -> np.ndarray:
+                if self.dense is None:
+                    return score_grid(coords, values, foot, dims)
+                return overlap_grid(coords, values, foot, self.cell, dims)
+
+            maps = {"instance probability": grid(np.asarray(scores["instance_prob"]))}
+            if "attention" in scores:
+                att = np.asarray(scores["attention"])
                 att_norm = (att - att.min()) / max(float(att.max() - att.min()), 1e-12)
-                maps = {"attention (min-max)": score_grid(self.coords, att_norm, foot, dims), **maps}
+                maps = {"attention (min-max)": grid(att_norm), **maps}
             self._cache["maps"] = maps
         return self._cache["maps"]
 
@@ -127,9 +150,7 @@ class HeatmapWriter(SlideWriter):
 
         thumb, thumb_ds = pred.thumbnail()
         title = f"{pred.slide_id}: predicted {pred.predicted} (p={float(np.max(pred.scores['probs'])):.3f})"
-        save_heatmaps(
-            pred.output_dir / f"{pred.slide_id}_heatmap.jpg", thumb, thumb_ds, pred.maps(), pred.footprint, title
-        )
+        save_heatmaps(pred.output_dir / f"{pred.slide_id}_heatmap.jpg", thumb, thumb_ds, pred.maps(), pred.cell, title)
 
 
 def geojson_patches(coords: np.ndarray, footprint: float, measurements: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -215,7 +236,7 @@ class TriageSheetWriter(SlideWriter):
         from monai_icmil.visualize import encode_jpeg, score_overlay
 
         thumb, thumb_ds = pred.thumbnail()
-        overlay = score_overlay(thumb, thumb_ds, pred.maps()["instance probability"], pred.footprint)
+        overlay = score_overlay(thumb, thumb_ds, pred.maps()["instance probability"], pred.cell)
         probs = pred.scores["probs"]
         p_positive = float(probs[-1])
         self.positive = pred.positive
@@ -251,7 +272,7 @@ class GroundTruthWriter(SlideWriter):
         truth = GroundTruth(pred.tumour_mask, pred.reader.dimensions)
         thumb, thumb_ds = pred.thumbnail()
         grid = pred.maps()["instance probability"]
-        picture = prediction_vs_truth(thumb, thumb_ds, grid, pred.footprint, truth.mask, truth.downsample)
+        picture = prediction_vs_truth(thumb, thumb_ds, grid, pred.cell, truth.mask, truth.downsample)
         p = float(pred.scores["probs"][-1])
         caption = (
             f"{pred.slide_id}: p({pred.positive}) = {p:.3f}. Left: each patch's {pred.positive} probability (the "

@@ -369,8 +369,9 @@ def create_embedder(
             ``model.safetensors`` or ``pytorch_model.bin``) or a hub id (``"hf-hub:timm/resnet50.a1_in1k"`` or
             ``"timm/resnet50.a1_in1k"``). Offline, a hub id that is not cached fails at once with a message that says
             to pass a file. A timm ``config.json`` beside the weights (or in the folder) gives the architecture (it
-            replaces ``name``, with a warning when they differ), its ``model_args`` (e.g. ``dynamic_img_size``, ``init_values``,
-            ``reg_tokens``; the call's ``kwargs`` win) and its normalisation and input size (the call's win).
+            replaces ``name``, with a warning when they differ), its ``model_args`` (e.g. ``dynamic_img_size``,
+            ``init_values``, ``reg_tokens``; the call's ``kwargs`` win) and its normalisation and input size (the
+            call's win).
         input_size: patch side used with the embedder (default: the model's pretrained config, else 224).
         mean, std: normalisation (default: the model's pretrained config, ImageNet for ResNets).
         kwargs: forwarded to ``timm.create_model`` (e.g. ``drop_path_rate``).

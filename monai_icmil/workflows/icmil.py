@@ -657,6 +657,7 @@ class ICMILWorkflow(BundleWorkflow):
         output_dir: str | None = None,
         round: int | None = None,
         writers: Sequence[Any] = (),
+        heatmap_stride: int | None = None,
     ) -> list[dict[str, Any]]:
         """Predict new slides: ``probabilities.csv`` and what ``writers`` make of each slide (the bundle's
         ``inference_writers``: heatmaps, GeoJSON, top patches, triage sheets).
@@ -666,6 +667,8 @@ class ICMILWorkflow(BundleWorkflow):
             output_dir: where to write (default ``output_dir/inference``).
             round: the round whose models to use (default: the best by validation AUC).
             writers: :mod:`monai_icmil.handlers.writers` objects (none: probabilities only).
+            heatmap_stride: maps from overlapping patches at this step (output pixels, a divisor of the patch size;
+                :func:`~monai_icmil.inference.predict_slides`); ``None``: one cell per patch of the grid.
         """
         from monai_icmil.inference import predict_slides
 
@@ -685,4 +688,5 @@ class ICMILWorkflow(BundleWorkflow):
             stain_normalize=self.stain_normalize,
             tile_policy=self.tile_policy,
             assume_mpp=self.assume_mpp,
+            heatmap_stride=None if heatmap_stride is None else int(heatmap_stride),
         )
