@@ -10,6 +10,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -151,97 +152,88 @@ def predict_slides(
     """
     from monai_icmil.engines.bag_phase import load_bag_classifier, write_predictions_csv
 
-    out = Path(output_dir)
-    items = _slide_items(slides)
-    report = RunReport(out / "report.json")
-    tiles = prepare_coords(
-        items, tiling, CoordsStore(out / "coords"), report=report, backend=backend, progress=progress,
-        qc_dir=out / "coords" / "qc", tile_policy=tile_policy, assume_mpp=assume_mpp,
+    run = SimpleNamespace(
+        out=Path(output_dir), report=RunReport(Path(output_dir) / "report.json"), backend=backend, device=device,
+        progress=progress, stain_normalize=stain_normalize, tile_policy=tile_policy, assume_mpp=assume_mpp,
+        embed=embed if embed is not None else Embed(progress=progress), embedder=embedder,
     )  # fmt: skip
-    store, params = FeatureStore(out / "features"), tiling_signature(tiling)
-    embed = embed if embed is not None else Embed(progress=progress)
-    embed(
-        tiles, embedder, store, params, device=device, report=report, backend=backend, stain_normalize=stain_normalize
-    )
+    items = _slide_items(slides)
+    tiles, store = _tile_and_embed(run, items, tiling, run.out)
     net = load_bag_classifier(bag_classifier, device, expect_in_dim=embedder.out_dim)
-    dense = (
-        _dense_patches(
-            items,
-            tiles,
-            tiling,
-            heatmap_stride,
-            embedder,
-            embed,
-            out,
-            report,
-            backend,
-            device,
-            stain_normalize,
-            tile_policy,
-            assume_mpp,
-            progress,
-        )
-        if writers and heatmap_stride
-        else None
-    )
-    fp, rows = embedder.fingerprint(), []
+    dense = _dense_patches(run, items, tiling, heatmap_stride) if writers and heatmap_stride else None
+    run.net, run.store, run.params, run.fp = net, store, tiling_signature(tiling), embedder.fingerprint()
+    rows = []
     for item in _progress(items, progress, bool(writers)):
-        sid = item["slide_id"]
-        if sid not in tiles or sid in report.failed:
-            continue
-        key = feature_key(item["image"], slide_signature(params, tiles[sid]), fp, embed.dtype, stain_normalize)
-        arrays = store.load(sid, key)
-        if arrays is None or len(arrays["features"]) == 0:
-            warnings.warn(f"slide '{item['image']}' has no tissue patches; no prediction", stacklevel=2)
-            continue
-        scores = patch_scores(net, arrays["features"].float().to(device))
-        rows.append(
-            {"slide_id": sid, "label": item["label"], "probs": scores["probs"].tolist(), "image": item["image"]}
-        )
-        if writers:
-            reader = get_slide(item["image"], backend)
-            coords = arrays["coords"].numpy()
-            mask = item.get("tumour_mask")
-            extra = dense(net, sid, tiles[sid]) if dense is not None else None
-            pred = SlidePrediction(
-                sid, item["image"], reader, tiles[sid], coords, scores, out, class_names, mask, extra
-            )
-            for writer in writers:
-                writer.write(pred)
-    write_predictions_csv(out / "probabilities.csv", rows, class_names)
+        row = _predict_one(run, item, tiles, writers, dense, class_names)
+        if row is not None:
+            rows.append(row)
+    write_predictions_csv(run.out / "probabilities.csv", rows, class_names)
     for writer in writers:
-        writer.finish(out)
+        writer.finish(run.out)
     return rows
 
 
+def _predict_one(
+    run: SimpleNamespace, item: dict[str, Any], tiles: Mapping[str, Any], writers: Sequence[Any], dense: Any, names: Any
+) -> dict[str, Any] | None:
+    """One slide's probabilities row (``None``: failed or without patches), and what the writers make of it."""
+    sid = item["slide_id"]
+    if sid not in tiles or sid in run.report.failed:
+        return None
+    key = feature_key(
+        item["image"], slide_signature(run.params, tiles[sid]), run.fp, run.embed.dtype, run.stain_normalize
+    )
+    arrays = run.store.load(sid, key)
+    if arrays is None or len(arrays["features"]) == 0:
+        warnings.warn(f"slide '{item['image']}' has no tissue patches; no prediction", stacklevel=3)
+        return None
+    scores = patch_scores(run.net, arrays["features"].float().to(run.device))
+    if writers:
+        extra = dense(run.net, sid, tiles[sid]) if dense is not None else None
+        reader, mask = get_slide(item["image"], run.backend), item.get("tumour_mask")
+        coords = arrays["coords"].numpy()
+        pred = SlidePrediction(sid, item["image"], reader, tiles[sid], coords, scores, run.out, names, mask, extra)
+        for writer in writers:
+            writer.write(pred)
+    return {"slide_id": sid, "label": item["label"], "probs": scores["probs"].tolist(), "image": item["image"]}
+
+
+def _tile_and_embed(run: SimpleNamespace, items: list[dict[str, Any]], tiling: Any, root: Path) -> tuple[dict, Any]:
+    """Coordinates (``root/coords``, with the QC pictures for the main grid) and features (``root/features``) of the
+    slides; returns ``(tiles, feature store)``."""
+    main = root == run.out
+    tiles = prepare_coords(
+        items, tiling, CoordsStore(root / "coords"), report=run.report, backend=run.backend, progress=run.progress,
+        qc_dir=root / "coords" / "qc" if main else None, tile_policy=run.tile_policy, assume_mpp=run.assume_mpp,
+    )  # fmt: skip
+    store = FeatureStore(root / "features")
+    run.embed(
+        tiles, run.embedder, store, tiling_signature(tiling), device=run.device, report=run.report,
+        backend=run.backend, stain_normalize=run.stain_normalize,
+    )  # fmt: skip
+    return tiles, store
+
+
 def _dense_patches(
-    items, tiles, tiling, stride, embedder, embed, out, report, backend, device, stain_normalize, tile_policy,
-    assume_mpp, progress,
-) -> Callable[..., dict[str, Any] | None]:  # fmt: skip
+    run: SimpleNamespace, items: list[dict[str, Any]], tiling: Any, stride: int
+) -> Callable[..., dict[str, Any] | None]:
     """Tile and embed the overlapping patches (``out/heatmap/``); returns ``(net, slide_id, tiles) -> {"coords",
     "scores", "cell"}`` for :class:`SlidePrediction` (``None`` for a slide without them)."""
     dense_tiling = with_stride(tiling, stride)
-    root = out / "heatmap"
-    dense_tiles = prepare_coords(
-        items, dense_tiling, CoordsStore(root / "coords"), report=report, backend=backend, progress=progress,
-        tile_policy=tile_policy, assume_mpp=assume_mpp,
-    )  # fmt: skip
-    store, params = FeatureStore(root / "features"), tiling_signature(dense_tiling)
-    embed(dense_tiles, embedder, store, params, device=device, report=report, backend=backend,
-          stain_normalize=stain_normalize)  # fmt: skip
-    fp = embedder.fingerprint()
+    dense_tiles, store = _tile_and_embed(run, items, dense_tiling, run.out / "heatmap")
+    params, fp = tiling_signature(dense_tiling), run.embedder.fingerprint()
 
     def scores(net: torch.nn.Module, sid: str, slide: Any) -> dict[str, Any] | None:
         if sid not in dense_tiles:
             return None
         item = dense_tiles[sid]
-        key = feature_key(item["image"], slide_signature(params, item), fp, embed.dtype, stain_normalize)
+        key = feature_key(item["image"], slide_signature(params, item), fp, run.embed.dtype, run.stain_normalize)
         arrays = store.load(sid, key)
         if arrays is None or len(arrays["features"]) == 0:
             return None
-        footprint = float(slide["read_size"]) * get_slide(item["image"], backend).level_downsamples[slide["level"]]
-        cell = footprint * int(stride) / int(slide["patch_size"])
-        found = patch_scores(net, arrays["features"].float().to(device))
+        downsample = get_slide(item["image"], run.backend).level_downsamples[slide["level"]]
+        cell = float(slide["read_size"]) * downsample * int(stride) / int(slide["patch_size"])
+        found = patch_scores(net, arrays["features"].float().to(run.device))
         return {"coords": arrays["coords"].numpy(), "scores": found, "cell": cell}
 
     return scores

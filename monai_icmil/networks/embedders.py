@@ -388,20 +388,8 @@ def create_embedder(
         path = _weights_in(weights) if _is_local(weights) else _hub_weights(weights)
         source = weights
         state, meta = load_state_dict_file(path)
-        folder = model_folder_config(path) if meta.get("format") != CHECKPOINT_FORMAT else {}
-        if folder:  # the file's own description of its architecture, arguments and normalisation
-            if name is not None and name != folder["architecture"]:
-                warnings.warn(
-                    f"'{source}' holds a '{folder['architecture']}' (its config.json); building that, not '{name}'.",
-                    stacklevel=2,
-                )
-            name = folder["architecture"]
-            args = {k: v for k, v in dict(folder.get("model_args") or {}).items() if k != "num_classes"}
-            kwargs = {**args, **kwargs}
-            pcfg = dict(folder.get("pretrained_cfg") or {})
-            mean = mean or pcfg.get("mean")
-            std = std or pcfg.get("std")
-            input_size = input_size or (pcfg.get("input_size") or [None])[-1] or args.get("img_size")
+        if meta.get("format") != CHECKPOINT_FORMAT:  # the file's own description of architecture and normalisation
+            name, kwargs, mean, std, input_size = _from_folder_config(path, source, name, kwargs, mean, std, input_size)
     if meta.get("format") == CHECKPOINT_FORMAT:
         recorded = json.loads(meta["embedder"])
         if name is not None and name != recorded["name"]:
@@ -434,6 +422,25 @@ def create_embedder(
     if state is not None:
         _load_into(backbone, state, source or "weights", ignore)
     return PatchEmbedder(backbone, name, mean, std, input_size, config=kwargs)
+
+
+def _from_folder_config(
+    path: str, source: str, name: str | None, kwargs: dict, mean: Any, std: Any, input_size: int | None
+) -> tuple[str | None, dict, Any, Any, int | None]:
+    """``(name, kwargs, mean, std, input_size)`` completed from the timm ``config.json`` beside ``path``
+    (:func:`model_folder_config`): the call's values win, except the architecture, which the weights fix."""
+    folder = model_folder_config(path)
+    if not folder:
+        return name, kwargs, mean, std, input_size
+    if name is not None and name != folder["architecture"]:
+        warnings.warn(
+            f"'{source}' holds a '{folder['architecture']}' (its config.json); building that, not '{name}'.",
+            stacklevel=3,
+        )
+    args = {k: v for k, v in dict(folder.get("model_args") or {}).items() if k != "num_classes"}
+    pcfg = dict(folder.get("pretrained_cfg") or {})
+    size = input_size or (pcfg.get("input_size") or [None])[-1] or args.get("img_size")
+    return folder["architecture"], {**args, **kwargs}, mean or pcfg.get("mean"), std or pcfg.get("std"), size
 
 
 def _pretrained_cfg(model_name: str) -> dict[str, Any]:
