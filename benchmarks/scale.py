@@ -274,7 +274,6 @@ def main(argv: list[str] | None = None) -> Any:
     for name in ("size", "bags", "dim", "epochs"):
         c.add_argument(f"--{name}", type=int, required=True)
     c.add_argument("--folder", required=True)
-    c.add_argument("--generate", action="store_true")
     r = sub.add_parser("round", help="one round at scale, timed per phase and extrapolated (GPU)")
     r.add_argument("--slides", type=int, default=6)
     r.add_argument("--min_patches", type=int, default=5000)
@@ -296,7 +295,7 @@ def main(argv: list[str] | None = None) -> Any:
     r.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (CI): no meaningful numbers")
     args = p.parse_args(argv)
     if args.mode == "_bag":
-        print(json.dumps(bag_child(args.size, args.bags, args.dim, args.epochs, Path(args.folder), args.generate)))
+        print(json.dumps(bag_child(args.size, args.bags, args.dim, args.epochs, Path(args.folder), generate=False)))
         return None
     if args.mode == "bags":
         return run_bags(args)

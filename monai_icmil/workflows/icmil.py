@@ -626,10 +626,9 @@ class ICMILWorkflow(BundleWorkflow):
         excluded = self.report.excluded()
         items = self.splits.items()
         slides = [e["image"] for s in ("test", "validation") for e in items.get(s, []) if e["slide_id"] not in excluded]
-        embedder = self.embedder_for(r)
         path = self.round_dir(r) / "embedder_phase" / "embedder.safetensors"
         if r == 0:  # the starting (or pre-trained) embedder, as a checkpoint the model can carry
-            path = embedder.save(self.output_dir / "model" / "embedder.safetensors")
+            path = self.embedder_for(0).save(self.output_dir / "model" / "embedder.safetensors")
         tags = {"round": r, "val_auc": summary["rows"][r].get("val_auc")}
         try:
             logged = log_slide_classifier(
