@@ -13,11 +13,11 @@ keeps the best of 3 restarts by validation AUC; every restart's test AUC is repo
 depend on that noisy choice. For coupled rounds, the teacher's agreement between plain patches and the student's
 views (measured by the embedder phase as it starts) is reported.
 
-Two data settings (``--settings``): ``default`` as above, and ``hard`` (issue #21: a witness rate of 0.5-3 % of the
+Three data settings (``--settings``): ``default`` as above; ``hard`` (issue #21: a witness rate of 0.5-3 % of the
 tissue and a subtler tumour texture, nuclei 1.35x wider at 0.6x the density instead of 1.55x at 0.45x), where round 0
-is not at the ceiling, and ``sparse``: the hard setting's witness rate with the default texture (on ``hard`` round 0
-stayed at chance, so there was no teacher to couple). The hard and sparse settings and the embedder-phase options (``--couple_*``, ``--confidence``,
-``--select``) were fixed before any of its test AUCs was seen.
+is not at the ceiling; and ``sparse``, the hard setting's witness rate with the default texture (on ``hard`` round 0
+stayed at chance, so there was no teacher to couple). The hard and sparse settings and the embedder-phase options
+(``--couple_*``, ``--confidence``, ``--select``) were fixed before any of their test AUCs was seen.
 
 Settings are fixed here, before looking at test AUCs, and every seed is reported. Round-0 work that does not depend
 on the aggregator (tiling, pre-training, round-0 features) is done once per seed and start and copied.
