@@ -115,6 +115,29 @@ def test_network_def_is_the_untrained_bag_classifier_built_from_the_configs(tmp_
     assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
 
 
+def test_folds_from_the_command_line_make_fold_workflows_of_the_same_components(tmp_path):
+    """``--folds 3`` reaches the workflow; each fold is the configured workflow (the same phase components and
+    settings) with its own datalist and folder, the coordinates and round-0 features shared."""
+    from monai.bundle import ConfigParser
+
+    from monai_icmil.workflows.folds import CrossValidation
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json")])
+    out = tmp_path / "o"
+    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(tmp_path / "d"), "output_dir": str(out)})
+    parser.update({"folds": 3, "mlflow#enabled": False})
+    wf = parser.get_parsed_content("workflow")
+    assert wf.folds == 3
+    (tmp_path / "d").mkdir()  # (a run generates the demo data before the folds are made)
+    (tmp_path / "fold.json").write_text(json.dumps({"training": [], "validation": []}))
+    child = CrossValidation(wf, 3).fold(1, tmp_path / "fold.json")
+    assert child.folds == 0 and child.output_dir == out / "fold_1" and child.splits.path == tmp_path / "fold.json"
+    assert child.phases == wf.phases and child.tiling is wf.tiling and child.seed == wf.seed
+    assert child.coords_dir == out / "coords" and child.features_dir(0) == out / "round_0" / "features"
+    assert child.features_dir(1) == out / "fold_1" / "round_1" / "features" and child.splits.synthetic is None
+
+
 def test_a_config_file_swaps_in_an_aggregator_class_an_optimizer_and_a_handler(tmp_path):
     """No edit to the package: a config file brings an aggregator class and a handler from a module of the user's
     (tests/custom_components.py) and SGD for the bag phase; one coupled round runs and each of them was used."""

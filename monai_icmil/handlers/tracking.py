@@ -145,6 +145,8 @@ class MLflowRunTree:
         params: the parent run's parameters (or a function giving them), logged when it is created.
         registered_model_name: the name under which the final model is registered in the store's model registry
             (:mod:`monai_icmil.serving`); ``None``: not logged as an MLflow model.
+        parent_run_id: nest this tree's parent run under that run of the same store (a cross-validation fold's
+            run under the cross-validation's run).
     """
 
     def __init__(
@@ -156,6 +158,7 @@ class MLflowRunTree:
         run_name: str = "icmil",
         params: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
         registered_model_name: str | None = "icmil",
+        parent_run_id: str | None = None,
     ):
         from monai_icmil.utils import as_bool
 
@@ -166,6 +169,7 @@ class MLflowRunTree:
         )
         self.experiment_name, self.run_name, self.params = experiment_name, run_name, params
         self.registered_model_name = registered_model_name or None
+        self.parent_run_id = parent_run_id or None
         self._parent: MLflowRun | None = None
 
     def parent(self) -> MLflowRun | None:
@@ -176,7 +180,10 @@ class MLflowRunTree:
             return None
         if self._parent is None:
             uri = self.tracking_uri or sqlite_tracking_uri(self.output_dir)
-            self._parent = start_run(uri, self.experiment_name, self.run_name)
+            above = None
+            if self.parent_run_id is not None:
+                above = MLflowRun(uri, self.experiment_name, "", self.parent_run_id)
+            self._parent = start_run(uri, self.experiment_name, self.run_name, parent=above)
             params = self.params() if callable(self.params) else self.params
             if params:
                 self._parent.log_params(params)

@@ -127,6 +127,15 @@ class ICMILWorkflow(BundleWorkflow):
             ``on_tile_error``.
         assume_mpp: level-0 microns per pixel of every slide whose file has none (TIFFs without resolution tags,
             some MRXS exports); a datalist entry's own ``mpp`` replaces its file's value whatever the file says.
+        folds: ``k >= 2``: k-fold cross-validation instead of one run, stratified by label and grouped by the
+            datalist's ``patient`` (or ``case_id``) field (:class:`~monai_icmil.workflows.folds.CrossValidation`:
+            ``output_dir/fold_<k>/`` per fold, ``summary.md`` with per-fold rows and mean +/- sd per round);
+            ``0`` or ``1``: off.
+        coords_dir: where the patch coordinates and the tiling QC are kept (default ``output_dir/coords``); runs
+            that tile the same slides the same way can share one.
+        round0_features_dir: round 0's feature store (default ``output_dir/round_0/features``); runs with the same
+            frozen starting embedder and no pre-training (cross-validation folds) can share one, so every slide is
+            embedded once. Its files are keyed by the embedder, so a different embedder re-embeds, never misreads.
 
     Raises:
         FileNotFoundError: ``dataset_dir`` does not exist (and no synthetic dataset is configured).
@@ -165,9 +174,15 @@ class ICMILWorkflow(BundleWorkflow):
         on_tile_error: str = "drop",
         max_damaged_fraction: float = 0.05,
         assume_mpp: float | None = None,
+        folds: int = 0,
+        coords_dir: str | None = None,
+        round0_features_dir: str | None = None,
     ):
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         with _quiet("monai.bundle.workflows"):  # "No workflow type ... specified": ours has none, on purpose
             super().__init__(workflow_type=None)
+        #: the arguments as given: a cross-validation fold is this workflow with another datalist and output_dir
+        self.arguments = arguments
         self.dataset_dir, self.output_dir = Path(dataset_dir), Path(output_dir)
         self.num_rounds, self.round_patience = int(num_rounds), int(round_patience)
         self.num_classes, self.class_names = int(num_classes), list(class_names) if class_names else None
@@ -192,13 +207,10 @@ class ICMILWorkflow(BundleWorkflow):
         self.test_writers = list(test_writers) if test_writers else []
         self.tile_policy = TileErrorPolicy(on_tile_error, float(max_damaged_fraction))
         self.assume_mpp = as_positive(assume_mpp, "assume_mpp", optional=True)
-        if synthetic is None and not self.dataset_dir.is_dir():
-            raise FileNotFoundError(
-                f"dataset_dir '{self.dataset_dir}' does not exist. Set `dataset_dir` to the folder holding the slides "
-                "and the datalist (or add configs/demo.json to generate a synthetic dataset there)."
-            )
-        if self.num_rounds < 0:
-            raise ValueError(f"num_rounds must be >= 0, got {num_rounds}")
+        self.folds = int(folds)
+        self.coords_dir = Path(coords_dir) if coords_dir else self.output_dir / "coords"
+        self.round0_features_dir = Path(round0_features_dir) if round0_features_dir else None
+        self._check_counts(synthetic)
         self.splits = DatasetSplits(
             dataset_dir, datalist, output_dir, self.seed, val_fraction, synthetic, allow_outside_root, progress
         )
@@ -208,6 +220,18 @@ class ICMILWorkflow(BundleWorkflow):
         self.tiling_params = tiling_signature(self.tiling)
         self._slides: dict[str, SlideTiles] | None = None
         self._pretrain_record: dict[str, Any] | None = None
+
+    def _check_counts(self, synthetic: Mapping[str, Any] | None) -> None:
+        """The data root exists (unless generated), and the round and fold counts make sense."""
+        if synthetic is None and not self.dataset_dir.is_dir():
+            raise FileNotFoundError(
+                f"dataset_dir '{self.dataset_dir}' does not exist. Set `dataset_dir` to the folder holding the slides "
+                "and the datalist (or add configs/demo.json to generate a synthetic dataset there)."
+            )
+        if self.num_rounds < 0:
+            raise ValueError(f"num_rounds must be >= 0, got {self.num_rounds}")
+        if self.folds < 0:
+            raise ValueError(f"folds must be 0 (off) or the number of cross-validation folds (>= 2), got {self.folds}")
 
     def _check_aggregator(self, aggregator: Callable[..., MILAggregator] | str) -> Callable[..., MILAggregator]:
         """The aggregator as a factory (an unknown name fails here, listing the known ones), built once on a tiny
@@ -248,10 +272,17 @@ class ICMILWorkflow(BundleWorkflow):
             "stain_normalize": self.stain_normalize,
             "device": str(self.device),
             "num_classes": self.num_classes,
+            "folds": self.folds,
         }
 
     def round_dir(self, r: int) -> Path:
         return self.output_dir / f"round_{r}"
+
+    def features_dir(self, r: int) -> Path:
+        """Round ``r``'s feature store (``round0_features_dir`` for round 0 when one is set)."""
+        if r == 0 and self.round0_features_dir is not None:
+            return self.round0_features_dir
+        return self.round_dir(r) / "features"
 
     # ------------------------------------------------------------------------------------------------ data
     def prepare(self) -> dict[str, SlideTiles]:
@@ -263,12 +294,12 @@ class ICMILWorkflow(BundleWorkflow):
         self._slides = prepare_coords(
             self.splits.all_items(),
             self.tiling,
-            CoordsStore(self.output_dir / "coords"),
+            CoordsStore(self.coords_dir),
             report=self.report,
             on_slide_error=self.on_slide_error,
             backend=self.backend,
             progress=self.progress,
-            qc_dir=self.output_dir / "coords" / "qc" if self.tiling_qc else None,
+            qc_dir=self.coords_dir / "qc" if self.tiling_qc else None,
             tile_policy=self.tile_policy,
             assume_mpp=self.assume_mpp,
         )
@@ -311,7 +342,7 @@ class ICMILWorkflow(BundleWorkflow):
         ]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # empty bags are already reported once
-            return BagDataset(FeatureStore(self.round_dir(r) / "features"), items, keys)
+            return BagDataset(FeatureStore(self.features_dir(r)), items, keys)
 
     # ------------------------------------------------------------------------------------------------ models
     def starting_embedder(self) -> PatchEmbedder:
@@ -387,7 +418,7 @@ class ICMILWorkflow(BundleWorkflow):
         embedder = self.embedder_for(r)  # (round 0 with pre-training configured: pre-trains first, timed apart)
         run, t0 = self.tracking.phase(r, "embed"), time.perf_counter()
         result = self.phases["embed"](
-            self.prepare(), embedder, FeatureStore(self.round_dir(r) / "features"), self.tiling_params,
+            self.prepare(), embedder, FeatureStore(self.features_dir(r)), self.tiling_params,
             device=self.device, report=self.report, backend=self.backend, meta={"round": r},
             stain_normalize=self.stain_normalize,
         )  # fmt: skip
@@ -508,7 +539,7 @@ class ICMILWorkflow(BundleWorkflow):
         if not has_ground_truth(list(entries.values())):
             return None
         net = load_bag_classifier(self.bag_classifier_path(r))
-        result = teacher_patch_auc(net, self.bags(r, split), entries, CoordsStore(self.output_dir / "coords"))
+        result = teacher_patch_auc(net, self.bags(r, split), entries, CoordsStore(self.coords_dir))
         if result is None:
             return None
         record = {**result, "split": split}
@@ -537,7 +568,12 @@ class ICMILWorkflow(BundleWorkflow):
         return rounds[r]
 
     def run(self) -> dict[str, Any]:
-        """The whole ICMIL loop with the stopping rule; prints and saves ``summary.md``."""
+        """The whole ICMIL loop with the stopping rule; prints and saves ``summary.md``. With ``folds >= 2``, the
+        loop once per cross-validation fold (:class:`~monai_icmil.workflows.folds.CrossValidation`)."""
+        if self.folds >= 2:
+            from monai_icmil.workflows.folds import CrossValidation
+
+            return CrossValidation(self, self.folds).run()
         self.prepare()
         best_auc, stale = -math.inf, 0
         for r in range(self.num_rounds + 1):
@@ -605,9 +641,9 @@ class ICMILWorkflow(BundleWorkflow):
         top.log_metrics({"final_round": final, **values})
         top.log_metrics({"failed_slides": len(self.report.failed), "empty_slides": len(self.report.empty)})
         top.log_artifacts([self.output_dir / n for n in ("summary.md", "summary.json", "rounds.png", "report.json")])
-        if summary.get("showcase", {}).get("picture"):
+        if (summary.get("showcase") or {}).get("picture"):
             top.log_artifacts([self.output_dir / summary["showcase"]["picture"]], artifact_path="test_inference")
-        qc = self.output_dir / "coords" / "qc"
+        qc = self.coords_dir / "qc"
         top.log_artifacts([qc / "tiling.csv"], artifact_path="qc")
         top.log_artifacts([qc / "overview"], artifact_path="qc/overview")  # the contact sheets, viewable in MLflow
         self._log_model(top, summary)
