@@ -155,6 +155,7 @@ def test_a_three_fold_run_writes_per_fold_rows_and_the_mean_and_an_interrupted_f
         tested += [e["slide_id"] for e in fold["test"]]
         assert {e["slide_id"] for e in fold["test"]} == {s for s, a in assignment["slides"].items() if a["fold"] == k}
     assert sorted(tested) == sorted(assignment["slides"]) and len(tested) == 12
+    assert not list(out.rglob("validation_split.json"))  # no split held out besides the folds' own
     # round 0's features are shared (same frozen embedder): written once, by fold 0
     assert len(list((out / "round_0" / "features").glob("*.safetensors"))) == 12
     assert not (out / "fold_0" / "round_0" / "features").exists()

@@ -215,6 +215,7 @@ class CrossValidation:
         """Every fold's ICMIL loop (finished folds are read back), then ``summary.md`` and ``summary.json``."""
         wf = self.workflow
         wf.initialize()
+        wf.splits.hold_out_validation = False  # the folds make their own validation splits
         datalists = self.plan()
         wf.prepare()  # tile every slide once, into the shared coordinate store
         summaries = []
@@ -224,9 +225,13 @@ class CrossValidation:
                 child = self.fold(k, datalist)
                 logger.info("cross-validation: fold %d of %d (%s)", k + 1, self.num_folds, child.output_dir)
                 result = child.run()
+                if not result:  # under torchrun, rank 0 summarises
+                    continue
                 done = {"final_round": result["final_round"], "rows": list(result["rows"].values())}
                 wf.ledger.mark(None, f"fold_{k}", done)
             summaries.append({"final_round": done["final_round"], "rows": {row["round"]: row for row in done["rows"]}})
+        if len(summaries) < self.num_folds:
+            return {}
         summary = cv_summary(wf.output_dir, summaries, f"{self.num_folds}-fold cross-validation")
         top = wf.tracking.parent()
         if top is not None:

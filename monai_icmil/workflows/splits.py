@@ -54,6 +54,8 @@ class DatasetSplits:
         self.seed, self.val_fraction = int(seed), float(val_fraction)
         self.synthetic = dict(synthetic) if synthetic else None
         self.allow_outside_root, self.progress = allow_outside_root, progress
+        #: hold out a validation split when the datalist has none (cross-validation makes its own instead)
+        self.hold_out_validation = True
         self._items: dict[str, list[dict[str, Any]]] | None = None
 
     def items(self) -> dict[str, list[dict[str, Any]]]:
@@ -72,7 +74,7 @@ class DatasetSplits:
             require_labels=("training", "validation"),
             allow_outside_root=self.allow_outside_root,
         )
-        if not items.get("validation"):
+        if not items.get("validation") and self.hold_out_validation:
             items = self._with_validation_split(items)
         self._items = items
         return items
