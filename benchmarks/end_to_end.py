@@ -30,9 +30,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-import monai_icmil  # noqa: E402,F401
 from embed import reference_pattern  # noqa: E402
 
+import monai_icmil  # noqa: E402,F401
 from monai_icmil.data.slide import open_slide  # noqa: E402
 from monai_icmil.data.store import CoordsStore  # noqa: E402
 from monai_icmil.networks import create_embedder  # noqa: E402

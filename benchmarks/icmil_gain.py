@@ -49,9 +49,9 @@ BUNDLE = ROOT / "bundles" / "icmil"
 sys.path.insert(0, str(ROOT))
 
 import monai_icmil  # noqa: E402,F401  (quiet cuCIM import first)
-from monai_icmil.data.store import CoordsStore, FeatureStore  # noqa: E402
 from monai_icmil.data import open_slide  # noqa: E402
 from monai_icmil.data.annotations import GroundTruth  # noqa: E402
+from monai_icmil.data.store import CoordsStore, FeatureStore  # noqa: E402
 from monai_icmil.data.synthetic import make_dataset  # noqa: E402
 from monai_icmil.engines.bag_phase import evaluate_bags, load_bag_classifier  # noqa: E402
 from monai_icmil.metrics import linear_probe_auc  # noqa: E402

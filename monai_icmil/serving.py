@@ -20,6 +20,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
+
+from monai_icmil.handlers.tracking import using_store
 
 __all__ = ["SlideClassifierModel", "log_slide_classifier", "model_settings", "INPUT_COLUMN"]
 
@@ -63,8 +66,8 @@ class SlideClassifierModel(mlflow.pyfunc.PythonModel):
         self.embedder = create_embedder(None, weights=context.artifacts["embedder"])
         self.bag_classifier = context.artifacts["bag_classifier"]
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001 (MLflow reads type hints as a schema)
-        import pandas as pd
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        # (a DataFrame hint: MLflow takes the schema from the logged signature, not from the hint)
 
         from monai_icmil.engines.embed import Embed
         from monai_icmil.inference import predict_slides
@@ -118,7 +121,6 @@ def log_slide_classifier(
     Returns:
         ``{"model_uri", "name", "version"}`` (``version`` ``None`` when not registered).
     """
-    import pandas as pd
     from mlflow.models import infer_signature
 
     import monai_icmil
@@ -129,10 +131,7 @@ def log_slide_classifier(
     names = settings.get("class_names") or ["0", "1"]
     output = pd.DataFrame({"slide": ["s"], **{f"prob_{c}": [0.5] for c in names}})
     requirements = [f"monai-icmil=={monai_icmil.__version__}"]
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    try:
+    with using_store(tracking_uri):
         client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
@@ -150,9 +149,6 @@ def log_slide_classifier(
             version = max((v for v in found if v.run_id == run_id), key=lambda v: int(v.version)).version
             for key, value in (tags or {}).items():
                 client.set_model_version_tag(registered_model_name, version, key, str(value))
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
     return {"model_uri": info.model_uri, "name": registered_model_name, "version": version}
 
 

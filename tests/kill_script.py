@@ -22,8 +22,8 @@ import signal
 import torch
 
 import monai_icmil.data.store as store
-from monai_icmil.data.tiling import TilingConfig
 from monai_icmil.data.datalist import load_datalist
+from monai_icmil.data.tiling import TilingConfig
 from monai_icmil.engines import BagPhase, BagPhaseTrainer, Embed, EmbedderPhase, EmbedderPhaseTrainer
 from monai_icmil.handlers import GeoJSONWriter, HeatmapWriter, TopPatchesWriter, TriageSheetWriter
 from monai_icmil.networks import ABMIL

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -295,6 +296,34 @@ def test_predictions_csv_and_mlflow_tracking(tmp_path):
     assert data.metrics["best_val_auc"] == pytest.approx(result["best_metric"])
     artifacts = {a.path for a in client.list_artifacts(run.run_id, "bag_phase")}
     assert {"bag_phase/bag_classifier.pt", "bag_phase/predictions_val.csv"} <= artifacts
+
+
+def test_a_user_mlflow_tracking_uri_neither_takes_the_logging_nor_outlives_the_model_logging(tmp_path, monkeypatch):
+    """MONAI's handler prefers $MLFLOW_TRACKING_URI (which ``mlflow.set_tracking_uri`` exports) to its argument;
+    our runs are in our store, so the handler must log there; and ``using_store`` leaves the variables as found."""
+    import mlflow
+
+    from monai_icmil.handlers.tracking import using_store
+
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    ours = sqlite_tracking_uri(tmp_path / "ours")
+    with using_store(ours):
+        assert mlflow.get_tracking_uri() == ours and os.environ["MLFLOW_REGISTRY_URI"] == ours
+    assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere and "MLFLOW_REGISTRY_URI" not in os.environ
+    run = start_run(ours, "bag-test", "bag_phase")
+    train_bag_classifier(
+        ShiftedBags(6, 0), ShiftedBags(4, 1), "abmil", tmp_path / "bag", aggregator_kwargs=FAST, epochs=2,
+        progress=False, device="cpu", mlflow_run=run,
+    )  # fmt: skip
+    history = mlflow.MlflowClient(tracking_uri=ours).get_metric_history(run.run_id, "val_auc")
+    assert [m.step for m in history] == [1, 2]
+    assert not (tmp_path / "elsewhere.db").exists()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with using_store(ours):
+        pass
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_standardisation_lets_the_bag_phase_learn_features_of_a_small_scale(tmp_path):

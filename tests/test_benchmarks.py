@@ -30,7 +30,7 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
     assert json.dumps(report["rows"]) == json.dumps(rows)  # (NaN != NaN, so compare the text)
     want = {
         (setting, 0, start, agg, r)
-        for setting in ("default", "hard")
+        for setting in gain.DATA_SETTINGS
         for start in gain.STARTS
         for agg in gain.AGGREGATORS
         for r in (0, 1)
@@ -50,7 +50,7 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         else:
             assert 0 <= r["teacher_view_agreement"] <= 1
     # the ssl start pre-trained once per seed and every aggregator's round 0 used that embedder
-    for setting in ("default", "hard"):
+    for setting in gain.DATA_SETTINGS:
         runs = tmp_path / "runs" / setting / "seed_0"
         fps = {
             json.loads((runs / "ssl" / agg / "state.json").read_text())["rounds"]["0"]["embed"]["fingerprint"]
@@ -58,14 +58,19 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         }
         random_fp = json.loads((runs / "random" / "abmil" / "state.json").read_text())["rounds"]["0"]["embed"]
         assert len(fps) == 1 and random_fp["fingerprint"] not in fps
-    # the hard setting's slides: tumour in 0.5-3 % of the tissue of positive slides
-    hard = json.loads((tmp_path / "data" / "hard" / "seed_0" / "datalist.json").read_text())
-    fractions = [
-        e["tumour_fraction"] for split in ("training", "validation", "test") for e in hard[split] if e["label"]
-    ]
-    assert fractions and all(0.003 <= f <= 0.035 for f in fractions), fractions
+    # the hard and sparse settings' slides: tumour in 0.5-3 % of the tissue of positive slides
+    for setting in ("hard", "sparse"):
+        data = json.loads((tmp_path / "data" / setting / "seed_0" / "datalist.json").read_text())
+        fractions = [
+            e["tumour_fraction"] for split in ("training", "validation", "test") for e in data[split] if e["label"]
+        ]
+        assert fractions and all(0.003 <= f <= 0.035 for f in fractions), (setting, fractions)
     md = (tmp_path / "report.md").read_text()
-    assert md.count("| 0 | ssl |") == 12 and "Mean +/- sd over seeds" in md and "| hard | ssl | dtfd | 1 |" in md
+    assert (
+        md.count("| 0 | ssl |") == 6 * len(gain.DATA_SETTINGS)
+        and "Mean +/- sd over seeds" in md
+        and "| hard | ssl | dtfd | 1 |" in md
+    )
 
 
 def _scale():

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from monai_icmil.engines.bag_phase import load_bag_classifier
+from monai_icmil.handlers.tracking import using_store
 from monai_icmil.workflows import ICMILWorkflow, check_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -823,15 +824,9 @@ def test_the_final_model_is_registered_in_mlflow_and_predicts_what_inference_wri
     folder.mkdir()
     for e in data["test"]:
         (folder / Path(e["image"]).name).symlink_to(trained / "data" / e["image"])
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
+    with using_store(uri):
         model = mlflow.pyfunc.load_model("models:/icmil/1")
         got = model.predict(pd.DataFrame({"image": sorted(str(p) for p in folder.iterdir())}))
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
     proc = _bundle(
         trained, "run", str(CONFIGS / "inference.json"), input_slides=str(folder),
         inference_dir=str(trained / "served_inference"), heatmaps="false",

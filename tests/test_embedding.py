@@ -679,9 +679,8 @@ def test_a_vit_model_folder_loads_offline_with_its_own_architecture_arguments_an
     import shutil
 
     import timm
-    from safetensors.torch import load_file
-
     from conftest import VIT_ARGS
+    from safetensors.torch import load_file
 
     reference = timm.create_model("vit_small_patch16_224", pretrained=False, **VIT_ARGS).eval()
     reference.load_state_dict(load_file(str(vit_folder / "model.safetensors")))

@@ -10,12 +10,23 @@ and phase of an ICMIL experiment is a nested run of one parent run.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MLflowRun", "MLflowRunTree", "sqlite_tracking_uri", "start_run", "end_run", "mlflow_handler"]
+__all__ = [
+    "MLflowRun",
+    "MLflowRunTree",
+    "sqlite_tracking_uri",
+    "start_run",
+    "end_run",
+    "mlflow_handler",
+    "using_store",
+]
+
+_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 def sqlite_tracking_uri(output_dir: str | os.PathLike) -> str:
@@ -112,6 +123,38 @@ def start_run(
     return MLflowRun(tracking_uri, experiment_name, run_name, run.info.run_id, artifact_location)
 
 
+@contextmanager
+def _environment_without(*names: str) -> Iterator[None]:
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+@contextmanager
+def using_store(uri: str) -> Iterator[None]:
+    """MLflow's global tracking and registry URIs set to ``uri`` for the fluent API (``mlflow.start_run``,
+    ``mlflow.pyfunc.log_model``), then put back as they were, environment variables included (MLflow's setters
+    export them, which would send every later MLflow client of the process, MONAI's handler among them, to
+    ``uri``)."""
+    import mlflow
+
+    before = {name: os.environ.get(name) for name in _URI_VARIABLES}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])  # None: unset, as it was
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def end_run(run: MLflowRun, status: str = "FINISHED") -> None:
     run.client().set_terminated(run.run_id, status=status)
 
@@ -120,14 +163,17 @@ def mlflow_handler(run: MLflowRun, **kwargs: Any) -> Any:
     """MONAI's ``MLFlowHandler`` logging into ``run`` (found by its name; a unique name per run is ours to keep)."""
     from monai.handlers import MLFlowHandler
 
-    handler = MLFlowHandler(
-        tracking_uri=run.tracking_uri,
-        experiment_name=run.experiment_name,
-        run_name=run.run_name,
-        artifact_location=run.artifact_location,
-        close_on_complete=False,
-        **kwargs,
-    )
+    # MONAI's handler prefers $MLFLOW_TRACKING_URI to its argument (and ``mlflow.set_tracking_uri`` sets that
+    # variable): built without it, the handler's client is on the store our runs are in
+    with _environment_without("MLFLOW_TRACKING_URI"):
+        handler = MLFlowHandler(
+            tracking_uri=run.tracking_uri,
+            experiment_name=run.experiment_name,
+            run_name=run.run_name,
+            artifact_location=run.artifact_location,
+            close_on_complete=False,
+            **kwargs,
+        )
     handler.cur_run = run.client().get_run(run.run_id)  # exactly our run, even if another has the same name
     return handler
 
