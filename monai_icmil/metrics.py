@@ -32,6 +32,7 @@ __all__ = [
     "SLIDE_METRICS",
     "youden_threshold",
     "linear_probe_auc",
+    "fit_linear_probe",
     "instance_auc",
 ]
 
@@ -229,6 +230,39 @@ def instance_auc(
     return {"patch_auc": auc, "patches": int(len(y_all)), "tumour_patches": int(y_all.sum()), "slides": len(s)}
 
 
+def fit_linear_probe(
+    features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, l2: float = 1e-3
+) -> Callable[[np.ndarray | torch.Tensor], np.ndarray]:
+    """A logistic-regression probe fitted on ``features`` (``[N, D]``, standardised on themselves) against binary
+    ``labels`` with weight decay ``l2`` (full-batch L-BFGS, float64).
+
+    Returns:
+        its scorer: ``[M, D]`` features -> ``[M]`` logits (higher: class 1).
+    """
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels).astype(int), dtype=torch.float64)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    x = (x - mu) / sd
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w, b = w.detach(), b.detach()
+
+    def score(new: np.ndarray | torch.Tensor) -> np.ndarray:
+        z = (torch.as_tensor(np.asarray(new), dtype=torch.float64) - mu) / sd
+        return (z @ w + b).numpy()
+
+    return score
+
+
 def linear_probe_auc(
     features: np.ndarray | torch.Tensor,
     labels: np.ndarray | torch.Tensor,
@@ -237,8 +271,9 @@ def linear_probe_auc(
     seed: int = 0,
     train_mask: np.ndarray | None = None,
 ) -> float:
-    """Held-out AUC of a logistic-regression probe on frozen features (binary labels): how linearly the features
-    separate the classes. Features are standardised on the training part; the split is stratified.
+    """Held-out AUC of a logistic-regression probe (:func:`fit_linear_probe`) on frozen features (binary labels): how
+    linearly the features separate the classes. Features are standardised on the training part; the split is
+    stratified.
 
     Args:
         features: ``[N, D]``.
@@ -249,7 +284,7 @@ def linear_probe_auc(
         train_mask: an explicit split instead (``True``: fit on it), e.g. by slide, to measure how the probe carries
             over to other slides.
     """
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    x = np.asarray(features)
     y = np.asarray(labels).astype(int)
     if set(np.unique(y).tolist()) != {0, 1}:
         raise ValueError("linear_probe_auc needs binary labels with both classes present")
@@ -261,20 +296,5 @@ def linear_probe_auc(
         for c in (0, 1):
             idx = rng.permutation(np.flatnonzero(y == c))
             train[idx[: max(1, int(round(len(idx) * train_fraction)))]] = True
-    mu, sd = x[train].mean(0), x[train].std(0) + 1e-6
-    x = (x - mu) / sd
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    yt = torch.as_tensor(y[train], dtype=torch.float64)
-    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(x[train] @ w + b, yt) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        scores = (x[~train] @ w + b).numpy()
-    return binary_auc(scores, y[~train])
+    score = fit_linear_probe(x[train], y[train], l2)
+    return binary_auc(score(x[~train]), y[~train])

@@ -16,8 +16,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "icmil_gain.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("icmil_gain", BENCH)
+def _module(name: str = "icmil_gain"):
+    spec = importlib.util.spec_from_file_location(name, BENCH.with_name(f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -71,6 +71,22 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         and "Mean +/- sd over seeds" in md
         and "| hard | ssl | dtfd | 1 |" in md
     )
+    # witness_bound.py on a smoke run: its bag test AUC is the workflow's, read back from predictions.csv
+    bound = _module("witness_bound")
+    assert bound.slide_scores(np.array([0.1, 0.9, 0.5])) == {"max": 0.9, "top5%": 0.9, "mean": pytest.approx(0.5)}
+    run = tmp_path / "runs" / "default" / "seed_0" / "ssl" / "abmil"
+    data = tmp_path / "data" / "default" / "seed_0"
+    got = bound.main(["--run", str(run), "--data", str(data), "--out", str(tmp_path / "bound")])
+    assert json.dumps(json.loads((tmp_path / "bound" / "report.json").read_text())["rows"]) == json.dumps(got)
+    state = json.loads((run / "state.json").read_text())
+    datalist = json.loads((data / "datalist.json").read_text())
+    same = lambda a, b: a == pytest.approx(b) or (math.isnan(a) and math.isnan(b))  # noqa: E731
+    for row in got:
+        assert same(row["bag_test_auc"], state["rounds"][str(row["round"])]["test"]["metrics"]["auc"]), row
+        assert row["positive_slides"] == sum(e["label"] for e in datalist["training"])
+        assert 0 <= row["positive_slides_without_witness"] <= row["positive_slides"]
+        assert all(0 <= row[k] <= 1 or math.isnan(row[k]) for k in row if "auc" in k)
+    assert (tmp_path / "bound" / "report.md").read_text().count("| default/seed_0/ssl/abmil |") == 2
 
 
 def _scale():
