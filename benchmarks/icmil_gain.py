@@ -68,6 +68,8 @@ DATA_SETTINGS: dict[str, dict[str, Any]] = {
     # 0.78-0.86 there against ~0.95 here, so the bags held too little signal to train a first teacher)
     "sparse": {"tumour_fraction": (0.005, 0.03)},
 }
+# (At the default 2048x1536 and 64 px, "hard" and "sparse" leave a positive slide about one patch >= 50 % tumour and a
+# third of them none: see benchmarks/witness_bound.py and RESULTS.md. A low witness rate needs bigger slides.)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
