@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import sys
 from collections.abc import Iterator
@@ -52,22 +53,30 @@ def slide_scores(p: np.ndarray) -> dict[str, float]:
     return {"max": float(s[0]), "top5%": float(s[: max(1, len(s) // 20)].mean()), "mean": float(s.mean())}
 
 
+@functools.lru_cache(maxsize=None)
+def tumour_fraction(run: Path, data: Path, image: str, mask: str | None, sid: str) -> np.ndarray:
+    """Each patch's tumour fraction on slide ``sid`` of ``run`` (its tiling, shared by every round: read and
+    measured once), 0 throughout for a slide without a mask."""
+    coords = CoordsStore(run / "coords")
+    xy = coords.load(sid)["coords"].numpy()
+    if not mask:
+        return np.zeros(len(xy))
+    truth = GroundTruth(data / mask, open_slide(data / image).dimensions)
+    return truth.patch_fraction(xy, float(coords.metadata(sid)["footprint"]))
+
+
 def patches(
     run: Path, r: int, data: Path, entries: list[dict[str, Any]]
 ) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
     """``(entry, features [N, D], tumour fraction [N])`` of each slide of ``entries`` with a non-empty bag in round
     ``r`` (fraction 0 throughout for a slide without a mask)."""
-    store, coords = FeatureStore(run / f"round_{r}" / "features"), CoordsStore(run / "coords")
+    store = FeatureStore(run / f"round_{r}" / "features")
     for entry in entries:
         sid = Path(entry["image"]).stem
         arrays = store.load(sid)
         if arrays is None or not len(arrays["features"]):
             continue
-        frac = np.zeros(len(arrays["features"]))
-        if entry.get("tumour_mask"):
-            footprint = float(coords.metadata(sid)["footprint"])
-            truth = GroundTruth(data / entry["tumour_mask"], open_slide(data / entry["image"]).dimensions)
-            frac = truth.patch_fraction(arrays["coords"].numpy(), footprint)
+        frac = tumour_fraction(run, data, entry["image"], entry.get("tumour_mask"), sid)
         yield entry, arrays["features"].float().numpy(), frac
 
 

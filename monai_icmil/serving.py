@@ -68,7 +68,6 @@ class SlideClassifierModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         # (a DataFrame hint: MLflow takes the schema from the logged signature, not from the hint)
-
         from monai_icmil.engines.embed import Embed
         from monai_icmil.inference import predict_slides
         from monai_icmil.utils import default_device
