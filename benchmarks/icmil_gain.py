@@ -69,7 +69,9 @@ DATA_SETTINGS: dict[str, dict[str, Any]] = {
     "sparse": {"tumour_fraction": (0.005, 0.03)},
 }
 # (At the default 2048x1536 and 64 px, "hard" and "sparse" leave a positive slide about one patch >= 50 % tumour and a
-# third of them none: see benchmarks/witness_bound.py and RESULTS.md. A low witness rate needs bigger slides.)
+# third of them none: see benchmarks/witness_bound.py and RESULTS.md. A low witness rate needs bigger slides:
+# ``--width 3456 --height 2592 --slide_mpp 1.0`` gives ~1,000 tissue patches a slide at 64 px and 1 um/px, 5-30
+# witnesses, and renders at ~4 s a slide on one core, since level 0 is already at the patches' 1 um/px.)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -327,6 +329,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test", type=int, default=40)
     p.add_argument("--width", type=int, default=2048)
     p.add_argument("--height", type=int, default=1536)
+    p.add_argument("--slide_mpp", type=float, default=0.5, help="level-0 um/px of the generated slides")
     p.add_argument("--patch_size", type=int, default=64)
     p.add_argument("--mpp", type=float, default=1.0)
     p.add_argument("--embedder", default="resnet18_trunc")
@@ -372,7 +375,7 @@ def make_data(setting: str, seed: int, args: argparse.Namespace, out: Path) -> P
             num_validation=args.val,
             num_test=args.test,
             seed=1000 + seed,
-            config={"width": args.width, "height": args.height, **DATA_SETTINGS[setting]},
+            config={"width": args.width, "height": args.height, "mpp": args.slide_mpp, **DATA_SETTINGS[setting]},
             num_workers=max(1, args.workers),
             progress=False,
         )
