@@ -89,6 +89,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "embed#read_threads": 2,
         "bag_phase#epochs": args.bag_epochs,
         "bag_phase#early_stop_patience": max(5, args.bag_epochs // 3),
+        "bag_phase#early_stop_min_epochs": args.bag_min_epochs,
         "bag_phase#standardize": True,
         "bag_phase#restarts": args.bag_restarts,
         "embedder_phase#epochs": args.couple_epochs,
@@ -335,6 +336,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embedder", default="resnet18_trunc")
     p.add_argument("--bag_epochs", type=int, default=40)
     p.add_argument("--bag_restarts", type=int, default=3)
+    p.add_argument(
+        "--bag_min_epochs",
+        type=int,
+        default=0,
+        help="bag-phase epochs before early stopping counts (0, as every result in RESULTS.md before session 28 ran)",
+    )
     p.add_argument("--couple_epochs", type=int, default=2)
     p.add_argument("--couple_batches", type=int, default=40)
     p.add_argument("--couple_lr", type=float, default=1e-4)

@@ -464,3 +464,44 @@ def test_the_bag_phase_loss_comes_from_the_config(tmp_path):
     assert isinstance(phases[2].loss_function, torch.nn.CrossEntropyLoss)
     assert torch.equal(phases[2].loss_function.weight, torch.tensor([1.0, 10.0]))
     assert torch.equal(heads[0], heads[1]) and not torch.allclose(heads[0], heads[2])
+
+
+def test_warm_early_stop_counts_its_patience_only_after_min_epochs():
+    """A validation score that never improves: MONAI's handler stops after ``patience`` epochs; the warm one first
+    lets ``min_epochs`` pass, then counts its patience against the best score seen after them."""
+    from ignite.engine import Engine, Events
+
+    from monai_icmil.handlers import WarmEarlyStopHandler
+
+    def epochs_run(min_epochs: int, scores: list[float]) -> int:
+        trainer, evaluator = Engine(lambda e, b: None), Engine(lambda e, b: None)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: evaluator.run([0]))
+        WarmEarlyStopHandler(2, lambda _: scores[trainer.state.epoch - 1], trainer, min_epochs=min_epochs).attach(
+            evaluator
+        )
+        trainer.run([0], max_epochs=len(scores))
+        return trainer.state.epoch
+
+    flat = [0.5] * 20
+    assert epochs_run(0, flat) == 3  # best at 1, stale at 2 and 3
+    assert epochs_run(5, flat) == 8  # epochs 1-5 ignored: best at 6, stale at 7 and 8
+    # a noisy peak during the warm-up does not count against the learning that follows it
+    plateau_then_learns = [0.9] + [0.5] * 9 + [0.6, 0.7, 0.8, 0.95, 0.97] + [0.97] * 5
+    assert epochs_run(0, plateau_then_learns) == 3
+    assert epochs_run(10, plateau_then_learns) == 17
+    with pytest.raises(ValueError, match="min_epochs"):
+        WarmEarlyStopHandler(2, lambda _: 0.0, Engine(lambda e, b: None), min_epochs=-1)
+
+
+def test_the_bag_phase_honours_early_stop_min_epochs(tmp_path):
+    """Bags without signal: with patience 1 the phase stops within a few epochs, with ``early_stop_min_epochs=6``
+    it trains at least 8; the setting enters the phase's signature only when set (older records stay valid)."""
+    kw = dict(aggregator_kwargs=FAST, epochs=12, progress=False, device="cpu", early_stop_patience=1)
+    labels = [0, 1] * 10
+    noise = ShiftedBags(20, 0, labels=labels, shift=0.0), ShiftedBags(10, 1, labels=labels[:10], shift=0.0)
+    warm = train_bag_classifier(*noise, "abmil", tmp_path / "warm", early_stop_min_epochs=6, **kw)
+    assert len(warm["history"]) >= 8, warm["history"]
+    assert BagPhase().signature() == BagPhase(early_stop_min_epochs=0).signature()
+    assert BagPhase().signature() != BagPhase(early_stop_min_epochs=6).signature()
+    with pytest.raises(ValueError, match="early_stop_min_epochs"):
+        BagPhase(early_stop_min_epochs=-2)

@@ -35,7 +35,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from monai_icmil.data.store import BagDataset
 from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
-from monai_icmil.handlers.common import EpochLoss, attach_handlers, attach_progress_bar, describe_components
+from monai_icmil.handlers.common import (
+    EpochLoss,
+    WarmEarlyStopHandler,
+    attach_handlers,
+    attach_progress_bar,
+    describe_components,
+)
 from monai_icmil.metrics import METRIC_NAMES, SLIDE_METRICS, SlideMetric, slide_metrics
 from monai_icmil.networks.aggregators import MILAggregator, aggregator_class, aggregator_factory, aggregator_name
 from monai_icmil.utils import (
@@ -229,6 +235,10 @@ class BagPhase:
         key_metric: the validation metric that selects the epoch and the restart (one of auc, acc, f1, youden_acc,
             youden_f1).
         early_stop_patience: epochs without improvement of ``key_metric`` before stopping (``None``: never).
+        early_stop_min_epochs: epochs before the patience starts counting. On slides with a low witness rate an
+            attention-based aggregator can sit on a loss plateau for ~20 epochs before it finds the tumour patches
+            (AB-MIL on 240 slides with tumour in 0.5-3 % of the tissue: ``benchmarks/RESULTS.md``); a patience
+            counted from epoch 1 stops it there, at a validation peak that is noise.
         grad_clip: gradient-norm clip.
         standardize: standardise every feature dimension with the mean and standard deviation over the training
             instances; the statistics are part of the network (:meth:`MILAggregator.set_input_stats`), so the
@@ -249,6 +259,7 @@ class BagPhase:
         restarts: int = 1,
         key_metric: str = "auc",
         early_stop_patience: int | None = 10,
+        early_stop_min_epochs: int = 0,
         grad_clip: float | None = 5.0,
         standardize: bool = True,
         shuffle_instances: bool = True,
@@ -266,6 +277,9 @@ class BagPhase:
         self.lr_scheduler, self.handlers = lr_scheduler, list(handlers or [])
         self.epochs, self.restarts, self.key_metric = int(epochs), int(restarts), key_metric
         self.early_stop_patience, self.grad_clip = early_stop_patience, grad_clip
+        self.early_stop_min_epochs = int(early_stop_min_epochs)
+        if self.early_stop_min_epochs < 0:
+            raise ValueError(f"bag_phase: early_stop_min_epochs must be >= 0, got {early_stop_min_epochs}")
         self.standardize = as_bool(standardize, "standardize")
         self.shuffle_instances = as_bool(shuffle_instances, "shuffle_instances")
         self.max_instances, self.tier1_weight = max_instances, tier1_weight
@@ -278,7 +292,8 @@ class BagPhase:
                 "loss": self.loss_function,
                 "optimizer": self.optimizer,
                 "lr_scheduler": self.lr_scheduler,
-                "settings": [self.epochs, self.key_metric, self.early_stop_patience, self.grad_clip, self.standardize],
+                "settings": [self.epochs, self.key_metric, self.early_stop_patience, self.grad_clip, self.standardize]
+                + ([self.early_stop_min_epochs] if self.early_stop_min_epochs else []),  # (records of 0 stay valid)
                 "bags": [self.shuffle_instances, self.max_instances, self.tier1_weight],
             }
         )
@@ -453,7 +468,7 @@ class BagPhase:
         """Trainer and evaluator with the phase's handlers, in the order they must run at an epoch's end (learning
         rate, epoch loss, validation: history, best checkpoint, early stopping), and the objects whose state a resume
         checkpoint must hold."""
-        from monai.handlers import EarlyStopHandler, LrScheduleHandler, ValidationHandler
+        from monai.handlers import LrScheduleHandler, ValidationHandler
 
         optimizer = self.optimizer(net.parameters())
         # the slide order of epoch e depends on (seed, e) only (MONAI's trainer calls set_epoch), and the loaders have
@@ -485,11 +500,12 @@ class BagPhase:
         ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)
         if self.early_stop_patience:
             key_name = f"val_{self.key_metric}"
-            early_stop = EarlyStopHandler(
+            early_stop = WarmEarlyStopHandler(
                 patience=self.early_stop_patience,  # ties of the key metric are told apart by the validation loss
                 score_function=lambda ev: _finite(ev.state.metrics[key_name])
                 - 1e-6 * _finite(ev.state.metrics["val_loss"]),
                 trainer=trainer,
+                min_epochs=self.early_stop_min_epochs,
                 epoch_level=True,
             )
             early_stop.attach(evaluator)

@@ -3,7 +3,13 @@
 """Handlers and writers: resume checkpoints, MLflow wiring, configured handlers, inference writers."""
 
 from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint, RNGState
-from monai_icmil.handlers.common import EpochLoss, attach_handlers, attach_progress_bar, describe_components
+from monai_icmil.handlers.common import (
+    EpochLoss,
+    WarmEarlyStopHandler,
+    attach_handlers,
+    attach_progress_bar,
+    describe_components,
+)
 from monai_icmil.handlers.tracking import MLflowRun, MLflowRunTree, mlflow_handler, start_run
 from monai_icmil.handlers.writers import (
     GeoJSONWriter,
