@@ -494,8 +494,9 @@ def test_warm_early_stop_counts_its_patience_only_after_min_epochs():
 
 
 def test_the_bag_phase_honours_early_stop_min_epochs(tmp_path):
-    """Bags without signal: with patience 1 the phase stops within a few epochs, with ``early_stop_min_epochs=6``
-    it trains at least 8; the setting enters the phase's signature only when set (older records stay valid)."""
+    """Bags without signal, patience 1: with ``early_stop_min_epochs=6`` the phase trains at least 8 epochs (the
+    handler test above shows the stop itself); the setting enters the phase's signature only where it acts (older
+    records stay valid)."""
     kw = dict(aggregator_kwargs=FAST, epochs=12, progress=False, device="cpu", early_stop_patience=1)
     labels = [0, 1] * 10
     noise = ShiftedBags(20, 0, labels=labels, shift=0.0), ShiftedBags(10, 1, labels=labels[:10], shift=0.0)
@@ -503,5 +504,7 @@ def test_the_bag_phase_honours_early_stop_min_epochs(tmp_path):
     assert len(warm["history"]) >= 8, warm["history"]
     assert BagPhase().signature() == BagPhase(early_stop_min_epochs=0).signature()
     assert BagPhase().signature() != BagPhase(early_stop_min_epochs=6).signature()
+    no_stop = BagPhase(early_stop_patience=None)
+    assert no_stop.signature() == BagPhase(early_stop_patience=None, early_stop_min_epochs=6).signature()
     with pytest.raises(ValueError, match="early_stop_min_epochs"):
         BagPhase(early_stop_min_epochs=-2)

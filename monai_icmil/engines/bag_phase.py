@@ -35,13 +35,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from monai_icmil.data.store import BagDataset
 from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
-from monai_icmil.handlers.common import (
-    EpochLoss,
-    WarmEarlyStopHandler,
-    attach_handlers,
-    attach_progress_bar,
-    describe_components,
-)
+from monai_icmil.handlers.common import EpochLoss, attach_handlers, attach_progress_bar, describe_components
+from monai_icmil.handlers.early_stop import WarmEarlyStopHandler
 from monai_icmil.metrics import METRIC_NAMES, SLIDE_METRICS, SlideMetric, slide_metrics
 from monai_icmil.networks.aggregators import MILAggregator, aggregator_class, aggregator_factory, aggregator_name
 from monai_icmil.utils import (
@@ -237,8 +232,8 @@ class BagPhase:
         early_stop_patience: epochs without improvement of ``key_metric`` before stopping (``None``: never).
         early_stop_min_epochs: epochs before the patience starts counting. On slides with a low witness rate an
             attention-based aggregator can sit on a loss plateau for ~20 epochs before it finds the tumour patches
-            (AB-MIL on 240 slides with tumour in 0.5-3 % of the tissue: ``benchmarks/RESULTS.md``); a patience
-            counted from epoch 1 stops it there, at a validation peak that is noise.
+            (AB-MIL on 240 slides with tumour in 0.5-3 % of the tissue: ``benchmarks/RESULTS.md``, "Large slides");
+            a patience counted from epoch 1 stops it there, at a validation peak that is noise.
         grad_clip: gradient-norm clip.
         standardize: standardise every feature dimension with the mean and standard deviation over the training
             instances; the statistics are part of the network (:meth:`MILAggregator.set_input_stats`), so the
@@ -293,7 +288,8 @@ class BagPhase:
                 "optimizer": self.optimizer,
                 "lr_scheduler": self.lr_scheduler,
                 "settings": [self.epochs, self.key_metric, self.early_stop_patience, self.grad_clip, self.standardize]
-                + ([self.early_stop_min_epochs] if self.early_stop_min_epochs else []),  # (records of 0 stay valid)
+                # (only where it acts, so that records made before it existed stay valid)
+                + ([self.early_stop_min_epochs] if self.early_stop_min_epochs and self.early_stop_patience else []),
                 "bags": [self.shuffle_instances, self.max_instances, self.tier1_weight],
             }
         )

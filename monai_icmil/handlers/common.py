@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 from ignite.engine import Engine, Events
-from monai.handlers import EarlyStopHandler
 
-__all__ = ["attach_handlers", "EpochLoss", "WarmEarlyStopHandler", "attach_progress_bar", "describe_components"]
+__all__ = ["attach_handlers", "EpochLoss", "attach_progress_bar", "describe_components"]
 
 
 def attach_handlers(engine: Engine, handlers: Iterable[Any] | None) -> list[Any]:
@@ -58,35 +57,6 @@ class EpochLoss:
 
     def compute(self, engine: Engine) -> None:
         engine.state.metrics[self.name] = float(np.nanmean(self.values or [np.nan]))
-
-
-class WarmEarlyStopHandler(EarlyStopHandler):
-    """MONAI's :class:`~monai.handlers.EarlyStopHandler` that only starts counting after ``min_epochs`` epochs of
-    ``trainer``: the patience runs from the first validation after them, against the best score seen from then on.
-
-    An attention-based bag classifier on slides with a low witness rate (a few % of the tissue is tumour) can sit on a
-    loss plateau for tens of epochs before it finds the tumour patches, then learn within a few epochs. A patience
-    counted from epoch 1 stops it on the plateau, at a validation peak that is noise (``benchmarks/RESULTS.md``).
-
-    Args:
-        patience, score_function, min_delta, cumulative_delta, epoch_level: see ``EarlyStopHandler``.
-        trainer: the engine to stop, whose epoch counts.
-        min_epochs: epochs of ``trainer`` before the first validation that counts (0: MONAI's handler).
-
-    Example::
-
-        WarmEarlyStopHandler(10, lambda ev: ev.state.metrics["val_auc"], trainer, min_epochs=30).attach(evaluator)
-    """
-
-    def __init__(self, patience: int, score_function: Any, trainer: Engine, min_epochs: int = 0, **kwargs: Any):
-        if int(min_epochs) < 0:
-            raise ValueError(f"early stopping: min_epochs must be >= 0, got {min_epochs}")
-        super().__init__(patience, score_function, trainer=trainer, **kwargs)
-        self.trainer, self.min_epochs = trainer, int(min_epochs)
-
-    def __call__(self, engine: Engine) -> None:
-        if self.trainer.state.epoch > self.min_epochs:
-            super().__call__(engine)
 
 
 def attach_progress_bar(engine: Engine, desc: str, key: str = "loss") -> None:
