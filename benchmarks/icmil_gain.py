@@ -71,7 +71,8 @@ DATA_SETTINGS: dict[str, dict[str, Any]] = {
 # (At the default 2048x1536 and 64 px, "hard" and "sparse" leave a positive slide about one patch >= 50 % tumour and a
 # third of them none: see benchmarks/witness_bound.py and RESULTS.md. A low witness rate needs bigger slides:
 # ``--width 3456 --height 2592 --slide_mpp 1.0`` gives ~1,000 tissue patches a slide at 64 px and 1 um/px, 5-30
-# witnesses, and renders at ~4 s a slide on one core, since level 0 is already at the patches' 1 um/px.)
+# witnesses, and renders at ~4 s a slide on one core, since level 0 is already at the patches' 1 um/px. There AB-MIL and
+# DTFD sit on a loss plateau for 18-41 epochs before they learn: give them ``--bag_epochs 150 --bag_min_epochs 30``.)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
