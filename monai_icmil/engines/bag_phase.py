@@ -231,7 +231,7 @@ class BagPhase:
             youden_f1).
         early_stop_patience: epochs without improvement of ``key_metric`` before stopping (``None``: never).
         early_stop_min_epochs: epochs before the patience starts counting. On slides with a low witness rate an
-            attention-based aggregator can sit on a loss plateau for ~20 epochs before it finds the tumour patches
+            attention-based aggregator can sit on a loss plateau for 18-41 epochs before it finds the tumour patches
             (AB-MIL on 240 slides with tumour in 0.5-3 % of the tissue: ``benchmarks/RESULTS.md``, "Large slides");
             a patience counted from epoch 1 stops it there, at a validation peak that is noise.
         grad_clip: gradient-norm clip.
