@@ -703,8 +703,10 @@ class EmbedderPhase:
                 "once flipped/cropped/stain-jittered as the student sees them (agreement "
                 f"{consistency['view_agreement']:.3f} < {VIEW_AGREEMENT_WARN}): the embedder phase will mostly teach "
                 "the student that invariance rather than the teacher's classes. Usual causes: a random-init or "
-                "untuned starting embedder; milder views (a larger min_area, lower hed_jitter) or pretrained weights "
-                "help.",
+                "untuned starting embedder (pretrained weights help), or views that change what the teacher looks at: "
+                "crop-and-resize magnifies nuclei by up to 1/sqrt(min_area) per axis, so where nucleus size is a "
+                "tumour cue raise embedder_phase#min_crop_area (the views' min_area; 1.0: no crop); lower "
+                "embedder_phase#hed_jitter.",
                 stacklevel=3,
             )
         student = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(aggregator)).to(device)
