@@ -22,6 +22,7 @@ from monai_icmil.engines.embedder_phase import (
     EmbedderPhase,
     EmbedderPhaseError,
     InstanceClassifier,
+    calibrate_to_normal,
     view_consistency,
 )
 from monai_icmil.losses import ICMILDistillationLoss, confidence_weights
@@ -284,6 +285,54 @@ def test_view_consistency_equals_a_hand_computation():
     assert c["view_mae"] == pytest.approx(float((pv - pp).abs().mean()), rel=1e-5) and c["view_mae"] > 0
     assert c["view_agreement"] == pytest.approx(float((pv.argmax(1) == pp.argmax(1)).float().mean()))
     assert c["view_kl"] == pytest.approx(float(_kl(lv, lp)), rel=1e-5)
+
+
+def test_teacher_calibration_equals_a_hand_computation():
+    torch.manual_seed(0)
+    embedder = create_embedder("resnet18_trunc", input_size=32)
+    teacher = InstanceClassifier(embedder, _teacher("abmil", embedder.out_dim, seed=1)).eval()
+    normal = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        raw = teacher(normal)
+    margin = (raw[:, 1] - raw[:, 0]).numpy()
+    record = calibrate_to_normal(teacher, normal, 0.9, torch.device("cpu"), batch_size=64)
+    assert record["offset"][0] == 0.0
+    assert record["offset"][1] == pytest.approx(-float(np.quantile(margin, 0.9)), rel=1e-5, abs=1e-5)
+    assert record["called_before"] == pytest.approx(float((margin > 0).mean()))
+    with torch.no_grad():
+        shifted = teacher(normal)
+    # 10 % of the normal patches are left above the new threshold; the ranking of patches is unchanged
+    assert float((shifted.argmax(1) == 1).float().mean()) == pytest.approx(0.1, abs=0.011) == record["called_after"]
+    torch.testing.assert_close(shifted[:, 1] - shifted[:, 0], raw[:, 1] - raw[:, 0] + record["offset"][1])
+    again = calibrate_to_normal(teacher, normal, 0.9, torch.device("cpu"))  # from the raw logits, not stacked
+    assert again["offset"] == pytest.approx(record["offset"])
+    with pytest.raises(ValueError, match="teacher_calibration"):
+        calibrate_to_normal(teacher, normal, 1.0, torch.device("cpu"))
+
+
+def test_a_calibrated_embedder_phase_shifts_teacher_and_student_alike(slides, tmp_path):
+    train, val = slides
+    torch.manual_seed(0)
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    agg = _teacher("abmil", embedder.out_dim)
+    kw = dict(FAST, batches_per_epoch=2, val_interval=1, val_patches=16, batch_size=8)
+    frozen = functools.partial(torch.optim.SGD, lr=0.0)  # the student stays the teacher: agreement shows the offset
+    phase = EmbedderPhase(optimizer=frozen, teacher_calibration=0.95, calibration_patches=40, **kw)
+    with pytest.raises(EmbedderPhaseError, match="teacher_calibration.*normal"):
+        phase(embedder, agg, train, val, tmp_path / "none")
+    normal = train[: max(1, len(train) // 2)]  # any slides stand in for the normal ones here
+    result = phase(embedder, agg, train, val, tmp_path / "a", normal_slides=normal)
+    cal = result["teacher_calibration"]
+    assert cal["patches"] == 40 and cal["slides"] == len(normal) and cal["quantile"] == 0.95
+    assert cal["called_after"] <= 0.05 + 1 / 40 and np.isfinite(cal["offset"][1])
+    # the student carries the teacher's offset (without it, the patches the shift moved would disagree)
+    assert cal["called_before"] - cal["called_after"] > 0.5
+    assert [h["agreement"] for h in result["history"]] == [1.0, 1.0]
+    plain = EmbedderPhase(**kw)(embedder, agg, train, val, tmp_path / "b")
+    assert plain["teacher_calibration"] is None
+    assert EmbedderPhase(teacher_calibration=0.95, **kw).signature() != EmbedderPhase(**kw).signature()
+    with pytest.raises(ValueError, match="teacher_calibration"):
+        EmbedderPhase(teacher_calibration=1.5)
 
 
 def test_a_teacher_that_disagrees_with_itself_on_the_views_is_warned_about(slides, tmp_path, monkeypatch):

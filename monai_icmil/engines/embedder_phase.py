@@ -71,6 +71,7 @@ __all__ = [
     "ResumableSequentialSampler",
     "StudentStep",
     "agreement",
+    "calibrate_to_normal",
     "view_consistency",
 ]
 
@@ -93,11 +94,14 @@ class InstanceClassifier(nn.Module):
     def __init__(self, embedder: PatchEmbedder, aggregator: MILAggregator, confidence: bool = False):
         super().__init__()
         self.embedder, self.aggregator, self.confidence = embedder, aggregator, bool(confidence)
+        #: added to the instance logits (:func:`calibrate_to_normal`; ``None``: none)
+        self.register_buffer("logit_offset", None)
 
     def head_on_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(reduce(feats), instance_head(reduce(feats)))``."""
+        """``(reduce(feats), instance_head(reduce(feats)) + logit_offset)``."""
         h = self.aggregator.reduce(feats)
-        return h, self.aggregator.instance_head(h, self.confidence)
+        logits = self.aggregator.instance_head(h, self.confidence)
+        return h, logits if self.logit_offset is None else logits + self.logit_offset.to(logits.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_on_features(self.embedder(x))[1]
@@ -394,6 +398,56 @@ def agreement(
 
 
 @torch.no_grad()
+def calibrate_to_normal(
+    classifier: InstanceClassifier,
+    patches: torch.Tensor,
+    quantile: float,
+    device: torch.device,
+    batch_size: int = 128,
+) -> dict[str, Any]:
+    """Shift the instance teacher's logits so that it calls a fraction ``1 - quantile`` of normal patches tumour.
+
+    A bag classifier applied to single patches is not calibrated for them: on sparse tumours (session 30 of
+    ``benchmarks/RESULTS.md``: 0.5-3 % of the tissue) the round-0 teacher gave tumour-free patches a mean tumour
+    probability of 0.38-0.44 and called 38-44 % of them tumour, so nearly every patch it taught as tumour was
+    normal. Every patch of a slide of class 0 is normal, whatever the masks, so slide labels alone set the
+    threshold: the offset of class ``c >= 1`` is minus the ``quantile`` of ``logit_c - logit_0`` over ``patches``
+    (drawn from class-0 slides); class 0's is 0. The ranking of patches is unchanged; the soft labels change.
+
+    Args:
+        classifier: the teacher (its ``logit_offset`` is set; a previous one is replaced).
+        patches: ``uint8`` patches of class-0 (normal) training slides.
+        quantile: in (0, 1): the fraction of normal patches left below each tumour class's threshold.
+        device: where to run the teacher.
+        batch_size: patches per forward pass.
+
+    Returns:
+        ``{"quantile", "offset" (per class), "patches", "called_before", "called_after"}`` (``called_*``: the
+        fraction of the normal patches whose argmax is not class 0, before and after the shift).
+    """
+    if not 0.0 < float(quantile) < 1.0:
+        raise ValueError(f"embedder_phase: teacher_calibration must lie in (0, 1), got {quantile!r}")
+    if len(patches) == 0:
+        raise EmbedderPhaseError("teacher_calibration needs patches of class-0 (normal) training slides; none")
+    classifier.logit_offset = None
+    classifier.eval()
+    logits = torch.cat(
+        [classifier(patches[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(patches), batch_size)]
+    )
+    margins = logits - logits[:, :1]
+    offset = -torch.quantile(margins, float(quantile), dim=0)
+    offset[0] = 0.0
+    classifier.logit_offset = offset.to(device)
+    return {
+        "quantile": float(quantile),
+        "offset": [float(x) for x in offset],
+        "patches": len(patches),
+        "called_before": float((logits.argmax(1) != 0).float().mean()),
+        "called_after": float(((logits + offset).argmax(1) != 0).float().mean()),
+    }
+
+
+@torch.no_grad()
 def view_consistency(
     teacher: InstanceClassifier,
     patches: torch.Tensor,
@@ -542,6 +596,10 @@ class EmbedderPhase:
         views_on_device: make the views batch-wise in the training step on ``device`` (default: on CUDA) rather
             than in the DataLoader workers (default on the CPU, where the workers overlap them with training).
         progress: show a progress bar.
+        teacher_calibration: shift the teacher's (and the student's) instance logits so that it calls this quantile
+            of class-0 slides' patches normal (:func:`calibrate_to_normal`, e.g. 0.99; ``None``: no shift). Needs
+            the class-0 training slides (``normal_slides`` of the call).
+        calibration_patches: patches of those slides the quantile is taken over.
     """
 
     def __init__(
@@ -568,7 +626,13 @@ class EmbedderPhase:
         freeze_bn: bool = True,
         views_on_device: bool | None = None,
         progress: bool = True,
+        teacher_calibration: float | None = None,
+        calibration_patches: int = 2048,
     ):
+        if teacher_calibration is not None and not 0.0 < float(teacher_calibration) < 1.0:
+            raise ValueError(
+                f"embedder_phase: teacher_calibration must lie in (0, 1) or be null, got {teacher_calibration!r}"
+            )
         if select not in ("mae", "agreement", "last"):
             raise ValueError(f"embedder_phase: select must be 'mae', 'agreement' or 'last', got {select!r}")
         self.loss_function = loss_function if loss_function is not None else ICMILDistillationLoss()
@@ -584,6 +648,8 @@ class EmbedderPhase:
         self.grad_checkpointing = as_bool(grad_checkpointing, "grad_checkpointing")
         self.freeze_bn, self.progress = as_bool(freeze_bn, "freeze_bn"), as_bool(progress, "progress")
         self.views_on_device = self.device.type == "cuda" if views_on_device is None else views_on_device
+        self.teacher_calibration = None if teacher_calibration is None else float(teacher_calibration)
+        self.calibration_patches = int(calibration_patches)
 
     def signature(self) -> dict[str, Any]:
         """What the phase's results depend on (its resume checkpoints carry the hash)."""
@@ -595,6 +661,7 @@ class EmbedderPhase:
                 "settings": [self.epochs, self.batches_per_epoch, self.batch_size, self.grad_clip, self.clip_embedder],
                 "validation": [self.val_interval, self.val_patches, self.select, self.early_stop_patience],
                 "freeze_bn": self.freeze_bn,
+                "teacher_calibration": [self.teacher_calibration, self.calibration_patches],
             }
         )
 
@@ -609,6 +676,7 @@ class EmbedderPhase:
         mlflow_run: Any = None,
         backend: str = "auto",
         stain_normalize: bool = False,
+        normal_slides: Sequence[Mapping[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Fine-tune ``embedder`` with ``aggregator`` (a trained bag classifier) as the instance teacher.
 
@@ -623,14 +691,17 @@ class EmbedderPhase:
             mlflow_run: log params, loss terms, agreement metrics and the checkpoint here.
             backend: slide backend.
             stain_normalize: Macenko-normalise patches with their slide's stains (use the embedding's setting).
+            normal_slides: prepared class-0 training slides (``teacher_calibration`` draws its patches from them).
 
         Returns:
             ``{"checkpoint", "fingerprint", "best": {...}, "best_iteration", "history", "embedder", "world_size",
-            "teacher_consistency": :func:`view_consistency` of the teacher on the held-out patches}``.
+            "teacher_consistency": :func:`view_consistency` of the teacher on the held-out patches,
+            "teacher_calibration": :func:`calibrate_to_normal`'s record or None}``.
 
         Raises:
-            EmbedderPhaseError: no tissue patches, an aggregator without attention for the confidence variant, or a
-                non-finite loss (names the iteration; the best embedder so far is kept).
+            EmbedderPhaseError: no tissue patches, an aggregator without attention for the confidence variant,
+                ``teacher_calibration`` without normal slides, or a non-finite loss (names the iteration; the best
+                embedder so far is kept).
             ValueError: the bag classifier's feature dimension differs from the embedder's output.
         """
         from monai.utils import set_determinism
@@ -650,14 +721,22 @@ class EmbedderPhase:
         val_data = DistillationBatches(val_slides or train_slides, views, self.val_patches, 1, seed + 1, **data_args)
         # fixed held-out patches, read once (every rank: same patches, same decisions), and one student view of each
         held_out, held_out_seeds = val_data.draw(0)
-        teacher, student, consistency = self._networks(embedder, aggregator, held_out, val_data, held_out_seeds)
+        teacher = self._teacher(embedder, aggregator)
+        calibration = self._calibrate(teacher, normal_slides, views, seed, data_args)
+        consistency = self._consistency(teacher, held_out, val_data, held_out_seeds)
+        student = self._student(embedder, aggregator, teacher)
         trainer, progress, resume = self._trainer(
             teacher, student, criterion, train_data, held_out, out_dir, embedder, aggregator, seed, mlflow_run
         )
         if mlflow_run is not None:
             self._track(mlflow_run, trainer, embedder, aggregator, seed, world_size, stain_normalize)
         resume.run(trainer)  # continues an interrupted run (logs where from)
-        return self._finish(student, out_dir, progress, resume, consistency, world_size, rank, mlflow_run)
+        result = self._finish(student, out_dir, progress, resume, consistency, world_size, rank, mlflow_run)
+        if mlflow_run is not None and calibration is not None:
+            mlflow_run.log_metrics(
+                {f"teacher_normal_called_{k}": calibration[f"called_{k}"] for k in ("before", "after")}
+            )
+        return {**result, "teacher_calibration": calibration}
 
     def _criterion(self, embedder: PatchEmbedder, aggregator: MILAggregator) -> ICMILDistillationLoss:
         """The loss for this teacher (checked against it), refusing a mismatched bag classifier before any work."""
@@ -675,21 +754,50 @@ class EmbedderPhase:
             return self.loss_function.for_teacher(aggregator)
         return self.loss_function
 
-    def _networks(
-        self,
-        embedder: PatchEmbedder,
-        aggregator: MILAggregator,
-        held_out: torch.Tensor,
-        val_data: DistillationBatches,
-        held_out_seeds: np.ndarray,
-    ) -> tuple[InstanceClassifier, InstanceClassifier, dict[str, float]]:
-        """The frozen teacher, its view consistency on the held-out patches (warned about when low), the student."""
-        device, confidence = self.device, getattr(self.loss_function, "confidence", False)
+    def _teacher(self, embedder: PatchEmbedder, aggregator: MILAggregator) -> InstanceClassifier:
+        """The frozen instance teacher (eval mode, no gradient)."""
+        confidence = getattr(self.loss_function, "confidence", False)
         teacher = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(aggregator), confidence)
-        teacher = teacher.to(device).eval()
+        teacher = teacher.to(self.device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        consistency = view_consistency(teacher, held_out, val_data.make_views(held_out, held_out_seeds), device)
+        return teacher
+
+    def _calibrate(
+        self,
+        teacher: InstanceClassifier,
+        normal_slides: Sequence[Mapping[str, Any]] | None,
+        views: BatchRandomViews,
+        seed: int,
+        data_args: dict[str, Any],
+    ) -> dict[str, Any] | None:
+        """With ``teacher_calibration``: the teacher's logit offset from patches of the normal slides (logged)."""
+        if self.teacher_calibration is None:
+            return None
+        normal = [s for s in normal_slides or [] if len(s["coords"])]
+        if not normal:
+            raise EmbedderPhaseError(
+                "embedder_phase#teacher_calibration needs class-0 (normal) training slides with tissue and there are "
+                "none: add normal slides to the training split or set teacher_calibration to null."
+            )
+        data = DistillationBatches(normal, views, self.calibration_patches, 1, seed + 2, with_views=False, **data_args)
+        record = calibrate_to_normal(teacher, data.draw(0)[0], self.teacher_calibration, self.device)
+        logger.info(
+            "instance teacher calibrated on %d patches of %d normal slides: %.1f %% of them called tumour before, "
+            "%.1f %% after (logit offset %s)",
+            record["patches"],
+            len(normal),
+            100 * record["called_before"],
+            100 * record["called_after"],
+            ", ".join(f"{x:+.3f}" for x in record["offset"]),
+        )
+        return {**record, "slides": len(normal)}
+
+    def _consistency(
+        self, teacher: InstanceClassifier, held_out: torch.Tensor, val_data: DistillationBatches, seeds: np.ndarray
+    ) -> dict[str, float]:
+        """The teacher's view consistency on the held-out patches, warned about when low."""
+        consistency = view_consistency(teacher, held_out, val_data.make_views(held_out, seeds), self.device)
         logger.info(
             "instance teacher on plain patches vs the student's views of them: agreement %.3f, mean |dp| %.3f, "
             "view KL %.4f",
@@ -709,7 +817,16 @@ class EmbedderPhase:
                 "embedder_phase#hed_jitter.",
                 stacklevel=3,
             )
+        return consistency
+
+    def _student(
+        self, embedder: PatchEmbedder, aggregator: MILAggregator, teacher: InstanceClassifier
+    ) -> InstanceClassifier:
+        """The student: trainable embedder, ``reduce`` and ``head``, with the teacher's logit offset."""
+        device = self.device
         student = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(aggregator)).to(device)
+        if teacher.logit_offset is not None:
+            student.logit_offset = teacher.logit_offset.clone()
         for p in student.parameters():
             p.requires_grad_(False)
         for p in student.trainable_parameters():
@@ -719,7 +836,7 @@ class EmbedderPhase:
             student.embedder.to(memory_format=torch.channels_last)
         if self.grad_checkpointing:
             student.embedder.set_grad_checkpointing(True)
-        return teacher, student, consistency
+        return student
 
     def _trainer(
         self,
