@@ -17,7 +17,8 @@ Three data settings (``--settings``): ``default`` as above; ``hard`` (issue #21:
 tissue and a subtler tumour texture, nuclei 1.35x wider at 0.6x the density instead of 1.55x at 0.45x), where round 0
 is not at the ceiling; and ``sparse``, the hard setting's witness rate with the default texture (on ``hard`` round 0
 stayed at chance, so there was no teacher to couple). The hard and sparse settings and the embedder-phase options
-(``--couple_*``, ``--confidence``, ``--calibrate``, ``--select``) were fixed before any of their test AUCs was seen.
+(``--couple_*``, ``--confidence``, ``--normal_targets``, ``--select``) were fixed before any of their test AUCs was
+seen.
 
 Settings are fixed here, before looking at test AUCs, and every seed is reported. Round-0 work that does not depend
 on the aggregator (tiling, pre-training, round-0 features) is done once per seed and start and copied.
@@ -105,7 +106,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "embedder_phase#min_crop_area": args.couple_min_area,
         "embedder_phase#confidence": args.confidence,
         "embedder_phase#select": args.select,
-        "embedder_phase#teacher_calibration": args.calibrate,
+        "embedder_phase#normal_slide_targets": args.normal_targets,
         "stain_normalize": args.stain_normalize,
         "mlflow#enabled": False,
         "progress": False,
@@ -351,7 +352,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--couple_min_area", type=float, default=0.5, help="the student views' smallest crop area")
     p.add_argument("--confidence", action="store_true", help="the confidence-based embedder phase")
     p.add_argument(
-        "--calibrate", type=float, default=None, help="embedder_phase#teacher_calibration (quantile, e.g. 0.99)"
+        "--normal_targets", action="store_true", help="embedder_phase#normal_slide_targets: class 0 on normal slides"
     )
     p.add_argument("--select", default="mae", choices=("mae", "agreement", "last"), help="student selection")
     p.add_argument("--settings", nargs="+", default=["default"], choices=list(DATA_SETTINGS), help="data settings")

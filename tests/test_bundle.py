@@ -332,20 +332,16 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
 
 
 def test_rerun_after_round_one_bag_phase_does_not_redo_finished_phases(tmp_path):
-    calibrated = {"embedder_phase#teacher_calibration": 0.99}  # and the teacher calibrated on the normal slides
-    first = _bundle(tmp_path, "bag_phase#run", extra=calibrated, num_rounds=2, round=1)  # stops after round 1's bags
+    targets = {"embedder_phase#normal_slide_targets": True}  # the workflow finds the class-0 slides (else it fails)
+    first = _bundle(tmp_path, "bag_phase#run", extra=targets, num_rounds=2, round=1)  # stops after round 1's bags
     assert first.returncode == 0, first.stderr[-4000:]
     out = tmp_path / "out"
     state = json.loads((out / "state.json").read_text())
     assert set(state["rounds"]) == {"0", "1"} and "bag_phase" in state["rounds"]["1"]
     before = {p: p.stat().st_mtime_ns for p in out.glob("round_*/**/*") if p.is_file()}
-    second = _bundle(tmp_path, "run", extra=calibrated, num_rounds=2)
+    second = _bundle(tmp_path, "run", extra=targets, num_rounds=2)
     assert second.returncode == 0, second.stderr[-4000:]
     after = json.loads((out / "state.json").read_text())
-    datalist = json.loads(next((tmp_path / "data").rglob("datalist.json")).read_text())
-    for r in ("1", "2"):
-        cal = after["rounds"][r]["embedder_phase"]["teacher_calibration"]
-        assert cal["slides"] == sum(e["label"] == 0 for e in datalist["training"]) > 0 and cal["quantile"] == 0.99
     assert after["rounds"]["0"] == state["rounds"]["0"] and after["rounds"]["1"] == state["rounds"]["1"]
     assert "bag_phase" in after["rounds"]["2"]
     rewritten = [str(p.relative_to(out)) for p, t in before.items() if p.stat().st_mtime_ns != t]

@@ -22,7 +22,8 @@ from monai_icmil.engines.embedder_phase import (
     EmbedderPhase,
     EmbedderPhaseError,
     InstanceClassifier,
-    calibrate_to_normal,
+    agreement,
+    normal_slide_targets,
     view_consistency,
 )
 from monai_icmil.losses import ICMILDistillationLoss, confidence_weights
@@ -287,52 +288,67 @@ def test_view_consistency_equals_a_hand_computation():
     assert c["view_kl"] == pytest.approx(float(_kl(lv, lp)), rel=1e-5)
 
 
-def test_teacher_calibration_equals_a_hand_computation():
-    torch.manual_seed(0)
-    embedder = create_embedder("resnet18_trunc", input_size=32)
-    teacher = InstanceClassifier(embedder, _teacher("abmil", embedder.out_dim, seed=1)).eval()
-    normal = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)
-    with torch.no_grad():
-        raw = teacher(normal)
-    margin = (raw[:, 1] - raw[:, 0]).numpy()
-    record = calibrate_to_normal(teacher, normal, 0.9, torch.device("cpu"), batch_size=64)
-    assert record["offset"][0] == 0.0
-    assert record["offset"][1] == pytest.approx(-float(np.quantile(margin, 0.9)), rel=1e-5, abs=1e-5)
-    assert record["called_before"] == pytest.approx(float((margin > 0).mean()))
-    with torch.no_grad():
-        shifted = teacher(normal)
-    # 10 % of the normal patches are left above the new threshold; the ranking of patches is unchanged
-    assert float((shifted.argmax(1) == 1).float().mean()) == pytest.approx(0.1, abs=0.011) == record["called_after"]
-    torch.testing.assert_close(shifted[:, 1] - shifted[:, 0], raw[:, 1] - raw[:, 0] + record["offset"][1])
-    again = calibrate_to_normal(teacher, normal, 0.9, torch.device("cpu"))  # from the raw logits, not stacked
-    assert again["offset"] == pytest.approx(record["offset"])
-    with pytest.raises(ValueError, match="teacher_calibration"):
-        calibrate_to_normal(teacher, normal, 1.0, torch.device("cpu"))
+def test_normal_slide_targets_replace_the_teachers_labels_on_normal_slides_only():
+    logits = torch.tensor([[2.0, 5.0, -1.0], [0.5, 0.1, 3.0], [4.0, -2.0, 0.0]])
+    out = normal_slide_targets(logits, torch.tensor([True, False, True]))
+    probs = torch.softmax(out, -1)
+    torch.testing.assert_close(probs[[0, 2]], torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(out[1], logits[1])
+    assert normal_slide_targets(logits, None) is logits
 
 
-def test_a_calibrated_embedder_phase_shifts_teacher_and_student_alike(slides, tmp_path):
+def test_batches_flag_the_patches_of_normal_slides_without_changing_the_draw(slides):
+    train, _ = slides
+    normal = {train[0]["slide_id"], train[-1]["slide_id"]}
+    plain = DistillationBatches(train, batch_size=24, num_batches=2, seed=5, read_threads=1)
+    flagged = DistillationBatches(train, batch_size=24, num_batches=2, seed=5, read_threads=1, normal_ids=normal)
+    item, ref = flagged[1], plain[1]
+    assert "normal" not in ref and torch.equal(item["plain"], ref["plain"]) and torch.equal(item["view"], ref["view"])
+    flat, _ = flagged.indices(1)
+    slide_of = np.searchsorted(flagged.offsets, flat, side="right") - 1
+    expected = [flagged.slides[i]["slide_id"] in normal for i in slide_of]
+    assert item["normal"].tolist() == expected and 0 < sum(expected) < len(expected)
+
+
+def _all_tumour_teacher(in_dim: int):
+    agg = _teacher("abmil", in_dim)
+    with torch.no_grad():
+        agg.head.weight.zero_()
+        agg.head.bias.copy_(torch.tensor([-3.0, 3.0]))  # every patch tumour, p 0.998
+    return agg
+
+
+def test_normal_slide_targets_teach_the_student_normal_on_normal_slides(slides, tmp_path):
     train, val = slides
     torch.manual_seed(0)
     embedder = create_embedder("resnet18_trunc", input_size=48)
-    agg = _teacher("abmil", embedder.out_dim)
+    agg = _all_tumour_teacher(embedder.out_dim)
+    normal = {s["slide_id"] for s in (*train[::2], *val[::2])}
     kw = dict(FAST, batches_per_epoch=2, val_interval=1, val_patches=16, batch_size=8)
-    frozen = functools.partial(torch.optim.SGD, lr=0.0)  # the student stays the teacher: agreement shows the offset
-    phase = EmbedderPhase(optimizer=frozen, teacher_calibration=0.95, calibration_patches=40, **kw)
-    with pytest.raises(EmbedderPhaseError, match="teacher_calibration.*normal"):
-        phase(embedder, agg, train, val, tmp_path / "none")
-    normal = train[: max(1, len(train) // 2)]  # any slides stand in for the normal ones here
-    result = phase(embedder, agg, train, val, tmp_path / "a", normal_slides=normal)
-    cal = result["teacher_calibration"]
-    assert cal["patches"] == 40 and cal["slides"] == len(normal) and cal["quantile"] == 0.95
-    assert cal["called_after"] <= 0.05 + 1 / 40 and np.isfinite(cal["offset"][1])
-    # the student carries the teacher's offset (without it, the patches the shift moved would disagree)
-    assert cal["called_before"] - cal["called_after"] > 0.5
-    assert [h["agreement"] for h in result["history"]] == [1.0, 1.0]
-    plain = EmbedderPhase(**kw)(embedder, agg, train, val, tmp_path / "b")
-    assert plain["teacher_calibration"] is None
-    assert EmbedderPhase(teacher_calibration=0.95, **kw).signature() != EmbedderPhase(**kw).signature()
-    with pytest.raises(ValueError, match="teacher_calibration"):
-        EmbedderPhase(teacher_calibration=1.5)
+    with pytest.raises(EmbedderPhaseError, match="normal_slide_targets.*class-0"):
+        EmbedderPhase(normal_slide_targets=True, **kw)(embedder, agg, train, val, tmp_path / "x")
+    # a frozen student is the teacher: its agreement with the targets is the share of non-normal held-out patches
+    frozen = functools.partial(torch.optim.SGD, lr=0.0)
+    phase = EmbedderPhase(optimizer=frozen, normal_slide_targets=True, **kw)
+    result = phase(embedder, agg, train, val, tmp_path / "a", normal_ids=normal)
+    held = DistillationBatches(val, batch_size=16, num_batches=1, seed=1, read_threads=1, normal_ids=normal)
+    share = 1.0 - float(held.is_normal(held.indices(0)[0]).float().mean())
+    assert 0.0 < share < 1.0 and [h["agreement"] for h in result["history"]] == pytest.approx([share, share])
+    assert phase.signature() != EmbedderPhase(optimizer=frozen, **kw).signature()
+    # trained, the student moves towards normal on the normal slides' patches, and only with the targets
+    adam = functools.partial(torch.optim.Adam, lr=1e-2)
+    moved = {}
+    for name, flag in (("targets", True), ("plain", False)):
+        phase = EmbedderPhase(optimizer=adam, normal_slide_targets=flag, **dict(kw, batches_per_epoch=6))
+        phase(embedder, agg, train, val, tmp_path / name, normal_ids=normal)
+        head = copy.deepcopy(agg)
+        head.load_state_dict(torch.load(tmp_path / name / "student_head.pt"))
+        student = InstanceClassifier(create_embedder(None, weights=tmp_path / name / "embedder.safetensors"), head)
+        patches = DistillationBatches([s for s in val if s["slide_id"] in normal], batch_size=32, num_batches=1)
+        with torch.no_grad():
+            logits = student.eval()(patches.draw(0)[0])
+        moved[name] = float((logits[:, 1] - logits[:, 0]).mean())  # tumour margin (6 for the teacher)
+    assert moved["targets"] < moved["plain"] - 0.5 and abs(moved["plain"] - 6.0) < 0.5, moved
 
 
 def test_a_teacher_that_disagrees_with_itself_on_the_views_is_warned_about(slides, tmp_path, monkeypatch):

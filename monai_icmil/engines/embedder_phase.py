@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ __all__ = [
     "ResumableSequentialSampler",
     "StudentStep",
     "agreement",
-    "calibrate_to_normal",
+    "normal_slide_targets",
     "view_consistency",
 ]
 
@@ -94,14 +94,11 @@ class InstanceClassifier(nn.Module):
     def __init__(self, embedder: PatchEmbedder, aggregator: MILAggregator, confidence: bool = False):
         super().__init__()
         self.embedder, self.aggregator, self.confidence = embedder, aggregator, bool(confidence)
-        #: added to the instance logits (:func:`calibrate_to_normal`; ``None``: none)
-        self.register_buffer("logit_offset", None)
 
     def head_on_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(reduce(feats), instance_head(reduce(feats)) + logit_offset)``."""
+        """``(reduce(feats), instance_head(reduce(feats)))``."""
         h = self.aggregator.reduce(feats)
-        logits = self.aggregator.instance_head(h, self.confidence)
-        return h, logits if self.logit_offset is None else logits + self.logit_offset.to(logits.dtype)
+        return h, self.aggregator.instance_head(h, self.confidence)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_on_features(self.embedder(x))[1]
@@ -154,9 +151,12 @@ class DistillationBatches(Dataset):
         views_in_worker: make the views here, in the DataLoader worker (right for CPU training). ``False``: return
             only their random parameters (``"view_params"``), and the training step makes them on its device
             (:attr:`views`), which on a GPU is ~100x cheaper than in the worker.
+        normal_ids: ``slide_id`` of the slides of class 0 (normal): items then carry ``"normal"``, bool ``[B]``,
+            whether each patch comes from one (:func:`normal_slide_targets`).
 
     Returns per item: ``{"plain": uint8 [B, 3, P, P], "view": float [B, 3, P, P] in [0, 1]}`` or, without
-    ``views_in_worker``, ``{"plain", "view_params": float [B, 15]}`` (``B`` is ``batch_size / world_size`` under DDP).
+    ``views_in_worker``, ``{"plain", "view_params": float [B, 15]}`` (``B`` is ``batch_size / world_size`` under DDP);
+    with ``normal_ids`` also ``"normal"``.
 
     Raises:
         EmbedderPhaseError: no slide has a tissue patch.
@@ -177,6 +177,7 @@ class DistillationBatches(Dataset):
         stain_normalize: bool = False,
         with_views: bool = True,
         views_in_worker: bool = True,
+        normal_ids: Collection[str] = (),
     ):
         if batch_size % world_size:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of ranks ({world_size})")
@@ -199,6 +200,8 @@ class DistillationBatches(Dataset):
             )
         self.stain_normalize, self.with_views, self.views_in_worker = stain_normalize, with_views, views_in_worker
         self.read_threads, self.backend = read_threads, backend
+        ids = set(normal_ids or ())
+        self.normal = np.array([s.get("slide_id") in ids for s in self.slides]) if ids else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -229,26 +232,40 @@ class DistillationBatches(Dataset):
             out[torch.as_tensor(rows)] = patches
         return out
 
-    def draw(self, i: int, views_per_patch: int = 1) -> tuple[torch.Tensor, np.ndarray]:
-        """This rank's patches of item ``i`` (uint8) and ``views_per_patch`` view seeds for each of them."""
+    def indices(self, i: int, views_per_patch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's flat patch indices of item ``i`` and ``views_per_patch`` view seeds for each of them."""
         rng = np.random.default_rng((self.seed, self.epoch, int(i)))
         flat = rng.integers(0, int(self.offsets[-1]), self.batch_size)
         view_seeds = rng.integers(2**31, size=(self.batch_size, views_per_patch))
         mine = slice(self.rank, None, self.world_size)
-        return self.read(flat[mine]), view_seeds[mine]
+        return flat[mine], view_seeds[mine]
+
+    def draw(self, i: int, views_per_patch: int = 1) -> tuple[torch.Tensor, np.ndarray]:
+        """This rank's patches of item ``i`` (uint8) and ``views_per_patch`` view seeds for each of them."""
+        flat, view_seeds = self.indices(i, views_per_patch)
+        return self.read(flat), view_seeds
+
+    def is_normal(self, flat: np.ndarray) -> torch.Tensor | None:
+        """Whether each flat patch index is of a class-0 slide (``None`` without ``normal_ids``)."""
+        if self.normal is None:
+            return None
+        return torch.as_tensor(self.normal[np.searchsorted(self.offsets, flat, side="right") - 1])
 
     def make_views(self, plain: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
         """One student view of each ``uint8`` patch, drawn with its seed (float ``[B, 3, P, P]`` in [0, 1])."""
         return self.views(plain, self.views.draw(np.asarray(seeds)[:, 0]))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        plain, seeds = self.draw(i)
+        flat, seeds = self.indices(i)
+        item = {"plain": self.read(flat)}
+        if (normal := self.is_normal(flat)) is not None:
+            item["normal"] = normal
         if not self.with_views:
-            return {"plain": plain}
+            return item
         params = self.views.draw(seeds[:, 0])
         if self.views_in_worker:
-            return {"plain": plain, "view": self.views(plain, params)}
-        return {"plain": plain, "view_params": params}
+            return {**item, "view": self.views(item["plain"], params)}
+        return {**item, "view_params": params}
 
 
 class ResumableSequentialSampler(Sampler[int]):
@@ -346,6 +363,7 @@ class EmbedderPhaseTrainer(SupervisedTrainer):
             f_t = self.teacher.embedder(plain)
             h_t, logits_t = self.teacher.head_on_features(f_t)
             scores = self.teacher.aggregator.confidence_scores(h_t) if confidence else None
+            logits_t = normal_slide_targets(logits_t, batchdata.get("normal"))
         student: InstanceClassifier = self.network
         student.train()
         if self.freeze_bn:
@@ -378,6 +396,22 @@ def _freeze_batchnorm(module: nn.Module) -> None:
             m.eval()
 
 
+def normal_slide_targets(teacher_logits: torch.Tensor, normal: torch.Tensor | None) -> torch.Tensor:
+    """The teacher's logits with the rows of patches from class-0 (normal) slides replaced by a certain class 0.
+
+    Every patch of a normal slide is normal (the MIL assumption), whatever the teacher says: a bag classifier applied
+    to single patches is not calibrated for them, and on sparse tumours (``benchmarks/RESULTS.md``, session 30) the
+    round-0 teacher called 38-44 % of tumour-free patches tumour, 24 % with probability > 0.99. With these targets
+    the student is taught, on normal slides, to call normal what the teacher mistakes for tumour; patches of other
+    slides keep the teacher's labels. ``normal``: bool ``[B]`` (``None``: the logits unchanged).
+    """
+    if normal is None:
+        return teacher_logits
+    certain = torch.full_like(teacher_logits[:1], -1e4)
+    certain[:, 0] = 0.0
+    return torch.where(normal.to(teacher_logits.device)[:, None], certain, teacher_logits)
+
+
 @torch.no_grad()
 def agreement(
     student: InstanceClassifier,
@@ -385,66 +419,19 @@ def agreement(
     patches: torch.Tensor,
     device: torch.device,
     batch_size: int = 128,
+    normal: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Student vs teacher on the same plain patches: mean absolute probability difference and argmax agreement."""
+    """Student vs teacher on the same plain patches: mean absolute probability difference and argmax agreement
+    (with ``normal``, bool per patch, against :func:`normal_slide_targets`)."""
     student.eval()
     ps, pt = [], []
     for i in range(0, len(patches), batch_size):
         x = patches[i : i + batch_size].to(device)
         ps.append(torch.softmax(student(x).float(), -1).cpu())
-        pt.append(torch.softmax(teacher(x).float(), -1).cpu())
+        target = normal_slide_targets(teacher(x).float(), None if normal is None else normal[i : i + batch_size])
+        pt.append(torch.softmax(target, -1).cpu())
     s, t = torch.cat(ps), torch.cat(pt)
     return {"mae": float((s - t).abs().mean()), "agreement": float((s.argmax(1) == t.argmax(1)).float().mean())}
-
-
-@torch.no_grad()
-def calibrate_to_normal(
-    classifier: InstanceClassifier,
-    patches: torch.Tensor,
-    quantile: float,
-    device: torch.device,
-    batch_size: int = 128,
-) -> dict[str, Any]:
-    """Shift the instance teacher's logits so that it calls a fraction ``1 - quantile`` of normal patches tumour.
-
-    A bag classifier applied to single patches is not calibrated for them: on sparse tumours (session 30 of
-    ``benchmarks/RESULTS.md``: 0.5-3 % of the tissue) the round-0 teacher gave tumour-free patches a mean tumour
-    probability of 0.38-0.44 and called 38-44 % of them tumour, so nearly every patch it taught as tumour was
-    normal. Every patch of a slide of class 0 is normal, whatever the masks, so slide labels alone set the
-    threshold: the offset of class ``c >= 1`` is minus the ``quantile`` of ``logit_c - logit_0`` over ``patches``
-    (drawn from class-0 slides); class 0's is 0. The ranking of patches is unchanged; the soft labels change.
-
-    Args:
-        classifier: the teacher (its ``logit_offset`` is set; a previous one is replaced).
-        patches: ``uint8`` patches of class-0 (normal) training slides.
-        quantile: in (0, 1): the fraction of normal patches left below each tumour class's threshold.
-        device: where to run the teacher.
-        batch_size: patches per forward pass.
-
-    Returns:
-        ``{"quantile", "offset" (per class), "patches", "called_before", "called_after"}`` (``called_*``: the
-        fraction of the normal patches whose argmax is not class 0, before and after the shift).
-    """
-    if not 0.0 < float(quantile) < 1.0:
-        raise ValueError(f"embedder_phase: teacher_calibration must lie in (0, 1), got {quantile!r}")
-    if len(patches) == 0:
-        raise EmbedderPhaseError("teacher_calibration needs patches of class-0 (normal) training slides; none")
-    classifier.logit_offset = None
-    classifier.eval()
-    logits = torch.cat(
-        [classifier(patches[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(patches), batch_size)]
-    )
-    margins = logits - logits[:, :1]
-    offset = -torch.quantile(margins, float(quantile), dim=0)
-    offset[0] = 0.0
-    classifier.logit_offset = offset.to(device)
-    return {
-        "quantile": float(quantile),
-        "offset": [float(x) for x in offset],
-        "patches": len(patches),
-        "called_before": float((logits.argmax(1) != 0).float().mean()),
-        "called_after": float(((logits + offset).argmax(1) != 0).float().mean()),
-    }
 
 
 @torch.no_grad()
@@ -502,6 +489,8 @@ class StudentSelection:
         rank: the process's rank (rank 0 writes).
         mlflow_run: ``val_*`` metrics per validation.
         on_validated: called with the engine after each validation.
+        held_out_normal: bool per held-out patch, of a class-0 slide (the student is then compared with
+            :func:`normal_slide_targets`, what it is taught).
     """
 
     def __init__(
@@ -519,8 +508,10 @@ class StudentSelection:
         rank: int = 0,
         mlflow_run: Any = None,
         on_validated: Callable[[Engine], None] | None = None,
+        held_out_normal: torch.Tensor | None = None,
     ):
         self.teacher, self.student, self.held_out, self.device = teacher, student, held_out, device
+        self.held_out_normal = held_out_normal
         self.progress, self.output_dir, self.source = progress, Path(output_dir), source_fingerprint
         self.select, self.interval, self.patience, self.rank = select, int(interval), early_stop_patience, rank
         self.mlflow_run, self.on_validated = mlflow_run, on_validated
@@ -534,7 +525,7 @@ class StudentSelection:
         history, best, extra = self.progress.history, self.progress.best, self.progress.extra
         if history and history[-1]["iteration"] == engine.state.iteration:
             return
-        m = agreement(self.student, self.teacher, self.held_out, self.device)
+        m = agreement(self.student, self.teacher, self.held_out, self.device, normal=self.held_out_normal)
         losses = {f"loss_{k}": v for k, v in (engine.state.output or {}).items()}
         history.append({"iteration": engine.state.iteration, "epoch": engine.state.epoch, **m, **losses})
         score = {"mae": -m["mae"], "agreement": m["agreement"], "last": float(engine.state.iteration)}[self.select]
@@ -596,10 +587,9 @@ class EmbedderPhase:
         views_on_device: make the views batch-wise in the training step on ``device`` (default: on CUDA) rather
             than in the DataLoader workers (default on the CPU, where the workers overlap them with training).
         progress: show a progress bar.
-        teacher_calibration: shift the teacher's (and the student's) instance logits so that it calls this quantile
-            of class-0 slides' patches normal (:func:`calibrate_to_normal`, e.g. 0.99; ``None``: no shift). Needs
-            the class-0 training slides (``normal_slides`` of the call).
-        calibration_patches: patches of those slides the quantile is taken over.
+        normal_slide_targets: teach the student class 0 on every patch of a class-0 slide instead of the teacher's
+            label there (:func:`normal_slide_targets`; a use of the slide labels ICMIL's embedder phase does not
+            make). Needs ``normal_ids`` in the call.
     """
 
     def __init__(
@@ -626,13 +616,8 @@ class EmbedderPhase:
         freeze_bn: bool = True,
         views_on_device: bool | None = None,
         progress: bool = True,
-        teacher_calibration: float | None = None,
-        calibration_patches: int = 2048,
+        normal_slide_targets: bool = False,
     ):
-        if teacher_calibration is not None and not 0.0 < float(teacher_calibration) < 1.0:
-            raise ValueError(
-                f"embedder_phase: teacher_calibration must lie in (0, 1) or be null, got {teacher_calibration!r}"
-            )
         if select not in ("mae", "agreement", "last"):
             raise ValueError(f"embedder_phase: select must be 'mae', 'agreement' or 'last', got {select!r}")
         self.loss_function = loss_function if loss_function is not None else ICMILDistillationLoss()
@@ -648,22 +633,21 @@ class EmbedderPhase:
         self.grad_checkpointing = as_bool(grad_checkpointing, "grad_checkpointing")
         self.freeze_bn, self.progress = as_bool(freeze_bn, "freeze_bn"), as_bool(progress, "progress")
         self.views_on_device = self.device.type == "cuda" if views_on_device is None else views_on_device
-        self.teacher_calibration = None if teacher_calibration is None else float(teacher_calibration)
-        self.calibration_patches = int(calibration_patches)
+        self.normal_slide_targets = as_bool(normal_slide_targets, "normal_slide_targets")
 
     def signature(self) -> dict[str, Any]:
         """What the phase's results depend on (its resume checkpoints carry the hash)."""
-        return component_signature(
-            {
-                "loss": self.loss_function,
-                "optimizer": self.optimizer,
-                "views": self.views,
-                "settings": [self.epochs, self.batches_per_epoch, self.batch_size, self.grad_clip, self.clip_embedder],
-                "validation": [self.val_interval, self.val_patches, self.select, self.early_stop_patience],
-                "freeze_bn": self.freeze_bn,
-                "teacher_calibration": [self.teacher_calibration, self.calibration_patches],
-            }
-        )
+        signature = {
+            "loss": self.loss_function,
+            "optimizer": self.optimizer,
+            "views": self.views,
+            "settings": [self.epochs, self.batches_per_epoch, self.batch_size, self.grad_clip, self.clip_embedder],
+            "validation": [self.val_interval, self.val_patches, self.select, self.early_stop_patience],
+            "freeze_bn": self.freeze_bn,
+        }
+        if self.normal_slide_targets:  # only then: checkpoints of the plain phase stay valid
+            signature["normal_slide_targets"] = True
+        return component_signature(signature)
 
     def __call__(
         self,
@@ -676,7 +660,7 @@ class EmbedderPhase:
         mlflow_run: Any = None,
         backend: str = "auto",
         stain_normalize: bool = False,
-        normal_slides: Sequence[Mapping[str, Any]] | None = None,
+        normal_ids: Collection[str] | None = None,
     ) -> dict[str, Any]:
         """Fine-tune ``embedder`` with ``aggregator`` (a trained bag classifier) as the instance teacher.
 
@@ -691,17 +675,17 @@ class EmbedderPhase:
             mlflow_run: log params, loss terms, agreement metrics and the checkpoint here.
             backend: slide backend.
             stain_normalize: Macenko-normalise patches with their slide's stains (use the embedding's setting).
-            normal_slides: prepared class-0 training slides (``teacher_calibration`` draws its patches from them).
+            normal_ids: ``slide_id`` of the class-0 training and validation slides (used with
+                ``normal_slide_targets``).
 
         Returns:
             ``{"checkpoint", "fingerprint", "best": {...}, "best_iteration", "history", "embedder", "world_size",
-            "teacher_consistency": :func:`view_consistency` of the teacher on the held-out patches,
-            "teacher_calibration": :func:`calibrate_to_normal`'s record or None}``.
+            "teacher_consistency": :func:`view_consistency` of the teacher on the held-out patches}``.
 
         Raises:
             EmbedderPhaseError: no tissue patches, an aggregator without attention for the confidence variant,
-                ``teacher_calibration`` without normal slides, or a non-finite loss (names the iteration; the best
-                embedder so far is kept).
+                ``normal_slide_targets`` without a class-0 training slide, or a non-finite loss (names the iteration;
+                the best embedder so far is kept).
             ValueError: the bag classifier's feature dimension differs from the embedder's output.
         """
         from monai.utils import set_determinism
@@ -713,7 +697,10 @@ class EmbedderPhase:
         rank, world_size = _dist_context()
         sizes = [int(s["patch_size"]) for s in train_slides if len(s["coords"])]
         views = self.views if self.views is not None or not sizes else BatchRandomViews(sizes[0])
-        data_args = dict(read_threads=self.read_threads, backend=backend, stain_normalize=stain_normalize)
+        normal = self._normal_ids(train_slides, normal_ids)
+        data_args = dict(
+            read_threads=self.read_threads, backend=backend, stain_normalize=stain_normalize, normal_ids=normal
+        )
         train_data = DistillationBatches(
             train_slides, views, self.batch_size, self.batches_per_epoch, seed, rank=rank, world_size=world_size,
             views_in_worker=not self.views_on_device, **data_args,
@@ -721,22 +708,31 @@ class EmbedderPhase:
         val_data = DistillationBatches(val_slides or train_slides, views, self.val_patches, 1, seed + 1, **data_args)
         # fixed held-out patches, read once (every rank: same patches, same decisions), and one student view of each
         held_out, held_out_seeds = val_data.draw(0)
-        teacher = self._teacher(embedder, aggregator)
-        calibration = self._calibrate(teacher, normal_slides, views, seed, data_args)
-        consistency = self._consistency(teacher, held_out, val_data, held_out_seeds)
-        student = self._student(embedder, aggregator, teacher)
+        held_out_normal = val_data.is_normal(val_data.indices(0)[0])
+        teacher, student, consistency = self._networks(embedder, aggregator, held_out, val_data, held_out_seeds)
         trainer, progress, resume = self._trainer(
-            teacher, student, criterion, train_data, held_out, out_dir, embedder, aggregator, seed, mlflow_run
-        )
+            teacher, student, criterion, train_data, (held_out, held_out_normal), out_dir, embedder, aggregator, seed,
+            mlflow_run,
+        )  # fmt: skip
         if mlflow_run is not None:
             self._track(mlflow_run, trainer, embedder, aggregator, seed, world_size, stain_normalize)
         resume.run(trainer)  # continues an interrupted run (logs where from)
-        result = self._finish(student, out_dir, progress, resume, consistency, world_size, rank, mlflow_run)
-        if mlflow_run is not None and calibration is not None:
-            mlflow_run.log_metrics(
-                {f"teacher_normal_called_{k}": calibration[f"called_{k}"] for k in ("before", "after")}
+        return self._finish(student, out_dir, progress, resume, consistency, world_size, rank, mlflow_run)
+
+    def _normal_ids(
+        self, train_slides: Sequence[Mapping[str, Any]], normal_ids: Collection[str] | None
+    ) -> frozenset[str]:
+        """With ``normal_slide_targets``: the class-0 slide ids (at least one training slide with tissue among them)."""
+        if not self.normal_slide_targets:
+            return frozenset()
+        ids = frozenset(normal_ids or ())
+        if not any(s.get("slide_id") in ids and len(s["coords"]) for s in train_slides):
+            raise EmbedderPhaseError(
+                "embedder_phase#normal_slide_targets needs class-0 (normal) training slides with tissue, and none of "
+                f"the {len(train_slides)} training slides is one: add normal slides, or set normal_slide_targets to "
+                "false."
             )
-        return {**result, "teacher_calibration": calibration}
+        return ids
 
     def _criterion(self, embedder: PatchEmbedder, aggregator: MILAggregator) -> ICMILDistillationLoss:
         """The loss for this teacher (checked against it), refusing a mismatched bag classifier before any work."""
@@ -754,50 +750,21 @@ class EmbedderPhase:
             return self.loss_function.for_teacher(aggregator)
         return self.loss_function
 
-    def _teacher(self, embedder: PatchEmbedder, aggregator: MILAggregator) -> InstanceClassifier:
-        """The frozen instance teacher (eval mode, no gradient)."""
-        confidence = getattr(self.loss_function, "confidence", False)
+    def _networks(
+        self,
+        embedder: PatchEmbedder,
+        aggregator: MILAggregator,
+        held_out: torch.Tensor,
+        val_data: DistillationBatches,
+        held_out_seeds: np.ndarray,
+    ) -> tuple[InstanceClassifier, InstanceClassifier, dict[str, float]]:
+        """The frozen teacher, its view consistency on the held-out patches (warned about when low), the student."""
+        device, confidence = self.device, getattr(self.loss_function, "confidence", False)
         teacher = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(aggregator), confidence)
-        teacher = teacher.to(self.device).eval()
+        teacher = teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        return teacher
-
-    def _calibrate(
-        self,
-        teacher: InstanceClassifier,
-        normal_slides: Sequence[Mapping[str, Any]] | None,
-        views: BatchRandomViews,
-        seed: int,
-        data_args: dict[str, Any],
-    ) -> dict[str, Any] | None:
-        """With ``teacher_calibration``: the teacher's logit offset from patches of the normal slides (logged)."""
-        if self.teacher_calibration is None:
-            return None
-        normal = [s for s in normal_slides or [] if len(s["coords"])]
-        if not normal:
-            raise EmbedderPhaseError(
-                "embedder_phase#teacher_calibration needs class-0 (normal) training slides with tissue and there are "
-                "none: add normal slides to the training split or set teacher_calibration to null."
-            )
-        data = DistillationBatches(normal, views, self.calibration_patches, 1, seed + 2, with_views=False, **data_args)
-        record = calibrate_to_normal(teacher, data.draw(0)[0], self.teacher_calibration, self.device)
-        logger.info(
-            "instance teacher calibrated on %d patches of %d normal slides: %.1f %% of them called tumour before, "
-            "%.1f %% after (logit offset %s)",
-            record["patches"],
-            len(normal),
-            100 * record["called_before"],
-            100 * record["called_after"],
-            ", ".join(f"{x:+.3f}" for x in record["offset"]),
-        )
-        return {**record, "slides": len(normal)}
-
-    def _consistency(
-        self, teacher: InstanceClassifier, held_out: torch.Tensor, val_data: DistillationBatches, seeds: np.ndarray
-    ) -> dict[str, float]:
-        """The teacher's view consistency on the held-out patches, warned about when low."""
-        consistency = view_consistency(teacher, held_out, val_data.make_views(held_out, seeds), self.device)
+        consistency = view_consistency(teacher, held_out, val_data.make_views(held_out, held_out_seeds), device)
         logger.info(
             "instance teacher on plain patches vs the student's views of them: agreement %.3f, mean |dp| %.3f, "
             "view KL %.4f",
@@ -817,16 +784,7 @@ class EmbedderPhase:
                 "embedder_phase#hed_jitter.",
                 stacklevel=3,
             )
-        return consistency
-
-    def _student(
-        self, embedder: PatchEmbedder, aggregator: MILAggregator, teacher: InstanceClassifier
-    ) -> InstanceClassifier:
-        """The student: trainable embedder, ``reduce`` and ``head``, with the teacher's logit offset."""
-        device = self.device
         student = InstanceClassifier(copy.deepcopy(embedder), copy.deepcopy(aggregator)).to(device)
-        if teacher.logit_offset is not None:
-            student.logit_offset = teacher.logit_offset.clone()
         for p in student.parameters():
             p.requires_grad_(False)
         for p in student.trainable_parameters():
@@ -836,7 +794,7 @@ class EmbedderPhase:
             student.embedder.to(memory_format=torch.channels_last)
         if self.grad_checkpointing:
             student.embedder.set_grad_checkpointing(True)
-        return student
+        return teacher, student, consistency
 
     def _trainer(
         self,
@@ -844,7 +802,7 @@ class EmbedderPhase:
         student: InstanceClassifier,
         criterion: ICMILDistillationLoss,
         train_data: DistillationBatches,
-        held_out: torch.Tensor,
+        held_out: tuple[torch.Tensor, torch.Tensor | None],
         out_dir: Path,
         embedder: PatchEmbedder,
         aggregator: MILAggregator,
@@ -891,8 +849,9 @@ class EmbedderPhase:
             sampler.start = engine.state.iteration % self.batches_per_epoch  # not 0 only when resuming in an epoch
 
         StudentSelection(
-            teacher, student, held_out, self.device, progress, out_dir, embedder.fingerprint(), self.select,
+            teacher, student, held_out[0], self.device, progress, out_dir, embedder.fingerprint(), self.select,
             self.val_interval, self.early_stop_patience, train_data.rank, mlflow_run, on_validated=resume,
+            held_out_normal=held_out[1],
         ).attach(trainer)  # fmt: skip
         self._log(trainer, train_data.rank)
         attach_handlers(trainer, self.handlers)  # the bundle's own, last: they see each validation's record
@@ -951,6 +910,7 @@ class EmbedderPhase:
                 "select": self.select,
                 "seed": seed,
                 "freeze_bn": self.freeze_bn,
+                "normal_slide_targets": self.normal_slide_targets,
                 "world_size": world_size,
                 "stain_normalize": stain_normalize,
             }

@@ -319,16 +319,18 @@ class ICMILWorkflow(BundleWorkflow):
             )
         return self._slides
 
-    def _usable(self, split: str, label: int | None = None) -> list[SlideTiles]:
-        """The split's prepared slides (of class ``label`` only, if given), less those that failed or have no tissue."""
+    def _normal_ids(self) -> set[str]:
+        """``slide_id`` of the class-0 training and validation slides (the embedder phase's normal-slide targets)."""
+        items = self.splits.items()
+        return {e["slide_id"] for split in ("training", "validation") for e in items.get(split, []) if e["label"] == 0}
+
+    def _usable(self, split: str) -> list[SlideTiles]:
+        """The split's prepared slides, less those that failed or have no tissue."""
         slides, excluded = self.prepare(), self.report.excluded()
         return [
             slides[e["slide_id"]]
             for e in self.splits.items().get(split, [])
-            if e["slide_id"] in slides
-            and e["slide_id"] not in excluded
-            and len(slides[e["slide_id"]]["coords"])
-            and (label is None or e["label"] == label)
+            if e["slide_id"] in slides and e["slide_id"] not in excluded and len(slides[e["slide_id"]]["coords"])
         ]
 
     def bags(self, r: int, split: str, embedder: PatchEmbedder | None = None) -> BagDataset:
@@ -489,13 +491,11 @@ class ICMILWorkflow(BundleWorkflow):
         result = self.phases["embedder_phase"](
             embedder, teacher, self._usable("training"), self._usable("validation"),
             self.round_dir(r) / "embedder_phase", self.seed + 1000 * r, run, self.backend, self.stain_normalize,
-            self._usable("training", label=0),
+            normal_ids=self._normal_ids(),
         )  # fmt: skip
         record = {"seconds": time.perf_counter() - t0}
         record.update({k: result[k] for k in ("fingerprint", "best_iteration", "best", "world_size")})
         record["teacher_consistency"] = result["teacher_consistency"]
-        if result.get("teacher_calibration") is not None:
-            record["teacher_calibration"] = result["teacher_calibration"]
         self.tracking.end(run)
         if _rank() == 0:  # under torchrun every rank trains (DDP); rank 0 records
             self.ledger.mark(r, "embedder_phase", record)
