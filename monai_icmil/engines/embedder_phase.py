@@ -399,11 +399,12 @@ def _freeze_batchnorm(module: nn.Module) -> None:
 def normal_slide_targets(teacher_logits: torch.Tensor, normal: torch.Tensor | None) -> torch.Tensor:
     """The teacher's logits with the rows of patches from class-0 (normal) slides replaced by a certain class 0.
 
-    Every patch of a normal slide is normal (the MIL assumption), whatever the teacher says: a bag classifier applied
-    to single patches is not calibrated for them, and on sparse tumours (``benchmarks/RESULTS.md``, session 30) the
-    round-0 teacher called 38-44 % of tumour-free patches tumour, 24 % with probability > 0.99. With these targets
-    the student is taught, on normal slides, to call normal what the teacher mistakes for tumour; patches of other
-    slides keep the teacher's labels. ``normal``: bool ``[B]`` (``None``: the logits unchanged).
+    Every patch of a normal slide is normal (the MIL assumption), whatever the teacher says. A bag classifier applied
+    to single patches is not calibrated for them: on sparse tumours (``benchmarks/RESULTS.md``, session 30) the
+    round-0 teacher called 24-44 % of tumour-free patches tumour (6-24 % with probability > 0.99), and only 2-4 % of
+    the patches it called tumour were. With these targets the student is taught, on normal slides, to call normal
+    what the teacher mistakes for tumour; patches of other slides keep the teacher's labels. ``normal``: bool ``[B]``
+    (``None``: the logits unchanged).
     """
     if normal is None:
         return teacher_logits

@@ -1,0 +1,96 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""What the instance teacher teaches: its calibration on single patches against the ground-truth masks.
+
+For each finished round of an ICMIL run whose datalist carries ``tumour_mask``, the round's bag classifier is applied
+to every stored test-slide patch feature (ICMIL's instance teacher, as the embedder phase uses it) and compared with
+the masks (>= 50 % tumour positive, tumour-free negative, as the summary's teacher patch AUC): the share of
+tumour-free patches it calls tumour (probability > 0.5, and > 0.99), its precision and recall at 0.5, its precision
+on its top-k patches (k = the number of tumour patches) and the quantiles of its probabilities. A patch AUC says how
+well the teacher ranks patches; these figures say what the student is taught.
+
+    python benchmarks/teacher_calibration.py --run <output_dir> --data <dataset_dir> [--run ... --data ...]
+
+``--run`` is a workflow's ``output_dir`` (``round_<r>/features/test_*.safetensors`` and
+``round_<r>/bag_phase/bag_classifier.pt``), ``--data`` the folder of its ``datalist.json`` (paths in it are relative
+to it). Runs on the CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from monai_icmil.data.annotations import GroundTruth
+from monai_icmil.data.slide import get_slide
+from monai_icmil.data.store import CoordsStore
+from monai_icmil.engines.bag_phase import load_bag_classifier
+from monai_icmil.metrics import binary_auc
+
+
+def teacher_on_test(run: Path, data: Path, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """Round ``r``'s teacher tumour probabilities and truth (bool) of the test patches with a clear label."""
+    net = load_bag_classifier(run / f"round_{r}" / "bag_phase" / "bag_classifier.pt").eval()
+    datalist = json.loads((data / "datalist.json").read_text())
+    entries = {Path(e["image"]).stem: e for e in datalist["test"]}
+    coords = CoordsStore(run / "coords")
+    scores, truth = [], []
+    for f in sorted((run / f"round_{r}" / "features").glob("test_*.safetensors")):
+        t, e = load_file(str(f)), entries[f.stem]
+        with torch.no_grad():
+            p = torch.softmax(net.instance_logits(t["features"].float()), -1)[:, -1].numpy()
+        if e.get("tumour_mask"):
+            dims = get_slide(str(data / e["image"]), "auto").dimensions
+            footprint = float(coords.metadata(f.stem)["footprint"])  # the patch's side in level-0 pixels
+            fraction = GroundTruth(str(data / e["tumour_mask"]), dims).patch_fraction(t["coords"].numpy(), footprint)
+        elif e.get("label") == 0:
+            fraction = np.zeros(len(p))
+        else:
+            continue
+        keep = (fraction >= 0.5) | (fraction == 0)
+        scores.append(p[keep])
+        truth.append(fraction[keep] >= 0.5)
+    return np.concatenate(scores), np.concatenate(truth)
+
+
+def describe(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Calibration figures of tumour probabilities ``p`` against truth ``y``."""
+    called, top = p > 0.5, np.argsort(-p)[: int(y.sum())]
+    return {
+        "patch_auc": binary_auc(p, y),
+        "tumour_share": float(y.mean()),
+        "normal_called_tumour": float(called[~y].mean()),
+        "normal_above_0.99": float((p[~y] > 0.99).mean()),
+        "precision_at_0.5": float(y[called].mean()) if called.any() else float("nan"),
+        "recall_at_0.5": float(called[y].mean()),
+        "precision_top_k": float(y[top].mean()),
+        "normal_p_median": float(np.median(p[~y])),
+        "tumour_p_median": float(np.median(p[y])),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", type=Path, action="append", required=True)
+    ap.add_argument("--data", type=Path, action="append", required=True)
+    args = ap.parse_args()
+    if len(args.run) != len(args.data):
+        raise SystemExit("give one --data per --run")
+    keys = list(describe(np.array([0.1, 0.9]), np.array([False, True])))
+    print("| run | round | " + " | ".join(keys) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in keys) + " |")
+    for run, data in zip(args.run, args.data):
+        for r in range(10):
+            if not (run / f"round_{r}" / "bag_phase" / "bag_classifier.pt").is_file():
+                break
+            d = describe(*teacher_on_test(run, data, r))
+            print(f"| {run} | {r} | " + " | ".join(f"{d[k]:.3f}" for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
