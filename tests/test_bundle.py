@@ -342,6 +342,10 @@ def test_rerun_after_round_one_bag_phase_does_not_redo_finished_phases(tmp_path)
     second = _bundle(tmp_path, "run", extra=targets, num_rounds=2)
     assert second.returncode == 0, second.stderr[-4000:]
     after = json.loads((out / "state.json").read_text())
+    datalist = json.loads(next((tmp_path / "data").rglob("datalist.json")).read_text())
+    normal = sum(e["label"] == 0 for e in datalist["training"])
+    assert 0 < normal < len(datalist["training"])
+    assert [after["rounds"][r]["embedder_phase"]["normal_slides"] for r in ("1", "2")] == [normal, normal]
     assert after["rounds"]["0"] == state["rounds"]["0"] and after["rounds"]["1"] == state["rounds"]["1"]
     assert "bag_phase" in after["rounds"]["2"]
     rewritten = [str(p.relative_to(out)) for p, t in before.items() if p.stat().st_mtime_ns != t]

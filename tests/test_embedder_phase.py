@@ -305,9 +305,19 @@ def test_batches_flag_the_patches_of_normal_slides_without_changing_the_draw(sli
     item, ref = flagged[1], plain[1]
     assert "normal" not in ref and torch.equal(item["plain"], ref["plain"]) and torch.equal(item["view"], ref["view"])
     flat, _ = flagged.indices(1)
-    slide_of = np.searchsorted(flagged.offsets, flat, side="right") - 1
-    expected = [flagged.slides[i]["slide_id"] in normal for i in slide_of]
+    starts = np.cumsum([len(s["coords"]) for s in flagged.slides])  # slide i holds flat indices < starts[i]
+    expected = [flagged.slides[int(np.argmax(f < starts))]["slide_id"] in normal for f in flat]
     assert item["normal"].tolist() == expected and 0 < sum(expected) < len(expected)
+    # each DDP rank's flags follow its share of the patches; views made on the device carry them too
+    ranks = [
+        DistillationBatches(train, batch_size=24, num_batches=2, seed=5, rank=k, world_size=2, normal_ids=normal)
+        for k in (0, 1)
+    ]
+    assert [r.is_normal(r.indices(1)[0]).tolist() for r in ranks] == [expected[0::2], expected[1::2]]
+    on_device = DistillationBatches(
+        train, batch_size=24, num_batches=2, seed=5, views_in_worker=False, normal_ids=normal
+    )
+    assert on_device[1]["normal"].tolist() == expected and "view_params" in on_device[1]
 
 
 def _all_tumour_teacher(in_dim: int):

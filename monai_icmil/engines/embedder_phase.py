@@ -9,7 +9,8 @@ training slides (no slide labels are used), the teacher sees the plain patch and
 (the bundle's ``embedder_phase#views``: by default flips + a random resized crop of 50-100 % of the area, optionally
 a HED stain perturbation), made for the whole batch at once (:class:`~monai_icmil.transforms.views
 .BatchRandomViews`); the student learns to match the teacher (``embedder_phase#loss``:
-:class:`~monai_icmil.losses.ICMILDistillationLoss`).
+:class:`~monai_icmil.losses.ICMILDistillationLoss`). With ``normal_slide_targets`` the slide labels are used once:
+patches of class-0 slides are taught class 0 instead of the teacher's label (:func:`normal_slide_targets`).
 
 :class:`EmbedderPhase` is the phase as the bundle declares it; :class:`EmbedderPhaseTrainer` is its engine, holding
 both networks (as MONAI's ``AdversarialTrainer`` holds two) with the teacher-student step as its ``_iteration``;
@@ -210,9 +211,13 @@ class DistillationBatches(Dataset):
     def __len__(self) -> int:
         return self.num_batches
 
+    def slide_of(self, flat: np.ndarray) -> np.ndarray:
+        """The index in :attr:`slides` of each flat patch index."""
+        return np.searchsorted(self.offsets, flat, side="right") - 1
+
     def read(self, flat: np.ndarray) -> torch.Tensor:
         """Patches ``[B, 3, P, P]`` (uint8) for flat patch indices, read with one call per slide."""
-        slide_idx = np.searchsorted(self.offsets, flat, side="right") - 1
+        slide_idx = self.slide_of(flat)
         out = torch.empty((len(flat), 3, self.patch_size, self.patch_size), dtype=torch.uint8)
         for si in np.unique(slide_idx):
             rows = np.flatnonzero(slide_idx == si)
@@ -249,7 +254,7 @@ class DistillationBatches(Dataset):
         """Whether each flat patch index is of a class-0 slide (``None`` without ``normal_ids``)."""
         if self.normal is None:
             return None
-        return torch.as_tensor(self.normal[np.searchsorted(self.offsets, flat, side="right") - 1])
+        return torch.as_tensor(self.normal[self.slide_of(flat)])
 
     def make_views(self, plain: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
         """One student view of each ``uint8`` patch, drawn with its seed (float ``[B, 3, P, P]`` in [0, 1])."""
@@ -669,7 +674,7 @@ class EmbedderPhase:
             embedder: the embedder that made the bag phase's features (the teacher's; the student starts from it).
             aggregator: the trained bag classifier (its ``reduce``, ``head`` and, for the confidence variant,
                 ``attention`` are used).
-            train_slides: prepared training slides (patches are sampled from their coordinates; labels are not used).
+            train_slides: prepared training slides (patches are sampled from their coordinates).
             val_slides: prepared validation slides (held-out patches for student-vs-teacher agreement).
             output_dir: ``embedder.safetensors`` (the kept student), ``student_head.pt`` and ``history.json`` go here.
             seed: seeds patch sampling and the views.
@@ -681,7 +686,8 @@ class EmbedderPhase:
 
         Returns:
             ``{"checkpoint", "fingerprint", "best": {...}, "best_iteration", "history", "embedder", "world_size",
-            "teacher_consistency": :func:`view_consistency` of the teacher on the held-out patches}``.
+            "teacher_consistency": :func:`view_consistency` of the teacher on the held-out patches, "normal_slides": how
+            many training slides were taught class 0 (``None`` without ``normal_slide_targets``)}``.
 
         Raises:
             EmbedderPhaseError: no tissue patches, an aggregator without attention for the confidence variant,
@@ -708,8 +714,8 @@ class EmbedderPhase:
         )  # fmt: skip
         val_data = DistillationBatches(val_slides or train_slides, views, self.val_patches, 1, seed + 1, **data_args)
         # fixed held-out patches, read once (every rank: same patches, same decisions), and one student view of each
-        held_out, held_out_seeds = val_data.draw(0)
-        held_out_normal = val_data.is_normal(val_data.indices(0)[0])
+        held_out_flat, held_out_seeds = val_data.indices(0)
+        held_out, held_out_normal = val_data.read(held_out_flat), val_data.is_normal(held_out_flat)
         teacher, student, consistency = self._networks(embedder, aggregator, held_out, val_data, held_out_seeds)
         trainer, progress, resume = self._trainer(
             teacher, student, criterion, train_data, (held_out, held_out_normal), out_dir, embedder, aggregator, seed,
@@ -718,7 +724,9 @@ class EmbedderPhase:
         if mlflow_run is not None:
             self._track(mlflow_run, trainer, embedder, aggregator, seed, world_size, stain_normalize)
         resume.run(trainer)  # continues an interrupted run (logs where from)
-        return self._finish(student, out_dir, progress, resume, consistency, world_size, rank, mlflow_run)
+        result = self._finish(student, out_dir, progress, resume, consistency, world_size, rank, mlflow_run)
+        result["normal_slides"] = None if train_data.normal is None else int(train_data.normal.sum())
+        return result
 
     def _normal_ids(
         self, train_slides: Sequence[Mapping[str, Any]], normal_ids: Collection[str] | None
@@ -841,6 +849,8 @@ class EmbedderPhase:
             "phase": self.signature(),
             "rest": [seed, train_data.world_size, train_data.stain_normalize],
         }
+        if train_data.normal is not None:  # which slides are taught class 0 (not part of the plain phase's hash)
+            signature["normal"] = train_data.normal.tolist()
         state = {"trainer": trainer, "network": student, "optimizer": optimizer, "progress": progress}
         resume = ResumeCheckpoint(out_dir / "resume", state, stable_hash(signature))
 

@@ -496,6 +496,8 @@ class ICMILWorkflow(BundleWorkflow):
         record = {"seconds": time.perf_counter() - t0}
         record.update({k: result[k] for k in ("fingerprint", "best_iteration", "best", "world_size")})
         record["teacher_consistency"] = result["teacher_consistency"]
+        if result.get("normal_slides") is not None:
+            record["normal_slides"] = result["normal_slides"]
         self.tracking.end(run)
         if _rank() == 0:  # under torchrun every rank trains (DDP); rank 0 records
             self.ledger.mark(r, "embedder_phase", record)
