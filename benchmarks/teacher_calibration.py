@@ -7,7 +7,8 @@ to every stored test-slide patch feature (ICMIL's instance teacher, as the embed
 the masks (>= 50 % tumour positive, tumour-free negative, as the summary's teacher patch AUC): the share of
 tumour-free patches it calls tumour (probability > 0.5, and > 0.99), its precision and recall at 0.5, its precision
 on its top-k patches (k = the number of tumour patches) and the quantiles of its probabilities. A patch AUC says how
-well the teacher ranks patches; these figures say what the student is taught.
+well the teacher ranks patches; these figures say what the student is taught (the workflow records two of them,
+``normal_called_tumour`` and ``precision``, beside the patch AUC in ``state.json``, and the first in ``summary.md``).
 
     python benchmarks/teacher_calibration.py --run <output_dir> --data <dataset_dir> [--run ... --data ...]
 
@@ -30,7 +31,7 @@ from monai_icmil.data.annotations import GroundTruth
 from monai_icmil.data.slide import get_slide
 from monai_icmil.data.store import CoordsStore
 from monai_icmil.engines.bag_phase import load_bag_classifier
-from monai_icmil.metrics import binary_auc
+from monai_icmil.metrics import instance_auc
 
 
 def teacher_on_test(run: Path, data: Path, r: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,12 +62,13 @@ def teacher_on_test(run: Path, data: Path, r: int) -> tuple[np.ndarray, np.ndarr
 def describe(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Calibration figures of tumour probabilities ``p`` against truth ``y``."""
     called, top = p > 0.5, np.argsort(-p)[: int(y.sum())]
+    summary = instance_auc([p], [y.astype(float)])  # the workflow's figures (state.json's "teacher")
     return {
-        "patch_auc": binary_auc(p, y),
+        "patch_auc": summary["patch_auc"],
         "tumour_share": float(y.mean()),
-        "normal_called_tumour": float(called[~y].mean()),
+        "normal_called_tumour": summary["normal_called_tumour"],
         "normal_above_0.99": float((p[~y] > 0.99).mean()),
-        "precision_at_0.5": float(y[called].mean()) if called.any() else float("nan"),
+        "precision_at_0.5": summary["precision"],
         "recall_at_0.5": float(called[y].mean()),
         "precision_top_k": float(y[top].mean()),
         "normal_p_median": float(np.median(p[~y])),
@@ -74,22 +76,25 @@ def describe(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, action="append", required=True)
     ap.add_argument("--data", type=Path, action="append", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if len(args.run) != len(args.data):
         raise SystemExit("give one --data per --run")
-    keys = list(describe(np.array([0.1, 0.9]), np.array([False, True])))
+    rows = []
+    for run, data in zip(args.run, args.data):
+        r = 0
+        while (run / f"round_{r}" / "bag_phase" / "bag_classifier.pt").is_file():
+            rows.append({"run": str(run), "round": r, **describe(*teacher_on_test(run, data, r))})
+            r += 1
+    keys = [k for k in rows[0] if k not in ("run", "round")] if rows else []
     print("| run | round | " + " | ".join(keys) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in keys) + " |")
-    for run, data in zip(args.run, args.data):
-        for r in range(10):
-            if not (run / f"round_{r}" / "bag_phase" / "bag_classifier.pt").is_file():
-                break
-            d = describe(*teacher_on_test(run, data, r))
-            print(f"| {run} | {r} | " + " | ".join(f"{d[k]:.3f}" for k in keys) + " |")
+    for row in rows:
+        print(f"| {row['run']} | {row['round']} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+    return rows
 
 
 if __name__ == "__main__":

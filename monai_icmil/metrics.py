@@ -204,19 +204,23 @@ class SlideMetric(Metric):
 
 
 def instance_auc(
-    scores: Sequence[np.ndarray], fractions: Sequence[np.ndarray], positive: float = 0.5
+    scores: Sequence[np.ndarray], fractions: Sequence[np.ndarray], positive: float = 0.5, threshold: float = 0.5
 ) -> dict[str, float | int]:
     """Patch-level AUC of instance scores against ground truth (the instance teacher's quality, what ICMIL couples):
     patches with at least ``positive`` of their area in tumour are positive, tumour-free ones negative, the ones in
-    between (on a tumour's border) left out.
+    between (on a tumour's border) left out; and the labels the scores give at ``threshold``, which are what ICMIL's
+    student is taught: a teacher can rank patches well (AUC) and still call most tumour-free patches tumour.
 
     Args:
         scores: per slide, each patch's score (e.g. the teacher's tumour probability).
         fractions: per slide, each patch's tumour fraction (:class:`~monai_icmil.data.annotations.GroundTruth`).
         positive: the tumour fraction from which a patch is positive.
+        threshold: the score above which a patch is called tumour.
 
     Returns:
-        ``{"patch_auc", "patches", "tumour_patches", "slides"}`` (``patch_auc`` is ``nan`` without both kinds).
+        ``{"patch_auc", "patches", "tumour_patches", "slides", "normal_called_tumour" (share of the tumour-free
+        patches scored above ``threshold``), "precision" (share of the patches scored above it that are tumour)}``
+        (``nan`` where undefined: an AUC without both kinds, a precision without a patch above the threshold).
     """
     s, y = [], []
     for sc, fr in zip(scores, fractions):
@@ -227,7 +231,15 @@ def instance_auc(
     s_all = np.concatenate(s) if s else np.zeros(0)
     y_all = np.concatenate(y) if y else np.zeros(0, bool)
     auc = binary_auc(s_all, y_all) if 0 < y_all.sum() < len(y_all) else float("nan")
-    return {"patch_auc": auc, "patches": int(len(y_all)), "tumour_patches": int(y_all.sum()), "slides": len(s)}
+    called = s_all > threshold
+    return {
+        "patch_auc": auc,
+        "patches": int(len(y_all)),
+        "tumour_patches": int(y_all.sum()),
+        "slides": len(s),
+        "normal_called_tumour": float(called[~y_all].mean()) if (~y_all).any() else float("nan"),
+        "precision": float(y_all[called].mean()) if called.any() else float("nan"),
+    }
 
 
 def fit_linear_probe(

@@ -180,6 +180,21 @@ def test_metrics_match_scikit_learn_on_fixed_predictions():
     assert m3["f1"] == pytest.approx(f1_score(y3, p3.argmax(1), average="macro"))
 
 
+def test_instance_auc_reports_the_labels_the_scores_give_beside_their_ranking():
+    from monai_icmil.metrics import instance_auc
+
+    scores = [np.array([0.9, 0.8, 0.7, 0.2]), np.array([0.6, 0.1, 0.95])]
+    fractions = [np.array([1.0, 0.0, 0.3, 0.0]), np.array([0.0, 0.0, 0.6])]  # 0.3: a border patch, left out
+    out = instance_auc(scores, fractions)
+    # kept: tumour 0.9, 0.95; tumour-free 0.8, 0.2, 0.6, 0.1: every tumour patch above every tumour-free one
+    assert out["patch_auc"] == 1.0 and out["patches"] == 6 and out["tumour_patches"] == 2
+    assert out["normal_called_tumour"] == pytest.approx(2 / 4)  # 0.8 and 0.6
+    assert out["precision"] == pytest.approx(2 / 4)  # 0.9, 0.95 of 0.9, 0.8, 0.6, 0.95
+    strict = instance_auc(scores, fractions, threshold=0.85)
+    assert strict["normal_called_tumour"] == 0.0 and strict["precision"] == 1.0 and strict["patch_auc"] == 1.0
+    assert np.isnan(instance_auc(scores, fractions, threshold=0.99)["precision"])
+
+
 def test_auc_confidence_interval_is_delongs():
     """By hand on five slides (placements [1, 1, 0.5] and [2/3, 1]: variance 0.0278 + 0.0278); on 300 slides with ties
     its width matches a stratified bootstrap's; it is a point at AUC 1 and nan with one class."""

@@ -87,6 +87,15 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         assert 0 <= row["positive_slides_without_witness"] <= row["positive_slides"]
         assert all(0 <= row[k] <= 1 or math.isnan(row[k]) for k in row if "auc" in k)
     assert (tmp_path / "bound" / "report.md").read_text().count("| default/seed_0/ssl/abmil |") == 2
+    # teacher_calibration.py on the same run: its patch AUC and labels are the workflow's teacher record
+    calibration = _module("teacher_calibration").main(["--run", str(run), "--data", str(data)])
+    assert [row["round"] for row in calibration] == [0, 1]
+    for row in calibration:
+        teacher = state["rounds"][str(row["round"])]["teacher"]
+        for key in ("patch_auc", "normal_called_tumour"):
+            assert same(row[key], teacher[key]), (key, row, teacher)
+        assert same(row["precision_at_0.5"], teacher["precision"])
+        assert 0 <= row["tumour_share"] <= 1 and 0 <= row["normal_above_0.99"] <= row["normal_called_tumour"] + 1e-12
 
 
 def _scale():

@@ -269,12 +269,15 @@ def test_the_teacher_patch_auc_in_the_summary_is_the_teachers_auc_against_the_ma
         assert 0 < sum(labels) < len(labels)
         assert row["teacher_patch_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9), r
         assert row["teacher_patches"] == len(labels)
+        normal_scores = np.array([p for p, tumour in zip(scores, labels) if not tumour])
+        assert row["teacher_normal_called_tumour"] == pytest.approx(float((normal_scores > 0.5).mean()), abs=1e-12)
     for r in (1, 2):
         assert rows[r]["teacher_patch_auc_delta"] == pytest.approx(
             rows[r]["teacher_patch_auc"] - rows[r - 1]["teacher_patch_auc"]
         )
     summary = (out / "summary.md").read_text()
     assert f"| {rows[0]['teacher_patch_auc']:.3f} |" in summary and "Teacher patch AUC: each round's" in summary
+    assert f"| {100 * rows[0]['teacher_normal_called_tumour']:.1f} % |" in summary and "Tumour-free called" in summary
 
 
 def test_the_run_shows_the_highest_scoring_test_slide_beside_its_ground_truth(trained):

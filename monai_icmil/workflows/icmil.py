@@ -554,7 +554,7 @@ class ICMILWorkflow(BundleWorkflow):
         self.ledger.mark(r, "teacher", record)
         rr = self.tracking.round(r)
         if rr is not None:
-            rr.log_metrics({"teacher_patch_auc": record["patch_auc"]})
+            rr.log_metrics({f"teacher_{k}": record[k] for k in ("patch_auc", "normal_called_tumour", "precision")})
         return record
 
     # ------------------------------------------------------------------------------------------------ the loop

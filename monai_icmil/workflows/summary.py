@@ -38,6 +38,7 @@ def summary_rows(rounds: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]
             "test_predicted": s.get("test", {}).get("predicted"),
             "teacher_patch_auc": s.get("teacher", {}).get("patch_auc"),
             "teacher_patches": s.get("teacher", {}).get("patches"),
+            "teacher_normal_called_tumour": s.get("teacher", {}).get("normal_called_tumour"),
             "embedder_phase_s": s.get("embedder_phase", {}).get("seconds"),
             "embed_s": s.get("embed", {}).get("seconds"),
             "bag_phase_s": s.get("bag_phase", {}).get("seconds"),
@@ -61,6 +62,10 @@ def _fmt(v: Any, digits: int = 3, sign: bool = False) -> str:
     return f"{v:{'+' if sign else ''}.{digits}f}" if _finite(v) else "-"
 
 
+def _pct(v: Any) -> str:
+    return f"{100 * v:.1f} %" if _finite(v) else "-"
+
+
 def _ci(bounds: Sequence[Any]) -> str:
     return f" ({bounds[0]:.2f}-{bounds[1]:.2f})" if all(_finite(v) for v in bounds) else ""
 
@@ -68,15 +73,16 @@ def _ci(bounds: Sequence[Any]) -> str:
 def _table(rows: list[dict[str, Any]], final_round: int) -> list[str]:
     lines = [
         "| round | val AUC (95 % CI) | test AUC (95 % CI) | change in test AUC | teacher patch AUC | change in teacher "
-        "| test acc | test F1 | embedder phase (s) | embed (s) | bag phase (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| tumour-free called tumour | test acc | test F1 | embedder phase (s) | embed (s) | bag phase (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         lines.append(
             f"| {row['round']}{' (final)' if row['round'] == final_round else ''} | {_fmt(row['val_auc'])}"
             f"{_ci(row['val_auc_ci'])} | {_fmt(row['test_auc'])}{_ci(row['test_auc_ci'])} | "
             f"{_fmt(row['test_auc_delta'], sign=True)} | {_fmt(row['teacher_patch_auc'])} | "
-            f"{_fmt(row['teacher_patch_auc_delta'], sign=True)} | {_fmt(row['test_acc'])} | {_fmt(row['test_f1'])} | "
+            f"{_fmt(row['teacher_patch_auc_delta'], sign=True)} | {_pct(row['teacher_normal_called_tumour'])} | "
+            f"{_fmt(row['test_acc'])} | {_fmt(row['test_f1'])} | "
             f"{_fmt(row['embedder_phase_s'], 1)} | {_fmt(row['embed_s'], 1)} | {_fmt(row['bag_phase_s'], 1)} |"
         )
     return lines
@@ -92,7 +98,9 @@ def _notes(rows: list[dict[str, Any]], final_round: int, class_names: Sequence[s
         n = max(row["teacher_patches"] or 0 for row in rows)
         notes.append(
             "Teacher patch AUC: each round's bag classifier applied to single patches (ICMIL's instance teacher), "
-            f"against the ground-truth tumour masks ({n} patches: >= 50 % tumour vs tumour-free)."
+            f"against the ground-truth tumour masks ({n} patches: >= 50 % tumour vs tumour-free). Tumour-free called "
+            "tumour: the share of tumour-free patches the teacher gives a tumour probability > 0.5, the label the "
+            "next round's student is taught; a teacher can rank patches well and still label many of them wrongly."
         )
     first, last = rows[0], next((row for row in rows if row["round"] == final_round), rows[-1])
     if last["round"] > first["round"]:
