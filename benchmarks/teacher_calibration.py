@@ -24,39 +24,30 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import load_file
 
-from monai_icmil.data.annotations import GroundTruth
-from monai_icmil.data.slide import get_slide
-from monai_icmil.data.store import CoordsStore
+from monai_icmil.data.store import CoordsStore, FeatureStore
 from monai_icmil.engines.bag_phase import load_bag_classifier
-from monai_icmil.metrics import instance_auc
+from monai_icmil.metrics import instance_auc, instance_truth
+from monai_icmil.workflows.evaluation import teacher_patch_scores
 
 
 def teacher_on_test(run: Path, data: Path, r: int) -> tuple[np.ndarray, np.ndarray]:
-    """Round ``r``'s teacher tumour probabilities and truth (bool) of the test patches with a clear label."""
-    net = load_bag_classifier(run / f"round_{r}" / "bag_phase" / "bag_classifier.pt").eval()
+    """Round ``r``'s teacher tumour probabilities and truth (bool) of the test patches with a clear label (the
+    workflow's own measure, :func:`~monai_icmil.workflows.evaluation.teacher_patch_scores`)."""
+    net = load_bag_classifier(run / f"round_{r}" / "bag_phase" / "bag_classifier.pt")
     datalist = json.loads((data / "datalist.json").read_text())
-    entries = {Path(e["image"]).stem: e for e in datalist["test"]}
-    coords = CoordsStore(run / "coords")
-    scores, truth = [], []
-    for f in sorted((run / f"round_{r}" / "features").glob("test_*.safetensors")):
-        t, e = load_file(str(f)), entries[f.stem]
-        with torch.no_grad():
-            p = torch.softmax(net.instance_logits(t["features"].float()), -1)[:, -1].numpy()
-        if e.get("tumour_mask"):
-            dims = get_slide(str(data / e["image"]), "auto").dimensions
-            footprint = float(coords.metadata(f.stem)["footprint"])  # the patch's side in level-0 pixels
-            fraction = GroundTruth(str(data / e["tumour_mask"]), dims).patch_fraction(t["coords"].numpy(), footprint)
-        elif e.get("label") == 0:
-            fraction = np.zeros(len(p))
-        else:
-            continue
-        keep = (fraction >= 0.5) | (fraction == 0)
-        scores.append(p[keep])
-        truth.append(fraction[keep] >= 0.5)
-    return np.concatenate(scores), np.concatenate(truth)
+    entries = {}
+    for e in datalist["test"]:  # paths in the datalist are relative to its folder
+        mask = e.get("tumour_mask")
+        entries[Path(e["image"]).stem] = {
+            **e,
+            "image": str(data / e["image"]),
+            "tumour_mask": mask and str(data / mask),
+        }
+    store = FeatureStore(run / f"round_{r}" / "features")
+    loaded = {sid: store.load(sid) for sid in sorted(entries)}
+    bags = [{"slide_id": sid, **arrays} for sid, arrays in loaded.items() if arrays is not None]
+    return instance_truth(*teacher_patch_scores(net, bags, entries, CoordsStore(run / "coords")))
 
 
 def describe(p: np.ndarray, y: np.ndarray) -> dict[str, float]:

@@ -34,6 +34,7 @@ __all__ = [
     "linear_probe_auc",
     "fit_linear_probe",
     "instance_auc",
+    "instance_truth",
 ]
 
 METRIC_NAMES = ("auc", "acc", "f1", "youden_acc", "youden_f1")
@@ -203,6 +204,20 @@ class SlideMetric(Metric):
         return float(slide_metrics(torch.cat(self._probs), torch.cat(self._labels), warn=self.name == "auc")[self.name])
 
 
+def instance_truth(
+    scores: Sequence[np.ndarray], fractions: Sequence[np.ndarray], positive: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """All slides' patch scores and truth (bool) for the patches with a clear label: at least ``positive`` of their
+    area in tumour (positive) or none (negative); the ones in between, on a tumour's border, are left out."""
+    s, y = [], []
+    for sc, fr in zip(scores, fractions):
+        sc, fr = np.asarray(sc, np.float64).reshape(-1), np.asarray(fr, np.float64).reshape(-1)
+        keep = (fr >= positive) | (fr == 0)
+        s.append(sc[keep])
+        y.append(fr[keep] >= positive)
+    return (np.concatenate(s) if s else np.zeros(0)), (np.concatenate(y) if y else np.zeros(0, bool))
+
+
 def instance_auc(
     scores: Sequence[np.ndarray], fractions: Sequence[np.ndarray], positive: float = 0.5, threshold: float = 0.5
 ) -> dict[str, float | int]:
@@ -222,21 +237,14 @@ def instance_auc(
         patches scored above ``threshold``), "precision" (share of the patches scored above it that are tumour)}``
         (``nan`` where undefined: an AUC without both kinds, a precision without a patch above the threshold).
     """
-    s, y = [], []
-    for sc, fr in zip(scores, fractions):
-        sc, fr = np.asarray(sc, np.float64).reshape(-1), np.asarray(fr, np.float64).reshape(-1)
-        keep = (fr >= positive) | (fr == 0)
-        s.append(sc[keep])
-        y.append(fr[keep] >= positive)
-    s_all = np.concatenate(s) if s else np.zeros(0)
-    y_all = np.concatenate(y) if y else np.zeros(0, bool)
+    s_all, y_all = instance_truth(scores, fractions, positive)
     auc = binary_auc(s_all, y_all) if 0 < y_all.sum() < len(y_all) else float("nan")
     called = s_all > threshold
     return {
         "patch_auc": auc,
         "patches": int(len(y_all)),
         "tumour_patches": int(y_all.sum()),
-        "slides": len(s),
+        "slides": len(scores),
         "normal_called_tumour": float(called[~y_all].mean()) if (~y_all).any() else float("nan"),
         "precision": float(y_all[called].mean()) if called.any() else float("nan"),
     }

@@ -5,7 +5,7 @@ against ground-truth tumour masks: the patch AUC, the measure ICMIL's coupling i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ from monai_icmil.data.store import BagDataset, CoordsStore
 from monai_icmil.metrics import instance_auc
 from monai_icmil.networks.aggregators import MILAggregator
 
-__all__ = ["has_ground_truth", "teacher_patch_auc"]
+__all__ = ["has_ground_truth", "teacher_patch_auc", "teacher_patch_scores"]
 
 
 def has_ground_truth(entries: list[Mapping[str, Any]]) -> bool:
@@ -26,28 +26,27 @@ def has_ground_truth(entries: list[Mapping[str, Any]]) -> bool:
 
 
 @torch.no_grad()
-def teacher_patch_auc(
+def teacher_patch_scores(
     net: MILAggregator,
-    bags: BagDataset,
+    bags: BagDataset | Sequence[Mapping[str, Any]],
     entries: Mapping[str, Mapping[str, Any]],
     coords: CoordsStore,
     backend: str = "auto",
-) -> dict[str, Any] | None:
-    """The instance teacher's patch AUC on ``bags`` against their slides' ground truth
-    (:func:`~monai_icmil.metrics.instance_auc`: >= 50 % tumour positive, tumour-free negative).
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The instance teacher's tumour probability and the ground-truth tumour fraction of every patch, per slide.
 
     A slide with a ``tumour_mask`` is measured against it; a slide of class 0 without one counts as tumour-free; other
     slides are left out. The score of a patch is the teacher's probability of the last class.
 
     Args:
         net: the round's bag classifier.
-        bags: the round's feature bags (features and coordinates) of the slides to measure on.
+        bags: the round's feature bags (``features``, ``coords``, ``slide_id``) of the slides to measure on.
         entries: ``{slide_id: datalist entry}`` (``image``, ``label``, ``tumour_mask``).
         coords: the coordinate store (each slide's patch footprint).
         backend: slide backend (each slide's dimensions).
 
     Returns:
-        ``{"patch_auc", "patches", "tumour_patches", "slides"}``, or ``None`` without any tumour patch to measure.
+        ``(scores, fractions)``: one array per measured slide each.
     """
     net = net.cpu().eval()
     scores, fractions = [], []
@@ -61,6 +60,24 @@ def teacher_patch_auc(
         truth = GroundTruth(mask, get_slide(entry["image"], backend).dimensions)
         fractions.append(truth.patch_fraction(bag["coords"].numpy(), footprint))
         scores.append(torch.softmax(net.instance_logits(bag["features"].float()), -1)[:, -1].numpy())
+    return scores, fractions
+
+
+def teacher_patch_auc(
+    net: MILAggregator,
+    bags: BagDataset | Sequence[Mapping[str, Any]],
+    entries: Mapping[str, Mapping[str, Any]],
+    coords: CoordsStore,
+    backend: str = "auto",
+) -> dict[str, Any] | None:
+    """The instance teacher's patch AUC on ``bags`` against their slides' ground truth
+    (:func:`teacher_patch_scores`; :func:`~monai_icmil.metrics.instance_auc`: >= 50 % tumour positive, tumour-free
+    negative), with the labels it gives at 0.5.
+
+    Returns:
+        :func:`~monai_icmil.metrics.instance_auc`'s record, or ``None`` without any tumour patch to measure.
+    """
+    scores, fractions = teacher_patch_scores(net, bags, entries, coords, backend)
     if not any((np.asarray(f) >= 0.5).any() for f in fractions):
         return None
     return instance_auc(scores, fractions)
