@@ -254,6 +254,26 @@ def collect(
     return rows
 
 
+ROW_KEY = ("setting", "variant", "seed", "start", "aggregator", "round")
+# what may differ between two commands whose rows share one report: which runs they make, not how
+PER_COMMAND_ARGS = {"seeds", "aggregators", "starts", "settings", "workers", "device", "out"}
+
+
+def merge_rows(report: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The rows of ``report`` (an earlier ``report*.json`` in the same ``--out``) that ``rows`` do not measure again,
+    then ``rows``: commands into one ``--out`` for other seeds or aggregators add to its report, not replace it. An
+    earlier report made with other sizes or options (any argument outside ``PER_COMMAND_ARGS``) is replaced."""
+    if not report.is_file():
+        return list(rows)
+    old = json.loads(report.read_text())
+    options = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in PER_COMMAND_ARGS}))
+    if {k: v for k, v in old.get("args", {}).items() if k not in PER_COMMAND_ARGS} != options:
+        print(f"[icmil_gain] {report} was made with other options: replaced, not added to", flush=True)
+        return list(rows)
+    new = {tuple(r.get(k, "") for k in ROW_KEY) for r in rows}
+    return [r for r in old["rows"] if tuple(r.get(k, "") for k in ROW_KEY) not in new] + list(rows)
+
+
 def _fmt(values: list[float]) -> str:
     v = np.array([x for x in values if x is not None and not np.isnan(x)], float)
     if not len(v):
@@ -272,7 +292,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: floa
         "# ICMIL gain on synthetic slides",
         "",
         f"Command: `python benchmarks/icmil_gain.py {' '.join(sys.argv[1:])}`; {seconds / 60:.1f} min, device "
-        f"{args.device}, {torch.get_num_threads()} threads.",
+        f"{args.device}, {torch.get_num_threads()} threads. Rows of earlier commands into the same `--out` with the "
+        "same options (other seeds or aggregators) are kept.",
         f"Slides per seed: {args.train} training / {args.val} validation / {args.test} test; embedder "
         f"{args.embedder} at {args.patch_size} px, {args.mpp} um/px; {args.rounds} coupled round(s).",
         "",
@@ -418,8 +439,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     run_bundle(data, run_dir, seed, agg, start, args)
                     first = first or run_dir
                     rows += collect(run_dir, setting, seed, agg, start, data, args.variant)
-                    atomic_write_json(out / f"report{suffix}.json", {"args": vars(args), "rows": rows})
-    text = markdown(rows, args, time.perf_counter() - t0)
+                    report = merge_rows(out / f"report{suffix}.json", rows, args)
+                    atomic_write_json(out / f"report{suffix}.json", {"args": vars(args), "rows": report})
+    text = markdown(merge_rows(out / f"report{suffix}.json", rows, args), args, time.perf_counter() - t0)
     atomic_write_text(out / f"report{suffix}.md", text)
     print(text)
     return rows

@@ -105,6 +105,24 @@ def _scale():
     return mod
 
 
+def test_icmil_gain_reports_of_commands_into_one_out_add_up_unless_their_options_differ(tmp_path):
+    """A second command into the same ``--out`` (another aggregator, same options) keeps the first one's rows and
+    replaces only those it measures again; one with other options (a size) replaces the report."""
+    gain = _module()
+    args = gain.parse(["--out", str(tmp_path), "--aggregators", "abmil", "--seeds", "0"])
+    row = dict(setting="hard", variant="v", seed=0, start="ssl", aggregator="abmil", test_auc=0.5)
+    first = [{**row, "round": r} for r in (0, 1)]
+    report = tmp_path / "report-v.json"
+    report.write_text(json.dumps({"args": vars(args), "rows": first}))
+    dtfd = [{**row, "aggregator": "dtfd", "round": 1}]
+    assert gain.merge_rows(report, dtfd, gain.parse(["--out", str(tmp_path), "--aggregators", "dtfd"])) == first + dtfd
+    again = [{**row, "round": 1, "test_auc": 0.9}]
+    assert gain.merge_rows(report, again, args) == first[:1] + again
+    other = gain.parse(["--out", str(tmp_path), "--aggregators", "dtfd", "--width", "1000"])
+    assert gain.merge_rows(report, dtfd, other) == dtfd
+    assert gain.merge_rows(tmp_path / "none.json", dtfd, args) == dtfd
+
+
 def test_scale_round_smoke_times_every_phase_and_extrapolates(tmp_path):
     result = _scale().main(
         ["round", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--json", str(tmp_path / "r.json")]
