@@ -421,6 +421,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     out = Path(args.out)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    report = rows  # this command's rows and those of earlier ones it keeps (merge_rows)
     suffix = f"-{args.variant}" if args.variant else ""  # report.json, or report-<variant>.json
     for setting in args.settings:
         for seed in args.seeds:
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     rows += collect(run_dir, setting, seed, agg, start, data, args.variant)
                     report = merge_rows(out / f"report{suffix}.json", rows, args)
                     atomic_write_json(out / f"report{suffix}.json", {"args": vars(args), "rows": report})
-    text = markdown(merge_rows(out / f"report{suffix}.json", rows, args), args, time.perf_counter() - t0)
+    text = markdown(report, args, time.perf_counter() - t0)
     atomic_write_text(out / f"report{suffix}.md", text)
     print(text)
     return rows
