@@ -20,6 +20,11 @@ stayed at chance, so there was no teacher to couple). The hard and sparse settin
 (``--couple_*``, ``--confidence``, ``--normal_targets``, ``--select``) were fixed before any of their test AUCs was
 seen.
 
+``--variant NAME --bag_from SOURCE`` trains only the bag phases again, every round's, with other ``--bag_*`` options
+on the features and embedders of the runs of variant ``SOURCE`` (``plain``: the runs without a variant): the bag
+phase alone on fixed features (about 17 min a round for AB-MIL on the hard large setting on one core, against ~65 for
+a coupled round).
+
 Settings are fixed here, before looking at test AUCs, and every seed is reported. Round-0 work that does not depend
 on the aggregator (tiling, pre-training, round-0 features) is done once per seed and start and copied.
 
@@ -90,7 +95,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "embed#num_workers": args.workers,
         "embed#read_threads": 2,
         "bag_phase#epochs": args.bag_epochs,
-        "bag_phase#early_stop_patience": max(5, args.bag_epochs // 3),
+        "bag_phase#early_stop_patience": args.bag_patience or max(5, args.bag_epochs // 3),
+        "bag_phase#lr": args.bag_lr,
+        "bag_phase#weight_decay": args.bag_weight_decay,
         "bag_phase#early_stop_min_epochs": args.bag_min_epochs,
         "bag_phase#standardize": True,
         "bag_phase#restarts": args.bag_restarts,
@@ -157,20 +164,35 @@ def run_bundle(data: Path, out: Path, seed: int, aggregator: str, start: str, ar
     )
 
 
-def seed_round0(src: Path, dst: Path, whole: bool = False) -> None:
-    """Copy what does not depend on the aggregator (coordinates, pre-training, round-0 features) to a new run; with
-    ``whole``, all of round 0 (its bag phase too: another variant of the coupled rounds of the same aggregator)."""
-    state = json.loads((src / "state.json").read_text())
-    for sub in ("coords", "pretrain", "round_0" if whole else "round_0/features"):
+def _seed_run(src: Path, dst: Path, subs: list[str], rounds: dict[str, Any], state: dict[str, Any]) -> None:
+    """Copy ``subs`` of run ``src`` and what every run of a seed shares (coordinates, pre-training, validation split,
+    slide report) to a new run ``dst`` whose ledger holds ``rounds``."""
+    for sub in ["coords", "pretrain", *subs]:
         if (src / sub).is_dir():
             shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
-    keep = {"rounds": {"0": state["rounds"]["0"] if whole else {"embed": state["rounds"]["0"]["embed"]}}}
-    if "pretrain" in state:
-        keep["pretrain"] = state["pretrain"]
+    keep = {"rounds": rounds, **({"pretrain": state["pretrain"]} if "pretrain" in state else {})}
     for f in ("validation_split.json", "report.json"):
         if (src / f).is_file():
             shutil.copy(src / f, dst / f)
     atomic_write_json(dst / "state.json", keep)
+
+
+def seed_round0(src: Path, dst: Path, whole: bool = False) -> None:
+    """Copy what does not depend on the aggregator (coordinates, pre-training, round-0 features) to a new run; with
+    ``whole``, all of round 0 (its bag phase too: another variant of the coupled rounds of the same aggregator)."""
+    state = json.loads((src / "state.json").read_text())
+    round0 = state["rounds"]["0"] if whole else {"embed": state["rounds"]["0"]["embed"]}
+    _seed_run(src, dst, ["round_0" if whole else "round_0/features"], {"0": round0}, state)
+
+
+def seed_embeddings(src: Path, dst: Path) -> None:
+    """Copy every round's embedder and features of run ``src``, not its bag phases, to a new run (``--bag_from``):
+    the new run trains every round's bag classifier again, with its own bag-phase options, on the same features.
+    (Round r's embedder stays the one ``src``'s round r-1 classifier taught: this measures the bag phase alone.)"""
+    state = json.loads((src / "state.json").read_text())
+    rounds = {r: {k: s[k] for k in ("embedder_phase", "embed") if k in s} for r, s in state["rounds"].items()}
+    subs = [f"round_{r}/{sub}" for r in rounds for sub in ("features", "embedder_phase") if int(r) or sub == "features"]
+    _seed_run(src, dst, subs, rounds, state)
 
 
 def stored_test_arrays(out: Path, r: int, datalist: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], str, dict]]:
@@ -210,12 +232,50 @@ def restart_test_aucs(out: Path, r: int, datalist: dict[str, Any]) -> list[float
     restarts says what the round's features support without that choice.
     """
     bag_dir = out / f"round_{r}" / "bag_phase"
-    nets = sorted(bag_dir.glob("restart_*/bag_classifier.pt")) or [bag_dir / "bag_classifier.pt"]
+    nets = sorted(bag_dir.glob("restart_*/bag_classifier.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
+    nets = nets or [bag_dir / "bag_classifier.pt"]
     bags = [
         {"slide_id": sid, "label": int(entry["label"]), "features": arrays["features"].float()}
         for _, entry, sid, arrays in stored_test_arrays(out, r, datalist)
     ]
     return [float(evaluate_bags(load_bag_classifier(path), bags)[0]["auc"]) for path in nets]
+
+
+def restart_seeds(out: Path, r: int) -> list[int]:
+    """The seed of every bag-phase restart of round ``r``, in restart order (``[]`` where there was a single run).
+
+    Round ``r`` seeds restart ``k`` with ``seed + r + k``, so rounds share all but one restart seed: a restart of round
+    ``r`` and one of round 0 with the same seed started from the same initialisation and saw the instances in the
+    same order, and differ only in the features (the embedder's change).
+    """
+    record = out / f"round_{r}" / "bag_phase" / "restarts.json"
+    return [int(x["seed"]) for x in json.loads(record.read_text())["restarts"]] if record.is_file() else []
+
+
+def restart_fit(out: Path, r: int) -> list[dict[str, float]]:
+    """How every bag-phase restart of round ``r`` trained, from its ``history.json``: epochs run, the kept epoch (the
+    bag phase's best by validation AUC), the training loss there, and the epoch of the lowest validation loss. A
+    training loss near 0 at the kept epoch says the classifier had memorised its training bags; one near ln 2 (0.69),
+    that it never left the loss plateau."""
+    bag_dir = out / f"round_{r}" / "bag_phase"
+    record = bag_dir / "restarts.json"
+    if record.is_file():
+        runs = [
+            (bag_dir / f"restart_{x['restart']}", x["best_epoch"]) for x in json.loads(record.read_text())["restarts"]
+        ]
+    else:
+        state = json.loads((out / "state.json").read_text())
+        runs = [(bag_dir, state["rounds"][str(r)]["bag_phase"]["best_epoch"])]
+    fits = []
+    for run, best_epoch in runs:
+        history = json.loads((run / "history.json").read_text())
+        kept = next(e for e in history if e["epoch"] == best_epoch)
+        lowest = min(history, key=lambda e: e["val_loss"] if np.isfinite(e["val_loss"]) else np.inf)
+        fits.append(
+            {"epochs": len(history), "kept_epoch": kept["epoch"], "train_loss_at_kept": kept["train_loss"],
+             "val_loss_at_kept": kept["val_loss"], "lowest_val_loss_epoch": lowest["epoch"]}
+        )  # fmt: skip
+    return fits
 
 
 def collect(
@@ -242,6 +302,8 @@ def collect(
                 "test_f1": test.get("f1"),
                 "restart_test_aucs": restarts,
                 "restart_mean_test_auc": float(np.mean(restarts)),
+                "restart_seeds": restart_seeds(out, int(r)),
+                "restart_fit": restart_fit(out, int(r)),
                 # round r's embedder phase measured round r-1's teacher on plain patches vs the student's views
                 "teacher_view_agreement": s.get("embedder_phase", {})
                 .get("teacher_consistency", {})
@@ -267,7 +329,9 @@ def merge_rows(report: Path, rows: list[dict[str, Any]], args: argparse.Namespac
         return list(rows)
     old = json.loads(report.read_text())
     options = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in PER_COMMAND_ARGS}))
-    if {k: v for k, v in old.get("args", {}).items() if k not in PER_COMMAND_ARGS} != options:
+    # an option added after the earlier report was written counts as its default there
+    old_args = {**json.loads(json.dumps(vars(parse([])))), **old.get("args", {})}
+    if {k: v for k, v in old_args.items() if k not in PER_COMMAND_ARGS} != options:
         print(f"[icmil_gain] {report} was made with other options: replaced, not added to", flush=True)
         return list(rows)
     new = {tuple(r.get(k, "") for k in ROW_KEY) for r in rows}
@@ -287,6 +351,27 @@ def _gains(group: list[dict[str, Any]], sel: list[dict[str, Any]], key: str) -> 
     return [r[key] - base[r["seed"]] for r in sel if base.get(r["seed"]) is not None and r[key] is not None]
 
 
+def _fits(fits: list[dict[str, float]] | None) -> str:
+    """``restart_fit`` as ``kept epoch (training loss there)`` per restart (``-`` for rows from before it)."""
+    return " / ".join(f"{x['kept_epoch']} ({x['train_loss_at_kept']:.2f})" for x in fits) if fits else "-"
+
+
+def _same_init_gains(group: list[dict[str, Any]], sel: list[dict[str, Any]]) -> list[float]:
+    """Per row of ``sel``: the mean, over the restarts it shares a seed with round 0 of the same seed (within
+    ``group``), of its restart's test AUC minus round 0's restart's (:func:`restart_seeds`): the round-over-round
+    change with the bag classifier's initialisation held fixed. Rows without shared seeds are left out."""
+    base = {r["seed"]: r for r in group if r["round"] == 0}
+    gains = []
+    for row in sel:
+        ref = base.get(row["seed"]) or {}
+        ref_auc = dict(zip(ref.get("restart_seeds", []), ref.get("restart_test_aucs", [])))
+        pairs = zip(row.get("restart_seeds", []), row["restart_test_aucs"])
+        diffs = [auc - ref_auc[s] for s, auc in pairs if s in ref_auc]
+        if diffs:
+            gains.append(float(np.mean(diffs)))
+    return gains
+
+
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> str:
     lines = [
         "# ICMIL gain on synthetic slides",
@@ -300,28 +385,37 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: floa
         "## Every seed",
         "",
         'Test AUC is that of the restart kept by validation AUC; "restarts\' test AUC" lists every restart (their '
-        "mean does not depend on that choice). Teacher view agreement (rounds >= 1): the previous round's instance "
-        "teacher, plain held-out patches vs the student's views of them, measured as the embedder phase starts.",
+        "mean does not depend on that choice); a training loss near 0 at the kept epoch: the classifier had "
+        "memorised its training bags; near 0.69 (ln 2): it had not left the loss plateau. Teacher view agreement "
+        "(rounds >= 1): the previous round's instance teacher, plain held-out patches vs the student's views of them, "
+        "measured as the embedder phase starts.",
         "",
         "| setting | seed | start | aggregator | round | val AUC | test AUC | test acc | test F1 | "
-        "restarts' test AUC | teacher view agreement | teacher patch AUC | probe patch AUC |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "restarts' test AUC | restarts' kept epoch (training loss there) | teacher view agreement | "
+        "teacher patch AUC | probe patch AUC |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     f = lambda x: "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"  # noqa: E731
     for r in rows:
         lines.append(
             f"| {r['setting']} | {r['seed']} | {r['start']} | {r['aggregator']} | {r['round']} | {f(r['val_auc'])} | "
             f"{f(r['test_auc'])} | {f(r['test_acc'])} | {f(r['test_f1'])} | "
-            f"{' / '.join(f(x) for x in r['restart_test_aucs'])} | {f(r['teacher_view_agreement'])} | "
+            f"{' / '.join(f(x) for x in r['restart_test_aucs'])} | {_fits(r.get('restart_fit'))} | "
+            f"{f(r['teacher_view_agreement'])} | "
             f"{f(r['teacher_patch_auc'])} | {f(r['probe_patch_auc'])} |"
         )
     lines += [
         "",
         "## Mean +/- sd over seeds",
         "",
+        "Same-init gain: per seed, the mean over the bag-phase restarts that round r and round 0 seeded alike (round "
+        "r's restart k has seed + r + k, so all but one) of the test AUC difference: the round's change with the bag "
+        "classifier's initialisation and instance order held fixed, so only the features differ.",
+        "",
         "| setting | start | aggregator | round | test AUC | test acc | test F1 | teacher patch AUC | "
-        "probe patch AUC | test AUC gain vs round 0 | restarts' mean test AUC | its gain vs round 0 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "probe patch AUC | test AUC gain vs round 0 | restarts' mean test AUC | its gain vs round 0 | "
+        "same-init gain vs round 0 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     groups = dict.fromkeys((r["setting"], r["start"], r["aggregator"], r.get("variant", "")) for r in rows)
     for setting, start, agg, variant in groups:
@@ -336,7 +430,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: floa
                 f"{_fmt([r['test_acc'] for r in sel])} | {_fmt([r['test_f1'] for r in sel])} | "
                 f"{_fmt([r['teacher_patch_auc'] for r in sel])} | {_fmt([r['probe_patch_auc'] for r in sel])} | "
                 f"{_fmt(gain) if rnd else '-'} | {_fmt([r['restart_mean_test_auc'] for r in sel])} | "
-                f"{_fmt(mean_gain) if rnd else '-'} |"
+                f"{_fmt(mean_gain) if rnd else '-'} | {_fmt(_same_init_gains(group, sel)) if rnd else '-'} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -383,6 +477,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="name of this run's embedder-phase options: its runs go to <aggregator>-<variant>/ and start from the "
         "plain runs' round 0 where those exist",
     )
+    p.add_argument(
+        "--bag_from",
+        default="",
+        help="a variant name (or 'plain'): this variant's runs start from that one's embedders and features of every "
+        "round, and train only the bag phases again (with these --bag_* options): the bag phase alone, on the same "
+        "features; needs --variant",
+    )
+    p.add_argument("--bag_lr", type=float, default=2e-4, help="bag-phase Adam lr (train.json's)")
+    p.add_argument("--bag_weight_decay", type=float, default=1e-4, help="bag-phase Adam weight decay (train.json's)")
+    p.add_argument(
+        "--bag_patience", type=int, default=None, help="bag-phase early-stopping patience (default max(5, epochs // 3))"
+    )
     p.add_argument("--val_patches", type=int, default=256)
     p.add_argument("--ssl_epochs", type=int, default=10)
     p.add_argument("--ssl_batches", type=int, default=40)
@@ -390,6 +496,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.bag_from and not args.variant:
+        p.error("--bag_from needs --variant (the name of the new runs)")
     if args.smoke:
         args.seeds, args.rounds, args.settings = args.seeds[:1], 1, list(DATA_SETTINGS)
         args.train, args.val, args.test, args.width, args.height = 4, 2, 2, 768, 512
@@ -432,7 +540,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     plain = out / "runs" / setting / f"seed_{seed}" / start / agg
                     run_dir = plain.with_name(f"{agg}-{args.variant}") if args.variant else plain
                     if not (run_dir / "state.json").is_file():
-                        if args.variant and (plain / "state.json").is_file():
+                        if args.bag_from:
+                            source = plain.with_name(f"{agg}-{args.bag_from}") if args.bag_from != "plain" else plain
+                            if not (source / "state.json").is_file():
+                                raise FileNotFoundError(f"--bag_from {args.bag_from}: no run in {source}")
+                            seed_embeddings(source, run_dir)
+                        elif args.variant and (plain / "state.json").is_file():
                             seed_round0(plain, run_dir, whole=True)
                         elif first is not None:
                             seed_round0(first, run_dir)

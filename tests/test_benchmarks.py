@@ -45,6 +45,12 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         same = lambda a, b: a == pytest.approx(b) or (math.isnan(a) and math.isnan(b))  # noqa: E731
         assert any(same(a, r["test_auc"]) for a in r["restart_test_aucs"]), r
         assert same(r["restart_mean_test_auc"], float(np.mean(r["restart_test_aucs"])))
+        # restart k of round r is seeded seed + r + k; its fit is read from its own history
+        assert r["restart_seeds"] == [r["seed"] + r["round"] + k for k in range(2)], r
+        assert len(r["restart_fit"]) == 2
+        for fit in r["restart_fit"]:
+            assert 1 <= fit["kept_epoch"] <= fit["epochs"] <= 2 and 1 <= fit["lowest_val_loss_epoch"] <= fit["epochs"]
+            assert fit["train_loss_at_kept"] > 0, fit
         if r["round"] == 0:
             assert r["teacher_view_agreement"] is None
         else:
@@ -71,6 +77,30 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         and "Mean +/- sd over seeds" in md
         and "| hard | ssl | dtfd | 1 |" in md
     )
+    fits = rows[0]["restart_fit"]
+    assert f"| {fits[0]['kept_epoch']} ({fits[0]['train_loss_at_kept']:.2f}) / {fits[1]['kept_epoch']} (" in md
+    # --bag_from: the bag phases again on the plain runs' features and embedders, with another weight decay
+    with pytest.raises(SystemExit):
+        gain.parse(["--bag_from", "plain"])  # needs --variant
+    again = ["--smoke", "--out", str(tmp_path), "--starts", "ssl", "--aggregators", "abmil", "--variant", "wd"]
+    rebag = gain.main(again + ["--bag_from", "plain", "--bag_weight_decay", "0.05"])
+    assert {(r["setting"], r["variant"], r["round"]) for r in rebag} == {
+        (s, "wd", k) for s in gain.DATA_SETTINGS for k in (0, 1)
+    }
+    for setting in gain.DATA_SETTINGS:
+        runs = tmp_path / "runs" / setting / "seed_0" / "ssl"
+        src, new = (json.loads((runs / d / "state.json").read_text())["rounds"] for d in ("abmil", "abmil-wd"))
+        assert new["1"]["embedder_phase"] == src["1"]["embedder_phase"]  # not trained again
+        assert [new[k]["embed"]["fingerprint"] for k in "01"] == [src[k]["embed"]["fingerprint"] for k in "01"]
+        assert all("bag_phase" in new[k] and "test" in new[k] for k in "01")
+        # restart 0 of round 1 had the same seed and features in both: its record's phase signature (the optimizer's
+        # settings among them) says the new weight decay trained it
+        signatures = [
+            json.loads((runs / d / "round_1" / "bag_phase" / "restart_0" / "restart.json").read_text())["signature"]
+            for d in ("abmil", "abmil-wd")
+        ]
+        assert signatures[0] != signatures[1]
+    assert len(json.loads((tmp_path / "report-wd.json").read_text())["rows"]) == len(rebag)
     # witness_bound.py on a smoke run: its bag test AUC is the workflow's, read back from predictions.csv
     bound = _module("witness_bound")
     assert bound.slide_scores(np.array([0.1, 0.9, 0.5])) == {"max": 0.9, "top5%": 0.9, "mean": pytest.approx(0.5)}
@@ -139,3 +169,25 @@ def test_scale_bags_measures_peak_memory_per_bag_size():
     rows = _scale().main(["bags", "--sizes", "2000", "--dim", "32", "--cohort", "4"])
     assert [(r["size"], r["bags"]) for r in rows] == [(2000, 2), (2000, 4)]
     assert all(r["peak_gib"] > 0.1 and r["seconds_per_bag_step"] > 0 for r in rows)
+
+
+def test_icmil_gain_same_init_gain_pairs_restarts_by_seed():
+    """Round 1's restart k shares its seed with round 0's restart k + 1: the same-init gain pairs those, per seed."""
+    gain = _module()
+    row = dict(setting="hard", variant="", start="ssl", aggregator="abmil", restart_mean_test_auc=0.5)
+    row.update(
+        dict.fromkeys(("val_auc", "test_auc", "test_acc", "test_f1", "teacher_patch_auc", "probe_patch_auc"), 0.5)
+    )
+    row["teacher_view_agreement"] = None
+    group = [
+        {**row, "seed": 0, "round": 0, "restart_seeds": [0, 1, 2], "restart_test_aucs": [0.5, 0.6, 0.7]},
+        {**row, "seed": 0, "round": 1, "restart_seeds": [1, 2, 3], "restart_test_aucs": [0.9, 0.6, 0.1]},
+        {**row, "seed": 1, "round": 0, "restart_seeds": [1, 2, 3], "restart_test_aucs": [0.8, 0.8, 0.8]},
+        {**row, "seed": 1, "round": 1, "restart_seeds": [2, 3, 4], "restart_test_aucs": [0.7, 0.9, 0.2]},
+        {**row, "seed": 2, "round": 0, "restart_test_aucs": [0.8]},  # a report from before restart_seeds: left out
+        {**row, "seed": 2, "round": 1, "restart_test_aucs": [0.9]},
+    ]
+    sel = [r for r in group if r["round"] == 1]
+    assert gain._same_init_gains(group, sel) == pytest.approx([((0.9 - 0.6) + (0.6 - 0.7)) / 2, (-0.1 + 0.1) / 2])
+    md = gain.markdown(group, gain.parse([]), 1.0)
+    assert "| hard | ssl | abmil | 1 |" in md and md.rstrip().endswith("| 0.050 +/- 0.071 |")
