@@ -22,8 +22,8 @@ seen.
 
 ``--variant NAME --bag_from SOURCE`` trains only the bag phases again, every round's, with other ``--bag_*`` options
 on the features and embedders of the runs of variant ``SOURCE`` (``plain``: the runs without a variant): the bag
-phase alone on fixed features (about 17 min a round for AB-MIL on the hard large setting on one core, against ~65 for
-a coupled round).
+phase alone on fixed features (8-14 min a round for AB-MIL on the hard large setting on one core, against ~65 for a
+coupled round).
 
 Settings are fixed here, before looking at test AUCs, and every seed is reported. Round-0 work that does not depend
 on the aggregator (tiling, pre-training, round-0 features) is done once per seed and start and copied.
