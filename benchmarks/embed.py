@@ -12,9 +12,11 @@ Ours runs once per ``--loaders`` entry: ``WxT`` is ``W`` DataLoader worker proce
 each; ``tKxT`` is ``K`` reader threads in this process (:class:`~monai_icmil.data.prefetch.Prefetcher`, reading
 straight into pinned memory on CUDA) with ``T`` decoding threads each; ``0xT`` is ``t1xT``. A trailing ``s``
 (``t8x2s``) moves the batches to the GPU on a copy stream of their own (``Embed(copy_stream=True)``); a trailing
-``e`` (``t8x2se``) runs the embedder eagerly (``Embed(compile=False)``), without it the engine's default applies
+``e`` (``t8x2se``) runs the embedder eagerly (``Embed(compile=False)``), a trailing ``g`` (``t8x2sg``) compiles it
+with CUDA graphs (``Embed(compile="reduce-overhead")``); without either the engine's default applies
 (``torch.compile`` with a fixed batch shape on CUDA, eager on the CPU). On CUDA, (a) is also timed compiled
-(``a_model_only_compiled``), the ceiling of the compiled path.
+(``a_model_only_compiled``), the ceiling of the compiled path. A loader named twice (``t8x2s t8x2s``) is reported
+for its second call, the first as ``"t8x2s (first call)"`` (both reuse the compile of (a): same module, same shapes).
 
     python benchmarks/embed.py [--model resnet18] [--patch_size 224] [--patches 448] [--batch_size 64]
                                [--loaders 2x2 0x4 t2x2]
@@ -105,13 +107,16 @@ def feature_check(embedder, store: FeatureStore, item: SlideTiles, device: torch
 
 def parse_loader(spec: str) -> dict[str, int]:
     """``"8x2"`` -> 8 worker processes x 2 decoding threads; ``"t8x2"`` -> 8 reader threads in this process x 2;
-    ``"t8x2s"`` -> the same, with the copies to the GPU on a stream of their own."""
+    ``"t8x2s"`` -> the same, with the copies to the GPU on a stream of their own; a trailing ``e`` runs the embedder
+    eagerly, a trailing ``g`` compiles it with CUDA graphs (``compile="reduce-overhead"``)."""
     spec = spec.lower()
-    eager = spec.endswith("e")
-    spec = spec.rstrip("e")
+    eager, graphs = spec.endswith("e"), spec.endswith("g")
+    spec = spec.rstrip("eg")
     threaded, copy_stream = spec.startswith("t"), spec.endswith("s")
     k, t = (int(v) for v in spec.strip("ts").split("x"))
-    flags = {"copy_stream": copy_stream, **({"compile": False} if eager else {})}
+    flags: dict = {"copy_stream": copy_stream}
+    if eager or graphs:
+        flags["compile"] = "reduce-overhead" if graphs else False
     if threaded:
         return {"num_workers": 0, "prefetch_threads": k, "read_threads": t, **flags}
     return {"num_workers": k, "prefetch_threads": 1, "read_threads": t, **flags}
@@ -202,7 +207,7 @@ def main() -> None:
     embedder = create_embedder(a.model, input_size=a.patch_size).to(device).eval()
     embedder = embedder.to(memory_format=torch.channels_last)  # as the engine does, so (a) is the same model
     rate_model = model_only(embedder, max(n, 4 * a.batch_size), a.patch_size, a.batch_size, device, amp)
-    rate_compiled = compile_s = None
+    rate_compiled = compile_s = rate_graphs = None
     rate_tuned = None  # (a) with cuDNN's autotuner: does the engine leave speed on the table by not turning it on?
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -214,8 +219,15 @@ def main() -> None:
         rate_compiled = model_only(compiled, max(n, 4 * a.batch_size), a.patch_size, a.batch_size, device, amp)
         compile_s = time.perf_counter() - t0  # the first call's compile, and the timed passes
         print(f"(a) compiled: {rate_compiled:.1f} patches/s (compile + timing {compile_s:.0f} s)", flush=True)
+        if any(spec.lower().endswith("g") for spec in loaders):  # the ceiling of the CUDA-graph loaders
+            try:
+                graphed = torch.compile(embedder, dynamic=False, mode="reduce-overhead")
+                rate_graphs = model_only(graphed, max(n, 4 * a.batch_size), a.patch_size, a.batch_size, device, amp)
+                print(f"(a) compiled with CUDA graphs: {rate_graphs:.1f} patches/s", flush=True)
+            except Exception as e:  # noqa: BLE001 - a figure missing, not the run
+                print(f"(a) compiled with CUDA graphs failed: {type(e).__name__}: {e}", flush=True)
     print(f"(a) model only: {rate_model:.1f} patches/s", flush=True)
-    rates, steady, reads, checks = {}, {}, {}, {}
+    rates, steady, reads, checks, errors = {}, {}, {}, {}, {}
 
     def dump(**final) -> None:
         """The JSON so far (after each loader: a run cut off by its time budget keeps what it measured)."""
@@ -225,11 +237,13 @@ def main() -> None:
             "a_model_only": rate_model,
             "a_model_only_cudnn_benchmark": rate_tuned,
             "a_model_only_compiled": rate_compiled,
+            "a_model_only_cudagraphs": rate_graphs,
             "a_compile_and_time_s": compile_s,
             "ours_by_loader": rates,
             "ours_steady_by_loader": steady,
             "loader_only": reads,
             "feature_check_by_loader": checks,
+            "errors_by_loader": errors,
             "model": a.model,
             "patch_size": a.patch_size,
             "amp": amp,
@@ -239,11 +253,20 @@ def main() -> None:
         }
         atomic_write_json(a.json, figures)
 
-    for spec in loaders:
+    for k, spec in enumerate(loaders):
         loader = parse_loader(spec)
+        if spec in rates:  # a loader named twice: its first call is kept apart
+            for d in (rates, steady, reads, checks):
+                d[f"{spec} (first call)"] = d.pop(spec)
+        store = FeatureStore(tmp / f"features_{k}")
         t0 = time.perf_counter()
         phase = Embed(batch_size=a.batch_size, amp=amp, progress=False, **loader)
-        res = phase(items, embedder, FeatureStore(tmp / f"features_{spec}"), tiling.params(), device=device)
+        try:
+            res = phase(items, embedder, store, tiling.params(), device=device)
+        except Exception as e:  # noqa: BLE001 - one loader failing (a compile mode, say) must not lose the others
+            print(f"ours with {spec} failed: {type(e).__name__}: {e}", flush=True)
+            errors[spec] = f"{type(e).__name__}: {e}"[:500]
+            continue
         rates[spec] = res["patches"] / (time.perf_counter() - t0)
         steady[spec] = res["steady_patches_per_s"]
         reads[spec] = loader_only(items, a.batch_size, loader, device)
@@ -256,7 +279,7 @@ def main() -> None:
             + (" (copy stream)" if loader["copy_stream"] else "")
             + (" (eager)" if loader.get("compile") is False else "")
         )
-        checks[spec] = feature_check(embedder, FeatureStore(tmp / f"features_{spec}"), items[0], device, amp)
+        checks[spec] = feature_check(embedder, store, items[0], device, amp)
         print(
             f"ours with {how} x {loader['read_threads']} decoding threads: {rates[spec]:.1f} patches/s, "
             f"{steady[spec]:.1f} after the first batch (its loader alone, batches moved to {device.type}: "
@@ -303,6 +326,15 @@ def main() -> None:
             ">= 40x (b)": rate_ours >= 40 * rate_ref,
         }
         print("targets: " + "; ".join(f"{k}: {'met' if v else 'not met'}" for k, v in met.items()), flush=True)
+        compiled_rates = {s: r for s, r in rates.items() if not s.endswith(("e", "(first call)"))}
+        if compiled_rates and rate_compiled:  # #24: the compiled path, its compile paid by an earlier call
+            spec = max(compiled_rates, key=compiled_rates.get)
+            r = compiled_rates[spec]
+            print(
+                f"#24 targets ({spec}): >= 22,000 patches/s: {r:.0f} -> {r >= 22_000}; >= 77 % of the compiled model "
+                f"alone ({rate_compiled:.0f}): {r / rate_compiled:.0%} -> {r >= 0.77 * rate_compiled}",
+                flush=True,
+            )
     dump(
         **rows,
         tile_check_share=tile_check_share,

@@ -4,14 +4,15 @@
 
 1. #2 tissue mask: CuPy vs NumPy masks of the same slides (generated + the CMU slide when carried) agree within one
    boundary pixel; both timings.
-2. #2 reading: ``benchmarks/read_patches.py`` (cuCIM batched vs the OpenSlide loop, when OpenSlide is there).
+2. #2 reading: ``benchmarks/read_patches.py`` (cuCIM batched vs the OpenSlide loop, when OpenSlide is there);
+   #24 decoding: ``benchmarks/decode.py`` (cuCIM's CPU threads vs nvJPEG on the GPU, per JPEG tile).
 3. #3 embedding: ``benchmarks/embed.py`` with ResNet50-trunc at 224 px (ours vs model-only vs the reference).
-4. #5 embedder phase: ``benchmarks/embedder_phase.py`` with ResNet50-trunc, 256 px, batch 100, bf16 (patches/s,
-   peak memory).
+4. #5 / #24 embedder phase: ``benchmarks/embedder_phase.py`` with ResNet50-trunc, 256 px, batch 100, bf16, eager
+   and compiled (patches/s, peak memory).
 5. #24 scale: ``benchmarks/scale.py round`` (a round on generated Camelyon16-size slides, per-phase rates and the
    extrapolation to 2.7 M patches). Step 3 also times the compiled embedder (``t8x2s``, compiled by default on CUDA)
    against the eager one (``t8x2se``) and the compiled model alone. For #24 alone:
-   ``bash benchmarks/gpu_check.sh --only embed embedder_phase scale``.
+   ``bash benchmarks/gpu_check.sh --only decode embed embedder_phase scale``.
 6. #7 end to end: ``benchmarks/end_to_end.py`` (one ICMIL round, time per phase vs the reference pattern).
 
 Each step has a time budget and its own JSON; ``gpu_check.json`` and ``gpu_check.md`` gather them. ``--dry`` runs
@@ -128,7 +129,7 @@ def report(results: dict, out: Path) -> str:
     return md
 
 
-STEPS = ("read_patches", "embed", "embedder_phase", "scale", "end_to_end")
+STEPS = ("read_patches", "decode", "embed", "embedder_phase", "scale", "end_to_end")
 
 
 def main() -> None:
@@ -145,6 +146,7 @@ def main() -> None:
     work = Path(a.work or tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     workers = str(min(16, os.cpu_count() or 2))
+    cmu = Path(os.environ.get("ICMIL_CMU_SLIDE", ROOT / ".gpu_data" / "CMU-1-Small-Region.svs"))
     dry = a.dry
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.perf_counter()
@@ -157,22 +159,33 @@ def main() -> None:
             ["--patches", "200" if dry else "5000", "--num_workers", workers, "--repeats", "1" if dry else "3"],
             120,
         ),
+        "decode": (
+            ["--num_workers", workers, "--batch", "256", "--repeats", "1" if dry else "3"]
+            + (["--slide", str(cmu)] if cmu.is_file() else []),
+            60,
+        ),
         "embed": (
             ["--model", "resnet18_trunc" if dry else "resnet50_trunc", "--patch_size", "64" if dry else "224"]
-            + ["--patches", "256" if dry else "30000", "--batch_size", "64" if dry else "512"]
+            + ["--patches", "256" if dry else "60000", "--batch_size", "64" if dry else "512"]
+            # eager, then compiled twice and compiled with CUDA graphs twice (#24 item 1; two calls show the spread)
             + [
                 "--loaders",
-                *(["0x2", "t2x1se", "t2x1s"] if dry else ["t8x2se", "t8x2s", "t16x1s", "t4x4s"]),
+                *(["t2x1se", "t2x1s", "t2x1s"] if dry else ["t8x2se", "t8x2s", "t8x2s", "t8x2sg", "t8x2sg"]),
             ],
             180,
         ),
         "embedder_phase": (
             ["--model", "resnet18_trunc" if dry else "resnet50_trunc", "--patch_size", "64" if dry else "256"]
-            + ["--batch_size", "16" if dry else "100", "--batches", "4" if dry else "40"]
-            + ["--num_workers", "1" if dry else "8"],
-            120,
+            + ["--batch_size", "16" if dry else "100", "--batches", "4" if dry else "30"]
+            + ["--num_workers", "1" if dry else "8", "--compile", "both", "--skip_b"]
+            + ["--loader_only", *(["1x1"] if dry else ["8x2", "12x4", "16x2"])],
+            240,
         ),
-        "scale": (["round", "--smoke", "--device", "cpu"] if dry else ["round", "--slides", "6"], 240),
+        # 20 bag epochs: the bag phase's fixed costs (loading, validation) weigh less in its per-epoch rate
+        "scale": (
+            ["round", "--smoke", "--device", "cpu"] if dry else ["round", "--slides", "6", "--bag_epochs", "20"],
+            240,
+        ),
         "end_to_end": (
             ["--train", "4" if dry else "16", "--val", "2" if dry else "8", "--test", "2" if dry else "8"],
             150,

@@ -7,7 +7,7 @@
 #     run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".gpu_data"], timeout_s=540)
 # Results: $OUT/gpu_check.json, gpu_check.md and gpu_check.log (per-step files stay in a temp folder). Here, without a GPU:
 #     bash benchmarks/gpu_check.sh --dry      # the same steps at tiny sizes on the CPU
-# Either takes gpu_check.py's options after it, e.g. `--only embed embedder_phase`.
+# Either takes gpu_check.py's options after it, e.g. `--only decode embed embedder_phase scale` (#24).
 set -o pipefail
 cd "$(dirname "$0")/.."
 

@@ -12,7 +12,8 @@ the feature store, so its peak must not grow with the cohort. Runs on the CPU:
 ``round``: one ICMIL round (embed, bag phase, embedder phase, re-embed) of the bundle on generated slides whose
 patch counts are drawn from ``--min_patches``-``--max_patches`` at ``--patch_size`` px (Camelyon16 at 20x: 5k-20k
 at 256 px), timed per phase from ``state.json``; each phase's measured rate (patches/s embedded, seconds per bag
-instance and epoch, seconds per embedder-phase batch) extrapolates to ``--target_patches`` (Camelyon16: 2.7 M
+instance and epoch; for embedding and the embedder phase, the measured time plus the rest at the phase's steady rate,
+its start-up and compile paid once) extrapolates to ``--target_patches`` (Camelyon16: 2.7 M
 patches in 400 slides, 270 of them for training and validation), labelled as an extrapolation. Made for a GPU;
 ``--smoke`` runs it at toy size on the CPU (CI):
 
@@ -120,10 +121,28 @@ def run_bags(args: argparse.Namespace) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------- a round at scale
 
 
+def _cohort_slide(path: Path, texture: np.ndarray, target: int, patch_size: int, mpp: float) -> None:
+    """One generated slide: ``texture`` tiled over ``target`` patches' worth of tissue, in a background margin."""
+    from monai_icmil.data.synthetic import write_slide
+
+    side = math.ceil(math.sqrt(target)) * patch_size
+    margin = side // 8  # background around the tissue, as on a real slide (tissue detection needs some)
+    img = np.full((side + 2 * margin, side + 2 * margin, 3), 242, np.uint8)
+    t = texture.shape[0]
+    for y in range(0, side, t):  # the texture tiled block by block (no slide-sized temporary)
+        for x in range(0, side, t):
+            h, w = min(t, side - y), min(t, side - x)
+            img[margin + y : margin + y + h, margin + x : margin + x + w] = texture[:h, :w]
+    write_slide(path, img, mpp)
+
+
 def make_cohort(root: Path, slides: int, patches: tuple[int, int], patch_size: int, seed: int) -> tuple[Path, list]:
     """Generated slides with ``patches`` (range) tissue patches each at ``patch_size`` px and 0.5 um/px: a rendered
-    tissue texture (one per class: normal, and tumour over about half of the tissue) tiled to the slide's size."""
-    from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide, write_slide
+    tissue texture (one per class: normal, and tumour over about half of the tissue) tiled to the slide's size.
+    Slides are written in parallel processes on machines with 8 cores or more (one per 4 cores)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide
 
     rng = np.random.default_rng(seed)
     cfg = SyntheticSlideConfig(width=2048, height=2048, tissue_fraction=(0.97, 0.99), tumour_fraction=(0.5, 0.6))
@@ -132,20 +151,22 @@ def make_cohort(root: Path, slides: int, patches: tuple[int, int], patch_size: i
     }
     root.mkdir(parents=True, exist_ok=True)
     splits: dict[str, list] = {"training": [], "validation": [], "test": []}
-    counts = []
+    counts, jobs = [], []
     for k in range(slides):
         label, split = k % 2, ("training", "training", "validation", "validation", "test", "test")[k % 6]
         target = int(rng.integers(patches[0], patches[1] + 1))
-        side = math.ceil(math.sqrt(target)) * patch_size
-        reps = math.ceil(side / 1024)
-        margin = side // 8  # background around the tissue, as on a real slide (tissue detection needs some)
-        img = np.full((side + 2 * margin, side + 2 * margin, 3), 242, np.uint8)
-        img[margin : margin + side, margin : margin + side] = np.tile(texture[label], (reps, reps, 1))[:side, :side]
         name = f"slide_{k:03d}.tiff"
-        write_slide(root / name, img, cfg.mpp)
+        jobs.append((root / name, texture[label], target, patch_size, cfg.mpp))
         splits[split].append({"image": name, "label": label})
         counts.append(target)
-        del img
+    workers = min(slides, len(os.sched_getaffinity(0)) // 4)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for future in [pool.submit(_cohort_slide, *job) for job in jobs]:
+                future.result()
+    else:
+        for job in jobs:
+            _cohort_slide(*job)
     (root / "datalist.json").write_text(json.dumps(splits, indent=2))
     return root / "datalist.json", counts
 
@@ -204,22 +225,44 @@ def run_round(args: argparse.Namespace) -> dict[str, Any]:
         "bag phase round 1 (s)": rounds["1"]["bag_phase"]["seconds"],
     }
     epochs = max(1, len(history))  # one row per epoch run
+    steady = {  # the phases' own rates after their first batch (start-up and compile left out)
+        "embed round 0": rounds["0"]["embed"].get("steady_patches_per_s"),
+        "embed round 1": rounds["1"]["embed"].get("steady_patches_per_s"),
+        "embedder phase round 1": rounds["1"]["embedder_phase"].get("steady_patches_per_s"),
+    }
     rates = {
         "embed patches/s (round 0)": patches[0] / max(measured["embed round 0 (s)"], 1e-9),
         "embed patches/s (round 1)": patches[1] / max(measured["embed round 1 (s)"], 1e-9),
         "bag phase s per 1k instance-epochs": 1000 * measured["bag phase round 0 (s)"] / (bag_instances * epochs),
         "embedder phase s per batch": measured["embedder phase round 1 (s)"] / args.embedder_batches,
+        **{f"{k} steady patches/s": v for k, v in steady.items()},
     }
     train_share = 270 / 400  # Camelyon16: 270 training (validation drawn from them), 130 test slides
+
+    def grow(seconds: float, done: float, todo: float, rate: float | None) -> float:
+        """``seconds`` for ``done`` units, plus ``todo - done`` more at the steady ``rate`` (units/s); without one,
+        the whole call's rate (start-up and compile included, so an overestimate)."""
+        return seconds + (todo - done) / rate if rate else seconds * todo / max(done, 1e-9)
+
+    phase_patches = args.embedder_batches * args.embedder_batch
     target = {
-        "embed round 0 (s)": args.target_patches / rates["embed patches/s (round 0)"],
+        "embed round 0 (s)": grow(
+            measured["embed round 0 (s)"], patches[0], args.target_patches, steady["embed round 0"]
+        ),
         "bag phase round 0 (s)": rates["bag phase s per 1k instance-epochs"]
         * args.target_patches
         * train_share
         * args.target_bag_epochs
         / 1000,
-        "embedder phase round 1 (s)": rates["embedder phase s per batch"] * args.target_embedder_batches,
-        "embed round 1 (s)": args.target_patches / rates["embed patches/s (round 1)"],
+        "embedder phase round 1 (s)": grow(
+            measured["embedder phase round 1 (s)"],
+            phase_patches,
+            args.target_embedder_batches * args.embedder_batch,
+            steady["embedder phase round 1"],
+        ),
+        "embed round 1 (s)": grow(
+            measured["embed round 1 (s)"], patches[1], args.target_patches, steady["embed round 1"]
+        ),
     }
     target["bag phase round 1 (s)"] = target["bag phase round 0 (s)"]
     result = {
@@ -239,7 +282,7 @@ def run_round(args: argparse.Namespace) -> dict[str, Any]:
     for k in measured:
         print(f"{k:<30}{measured[k]:>14.1f}{target[k]:>26.0f}")
     for k, v in rates.items():
-        print(f"  rate: {k} = {v:.4g}")
+        print(f"  rate: {k} = {v:.4g}" if v is not None else f"  rate: {k} = n/a")
     print(
         f"EXTRAPOLATED one round at {args.target_patches:.3g} patches, {args.target_embedder_batches} embedder-phase "
         f"batches, {args.target_bag_epochs} bag epochs: {result['extrapolated_round_min']:.1f} min (goal < 30)"

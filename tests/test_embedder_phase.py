@@ -122,6 +122,15 @@ def test_dtfd_confidence_variant_follows_the_reference_equations():
     assert ICMILDistillationLoss(confidence=True).for_teacher(create_aggregator("abmil", 16, 2)).beta == 6.0
 
 
+def test_min_max_normalisation_maps_to_0_1_is_ones_for_equal_scores_and_keeps_a_nan():
+    """Branch-free (one graph under torch.compile), with the values of the branching version: a NaN score still
+    poisons the batch, so the non-finite loss check stops the phase instead of weighting every patch 1."""
+    torch.testing.assert_close(min_max_normalize(torch.tensor([[2.0], [4.0], [3.0]])), torch.tensor([0.0, 1.0, 0.5]))
+    assert torch.equal(min_max_normalize(torch.full((3,), 7.0)), torch.ones(3))
+    assert torch.equal(min_max_normalize(torch.tensor([5.0])), torch.ones(1))
+    assert torch.isnan(min_max_normalize(torch.tensor([1.0, float("nan"), 2.0]))).all()
+
+
 def test_loss_is_zero_when_student_equals_teacher_and_view_equals_patch():
     logits, h = torch.randn(6, 3), torch.randn(6, 8)
     out = ICMILDistillationLoss(confidence=True)(logits, logits, logits, h, h, min_max_normalize(torch.randn(6)))
@@ -434,3 +443,30 @@ def test_the_embedder_phase_fine_tunes_a_vit_from_a_model_folder(slides, vit_fol
     tuned = create_embedder(None, weights=result["checkpoint"])
     assert tuned.name == "vit_small_patch16_224" and tuned.input_size == 48
     assert tuned.fingerprint() == result["fingerprint"] != before
+
+
+def test_the_compiled_teacher_and_student_steps_train_as_the_eager_ones(slides, tmp_path):
+    """``compile: true`` runs the teacher's pass and the student's forward and backward through ``torch.compile`` as
+    one graph each (no graph break, e.g. at the confidence scores' normalisation): the confidence-weighted loss and
+    the tuned embedder follow the eager path, and the phase reports its first iteration apart from its steady rate.
+    Off by default (slower than eager on an H200, benchmarks/RESULTS.md)."""
+    from torch._dynamo.utils import counters
+
+    train, val = slides
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    teacher = _teacher("abmil", embedder.out_dim)
+    runs = {}
+    for compiled in (False, True):
+        counters.clear()
+        runs[compiled] = finetune_embedder(
+            embedder, teacher, train, val, tmp_path / str(compiled), confidence=True, batches_per_epoch=3,
+            val_interval=3, compile=compiled, **FAST,
+        )  # fmt: skip
+        graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2  # the teacher's step and the student's step, each whole (no graph breaks)
+    eager, compiled = runs[False], runs[True]
+    assert compiled["history"][-1]["loss_loss"] == pytest.approx(eager["history"][-1]["loss_loss"], rel=1e-3)
+    for (name, p), q in zip(eager["embedder"].state_dict().items(), compiled["embedder"].state_dict().values()):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4, msg=name)
+    assert compiled["first_iteration_s"] > 0 and compiled["steady_patches_per_s"] > 0
+    assert EmbedderPhase(device="cpu").compile is False and EmbedderPhase(device="cpu", compile="true").compile

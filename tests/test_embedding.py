@@ -673,6 +673,21 @@ def test_the_compiled_embedder_pads_each_slides_last_batch_and_gives_the_eager_f
     assert embedding_module.EmbeddingEngine(embedder, "cpu").compiled is False  # off on the CPU unless asked
 
 
+def test_compile_takes_a_boolean_or_a_torch_compile_mode_and_names_the_choices_otherwise():
+    """``embed#compile``: true/false (also as strings from the command line) or one of torch.compile's modes, which
+    the engine passes on; anything else fails naming the accepted values."""
+    from monai_icmil.engines.embed import compile_setting
+
+    assert compile_setting(None) is None and compile_setting("true") is True and compile_setting(0) is False
+    assert compile_setting(" Reduce-Overhead ") == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile must be true, false or one of default, reduce-overhead"):
+        compile_setting("fast")
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    engine = embedding_module.EmbeddingEngine(embedder, "cpu", compile="max-autotune-no-cudagraphs")
+    assert engine.compiled and engine.compile_mode == "max-autotune-no-cudagraphs"
+    assert embedding_module.EmbeddingEngine(embedder, "cpu", compile=True).compile_mode is None  # inductor's default
+
+
 def test_a_vit_model_folder_loads_offline_with_its_own_architecture_arguments_and_normalisation(vit_folder, tmp_path):
     """A UNI-style folder (timm config.json + weights): no name needed, the file's model_args (layer scale, register
     tokens, dynamic image size) and normalisation are used, the call's arguments win, .bin weights load too."""

@@ -208,3 +208,22 @@ def test_write_slide_is_atomic(tmp_path):
     with pytest.raises(Exception):
         write_slide(path, np.zeros((10, 10), np.uint8), mpp=0.5)  # not RGB: tifffile refuses mid-write
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pyramid_levels_are_the_rounded_2x2_means_in_integers():
+    """The synthetic slides' pyramid halves each level in integer bands; every level equals the float 2x2 mean
+    rounded half to even (what it computed before, so generated datasets are unchanged), odd sizes included."""
+    from monai_icmil.data.synthetic import _pyramid
+
+    img = np.random.default_rng(0).integers(0, 256, (301, 263, 3), dtype=np.uint8)
+    img[:40:2, :40] = 1  # 2x2 blocks whose sums leave remainder 2 (ties), rounded to the even neighbour
+    img[1:40:2, :40] = 2
+    levels, want = _pyramid(img, 16), [img]
+    while min(want[-1].shape[:2]) // 2 >= 16:
+        prev = want[-1]
+        h, w = prev.shape[0] // 2 * 2, prev.shape[1] // 2 * 2
+        want.append(np.round(prev[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))).astype(np.uint8))
+    assert len(levels) == len(want) == 5
+    for got, expected in zip(levels, want):
+        np.testing.assert_array_equal(got, expected)
+    assert levels[1][0, 0, 0] == 2  # (1 + 1 + 2 + 2) / 4 = 1.5 -> 2

@@ -204,9 +204,28 @@ def _pyramid(img: np.ndarray, min_size: int) -> list[np.ndarray]:
     while min(levels[-1].shape[:2]) // 2 >= min_size:
         prev = levels[-1]
         h, w = prev.shape[0] // 2 * 2, prev.shape[1] // 2 * 2
-        down = prev[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
-        levels.append(np.round(down).astype(np.uint8))
+        levels.append(_halve(prev[:h, :w]))
     return levels
+
+
+def _halve(img: np.ndarray, rows: int = 64) -> np.ndarray:
+    """The 2x2 block means of a uint8 image, rounded half to even (``np.round(mean)``, exactly), in integers and in
+    bands of ``rows`` output rows that stay in cache: a float mean of a whole slide's level 0 took most of the time of
+    writing a large slide."""
+    out = np.empty((img.shape[0] // 2, img.shape[1] // 2, img.shape[2]), np.uint8)
+    for r0 in range(0, out.shape[0], rows):
+        band = img[2 * r0 : 2 * (r0 + rows)]
+        s = band[0::2, 0::2].astype(np.uint16)
+        s += band[1::2, 0::2]
+        s += band[0::2, 1::2]
+        s += band[1::2, 1::2]
+        odd = s >> 2
+        odd &= 1
+        odd += 1
+        s += odd  # (s + 1 + (s // 4) % 2) // 4 is s / 4 rounded half to even
+        s >>= 2
+        out[r0 : r0 + rows] = s
+    return out
 
 
 def write_slide(

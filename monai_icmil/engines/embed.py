@@ -163,8 +163,10 @@ class EmbeddingEngine(Engine):
         channels_last: channels-last memory format (default on: measured 1.35x faster for ResNet18 on 2 CPU cores).
         copy_stream: on CUDA, move each batch to the GPU on a stream of its own, so the copy of the next batch runs
             while the current one is embedded instead of waiting behind it on the compute stream (ignored on CPU).
-        compile: run the embedder through ``torch.compile`` with one fixed batch shape (default: on for CUDA, off on
-            CPU, where the compile costs ~30 s and buys little). Batches smaller than ``batch_size`` (a slide's last)
+        compile: run the embedder through ``torch.compile`` with one fixed batch shape (default: on for CUDA, in
+            ``"reduce-overhead"`` mode, which replays CUDA graphs; off on CPU, where the compile costs ~30 s and buys
+            little); ``True`` compiles with inductor's default mode, a string is ``torch.compile``'s ``mode``
+            (:func:`compile_setting`). Batches smaller than ``batch_size`` (a slide's last)
             are padded to it and the padding's features dropped, so the graph is compiled once; the compiled code is
             cached per process and architecture, so later rounds' embedders (same architecture, new weights) reuse it.
         batch_size: the fixed batch shape of the compiled embedder (default: the first batch's size).
@@ -189,9 +191,17 @@ class EmbeddingEngine(Engine):
         if self.channels_last:
             self.embedder = self.embedder.to(memory_format=torch.channels_last)
         self.copy_stream = torch.cuda.Stream(self.device) if copy_stream and cuda else None
-        self.compiled = cuda if compile is None else as_bool(compile, "compile")
+        compile = compile_setting(compile)
+        self.compiled = cuda if compile is None else bool(compile)
+        # the default on CUDA replays CUDA graphs: 20.1-21.0k patches/s against 16.5-18.1k for inductor alone on one
+        # H200 (ResNet50-trunc, 224 px, benchmarks/RESULTS.md, run 8), features equal
+        self.compile_mode = compile if isinstance(compile, str) else None
+        if compile is None and cuda:
+            self.compile_mode = "reduce-overhead"
         self.batch_size = batch_size
-        self._forward = torch.compile(self.embedder, dynamic=False) if self.compiled else self.embedder
+        self._forward = self.embedder
+        if self.compiled:
+            self._forward = torch.compile(self.embedder, dynamic=False, mode=self.compile_mode)
         self.register_events(*EmbeddingEvents)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +213,8 @@ class EmbeddingEngine(Engine):
         if n == self.batch_size:
             return self._forward(x)
         if n > self.batch_size:  # not expected from the loader: embed in fixed-size pieces
-            return torch.cat([self._embed(part) for part in x.split(self.batch_size)])
+            # cloned: with CUDA graphs each replay reuses the previous piece's output memory
+            return torch.cat([self._embed(part).clone() for part in x.split(self.batch_size)])
         with torch.inference_mode(False):  # a normal tensor like the loader's batches: the graph's guards hold
             padded = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
             if self.channels_last:
@@ -231,6 +242,24 @@ class EmbeddingEngine(Engine):
         with torch.inference_mode(), autocast:
             feats, ready = _to_host(self._embed(x))
         return {"slide": batch["slide"], "start": batch["start"], "features": feats, "ready": ready}
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_setting(value: bool | str | None) -> bool | str | None:
+    """A ``compile`` setting: ``None`` (the device's default), a boolean (also as the strings ``as_bool`` takes) or
+    one of ``torch.compile``'s modes (:data:`COMPILE_MODES`; ``"reduce-overhead"`` replays CUDA graphs).
+
+    Raises:
+        ValueError: anything else, naming the setting and the accepted values.
+    """
+    if isinstance(value, str) and value.strip().lower() in COMPILE_MODES:
+        return value.strip().lower()
+    try:
+        return None if value is None else as_bool(value, "compile")
+    except ValueError:
+        raise ValueError(f"compile must be true, false or one of {', '.join(COMPILE_MODES)}; got {value!r}") from None
 
 
 def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -405,9 +434,9 @@ class Embed:
         dtype: stored dtype, ``"float16"`` (default), ``"bfloat16"`` or ``"float32"`` (part of the feature key).
         amp: bf16 autocast (default on CUDA only).
         channels_last: channels-last memory format (default on).
-        compile: ``torch.compile`` the embedder with a fixed batch shape (default on CUDA only;
-            :class:`EmbeddingEngine`). Features equal the eager path's within the dtype's tolerance, so the setting is
-            not part of the feature key.
+        compile: ``torch.compile`` the embedder with a fixed batch shape (default on CUDA only, with CUDA graphs;
+            ``True``: inductor's default mode; or a ``torch.compile`` mode; :class:`EmbeddingEngine`). Features equal
+            the eager path's within the dtype's tolerance, so the setting is not part of the feature key.
         handlers: more handlers for the :class:`EmbeddingEngine` (e.g. on :class:`EmbeddingEvents`).
         progress: progress bars over slides and patches.
 
@@ -438,7 +467,7 @@ class Embed:
             dtype,
         )
         self.amp, self.channels_last, self.handlers = amp, channels_last, list(handlers or [])
-        self.compile = None if compile is None else as_bool(compile, "compile")
+        self.compile = compile_setting(compile)
         self.progress = as_bool(progress, "progress")
 
     def __call__(

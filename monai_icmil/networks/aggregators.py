@@ -61,10 +61,9 @@ def min_max_normalize(x: torch.Tensor) -> torch.Tensor:
     """``(x - min) / (max - min)`` over a batch of scores (detached, float); all ones when the scores are equal (no
     information to weight by)."""
     a = x.detach().float().reshape(-1)
-    lo, hi = a.min(), a.max()
-    if float(hi - lo) <= 1e-12:
-        return torch.ones_like(a)
-    return (a - lo) / (hi - lo)
+    lo, span = a.min(), a.max() - a.min()
+    # no branch on a value read back to the host: one graph under torch.compile, no device sync
+    return torch.where(span <= 1e-12, torch.ones_like(a), (a - lo) / span.clamp_min(1e-12))  # NaN stays NaN
 
 
 class _Residual(nn.Module):

@@ -430,6 +430,7 @@ class ICMILWorkflow(BundleWorkflow):
         if self.on_slide_error == "raise" and result["failed"]:
             raise RuntimeError(f"embedding failed for slide(s) {result['failed']} (see {self.report.path})")
         record = {"seconds": time.perf_counter() - t0, "patches": result["patches"]}
+        record["steady_patches_per_s"] = result.get("steady_patches_per_s")
         record.update(fingerprint=result["fingerprint"], written=len(result["written"]))
         record.update(skipped=len(result["skipped"]), failed=result["failed"])
         if run is not None:
@@ -495,6 +496,7 @@ class ICMILWorkflow(BundleWorkflow):
         )  # fmt: skip
         record = {"seconds": time.perf_counter() - t0}
         record.update({k: result[k] for k in ("fingerprint", "best_iteration", "best", "world_size")})
+        record.update({k: result.get(k) for k in ("first_iteration_s", "steady_patches_per_s")})
         record["teacher_consistency"] = result["teacher_consistency"]
         if result.get("normal_slides") is not None:
             record["normal_slides"] = result["normal_slides"]
