@@ -673,6 +673,32 @@ def test_the_compiled_embedder_pads_each_slides_last_batch_and_gives_the_eager_f
     assert embedding_module.EmbeddingEngine(embedder, "cpu").compiled is False  # off on the CPU unless asked
 
 
+def test_a_compile_that_fails_at_the_first_batch_warns_and_embeds_eagerly(prepared, tmp_path, monkeypatch):
+    """A compiler or CUDA-graph failure (here: a stand-in that raises) does not stop the run: a warning names the
+    fix, and every slide's features are the eager ones."""
+    _, slides = prepared
+    slides = dict(list(slides.items())[:2])
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    params, fp = TILING.params(), embedder.fingerprint()
+    common = dict(batch_size=32, num_workers=0, progress=False, device="cpu")
+    eager = FeatureStore(tmp_path / "eager")
+    embed_slides(slides, embedder, eager, params, compile=False, **common)
+
+    def broken(*args, **kwargs):
+        def call(x):
+            raise RuntimeError("stand-in compiler failure")
+
+        return call
+
+    monkeypatch.setattr(embedding_module.torch, "compile", broken)
+    fallback = FeatureStore(tmp_path / "fallback")
+    with pytest.warns(UserWarning, match=r"failed at its first batch \(RuntimeError: stand-in.*embed#compile to false"):
+        embed_slides(slides, embedder, fallback, params, compile="reduce-overhead", **common)
+    want, got = _features(eager, slides, fp), _features(fallback, slides, fp)
+    for sid in slides:
+        torch.testing.assert_close(got[sid], want[sid])
+
+
 def test_compile_takes_a_boolean_or_a_torch_compile_mode_and_names_the_choices_otherwise():
     """``embed#compile``: true/false (also as strings from the command line) or one of torch.compile's modes, which
     the engine passes on; anything else fails naming the accepted values."""

@@ -200,9 +200,29 @@ class EmbeddingEngine(Engine):
             self.compile_mode = "reduce-overhead"
         self.batch_size = batch_size
         self._forward = self.embedder
+        self._proven = False  # whether a compiled call has succeeded (until then a failure falls back to eager)
         if self.compiled:
             self._forward = torch.compile(self.embedder, dynamic=False, mode=self.compile_mode)
         self.register_events(*EmbeddingEvents)
+
+    def _compiled(self, x: torch.Tensor) -> torch.Tensor:
+        """The compiled embedder on a batch of the fixed shape. If its first call fails (a compiler or CUDA-graph
+        error, not the data), the engine warns and embeds eagerly from then on: the run goes on, slower."""
+        if self._proven:
+            return self._forward(x)
+        try:
+            out = self._forward(x)
+        except Exception as e:  # noqa: BLE001 - any compile failure; eager runs the same model
+            warnings.warn(
+                f"torch.compile of the embedder (mode {self.compile_mode or 'default'}) failed at its first batch "
+                f"({type(e).__name__}: {str(e)[:300]}); embedding eagerly instead, which is slower. Set "
+                "embed#compile to false to skip the compile, or to another mode.",
+                stacklevel=2,
+            )
+            self.compiled, self._forward = False, self.embedder
+            return self.embedder(x)
+        self._proven = True
+        return out
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """The embedder on ``x``; compiled, on ``x`` padded to the fixed batch shape (padding rows dropped)."""
@@ -211,7 +231,7 @@ class EmbeddingEngine(Engine):
         n = x.shape[0]
         self.batch_size = self.batch_size or n
         if n == self.batch_size:
-            return self._forward(x)
+            return self._compiled(x)
         if n > self.batch_size:  # not expected from the loader: embed in fixed-size pieces
             # cloned: with CUDA graphs each replay reuses the previous piece's output memory
             return torch.cat([self._embed(part).clone() for part in x.split(self.batch_size)])
@@ -219,7 +239,7 @@ class EmbeddingEngine(Engine):
             padded = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
             if self.channels_last:
                 padded = padded.contiguous(memory_format=torch.channels_last)
-        return self._forward(padded)[:n]
+        return self._compiled(padded)[:n]
 
     def _to_device(self, patches: torch.Tensor) -> torch.Tensor:
         """``patches`` on the engine's device; with a copy stream, the compute stream waits for the copy only."""
