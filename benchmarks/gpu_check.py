@@ -177,7 +177,7 @@ def main() -> None:
         "embedder_phase": (
             ["--model", "resnet18_trunc" if dry else "resnet50_trunc", "--patch_size", "64" if dry else "256"]
             + ["--batch_size", "16" if dry else "100", "--batches", "4" if dry else "30"]
-            + ["--num_workers", "1" if dry else "8", "--compile", "both", "--skip_b"]
+            + ["--num_workers", "1" if dry else "8", "--compile", "both", "--skip_b", "--teacher_features"]
             + ["--loader_only", *(["1x1"] if dry else ["8x2", "12x4", "16x2"])],
             240,
         ),

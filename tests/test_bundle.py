@@ -335,7 +335,8 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
 
 
 def test_rerun_after_round_one_bag_phase_does_not_redo_finished_phases(tmp_path):
-    targets = {"embedder_phase#normal_slide_targets": True}  # the workflow finds the class-0 slides (else it fails)
+    # the workflow finds the class-0 slides (else it fails), and hands the phase round r-1's stored features
+    targets = {"embedder_phase#normal_slide_targets": True, "embedder_phase#teacher_features": True}
     first = _bundle(tmp_path, "bag_phase#run", extra=targets, num_rounds=2, round=1)  # stops after round 1's bags
     assert first.returncode == 0, first.stderr[-4000:]
     out = tmp_path / "out"
@@ -349,6 +350,8 @@ def test_rerun_after_round_one_bag_phase_does_not_redo_finished_phases(tmp_path)
     normal = sum(e["label"] == 0 for e in datalist["training"])
     assert 0 < normal < len(datalist["training"])
     assert [after["rounds"][r]["embedder_phase"]["normal_slides"] for r in ("1", "2")] == [normal, normal]
+    trained_on = len(datalist["training"])  # every training slide's teacher features read from the previous round
+    assert [after["rounds"][r]["embedder_phase"]["teacher_features"] for r in ("1", "2")] == [trained_on] * 2
     assert after["rounds"]["0"] == state["rounds"]["0"] and after["rounds"]["1"] == state["rounds"]["1"]
     assert "bag_phase" in after["rounds"]["2"]
     rewritten = [str(p.relative_to(out)) for p, t in before.items() if p.stat().st_mtime_ns != t]

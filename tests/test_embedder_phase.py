@@ -470,3 +470,40 @@ def test_the_compiled_teacher_and_student_steps_train_as_the_eager_ones(slides, 
         torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4, msg=name)
     assert compiled["first_iteration_s"] > 0 and compiled["steady_patches_per_s"] > 0
     assert EmbedderPhase(device="cpu").compile is False and EmbedderPhase(device="cpu", compile="true").compile
+
+
+def test_teacher_features_from_the_store_are_the_teachers_own_and_train_the_student_alike(slides, tmp_path):
+    """``teacher_features``: the batches carry the stored features of exactly the drawn patches (the teacher
+    embedder's output within float16 storage), and the phase trains as with recomputed ones; a slide without stored
+    features, or the option without them, fails naming the fix."""
+    from monai_icmil.data.store import FeatureStore
+    from monai_icmil.engines import Embed
+
+    train, val = slides
+    torch.manual_seed(0)
+    embedder = create_embedder("resnet18_trunc", input_size=48).eval()
+    store = FeatureStore(tmp_path / "features")
+    Embed(batch_size=32, num_workers=0, progress=False)(train, embedder, store, TILING.params(), device="cpu")
+    files = {s["slide_id"]: store.path(s["slide_id"]) for s in train}
+    data = DistillationBatches(train, batch_size=16, num_batches=2, seed=0, teacher_features=files)
+    item = data[1]
+    with torch.no_grad():
+        direct = embedder(item["plain"])
+    assert item["teacher_features"].dtype == torch.float16 and item["teacher_features"].shape == direct.shape
+    torch.testing.assert_close(item["teacher_features"].float(), direct, atol=2e-3, rtol=2e-3)
+
+    teacher = _teacher("abmil", embedder.out_dim)
+    runs = []
+    for stored in (False, True):
+        phase = EmbedderPhase(batches_per_epoch=3, val_interval=3, teacher_features=stored, **FAST)
+        extra = {"teacher_features": files} if stored else {}
+        runs.append(phase(embedder, teacher, train, val, tmp_path / str(stored), **extra))
+    recomputed, from_store = (r["history"][-1]["loss_loss"] for r in runs)
+    assert from_store == pytest.approx(recomputed, rel=2e-2) and from_store != recomputed  # float16, so not bit-equal
+    assert EmbedderPhase(teacher_features=True).signature() != EmbedderPhase().signature()  # resumes keep apart
+
+    missing = dict(list(files.items())[1:])
+    with pytest.raises(EmbedderPhaseError, match=r"no stored teacher features for training slide .*teacher_features"):
+        DistillationBatches(train, batch_size=16, teacher_features=missing)
+    with pytest.raises(EmbedderPhaseError, match="teacher_features is on but no stored teacher features"):
+        EmbedderPhase(teacher_features=True, **FAST)(embedder, teacher, train, val, tmp_path / "none")

@@ -26,7 +26,16 @@ from torch.utils.data import Dataset
 from monai_icmil.data.slide import slide_identity
 from monai_icmil.utils import atomic_path, stable_hash
 
-__all__ = ["SlideArrayStore", "FeatureStore", "CoordsStore", "BagDataset", "feature_key", "coords_key"]
+__all__ = [
+    "SlideArrayStore",
+    "FeatureStore",
+    "CoordsStore",
+    "BagDataset",
+    "feature_key",
+    "coords_key",
+    "stored_rows",
+    "stored_shape",
+]
 
 
 def coords_key(slide_path: str | os.PathLike, tiling: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,6 +147,41 @@ class FeatureStore(SlideArrayStore):
         if arrays is None:
             return None
         return arrays["features"], arrays["coords"]
+
+
+_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16}
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """The header's byte size and its JSON (array name -> dtype, shape, data offsets) of a safetensors file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return size, json.loads(f.read(size))
+
+
+def stored_shape(path: str | os.PathLike, name: str = "features") -> tuple[int, ...] | None:
+    """The shape of the array ``name`` of a store file, read from its header (``None`` when it has no such array)."""
+    info = _safetensors_header(Path(path))[1].get(name)
+    return None if info is None else tuple(info["shape"])
+
+
+def stored_rows(path: str | os.PathLike, rows: np.ndarray, name: str = "features") -> torch.Tensor:
+    """Rows ``rows`` of the array ``name`` of a store file, read through a memory map (only those rows' pages are
+    read, and worker processes share them through the page cache) in the stored dtype.
+
+    Raises:
+        ValueError: the file has no such array, or a dtype other than float16/bfloat16/float32 (names the file).
+    """
+    path = Path(path)
+    size, header = _safetensors_header(path)
+    info = header.get(name)
+    if info is None or info.get("dtype") not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{path}: no float16/bfloat16/float32 array {name!r} in this store file")
+    begin, _ = info["data_offsets"]
+    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    array = np.memmap(path, dtype=dtype, mode="r", offset=8 + size + begin, shape=tuple(info["shape"]))
+    out = torch.from_numpy(np.ascontiguousarray(array[np.asarray(rows)]))
+    return out.view(torch.bfloat16) if info["dtype"] == "BF16" else out
 
 
 class BagDataset(Dataset, Randomizable):

@@ -41,6 +41,7 @@ from monai.engines import SupervisedTrainer
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from monai_icmil.data.slide import get_slide
+from monai_icmil.data.store import stored_rows, stored_shape
 from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
 from monai_icmil.handlers.common import attach_handlers, attach_progress_bar, describe_components
 from monai_icmil.losses import ICMILDistillationLoss, kl_terms
@@ -135,16 +136,20 @@ class StudentStep(nn.Module):
 
 class TeacherStep(nn.Module):
     """The frozen teacher's pass of one iteration as one module call (so it compiles as one graph): the embedder
-    features of the plain patches, their reduction, the instance logits and, for the confidence-weighted loss, the
-    attention confidence scores (:meth:`~monai_icmil.networks.MILAggregator.confidence_scores`; ``None`` otherwise).
+    features of the plain patches (or, given, their stored features), their reduction, the instance logits and, for
+    the confidence-weighted loss, the attention confidence scores
+    (:meth:`~monai_icmil.networks.MILAggregator.confidence_scores`; ``None`` otherwise).
     """
 
     def __init__(self, teacher: InstanceClassifier, confidence: bool = False):
         super().__init__()
         self.teacher, self.confidence = teacher, bool(confidence)
 
-    def forward(self, plain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        feats = self.teacher.embedder(plain)
+    def forward(
+        self, plain: torch.Tensor, feats: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if feats is None:  # else: the teacher embedder's stored features of these patches
+            feats = self.teacher.embedder(plain)
         h, logits = self.teacher.head_on_features(feats)
         scores = self.teacher.aggregator.confidence_scores(h) if self.confidence else None
         return feats, h, logits, scores
@@ -174,6 +179,9 @@ class DistillationBatches(Dataset):
             (:attr:`views`), which on a GPU is ~100x cheaper than in the worker.
         normal_ids: ``slide_id`` of the slides of class 0 (normal): items then carry ``"normal"``, bool ``[B]``,
             whether each patch comes from one (:func:`normal_slide_targets`).
+        teacher_features: ``slide_id`` -> the store file of the teacher embedder's features of the slide's patches
+            (one row per coordinate, :class:`~monai_icmil.data.store.FeatureStore`): items then carry
+            ``"teacher_features"`` ``[B, D]`` (the stored dtype), read instead of recomputed by the training step.
 
     Returns per item: ``{"plain": uint8 [B, 3, P, P], "view": float [B, 3, P, P] in [0, 1]}`` or, without
     ``views_in_worker``, ``{"plain", "view_params": float [B, 15]}`` (``B`` is ``batch_size / world_size`` under DDP);
@@ -199,6 +207,7 @@ class DistillationBatches(Dataset):
         with_views: bool = True,
         views_in_worker: bool = True,
         normal_ids: Collection[str] = (),
+        teacher_features: Mapping[str, str | os.PathLike] | None = None,
     ):
         if batch_size % world_size:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of ranks ({world_size})")
@@ -223,7 +232,41 @@ class DistillationBatches(Dataset):
         self.read_threads, self.backend = read_threads, backend
         ids = set(normal_ids or ())
         self.normal = np.array([s.get("slide_id") in ids for s in self.slides]) if ids else None
+        self.feature_files = None if teacher_features is None else self._feature_files(teacher_features)
         self.epoch = 0
+
+    def _feature_files(self, files: Mapping[str, str | os.PathLike]) -> list[Path]:
+        """Each slide's store file, checked: present, one row per patch of the slide's coordinates."""
+        out = []
+        for s in self.slides:
+            sid = s.get("slide_id")
+            path = files.get(sid)
+            if path is None or not Path(path).is_file():
+                raise EmbedderPhaseError(
+                    f"no stored teacher features for training slide {sid!r}: embed it with the teacher embedder "
+                    "first, or set embedder_phase#teacher_features to false (recompute them)"
+                )
+            rows = (stored_shape(path) or (None,))[0]
+            if rows != len(s["coords"]):
+                raise EmbedderPhaseError(
+                    f"{path}: {rows} stored feature rows for slide {sid!r}, which has {len(s['coords'])} patches: the "
+                    "features were made from another tiling; re-embed, or set embedder_phase#teacher_features to false"
+                )
+            out.append(Path(path))
+        return out
+
+    def teacher_rows(self, flat: np.ndarray) -> torch.Tensor:
+        """The stored teacher features ``[B, D]`` of flat patch indices (one memory-mapped read per slide)."""
+        slide_idx = self.slide_of(flat)
+        parts = {}
+        for si in np.unique(slide_idx):
+            rows = np.flatnonzero(slide_idx == si)
+            parts[si] = (rows, stored_rows(self.feature_files[si], flat[rows] - self.offsets[si]))
+        dim, dtype = next(iter(parts.values()))[1].shape[1], next(iter(parts.values()))[1].dtype
+        out = torch.empty((len(flat), dim), dtype=dtype)
+        for rows, values in parts.values():
+            out[torch.as_tensor(rows)] = values
+        return out
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -283,6 +326,8 @@ class DistillationBatches(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         flat, seeds = self.indices(i)
         item = {"plain": self.read(flat)}
+        if self.feature_files is not None:
+            item["teacher_features"] = self.teacher_rows(flat)
         if (normal := self.is_normal(flat)) is not None:
             item["normal"] = normal
         if not self.with_views:
@@ -388,8 +433,11 @@ class EmbedderPhaseTrainer(SupervisedTrainer):
     def _iteration(self, engine: Engine, batchdata: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         plain, view = self._inputs(batchdata)
         autocast = torch.autocast(self.state.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        stored = batchdata.get("teacher_features")
+        if stored is not None:
+            stored = stored.to(self.state.device, non_blocking=True).float()
         with torch.no_grad(), autocast:
-            f_t, h_t, logits_t, scores = self.teacher_step(plain)
+            f_t, h_t, logits_t, scores = self.teacher_step(plain, stored)
             logits_t = normal_slide_targets(logits_t, batchdata.get("normal"))
         student: InstanceClassifier = self.network
         student.train()
@@ -657,6 +705,11 @@ class EmbedderPhase:
             forward and backward) for the phase's fixed batch shape. Off by default: on one H200 (ResNet50-trunc,
             256 px, batch 100, bf16) the compiled step ran 2,577 patches/s against 2,740 eager, and the phase 1,872
             against 2,218 (``benchmarks/RESULTS.md``, run 7). Compiled code is cached per process.
+        teacher_features: take the teacher embedder's features of the plain patches from the round's feature store
+            (the embedding already computed them: same embedder, same patches) instead of recomputing them, which
+            saves the teacher's forward pass, about a quarter of a step's compute. The teacher then works from the
+            stored dtype (float16 by default), so results differ from recomputation within that precision. Needs
+            ``teacher_features`` in the call (the workflow passes them).
         normal_slide_targets: teach the student class 0 on every patch of a class-0 slide instead of the teacher's
             label there (:func:`normal_slide_targets`; a use of the slide labels ICMIL's embedder phase does not
             make). Needs ``normal_ids`` in the call.
@@ -688,6 +741,7 @@ class EmbedderPhase:
         progress: bool = True,
         normal_slide_targets: bool = False,
         compile: bool | str | None = None,
+        teacher_features: bool = False,
     ):
         if select not in ("mae", "agreement", "last"):
             raise ValueError(f"embedder_phase: select must be 'mae', 'agreement' or 'last', got {select!r}")
@@ -706,6 +760,7 @@ class EmbedderPhase:
         self.views_on_device = self.device.type == "cuda" if views_on_device is None else views_on_device
         self.normal_slide_targets = as_bool(normal_slide_targets, "normal_slide_targets")
         self.compile = False if compile is None else as_bool(compile, "compile")
+        self.teacher_features = as_bool(teacher_features, "teacher_features")
 
     def signature(self) -> dict[str, Any]:
         """What the phase's results depend on (its resume checkpoints carry the hash)."""
@@ -719,6 +774,8 @@ class EmbedderPhase:
         }
         if self.normal_slide_targets:  # only then: checkpoints of the plain phase stay valid
             signature["normal_slide_targets"] = True
+        if self.teacher_features:  # likewise
+            signature["teacher_features"] = "stored"
         return component_signature(signature)
 
     def __call__(
@@ -733,6 +790,7 @@ class EmbedderPhase:
         backend: str = "auto",
         stain_normalize: bool = False,
         normal_ids: Collection[str] | None = None,
+        teacher_features: Mapping[str, str | os.PathLike] | None = None,
     ) -> dict[str, Any]:
         """Fine-tune ``embedder`` with ``aggregator`` (a trained bag classifier) as the instance teacher.
 
@@ -749,6 +807,8 @@ class EmbedderPhase:
             stain_normalize: Macenko-normalise patches with their slide's stains (use the embedding's setting).
             normal_ids: ``slide_id`` of the class-0 training and validation slides (used with
                 ``normal_slide_targets``).
+            teacher_features: ``slide_id`` -> store file of ``embedder``'s features of each training slide (used
+                with the ``teacher_features`` option, which fails without them).
 
         Returns:
             ``{"checkpoint", "fingerprint", "best": {...}, "best_iteration", "history", "embedder", "world_size",
@@ -774,9 +834,15 @@ class EmbedderPhase:
         data_args = dict(
             read_threads=self.read_threads, backend=backend, stain_normalize=stain_normalize, normal_ids=normal
         )
+        if self.teacher_features and teacher_features is None:
+            raise EmbedderPhaseError(
+                "embedder_phase#teacher_features is on but no stored teacher features were given: call the phase "
+                "with teacher_features={slide_id: feature file} (the ICMIL workflow does), or turn the option off"
+            )
         train_data = DistillationBatches(
             train_slides, views, self.batch_size, self.batches_per_epoch, seed, rank=rank, world_size=world_size,
-            views_in_worker=not self.views_on_device, **data_args,
+            views_in_worker=not self.views_on_device,
+            teacher_features=teacher_features if self.teacher_features else None, **data_args,
         )  # fmt: skip
         val_data = DistillationBatches(val_slides or train_slides, views, self.val_patches, 1, seed + 1, **data_args)
         # fixed held-out patches, read once (every rank: same patches, same decisions), and one student view of each

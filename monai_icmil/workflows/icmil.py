@@ -333,14 +333,27 @@ class ICMILWorkflow(BundleWorkflow):
             if e["slide_id"] in slides and e["slide_id"] not in excluded and len(slides[e["slide_id"]]["coords"])
         ]
 
-    def bags(self, r: int, split: str, embedder: PatchEmbedder | None = None) -> BagDataset:
-        """Round ``r``'s feature bags of ``split`` (every one current for the round's embedder)."""
+    def feature_keys(self, r: int, embedder: PatchEmbedder | None = None) -> dict[str, dict[str, Any]]:
+        """The key of each prepared slide's features for round ``r``'s embedder."""
         fp = (embedder or self.embedder_for(r)).fingerprint()
         dtype = self.phases["embed"].dtype
-        keys = {
+        return {
             sid: feature_key(s["image"], slide_signature(self.tiling_params, s), fp, dtype, self.stain_normalize)
             for sid, s in self.prepare().items()
         }
+
+    def stored_features(self, r: int, split: str, embedder: PatchEmbedder | None = None) -> dict[str, str]:
+        """``slide_id`` -> round ``r``'s feature file, for the usable slides of ``split`` whose file is current."""
+        store, keys = FeatureStore(self.features_dir(r)), self.feature_keys(r, embedder)
+        return {
+            s["slide_id"]: str(store.path(s["slide_id"]))
+            for s in self._usable(split)
+            if s["slide_id"] in keys and store.is_current(s["slide_id"], keys[s["slide_id"]])
+        }
+
+    def bags(self, r: int, split: str, embedder: PatchEmbedder | None = None) -> BagDataset:
+        """Round ``r``'s feature bags of ``split`` (every one current for the round's embedder)."""
+        keys = self.feature_keys(r, embedder)
         excluded = self.report.excluded()
         items = [
             e for e in self.splits.items().get(split, []) if e["slide_id"] in keys and e["slide_id"] not in excluded
@@ -489,10 +502,13 @@ class ICMILWorkflow(BundleWorkflow):
         teacher = load_bag_classifier(
             self.bag_classifier_path(r - 1), "cpu", expect_in_dim=embedder.out_dim, expect_aggregator=self.aggregator
         )
+        extra = {}
+        if getattr(self.phases["embedder_phase"], "teacher_features", False):
+            extra["teacher_features"] = self.stored_features(r - 1, "training", embedder)
         result = self.phases["embedder_phase"](
             embedder, teacher, self._usable("training"), self._usable("validation"),
             self.round_dir(r) / "embedder_phase", self.seed + 1000 * r, run, self.backend, self.stain_normalize,
-            normal_ids=self._normal_ids(),
+            normal_ids=self._normal_ids(), **extra,
         )  # fmt: skip
         record = {"seconds": time.perf_counter() - t0}
         record.update({k: result[k] for k in ("fingerprint", "best_iteration", "best", "world_size")})
@@ -500,6 +516,8 @@ class ICMILWorkflow(BundleWorkflow):
         record["teacher_consistency"] = result["teacher_consistency"]
         if result.get("normal_slides") is not None:
             record["normal_slides"] = result["normal_slides"]
+        if extra:  # the teacher's features came from round r - 1's store
+            record["teacher_features"] = len(extra["teacher_features"])
         self.tracking.end(run)
         if _rank() == 0:  # under torchrun every rank trains (DDP); rank 0 records
             self.ledger.mark(r, "embedder_phase", record)
