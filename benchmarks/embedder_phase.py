@@ -86,7 +86,8 @@ def bare_steps(
     feats = None
     if stored:  # the teacher's features as the store hands them over: computed once, float16 on the host
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feats = teacher.embedder(x).half().cpu().pin_memory() if device.type == "cuda" else teacher.embedder(x)
+            feats = teacher.embedder(x).half().cpu()
+            feats = feats.pin_memory() if device.type == "cuda" else feats
 
     def step() -> None:
         f = None if feats is None else feats.to(device, non_blocking=True).float()
@@ -194,7 +195,8 @@ def main() -> None:
     files = None
     if a.teacher_features:  # the round's stored features of the slide's patches, as the workflow has them
         store = FeatureStore(tmp / "features")
-        Embed(batch_size=256, num_workers=0, progress=False)([item], embedder, store, tiling.params(), device=device)
+        embed = Embed(batch_size=256, num_workers=0, progress=False, compile=False)  # not timed: no compile
+        embed([item], embedder, store, tiling.params(), device=device)
         files = {"bench": store.path("bench")}
 
     def call(

@@ -179,7 +179,7 @@ def main() -> None:
             + ["--batch_size", "16" if dry else "100", "--batches", "4" if dry else "30"]
             + ["--num_workers", "1" if dry else "8", "--compile", "both", "--skip_b", "--teacher_features"]
             + ["--loader_only", *(["1x1"] if dry else ["8x2", "12x4", "16x2"])],
-            240,
+            320,
         ),
         # 20 bag epochs: the bag phase's fixed costs (loading, validation) weigh less in its per-epoch rate
         "scale": (

@@ -505,5 +505,29 @@ def test_teacher_features_from_the_store_are_the_teachers_own_and_train_the_stud
     missing = dict(list(files.items())[1:])
     with pytest.raises(EmbedderPhaseError, match=r"no stored teacher features for training slide .*teacher_features"):
         DistillationBatches(train, batch_size=16, teacher_features=missing)
+    with pytest.raises(EmbedderPhaseError, match=r"made by another embedder .*re-embed the slide"):  # a stale file
+        DistillationBatches(train, batch_size=16, teacher_features=files, teacher_fingerprint="another")
+    with pytest.raises(EmbedderPhaseError, match="made with stain normalisation off, the phase has it on"):
+        DistillationBatches(train, batch_size=16, teacher_features=files, stain_normalize=True)
+    other = dict(train[0], coords=np.asarray(train[0]["coords"])[::-1])  # the same patches in another order
+    with pytest.raises(EmbedderPhaseError, match=r"are of other patches"):
+        DistillationBatches([other], batch_size=16, teacher_features=files)
     with pytest.raises(EmbedderPhaseError, match="teacher_features is on but no stored teacher features"):
         EmbedderPhase(teacher_features=True, **FAST)(embedder, teacher, train, val, tmp_path / "none")
+
+
+def test_stored_arrays_read_any_rows_as_the_file_holds_them(tmp_path):
+    """Memory-mapped rows (any order, repeats) equal safetensors' own reading, for every dtype a store writes."""
+    from safetensors.torch import load_file
+
+    from monai_icmil.data.store import FeatureStore, stored_array, stored_file_key
+
+    store = FeatureStore(tmp_path)
+    rows = np.array([4, 0, 4, 2])
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        feats = torch.randn(5, 3).to(dtype)
+        path = store.save(f"s_{str(dtype)[6:]}", {"features": feats, "coords": torch.arange(10).view(5, 2)}, {"k": 1})
+        got = stored_array(path).rows(rows)
+        assert got.dtype == dtype and torch.equal(got, load_file(str(path))["features"][torch.as_tensor(rows)])
+        assert torch.equal(stored_array(path, "coords").rows(), torch.arange(10).view(5, 2))
+        assert stored_array(path, "nothing") is None and stored_file_key(path) == {"k": 1}

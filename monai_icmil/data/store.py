@@ -15,6 +15,7 @@ import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ __all__ = [
     "BagDataset",
     "feature_key",
     "coords_key",
-    "stored_rows",
-    "stored_shape",
+    "StoredArray",
+    "stored_array",
+    "stored_file_key",
 ]
 
 
@@ -149,7 +151,7 @@ class FeatureStore(SlideArrayStore):
         return arrays["features"], arrays["coords"]
 
 
-_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16}
+_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16, "I64": np.int64}
 
 
 def _safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
@@ -159,29 +161,52 @@ def _safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
         return size, json.loads(f.read(size))
 
 
-def stored_shape(path: str | os.PathLike, name: str = "features") -> tuple[int, ...] | None:
-    """The shape of the array ``name`` of a store file, read from its header (``None`` when it has no such array)."""
-    info = _safetensors_header(Path(path))[1].get(name)
-    return None if info is None else tuple(info["shape"])
+@dataclass(frozen=True)
+class StoredArray:
+    """Where one array of a store file lies (read from its header once): rows of it are then read through a memory
+    map, so only their pages are read and DataLoader workers share them through the page cache. Picklable.
+
+    Attributes:
+        path: the store file.
+        offset: the array's first byte in the file.
+        dtype: its safetensors dtype (``"F16"``, ``"BF16"``, ``"F32"`` or ``"I64"``).
+        shape: its shape.
+    """
+
+    path: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    def rows(self, rows: np.ndarray | slice = slice(None)) -> torch.Tensor:
+        """Rows ``rows`` (any order, repeats allowed) as a tensor of the stored dtype."""
+        array = np.memmap(
+            self.path, dtype=_SAFETENSORS_DTYPES[self.dtype], mode="r", offset=self.offset, shape=self.shape
+        )
+        picked = array[rows] if isinstance(rows, slice) else array[np.asarray(rows)]
+        out = torch.from_numpy(np.array(picked))  # a copy: the map is read-only and is closed after
+        return out.view(torch.bfloat16) if self.dtype == "BF16" else out
 
 
-def stored_rows(path: str | os.PathLike, rows: np.ndarray, name: str = "features") -> torch.Tensor:
-    """Rows ``rows`` of the array ``name`` of a store file, read through a memory map (only those rows' pages are
-    read, and worker processes share them through the page cache) in the stored dtype.
+def stored_array(path: str | os.PathLike, name: str = "features") -> StoredArray | None:
+    """The array ``name`` of a store file (``None`` when the file has no such array).
 
     Raises:
-        ValueError: the file has no such array, or a dtype other than float16/bfloat16/float32 (names the file).
+        ValueError: the array's dtype is not float16, bfloat16, float32 or int64 (names the file).
     """
-    path = Path(path)
-    size, header = _safetensors_header(path)
+    size, header = _safetensors_header(Path(path))
     info = header.get(name)
-    if info is None or info.get("dtype") not in _SAFETENSORS_DTYPES:
-        raise ValueError(f"{path}: no float16/bfloat16/float32 array {name!r} in this store file")
-    begin, _ = info["data_offsets"]
-    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-    array = np.memmap(path, dtype=dtype, mode="r", offset=8 + size + begin, shape=tuple(info["shape"]))
-    out = torch.from_numpy(np.ascontiguousarray(array[np.asarray(rows)]))
-    return out.view(torch.bfloat16) if info["dtype"] == "BF16" else out
+    if info is None:
+        return None
+    if info.get("dtype") not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{path}: array {name!r} is {info.get('dtype')}, not float16/bfloat16/float32/int64")
+    return StoredArray(str(path), 8 + size + info["data_offsets"][0], info["dtype"], tuple(info["shape"]))
+
+
+def stored_file_key(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The key a store file was written with (``None`` when it has none)."""
+    meta = _safetensors_header(Path(path))[1].get("__metadata__") or {}
+    return json.loads(meta["key"]) if "key" in meta else None
 
 
 class BagDataset(Dataset, Randomizable):

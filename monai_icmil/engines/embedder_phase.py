@@ -41,7 +41,7 @@ from monai.engines import SupervisedTrainer
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from monai_icmil.data.slide import get_slide
-from monai_icmil.data.store import stored_rows, stored_shape
+from monai_icmil.data.store import StoredArray, stored_array, stored_file_key
 from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
 from monai_icmil.handlers.common import attach_handlers, attach_progress_bar, describe_components
 from monai_icmil.losses import ICMILDistillationLoss, kl_terms
@@ -182,6 +182,7 @@ class DistillationBatches(Dataset):
         teacher_features: ``slide_id`` -> the store file of the teacher embedder's features of the slide's patches
             (one row per coordinate, :class:`~monai_icmil.data.store.FeatureStore`): items then carry
             ``"teacher_features"`` ``[B, D]`` (the stored dtype), read instead of recomputed by the training step.
+        teacher_fingerprint: the teacher embedder's fingerprint, which the stored features' key must name.
 
     Returns per item: ``{"plain": uint8 [B, 3, P, P], "view": float [B, 3, P, P] in [0, 1]}`` or, without
     ``views_in_worker``, ``{"plain", "view_params": float [B, 15]}`` (``B`` is ``batch_size / world_size`` under DDP);
@@ -208,6 +209,7 @@ class DistillationBatches(Dataset):
         views_in_worker: bool = True,
         normal_ids: Collection[str] = (),
         teacher_features: Mapping[str, str | os.PathLike] | None = None,
+        teacher_fingerprint: str | None = None,
     ):
         if batch_size % world_size:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of ranks ({world_size})")
@@ -232,40 +234,50 @@ class DistillationBatches(Dataset):
         self.read_threads, self.backend = read_threads, backend
         ids = set(normal_ids or ())
         self.normal = np.array([s.get("slide_id") in ids for s in self.slides]) if ids else None
-        self.feature_files = None if teacher_features is None else self._feature_files(teacher_features)
+        self.feature_files = None
+        if teacher_features is not None:
+            self.feature_files = self._feature_files(teacher_features, teacher_fingerprint)
         self.epoch = 0
 
-    def _feature_files(self, files: Mapping[str, str | os.PathLike]) -> list[Path]:
-        """Each slide's store file, checked: present, one row per patch of the slide's coordinates."""
+    def _feature_files(self, files: Mapping[str, str | os.PathLike], fingerprint: str | None) -> list[StoredArray]:
+        """Each slide's stored features, checked: present, made by the teacher embedder (``fingerprint``) with this
+        stain setting, one row per patch of the slide's coordinates in their order."""
         out = []
         for s in self.slides:
-            sid = s.get("slide_id")
-            path = files.get(sid)
+            sid, path = s.get("slide_id"), files.get(s.get("slide_id"))
+            fix = "re-embed the slide with the teacher embedder, or set embedder_phase#teacher_features to false"
             if path is None or not Path(path).is_file():
+                raise EmbedderPhaseError(f"no stored teacher features for training slide {sid!r}: {fix}")
+            feats, coords, key = stored_array(path), stored_array(path, "coords"), stored_file_key(path) or {}
+            if feats is None or coords is None:
+                raise EmbedderPhaseError(f"{path}: no 'features' and 'coords' arrays for slide {sid!r}: {fix}")
+            if fingerprint is not None and key.get("embedder") != fingerprint:
                 raise EmbedderPhaseError(
-                    f"no stored teacher features for training slide {sid!r}: embed it with the teacher embedder "
-                    "first, or set embedder_phase#teacher_features to false (recompute them)"
+                    f"{path}: the stored features of slide {sid!r} were made by another embedder "
+                    f"({key.get('embedder')}, not the teacher's {fingerprint}): {fix}"
                 )
-            rows = (stored_shape(path) or (None,))[0]
-            if rows != len(s["coords"]):
+            if ("stain_normalize" in key) != bool(self.stain_normalize):
                 raise EmbedderPhaseError(
-                    f"{path}: {rows} stored feature rows for slide {sid!r}, which has {len(s['coords'])} patches: the "
-                    "features were made from another tiling; re-embed, or set embedder_phase#teacher_features to false"
+                    f"{path}: the stored features of slide {sid!r} were made with stain normalisation "
+                    f"{'on' if 'stain_normalize' in key else 'off'}, the phase has it "
+                    f"{'on' if self.stain_normalize else 'off'}: {fix}"
                 )
-            out.append(Path(path))
+            if not np.array_equal(coords.rows().numpy(), np.asarray(s["coords"])):
+                raise EmbedderPhaseError(
+                    f"{path}: the stored features of slide {sid!r} are of other patches ({coords.shape[0]} stored, "
+                    f"{len(s['coords'])} now; another tiling): {fix}"
+                )
+            out.append(feats)
         return out
 
     def teacher_rows(self, flat: np.ndarray) -> torch.Tensor:
         """The stored teacher features ``[B, D]`` of flat patch indices (one memory-mapped read per slide)."""
         slide_idx = self.slide_of(flat)
-        parts = {}
+        first = self.feature_files[0]
+        out = torch.empty((len(flat), first.shape[1]), dtype=first.rows(slice(0, 1)).dtype)
         for si in np.unique(slide_idx):
             rows = np.flatnonzero(slide_idx == si)
-            parts[si] = (rows, stored_rows(self.feature_files[si], flat[rows] - self.offsets[si]))
-        dim, dtype = next(iter(parts.values()))[1].shape[1], next(iter(parts.values()))[1].dtype
-        out = torch.empty((len(flat), dim), dtype=dtype)
-        for rows, values in parts.values():
-            out[torch.as_tensor(rows)] = values
+            out[torch.as_tensor(rows)] = self.feature_files[si].rows(flat[rows] - self.offsets[si])
         return out
 
     def set_epoch(self, epoch: int) -> None:
@@ -708,7 +720,8 @@ class EmbedderPhase:
         teacher_features: take the teacher embedder's features of the plain patches from the round's feature store
             (the embedding already computed them: same embedder, same patches) instead of recomputing them, which
             saves the teacher's forward pass, about a quarter of a step's compute. The teacher then works from the
-            stored dtype (float16 by default), so results differ from recomputation within that precision. Needs
+            stored dtype (``embed#dtype``, float16 by default), so results differ from recomputation within that
+            precision. Needs
             ``teacher_features`` in the call (the workflow passes them).
         normal_slide_targets: teach the student class 0 on every patch of a class-0 slide instead of the teacher's
             label there (:func:`normal_slide_targets`; a use of the slide labels ICMIL's embedder phase does not
@@ -842,7 +855,8 @@ class EmbedderPhase:
         train_data = DistillationBatches(
             train_slides, views, self.batch_size, self.batches_per_epoch, seed, rank=rank, world_size=world_size,
             views_in_worker=not self.views_on_device,
-            teacher_features=teacher_features if self.teacher_features else None, **data_args,
+            teacher_features=teacher_features if self.teacher_features else None,
+            teacher_fingerprint=embedder.fingerprint(), **data_args,
         )  # fmt: skip
         val_data = DistillationBatches(val_slides or train_slides, views, self.val_patches, 1, seed + 1, **data_args)
         # fixed held-out patches, read once (every rank: same patches, same decisions), and one student view of each

@@ -505,6 +505,16 @@ class ICMILWorkflow(BundleWorkflow):
         extra = {}
         if getattr(self.phases["embedder_phase"], "teacher_features", False):
             extra["teacher_features"] = self.stored_features(r - 1, "training", embedder)
+            missing = [
+                s["slide_id"] for s in self._usable("training") if s["slide_id"] not in extra["teacher_features"]
+            ]
+            if missing:
+                raise RuntimeError(
+                    f"embedder_phase#teacher_features: round {r - 1}'s features of training slide(s) "
+                    f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} are missing or stale in "
+                    f"{self.features_dir(r - 1)}: delete them and rerun (round {r - 1}'s embedding makes them again), "
+                    "or set embedder_phase#teacher_features to false"
+                )
         result = self.phases["embedder_phase"](
             embedder, teacher, self._usable("training"), self._usable("validation"),
             self.round_dir(r) / "embedder_phase", self.seed + 1000 * r, run, self.backend, self.stain_normalize,
