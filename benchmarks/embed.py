@@ -12,11 +12,13 @@ Ours runs once per ``--loaders`` entry: ``WxT`` is ``W`` DataLoader worker proce
 each; ``tKxT`` is ``K`` reader threads in this process (:class:`~monai_icmil.data.prefetch.Prefetcher`, reading
 straight into pinned memory on CUDA) with ``T`` decoding threads each; ``0xT`` is ``t1xT``. A trailing ``s``
 (``t8x2s``) moves the batches to the GPU on a copy stream of their own (``Embed(copy_stream=True)``); a trailing
-``e`` (``t8x2se``) runs the embedder eagerly (``Embed(compile=False)``), a trailing ``g`` (``t8x2sg``) compiles it
-with CUDA graphs (``Embed(compile="reduce-overhead")``); without either the engine's default applies
-(``torch.compile`` with a fixed batch shape on CUDA, eager on the CPU). On CUDA, (a) is also timed compiled
-(``a_model_only_compiled``), the ceiling of the compiled path. A loader named twice (``t8x2s t8x2s``) is reported
-for its second call, the first as ``"t8x2s (first call)"`` (both reuse the compile of (a): same module, same shapes).
+``e`` (``t8x2se``) runs the embedder eagerly (``Embed(compile=False)``), a trailing ``c`` (``t8x2sc``) compiles it
+with inductor's default mode (``Embed(compile=True)``), a trailing ``g`` (``t8x2sg``) with CUDA graphs
+(``Embed(compile="reduce-overhead")``); without any the engine's default applies (``torch.compile`` with CUDA graphs
+and a fixed batch shape on CUDA, eager on the CPU; before 1d4b90d inductor's default mode). On CUDA, (a) is also
+timed compiled (``a_model_only_compiled``), the ceiling of the compiled path. A loader named twice (``t8x2s
+t8x2s``) is reported for its second call, the first as ``"t8x2s (first call)"`` (both reuse the compile of (a): same
+module, same shapes).
 
     python benchmarks/embed.py [--model resnet18] [--patch_size 224] [--patches 448] [--batch_size 64]
                                [--loaders 2x2 0x4 t2x2]
@@ -108,15 +110,16 @@ def feature_check(embedder, store: FeatureStore, item: SlideTiles, device: torch
 def parse_loader(spec: str) -> dict[str, int]:
     """``"8x2"`` -> 8 worker processes x 2 decoding threads; ``"t8x2"`` -> 8 reader threads in this process x 2;
     ``"t8x2s"`` -> the same, with the copies to the GPU on a stream of their own; a trailing ``e`` runs the embedder
-    eagerly, a trailing ``g`` compiles it with CUDA graphs (``compile="reduce-overhead"``)."""
+    eagerly, ``c`` compiles it with inductor's default mode (``compile=True``), ``g`` with CUDA graphs
+    (``compile="reduce-overhead"``, the engine's default on CUDA)."""
     spec = spec.lower()
-    eager, graphs = spec.endswith("e"), spec.endswith("g")
-    spec = spec.rstrip("eg")
+    mode = {"e": False, "g": "reduce-overhead", "c": True}.get(spec[-1:])  # else the engine's default
+    spec = spec.rstrip("egc")
     threaded, copy_stream = spec.startswith("t"), spec.endswith("s")
     k, t = (int(v) for v in spec.strip("ts").split("x"))
     flags: dict = {"copy_stream": copy_stream}
-    if eager or graphs:
-        flags["compile"] = "reduce-overhead" if graphs else False
+    if mode is not None:
+        flags["compile"] = mode
     if threaded:
         return {"num_workers": 0, "prefetch_threads": k, "read_threads": t, **flags}
     return {"num_workers": k, "prefetch_threads": 1, "read_threads": t, **flags}

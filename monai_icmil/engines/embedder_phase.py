@@ -717,12 +717,11 @@ class EmbedderPhase:
             forward and backward) for the phase's fixed batch shape. Off by default: on one H200 (ResNet50-trunc,
             256 px, batch 100, bf16) the compiled step ran 2,577 patches/s against 2,740 eager, and the phase 1,872
             against 2,218 (``benchmarks/RESULTS.md``, run 7). Compiled code is cached per process.
-        teacher_features: take the teacher embedder's features of the plain patches from the round's feature store
-            (the embedding already computed them: same embedder, same patches) instead of recomputing them, which
-            saves the teacher's forward pass, about a quarter of a step's compute. The teacher then works from the
-            stored dtype (``embed#dtype``, float16 by default), so results differ from recomputation within that
-            precision. Needs
-            ``teacher_features`` in the call (the workflow passes them).
+        teacher_features: take the teacher embedder's features of the plain patches from the previous round's feature
+            store (the embedding already computed them: same embedder, same patches) instead of recomputing them,
+            which saves the teacher's forward pass, about a quarter of a step's compute. The teacher then works from
+            the stored dtype (``embed#dtype``, float16 by default), so results differ from recomputation within that
+            precision. Needs ``teacher_features`` in the call (the workflow passes them).
         normal_slide_targets: teach the student class 0 on every patch of a class-0 slide instead of the teacher's
             label there (:func:`normal_slide_targets`; a use of the slide labels ICMIL's embedder phase does not
             make). Needs ``normal_ids`` in the call.
@@ -753,7 +752,7 @@ class EmbedderPhase:
         views_on_device: bool | None = None,
         progress: bool = True,
         normal_slide_targets: bool = False,
-        compile: bool | str | None = None,
+        compile: bool | None = None,
         teacher_features: bool = False,
     ):
         if select not in ("mae", "agreement", "last"):
