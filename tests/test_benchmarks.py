@@ -195,3 +195,25 @@ def test_icmil_gain_same_init_gain_pairs_restarts_by_seed():
     assert gain._same_init_gains(group, sel) == pytest.approx([((0.9 - 0.6) + (0.6 - 0.7)) / 2, (-0.1 + 0.1) / 2])
     md = gain.markdown(group, gain.parse([]), 1.0)
     assert "| hard | ssl | abmil | 1 |" in md and md.rstrip().endswith("| 0.050 +/- 0.071 |")
+
+
+def test_embed_benchmark_loader_names_choose_the_compile_mode():
+    """``t8x2se`` eager, ``t8x2sc`` inductor's default mode, ``t8x2sg`` CUDA graphs, ``t8x2s`` the engine's default
+    (CUDA graphs on CUDA): the GPU check times each under its own name."""
+    import sys
+
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        embed = _module("embed")
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    loaders = {spec: embed.parse_loader(spec) for spec in ("t8x2se", "t8x2sc", "t8x2sg", "t8x2s", "8x2")}
+    assert [loaders[s].get("compile", "default") for s in loaders] == [
+        False,
+        True,
+        "reduce-overhead",
+        "default",
+        "default",
+    ]
+    assert loaders["t8x2s"] == {"num_workers": 0, "prefetch_threads": 8, "read_threads": 2, "copy_stream": True}
+    assert loaders["8x2"]["num_workers"] == 8 and not loaders["8x2"]["copy_stream"]
