@@ -183,8 +183,7 @@ class StoredArray:
         array = np.memmap(
             self.path, dtype=_SAFETENSORS_DTYPES[self.dtype], mode="r", offset=self.offset, shape=self.shape
         )
-        picked = array[rows] if isinstance(rows, slice) else array[np.asarray(rows)]
-        out = torch.from_numpy(np.array(picked))  # a copy: the map is read-only and is closed after
+        out = torch.from_numpy(np.array(array[rows]))  # a copy: the map is read-only and is closed after
         return out.view(torch.bfloat16) if self.dtype == "BF16" else out
 
 

@@ -192,12 +192,10 @@ class EmbeddingEngine(Engine):
             self.embedder = self.embedder.to(memory_format=torch.channels_last)
         self.copy_stream = torch.cuda.Stream(self.device) if copy_stream and cuda else None
         compile = compile_setting(compile)
-        self.compiled = cuda if compile is None else bool(compile)
-        # the default on CUDA replays CUDA graphs: 20.1-21.0k patches/s against 16.5-18.1k for inductor alone on one
-        # H200 (ResNet50-trunc, 224 px, benchmarks/RESULTS.md, run 8), features equal
-        self.compile_mode = compile if isinstance(compile, str) else None
-        if compile is None and cuda:
-            self.compile_mode = "reduce-overhead"
+        if compile is None:  # on CUDA CUDA graphs: 20.1-21.0k patches/s against 16.5-18.1k for inductor alone on one
+            # H200 (ResNet50-trunc, 224 px, benchmarks/RESULTS.md, run 8), features equal
+            compile = "reduce-overhead" if cuda else False
+        self.compiled, self.compile_mode = bool(compile), compile if isinstance(compile, str) else None
         self.batch_size = batch_size
         self._forward = self.embedder
         self._proven = False  # whether a compiled call has succeeded (until then a failure falls back to eager)

@@ -272,12 +272,12 @@ class DistillationBatches(Dataset):
 
     def teacher_rows(self, flat: np.ndarray) -> torch.Tensor:
         """The stored teacher features ``[B, D]`` of flat patch indices (one memory-mapped read per slide)."""
-        slide_idx = self.slide_of(flat)
-        first = self.feature_files[0]
-        out = torch.empty((len(flat), first.shape[1]), dtype=first.rows(slice(0, 1)).dtype)
+        slide_idx, out = self.slide_of(flat), None
         for si in np.unique(slide_idx):
             rows = np.flatnonzero(slide_idx == si)
-            out[torch.as_tensor(rows)] = self.feature_files[si].rows(flat[rows] - self.offsets[si])
+            values = self.feature_files[si].rows(flat[rows] - self.offsets[si])
+            out = values.new_empty((len(flat), values.shape[1])) if out is None else out
+            out[torch.as_tensor(rows)] = values
         return out
 
     def set_epoch(self, epoch: int) -> None:
@@ -840,24 +840,10 @@ class EmbedderPhase:
         out_dir.mkdir(parents=True, exist_ok=True)
         set_determinism(seed)
         rank, world_size = _dist_context()
-        sizes = [int(s["patch_size"]) for s in train_slides if len(s["coords"])]
-        views = self.views if self.views is not None or not sizes else BatchRandomViews(sizes[0])
-        normal = self._normal_ids(train_slides, normal_ids)
-        data_args = dict(
-            read_threads=self.read_threads, backend=backend, stain_normalize=stain_normalize, normal_ids=normal
-        )
-        if self.teacher_features and teacher_features is None:
-            raise EmbedderPhaseError(
-                "embedder_phase#teacher_features is on but no stored teacher features were given: call the phase "
-                "with teacher_features={slide_id: feature file} (the ICMIL workflow does), or turn the option off"
-            )
-        train_data = DistillationBatches(
-            train_slides, views, self.batch_size, self.batches_per_epoch, seed, rank=rank, world_size=world_size,
-            views_in_worker=not self.views_on_device,
-            teacher_features=teacher_features if self.teacher_features else None,
-            teacher_fingerprint=embedder.fingerprint(), **data_args,
+        train_data, val_data = self._data(
+            train_slides, val_slides, seed, rank, world_size, backend, stain_normalize, normal_ids, teacher_features,
+            embedder.fingerprint(),
         )  # fmt: skip
-        val_data = DistillationBatches(val_slides or train_slides, views, self.val_patches, 1, seed + 1, **data_args)
         # fixed held-out patches, read once (every rank: same patches, same decisions), and one student view of each
         held_out_flat, held_out_seeds = val_data.indices(0)
         held_out, held_out_normal = val_data.read(held_out_flat), val_data.is_normal(held_out_flat)
@@ -876,6 +862,41 @@ class EmbedderPhase:
             mlflow_run.log_metrics({k: result[k] for k in ("first_iteration_s", "steady_patches_per_s")})
         result["normal_slides"] = None if train_data.normal is None else int(train_data.normal.sum())
         return result
+
+    def _data(
+        self,
+        train_slides: Sequence[Mapping[str, Any]],
+        val_slides: Sequence[Mapping[str, Any]],
+        seed: int,
+        rank: int,
+        world_size: int,
+        backend: str,
+        stain_normalize: bool,
+        normal_ids: Collection[str] | None,
+        teacher_features: Mapping[str, str | os.PathLike] | None,
+        fingerprint: str,
+    ) -> tuple[DistillationBatches, DistillationBatches]:
+        """The training batches (this rank's share; with the stored teacher features when the option is on) and the
+        validation batches."""
+        if self.teacher_features and teacher_features is None:
+            raise EmbedderPhaseError(
+                "embedder_phase#teacher_features is on but no stored teacher features were given: call the phase "
+                "with teacher_features={slide_id: feature file} (the ICMIL workflow does), or turn the option off"
+            )
+        sizes = [int(s["patch_size"]) for s in train_slides if len(s["coords"])]
+        views = self.views if self.views is not None or not sizes else BatchRandomViews(sizes[0])
+        normal = self._normal_ids(train_slides, normal_ids)
+        data_args = dict(
+            read_threads=self.read_threads, backend=backend, stain_normalize=stain_normalize, normal_ids=normal
+        )
+        train_data = DistillationBatches(
+            train_slides, views, self.batch_size, self.batches_per_epoch, seed, rank=rank, world_size=world_size,
+            views_in_worker=not self.views_on_device,
+            teacher_features=teacher_features if self.teacher_features else None, teacher_fingerprint=fingerprint,
+            **data_args,
+        )  # fmt: skip
+        val_data = DistillationBatches(val_slides or train_slides, views, self.val_patches, 1, seed + 1, **data_args)
+        return train_data, val_data
 
     def _normal_ids(
         self, train_slides: Sequence[Mapping[str, Any]], normal_ids: Collection[str] | None
