@@ -33,35 +33,28 @@ import numpy as np
 from bench_data import bench_slide
 
 import monai_icmil  # noqa: F401  (keeps nvimgcodec's loader messages quiet)
+from monai_icmil.data.slide import TiffSlide
 
 
 def jpeg_tiles(path: str | Path) -> tuple[list[bytes], list[tuple[int, int]], int, int]:
-    """The level-0 JPEG tiles of a TIFF/SVS as whole JPEG streams, their (x, y) origins, tile width and height."""
+    """The level-0 JPEG tiles of a TIFF/SVS as whole JPEG streams (our tifffile reader's), their (x, y) origins, tile
+    width and height."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         if not page.is_tiled or page.compression != 7:
             raise ValueError(f"{path}: level 0 is not JPEG-tiled (compression {page.compression})")
-        tables = page.jpegtables or b""
         # a JPEG of RGB samples (TIFF photometric RGB: ours and Aperio's) says so in an Adobe APP14 marker
         # (transform 0), else a decoder that reads only the stream takes it for YCbCr and converts its colours
         adobe = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00" if page.photometric == 2 else b""
-        tw, th = page.tilewidth, page.tilelength
-        across = -(-page.imagewidth // tw)
-        fh = tif.filehandle
-        tiles, origins = [], []
-        for i, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
-            if not count:
-                continue
-            fh.seek(offset)
-            data = fh.read(count)
-            if tables:  # abbreviated stream: the shared tables (without their EOI) + the tile (without its SOI)
-                data = tables[:-2] + data[2:]
-            data = data[:2] + adobe + data[2:]
-            tiles.append(data)
-            origins.append(((i % across) * tw, (i // across) * th))
-    return tiles, origins, tw, th
+    reader = TiffSlide(str(path))
+    (tw, th), (w, h) = reader.tile_size(0), reader.level_dimensions[0]
+    grid = [(tx, ty) for ty in range(-(-h // th)) for tx in range(-(-w // tw))]
+    streams = reader.jpeg_streams(0, grid)
+    if streams is None:
+        raise ValueError(f"{path}: a level-0 tile is empty or lies beyond the end of the file")
+    return [s[:2] + adobe + s[2:] for s in streams], [(tx * tw, ty * th) for tx, ty in grid], tw, th
 
 
 def cucim_regions(path: str | Path, origins, tw: int, th: int, workers: int) -> float:

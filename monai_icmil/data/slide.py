@@ -795,6 +795,13 @@ class TiffSlide(_PatchByPatchReader):
             return super()._probe_tiles(level, tiles, num_workers)
         from monai_icmil.data.integrity import JPEG_PROBLEM, native_output
 
+        streams = self.jpeg_streams(level, tiles)
+        return streams is None or _jpeg_streams_complain(streams, JPEG_PROBLEM, native_output)
+
+    def jpeg_streams(self, level: int, tiles: Sequence[tuple[int, int]]) -> list[bytes] | None:
+        """The JPEG tiles ``(column, row)`` of ``level`` as whole streams, undecoded (a slide's shared ``JPEGTables``,
+        as Aperio writes them, spliced into each); ``None`` when one is empty or lies beyond the end of the file."""
+        page = self._pages[level]
         n_tx = -(-self.level_dimensions[level][0] // int(page.tilewidth))
         tables = page.jpegtables
         streams = []
@@ -802,12 +809,12 @@ class TiffSlide(_PatchByPatchReader):
             index = ty * n_tx + tx
             offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
             if count == 0 or offset + count > self._file_size:
-                return True
+                return None
             with self._io_lock:
                 self._tif.filehandle.seek(offset)
                 data = self._tif.filehandle.read(count)
             streams.append(bytes(tables[:-2]) + data[2:] if tables else data)
-        return _jpeg_streams_complain(streams, JPEG_PROBLEM, native_output)
+        return streams
 
     def close(self) -> None:
         tif, self._tif = getattr(self, "_tif", None), None
