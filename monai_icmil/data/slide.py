@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 BACKENDS = ("cucim", "openslide", "tifffile")
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".qptiff")
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".qptiff", ".ome.tif", ".ome.tiff")
 
 
 class SlideError(RuntimeError):
@@ -117,10 +117,31 @@ def _mpp_from_resolution(value: Any, unit: Any) -> float | None:
     return mpp if 0.01 <= mpp <= 100.0 else None
 
 
-def _tiff_properties(path: str) -> dict[str, float | None]:
-    """mpp and objective power from a TIFF's first page: the Aperio description's ``MPP`` wins over the resolution
-    tags (``mpp``); both sources are also returned on their own (``aperio_mpp``, ``tiff_mpp``)."""
-    props: dict[str, float | None] = {"mpp": None, "objective_power": None, "aperio_mpp": None, "tiff_mpp": None}
+#: micrometres per OME length unit (``PhysicalSizeXUnit``; the OME default is the micrometre)
+OME_UNITS_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "Å": 1e-4, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_mpp(xml: str | None) -> float | None:
+    """Level-0 micrometres per pixel from an OME-XML document: the first ``Pixels`` element's ``PhysicalSizeX``."""
+    m = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", xml or "")
+    if not m:
+        return None
+    size = re.search(r'\bPhysicalSizeX\s*=\s*"([^"]+)"', m.group(0))
+    unit = re.search(r'\bPhysicalSizeXUnit\s*=\s*"([^"]+)"', m.group(0))
+    try:
+        mpp = float(size.group(1)) * OME_UNITS_UM[unit.group(1) if unit else "µm"] if size else None
+    except (ValueError, KeyError):
+        return None
+    return mpp if mpp is not None and 0.01 <= mpp <= 100.0 else None
+
+
+def _tiff_properties(path: str) -> dict[str, Any]:
+    """mpp and objective power from a TIFF's first page. The mpp is the Aperio description's ``MPP``, else the OME
+    metadata's ``PhysicalSizeX`` (OME-TIFF), else the resolution tags (``mpp``); each source is also returned on its
+    own (``aperio_mpp``, ``ome_mpp``, ``tiff_mpp``). ``subifd_levels`` counts the tiled reduced-resolution pages kept
+    in the first page's SubIFDs (OME-TIFF pyramids), which cuCIM and OpenSlide do not see."""
+    props: dict[str, Any] = {"objective_power": None, "aperio_mpp": None, "ome_mpp": None, "tiff_mpp": None}
+    props["subifd_levels"] = 0
     try:
         tifffile = _import_backend("tifffile")
         with tifffile.TiffFile(path) as tif:
@@ -132,12 +153,15 @@ def _tiff_properties(path: str) -> dict[str, float | None]:
             m = re.search(r"\|\s*AppMag\s*=\s*([0-9.]+)", desc)
             if m:
                 props["objective_power"] = float(m.group(1))
+            if tif.is_ome:
+                props["ome_mpp"] = _ome_mpp(tif.ome_metadata)
             xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
             if xres is not None and unit is not None:
                 props["tiff_mpp"] = _mpp_from_resolution(xres.value, unit.value)
+            props["subifd_levels"] = sum(bool(p.is_tiled) for p in (page.pages or []))
     except Exception:
         pass
-    props["mpp"] = props["aperio_mpp"] if props["aperio_mpp"] is not None else props["tiff_mpp"]
+    props["mpp"] = next((props[k] for k in ("aperio_mpp", "ome_mpp", "tiff_mpp") if props[k] is not None), None)
     return props
 
 
@@ -500,13 +524,25 @@ class CuCIMSlide(SlideReader):
             self.mpp = float(aperio["MPP"])
         if "AppMag" in aperio:
             self.objective_power = float(aperio["AppMag"])
+        if self.mpp is None or self.objective_power is None:
+            props = _tiff_properties(self.path)  # OME metadata before the resolution tags, as the other backends
+            self.mpp = self.mpp if self.mpp is not None else props["mpp"]
+            self.objective_power = self.objective_power or props["objective_power"]
         if self.mpp is None:
             tiff = meta.get("tiff", {}) if isinstance(meta, dict) else {}
             self.mpp = _mpp_from_resolution(tiff.get("x_resolution"), tiff.get("resolution_unit", ""))
-        if self.mpp is None or self.objective_power is None:
-            props = _tiff_properties(self.path)
-            self.mpp = self.mpp if self.mpp is not None else props["mpp"]
-            self.objective_power = self.objective_power or props["objective_power"]
+        self._check_decodable()
+
+    def _check_decodable(self) -> None:
+        """Decode one pixel of every level: cuCIM opens some files whose tiles it cannot decode (JPEG 2000, WebP,
+        4-sample deflate) and fails only when a patch is read; failing here lets ``open_slide`` take the next
+        backend."""
+        for level in range(self.level_count):
+            try:
+                with quiet_native_output():
+                    np.asarray(self._img.read_region((0, 0), (1, 1), level))
+            except Exception as e:
+                raise RuntimeError(f"cuCIM cannot decode level {level} ({type(e).__name__}: {e})") from e
 
     def tile_size(self, level: int) -> tuple[int, int]:
         return self._tile_sizes[min(level, len(self._tile_sizes) - 1)]
@@ -884,11 +920,14 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None
     Args:
         path: the slide file (SVS, generic tiled TIFF, and whatever cuCIM/OpenSlide read).
         backend: ``"auto"`` tries cuCIM, then OpenSlide, then our tifffile reader, taking the first that is
-            installed and opens the file; or name one of ``"cucim"``, ``"openslide"``, ``"tifffile"``.
+            installed, opens the file and can decode its tiles (our reader first for a TIFF whose pyramid is kept
+            in SubIFDs, as OME-TIFF's is: the others see only its full-resolution level); or name one of
+            ``"cucim"``, ``"openslide"``, ``"tifffile"``.
         mpp: level-0 microns per pixel to use instead of the file's (a slide without resolution metadata, or one
             whose metadata is wrong); the other levels follow from their downsamples.
 
-    A TIFF whose Aperio description and resolution tags disagree on mpp by more than 5 % is warned about; the
+    A TIFF's mpp is its Aperio description's, else its OME metadata's (``PhysicalSizeX``), else its resolution
+    tags'. A TIFF whose Aperio description and resolution tags disagree on mpp by more than 5 % is warned about; the
     description's value is used.
 
     Raises:
@@ -903,11 +942,13 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None
         raise ValueError(f"unknown slide backend '{backend}'; choose 'auto' or one of {BACKENDS}.")
     if mpp is not None and not (isinstance(mpp, (int, float)) and not isinstance(mpp, bool) and mpp > 0):
         raise ValueError(f"slide '{path}': mpp must be a positive number of microns per pixel, got {mpp!r}.")
+    names = BACKENDS if backend == "auto" else (backend,)
     if path.lower().endswith(TIFF_SUFFIXES):
         _check_tiff_structure(path)
         if mpp is None:
             _check_mpp_sources(path)
-    names = BACKENDS if backend == "auto" else (backend,)
+        if backend == "auto" and _tiff_properties(path)["subifd_levels"]:
+            names = ("tifffile", "cucim", "openslide")
     reasons = []
     for name in names:
         try:

@@ -1,0 +1,102 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Slides written by other tools: OME-TIFF pyramids in SubIFDs with their mpp in OME-XML, and tile encodings that
+cuCIM opens but cannot decode (JPEG 2000, WebP, 4-sample deflate)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import tifffile
+
+from monai_icmil.data.prepare import prepare_coords
+from monai_icmil.data.report import RunReport
+from monai_icmil.data.slide import SlideError, _ome_mpp, block_mean, open_slide
+from monai_icmil.data.store import CoordsStore
+from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide
+from monai_icmil.data.tiling import TilingConfig
+
+
+@pytest.fixture(scope="module")
+def tissue() -> np.ndarray:
+    return render_slide((3, 1), True, SyntheticSlideConfig(width=1536, height=1024))["image"]
+
+
+def write_ome(path, img, size="500", unit="nm") -> str:
+    """An OME-TIFF as QuPath and bfconvert write them: full resolution in the main IFD, the reduced levels in its
+    SubIFDs, the pixel size only in the OME-XML (no resolution tags)."""
+    levels = [img, block_mean(img, 2), block_mean(img, 4)]
+    physical = {"PhysicalSizeX": size, "PhysicalSizeY": size, "PhysicalSizeXUnit": unit, "PhysicalSizeYUnit": unit}
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        opts = {"tile": (256, 256), "photometric": "rgb", "compression": "zlib"}
+        tif.write(levels[0], subifds=len(levels) - 1, metadata=physical, **opts)
+        for level in levels[1:]:
+            tif.write(level, subfiletype=1, **opts)
+    return str(path)
+
+
+def write_pyramid(path, img, compression: str, alpha: bool = False) -> str:
+    """A generic tiled pyramid (levels in the main IFD chain, 0.5 um/px in the resolution tags)."""
+    with tifffile.TiffWriter(path) as tif:
+        for k, ds in enumerate((1, 2, 4)):
+            level = block_mean(img, ds)
+            if alpha:
+                level = np.concatenate([level, np.full(level.shape[:2] + (1,), 255, np.uint8)], -1)
+            tif.write(
+                level, tile=(256, 256), photometric="rgb", compression=compression, subfiletype=1 if k else 0,
+                extrasamples=["unassalpha"] if alpha else None, resolution=(1e4 / (0.5 * ds),) * 2,
+                resolutionunit="CENTIMETER",
+            )  # fmt: skip
+    return str(path)
+
+
+def test_ome_pixel_size_is_read_with_its_unit():
+    pixels = '<OME><Image><Pixels ID="Pixels:0" SizeX="10" PhysicalSizeX="{}" {}/></Image></OME>'
+    assert _ome_mpp(pixels.format("0.25", "")) == 0.25  # the OME default unit is the micrometre
+    assert _ome_mpp(pixels.format("250", 'PhysicalSizeXUnit="nm"')) == pytest.approx(0.25)
+    assert _ome_mpp(pixels.format("0.00025", 'PhysicalSizeXUnit="mm"')) == pytest.approx(0.25)
+    assert _ome_mpp(pixels.format("1", 'PhysicalSizeXUnit="parsec"')) is None
+    assert _ome_mpp(pixels.format("1000", "")) is None  # a placeholder, not a microscope's sampling
+    assert _ome_mpp('<OME><Image><Pixels ID="Pixels:0"/></Image></OME>') is None and _ome_mpp(None) is None
+
+
+def test_an_ome_tiff_pyramid_in_subifds_is_read_at_its_levels_and_tiles_like_a_plain_pyramid(tissue, tmp_path):
+    ome = write_ome(tmp_path / "s.ome.tif", tissue)
+    plain = write_pyramid(tmp_path / "s.tif", tissue, "zlib")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "slide has no microns per pixel" warning
+        slide = open_slide(ome)
+    # cuCIM and OpenSlide see only the full-resolution page of an OME-TIFF; auto takes the reader that sees all
+    assert slide.backend == "tifffile" and slide.level_count == 3 and slide.mpp == pytest.approx(0.5)
+    assert open_slide(ome, backend="cucim").level_count == 1
+    level, scale = slide.level_for_mpp(2.0)
+    assert (level, scale) == (2, 1.0)
+    xy = np.array([[0, 0], [1024, 512], [640, 384]])
+    with open_slide(plain) as reference:
+        assert reference.backend == "cucim"
+        np.testing.assert_array_equal(slide.read_patches(xy, 64, level), reference.read_patches(xy, 64, level))
+
+    tiling = TilingConfig(patch_size=64, mpp=1.0, backend="auto")
+    tiles = {}
+    for name, path in (("ome", ome), ("plain", plain)):
+        report = RunReport(tmp_path / f"{name}.json")
+        store = CoordsStore(tmp_path / name)
+        tiles[name] = prepare_coords([{"slide_id": "s", "image": path}], tiling, store, report, progress=False)["s"]
+        assert not report.failed
+    assert tiles["ome"]["level"] == tiles["plain"]["level"] == 1 and len(tiles["ome"]["coords"]) > 20
+    np.testing.assert_array_equal(tiles["ome"]["coords"], tiles["plain"]["coords"])
+
+
+@pytest.mark.parametrize("compression,alpha", [("jpeg2000", False), ("webp", False), ("zlib", True)])
+def test_tiles_cucim_cannot_decode_are_read_by_the_next_backend(tissue, tmp_path, compression, alpha):
+    path = write_pyramid(tmp_path / f"{compression}.tif", tissue, compression, alpha)
+    with pytest.raises(SlideError, match=rf"{compression}\.tif.*cucim: .*cuCIM cannot decode level 0"):
+        open_slide(path, backend="cucim")
+    slide = open_slide(path)
+    assert slide.backend != "cucim" and slide.level_count == 3 and slide.mpp == pytest.approx(0.5)
+    decoded = tifffile.TiffFile(path).pages[1].asarray()[..., :3]
+    xy = np.array([[0, 0], [1000, 600], [256, 512]])
+    expected = np.stack([decoded[y // 2 : y // 2 + 64, x // 2 : x // 2 + 64] for x, y in xy])
+    np.testing.assert_array_equal(slide.read_patches(xy, 64, 1), expected)
