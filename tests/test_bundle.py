@@ -192,6 +192,7 @@ def trained(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     (tmp / "left_in_cwd.json").write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
     (tmp / "stdout.txt").write_text(proc.stdout)
+    (tmp / "stderr.txt").write_text(proc.stderr)
     return tmp
 
 
@@ -224,6 +225,10 @@ def test_train_bundle_runs_two_rounds_end_to_end(trained):
         assert (out / target).is_file(), target
     assert f"](round_{final}/test/roc.png)" in summary and "[page_001](coords/qc/overview/page_001.jpg)" in summary
     assert "| round | val AUC" in (trained / "stdout.txt").read_text()  # printed too
+    # the demo starts from a random-init embedder without pre-training: the summary says so, and the log warns once
+    assert summary.startswith("# ICMIL summary (abmil, resnet18_trunc, random init)\n")
+    log = (trained / "stdout.txt").read_text() + (trained / "stderr.txt").read_text()
+    assert log.count("round 0 starts from a random-init resnet18_trunc with no pre-training") == 1
     state = json.loads((out / "state.json").read_text())
     assert set(state["rounds"]) == {"0", "1", "2"}
     # round r+1's features come from a different embedder than round r's
@@ -789,6 +794,7 @@ def test_pretrain_json_makes_the_round_0_embedder(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state = json.loads((out / "state.json").read_text())
     assert state["rounds"]["0"]["embed"]["fingerprint"] == pretrained.fingerprint()  # round 0 uses it, not random
+    assert "random-init" not in proc.stdout + proc.stderr  # no warning about a random start when pre-trained
     assert pretrained.describe()["name"] == random_init.describe()["name"]
 
 

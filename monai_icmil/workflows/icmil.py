@@ -375,6 +375,7 @@ class ICMILWorkflow(BundleWorkflow):
             self.pretrain()
             return create_embedder(None, weights=self.output_dir / "pretrain" / "embedder.safetensors")
         if r == 0:
+            self._warn_random_start()
             return self.starting_embedder()
         path = self.round_dir(r) / "embedder_phase" / "embedder.safetensors"
         if not path.is_file():
@@ -652,7 +653,8 @@ class ICMILWorkflow(BundleWorkflow):
         """``summary.md`` (printed) and ``summary.json``: per round, val and test AUC with their intervals, the
         change from the previous round, the instance teacher's patch AUC against the ground truth where there is one,
         accuracy, F1 and time per phase; ``rounds.png``, one picture of it all."""
-        title = f"{aggregator_name(self.aggregator)}, {self.starting_embedder_name()}"
+        start = self.starting_embedder_origin()
+        title = f"{aggregator_name(self.aggregator)}, {self.starting_embedder_name()}" + (f", {start}" if start else "")
         return write_summary(
             self.output_dir,
             self.ledger.rounds(),
@@ -668,6 +670,28 @@ class ICMILWorkflow(BundleWorkflow):
         keywords = getattr(self.embedder, "keywords", {})
         args = getattr(self.embedder, "args", ())
         return str(keywords.get("name") or (args[0] if args else getattr(self.embedder, "__name__", "embedder")))
+
+    def starting_embedder_origin(self) -> str | None:
+        """Where round 0's embedder comes from: ``"SimCLR pre-trained"``, ``"weights <file>"`` or ``"random init"``;
+        ``None`` when the embedder factory does not say (it takes no ``weights`` argument)."""
+        if self.phases["pretrain"] is not None:
+            return "SimCLR pre-trained"
+        keywords = getattr(self.embedder, "keywords", {})
+        if "weights" not in keywords:
+            return None
+        return "random init" if keywords["weights"] is None else f"weights {Path(str(keywords['weights'])).name}"
+
+    def _warn_random_start(self) -> None:
+        """Round 0 from a random-init embedder is a choice for synthetic data, a mistake on real slides: say so."""
+        if self.starting_embedder_origin() == "random init" and not getattr(self, "_warned_random_start", False):
+            self._warned_random_start = True
+            logger.warning(
+                "round 0 starts from a random-init %s with no pre-training (`embedder#weights` is null and "
+                "`workflow#pretrain` is off): fine for the synthetic demo, weak on real slides. Give ImageNet or "
+                "pathology weights from a local file (`--embedder#weights /path/resnet50.pth`) or pre-train on your "
+                "slides (`--config_file \"['configs/train.json','configs/pretrain.json']\"`).",
+                self.starting_embedder_name(),
+            )
 
     def _log_run(self, summary: Mapping[str, Any]) -> None:
         """The parent run: final metrics, the summary, the report and the tiling QC."""
