@@ -42,6 +42,32 @@ def test_csv_without_split_column_goes_to_training(tmp_path):
     assert [e["label"] for e in dl["training"]] == [1, 0]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\ufeffslide,label\na.svs,1\nb.svs,0\n",  # a spreadsheet's UTF-8 export starts with a byte-order mark
+        "Image;Target\na.svs;1\nb.svs;0\n",  # other names for the columns, semicolon-separated
+        "filename\tclass\tnotes\na.svs\t1\tx, y\nb.svs\t0\t\n",  # tab-separated, a comma inside a field
+    ],
+)
+def test_csv_exports_from_other_tools_read_the_same(tmp_path, text):
+    _touch(tmp_path, "a.svs", "b.svs")
+    csv = tmp_path / "slides.csv"
+    csv.write_text(text, encoding="utf-8")
+    dl = load_datalist(csv)
+    assert [(Path(e["image"]).name, e["label"]) for e in dl["training"]] == [("a.svs", 1), ("b.svs", 0)]
+
+
+def test_a_csv_without_slide_or_label_column_names_what_it_found_and_the_accepted_names(tmp_path):
+    csv = tmp_path / "slides.csv"
+    csv.write_text("wsi,diagnosis\na.svs,1\n")
+    with pytest.raises(
+        DatalistError,
+        match=r"must name 'slide' \(or 'image', .*'label' \(or 'target', 'class'\); found \['wsi', 'diagnosis'\]",
+    ):
+        load_datalist(csv)
+
+
 def test_every_bad_row_is_listed_in_one_error(tmp_path):
     _touch(tmp_path, "a.svs", "b.svs", "c.svs")
     data = {

@@ -5,7 +5,9 @@
 Two formats are read:
 
 * MONAI-style JSON: ``{"training": [{"image": "slides/a.svs", "label": 1}, ...], "validation": [...], "test": [...]}``
-* CSV with a header ``slide,label[,split]`` (rows without a split go to ``training``).
+* CSV with a header ``slide,label[,split]`` (rows without a split go to ``training``); the slide column may also be
+  called ``image``, ``path``, ``filename`` or ``file``, the label column ``target`` or ``class``; comma-, semicolon- or
+  tab-separated, with or without a byte-order mark.
 
 Any other column or key is kept with the entry; ``mpp`` (the slide's level-0 microns per pixel) replaces the file's
 value when tiling, for slides without resolution metadata or with wrong metadata.
@@ -29,6 +31,8 @@ from monai_icmil.utils import as_positive, stable_hash
 __all__ = ["DatalistError", "load_datalist", "SPLITS"]
 
 SPLITS = ("training", "validation", "test")
+#: a CSV datalist's slide and label columns, and the other names they are found under (first present wins)
+CSV_COLUMNS = {"slide": ("slide", "image", "path", "filename", "file"), "label": ("label", "target", "class")}
 
 
 class DatalistError(ValueError):
@@ -45,16 +49,23 @@ def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, 
     rows: list[tuple[str, int, dict[str, Any]]] = []
     errors: list[str] = []
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
+            header = f.readline()
+            f.seek(0)
+            delimiter = max(",;\t", key=header.count)  # comma, or the semicolon or tab other locales' exports use
+            reader = csv.DictReader(f, delimiter=delimiter)
             fields = [c.strip().lower() for c in (reader.fieldnames or [])]
-            if "slide" not in fields or "label" not in fields:
-                raise DatalistError(str(path), [f"the CSV header must contain 'slide' and 'label' (found {fields})"])
+            columns = {name: next((a for a in aliases if a in fields), None) for name, aliases in CSV_COLUMNS.items()}
+            if None in columns.values():
+                wanted = " and ".join(
+                    f"'{n}' (or {', '.join(repr(a) for a in CSV_COLUMNS[n][1:])})" for n in CSV_COLUMNS
+                )
+                raise DatalistError(str(path), [f"the CSV header must name {wanted}; found {fields}"])
             for i, raw in enumerate(reader, start=2):  # row 1 is the header
                 row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
                 split = row.pop("split", "") or "training"
-                entry: dict[str, Any] = {"image": row.pop("slide")}
-                label = row.pop("label")
+                entry: dict[str, Any] = {"image": row.pop(columns["slide"])}
+                label = row.pop(columns["label"])
                 if label != "":
                     entry["label"] = int(label) if label.lstrip("-").isdigit() else label
                 entry.update({k: v for k, v in row.items() if v != ""})
