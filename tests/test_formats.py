@@ -1,7 +1,7 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""Slides written by other tools: OME-TIFF pyramids in SubIFDs with their mpp in OME-XML, and tile encodings that
-cuCIM opens but cannot decode (JPEG 2000, WebP, 4-sample deflate)."""
+"""Slides written by other tools: OME-TIFF pyramids in SubIFDs with their mpp in OME-XML, tile encodings that cuCIM
+opens but cannot decode (JPEG 2000, WebP, 4-sample deflate), and plain images (PNG, JPEG) read whole."""
 
 from __future__ import annotations
 
@@ -100,3 +100,35 @@ def test_tiles_cucim_cannot_decode_are_read_by_the_next_backend(tissue, tmp_path
     xy = np.array([[0, 0], [1000, 600], [256, 512]])
     expected = np.stack([decoded[y // 2 : y // 2 + 64, x // 2 : x // 2 + 64] for x, y in xy])
     np.testing.assert_array_equal(slide.read_patches(xy, 64, 1), expected)
+
+
+def test_plain_images_are_read_whole_with_their_dpi_as_mpp_and_transparency_as_background(tissue, tmp_path):
+    from PIL import Image
+
+    png, jpg = tmp_path / "s.png", tmp_path / "s.jpg"
+    rgba = np.concatenate([tissue, np.full(tissue.shape[:2] + (1,), 255, np.uint8)], -1)
+    rgba[:64, :64, 3] = 0  # a transparent corner
+    Image.fromarray(rgba).save(png, dpi=(25400 / 0.5, 25400 / 0.5))
+    Image.fromarray(tissue).save(jpg, quality=95)
+    slide = open_slide(png)
+    assert slide.backend == "image" and slide.mpp == pytest.approx(0.5, rel=1e-3) and slide.dimensions == (1536, 1024)
+    patches = slide.read_patches(np.array([[0, 0], [700, 500], [1500, 1000]]), 64)
+    assert (patches[0] == 255).all()  # transparent = white background, as the other backends composite it
+    np.testing.assert_array_equal(patches[1], tissue[500:564, 700:764])
+    np.testing.assert_array_equal(patches[2][:24, :36], tissue[1000:, 1500:])  # past the edge: white
+    assert (patches[2][24:] == 255).all()
+    with pytest.warns(UserWarning, match=r"s\.jpg' has no microns per pixel"):  # 72 dpi is no microscope's
+        assert open_slide(jpg).mpp is None
+
+    tiling = TilingConfig(patch_size=64, mpp=1.0, backend="auto")
+    tiles = {}
+    for name, entry in (
+        ("png", {"image": str(png)}),
+        ("tiff", {"image": write_pyramid(tmp_path / "s.tif", tissue, "zlib")}),
+    ):
+        report = RunReport(tmp_path / f"{name}.json")
+        got = prepare_coords([{"slide_id": "s", **entry}], tiling, CoordsStore(tmp_path / name), report, progress=False)
+        assert not report.failed
+        tiles[name] = {tuple(xy) for xy in got["s"]["coords"].tolist()}
+    # the same grid; the tissue mask from an in-memory pyramid may differ from the file's by a few border patches
+    assert len(tiles["tiff"]) > 20 and len(tiles["png"] ^ tiles["tiff"]) <= 0.05 * len(tiles["tiff"])

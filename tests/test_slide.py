@@ -170,10 +170,19 @@ def test_truncated_tiff_fails_with_a_clear_error(synthetic_entries, tmp_path):
             open_slide(cut, backend)
 
 
-def test_untiled_tiff_is_rejected_with_the_fix(tmp_path):
+def test_untiled_tiff_is_read_whole_when_small_and_rejected_with_the_fix_when_large(tmp_path, monkeypatch):
+    from monai_icmil.data.slide import ImageSlide
+
     path = tmp_path / "strips.tif"
-    tifffile.imwrite(path, np.full((300, 400, 3), 200, np.uint8), photometric="rgb")
-    with pytest.raises(SlideError, match=r"strips\.tif.*not tiled.*--tile --pyramid"):
+    img = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    tifffile.imwrite(path, img, photometric="rgb")
+    slide = open_slide(path, mpp=0.5)
+    assert slide.backend == "image" and slide.dimensions == (400, 300)
+    np.testing.assert_array_equal(slide.read_patches([[10, 20]], 64)[0], img[20:84, 10:74])
+    with pytest.raises(SlideError, match=r"strips\.tif.*not tiled.*--tile --pyramid.*backend 'auto' or 'image'"):
+        open_slide(path, backend="cucim")  # the whole-slide backends would decode the whole image per patch
+    monkeypatch.setattr(ImageSlide, "max_pixels", 100_000)
+    with pytest.raises(SlideError, match=r"strips\.tif.*400x300 image without tiles is too large.*--tile --pyramid"):
         open_slide(path)
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "CuCIMSlide",
     "OpenSlideSlide",
     "TiffSlide",
+    "ImageSlide",
     "open_slide",
     "get_slide",
     "available_backends",
@@ -72,7 +73,11 @@ def _import_backend(name: str) -> Any:
         import tifffile
 
         return tifffile
-    raise ValueError(f"unknown slide backend '{name}'; choose one of {BACKENDS} or 'auto'")
+    if name == "image":
+        from PIL import Image
+
+        return Image
+    raise ValueError(f"unknown slide backend '{name}'; choose one of {BACKENDS}, 'image' or 'auto'")
 
 
 def available_backends() -> list[str]:
@@ -874,14 +879,91 @@ def _jpeg_streams_complain(streams: list[bytes], problem: re.Pattern, capture: A
     return any(problem.search(line) for line in lines)
 
 
+# --------------------------------------------------------------------------------------------------- plain images
+
+
+class ImageSlide(_PatchByPatchReader):
+    """Plain images (PNG, JPEG, BMP, untiled TIFF) of at most :attr:`max_pixels`: decoded whole into memory once,
+    with a pyramid of 2 x 2 block means down to ~1,000 px for thumbnails and tissue masks.
+
+    ``open_slide``'s ``auto`` uses it last, for files no whole-slide backend reads (small slides written by other
+    tools, e.g. ``tifffile.imwrite`` without tiles, or exported PNGs). The mpp comes from the TIFF tags or the
+    image's dpi when they hold a microscope's sampling, else from the datalist or ``assume_mpp``.
+    """
+
+    backend = "image"
+    #: largest image read whole (2**28 px: 768 MiB of RGB); larger ones must be converted to a tiled pyramid
+    max_pixels = 2**28
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        img, self.mpp = self._load()
+        levels = [img]
+        while max(levels[-1].shape[:2]) > 2048:
+            levels.append(block_mean(levels[-1], 2))
+        self._levels = levels
+        self.level_dimensions = tuple((int(a.shape[1]), int(a.shape[0])) for a in levels)
+        self._describe_levels()
+
+    def _load(self) -> tuple[np.ndarray, float | None]:
+        """The image as ``[H, W, 3]`` uint8 (alpha composited on white) and its mpp, refusing images too large."""
+        if self.path.lower().endswith(TIFF_SUFFIXES):
+            tifffile = _import_backend("tifffile")
+            with tifffile.TiffFile(self.path) as tif:
+                page = tif.pages.first
+                self._check_size(page.imagewidth, page.imagelength)
+                img = page.asarray()
+            mpp = _tiff_properties(self.path)["mpp"]
+        else:
+            from PIL import Image
+
+            with Image.open(self.path) as im:
+                self._check_size(*im.size)
+                dpi = im.info.get("dpi")
+                mpp = _mpp_from_resolution(dpi[0], "INCH") if dpi else None
+                im.draft("RGB", im.size)
+                img = np.asarray(im.convert("RGBA") if "A" in im.getbands() else im.convert("RGB"))
+        if img.ndim != 3 or img.shape[2] not in (3, 4) or img.dtype != np.uint8:
+            raise SlideError(self.path, f"expected an 8-bit RGB image, found shape {img.shape} of {img.dtype}.")
+        if img.shape[2] == 4:  # transparent = background: composite on white like the other backends
+            alpha = img[..., 3:4].astype(np.uint16)
+            img = ((img[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
+        return np.ascontiguousarray(img), mpp
+
+    def _check_size(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            raise SlideError(
+                self.path,
+                f"a {width}x{height} image without tiles is too large to read whole (more than {self.max_pixels:,} "
+                "px). Convert it to a tiled pyramid, e.g. `vips tiffsave in out.tif --tile --pyramid "
+                "--compression jpeg`.",
+            )
+
+    def _read_one(self, xy: np.ndarray, level: int, size: tuple[int, int]) -> np.ndarray:
+        img = self._levels[level]
+        ds = self.level_downsamples[level]
+        x, y = int(math.floor(xy[0] / ds)), int(math.floor(xy[1] / ds))
+        w, h = size
+        out = np.full((h, w, 3), 255, np.uint8)  # outside the image = white background
+        part = img[max(y, 0) : max(y + h, 0), max(x, 0) : max(x + w, 0)]
+        out[max(-y, 0) : max(-y, 0) + part.shape[0], max(-x, 0) : max(-x, 0) + part.shape[1]] = part
+        return out
+
+
 # --------------------------------------------------------------------------------------------------- opening
 
-_READERS: dict[str, type[SlideReader]] = {"cucim": CuCIMSlide, "openslide": OpenSlideSlide, "tifffile": TiffSlide}
+_READERS: dict[str, type[SlideReader]] = {
+    "cucim": CuCIMSlide,
+    "openslide": OpenSlideSlide,
+    "tifffile": TiffSlide,
+    "image": ImageSlide,
+}
 
 
-def _check_tiff_structure(path: str) -> None:
-    """Reject TIFF files that no whole-slide backend can serve patch by patch, with the fix: untiled files, and
-    truncated ones (tile data past the end of the file), which cuCIM may crash on rather than raise for."""
+def _check_tiff_structure(path: str) -> bool:
+    """Whether a TIFF is tiled (``True`` too for what tifffile cannot parse: the backends report on it); truncated
+    files (tile data past the end of the file), which cuCIM may crash on rather than raise for, are rejected with
+    the fix."""
     size = os.path.getsize(path)
     try:
         tifffile = _import_backend("tifffile")
@@ -894,9 +976,7 @@ def _check_tiff_structure(path: str) -> None:
                 if counts.size:
                     ends.append((int((offsets + counts)[counts > 0].max(initial=0)), i))
     except Exception:
-        return  # not a TIFF tifffile understands: let the backends report
-    if not tiled:
-        raise _not_tiled_error(path)
+        return True  # not a TIFF tifffile understands: let the backends report
     end, page = max(ends, default=(0, 0))
     if end > size:
         raise SlideError(
@@ -904,13 +984,15 @@ def _check_tiff_structure(path: str) -> None:
             f"the file is truncated: TIFF page {page} stores image data up to byte {end:,}, but the file has "
             f"{size:,} bytes. Copy it again (or re-export it) and check its size against the source.",
         )
+    return bool(tiled)
 
 
 def _not_tiled_error(path: str) -> SlideError:
     return SlideError(
         path,
         "the TIFF is not tiled (it stores strips), so patches cannot be read without decoding the whole image. "
-        "Convert it to a tiled pyramid, e.g. `vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg`.",
+        "Convert it to a tiled pyramid, e.g. `vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg`, "
+        f"or, if it has at most {ImageSlide.max_pixels:,} px, open it with backend 'auto' or 'image' (read whole).",
     )
 
 
@@ -919,10 +1001,11 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None
 
     Args:
         path: the slide file (SVS, generic tiled TIFF, and whatever cuCIM/OpenSlide read).
-        backend: ``"auto"`` tries cuCIM, then OpenSlide, then our tifffile reader, taking the first that is
-            installed, opens the file and can decode its tiles (our reader first for a TIFF whose pyramid is kept
-            in SubIFDs, as OME-TIFF's is: the others see only its full-resolution level); or name one of
-            ``"cucim"``, ``"openslide"``, ``"tifffile"``.
+        backend: ``"auto"`` tries cuCIM, then OpenSlide, then our tifffile reader, then :class:`ImageSlide` (plain
+            images, read whole), taking the first that is installed, opens the file and can decode its tiles (our
+            tifffile reader first for a TIFF whose pyramid is kept in SubIFDs, as OME-TIFF's is: the others see only
+            its full-resolution level; an untiled TIFF goes to :class:`ImageSlide` alone); or name one of
+            ``"cucim"``, ``"openslide"``, ``"tifffile"``, ``"image"``.
         mpp: level-0 microns per pixel to use instead of the file's (a slide without resolution metadata, or one
             whose metadata is wrong); the other levels follow from their downsamples.
 
@@ -938,17 +1021,20 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"slide '{path}' does not exist. Check the datalist entry and the data root.")
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"unknown slide backend '{backend}'; choose 'auto' or one of {BACKENDS}.")
+    if backend not in ("auto", *_READERS):
+        raise ValueError(f"unknown slide backend '{backend}'; choose 'auto' or one of {tuple(_READERS)}.")
     if mpp is not None and not (isinstance(mpp, (int, float)) and not isinstance(mpp, bool) and mpp > 0):
         raise ValueError(f"slide '{path}': mpp must be a positive number of microns per pixel, got {mpp!r}.")
-    names = BACKENDS if backend == "auto" else (backend,)
+    names = tuple(_READERS) if backend == "auto" else (backend,)
     if path.lower().endswith(TIFF_SUFFIXES):
-        _check_tiff_structure(path)
         if mpp is None:
             _check_mpp_sources(path)
-        if backend == "auto" and _tiff_properties(path)["subifd_levels"]:
-            names = ("tifffile", "cucim", "openslide")
+        if not _check_tiff_structure(path):  # strips: only a small image can be served, read whole
+            if backend not in ("auto", "image"):
+                raise _not_tiled_error(path)
+            names = ("image",)
+        elif backend == "auto" and _tiff_properties(path)["subifd_levels"]:
+            names = ("tifffile", "cucim", "openslide", "image")
     reasons = []
     for name in names:
         try:
