@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from monai_icmil.data.datalist import slide_stem
 from monai_icmil.data.prepare import prepare_coords, slide_signature, tiling_signature
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import get_slide
@@ -25,7 +26,9 @@ from monai_icmil.networks.embedders import PatchEmbedder
 
 __all__ = ["predict_slides", "patch_scores", "list_slides", "with_stride"]
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")
+#: what a folder of slides is searched for (plain images such as PNG are slides too, but given by path or datalist:
+#: a folder's PNGs are as often masks or thumbnails)
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".qptiff", ".btf", ".tf8")
 
 
 def list_slides(slides: str | os.PathLike | Sequence[str]) -> list[str]:
@@ -94,7 +97,7 @@ def _slide_items(slides: str | os.PathLike | Sequence[str | Mapping[str, Any]]) 
         return [{"label": None, **dict(s)} for s in slides]
     items, seen = [], set()
     for p in list_slides(slides):
-        sid = Path(p).stem
+        sid = slide_stem(p)
         if sid in seen:
             sid = f"{sid}-{len(seen)}"
         seen.add(sid)

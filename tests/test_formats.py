@@ -13,7 +13,7 @@ import tifffile
 
 from monai_icmil.data.prepare import prepare_coords
 from monai_icmil.data.report import RunReport
-from monai_icmil.data.slide import SlideError, _ome_mpp, block_mean, open_slide
+from monai_icmil.data.slide import SlideError, _ome_mpp, block_mean, get_slide, open_slide
 from monai_icmil.data.store import CoordsStore
 from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide
 from monai_icmil.data.tiling import TilingConfig
@@ -119,6 +119,9 @@ def test_plain_images_are_read_whole_with_their_dpi_as_mpp_and_transparency_as_b
     assert (patches[2][24:] == 255).all()
     with pytest.warns(UserWarning, match=r"s\.jpg' has no microns per pixel"):  # 72 dpi is no microscope's
         assert open_slide(jpg).mpp is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the pipeline's readers (one per slide and worker process) do not repeat it
+        assert get_slide(jpg).mpp is None and get_slide(jpg, mpp=0.5).mpp == 0.5
 
     tiling = TilingConfig(patch_size=64, mpp=1.0, backend="auto")
     tiles = {}

@@ -166,10 +166,7 @@ def _load_or_tile(
         DamagedSlideError: the slide's damaged share of patches is not acceptable under ``policy``.
     """
     sid, path = item["slide_id"], item["image"]
-    with warnings.catch_warnings():
-        if item.get("mpp") not in (None, "") or assume_mpp is not None:
-            warnings.filterwarnings("ignore", message=".*has no microns per pixel")  # it is given here
-        reader = get_slide(path, backend)  # a missing or unreadable slide fails here, with its name
+    reader = get_slide(path, backend)  # a missing or unreadable slide fails here, with its name
     slide_mpp = _slide_mpp(item, reader, assume_mpp)
     if slide_mpp is not None:
         reader = get_slide(path, backend, slide_mpp)

@@ -1064,11 +1064,16 @@ _OPEN_LOCK = threading.Lock()  # reader threads reaching a new slide together op
 
 @functools.lru_cache(maxsize=16)
 def _cached_slide(path: str, backend: str, mtime_ns: int, size: int, pid: int, mpp: float | None) -> SlideReader:
-    return open_slide(path, backend, mpp)
+    with warnings.catch_warnings():
+        # the pipeline opens each slide in every worker process and reads it by level: a missing mpp matters only
+        # where a target mpp is tiled, and that fails with the fixes (SlideReader.require_mpp)
+        warnings.filterwarnings("ignore", message=".*has no microns per pixel")
+        return open_slide(path, backend, mpp)
 
 
 def get_slide(slide: str | os.PathLike | SlideReader, backend: str = "auto", mpp: float | None = None) -> SlideReader:
-    """A reader for ``slide``: passes readers through; opens paths once per process and caches them.
+    """A reader for ``slide``: passes readers through; opens paths once per process and caches them, without
+    :func:`open_slide`'s warning about a slide without mpp (tiling at a target mpp fails on it with the fixes).
 
     The cache key includes the file's size and modification time, so a rewritten slide is reopened, and ``mpp``
     (the level-0 microns per pixel to use instead of the file's, see :func:`open_slide`).
