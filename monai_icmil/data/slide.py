@@ -882,6 +882,9 @@ def _jpeg_streams_complain(streams: list[bytes], problem: re.Pattern, capture: A
 # --------------------------------------------------------------------------------------------------- plain images
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
 class ImageSlide(_PatchByPatchReader):
     """Plain images (PNG, JPEG, BMP, untiled TIFF) of at most :attr:`max_pixels`: decoded whole into memory once,
     with a pyramid of 2 x 2 block means down to ~1,000 px for thumbnails and tissue masks.
@@ -917,7 +920,13 @@ class ImageSlide(_PatchByPatchReader):
         else:
             from PIL import Image
 
-            with Image.open(self.path) as im:
+            with _PIL_LIMIT_LOCK:  # PIL refuses images over 2 x its MAX_IMAGE_PIXELS: ours is the limit here
+                limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, self.max_pixels
+                try:
+                    im = Image.open(self.path)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = limit
+            with im:
                 self._check_size(*im.size)
                 dpi = im.info.get("dpi")
                 mpp = _mpp_from_resolution(dpi[0], "INCH") if dpi else None
