@@ -124,3 +124,25 @@ def test_an_ome_tiff_is_named_without_its_ome_suffix(tmp_path):
     csv = tmp_path / "slides.csv"
     csv.write_text("slide,label\ncase_7.ome.tif,1\nhome.tif,0\n")
     assert [e["slide_id"] for e in load_datalist(csv)["training"]] == ["case_7", "home"]
+
+
+@pytest.mark.parametrize(
+    "names,order",
+    [
+        (["Tumor", "Normal"], ["Normal", "Tumor"]),
+        (["metastasis", "normal"], ["normal", "metastasis"]),  # sorted alone would make the tumour class 0
+        (["cancer", "Non-Tumour"], ["Non-Tumour", "cancer"]),
+        (["LUSC", "LUAD"], ["LUAD", "LUSC"]),  # no negative name: sorted
+        (["tumour", "normal", "benign"], ["benign", "normal", "tumour"]),  # two negative names: sorted
+        (["micro", "macro", "negative"], ["negative", "macro", "micro"]),
+    ],
+)
+def test_string_labels_put_the_one_negative_name_first(tmp_path, names, order):
+    from monai_icmil.data.datalist import class_names
+
+    _touch(tmp_path, *(f"{i}.svs" for i in range(len(names))))
+    csv = tmp_path / "slides.csv"
+    csv.write_text("slide,label\n" + "".join(f"{i}.svs,{n}\n" for i, n in enumerate(names)))
+    items = load_datalist(csv)
+    assert [order.index(n) for n in names] == [e["label"] for e in items["training"]]
+    assert [e["label_name"] for e in items["training"]] == names and class_names(items) == order

@@ -28,7 +28,7 @@ from typing import Any
 
 from monai_icmil.utils import as_positive, stable_hash
 
-__all__ = ["DatalistError", "load_datalist", "slide_stem", "SPLITS"]
+__all__ = ["DatalistError", "load_datalist", "slide_stem", "string_label_order", "class_names", "SPLITS"]
 
 SPLITS = ("training", "validation", "test")
 #: a CSV datalist's slide and label columns, and the other names they are found under (first present wins)
@@ -108,7 +108,9 @@ def load_datalist(
         data_root: root that relative paths resolve against (default: the datalist's folder).
         splits: splits to read.
         labels: the known labels (ints or strings). String labels are mapped to their index in this list.
-            ``None``: integer labels are taken as they are; string labels map to their sorted order.
+            ``None``: integer labels are taken as they are; string labels map to their sorted order, the one negative
+            name among them (``normal``, ``negative``, ``benign``...) first (:func:`string_label_order`); entries
+            with a string label keep it as ``label_name``.
         check_files: report slides that do not exist.
         require_labels: splits in which every entry must have a label.
         allow_outside_root: allow absolute paths and ``..`` that leave ``data_root`` (off by default: a datalist
@@ -156,8 +158,32 @@ def _label_index(
     if labels is not None:
         return {lab: i for i, lab in enumerate(labels)}
     if present and all(isinstance(v, str) for v in present):
-        return {lab: i for i, lab in enumerate(sorted(set(present)))}
+        return {lab: i for i, lab in enumerate(string_label_order(present))}
     return None
+
+
+#: label names read as the negative class (compared in lower case without spaces, '-' and '_')
+NEGATIVE_LABELS = frozenset(
+    ("normal", "negative", "neg", "benign", "healthy", "control", "nontumor", "nontumour", "notumor", "notumour")
+)
+
+
+def string_label_order(values: Sequence[str]) -> list[str]:
+    """String labels in class-index order: sorted, except that the one negative name among them (``normal``,
+    ``negative``, ``benign``, ``healthy``, ``control``, ``non-tumour``...) comes first, since class 0 is the normal
+    class wherever it matters (the instance teacher's patch AUC against tumour masks, ``normal_slide_targets``).
+    With none or several such names the order is sorted."""
+    names = sorted(set(values))
+    negative = [n for n in names if "".join(c for c in n.lower() if c not in " -_") in NEGATIVE_LABELS]
+    return negative + [n for n in names if n not in negative] if len(negative) == 1 else names
+
+
+def class_names(items: dict[str, list[dict[str, Any]]]) -> list[str] | None:
+    """The class names a datalist's string labels give, by class index (``None`` for integer labels)."""
+    named = {e["label"]: e["label_name"] for split in items.values() for e in split if "label_name" in e}
+    if not named or sorted(named) != list(range(len(named))):
+        return None
+    return [named[i] for i in range(len(named))]
 
 
 def _check_entry(
@@ -195,6 +221,8 @@ def _check_entry(
     item = dict(entry)
     item["image"] = str(full)
     item["label"] = _class_index(label, where, label_index, errors) if label is not None else None
+    if isinstance(label, str) and label_index is not None:
+        item["label_name"] = label
     item.setdefault("slide_id", slide_stem(image))
     if item.get("mpp") not in (None, ""):
         try:

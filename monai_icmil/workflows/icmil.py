@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from monai.bundle import BundleWorkflow
 
+from monai_icmil.data.datalist import class_names as datalist_class_names
 from monai_icmil.data.integrity import TileErrorPolicy
 from monai_icmil.data.prepare import SlideTiles, prepare_coords, slide_signature, tiling_signature
 from monai_icmil.data.report import RunReport
@@ -102,7 +103,8 @@ class ICMILWorkflow(BundleWorkflow):
             the training slides' tissue patches (kept in ``output_dir/pretrain/``).
         embed, bag_phase, embedder_phase: the phases (defaults: each component with its defaults).
         num_classes: number of slide classes.
-        class_names: names of the classes (CSV headers; the last is the positive class).
+        class_names: names of the classes (CSV headers; the last is the positive class); a datalist with string
+            labels names them itself (:attr:`class_names`).
         val_fraction: fraction of training slides held out when the datalist has no validation split.
         seed: one seed for tiling order, sampling, augmentation and initialisation.
         device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when available).
@@ -185,7 +187,7 @@ class ICMILWorkflow(BundleWorkflow):
         self.arguments = arguments
         self.dataset_dir, self.output_dir = Path(dataset_dir), Path(output_dir)
         self.num_rounds, self.round_patience = int(num_rounds), int(round_patience)
-        self.num_classes, self.class_names = int(num_classes), list(class_names) if class_names else None
+        self.num_classes, self._class_names = int(num_classes), list(class_names) if class_names else None
         self.seed, self.device = int(seed), default_device(device)
         self.tiling = tiling if tiling is not None else TilingConfig(backend=backend)
         self.embedder = functools.partial(create_embedder, **embedder) if isinstance(embedder, Mapping) else embedder
@@ -670,6 +672,17 @@ class ICMILWorkflow(BundleWorkflow):
         keywords = getattr(self.embedder, "keywords", {})
         args = getattr(self.embedder, "args", ())
         return str(keywords.get("name") or (args[0] if args else getattr(self.embedder, "__name__", "embedder")))
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The classes' names by index: the datalist's string labels when it has them (they set the indices,
+        :func:`~monai_icmil.data.datalist.string_label_order`), else the configured ``class_names``."""
+        named = datalist_class_names(self.splits.items())
+        if named is not None and self._class_names is not None and named != self._class_names[: len(named)]:
+            if not getattr(self, "_told_class_names", False):
+                self._told_class_names = True
+                logger.info("class names from the datalist's labels: %s (configured: %s)", named, self._class_names)
+        return named if named is not None else self._class_names
 
     def starting_embedder_origin(self) -> str | None:
         """Where round 0's embedder comes from: ``"SimCLR pre-trained"``, ``"weights <file>"`` or ``"random init"``;
