@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from monai_icmil.data.datalist import slide_stem
 from monai_icmil.data.prepare import prepare_coords, slide_signature, tiling_signature
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import get_slide
@@ -97,7 +96,7 @@ def _slide_items(slides: str | os.PathLike | Sequence[str | Mapping[str, Any]]) 
         return [{"label": None, **dict(s)} for s in slides]
     items, seen = [], set()
     for p in list_slides(slides):
-        sid = slide_stem(p)
+        sid = Path(p).stem
         if sid in seen:
             sid = f"{sid}-{len(seen)}"
         seen.add(sid)

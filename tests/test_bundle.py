@@ -674,6 +674,38 @@ def test_datalist_without_validation_gets_a_recorded_reproducible_split(syntheti
     assert json.loads((tmp_path / "out" / "validation_split.json").read_text())["validation"] == splits[0]
 
 
+def test_string_labels_name_the_classes_and_a_datalist_that_reorders_them_is_refused(synthetic_dataset, tmp_path):
+    """metastasis/normal: normal is class 0 (sorted order alone would make it 1), the names are recorded with the run
+    and name its outputs; a later datalist whose labels give other class indices is refused, not silently used."""
+    data = json.loads(synthetic_dataset.read_text())
+    names = {0: "normal", 1: "metastasis"}
+    renamed = {k: [{**e, "label": names[e["label"]]} for e in v] for k, v in data.items() if isinstance(v, list)}
+    (synthetic_dataset.parent / "named.json").write_text(json.dumps(renamed))
+
+    def workflow(datalist: str) -> ICMILWorkflow:
+        return ICMILWorkflow(
+            dataset_dir=str(synthetic_dataset.parent),
+            output_dir=str(tmp_path / "out"),
+            datalist=datalist,
+            progress=False,
+            mlflow={"enabled": False},
+        )
+
+    wf = workflow("named.json")
+    original = {Path(e["image"]).stem: e["label"] for v in data.values() if isinstance(v, list) for e in v}
+    assert all(e["label"] == original[e["slide_id"]] for e in wf.splits.all_items())
+    assert wf.class_names is None  # the configured names (none in Python by default), until the run is prepared
+    wf._record_classes()
+    assert wf.class_names == ["normal", "metastasis"]
+    assert workflow("named.json").class_names == ["normal", "metastasis"]  # read back from state.json
+    only_tumours = {k: [e for e in v if e["label"] == "metastasis"] for k, v in renamed.items()}
+    (synthetic_dataset.parent / "tumours.json").write_text(json.dumps(only_tumours))
+    with pytest.raises(
+        RuntimeError, match=r"give the classes \['metastasis'\].*trained with \['normal', 'metastasis'\]"
+    ):
+        workflow("tumours.json")._record_classes()
+
+
 def test_two_cpu_ranks_under_torchrun_match_one_process(trained, tmp_path):
     """multi_gpu_train.json with 2 gloo ranks: same features and the same metrics as the single-process run."""
     import socket

@@ -119,13 +119,6 @@ def test_unlabelled_inference_lists_are_allowed_where_labels_are_not_required(tm
     assert dl["test"][0]["label"] is None
 
 
-def test_an_ome_tiff_is_named_without_its_ome_suffix(tmp_path):
-    _touch(tmp_path, "case_7.ome.tif", "home.tif")
-    csv = tmp_path / "slides.csv"
-    csv.write_text("slide,label\ncase_7.ome.tif,1\nhome.tif,0\n")
-    assert [e["slide_id"] for e in load_datalist(csv)["training"]] == ["case_7", "home"]
-
-
 @pytest.mark.parametrize(
     "names,order",
     [

@@ -13,7 +13,15 @@ import tifffile
 
 from monai_icmil.data.prepare import prepare_coords
 from monai_icmil.data.report import RunReport
-from monai_icmil.data.slide import SlideError, _ome_mpp, block_mean, get_slide, open_slide
+from monai_icmil.data.slide import (
+    ImageSlide,
+    SlideError,
+    _ome_mpp,
+    available_backends,
+    block_mean,
+    get_slide,
+    open_slide,
+)
 from monai_icmil.data.store import CoordsStore
 from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide
 from monai_icmil.data.tiling import TilingConfig
@@ -24,14 +32,15 @@ def tissue() -> np.ndarray:
     return render_slide((3, 1), True, SyntheticSlideConfig(width=1536, height=1024))["image"]
 
 
-def write_ome(path, img, size="500", unit="nm") -> str:
+def write_ome(path, img, size="500", unit="nm", placeholder_tags=False) -> str:
     """An OME-TIFF as QuPath and bfconvert write them: full resolution in the main IFD, the reduced levels in its
-    SubIFDs, the pixel size only in the OME-XML (no resolution tags)."""
+    SubIFDs, the pixel size in the OME-XML (and, with ``placeholder_tags``, 72 dpi resolution tags)."""
     levels = [img, block_mean(img, 2), block_mean(img, 4)]
     physical = {"PhysicalSizeX": size, "PhysicalSizeY": size, "PhysicalSizeXUnit": unit, "PhysicalSizeYUnit": unit}
     with tifffile.TiffWriter(path, ome=True) as tif:
         opts = {"tile": (256, 256), "photometric": "rgb", "compression": "zlib"}
-        tif.write(levels[0], subifds=len(levels) - 1, metadata=physical, **opts)
+        tags = {"resolution": (72, 72), "resolutionunit": "INCH"} if placeholder_tags else {}
+        tif.write(levels[0], subifds=len(levels) - 1, metadata=physical, **opts, **tags)
         for level in levels[1:]:
             tif.write(level, subfiletype=1, **opts)
     return str(path)
@@ -60,6 +69,13 @@ def test_ome_pixel_size_is_read_with_its_unit():
     assert _ome_mpp(pixels.format("1", 'PhysicalSizeXUnit="parsec"')) is None
     assert _ome_mpp(pixels.format("1000", "")) is None  # a placeholder, not a microscope's sampling
     assert _ome_mpp('<OME><Image><Pixels ID="Pixels:0"/></Image></OME>') is None and _ome_mpp(None) is None
+    # a namespace, an entity in the unit, and the image stored from IFD 0 chosen over a macro image listed first
+    two = (
+        '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:1"><Pixels '
+        "PhysicalSizeX='10'><TiffData IFD='5'/></Pixels></Image><Image ID=\"Image:0\"><Pixels PhysicalSizeX='0.25' "
+        'PhysicalSizeXUnit="&#181;m"><TiffData/></Pixels></Image></OME>'
+    )
+    assert _ome_mpp(two) == 0.25 and _ome_mpp("<OME><Pixels") is None
 
 
 def test_an_ome_tiff_pyramid_in_subifds_is_read_at_its_levels_and_tiles_like_a_plain_pyramid(tissue, tmp_path):
@@ -70,12 +86,13 @@ def test_an_ome_tiff_pyramid_in_subifds_is_read_at_its_levels_and_tiles_like_a_p
         slide = open_slide(ome)
     # cuCIM and OpenSlide see only the full-resolution page of an OME-TIFF; auto takes the reader that sees all
     assert slide.backend == "tifffile" and slide.level_count == 3 and slide.mpp == pytest.approx(0.5)
-    assert open_slide(ome, backend="cucim").level_count == 1
+    for backend in available_backends():  # every backend takes the OME mpp over 72-dpi placeholder tags
+        tagged = write_ome(tmp_path / "tagged.ome.tif", tissue, placeholder_tags=True)
+        assert open_slide(tagged, backend=backend).mpp == pytest.approx(0.5), backend
     level, scale = slide.level_for_mpp(2.0)
     assert (level, scale) == (2, 1.0)
     xy = np.array([[0, 0], [1024, 512], [640, 384]])
     with open_slide(plain) as reference:
-        assert reference.backend == "cucim"
         np.testing.assert_array_equal(slide.read_patches(xy, 64, level), reference.read_patches(xy, 64, level))
 
     tiling = TilingConfig(patch_size=64, mpp=1.0, backend="auto")
@@ -92,8 +109,9 @@ def test_an_ome_tiff_pyramid_in_subifds_is_read_at_its_levels_and_tiles_like_a_p
 @pytest.mark.parametrize("compression,alpha", [("jpeg2000", False), ("webp", False), ("zlib", True)])
 def test_tiles_cucim_cannot_decode_are_read_by_the_next_backend(tissue, tmp_path, compression, alpha):
     path = write_pyramid(tmp_path / f"{compression}.tif", tissue, compression, alpha)
-    with pytest.raises(SlideError, match=rf"{compression}\.tif.*cucim: .*cuCIM cannot decode level 0"):
-        open_slide(path, backend="cucim")
+    if "cucim" in available_backends():  # (cuCIM's wheels are Linux x86-64 only)
+        with pytest.raises(SlideError, match=rf"{compression}\.tif.*cucim: .*cuCIM cannot decode level 0"):
+            open_slide(path, backend="cucim")
     slide = open_slide(path)
     assert slide.backend != "cucim" and slide.level_count == 3 and slide.mpp == pytest.approx(0.5)
     decoded = tifffile.TiffFile(path).pages[1].asarray()[..., :3]
@@ -105,11 +123,12 @@ def test_tiles_cucim_cannot_decode_are_read_by_the_next_backend(tissue, tmp_path
 def test_plain_images_are_read_whole_with_their_dpi_as_mpp_and_transparency_as_background(tissue, tmp_path):
     from PIL import Image
 
-    png, jpg = tmp_path / "s.png", tmp_path / "s.jpg"
+    png, jpg, editor = tmp_path / "s.png", tmp_path / "s.jpg", tmp_path / "editor.png"
     rgba = np.concatenate([tissue, np.full(tissue.shape[:2] + (1,), 255, np.uint8)], -1)
     rgba[:64, :64, 3] = 0  # a transparent corner
     Image.fromarray(rgba).save(png, dpi=(25400 / 0.5, 25400 / 0.5))
     Image.fromarray(tissue).save(jpg, quality=95)
+    Image.fromarray(tissue).save(editor, dpi=(300, 300))  # an image editor's dpi: 85 um/px, no microscope's
     slide = open_slide(png)
     assert slide.backend == "image" and slide.mpp == pytest.approx(0.5, rel=1e-3) and slide.dimensions == (1536, 1024)
     patches = slide.read_patches(np.array([[0, 0], [700, 500], [1500, 1000]]), 64)
@@ -117,8 +136,9 @@ def test_plain_images_are_read_whole_with_their_dpi_as_mpp_and_transparency_as_b
     np.testing.assert_array_equal(patches[1], tissue[500:564, 700:764])
     np.testing.assert_array_equal(patches[2][:24, :36], tissue[1000:, 1500:])  # past the edge: white
     assert (patches[2][24:] == 255).all()
-    with pytest.warns(UserWarning, match=r"s\.jpg' has no microns per pixel"):  # 72 dpi is no microscope's
+    with pytest.warns(UserWarning, match=r"s\.jpg' has no microns per pixel"):
         assert open_slide(jpg).mpp is None
+    assert open_slide(editor, mpp=0.5).mpp == 0.5 and get_slide(editor).mpp is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the pipeline's readers (one per slide and worker process) do not repeat it
         assert get_slide(jpg).mpp is None and get_slide(jpg, mpp=0.5).mpp == 0.5
@@ -135,3 +155,17 @@ def test_plain_images_are_read_whole_with_their_dpi_as_mpp_and_transparency_as_b
         tiles[name] = {tuple(xy) for xy in got["s"]["coords"].tolist()}
     # the same grid; the tissue mask from an in-memory pyramid may differ from the file's by a few border patches
     assert len(tiles["tiff"]) > 20 and len(tiles["png"] ^ tiles["tiff"]) <= 0.05 * len(tiles["tiff"])
+
+
+def test_a_plain_image_too_large_to_read_whole_gets_our_error_with_the_fix_not_pillows(tissue, tmp_path, monkeypatch):
+    from PIL import Image
+
+    path = tmp_path / "big.png"
+    Image.fromarray(tissue).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # Pillow alone would refuse it (over twice its limit)
+    monkeypatch.setattr(ImageSlide, "max_pixels", 1_000_000)
+    with pytest.raises(SlideError, match=r"big\.png.*1536x1024 image without tiles is too large.*--tile --pyramid"):
+        open_slide(path)
+    assert Image.MAX_IMAGE_PIXELS == 100_000  # Pillow's own limit is left as it was
+    monkeypatch.setattr(ImageSlide, "max_pixels", 2_000_000)
+    assert open_slide(path, mpp=0.5).dimensions == (1536, 1024)

@@ -28,7 +28,7 @@ from typing import Any
 
 from monai_icmil.utils import as_positive, stable_hash
 
-__all__ = ["DatalistError", "load_datalist", "slide_stem", "string_label_order", "class_names", "SPLITS"]
+__all__ = ["DatalistError", "load_datalist", "string_label_order", "class_names", "SPLITS"]
 
 SPLITS = ("training", "validation", "test")
 #: a CSV datalist's slide and label columns, and the other names they are found under (first present wins)
@@ -223,7 +223,7 @@ def _check_entry(
     item["label"] = _class_index(label, where, label_index, errors) if label is not None else None
     if isinstance(label, str) and label_index is not None:
         item["label_name"] = label
-    item.setdefault("slide_id", slide_stem(image))
+    item.setdefault("slide_id", Path(image).stem)
     if item.get("mpp") not in (None, ""):
         try:
             item["mpp"] = as_positive(item["mpp"], "mpp")
@@ -244,12 +244,6 @@ def _class_index(label: Any, where: str, label_index: dict[Any, int] | None, err
     if not isinstance(label, int) or isinstance(label, bool) or label < 0:
         errors.append(f"{where}: label {label!r} must be a non-negative integer class index")
     return label
-
-
-def slide_stem(path: str | os.PathLike) -> str:
-    """A slide's default id: its file name without the suffix (and without OME-TIFF's ``.ome``)."""
-    stem = Path(path).stem
-    return stem[:-4] if stem.lower().endswith(".ome") and len(stem) > 4 else stem
 
 
 def _unique_slide_ids(out: dict[str, list[dict[str, Any]]]) -> None:

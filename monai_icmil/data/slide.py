@@ -81,7 +81,8 @@ def _import_backend(name: str) -> Any:
 
 
 def available_backends() -> list[str]:
-    """Backends importable in this environment, in order of preference."""
+    """Whole-slide backends importable in this environment, in order of preference (the plain-image reader,
+    ``"image"``, needs only Pillow, a dependency)."""
     out = []
     for name in BACKENDS:
         try:
@@ -105,6 +106,16 @@ def resize_patches(patches: np.ndarray, size: int | tuple[int, int]) -> np.ndarr
 # --------------------------------------------------------------------------------------------------- metadata
 
 
+#: micrometres per pixel a slide scanner or microscope camera samples at; other values in a file's metadata are
+#: placeholders (1 pixel per unit, 72 or 300 dpi written by image tools), not a sampling
+PLAUSIBLE_MPP = (0.01, 20.0)
+
+
+def _plausible_mpp(mpp: float | None) -> float | None:
+    """``mpp`` if it lies in :data:`PLAUSIBLE_MPP`, else ``None``."""
+    return mpp if mpp is not None and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
+
+
 def _mpp_from_resolution(value: Any, unit: Any) -> float | None:
     """Micrometres per pixel from a TIFF resolution tag value (pixels per unit) and its unit."""
     try:
@@ -117,9 +128,7 @@ def _mpp_from_resolution(value: Any, unit: Any) -> float | None:
     per_um = {"CENTIMETER": 1e4, "3": 1e4, "INCH": 25400.0, "2": 25400.0, "MILLIMETER": 1e3, "MICROMETER": 1.0}
     if value <= 0 or unit not in per_um:
         return None
-    mpp = per_um[unit] / value
-    # a resolution of 1 (or 72 dpi) is a placeholder written by many tools, not a microscope's sampling
-    return mpp if 0.01 <= mpp <= 100.0 else None
+    return _plausible_mpp(per_um[unit] / value)
 
 
 #: micrometres per OME length unit (``PhysicalSizeXUnit``; the OME default is the micrometre)
@@ -127,20 +136,40 @@ OME_UNITS_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "Å": 1e-4, "mm":
 
 
 def _ome_mpp(xml: str | None) -> float | None:
-    """Level-0 micrometres per pixel from an OME-XML document: the first ``Pixels`` element's ``PhysicalSizeX``."""
-    m = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", xml or "")
-    if not m:
-        return None
-    size = re.search(r'\bPhysicalSizeX\s*=\s*"([^"]+)"', m.group(0))
-    unit = re.search(r'\bPhysicalSizeXUnit\s*=\s*"([^"]+)"', m.group(0))
+    """Level-0 micrometres per pixel from an OME-XML document: ``PhysicalSizeX`` (with its unit) of the image stored
+    from the file's first IFD (``TiffData IFD="0"``, absent = 0), else of the first image."""
+    import xml.etree.ElementTree as ET
+
     try:
-        mpp = float(size.group(1)) * OME_UNITS_UM[unit.group(1) if unit else "µm"] if size else None
+        root = ET.fromstring(xml or "")
+    except ET.ParseError:
+        return None
+    local = lambda el: el.tag.rsplit("}", 1)[-1]  # noqa: E731 - tag without its namespace
+    chosen = None
+    for pixels in (el for el in root.iter() if local(el) == "Pixels"):
+        chosen = chosen if chosen is not None else pixels
+        if any(local(d) == "TiffData" and d.get("IFD", "0") == "0" for d in pixels):
+            chosen = pixels
+            break
+    if chosen is None or chosen.get("PhysicalSizeX") is None:
+        return None
+    try:
+        return _plausible_mpp(float(chosen.get("PhysicalSizeX")) * OME_UNITS_UM[chosen.get("PhysicalSizeXUnit", "µm")])
     except (ValueError, KeyError):
         return None
-    return mpp if mpp is not None and 0.01 <= mpp <= 100.0 else None
 
 
 def _tiff_properties(path: str) -> dict[str, Any]:
+    """:func:`_read_tiff_properties`, read once per file version (path, size, modification time)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _read_tiff_properties(path, 0, 0)
+    return dict(_read_tiff_properties(os.path.abspath(path), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
     """mpp and objective power from a TIFF's first page. The mpp is the Aperio description's ``MPP``, else the OME
     metadata's ``PhysicalSizeX`` (OME-TIFF), else the resolution tags (``mpp``); each source is also returned on its
     own (``aperio_mpp``, ``ome_mpp``, ``tiff_mpp``). ``subifd_levels`` counts the tiled reduced-resolution pages kept
@@ -192,6 +221,16 @@ NO_MPP_FIX = (
     "Give it an `mpp` column (or key) in the datalist, set `assume_mpp` (the bundle's --assume_mpp, used for every "
     "slide without one), or tile by level (`level=` and no `mpp=`)."
 )
+
+
+def on_white(rgba: np.ndarray) -> np.ndarray:
+    """``[..., 4]`` RGBA composited on a white background (transparent = outside the scanned area, as cuCIM
+    returns it), as ``[..., 3]`` uint8; RGB passes through."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3:4]
+    if rgba.shape[-1] < 4 or alpha.min() == 255:
+        return np.ascontiguousarray(rgb, dtype=np.uint8)
+    a = alpha.astype(np.uint16)
+    return ((rgb.astype(np.uint16) * a + 255 * (255 - a)) // 255).astype(np.uint8)
 
 
 def block_mean(img: np.ndarray, factor: int) -> np.ndarray:
@@ -686,21 +725,16 @@ class OpenSlideSlide(_PatchByPatchReader):
         self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
         self._describe_levels()
         props = self._osr.properties
-        mpp = props.get("openslide.mpp-x")
-        self.mpp = float(mpp) if mpp else None
         obj = props.get("openslide.objective-power")
         self.objective_power = float(obj) if obj else None
-        if self.mpp is None and self.path.lower().endswith(TIFF_SUFFIXES):
+        if self.path.lower().endswith(TIFF_SUFFIXES):  # Aperio, then OME-XML, then the tags, as the other backends
             self.mpp = _tiff_properties(self.path)["mpp"]
+        if self.mpp is None and props.get("openslide.mpp-x"):
+            self.mpp = _plausible_mpp(float(props["openslide.mpp-x"]))
         self._lock = threading.Lock()
 
     def _read_one(self, xy: np.ndarray, level: int, size: tuple[int, int]) -> np.ndarray:
-        rgba = np.asarray(self._osr.read_region((int(xy[0]), int(xy[1])), level, size))
-        rgb = rgba[..., :3]
-        alpha = rgba[..., 3:4]
-        if alpha.min() < 255:  # transparent = outside the scanned area: composite on white like cuCIM
-            rgb = (rgb.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))) // 255
-        return rgb.astype(np.uint8)
+        return on_white(np.asarray(self._osr.read_region((int(xy[0]), int(xy[1])), level, size)))
 
     def tile_size(self, level: int) -> tuple[int, int]:
         props = self._osr.properties
@@ -886,26 +920,24 @@ _PIL_LIMIT_LOCK = threading.Lock()
 
 
 class ImageSlide(_PatchByPatchReader):
-    """Plain images (PNG, JPEG, BMP, untiled TIFF) of at most :attr:`max_pixels`: decoded whole into memory once,
-    with a pyramid of 2 x 2 block means down to ~1,000 px for thumbnails and tissue masks.
+    """Plain images (PNG, JPEG, BMP, untiled TIFF) of at most :attr:`max_pixels`, decoded whole into memory once, as
+    one level (thumbnails and tissue masks block-average it in chunks, as for any single-level slide).
 
-    ``open_slide``'s ``auto`` uses it last, for files no whole-slide backend reads (small slides written by other
-    tools, e.g. ``tifffile.imwrite`` without tiles, or exported PNGs). The mpp comes from the TIFF tags or the
-    image's dpi when they hold a microscope's sampling, else from the datalist or ``assume_mpp``.
+    ``open_slide``'s ``auto`` uses it for files no whole-slide backend reads (small slides written by other tools,
+    e.g. ``tifffile.imwrite`` without tiles, or exported PNGs) and for untiled TIFFs. The mpp comes from the TIFF
+    metadata or the image's dpi when it is a plausible sampling (:data:`PLAUSIBLE_MPP`), else from the datalist or
+    ``assume_mpp``.
     """
 
     backend = "image"
-    #: largest image read whole (2**28 px: 768 MiB of RGB); larger ones must be converted to a tiled pyramid
-    max_pixels = 2**28
+    #: largest image read whole (2**26 px, 192 MiB of RGB, e.g. 8192 x 8192): every worker process keeps the slides
+    #: it reads open (:func:`get_slide`); larger images must be converted to a tiled pyramid
+    max_pixels = 2**26
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
-        img, self.mpp = self._load()
-        levels = [img]
-        while max(levels[-1].shape[:2]) > 2048:
-            levels.append(block_mean(levels[-1], 2))
-        self._levels = levels
-        self.level_dimensions = tuple((int(a.shape[1]), int(a.shape[0])) for a in levels)
+        self._img, self.mpp = self._load()
+        self.level_dimensions = ((int(self._img.shape[1]), int(self._img.shape[0])),)
         self._describe_levels()
 
     def _load(self) -> tuple[np.ndarray, float | None]:
@@ -918,26 +950,21 @@ class ImageSlide(_PatchByPatchReader):
                 img = page.asarray()
             mpp = _tiff_properties(self.path)["mpp"]
         else:
-            from PIL import Image
-
-            with _PIL_LIMIT_LOCK:  # PIL refuses images over 2 x its MAX_IMAGE_PIXELS: ours is the limit here
-                limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, self.max_pixels
+            Image = _import_backend("image")
+            with _PIL_LIMIT_LOCK:  # PIL refuses images over 2 x MAX_IMAGE_PIXELS: ours (checked next) is the limit
+                limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
                 try:
-                    im = Image.open(self.path)
+                    im = Image.open(self.path)  # reads the header only
                 finally:
                     Image.MAX_IMAGE_PIXELS = limit
             with im:
                 self._check_size(*im.size)
                 dpi = im.info.get("dpi")
                 mpp = _mpp_from_resolution(dpi[0], "INCH") if dpi else None
-                im.draft("RGB", im.size)
                 img = np.asarray(im.convert("RGBA") if "A" in im.getbands() else im.convert("RGB"))
         if img.ndim != 3 or img.shape[2] not in (3, 4) or img.dtype != np.uint8:
             raise SlideError(self.path, f"expected an 8-bit RGB image, found shape {img.shape} of {img.dtype}.")
-        if img.shape[2] == 4:  # transparent = background: composite on white like the other backends
-            alpha = img[..., 3:4].astype(np.uint16)
-            img = ((img[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
-        return np.ascontiguousarray(img), mpp
+        return on_white(img), mpp
 
     def _check_size(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
@@ -949,12 +976,10 @@ class ImageSlide(_PatchByPatchReader):
             )
 
     def _read_one(self, xy: np.ndarray, level: int, size: tuple[int, int]) -> np.ndarray:
-        img = self._levels[level]
-        ds = self.level_downsamples[level]
-        x, y = int(math.floor(xy[0] / ds)), int(math.floor(xy[1] / ds))
+        x, y = int(xy[0]), int(xy[1])
         w, h = size
         out = np.full((h, w, 3), 255, np.uint8)  # outside the image = white background
-        part = img[max(y, 0) : max(y + h, 0), max(x, 0) : max(x + w, 0)]
+        part = self._img[max(y, 0) : max(y + h, 0), max(x, 0) : max(x + w, 0)]
         out[max(-y, 0) : max(-y, 0) + part.shape[0], max(-x, 0) : max(-x, 0) + part.shape[1]] = part
         return out
 
@@ -1005,18 +1030,21 @@ def _not_tiled_error(path: str) -> SlideError:
     )
 
 
-def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None = None) -> SlideReader:
+def open_slide(
+    path: str | os.PathLike, backend: str = "auto", mpp: float | None = None, warn_no_mpp: bool = True
+) -> SlideReader:
     """Open a whole-slide image.
 
     Args:
         path: the slide file (SVS, generic tiled TIFF, and whatever cuCIM/OpenSlide read).
         backend: ``"auto"`` tries cuCIM, then OpenSlide, then our tifffile reader, then :class:`ImageSlide` (plain
-            images, read whole), taking the first that is installed, opens the file and can decode its tiles (our
-            tifffile reader first for a TIFF whose pyramid is kept in SubIFDs, as OME-TIFF's is: the others see only
-            its full-resolution level; an untiled TIFF goes to :class:`ImageSlide` alone); or name one of
-            ``"cucim"``, ``"openslide"``, ``"tifffile"``, ``"image"``.
+            images, read whole; not for tiled TIFFs), taking the first that is installed, opens the file and can
+            decode its tiles (our tifffile reader first for a TIFF whose pyramid is kept in SubIFDs, as OME-TIFF's
+            is: the others see only its full-resolution level; an untiled TIFF goes to :class:`ImageSlide` alone);
+            or name one of ``"cucim"``, ``"openslide"``, ``"tifffile"``, ``"image"``.
         mpp: level-0 microns per pixel to use instead of the file's (a slide without resolution metadata, or one
             whose metadata is wrong); the other levels follow from their downsamples.
+        warn_no_mpp: warn when the slide has no mpp (and none is given).
 
     A TIFF's mpp is its Aperio description's, else its OME metadata's (``PhysicalSizeX``), else its resolution
     tags'. A TIFF whose Aperio description and resolution tags disagree on mpp by more than 5 % is warned about; the
@@ -1042,8 +1070,8 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None
             if backend not in ("auto", "image"):
                 raise _not_tiled_error(path)
             names = ("image",)
-        elif backend == "auto" and _tiff_properties(path)["subifd_levels"]:
-            names = ("tifffile", "cucim", "openslide", "image")
+        elif backend == "auto":  # tiled: the whole-slide backends, ours first for a pyramid in SubIFDs
+            names = ("tifffile", "cucim", "openslide") if _tiff_properties(path)["subifd_levels"] else BACKENDS
     reasons = []
     for name in names:
         try:
@@ -1062,7 +1090,7 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None
             continue
         if mpp is not None:
             reader.mpp = float(mpp)
-        elif reader.mpp is None:
+        elif reader.mpp is None and warn_no_mpp:
             warnings.warn(f"slide '{path}' has no microns per pixel in its metadata. {NO_MPP_FIX}", stacklevel=2)
         return reader
     raise SlideError(path, "cannot be opened as a whole-slide image (" + "; ".join(reasons) + ").")
@@ -1073,11 +1101,9 @@ _OPEN_LOCK = threading.Lock()  # reader threads reaching a new slide together op
 
 @functools.lru_cache(maxsize=16)
 def _cached_slide(path: str, backend: str, mtime_ns: int, size: int, pid: int, mpp: float | None) -> SlideReader:
-    with warnings.catch_warnings():
-        # the pipeline opens each slide in every worker process and reads it by level: a missing mpp matters only
-        # where a target mpp is tiled, and that fails with the fixes (SlideReader.require_mpp)
-        warnings.filterwarnings("ignore", message=".*has no microns per pixel")
-        return open_slide(path, backend, mpp)
+    # the pipeline opens each slide in every worker process and reads it by level: a missing mpp matters only where
+    # a target mpp is tiled, and that fails with the fixes (SlideReader.require_mpp)
+    return open_slide(path, backend, mpp, warn_no_mpp=False)
 
 
 def get_slide(slide: str | os.PathLike | SlideReader, backend: str = "auto", mpp: float | None = None) -> SlideReader:

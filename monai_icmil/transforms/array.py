@@ -45,7 +45,8 @@ class TissueMask(Transform):
         min_saturation: lower bound of the Otsu threshold; blank slides give an empty mask.
         fill_holes: fill holes inside tissue.
         device: ``"auto"``, ``"cpu"`` or a CUDA device.
-        backend: slide backend used when given a path (``"auto"``, ``"cucim"``, ``"openslide"``, ``"tifffile"``).
+        backend: slide backend used when given a path (``"auto"``, ``"cucim"``, ``"openslide"``, ``"tifffile"``,
+            ``"image"``).
 
     Call it with ``slide_mpp`` to use that level-0 mpp instead of the file's (a slide without resolution metadata).
 

@@ -291,6 +291,7 @@ class ICMILWorkflow(BundleWorkflow):
         """Tissue masks and patch coordinates of every slide (kept in ``output_dir/coords``)."""
         if self._slides is not None:
             return self._slides
+        self._record_classes()
         if _rank() != 0:
             barrier()  # rank 0 tiles first; the others then load the same coordinates from the store
         self._slides = prepare_coords(
@@ -675,14 +676,38 @@ class ICMILWorkflow(BundleWorkflow):
 
     @property
     def class_names(self) -> list[str] | None:
-        """The classes' names by index: the datalist's string labels when it has them (they set the indices,
-        :func:`~monai_icmil.data.datalist.string_label_order`), else the configured ``class_names``."""
+        """The classes' names by index: those the datalist's string labels gave when the run was prepared (recorded
+        in ``state.json``), else the configured ``class_names``."""
+        recorded = self.ledger.get(None, "classes")
+        return list(recorded["names"]) if recorded else self._class_names
+
+    def _record_classes(self) -> None:
+        """Record the class names a datalist's string labels give (their order sets the class indices:
+        :func:`~monai_icmil.data.datalist.string_label_order`), and refuse a datalist that orders them differently
+        from the one this ``output_dir``'s rounds were trained with."""
         named = datalist_class_names(self.splits.items())
-        if named is not None and self._class_names is not None and named != self._class_names[: len(named)]:
-            if not getattr(self, "_told_class_names", False):
-                self._told_class_names = True
-                logger.info("class names from the datalist's labels: %s (configured: %s)", named, self._class_names)
-        return named if named is not None else self._class_names
+        recorded = self.ledger.get(None, "classes")
+        if recorded is not None:
+            if named is not None and named != recorded["names"]:
+                raise RuntimeError(
+                    f"the datalist's labels give the classes {named} (by index), but the rounds in "
+                    f"{self.output_dir} were trained with {recorded['names']}; use a new output_dir, or the datalist "
+                    "they were trained on."
+                )
+            return
+        if named is None:
+            return
+        if len(named) != self.num_classes:
+            warnings.warn(
+                f"the datalist's labels name {len(named)} classes ({named}) but num_classes is {self.num_classes}; "
+                f"the outputs keep the configured class_names {self._class_names}.",
+                stacklevel=3,
+            )
+            return
+        if named != self._class_names:
+            logger.info("class names from the datalist's labels: %s (configured: %s)", named, self._class_names)
+        if _rank() == 0:
+            self.ledger.mark(None, "classes", {"names": named})
 
     def starting_embedder_origin(self) -> str | None:
         """Where round 0's embedder comes from: ``"SimCLR pre-trained"``, ``"weights <file>"`` or ``"random init"``;
