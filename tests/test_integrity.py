@@ -106,3 +106,29 @@ def test_a_damaged_slide_fails_under_the_fail_policy_or_above_the_threshold(slid
                               tile_policy=TileErrorPolicy("fail", 0.5)) == {}  # fmt: skip
     with pytest.raises(ValueError, match="on_tile_error must be 'drop' or 'fail'"):
         TileErrorPolicy("ignore")
+
+
+@pytest.mark.parametrize("backend", ["cucim", "openslide", "tifffile"])
+def test_damaged_tiles_are_found_after_a_read_of_one_has_failed(slides, backend):
+    """OpenSlide's handle answers every later call with a damaged tile's error: the check must not depend on it."""
+    from monai_icmil.data.slide import SlideError, open_slide
+
+    slide = open_slide(slides[1], backend=backend)
+    try:
+        slide.read_patches([[2 * 256 + 8, 8]], 64, 1)  # inside level-1 tile (1, 0): OpenSlide raises here
+    except SlideError:
+        pass
+    assert slide.damaged_tiles(1, [(0, 0), (1, 0), (2, 0), (0, 1)]) == {(1, 0)}
+
+
+def test_jpeg_decoder_complaints_about_damaged_headers_count_as_damage():
+    from monai_icmil.data.integrity import JPEG_PROBLEM
+
+    for line in (
+        "ERROR in line 183 while reading JPEG header:",
+        "Unsupported marker type 0xc9",
+        "Corrupt JPEG data: 448 extraneous bytes before marker 0xd9",
+        "Premature end of JPEG file",
+    ):
+        assert JPEG_PROBLEM.search(line), line
+    assert not JPEG_PROBLEM.search("Failed to load nvjpeg")  # nvImageCodec's harmless start-up lines

@@ -40,7 +40,7 @@ __all__ = [
 #: what libjpeg (and cuCIM around it) prints for a damaged JPEG stream
 JPEG_PROBLEM = re.compile(
     r"corrupt jpeg|premature end of|invalid jpeg|bogus (marker|huffman|dqt|dht|sampling)|while decompressing jpeg"
-    r"|huffman table|jpeg datastream|not a jpeg",
+    r"|huffman table|jpeg datastream|not a jpeg|unsupported marker|reading jpeg header|extraneous bytes",
     re.IGNORECASE,
 )
 _CAPTURE_LOCK = threading.Lock()

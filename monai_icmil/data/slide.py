@@ -731,15 +731,22 @@ class OpenSlideSlide(_PatchByPatchReader):
             self.mpp = _tiff_properties(self.path)["mpp"]
         if self.mpp is None and props.get("openslide.mpp-x"):
             self.mpp = _plausible_mpp(float(props["openslide.mpp-x"]))
+        self._tile_sizes = self._read_tile_sizes()
         self._lock = threading.Lock()
 
     def _read_one(self, xy: np.ndarray, level: int, size: tuple[int, int]) -> np.ndarray:
         return on_white(np.asarray(self._osr.read_region((int(xy[0]), int(xy[1])), level, size)))
 
     def tile_size(self, level: int) -> tuple[int, int]:
-        props = self._osr.properties
-        w, h = props.get(f"openslide.level[{level}].tile-width"), props.get(f"openslide.level[{level}].tile-height")
-        return (int(w), int(h)) if w and h else (256, 256)
+        return self._tile_sizes[level]
+
+    def _read_tile_sizes(self) -> tuple[tuple[int, int], ...]:
+        """Each level's tile size, read once: after a damaged tile the handle answers every call with that error."""
+        props, sizes = self._osr.properties, []
+        for level in range(self.level_count):
+            w, h = props.get(f"openslide.level[{level}].tile-width"), props.get(f"openslide.level[{level}].tile-height")
+            sizes.append((int(w), int(h)) if w and h else (256, 256))
+        return tuple(sizes)
 
     def _probe_tiles(self, level: int, tiles: Sequence[tuple[int, int]], num_workers: int) -> bool:
         """OpenSlide raises on a damaged tile, and its handle stays in error afterwards: each check opens its own."""
