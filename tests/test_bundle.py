@@ -706,6 +706,22 @@ def test_string_labels_name_the_classes_and_a_datalist_that_reorders_them_is_ref
         workflow("tumours.json")._record_classes()
 
 
+def test_the_summary_names_where_round_0s_embedder_comes_from(synthetic_dataset, tmp_path):
+    from monai_icmil.engines import Pretrain
+    from monai_icmil.networks import create_embedder
+
+    def origin(**kwargs) -> str | None:
+        root = str(synthetic_dataset.parent)
+        return ICMILWorkflow(dataset_dir=root, output_dir=str(tmp_path), **kwargs).starting_embedder_origin()
+
+    assert origin() == "random init"  # the Python API's default, resnet50_trunc without weights
+    assert (
+        origin(embedder={"name": "resnet18_trunc", "weights": "/models/uni/w.safetensors"}) == "weights w.safetensors"
+    )
+    assert origin(embedder=lambda: create_embedder("resnet18_trunc")) is None  # a user's factory says nothing
+    assert origin(pretrain=Pretrain()) == "SimCLR pre-trained"
+
+
 def test_two_cpu_ranks_under_torchrun_match_one_process(trained, tmp_path):
     """multi_gpu_train.json with 2 gloo ranks: same features and the same metrics as the single-process run."""
     import socket

@@ -711,13 +711,14 @@ class ICMILWorkflow(BundleWorkflow):
 
     def starting_embedder_origin(self) -> str | None:
         """Where round 0's embedder comes from: ``"SimCLR pre-trained"``, ``"weights <file>"`` or ``"random init"``;
-        ``None`` when the embedder factory does not say (it takes no ``weights`` argument)."""
+        ``None`` when the embedder factory does not say (a user's factory without a ``weights`` argument)."""
         if self.phases["pretrain"] is not None:
             return "SimCLR pre-trained"
         keywords = getattr(self.embedder, "keywords", {})
-        if "weights" not in keywords:
-            return None
-        return "random init" if keywords["weights"] is None else f"weights {Path(str(keywords['weights'])).name}"
+        if "weights" not in keywords and getattr(self.embedder, "func", None) is not create_embedder:
+            return None  # a user's factory: what it loads is its own business
+        weights = keywords.get("weights")
+        return "random init" if weights is None else f"weights {Path(str(weights)).name}"
 
     def _warn_random_start(self) -> None:
         """Round 0 from a random-init embedder is a choice for synthetic data, a mistake on real slides: say so."""
