@@ -440,10 +440,10 @@ def test_reader_threads_reaching_a_new_slide_together_open_and_stain_fit_it_once
     opened, thumbs = collections.Counter(), collections.Counter()
     open_slide, thumbnail = slide_module.open_slide, slide_module.SlideReader.thumbnail
 
-    def slow_open(path, backend="auto", mpp=None):
+    def slow_open(path, backend="auto", mpp=None, **kwargs):
         opened[path] += 1
         time.sleep(0.05)  # the threads all miss the cache inside this window
-        return open_slide(path, backend, mpp)
+        return open_slide(path, backend, mpp, **kwargs)
 
     def counted_thumbnail(self, *args, **kwargs):
         thumbs[self.path] += 1
