@@ -91,6 +91,10 @@ def test_an_ome_tiff_pyramid_in_subifds_is_read_at_its_levels_and_tiles_like_a_p
         assert open_slide(tagged, backend=backend).mpp == pytest.approx(0.5), backend
     level, scale = slide.level_for_mpp(2.0)
     assert (level, scale) == (2, 1.0)
+    cut = tmp_path / "cut.ome.tif"  # a copy cut inside the last SubIFD level's tiles is refused on opening
+    cut.write_bytes(open(ome, "rb").read()[:-1000])
+    with pytest.raises(SlideError, match=r"cut\.ome\.tif.*truncated"):
+        open_slide(cut)
     xy = np.array([[0, 0], [1024, 512], [640, 384]])
     with open_slide(plain) as reference:
         np.testing.assert_array_equal(slide.read_patches(xy, 64, level), reference.read_patches(xy, 64, level))

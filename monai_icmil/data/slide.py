@@ -1011,7 +1011,8 @@ def _check_tiff_structure(path: str) -> bool:
         with tifffile.TiffFile(path) as tif:
             tiled = tif.pages.first.is_tiled
             ends = []
-            for i, page in enumerate(tif.pages):
+            pages = [(i, p) for i, page in enumerate(tif.pages) for p in (page, *(page.pages or ()))]  # SubIFDs too
+            for i, page in pages:
                 offsets = np.asarray(page.dataoffsets, np.int64)
                 counts = np.asarray(page.databytecounts, np.int64)
                 if counts.size:
