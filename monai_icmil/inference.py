@@ -25,17 +25,24 @@ from monai_icmil.networks.embedders import PatchEmbedder
 
 __all__ = ["predict_slides", "patch_scores", "list_slides", "with_stride"]
 
-#: what a folder of slides is searched for (plain images such as PNG are slides too, but given by path or datalist:
-#: a folder's PNGs are as often masks or thumbnails)
+#: what a folder of slides is searched for
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".qptiff", ".btf", ".tf8")
+#: plain images, taken as a folder's slides only when it has none of the above (beside slides they are as often
+#: masks or thumbnails)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def list_slides(slides: str | os.PathLike | Sequence[str]) -> list[str]:
-    """Slides of a folder (by suffix, sorted) or the given list; a missing path is an error naming it."""
+    """Slides of a folder (by suffix, sorted: whole-slide files, else plain images) or the given list; a missing path
+    is an error naming it."""
     if isinstance(slides, (str, os.PathLike)) and Path(slides).is_dir():
-        found = sorted(str(p) for p in Path(slides).iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+        files = sorted(p for p in Path(slides).iterdir() if p.is_file())
+        found = [str(p) for p in files if p.suffix.lower() in SLIDE_SUFFIXES]
+        found = found or [str(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         if not found:
-            raise FileNotFoundError(f"no slide files ({', '.join(SLIDE_SUFFIXES)}) in folder '{slides}'")
+            raise FileNotFoundError(
+                f"no slide files ({', '.join(SLIDE_SUFFIXES + IMAGE_SUFFIXES)}) in folder '{slides}'"
+            )
         return found
     paths = [str(slides)] if isinstance(slides, (str, os.PathLike)) else [str(s) for s in slides]
     missing = [p for p in paths if not Path(p).is_file()]

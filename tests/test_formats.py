@@ -173,3 +173,19 @@ def test_a_plain_image_too_large_to_read_whole_gets_our_error_with_the_fix_not_p
     assert Image.MAX_IMAGE_PIXELS == 100_000  # Pillow's own limit is left as it was
     monkeypatch.setattr(ImageSlide, "max_pixels", 2_000_000)
     assert open_slide(path, mpp=0.5).dimensions == (1536, 1024)
+
+
+def test_a_folder_of_plain_images_is_a_folder_of_slides_unless_it_holds_whole_slide_files(tissue, tmp_path):
+    from PIL import Image
+
+    from monai_icmil.inference import list_slides
+
+    Image.fromarray(tissue).save(tmp_path / "b.png")
+    Image.fromarray(tissue).save(tmp_path / "a.jpg")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.rsplit("/", 1)[-1] for p in list_slides(tmp_path)] == ["a.jpg", "b.png"]
+    write_pyramid(tmp_path / "c.tif", tissue, "zlib")  # beside a slide file, the PNGs are masks or thumbnails
+    assert [p.rsplit("/", 1)[-1] for p in list_slides(tmp_path)] == ["c.tif"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no slide files \(.*\.png.*\) in folder"):
+        list_slides(tmp_path / "empty")
