@@ -698,10 +698,18 @@ def test_string_labels_name_the_classes_and_a_datalist_that_reorders_them_is_ref
     wf._record_classes()
     assert wf.class_names == ["normal", "metastasis"]
     assert workflow("named.json").class_names == ["normal", "metastasis"]  # read back from state.json
-    only_tumours = {k: [e for e in v if e["label"] == "metastasis"] for k, v in renamed.items()}
+    spelt = {
+        k: [{**e, "label": {"metastasis": "tumour"}.get(e["label"], e["label"])} for e in v] for k, v in renamed.items()
+    }
+    (synthetic_dataset.parent / "spelt.json").write_text(json.dumps(spelt))
+    relabelled = workflow("spelt.json")  # before any round is trained, the datalist may still change its names
+    relabelled._record_classes()
+    assert relabelled.class_names == ["normal", "tumour"]
+    relabelled.ledger.mark(0, "bag_phase", {"val": {"auc": 0.5}})  # once a round is trained on them, it may not
+    only_tumours = {k: [e for e in v if e["label"] == "tumour"] for k, v in spelt.items()}
     (synthetic_dataset.parent / "tumours.json").write_text(json.dumps(only_tumours))
     with pytest.raises(
-        RuntimeError, match=r"give the classes \['metastasis'\].*trained with \['normal', 'metastasis'\]"
+        RuntimeError, match=r"give the classes \['tumour'\].*round\(s\) \[0\].*trained with \['normal', 'tumour'\]"
     ):
         workflow("tumours.json")._record_classes()
 

@@ -189,3 +189,17 @@ def test_a_folder_of_plain_images_is_a_folder_of_slides_unless_it_holds_whole_sl
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no slide files \(.*\.png.*\) in folder"):
         list_slides(tmp_path / "empty")
+
+
+def test_an_implausible_mpp_in_an_aperio_description_counts_as_none(tissue, tmp_path):
+    path = tmp_path / "aperio.svs"
+    description = "Aperio Image Library v12.0.0\n1536x1024 [0,0 1536x1024] (256x256) JPEG/RGB Q=90|AppMag = 20|MPP = 50"
+    with tifffile.TiffWriter(path) as tif:
+        for k, ds in enumerate((1, 4)):
+            tif.write(
+                block_mean(tissue, ds), tile=(256, 256), photometric="rgb", compression="jpeg", metadata=None,
+                description=description if k == 0 else None, subfiletype=1 if k else 0,
+            )  # fmt: skip
+    for backend in available_backends():
+        with pytest.warns(UserWarning, match=r"aperio\.svs' has no microns per pixel"):
+            assert open_slide(path, backend=backend).mpp is None, backend

@@ -164,7 +164,7 @@ def _tiff_properties(path: str) -> dict[str, Any]:
     try:
         st = os.stat(path)
     except OSError:
-        return _read_tiff_properties(path, 0, 0)
+        return dict(_read_tiff_properties(path, 0, 0))
     return dict(_read_tiff_properties(os.path.abspath(path), st.st_size, st.st_mtime_ns))
 
 
@@ -183,7 +183,7 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
             desc = page.description or ""
             m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", desc)
             if m:
-                props["aperio_mpp"] = float(m.group(1))
+                props["aperio_mpp"] = _plausible_mpp(float(m.group(1)))
             m = re.search(r"\|\s*AppMag\s*=\s*([0-9.]+)", desc)
             if m:
                 props["objective_power"] = float(m.group(1))
@@ -565,7 +565,7 @@ class CuCIMSlide(SlideReader):
         meta = self._img.metadata
         aperio = meta.get("aperio", {}) if isinstance(meta, dict) else {}
         if "MPP" in aperio:
-            self.mpp = float(aperio["MPP"])
+            self.mpp = _plausible_mpp(float(aperio["MPP"]))
         if "AppMag" in aperio:
             self.objective_power = float(aperio["AppMag"])
         if self.mpp is None or self.objective_power is None:
@@ -727,10 +727,11 @@ class OpenSlideSlide(_PatchByPatchReader):
         props = self._osr.properties
         obj = props.get("openslide.objective-power")
         self.objective_power = float(obj) if obj else None
-        if self.path.lower().endswith(TIFF_SUFFIXES):  # Aperio, then OME-XML, then the tags, as the other backends
-            self.mpp = _tiff_properties(self.path)["mpp"]
-        if self.mpp is None and props.get("openslide.mpp-x"):
-            self.mpp = _plausible_mpp(float(props["openslide.mpp-x"]))
+        # Aperio, then OME-XML (which OpenSlide does not read), then OpenSlide's own (vendor metadata), then the tags
+        tiff = _tiff_properties(self.path) if self.path.lower().endswith(TIFF_SUFFIXES) else {}
+        vendor = _plausible_mpp(float(props["openslide.mpp-x"])) if props.get("openslide.mpp-x") else None
+        sources = (tiff.get("aperio_mpp"), tiff.get("ome_mpp"), vendor, tiff.get("tiff_mpp"))
+        self.mpp = next((v for v in sources if v is not None), None)
         self._tile_sizes = self._read_tile_sizes()
         self._lock = threading.Lock()
 

@@ -687,16 +687,15 @@ class ICMILWorkflow(BundleWorkflow):
         from the one this ``output_dir``'s rounds were trained with."""
         named = datalist_class_names(self.splits.items())
         recorded = self.ledger.get(None, "classes")
-        if recorded is not None:
-            if named is not None and named != recorded["names"]:
-                raise RuntimeError(
-                    f"the datalist's labels give the classes {named} (by index), but the rounds in "
-                    f"{self.output_dir} were trained with {recorded['names']}; use a new output_dir, or the datalist "
-                    "they were trained on."
-                )
+        if named is None or (recorded is not None and named == recorded["names"]):
             return
-        if named is None:
-            return
+        trained = [r for r, s in self.ledger.rounds().items() if "bag_phase" in s]
+        if recorded is not None and trained:
+            raise RuntimeError(
+                f"the datalist's labels give the classes {named} (by index), but round(s) {trained} in "
+                f"{self.output_dir} were trained with {recorded['names']}; use a new output_dir, or the datalist they "
+                "were trained on."
+            )
         if len(named) != self.num_classes:
             warnings.warn(
                 f"the datalist's labels name {len(named)} classes ({named}) but num_classes is {self.num_classes}; "
