@@ -173,13 +173,21 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
     """mpp and objective power from a TIFF's first page. The mpp is the Aperio description's ``MPP``, else the OME
     metadata's ``PhysicalSizeX`` (OME-TIFF), else the resolution tags (``mpp``); each source is also returned on its
     own (``aperio_mpp``, ``ome_mpp``, ``tiff_mpp``). ``subifd_levels`` counts the tiled reduced-resolution pages kept
-    in the first page's SubIFDs (OME-TIFF pyramids), which cuCIM and OpenSlide do not see."""
+    in the first page's SubIFDs (OME-TIFF pyramids), which cuCIM and OpenSlide do not see. The structure: ``tiled``
+    (the first page), ``data_end`` (the last byte of image data any page or SubIFD stores, and that page's index)."""
     props: dict[str, Any] = {"objective_power": None, "aperio_mpp": None, "ome_mpp": None, "tiff_mpp": None}
-    props["subifd_levels"] = 0
+    props.update(subifd_levels=0, tiled=True, data_end=(0, 0))  # (what tifffile cannot parse: the backends report)
     try:
         tifffile = _import_backend("tifffile")
         with tifffile.TiffFile(path) as tif:
             page = tif.pages.first
+            ends = []
+            for i, main in enumerate(tif.pages):
+                for p in (main, *(main.pages or ())):  # SubIFDs too
+                    offsets, counts = np.asarray(p.dataoffsets, np.int64), np.asarray(p.databytecounts, np.int64)
+                    if counts.size:
+                        ends.append((int((offsets + counts)[counts > 0].max(initial=0)), i))
+            props.update(tiled=bool(page.is_tiled), data_end=max(ends, default=(0, 0)))
             desc = page.description or ""
             m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", desc)
             if m:
@@ -1006,28 +1014,15 @@ def _check_tiff_structure(path: str) -> bool:
     """Whether a TIFF is tiled (``True`` too for what tifffile cannot parse: the backends report on it); truncated
     files (tile data past the end of the file), which cuCIM may crash on rather than raise for, are rejected with
     the fix."""
-    size = os.path.getsize(path)
-    try:
-        tifffile = _import_backend("tifffile")
-        with tifffile.TiffFile(path) as tif:
-            tiled = tif.pages.first.is_tiled
-            ends = []
-            pages = [(i, p) for i, page in enumerate(tif.pages) for p in (page, *(page.pages or ()))]  # SubIFDs too
-            for i, page in pages:
-                offsets = np.asarray(page.dataoffsets, np.int64)
-                counts = np.asarray(page.databytecounts, np.int64)
-                if counts.size:
-                    ends.append((int((offsets + counts)[counts > 0].max(initial=0)), i))
-    except Exception:
-        return True  # not a TIFF tifffile understands: let the backends report
-    end, page = max(ends, default=(0, 0))
+    props, size = _tiff_properties(path), os.path.getsize(path)
+    end, page = props["data_end"]
     if end > size:
         raise SlideError(
             path,
             f"the file is truncated: TIFF page {page} stores image data up to byte {end:,}, but the file has "
             f"{size:,} bytes. Copy it again (or re-export it) and check its size against the source.",
         )
-    return bool(tiled)
+    return props["tiled"]
 
 
 def _not_tiled_error(path: str) -> SlideError:
