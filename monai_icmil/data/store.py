@@ -76,20 +76,10 @@ class SlideArrayStore:
         return self.root / f"{slide_id}{self.suffix}"
 
     def _header(self, slide_id: str) -> dict[str, str] | None:
-        from safetensors import safe_open
-
-        p = self.path(slide_id)
-        if not p.is_file():
-            return None
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                return dict(f.metadata() or {})
-        except Exception:  # unreadable (e.g. written by something else): treat as missing
-            return None
+        return _file_metadata(self.path(slide_id))
 
     def stored_key(self, slide_id: str) -> dict[str, Any] | None:
-        header = self._header(slide_id)
-        return None if header is None or "key" not in header else json.loads(header["key"])
+        return stored_file_key(self.path(slide_id))
 
     def is_current(self, slide_id: str, key: Mapping[str, Any]) -> bool:
         """Whether the stored file exists and was made with exactly ``key``."""
@@ -158,7 +148,12 @@ def _safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
     """The header's byte size and its JSON (array name -> dtype, shape, data offsets) of a safetensors file."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        return size, json.loads(f.read(size))
+        if not 0 < size <= os.fstat(f.fileno()).st_size - 8:
+            raise ValueError(f"{path}: not a safetensors file (header size {size})")
+        header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (its header is not an object)")
+    return size, header
 
 
 @dataclass(frozen=True)
@@ -202,9 +197,20 @@ def stored_array(path: str | os.PathLike, name: str = "features") -> StoredArray
     return StoredArray(str(path), 8 + size + info["data_offsets"][0], info["dtype"], tuple(info["shape"]))
 
 
+def _file_metadata(path: Path) -> dict[str, str] | None:
+    """A store file's metadata strings (``key``, ``meta``); ``None`` when it is missing or unreadable (e.g. written by
+    something else: treated as missing)."""
+    if not path.is_file():
+        return None
+    try:
+        return dict(_safetensors_header(path)[1].get("__metadata__") or {})
+    except (OSError, ValueError):
+        return None
+
+
 def stored_file_key(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The key a store file was written with (``None`` when it has none)."""
-    meta = _safetensors_header(Path(path))[1].get("__metadata__") or {}
+    """The key a store file was written with (``None`` when it has none, or is missing or unreadable)."""
+    meta = _file_metadata(Path(path)) or {}
     return json.loads(meta["key"]) if "key" in meta else None
 
 
