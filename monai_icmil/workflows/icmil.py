@@ -188,6 +188,7 @@ class ICMILWorkflow(BundleWorkflow):
         self.dataset_dir, self.output_dir = Path(dataset_dir), Path(output_dir)
         self.num_rounds, self.round_patience = int(num_rounds), int(round_patience)
         self.num_classes, self._class_names = int(num_classes), list(class_names) if class_names else None
+        self._warned_random_start = False
         self.seed, self.device = int(seed), default_device(device)
         self.tiling = tiling if tiling is not None else TilingConfig(backend=backend)
         self.embedder = functools.partial(create_embedder, **embedder) if isinstance(embedder, Mapping) else embedder
@@ -721,7 +722,7 @@ class ICMILWorkflow(BundleWorkflow):
 
     def _warn_random_start(self) -> None:
         """Round 0 from a random-init embedder is a choice for synthetic data, a mistake on real slides: say so."""
-        if self.starting_embedder_origin() == "random init" and not getattr(self, "_warned_random_start", False):
+        if self.starting_embedder_origin() == "random init" and not self._warned_random_start:
             self._warned_random_start = True
             logger.warning(
                 "round 0 starts from a random-init %s with no pre-training (`embedder#weights` is null and "
