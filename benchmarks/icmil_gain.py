@@ -25,6 +25,11 @@ on the features and embedders of the runs of variant ``SOURCE`` (``plain``: the 
 phase alone on fixed features (8-14 min a round for AB-MIL on the hard large setting on one core, against ~65 for a
 coupled round).
 
+``--extra_test N`` also scores every round's classifiers (the kept one and every restart) on N more test slides
+generated from another dataset seed, through the bundle's inference: 40 test slides leave a round-over-round change
+of +/-0.02-0.05 inside the noise, and the same N slides scored by both rounds give the change with DeLong's paired
+standard error (reported beside every seed's, which ``test_gain_paired_se`` also gives for the 40 test slides).
+
 Settings are fixed here, before looking at test AUCs, and every seed is reported. Round-0 work that does not depend
 on the aggregator (tiling, pre-training, round-0 features) is done once per seed and start and copied.
 
@@ -60,9 +65,10 @@ from monai_icmil.data.annotations import GroundTruth  # noqa: E402
 from monai_icmil.data.store import CoordsStore, FeatureStore  # noqa: E402
 from monai_icmil.data.synthetic import make_dataset  # noqa: E402
 from monai_icmil.engines.bag_phase import evaluate_bags, load_bag_classifier  # noqa: E402
-from monai_icmil.metrics import linear_probe_auc  # noqa: E402
+from monai_icmil.metrics import binary_auc, linear_probe_auc, paired_auc_difference  # noqa: E402
 from monai_icmil.networks import aggregator_class  # noqa: E402
 from monai_icmil.utils import atomic_write_json, atomic_write_text  # noqa: E402
+from monai_icmil.workflows.summary import paired_test_change  # noqa: E402
 
 AGGREGATORS = ("maxpool", "abmil", "dtfd")
 STARTS = ("random", "ssl")
@@ -143,7 +149,18 @@ def aggregator_component(name: str) -> dict[str, Any]:
     return {"_target_": f"{cls.__module__}.{cls.__qualname__}", "_mode_": "callable", "hidden_dim": 128}
 
 
-def run_bundle(data: Path, out: Path, seed: int, aggregator: str, start: str, args: argparse.Namespace) -> None:
+def run_bundle(
+    data: Path,
+    out: Path,
+    seed: int,
+    aggregator: str,
+    start: str,
+    args: argparse.Namespace,
+    configs: tuple[str, ...] = (),
+    **more: Any,
+) -> None:
+    """The bundle's train.json (and ``configs``, e.g. inference.json) on run ``out``, with this benchmark's settings
+    and ``more`` overrides."""
     from monai.bundle import run
 
     overrides = {
@@ -153,10 +170,11 @@ def run_bundle(data: Path, out: Path, seed: int, aggregator: str, start: str, ar
         "seed": seed,
         "aggregator": aggregator_component(aggregator),
         **(pretrain_settings(args) if start == "ssl" else {}),
+        **more,
     }
     run(
         run_id="run",
-        config_file=[str(BUNDLE / "configs" / "train.json")],
+        config_file=[str(BUNDLE / "configs" / name) for name in ("train.json", *configs)],
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
         logging_file=str(BUNDLE / "configs" / "logging.conf"),
         bundle_root=str(BUNDLE),
@@ -278,6 +296,75 @@ def restart_fit(out: Path, r: int) -> list[dict[str, float]]:
     return fits
 
 
+def make_extra_test(setting: str, seed: int, args: argparse.Namespace, out: Path) -> Path:
+    """``--extra_test`` slides of one setting and seed: test slides only, from another dataset seed (2000 + seed;
+    the run's own slides are 1000 + seed), so none of them is a training, validation or test slide of the run."""
+    data = out / "data" / setting / f"seed_{seed}_extra_test_{args.extra_test}"
+    make_dataset(
+        data,
+        num_training=0,
+        num_validation=0,
+        num_test=args.extra_test,
+        seed=2000 + seed,
+        config={"width": args.width, "height": args.height, "mpp": args.slide_mpp, **DATA_SETTINGS[setting]},
+        num_workers=max(1, args.workers),
+        progress=False,
+    )
+    return data
+
+
+def extra_test_scores(
+    run_dir: Path, data: Path, extra: Path, seed: int, aggregator: str, start: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Every round's bag classifiers on the test slides of ``extra`` (:func:`make_extra_test`): the bundle's
+    inference (inference.json, no writers) with the round's embedder and kept classifier, then every restart's
+    classifier on the features it stored. Returns ``{round: {"slide_ids", "labels", "kept", "restarts"}}`` (the
+    positive-class probability per slide of the kept classifier and of each restart). Each round's inference goes
+    to ``run_dir/extra_test/<extra's name>/round_<r>`` and is reused when there."""
+    state = json.loads((run_dir / "state.json").read_text())
+    entries = json.loads((extra / "datalist.json").read_text())["test"]
+    slides = [
+        {"image": str(extra / e["image"]), "slide_id": Path(e["image"]).stem, "label": int(e["label"])} for e in entries
+    ]
+    scores: dict[str, Any] = {}
+    for r in sorted((k for k, v in state["rounds"].items() if "bag_phase" in v), key=int):
+        where = run_dir / "extra_test" / extra.name / f"round_{r}"
+        store = FeatureStore(where / "features")
+        if any(store.load(s["slide_id"]) is None for s in slides):
+            run_bundle(
+                data, run_dir, seed, aggregator, start, args, ("inference.json",),
+                input_slides=slides, inference_dir=str(where), infer_round=int(r), heatmaps=False,
+            )  # fmt: skip
+        bags = [{**s, "features": store.load(s["slide_id"])["features"].float()} for s in slides]
+        bag_dir = run_dir / f"round_{r}" / "bag_phase"
+        nets = sorted(bag_dir.glob("restart_*/bag_classifier.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
+        probs = [
+            [row["probs"][-1] for row in evaluate_bags(load_bag_classifier(path), bags)[1]]
+            for path in [bag_dir / "bag_classifier.pt", *nets]
+        ]
+        scores[r] = {"slide_ids": [s["slide_id"] for s in slides], "labels": [s["label"] for s in slides],
+                     "kept": probs[0], "restarts": probs[1:]}  # fmt: skip
+    return scores
+
+
+def extra_test_rows(scores: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Per round, from :func:`extra_test_scores`: the kept classifier's AUC, every restart's, and (rounds >= 1) the
+    kept classifier's paired difference from round 0's on the same slides with its DeLong standard error."""
+    out = {}
+    for r, s in scores.items():
+        y = np.array(s["labels"])
+        row = {
+            "extra_test_n": len(y),
+            "extra_test_auc": binary_auc(np.array(s["kept"]), y),
+            "extra_restart_test_aucs": [binary_auc(np.array(p), y) for p in s["restarts"]],
+        }
+        if int(r) and "0" in scores:
+            d = paired_auc_difference(np.array(scores["0"]["kept"]), np.array(s["kept"]), y)
+            row["extra_test_gain"], row["extra_test_gain_se"] = d["diff"], d["se"]
+        out[int(r)] = row
+    return out
+
+
 def collect(
     out: Path, setting: str, seed: int, aggregator: str, start: str, data: Path, variant: str = ""
 ) -> list[dict[str, Any]]:
@@ -313,6 +400,9 @@ def collect(
                 "seconds": sum(s.get(k, {}).get("seconds", 0.0) for k in ("embed", "bag_phase", "embedder_phase")),
             }
         )
+        # the kept classifier's test AUC minus round 0's on the same test slides: DeLong's paired standard error
+        paired = paired_test_change(out, 0, int(r)) if int(r) else None
+        rows[-1]["test_gain_paired_se"] = paired["se"] if paired else None
     return rows
 
 
@@ -432,7 +522,48 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: floa
                 f"{_fmt(gain) if rnd else '-'} | {_fmt([r['restart_mean_test_auc'] for r in sel])} | "
                 f"{_fmt(mean_gain) if rnd else '-'} | {_fmt(_same_init_gains(group, sel)) if rnd else '-'} |"
             )
+    lines += _extra_test_markdown(rows)
     return "\n".join(lines) + "\n"
+
+
+def _extra_test_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``--extra_test`` section: per row, the kept and restarts' AUC on the extra slides and the paired gain over
+    round 0 (+/- its DeLong standard error); then per group and round, the gains' mean +/- sd over seeds."""
+    rows = [r for r in rows if r.get("extra_test_n")]
+    if not rows:
+        return []
+    f = lambda x: "-" if x is None or np.isnan(x) else f"{x:.3f}"  # noqa: E731
+    lines = [
+        "",
+        "## On the extra test slides (`--extra_test`)",
+        "",
+        "Every round's classifiers on more test slides from another dataset seed. Paired gain: the kept classifier's "
+        "AUC minus round 0's kept one on the same slides, +/- its DeLong paired standard error.",
+        "",
+        "| setting | variant | seed | start | aggregator | round | slides | test AUC | restarts' test AUC | "
+        "restarts' mean | paired gain vs round 0 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        gain = f"{r['extra_test_gain']:+.3f} +/- {r['extra_test_gain_se']:.3f}" if "extra_test_gain" in r else "-"
+        restarts = r["extra_restart_test_aucs"]
+        lines.append(
+            f"| {r['setting']} | {r.get('variant') or '-'} | {r['seed']} | {r['start']} | {r['aggregator']} | "
+            f"{r['round']} | {r['extra_test_n']} | {f(r['extra_test_auc'])} | {' / '.join(f(x) for x in restarts)} | "
+            f"{f(float(np.mean(restarts)) if restarts else float('nan'))} | {gain} |"
+        )
+    lines += ["", "| setting | variant | start | aggregator | round | paired gain vs round 0, mean +/- sd over seeds |"]
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    keys = dict.fromkeys((r["setting"], r.get("variant", ""), r["start"], r["aggregator"], r["round"]) for r in rows)
+    for setting, variant, start, agg, rnd in keys:
+        if rnd:
+            sel = [
+                r["extra_test_gain"] for r in rows
+                if (r["setting"], r.get("variant", ""), r["start"], r["aggregator"], r["round"])
+                == (setting, variant, start, agg, rnd) and "extra_test_gain" in r
+            ]  # fmt: skip
+            lines.append(f"| {setting} | {variant or '-'} | {start} | {agg} | {rnd} | {_fmt(sel)} |")
+    return lines
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -493,6 +624,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ssl_epochs", type=int, default=10)
     p.add_argument("--ssl_batches", type=int, default=40)
     p.add_argument("--stain_normalize", action="store_true", help="Macenko-normalise every patch (train.json option)")
+    p.add_argument(
+        "--extra_test",
+        type=int,
+        default=0,
+        help="also score every round's classifiers on this many more test slides (generated from another seed): a "
+        "less noisy test AUC, and round r minus round 0 on the same slides with its DeLong paired standard error",
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -552,7 +690,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     print(f"[icmil_gain] {setting} data, seed {seed}, start {start}, {run_dir.name}", flush=True)
                     run_bundle(data, run_dir, seed, agg, start, args)
                     first = first or run_dir
-                    rows += collect(run_dir, setting, seed, agg, start, data, args.variant)
+                    new_rows = collect(run_dir, setting, seed, agg, start, data, args.variant)
+                    if args.extra_test:
+                        extra = make_extra_test(setting, seed, args, out)
+                        scores = extra_test_scores(run_dir, data, extra, seed, agg, start, args)
+                        atomic_write_json(run_dir / "extra_test" / extra.name / "scores.json", scores)
+                        extra_rows = extra_test_rows(scores)
+                        new_rows = [{**row, **extra_rows.get(row["round"], {})} for row in new_rows]
+                    rows += new_rows
                     report = merge_rows(out / f"report{suffix}.json", rows, args)
                     atomic_write_json(out / f"report{suffix}.json", {"args": vars(args), "rows": report})
     text = markdown(report, args, time.perf_counter() - t0)

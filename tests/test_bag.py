@@ -220,6 +220,33 @@ def test_auc_confidence_interval_is_delongs():
     assert (m["auc_ci_low"], m["auc_ci_high"]) == pytest.approx((lo, hi))
 
 
+def test_paired_auc_difference_is_delongs_paired_test():
+    """Two correlated scorers of the same 300 slides: the difference is that of the two AUCs, its standard error
+    matches a paired stratified bootstrap's sd and is far below the unpaired one (sqrt of the two variances); the
+    same scores differ by exactly 0; one class gives nan; mismatched lengths are refused."""
+    from monai_icmil.metrics import paired_auc_difference
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300).astype(bool)
+    a = np.round(0.5 * y + rng.normal(0, 1, 300), 1)
+    b = a + 0.3 * y + rng.normal(0, 0.4, 300)
+    d = paired_auc_difference(a, b, y)
+    assert d["diff"] == pytest.approx(binary_auc(b, y) - binary_auc(a, y))
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    boot, unpaired = [], []
+    for _ in range(2000):
+        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
+        boot.append(binary_auc(b[idx], y[idx]) - binary_auc(a[idx], y[idx]))
+        other = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
+        unpaired.append(binary_auc(b[idx], y[idx]) - binary_auc(a[other], y[other]))
+    assert d["se"] == pytest.approx(np.std(boot), rel=0.1) and d["se"] < 0.6 * np.std(unpaired)
+    assert d["low"] == pytest.approx(d["diff"] - 1.959964 * d["se"]) and d["high"] > d["diff"]
+    assert paired_auc_difference(a, a, y) == {"diff": 0.0, "se": 0.0, "low": 0.0, "high": 0.0}
+    assert all(np.isnan(v) for v in paired_auc_difference([1, 2], [2, 1], [1, 1]).values())
+    with pytest.raises(ValueError, match="one per slide"):
+        paired_auc_difference([1, 2, 3], [1, 2], [0, 1, 1])
+
+
 def test_one_class_split_reports_undefined_auc_with_a_warning(tmp_path):
     val = ShiftedBags(6, 1, labels=[1] * 6)
     with pytest.warns(UserWarning, match="AUC is undefined"):
@@ -523,3 +550,31 @@ def test_the_bag_phase_honours_early_stop_min_epochs(tmp_path):
     assert no_stop.signature() == BagPhase(early_stop_patience=None, early_stop_min_epochs=6).signature()
     with pytest.raises(ValueError, match="early_stop_min_epochs"):
         BagPhase(early_stop_min_epochs=-2)
+
+
+def test_paired_test_change_reads_two_rounds_predictions(tmp_path):
+    """The summary's paired change in test AUC: from the two rounds' predictions CSVs, on the slides both scored,
+    equal to the metric on those slides; None without a file, for three classes, or with one class shared."""
+    from monai_icmil.engines.bag_phase import write_predictions_csv
+    from monai_icmil.metrics import paired_auc_difference
+    from monai_icmil.workflows.summary import paired_test_change
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 30)
+    p0, p1 = rng.random(30), np.clip(0.5 * labels + 0.6 * rng.random(30), 0, 1)
+    for r, p in ((0, p0), (1, p1)):
+        rows = [{"slide_id": f"s{i}", "label": int(y), "probs": [1 - q, q]} for i, (y, q) in enumerate(zip(labels, p))]
+        if r == 1:
+            rows = rows[:-1] + [{"slide_id": "other", "label": 1, "probs": [0.0, 1.0]}]  # one slide only round 1 has
+        write_predictions_csv(tmp_path / f"round_{r}" / "test" / "predictions.csv", rows, ["normal", "tumour"])
+    got = paired_test_change(tmp_path, 0, 1)
+    want = paired_auc_difference(np.round(p0[:-1], 6), np.round(p1[:-1], 6), labels[:-1])
+    assert got == pytest.approx({**want, "slides": 29})
+    assert got["diff"] == pytest.approx(binary_auc(p1[:-1], labels[:-1]) - binary_auc(p0[:-1], labels[:-1]), abs=1e-5)
+    assert paired_test_change(tmp_path, 0, 2) is None  # no round 2
+    three = [{"slide_id": "a", "label": 0, "probs": [0.2, 0.3, 0.5]}, {"slide_id": "b", "label": 2, "probs": [0, 0, 1]}]
+    write_predictions_csv(tmp_path / "round_3" / "test" / "predictions.csv", three)
+    assert paired_test_change(tmp_path, 3, 3) is None
+    one = [{"slide_id": "s0", "label": 1, "probs": [0.4, 0.6]}]
+    write_predictions_csv(tmp_path / "round_4" / "test" / "predictions.csv", one)
+    assert paired_test_change(tmp_path, 0, 4) is None

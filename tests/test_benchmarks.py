@@ -5,6 +5,7 @@ report has every row (the numbers at these sizes mean nothing)."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
@@ -83,7 +84,7 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
     with pytest.raises(SystemExit):
         gain.parse(["--bag_from", "plain"])  # needs --variant
     again = ["--smoke", "--out", str(tmp_path), "--starts", "ssl", "--aggregators", "abmil", "--variant", "wd"]
-    rebag = gain.main(again + ["--bag_from", "plain", "--bag_weight_decay", "0.05"])
+    rebag = gain.main(again + ["--bag_from", "plain", "--bag_weight_decay", "0.05", "--extra_test", "3"])
     assert {(r["setting"], r["variant"], r["round"]) for r in rebag} == {
         (s, "wd", k) for s in gain.DATA_SETTINGS for k in (0, 1)
     }
@@ -101,6 +102,14 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         ]
         assert signatures[0] != signatures[1]
     assert len(json.loads((tmp_path / "report-wd.json").read_text())["rows"]) == len(rebag)
+    # --extra_test: every round's classifiers on 3 more test slides, and round 1's paired gain over round 0 there
+    for r in rebag:
+        assert r["extra_test_n"] == 3 and len(r["extra_restart_test_aucs"]) == 2
+        assert ("extra_test_gain" in r) == (r["round"] == 1)
+        assert (r["test_gain_paired_se"] is None) == (r["round"] == 0)
+    extra = json.loads((tmp_path / "data" / "hard" / "seed_0_extra_test_3" / "datalist.json").read_text())
+    assert [len(extra[k]) for k in ("training", "validation", "test")] == [0, 0, 3]
+    assert "## On the extra test slides" in (tmp_path / "report-wd.md").read_text()
     # witness_bound.py on a smoke run: its bag test AUC is the workflow's, read back from predictions.csv
     bound = _module("witness_bound")
     assert bound.slide_scores(np.array([0.1, 0.9, 0.5])) == {"max": 0.9, "top5%": 0.9, "mean": pytest.approx(0.5)}
@@ -117,6 +126,15 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         assert 0 <= row["positive_slides_without_witness"] <= row["positive_slides"]
         assert all(0 <= row[k] <= 1 or math.isnan(row[k]) for k in row if "auc" in k)
     assert (tmp_path / "bound" / "report.md").read_text().count("| default/seed_0/ssl/abmil |") == 2
+    # --extra_test's scoring (the bundle's inference, then every restart on the features it stored), given the run's
+    # own test slides, gives the workflow's test predictions and every restart's test AUC
+    scores = gain.extra_test_scores(run, data, data, 0, "abmil", "ssl", gain.parse(["--smoke", "--out", str(tmp_path)]))
+    for r in ("0", "1"):
+        with open(run / f"round_{r}" / "test" / "predictions.csv") as f:
+            want = {row["slide"]: float(row["prob_tumour"]) for row in csv.DictReader(f)}
+        assert dict(zip(scores[r]["slide_ids"], scores[r]["kept"])) == pytest.approx(want, abs=1e-5)
+        restarts = gain.extra_test_rows(scores)[int(r)]["extra_restart_test_aucs"]
+        assert all(same(a, b) for a, b in zip(restarts, gain.restart_test_aucs(run, int(r), datalist))), restarts
     # teacher_calibration.py on the same run: its patch AUC and labels are the workflow's teacher record
     calibration = _module("teacher_calibration").main(["--run", str(run), "--data", str(data)])
     assert [row["round"] for row in calibration] == [0, 1]

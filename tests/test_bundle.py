@@ -215,7 +215,10 @@ def test_train_bundle_runs_two_rounds_end_to_end(trained):
     overview = Image.open(out / "coords" / "qc" / "overview" / "page_001.jpg")  # every slide on one contact sheet
     assert overview.size == (8 * 200, 18 + -(-len(qc) // 8) * 228)
     summary = (out / "summary.md").read_text()
-    assert "| round | val AUC (95 % CI) | test AUC (95 % CI) | change in test AUC | teacher patch AUC |" in summary
+    assert (
+        "| round | val AUC (95 % CI) | test AUC (95 % CI) | change in test AUC (paired 95 % CI) | teacher patch AUC |"
+        in summary
+    )
     assert summary.count("\n| ") == 5  # header, separator, 3 rounds
     assert len(re.findall(r"\| \d\.\d{3} \(\d\.\d{2}-\d\.\d{2}\)(?= \|)", summary)) == 6  # val and test AUC (95 % CI)
     assert "95 % DeLong confidence intervals; the test split has 4 slides" in summary
@@ -280,6 +283,12 @@ def test_the_teacher_patch_auc_in_the_summary_is_the_teachers_auc_against_the_ma
         assert rows[r]["teacher_patch_auc_delta"] == pytest.approx(
             rows[r]["teacher_patch_auc"] - rows[r - 1]["teacher_patch_auc"]
         )
+    # the change in test AUC from the previous round, with its paired interval from both rounds' predictions
+    for r in (1, 2):
+        low, high = rows[r]["test_auc_delta_ci"]
+        assert rows[r]["test_auc_delta"] == pytest.approx(rows[r]["test_auc"] - rows[r - 1]["test_auc"])
+        assert low - 1e-9 <= rows[r]["test_auc_delta"] <= high + 1e-9, rows[r]
+    assert rows[0]["test_auc_delta_ci"] == [None, None]
     summary = (out / "summary.md").read_text()
     assert f"| {rows[0]['teacher_patch_auc']:.3f} |" in summary and "Teacher patch AUC: each round's" in summary
     assert f"| {100 * rows[0]['teacher_normal_called_tumour']:.1f} % |" in summary and "Tumour-free called" in summary

@@ -8,6 +8,7 @@ round's ROC curve, the highest-scoring test slide beside its ground truth and th
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import warnings
@@ -17,11 +18,45 @@ from typing import Any
 
 from monai_icmil.utils import atomic_write_json, atomic_write_text
 
-__all__ = ["summary_rows", "write_summary"]
+__all__ = ["summary_rows", "write_summary", "paired_test_change"]
 
 
-def summary_rows(rounds: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per round from the ledger's records (``*_delta``: the change from the previous round)."""
+def paired_test_change(output_dir: str | os.PathLike, before: int, after: int) -> dict[str, float] | None:
+    """Round ``after``'s test AUC minus round ``before``'s on the test slides both scored (``round_<r>/test/
+    predictions.csv``), with DeLong's paired 95 % interval (:func:`~monai_icmil.metrics.paired_auc_difference`).
+
+    Two rounds' AUCs on one test set share its easy and hard slides, so their difference is known far more precisely
+    than the two separate intervals suggest; this interval says whether a round-over-round change is more than the
+    test set's noise. ``None`` where either file is missing or unreadable, the task is not binary, or the shared
+    slides hold one class.
+    """
+    from monai_icmil.metrics import paired_auc_difference
+
+    scores = []
+    for r in (before, after):
+        path = Path(output_dir) / f"round_{r}" / "test" / "predictions.csv"
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            probs = [k for k in (rows[0] if rows else {}) if k.startswith("prob_")]
+            if len(probs) != 2:
+                return None
+            scores.append({row["slide"]: (int(row["label"]), float(row[probs[1]])) for row in rows if row["label"]})
+        except (OSError, KeyError, ValueError):
+            return None
+    shared = sorted(set(scores[0]) & set(scores[1]))
+    labels = [scores[0][k][0] for k in shared]
+    if len(set(labels)) < 2:
+        return None
+    d = paired_auc_difference([scores[0][k][1] for k in shared], [scores[1][k][1] for k in shared], labels)
+    return {**d, "slides": len(shared)}
+
+
+def summary_rows(
+    rounds: Mapping[int, Mapping[str, Any]], output_dir: str | os.PathLike | None = None
+) -> list[dict[str, Any]]:
+    """One row per round from the ledger's records (``*_delta``: the change from the previous round; with
+    ``output_dir``, ``test_auc_delta_ci``: that change's paired 95 % interval, :func:`paired_test_change`)."""
     rows, previous = [], None
     for r in sorted(rounds):
         s = rounds[r]
@@ -45,6 +80,8 @@ def summary_rows(rounds: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]
         }
         for key in ("val_auc", "test_auc", "teacher_patch_auc"):
             row[f"{key}_delta"] = _delta(row[key], previous[key]) if previous else None
+        paired = paired_test_change(output_dir, previous["round"], row["round"]) if previous and output_dir else None
+        row["test_auc_delta_ci"] = [paired["low"], paired["high"]] if paired else [None, None]
         rows.append(row)
         previous = row
     return rows
@@ -70,9 +107,15 @@ def _ci(bounds: Sequence[Any]) -> str:
     return f" ({bounds[0]:.2f}-{bounds[1]:.2f})" if all(_finite(v) for v in bounds) else ""
 
 
+def _signed_ci(bounds: Sequence[Any]) -> str:
+    """A change's interval, signed: `` (-0.04 to +0.06)``."""
+    return f" ({bounds[0]:+.2f} to {bounds[1]:+.2f})" if all(_finite(v) for v in bounds) else ""
+
+
 def _table(rows: list[dict[str, Any]], final_round: int) -> list[str]:
     lines = [
-        "| round | val AUC (95 % CI) | test AUC (95 % CI) | change in test AUC | teacher patch AUC | change in teacher "
+        "| round | val AUC (95 % CI) | test AUC (95 % CI) | change in test AUC (paired 95 % CI) | teacher patch AUC "
+        "| change in teacher "
         "| tumour-free called tumour | test acc | test F1 | embedder phase (s) | embed (s) | bag phase (s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -80,7 +123,8 @@ def _table(rows: list[dict[str, Any]], final_round: int) -> list[str]:
         lines.append(
             f"| {row['round']}{' (final)' if row['round'] == final_round else ''} | {_fmt(row['val_auc'])}"
             f"{_ci(row['val_auc_ci'])} | {_fmt(row['test_auc'])}{_ci(row['test_auc_ci'])} | "
-            f"{_fmt(row['test_auc_delta'], sign=True)} | {_fmt(row['teacher_patch_auc'])} | "
+            f"{_fmt(row['test_auc_delta'], sign=True)}{_signed_ci(row['test_auc_delta_ci'])} | "
+            f"{_fmt(row['teacher_patch_auc'])} | "
             f"{_fmt(row['teacher_patch_auc_delta'], sign=True)} | {_pct(row['teacher_normal_called_tumour'])} | "
             f"{_fmt(row['test_acc'])} | {_fmt(row['test_f1'])} | "
             f"{_fmt(row['embedder_phase_s'], 1)} | {_fmt(row['embed_s'], 1)} | {_fmt(row['bag_phase_s'], 1)} |"
@@ -88,12 +132,18 @@ def _table(rows: list[dict[str, Any]], final_round: int) -> list[str]:
     return lines
 
 
-def _notes(rows: list[dict[str, Any]], final_round: int, class_names: Sequence[str] | None) -> list[str]:
-    """What the table says: intervals, whether coupling helped, rounds that call every slide one class."""
+def _notes(
+    rows: list[dict[str, Any]], final_round: int, class_names: Sequence[str] | None, output_dir: Path | None = None
+) -> list[str]:
+    """What the table says: intervals, whether coupling helped (and whether by more than the test set's noise),
+    rounds that call every slide one class."""
     notes = []
     if any(_ci(row["test_auc_ci"]) for row in rows):
         n_test = max(row["test_slides"] or 0 for row in rows)
-        notes.append(f"AUCs with their 95 % DeLong confidence intervals; the test split has {n_test} slides.")
+        notes.append(
+            f"AUCs with their 95 % DeLong confidence intervals; the test split has {n_test} slides. A change in test "
+            "AUC has its paired interval (both rounds on the same slides: narrower than the two intervals suggest)."
+        )
     if any(_finite(row["teacher_patch_auc"]) for row in rows):
         n = max(row["teacher_patches"] or 0 for row in rows)
         notes.append(
@@ -111,7 +161,10 @@ def _notes(rows: list[dict[str, Any]], final_round: int, class_names: Sequence[s
         ]
         if parts:
             notes.append(
-                f"Coupling, round {first['round']} -> round {last['round']} (final): " + "; ".join(parts) + "."
+                f"Coupling, round {first['round']} -> round {last['round']} (final): "
+                + "; ".join(parts)
+                + "."
+                + _paired_verdict(output_dir, first["round"], last["round"])
             )
     elif len(rows) > 1:
         notes.append(f"Coupling did not improve the validation AUC: round {final_round} (frozen embedder) is final.")
@@ -122,6 +175,18 @@ def _notes(rows: list[dict[str, Any]], final_round: int, class_names: Sequence[s
             name = class_names[k] if class_names and k < len(class_names) else f"class {k}"
             notes.append(f"**Round {row['round']} calls every test slide {name}**: it has not learnt to separate them.")
     return notes
+
+
+def _paired_verdict(output_dir: Path | None, before: int, after: int) -> str:
+    """Whether the test AUC's change from round ``before`` to ``after`` exceeds the test set's noise (paired)."""
+    d = paired_test_change(output_dir, before, after) if output_dir is not None else None
+    if d is None or not _finite(d["se"]):
+        return ""
+    verdict = "more than the test set's noise" if d["low"] > 0 or d["high"] < 0 else "within the test set's noise"
+    return (
+        f" On the {d['slides']} test slides both rounds scored, the change in test AUC has a paired 95 % interval of "
+        f"{d['low']:+.3f} to {d['high']:+.3f}: {verdict}."
+    )
 
 
 def write_summary(
@@ -148,9 +213,9 @@ def write_summary(
     from monai_icmil.visualize import save_rounds_plot
 
     out = Path(output_dir)
-    rows = summary_rows(rounds)
+    rows = summary_rows(rounds, out)
     lines = [f"# ICMIL summary ({title})", "", *_table(rows, final_round)]
-    lines += [line for note in _notes(rows, final_round, class_names) for line in ("", note)]
+    lines += [line for note in _notes(rows, final_round, class_names, out) for line in ("", note)]
     try:
         save_rounds_plot(out / "rounds.png", rows, title=f"ICMIL rounds ({title})")
         lines += ["", "![the rounds: validation, test and teacher patch AUC](rounds.png)"]
