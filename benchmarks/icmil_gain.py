@@ -28,7 +28,9 @@ coupled round).
 ``--extra_test N`` also scores every round's classifiers (the kept one and every restart) on N more test slides
 generated from another dataset seed, through the bundle's inference: 40 test slides leave a round-over-round change
 of +/-0.02-0.05 inside the noise, and the same N slides scored by both rounds give the change with DeLong's paired
-standard error (reported beside every seed's, which ``test_gain_paired_se`` also gives for the 40 test slides).
+standard error (``report.json``'s rows also give ``test_gain_paired_se``, the same for the run's own test slides).
+The extra slides' paths go to the bundle as config values: an ``--out`` starting with ``@``, ``$`` or ``%`` would be
+read as a reference.
 
 Settings are fixed here, before looking at test AUCs, and every seed is reported. Round-0 work that does not depend
 on the aggregator (tiling, pre-training, round-0 features) is done once per seed and start and copied.
@@ -329,20 +331,24 @@ def extra_test_scores(
     scores: dict[str, Any] = {}
     for r in sorted((k for k, v in state["rounds"].items() if "bag_phase" in v), key=int):
         where = run_dir / "extra_test" / extra.name / f"round_{r}"
+        # every time: the inference's keyed stores reuse what is still valid for this round's embedder
+        run_bundle(
+            data, run_dir, seed, aggregator, start, args, ("inference.json",),
+            input_slides=slides, inference_dir=str(where), infer_round=int(r), heatmaps=False,
+        )  # fmt: skip
         store = FeatureStore(where / "features")
-        if any(store.load(s["slide_id"]) is None for s in slides):
-            run_bundle(
-                data, run_dir, seed, aggregator, start, args, ("inference.json",),
-                input_slides=slides, inference_dir=str(where), infer_round=int(r), heatmaps=False,
-            )  # fmt: skip
-        bags = [{**s, "features": store.load(s["slide_id"])["features"].float()} for s in slides]
+        arrays = {s["slide_id"]: store.load(s["slide_id"]) for s in slides}
+        bags = [{**s, "features": arrays[s["slide_id"]]["features"].float()} for s in slides if arrays[s["slide_id"]]]
+        bags = [b for b in bags if len(b["features"])]
+        if len(bags) < len(slides):  # failed or without tissue: inference's report.json says why
+            print(f"[icmil_gain] round {r}: {len(slides) - len(bags)} extra test slide(s) not scored", flush=True)
         bag_dir = run_dir / f"round_{r}" / "bag_phase"
         nets = sorted(bag_dir.glob("restart_*/bag_classifier.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
         probs = [
             [row["probs"][-1] for row in evaluate_bags(load_bag_classifier(path), bags)[1]]
-            for path in [bag_dir / "bag_classifier.pt", *nets]
-        ]
-        scores[r] = {"slide_ids": [s["slide_id"] for s in slides], "labels": [s["label"] for s in slides],
+            for path in [bag_dir / "bag_classifier.pt", *(nets or [bag_dir / "bag_classifier.pt"])]
+        ]  # the kept classifier, then every restart (the kept one where there was a single run: restart_test_aucs)
+        scores[r] = {"slide_ids": [b["slide_id"] for b in bags], "labels": [b["label"] for b in bags],
                      "kept": probs[0], "restarts": probs[1:]}  # fmt: skip
     return scores
 
@@ -359,7 +365,11 @@ def extra_test_rows(scores: dict[str, Any]) -> dict[int, dict[str, Any]]:
             "extra_restart_test_aucs": [binary_auc(np.array(p), y) for p in s["restarts"]],
         }
         if int(r) and "0" in scores:
-            d = paired_auc_difference(np.array(scores["0"]["kept"]), np.array(s["kept"]), y)
+            before = dict(zip(scores["0"]["slide_ids"], scores["0"]["kept"]))
+            shared = [k for k, sid in enumerate(s["slide_ids"]) if sid in before]  # both rounds scored
+            d = paired_auc_difference(
+                [before[s["slide_ids"][k]] for k in shared], [s["kept"][k] for k in shared], y[shared]
+            )
             row["extra_test_gain"], row["extra_test_gain_se"] = d["diff"], d["se"]
         out[int(r)] = row
     return out
@@ -408,7 +418,7 @@ def collect(
 
 ROW_KEY = ("setting", "variant", "seed", "start", "aggregator", "round")
 # what may differ between two commands whose rows share one report: which runs they make, not how
-PER_COMMAND_ARGS = {"seeds", "aggregators", "starts", "settings", "workers", "device", "out"}
+PER_COMMAND_ARGS = {"seeds", "aggregators", "starts", "settings", "workers", "device", "out", "extra_test"}
 
 
 def merge_rows(report: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -426,6 +436,11 @@ def merge_rows(report: Path, rows: list[dict[str, Any]], args: argparse.Namespac
         return list(rows)
     new = {tuple(r.get(k, "") for k in ROW_KEY) for r in rows}
     return [r for r in old["rows"] if tuple(r.get(k, "") for k in ROW_KEY) not in new] + list(rows)
+
+
+def _num(x: float | None) -> str:
+    """A table cell: 3 decimals, ``-`` for none or nan."""
+    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
 
 
 def _fmt(values: list[float]) -> str:
@@ -485,14 +500,13 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: floa
         "teacher patch AUC | probe patch AUC |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    f = lambda x: "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"  # noqa: E731
     for r in rows:
         lines.append(
-            f"| {r['setting']} | {r['seed']} | {r['start']} | {r['aggregator']} | {r['round']} | {f(r['val_auc'])} | "
-            f"{f(r['test_auc'])} | {f(r['test_acc'])} | {f(r['test_f1'])} | "
-            f"{' / '.join(f(x) for x in r['restart_test_aucs'])} | {_fits(r.get('restart_fit'))} | "
-            f"{f(r['teacher_view_agreement'])} | "
-            f"{f(r['teacher_patch_auc'])} | {f(r['probe_patch_auc'])} |"
+            f"| {r['setting']} | {r['seed']} | {r['start']} | {r['aggregator']} | {r['round']} | "
+            f"{_num(r['val_auc'])} | {_num(r['test_auc'])} | {_num(r['test_acc'])} | {_num(r['test_f1'])} | "
+            f"{' / '.join(_num(x) for x in r['restart_test_aucs'])} | {_fits(r.get('restart_fit'))} | "
+            f"{_num(r['teacher_view_agreement'])} | "
+            f"{_num(r['teacher_patch_auc'])} | {_num(r['probe_patch_auc'])} |"
         )
     lines += [
         "",
@@ -532,7 +546,6 @@ def _extra_test_markdown(rows: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in rows if r.get("extra_test_n")]
     if not rows:
         return []
-    f = lambda x: "-" if x is None or np.isnan(x) else f"{x:.3f}"  # noqa: E731
     lines = [
         "",
         "## On the extra test slides (`--extra_test`)",
@@ -549,8 +562,9 @@ def _extra_test_markdown(rows: list[dict[str, Any]]) -> list[str]:
         restarts = r["extra_restart_test_aucs"]
         lines.append(
             f"| {r['setting']} | {r.get('variant') or '-'} | {r['seed']} | {r['start']} | {r['aggregator']} | "
-            f"{r['round']} | {r['extra_test_n']} | {f(r['extra_test_auc'])} | {' / '.join(f(x) for x in restarts)} | "
-            f"{f(float(np.mean(restarts)) if restarts else float('nan'))} | {gain} |"
+            f"{r['round']} | {r['extra_test_n']} | {_num(r['extra_test_auc'])} | "
+            f"{' / '.join(_num(x) for x in restarts)} | "
+            f"{_num(float(np.mean(restarts)) if restarts else float('nan'))} | {gain} |"
         )
     lines += ["", "| setting | variant | start | aggregator | round | paired gain vs round 0, mean +/- sd over seeds |"]
     lines.append("| --- | --- | --- | --- | --- | --- |")

@@ -107,23 +107,33 @@ def paired_auc_difference(
     :func:`auc_confidence_interval`): on a shared test set this is far narrower than the two separate intervals
     suggest.
 
+    Args:
+        scores_a: the first scorer's positive-class score per slide.
+        scores_b: the second scorer's, for the same slides in the same order.
+        labels: the slides' binary labels.
+        level: the interval's confidence level.
+
     Returns:
-        ``{"diff", "se", "low", "high"}``; all ``nan`` when a class is missing.
+        ``{"diff", "se", "low", "high"}`` (the interval clipped to ``[-1, 1]``); all ``nan`` with fewer than two
+        slides of a class (no variance to estimate) or a score that is not finite.
+
+    Raises:
+        ValueError: when the three arrays do not have one value per slide each.
     """
     a, b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
     labels = np.asarray(labels).astype(bool)
     if a.shape != b.shape or a.shape != labels.shape:
         raise ValueError(f"scores_a {a.shape}, scores_b {b.shape} and labels {labels.shape} must be one per slide")
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
+    if n_pos < 2 or n_neg < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
         return dict.fromkeys(("diff", "se", "low", "high"), float("nan"))
     # per slide, placement under b minus placement under a: the difference's own placements
     d10 = _placements(b[labels], np.sort(b[~labels])) - _placements(a[labels], np.sort(a[~labels]))
     d01 = _placements(a[~labels], np.sort(a[labels])) - _placements(b[~labels], np.sort(b[labels]))
-    var = (np.var(d10, ddof=1) / n_pos if n_pos > 1 else 0.0) + (np.var(d01, ddof=1) / n_neg if n_neg > 1 else 0.0)
+    var = np.var(d10, ddof=1) / n_pos + np.var(d01, ddof=1) / n_neg
     diff, se = float(d10.mean()), math.sqrt(max(float(var), 0.0))
     half = NormalDist().inv_cdf(0.5 + level / 2.0) * se
-    return {"diff": diff, "se": se, "low": diff - half, "high": diff + half}
+    return {"diff": diff, "se": se, "low": max(-1.0, diff - half), "high": min(1.0, diff + half)}
 
 
 def _placements(x: np.ndarray, others_sorted: np.ndarray) -> np.ndarray:

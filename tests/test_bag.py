@@ -243,6 +243,8 @@ def test_paired_auc_difference_is_delongs_paired_test():
     assert d["low"] == pytest.approx(d["diff"] - 1.959964 * d["se"]) and d["high"] > d["diff"]
     assert paired_auc_difference(a, a, y) == {"diff": 0.0, "se": 0.0, "low": 0.0, "high": 0.0}
     assert all(np.isnan(v) for v in paired_auc_difference([1, 2], [2, 1], [1, 1]).values())
+    assert all(np.isnan(v) for v in paired_auc_difference([1, 2, 3], [3, 1, 2], [1, 0, 0]).values())  # 1 positive
+    assert all(np.isnan(v) for v in paired_auc_difference([1, np.nan, 3, 4], [1, 2, 3, 4], [1, 0, 1, 0]).values())
     with pytest.raises(ValueError, match="one per slide"):
         paired_auc_difference([1, 2, 3], [1, 2], [0, 1, 1])
 
@@ -578,3 +580,6 @@ def test_paired_test_change_reads_two_rounds_predictions(tmp_path):
     one = [{"slide_id": "s0", "label": 1, "probs": [0.4, 0.6]}]
     write_predictions_csv(tmp_path / "round_4" / "test" / "predictions.csv", one)
     assert paired_test_change(tmp_path, 0, 4) is None
+    (tmp_path / "round_5" / "test").mkdir(parents=True)
+    (tmp_path / "round_5" / "test" / "predictions.csv").write_text("slide,label,prob_normal,prob_tumour\ns0,1\n")
+    assert paired_test_change(tmp_path, 0, 5) is None  # a short row: unreadable, not an error

@@ -253,6 +253,7 @@ def test_the_teacher_patch_auc_in_the_summary_is_the_teachers_auc_against_the_ma
     from sklearn.metrics import roc_auc_score
 
     from monai_icmil.data.store import CoordsStore, FeatureStore
+    from monai_icmil.workflows.summary import paired_test_change
 
     out, data = trained / "out", json.loads((trained / "data" / "datalist.json").read_text())
     rows = json.loads((out / "summary.json").read_text())["rows"]
@@ -285,9 +286,11 @@ def test_the_teacher_patch_auc_in_the_summary_is_the_teachers_auc_against_the_ma
         )
     # the change in test AUC from the previous round, with its paired interval from both rounds' predictions
     for r in (1, 2):
-        low, high = rows[r]["test_auc_delta_ci"]
+        paired = paired_test_change(out, r - 1, r)
         assert rows[r]["test_auc_delta"] == pytest.approx(rows[r]["test_auc"] - rows[r - 1]["test_auc"])
-        assert low - 1e-9 <= rows[r]["test_auc_delta"] <= high + 1e-9, rows[r]
+        assert rows[r]["test_auc_delta_ci"] == [paired["low"], paired["high"]] and paired["slides"] == 4
+        assert paired["diff"] == pytest.approx(rows[r]["test_auc_delta"], abs=1e-3)  # the CSVs' 6 decimals
+        assert paired["low"] <= paired["diff"] <= paired["high"]
     assert rows[0]["test_auc_delta_ci"] == [None, None]
     summary = (out / "summary.md").read_text()
     assert f"| {rows[0]['teacher_patch_auc']:.3f} |" in summary and "Teacher patch AUC: each round's" in summary

@@ -27,10 +27,19 @@ def paired_test_change(output_dir: str | os.PathLike, before: int, after: int) -
 
     Two rounds' AUCs on one test set share its easy and hard slides, so their difference is known far more precisely
     than the two separate intervals suggest; this interval says whether a round-over-round change is more than the
-    test set's noise. ``None`` where either file is missing or unreadable, the task is not binary, or the shared
-    slides hold one class.
+    test set's noise.
+
+    Args:
+        output_dir: the run's folder.
+        before: the earlier round.
+        after: the later round.
+
+    Returns:
+        ``{"diff", "se", "low", "high", "slides"}`` (``diff`` from the CSVs' probabilities, on the shared slides);
+        ``None`` where either file is missing or unreadable, the task is not binary, or the shared slides hold fewer
+        than two of a class.
     """
-    from monai_icmil.metrics import paired_auc_difference
+    from monai_icmil.metrics import paired_auc_difference  # here: the summary module imports without torch
 
     scores = []
     for r in (before, after):
@@ -42,14 +51,12 @@ def paired_test_change(output_dir: str | os.PathLike, before: int, after: int) -
             if len(probs) != 2:
                 return None
             scores.append({row["slide"]: (int(row["label"]), float(row[probs[1]])) for row in rows if row["label"]})
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, TypeError, csv.Error):  # a short row reads as None: TypeError
             return None
     shared = sorted(set(scores[0]) & set(scores[1]))
     labels = [scores[0][k][0] for k in shared]
-    if len(set(labels)) < 2:
-        return None
     d = paired_auc_difference([scores[0][k][1] for k in shared], [scores[1][k][1] for k in shared], labels)
-    return {**d, "slides": len(shared)}
+    return {**d, "slides": len(shared)} if _finite(d["se"]) else None
 
 
 def summary_rows(
@@ -180,12 +187,12 @@ def _notes(
 def _paired_verdict(output_dir: Path | None, before: int, after: int) -> str:
     """Whether the test AUC's change from round ``before`` to ``after`` exceeds the test set's noise (paired)."""
     d = paired_test_change(output_dir, before, after) if output_dir is not None else None
-    if d is None or not _finite(d["se"]):
+    if d is None:
         return ""
     verdict = "more than the test set's noise" if d["low"] > 0 or d["high"] < 0 else "within the test set's noise"
     return (
-        f" On the {d['slides']} test slides both rounds scored, the change in test AUC has a paired 95 % interval of "
-        f"{d['low']:+.3f} to {d['high']:+.3f}: {verdict}."
+        f" On the {d['slides']} test slides both rounds scored, the change in test AUC ({d['diff']:+.3f}) has a "
+        f"paired 95 % interval of {d['low']:+.3f} to {d['high']:+.3f}: {verdict}."
     )
 
 
