@@ -1,10 +1,10 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
 """The run's summary, and whether coupling helped: one row per round (validation and test AUC with their 95 %
-intervals, the change from the previous round with its paired interval, the instance teacher's patch AUC against the ground truth where the
-datalist has tumour masks, accuracy, F1, time per phase) as ``summary.md`` (printed; with ``rounds.png``, the final
-round's ROC curve, the highest-scoring test slide beside its ground truth and the tiling QC sheets) and
-``summary.json``."""
+intervals, the change from the previous round with its paired interval, the instance teacher's patch AUC against the
+ground truth where the datalist has tumour masks, accuracy, F1, time per phase) as ``summary.md`` (printed; with
+``rounds.png``, the final round's ROC curve, the highest-scoring test slide beside its ground truth and the tiling QC
+sheets) and ``summary.json``."""
 
 from __future__ import annotations
 
