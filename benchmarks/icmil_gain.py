@@ -245,15 +245,20 @@ def probe_patch_auc(out: Path, r: int, data: Path, datalist: dict[str, Any]) -> 
     return linear_probe_auc(np.concatenate(feats), y, train_mask=fit) if both else float("nan")
 
 
+def restart_nets(bag_dir: Path) -> list[Path]:
+    """Every bag-phase restart's classifier in ``bag_dir``, in restart order (the kept one where there was a single
+    run)."""
+    nets = sorted(bag_dir.glob("restart_*/bag_classifier.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
+    return nets or [bag_dir / "bag_classifier.pt"]
+
+
 def restart_test_aucs(out: Path, r: int, datalist: dict[str, Any]) -> list[float]:
     """Test AUC of every bag-phase restart of round ``r`` (only the kept one where there was a single run).
 
     Keeping the restart with the best validation AUC is a noisy choice on 40 validation slides; the mean over the
     restarts says what the round's features support without that choice.
     """
-    bag_dir = out / f"round_{r}" / "bag_phase"
-    nets = sorted(bag_dir.glob("restart_*/bag_classifier.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
-    nets = nets or [bag_dir / "bag_classifier.pt"]
+    nets = restart_nets(out / f"round_{r}" / "bag_phase")
     bags = [
         {"slide_id": sid, "label": int(entry["label"]), "features": arrays["features"].float()}
         for _, entry, sid, arrays in stored_test_arrays(out, r, datalist)
@@ -298,31 +303,14 @@ def restart_fit(out: Path, r: int) -> list[dict[str, float]]:
     return fits
 
 
-def make_extra_test(setting: str, seed: int, args: argparse.Namespace, out: Path) -> Path:
-    """``--extra_test`` slides of one setting and seed: test slides only, from another dataset seed (2000 + seed;
-    the run's own slides are 1000 + seed), so none of them is a training, validation or test slide of the run."""
-    data = out / "data" / setting / f"seed_{seed}_extra_test_{args.extra_test}"
-    make_dataset(
-        data,
-        num_training=0,
-        num_validation=0,
-        num_test=args.extra_test,
-        seed=2000 + seed,
-        config={"width": args.width, "height": args.height, "mpp": args.slide_mpp, **DATA_SETTINGS[setting]},
-        num_workers=max(1, args.workers),
-        progress=False,
-    )
-    return data
-
-
 def extra_test_scores(
     run_dir: Path, data: Path, extra: Path, seed: int, aggregator: str, start: str, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Every round's bag classifiers on the test slides of ``extra`` (:func:`make_extra_test`): the bundle's
-    inference (inference.json, no writers) with the round's embedder and kept classifier, then every restart's
-    classifier on the features it stored. Returns ``{round: {"slide_ids", "labels", "kept", "restarts"}}`` (the
-    positive-class probability per slide of the kept classifier and of each restart). Each round's inference goes
-    to ``run_dir/extra_test/<extra's name>/round_<r>`` and is reused when there."""
+    """Every round's bag classifiers on the test slides of ``extra`` (:func:`make_data` with ``extra_test``): the
+    bundle's inference (inference.json, no writers) with the round's embedder and kept classifier, then every
+    restart's classifier on the features it stored. Returns ``{round: {"slide_ids", "labels", "kept",
+    "restarts"}}`` (the positive-class probability per slide of the kept classifier and of each restart). Each
+    round's inference goes to ``run_dir/extra_test/<extra's name>/round_<r>`` (its keyed stores resume there)."""
     state = json.loads((run_dir / "state.json").read_text())
     entries = json.loads((extra / "datalist.json").read_text())["test"]
     slides = [
@@ -343,11 +331,10 @@ def extra_test_scores(
         if len(bags) < len(slides):  # failed or without tissue: inference's report.json says why
             print(f"[icmil_gain] round {r}: {len(slides) - len(bags)} extra test slide(s) not scored", flush=True)
         bag_dir = run_dir / f"round_{r}" / "bag_phase"
-        nets = sorted(bag_dir.glob("restart_*/bag_classifier.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
         probs = [
             [row["probs"][-1] for row in evaluate_bags(load_bag_classifier(path), bags)[1]]
-            for path in [bag_dir / "bag_classifier.pt", *(nets or [bag_dir / "bag_classifier.pt"])]
-        ]  # the kept classifier, then every restart (the kept one where there was a single run: restart_test_aucs)
+            for path in [bag_dir / "bag_classifier.pt", *restart_nets(bag_dir)]
+        ]  # the kept classifier, then every restart
         scores[r] = {"slide_ids": [b["slide_id"] for b in bags], "labels": [b["label"] for b in bags],
                      "kept": probs[0], "restarts": probs[1:]}  # fmt: skip
     return scores
@@ -659,16 +646,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_data(setting: str, seed: int, args: argparse.Namespace, out: Path) -> Path:
-    """The generated dataset of one setting and seed (reused when complete)."""
-    data = out / "data" / setting / f"seed_{seed}"
+def make_data(setting: str, seed: int, args: argparse.Namespace, out: Path, extra_test: int = 0) -> Path:
+    """The generated dataset of one setting and seed (reused when complete); with ``extra_test``, that many test
+    slides only (``--extra_test``), from another dataset seed (2000 + seed; the run's own slides are 1000 + seed), so
+    none of them is a training, validation or test slide of the run."""
+    name = f"seed_{seed}_extra_test_{extra_test}" if extra_test else f"seed_{seed}"
+    data = out / "data" / setting / name
+    sizes = (0, 0, extra_test) if extra_test else (args.train, args.val, args.test)
     if not (data / "datalist.json").is_file():
         make_dataset(
             data,
-            num_training=args.train,
-            num_validation=args.val,
-            num_test=args.test,
-            seed=1000 + seed,
+            *sizes,
+            seed=(2000 if extra_test else 1000) + seed,
             config={"width": args.width, "height": args.height, "mpp": args.slide_mpp, **DATA_SETTINGS[setting]},
             num_workers=max(1, args.workers),
             progress=False,
@@ -706,7 +695,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     first = first or run_dir
                     new_rows = collect(run_dir, setting, seed, agg, start, data, args.variant)
                     if args.extra_test:
-                        extra = make_extra_test(setting, seed, args, out)
+                        extra = make_data(setting, seed, args, out, args.extra_test)
                         scores = extra_test_scores(run_dir, data, extra, seed, agg, start, args)
                         atomic_write_json(run_dir / "extra_test" / extra.name / "scores.json", scores)
                         extra_rows = extra_test_rows(scores)
