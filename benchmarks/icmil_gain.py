@@ -29,6 +29,9 @@ coupled round).
 generated from another dataset seed, through the bundle's inference: 40 test slides leave a round-over-round change
 of +/-0.02-0.05 inside the noise, and the same N slides scored by both rounds give the change with DeLong's paired
 standard error (``report.json``'s rows also give ``test_gain_paired_se``, the same for the run's own test slides).
+It also scores the extra slides with each round's instance teacher alone (the kept classifier's instance head on
+every patch, a slide's top 1 % averaged: ``extra_teacher_slide_auc`` and its paired gain), which tells whether a
+teacher that gains patch AUC also ranks slides better without the attention pooling.
 The extra slides' paths go to the bundle as config values: an ``--out`` starting with ``@``, ``$`` or ``%`` would be
 read as a reference.
 
@@ -331,18 +334,28 @@ def extra_test_scores(
         if len(bags) < len(slides):  # failed or without tissue: inference's report.json says why
             print(f"[icmil_gain] round {r}: {len(slides) - len(bags)} extra test slide(s) not scored", flush=True)
         bag_dir = run_dir / f"round_{r}" / "bag_phase"
-        probs = [
-            [row["probs"][-1] for row in evaluate_bags(load_bag_classifier(path), bags)[1]]
-            for path in [bag_dir / "bag_classifier.pt", *restart_nets(bag_dir)]
-        ]  # the kept classifier, then every restart
+        nets = [load_bag_classifier(p) for p in [bag_dir / "bag_classifier.pt", *restart_nets(bag_dir)]]
+        probs = [[row["probs"][-1] for row in evaluate_bags(net, bags)[1]] for net in nets]  # kept, then restarts
         scores[r] = {"slide_ids": [b["slide_id"] for b in bags], "labels": [b["label"] for b in bags],
-                     "kept": probs[0], "restarts": probs[1:]}  # fmt: skip
+                     "kept": probs[0], "restarts": probs[1:],
+                     "teacher_top": [teacher_slide_score(nets[0], b["features"]) for b in bags]}  # fmt: skip
     return scores
 
 
+@torch.no_grad()
+def teacher_slide_score(net: torch.nn.Module, features: torch.Tensor, top: float = 0.01) -> float:
+    """The instance teacher as a slide scorer: the mean tumour probability (last class) that ``net``'s instance head
+    gives the slide's top ``top`` fraction of patches (at least one). It asks whether a teacher that gains patch AUC
+    also ranks slides better, without the attention pooling."""
+    probs = torch.softmax(net.cpu().eval().instance_logits(features.float()), -1)[:, -1]
+    return float(probs.topk(max(1, round(top * len(probs)))).values.mean())
+
+
 def extra_test_rows(scores: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Per round, from :func:`extra_test_scores`: the kept classifier's AUC, every restart's, and (rounds >= 1) the
-    kept classifier's paired difference from round 0's on the same slides with its DeLong standard error."""
+    """Per round, from :func:`extra_test_scores`: the kept classifier's AUC, every restart's, the kept classifier's
+    instance teacher as a slide scorer (:func:`teacher_slide_score`; scores from before it existed lack it), and
+    (rounds >= 1) each of the two's paired difference from round 0's on the same slides with its DeLong standard
+    error (``extra_test_gain``, ``extra_teacher_slide_gain``, each with ``_se``)."""
     out = {}
     for r, s in scores.items():
         y = np.array(s["labels"])
@@ -351,13 +364,16 @@ def extra_test_rows(scores: dict[str, Any]) -> dict[int, dict[str, Any]]:
             "extra_test_auc": binary_auc(np.array(s["kept"]), y),
             "extra_restart_test_aucs": [binary_auc(np.array(p), y) for p in s["restarts"]],
         }
-        if int(r) and "0" in scores:
-            before = dict(zip(scores["0"]["slide_ids"], scores["0"]["kept"]))
-            shared = [k for k, sid in enumerate(s["slide_ids"]) if sid in before]  # both rounds scored
-            d = paired_auc_difference(
-                [before[s["slide_ids"][k]] for k in shared], [s["kept"][k] for k in shared], y[shared]
-            )
-            row["extra_test_gain"], row["extra_test_gain_se"] = d["diff"], d["se"]
+        if "teacher_top" in s:
+            row["extra_teacher_slide_auc"] = binary_auc(np.array(s["teacher_top"]), y)
+        for key, name in (("kept", "extra_test_gain"), ("teacher_top", "extra_teacher_slide_gain")):
+            if int(r) and key in s and key in scores.get("0", {}):
+                before = dict(zip(scores["0"]["slide_ids"], scores["0"][key]))
+                shared = [k for k, sid in enumerate(s["slide_ids"]) if sid in before]  # both rounds scored
+                d = paired_auc_difference(
+                    [before[s["slide_ids"][k]] for k in shared], [s[key][k] for k in shared], y[shared]
+                )
+                row[name], row[f"{name}_se"] = d["diff"], d["se"]
         out[int(r)] = row
     return out
 
@@ -538,32 +554,42 @@ def _extra_test_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "## On the extra test slides (`--extra_test`)",
         "",
         "Every round's classifiers on more test slides from another dataset seed. Paired gain: the kept classifier's "
-        "AUC minus round 0's kept one on the same slides, +/- its DeLong paired standard error.",
+        "AUC minus round 0's kept one on the same slides, +/- its DeLong paired standard error. Teacher as slide "
+        "scorer: the kept classifier's instance head on every patch, a slide scored by its top 1 % of patches' mean "
+        "tumour probability (no attention pooling).",
         "",
         "| setting | variant | seed | start | aggregator | round | slides | test AUC | restarts' test AUC | "
-        "restarts' mean | paired gain vs round 0 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "restarts' mean | paired gain vs round 0 | teacher as slide scorer: AUC | its paired gain vs round 0 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        gain = f"{r['extra_test_gain']:+.3f} +/- {r['extra_test_gain_se']:.3f}" if "extra_test_gain" in r else "-"
+        gain, teacher_gain = (
+            f"{r[k]:+.3f} +/- {r[k + '_se']:.3f}" if k in r else "-"
+            for k in ("extra_test_gain", "extra_teacher_slide_gain")
+        )
         restarts = r["extra_restart_test_aucs"]
         lines.append(
             f"| {r['setting']} | {r.get('variant') or '-'} | {r['seed']} | {r['start']} | {r['aggregator']} | "
             f"{r['round']} | {r['extra_test_n']} | {_num(r['extra_test_auc'])} | "
             f"{' / '.join(_num(x) for x in restarts)} | "
-            f"{_num(float(np.mean(restarts)) if restarts else float('nan'))} | {gain} |"
+            f"{_num(float(np.mean(restarts)) if restarts else float('nan'))} | {gain} | "
+            f"{_num(r.get('extra_teacher_slide_auc', float('nan')))} | {teacher_gain} |"
         )
-    lines += ["", "| setting | variant | start | aggregator | round | paired gain vs round 0, mean +/- sd over seeds |"]
-    lines.append("| --- | --- | --- | --- | --- | --- |")
-    keys = dict.fromkeys((r["setting"], r.get("variant", ""), r["start"], r["aggregator"], r["round"]) for r in rows)
-    for setting, variant, start, agg, rnd in keys:
-        if rnd:
-            sel = [
-                r["extra_test_gain"] for r in rows
-                if (r["setting"], r.get("variant", ""), r["start"], r["aggregator"], r["round"])
-                == (setting, variant, start, agg, rnd) and "extra_test_gain" in r
-            ]  # fmt: skip
-            lines.append(f"| {setting} | {variant or '-'} | {start} | {agg} | {rnd} | {_fmt(sel)} |")
+    lines += [
+        "",
+        "| setting | variant | start | aggregator | round | paired gain vs round 0, mean +/- sd over seeds | "
+        "teacher as slide scorer: the same |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    group = lambda r: (r["setting"], r.get("variant", ""), r["start"], r["aggregator"], r["round"])  # noqa: E731
+    for key in dict.fromkeys(group(r) for r in rows):
+        if key[-1]:
+            gains = [
+                _fmt([r[k] for r in rows if group(r) == key and k in r])
+                for k in ("extra_test_gain", "extra_teacher_slide_gain")
+            ]
+            setting, variant, start, agg, rnd = key
+            lines.append(f"| {setting} | {variant or '-'} | {start} | {agg} | {rnd} | {gains[0]} | {gains[1]} |")
     return lines
 
 

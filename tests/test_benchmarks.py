@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "icmil_gain.py"
 
@@ -105,7 +106,8 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
     # --extra_test: every round's classifiers on 3 more test slides, and round 1's paired gain over round 0 there
     for r in rebag:
         assert r["extra_test_n"] == 3 and len(r["extra_restart_test_aucs"]) == 2
-        assert ("extra_test_gain" in r) == (r["round"] == 1)
+        assert ("extra_test_gain" in r) == (r["round"] == 1) == ("extra_teacher_slide_gain_se" in r)
+        assert 0 <= r["extra_teacher_slide_auc"] <= 1 or math.isnan(r["extra_teacher_slide_auc"])
         assert r["round"] or r["test_gain_paired_se"] is None  # (2 test slides: no paired variance in round 1)
     extra = json.loads((tmp_path / "data" / "hard" / "seed_0_extra_test_3" / "datalist.json").read_text())
     assert [len(extra[k]) for k in ("training", "validation", "test")] == [0, 0, 3]
@@ -135,6 +137,18 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         assert dict(zip(scores[r]["slide_ids"], scores[r]["kept"])) == pytest.approx(want, abs=1e-5)
         restarts = gain.extra_test_rows(scores)[int(r)]["extra_restart_test_aucs"]
         assert all(same(a, b) for a, b in zip(restarts, gain.restart_test_aucs(run, int(r), datalist))), restarts
+        # the teacher as slide scorer, by hand on one slide: the kept classifier's instance head, top 1 % (>= 1 patch)
+        net = gain.load_bag_classifier(run / f"round_{r}" / "bag_phase" / "bag_classifier.pt")
+        sid = scores[r]["slide_ids"][-1]
+        feats = gain.FeatureStore(run / "extra_test" / data.name / f"round_{r}" / "features").load(sid)["features"]
+        with torch.no_grad():
+            probs = np.sort(torch.softmax(net.instance_logits(feats.float()), -1)[:, 1].numpy())
+        assert scores[r]["teacher_top"][-1] == pytest.approx(
+            probs[-max(1, round(0.01 * len(probs))) :].mean(), abs=1e-6
+        )
+        s, y = np.array(scores[r]["teacher_top"]), np.array(scores[r]["labels"])
+        pairs = (s[y == 1][:, None] > s[y == 0][None]) + 0.5 * (s[y == 1][:, None] == s[y == 0][None])
+        assert same(gain.extra_test_rows(scores)[int(r)]["extra_teacher_slide_auc"], float(pairs.mean()))
     # teacher_calibration.py on the same run: its patch AUC and labels are the workflow's teacher record
     calibration = _module("teacher_calibration").main(["--run", str(run), "--data", str(data)])
     assert [row["round"] for row in calibration] == [0, 1]
