@@ -312,7 +312,8 @@ def extra_test_scores(
     """Every round's bag classifiers on the test slides of ``extra`` (:func:`make_data` with ``extra_test``): the
     bundle's inference (inference.json, no writers) with the round's embedder and kept classifier, then every
     restart's classifier on the features it stored. Returns ``{round: {"slide_ids", "labels", "kept",
-    "restarts"}}`` (the positive-class probability per slide of the kept classifier and of each restart). Each
+    "restarts", "teacher_top"}}`` (the positive-class probability per slide of the kept classifier and of each
+    restart, and the kept classifier's :func:`teacher_slide_score`). Each
     round's inference goes to ``run_dir/extra_test/<extra's name>/round_<r>`` (its keyed stores resume there)."""
     state = json.loads((run_dir / "state.json").read_text())
     entries = json.loads((extra / "datalist.json").read_text())["test"]
@@ -346,9 +347,11 @@ def extra_test_scores(
 def teacher_slide_score(net: torch.nn.Module, features: torch.Tensor, top: float = 0.01) -> float:
     """The instance teacher as a slide scorer: the mean tumour probability (last class) that ``net``'s instance head
     gives the slide's top ``top`` fraction of patches (at least one). It asks whether a teacher that gains patch AUC
-    also ranks slides better, without the attention pooling."""
-    probs = torch.softmax(net.cpu().eval().instance_logits(features.float()), -1)[:, -1]
-    return float(probs.topk(max(1, round(top * len(probs)))).values.mean())
+    also ranks slides better, without the attention pooling (``witness_bound.py``'s ``top5%`` at 1 %: the same
+    rounding, the teacher of its ``head``, for DTFD tier 2's classifier alone)."""
+    logits = net.cpu().eval().instance_logits(features.float()).double()  # fp64: fewer ties at probability 1
+    probs = torch.softmax(logits, -1)[:, -1]
+    return float(probs.topk(max(1, int(top * len(probs)))).values.mean())
 
 
 def extra_test_rows(scores: dict[str, Any]) -> dict[int, dict[str, Any]]:

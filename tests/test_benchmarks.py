@@ -142,10 +142,8 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         sid = scores[r]["slide_ids"][-1]
         feats = gain.FeatureStore(run / "extra_test" / data.name / f"round_{r}" / "features").load(sid)["features"]
         with torch.no_grad():
-            probs = np.sort(torch.softmax(net.instance_logits(feats.float()), -1)[:, 1].numpy())
-        assert scores[r]["teacher_top"][-1] == pytest.approx(
-            probs[-max(1, round(0.01 * len(probs))) :].mean(), abs=1e-6
-        )
+            probs = np.sort(torch.softmax(net.instance_logits(feats.float()).double(), -1)[:, 1].numpy())
+        assert scores[r]["teacher_top"][-1] == pytest.approx(probs[-max(1, int(0.01 * len(probs))) :].mean(), abs=1e-6)
         s, y = np.array(scores[r]["teacher_top"]), np.array(scores[r]["labels"])
         pairs = (s[y == 1][:, None] > s[y == 0][None]) + 0.5 * (s[y == 1][:, None] == s[y == 0][None])
         assert same(gain.extra_test_rows(scores)[int(r)]["extra_teacher_slide_auc"], float(pairs.mean()))
@@ -227,6 +225,36 @@ def test_icmil_gain_same_init_gain_pairs_restarts_by_seed():
     assert gain._same_init_gains(group, sel) == pytest.approx([((0.9 - 0.6) + (0.6 - 0.7)) / 2, (-0.1 + 0.1) / 2])
     md = gain.markdown(group, gain.parse([]), 1.0)
     assert "| hard | ssl | abmil | 1 |" in md and md.rstrip().endswith("| 0.050 +/- 0.071 |")
+
+
+def test_icmil_gain_teacher_slide_score_and_its_paired_gain_on_the_extra_slides():
+    """The teacher as slide scorer averages the top 1 % of patches (2 of 250 here, not the max), and the extra-slide
+    rows give its AUC and its paired gain over round 0 (DeLong), leaving the bag classifier's keys as they were; a
+    round 0 scored before the teacher score existed gives no teacher gain."""
+    gain = _module()
+    torch.manual_seed(0)
+    net = gain.aggregator_class("abmil")(in_dim=8, hidden_dim=16, attention_dim=4)
+    feats = torch.randn(250, 8)
+    with torch.no_grad():
+        logits = net.instance_logits(feats).double()
+    p = np.sort(np.exp(logits[:, 1]) / np.exp(logits).sum(1))
+    assert gain.teacher_slide_score(net, feats) == pytest.approx(p[-2:].mean()) and p[-1] != pytest.approx(p[-2])
+    few = np.exp(logits[:30, 1]) / np.exp(logits[:30]).sum(1)
+    assert gain.teacher_slide_score(net, feats[:30]) == pytest.approx(float(few.max()))  # < 100 patches: the top one
+    y = [0, 0, 0, 1, 1, 1]
+    ids = [f"s{i}" for i in range(6)]
+    r0 = {"slide_ids": ids, "labels": y, "kept": [0.1, 0.5, 0.3, 0.4, 0.8, 0.9], "restarts": [[0.2] * 6]}
+    r1 = {"slide_ids": ids, "labels": y, "kept": [0.2, 0.1, 0.3, 0.4, 0.8, 0.6], "restarts": []}
+    top0, top1 = [0.3, 0.6, 0.2, 0.5, 0.4, 0.7], [0.1, 0.2, 0.3, 0.6, 0.5, 0.4]
+    rows = gain.extra_test_rows({"0": {**r0, "teacher_top": top0}, "1": {**r1, "teacher_top": top1}})
+    assert rows[0]["extra_teacher_slide_auc"] == pytest.approx(7 / 9) and "extra_teacher_slide_gain" not in rows[0]
+    assert rows[1]["extra_teacher_slide_auc"] == 1.0 and rows[0]["extra_test_auc"] == pytest.approx(8 / 9)
+    want = gain.paired_auc_difference(top0, top1, np.array(y))
+    assert (rows[1]["extra_teacher_slide_gain"], rows[1]["extra_teacher_slide_gain_se"]) == (want["diff"], want["se"])
+    assert rows[1]["extra_teacher_slide_gain"] == pytest.approx(1 - 7 / 9)
+    assert rows[1]["extra_test_gain"] == pytest.approx(1 - 8 / 9) and rows[1]["extra_restart_test_aucs"] == []
+    old = gain.extra_test_rows({"0": r0, "1": {**r1, "teacher_top": top1}})  # round 0 from before the score
+    assert "extra_teacher_slide_gain" not in old[1] and old[1]["extra_test_gain_se"] == rows[1]["extra_test_gain_se"]
 
 
 def test_embed_benchmark_loader_names_choose_the_compile_mode():
