@@ -31,7 +31,9 @@ of +/-0.02-0.05 inside the noise, and the same N slides scored by both rounds gi
 standard error (``report.json``'s rows also give ``test_gain_paired_se``, the same for the run's own test slides).
 It also scores the extra slides with each round's instance teacher alone (the kept classifier's instance head on
 every patch, a slide's top 1 % averaged: ``extra_teacher_slide_auc`` and its paired gain), which tells whether a
-teacher that gains patch AUC also ranks slides better without the attention pooling.
+teacher that gains patch AUC also ranks slides better without the attention pooling; and with round 0's kept
+classifier, unchanged, on every later round's features (``extra_round0_classifier_auc`` and its paired gain): how
+far the coupled embedder keeps the classifier it was tuned to.
 The extra slides' paths go to the bundle as config values: an ``--out`` starting with ``@``, ``$`` or ``%`` would be
 read as a reference.
 
@@ -312,8 +314,9 @@ def extra_test_scores(
     """Every round's bag classifiers on the test slides of ``extra`` (:func:`make_data` with ``extra_test``): the
     bundle's inference (inference.json, no writers) with the round's embedder and kept classifier, then every
     restart's classifier on the features it stored. Returns ``{round: {"slide_ids", "labels", "kept",
-    "restarts", "teacher_top"}}`` (the positive-class probability per slide of the kept classifier and of each
-    restart, and the kept classifier's :func:`teacher_slide_score`). Each
+    "restarts", "teacher_top", "round0_kept"}}`` (the positive-class probability per slide of the kept
+    classifier and of each restart, the kept classifier's :func:`teacher_slide_score`, and for rounds >= 1 round 0's
+    kept classifier on this round's features). Each
     round's inference goes to ``run_dir/extra_test/<extra's name>/round_<r>`` (its keyed stores resume there)."""
     state = json.loads((run_dir / "state.json").read_text())
     entries = json.loads((extra / "datalist.json").read_text())["test"]
@@ -340,6 +343,9 @@ def extra_test_scores(
         scores[r] = {"slide_ids": [b["slide_id"] for b in bags], "labels": [b["label"] for b in bags],
                      "kept": probs[0], "restarts": probs[1:],
                      "teacher_top": [teacher_slide_score(nets[0], b["features"]) for b in bags]}  # fmt: skip
+        if int(r):  # the classifier the round's embedder was coupled to, unchanged, on the round's features
+            net = load_bag_classifier(run_dir / "round_0" / "bag_phase" / "bag_classifier.pt")
+            scores[r]["round0_kept"] = [row["probs"][-1] for row in evaluate_bags(net, bags)[1]]
     return scores
 
 
@@ -356,9 +362,11 @@ def teacher_slide_score(net: torch.nn.Module, features: torch.Tensor, top: float
 
 def extra_test_rows(scores: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Per round, from :func:`extra_test_scores`: the kept classifier's AUC, every restart's, the kept classifier's
-    instance teacher as a slide scorer (:func:`teacher_slide_score`; scores from before it existed lack it), and
-    (rounds >= 1) each of the two's paired difference from round 0's on the same slides with its DeLong standard
-    error (``extra_test_gain``, ``extra_teacher_slide_gain``, each with ``_se``)."""
+    instance teacher as a slide scorer (:func:`teacher_slide_score`), and for rounds >= 1 round 0's kept classifier on
+    the round's features; and (rounds >= 1) each one's paired difference from round 0's kept classifier (its teacher,
+    for the teacher) on the same slides with its DeLong standard error (``extra_test_gain``,
+    ``extra_teacher_slide_gain``, ``extra_round0_classifier_gain``, each with ``_se``). Scores from before a measure
+    existed lack its keys."""
     out = {}
     for r, s in scores.items():
         y = np.array(s["labels"])
@@ -367,11 +375,17 @@ def extra_test_rows(scores: dict[str, Any]) -> dict[int, dict[str, Any]]:
             "extra_test_auc": binary_auc(np.array(s["kept"]), y),
             "extra_restart_test_aucs": [binary_auc(np.array(p), y) for p in s["restarts"]],
         }
-        if "teacher_top" in s:
-            row["extra_teacher_slide_auc"] = binary_auc(np.array(s["teacher_top"]), y)
-        for key, name in (("kept", "extra_test_gain"), ("teacher_top", "extra_teacher_slide_gain")):
-            if int(r) and key in s and key in scores.get("0", {}):
-                before = dict(zip(scores["0"]["slide_ids"], scores["0"][key]))
+        for key, name in (("teacher_top", "extra_teacher_slide_auc"), ("round0_kept", "extra_round0_classifier_auc")):
+            if key in s:
+                row[name] = binary_auc(np.array(s[key]), y)
+        gains = (
+            ("kept", "kept", "extra_test_gain"),
+            ("teacher_top", "teacher_top", "extra_teacher_slide_gain"),
+            ("round0_kept", "kept", "extra_round0_classifier_gain"),
+        )
+        for key, base, name in gains:
+            if int(r) and key in s and base in scores.get("0", {}):
+                before = dict(zip(scores["0"]["slide_ids"], scores["0"][base]))
                 shared = [k for k, sid in enumerate(s["slide_ids"]) if sid in before]  # both rounds scored
                 d = paired_auc_difference(
                     [before[s["slide_ids"][k]] for k in shared], [s[key][k] for k in shared], y[shared]
@@ -559,16 +573,18 @@ def _extra_test_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "Every round's classifiers on more test slides from another dataset seed. Paired gain: the kept classifier's "
         "AUC minus round 0's kept one on the same slides, +/- its DeLong paired standard error. Teacher as slide "
         "scorer: the kept classifier's instance head on every patch, a slide scored by its top 1 % of patches' mean "
-        "tumour probability (no attention pooling).",
+        "tumour probability (no attention pooling). Round 0's classifier: round 0's kept classifier, unchanged, on the "
+        "round's features (the classifier the round's embedder was coupled to), and its paired gain over round 0.",
         "",
         "| setting | variant | seed | start | aggregator | round | slides | test AUC | restarts' test AUC | "
-        "restarts' mean | paired gain vs round 0 | teacher as slide scorer: AUC | its paired gain vs round 0 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "restarts' mean | paired gain vs round 0 | teacher as slide scorer: AUC | its paired gain vs round 0 | "
+        "round 0's classifier: AUC | its paired gain |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        gain, teacher_gain = (
+        gain, teacher_gain, cross_gain = (
             f"{r[k]:+.3f} +/- {r[k + '_se']:.3f}" if k in r else "-"
-            for k in ("extra_test_gain", "extra_teacher_slide_gain")
+            for k in ("extra_test_gain", "extra_teacher_slide_gain", "extra_round0_classifier_gain")
         )
         restarts = r["extra_restart_test_aucs"]
         lines.append(
@@ -576,7 +592,8 @@ def _extra_test_markdown(rows: list[dict[str, Any]]) -> list[str]:
             f"{r['round']} | {r['extra_test_n']} | {_num(r['extra_test_auc'])} | "
             f"{' / '.join(_num(x) for x in restarts)} | "
             f"{_num(float(np.mean(restarts)) if restarts else float('nan'))} | {gain} | "
-            f"{_num(r.get('extra_teacher_slide_auc', float('nan')))} | {teacher_gain} |"
+            f"{_num(r.get('extra_teacher_slide_auc'))} | {teacher_gain} | "
+            f"{_num(r.get('extra_round0_classifier_auc'))} | {cross_gain} |"
         )
     lines += [
         "",
