@@ -33,7 +33,8 @@ It also scores the extra slides with each round's instance teacher alone (the ke
 every patch, a slide's top 1 % averaged: ``extra_teacher_slide_auc`` and its paired gain), which tells whether a
 teacher that gains patch AUC also ranks slides better without the attention pooling; and with round 0's kept
 classifier, unchanged, on every later round's features (``extra_round0_classifier_auc`` and its paired gain): how
-far the coupled embedder keeps the classifier it was tuned to.
+far the coupled embedder's features still fit the classifier that taught it (the student's own copies of its
+dimension reduction and head were trained with it).
 The extra slides' paths go to the bundle as config values: an ``--out`` starting with ``@``, ``$`` or ``%`` would be
 read as a reference.
 
@@ -343,7 +344,7 @@ def extra_test_scores(
         scores[r] = {"slide_ids": [b["slide_id"] for b in bags], "labels": [b["label"] for b in bags],
                      "kept": probs[0], "restarts": probs[1:],
                      "teacher_top": [teacher_slide_score(nets[0], b["features"]) for b in bags]}  # fmt: skip
-        if int(r):  # the classifier the round's embedder was coupled to, unchanged, on the round's features
+        if int(r):  # the classifier whose instance head taught the round's embedder, unchanged, on its features
             net = load_bag_classifier(run_dir / "round_0" / "bag_phase" / "bag_classifier.pt")
             scores[r]["round0_kept"] = [row["probs"][-1] for row in evaluate_bags(net, bags)[1]]
     return scores
@@ -574,7 +575,7 @@ def _extra_test_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "AUC minus round 0's kept one on the same slides, +/- its DeLong paired standard error. Teacher as slide "
         "scorer: the kept classifier's instance head on every patch, a slide scored by its top 1 % of patches' mean "
         "tumour probability (no attention pooling). Round 0's classifier: round 0's kept classifier, unchanged, on the "
-        "round's features (the classifier the round's embedder was coupled to), and its paired gain over round 0.",
+        "round's features (the classifier that taught the round's embedder), and its paired gain over round 0.",
         "",
         "| setting | variant | seed | start | aggregator | round | slides | test AUC | restarts' test AUC | "
         "restarts' mean | paired gain vs round 0 | teacher as slide scorer: AUC | its paired gain vs round 0 | "
