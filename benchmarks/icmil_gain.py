@@ -317,8 +317,8 @@ def extra_test_scores(
     restart's classifier on the features it stored. Returns ``{round: {"slide_ids", "labels", "kept",
     "restarts", "teacher_top", "round0_kept"}}`` (the positive-class probability per slide of the kept
     classifier and of each restart, the kept classifier's :func:`teacher_slide_score`, and for rounds >= 1 round 0's
-    kept classifier on this round's features). Each
-    round's inference goes to ``run_dir/extra_test/<extra's name>/round_<r>`` (its keyed stores resume there)."""
+    kept classifier on this round's features). Each round's inference goes to
+    ``run_dir/extra_test/<extra's name>/round_<r>`` (its keyed stores resume there)."""
     state = json.loads((run_dir / "state.json").read_text())
     entries = json.loads((extra / "datalist.json").read_text())["test"]
     slides = [
@@ -354,8 +354,8 @@ def extra_test_scores(
 def teacher_slide_score(net: torch.nn.Module, features: torch.Tensor, top: float = 0.01) -> float:
     """The instance teacher as a slide scorer: the mean tumour probability (last class) that ``net``'s instance head
     gives the slide's top ``top`` fraction of patches (at least one). It asks whether a teacher that gains patch AUC
-    also ranks slides better, without the attention pooling (``witness_bound.py``'s ``top5%`` at 1 %: the same
-    rounding, the teacher of its ``head``, for DTFD tier 2's classifier alone)."""
+    also ranks slides better, without the attention pooling. ``witness_bound.py``'s ``top5%`` at 1 %, with the same
+    rounding; for DTFD, its tier-2 classifier alone, as in the workflow's teacher patch AUC."""
     logits = net.cpu().eval().instance_logits(features.float()).double()  # fp64: fewer ties at probability 1
     probs = torch.softmax(logits, -1)[:, -1]
     return float(probs.topk(max(1, int(top * len(probs)))).values.mean())
@@ -602,7 +602,10 @@ def _extra_test_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "teacher as slide scorer: the same |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    group = lambda r: (r["setting"], r.get("variant", ""), r["start"], r["aggregator"], r["round"])  # noqa: E731
+
+    def group(r: dict[str, Any]) -> tuple:
+        return r["setting"], r.get("variant", ""), r["start"], r["aggregator"], r["round"]
+
     for key in dict.fromkeys(group(r) for r in rows):
         if key[-1]:
             gains = [
