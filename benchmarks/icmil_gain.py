@@ -33,8 +33,9 @@ It also scores the extra slides with each round's instance teacher alone (the ke
 every patch, a slide's top 1 % averaged: ``extra_teacher_slide_auc`` and its paired gain), which tells whether a
 teacher that gains patch AUC also ranks slides better without the attention pooling; and with round 0's kept
 classifier, unchanged, on every later round's features (``extra_round0_classifier_auc`` and its paired gain): how
-far the coupled embedder's features still fit the classifier that taught it (the student's own copies of its
-dimension reduction and head were trained with it).
+far the coupled embedder's features still fit the classifier that taught it; and with that classifier carrying the
+student's own copies of its dimension reduction and head, trained with the embedder (``student_head.pt``;
+``extra_student_classifier_auc``).
 The extra slides' paths go to the bundle as config values: an ``--out`` starting with ``@``, ``$`` or ``%`` would be
 read as a reference.
 
@@ -315,10 +316,11 @@ def extra_test_scores(
     """Every round's bag classifiers on the test slides of ``extra`` (:func:`make_data` with ``extra_test``): the
     bundle's inference (inference.json, no writers) with the round's embedder and kept classifier, then every
     restart's classifier on the features it stored. Returns ``{round: {"slide_ids", "labels", "kept",
-    "restarts", "teacher_top", "round0_kept"}}`` (the positive-class probability per slide of the kept
-    classifier and of each restart, the kept classifier's :func:`teacher_slide_score`, and for rounds >= 1 round 0's
-    kept classifier on this round's features). Each round's inference goes to
-    ``run_dir/extra_test/<extra's name>/round_<r>`` (its keyed stores resume there)."""
+    "restarts", "teacher_top", "round0_kept", "student_kept"}}`` (the positive-class probability per slide of
+    the kept classifier and of each restart, the kept classifier's :func:`teacher_slide_score`, and for rounds >= 1
+    round 0's kept classifier on this round's features and the student's classifier: the previous round's with the
+    state the embedder phase trained with the round's embedder, ``student_head.pt``, on the same features). Each
+    round's inference goes to ``run_dir/extra_test/<extra's name>/round_<r>`` (its keyed stores resume there)."""
     state = json.loads((run_dir / "state.json").read_text())
     entries = json.loads((extra / "datalist.json").read_text())["test"]
     slides = [
@@ -347,6 +349,11 @@ def extra_test_scores(
         if int(r):  # the classifier whose instance head taught the round's embedder, unchanged, on its features
             net = load_bag_classifier(run_dir / "round_0" / "bag_phase" / "bag_classifier.pt")
             scores[r]["round0_kept"] = [row["probs"][-1] for row in evaluate_bags(net, bags)[1]]
+        student = run_dir / f"round_{r}" / "embedder_phase" / "student_head.pt"
+        if int(r) and student.is_file():  # the teacher with the student's copies, trained in the embedder phase
+            net = load_bag_classifier(run_dir / f"round_{int(r) - 1}" / "bag_phase" / "bag_classifier.pt")
+            net.load_state_dict(torch.load(student, map_location="cpu", weights_only=True))
+            scores[r]["student_kept"] = [row["probs"][-1] for row in evaluate_bags(net, bags)[1]]
     return scores
 
 
@@ -364,9 +371,10 @@ def teacher_slide_score(net: torch.nn.Module, features: torch.Tensor, top: float
 def extra_test_rows(scores: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Per round, from :func:`extra_test_scores`: the kept classifier's AUC, every restart's, the kept classifier's
     instance teacher as a slide scorer (:func:`teacher_slide_score`), and for rounds >= 1 round 0's kept classifier on
-    the round's features; and (rounds >= 1) each one's paired difference from round 0's kept classifier (its teacher,
-    for the teacher) on the same slides with its DeLong standard error (``extra_test_gain``,
-    ``extra_teacher_slide_gain``, ``extra_round0_classifier_gain``, each with ``_se``). Scores from before a measure
+    the round's features and the student's classifier; and (rounds >= 1) each one's paired difference from round 0's
+    kept classifier (its teacher, for the teacher) on the same slides with its DeLong standard error
+    (``extra_test_gain``, ``extra_teacher_slide_gain``, ``extra_round0_classifier_gain``,
+    ``extra_student_classifier_gain``, each with ``_se``). Scores from before a measure
     existed lack its keys."""
     out = {}
     for r, s in scores.items():
@@ -376,13 +384,19 @@ def extra_test_rows(scores: dict[str, Any]) -> dict[int, dict[str, Any]]:
             "extra_test_auc": binary_auc(np.array(s["kept"]), y),
             "extra_restart_test_aucs": [binary_auc(np.array(p), y) for p in s["restarts"]],
         }
-        for key, name in (("teacher_top", "extra_teacher_slide_auc"), ("round0_kept", "extra_round0_classifier_auc")):
+        aucs = (
+            ("teacher_top", "extra_teacher_slide_auc"),
+            ("round0_kept", "extra_round0_classifier_auc"),
+            ("student_kept", "extra_student_classifier_auc"),
+        )
+        for key, name in aucs:
             if key in s:
                 row[name] = binary_auc(np.array(s[key]), y)
         gains = (
             ("kept", "kept", "extra_test_gain"),
             ("teacher_top", "teacher_top", "extra_teacher_slide_gain"),
             ("round0_kept", "kept", "extra_round0_classifier_gain"),
+            ("student_kept", "kept", "extra_student_classifier_gain"),
         )
         for key, base, name in gains:
             if int(r) and key in s and base in scores.get("0", {}):
@@ -575,17 +589,23 @@ def _extra_test_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "AUC minus round 0's kept one on the same slides, +/- its DeLong paired standard error. Teacher as slide "
         "scorer: the kept classifier's instance head on every patch, a slide scored by its top 1 % of patches' mean "
         "tumour probability (no attention pooling). Round 0's classifier: round 0's kept classifier, unchanged, on the "
-        "round's features (the classifier that taught the round's embedder), and its paired gain over round 0.",
+        "round's features (the classifier that taught the round's embedder), and its paired gain over round 0. The "
+        "student's classifier: that classifier with the state the embedder phase trained with the embedder.",
         "",
         "| setting | variant | seed | start | aggregator | round | slides | test AUC | restarts' test AUC | "
         "restarts' mean | paired gain vs round 0 | teacher as slide scorer: AUC | its paired gain vs round 0 | "
-        "round 0's classifier: AUC | its paired gain |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "round 0's classifier: AUC | its paired gain | the student's classifier: AUC | its paired gain |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        gain, teacher_gain, cross_gain = (
+        gain, teacher_gain, cross_gain, student_gain = (
             f"{r[k]:+.3f} +/- {r[k + '_se']:.3f}" if k in r else "-"
-            for k in ("extra_test_gain", "extra_teacher_slide_gain", "extra_round0_classifier_gain")
+            for k in (
+                "extra_test_gain",
+                "extra_teacher_slide_gain",
+                "extra_round0_classifier_gain",
+                "extra_student_classifier_gain",
+            )
         )
         restarts = r["extra_restart_test_aucs"]
         lines.append(
@@ -594,7 +614,8 @@ def _extra_test_markdown(rows: list[dict[str, Any]]) -> list[str]:
             f"{' / '.join(_num(x) for x in restarts)} | "
             f"{_num(float(np.mean(restarts)) if restarts else float('nan'))} | {gain} | "
             f"{_num(r.get('extra_teacher_slide_auc'))} | {teacher_gain} | "
-            f"{_num(r.get('extra_round0_classifier_auc'))} | {cross_gain} |"
+            f"{_num(r.get('extra_round0_classifier_auc'))} | {cross_gain} | "
+            f"{_num(r.get('extra_student_classifier_auc'))} | {student_gain} |"
         )
     lines += [
         "",

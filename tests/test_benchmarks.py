@@ -108,6 +108,7 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         assert r["extra_test_n"] == 3 and len(r["extra_restart_test_aucs"]) == 2
         assert ("extra_test_gain" in r) == (r["round"] == 1) == ("extra_teacher_slide_gain_se" in r)
         assert ("extra_round0_classifier_auc" in r) == (r["round"] == 1) == ("extra_round0_classifier_gain_se" in r)
+        assert ("extra_student_classifier_auc" in r) == (r["round"] == 1) == ("extra_student_classifier_gain_se" in r)
         assert 0 <= r["extra_teacher_slide_auc"] <= 1 or math.isnan(r["extra_teacher_slide_auc"])
         assert r["round"] or r["test_gain_paired_se"] is None  # (2 test slides: no paired variance in round 1)
     extra = json.loads((tmp_path / "data" / "hard" / "seed_0_extra_test_3" / "datalist.json").read_text())
@@ -230,9 +231,9 @@ def test_icmil_gain_same_init_gain_pairs_restarts_by_seed():
 
 def test_icmil_gain_teacher_slide_score_and_its_paired_gain_on_the_extra_slides():
     """The teacher as slide scorer averages the top 1 % of patches (2 of 250 here, not the max), and the extra-slide
-    rows give its AUC and its paired gain over round 0 (DeLong), and the same for round 0's classifier on round 1's
-    features, leaving the bag classifier's keys as they were; a round 0 scored before the teacher score existed gives
-    no teacher gain."""
+    rows give its AUC and its paired gain over round 0 (DeLong), and the same for round 0's classifier and the
+    student's on round 1's features, leaving the bag classifier's keys as they were; a round 0 scored before the
+    teacher score existed gives no teacher gain."""
     gain = _module()
     torch.manual_seed(0)
     net = gain.aggregator_class("abmil")(in_dim=8, hidden_dim=16, attention_dim=4)
@@ -248,6 +249,7 @@ def test_icmil_gain_teacher_slide_score_and_its_paired_gain_on_the_extra_slides(
     r0 = {"slide_ids": ids, "labels": y, "kept": [0.1, 0.5, 0.3, 0.4, 0.8, 0.9], "restarts": [[0.2] * 6]}
     r1 = {"slide_ids": ids, "labels": y, "kept": [0.2, 0.1, 0.3, 0.4, 0.8, 0.6], "restarts": []}
     r1["round0_kept"] = [0.9, 0.1, 0.2, 0.3, 0.4, 0.5]  # round 0's classifier on round 1's features: AUC 6 / 9
+    r1["student_kept"] = [0.5, 0.4, 0.3, 0.6, 0.7, 0.2]  # the student's classifier on them: AUC 6 / 9 too
     top0, top1 = [0.3, 0.6, 0.2, 0.5, 0.4, 0.7], [0.1, 0.2, 0.3, 0.6, 0.5, 0.4]
     rows = gain.extra_test_rows({"0": {**r0, "teacher_top": top0}, "1": {**r1, "teacher_top": top1}})
     assert rows[0]["extra_teacher_slide_auc"] == pytest.approx(7 / 9) and "extra_teacher_slide_gain" not in rows[0]
@@ -262,6 +264,11 @@ def test_icmil_gain_teacher_slide_score_and_its_paired_gain_on_the_extra_slides(
         want[k] for k in ("diff", "se")
     )
     assert want["diff"] == pytest.approx(6 / 9 - 8 / 9) and "extra_round0_classifier_auc" not in rows[0]
+    want = gain.paired_auc_difference(r0["kept"], r1["student_kept"], np.array(y))
+    assert rows[1]["extra_student_classifier_auc"] == pytest.approx(6 / 9)
+    assert (rows[1]["extra_student_classifier_gain"], rows[1]["extra_student_classifier_gain_se"]) == tuple(
+        want[k] for k in ("diff", "se")
+    )
     old = gain.extra_test_rows({"0": r0, "1": {**r1, "teacher_top": top1}})  # round 0 from before the score
     assert "extra_teacher_slide_gain" not in old[1] and old[1]["extra_test_gain_se"] == rows[1]["extra_test_gain_se"]
 
