@@ -94,7 +94,7 @@ def bare_steps(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             with torch.no_grad():
                 f_t, h_t, lt, _ = teacher_step(x, f)
-            ls, h_s, lst = student_step(v, f_t)
+            ls, h_s, lst, _ = student_step(v, f_t)
             loss = crit(ls, lt, lst, h_s, h_t)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -129,6 +129,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "embedder_phase#confidence": args.confidence,
         "embedder_phase#select": args.select,
         "embedder_phase#normal_slide_targets": args.normal_targets,
+        "embedder_phase#feature_weight": args.couple_feature_weight,
         "stain_normalize": args.stain_normalize,
         "mlflow#enabled": False,
         "progress": False,
@@ -671,6 +672,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--confidence", action="store_true", help="the confidence-based embedder phase")
     p.add_argument(
         "--normal_targets", action="store_true", help="embedder_phase#normal_slide_targets: class 0 on normal slides"
+    )
+    p.add_argument(
+        "--couple_feature_weight",
+        type=float,
+        default=0.0,
+        help="embedder_phase#feature_weight: the loss term holding the student's reduction of its own features near "
+        "the teacher's (0: off, ICMIL's loss)",
     )
     p.add_argument("--select", default="mae", choices=("mae", "agreement", "last"), help="student selection")
     p.add_argument("--settings", nargs="+", default=["default"], choices=list(DATA_SETTINGS), help="data settings")

@@ -11,6 +11,16 @@ the student and ``_t`` the teacher. As in the paper's code, each KL is ``torch.n
 between the student's log-probabilities and the teacher's probabilities, averaged over every element. Defaults:
 ``w_view = 1``, ``w_head = w_reduce = 0.5``.
 
+An optional fourth term, not in ICMIL, ``w_feature * mean((reduce_s(embedder_s(view)) - reduce_t(f_t)) ** 2)``
+(``feature_weight``, default 0: off), holds the student's reduction *of its own features* near the teacher's, as
+values, not as a softmax: ICMIL's third term compares ``softmax`` of reduced features, which for the wide, mostly
+small ReLU outputs of the reduction is nearly uniform (on the tests' teachers that term was 3e-6 against 1e-3 for the
+view term) and holds little. The three terms keep each patch's instance output; the directions of the reduced
+features the head ignores are free to move, and the bag classifier's attention reads them: on the benchmark's sparse
+tumours, round 0's bag classifier applied unchanged to round 1's features fell from 0.92 to 0.55-0.65 test AUC
+(``benchmarks/RESULTS.md``, session 42). The term is there to keep the coupled features readable by the pooling the
+teacher learned.
+
 The confidence-based variant weights the first term per patch by ``|2a - 1| ** beta``, where ``a`` in [0, 1] is the
 teacher's confidence score (:meth:`~monai_icmil.networks.MILAggregator.confidence_scores`: the attention min-max
 normalised over the batch; for DTFD-MIL the product of its two tiers' normalised attentions): patches the teacher
@@ -52,8 +62,14 @@ class ICMILDistillationLoss(nn.Module):
         confidence: weight the view term per patch by the teacher's confidence scores.
         beta: exponent of the confidence weight (ICMIL uses 6 for AB-MIL, 2 for DTFD); ``None``: the teacher's
             (:meth:`for_teacher`; 6 when used directly).
+        feature_weight: weight of the mean squared difference between the student's reduction of its own view
+            features and the teacher's reduction of the plain patch's (0: off, ICMIL's loss).
 
-    ``forward`` returns a dict: ``"loss"`` (the total) and the unweighted terms ``"view"``, ``"head"``, ``"reduce"``.
+    ``forward`` returns a dict: ``"loss"`` (the total) and the unweighted terms ``"view"``, ``"head"``, ``"reduce"``
+    (and ``"feature"`` with ``feature_weight > 0``).
+
+    Raises:
+        ValueError: a negative ``feature_weight``.
     """
 
     def __init__(
@@ -63,12 +79,16 @@ class ICMILDistillationLoss(nn.Module):
         reduce_weight: float = 0.5,
         confidence: bool = False,
         beta: float | None = None,
+        feature_weight: float = 0.0,
     ):
         super().__init__()
         self.view_weight, self.head_weight, self.reduce_weight = view_weight, head_weight, reduce_weight
         from monai_icmil.utils import as_bool
 
         self.confidence, self.beta = as_bool(confidence, "confidence"), None if beta is None else float(beta)
+        if float(feature_weight) < 0:
+            raise ValueError(f"feature_weight must be >= 0 (0: off), got {feature_weight}")
+        self.feature_weight = float(feature_weight)
 
     def for_teacher(self, aggregator: nn.Module) -> ICMILDistillationLoss:
         """This loss with ``beta`` set to the teacher aggregator's ``confidence_beta`` (2 for DTFD-MIL, 6 for the
@@ -87,6 +107,7 @@ class ICMILDistillationLoss(nn.Module):
         student_reduce_on_teacher: torch.Tensor,
         teacher_reduce: torch.Tensor,
         confidence_scores: torch.Tensor | None = None,
+        student_view_reduce: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Args:
@@ -96,6 +117,7 @@ class ICMILDistillationLoss(nn.Module):
             student_reduce_on_teacher: ``reduce_s(f_t)``, ``[B, H]``.
             teacher_reduce: ``reduce_t(f_t)``, ``[B, H]``.
             confidence_scores: the teacher's confidence ``a`` in [0, 1], ``[B]`` (required with ``confidence=True``).
+            student_view_reduce: ``reduce_s(embedder_s(view))``, ``[B, H]`` (required with ``feature_weight > 0``).
         """
         teacher_logits = teacher_logits.detach()
         view = kl_terms(student_view_logits, teacher_logits)
@@ -109,4 +131,11 @@ class ICMILDistillationLoss(nn.Module):
         head_term = kl_terms(student_head_on_teacher, teacher_logits).mean()
         reduce_term = kl_terms(student_reduce_on_teacher, teacher_reduce.detach()).mean()
         total = self.view_weight * view_term + self.head_weight * head_term + self.reduce_weight * reduce_term
-        return {"loss": total, "view": view_term.detach(), "head": head_term.detach(), "reduce": reduce_term.detach()}
+        out = {"view": view_term.detach(), "head": head_term.detach(), "reduce": reduce_term.detach()}
+        if self.feature_weight > 0:
+            if student_view_reduce is None:
+                raise ValueError("feature_weight > 0 needs the student's reduced features of its views")
+            feature_term = (student_view_reduce.float() - teacher_reduce.detach().float()).pow(2).mean()
+            total = total + self.feature_weight * feature_term
+            out["feature"] = feature_term.detach()
+        return {"loss": total, **out}

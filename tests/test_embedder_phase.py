@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +79,24 @@ def test_loss_equals_a_hand_computation():
     expected = _kl(s_view, t) + 0.5 * _kl(s_head, t) + 0.5 * _kl(h_s, h_t)
     torch.testing.assert_close(out["loss"], expected)
     torch.testing.assert_close(out["view"], _kl(s_view, t))
+
+
+def test_feature_term_adds_the_students_own_reduction_against_the_teachers():
+    g = torch.Generator().manual_seed(2)
+    s_view, t, s_head = (torch.randn(4, 2, generator=g) for _ in range(3))
+    h_s, h_t, h_view = (torch.randn(4, 5, generator=g) for _ in range(3))
+    plain = ICMILDistillationLoss()(s_view, t, s_head, h_s, h_t)
+    out = ICMILDistillationLoss(feature_weight=0.7)(s_view, t, s_head, h_s, h_t, student_view_reduce=h_view)
+    squared = ((h_view - h_t) ** 2).sum() / h_view.numel()
+    torch.testing.assert_close(out["feature"], squared)
+    torch.testing.assert_close(out["loss"], plain["loss"] + 0.7 * squared)
+    # off (ICMIL's loss, the default): the student's own reduction is not used
+    off = ICMILDistillationLoss()(s_view, t, s_head, h_s, h_t, student_view_reduce=h_view)
+    assert "feature" not in off and torch.equal(off["loss"], plain["loss"])
+    with pytest.raises(ValueError, match="reduced features of its views"):
+        ICMILDistillationLoss(feature_weight=0.7)(s_view, t, s_head, h_s, h_t)
+    with pytest.raises(ValueError, match="feature_weight must be >= 0"):
+        ICMILDistillationLoss(feature_weight=-1)
 
 
 def test_confidence_loss_equals_a_hand_computation():
@@ -263,6 +282,42 @@ def test_short_run_keeps_the_teacher_and_lowers_the_student_loss(slides, tmp_pat
     reloaded = create_embedder(None, weights=result["checkpoint"])
     assert reloaded.fingerprint() == result["fingerprint"] and reloaded.name == "resnet18_trunc"
     assert [h["iteration"] for h in result["history"]] == [4, 8, 12, 16]
+
+
+def test_the_feature_term_keeps_the_students_own_reduction_near_the_teachers(slides, tmp_path):
+    """``feature_weight``: the same seeded run with and without the term; with it, the student's reduction of its
+    own features of held-out patches ends closer to the teacher's (what the bag classifier's attention reads), and
+    the phase logs the term."""
+    train, val = slides
+    torch.manual_seed(0)
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    agg = _teacher("abmil", embedder.out_dim)
+    fixed = DistillationBatches(val, batch_size=32, num_batches=1, seed=7, with_views=False)[0]["plain"]
+    with torch.no_grad():
+        h_t = agg.reduce(copy.deepcopy(embedder).eval()(fixed))
+
+    def distance(weight: float, out_dir: Path) -> tuple[float, dict]:
+        phase = EmbedderPhase(
+            loss_function=ICMILDistillationLoss(feature_weight=weight),
+            optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+            batches_per_epoch=48,
+            val_interval=48,
+            select="last",
+            views=BatchRandomViews(48, min_area=1.0),
+            **FAST,
+        )
+        result = phase(embedder, agg, train, val, out_dir)
+        student = InstanceClassifier(create_embedder(None, weights=out_dir / "embedder.safetensors"), agg).eval()
+        student.aggregator = copy.deepcopy(agg)
+        student.aggregator.load_state_dict(torch.load(out_dir / "student_head.pt", weights_only=True))
+        with torch.no_grad():
+            h_s = student.aggregator.reduce(student.embedder(fixed))
+        return (h_s - h_t).pow(2).mean().item(), result["history"][-1]
+
+    without, last_without = distance(0.0, tmp_path / "off")
+    with_term, last_with = distance(1.0, tmp_path / "on")
+    assert "loss_feature" in last_with and "loss_feature" not in last_without
+    assert with_term < 0.6 * without, (with_term, without)  # measured: 0.45
 
 
 @pytest.mark.parametrize("name,confidence", [("maxpool", False), ("abmil", True), ("dtfd", True)])

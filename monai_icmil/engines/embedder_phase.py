@@ -119,16 +119,17 @@ class InstanceClassifier(nn.Module):
 
 class StudentStep(nn.Module):
     """The student's two forward passes of one iteration as one module call (so DDP sees every trainable parameter
-    in a single forward): ``(student(view), *student.head_on_features(teacher_features))``."""
+    in a single forward): ``(logits(view), *student.head_on_features(teacher_features), reduce(view))``, where
+    ``reduce(view), logits(view) = student.head_on_features(student.embedder(view))``."""
 
     def __init__(self, student: InstanceClassifier):
         super().__init__()
         self.student = student
 
     def forward(self, view: torch.Tensor, teacher_feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.student(view)
+        h_view, logits = self.student.head_on_features(self.student.embedder(view))
         h_on_t, logits_on_t = self.student.head_on_features(teacher_feats)
-        return logits, h_on_t, logits_on_t
+        return logits, h_on_t, logits_on_t, h_view
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -456,8 +457,9 @@ class EmbedderPhaseTrainer(SupervisedTrainer):
         if self.freeze_bn:
             _freeze_batchnorm(student.embedder)
         with autocast:
-            logits_s, h_s_on_t, logits_s_on_t = self.student_step(view, f_t.detach())
-            terms = self.loss_function(logits_s, logits_t, logits_s_on_t, h_s_on_t, h_t, scores)
+            logits_s, h_s_on_t, logits_s_on_t, h_s = self.student_step(view, f_t.detach())
+            own = {"student_view_reduce": h_s} if getattr(self.loss_function, "feature_weight", 0) else {}
+            terms = self.loss_function(logits_s, logits_t, logits_s_on_t, h_s_on_t, h_t, scores, **own)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             raise EmbedderPhaseError(
@@ -1084,7 +1086,7 @@ class EmbedderPhase:
                 "beta": getattr(trainer.loss_function, "beta", None),
                 **{
                     f"loss.{k}": getattr(loss, k)
-                    for k in ("view_weight", "head_weight", "reduce_weight")
+                    for k in ("view_weight", "head_weight", "reduce_weight", "feature_weight")
                     if hasattr(loss, k)
                 },
                 **{f"views.{k}": v for k, v in vars(trainer.views).items() if isinstance(v, (int, float, bool))},
