@@ -18,7 +18,8 @@ tissue and a subtler tumour texture, nuclei 1.35x wider at 0.6x the density inst
 is not at the ceiling; and ``sparse``, the hard setting's witness rate with the default texture (on ``hard`` round 0
 stayed at chance, so there was no teacher to couple). The hard and sparse settings and the embedder-phase options
 (``--couple_*``, ``--confidence``, ``--normal_targets``, ``--select``) were fixed before any of their test AUCs was
-seen.
+seen; each run's value and the time it was decided are in ``benchmarks/RESULTS.md`` (``--couple_feature_weight``:
+1.0, decided in session 43 before its first run).
 
 ``--variant NAME --bag_from SOURCE`` trains only the bag phases again, every round's, with other ``--bag_*`` options
 on the features and embedders of the runs of variant ``SOURCE`` (``plain``: the runs without a variant): the bag

@@ -12,14 +12,15 @@ between the student's log-probabilities and the teacher's probabilities, average
 ``w_view = 1``, ``w_head = w_reduce = 0.5``.
 
 An optional fourth term, not in ICMIL, ``w_feature * mean((reduce_s(embedder_s(view)) - reduce_t(f_t)) ** 2)``
-(``feature_weight``, default 0: off), holds the student's reduction *of its own features* near the teacher's, as
-values, not as a softmax: ICMIL's third term compares ``softmax`` of reduced features, which for the wide, mostly
-small ReLU outputs of the reduction is nearly uniform (on the tests' teachers that term was 3e-6 against 1e-3 for the
-view term) and holds little. The three terms keep each patch's instance output; the directions of the reduced
-features the head ignores are free to move, and the bag classifier's attention reads them: on the benchmark's sparse
-tumours, round 0's bag classifier applied unchanged to round 1's features fell from 0.92 to 0.55-0.65 test AUC
-(``benchmarks/RESULTS.md``, session 42). The term is there to keep the coupled features readable by the pooling the
-teacher learned.
+(``feature_weight``, default 0: off), holds the student's reduction of *its own* features of the view near the
+teacher's reduction of the plain patch's features, as values rather than as a softmax. ICMIL's three terms hold each
+patch's instance output and the student's reduction of the *teacher's* features; none holds the reduced features of
+the student's own embedder, which the bag classifier's attention reads (a reading of the loss). On the benchmark's
+hard setting, round 0's classifier with the student's reduction and head, applied to round 1's features, fell from
+0.92-0.93 to 0.56-0.66 AUC on 120 extra test slides on two seeds of three (``benchmarks/RESULTS.md``, session 42). The
+term's value is unnormalised (a mean over the batch and the reduction's width, at the reduction's scale), so a weight
+does not carry over between reductions of different widths or scales. Whether it makes a better coupled round is
+being measured (``benchmarks/RESULTS.md``, session 43).
 
 The confidence-based variant weights the first term per patch by ``|2a - 1| ** beta``, where ``a`` in [0, 1] is the
 teacher's confidence score (:meth:`~monai_icmil.networks.MILAggregator.confidence_scores`: the attention min-max
@@ -30,6 +31,7 @@ attends to strongly or not at all are trusted, ambiguous ones less.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -69,7 +71,7 @@ class ICMILDistillationLoss(nn.Module):
     (and ``"feature"`` with ``feature_weight > 0``).
 
     Raises:
-        ValueError: a negative ``feature_weight``.
+        ValueError: a negative or non-finite ``feature_weight``.
     """
 
     def __init__(
@@ -86,9 +88,16 @@ class ICMILDistillationLoss(nn.Module):
         from monai_icmil.utils import as_bool
 
         self.confidence, self.beta = as_bool(confidence, "confidence"), None if beta is None else float(beta)
-        if float(feature_weight) < 0:
-            raise ValueError(f"feature_weight must be >= 0 (0: off), got {feature_weight}")
-        self.feature_weight = float(feature_weight)
+        if not math.isfinite(float(feature_weight)) or float(feature_weight) < 0:
+            raise ValueError(f"feature_weight must be a finite number >= 0 (0: off), got {feature_weight}")
+        # private, so that the loss's signature (resume keys) is the one it had before the term existed; the
+        # embedder phase adds the weight to its signature where it is on
+        self._feature_weight = float(feature_weight)
+
+    @property
+    def feature_weight(self) -> float:
+        """Weight of the student's-own-reduced-feature term (0: off)."""
+        return self._feature_weight
 
     def for_teacher(self, aggregator: nn.Module) -> ICMILDistillationLoss:
         """This loss with ``beta`` set to the teacher aggregator's ``confidence_beta`` (2 for DTFD-MIL, 6 for the

@@ -866,6 +866,18 @@ def test_pretrain_json_makes_the_round_0_embedder(tmp_path):
     assert pretrained.describe()["name"] == random_init.describe()["name"]
 
 
+def test_the_feature_weight_setting_reaches_the_embedder_phase_loss():
+    from monai.bundle import ConfigParser
+
+    weights = {}
+    for value in (None, 0.25):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / "train.json"))
+        parser.update({"bundle_root": str(BUNDLE), **({"embedder_phase#feature_weight": value} if value else {})})
+        weights[value] = parser.get_parsed_content("embedder_phase#loss").feature_weight
+    assert weights == {None: 0.0, 0.25: 0.25}  # off by default: ICMIL's loss
+
+
 def test_the_embedder_phase_adam_is_fused_on_cuda_only():
     from monai.bundle import ConfigParser
 

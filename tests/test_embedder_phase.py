@@ -23,6 +23,7 @@ from monai_icmil.engines.embedder_phase import (
     EmbedderPhase,
     EmbedderPhaseError,
     InstanceClassifier,
+    StudentStep,
     agreement,
     normal_slide_targets,
     view_consistency,
@@ -31,6 +32,7 @@ from monai_icmil.losses import ICMILDistillationLoss, confidence_weights
 from monai_icmil.networks import create_aggregator, create_embedder
 from monai_icmil.networks.aggregators import min_max_normalize
 from monai_icmil.transforms import BatchRandomViews
+from monai_icmil.utils import stable_hash
 
 TILING = TilingConfig(patch_size=48, mpp=1.0)
 FAST = dict(epochs=1, batch_size=16, val_patches=32, num_workers=0, progress=False, device="cpu")
@@ -95,8 +97,26 @@ def test_feature_term_adds_the_students_own_reduction_against_the_teachers():
     assert "feature" not in off and torch.equal(off["loss"], plain["loss"])
     with pytest.raises(ValueError, match="reduced features of its views"):
         ICMILDistillationLoss(feature_weight=0.7)(s_view, t, s_head, h_s, h_t)
-    with pytest.raises(ValueError, match="feature_weight must be >= 0"):
-        ICMILDistillationLoss(feature_weight=-1)
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="feature_weight must be a finite number >= 0"):
+            ICMILDistillationLoss(feature_weight=bad)
+    # the plain phase's resume key is the one it had before the term existed; the term's weight keys its own
+    plain_key = stable_hash(EmbedderPhase(loss_function=ICMILDistillationLoss(feature_weight=0)).signature())
+    assert plain_key == stable_hash(EmbedderPhase().signature()) == "6d2dfcfb386b0850"  # the key at f111372
+    assert stable_hash(EmbedderPhase(loss_function=ICMILDistillationLoss(feature_weight=1)).signature()) != plain_key
+
+
+def test_student_step_returns_the_students_outputs_and_its_reduction_of_its_own_view_features():
+    torch.manual_seed(0)
+    embedder = create_embedder("resnet18_trunc", input_size=32)
+    student = InstanceClassifier(embedder, _teacher("abmil", embedder.out_dim)).eval()
+    view, f_t = torch.rand(5, 3, 32, 32), torch.randn(5, embedder.out_dim)
+    with torch.no_grad():
+        logits, h_on_t, logits_on_t, h_view = StudentStep(student)(view, f_t)
+        assert torch.equal(logits, student(view))
+        assert torch.equal(h_view, student.aggregator.reduce(student.embedder(view)))
+        assert torch.equal(h_on_t, student.aggregator.reduce(f_t))
+        assert torch.equal(logits_on_t, student.aggregator.head(h_on_t))
 
 
 def test_confidence_loss_equals_a_hand_computation():
@@ -286,8 +306,8 @@ def test_short_run_keeps_the_teacher_and_lowers_the_student_loss(slides, tmp_pat
 
 def test_the_feature_term_keeps_the_students_own_reduction_near_the_teachers(slides, tmp_path):
     """``feature_weight``: the same seeded run with and without the term; with it, the student's reduction of its
-    own features of held-out patches ends closer to the teacher's (what the bag classifier's attention reads), and
-    the phase logs the term."""
+    own features of held-out patches ends closer to the teacher's reduction of the teacher's features, and the phase
+    logs the term."""
     train, val = slides
     torch.manual_seed(0)
     embedder = create_embedder("resnet18_trunc", input_size=48)
@@ -307,9 +327,11 @@ def test_the_feature_term_keeps_the_students_own_reduction_near_the_teachers(sli
             **FAST,
         )
         result = phase(embedder, agg, train, val, out_dir)
-        student = InstanceClassifier(create_embedder(None, weights=out_dir / "embedder.safetensors"), agg).eval()
-        student.aggregator = copy.deepcopy(agg)
+        student = InstanceClassifier(
+            create_embedder(None, weights=out_dir / "embedder.safetensors"), copy.deepcopy(agg)
+        )
         student.aggregator.load_state_dict(torch.load(out_dir / "student_head.pt", weights_only=True))
+        student.eval()
         with torch.no_grad():
             h_s = student.aggregator.reduce(student.embedder(fixed))
         return (h_s - h_t).pow(2).mean().item(), result["history"][-1]

@@ -387,7 +387,8 @@ class EmbedderPhaseTrainer(SupervisedTrainer):
         teacher: the frozen instance classifier.
         student: the trainable one (its :meth:`InstanceClassifier.trainable_parameters` are optimised).
         views: the batch views (for batches that carry ``view_params``).
-        student_step: the student's forward as one module (default: ``StudentStep(student)``).
+        student_step: the student's forward as one module, returning what :class:`StudentStep` returns
+            (default: ``StudentStep(student)``).
         teacher_step: the teacher's forward as one module (default: ``TeacherStep(teacher)``, with the confidence
             scores when the loss is confidence-weighted).
         amp: bf16 autocast.
@@ -790,6 +791,8 @@ class EmbedderPhase:
             signature["normal_slide_targets"] = True
         if self.teacher_features:  # likewise
             signature["teacher_features"] = "stored"
+        if getattr(self.loss_function, "feature_weight", 0):  # likewise
+            signature["feature_weight"] = float(self.loss_function.feature_weight)
         return component_signature(signature)
 
     def __call__(
