@@ -19,8 +19,9 @@ the student's own embedder, which the bag classifier's attention reads (a readin
 hard setting, round 0's classifier with the student's reduction and head, applied to round 1's features, fell from
 0.92-0.93 to 0.56-0.66 AUC on 120 extra test slides on two seeds of three (``benchmarks/RESULTS.md``, session 42). The
 term's value is unnormalised (a mean over the batch and the reduction's width, at the reduction's scale), so a weight
-does not carry over between reductions of different widths or scales. Whether it makes a better coupled round is
-being measured (``benchmarks/RESULTS.md``, session 43).
+does not carry over between reductions of different widths or scales. Measured there at weight 1 (AB-MIL, 2
+seeds, session 43): round 0's classifier kept 0.90-0.92 on round 1's features, but the instance teacher no longer
+gained and the retrained round 1 lost to round 0 (-0.024 +/- 0.010), so it is off by default.
 
 The confidence-based variant weights the first term per patch by ``|2a - 1| ** beta``, where ``a`` in [0, 1] is the
 teacher's confidence score (:meth:`~monai_icmil.networks.MILAggregator.confidence_scores`: the attention min-max
