@@ -2,11 +2,12 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 """Resume checkpoints: an interrupted phase continues where it stopped and ends exactly as an uninterrupted one.
 
-:class:`ResumeCheckpoint` wraps ignite's :class:`~ignite.handlers.Checkpoint` (atomic :class:`~ignite.handlers.DiskSaver`
-writes, the two newest kept, so a kill while one is written leaves the previous one) around everything a phase's
-future depends on: the trainer's epoch/iteration, network, optimiser, scheduler, early-stopping counters, the phase's
-own bookkeeping (history, best score) and the random number generators (:class:`RNGState`). Files are loaded with
-``weights_only=True``; a checkpoint written with other settings (its ``signature`` differs) is ignored with a warning.
+:class:`ResumeCheckpoint` wraps ignite's :class:`~ignite.handlers.Checkpoint` (atomic
+:class:`~ignite.handlers.DiskSaver` writes, the two newest kept, so a kill while one is written leaves the previous one)
+around everything a phase's future depends on: the trainer's epoch/iteration, network, optimiser, scheduler,
+early-stopping counters, the phase's own bookkeeping (history, best score) and the random number generators
+(:class:`RNGState`). Files are loaded with ``weights_only=True``; a checkpoint written with other settings (its
+``signature`` differs) is ignored with a warning.
 
 Data order must not depend on the global generators for this to be exact: the phases use samplers seeded by
 ``(seed, epoch)`` and give their ``DataLoader`` its own generator.

@@ -16,7 +16,8 @@ Example::
     from monai.transforms import Compose
     from monai_icmil.transforms import TissueMaskd, GridPatchCoordsd, ReadPatchesd
 
-    pipeline = Compose([TissueMaskd("image"), GridPatchCoordsd("image", patch_size=224, mpp=0.5), ReadPatchesd("image")])
+    grid = GridPatchCoordsd("image", patch_size=224, mpp=0.5)
+    pipeline = Compose([TissueMaskd("image"), grid, ReadPatchesd("image")])
     out = pipeline({"image": "slide.svs", "label": 1})
     out["patches"].shape  # [N, 3, 224, 224]
 """
