@@ -329,6 +329,10 @@ def extra_test_scores(
         {"image": str(extra / e["image"]), "slide_id": Path(e["image"]).stem, "label": int(e["label"])} for e in entries
     ]
     scores: dict[str, Any] = {}
+
+    def positive(net: torch.nn.Module, bags: list[dict[str, Any]]) -> list[float]:
+        return [row["probs"][-1] for row in evaluate_bags(net, bags)[1]]
+
     for r in sorted((k for k, v in state["rounds"].items() if "bag_phase" in v), key=int):
         where = run_dir / "extra_test" / extra.name / f"round_{r}"
         # every time: the inference's keyed stores reuse what is still valid for this round's embedder
@@ -344,18 +348,18 @@ def extra_test_scores(
             print(f"[icmil_gain] round {r}: {len(slides) - len(bags)} extra test slide(s) not scored", flush=True)
         bag_dir = run_dir / f"round_{r}" / "bag_phase"
         nets = [load_bag_classifier(p) for p in [bag_dir / "bag_classifier.pt", *restart_nets(bag_dir)]]
-        probs = [[row["probs"][-1] for row in evaluate_bags(net, bags)[1]] for net in nets]  # kept, then restarts
+        probs = [positive(net, bags) for net in nets]  # kept, then restarts
         scores[r] = {"slide_ids": [b["slide_id"] for b in bags], "labels": [b["label"] for b in bags],
                      "kept": probs[0], "restarts": probs[1:],
                      "teacher_top": [teacher_slide_score(nets[0], b["features"]) for b in bags]}  # fmt: skip
-        if int(r):  # the classifier whose instance head taught the round's embedder, unchanged, on its features
+        if int(r):  # round 0's classifier (round 1's teacher), unchanged, on this round's features
             net = load_bag_classifier(run_dir / "round_0" / "bag_phase" / "bag_classifier.pt")
-            scores[r]["round0_kept"] = [row["probs"][-1] for row in evaluate_bags(net, bags)[1]]
+            scores[r]["round0_kept"] = positive(net, bags)
         student = run_dir / f"round_{r}" / "embedder_phase" / "student_head.pt"
         if int(r) and student.is_file():  # the teacher with the student's copies, trained in the embedder phase
             net = load_bag_classifier(run_dir / f"round_{int(r) - 1}" / "bag_phase" / "bag_classifier.pt")
             net.load_state_dict(torch.load(student, map_location="cpu", weights_only=True))
-            scores[r]["student_kept"] = [row["probs"][-1] for row in evaluate_bags(net, bags)[1]]
+            scores[r]["student_kept"] = positive(net, bags)
     return scores
 
 
