@@ -24,7 +24,8 @@ seen; each run's value and the time it was decided are in ``benchmarks/RESULTS.m
 ``--variant NAME --bag_from SOURCE`` trains only the bag phases again, every round's, with other ``--bag_*`` options
 on the features and embedders of the runs of variant ``SOURCE`` (``plain``: the runs without a variant): the bag
 phase alone on fixed features (8-14 min a round for AB-MIL on the hard large setting on one core, against ~65 for a
-coupled round).
+coupled round). ``--bag_warm_start`` starts the bag phases of rounds >= 1 from the student's classifier
+(``bag_phase#warm_start``: the previous round's classifier with the reduction and head the embedder phase trained).
 
 ``--extra_test N`` also scores every round's classifiers (the kept one and every restart) on N more test slides
 generated from another dataset seed, through the bundle's inference: 40 test slides leave a round-over-round change
@@ -117,6 +118,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "bag_phase#early_stop_min_epochs": args.bag_min_epochs,
         "bag_phase#standardize": True,
         "bag_phase#restarts": args.bag_restarts,
+        "bag_phase#warm_start": args.bag_warm_start,
         "embedder_phase#epochs": args.couple_epochs,
         "embedder_phase#batches_per_epoch": args.couple_batches,
         "embedder_phase#batch_size": args.couple_batch_size,
@@ -699,6 +701,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="a variant name (or 'plain'): this variant's runs start from that one's embedders and features of every "
         "round, and train only the bag phases again (with these --bag_* options): the bag phase alone, on the same "
         "features; needs --variant",
+    )
+    p.add_argument(
+        "--bag_warm_start",
+        action="store_true",
+        help="rounds >= 1 train their bag classifiers from the student's classifier (bag_phase#warm_start), not afresh",
     )
     p.add_argument("--bag_lr", type=float, default=2e-4, help="bag-phase Adam lr (train.json's)")
     p.add_argument("--bag_weight_decay", type=float, default=1e-4, help="bag-phase Adam weight decay (train.json's)")

@@ -434,6 +434,54 @@ def test_restarts_keep_the_best_validation_run_and_a_rerun_skips_finished_ones(t
         train_bag_classifier(train, val, "abmil", tmp_path / "r", restarts=0, **kw)
 
 
+def test_a_warm_start_trains_every_restart_from_the_given_state_and_keeps_its_statistics(tmp_path, monkeypatch):
+    """``init_state`` (``bag_phase#warm_start``): with a learning rate of 0 the kept classifier is the state itself,
+    input statistics included (not the new bags'), in every restart; a fresh start is not; a learnt state starts at
+    its own validation AUC; records of one state are not reused for another; a state of another shape is refused."""
+    train, val = ShiftedBags(40, 0), ShiftedBags(20, 1)
+    kw = dict(progress=False, device="cpu", early_stop_patience=None)
+    source = train_bag_classifier(train, val, "abmil", tmp_path / "source", aggregator_kwargs=FAST, epochs=10, **kw)
+    assert source["best_metric"] >= 0.95
+    state = load_bag_classifier(source["checkpoint"]).state_dict()
+    moved = ShiftedBags(40, 0)  # the same bags moved: their own statistics differ from the state's
+    moved.bags = [b + 0.5 for b in moved.bags]
+
+    def run(out, init, restarts=2, epochs=2, lr=0.0):
+        phase = BagPhase(
+            optimizer=functools.partial(torch.optim.Adam, lr=lr),
+            epochs=epochs,
+            restarts=restarts,
+            warm_start=True,
+            **kw,
+        )
+        factory = functools.partial(aggregator_class("abmil"), **FAST)
+        return phase(moved, val, factory, tmp_path / out, seed=3, init_state=init)
+
+    warm = run("warm", state)
+    for k in range(2):
+        kept = load_bag_classifier(tmp_path / "warm" / f"restart_{k}" / "bag_classifier.pt").state_dict()
+        assert kept.keys() == state.keys() and all(torch.equal(kept[n], state[n]) for n in state), k
+    assert warm["best_metric"] == source["best_metric"]  # it starts where the state was
+    fresh = run("fresh", None)
+    kept = load_bag_classifier(fresh["checkpoint"])
+    assert not torch.equal(kept.head.weight, state["head.weight"]) and fresh["best_metric"] < 0.9
+    torch.testing.assert_close(kept.input_mean, feature_stats(moved)[0])  # fresh: the new bags' statistics
+
+    def must_not_train(*a, **k):
+        raise AssertionError("a finished restart was trained again")
+
+    with monkeypatch.context() as m:
+        m.setattr(BagPhase, "train_once", must_not_train)
+        assert run("warm", state)["best_metric"] == warm["best_metric"]  # same state: the records are reused
+        other = {n: t.clone() for n, t in state.items()}
+        other["head.bias"] += 1.0
+        with pytest.raises(AssertionError, match="trained again"):
+            run("warm", other)
+    small = create_aggregator("abmil", 32, 2, hidden_dim=16).state_dict()
+    with pytest.raises(ValueError, match="warm_start.*does not fit"):
+        run("small", small, restarts=1)
+
+
 def test_epoch_summaries_and_restart_choice_reach_the_configured_logging(tmp_path, caplog):
     """MONAI's StatsHandler turns propagation off on its logger; ours must still reach the application's handlers."""
     import logging

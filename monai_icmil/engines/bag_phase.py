@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -240,6 +241,11 @@ class BagPhase:
             instance teacher and inference apply them too. Features of a random-init or self-supervised embedder can
             have a scale at which the default learning rate does not move the loss at all.
         shuffle_instances, max_instances, tier1_weight: see :class:`BagPhaseTrainer`.
+        warm_start: in coupled rounds (>= 1), start every restart from the student's classifier instead of a fresh
+            initialisation: the previous round's classifier with the dimension reduction and instance head that the
+            embedder phase trained together with this round's embedder (``student_head.pt``; the workflow passes it
+            as ``init_state``). Its input statistics are kept, not recomputed: the student's head learnt on features
+            standardised with them. The restarts then differ only by their seeds' instance and slide order.
         device: default CUDA when available.
         progress: progress bars.
     """
@@ -260,6 +266,7 @@ class BagPhase:
         shuffle_instances: bool = True,
         max_instances: int | None = None,
         tier1_weight: float = 1.0,
+        warm_start: bool = False,
         device: str | torch.device | None = None,
         progress: bool = True,
     ):
@@ -278,6 +285,7 @@ class BagPhase:
         self.standardize = as_bool(standardize, "standardize")
         self.shuffle_instances = as_bool(shuffle_instances, "shuffle_instances")
         self.max_instances, self.tier1_weight = max_instances, tier1_weight
+        self.warm_start = as_bool(warm_start, "warm_start")
         self.device, self.progress = default_device(device), as_bool(progress, "progress")
 
     def signature(self) -> dict[str, Any]:
@@ -304,6 +312,7 @@ class BagPhase:
         seed: int = 0,
         class_names: Sequence[str] | None = None,
         mlflow_run: Any = None,
+        init_state: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Train the bag classifier (all restarts) and keep the best.
 
@@ -317,6 +326,9 @@ class BagPhase:
             seed: restart ``k`` is seeded with ``seed + k`` (initialisation, instance shuffling, DTFD pseudo-bags).
             class_names: names in the predictions CSV header.
             mlflow_run: a :class:`~monai_icmil.handlers.tracking.MLflowRun` for params, curves and artifacts.
+            init_state: a state dict of the aggregator (input statistics included) that every restart starts from
+                instead of a fresh initialisation (``warm_start``); ``None``: fresh. Part of the restarts' and the
+                resume checkpoints' keys.
 
         Returns:
             ``{"best_metric", "best_epoch", "checkpoint", "val": metrics at the best epoch, "history", "network",
@@ -328,14 +340,15 @@ class BagPhase:
         """
         factory = _aggregator_factory(aggregator, num_classes)
         if self.restarts == 1:
-            result = self.train_once(train_ds, val_ds, factory, output_dir, seed, class_names, mlflow_run)
+            result = self.train_once(train_ds, val_ds, factory, output_dir, seed, class_names, mlflow_run, init_state)
             summary = {k: result[k] for k in ("best_metric", "best_epoch")}
             return {**result, "restart": 0, "restarts": [{"restart": 0, "seed": seed, **summary}]}
         out_dir = Path(output_dir)
         bags = _bags_signature(train_ds, val_ds)
-        signature = stable_hash({"bags": bags, "phase": self.signature(), "net": component_signature(factory)})
+        signature = {"bags": bags, "phase": self.signature(), "net": component_signature(factory)}
+        signature = stable_hash({**signature, **_init_signature(init_state)})
         runs = [
-            self._restart(k, train_ds, val_ds, factory, out_dir, seed, class_names, signature)
+            self._restart(k, train_ds, val_ds, factory, out_dir, seed, class_names, signature, init_state)
             for k in range(self.restarts)
         ]
         best = max(range(self.restarts), key=lambda k: _restart_rank(runs[k], k))
@@ -369,13 +382,16 @@ class BagPhase:
         seed: int,
         class_names: Sequence[str] | None,
         signature: str,
+        init_state: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Restart ``k``'s record, training it first unless a record with this signature is on disk."""
         record = out_dir / f"restart_{k}" / "restart.json"
         done = json.loads(record.read_text()) if record.is_file() else None
         if done is None or done.get("signature") != signature:
             logger.info("bag_phase: restart %d of %d (seed %d)", k + 1, self.restarts, seed + k)
-            res = self.train_once(train_ds, val_ds, factory, out_dir / f"restart_{k}", seed + k, class_names)
+            res = self.train_once(
+                train_ds, val_ds, factory, out_dir / f"restart_{k}", seed + k, class_names, init_state=init_state
+            )
             done = {k_: res[k_] for k_ in ("best_metric", "best_epoch", "val")}
             done = {"restart": k, "seed": seed + k, **done, "signature": signature}
             atomic_write_json(record, done)
@@ -404,9 +420,11 @@ class BagPhase:
         seed: int = 0,
         class_names: Sequence[str] | None = None,
         mlflow_run: Any = None,
+        init_state: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
-        """One training of a fresh bag classifier (``aggregator(in_dim=...)``), the best epoch's checkpoint and the
-        predictions; resumable (see the class). Returns as :meth:`__call__` without the restart fields."""
+        """One training of a bag classifier (``aggregator(in_dim=...)``, fresh or from ``init_state``), the best
+        epoch's checkpoint and the predictions; resumable (see the class). Returns as :meth:`__call__` without the
+        restart fields."""
         from monai.utils import set_determinism
 
         if len(train_ds) == 0:
@@ -414,9 +432,10 @@ class BagPhase:
         out_dir = Path(output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         set_determinism(seed)
-        net = self._network(train_ds, val_ds, aggregator)
+        net = self._network(train_ds, val_ds, aggregator, init_state)
         trainer, evaluator, progress, state = self._engines(net, train_ds, val_ds, seed, out_dir / "bag_classifier.pt")
         signature = {"net": component_signature(aggregator), "in_dim": net.in_dim, "seed": seed}
+        signature.update(_init_signature(init_state))
         resume = self._resume(trainer, evaluator, state, out_dir, {**signature, **_bags_signature(train_ds, val_ds)})
         if mlflow_run is not None:
             self._track(mlflow_run, trainer, evaluator, net, aggregator, seed)
@@ -445,13 +464,29 @@ class BagPhase:
             "network": best_net,
         }
 
-    def _network(self, train_ds: BagDataset, val_ds: BagDataset, aggregator: AggregatorFactory) -> MILAggregator:
-        """A fresh bag classifier for the bags' feature dimension, standardised on the training instances."""
+    def _network(
+        self,
+        train_ds: BagDataset,
+        val_ds: BagDataset,
+        aggregator: AggregatorFactory,
+        init_state: Mapping[str, torch.Tensor] | None = None,
+    ) -> MILAggregator:
+        """A bag classifier for the bags' feature dimension: fresh and standardised on the training instances, or
+        ``init_state`` (its own input statistics)."""
         in_dim = int(train_ds[0]["features"].shape[-1])
         net = aggregator(in_dim=in_dim)
         if not isinstance(net, MILAggregator):
             raise TypeError(f"the aggregator factory returned {type(net).__name__}, not a MILAggregator")
-        if self.standardize:
+        if init_state is not None:
+            try:
+                net.load_state_dict(init_state)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"bag_phase#warm_start: the starting state does not fit the configured {type(net).__name__} on "
+                    f"{in_dim}-d features ({e}); set bag_phase#warm_start to false or use the aggregator settings of "
+                    "the round that made it"
+                ) from e
+        elif self.standardize:
             net.set_input_stats(*feature_stats(train_ds))
         net = net.to(self.device)
         check_bag_dims(train_ds, net.in_dim)
@@ -561,6 +596,19 @@ class BagPhase:
                 "seed": seed,
             }
         )
+
+
+def _init_signature(init_state: Mapping[str, torch.Tensor] | None) -> dict[str, str]:
+    """``{"init": digest of every tensor's name, shape, dtype and bytes}`` for a warm start, ``{}`` for a fresh one
+    (the keys of fresh trainings stay as they were before warm starts existed)."""
+    if init_state is None:
+        return {}
+    digest = hashlib.sha256()
+    for name in sorted(init_state):
+        t = init_state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return {"init": digest.hexdigest()[:16]}
 
 
 def _stop_score(metrics: Mapping[str, float], key: str) -> float:

@@ -475,9 +475,13 @@ class ICMILWorkflow(BundleWorkflow):
             return self.ledger.get(r, "bag_phase") or {}
         run, t0 = self.tracking.phase(r, "bag_phase"), time.perf_counter()
         embedder = self.embedder_for(r)
+        init_state = self.student_classifier_state(r, embedder.out_dim) if self._warm_start(r) else None
+        if run is not None and init_state is not None:
+            run.log_params({"warm_start": "student"})
         result = self.phases["bag_phase"](
             self.bags(r, "training", embedder), self.bags(r, "validation", embedder), self.aggregator,
             self.round_dir(r) / "bag_phase", self.num_classes, self.seed + r, self.class_names, run,
+            **({"init_state": init_state} if init_state is not None else {}),
         )  # fmt: skip
         val = {k[4:]: v for k, v in result["val"].items() if k.startswith("val_")}
         with warnings.catch_warnings():
@@ -486,12 +490,43 @@ class ICMILWorkflow(BundleWorkflow):
         val.update({k: metrics[k] for k in ("auc_ci_low", "auc_ci_high") if k in metrics})
         record = {"seconds": time.perf_counter() - t0, "best_epoch": result["best_epoch"], "val": val}
         record.update(restart=result["restart"], restarts_val=[x["best_metric"] for x in result["restarts"]])
+        if init_state is not None:
+            record["warm_start"] = "student"
         self.tracking.end(run)
         self.ledger.mark(r, "bag_phase", record)
         self.test(r)
         self.teacher_vs_truth(r)
         barrier()
         return record
+
+    def _warm_start(self, r: int) -> bool:
+        """Whether round ``r``'s bag phase starts from the student's classifier (``bag_phase#warm_start``; rounds >= 1
+        that have an embedder phase)."""
+        return r >= 1 and bool(getattr(self.phases["bag_phase"], "warm_start", False))
+
+    def student_classifier_state(self, r: int, in_dim: int) -> dict[str, torch.Tensor]:
+        """The state of round ``r``'s student classifier: round ``r-1``'s bag classifier with the dimension reduction
+        and instance head that round ``r``'s embedder phase trained together with the embedder (``student_head.pt``).
+
+        Raises:
+            FileNotFoundError: round ``r``'s embedder phase left no ``student_head.pt`` (names the file and the fix).
+        """
+        from monai_icmil.engines.bag_phase import load_bag_classifier
+
+        path = self.round_dir(r) / "embedder_phase" / "student_head.pt"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"bag_phase#warm_start: round {r}'s embedder phase left no student classifier ({path}); rerun that "
+                "phase (delete its directory) or set bag_phase#warm_start to false"
+            )
+        net = load_bag_classifier(
+            self.bag_classifier_path(r - 1), "cpu", expect_in_dim=in_dim, expect_aggregator=self.aggregator
+        )
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except RuntimeError as e:
+            raise ValueError(f"bag_phase#warm_start: '{path}' does not fit round {r - 1}'s bag classifier ({e})") from e
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
     def embedder_phase(self, r: int = 1) -> dict[str, Any]:
         """Round ``r``'s embedder phase: round ``r-1``'s bag classifier teaches round ``r-1``'s embedder."""
