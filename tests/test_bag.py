@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from torch.utils.data import Dataset
 
 from monai_icmil.engines.bag_phase import (
@@ -480,6 +481,52 @@ def test_a_warm_start_trains_every_restart_from_the_given_state_and_keeps_its_st
     small = create_aggregator("abmil", 32, 2, hidden_dim=16).state_dict()
     with pytest.raises(ValueError, match="warm_start.*does not fit"):
         run("small", small, restarts=1)
+    with pytest.raises(ValueError, match="init_state.*warm_start is false"):
+        BagPhase(**kw)(
+            moved, val, functools.partial(aggregator_class("abmil"), **FAST), tmp_path / "x", init_state=state
+        )
+
+
+class StopAfterFirstEpoch:
+    """A bag-phase handler that interrupts the run after epoch 1 (after its resume checkpoint is written)."""
+
+    def attach(self, engine):
+        engine.add_event_handler(Events.EPOCH_COMPLETED(once=1), self.stop)
+
+    @staticmethod
+    def stop(engine):
+        raise KeyboardInterrupt("stopped after epoch 1")
+
+
+def test_an_interrupted_warm_start_resumes_only_with_the_same_state(tmp_path):
+    """The resume checkpoint's key holds the starting state: the same state resumes, another one starts again; and
+    the keys of fresh trainings are those made before warm starts existed (a restart record of 8e45ac3)."""
+    train, val = ShiftedBags(12, 0), ShiftedBags(8, 1)
+    factory = functools.partial(aggregator_class("abmil"), **FAST)
+    kw = dict(progress=False, device="cpu", early_stop_patience=None, epochs=2, warm_start=True)
+    frozen = functools.partial(torch.optim.Adam, lr=0.0)  # the kept classifier is the state the run started from
+    first = create_aggregator("abmil", 32, 2, **FAST).state_dict()
+    torch.manual_seed(1)
+    second = create_aggregator("abmil", 32, 2, **FAST).state_dict()
+    with pytest.raises(KeyboardInterrupt):
+        BagPhase(optimizer=frozen, handlers=[StopAfterFirstEpoch()], **kw)(
+            train, val, factory, tmp_path / "w", init_state=first
+        )
+    assert (tmp_path / "w" / "resume").exists()
+    result = BagPhase(optimizer=frozen, **kw)(train, val, factory, tmp_path / "w", init_state=second)
+    kept = load_bag_classifier(result["checkpoint"]).state_dict()
+    assert all(torch.equal(kept[k], second[k]) for k in second)  # started again from the new state
+    with pytest.raises(KeyboardInterrupt):
+        BagPhase(optimizer=frozen, handlers=[StopAfterFirstEpoch()], **kw)(
+            train, val, factory, tmp_path / "v", init_state=first
+        )
+    resumed = BagPhase(optimizer=frozen, **kw)(train, val, factory, tmp_path / "v", init_state=first)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]  # epoch 1 from the checkpoint, then epoch 2
+
+    fresh = BagPhase(optimizer=functools.partial(torch.optim.Adam, lr=2e-4), epochs=1, restarts=2, progress=False)
+    fresh(ShiftedBags(6, 0), ShiftedBags(4, 1), factory, tmp_path / "fresh", seed=0)
+    record = json.loads((tmp_path / "fresh" / "restart_0" / "restart.json").read_text())
+    assert record["signature"] == "b172039dc0f08532"  # as at 8e45ac3: records of earlier runs stay valid
 
 
 def test_epoch_summaries_and_restart_choice_reach_the_configured_logging(tmp_path, caplog):

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from monai_icmil.engines.bag_phase import load_bag_classifier
+from monai_icmil.engines.bag_phase import load_bag_classifier, save_bag_classifier
 from monai_icmil.handlers.tracking import using_store
 from monai_icmil.workflows import ICMILWorkflow, check_config
 
@@ -210,13 +211,26 @@ def test_warm_start_starts_round_1s_bag_phase_from_the_student_classifier(tmp_pa
     params = {r.info.run_name: r.data.params for r in runs}
     assert params["round_1/bag_phase"]["warm_start"] == "student" and "warm_start" not in params["round_0/bag_phase"]
 
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json")])
-    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(tmp_path / "d"), "output_dir": str(tmp_path / "o")})
-    parser.update({"mlflow#enabled": False, "bag_phase#warm_start": True})
-    wf = parser.get_parsed_content("workflow")
+    def workflow(output_dir):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json"), str(tmp_path / "tiny.json")])
+        parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(tmp_path / "data")})
+        parser.update({"output_dir": str(output_dir), "mlflow#enabled": False, "bag_phase#warm_start": True})
+        return parser.get_parsed_content("workflow")
+
+    in_dim = int(student["input_mean"].numel())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the student was copied from round 0's classifier on disk: no warning
+        again = workflow(out).student_classifier_state(1, in_dim)
+    assert again.keys() == student.keys() and all(torch.equal(again[k], student[k]) for k in student)
+    other = load_bag_classifier(out / "round_0" / "bag_phase" / "bag_classifier.pt")
+    with torch.no_grad():
+        other.gated.w.weight.add_(1.0)  # AB-MIL's attention
+    save_bag_classifier(out / "round_0" / "bag_phase" / "bag_classifier.pt", other)  # round 0 trained again
+    with pytest.warns(UserWarning, match=r"student_head\.pt' was not copied from .*round_0.*gated\.w\.weight"):
+        workflow(out).student_classifier_state(1, in_dim)
     with pytest.raises(FileNotFoundError, match=r"round 1's embedder phase left no student.*student_head\.pt.*false"):
-        wf.student_classifier_state(1, 512)
+        workflow(tmp_path / "o").student_classifier_state(1, in_dim)
 
 
 @pytest.fixture(scope="module")

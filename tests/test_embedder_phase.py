@@ -608,3 +608,29 @@ def test_stored_arrays_read_any_rows_as_the_file_holds_them(tmp_path):
         assert got.dtype == dtype and torch.equal(got, load_file(str(path))["features"][torch.as_tensor(rows)])
         assert torch.equal(stored_array(path, "coords").rows(), torch.arange(10).view(5, 2))
         assert stored_array(path, "nothing") is None and stored_file_key(path) == {"k": 1}
+
+
+def test_a_phase_stopped_before_any_validation_still_leaves_the_students_head(slides, tmp_path):
+    """Stopped after its first step (no validation ran), the phase keeps the student as it is: its embedder and
+    ``student_head.pt`` (the state ``bag_phase#warm_start`` starts from), the pair the trained student gives."""
+    from ignite.engine import Events
+
+    train, val = slides
+    torch.manual_seed(0)
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    agg = _teacher("abmil", embedder.out_dim)
+
+    class StopAtOnce:
+        def attach(self, engine):
+            engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: e.terminate())
+
+    out = tmp_path / "stopped"
+    adam = functools.partial(torch.optim.Adam, lr=1e-2)
+    phase = EmbedderPhase(optimizer=adam, handlers=[StopAtOnce()], **dict(FAST, batches_per_epoch=4, val_interval=4))
+    result = phase(embedder, agg, train, val, out)
+    assert result["history"] == [] and (out / "embedder.safetensors").is_file()
+    head = copy.deepcopy(agg)
+    head.load_state_dict(torch.load(out / "student_head.pt", weights_only=True))  # every key, strictly
+    assert not torch.equal(head.head.weight, agg.head.weight)  # the student after its one step, not the teacher
+    untrained = {k: v for k, v in agg.state_dict().items() if not k.startswith(("dim_reduction.", "head."))}
+    assert untrained and all(torch.equal(head.state_dict()[k], v) for k, v in untrained.items())  # attention, stats

@@ -241,11 +241,13 @@ class BagPhase:
             instance teacher and inference apply them too. Features of a random-init or self-supervised embedder can
             have a scale at which the default learning rate does not move the loss at all.
         shuffle_instances, max_instances, tier1_weight: see :class:`BagPhaseTrainer`.
-        warm_start: in coupled rounds (>= 1), start every restart from the student's classifier instead of a fresh
-            initialisation: the previous round's classifier with the dimension reduction and instance head that the
-            embedder phase trained together with this round's embedder (``student_head.pt``; the workflow passes it
-            as ``init_state``). Its input statistics are kept, not recomputed: the student's head learnt on features
-            standardised with them. The restarts then differ only by their seeds' instance and slide order.
+        warm_start: start from a given state instead of a fresh initialisation (``init_state`` of :meth:`__call__`).
+            The ICMIL workflow reads it and, for rounds >= 1, passes the student's classifier as the embedder phase
+            saved it (``student_head.pt``: the previous round's classifier it copied, with the dimension reduction and
+            instance head it trained together with this round's embedder). The state's input statistics are kept,
+            not recomputed (the student's head learnt on features standardised with them). Every restart starts from
+            the same state and differs by its seed (instance and slide order, DTFD's pseudo-bags, dropout). The kept
+            epoch is the best trained one: the starting state itself is not a candidate.
         device: default CUDA when available.
         progress: progress bars.
     """
@@ -326,8 +328,8 @@ class BagPhase:
             seed: restart ``k`` is seeded with ``seed + k`` (initialisation, instance shuffling, DTFD pseudo-bags).
             class_names: names in the predictions CSV header.
             mlflow_run: a :class:`~monai_icmil.handlers.tracking.MLflowRun` for params, curves and artifacts.
-            init_state: a state dict of the aggregator (input statistics included) that every restart starts from
-                instead of a fresh initialisation (``warm_start``); ``None``: fresh. Part of the restarts' and the
+            init_state: with ``warm_start``, a state dict of the aggregator (input statistics included) that every
+                restart starts from instead of a fresh initialisation; ``None``: fresh. Part of the restarts' and the
                 resume checkpoints' keys.
 
         Returns:
@@ -338,6 +340,8 @@ class BagPhase:
             BagTrainingError: non-finite loss (names epoch and slide); the best checkpoint so far stays on disk.
             ValueError: no training bags, or bags whose feature dim differs from the model's (names the slide).
         """
+        if init_state is not None and not self.warm_start:
+            raise ValueError("bag_phase: a starting state (init_state) was given but warm_start is false")
         factory = _aggregator_factory(aggregator, num_classes)
         if self.restarts == 1:
             result = self.train_once(train_ds, val_ds, factory, output_dir, seed, class_names, mlflow_run, init_state)

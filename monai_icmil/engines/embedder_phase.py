@@ -676,8 +676,14 @@ class StudentSelection:
         """The student's embedder and head, as the kept student."""
         extra = {"round_source": self.source, "iteration": str(iteration)}
         self.student.embedder.save(self.output_dir / "embedder.safetensors", extra=extra)
-        with atomic_path(self.output_dir / "student_head.pt") as tmp:
-            torch.save({k: v.detach().cpu() for k, v in self.student.aggregator.state_dict().items()}, tmp)
+        save_student_head(self.student.aggregator, self.output_dir / "student_head.pt")
+
+
+def save_student_head(aggregator: nn.Module, path: Path) -> None:
+    """The student's copy of the bag classifier (its whole state; ICMIL trains its ``reduce`` and ``head``), on the
+    CPU, written atomically: what ``bag_phase#warm_start`` starts the next bag phase from."""
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in aggregator.state_dict().items()}, tmp)
 
 
 # ---------------------------------------------------------------------------------------------------- the phase
@@ -1126,6 +1132,7 @@ class EmbedderPhase:
         if rank == 0:
             if not ckpt.is_file():  # no validation ran (e.g. terminated at once): keep the initial student
                 student.embedder.save(ckpt)
+                save_student_head(student.aggregator, out_dir / "student_head.pt")
             atomic_write_json(out_dir / "history.json", progress.history)
             resume.clear()
         if world_size > 1:

@@ -505,27 +505,47 @@ class ICMILWorkflow(BundleWorkflow):
         return r >= 1 and bool(getattr(self.phases["bag_phase"], "warm_start", False))
 
     def student_classifier_state(self, r: int, in_dim: int) -> dict[str, torch.Tensor]:
-        """The state of round ``r``'s student classifier: round ``r-1``'s bag classifier with the dimension reduction
-        and instance head that round ``r``'s embedder phase trained together with the embedder (``student_head.pt``).
+        """The state of round ``r``'s student classifier, as round ``r``'s embedder phase saved it
+        (``student_head.pt``): round ``r-1``'s bag classifier, which it copied as the student, with the dimension
+        reduction and instance head it trained together with the embedder. Warns when the parts it did not train
+        differ from round ``r-1``'s classifier on disk (the student was copied from another classifier, e.g. a run
+        whose round ``r-1`` bag phase was trained again).
 
         Raises:
             FileNotFoundError: round ``r``'s embedder phase left no ``student_head.pt`` (names the file and the fix).
+            ValueError: the file cannot be read or does not fit round ``r-1``'s classifier (names the file).
         """
         from monai_icmil.engines.bag_phase import load_bag_classifier
 
         path = self.round_dir(r) / "embedder_phase" / "student_head.pt"
+        fix = (
+            f"run the workflow in a new output_dir (or delete round_{r}/ and round {r}'s entries in state.json), or "
+            "set bag_phase#warm_start to false"
+        )
         if not path.is_file():
             raise FileNotFoundError(
-                f"bag_phase#warm_start: round {r}'s embedder phase left no student classifier ({path}); rerun that "
-                "phase (delete its directory) or set bag_phase#warm_start to false"
+                f"bag_phase#warm_start: round {r}'s embedder phase left no student classifier ({path}; runs made "
+                f"before it was saved lack it): {fix}"
             )
-        net = load_bag_classifier(
-            self.bag_classifier_path(r - 1), "cpu", expect_in_dim=in_dim, expect_aggregator=self.aggregator
-        )
         try:
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except RuntimeError as e:
-            raise ValueError(f"bag_phase#warm_start: '{path}' does not fit round {r - 1}'s bag classifier ({e})") from e
+            net = load_bag_classifier(
+                self.bag_classifier_path(r - 1), "cpu", expect_in_dim=in_dim, expect_aggregator=self.aggregator
+            )
+            copied = {k: v.clone() for k, v in net.state_dict().items()}
+            student = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(student)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ValueError(f"bag_phase#warm_start: cannot start round {r} from '{path}' ({e}): {fix}") from e
+        trained = {id(p) for module in (net.dim_reduction, net.head) for p in module.parameters()}
+        fixed = [n for n, p in net.named_parameters(remove_duplicate=False) if id(p) not in trained]
+        differ = [n for n in fixed + [n for n, _ in net.named_buffers()] if not torch.equal(copied[n], student[n])]
+        if differ:
+            warnings.warn(
+                f"bag_phase#warm_start: '{path}' was not copied from '{self.bag_classifier_path(r - 1)}' "
+                f"({', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''} differ): round {r} starts from the "
+                "classifier the embedder phase copied, not from that file",
+                stacklevel=2,
+            )
         return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
     def embedder_phase(self, r: int = 1) -> dict[str, Any]:
