@@ -216,13 +216,17 @@ def seed_round0(src: Path, dst: Path, whole: bool = False) -> None:
     _seed_run(src, dst, ["round_0" if whole else "round_0/features"], {"0": round0}, state)
 
 
-def seed_embeddings(src: Path, dst: Path) -> None:
+def seed_embeddings(src: Path, dst: Path, keep_round0: bool = False) -> None:
     """Copy every round's embedder and features of run ``src``, not its bag phases, to a new run (``--bag_from``):
     the new run trains every round's bag classifier again, with its own bag-phase options, on the same features.
-    (Round r's embedder stays the one ``src``'s round r-1 classifier taught: this measures the bag phase alone.)"""
+    (Round r's embedder stays the one ``src``'s round r-1 classifier taught: this measures the bag phase alone.)
+    With ``keep_round0`` (``--keep_round0``), all of round 0 is copied, its bag phase too: for bag options that act
+    on rounds >= 1 only (``--bag_warm_start``)."""
     state = json.loads((src / "state.json").read_text())
     rounds = {r: {k: s[k] for k in ("embedder_phase", "embed") if k in s} for r, s in state["rounds"].items()}
     subs = [f"round_{r}/{sub}" for r in rounds for sub in ("features", "embedder_phase") if int(r) or sub == "features"]
+    if keep_round0:
+        rounds["0"], subs = state["rounds"]["0"], ["round_0"] + [s for s in subs if not s.startswith("round_0/")]
     _seed_run(src, dst, subs, rounds, state)
 
 
@@ -707,6 +711,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="rounds >= 1 train their bag classifiers from the student's classifier (bag_phase#warm_start), not afresh",
     )
+    p.add_argument(
+        "--keep_round0",
+        action="store_true",
+        help="with --bag_from: copy round 0's bag phase too instead of training it again (for bag options that act on "
+        "rounds >= 1 only, as --bag_warm_start)",
+    )
     p.add_argument("--bag_lr", type=float, default=2e-4, help="bag-phase Adam lr (train.json's)")
     p.add_argument("--bag_weight_decay", type=float, default=1e-4, help="bag-phase Adam weight decay (train.json's)")
     p.add_argument(
@@ -728,6 +738,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.bag_from and not args.variant:
         p.error("--bag_from needs --variant (the name of the new runs)")
+    if args.keep_round0 and not args.bag_from:
+        p.error("--keep_round0 needs --bag_from")
     if args.smoke:
         args.seeds, args.rounds, args.settings = args.seeds[:1], 1, list(DATA_SETTINGS)
         args.train, args.val, args.test, args.width, args.height = 4, 2, 2, 768, 512
@@ -776,7 +788,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                             source = plain.with_name(f"{agg}-{args.bag_from}") if args.bag_from != "plain" else plain
                             if not (source / "state.json").is_file():
                                 raise FileNotFoundError(f"--bag_from {args.bag_from}: no run in {source}")
-                            seed_embeddings(source, run_dir)
+                            seed_embeddings(source, run_dir, args.keep_round0)
                         elif args.variant and (plain / "state.json").is_file():
                             seed_round0(plain, run_dir, whole=True)
                         elif first is not None:
