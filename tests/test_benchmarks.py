@@ -103,6 +103,18 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         ]
         assert signatures[0] != signatures[1]
     assert len(json.loads((tmp_path / "report-wd.json").read_text())["rows"]) == len(rebag)
+    # --keep_round0 --bag_warm_start: round 0 copied whole (not trained again), round 1 from the student's classifier
+    with pytest.raises(SystemExit):
+        gain.parse(["--variant", "x", "--keep_round0"])  # needs --bag_from
+    warm = again[:-1] + ["warm", "--bag_from", "plain", "--keep_round0", "--bag_warm_start"]
+    assert {(r["variant"], r["round"]) for r in gain.main(warm)} == {("warm", 0), ("warm", 1)}
+    for setting in gain.DATA_SETTINGS:
+        runs = tmp_path / "runs" / setting / "seed_0" / "ssl"
+        src, new = (json.loads((runs / d / "state.json").read_text())["rounds"] for d in ("abmil", "abmil-warm"))
+        assert new["0"] == src["0"] and new["1"]["embedder_phase"] == src["1"]["embedder_phase"]
+        assert new["1"]["bag_phase"]["warm_start"] == "student" and "warm_start" not in src["1"]["bag_phase"]
+        kept = (runs / "abmil-warm" / "round_0" / "bag_phase" / "bag_classifier.pt").read_bytes()
+        assert kept == (runs / "abmil" / "round_0" / "bag_phase" / "bag_classifier.pt").read_bytes()
     # --extra_test: every round's classifiers on 3 more test slides, and round 1's paired gain over round 0 there
     for r in rebag:
         assert r["extra_test_n"] == 3 and len(r["extra_restart_test_aucs"]) == 2
