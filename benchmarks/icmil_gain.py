@@ -77,6 +77,7 @@ from monai_icmil.data.annotations import GroundTruth  # noqa: E402
 from monai_icmil.data.store import CoordsStore, FeatureStore  # noqa: E402
 from monai_icmil.data.synthetic import make_dataset  # noqa: E402
 from monai_icmil.engines.bag_phase import evaluate_bags, load_bag_classifier  # noqa: E402
+from monai_icmil.engines.embedder_phase import load_student_classifier  # noqa: E402
 from monai_icmil.metrics import binary_auc, linear_probe_auc, paired_auc_difference  # noqa: E402
 from monai_icmil.networks import aggregator_class  # noqa: E402
 from monai_icmil.utils import atomic_write_json, atomic_write_text  # noqa: E402
@@ -364,8 +365,9 @@ def extra_test_scores(
             scores[r]["round0_kept"] = positive(net, bags)
         student = run_dir / f"round_{r}" / "embedder_phase" / "student_head.pt"
         if int(r) and student.is_file():  # the teacher with the student's copies, trained in the embedder phase
-            net = load_bag_classifier(run_dir / f"round_{int(r) - 1}" / "bag_phase" / "bag_classifier.pt")
-            net.load_state_dict(torch.load(student, map_location="cpu", weights_only=True))
+            net, _ = load_student_classifier(
+                run_dir / f"round_{int(r) - 1}" / "bag_phase" / "bag_classifier.pt", student
+            )
             scores[r]["student_kept"] = positive(net, bags)
     return scores
 

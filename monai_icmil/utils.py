@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,19 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path) or type(o).__module__ == "torch":  # paths, torch.device, torch.dtype
         return str(o)
     raise TypeError(f"Object of type {type(o).__name__} is not JSON serialisable")
+
+
+def update_state_digest(digest: Any, state: Mapping[str, Any]) -> Any:
+    """Feed a state dict into ``digest`` (a :mod:`hashlib` object): every tensor's name, dtype and raw bytes, in name
+    order. Returns ``digest``."""
+    import torch
+
+    for key, tensor in sorted(state.items()):
+        digest.update(key.encode())
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(str(t.dtype).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

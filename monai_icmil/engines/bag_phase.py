@@ -48,6 +48,7 @@ from monai_icmil.utils import (
     component_signature,
     default_device,
     stable_hash,
+    update_state_digest,
 )
 
 __all__ = [
@@ -603,16 +604,9 @@ class BagPhase:
 
 
 def _init_signature(init_state: Mapping[str, torch.Tensor] | None) -> dict[str, str]:
-    """``{"init": digest of every tensor's name, shape, dtype and bytes}`` for a warm start, ``{}`` for a fresh one
-    (the keys of fresh trainings stay as they were before warm starts existed)."""
-    if init_state is None:
-        return {}
-    digest = hashlib.sha256()
-    for name in sorted(init_state):
-        t = init_state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return {"init": digest.hexdigest()[:16]}
+    """``{"init": digest of the state's tensors}`` for a warm start, ``{}`` for a fresh one (the keys of fresh
+    trainings stay as they were before warm starts existed)."""
+    return {} if init_state is None else {"init": update_state_digest(hashlib.sha256(), init_state).hexdigest()[:16]}
 
 
 def _stop_score(metrics: Mapping[str, float], key: str) -> float:

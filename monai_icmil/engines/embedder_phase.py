@@ -686,6 +686,33 @@ def save_student_head(aggregator: nn.Module, path: Path) -> None:
         torch.save({k: v.detach().cpu() for k, v in aggregator.state_dict().items()}, tmp)
 
 
+def load_student_classifier(
+    classifier: str | os.PathLike,
+    head: str | os.PathLike,
+    expect_in_dim: int | None = None,
+    expect_aggregator: Any = None,
+) -> tuple[MILAggregator, list[str]]:
+    """The student's classifier on the CPU: the bag classifier the embedder phase copied (``classifier``, e.g. round
+    r-1's ``bag_classifier.pt``) with the state it saved (``head``, ``student_head.pt``) loaded strictly; and the names
+    of the parameters and buffers the phase does not train (attention, DTFD's tier 1, input statistics) that differ
+    between the two files (any: the student was copied from another classifier).
+
+    Raises:
+        ValueError: ``classifier`` is not a bag classifier of the expected kind (see :func:`load_bag_classifier`).
+        RuntimeError, OSError: ``head`` cannot be read or does not fit ``classifier``.
+    """
+    from monai_icmil.engines.bag_phase import load_bag_classifier
+
+    net = load_bag_classifier(classifier, "cpu", expect_in_dim=expect_in_dim, expect_aggregator=expect_aggregator)
+    copied = {k: v.clone() for k, v in net.state_dict().items()}
+    state = torch.load(head, map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    trained = {id(p) for module in (net.dim_reduction, net.head) for p in module.parameters()}
+    fixed = [n for n, p in net.named_parameters(remove_duplicate=False) if id(p) not in trained]
+    fixed += [n for n, _ in net.named_buffers()]
+    return net, [n for n in fixed if not torch.equal(copied[n], state[n])]
+
+
 # ---------------------------------------------------------------------------------------------------- the phase
 
 

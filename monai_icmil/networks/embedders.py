@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
-from monai_icmil.utils import atomic_path
+from monai_icmil.utils import atomic_path, update_state_digest
 
 __all__ = [
     "PatchEmbedder",
@@ -164,12 +164,7 @@ class PatchEmbedder(nn.Module):
     def fingerprint(self) -> str:
         """SHA-256 (24 hex) of the weights, name, input size and normalisation: the feature store's key."""
         h = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode())
-        for key, tensor in sorted(self.backbone.state_dict().items()):
-            h.update(key.encode())
-            t = tensor.detach().to("cpu").contiguous()
-            h.update(str(t.dtype).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()[:24]
+        return update_state_digest(h, self.backbone.state_dict()).hexdigest()[:24]
 
     def save(self, path: str | os.PathLike, extra: Mapping[str, str] | None = None) -> Path:
         """Save as a safetensors checkpoint that :func:`create_embedder` loads by path alone (atomic)."""

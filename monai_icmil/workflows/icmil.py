@@ -481,7 +481,7 @@ class ICMILWorkflow(BundleWorkflow):
         result = self.phases["bag_phase"](
             self.bags(r, "training", embedder), self.bags(r, "validation", embedder), self.aggregator,
             self.round_dir(r) / "bag_phase", self.num_classes, self.seed + r, self.class_names, run,
-            **({"init_state": init_state} if init_state is not None else {}),
+            **({"init_state": init_state} if init_state is not None else {}),  # (a user's phase may lack it)
         )  # fmt: skip
         val = {k[4:]: v for k, v in result["val"].items() if k.startswith("val_")}
         with warnings.catch_warnings():
@@ -500,8 +500,7 @@ class ICMILWorkflow(BundleWorkflow):
         return record
 
     def _warm_start(self, r: int) -> bool:
-        """Whether round ``r``'s bag phase starts from the student's classifier (``bag_phase#warm_start``; rounds >= 1
-        that have an embedder phase)."""
+        """Whether round ``r``'s bag phase starts from the student's classifier (``bag_phase#warm_start``, r >= 1)."""
         return r >= 1 and bool(getattr(self.phases["bag_phase"], "warm_start", False))
 
     def student_classifier_state(self, r: int, in_dim: int) -> dict[str, torch.Tensor]:
@@ -515,7 +514,7 @@ class ICMILWorkflow(BundleWorkflow):
             FileNotFoundError: round ``r``'s embedder phase left no ``student_head.pt`` (names the file and the fix).
             ValueError: the file cannot be read or does not fit round ``r-1``'s classifier (names the file).
         """
-        from monai_icmil.engines.bag_phase import load_bag_classifier
+        from monai_icmil.engines.embedder_phase import load_student_classifier
 
         path = self.round_dir(r) / "embedder_phase" / "student_head.pt"
         fix = (
@@ -527,26 +526,21 @@ class ICMILWorkflow(BundleWorkflow):
                 f"bag_phase#warm_start: round {r}'s embedder phase left no student classifier ({path}; runs made "
                 f"before it was saved lack it): {fix}"
             )
+        previous = self.bag_classifier_path(r - 1)
         try:
-            net = load_bag_classifier(
-                self.bag_classifier_path(r - 1), "cpu", expect_in_dim=in_dim, expect_aggregator=self.aggregator
+            net, differ = load_student_classifier(
+                previous, path, expect_in_dim=in_dim, expect_aggregator=self.aggregator
             )
-            copied = {k: v.clone() for k, v in net.state_dict().items()}
-            student = torch.load(path, map_location="cpu", weights_only=True)
-            net.load_state_dict(student)
         except (ValueError, RuntimeError, OSError) as e:
             raise ValueError(f"bag_phase#warm_start: cannot start round {r} from '{path}' ({e}): {fix}") from e
-        trained = {id(p) for module in (net.dim_reduction, net.head) for p in module.parameters()}
-        fixed = [n for n, p in net.named_parameters(remove_duplicate=False) if id(p) not in trained]
-        differ = [n for n in fixed + [n for n, _ in net.named_buffers()] if not torch.equal(copied[n], student[n])]
         if differ:
             warnings.warn(
-                f"bag_phase#warm_start: '{path}' was not copied from '{self.bag_classifier_path(r - 1)}' "
+                f"bag_phase#warm_start: '{path}' was not copied from '{previous}' "
                 f"({', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''} differ): round {r} starts from the "
                 "classifier the embedder phase copied, not from that file",
                 stacklevel=2,
             )
-        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+        return net.state_dict()
 
     def embedder_phase(self, r: int = 1) -> dict[str, Any]:
         """Round ``r``'s embedder phase: round ``r-1``'s bag classifier teaches round ``r-1``'s embedder."""
