@@ -25,7 +25,8 @@ seen; each run's value and the time it was decided are in ``benchmarks/RESULTS.m
 on the features and embedders of the runs of variant ``SOURCE`` (``plain``: the runs without a variant): the bag
 phase alone on fixed features (8-14 min a round for AB-MIL on the hard large setting on one core, against ~65 for a
 coupled round). ``--bag_warm_start`` starts the bag phases of rounds >= 1 from the student's classifier
-(``bag_phase#warm_start``: the previous round's classifier with the reduction and head the embedder phase trained);
+(``bag_phase#warm_start``: the previous round's classifier with the reduction and head the embedder phase trained;
+``--bag_warm_start both``: as many restarts afresh and from it, the best by validation kept);
 with ``--keep_round0``, ``--bag_from`` copies round 0's bag phase too instead of training it again.
 
 ``--extra_test N`` also scores every round's classifiers (the kept one and every restart) on N more test slides
@@ -711,8 +712,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--bag_warm_start",
-        action="store_true",
-        help="rounds >= 1 train their bag classifiers from the student's classifier (bag_phase#warm_start), not afresh",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=["both"],
+        help="rounds >= 1 train their bag classifiers from the student's classifier (bag_phase#warm_start), not "
+        "afresh; '--bag_warm_start both': afresh and from it, the best by validation kept",
     )
     p.add_argument(
         "--keep_round0",

@@ -487,6 +487,56 @@ def test_a_warm_start_trains_every_restart_from_the_given_state_and_keeps_its_st
         )
 
 
+def test_warm_start_both_pools_the_fresh_and_the_warm_restarts_and_keeps_the_best_by_validation(tmp_path, monkeypatch):
+    """``warm_start="both"``: restarts ``0..n-1`` are the fresh run's (their records reused, nothing trained again),
+    ``n..2n-1`` start from the state with the fresh ones' seeds (the warm run's); validation decides which is kept, so
+    a good state is kept and a bad one is not (the fresh run's kept classifier instead)."""
+    train, val = ShiftedBags(40, 0), ShiftedBags(20, 1)
+    kw = dict(progress=False, device="cpu", early_stop_patience=None)
+    source = train_bag_classifier(train, val, "abmil", tmp_path / "source", aggregator_kwargs=FAST, epochs=10, **kw)
+    good = load_bag_classifier(source["checkpoint"]).state_dict()
+    bad = {n: -t if n.startswith("head.") else t for n, t in good.items()}  # the same classifier, its ranking flipped
+    trained = []
+
+    def run(out, mode, init, restarts=2):
+        adam = functools.partial(torch.optim.Adam, lr=0.0)
+        phase = BagPhase(optimizer=adam, epochs=2, restarts=restarts, warm_start=mode, **kw)
+        factory = functools.partial(aggregator_class("abmil"), **FAST)
+        return phase(train, val, factory, tmp_path / out, seed=3, init_state=init)
+
+    fresh = run("pool", False, None)
+    assert fresh["best_metric"] < 0.9 and "start" not in fresh  # lr 0: a fresh classifier stays untrained
+    original = BagPhase.train_once
+
+    def counting(self, *a, init_state=None, **k):
+        trained.append(init_state is not None)
+        return original(self, *a, init_state=init_state, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(BagPhase, "train_once", counting)
+        both = run("pool", "both", good)
+    assert trained == [True, True]  # only the warm restarts trained; the fresh ones' records were reused
+    record = json.loads((tmp_path / "pool" / "restarts.json").read_text())
+    assert [(r["restart"], r["seed"], r["start"]) for r in record["restarts"]] == [
+        (0, 3, "fresh"), (1, 4, "fresh"), (2, 3, "warm"), (3, 4, "warm")
+    ]  # fmt: skip
+    assert both["start"] == "warm" and both["restart"] in (2, 3) and both["best_metric"] == source["best_metric"]
+    kept = load_bag_classifier(tmp_path / "pool" / "bag_classifier.pt").state_dict()
+    assert all(torch.equal(kept[n], good[n]) for n in good)
+    flipped = run("flipped", "both", bad)
+    assert flipped["start"] == "fresh" and flipped["restart"] == fresh["restart"]
+    kept_bytes = (tmp_path / "flipped" / "bag_classifier.pt").read_bytes()
+    assert kept_bytes == (tmp_path / "flipped" / f"restart_{fresh['restart']}" / "bag_classifier.pt").read_bytes()
+    fresh_kept = load_bag_classifier(tmp_path / "flipped" / "bag_classifier.pt").state_dict()
+    assert all(torch.equal(t, fresh["network"].state_dict()[n].cpu()) for n, t in fresh_kept.items())
+    one = run("one", "both", good, restarts=1)  # one restart: one fresh and one warm training
+    assert [r["start"] for r in one["restarts"]] == ["fresh", "warm"] and one["start"] == "warm"
+    none = run("none", "both", None, restarts=1)  # no state (round 0): fresh only, as warm_start false
+    assert none["restarts"] == fresh["restarts"][:1] and "start" not in none
+    with pytest.raises(ValueError, match="warm_start must be true, false or 'both', got 'sometimes'"):
+        BagPhase(warm_start="sometimes")
+
+
 class StopAfterFirstEpoch:
     """A bag-phase handler that interrupts the run after epoch 1 (after its resume checkpoint is written)."""
 

@@ -106,6 +106,11 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
     # --keep_round0 --bag_warm_start: round 0 copied whole (not trained again), round 1 from the student's classifier
     with pytest.raises(SystemExit):
         gain.parse(["--variant", "x", "--keep_round0"])  # needs --bag_from
+    assert [gain.parse(a).bag_warm_start for a in ([], ["--bag_warm_start"], ["--bag_warm_start", "both"])] == [
+        False, True, "both"
+    ]  # fmt: skip
+    with pytest.raises(SystemExit):
+        gain.parse(["--bag_warm_start", "sometimes"])
     warm = again[:-1] + ["warm", "--bag_from", "plain", "--keep_round0", "--bag_warm_start"]
     assert {(r["variant"], r["round"]) for r in gain.main(warm)} == {("warm", 0), ("warm", 1)}
     for setting in gain.DATA_SETTINGS:

@@ -185,37 +185,50 @@ def test_a_config_file_swaps_in_an_aggregator_class_an_optimizer_and_a_handler(t
     assert bag.data.params["aggregator"] == "custom_components.MeanMaxMIL"
 
 
-def test_warm_start_starts_round_1s_bag_phase_from_the_student_classifier(tmp_path):
+@pytest.mark.parametrize("mode", [True, "both"])
+def test_warm_start_starts_round_1s_bag_phase_from_the_student_classifier(tmp_path, mode):
     """``bag_phase#warm_start``: at a learning rate of 0, round 1's kept classifier (every restart's) is the student's
     classifier, i.e. what the embedder phase saved as ``student_head.pt``, statistics included; round 0 starts afresh
-    (its statistics are its training features'); the round's record and MLflow say so. Without the student's state
-    the error names the file and the fix."""
+    (its statistics are its training features'); the round's record and MLflow say so. ``"both"``: two fresh restarts
+    and two from the student's classifier, the one validation prefers kept, and the record says which. Without the
+    student's state the error names the file and the fix."""
     from monai.bundle import ConfigParser
 
-    extra = {"bag_phase#warm_start": True, "bag_phase#lr": 0.0, "bag_phase#restarts": 2, "mlflow#enabled": True}
+    extra = {"bag_phase#warm_start": mode, "bag_phase#lr": 0.0, "bag_phase#restarts": 2, "mlflow#enabled": True}
     proc = _bundle(tmp_path, "run", extra=extra, num_rounds=1)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     student = torch.load(out / "round_1" / "embedder_phase" / "student_head.pt", weights_only=True)
     teacher = load_bag_classifier(out / "round_0" / "bag_phase" / "bag_classifier.pt").state_dict()
     assert any(not torch.equal(student[k], teacher[k]) for k in student)  # the embedder phase trained its head
-    for path in ["bag_classifier.pt", "restart_0/bag_classifier.pt", "restart_1/bag_classifier.pt"]:
-        kept = load_bag_classifier(out / "round_1" / "bag_phase" / path).state_dict()
-        assert kept.keys() == student.keys() and all(torch.equal(kept[k], student[k]) for k in kept), path
+    restarts = json.loads((out / "round_1" / "bag_phase" / "restarts.json").read_text())
+    starts = [r["start"] for r in restarts["restarts"]]
+    assert starts == (["warm"] * 2 if mode is True else ["fresh"] * 2 + ["warm"] * 2)
+    for k, start in enumerate(starts):
+        kept = load_bag_classifier(out / "round_1" / "bag_phase" / f"restart_{k}" / "bag_classifier.pt").state_dict()
+        assert kept.keys() == student.keys()
+        assert all(torch.equal(kept[n], student[n]) for n in kept) == (start == "warm"), k
+    kept = load_bag_classifier(out / "round_1" / "bag_phase" / "bag_classifier.pt").state_dict()
+    assert all(torch.equal(kept[n], student[n]) for n in kept) == (starts[restarts["chosen"]] == "warm")
     state = json.loads((out / "state.json").read_text())["rounds"]
-    assert state["1"]["bag_phase"]["warm_start"] == "student" and "warm_start" not in state["0"]["bag_phase"]
+    warm = "student" if mode is True else "both"
+    assert state["1"]["bag_phase"]["warm_start"] == warm and "warm_start" not in state["0"]["bag_phase"]
+    assert state["1"]["bag_phase"]["kept_start"] == starts[restarts["chosen"]]
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
     runs = client.search_runs([client.get_experiment_by_name("icmil").experiment_id])
     params = {r.info.run_name: r.data.params for r in runs}
-    assert params["round_1/bag_phase"]["warm_start"] == "student" and "warm_start" not in params["round_0/bag_phase"]
+    assert params["round_1/bag_phase"]["warm_start"] == warm and "warm_start" not in params["round_0/bag_phase"]
+    assert params["round_1/bag_phase"]["kept_start"] == starts[restarts["chosen"]]
+    if mode == "both":
+        return  # (the student's state itself is read the same way in both modes)
 
     def workflow(output_dir):
         parser = ConfigParser()
         parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json"), str(tmp_path / "tiny.json")])
         parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(tmp_path / "data")})
-        parser.update({"output_dir": str(output_dir), "mlflow#enabled": False, "bag_phase#warm_start": True})
+        parser.update({"output_dir": str(output_dir), "mlflow#enabled": False, "bag_phase#warm_start": mode})
         return parser.get_parsed_content("workflow")
 
     in_dim = int(student["input_mean"].numel())

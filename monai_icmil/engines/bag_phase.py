@@ -248,7 +248,11 @@ class BagPhase:
             instance head it trained together with this round's embedder). The state's input statistics are kept,
             not recomputed (the student's head learnt on features standardised with them). Every restart starts from
             the same state and differs by its seed (instance and slide order, DTFD's pseudo-bags, dropout). The kept
-            epoch is the best trained one: the starting state itself is not a candidate.
+            epoch is the best trained one: the starting state itself is not a candidate. ``"both"``: the
+            ``restarts`` fresh trainings (restarts ``0..n-1``, exactly those of ``warm_start=False``, whose records are
+            reused) and as many from the state (restarts ``n..2n-1``, seeded as the fresh ones: exactly those of
+            ``warm_start=True``) compete, and the best by validation is kept: the state is used only where
+            validation prefers it (it helped on sparse tumours and hurt on the demo, ``benchmarks/RESULTS.md``).
         device: default CUDA when available.
         progress: progress bars.
     """
@@ -269,7 +273,7 @@ class BagPhase:
         shuffle_instances: bool = True,
         max_instances: int | None = None,
         tier1_weight: float = 1.0,
-        warm_start: bool = False,
+        warm_start: bool | str = False,
         device: str | torch.device | None = None,
         progress: bool = True,
     ):
@@ -288,7 +292,7 @@ class BagPhase:
         self.standardize = as_bool(standardize, "standardize")
         self.shuffle_instances = as_bool(shuffle_instances, "shuffle_instances")
         self.max_instances, self.tier1_weight = max_instances, tier1_weight
-        self.warm_start = as_bool(warm_start, "warm_start")
+        self.warm_start = _warm_start_mode(warm_start)
         self.device, self.progress = default_device(device), as_bool(progress, "progress")
 
     def signature(self) -> dict[str, Any]:
@@ -330,12 +334,13 @@ class BagPhase:
             class_names: names in the predictions CSV header.
             mlflow_run: a :class:`~monai_icmil.handlers.tracking.MLflowRun` for params, curves and artifacts.
             init_state: with ``warm_start``, a state dict of the aggregator (input statistics included) that every
-                restart starts from instead of a fresh initialisation; ``None``: fresh. Part of the restarts' and the
-                resume checkpoints' keys.
+                restart starts from instead of a fresh initialisation (``"both"``: the second half of them);
+                ``None``: fresh. Part of the restarts' and the resume checkpoints' keys.
 
         Returns:
             ``{"best_metric", "best_epoch", "checkpoint", "val": metrics at the best epoch, "history", "network",
-            "restart": the kept one, "restarts": [{"restart", "seed", "best_metric", "best_epoch"}]}``.
+            "restart": the kept one, "restarts": [{"restart", "seed", "best_metric", "best_epoch"}]}``; with
+            ``init_state``, also ``"start"`` (``"warm"`` or ``"fresh"``: the kept restart's) and each restart's.
 
         Raises:
             BagTrainingError: non-finite loss (names epoch and slide); the best checkpoint so far stays on disk.
@@ -344,29 +349,48 @@ class BagPhase:
         if init_state is not None and not self.warm_start:
             raise ValueError("bag_phase: a starting state (init_state) was given but warm_start is false")
         factory = _aggregator_factory(aggregator, num_classes)
-        if self.restarts == 1:
+        # every restart's starting state: all fresh, all warm, or (warm_start "both") n fresh then n warm
+        starts = [init_state] * self.restarts
+        if init_state is not None and self.warm_start == "both":
+            starts = [None] * self.restarts + starts
+        started = {} if init_state is None else {"start": "warm"}
+        if len(starts) == 1:
             result = self.train_once(train_ds, val_ds, factory, output_dir, seed, class_names, mlflow_run, init_state)
             summary = {k: result[k] for k in ("best_metric", "best_epoch")}
-            return {**result, "restart": 0, "restarts": [{"restart": 0, "seed": seed, **summary}]}
+            return {**result, "restart": 0, "restarts": [{"restart": 0, "seed": seed, **summary, **started}], **started}
         out_dir = Path(output_dir)
         bags = _bags_signature(train_ds, val_ds)
         signature = {"bags": bags, "phase": self.signature(), "net": component_signature(factory)}
-        signature = stable_hash({**signature, **_init_signature(init_state)})
         runs = [
-            self._restart(k, train_ds, val_ds, factory, out_dir, seed, class_names, signature, init_state)
-            for k in range(self.restarts)
+            self._restart(
+                k,
+                len(starts),
+                seed + k % self.restarts,
+                train_ds,
+                val_ds,
+                factory,
+                out_dir,
+                class_names,
+                stable_hash({**signature, **_init_signature(start)}),
+                start,
+            )
+            for k, start in enumerate(starts)
         ]
-        best = max(range(self.restarts), key=lambda k: _restart_rank(runs[k], k))
+        best = max(range(len(runs)), key=lambda k: _restart_rank(runs[k], k))
         for name in _OUTPUTS:
             with atomic_path(out_dir / name) as tmp:
                 shutil.copyfile(out_dir / f"restart_{best}" / name, tmp)
         summaries = [{k: r[k] for k in ("restart", "seed", "best_metric", "best_epoch")} for r in runs]
+        if init_state is not None:
+            summaries = [{**r, "start": "fresh" if start is None else "warm"} for r, start in zip(summaries, starts)]
+            started = {"start": summaries[best]["start"]}
         atomic_write_json(out_dir / "restarts.json", {"chosen": best, "restarts": summaries})
         scores = ", ".join(f"{_finite(r['best_metric']):.3f}" for r in runs)
         logger.info("bag_phase: restart %d kept (best validation %s %s)", best, self.key_metric, scores)
         if mlflow_run is not None:
             self._log_restarts(mlflow_run, out_dir, runs, best, factory, seed)
         return {
+            **started,
             "best_metric": runs[best]["best_metric"],
             "best_epoch": runs[best]["best_epoch"],
             "checkpoint": str(out_dir / "bag_classifier.pt"),
@@ -380,25 +404,28 @@ class BagPhase:
     def _restart(
         self,
         k: int,
+        total: int,
+        seed: int,
         train_ds: BagDataset,
         val_ds: BagDataset,
         factory: AggregatorFactory,
         out_dir: Path,
-        seed: int,
         class_names: Sequence[str] | None,
         signature: str,
         init_state: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
-        """Restart ``k``'s record, training it first unless a record with this signature is on disk."""
+        """Restart ``k``'s record (of ``total``; seeded ``seed``), training it first unless a record with this
+        signature is on disk."""
         record = out_dir / f"restart_{k}" / "restart.json"
         done = json.loads(record.read_text()) if record.is_file() else None
         if done is None or done.get("signature") != signature:
-            logger.info("bag_phase: restart %d of %d (seed %d)", k + 1, self.restarts, seed + k)
+            start = "" if init_state is None else ", from the given state"
+            logger.info("bag_phase: restart %d of %d (seed %d%s)", k + 1, total, seed, start)
             res = self.train_once(
-                train_ds, val_ds, factory, out_dir / f"restart_{k}", seed + k, class_names, init_state=init_state
+                train_ds, val_ds, factory, out_dir / f"restart_{k}", seed, class_names, init_state=init_state
             )
             done = {k_: res[k_] for k_ in ("best_metric", "best_epoch", "val")}
-            done = {"restart": k, "seed": seed + k, **done, "signature": signature}
+            done = {"restart": k, "seed": seed, **done, "signature": signature}
             atomic_write_json(record, done)
         return done
 
@@ -408,7 +435,7 @@ class BagPhase:
         """Every restart's curves under its own prefix (the kept one's also unprefixed), its best metrics, artifacts."""
         run.log_params({"restarts": self.restarts, "chosen_restart": best, "aggregator": aggregator_name(factory)})
         run.log_params({"seed": seed, **describe_components(optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)})
-        for k in range(self.restarts):
+        for k in range(len(runs)):
             for row in json.loads((out_dir / f"restart_{k}" / "history.json").read_text()):
                 values = {m: v for m, v in row.items() if m != "epoch" and math.isfinite(v)}
                 prefixed = {f"restart_{k}.{m}": v for m, v in values.items()}
@@ -613,6 +640,16 @@ def _stop_score(metrics: Mapping[str, float], key: str) -> float:
     """The early-stopping score: the key metric, less a millionth of the validation loss (it only breaks ties)."""
     loss = metrics.get("val_loss", math.nan)
     return _finite(metrics[key]) - (1e-6 * loss if math.isfinite(loss) else 0.0)
+
+
+def _warm_start_mode(value: Any) -> bool | str:
+    """``bag_phase#warm_start`` as given: a boolean (see :func:`~monai_icmil.utils.as_bool`) or ``"both"``."""
+    if isinstance(value, str) and value.strip().lower() == "both":
+        return "both"
+    try:
+        return as_bool(value, "warm_start")
+    except ValueError:
+        raise ValueError(f"bag_phase: warm_start must be true, false or 'both', got {value!r}") from None
 
 
 def _restart_rank(run: Mapping[str, Any], k: int) -> tuple[float, float, int]:

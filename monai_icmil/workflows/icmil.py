@@ -476,8 +476,10 @@ class ICMILWorkflow(BundleWorkflow):
         run, t0 = self.tracking.phase(r, "bag_phase"), time.perf_counter()
         embedder = self.embedder_for(r)
         init_state = self.student_classifier_state(r, embedder.out_dim) if self._warm_start(r) else None
+        # "student": every restart from the student's classifier; "both": fresh ones too, the best by validation kept
+        warm = "both" if getattr(self.phases["bag_phase"], "warm_start", None) == "both" else "student"
         if run is not None and init_state is not None:
-            run.log_params({"warm_start": "student"})
+            run.log_params({"warm_start": warm})
         result = self.phases["bag_phase"](
             self.bags(r, "training", embedder), self.bags(r, "validation", embedder), self.aggregator,
             self.round_dir(r) / "bag_phase", self.num_classes, self.seed + r, self.class_names, run,
@@ -491,7 +493,9 @@ class ICMILWorkflow(BundleWorkflow):
         record = {"seconds": time.perf_counter() - t0, "best_epoch": result["best_epoch"], "val": val}
         record.update(restart=result["restart"], restarts_val=[x["best_metric"] for x in result["restarts"]])
         if init_state is not None:
-            record["warm_start"] = "student"
+            record.update(warm_start=warm, kept_start=result.get("start", "warm"))
+            if run is not None:
+                run.log_params({"kept_start": record["kept_start"]})
         self.tracking.end(run)
         self.ledger.mark(r, "bag_phase", record)
         self.test(r)
