@@ -285,14 +285,20 @@ def restart_test_aucs(out: Path, r: int, datalist: dict[str, Any]) -> list[float
 
 
 def restart_seeds(out: Path, r: int) -> list[int]:
-    """The seed of every bag-phase restart of round ``r``, in restart order (``[]`` where there was a single run).
+    """The seed of every bag-phase restart of round ``r``, in restart order (``[]`` where there was a single run;
+    ``None`` for a restart started from the student's classifier, ``--bag_warm_start``: it shares no initialisation).
 
     Round ``r`` seeds restart ``k`` with ``seed + r + k``, so rounds share all but one restart seed: a restart of round
     ``r`` and one of round 0 with the same seed started from the same initialisation and saw the instances in the
     same order, and differ only in the features (the embedder's change).
     """
     record = out / f"round_{r}" / "bag_phase" / "restarts.json"
-    return [int(x["seed"]) for x in json.loads(record.read_text())["restarts"]] if record.is_file() else []
+    if not record.is_file():
+        return []
+    return [
+        int(x["seed"]) if x.get("start", "fresh") == "fresh" else None
+        for x in json.loads(record.read_text())["restarts"]
+    ]
 
 
 def restart_fit(out: Path, r: int) -> list[dict[str, float]]:

@@ -498,8 +498,8 @@ def test_warm_start_both_pools_the_fresh_and_the_warm_restarts_and_keeps_the_bes
     bad = {n: -t if n.startswith("head.") else t for n, t in good.items()}  # the same classifier, its ranking flipped
     trained = []
 
-    def run(out, mode, init, restarts=2):
-        adam = functools.partial(torch.optim.Adam, lr=0.0)
+    def run(out, mode, init, restarts=2, lr=0.0):
+        adam = functools.partial(torch.optim.Adam, lr=lr)
         phase = BagPhase(optimizer=adam, epochs=2, restarts=restarts, warm_start=mode, **kw)
         factory = functools.partial(aggregator_class("abmil"), **FAST)
         return phase(train, val, factory, tmp_path / out, seed=3, init_state=init)
@@ -533,6 +533,12 @@ def test_warm_start_both_pools_the_fresh_and_the_warm_restarts_and_keeps_the_bes
     assert [r["start"] for r in one["restarts"]] == ["fresh", "warm"] and one["start"] == "warm"
     none = run("none", "both", None, restarts=1)  # no state (round 0): fresh only, as warm_start false
     assert none["restarts"] == fresh["restarts"][:1] and "start" not in none
+    run("learn_warm", True, good, lr=1e-3)  # training: the warm restarts of "both" are those of warm_start true
+    run("learn_both", "both", good, lr=1e-3)
+    for k in range(2):
+        a, b = (load_bag_classifier(tmp_path / d / f"restart_{j}" / "bag_classifier.pt").state_dict()
+                for d, j in (("learn_warm", k), ("learn_both", k + 2)))  # fmt: skip
+        assert all(torch.equal(a[n], b[n]) for n in a) and not torch.equal(a["head.weight"], good["head.weight"]), k
     with pytest.raises(ValueError, match="warm_start must be true, false or 'both', got 'sometimes'"):
         BagPhase(warm_start="sometimes")
 

@@ -214,6 +214,8 @@ def test_warm_start_starts_round_1s_bag_phase_from_the_student_classifier(tmp_pa
     warm = "student" if mode is True else "both"
     assert state["1"]["bag_phase"]["warm_start"] == warm and "warm_start" not in state["0"]["bag_phase"]
     assert state["1"]["bag_phase"]["kept_start"] == starts[restarts["chosen"]]
+    assert state["1"]["bag_phase"]["restarts_val"] == [r["best_metric"] for r in restarts["restarts"]]
+    assert state["1"]["bag_phase"]["val"]["auc"] == max(state["1"]["bag_phase"]["restarts_val"])  # best of all kept
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")

@@ -250,9 +250,10 @@ class BagPhase:
             the same state and differs by its seed (instance and slide order, DTFD's pseudo-bags, dropout). The kept
             epoch is the best trained one: the starting state itself is not a candidate. ``"both"``: the
             ``restarts`` fresh trainings (restarts ``0..n-1``, exactly those of ``warm_start=False``, whose records are
-            reused) and as many from the state (restarts ``n..2n-1``, seeded as the fresh ones: exactly those of
-            ``warm_start=True``) compete, and the best by validation is kept: the state is used only where
-            validation prefers it (it helped on sparse tumours and hurt on the demo, ``benchmarks/RESULTS.md``).
+            reused where ``restarts`` >= 2) and as many from the state (restarts ``n..2n-1``, seeded as the fresh
+            ones: exactly those of ``warm_start=True``) compete, and the best by validation is kept: the state is
+            used only where validation prefers it (it helped on sparse tumours and hurt on the demo,
+            ``benchmarks/RESULTS.md``); choosing from twice the candidates is a little more optimistic.
         device: default CUDA when available.
         progress: progress bars.
     """
@@ -330,7 +331,8 @@ class BagPhase:
             output_dir: ``bag_classifier.pt`` (the best), ``predictions_{train,val}.csv``, ``history.json`` (and with
                 restarts ``restarts.json``, ``restart_<k>/``) go here.
             num_classes: number of slide classes.
-            seed: restart ``k`` is seeded with ``seed + k`` (initialisation, instance shuffling, DTFD pseudo-bags).
+            seed: restart ``k`` is seeded with ``seed + k`` (initialisation, instance shuffling, DTFD pseudo-bags;
+                with ``warm_start="both"``, restart ``n + k`` too).
             class_names: names in the predictions CSV header.
             mlflow_run: a :class:`~monai_icmil.handlers.tracking.MLflowRun` for params, curves and artifacts.
             init_state: with ``warm_start``, a state dict of the aggregator (input statistics included) that every
@@ -434,6 +436,8 @@ class BagPhase:
     ) -> None:
         """Every restart's curves under its own prefix (the kept one's also unprefixed), its best metrics, artifacts."""
         run.log_params({"restarts": self.restarts, "chosen_restart": best, "aggregator": aggregator_name(factory)})
+        if len(runs) > self.restarts:  # warm_start "both": restarts 0..n-1 fresh, n..2n-1 from the given state
+            run.log_params({"restarts_trained": len(runs)})
         run.log_params({"seed": seed, **describe_components(optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)})
         for k in range(len(runs)):
             for row in json.loads((out_dir / f"restart_{k}" / "history.json").read_text()):

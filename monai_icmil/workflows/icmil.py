@@ -493,7 +493,7 @@ class ICMILWorkflow(BundleWorkflow):
         record = {"seconds": time.perf_counter() - t0, "best_epoch": result["best_epoch"], "val": val}
         record.update(restart=result["restart"], restarts_val=[x["best_metric"] for x in result["restarts"]])
         if init_state is not None:
-            record.update(warm_start=warm, kept_start=result.get("start", "warm"))
+            record.update(warm_start=warm, kept_start=result.get("start", "warm" if warm == "student" else "unknown"))
             if run is not None:
                 run.log_params({"kept_start": record["kept_start"]})
         self.tracking.end(run)
