@@ -216,6 +216,13 @@ def test_warm_start_starts_round_1s_bag_phase_from_the_student_classifier(tmp_pa
     assert state["1"]["bag_phase"]["kept_start"] == starts[restarts["chosen"]]
     assert state["1"]["bag_phase"]["restarts_val"] == [r["best_metric"] for r in restarts["restarts"]]
     assert state["1"]["bag_phase"]["val"]["auc"] == max(state["1"]["bag_phase"]["restarts_val"])  # best of all kept
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [row.get("bag_phase_start") for row in rows] == [None, starts[restarts["chosen"]]]
+    said = {"warm": "the student's classifier", "fresh": "a fresh initialisation"}[starts[restarts["chosen"]]]
+    assert (
+        f"Start of the kept bag classifier (`bag_phase#warm_start`): round 1, {said}."
+        in (out / "summary.md").read_text()
+    )
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")

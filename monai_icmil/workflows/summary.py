@@ -85,6 +85,8 @@ def summary_rows(
             "embed_s": s.get("embed", {}).get("seconds"),
             "bag_phase_s": s.get("bag_phase", {}).get("seconds"),
         }
+        if "kept_start" in s.get("bag_phase", {}):  # bag_phase#warm_start: where the kept classifier started
+            row["bag_phase_start"] = s["bag_phase"]["kept_start"]
         for key in ("val_auc", "test_auc", "teacher_patch_auc"):
             row[f"{key}_delta"] = _delta(row[key], previous[key]) if previous else None
         paired = paired_test_change(output_dir, previous["round"], row["round"]) if previous and output_dir else None
@@ -175,6 +177,11 @@ def _notes(
             )
     elif len(rows) > 1:
         notes.append(f"Coupling did not improve the validation AUC: round {final_round} (frozen embedder) is final.")
+    started = [(row["round"], row["bag_phase_start"]) for row in rows if row.get("bag_phase_start")]
+    if started:
+        where = {"warm": "the student's classifier", "fresh": "a fresh initialisation"}
+        said = "; ".join(f"round {r}, {where.get(start, start)}" for r, start in started)
+        notes.append(f"Start of the kept bag classifier (`bag_phase#warm_start`): {said}.")
     for row in rows:
         predicted = row["test_predicted"] or []
         if sum(1 for c in predicted if c) == 1 and sum(predicted) > 1:
