@@ -545,6 +545,12 @@ def test_boolean_overrides_are_read_as_booleans_in_any_case(trained, tmp_path):
         assert check_config(["run", "--config_file", files, "--heatmaps", value]) == ["heatmaps"]
     with pytest.raises(ValueError, match="'num_rounds' must be a number"):
         check_config(["run", "--config_file", files, "--num_rounds", "two"])
+    for value in ("both", "Both", "true", "0"):  # a boolean that also takes a word
+        assert check_config(["run", "--config_file", files, "--bag_phase#warm_start", value]) == [
+            "bag_phase#warm_start"
+        ]
+    with pytest.raises(ValueError, match="'bag_phase#warm_start' must be true, false or 'both', got 'sometimes'"):
+        check_config(["run", "--config_file", files, "--bag_phase#warm_start", "sometimes"])
 
 
 def test_inference_on_a_real_aperio_slide(trained, cmu_slide):

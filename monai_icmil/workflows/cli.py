@@ -86,16 +86,31 @@ def check_config(argv: Sequence[str] | None = None, config_ids: Sequence[str] | 
     return overrides
 
 
+# boolean settings that also take a word (read downstream, e.g. bag_phase#warm_start "both")
+_BOOLEAN_OR = {"bag_phase#warm_start": ("both",)}
+
+
 def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, str]]) -> None:
     """Override values that cannot be what the config holds at that id: a boolean (true/false in any case, 1/0,
-    yes/no, on/off, as :func:`~monai_icmil.utils.as_bool` reads them downstream) or a number."""
+    yes/no, on/off, as :func:`~monai_icmil.utils.as_bool` reads them downstream; for the ids of ``_BOOLEAN_OR``, also
+    their words) or a number."""
     from monai_icmil.utils import as_bool
 
     problems = []
     for key, value in pairs:
         default = _value_at(config, key.replace("::", "#").split("#"))
+        words = _BOOLEAN_OR.get(key.replace("::", "#"), ())
         try:
-            if isinstance(default, bool):
+            if isinstance(default, bool) and str(value).strip().lower() in words:
+                pass
+            elif isinstance(default, bool) and words:
+                try:
+                    as_bool(value, key)
+                except ValueError:
+                    raise ValueError(
+                        f"'{key}' must be true, false or {' or '.join(map(repr, words))}, got {value!r}"
+                    ) from None
+            elif isinstance(default, bool):
                 as_bool(value, key)
             elif isinstance(default, int) and not float(value).is_integer():
                 raise ValueError(f"'{key}' must be a whole number, got {value!r}")
