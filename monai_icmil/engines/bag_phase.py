@@ -355,8 +355,8 @@ class BagPhase:
         starts = [init_state] * self.restarts
         if init_state is not None and self.warm_start == "both":
             starts = [None] * self.restarts + starts
-        started = {} if init_state is None else {"start": "warm"}
         if len(starts) == 1:
+            started = {} if init_state is None else {"start": "warm"}
             result = self.train_once(train_ds, val_ds, factory, output_dir, seed, class_names, mlflow_run, init_state)
             summary = {k: result[k] for k in ("best_metric", "best_epoch")}
             return {**result, "restart": 0, "restarts": [{"restart": 0, "seed": seed, **summary, **started}], **started}
@@ -378,21 +378,33 @@ class BagPhase:
             )
             for k, start in enumerate(starts)
         ]
+        return self._keep_best(out_dir, runs, starts if init_state is not None else None, mlflow_run, factory, seed)
+
+    def _keep_best(
+        self,
+        out_dir: Path,
+        runs: list[dict[str, Any]],
+        starts: list[Any] | None,
+        mlflow_run: Any,
+        factory: AggregatorFactory,
+        seed: int,
+    ) -> dict[str, Any]:
+        """The best restart by :func:`_restart_rank`, its outputs copied into ``out_dir``, ``restarts.json`` (with
+        ``starts``, each restart's start: ``"fresh"`` or ``"warm"``), MLflow; returns :meth:`__call__`'s result."""
         best = max(range(len(runs)), key=lambda k: _restart_rank(runs[k], k))
         for name in _OUTPUTS:
             with atomic_path(out_dir / name) as tmp:
                 shutil.copyfile(out_dir / f"restart_{best}" / name, tmp)
         summaries = [{k: r[k] for k in ("restart", "seed", "best_metric", "best_epoch")} for r in runs]
-        if init_state is not None:
+        if starts is not None:
             summaries = [{**r, "start": "fresh" if start is None else "warm"} for r, start in zip(summaries, starts)]
-            started = {"start": summaries[best]["start"]}
         atomic_write_json(out_dir / "restarts.json", {"chosen": best, "restarts": summaries})
         scores = ", ".join(f"{_finite(r['best_metric']):.3f}" for r in runs)
         logger.info("bag_phase: restart %d kept (best validation %s %s)", best, self.key_metric, scores)
         if mlflow_run is not None:
             self._log_restarts(mlflow_run, out_dir, runs, best, factory, seed)
         return {
-            **started,
+            **({"start": summaries[best]["start"]} if starts is not None else {}),
             "best_metric": runs[best]["best_metric"],
             "best_epoch": runs[best]["best_epoch"],
             "checkpoint": str(out_dir / "bag_classifier.pt"),

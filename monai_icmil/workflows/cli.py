@@ -101,17 +101,15 @@ def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, str]]) ->
         default = _value_at(config, key.replace("::", "#").split("#"))
         words = _BOOLEAN_OR.get(key.replace("::", "#"), ())
         try:
-            if isinstance(default, bool) and str(value).strip().lower() in words:
-                pass
-            elif isinstance(default, bool) and words:
-                try:
-                    as_bool(value, key)
-                except ValueError:
-                    raise ValueError(
-                        f"'{key}' must be true, false or {' or '.join(map(repr, words))}, got {value!r}"
-                    ) from None
-            elif isinstance(default, bool):
-                as_bool(value, key)
+            if isinstance(default, bool):
+                if str(value).strip().lower() not in words:
+                    try:
+                        as_bool(value, key)
+                    except ValueError:
+                        if not words:
+                            raise
+                        said = " or ".join(map(repr, words))
+                        raise ValueError(f"'{key}' must be true, false or {said}, got {value!r}") from None
             elif isinstance(default, int) and not float(value).is_integer():
                 raise ValueError(f"'{key}' must be a whole number, got {value!r}")
             elif isinstance(default, float):
