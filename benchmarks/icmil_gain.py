@@ -77,7 +77,7 @@ from monai_icmil.data import open_slide  # noqa: E402
 from monai_icmil.data.annotations import GroundTruth  # noqa: E402
 from monai_icmil.data.store import CoordsStore, FeatureStore  # noqa: E402
 from monai_icmil.data.synthetic import make_dataset  # noqa: E402
-from monai_icmil.engines.bag_phase import evaluate_bags, load_bag_classifier  # noqa: E402
+from monai_icmil.engines.bag_phase import evaluate_bags, load_bag_classifier, restart_rank  # noqa: E402
 from monai_icmil.engines.embedder_phase import load_student_classifier  # noqa: E402
 from monai_icmil.metrics import binary_auc, linear_probe_auc, paired_auc_difference  # noqa: E402
 from monai_icmil.networks import aggregator_class  # noqa: E402
@@ -301,6 +301,57 @@ def restart_seeds(out: Path, r: int) -> list[int]:
     ]
 
 
+def start_picks(out: Path, r: int) -> dict[str, int]:
+    """Per start of round ``r``'s bag-phase restarts (``restarts.json``: ``fresh`` or ``warm``), the restart the bag
+    phase's own order (:func:`~monai_icmil.engines.bag_phase.restart_rank`) puts first among that start's: what
+    ``--bag_warm_start`` off (fresh) or on (warm) would have kept from the same restarts. Empty unless the round
+    trained restarts of both starts (``--bag_warm_start both``)."""
+    bag_dir = out / f"round_{r}" / "bag_phase"
+    if not (bag_dir / "restarts.json").is_file():
+        return {}
+    by_start: dict[str, list[int]] = {}
+    for x in json.loads((bag_dir / "restarts.json").read_text())["restarts"]:
+        by_start.setdefault(x.get("start", "fresh"), []).append(int(x["restart"]))
+    if len(by_start) < 2:
+        return {}
+    runs = {
+        k: json.loads((bag_dir / f"restart_{k}" / "restart.json").read_text()) for v in by_start.values() for k in v
+    }
+    return {start: max(ks, key=lambda k: restart_rank(runs[k], k)) for start, ks in by_start.items()}
+
+
+def start_best(out: Path, r: int, datalist: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per start of round ``r``'s restarts (:func:`start_picks`), its best restart by validation: which, its
+    validation AUC, its test AUC and its paired difference from round 0's kept classifier on the same test slides
+    (DeLong's standard error). Says, for a ``--bag_warm_start both`` run, what each start alone would have given and
+    whether validation chose the better one. Empty for other runs."""
+    picks = start_picks(out, r)
+    if not picks:
+        return {}
+
+    def scores(round_: int, net_path: Path) -> dict[str, tuple[int, float]]:
+        bags = [
+            {"slide_id": sid, "label": int(entry["label"]), "features": arrays["features"].float()}
+            for _, entry, sid, arrays in stored_test_arrays(out, round_, datalist)
+        ]
+        rows = evaluate_bags(load_bag_classifier(net_path), bags)[1]
+        return {row["slide_id"]: (row["label"], row["probs"][-1]) for row in rows}
+
+    before = scores(0, out / "round_0" / "bag_phase" / "bag_classifier.pt")
+    best = {}
+    for start, k in picks.items():
+        bag_dir = out / f"round_{r}" / "bag_phase"
+        after = scores(r, bag_dir / f"restart_{k}" / "bag_classifier.pt")
+        shared = [sid for sid in after if sid in before]
+        y = np.array([after[sid][0] for sid in shared])
+        a, b = (np.array([x[sid][1] for sid in shared]) for x in (before, after))
+        d = paired_auc_difference(a, b, y)
+        record = json.loads((bag_dir / f"restart_{k}" / "restart.json").read_text())
+        best[start] = {"restart": k, "val_auc": record["best_metric"], "test_auc": binary_auc(b, y),
+                       "gain": d["diff"], "gain_se": d["se"]}  # fmt: skip
+    return best
+
+
 def restart_fit(out: Path, r: int) -> list[dict[str, float]]:
     """How every bag-phase restart of round ``r`` trained, from its ``history.json``: epochs run, the kept epoch (the
     bag phase's best by validation AUC), the training loss there, and the epoch of the lowest validation loss. A
@@ -390,14 +441,17 @@ def teacher_slide_score(net: torch.nn.Module, features: torch.Tensor, top: float
     return float(probs.topk(max(1, int(top * len(probs)))).values.mean())
 
 
-def extra_test_rows(scores: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def extra_test_rows(
+    scores: dict[str, Any], picks: dict[int, dict[str, int]] | None = None
+) -> dict[int, dict[str, Any]]:
     """Per round, from :func:`extra_test_scores`: the kept classifier's AUC, every restart's, the kept classifier's
     instance teacher as a slide scorer (:func:`teacher_slide_score`), and for rounds >= 1 round 0's kept classifier on
     the round's features and the student's classifier; and (rounds >= 1) each one's paired difference from round 0's
     kept classifier (its teacher, for the teacher) on the same slides with its DeLong standard error
     (``extra_test_gain``, ``extra_teacher_slide_gain``, ``extra_round0_classifier_gain``,
-    ``extra_student_classifier_gain``, each with ``_se``). Scores from before a measure
-    existed lack its keys."""
+    ``extra_student_classifier_gain``, each with ``_se``). With ``picks`` (per round, :func:`start_picks`), also
+    ``extra_start_best``: per start, its best restart by validation, its AUC and paired gain. Scores from before a
+    measure existed lack its keys."""
     out = {}
     for r, s in scores.items():
         y = np.array(s["labels"])
@@ -428,6 +482,15 @@ def extra_test_rows(scores: dict[str, Any]) -> dict[int, dict[str, Any]]:
                     [before[s["slide_ids"][k]] for k in shared], [s[key][k] for k in shared], y[shared]
                 )
                 row[name], row[f"{name}_se"] = d["diff"], d["se"]
+        if int(r) and (picks or {}).get(int(r)) and "0" in scores:
+            before = dict(zip(scores["0"]["slide_ids"], scores["0"]["kept"]))
+            shared = [k for k, sid in enumerate(s["slide_ids"]) if sid in before]
+            row["extra_start_best"] = {}
+            for start, k in picks[int(r)].items():
+                b = np.array(s["restarts"][k])[shared]
+                d = paired_auc_difference([before[s["slide_ids"][j]] for j in shared], b, y[shared])
+                row["extra_start_best"][start] = {"restart": k, "auc": binary_auc(b, y[shared]), "gain": d["diff"],
+                                                  "gain_se": d["se"]}  # fmt: skip
         out[int(r)] = row
     return out
 
@@ -458,6 +521,7 @@ def collect(
                 "restart_mean_test_auc": float(np.mean(restarts)),
                 "restart_seeds": restart_seeds(out, int(r)),
                 "restart_fit": restart_fit(out, int(r)),
+                "start_best": start_best(out, int(r), datalist),
                 # round r's embedder phase measured round r-1's teacher on plain patches vs the student's views
                 "teacher_view_agreement": s.get("embedder_phase", {})
                 .get("teacher_consistency", {})
@@ -594,7 +658,39 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: floa
                 f"{_fmt(mean_gain) if rnd else '-'} | {_fmt(_same_init_gains(group, sel)) if rnd else '-'} |"
             )
     lines += _extra_test_markdown(rows)
+    lines += _start_best_markdown(rows)
     return "\n".join(lines) + "\n"
+
+
+def _start_best_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``--bag_warm_start both`` section: per round, each start's best restart by validation (:func:`start_best`)
+    on the test slides and, with ``--extra_test``, on the extra ones, each with its paired gain over round 0."""
+    rows = [r for r in rows if r.get("start_best")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Each start's best restart (`--bag_warm_start both`)",
+        "",
+        "The round's restarts of each start (fresh: a new initialisation; warm: the student's classifier), and the one "
+        "the bag phase's order (validation AUC, then validation loss) puts first among them: what that start alone "
+        "would have kept. The run keeps the first of all; paired gain: minus round 0's kept classifier on the same "
+        "slides, +/- its DeLong standard error.",
+        "",
+        "| setting | variant | seed | start | aggregator | round | restarts' start | its best restart | val AUC | "
+        "test AUC | paired gain vs round 0 | extra slides: AUC | its paired gain |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        for start, b in r["start_best"].items():
+            e = r.get("extra_start_best", {}).get(start)
+            extra = f"{_num(e['auc'])} | {e['gain']:+.3f} +/- {e['gain_se']:.3f}" if e else "- | -"
+            lines.append(
+                f"| {r['setting']} | {r.get('variant') or '-'} | {r['seed']} | {r['start']} | {r['aggregator']} | "
+                f"{r['round']} | {start} | {b['restart']} | {_num(b['val_auc'])} | {_num(b['test_auc'])} | "
+                f"{b['gain']:+.3f} +/- {b['gain_se']:.3f} | {extra} |"
+            )
+    return lines
 
 
 def _extra_test_markdown(rows: list[dict[str, Any]]) -> list[str]:
@@ -815,7 +911,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         extra = make_data(setting, seed, args, out, args.extra_test)
                         scores = extra_test_scores(run_dir, data, extra, seed, agg, start, args)
                         atomic_write_json(run_dir / "extra_test" / extra.name / "scores.json", scores)
-                        extra_rows = extra_test_rows(scores)
+                        picks = {int(r): start_picks(run_dir, int(r)) for r in scores}
+                        extra_rows = extra_test_rows(scores, picks)
                         new_rows = [{**row, **extra_rows.get(row["round"], {})} for row in new_rows]
                     rows += new_rows
                     report = merge_rows(out / f"report{suffix}.json", rows, args)

@@ -120,6 +120,33 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         assert new["1"]["bag_phase"]["warm_start"] == "student" and "warm_start" not in src["1"]["bag_phase"]
         kept = (runs / "abmil-warm" / "round_0" / "bag_phase" / "bag_classifier.pt").read_bytes()
         assert kept == (runs / "abmil" / "round_0" / "bag_phase" / "bag_classifier.pt").read_bytes()
+    # --bag_warm_start both: each start's best restart by validation is what that start alone kept (the plain run:
+    # fresh; the warm run: from the student's classifier), and the run keeps one of the two
+    both = gain.main(
+        again[:-1] + ["both", "--bag_from", "plain", "--keep_round0", "--bag_warm_start", "both", "--extra_test", "3"]
+    )
+    ssl_abmil = [r for r in [*rows, *gain.main(warm), *both] if (r["start"], r["aggregator"]) == ("ssl", "abmil")]
+    by_key = {(r["setting"], r["variant"], r["round"]): r for r in ssl_abmil}
+    for r in both:
+        if r["round"] == 0:
+            assert r["start_best"] == {}  # round 0: fresh restarts only
+            continue
+        best = r["start_best"]
+        assert (
+            set(best) == {"fresh", "warm"} and best["fresh"]["restart"] in (0, 1) and best["warm"]["restart"] in (2, 3)
+        )
+        alone = {"fresh": by_key[(r["setting"], "", 1)], "warm": by_key[(r["setting"], "warm", 1)]}
+        runs = tmp_path / "runs" / r["setting"] / "seed_0" / "ssl"
+        for start, d, offset in (("fresh", "abmil", 0), ("warm", "abmil-warm", 2)):
+            chosen = json.loads((runs / d / "round_1" / "bag_phase" / "restarts.json").read_text())["chosen"]
+            assert best[start]["restart"] == chosen + offset, (start, r)
+            assert best[start]["test_auc"] == pytest.approx(alone[start]["test_auc"], nan_ok=True), (start, r)
+        assert any(best[s]["test_auc"] == pytest.approx(r["test_auc"], nan_ok=True) for s in best)
+        assert r["val_auc"] == pytest.approx(max(best[s]["val_auc"] for s in best))
+        extra = r["extra_start_best"]
+        assert {s: x["restart"] for s, x in extra.items()} == {s: x["restart"] for s, x in best.items()}
+        assert any(extra[s]["auc"] == pytest.approx(r["extra_test_auc"], nan_ok=True) for s in extra)
+    assert "## Each start's best restart" in (tmp_path / "report-both.md").read_text()
     # --extra_test: every round's classifiers on 3 more test slides, and round 1's paired gain over round 0 there
     for r in rebag:
         assert r["extra_test_n"] == 3 and len(r["extra_restart_test_aucs"]) == 2

@@ -64,6 +64,7 @@ __all__ = [
     "load_bag_classifier",
     "check_bag_dims",
     "evaluate_bags",
+    "restart_rank",
 ]
 
 logger = logging.getLogger("monai_icmil.bag_phase")
@@ -389,9 +390,9 @@ class BagPhase:
         factory: AggregatorFactory,
         seed: int,
     ) -> dict[str, Any]:
-        """The best restart by :func:`_restart_rank`, its outputs copied into ``out_dir``, ``restarts.json`` (with
+        """The best restart by :func:`restart_rank`, its outputs copied into ``out_dir``, ``restarts.json`` (with
         ``starts``, each restart's start: ``"fresh"`` or ``"warm"``), MLflow; returns :meth:`__call__`'s result."""
-        best = max(range(len(runs)), key=lambda k: _restart_rank(runs[k], k))
+        best = max(range(len(runs)), key=lambda k: restart_rank(runs[k], k))
         for name in _OUTPUTS:
             with atomic_path(out_dir / name) as tmp:
                 shutil.copyfile(out_dir / f"restart_{best}" / name, tmp)
@@ -668,8 +669,14 @@ def _warm_start_mode(value: Any) -> bool | str:
         raise ValueError(f"bag_phase: warm_start must be true, false or 'both', got {value!r}") from None
 
 
-def _restart_rank(run: Mapping[str, Any], k: int) -> tuple[float, float, int]:
-    """Restarts compare by their best key metric, then by its validation loss, then the earliest wins."""
+def restart_rank(run: Mapping[str, Any], k: int) -> tuple[float, float, int]:
+    """The bag phase's order of restarts (the highest is kept): by their best key metric, then by its validation
+    loss, then the earliest wins.
+
+    Args:
+        run: restart ``k``'s record (``restart_<k>/restart.json``: ``best_metric``, ``val``).
+        k: its index.
+    """
     loss = run.get("val", {}).get("val_loss")
     return _finite(run["best_metric"]), -(loss if loss is not None and math.isfinite(loss) else math.inf), -k
 
