@@ -26,7 +26,10 @@ on the features and embedders of the runs of variant ``SOURCE`` (``plain``: the 
 phase alone on fixed features (8-14 min a round for AB-MIL on the hard large setting on one core, against ~65 for a
 coupled round). ``--bag_warm_start`` starts the bag phases of rounds >= 1 from the student's classifier
 (``bag_phase#warm_start``: the previous round's classifier with the reduction and head the embedder phase trained;
-``--bag_warm_start both``: as many restarts afresh and from it, the best by validation kept);
+``--bag_warm_start both``: as many restarts afresh and from it, the best by validation kept; the report then gives,
+per start, the restart the bag phase's order puts first among that start's, with its test AUC and paired gain over
+round 0: what ``false`` or ``true`` alone would have kept, ``start_best``, and on the extra slides
+``extra_start_best``);
 with ``--keep_round0``, ``--bag_from`` copies round 0's bag phase too instead of training it again.
 
 ``--extra_test N`` also scores every round's classifiers (the kept one and every restart) on N more test slides
@@ -342,12 +345,13 @@ def start_best(out: Path, r: int, datalist: dict[str, Any]) -> dict[str, dict[st
     for start, k in picks.items():
         bag_dir = out / f"round_{r}" / "bag_phase"
         after = scores(r, bag_dir / f"restart_{k}" / "bag_classifier.pt")
-        shared = [sid for sid in after if sid in before]
+        shared = [sid for sid in after if sid in before]  # the gain: on the slides both rounds scored
         y = np.array([after[sid][0] for sid in shared])
         a, b = (np.array([x[sid][1] for sid in shared]) for x in (before, after))
         d = paired_auc_difference(a, b, y)
         record = json.loads((bag_dir / f"restart_{k}" / "restart.json").read_text())
-        best[start] = {"restart": k, "val_auc": record["best_metric"], "test_auc": binary_auc(b, y),
+        test_auc = binary_auc(np.array([p for _, p in after.values()]), np.array([y_ for y_, _ in after.values()]))
+        best[start] = {"restart": k, "val_auc": record["val"].get("val_auc", float("nan")), "test_auc": test_auc,
                        "gain": d["diff"], "gain_se": d["se"]}  # fmt: skip
     return best
 
@@ -487,9 +491,9 @@ def extra_test_rows(
             shared = [k for k, sid in enumerate(s["slide_ids"]) if sid in before]
             row["extra_start_best"] = {}
             for start, k in picks[int(r)].items():
-                b = np.array(s["restarts"][k])[shared]
-                d = paired_auc_difference([before[s["slide_ids"][j]] for j in shared], b, y[shared])
-                row["extra_start_best"][start] = {"restart": k, "auc": binary_auc(b, y[shared]), "gain": d["diff"],
+                b = np.array(s["restarts"][k])  # restart k's scores: restart_nets' order is the restarts' index
+                d = paired_auc_difference([before[s["slide_ids"][j]] for j in shared], b[shared], y[shared])
+                row["extra_start_best"][start] = {"restart": k, "auc": binary_auc(b, y), "gain": d["diff"],
                                                   "gain_se": d["se"]}  # fmt: skip
         out[int(r)] = row
     return out

@@ -141,11 +141,15 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
             chosen = json.loads((runs / d / "round_1" / "bag_phase" / "restarts.json").read_text())["chosen"]
             assert best[start]["restart"] == chosen + offset, (start, r)
             assert best[start]["test_auc"] == pytest.approx(alone[start]["test_auc"], nan_ok=True), (start, r)
-        assert any(best[s]["test_auc"] == pytest.approx(r["test_auc"], nan_ok=True) for s in best)
+        # the run kept the first of the two picks; each pick's AUCs are its own restart's
+        record = json.loads((runs / "abmil-both" / "round_1" / "bag_phase" / "restarts.json").read_text())
+        assert best[record["restarts"][record["chosen"]]["start"]]["restart"] == record["chosen"]
         assert r["val_auc"] == pytest.approx(max(best[s]["val_auc"] for s in best))
         extra = r["extra_start_best"]
-        assert {s: x["restart"] for s, x in extra.items()} == {s: x["restart"] for s, x in best.items()}
-        assert any(extra[s]["auc"] == pytest.approx(r["extra_test_auc"], nan_ok=True) for s in extra)
+        for start, b in best.items():
+            assert b["test_auc"] == pytest.approx(r["restart_test_aucs"][b["restart"]], nan_ok=True)
+            k = extra[start]["restart"]
+            assert extra[start]["auc"] == pytest.approx(r["extra_restart_test_aucs"][k], nan_ok=True)
     assert "## Each start's best restart" in (tmp_path / "report-both.md").read_text()
     # --extra_test: every round's classifiers on 3 more test slides, and round 1's paired gain over round 0 there
     for r in rebag:
@@ -337,3 +341,51 @@ def test_embed_benchmark_loader_names_choose_the_compile_mode():
     ]
     assert loaders["t8x2s"] == {"num_workers": 0, "prefetch_threads": 8, "read_threads": 2, "copy_stream": True}
     assert loaders["8x2"]["num_workers"] == 8 and not loaders["8x2"]["copy_stream"]
+
+
+def test_start_picks_rank_each_start_as_the_bag_phase_does(tmp_path):
+    """Per start, the restart ``restart_rank`` puts first among that start's (validation AUC, then loss, then the
+    earlier); nothing for a round of one start or without restarts."""
+    gain = _module()
+    bag = tmp_path / "round_1" / "bag_phase"
+    vals = [(0.8, 0.5), (0.9, 0.6), (0.9, 0.4), (0.95, 0.3), (0.95, 0.2), (0.7, 0.1)]  # (val AUC, val loss)
+    starts = ["fresh"] * 3 + ["warm"] * 3
+    for k, (auc, loss) in enumerate(vals):
+        (bag / f"restart_{k}").mkdir(parents=True)
+        record = {"restart": k, "best_metric": auc, "val": {"val_auc": auc, "val_loss": loss}}
+        (bag / f"restart_{k}" / "restart.json").write_text(json.dumps(record))
+    assert gain.start_picks(tmp_path, 1) == {}  # no restarts.json
+    restarts = [
+        {"restart": k, "seed": k, "best_metric": v[0], "start": st} for k, (v, st) in enumerate(zip(vals, starts))
+    ]
+    (bag / "restarts.json").write_text(json.dumps({"chosen": 4, "restarts": restarts}))
+    # fresh: 1 and 2 tie on AUC, 2 has the lower loss; warm: 3 and 4 tie on AUC, 4 has the lower loss
+    assert gain.start_picks(tmp_path, 1) == {"fresh": 2, "warm": 4}
+    one = [{k: v for k, v in x.items() if k != "start"} for x in restarts]  # records without a start: all fresh
+    (bag / "restarts.json").write_text(json.dumps({"chosen": 4, "restarts": one}))
+    assert gain.start_picks(tmp_path, 1) == {}
+
+
+def test_extra_start_best_is_each_picked_restart_against_round0():
+    """``extra_start_best``: the picked restart's AUC on every extra slide, and its paired gain over round 0's kept
+    classifier on the slides round 0 scored too."""
+    from monai_icmil.metrics import binary_auc, paired_auc_difference
+
+    gain = _module()
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 6)
+    ids = [f"s{i}" for i in range(12)]
+    restarts = [(y * w + rng.random(12)).tolist() for w in (0.2, 0.5, 0.8, 1.1)]
+    kept0 = (y * 0.4 + rng.random(12)).tolist()
+    scores = {
+        "0": {"slide_ids": ids[1:], "labels": y[1:].tolist(), "kept": kept0[1:], "restarts": [kept0[1:]]},
+        "1": {"slide_ids": ids, "labels": y.tolist(), "kept": restarts[2], "restarts": restarts},
+    }
+    rows = gain.extra_test_rows(scores, {0: {}, 1: {"fresh": 1, "warm": 2}})
+    assert "extra_start_best" not in rows[0]
+    for start, k in (("fresh", 1), ("warm", 2)):
+        got = rows[1]["extra_start_best"][start]
+        assert got["restart"] == k and got["auc"] == pytest.approx(binary_auc(np.array(restarts[k]), y))
+        want = paired_auc_difference(np.array(kept0[1:]), np.array(restarts[k][1:]), y[1:])  # s0: round 1 only
+        assert got["gain"] == pytest.approx(want["diff"]) and got["gain_se"] == pytest.approx(want["se"])
+    assert rows[1]["extra_start_best"]["warm"]["auc"] != pytest.approx(rows[1]["extra_start_best"]["fresh"]["auc"])
