@@ -280,11 +280,17 @@ def restart_test_aucs(out: Path, r: int, datalist: dict[str, Any]) -> list[float
     restarts says what the round's features support without that choice.
     """
     nets = restart_nets(out / f"round_{r}" / "bag_phase")
-    bags = [
+    bags = stored_test_bags(out, r, datalist)
+    return [float(evaluate_bags(load_bag_classifier(path), bags)[0]["auc"]) for path in nets]
+
+
+def stored_test_bags(out: Path, r: int, datalist: dict[str, Any]) -> list[dict[str, Any]]:
+    """Round ``r``'s stored features of every test slide (:func:`stored_test_arrays`) as bags for
+    :func:`~monai_icmil.engines.bag_phase.evaluate_bags`."""
+    return [
         {"slide_id": sid, "label": int(entry["label"]), "features": arrays["features"].float()}
         for _, entry, sid, arrays in stored_test_arrays(out, r, datalist)
     ]
-    return [float(evaluate_bags(load_bag_classifier(path), bags)[0]["auc"]) for path in nets]
 
 
 def restart_seeds(out: Path, r: int) -> list[int]:
@@ -332,19 +338,15 @@ def start_best(out: Path, r: int, datalist: dict[str, Any]) -> dict[str, dict[st
     if not picks:
         return {}
 
-    def scores(round_: int, net_path: Path) -> dict[str, tuple[int, float]]:
-        bags = [
-            {"slide_id": sid, "label": int(entry["label"]), "features": arrays["features"].float()}
-            for _, entry, sid, arrays in stored_test_arrays(out, round_, datalist)
-        ]
+    def scores(bags: list[dict[str, Any]], net_path: Path) -> dict[str, tuple[int, float]]:
         rows = evaluate_bags(load_bag_classifier(net_path), bags)[1]
         return {row["slide_id"]: (row["label"], row["probs"][-1]) for row in rows}
 
-    before = scores(0, out / "round_0" / "bag_phase" / "bag_classifier.pt")
+    before = scores(stored_test_bags(out, 0, datalist), out / "round_0" / "bag_phase" / "bag_classifier.pt")
+    bags, bag_dir = stored_test_bags(out, r, datalist), out / f"round_{r}" / "bag_phase"  # read once for every pick
     best = {}
     for start, k in picks.items():
-        bag_dir = out / f"round_{r}" / "bag_phase"
-        after = scores(r, bag_dir / f"restart_{k}" / "bag_classifier.pt")
+        after = scores(bags, bag_dir / f"restart_{k}" / "bag_classifier.pt")
         shared = [sid for sid in after if sid in before]  # the gain: on the slides both rounds scored
         y = np.array([after[sid][0] for sid in shared])
         a, b = (np.array([x[sid][1] for sid in shared]) for x in (before, after))
