@@ -125,6 +125,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "bag_phase#standardize": True,
         "bag_phase#restarts": args.bag_restarts,
         "bag_phase#warm_start": args.bag_warm_start,
+        "bag_phase#max_instances": args.bag_max_instances,
         "embedder_phase#epochs": args.couple_epochs,
         "embedder_phase#batches_per_epoch": args.couple_batches,
         "embedder_phase#batch_size": args.couple_batch_size,
@@ -837,6 +838,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bag_weight_decay", type=float, default=1e-4, help="bag-phase Adam weight decay (train.json's)")
     p.add_argument(
         "--bag_patience", type=int, default=None, help="bag-phase early-stopping patience (default max(5, epochs // 3))"
+    )
+    p.add_argument(
+        "--bag_max_instances",
+        type=int,
+        default=None,
+        help="bag_phase#max_instances: each training step keeps this many of the bag's (shuffled) instances; "
+        "validation and test bags stay whole (default: all)",
     )
     p.add_argument("--val_patches", type=int, default=256)
     p.add_argument("--ssl_epochs", type=int, default=10)
