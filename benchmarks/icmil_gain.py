@@ -126,6 +126,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "bag_phase#restarts": args.bag_restarts,
         "bag_phase#warm_start": args.bag_warm_start,
         "bag_phase#max_instances": args.bag_max_instances,
+        "bag_phase#instance_weight": args.bag_instance_weight,
+        "bag_phase#instance_top_k": args.bag_instance_k,
         "embedder_phase#epochs": args.couple_epochs,
         "embedder_phase#batches_per_epoch": args.couple_batches,
         "embedder_phase#batch_size": args.couple_batch_size,
@@ -846,6 +848,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="bag_phase#max_instances: each training step keeps this many of the bag's (shuffled) instances; "
         "validation and test bags stay whole (default: all)",
     )
+    p.add_argument(
+        "--bag_instance_weight",
+        type=float,
+        default=0.0,
+        help="bag_phase#instance_weight: weight of the top-k instance loss on the instance head (0: off)",
+    )
+    p.add_argument("--bag_instance_k", type=int, default=4, help="bag_phase#instance_top_k")
     p.add_argument("--val_patches", type=int, default=256)
     p.add_argument("--ssl_epochs", type=int, default=10)
     p.add_argument("--ssl_batches", type=int, default=40)

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from monai_icmil.engines.bag_phase import (
     BagPhase,
+    BagPhaseTrainer,
     BagTrainingError,
     feature_stats,
     load_bag_classifier,
@@ -734,3 +735,52 @@ def test_paired_test_change_reads_two_rounds_predictions(tmp_path):
     (tmp_path / "round_5" / "test").mkdir(parents=True)
     (tmp_path / "round_5" / "test" / "predictions.csv").write_text("slide,label,prob_normal,prob_tumour\ns0,1\n")
     assert paired_test_change(tmp_path, 0, 5) is None  # a short row: unreadable, not an error
+
+
+def test_instance_loss_is_a_top_k_cross_entropy_on_the_instance_head_added_to_the_bag_loss():
+    torch.manual_seed(0)
+    net = create_aggregator("abmil", 16, hidden_dim=8)
+    ce = torch.nn.CrossEntropyLoss()
+    loader = torch.utils.data.DataLoader([0])
+    trainer = BagPhaseTrainer(
+        torch.device("cpu"), 1, loader, net, torch.optim.SGD(net.parameters(), lr=0.0), ce,
+        shuffle_instances=False, instance_weight=0.5, instance_top_k=3,
+    )  # fmt: skip
+    feats = torch.randn(10, 16)
+    for label in (0, 1):
+        y = torch.tensor([label])
+        with torch.no_grad():
+            inst = net.head(net.dim_reduction((feats - net.input_mean) / net.input_std))
+            p0 = torch.softmax(inst, -1)[:, 0]
+            top = torch.argsort(p0)[:3]  # the three least like class 0
+            by_hand = -torch.log_softmax(inst[top], -1)[:, label].mean()
+            bag = ce(net(feats)["logits"], y)
+            assert torch.allclose(trainer.instance_loss(feats, y), by_hand, atol=1e-6)
+        out = trainer._iteration(trainer, {"features": feats, "label": y, "slide_id": "s"})
+        assert out["loss"] == pytest.approx(float(bag + 0.5 * by_hand), abs=1e-5)
+    trainer.instance_top_k = 50  # more than the bag holds: every instance
+    with torch.no_grad():
+        inst = net.instance_logits(feats)
+        assert torch.allclose(trainer.instance_loss(feats, torch.tensor([0])), ce(inst, torch.zeros(10).long()))
+
+
+def test_the_bag_phase_with_the_instance_loss_learns_and_keeps_older_records_valid(tmp_path):
+    assert BagPhase().signature() == BagPhase(instance_top_k=8).signature()  # off: records made before it still count
+    assert BagPhase(instance_weight=0.5).signature() != BagPhase().signature()
+    with pytest.raises(ValueError, match="instance_weight"):
+        BagPhase(instance_weight=-1.0)
+    result = train_bag_classifier(
+        ShiftedBags(40, 0),
+        ShiftedBags(20, 1),
+        "abmil",
+        tmp_path,
+        aggregator_kwargs=FAST,
+        epochs=10,
+        lr=5e-4,
+        progress=False,
+        device="cpu",
+        early_stop_patience=None,
+        instance_weight=0.5,
+        instance_top_k=2,
+    )
+    assert result["best_metric"] >= 0.95

@@ -95,7 +95,8 @@ class BagPhaseTrainer(SupervisedTrainer):
 
     The step shuffles the bag's instances (and keeps the first ``max_instances``), runs the aggregator, applies
     ``loss_function`` to the slide logits (and, weighted by ``tier1_weight``, to DTFD-MIL's pseudo-bag logits, each
-    carrying the slide's label), refuses a non-finite loss, and takes a clipped optimizer step.
+    carrying the slide's label), adds the instance loss where ``instance_weight`` > 0, refuses a non-finite loss, and
+    takes a clipped optimizer step.
 
     Args:
         device, max_epochs, train_data_loader, network, optimizer, loss_function: as MONAI's
@@ -105,6 +106,12 @@ class BagPhaseTrainer(SupervisedTrainer):
         shuffle_instances: shuffle the instances of each bag.
         max_instances: keep at most this many (shuffled) instances per bag.
         tier1_weight: weight of DTFD-MIL's tier-1 loss.
+        instance_weight: weight of a top-k instance loss on the instance head (the ICMIL teacher,
+            :meth:`MILAggregator.instance_logits`): the ``instance_top_k`` instances of the bag that look least like
+            class 0 (highest ``-log p(class 0)``) carry the bag's label. On a class-0 bag every instance is known to be
+            class 0, and its most positive-looking ones are pushed down; on a positive bag the top ones are pushed up,
+            which the patches never seen in class-0 bags win (top-k MIL, as CLAM's instance loss). 0: off.
+        instance_top_k: instances per bag in the instance loss (at most the bag's size).
     """
 
     def __init__(
@@ -119,6 +126,8 @@ class BagPhaseTrainer(SupervisedTrainer):
         shuffle_instances: bool = True,
         max_instances: int | None = None,
         tier1_weight: float = 1.0,
+        instance_weight: float = 0.0,
+        instance_top_k: int = 4,
     ):
         if isinstance(loss_function, torch.nn.Module):
             loss_function = loss_function.to(device)  # e.g. class weights
@@ -132,7 +141,14 @@ class BagPhaseTrainer(SupervisedTrainer):
             decollate=False,
         )
         self.grad_clip, self.shuffle_instances, self.max_instances = grad_clip, shuffle_instances, max_instances
-        self.tier1_weight = tier1_weight
+        self.tier1_weight, self.instance_weight, self.instance_top_k = tier1_weight, instance_weight, instance_top_k
+
+    def instance_loss(self, feats: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """The top-k instance loss of one bag (``feats [N, D]``, ``label [1]``): see ``instance_weight``."""
+        inst = self.network.instance_logits(feats)
+        k = min(int(self.instance_top_k), len(inst))
+        top = torch.topk(-torch.log_softmax(inst, dim=-1)[:, 0], k).indices
+        return self.loss_function(inst[top], label.expand(k))
 
     def _iteration(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         feats = batchdata["features"].to(self.state.device).float()
@@ -150,6 +166,8 @@ class BagPhaseTrainer(SupervisedTrainer):
         if "tier1_logits" in out:  # DTFD: each pseudo-bag carries the slide's label
             t1 = out["tier1_logits"]
             loss = loss + self.tier1_weight * self.loss_function(t1, label.expand(len(t1)))
+        if self.instance_weight:
+            loss = loss + self.instance_weight * self.instance_loss(feats, label)
         if not torch.isfinite(loss):
             raise BagTrainingError(
                 f"non-finite loss ({loss.item()}) at epoch {self.state.epoch}, slide '{batchdata['slide_id']}'. "
@@ -242,7 +260,8 @@ class BagPhase:
             instances; the statistics are part of the network (:meth:`MILAggregator.set_input_stats`), so the
             instance teacher and inference apply them too. Features of a random-init or self-supervised embedder can
             have a scale at which the default learning rate does not move the loss at all.
-        shuffle_instances, max_instances, tier1_weight: see :class:`BagPhaseTrainer`.
+        shuffle_instances, max_instances, tier1_weight, instance_weight, instance_top_k: see
+            :class:`BagPhaseTrainer`.
         warm_start: start from a given state instead of a fresh initialisation (``init_state`` of :meth:`__call__`).
             The ICMIL workflow reads it and, for rounds >= 1, passes the student's classifier as the embedder phase
             saved it (``student_head.pt``: the previous round's classifier it copied, with the dimension reduction and
@@ -275,6 +294,8 @@ class BagPhase:
         shuffle_instances: bool = True,
         max_instances: int | None = None,
         tier1_weight: float = 1.0,
+        instance_weight: float = 0.0,
+        instance_top_k: int = 4,
         warm_start: bool | str = False,
         device: str | torch.device | None = None,
         progress: bool = True,
@@ -294,6 +315,12 @@ class BagPhase:
         self.standardize = as_bool(standardize, "standardize")
         self.shuffle_instances = as_bool(shuffle_instances, "shuffle_instances")
         self.max_instances, self.tier1_weight = max_instances, tier1_weight
+        self.instance_weight, self.instance_top_k = float(instance_weight), int(instance_top_k)
+        if self.instance_weight < 0 or self.instance_top_k < 1:
+            raise ValueError(
+                f"bag_phase: instance_weight must be >= 0 and instance_top_k >= 1, got {instance_weight} and "
+                f"{instance_top_k}"
+            )
         self.warm_start = _warm_start_mode(warm_start)
         self.device, self.progress = default_device(device), as_bool(progress, "progress")
 
@@ -307,7 +334,8 @@ class BagPhase:
                 "settings": [self.epochs, self.key_metric, self.early_stop_patience, self.grad_clip, self.standardize]
                 # (only where it acts, so that records made before it existed stay valid)
                 + ([self.early_stop_min_epochs] if self.early_stop_min_epochs and self.early_stop_patience else []),
-                "bags": [self.shuffle_instances, self.max_instances, self.tier1_weight],
+                "bags": [self.shuffle_instances, self.max_instances, self.tier1_weight]
+                + ([self.instance_weight, self.instance_top_k] if self.instance_weight else []),
             }
         )
 
@@ -568,7 +596,7 @@ class BagPhase:
         evaluator.logger.setLevel(logging.WARNING)  # one validation per epoch: the stats handler reports it
         trainer = BagPhaseTrainer(
             self.device, self.epochs, train_loader, net, optimizer, self.loss_function, self.grad_clip,
-            self.shuffle_instances, self.max_instances, self.tier1_weight,
+            self.shuffle_instances, self.max_instances, self.tier1_weight, self.instance_weight, self.instance_top_k,
         )  # fmt: skip
         progress = PhaseProgress({"metric": -math.inf, "epoch": 0, "val": {}})
         state = {"trainer": trainer, "network": net, "optimizer": optimizer, "progress": progress}
@@ -640,6 +668,8 @@ class BagPhase:
                 "epochs": self.epochs,
                 "grad_clip": self.grad_clip,
                 "max_instances": self.max_instances,
+                "instance_weight": self.instance_weight,
+                "instance_top_k": self.instance_top_k,
                 "key_metric": self.key_metric,
                 "standardize": self.standardize,
                 "seed": seed,
