@@ -13,7 +13,10 @@ For each round of a run folder (an ``icmil_gain.py`` run or any bundle ``output_
   three slide scores (the highest patch score, the mean of the top 5 %, the mean). No weakly supervised model of the
   same features should be expected to beat the oracle's slide AUC by much.
 - **teacher**: the same three slide scores from the round's instance teacher (the bag classifier applied to each
-  patch), beside the bag classifier's own test AUC (``round_<r>/test/predictions.csv``).
+  patch), beside the bag classifier's own test AUC (``round_<r>/test/predictions.csv``); and on the training slides,
+  the ones it learnt from: its patch AUC (witnesses against tumour-free patches) and the share of positive slides
+  with a witness whose highest-scoring patch is one. High there and low on the test slides: it memorised where the
+  witnesses are; low (or below 0.5) on both: it never found them.
 
     python benchmarks/witness_bound.py --run /tmp/gain/sparse/runs/sparse/seed_0/ssl/abmil \\
         --data /tmp/gain/sparse/data/sparse/seed_0 --out /tmp/witness
@@ -87,26 +90,35 @@ def _auc(scores: list[float], labels: list[int]) -> float:
 def measure_round(run: Path, r: int, data: Path, datalist: dict[str, Any], negatives: int = 60) -> dict[str, Any]:
     """The witness counts, the oracle and the teacher of round ``r`` (see the module docstring)."""
     rng = np.random.default_rng(0)
-    fit_x, fit_y, per_slide, witnesses = [], [], [], []
+    teacher = load_bag_classifier(run / f"round_{r}" / "bag_phase" / "bag_classifier.pt").cpu().eval()
+
+    def teach(feats: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(teacher.instance_logits(torch.from_numpy(feats)), -1)[:, -1].numpy()
+
+    fit_x, fit_y, per_slide, witnesses, train_y, train_s, hits = [], [], [], [], [], [], []
     for entry, feats, frac in patches(run, r, data, datalist["training"]):
         pos, neg = np.flatnonzero(frac >= 0.5), np.flatnonzero(frac == 0)
+        t, keep = teach(feats), (frac >= 0.5) | (frac == 0)
+        train_y.append(frac[keep] >= 0.5)
+        train_s.append(t[keep])
         neg = rng.choice(neg, min(len(neg), negatives), replace=False)
         fit_x += [feats[pos], feats[neg]]
         fit_y += [np.ones(len(pos)), np.zeros(len(neg))]
         if int(entry["label"]):
             per_slide.append(len(feats))
             witnesses.append(int(len(pos)))
+            if len(pos):
+                hits.append(bool(frac[int(np.argmax(t))] >= 0.5))
     y = np.concatenate(fit_y)
     oracle = fit_linear_probe(np.concatenate(fit_x), y) if 0 < y.sum() < len(y) else None
-    teacher = load_bag_classifier(run / f"round_{r}" / "bag_phase" / "bag_classifier.pt").cpu().eval()
+    ty = np.concatenate(train_y) if train_y else np.zeros(0, bool)
     labels, ids, patch_y, patch_s = [], [], [], []
     scores = {"oracle": {k: [] for k in SLIDE_SCORES}, "teacher": {k: [] for k in SLIDE_SCORES}}
     for entry, feats, frac in patches(run, r, data, datalist["test"]):
         labels.append(int(entry["label"]))
         ids.append(Path(entry["image"]).stem)
-        with torch.no_grad():
-            t = torch.softmax(teacher.instance_logits(torch.from_numpy(feats)), -1)[:, -1].numpy()
-        for k, v in slide_scores(t).items():
+        for k, v in slide_scores(teach(feats)).items():
             scores["teacher"][k].append(v)
         if oracle is not None:
             o = oracle(feats)
@@ -127,6 +139,8 @@ def measure_round(run: Path, r: int, data: Path, datalist: dict[str, Any], negat
         "oracle_patch_auc": (binary_auc(np.concatenate(patch_s), py) if 0 < py.sum() < len(py) else float("nan")),
         **{f"oracle_slide_auc_{k}": _auc(v, labels) if oracle else float("nan") for k, v in scores["oracle"].items()},
         **{f"teacher_slide_auc_{k}": _auc(v, labels) for k, v in scores["teacher"].items()},
+        "teacher_train_patch_auc": binary_auc(np.concatenate(train_s), ty) if 0 < ty.sum() < len(ty) else float("nan"),
+        "teacher_train_top_is_witness": float(np.mean(hits)) if hits else float("nan"),
         "bag_test_auc": _auc(bag, labels),
     }
 
@@ -140,12 +154,14 @@ COLUMNS = [
     *[(f"oracle_slide_auc_{k}", f"oracle slide AUC ({k})") for k in SLIDE_SCORES],
     *[(f"teacher_slide_auc_{k}", f"teacher slide AUC ({k})") for k in SLIDE_SCORES],
     ("bag_test_auc", "bag test AUC"),
+    ("teacher_train_patch_auc", "teacher patch AUC, training slides"),
+    ("teacher_train_top_is_witness", "positive training slides whose top patch is a witness"),
 ]
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
     def cell(key: str, v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) and "auc" in key else f"{v:g}"
+        return f"{v:.3f}" if isinstance(v, float) and ("auc" in key or "_is_" in key) else f"{v:g}"
 
     lines = [f"Command: `{command}`", "", "| run | " + " | ".join(h for _, h in COLUMNS) + " |"]
     lines.append("| --- " * (len(COLUMNS) + 1) + "|")

@@ -21,6 +21,7 @@ from monai_icmil.engines.bag_phase import (
     load_bag_classifier,
     predict_bags,
     save_bag_classifier,
+    write_predictions_csv,
 )
 from monai_icmil.handlers.tracking import sqlite_tracking_uri, start_run
 from monai_icmil.metrics import binary_auc, slide_metrics
@@ -784,3 +785,12 @@ def test_the_bag_phase_with_the_instance_loss_learns_and_keeps_older_records_val
         instance_top_k=2,
     )
     assert result["best_metric"] >= 0.95
+
+
+def test_predictions_csv_keeps_the_order_of_a_confident_classifiers_small_probabilities(tmp_path):
+    probs = torch.tensor([[1 - 1e-7, 1e-7], [1 - 3e-7, 3e-7], [1 - 2e-6, 2e-6], [0.25, 0.75]], dtype=torch.float32)
+    rows = [{"slide_id": f"s{i}", "label": i % 2, "probs": p.tolist()} for i, p in enumerate(probs)]
+    path = write_predictions_csv(tmp_path / "predictions.csv", rows, ["normal", "tumour"])
+    got = [float(r["prob_tumour"]) for r in csv.DictReader(open(path))]
+    assert np.array_equal(np.float32(got), probs[:, 1].numpy())  # float32 round-trips: no ties, the same AUC
+    assert binary_auc(np.array(got), np.array([0, 1, 0, 1])) == binary_auc(probs[:, 1].numpy(), np.array([0, 1, 0, 1]))

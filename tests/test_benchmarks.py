@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from monai_icmil.engines.bag_phase import load_bag_classifier
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "icmil_gain.py"
 
 
@@ -177,6 +179,15 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         assert row["positive_slides"] == sum(e["label"] for e in datalist["training"])
         assert 0 <= row["positive_slides_without_witness"] <= row["positive_slides"]
         assert all(0 <= row[k] <= 1 or math.isnan(row[k]) for k in row if "auc" in k)
+        # the teacher on its own training slides, by hand: is each positive slide's top patch a witness?
+        teacher = load_bag_classifier(run / f"round_{row['round']}" / "bag_phase" / "bag_classifier.pt").eval()
+        hits = []
+        for entry, feats, frac in bound.patches(run, row["round"], data, datalist["training"]):
+            if entry["label"] and (frac >= 0.5).any():
+                with torch.no_grad():
+                    top = int(torch.argmax(torch.softmax(teacher.instance_logits(torch.from_numpy(feats)), -1)[:, 1]))
+                hits.append(frac[top] >= 0.5)
+        assert same(row["teacher_train_top_is_witness"], float(np.mean(hits)) if hits else float("nan")), row
     assert (tmp_path / "bound" / "report.md").read_text().count("| default/seed_0/ssl/abmil |") == 2
     # --extra_test's scoring (the bundle's inference, then every restart on the features it stored), given the run's
     # own test slides, gives the workflow's test predictions and every restart's test AUC

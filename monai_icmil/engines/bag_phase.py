@@ -824,7 +824,9 @@ def write_predictions_csv(
     path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], class_names: Sequence[str] | None = None
 ) -> Path:
     """``slide,label,prob_<class>...,pred,pred_class`` (atomic): ``label`` and ``pred`` are class indices (``label``
-    empty for unlabelled slides), ``pred_class`` the predicted class's name."""
+    empty for unlabelled slides), ``pred_class`` the predicted class's name. Probabilities carry 9 significant digits
+    (exact for float32), so that a confident classifier's small probabilities keep their order: an AUC computed from
+    the file equals the workflow's (6 decimals tied 9 of 40 test slides of one such run and moved its AUC by 0.003)."""
     n = len(rows[0]["probs"]) if rows else len(class_names or [0, 1])
     names = list(class_names) if class_names else [str(c) for c in range(n)]
     buf = io.StringIO()
@@ -833,7 +835,7 @@ def write_predictions_csv(
     for r in rows:
         label = "" if r.get("label") is None else r["label"]
         pred = int(np.argmax(r["probs"]))
-        w.writerow([r["slide_id"], label, *[f"{p:.6f}" for p in r["probs"]], pred, names[pred]])
+        w.writerow([r["slide_id"], label, *[f"{p:.9g}" for p in r["probs"]], pred, names[pred]])
     return atomic_write_text(path, buf.getvalue())
 
 
