@@ -71,20 +71,17 @@ class ShiftedBags(Dataset):
         }
 
 
+def learn_shifted_bags(name: str, output_dir, **kw) -> dict:
+    """10 epochs of the bag phase on 40 training and 20 validation :class:`ShiftedBags`."""
+    return train_bag_classifier(
+        ShiftedBags(40, 0), ShiftedBags(20, 1), name, output_dir, aggregator_kwargs=FAST, epochs=10, lr=5e-4,
+        progress=False, device="cpu", early_stop_patience=None, **kw,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
 def test_each_aggregator_learns_a_bag_task_with_a_few_shifted_instances(name, tmp_path):
-    result = train_bag_classifier(
-        ShiftedBags(40, 0),
-        ShiftedBags(20, 1),
-        name,
-        tmp_path,
-        aggregator_kwargs=FAST,
-        epochs=10,
-        lr=5e-4,
-        progress=False,
-        device="cpu",
-        early_stop_patience=None,
-    )
+    result = learn_shifted_bags(name, tmp_path)
     assert result["best_metric"] >= 0.95
     assert (tmp_path / "bag_classifier.pt").is_file()
 
@@ -770,20 +767,7 @@ def test_the_bag_phase_with_the_instance_loss_learns_and_keeps_older_records_val
     assert BagPhase(instance_weight=0.5).signature() != BagPhase().signature()
     with pytest.raises(ValueError, match="instance_weight"):
         BagPhase(instance_weight=-1.0)
-    result = train_bag_classifier(
-        ShiftedBags(40, 0),
-        ShiftedBags(20, 1),
-        "abmil",
-        tmp_path,
-        aggregator_kwargs=FAST,
-        epochs=10,
-        lr=5e-4,
-        progress=False,
-        device="cpu",
-        early_stop_patience=None,
-        instance_weight=0.5,
-        instance_top_k=2,
-    )
+    result = learn_shifted_bags("abmil", tmp_path, instance_weight=0.5, instance_top_k=2)
     assert result["best_metric"] >= 0.95
 
 
