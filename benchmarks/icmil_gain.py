@@ -128,6 +128,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "bag_phase#max_instances": args.bag_max_instances,
         "bag_phase#instance_weight": args.bag_instance_weight,
         "bag_phase#instance_top_k": args.bag_instance_k,
+        "bag_phase#witness_search": args.bag_witness_search,
         "embedder_phase#epochs": args.couple_epochs,
         "embedder_phase#batches_per_epoch": args.couple_batches,
         "embedder_phase#batch_size": args.couple_batch_size,
@@ -855,6 +856,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="bag_phase#instance_weight: weight of the top-k instance loss on the instance head (0: off)",
     )
     p.add_argument("--bag_instance_k", type=int, default=4, help="bag_phase#instance_top_k")
+    p.add_argument(
+        "--bag_witness_search",
+        action="store_true",
+        help="bag_phase#witness_search: find the witnesses with a linear instance scorer and pre-train the instance "
+        "head on them before each fresh restart",
+    )
     p.add_argument("--val_patches", type=int, default=256)
     p.add_argument("--ssl_epochs", type=int, default=10)
     p.add_argument("--ssl_batches", type=int, default=40)

@@ -33,6 +33,7 @@ __all__ = [
     "SLIDE_METRICS",
     "youden_threshold",
     "linear_probe_auc",
+    "fit_logistic",
     "fit_linear_probe",
     "instance_auc",
     "instance_truth",
@@ -291,21 +292,16 @@ def instance_auc(
     }
 
 
-def fit_linear_probe(
-    features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, l2: float = 1e-3
-) -> Callable[[np.ndarray | torch.Tensor], np.ndarray]:
-    """A logistic-regression probe fitted on ``features`` (``[N, D]``, standardised on themselves) against binary
-    ``labels`` with weight decay ``l2`` (full-batch L-BFGS, float64).
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logistic regression of binary ``y`` (``[N]``) on ``x`` (``[N, D]``, used as given) with weight decay ``l2`` on
+    the mean loss (full-batch L-BFGS in ``x``'s dtype).
 
     Returns:
-        its scorer: ``[M, D]`` features -> ``[M]`` logits (higher: class 1).
+        ``(w [D], b [1])``: the logit is ``x @ w + b`` (higher: class 1).
     """
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-    y = torch.as_tensor(np.asarray(labels).astype(int), dtype=torch.float64)
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    x = (x - mu) / sd
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    y = y.to(x.dtype)
+    w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(1, dtype=x.dtype, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -315,7 +311,22 @@ def fit_linear_probe(
         return loss
 
     opt.step(closure)
-    w, b = w.detach(), b.detach()
+    return w.detach(), b.detach()
+
+
+def fit_linear_probe(
+    features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, l2: float = 1e-3
+) -> Callable[[np.ndarray | torch.Tensor], np.ndarray]:
+    """A logistic-regression probe (:func:`fit_logistic`) fitted on ``features`` (``[N, D]``, standardised on
+    themselves) against binary ``labels`` with weight decay ``l2`` (float64).
+
+    Returns:
+        its scorer: ``[M, D]`` features -> ``[M]`` logits (higher: class 1).
+    """
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels).astype(int), dtype=torch.float64)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    w, b = fit_logistic((x - mu) / sd, y, l2)
 
     def score(new: np.ndarray | torch.Tensor) -> np.ndarray:
         z = (torch.as_tensor(np.asarray(new), dtype=torch.float64) - mu) / sd

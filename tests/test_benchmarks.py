@@ -105,6 +105,12 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         ]
         assert signatures[0] != signatures[1]
     assert len(json.loads((tmp_path / "report-wd.json").read_text())["rows"]) == len(rebag)
+    # --bag_witness_search: every round's bag phase searched first, and the workflow's record says what it kept
+    gain.main(again[:-1] + ["ws", "--bag_from", "plain", "--bag_witness_search"])
+    for setting in gain.DATA_SETTINGS:
+        rounds = json.loads((tmp_path / "runs" / setting / "seed_0" / "ssl" / "abmil-ws" / "state.json").read_text())
+        for k in "01":
+            assert rounds["rounds"][k]["bag_phase"]["witness_search"]["fraction"] in (0.005, 0.01, 0.02, 0.05)
     # --keep_round0 --bag_warm_start: round 0 copied whole (not trained again), round 1 from the student's classifier
     with pytest.raises(SystemExit):
         gain.parse(["--variant", "x", "--keep_round0"])  # needs --bag_from

@@ -35,6 +35,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from monai_icmil.data.store import BagDataset
+from monai_icmil.engines.witness_search import WitnessSearchResult, as_witness_search
 from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
 from monai_icmil.handlers.common import EpochLoss, attach_handlers, attach_progress_bar, describe_components
 from monai_icmil.handlers.early_stop import WarmEarlyStopHandler
@@ -276,6 +277,12 @@ class BagPhase:
             ones: exactly those of ``warm_start=True``) compete, and the best by validation is kept: the state is
             used only where validation prefers it (it helped on sparse tumours and hurt on the demo,
             ``benchmarks/RESULTS.md``); choosing from twice the candidates is a little more optimistic.
+        witness_search: before a fresh restart trains, find the witnesses with a linear instance scorer and train
+            the classifier's instance head on them (:class:`~monai_icmil.engines.witness_search.WitnessSearch`:
+            ``true`` for its defaults, a mapping of its arguments, or ``false``/``None``: off). For sparse tumours
+            (a few % of a slide's patches), where a bag phase from a random initialisation can stay on its loss
+            plateau (``benchmarks/RESULTS.md``, "Witness search"). The search runs once per phase (restarts started
+            from a given state skip it) and is recorded in ``output_dir/witness_search.json`` and MLflow.
         device: default CUDA when available.
         progress: progress bars.
     """
@@ -299,6 +306,7 @@ class BagPhase:
         instance_weight: float = 0.0,
         instance_top_k: int = 4,
         warm_start: bool | str = False,
+        witness_search: Any = None,
         device: str | torch.device | None = None,
         progress: bool = True,
     ):
@@ -324,22 +332,24 @@ class BagPhase:
                 f"{instance_top_k}"
             )
         self.warm_start = _warm_start_mode(warm_start)
+        self.witness_search = as_witness_search(witness_search)
         self.device, self.progress = default_device(device), as_bool(progress, "progress")
 
     def signature(self) -> dict[str, Any]:
         """What the phase's results depend on (restart records and resume checkpoints carry its hash)."""
-        return component_signature(
-            {
-                "loss": self.loss_function,
-                "optimizer": self.optimizer,
-                "lr_scheduler": self.lr_scheduler,
-                "settings": [self.epochs, self.key_metric, self.early_stop_patience, self.grad_clip, self.standardize]
-                # (only where it acts, so that records made before it existed stay valid)
-                + ([self.early_stop_min_epochs] if self.early_stop_min_epochs and self.early_stop_patience else []),
-                "bags": [self.shuffle_instances, self.max_instances, self.tier1_weight]
-                + ([self.instance_weight, self.instance_top_k] if self.instance_weight else []),
-            }
-        )
+        parts = {
+            "loss": self.loss_function,
+            "optimizer": self.optimizer,
+            "lr_scheduler": self.lr_scheduler,
+            "settings": [self.epochs, self.key_metric, self.early_stop_patience, self.grad_clip, self.standardize]
+            # (only where it acts, so that records made before it existed stay valid)
+            + ([self.early_stop_min_epochs] if self.early_stop_min_epochs and self.early_stop_patience else []),
+            "bags": [self.shuffle_instances, self.max_instances, self.tier1_weight]
+            + ([self.instance_weight, self.instance_top_k] if self.instance_weight else []),
+        }
+        if self.witness_search is not None:
+            parts["witness_search"] = self.witness_search.signature()
+        return component_signature(parts)
 
     def __call__(
         self,
@@ -373,7 +383,8 @@ class BagPhase:
         Returns:
             ``{"best_metric", "best_epoch", "checkpoint", "val": metrics at the best epoch, "history", "network",
             "restart": the kept one, "restarts": [{"restart", "seed", "best_metric", "best_epoch"}]}``; with
-            ``init_state``, also ``"start"`` (``"warm"`` or ``"fresh"``: the kept restart's) and each restart's.
+            ``init_state``, also ``"start"`` (``"warm"`` or ``"fresh"``: the kept restart's) and each restart's; with
+            ``witness_search``, also ``"witness_search"`` (its record: kept fraction, validation AUC, candidates).
 
         Raises:
             BagTrainingError: non-finite loss (names epoch and slide); the best checkpoint so far stays on disk.
@@ -382,15 +393,19 @@ class BagPhase:
         if init_state is not None and not self.warm_start:
             raise ValueError("bag_phase: a starting state (init_state) was given but warm_start is false")
         factory = _aggregator_factory(aggregator, num_classes)
+        search = _LazySearch(self, train_ds, val_ds, Path(output_dir), mlflow_run)
         # every restart's starting state: all fresh, all warm, or (warm_start "both") n fresh then n warm
         starts = [init_state] * self.restarts
         if init_state is not None and self.warm_start == "both":
             starts = [None] * self.restarts + starts
         if len(starts) == 1:
             started = {} if init_state is None else {"start": "warm"}
-            result = self.train_once(train_ds, val_ds, factory, output_dir, seed, class_names, mlflow_run, init_state)
+            result = self.train_once(
+                train_ds, val_ds, factory, output_dir, seed, class_names, mlflow_run, init_state, search
+            )
             summary = {k: result[k] for k in ("best_metric", "best_epoch")}
-            return {**result, "restart": 0, "restarts": [{"restart": 0, "seed": seed, **summary, **started}], **started}
+            restarts = [{"restart": 0, "seed": seed, **summary, **started}]
+            return {**result, "restart": 0, "restarts": restarts, **started, **search.record()}
         out_dir = Path(output_dir)
         bags = _bags_signature(train_ds, val_ds)
         signature = {"bags": bags, "phase": self.signature(), "net": component_signature(factory)}
@@ -406,10 +421,12 @@ class BagPhase:
                 class_names,
                 stable_hash({**signature, **_init_signature(start)}),
                 start,
+                search,
             )
             for k, start in enumerate(starts)
         ]
-        return self._keep_best(out_dir, runs, starts if init_state is not None else None, mlflow_run, factory, seed)
+        result = self._keep_best(out_dir, runs, starts if init_state is not None else None, mlflow_run, factory, seed)
+        return {**result, **search.record()}
 
     def _keep_best(
         self,
@@ -458,6 +475,7 @@ class BagPhase:
         class_names: Sequence[str] | None,
         signature: str,
         init_state: Mapping[str, torch.Tensor] | None = None,
+        search: _LazySearch | None = None,
     ) -> dict[str, Any]:
         """Restart ``k``'s record (of ``total``; seeded ``seed``), training it first unless a record with this
         signature is on disk."""
@@ -467,7 +485,14 @@ class BagPhase:
             start = "" if init_state is None else ", from the given state"
             logger.info("bag_phase: restart %d of %d (seed %d%s)", k + 1, total, seed, start)
             res = self.train_once(
-                train_ds, val_ds, factory, out_dir / f"restart_{k}", seed, class_names, init_state=init_state
+                train_ds,
+                val_ds,
+                factory,
+                out_dir / f"restart_{k}",
+                seed,
+                class_names,
+                init_state=init_state,
+                search=search,
             )
             done = {k_: res[k_] for k_ in ("best_metric", "best_epoch", "val")}
             done = {"restart": k, "seed": seed, **done, "signature": signature}
@@ -500,10 +525,12 @@ class BagPhase:
         class_names: Sequence[str] | None = None,
         mlflow_run: Any = None,
         init_state: Mapping[str, torch.Tensor] | None = None,
+        search: Callable[[], WitnessSearchResult | None] | None = None,
     ) -> dict[str, Any]:
         """One training of a bag classifier (``aggregator(in_dim=...)``, fresh or from ``init_state``), the best
-        epoch's checkpoint and the predictions; resumable (see the class). Returns as :meth:`__call__` without the
-        restart fields."""
+        epoch's checkpoint and the predictions; resumable (see the class). ``search``: gives the witness search's
+        result (or ``None``) that a fresh network's instance head is pre-trained on first (``witness_search``).
+        Returns as :meth:`__call__` without the restart fields."""
         from monai.utils import set_determinism
 
         if len(train_ds) == 0:
@@ -512,6 +539,16 @@ class BagPhase:
         out_dir.mkdir(parents=True, exist_ok=True)
         set_determinism(seed)
         net = self._network(train_ds, val_ds, aggregator, init_state)
+        found = search() if search is not None and init_state is None and self.witness_search is not None else None
+        if found is not None:
+            losses = self.witness_search.pretrain(
+                net, train_ds, found, self.optimizer(net.parameters()), self.loss_function, seed, self.device
+            )
+            if losses:
+                logger.info(
+                    "bag_phase: instance head pre-trained on the witness search, %d steps (loss %.4f -> %.4f)",
+                    len(losses), np.mean(losses[:10]), np.mean(losses[-10:]),
+                )  # fmt: skip
         trainer, evaluator, progress, state = self._engines(net, train_ds, val_ds, seed, out_dir / "bag_classifier.pt")
         signature = {"net": component_signature(aggregator), "in_dim": net.in_dim, "seed": seed}
         signature.update(_init_signature(init_state))
@@ -677,6 +714,53 @@ class BagPhase:
                 "seed": seed,
             }
         )
+
+
+class _LazySearch:
+    """The bag phase's witness search, run the first time a fresh restart needs it (never when every restart is
+    already on disk or starts from a given state), then kept; writes ``witness_search.json`` and logs to MLflow."""
+
+    def __init__(self, phase: BagPhase, train_ds: Dataset, val_ds: Dataset, out_dir: Path, mlflow_run: Any = None):
+        self.phase, self.train_ds, self.val_ds, self.out_dir, self.mlflow_run = (
+            phase,
+            train_ds,
+            val_ds,
+            out_dir,
+            mlflow_run,
+        )
+        self.result: WitnessSearchResult | None = None
+
+    def __call__(self) -> WitnessSearchResult | None:
+        search = self.phase.witness_search
+        if search is None:
+            return None
+        if self.result is None:
+            stats = feature_stats(self.train_ds) if self.phase.standardize else (None, None)
+            self.result = search.search(self.train_ds, self.val_ds, *stats)
+            record = {**self.result.to_dict(), "settings": search.signature()}
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out_dir / "witness_search.json", record)
+            logger.info(
+                "bag_phase: witness search kept fraction %.3g (validation AUC %.3f)",
+                self.result.fraction,
+                self.result.val_auc,
+            )
+            if self.mlflow_run is not None:
+                self.mlflow_run.log_params({"witness_search.fraction": self.result.fraction})
+                if np.isfinite(self.result.val_auc):
+                    self.mlflow_run.log_metrics({"witness_search.val_auc": self.result.val_auc})
+        return self.result
+
+    def record(self) -> dict[str, Any]:
+        """``{"witness_search": its record}`` where the phase searched (now, or in an earlier run whose record
+        matches the settings), else ``{}``."""
+        search, path = self.phase.witness_search, self.out_dir / "witness_search.json"
+        if search is None or not path.is_file():
+            return {}
+        record = json.loads(path.read_text())
+        if record.get("settings") != search.signature():
+            return {}
+        return {"witness_search": {k: record[k] for k in ("fraction", "val_auc", "candidates")}}
 
 
 def _init_signature(init_state: Mapping[str, torch.Tensor] | None) -> dict[str, str]:

@@ -492,6 +492,8 @@ class ICMILWorkflow(BundleWorkflow):
         val.update({k: metrics[k] for k in ("auc_ci_low", "auc_ci_high") if k in metrics})
         record = {"seconds": time.perf_counter() - t0, "best_epoch": result["best_epoch"], "val": val}
         record.update(restart=result["restart"], restarts_val=[x["best_metric"] for x in result["restarts"]])
+        if "witness_search" in result:
+            record["witness_search"] = {k: result["witness_search"][k] for k in ("fraction", "val_auc")}
         if init_state is not None:
             record.update(warm_start=warm, kept_start=result.get("start", "warm" if warm == "student" else "unknown"))
             if run is not None:

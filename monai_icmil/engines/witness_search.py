@@ -1,0 +1,265 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""Witness search: find the few tumour patches of sparse positive slides before the bag phase trains.
+
+On slides whose tumour covers ~1-2 % of the tissue, a bag classifier trained from a random initialisation can sit on
+the loss plateau and never find the witnesses that its features separate (a linear probe fitted against the masks
+scores them at ~0.97 patch AUC, while the bag phase stays at chance): the search over which patches matter fails, not
+the features. :class:`WitnessSearch` does that search on its own, with a linear instance scorer (standardised
+features, so it is cheap and cannot memorise slides):
+
+1. start from the logistic regression of the slide labels on the slides' mean features (the direction in which
+   positive slides differ on average);
+2. repeat: on every training slide, take the ``fraction`` of its patches that score highest and give them the
+   slide's label (on a class-0 slide these are its most tumour-like normal patches, the hard negatives), and fit the
+   logistic regression on them; stop when the selection no longer changes or after ``iterations``;
+3. do this for each of ``fractions`` (the witness rate is unknown) and keep the fraction whose scorer ranks the
+   validation slides best by the mean of their top-``fraction`` patch scores.
+
+:meth:`WitnessSearch.pretrain` then trains a fresh bag classifier's instance head (``instance_logits``: the ICMIL
+teacher) on the search's pseudo-labels, one bag per step (a positive bag's top-``fraction`` patches carry its label,
+every patch of a class-0 bag is class 0), before the bag phase trains it as usual. This is iterative instance
+selection in the spirit of mi-SVM (Andrews et al., NIPS 2002), seeded by the mean-feature direction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_icmil.metrics import binary_auc, fit_logistic
+from monai_icmil.networks.aggregators import MILAggregator
+
+__all__ = ["WitnessSearch", "WitnessSearchResult", "as_witness_search"]
+
+logger = logging.getLogger("monai_icmil.bag_phase")
+
+
+@dataclass
+class WitnessSearchResult:
+    """The kept linear instance scorer of a :class:`WitnessSearch`.
+
+    Attributes:
+        fraction: the share of each bag's patches that carried its label.
+        weight, bias: the scorer on standardised features: ``((feats - mean) / std) @ weight + bias``.
+        mean, std: the standardisation (the training instances').
+        val_auc: validation slide AUC of the kept scorer (slide score: mean of its top-``fraction`` patch scores).
+        candidates: per fraction tried, ``{"fraction", "val_auc", "iterations", "converged"}``.
+    """
+
+    fraction: float
+    weight: torch.Tensor
+    bias: float
+    mean: torch.Tensor
+    std: torch.Tensor
+    val_auc: float
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """Instance scores ``[N]`` of a bag's features ``[N, D]`` (higher: more like a witness)."""
+        z = (feats.double().cpu() - self.mean) / self.std
+        return z @ self.weight + self.bias
+
+    def top(self, feats: torch.Tensor) -> torch.Tensor:
+        """Indices of the bag's top-``fraction`` instances (at least one)."""
+        return _top(self.scores(feats), self.fraction)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no weights)."""
+        return {"fraction": self.fraction, "val_auc": self.val_auc, "candidates": self.candidates}
+
+
+def _top(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    k = max(1, int(round(fraction * len(scores))))
+    return torch.topk(scores, min(k, len(scores))).indices
+
+
+class WitnessSearch:
+    """Iterative instance selection with a linear scorer, then pre-training of the bag classifier's instance head on
+    the selected instances (see the module docstring).
+
+    Args:
+        fractions: shares of each bag's patches that carry its label, tried in turn (validation keeps one). The
+            defaults span witness rates of ~0.5-5 % of a slide's patches; add larger ones for slides whose tumour
+            covers more.
+        iterations: most selection rounds per fraction (it stops earlier once the selection no longer changes).
+        l2: weight decay of the logistic regressions (on their mean loss).
+        pretrain_steps: batches that train the instance head on the pseudo-labels (0: search only, recorded but not
+            used).
+        pretrain_batch_size: instances per batch, half pseudo-witnesses and half class-0 instances.
+        pretrain_negatives: random instances taken from each class-0 bag into the class-0 pool.
+    """
+
+    def __init__(
+        self,
+        fractions: Sequence[float] = (0.005, 0.01, 0.02, 0.05),
+        iterations: int = 30,
+        l2: float = 1e-3,
+        pretrain_steps: int = 500,
+        pretrain_batch_size: int = 512,
+        pretrain_negatives: int = 1024,
+    ):
+        self.fractions = [float(f) for f in fractions]
+        if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
+            raise ValueError(f"bag_phase#witness_search: fractions must be in (0, 1], got {list(fractions)}")
+        self.iterations, self.l2 = int(iterations), float(l2)
+        self.pretrain_steps, self.pretrain_batch_size = int(pretrain_steps), int(pretrain_batch_size)
+        self.pretrain_negatives = int(pretrain_negatives)
+        if (
+            min(self.iterations, self.pretrain_batch_size, self.pretrain_negatives) < 1
+            or min(self.pretrain_steps, l2) < 0
+        ):
+            raise ValueError(
+                "bag_phase#witness_search: iterations, pretrain_batch_size and pretrain_negatives must be >= 1, "
+                f"pretrain_steps and l2 >= 0; got {iterations}, {pretrain_batch_size}, {pretrain_negatives}, "
+                f"{pretrain_steps}, {l2}"
+            )
+
+    def signature(self) -> dict[str, Any]:
+        """The settings its results depend on."""
+        return {
+            "fractions": self.fractions,
+            "iterations": self.iterations,
+            "l2": self.l2,
+            "pretrain_steps": self.pretrain_steps,
+            "pretrain_batch_size": self.pretrain_batch_size,
+            "pretrain_negatives": self.pretrain_negatives,
+        }
+
+    def search(
+        self, train_ds: Any, val_ds: Any, mean: torch.Tensor | None = None, std: torch.Tensor | None = None
+    ) -> WitnessSearchResult:
+        """Run the search on the training bags and keep a fraction by the validation bags.
+
+        Args:
+            train_ds, val_ds: bag datasets (items with ``features [N, D]`` and ``label``).
+            mean, std: the standardisation (default: none).
+
+        Raises:
+            ValueError: the training bags hold a single class (nothing to search for).
+        """
+        train = [(item["features"], int(item["label"])) for item in (train_ds[i] for i in range(len(train_ds)))]
+        train = [(f, y) for f, y in train if len(f)]
+        dim = int(train[0][0].shape[-1]) if train else 0
+        mean = torch.zeros(dim, dtype=torch.float64) if mean is None else mean.double().cpu()
+        std = torch.ones(dim, dtype=torch.float64) if std is None else std.double().cpu().clamp_min(1e-6)
+        # the training instances are held once, standardised, in float32 (the fits run in float64 on the selection)
+        bags = [((f.double().cpu() - mean) / std).float() for f, _ in train]
+        bags = list(zip(bags, [y for _, y in train]))
+        labels = torch.tensor([float(y != 0) for _, y in bags], dtype=torch.float64)
+        if len(labels.unique()) < 2:
+            raise ValueError(
+                "bag_phase#witness_search: the training bags hold a single class; the search needs class-0 and other "
+                "slides (or set bag_phase#witness_search to false)"
+            )
+        start = fit_logistic(torch.stack([z.double().mean(0) for z, _ in bags]), labels, self.l2)
+        val = [(item["features"], int(item["label"])) for item in (val_ds[i] for i in range(len(val_ds)))]
+        val = [(((f.double().cpu() - mean) / std).float(), y) for f, y in val if len(f)]
+        results = []
+        for fraction in self.fractions:
+            (w, b), n, converged = self._select(bags, labels, start, fraction)
+            auc = float("nan")
+            if len({y != 0 for _, y in val}) == 2:
+                s = [z @ w.float() for z, _ in val]
+                slide = [float(x[_top(x, fraction)].mean() + b) for x in s]
+                auc = binary_auc(np.array(slide), np.array([int(y != 0) for _, y in val]))
+            results.append((fraction, w, float(b), auc, n, converged))
+            logger.info(
+                "bag_phase: witness search, fraction %.3g: validation AUC %.3f after %d selection rounds%s",
+                fraction, auc, n, "" if converged else " (not converged)",
+            )  # fmt: skip
+        # the best validation AUC; ties (or no validation classes) keep the smallest fraction
+        best = max(range(len(results)), key=lambda i: (np.nan_to_num(results[i][3], nan=-1.0), -i))
+        fraction, w, b, auc, _, _ = results[best]
+        candidates = [{"fraction": f, "val_auc": a, "iterations": n, "converged": c} for f, _, _, a, n, c in results]
+        return WitnessSearchResult(fraction, w, b, mean, std, auc, candidates)
+
+    def _select(
+        self,
+        bags: list[tuple[torch.Tensor, int]],
+        labels: torch.Tensor,
+        start: tuple[torch.Tensor, torch.Tensor],
+        fraction: float,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], int, bool]:
+        """Selection rounds from ``start``: ``((w, b), rounds run, converged)``."""
+        (w, b), previous = start, None
+        for n in range(1, self.iterations + 1):
+            wf = w.float()
+            picks = [_top(z @ wf, fraction).sort().values for z, _ in bags]
+            if previous is not None and all(torch.equal(p, q) for p, q in zip(picks, previous)):
+                return (w, b), n - 1, True
+            x = torch.cat([z[p] for (z, _), p in zip(bags, picks)]).double()
+            y = torch.cat([labels[i].expand(len(p)) for i, p in enumerate(picks)])
+            w, b = fit_logistic(x, y, self.l2)
+            previous = picks
+        return (w, b), self.iterations, False
+
+    def pretrain(
+        self,
+        net: MILAggregator,
+        train_ds: Any,
+        result: WitnessSearchResult,
+        optimizer: torch.optim.Optimizer,
+        loss_function: torch.nn.Module,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> list[float]:
+        """Train ``net``'s instance head (``instance_logits``) on the search's pseudo-labels: the top-``fraction``
+        instances of every bag of class ``c != 0`` are class ``c``, up to ``pretrain_negatives`` random instances of
+        every class-0 bag are class 0; each of ``pretrain_steps`` batches draws half its instances from either pool
+        (so both classes weigh alike however few the witnesses).
+
+        Returns:
+            the loss of every step.
+        """
+        g = torch.Generator().manual_seed(int(seed))
+        pos, pos_y, neg = [], [], []
+        for i in range(len(train_ds)):
+            item = train_ds[i]
+            feats, label = item["features"], int(item["label"])
+            if not len(feats):
+                continue
+            if label:
+                top = feats[result.top(feats)]
+                pos.append(top.float())
+                pos_y.append(torch.full((len(top),), label, dtype=torch.long))
+            else:
+                pick = torch.randperm(len(feats), generator=g)[: self.pretrain_negatives]
+                neg.append(feats[pick].float())
+        pos, pos_y, neg = torch.cat(pos), torch.cat(pos_y), torch.cat(neg)
+        half = max(1, self.pretrain_batch_size // 2)
+        losses = []
+        net.train()
+        for _ in range(self.pretrain_steps):
+            p = torch.randint(len(pos), (half,), generator=g)
+            n = torch.randint(len(neg), (half,), generator=g)
+            feats = torch.cat([pos[p], neg[n]]).to(device)
+            target = torch.cat([pos_y[p], torch.zeros(half, dtype=torch.long)]).to(device)
+            loss = loss_function(net.instance_logits(feats), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        return losses
+
+
+def as_witness_search(value: Any) -> WitnessSearch | None:
+    """``bag_phase#witness_search`` as given: ``false``/``None`` (off), ``true`` (the defaults), a mapping of
+    :class:`WitnessSearch` arguments, or a :class:`WitnessSearch`."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return WitnessSearch()
+    if isinstance(value, WitnessSearch):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return WitnessSearch(**value)
+        except TypeError as e:
+            raise ValueError(f"bag_phase#witness_search: {e}") from e
+    raise ValueError(f"bag_phase#witness_search must be true, false or a mapping of settings, got {value!r}")

@@ -1,0 +1,134 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""The bag phase's witness search (``bag_phase#witness_search``): linear iterative instance selection and the
+pre-training of the instance head on it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_bag import FAST, ShiftedBags, train_bag_classifier
+from torch.utils.data import Dataset
+
+from monai_icmil.engines.bag_phase import BagPhase, feature_stats
+from monai_icmil.engines.witness_search import WitnessSearch, as_witness_search
+from monai_icmil.metrics import binary_auc
+from monai_icmil.networks import create_aggregator
+
+
+class SparseBags(Dataset):
+    """Bags of 200 instances; a positive bag's 2 % witnesses are shifted by ``shift`` along one direction, while every
+    bag carries a large offset of its own in the other dimensions (slide-to-slide variation that a bag classifier can
+    memorise); ``witness[i]`` marks bag ``i``'s witnesses."""
+
+    def __init__(self, n: int, seed: int, dim: int = 24, shift: float = 4.0):
+        rng = np.random.default_rng(seed)
+        self.bags, self.labels, self.witness = [], [], []
+        for i in range(n):
+            label = i % 2
+            f = rng.normal(0, 1, (200, dim))
+            f[:, 4:] += rng.normal(0, 2.0, dim - 4)  # the bag's own offset
+            w = np.zeros(200, bool)
+            if label:
+                w[rng.choice(200, 4, replace=False)] = True
+                f[w, :4] += shift / 2.0  # |shift| along (1, 1, 1, 1) / 2
+            self.bags.append(torch.from_numpy(f.astype(np.float32)))
+            self.labels.append(label)
+            self.witness.append(w)
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"features": self.bags[i], "label": torch.tensor(self.labels[i]), "slide_id": f"bag_{i:03d}"}
+
+
+def witness_auc(scores, data: SparseBags) -> float:
+    """Patch AUC of per-bag instance ``scores`` (a callable) against the witnesses of ``data``."""
+    s = np.concatenate([np.asarray(scores(b), float) for b in data.bags])
+    return binary_auc(s, np.concatenate(data.witness).astype(int))
+
+
+def test_the_search_finds_the_witnesses_and_keeps_a_fraction_by_validation():
+    train, val = SparseBags(80, 0), SparseBags(40, 1)
+    search = WitnessSearch(fractions=(0.02, 0.2), iterations=15)
+    result = search.search(train, val, *feature_stats(train))
+    assert witness_auc(lambda b: result.scores(b).numpy(), val) >= 0.95
+    assert result.val_auc >= 0.9
+    assert [c["fraction"] for c in result.candidates] == [0.02, 0.2]
+    best = max(result.candidates, key=lambda c: c["val_auc"])
+    assert result.fraction == best["fraction"] and result.val_auc == best["val_auc"]
+    assert len(result.top(val.bags[1])) == 4  # 2 % of 200
+    # the starting direction alone (one selection round of the whole bag: mean features) does not find them
+    start = WitnessSearch(fractions=(1.0,), iterations=1).search(train, val, *feature_stats(train))
+    assert witness_auc(lambda b: start.scores(b).numpy(), val) < 0.9
+
+
+def test_pretraining_puts_the_witnesses_on_top_of_the_instance_head():
+    train = SparseBags(80, 0)
+    result = WitnessSearch(fractions=(0.02,), iterations=15).search(train, SparseBags(40, 1), *feature_stats(train))
+    torch.manual_seed(0)
+    net = create_aggregator("abmil", 24, 2, hidden_dim=32)
+    net.set_input_stats(*feature_stats(train))
+
+    def margin(b: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            inst = net.instance_logits(b)
+        return (inst[:, 1] - inst[:, 0]).numpy()
+
+    before = witness_auc(margin, train)
+    losses = WitnessSearch(pretrain_steps=100, pretrain_batch_size=64, pretrain_negatives=50).pretrain(
+        net, train, result, torch.optim.Adam(net.parameters(), lr=1e-3), torch.nn.CrossEntropyLoss(), seed=0
+    )
+    assert len(losses) == 100 and np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    assert before < 0.8 and witness_auc(margin, train) >= 0.95
+
+
+def test_the_search_needs_both_classes_and_checks_its_settings():
+    one_class = ShiftedBags(10, 0, labels=[0] * 10)
+    with pytest.raises(ValueError, match="witness_search: the training bags hold a single class"):
+        WitnessSearch().search(one_class, ShiftedBags(6, 1))
+    for bad in ({"fractions": [0.0]}, {"fractions": [1.5]}, {"iterations": 0}, {"pretrain_steps": -1}):
+        with pytest.raises(ValueError, match="witness_search"):
+            as_witness_search(bad)
+    with pytest.raises(ValueError, match="witness_search: .*unexpected keyword"):
+        as_witness_search({"fraction": 0.1})
+    with pytest.raises(ValueError, match="true, false or a mapping"):
+        as_witness_search("yes")
+    assert as_witness_search(False) is None and as_witness_search(None) is None
+    assert as_witness_search(True).fractions == [0.005, 0.01, 0.02, 0.05]
+    assert as_witness_search({"fractions": [0.1], "iterations": 3}).signature()["iterations"] == 3
+
+
+def test_the_bag_phase_runs_the_search_once_records_it_and_keys_its_records_on_it(tmp_path, monkeypatch):
+    assert BagPhase(witness_search=False).signature() == BagPhase().signature()  # off: older records still count
+    assert BagPhase(witness_search=True).signature() != BagPhase().signature()
+    calls = []
+    original = WitnessSearch.search
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(WitnessSearch, "search", counted)
+    settings = {"fractions": [0.02, 0.05], "iterations": 5}
+    result = train_bag_classifier(
+        ShiftedBags(40, 0), ShiftedBags(20, 1), "abmil", tmp_path, aggregator_kwargs=FAST, epochs=5, lr=5e-4,
+        progress=False, device="cpu", early_stop_patience=None, restarts=2, witness_search=settings,
+    )  # fmt: skip
+    assert len(calls) == 1  # one search for both restarts
+    record = json.loads((tmp_path / "witness_search.json").read_text())
+    assert record["fraction"] in (0.02, 0.05) and record["settings"]["fractions"] == [0.02, 0.05]
+    assert record["val_auc"] >= 0.9  # 1-5 % of each positive bag shifted: found
+    assert result["best_metric"] >= 0.95
+    assert result["witness_search"]["fraction"] == record["fraction"]
+    # a rerun finds both restarts on disk and does not search again
+    again = train_bag_classifier(
+        ShiftedBags(40, 0), ShiftedBags(20, 1), "abmil", tmp_path, aggregator_kwargs=FAST, epochs=5, lr=5e-4,
+        progress=False, device="cpu", early_stop_patience=None, restarts=2, witness_search=settings,
+    )  # fmt: skip
+    assert len(calls) == 1
+    assert again["witness_search"] == result["witness_search"]
