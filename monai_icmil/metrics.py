@@ -299,9 +299,9 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3) -> tuple[to
     Returns:
         ``(w [D], b [1])``: the logit is ``x @ w + b`` (higher: class 1).
     """
-    y = y.to(x.dtype)
-    w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
-    b = torch.zeros(1, dtype=x.dtype, requires_grad=True)
+    y = y.to(device=x.device, dtype=x.dtype)
+    w = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
+    b = torch.zeros(1, dtype=x.dtype, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:

@@ -91,6 +91,11 @@ def test_the_search_needs_both_classes_and_checks_its_settings():
     one_class = ShiftedBags(10, 0, labels=[0] * 10)
     with pytest.raises(ValueError, match="witness_search: the training bags hold a single class"):
         WitnessSearch().search(one_class, ShiftedBags(6, 1))
+    # a validation split of one class cannot choose: the first fraction listed is kept, its AUC recorded as None
+    train = SparseBags(40, 0)
+    blind = WitnessSearch(fractions=(0.05, 0.02), iterations=3).search(train, ShiftedBags(6, 1, dim=24, labels=[0] * 6))
+    assert blind.fraction == 0.05 and np.isnan(blind.val_auc)
+    assert blind.to_dict()["val_auc"] is None and json.dumps(blind.to_dict(), allow_nan=False)
     for bad in ({"fractions": [0.0]}, {"fractions": [1.5]}, {"iterations": 0}, {"pretrain_steps": -1}):
         with pytest.raises(ValueError, match="witness_search"):
             as_witness_search(bad)

@@ -70,8 +70,21 @@ class WitnessSearchResult:
         return _top(self.scores(feats), self.fraction)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (no weights)."""
-        return {"fraction": self.fraction, "val_auc": self.val_auc, "candidates": self.candidates}
+        """JSON-ready summary (no weights; an undefined AUC as ``None``)."""
+        candidates = [{**c, "val_auc": _finite_or_none(c["val_auc"])} for c in self.candidates]
+        return {"fraction": self.fraction, "val_auc": _finite_or_none(self.val_auc), "candidates": candidates}
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def _items(dataset: Any) -> Any:
+    """The dataset's items with a non-empty bag."""
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if len(item["features"]):
+            yield item
 
 
 def _top(scores: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -137,20 +150,18 @@ class WitnessSearch:
         """Run the search on the training bags and keep a fraction by the validation bags.
 
         Args:
-            train_ds, val_ds: bag datasets (items with ``features [N, D]`` and ``label``).
+            train_ds, val_ds: bag datasets (items with ``features [N, D]`` and ``label``); empty bags are left out.
             mean, std: the standardisation (default: none).
+
+        Returns:
+            the kept scorer with every fraction's outcome. Ties of the validation AUC (or a validation split without
+            both classes: AUC NaN) keep the fraction listed first.
 
         Raises:
             ValueError: the training bags hold a single class (nothing to search for).
         """
-        train = [(item["features"], int(item["label"])) for item in (train_ds[i] for i in range(len(train_ds)))]
-        train = [(f, y) for f, y in train if len(f)]
-        dim = int(train[0][0].shape[-1]) if train else 0
-        mean = torch.zeros(dim, dtype=torch.float64) if mean is None else mean.double().cpu()
-        std = torch.ones(dim, dtype=torch.float64) if std is None else std.double().cpu().clamp_min(1e-6)
         # the training instances are held once, standardised, in float32 (the fits run in float64 on the selection)
-        bags = [((f.double().cpu() - mean) / std).float() for f, _ in train]
-        bags = list(zip(bags, [y for _, y in train]))
+        bags = [(self._standardise(item["features"], mean, std), int(item["label"])) for item in _items(train_ds)]
         labels = torch.tensor([float(y != 0) for _, y in bags], dtype=torch.float64)
         if len(labels.unique()) < 2:
             raise ValueError(
@@ -158,8 +169,7 @@ class WitnessSearch:
                 "slides (or set bag_phase#witness_search to false)"
             )
         start = fit_logistic(torch.stack([z.double().mean(0) for z, _ in bags]), labels, self.l2)
-        val = [(item["features"], int(item["label"])) for item in (val_ds[i] for i in range(len(val_ds)))]
-        val = [(((f.double().cpu() - mean) / std).float(), y) for f, y in val if len(f)]
+        val = [(self._standardise(item["features"], mean, std), int(item["label"])) for item in _items(val_ds)]
         results = []
         for fraction in self.fractions:
             (w, b), n, converged = self._select(bags, labels, start, fraction)
@@ -173,11 +183,22 @@ class WitnessSearch:
                 "bag_phase: witness search, fraction %.3g: validation AUC %.3f after %d selection rounds%s",
                 fraction, auc, n, "" if converged else " (not converged)",
             )  # fmt: skip
-        # the best validation AUC; ties (or no validation classes) keep the smallest fraction
+        # the best validation AUC; ties (or no validation classes) keep the fraction listed first
         best = max(range(len(results)), key=lambda i: (np.nan_to_num(results[i][3], nan=-1.0), -i))
         fraction, w, b, auc, _, _ = results[best]
+        dim = bags[0][0].shape[-1]
+        mean = torch.zeros(dim, dtype=torch.float64) if mean is None else mean.double().cpu()
+        std = torch.ones(dim, dtype=torch.float64) if std is None else std.double().cpu().clamp_min(1e-6)
         candidates = [{"fraction": f, "val_auc": a, "iterations": n, "converged": c} for f, _, _, a, n, c in results]
         return WitnessSearchResult(fraction, w, b, mean, std, auc, candidates)
+
+    @staticmethod
+    def _standardise(feats: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+        """A bag's features on the CPU in float32, standardised with ``mean`` and ``std`` where given."""
+        feats = feats.detach().cpu().float()
+        if mean is None or std is None:
+            return feats
+        return (feats - mean.cpu().float()) / std.cpu().float().clamp_min(1e-6)
 
     def _select(
         self,
@@ -209,15 +230,27 @@ class WitnessSearch:
         seed: int = 0,
         device: str | torch.device = "cpu",
     ) -> list[float]:
-        """Train ``net``'s instance head (``instance_logits``) on the search's pseudo-labels: the top-``fraction``
-        instances of every bag of class ``c != 0`` are class ``c``, up to ``pretrain_negatives`` random instances of
-        every class-0 bag are class 0; each of ``pretrain_steps`` batches draws half its instances from either pool
-        (so both classes weigh alike however few the witnesses).
+        """Train ``net``'s instance logits (``instance_logits``: the dimension reduction and the head that score one
+        instance, the ICMIL teacher) on the search's pseudo-labels: the top-``fraction`` instances of every bag of
+        class ``c != 0`` are class ``c``, up to ``pretrain_negatives`` random instances of every class-0 bag are
+        class 0; each of ``pretrain_steps`` batches draws half its instances from either pool (so both classes weigh
+        alike however few the witnesses).
+
+        Args:
+            net: a fresh bag classifier (its input statistics set).
+            train_ds: the training bags.
+            result: the search's outcome (:meth:`search`).
+            optimizer: an optimizer over ``net``'s parameters (used for these steps only).
+            loss_function: instance loss on ``(logits [B, C], labels [B])`` (the bag phase's).
+            seed: seeds the negatives' and the batches' draws.
+            device: where ``net`` is.
 
         Returns:
             the loss of every step.
         """
         g = torch.Generator().manual_seed(int(seed))
+        if isinstance(loss_function, torch.nn.Module):
+            loss_function = loss_function.to(device)  # e.g. class weights
         pos, pos_y, neg = [], [], []
         for i in range(len(train_ds)):
             item = train_ds[i]
