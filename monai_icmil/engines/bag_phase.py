@@ -539,7 +539,7 @@ class BagPhase:
         out_dir.mkdir(parents=True, exist_ok=True)
         set_determinism(seed)
         net = self._network(train_ds, val_ds, aggregator, init_state)
-        found = search() if search is not None and init_state is None and self.witness_search is not None else None
+        found = search() if search is not None and init_state is None else None  # None where the search is off
         if found is not None:
             losses = self.witness_search.pretrain(
                 net, train_ds, found, self.optimizer(net.parameters()), self.loss_function, seed, self.device
@@ -721,13 +721,8 @@ class _LazySearch:
     already on disk or starts from a given state), then kept; writes ``witness_search.json`` and logs to MLflow."""
 
     def __init__(self, phase: BagPhase, train_ds: Dataset, val_ds: Dataset, out_dir: Path, mlflow_run: Any = None):
-        self.phase, self.train_ds, self.val_ds, self.out_dir, self.mlflow_run = (
-            phase,
-            train_ds,
-            val_ds,
-            out_dir,
-            mlflow_run,
-        )
+        self.phase, self.out_dir, self.mlflow_run = phase, out_dir, mlflow_run
+        self.train_ds, self.val_ds = train_ds, val_ds
         self.result: WitnessSearchResult | None = None
 
     def __call__(self) -> WitnessSearchResult | None:

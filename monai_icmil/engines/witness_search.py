@@ -16,9 +16,9 @@ features, so it is cheap and cannot memorise slides):
 3. do this for each of ``fractions`` (the witness rate is unknown) and keep the fraction whose scorer ranks the
    validation slides best by the mean of their top-``fraction`` patch scores.
 
-:meth:`WitnessSearch.pretrain` then trains a fresh bag classifier's instance head (``instance_logits``: the ICMIL
-teacher) on the search's pseudo-labels, one bag per step (a positive bag's top-``fraction`` patches carry its label,
-every patch of a class-0 bag is class 0), before the bag phase trains it as usual. This is iterative instance
+:meth:`WitnessSearch.pretrain` then trains a fresh bag classifier's instance logits (``instance_logits``: the ICMIL
+teacher) on the search's pseudo-labels (a positive bag's top-``fraction`` patches carry its label, random patches of
+class-0 bags are class 0; class-balanced batches), before the bag phase trains it as usual. This is iterative instance
 selection in the spirit of mi-SVM (Andrews et al., NIPS 2002), seeded by the mean-feature direction.
 """
 
@@ -47,7 +47,7 @@ class WitnessSearchResult:
     Attributes:
         fraction: the share of each bag's patches that carried its label.
         weight, bias: the scorer on standardised features: ``((feats - mean) / std) @ weight + bias``.
-        mean, std: the standardisation (the training instances').
+        mean, std: the standardisation (the training instances'; ``None``: none).
         val_auc: validation slide AUC of the kept scorer (slide score: mean of its top-``fraction`` patch scores).
         candidates: per fraction tried, ``{"fraction", "val_auc", "iterations", "converged"}``.
     """
@@ -55,15 +55,14 @@ class WitnessSearchResult:
     fraction: float
     weight: torch.Tensor
     bias: float
-    mean: torch.Tensor
-    std: torch.Tensor
+    mean: torch.Tensor | None
+    std: torch.Tensor | None
     val_auc: float
     candidates: list[dict[str, Any]] = field(default_factory=list)
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """Instance scores ``[N]`` of a bag's features ``[N, D]`` (higher: more like a witness)."""
-        z = (feats.double().cpu() - self.mean) / self.std
-        return z @ self.weight + self.bias
+        return _standardise(feats, self.mean, self.std) @ self.weight.float() + self.bias
 
     def top(self, feats: torch.Tensor) -> torch.Tensor:
         """Indices of the bag's top-``fraction`` instances (at least one)."""
@@ -85,6 +84,15 @@ def _items(dataset: Any) -> Any:
         item = dataset[i]
         if len(item["features"]):
             yield item
+
+
+def _standardise(feats: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    """A bag's features on the CPU in float32, standardised with ``mean`` and ``std`` where given (the search and
+    the kept scorer share it, so the pre-training picks the instances the search picked)."""
+    feats = feats.detach().cpu().float()
+    if mean is None or std is None:
+        return feats
+    return (feats - mean.cpu().float()) / std.cpu().float().clamp_min(1e-6)
 
 
 def _top(scores: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -161,7 +169,7 @@ class WitnessSearch:
             ValueError: the training bags hold a single class (nothing to search for).
         """
         # the training instances are held once, standardised, in float32 (the fits run in float64 on the selection)
-        bags = [(self._standardise(item["features"], mean, std), int(item["label"])) for item in _items(train_ds)]
+        bags = [(_standardise(item["features"], mean, std), int(item["label"])) for item in _items(train_ds)]
         labels = torch.tensor([float(y != 0) for _, y in bags], dtype=torch.float64)
         if len(labels.unique()) < 2:
             raise ValueError(
@@ -169,7 +177,7 @@ class WitnessSearch:
                 "slides (or set bag_phase#witness_search to false)"
             )
         start = fit_logistic(torch.stack([z.double().mean(0) for z, _ in bags]), labels, self.l2)
-        val = [(self._standardise(item["features"], mean, std), int(item["label"])) for item in _items(val_ds)]
+        val = [(_standardise(item["features"], mean, std), int(item["label"])) for item in _items(val_ds)]
         results = []
         for fraction in self.fractions:
             (w, b), n, converged = self._select(bags, labels, start, fraction)
@@ -186,19 +194,8 @@ class WitnessSearch:
         # the best validation AUC; ties (or no validation classes) keep the fraction listed first
         best = max(range(len(results)), key=lambda i: (np.nan_to_num(results[i][3], nan=-1.0), -i))
         fraction, w, b, auc, _, _ = results[best]
-        dim = bags[0][0].shape[-1]
-        mean = torch.zeros(dim, dtype=torch.float64) if mean is None else mean.double().cpu()
-        std = torch.ones(dim, dtype=torch.float64) if std is None else std.double().cpu().clamp_min(1e-6)
         candidates = [{"fraction": f, "val_auc": a, "iterations": n, "converged": c} for f, _, _, a, n, c in results]
         return WitnessSearchResult(fraction, w, b, mean, std, auc, candidates)
-
-    @staticmethod
-    def _standardise(feats: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
-        """A bag's features on the CPU in float32, standardised with ``mean`` and ``std`` where given."""
-        feats = feats.detach().cpu().float()
-        if mean is None or std is None:
-            return feats
-        return (feats - mean.cpu().float()) / std.cpu().float().clamp_min(1e-6)
 
     def _select(
         self,
@@ -248,6 +245,8 @@ class WitnessSearch:
         Returns:
             the loss of every step.
         """
+        if not self.pretrain_steps:
+            return []
         g = torch.Generator().manual_seed(int(seed))
         if isinstance(loss_function, torch.nn.Module):
             loss_function = loss_function.to(device)  # e.g. class weights
