@@ -67,6 +67,27 @@ def test_the_search_finds_the_witnesses_and_keeps_a_fraction_by_validation():
     assert witness_auc(lambda b: start.scores(b).numpy(), val) < 0.9
 
 
+def test_the_search_holds_at_most_max_instances_of_a_bag_and_still_finds_the_witnesses(monkeypatch):
+    """Large slides: the search holds a fixed random subset of each bag (memory bounded by the cohort, not the slide
+    size), and the scorer it fits on the subsets ranks the whole bags' witnesses."""
+    import monai_icmil.engines.witness_search as ws
+
+    held = []
+    original = ws._standardise
+    monkeypatch.setattr(ws, "_standardise", lambda f, m, s: held.append(len(f)) or original(f, m, s))
+    train, val = SparseBags(80, 0), SparseBags(40, 1)
+    result = WitnessSearch(fractions=(0.02,), iterations=15, max_instances=120).search(
+        train, val, *feature_stats(train)
+    )
+    assert held == [120] * 120  # 80 training and 40 validation bags of 200, 120 held of each
+    assert witness_auc(lambda b: result.scores(b).numpy(), val) >= 0.95 and len(result.top(val.bags[0])) == 4
+    subset = WitnessSearch(max_instances=50)._held(train.bags[3], 3, None, None)
+    assert len(subset) == 50 and torch.equal(
+        subset, WitnessSearch(max_instances=50)._held(train.bags[3], 3, None, None)
+    )
+    assert len(WitnessSearch(max_instances=None)._held(train.bags[3], 3, None, None)) == 200
+
+
 def test_pretraining_puts_the_witnesses_on_top_of_the_instance_head():
     train = SparseBags(80, 0)
     result = WitnessSearch(fractions=(0.02,), iterations=15).search(train, SparseBags(40, 1), *feature_stats(train))
@@ -96,7 +117,13 @@ def test_the_search_needs_both_classes_and_checks_its_settings():
     blind = WitnessSearch(fractions=(0.05, 0.02), iterations=3).search(train, ShiftedBags(6, 1, dim=24, labels=[0] * 6))
     assert blind.fraction == 0.05 and np.isnan(blind.val_auc)
     assert blind.to_dict()["val_auc"] is None and json.dumps(blind.to_dict(), allow_nan=False)
-    for bad in ({"fractions": [0.0]}, {"fractions": [1.5]}, {"iterations": 0}, {"pretrain_steps": -1}):
+    for bad in (
+        {"fractions": [0.0]},
+        {"fractions": [1.5]},
+        {"iterations": 0},
+        {"pretrain_steps": -1},
+        {"max_instances": 0},
+    ):
         with pytest.raises(ValueError, match="witness_search"):
             as_witness_search(bad)
     with pytest.raises(ValueError, match="witness_search: .*unexpected keyword"):
@@ -137,3 +164,17 @@ def test_the_bag_phase_runs_the_search_once_records_it_and_keys_its_records_on_i
     )  # fmt: skip
     assert len(calls) == 1
     assert again["witness_search"] == result["witness_search"]
+
+
+def test_training_bags_of_one_class_train_without_the_search(tmp_path, caplog):
+    """With the search on (train.json's default), a training split of a single class leaves nothing to search for:
+    the bag phase warns once and trains its restarts without it, instead of failing the run."""
+    with caplog.at_level("WARNING", logger="monai_icmil.bag_phase"):
+        result = train_bag_classifier(
+            ShiftedBags(10, 0, labels=[0] * 10), ShiftedBags(6, 1), "abmil", tmp_path, aggregator_kwargs=FAST,
+            epochs=2, progress=False, device="cpu", early_stop_patience=None, restarts=2, witness_search=True,
+        )  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if "single class" in r.getMessage()]
+    assert len(warnings) == 1 and "trains without it" in warnings[0]
+    assert "witness_search" not in result and not (tmp_path / "witness_search.json").exists()
+    assert (tmp_path / "bag_classifier.pt").is_file() and len(result["restarts"]) == 2

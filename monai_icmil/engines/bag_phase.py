@@ -35,7 +35,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from monai_icmil.data.store import BagDataset
-from monai_icmil.engines.witness_search import WitnessSearchResult, as_witness_search
+from monai_icmil.engines.witness_search import SingleClassError, WitnessSearchResult, as_witness_search
 from monai_icmil.handlers.checkpoint import PhaseProgress, ResumeCheckpoint
 from monai_icmil.handlers.common import EpochLoss, attach_handlers, attach_progress_bar, describe_components
 from monai_icmil.handlers.early_stop import WarmEarlyStopHandler
@@ -718,20 +718,27 @@ class BagPhase:
 
 class _LazySearch:
     """The bag phase's witness search, run the first time a fresh restart needs it (never when every restart is
-    already on disk or starts from a given state), then kept; writes ``witness_search.json`` and logs to MLflow."""
+    already on disk or starts from a given state), then kept; writes ``witness_search.json`` and logs to MLflow.
+    Training bags of a single class leave nothing to search for: a warning, and the restarts train without it."""
 
     def __init__(self, phase: BagPhase, train_ds: Dataset, val_ds: Dataset, out_dir: Path, mlflow_run: Any = None):
         self.phase, self.out_dir, self.mlflow_run = phase, out_dir, mlflow_run
         self.train_ds, self.val_ds = train_ds, val_ds
         self.result: WitnessSearchResult | None = None
+        self.skipped = False
 
     def __call__(self) -> WitnessSearchResult | None:
         search = self.phase.witness_search
-        if search is None:
+        if search is None or self.skipped:
             return None
         if self.result is None:
             stats = feature_stats(self.train_ds) if self.phase.standardize else (None, None)
-            self.result = search.search(self.train_ds, self.val_ds, *stats)
+            try:
+                self.result = search.search(self.train_ds, self.val_ds, *stats)
+            except SingleClassError as e:
+                logger.warning("%s; the bag phase trains without it", e)
+                self.skipped = True
+                return None
             record = {**self.result.to_dict(), "settings": search.signature()}
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.out_dir / "witness_search.json", record)
