@@ -57,3 +57,8 @@ def test_the_demo_learns_to_find_the_tumour_slides(tmp_path):
     assert len(probs) == 16 and min(probs) < 0.5 < max(probs)
     assert "calls every test slide" not in (out / "summary.md").read_text()
     assert all(0.5 < row["teacher_patch_auc"] <= 1 for row in summary["rows"])
+    # train.json's bag phase runs the witness search by default: recorded in every round
+    state = json.loads((out / "state.json").read_text())
+    for r in (0, 1):
+        assert (out / f"round_{r}" / "bag_phase" / "witness_search.json").is_file()
+        assert 0 < state["rounds"][str(r)]["bag_phase"]["witness_search"]["fraction"] <= 0.05

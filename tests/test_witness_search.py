@@ -14,7 +14,8 @@ from test_bag import FAST, ShiftedBags, train_bag_classifier
 from torch.utils.data import Dataset
 
 from monai_icmil.engines.bag_phase import BagPhase, feature_stats
-from monai_icmil.engines.witness_search import WitnessSearch, as_witness_search
+from monai_icmil.engines.witness_search import SingleClassError, WitnessSearch, as_witness_search
+from monai_icmil.handlers.checkpoint import ResumeCheckpoint
 from monai_icmil.metrics import binary_auc
 from monai_icmil.networks import create_aggregator
 
@@ -82,6 +83,7 @@ def test_the_search_holds_at_most_max_instances_of_a_bag_and_still_finds_the_wit
     assert held == [120] * 120  # 80 training and 40 validation bags of 200, 120 held of each
     assert witness_auc(lambda b: result.scores(b).numpy(), val) >= 0.95 and len(result.top(val.bags[0])) == 4
     subset = WitnessSearch(max_instances=50)._held(train.bags[3], 3, None, None)
+    assert subset.dtype == torch.float32
     assert len(subset) == 50 and torch.equal(
         subset, WitnessSearch(max_instances=50)._held(train.bags[3], 3, None, None)
     )
@@ -110,7 +112,7 @@ def test_pretraining_puts_the_witnesses_on_top_of_the_instance_head():
 
 def test_the_search_needs_both_classes_and_checks_its_settings():
     one_class = ShiftedBags(10, 0, labels=[0] * 10)
-    with pytest.raises(ValueError, match="witness_search: the training bags hold a single class"):
+    with pytest.raises(SingleClassError, match="witness_search: the training bags hold no class-0 slides or only"):
         WitnessSearch().search(one_class, ShiftedBags(6, 1))
     # a validation split of one class cannot choose: the first fraction listed is kept, its AUC recorded as None
     train = SparseBags(40, 0)
@@ -129,9 +131,16 @@ def test_the_search_needs_both_classes_and_checks_its_settings():
     with pytest.raises(ValueError, match="witness_search: .*unexpected keyword"):
         as_witness_search({"fraction": 0.1})
     with pytest.raises(ValueError, match="true, false or a mapping"):
-        as_witness_search("yes")
+        as_witness_search("maybe")
     assert as_witness_search(False) is None and as_witness_search(None) is None
     assert as_witness_search(True).fractions == [0.005, 0.01, 0.02, 0.05]
+    # as a command line passes booleans (python -m monai.bundle run ... --bag_phase#witness_search false)
+    for off in ("false", "FALSE", "0", "off", 0):
+        assert as_witness_search(off) is None
+    for on in ("true", "True", "1", "yes"):
+        assert isinstance(as_witness_search(on), WitnessSearch)
+    assert WitnessSearch().signature()["max_instances"] == 2048
+    assert as_witness_search({"max_instances": None}).signature()["max_instances"] is None
     assert as_witness_search({"fractions": [0.1], "iterations": 3}).signature()["iterations"] == 3
 
 
@@ -169,12 +178,37 @@ def test_the_bag_phase_runs_the_search_once_records_it_and_keys_its_records_on_i
 def test_training_bags_of_one_class_train_without_the_search(tmp_path, caplog):
     """With the search on (train.json's default), a training split of a single class leaves nothing to search for:
     the bag phase warns once and trains its restarts without it, instead of failing the run."""
+    (tmp_path / "witness_search.json").write_text("{}")  # an earlier run's record, on other bags: removed
     with caplog.at_level("WARNING", logger="monai_icmil.bag_phase"):
         result = train_bag_classifier(
             ShiftedBags(10, 0, labels=[0] * 10), ShiftedBags(6, 1), "abmil", tmp_path, aggregator_kwargs=FAST,
             epochs=2, progress=False, device="cpu", early_stop_patience=None, restarts=2, witness_search=True,
         )  # fmt: skip
-    warnings = [r.getMessage() for r in caplog.records if "single class" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "only class-0 slides" in r.getMessage()]
     assert len(warnings) == 1 and "trains without it" in warnings[0]
     assert "witness_search" not in result and not (tmp_path / "witness_search.json").exists()
     assert (tmp_path / "bag_classifier.pt").is_file() and len(result["restarts"]) == 2
+
+
+def test_a_resumed_restart_neither_searches_nor_pretrains_again(tmp_path, monkeypatch):
+    """A fresh restart whose resume checkpoint is on disk continues from it: the checkpoint replaces the weights, so
+    the search and the pre-training are not run again (a bag phase interrupted on a large cohort restarts at once)."""
+    calls = []
+    search, pretrain = WitnessSearch.search, WitnessSearch.pretrain
+    monkeypatch.setattr(WitnessSearch, "search", lambda self, *a, **k: calls.append("search") or search(self, *a, **k))
+    monkeypatch.setattr(
+        WitnessSearch, "pretrain", lambda self, *a, **k: calls.append("pretrain") or pretrain(self, *a, **k)
+    )
+    monkeypatch.setattr(ResumeCheckpoint, "clear", lambda self: None)  # the finished run's checkpoint stays
+    kwargs = dict(
+        aggregator_kwargs=FAST, epochs=3, lr=5e-4, progress=False, device="cpu", early_stop_patience=None, restarts=1,
+        witness_search={"fractions": [0.05], "iterations": 3, "pretrain_steps": 20},
+    )  # fmt: skip
+    first = train_bag_classifier(ShiftedBags(20, 0), ShiftedBags(10, 1), "abmil", tmp_path, **kwargs)
+    assert calls == ["search", "pretrain"]
+    again = train_bag_classifier(ShiftedBags(20, 0), ShiftedBags(10, 1), "abmil", tmp_path, **kwargs)
+    assert calls == ["search", "pretrain"]  # resumed from the checkpoint: neither ran again
+    assert again["best_metric"] == first["best_metric"] and again["witness_search"] == first["witness_search"]
+    # another seed is another run: its checkpoint does not match, so it searches and pre-trains
+    train_bag_classifier(ShiftedBags(20, 0), ShiftedBags(10, 1), "abmil", tmp_path, seed=1, **kwargs)
+    assert calls == ["search", "pretrain", "search", "pretrain"]

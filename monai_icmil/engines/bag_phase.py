@@ -539,20 +539,14 @@ class BagPhase:
         out_dir.mkdir(parents=True, exist_ok=True)
         set_determinism(seed)
         net = self._network(train_ds, val_ds, aggregator, init_state)
-        found = search() if search is not None and init_state is None else None  # None where the search is off
-        if found is not None:
-            losses = self.witness_search.pretrain(
-                net, train_ds, found, self.optimizer(net.parameters()), self.loss_function, seed, self.device
-            )
-            if losses:
-                logger.info(
-                    "bag_phase: instance head pre-trained on the witness search, %d steps (loss %.4f -> %.4f)",
-                    len(losses), np.mean(losses[:10]), np.mean(losses[-10:]),
-                )  # fmt: skip
         trainer, evaluator, progress, state = self._engines(net, train_ds, val_ds, seed, out_dir / "bag_classifier.pt")
         signature = {"net": component_signature(aggregator), "in_dim": net.in_dim, "seed": seed}
         signature.update(_init_signature(init_state))
         resume = self._resume(trainer, evaluator, state, out_dir, {**signature, **_bags_signature(train_ds, val_ds)})
+        # a fresh network's instance head is pre-trained on the witness search first, unless an interrupted run of it
+        # is resumed (its checkpoint replaces the weights; building the engines draws no random numbers)
+        if search is not None and init_state is None and not resume.pending():
+            self._pretrain(net, train_ds, search(), seed)
         if mlflow_run is not None:
             self._track(mlflow_run, trainer, evaluator, net, aggregator, seed)
         try:
@@ -579,6 +573,21 @@ class BagPhase:
             "history": progress.history,
             "network": best_net,
         }
+
+    def _pretrain(self, net: MILAggregator, train_ds: BagDataset, found: WitnessSearchResult | None, seed: int) -> None:
+        """Pre-train ``net``'s instance head on the witness search's result (nothing when the search is off or had
+        nothing to search for), with the phase's optimizer and a plain cross-entropy: the batches are class-balanced
+        already, so class weights or a summed reduction of the bag loss would only count twice or scale the steps."""
+        if found is None:
+            return
+        losses = self.witness_search.pretrain(
+            net, train_ds, found, self.optimizer(net.parameters()), torch.nn.CrossEntropyLoss(), seed, self.device
+        )
+        if losses:
+            logger.info(
+                "bag_phase: instance head pre-trained on the witness search, %d steps (loss %.4f -> %.4f)",
+                len(losses), np.mean(losses[:10]), np.mean(losses[-10:]),
+            )  # fmt: skip
 
     def _network(
         self,
@@ -738,6 +747,7 @@ class _LazySearch:
             except SingleClassError as e:
                 logger.warning("%s; the bag phase trains without it", e)
                 self.skipped = True
+                (self.out_dir / "witness_search.json").unlink(missing_ok=True)  # an earlier run's, on other bags
                 return None
             record = {**self.result.to_dict(), "settings": search.signature()}
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -119,10 +119,10 @@ class WitnessSearch:
         pretrain_batch_size: instances per batch, half pseudo-witnesses and half class-0 instances.
         pretrain_negatives: random instances taken from each class-0 bag into the class-0 pool.
         max_instances: the search holds at most this many instances of a bag (a fixed random subset of larger bags;
-            the selection's fractions apply to it) and all bags together in memory, standardised in float32: bags of
-            up to 2,048 patches are searched whole, and 270 bags of 1,024-d features need ~2.3 GB however large the
-            slides; ``None``: whole bags (memory grows with the cohort). The pre-training scores whole bags, one at a
-            time.
+            the selection's fractions apply to it) and all bags together in memory, standardised, in float32: bags of
+            up to 2,048 patches are searched whole, and 270 slides of 1,024-d features take ~2.3 GB however large the
+            slides; ``None``: whole bags (memory grows with the cohort). A lesion of a few patches in a much larger
+            bag may lose some of them to the subset; the pre-training scores whole bags, one at a time.
     """
 
     def __init__(
@@ -188,8 +188,8 @@ class WitnessSearch:
         labels = torch.tensor([float(y != 0) for _, y in bags], dtype=torch.float64)
         if len(labels.unique()) < 2:
             raise SingleClassError(
-                "bag_phase#witness_search: the training bags hold a single class; the search needs class-0 and other "
-                "slides (or set bag_phase#witness_search to false)"
+                "bag_phase#witness_search: the training bags hold no class-0 slides or only class-0 slides; the search "
+                "needs both (or set bag_phase#witness_search to false)"
             )
         start = fit_logistic(torch.stack([z.double().mean(0) for z, _ in bags]), labels, self.l2)
         val = [(self._held(item["features"], i, mean, std), int(item["label"])) for i, item in _items(val_ds)]
@@ -306,12 +306,21 @@ class WitnessSearch:
 
 
 def as_witness_search(value: Any) -> WitnessSearch | None:
-    """``bag_phase#witness_search`` as given: ``false``/``None`` (off), ``true`` (the defaults), a mapping of
+    """``bag_phase#witness_search`` as given: ``false``/``None`` (off), ``true`` (the defaults), a boolean as a
+    command line passes it (``false``, ``0``, ``off`` ... in any case: :func:`~monai_icmil.utils.as_bool`), a mapping of
     :class:`WitnessSearch` arguments, or a :class:`WitnessSearch`."""
-    if value is None or value is False:
+    from monai_icmil.utils import as_bool
+
+    if value is None:
         return None
-    if value is True:
-        return WitnessSearch()
+    if isinstance(value, (bool, int, float, str)):
+        try:
+            on = as_bool(value, "bag_phase#witness_search")
+        except ValueError:
+            raise ValueError(
+                f"bag_phase#witness_search must be true, false or a mapping of settings, got {value!r}"
+            ) from None
+        return WitnessSearch() if on else None
     if isinstance(value, WitnessSearch):
         return value
     if isinstance(value, Mapping):

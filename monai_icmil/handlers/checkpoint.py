@@ -149,6 +149,17 @@ class ResumeCheckpoint:
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name))]
         return [p for _, p in sorted(found, reverse=True)]
 
+    def pending(self) -> bool:
+        """Whether :meth:`resume` would load a checkpoint: the newest readable one carries this signature (loads
+        nothing into the objects)."""
+        for path in self.files():
+            try:
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception:  # noqa: BLE001 - unreadable: resume() skips it too
+                continue
+            return state.get("signature", {}).get("signature") == self.signature
+        return False
+
     def resume(self) -> int | None:
         """Load the newest readable checkpoint with this signature; returns its iteration (``None``: fresh start).
 
