@@ -186,6 +186,7 @@ def run_round(args: argparse.Namespace) -> dict[str, Any]:
         "embed#batch_size": args.embed_batch,
         "bag_phase#epochs": args.bag_epochs,
         "bag_phase#restarts": 1,
+        "bag_phase#witness_search": False,  # the extrapolation is per instance-epoch; the search is a one-off per phase
         "bag_phase#early_stop_patience": None,
         "embedder_phase#epochs": 1,
         "embedder_phase#batches_per_epoch": args.embedder_batches,

@@ -104,6 +104,7 @@ def test_paper_recipe_override_resolves_on_top_of_train_json(tmp_path):
     assert parser.get_parsed_content("aggregator").func.__name__ == "ABMIL"
     assert parser.get_parsed_content("embedder_phase#optimizer").keywords["lr"] == 1e-5
     assert parser.get_parsed_content("bag_phase#optimizer").keywords["lr"] == 2e-4
+    assert parser.get_parsed_content("bag_phase#witness_search") is False  # the paper has no witness search
     schedule = parser.get_parsed_content("bag_phase#lr_scheduler")  # the paper's step schedule: x0.2 at half
     assert schedule.func.__name__ == "StepLR" and schedule.keywords == {"step_size": 100, "gamma": 0.2}
     _fake_tree(tmp_path)

@@ -212,3 +212,17 @@ def test_a_resumed_restart_neither_searches_nor_pretrains_again(tmp_path, monkey
     # another seed is another run: its checkpoint does not match, so it searches and pre-trains
     train_bag_classifier(ShiftedBags(20, 0), ShiftedBags(10, 1), "abmil", tmp_path, seed=1, **kwargs)
     assert calls == ["search", "pretrain", "search", "pretrain"]
+
+
+def test_the_command_line_takes_a_boolean_or_a_mapping_for_the_search():
+    """``--bag_phase#witness_search false`` (a string, as fire passes it) and a mapping of settings pass the bundle's
+    override check; a word that is neither is refused, naming the id."""
+    from monai_icmil.workflows.cli import _check_types
+
+    config = {"bag_phase": {"witness_search": True}}
+    for value in ("false", "FALSE", "0", {"max_instances": 4096}):
+        _check_types(config, [("bag_phase#witness_search", value)])
+    with pytest.raises(ValueError, match="bag_phase#witness_search"):
+        _check_types(config, [("bag_phase#witness_search", "maybe")])
+    with pytest.raises(ValueError, match="bag_phase#warm_start"):  # a mapping only where the setting takes one
+        _check_types({"bag_phase": {"warm_start": False}}, [("bag_phase#warm_start", {"a": 1})])

@@ -14,4 +14,4 @@ from monai_icmil.engines.embed import (
 )
 from monai_icmil.engines.embedder_phase import EmbedderPhase, EmbedderPhaseTrainer, StudentSelection
 from monai_icmil.engines.pretrain import Pretrain, PretrainTrainer
-from monai_icmil.engines.witness_search import WitnessSearch, WitnessSearchResult
+from monai_icmil.engines.witness_search import SingleClassError, WitnessSearch, WitnessSearchResult

@@ -282,7 +282,9 @@ class BagPhase:
             ``true`` for its defaults, a mapping of its arguments, or ``false``/``None``: off). For sparse tumours
             (a few % of a slide's patches), where a bag phase from a random initialisation can stay on its loss
             plateau (``benchmarks/RESULTS.md``, "Witness search"). The search runs once per phase (restarts started
-            from a given state skip it) and is recorded in ``output_dir/witness_search.json`` and MLflow.
+            from a given state, or resumed from a checkpoint, skip it) and is recorded in
+            ``output_dir/witness_search.json`` and MLflow; training bags of one class leave nothing to search for (a
+            warning, and the restarts train without it). Off here by default; the bundle's train.json turns it on.
         device: default CUDA when available.
         progress: progress bars.
     """

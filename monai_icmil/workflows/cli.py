@@ -88,6 +88,8 @@ def check_config(argv: Sequence[str] | None = None, config_ids: Sequence[str] | 
 
 # boolean settings that also take a word (read downstream, e.g. bag_phase#warm_start "both")
 _BOOLEAN_OR = {"bag_phase#warm_start": ("both",)}
+# boolean settings that also take a mapping of settings (e.g. --bag_phase#witness_search "{'max_instances': 4096}")
+_BOOLEAN_OR_MAPPING = {"bag_phase#witness_search"}
 
 
 def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, str]]) -> None:
@@ -102,6 +104,8 @@ def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, str]]) ->
         words = _BOOLEAN_OR.get(key.replace("::", "#"), ())
         try:
             if isinstance(default, bool):
+                if isinstance(value, Mapping) and key.replace("::", "#") in _BOOLEAN_OR_MAPPING:
+                    continue  # its settings are checked where they are read
                 if str(value).strip().lower() not in words:
                     try:
                         as_bool(value, key)
