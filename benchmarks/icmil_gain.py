@@ -808,7 +808,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "the teacher's (0: off, ICMIL's loss)",
     )
     p.add_argument("--select", default="mae", choices=("mae", "agreement", "last"), help="student selection")
-    p.add_argument("--settings", nargs="+", default=["default"], choices=list(DATA_SETTINGS), help="data settings")
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        choices=list(DATA_SETTINGS),
+        help="data settings (default: 'default'; with --smoke, all of them)",
+    )
     p.add_argument(
         "--variant",
         default="",
@@ -880,8 +886,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--bag_from needs --variant (the name of the new runs)")
     if args.keep_round0 and not args.bag_from:
         p.error("--keep_round0 needs --bag_from")
+    if args.settings is None:
+        args.settings = list(DATA_SETTINGS) if args.smoke else ["default"]
     if args.smoke:
-        args.seeds, args.rounds, args.settings = args.seeds[:1], 1, list(DATA_SETTINGS)
+        args.seeds, args.rounds = args.seeds[:1], 1
         args.train, args.val, args.test, args.width, args.height = 4, 2, 2, 768, 512
         args.bag_epochs, args.couple_epochs, args.couple_batches, args.couple_batch_size = 2, 1, 2, 16
         args.patch_size, args.bag_restarts = 32, 2

@@ -27,14 +27,24 @@ def _module(name: str = "icmil_gain"):
     return mod
 
 
-def test_icmil_gain_smoke_report_has_every_row(tmp_path):
+@pytest.mark.parametrize(
+    "settings",
+    [["default", "hard"], pytest.param(["default", "hard", "sparse"], marks=pytest.mark.slow)],
+    ids=["default-hard", "all"],
+)
+def test_icmil_gain_smoke_report_has_every_row(tmp_path, settings):
+    """``--smoke`` at test size: every row of the given data settings (the default run: the default setting, which the
+    scripts on a run's outputs read, and the hard one, #21's; the slow one adds the sparse setting, whose code paths
+    differ only in the generated data)."""
     gain = _module()
-    rows = gain.main(["--smoke", "--out", str(tmp_path)])
+    assert gain.parse(["--smoke"]).settings == list(gain.DATA_SETTINGS) == ["default", "hard", "sparse"]
+    chosen = ["--settings", *settings]
+    rows = gain.main(["--smoke", "--out", str(tmp_path), *chosen])
     report = json.loads((tmp_path / "report.json").read_text())
     assert json.dumps(report["rows"]) == json.dumps(rows)  # (NaN != NaN, so compare the text)
     want = {
         (setting, 0, start, agg, r)
-        for setting in gain.DATA_SETTINGS
+        for setting in settings
         for start in gain.STARTS
         for agg in gain.AGGREGATORS
         for r in (0, 1)
@@ -60,7 +70,7 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         else:
             assert 0 <= r["teacher_view_agreement"] <= 1
     # the ssl start pre-trained once per seed and every aggregator's round 0 used that embedder
-    for setting in gain.DATA_SETTINGS:
+    for setting in settings:
         runs = tmp_path / "runs" / setting / "seed_0"
         fps = {
             json.loads((runs / "ssl" / agg / "state.json").read_text())["rounds"]["0"]["embed"]["fingerprint"]
@@ -69,7 +79,7 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         random_fp = json.loads((runs / "random" / "abmil" / "state.json").read_text())["rounds"]["0"]["embed"]
         assert len(fps) == 1 and random_fp["fingerprint"] not in fps
     # the hard and sparse settings' slides: tumour in 0.5-3 % of the tissue of positive slides
-    for setting in ("hard", "sparse"):
+    for setting in [s for s in ("hard", "sparse") if s in settings]:
         data = json.loads((tmp_path / "data" / setting / "seed_0" / "datalist.json").read_text())
         fractions = [
             e["tumour_fraction"] for split in ("training", "validation", "test") for e in data[split] if e["label"]
@@ -77,7 +87,7 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         assert fractions and all(0.003 <= f <= 0.035 for f in fractions), (setting, fractions)
     md = (tmp_path / "report.md").read_text()
     assert (
-        md.count("| 0 | ssl |") == 6 * len(gain.DATA_SETTINGS)
+        md.count("| 0 | ssl |") == 6 * len(settings)
         and "Mean +/- sd over seeds" in md
         and "| hard | ssl | dtfd | 1 |" in md
     )
@@ -86,12 +96,10 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
     # --bag_from: the bag phases again on the plain runs' features and embedders, with another weight decay
     with pytest.raises(SystemExit):
         gain.parse(["--bag_from", "plain"])  # needs --variant
-    again = ["--smoke", "--out", str(tmp_path), "--starts", "ssl", "--aggregators", "abmil", "--variant", "wd"]
+    again = ["--smoke", "--out", str(tmp_path), "--starts", "ssl", "--aggregators", "abmil", *chosen, "--variant", "wd"]
     rebag = gain.main(again + ["--bag_from", "plain", "--bag_weight_decay", "0.05", "--extra_test", "3"])
-    assert {(r["setting"], r["variant"], r["round"]) for r in rebag} == {
-        (s, "wd", k) for s in gain.DATA_SETTINGS for k in (0, 1)
-    }
-    for setting in gain.DATA_SETTINGS:
+    assert {(r["setting"], r["variant"], r["round"]) for r in rebag} == {(s, "wd", k) for s in settings for k in (0, 1)}
+    for setting in settings:
         runs = tmp_path / "runs" / setting / "seed_0" / "ssl"
         src, new = (json.loads((runs / d / "state.json").read_text())["rounds"] for d in ("abmil", "abmil-wd"))
         assert new["1"]["embedder_phase"] == src["1"]["embedder_phase"]  # not trained again
@@ -107,7 +115,7 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
     assert len(json.loads((tmp_path / "report-wd.json").read_text())["rows"]) == len(rebag)
     # --bag_witness_search: every round's bag phase searched first, and the workflow's record says what it kept
     gain.main(again[:-1] + ["ws", "--bag_from", "plain", "--bag_witness_search"])
-    for setting in gain.DATA_SETTINGS:
+    for setting in settings:
         rounds = json.loads((tmp_path / "runs" / setting / "seed_0" / "ssl" / "abmil-ws" / "state.json").read_text())
         for k in "01":
             assert rounds["rounds"][k]["bag_phase"]["witness_search"]["fraction"] in (0.005, 0.01, 0.02, 0.05)
@@ -121,7 +129,7 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
         gain.parse(["--bag_warm_start", "sometimes"])
     warm = again[:-1] + ["warm", "--bag_from", "plain", "--keep_round0", "--bag_warm_start"]
     assert {(r["variant"], r["round"]) for r in gain.main(warm)} == {("warm", 0), ("warm", 1)}
-    for setting in gain.DATA_SETTINGS:
+    for setting in settings:
         runs = tmp_path / "runs" / setting / "seed_0" / "ssl"
         src, new = (json.loads((runs / d / "state.json").read_text())["rounds"] for d in ("abmil", "abmil-warm"))
         assert new["0"] == src["0"] and new["1"]["embedder_phase"] == src["1"]["embedder_phase"]
@@ -173,8 +181,8 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
     # witness_bound.py on a smoke run: its bag test AUC is the workflow's, read back from predictions.csv
     bound = _module("witness_bound")
     assert bound.slide_scores(np.array([0.1, 0.9, 0.5])) == {"max": 0.9, "top5%": 0.9, "mean": pytest.approx(0.5)}
-    run = tmp_path / "runs" / "default" / "seed_0" / "ssl" / "abmil"
-    data = tmp_path / "data" / "default" / "seed_0"
+    run = tmp_path / "runs" / settings[0] / "seed_0" / "ssl" / "abmil"
+    data = tmp_path / "data" / settings[0] / "seed_0"
     got = bound.main(["--run", str(run), "--data", str(data), "--out", str(tmp_path / "bound")])
     assert json.dumps(json.loads((tmp_path / "bound" / "report.json").read_text())["rows"]) == json.dumps(got)
     state = json.loads((run / "state.json").read_text())
@@ -194,7 +202,7 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path):
                     top = int(torch.argmax(torch.softmax(teacher.instance_logits(torch.from_numpy(feats)), -1)[:, 1]))
                 hits.append(frac[top] >= 0.5)
         assert same(row["teacher_train_top_is_witness"], float(np.mean(hits)) if hits else float("nan")), row
-    assert (tmp_path / "bound" / "report.md").read_text().count("| default/seed_0/ssl/abmil |") == 2
+    assert (tmp_path / "bound" / "report.md").read_text().count(f"| {settings[0]}/seed_0/ssl/abmil |") == 2
     # --extra_test's scoring (the bundle's inference, then every restart on the features it stored), given the run's
     # own test slides, gives the workflow's test predictions and every restart's test AUC
     scores = gain.extra_test_scores(run, data, data, 0, "abmil", "ssl", gain.parse(["--smoke", "--out", str(tmp_path)]))

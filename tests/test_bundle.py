@@ -43,6 +43,7 @@ TINY = {
     "embedder#input_size": 32,
     "aggregator#hidden_dim": 32,
     "bag_phase#epochs": 3,
+    "bag_phase#witness_search": {"pretrain_steps": 50},  # train.json's search, a tenth of its pre-training steps
     "embedder_phase#epochs": 1,
     "embedder_phase#batches_per_epoch": 3,
     "embedder_phase#batch_size": 16,
