@@ -547,7 +547,7 @@ class BagPhase:
         resume = self._resume(trainer, evaluator, state, out_dir, {**signature, **_bags_signature(train_ds, val_ds)})
         # a fresh network's instance head is pre-trained on the witness search first, unless an interrupted run of it
         # is resumed (its checkpoint replaces the weights; building the engines draws no random numbers)
-        if search is not None and init_state is None and not resume.pending():
+        if self.witness_search is not None and search is not None and init_state is None and not resume.pending():
             self._pretrain(net, train_ds, search(), seed)
         if mlflow_run is not None:
             self._track(mlflow_run, trainer, evaluator, net, aggregator, seed)

@@ -149,16 +149,21 @@ class ResumeCheckpoint:
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name))]
         return [p for _, p in sorted(found, reverse=True)]
 
+    def _newest(self, warn: bool = False) -> tuple[Path, dict[str, Any]] | None:
+        """The newest readable checkpoint and its state (``warn``: about each unreadable one skipped)."""
+        for path in self.files():
+            try:
+                return path, torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a damaged file: try the previous one
+                if warn:
+                    warnings.warn(f"skipping unreadable checkpoint '{path}' ({type(e).__name__}: {e})", stacklevel=3)
+        return None
+
     def pending(self) -> bool:
         """Whether :meth:`resume` would load a checkpoint: the newest readable one carries this signature (loads
         nothing into the objects)."""
-        for path in self.files():
-            try:
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception:  # noqa: BLE001 - unreadable: resume() skips it too
-                continue
-            return state.get("signature", {}).get("signature") == self.signature
-        return False
+        newest = self._newest()
+        return newest is not None and newest[1].get("signature", {}).get("signature") == self.signature
 
     def resume(self) -> int | None:
         """Load the newest readable checkpoint with this signature; returns its iteration (``None``: fresh start).
@@ -169,29 +174,25 @@ class ResumeCheckpoint:
             for p in self.directory.iterdir():
                 if p.name.startswith("tmp"):  # a save that was interrupted
                     p.unlink(missing_ok=True)
-        for path in self.files():
-            try:
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - a damaged file: try the previous one
-                warnings.warn(f"skipping unreadable checkpoint '{path}' ({type(e).__name__}: {e})", stacklevel=2)
-                continue
-            if state.get("signature", {}).get("signature") != self.signature:
-                warnings.warn(
-                    f"'{path}' was written with other settings or data; starting this phase afresh.", stacklevel=2
-                )
-                self.clear()
-                return None
-            from ignite.handlers import Checkpoint
+        if (newest := self._newest(warn=True)) is None:
+            return None
+        path, state = newest
+        if state.get("signature", {}).get("signature") != self.signature:
+            warnings.warn(
+                f"'{path}' was written with other settings or data; starting this phase afresh.", stacklevel=2
+            )
+            self.clear()
+            return None
+        from ignite.handlers import Checkpoint
 
-            Checkpoint.load_objects(self.objects, state)
-            iteration = int(_NAME.match(path.name).group(1))
-            for older in self.files():
-                if older != path:
-                    older.unlink(missing_ok=True)
-            self._checkpoint.load_state_dict({"_saved": [(iteration, path.name)]})
-            logger.info("resuming from %s (iteration %d)", path, iteration)
-            return iteration
-        return None
+        Checkpoint.load_objects(self.objects, state)
+        iteration = int(_NAME.match(path.name).group(1))
+        for older in self.files():
+            if older != path:
+                older.unlink(missing_ok=True)
+        self._checkpoint.load_state_dict({"_saved": [(iteration, path.name)]})
+        logger.info("resuming from %s (iteration %d)", path, iteration)
+        return iteration
 
     def run(self, engine: Engine) -> None:
         """:meth:`resume`, then run ``engine`` unless the checkpoint was taken after it had finished (ignite would

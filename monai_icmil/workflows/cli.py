@@ -100,11 +100,11 @@ def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, str]]) ->
 
     problems = []
     for key, value in pairs:
-        default = _value_at(config, key.replace("::", "#").split("#"))
-        words = _BOOLEAN_OR.get(key.replace("::", "#"), ())
+        name = key.replace("::", "#")
+        default, words = _value_at(config, name.split("#")), _BOOLEAN_OR.get(name, ())
         try:
             if isinstance(default, bool):
-                if isinstance(value, Mapping) and key.replace("::", "#") in _BOOLEAN_OR_MAPPING:
+                if isinstance(value, Mapping) and name in _BOOLEAN_OR_MAPPING:
                     continue  # its settings are checked where they are read
                 if str(value).strip().lower() not in words:
                     try:
