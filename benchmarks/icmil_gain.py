@@ -128,7 +128,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "bag_phase#max_instances": args.bag_max_instances,
         "bag_phase#instance_weight": args.bag_instance_weight,
         "bag_phase#instance_top_k": args.bag_instance_k,
-        "bag_phase#witness_search": args.bag_witness_search,
+        # (--smoke: a tenth of the pre-training on smaller batches; the search itself as given)
+        "bag_phase#witness_search": args.bag_witness_search
+        and ({"pretrain_steps": 50, "pretrain_batch_size": 64} if args.smoke else True),
         "embedder_phase#epochs": args.couple_epochs,
         "embedder_phase#batches_per_epoch": args.couple_batches,
         "embedder_phase#batch_size": args.couple_batch_size,

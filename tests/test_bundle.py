@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -52,12 +54,17 @@ TINY = {
     "embedder_phase#num_workers": 0,
     "progress": False,
     "mlflow#registered_model_name": None,  # logging the model costs a few seconds a run: only `trained` does
+    "mlflow#enabled": False,  # a new tracking store costs ~8 s (its schema migrations): tests of tracking turn it on
 }
 
 
 def _bundle(
-    tmp: Path, run_id: str, *configs: str, extra: dict | None = None, **overrides
+    tmp: Path, run_id: str, *configs: str, extra: dict | None = None, data: Path | None = None, **overrides
 ) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` in ``tmp`` (train.json + demo.json + ``configs`` + TINY + ``extra``); ``data``: a
+    copy of this dataset (``tiny_data``) is the run's, instead of the run generating it."""
+    if data is not None and not (tmp / "data").exists():
+        shutil.copytree(data, tmp / "data")
     tiny = tmp / "tiny.json"
     tiny.write_text(json.dumps({**TINY, **(extra or {})}))
     files = [str(CONFIGS / "train.json"), str(CONFIGS / "demo.json"), *configs, str(tiny)]
@@ -81,6 +88,16 @@ def _bundle(
     env = {k: v for k, v in os.environ.items() if k != "CUFILE_LOGFILE_PATH"}  # as a user's shell has it
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="2")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """TINY's synthetic dataset, generated once (what a run without one generates: ``trained`` does)."""
+    from monai_icmil.data.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("tiny_data") / "data"
+    make_dataset(root, progress=False, **TINY["synthetic"])
+    return root
 
 
 def test_every_parameter_the_bundle_docs_list_is_in_the_configs_they_name():
@@ -143,7 +160,7 @@ def test_folds_from_the_command_line_make_fold_workflows_of_the_same_components(
     assert child.features_dir(1) == out / "fold_1" / "round_1" / "features" and child.splits.synthetic is None
 
 
-def test_a_config_file_swaps_in_an_aggregator_class_an_optimizer_and_a_handler(tmp_path):
+def test_a_config_file_swaps_in_an_aggregator_class_an_optimizer_and_a_handler(tmp_path, tiny_data):
     """No edit to the package: a config file brings an aggregator class and a handler from a module of the user's
     (tests/custom_components.py) and SGD for the bag phase; one coupled round runs and each of them was used."""
     custom = tmp_path / "custom.json"
@@ -163,7 +180,8 @@ def test_a_config_file_swaps_in_an_aggregator_class_an_optimizer_and_a_handler(t
             }
         )
     )
-    proc = _bundle(tmp_path, "run", str(custom), num_rounds=1, extra={"bag_phase#restarts": 2})
+    extra = {"bag_phase#restarts": 2, "mlflow#enabled": True}
+    proc = _bundle(tmp_path, "run", str(custom), num_rounds=1, extra=extra, data=tiny_data)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     for r in (0, 1):  # the bag classifiers are the user's class, and load again by its import path
@@ -188,17 +206,18 @@ def test_a_config_file_swaps_in_an_aggregator_class_an_optimizer_and_a_handler(t
     assert bag.data.params["aggregator"] == "custom_components.MeanMaxMIL"
 
 
-@pytest.mark.parametrize("mode", [True, "both"])
-def test_warm_start_starts_round_1s_bag_phase_from_the_student_classifier(tmp_path, mode):
-    """``bag_phase#warm_start``: at a learning rate of 0, round 1's kept classifier (every restart's) is the student's
+def test_warm_start_starts_round_1s_bag_phase_from_the_student_classifier(tmp_path, tiny_data):
+    """``bag_phase#warm_start``: at a learning rate of 0, round 1's classifier started warm is the student's
     classifier, i.e. what the embedder phase saved as ``student_head.pt``, statistics included; round 0 starts afresh
-    (its statistics are its training features'); the round's record and MLflow say so. ``"both"``: two fresh restarts
-    and two from the student's classifier, the one validation prefers kept, and the record says which. Without the
-    student's state the error names the file and the fix."""
+    (its statistics are its training features'); the round's record and MLflow say so. ``"both"`` (run here): two
+    fresh restarts and two from the student's classifier (these equal to it), the one validation prefers kept, and the
+    record says which (``true``, the warm restarts alone: tests/test_bag.py). Without the student's state the error
+    names the file and the fix."""
     from monai.bundle import ConfigParser
 
+    mode = "both"
     extra = {"bag_phase#warm_start": mode, "bag_phase#lr": 0.0, "bag_phase#restarts": 2, "mlflow#enabled": True}
-    proc = _bundle(tmp_path, "run", extra=extra, num_rounds=1)
+    proc = _bundle(tmp_path, "run", extra=extra, num_rounds=1, data=tiny_data)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     student = torch.load(out / "round_1" / "embedder_phase" / "student_head.pt", weights_only=True)
@@ -206,7 +225,7 @@ def test_warm_start_starts_round_1s_bag_phase_from_the_student_classifier(tmp_pa
     assert any(not torch.equal(student[k], teacher[k]) for k in student)  # the embedder phase trained its head
     restarts = json.loads((out / "round_1" / "bag_phase" / "restarts.json").read_text())
     starts = [r["start"] for r in restarts["restarts"]]
-    assert starts == (["warm"] * 2 if mode is True else ["fresh"] * 2 + ["warm"] * 2)
+    assert starts == ["fresh"] * 2 + ["warm"] * 2
     for k, start in enumerate(starts):
         kept = load_bag_classifier(out / "round_1" / "bag_phase" / f"restart_{k}" / "bag_classifier.pt").state_dict()
         assert kept.keys() == student.keys()
@@ -214,7 +233,7 @@ def test_warm_start_starts_round_1s_bag_phase_from_the_student_classifier(tmp_pa
     kept = load_bag_classifier(out / "round_1" / "bag_phase" / "bag_classifier.pt").state_dict()
     assert all(torch.equal(kept[n], student[n]) for n in kept) == (starts[restarts["chosen"]] == "warm")
     state = json.loads((out / "state.json").read_text())["rounds"]
-    warm = "student" if mode is True else "both"
+    warm = "both"
     assert state["1"]["bag_phase"]["warm_start"] == warm and "warm_start" not in state["0"]["bag_phase"]
     assert state["1"]["bag_phase"]["kept_start"] == starts[restarts["chosen"]]
     assert state["1"]["bag_phase"]["restarts_val"] == [r["best_metric"] for r in restarts["restarts"]]
@@ -233,8 +252,6 @@ def test_warm_start_starts_round_1s_bag_phase_from_the_student_classifier(tmp_pa
     params = {r.info.run_name: r.data.params for r in runs}
     assert params["round_1/bag_phase"]["warm_start"] == warm and "warm_start" not in params["round_0/bag_phase"]
     assert params["round_1/bag_phase"]["kept_start"] == starts[restarts["chosen"]]
-    if mode == "both":
-        return  # (the student's state itself is read the same way in both modes)
 
     def workflow(output_dir):
         parser = ConfigParser()
@@ -259,10 +276,12 @@ def test_warm_start_starts_round_1s_bag_phase_from_the_student_classifier(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """train.json + demo.json + a test-sized override, 2 rounds, end to end."""
+def trained(tmp_path_factory, tiny_data) -> Path:
+    """train.json + demo.json + a test-sized override, 2 rounds, end to end (on a copy of ``tiny_data``: the bundle's
+    generation of the demo data is tests/test_demo.py's)."""
     tmp = tmp_path_factory.mktemp("bundle")
-    proc = _bundle(tmp, "run", extra={"mlflow#registered_model_name": "icmil"}, num_rounds=2)
+    extra = {"mlflow#enabled": True, "mlflow#registered_model_name": "icmil"}
+    proc = _bundle(tmp, "run", extra=extra, num_rounds=2, data=tiny_data)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     (tmp / "left_in_cwd.json").write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
     (tmp / "stdout.txt").write_text(proc.stdout)
@@ -374,8 +393,6 @@ def test_the_teacher_patch_auc_in_the_summary_is_the_teachers_auc_against_the_ma
 def test_the_run_shows_the_highest_scoring_test_slide_beside_its_ground_truth(trained):
     """demo.json's test inference: the final round scores the test split, and summary.md shows the top slide's
     predicted patch probabilities beside its tumour mask."""
-    import csv
-
     out = trained / "out"
     probs = {
         r["slide"]: float(r["prob_tumour"]) for r in csv.DictReader(open(out / "test_inference" / "probabilities.csv"))
@@ -430,28 +447,31 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
     }
 
 
-def test_rerun_after_round_one_bag_phase_does_not_redo_finished_phases(tmp_path):
+def test_rerun_after_a_bag_phase_does_not_redo_finished_phases(tmp_path, tiny_data):
+    """``bag_phase#run --round 0`` stops after round 0's bag phase; ``run`` then goes on from there in a new process:
+    round 0's phases are not run again, and round 1's embedder phase reads its teacher features from the store the
+    first process wrote."""
     # the workflow finds the class-0 slides (else it fails), and hands the phase round r-1's stored features
     targets = {"embedder_phase#normal_slide_targets": True, "embedder_phase#teacher_features": True}
-    first = _bundle(tmp_path, "bag_phase#run", extra=targets, num_rounds=2, round=1)  # stops after round 1's bags
+    first = _bundle(tmp_path, "bag_phase#run", extra=targets, num_rounds=1, round=0, data=tiny_data)
     assert first.returncode == 0, first.stderr[-4000:]
     out = tmp_path / "out"
     state = json.loads((out / "state.json").read_text())
-    assert set(state["rounds"]) == {"0", "1"} and "bag_phase" in state["rounds"]["1"]
+    assert set(state["rounds"]) == {"0"} and "bag_phase" in state["rounds"]["0"]
     before = {p: p.stat().st_mtime_ns for p in out.glob("round_*/**/*") if p.is_file()}
-    second = _bundle(tmp_path, "run", extra=targets, num_rounds=2)
+    second = _bundle(tmp_path, "run", extra=targets, num_rounds=1)
     assert second.returncode == 0, second.stderr[-4000:]
     after = json.loads((out / "state.json").read_text())
     datalist = json.loads(next((tmp_path / "data").rglob("datalist.json")).read_text())
     normal = sum(e["label"] == 0 for e in datalist["training"])
     assert 0 < normal < len(datalist["training"])
-    assert [after["rounds"][r]["embedder_phase"]["normal_slides"] for r in ("1", "2")] == [normal, normal]
+    assert after["rounds"]["1"]["embedder_phase"]["normal_slides"] == normal
     trained_on = len(datalist["training"])  # every training slide's teacher features read from the previous round
-    assert [after["rounds"][r]["embedder_phase"]["teacher_features"] for r in ("1", "2")] == [trained_on] * 2
-    assert after["rounds"]["0"] == state["rounds"]["0"] and after["rounds"]["1"] == state["rounds"]["1"]
-    assert "bag_phase" in after["rounds"]["2"]
+    assert after["rounds"]["1"]["embedder_phase"]["teacher_features"] == trained_on
+    assert {k: after["rounds"]["0"][k] for k in state["rounds"]["0"]} == state["rounds"]["0"]  # not run again
+    assert "bag_phase" in after["rounds"]["1"] and "test" in after["rounds"]["1"]
     rewritten = [str(p.relative_to(out)) for p, t in before.items() if p.stat().st_mtime_ns != t]
-    assert rewritten == []  # nothing of rounds 0-1 was rewritten
+    assert rewritten == []  # nothing of round 0 was rewritten
 
 
 def test_inference_writes_heatmaps_on_the_patch_grid_and_geojson(trained):
@@ -490,8 +510,6 @@ def test_inference_writes_heatmaps_on_the_patch_grid_and_geojson(trained):
     assert np.isfinite(grid).sum() == len(coords)
     assert grid[int(y // footprint), int(x // footprint)] == 0
     # the triage sheet: every slide's instance-probability overlay, the highest tumour probability first
-    import csv
-
     from monai_icmil.data import open_slide
     from monai_icmil.visualize import score_overlay
 
@@ -543,12 +561,10 @@ def test_boolean_overrides_are_read_as_booleans_in_any_case(trained, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(list(out.glob("*_heatmap.jpg"))) == len(list(out.glob("features/*.safetensors")))
     assert all(p.stat().st_mtime_ns == t for p, t in stored.items())
-    refused = _bundle(
-        tmp_path, "run", str(CONFIGS / "inference.json"), heatmaps="maybe", inference_dir=str(tmp_path / "x")
-    )
-    assert refused.returncode != 0 and "'heatmaps' must be a boolean (true or false, in any case" in refused.stderr
-    assert not (tmp_path / "x").exists() and not (tmp_path / "data").exists()
     files = json.dumps([str(CONFIGS / "train.json"), str(CONFIGS / "inference.json")])
+    # refused by the bundle's first step (check_config, as test_override_of_a_non_existent_id_is_refused runs it)
+    with pytest.raises(ValueError, match=r"'heatmaps' must be a boolean \(true or false, in any case"):
+        check_config(["run", "--config_file", files, "--heatmaps", "maybe"])
     for value in ("false", "FALSE", "False", "0", "no", "TRUE", "1"):
         assert check_config(["run", "--config_file", files, "--heatmaps", value]) == ["heatmaps"]
     with pytest.raises(ValueError, match="'num_rounds' must be a number"):
@@ -619,24 +635,11 @@ def test_evaluate_config_writes_test_metrics(trained):
 
 
 def test_verify_metadata_and_ckpt_export_of_the_final_bag_classifier(trained, tmp_path):
+    from monai.bundle import verify_metadata
+
+    # metadata.json against its schema (the schema file ships with the bundle: nothing to download); raises if not
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(CONFIGS / "schema.json"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    verify = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "verify_metadata",
-            "--meta_file",
-            str(CONFIGS / "metadata.json"),
-            "--filepath",
-            str(CONFIGS / "schema.json"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert verify.returncode == 0 and "metadata is verified with no error" in verify.stdout + verify.stderr
     final = json.loads((trained / "out" / "summary.json").read_text())["final_round"]
     ckpt = trained / "out" / f"round_{final}" / "bag_phase" / "bag_classifier.pt"
     tiny = tmp_path / "tiny.json"
@@ -694,12 +697,28 @@ def test_verify_metadata_and_ckpt_export_of_the_final_bag_classifier(trained, tm
 
 
 def test_unknown_aggregator_is_refused_before_any_work(tmp_path):
-    proc = _bundle(tmp_path, "run", aggregator="clam")
-    assert proc.returncode != 0 and "unknown aggregator 'clam'" in proc.stderr
-    assert not (tmp_path / "data").exists()  # nothing was generated or embedded
+    """Building the workflow (the bundle's first step after check_config) refuses it: nothing generated or embedded."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json")])
+    parser.update(
+        {"bundle_root": str(BUNDLE), "dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "o")}
+    )
+    parser.update({"aggregator": "clam"})
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content("workflow")
+    chain, e = [], raised.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("unknown aggregator 'clam'" in m for m in chain), chain
+    assert not (tmp_path / "data").exists() and not (tmp_path / "o").exists()
 
 
 def test_override_of_a_non_existent_id_is_refused(tmp_path):
+    """``python -m monai.bundle run`` checks its command line first (train.json's ``initialize``: check_config), so
+    the tests of other refusals call check_config directly."""
     proc = _bundle(tmp_path, "run", num_round=3)
     assert proc.returncode != 0 and "unknown id(s): --num_round" in proc.stderr
     assert not (tmp_path / "data").exists()
@@ -736,9 +755,9 @@ def test_a_misspelt_setting_is_refused_by_name(tmp_path):
     (the phase component's own arguments)."""
     from monai_icmil.engines import Embed
 
-    proc = _bundle(tmp_path, "run", **{"embed#prefetch_thread": 4})
-    assert proc.returncode != 0 and "unknown id(s): --embed#prefetch_thread" in proc.stderr
-    assert not (tmp_path / "data").exists()
+    files = json.dumps([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json")])
+    with pytest.raises(ValueError, match=r"unknown id\(s\): --embed#prefetch_thread"):
+        check_config(["run", "--config_file", files, "--embed#prefetch_thread", "4"])
     with pytest.raises(TypeError, match="prefetch_thread"):
         Embed(prefetch_thread=4)
     assert Embed(prefetch_threads=4).prefetch_threads == 4
@@ -900,7 +919,7 @@ def _pure_patches(seed: int, size: int, per_class: int = 300) -> tuple[torch.Ten
     return torch.as_tensor(np.stack(patches)).permute(0, 3, 1, 2), np.r_[np.ones(len(pos)), np.zeros(len(neg))]
 
 
-def test_pretrain_json_makes_the_round_0_embedder(tmp_path):
+def test_pretrain_json_makes_the_round_0_embedder(tmp_path, tiny_data):
     """configs/pretrain.json: SimCLR on the training slides' patches; its output is what round 0 embeds with, and its
     features separate tumour from normal patches better than the random-init embedder it started from.
 
@@ -919,7 +938,7 @@ def test_pretrain_json_makes_the_round_0_embedder(tmp_path):
         "pretrain#num_workers": 0,
         "pretrain#read_threads": 1,
     }
-    proc = _bundle(tmp_path, "pretrain#run", str(CONFIGS / "pretrain.json"), extra=extra)
+    proc = _bundle(tmp_path, "pretrain#run", str(CONFIGS / "pretrain.json"), extra=extra, data=tiny_data)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     pretrained = create_embedder(None, weights=out / "pretrain" / "embedder.safetensors")  # the embedder factory
@@ -943,11 +962,18 @@ def test_pretrain_json_makes_the_round_0_embedder(tmp_path):
         aucs[name] = [linear_probe_auc(feats, y, train_mask=np.isin(group, fit)) for fit in ((0, 2, 4), (1, 3, 5))]
     assert all(p > r + 0.01 for p, r in zip(aucs["pretrained"], aucs["random"])), aucs
 
-    proc = _bundle(tmp_path, "embed#run", str(CONFIGS / "pretrain.json"), extra=extra)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    state = json.loads((out / "state.json").read_text())
-    assert state["rounds"]["0"]["embed"]["fingerprint"] == pretrained.fingerprint()  # round 0 uses it, not random
-    assert "random-init" not in proc.stdout + proc.stderr  # no warning about a random start when pre-trained
+    # round 0 embeds with it (the workflow's round-0 embedder, as its embed phase asks for it), not pre-trained
+    # again, and without the warning about a random start
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in ("train.json", "demo.json", "pretrain.json")])
+    parser.update({**TINY, **extra, "bundle_root": str(BUNDLE), "dataset_dir": str(tmp_path / "data")})
+    parser.update({"output_dir": str(out)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        round0 = parser.get_parsed_content("workflow").embedder_for(0)
+    assert round0.fingerprint() == pretrained.fingerprint() and json.loads((out / "state.json").read_text()) == state
     assert pretrained.describe()["name"] == random_init.describe()["name"]
 
 
@@ -989,9 +1015,9 @@ def test_network_def_takes_its_input_size_from_a_vit_model_folder(vit_folder):
 
 
 def test_the_final_model_is_registered_in_mlflow_and_predicts_what_inference_writes(trained):
-    """``models:/icmil/1`` (the run's SQLite registry) scores slide paths as ``inference.json`` does."""
-    import csv
-
+    """``models:/icmil/1`` (the run's SQLite registry) scores slide paths as the bundle's inference does (the run's
+    own inference on its test split: demo.json's ``test_inference``, the final round's classifier, as
+    ``inference.json`` writes it)."""
     import mlflow
     import pandas as pd
 
@@ -1009,12 +1035,7 @@ def test_the_final_model_is_registered_in_mlflow_and_predicts_what_inference_wri
     with using_store(uri):
         model = mlflow.pyfunc.load_model("models:/icmil/1")
         got = model.predict(pd.DataFrame({"image": sorted(str(p) for p in folder.iterdir())}))
-    proc = _bundle(
-        trained, "run", str(CONFIGS / "inference.json"), input_slides=str(folder),
-        inference_dir=str(trained / "served_inference"), heatmaps="false",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    want = list(csv.DictReader(open(trained / "served_inference" / "probabilities.csv")))
+    want = list(csv.DictReader(open(out / "test_inference" / "probabilities.csv")))
     assert list(got["slide"]) == [r["slide"] for r in want] and len(want) == len(data["test"])
     for column in ("prob_normal", "prob_tumour"):
         np.testing.assert_allclose(got[column], [float(r[column]) for r in want], atol=1e-5)
@@ -1026,15 +1047,18 @@ def test_heatmap_stride_draws_maps_from_overlapping_patches_and_keeps_the_slide_
     folder.mkdir()
     for e in data["test"][:2]:
         (folder / Path(e["image"]).name).symlink_to(trained / "data" / e["image"])
-    runs = {}
-    for name, extra in (("plain", {"heatmaps": "false"}), ("dense", {"heatmap_stride": 16})):  # patches of 32 px
-        out = tmp_path / name
-        proc = _bundle(
-            trained, "run", str(CONFIGS / "inference.json"), input_slides=str(folder), inference_dir=str(out), **extra
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = out
-    assert (runs["dense"] / "probabilities.csv").read_text() == (runs["plain"] / "probabilities.csv").read_text()
+    runs = {"dense": tmp_path / "dense"}
+    proc = _bundle(
+        trained, "run", str(CONFIGS / "inference.json"), input_slides=str(folder), inference_dir=str(runs["dense"]),
+        heatmap_stride=16,  # the patches are 32 px
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the slide probabilities are the grid's: those of the run's own inference on its test split (no label here)
+    plain = {r["slide"]: r for r in csv.DictReader(open(trained / "out" / "test_inference" / "probabilities.csv"))}
+    dense = list(csv.DictReader(open(runs["dense"] / "probabilities.csv")))
+    assert [r["slide"] for r in dense] == [Path(e["image"]).stem for e in data["test"][:2]]
+    for row in dense:
+        assert {**row, "label": plain[row["slide"]]["label"]} == plain[row["slide"]]
     from monai_icmil.data.store import CoordsStore
 
     for e in data["test"][:2]:

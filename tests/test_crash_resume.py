@@ -43,32 +43,30 @@ def _final(out: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize(
-    "kill, resumed",
-    [
-        ("embed:3", None),  # while the third slide's features of round 0 are written
-        (
-            "bag_phase:10",
-            "round_0/bag_phase/resume/resume_checkpoint_8.pt (iteration 8)",
-        ),  # round 0's bag phase, in its third epoch
-        (
-            "embedder_phase:7",
-            "round_1/embedder_phase/resume/resume_checkpoint_6.pt (iteration 6)",
-        ),  # round 1's embedder phase, inside its second epoch
-    ],
-)
-def test_kill_9_then_rerun_ends_as_the_uninterrupted_run(kill, resumed, uninterrupted, synthetic_dataset, tmp_path):
-    out = tmp_path / "out"
-    killed = _run(synthetic_dataset.parent, out, kill)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+def _killed_at(kill: str, data: Path, out: Path) -> subprocess.CompletedProcess:
+    """One run of the command, SIGKILLed at ``kill``: it died there and left no partial write."""
+    killed = _run(data, out, kill)
+    assert killed.returncode == -signal.SIGKILL, (kill, killed.stderr[-3000:])
     assert not (out / "summary.json").exists()
-    assert not [p for p in out.rglob("*") if p.name.startswith((".", "tmp")) and p.is_file()]  # no partial write
-    rerun = _run(synthetic_dataset.parent, out)
+    assert not [p for p in out.rglob("*") if p.name.startswith((".", "tmp")) and p.is_file()], kill  # no partial write
+    return killed
+
+
+def test_kill_9_in_each_phase_then_rerun_ends_as_the_uninterrupted_run(uninterrupted, synthetic_dataset, tmp_path):
+    """The same command four times, killed in turn while round 0's features are written (the third slide), in round
+    0's bag phase (its third epoch) and in round 1's embedder phase (its second epoch), then left to finish: each
+    rerun resumes where the last one died (it does not start over), and the run ends with exactly the uninterrupted
+    run's metrics and weights."""
+    data, out = synthetic_dataset.parent, tmp_path / "out"
+    _killed_at("embed:3", data, out)
+    _killed_at("bag_phase:10", data, out)  # the rerun's 10th bag-phase step: the embed phase went on from slide 3
+    # the two slides written before the first kill were kept, not embedded again
+    assert json.loads((out / "state.json").read_text())["rounds"]["0"]["embed"]["skipped"] == 2
+    killed = _killed_at("embedder_phase:7", data, out)
+    assert "round_0/bag_phase/resume/resume_checkpoint_8.pt (iteration 8)" in killed.stderr, killed.stderr[-3000:]
+    rerun = _run(data, out)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    if resumed:
-        assert resumed in rerun.stderr
-    else:  # the two slides written before the kill were kept, not embedded again
-        assert json.loads((out / "state.json").read_text())["rounds"]["0"]["embed"]["skipped"] == 2
+    assert "round_1/embedder_phase/resume/resume_checkpoint_6.pt (iteration 6)" in rerun.stderr
     assert _final(out) == _final(uninterrupted)
     for r in (0, 1):
         want = torch.load(uninterrupted / f"round_{r}/bag_phase/bag_classifier.pt", weights_only=True)["state_dict"]

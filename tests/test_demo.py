@@ -15,28 +15,28 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "icmil"
 CONFIGS = BUNDLE / "configs"
 
-# demo.json at CI size: half its training and validation slides, two thirds of its test slides, one coupled round
-# (about 2 min on 2 cores instead of 4)
+# demo.json at CI size: half its training and validation slides, two thirds of its test slides, round 0 only (about
+# 1 min on 2 cores instead of 4; the coupled rounds' workings are tests/test_bundle.py's, on the same configs)
 CI_SIZE = {
     "synthetic#num_training": 48,
     "synthetic#num_validation": 16,
     "synthetic#num_test": 16,
-    "num_rounds": 1,
-    "round_patience": 1,
+    "num_rounds": 0,
     "mlflow#enabled": False,
     "progress": False,
 }
-# the final test AUC the CI-size demo must reach: seeds 0, 1 and 2 at this size gave 1.000 / 0.969 / 0.906 (final
-# round 0 in all three, the witness search on; 0.906 / 0.828 / 0.906 without it; benchmarks/RESULTS.md); 0.75 is below
+# the final test AUC the CI-size demo must reach: seeds 0, 1 and 2 at this size with one coupled round gave 1.000 /
+# 0.969 / 0.906, validation keeping round 0 in all three (so these are round 0's, which this test runs alone; the
+# witness search on; 0.906 / 0.828 / 0.906 without it; benchmarks/RESULTS.md); 0.75 is below
 # all three by more than one misordered pair in five of the 64 positive-negative pairs of a 16-slide split (thread
 # counts and library versions move a run by a pair or two), and far above chance
 MIN_TEST_AUC = 0.75
 
 
 def test_the_demo_learns_to_find_the_tumour_slides(tmp_path):
-    """Seed 0 at CI size: the final round's test AUC clears the bar set from three seeds, its tumour probabilities are
-    not all on one side of 0.5, no round calls every test slide one class, and every round's instance teacher is
-    measured against the ground truth."""
+    """Seed 0 at CI size: round 0's test AUC clears the bar set from three seeds, its tumour probabilities are not all
+    on one side of 0.5, it does not call every test slide one class, and its instance teacher is measured against the
+    ground truth."""
     ci = tmp_path / "ci.json"
     ci.write_text(json.dumps(CI_SIZE))
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
@@ -57,8 +57,8 @@ def test_the_demo_learns_to_find_the_tumour_slides(tmp_path):
     assert len(probs) == 16 and min(probs) < 0.5 < max(probs)
     assert "calls every test slide" not in (out / "summary.md").read_text()
     assert all(0.5 < row["teacher_patch_auc"] <= 1 for row in summary["rows"])
-    # train.json's bag phase runs the witness search by default: recorded in every round
+    # train.json's bag phase runs the witness search by default: recorded in the round
     state = json.loads((out / "state.json").read_text())
-    for r in (0, 1):
-        assert (out / f"round_{r}" / "bag_phase" / "witness_search.json").is_file()
-        assert 0 < state["rounds"][str(r)]["bag_phase"]["witness_search"]["fraction"] <= 0.05
+    assert summary["final_round"] == 0 and [row["round"] for row in summary["rows"]] == [0]
+    assert (out / "round_0" / "bag_phase" / "witness_search.json").is_file()
+    assert 0 < state["rounds"]["0"]["bag_phase"]["witness_search"]["fraction"] <= 0.05

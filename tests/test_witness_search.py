@@ -68,6 +68,29 @@ def test_the_search_finds_the_witnesses_and_keeps_a_fraction_by_validation():
     assert witness_auc(lambda b: start.scores(b).numpy(), val) < 0.9
 
 
+def test_fractions_that_pick_as_many_patches_of_every_bag_are_searched_once(monkeypatch):
+    """Small bags: 1 % and 2 % of 200 patches differ (2 and 4), 0.1 % and 0.2 % do not (1 each): the latter are
+    searched once, with every fraction still a candidate, the outcome what a search of each alone gives."""
+    import monai_icmil.engines.witness_search as ws
+
+    selected = []
+    original = ws.WitnessSearch._select
+    monkeypatch.setattr(ws.WitnessSearch, "_select", lambda self, *a: selected.append(a[-1]) or original(self, *a))
+    train, val = SparseBags(40, 0), SparseBags(20, 1)
+    stats = feature_stats(train)
+    result = WitnessSearch(fractions=(0.001, 0.01, 0.002, 0.02), iterations=5).search(train, val, *stats)
+    assert selected == [0.001, 0.01, 0.02]  # 0.002 picks the 1 patch of 0.001
+    assert [c["fraction"] for c in result.candidates] == [0.001, 0.01, 0.002, 0.02]
+    for fraction, candidate in zip((0.001, 0.01, 0.002, 0.02), result.candidates):
+        alone = WitnessSearch(fractions=(fraction,), iterations=5).search(train, val, *stats)
+        assert {k: v for k, v in candidate.items() if k != "fraction"} == {
+            k: v for k, v in alone.candidates[0].items() if k != "fraction"
+        }
+        if fraction == result.fraction:
+            assert torch.equal(alone.weight, result.weight) and alone.bias == result.bias
+    assert result.candidates[0]["val_auc"] == result.candidates[2]["val_auc"]
+
+
 def test_the_search_holds_at_most_max_instances_of_a_bag_and_still_finds_the_witnesses(monkeypatch):
     """Large slides: the search holds a fixed random subset of each bag (memory bounded by the cohort, not the slide
     size), and the scorer it fits on the subsets ranks the whole bags' witnesses."""

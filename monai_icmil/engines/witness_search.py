@@ -99,9 +99,13 @@ def _standardise(feats: torch.Tensor, mean: torch.Tensor | None, std: torch.Tens
     return (feats - mean.cpu().float()) / std.cpu().float().clamp_min(1e-6)
 
 
+def _count(n: int, fraction: float) -> int:
+    """How many of a bag's ``n`` patches its top ``fraction`` holds: at least one, at most ``n``."""
+    return min(max(1, int(round(fraction * n))), n)
+
+
 def _top(scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    k = max(1, int(round(fraction * len(scores))))
-    return torch.topk(scores, min(k, len(scores))).indices
+    return torch.topk(scores, _count(len(scores), fraction)).indices
 
 
 class WitnessSearch:
@@ -111,7 +115,8 @@ class WitnessSearch:
     Args:
         fractions: shares of each bag's patches that carry its label, tried in turn (validation keeps one). The
             defaults span witness rates of ~0.5-5 % of a slide's patches; add larger ones for slides whose tumour
-            covers more.
+            covers more. Fractions that pick as many patches of every bag (small bags: at least one each) select
+            alike and are searched once.
         iterations: most selection rounds per fraction (it stops earlier once the selection no longer changes).
         l2: weight decay of the logistic regressions (on their mean loss).
         pretrain_steps: batches that train the instance head on the pseudo-labels (0: search only, recorded but not
@@ -193,8 +198,18 @@ class WitnessSearch:
             )
         start = fit_logistic(torch.stack([z.double().mean(0) for z, _ in bags]), labels, self.l2)
         val = [(self._held(item["features"], i, mean, std), int(item["label"])) for i, item in _items(val_ds)]
-        results = []
+        results, done = [], {}
         for fraction in self.fractions:
+            # fractions that pick as many patches of every bag as one already tried select alike (small bags): the
+            # same outcome, computed once
+            counts = tuple(_count(len(z), fraction) for z, _ in (*bags, *val))
+            if counts in done:
+                results.append((fraction, *done[counts][1:]))
+                logger.info(
+                    "bag_phase: witness search, fraction %.3g: the patches of fraction %.3g (as many from every bag)",
+                    fraction, done[counts][0],
+                )  # fmt: skip
+                continue
             (w, b), n, converged = self._select(bags, labels, start, fraction)
             auc = float("nan")
             if len({y != 0 for _, y in val}) == 2:
@@ -202,6 +217,7 @@ class WitnessSearch:
                 slide = [float(x[_top(x, fraction)].mean() + b) for x in s]
                 auc = binary_auc(np.array(slide), np.array([int(y != 0) for _, y in val]))
             results.append((fraction, w, float(b), auc, n, converged))
+            done[counts] = results[-1]
             logger.info(
                 "bag_phase: witness search, fraction %.3g: validation AUC %.3f after %d selection rounds%s",
                 fraction, auc, n, "" if converged else " (not converged)",
