@@ -92,7 +92,8 @@ def _bundle(
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    """TINY's synthetic dataset, generated once (what a run without one generates: ``trained`` does)."""
+    """TINY's synthetic dataset, generated once (byte for byte what a run without one generates; the bundle's own
+    generation is tested by tests/test_demo.py)."""
     from monai_icmil.data.synthetic import make_dataset
 
     root = tmp_path_factory.mktemp("tiny_data") / "data"
@@ -291,7 +292,7 @@ def trained(tmp_path_factory, tiny_data) -> Path:
 
 def test_train_bundle_runs_two_rounds_end_to_end(trained):
     out = trained / "out"
-    # run from its own folder, the run wrote nothing there but the data it generates and output_dir (no cufile.log)
+    # run from its own folder, the run wrote nothing there but output_dir (the data were copied in; no cufile.log)
     assert json.loads((trained / "left_in_cwd.json").read_text()) == ["data", "out", "tiny.json"]
     for r in (0, 1, 2):
         assert (out / f"round_{r}" / "bag_phase" / "bag_classifier.pt").is_file()
@@ -447,31 +448,29 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
     }
 
 
-def test_rerun_after_a_bag_phase_does_not_redo_finished_phases(tmp_path, tiny_data):
-    """``bag_phase#run --round 0`` stops after round 0's bag phase; ``run`` then goes on from there in a new process:
-    round 0's phases are not run again, and round 1's embedder phase reads its teacher features from the store the
-    first process wrote."""
+def test_rerun_after_round_one_bag_phase_does_not_redo_finished_phases(tmp_path, tiny_data):
     # the workflow finds the class-0 slides (else it fails), and hands the phase round r-1's stored features
     targets = {"embedder_phase#normal_slide_targets": True, "embedder_phase#teacher_features": True}
-    first = _bundle(tmp_path, "bag_phase#run", extra=targets, num_rounds=1, round=0, data=tiny_data)
+    # stops after round 1's bags
+    first = _bundle(tmp_path, "bag_phase#run", extra=targets, num_rounds=2, round=1, data=tiny_data)
     assert first.returncode == 0, first.stderr[-4000:]
     out = tmp_path / "out"
     state = json.loads((out / "state.json").read_text())
-    assert set(state["rounds"]) == {"0"} and "bag_phase" in state["rounds"]["0"]
+    assert set(state["rounds"]) == {"0", "1"} and "bag_phase" in state["rounds"]["1"]
     before = {p: p.stat().st_mtime_ns for p in out.glob("round_*/**/*") if p.is_file()}
-    second = _bundle(tmp_path, "run", extra=targets, num_rounds=1)
+    second = _bundle(tmp_path, "run", extra=targets, num_rounds=2)
     assert second.returncode == 0, second.stderr[-4000:]
     after = json.loads((out / "state.json").read_text())
     datalist = json.loads(next((tmp_path / "data").rglob("datalist.json")).read_text())
     normal = sum(e["label"] == 0 for e in datalist["training"])
     assert 0 < normal < len(datalist["training"])
-    assert after["rounds"]["1"]["embedder_phase"]["normal_slides"] == normal
+    assert [after["rounds"][r]["embedder_phase"]["normal_slides"] for r in ("1", "2")] == [normal, normal]
     trained_on = len(datalist["training"])  # every training slide's teacher features read from the previous round
-    assert after["rounds"]["1"]["embedder_phase"]["teacher_features"] == trained_on
-    assert {k: after["rounds"]["0"][k] for k in state["rounds"]["0"]} == state["rounds"]["0"]  # not run again
-    assert "bag_phase" in after["rounds"]["1"] and "test" in after["rounds"]["1"]
+    assert [after["rounds"][r]["embedder_phase"]["teacher_features"] for r in ("1", "2")] == [trained_on] * 2
+    assert after["rounds"]["0"] == state["rounds"]["0"] and after["rounds"]["1"] == state["rounds"]["1"]
+    assert "bag_phase" in after["rounds"]["2"]
     rewritten = [str(p.relative_to(out)) for p, t in before.items() if p.stat().st_mtime_ns != t]
-    assert rewritten == []  # nothing of round 0 was rewritten
+    assert rewritten == []  # nothing of rounds 0-1 was rewritten
 
 
 def test_inference_writes_heatmaps_on_the_patch_grid_and_geojson(trained):
@@ -536,7 +535,8 @@ def test_inference_writes_heatmaps_on_the_patch_grid_and_geojson(trained):
 
 def test_boolean_overrides_are_read_as_booleans_in_any_case(trained, tmp_path):
     """``--heatmaps FALSE --progress 0`` as the command line gives them (strings): probabilities only, no bars;
-    ``--heatmaps maybe`` is refused before any work, naming the id."""
+    ``--heatmaps maybe`` is refused by check_config, naming the id (the bundle's first step, before any work:
+    test_override_of_a_non_existent_id_is_refused)."""
     data = json.loads((trained / "data" / "datalist.json").read_text())
     slides = str((trained / "data" / data["test"][0]["image"]).parent)
     out = tmp_path / "inference"
@@ -626,7 +626,7 @@ def test_inference_on_a_real_aperio_slide(trained, cmu_slide):
 
 
 def test_evaluate_config_writes_test_metrics(trained):
-    proc = _bundle(trained, "run", str(CONFIGS / "evaluate.json"))
+    proc = _bundle(trained, "run", str(CONFIGS / "evaluate.json"), extra={"mlflow#enabled": True})  # into its runs
     assert proc.returncode == 0, proc.stderr[-4000:]
     final = json.loads((trained / "out" / "summary.json").read_text())["final_round"]
     metrics = json.loads((trained / "out" / f"round_{final}" / "test" / "metrics.json").read_text())
@@ -938,7 +938,11 @@ def test_pretrain_json_makes_the_round_0_embedder(tmp_path, tiny_data):
         "pretrain#num_workers": 0,
         "pretrain#read_threads": 1,
     }
-    proc = _bundle(tmp_path, "pretrain#run", str(CONFIGS / "pretrain.json"), extra=extra, data=tiny_data)
+    # round 0's embed phase: with pretrain.json it pre-trains first (tracked in MLflow), then embeds with the output
+    # (``pretrain#run`` runs the pre-training alone: train.json's "$@workflow.pretrain()")
+    proc = _bundle(
+        tmp_path, "embed#run", str(CONFIGS / "pretrain.json"), extra={**extra, "mlflow#enabled": True}, data=tiny_data
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     pretrained = create_embedder(None, weights=out / "pretrain" / "embedder.safetensors")  # the embedder factory
@@ -962,18 +966,13 @@ def test_pretrain_json_makes_the_round_0_embedder(tmp_path, tiny_data):
         aucs[name] = [linear_probe_auc(feats, y, train_mask=np.isin(group, fit)) for fit in ((0, 2, 4), (1, 3, 5))]
     assert all(p > r + 0.01 for p, r in zip(aucs["pretrained"], aucs["random"])), aucs
 
-    # round 0 embeds with it (the workflow's round-0 embedder, as its embed phase asks for it), not pre-trained
-    # again, and without the warning about a random start
-    from monai.bundle import ConfigParser
+    assert state["rounds"]["0"]["embed"]["fingerprint"] == pretrained.fingerprint()  # round 0 uses it, not random
+    assert "random-init" not in proc.stdout + proc.stderr  # no warning about a random start when pre-trained
+    import mlflow
 
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / f) for f in ("train.json", "demo.json", "pretrain.json")])
-    parser.update({**TINY, **extra, "bundle_root": str(BUNDLE), "dataset_dir": str(tmp_path / "data")})
-    parser.update({"output_dir": str(out)})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        round0 = parser.get_parsed_content("workflow").embedder_for(0)
-    assert round0.fingerprint() == pretrained.fingerprint() and json.loads((out / "state.json").read_text()) == state
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("icmil").experiment_id])
+    assert "pretrain" in {r.info.run_name for r in runs}
     assert pretrained.describe()["name"] == random_init.describe()["name"]
 
 
@@ -1047,15 +1046,15 @@ def test_heatmap_stride_draws_maps_from_overlapping_patches_and_keeps_the_slide_
     folder.mkdir()
     for e in data["test"][:2]:
         (folder / Path(e["image"]).name).symlink_to(trained / "data" / e["image"])
-    runs = {"dense": tmp_path / "dense"}
+    dense_dir = tmp_path / "dense"
     proc = _bundle(
-        trained, "run", str(CONFIGS / "inference.json"), input_slides=str(folder), inference_dir=str(runs["dense"]),
+        trained, "run", str(CONFIGS / "inference.json"), input_slides=str(folder), inference_dir=str(dense_dir),
         heatmap_stride=16,  # the patches are 32 px
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the slide probabilities are the grid's: those of the run's own inference on its test split (no label here)
     plain = {r["slide"]: r for r in csv.DictReader(open(trained / "out" / "test_inference" / "probabilities.csv"))}
-    dense = list(csv.DictReader(open(runs["dense"] / "probabilities.csv")))
+    dense = list(csv.DictReader(open(dense_dir / "probabilities.csv")))
     assert [r["slide"] for r in dense] == [Path(e["image"]).stem for e in data["test"][:2]]
     for row in dense:
         assert {**row, "label": plain[row["slide"]]["label"]} == plain[row["slide"]]
@@ -1063,7 +1062,7 @@ def test_heatmap_stride_draws_maps_from_overlapping_patches_and_keeps_the_slide_
 
     for e in data["test"][:2]:
         sid = Path(e["image"]).stem
-        grid = len(CoordsStore(runs["dense"] / "coords").load(sid)["coords"])
-        overlapping = len(CoordsStore(runs["dense"] / "heatmap" / "coords").load(sid)["coords"])
+        grid = len(CoordsStore(dense_dir / "coords").load(sid)["coords"])
+        overlapping = len(CoordsStore(dense_dir / "heatmap" / "coords").load(sid)["coords"])
         assert overlapping > 2.5 * grid  # about four patches where the grid has one
-        assert (runs["dense"] / f"{sid}_heatmap.jpg").is_file()
+        assert (dense_dir / f"{sid}_heatmap.jpg").is_file()

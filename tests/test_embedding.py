@@ -630,7 +630,8 @@ def test_two_ranks_under_torchrun_write_each_slide_once_and_match_one_process(sy
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        with torch.random.fork_rng():  # (the script seeds the global generator)
+            runpy.run_path(str(script), run_name="__main__")
     finally:
         torch.set_num_threads(threads)
     dist_cmd = [
