@@ -242,10 +242,13 @@ def seed_embeddings(src: Path, dst: Path, keep_round0: bool = False) -> None:
     _seed_run(src, dst, subs, rounds, state)
 
 
-def stored_test_arrays(out: Path, r: int, datalist: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], str, dict]]:
-    """``(index, datalist entry, slide id, stored arrays)`` of every test slide with a non-empty bag in round ``r``."""
+def stored_arrays(
+    out: Path, r: int, datalist: dict[str, Any], split: str = "test"
+) -> Iterator[tuple[int, dict[str, Any], str, dict]]:
+    """``(index, datalist entry, slide id, stored arrays)`` of every ``split`` slide with a non-empty bag in round
+    ``r``."""
     store = FeatureStore(out / f"round_{r}" / "features")
-    for k, entry in enumerate(datalist["test"]):
+    for k, entry in enumerate(datalist[split]):
         sid = Path(entry["image"]).stem
         arrays = store.load(sid)
         if arrays is not None and len(arrays["features"]):
@@ -258,7 +261,7 @@ def probe_patch_auc(out: Path, r: int, data: Path, datalist: dict[str, Any]) -> 
     embedder itself separates tumour patches, across slides and stains. (The instance teacher's patch AUC on the same
     patches is the workflow's own ``teacher`` record.)"""
     feats, labels, groups = [], [], []
-    for k, entry, sid, arrays in stored_test_arrays(out, r, datalist):
+    for k, entry, sid, arrays in stored_arrays(out, r, datalist):
         footprint = float(CoordsStore(out / "coords").metadata(sid)["footprint"])
         mask = GroundTruth(data / entry["tumour_mask"], open_slide(data / entry["image"]).dimensions)
         frac = mask.patch_fraction(arrays["coords"].numpy(), footprint)
@@ -286,16 +289,16 @@ def restart_test_aucs(out: Path, r: int, datalist: dict[str, Any]) -> list[float
     restarts says what the round's features support without that choice.
     """
     nets = restart_nets(out / f"round_{r}" / "bag_phase")
-    bags = stored_test_bags(out, r, datalist)
+    bags = stored_bags(out, r, datalist)
     return [float(evaluate_bags(load_bag_classifier(path), bags)[0]["auc"]) for path in nets]
 
 
-def stored_test_bags(out: Path, r: int, datalist: dict[str, Any]) -> list[dict[str, Any]]:
-    """Round ``r``'s stored features of every test slide (:func:`stored_test_arrays`) as bags for
+def stored_bags(out: Path, r: int, datalist: dict[str, Any], split: str = "test") -> list[dict[str, Any]]:
+    """Round ``r``'s stored features of every ``split`` slide (:func:`stored_arrays`) as bags for
     :func:`~monai_icmil.engines.bag_phase.evaluate_bags`."""
     return [
         {"slide_id": sid, "label": int(entry["label"]), "features": arrays["features"].float()}
-        for _, entry, sid, arrays in stored_test_arrays(out, r, datalist)
+        for _, entry, sid, arrays in stored_arrays(out, r, datalist, split)
     ]
 
 
@@ -348,8 +351,8 @@ def start_best(out: Path, r: int, datalist: dict[str, Any]) -> dict[str, dict[st
         rows = evaluate_bags(load_bag_classifier(net_path), bags)[1]
         return {row["slide_id"]: (row["label"], row["probs"][-1]) for row in rows}
 
-    before = scores(stored_test_bags(out, 0, datalist), out / "round_0" / "bag_phase" / "bag_classifier.pt")
-    bags, bag_dir = stored_test_bags(out, r, datalist), out / f"round_{r}" / "bag_phase"  # read once for every pick
+    before = scores(stored_bags(out, 0, datalist), out / "round_0" / "bag_phase" / "bag_classifier.pt")
+    bags, bag_dir = stored_bags(out, r, datalist), out / f"round_{r}" / "bag_phase"  # read once for every pick
     best = {}
     for start, k in picks.items():
         after = scores(bags, bag_dir / f"restart_{k}" / "bag_classifier.pt")

@@ -27,21 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from monai_icmil.data.store import FeatureStore  # noqa: E402
 from monai_icmil.engines.bag_phase import feature_stats  # noqa: E402
 from monai_icmil.engines.witness_search import WitnessSearch, _count  # noqa: E402
 
-
-def bags(run: Path, r: int, data: Path, split: str) -> list[dict[str, Any]]:
-    """The ``split`` slides' stored features of round ``r`` as the bag phase serves them (``features``, ``label``)."""
-    store = FeatureStore(run / f"round_{r}" / "features")
-    entries = json.loads((data / "datalist.json").read_text())[split]
-    out = []
-    for e in entries:
-        feats = store.load(Path(e["image"]).stem)["features"].float()
-        if len(feats):
-            out.append({"features": feats, "label": torch.tensor(int(e["label"]))})
-    return out
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from icmil_gain import stored_bags  # noqa: E402  (the bags of a run's stored features, as icmil_gain reads them)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -51,8 +41,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--round", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
-    run, data = Path(args.run), Path(args.data)
-    train, val = bags(run, args.round, data, "training"), bags(run, args.round, data, "validation")
+    run, datalist = Path(args.run), json.loads((Path(args.data) / "datalist.json").read_text())
+    train, val = (stored_bags(run, args.round, datalist, split) for split in ("training", "validation"))
     stats = feature_stats(train)
     search = WitnessSearch()
     times: dict[str, list[float]] = {"ours": [], "each fraction alone": []}

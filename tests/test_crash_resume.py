@@ -48,7 +48,7 @@ def _killed_at(kill: str, data: Path, out: Path) -> subprocess.CompletedProcess:
     killed = _run(data, out, kill)
     assert killed.returncode == -signal.SIGKILL, (kill, killed.stderr[-3000:])
     assert not (out / "summary.json").exists()
-    assert not [p for p in out.rglob("*") if p.name.startswith((".", "tmp")) and p.is_file()], kill  # no partial write
+    _no_partial_writes(out)
     return killed
 
 
