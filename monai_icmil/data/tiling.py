@@ -180,9 +180,9 @@ def tissue_mask_from_rgb(
 def mask_level(reader: SlideReader, mask_mpp: float = 8.0, fallback_downsample: float = 32.0) -> tuple[int, int]:
     """The level to read for the tissue mask and the integer block factor that brings it near ``mask_mpp``.
 
-    The level is the coarsest one not coarser than ``mask_mpp`` (default 8 um/px, so masks land at 8-16 um/px);
-    reading it and averaging ``factor x factor`` blocks gives the mask resolution. Without mpp metadata the
-    target is ``fallback_downsample`` relative to level 0.
+    The level is the coarsest one not coarser than ``mask_mpp`` (default 8 um/px, so masks land at 4-8 um/px: at
+    most ``mask_mpp``); reading it and averaging ``factor x factor`` blocks gives the mask resolution. Without mpp
+    metadata the target is ``fallback_downsample`` relative to level 0.
     """
     if reader.mpp is None:
         target_ds = fallback_downsample
@@ -207,7 +207,7 @@ def compute_tissue_mask(
 
     Args:
         reader: an open slide.
-        mask_mpp: target resolution of the mask in um/px (the default puts it at 8-16 um/px).
+        mask_mpp: target resolution of the mask in um/px (the default puts it at 4-8 um/px: at most ``mask_mpp``).
         level: read this level instead of choosing one from ``mask_mpp`` (no block averaging then).
         median_size: median-filter side in mask pixels.
         min_area_um2: specks smaller than this area (square micrometres) are removed; without mpp the area is

@@ -38,7 +38,7 @@ class TissueMask(Transform):
 
     Args:
         mask_mpp: target mask resolution in um/px; the level read is the coarsest not coarser than this, block
-            averaged to it (so masks land at 8-16 um/px by default).
+            averaged to at most it (so masks land at 4-8 um/px by default).
         level: read this level instead (overrides ``mask_mpp``).
         median_size: median-filter side in mask pixels.
         min_area_um2: remove tissue specks smaller than this (um^2).

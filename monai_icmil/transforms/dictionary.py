@@ -7,7 +7,8 @@ They read the slide path from ``keys`` (default ``"image"``) and add their outpu
 ========================  =====================================================================================
 ``TissueMaskd``           ``"tissue_mask"`` (bool ``[h, w]``), ``"tissue_mask_downsample"`` (float)
 ``GridPatchCoordsd``      ``"coords"`` (int64 ``[N, 2]`` level-0 x, y), ``"tiling"`` (dict: level, read_size,
-                          patch_size, mpp, stride, min_tissue, footprint), ``"tissue_fraction"`` (``[N]``)
+                          patch_size, mpp (requested; ``None`` with ``level``), effective_mpp (the patches'),
+                          stride, min_tissue, footprint), ``"tissue_fraction"`` (``[N]``)
 ``ReadPatchesd``          ``"patches"`` (uint8 ``[N, 3, H, W]`` tensor, or ``[N, H, W, 3]`` array)
 ========================  =====================================================================================
 

@@ -108,7 +108,9 @@ class ICMILWorkflow(BundleWorkflow):
         val_fraction: fraction of training slides held out when the datalist has no validation split.
         seed: one seed for tiling order, sampling, augmentation and initialisation.
         device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when available).
-        mlflow: ``{"enabled": True, "tracking_uri": None, "experiment_name": "icmil", "run_name": "icmil"}``.
+        mlflow: ``{"enabled": True, "tracking_uri": None, "experiment_name": "icmil", "run_name": "icmil",
+            "registered_model_name": "icmil"}`` (:class:`~monai_icmil.handlers.tracking.MLflowRunTree`; a
+            ``registered_model_name`` of ``None`` logs no model).
         synthetic: when given and the datalist is missing, generate a synthetic dataset into ``dataset_dir`` with
             these :func:`~monai_icmil.data.synthetic.make_dataset` arguments (the demo).
         on_slide_error: ``"skip"`` (record in ``report.json`` and go on) or ``"raise"``.
