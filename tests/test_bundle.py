@@ -449,18 +449,38 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
 
 
 def test_rerun_after_round_one_bag_phase_does_not_redo_finished_phases(tmp_path, tiny_data):
+    """A single-phase command then ``run``: finished phases are kept, a round's missing test record is made again;
+    a test slide without a label (inference only) is left out of the test metrics, by name."""
+    shutil.copytree(tiny_data, tmp_path / "data")
+    datalist_path = next((tmp_path / "data").rglob("datalist.json"))
+    datalist = json.loads(datalist_path.read_text())
+    labels = [e["label"] for e in datalist["test"]]
+    i = next(k for k, label in enumerate(labels) if labels.count(label) > 1)  # both classes stay scored
+    unlabelled = datalist["test"][i].get("slide_id", Path(datalist["test"][i]["image"]).stem)
+    del datalist["test"][i]["label"]
+    datalist_path.write_text(json.dumps(datalist))
     # the workflow finds the class-0 slides (else it fails), and hands the phase round r-1's stored features
     targets = {"embedder_phase#normal_slide_targets": True, "embedder_phase#teacher_features": True}
     # stops after round 1's bags
-    first = _bundle(tmp_path, "bag_phase#run", extra=targets, num_rounds=2, round=1, data=tiny_data)
+    first = _bundle(tmp_path, "bag_phase#run", extra=targets, num_rounds=2, round=1)
     assert first.returncode == 0, first.stderr[-4000:]
+    assert f"round 1, test: 1 slide(s) without a label ({unlabelled}) are not scored" in first.stderr
     out = tmp_path / "out"
     state = json.loads((out / "state.json").read_text())
     assert set(state["rounds"]) == {"0", "1"} and "bag_phase" in state["rounds"]["1"]
+    # as if the run had stopped between round 1's bag-phase record and its test record
+    stopped = json.loads((out / "state.json").read_text())
+    del stopped["rounds"]["1"]["test"]
+    (out / "state.json").write_text(json.dumps(stopped))
     before = {p: p.stat().st_mtime_ns for p in out.glob("round_*/**/*") if p.is_file()}
     second = _bundle(tmp_path, "run", extra=targets, num_rounds=2)
     assert second.returncode == 0, second.stderr[-4000:]
     after = json.loads((out / "state.json").read_text())
+    for r in ("0", "1", "2"):
+        test = after["rounds"][r]["test"]
+        assert test["unlabelled"] == [unlabelled] and test["slides"] == len(datalist["test"]) - 1, (r, test)
+        with open(out / f"round_{r}" / "test" / "predictions.csv") as f:
+            assert unlabelled not in {row["slide"] for row in csv.DictReader(f)}
     datalist = json.loads(next((tmp_path / "data").rglob("datalist.json")).read_text())
     normal = sum(e["label"] == 0 for e in datalist["training"])
     assert 0 < normal < len(datalist["training"])
@@ -469,8 +489,10 @@ def test_rerun_after_round_one_bag_phase_does_not_redo_finished_phases(tmp_path,
     assert [after["rounds"][r]["embedder_phase"]["teacher_features"] for r in ("1", "2")] == [trained_on] * 2
     assert after["rounds"]["0"] == state["rounds"]["0"] and after["rounds"]["1"] == state["rounds"]["1"]
     assert "bag_phase" in after["rounds"]["2"]
-    rewritten = [str(p.relative_to(out)) for p, t in before.items() if p.stat().st_mtime_ns != t]
-    assert rewritten == []  # nothing of rounds 0-1 was rewritten
+    rewritten = sorted(str(p.relative_to(out)) for p, t in before.items() if p.stat().st_mtime_ns != t)
+    # of rounds 0-1 only round 1's test files were written again (the same record)
+    assert rewritten == sorted(str(p.relative_to(out)) for p in before if p.parent == out / "round_1" / "test")
+    assert {"round_1/test/metrics.json", "round_1/test/predictions.csv"} <= set(rewritten)
 
 
 def test_inference_writes_heatmaps_on_the_patch_grid_and_geojson(trained):
@@ -828,6 +850,33 @@ def test_string_labels_name_the_classes_and_a_datalist_that_reorders_them_is_ref
         RuntimeError, match=r"give the classes \['tumour'\].*round\(s\) \[0\].*trained with \['normal', 'tumour'\]"
     ):
         workflow("tumours.json")._record_classes()
+
+
+def test_classes_that_do_not_fit_num_classes_are_refused_before_any_work(synthetic_dataset, tmp_path):
+    """A label beyond num_classes (integer or string) and class_names of another length are refused when the run is
+    prepared, naming the slides and the setting, before any tiling."""
+    data = json.loads(synthetic_dataset.read_text())
+
+    def workflow(datalist: dict, **kwargs) -> ICMILWorkflow:
+        (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+        kwargs = {"dataset_dir": str(synthetic_dataset.parent), "output_dir": str(tmp_path / "out"), **kwargs}
+        return ICMILWorkflow(datalist=str(tmp_path / "datalist.json"), progress=False, **kwargs)
+
+    third = {**data, "test": [{**data["test"][0], "label": 2}, *data["test"][1:]]}
+    sid = Path(data["test"][0]["image"]).stem
+    with pytest.raises(
+        ValueError, match=rf"1 slide\(s\) .* beyond num_classes \(2, class indices 0-1\): {sid} \(test\)"
+    ):
+        workflow(third).prepare()
+    names = {0: "normal", 1: "tumour"}
+    named = {k: [{**e, "label": names[e["label"]]} for e in v] for k, v in data.items() if isinstance(v, list)}
+    named["training"][0]["label"] = "necrosis"
+    tumours = [Path(e["image"]).stem for v in named.values() for e in v if e["label"] == "tumour"]
+    with pytest.raises(ValueError, match=rf"{len(tumours)} slide\(s\) .*: {tumours[0]} \(training\): 'tumour'"):
+        workflow(named).prepare()  # normal, necrosis, tumour: tumour is index 2
+    with pytest.raises(ValueError, match=r"class_names \['normal', 'tumour'\] has 2 name\(s\) but num_classes is 3"):
+        workflow(third, num_classes=3, class_names=["normal", "tumour"]).prepare()
+    assert not (tmp_path / "out" / "coords").exists()
 
 
 def test_the_summary_names_where_round_0s_embedder_comes_from(synthetic_dataset, tmp_path):

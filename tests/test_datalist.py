@@ -68,6 +68,53 @@ def test_a_csv_without_slide_or_label_column_names_what_it_found_and_the_accepte
         load_datalist(csv)
 
 
+def test_split_names_in_other_words_are_read_and_unknown_ones_refused_by_row(tmp_path):
+    _touch(tmp_path, "a.svs", "b.svs", "c.svs", "d.svs")
+    csv = tmp_path / "slides.csv"
+    csv.write_text("slide,label,split\na.svs,1,Train\nb.svs,0,train\nc.svs,1,VAL\nd.svs,0,Testing\n")
+    dl = load_datalist(csv)
+    assert [[Path(e["image"]).name for e in dl[s]] for s in ("training", "validation", "test")] == [
+        ["a.svs", "b.svs"],
+        ["c.svs"],
+        ["d.svs"],
+    ]
+    csv.write_text("slide,label,split\na.svs,1,training\nb.svs,0,holdout\nc.svs,1,tst\n")
+    with pytest.raises(DatalistError) as info:
+        load_datalist(csv)
+    assert info.value.errors == [
+        "row 3: unknown split 'holdout'; use one of training, validation, test",
+        "row 4: unknown split 'tst'; use one of training, validation, test",
+    ]
+    # a JSON datalist's split keys are MONAI's names; a key that means a split is refused, not silently dropped
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": [{"image": "a.svs", "label": 1}], "val": [], "Test": [], "name": "x"}))
+    with pytest.raises(DatalistError) as info:
+        load_datalist(path)
+    assert info.value.errors == [
+        "key 'val' is not read: the splits are named training, validation, test (rename it 'validation')",
+        "key 'Test' is not read: the splits are named training, validation, test (rename it 'test')",
+    ]
+
+
+def test_a_datalist_that_is_not_utf8_is_refused_by_name(tmp_path):
+    _touch(tmp_path, "m\u00fcller.svs")
+    csv = tmp_path / "slides.csv"
+    csv.write_bytes("slide,label\nm\u00fcller.svs,1\n".encode("cp1252"))
+    with pytest.raises(
+        DatalistError, match=r"(?s)slides.csv.*not UTF-8 text \(byte 0xfc at offset 13\); save it as UTF-8"
+    ):
+        load_datalist(csv)
+
+
+def test_a_numeric_slide_id_names_the_slide_as_text(tmp_path):
+    _touch(tmp_path, "a.svs", "b.svs")
+    path = tmp_path / "datalist.json"
+    path.write_text(
+        json.dumps({"training": [{"image": "a.svs", "label": 1, "slide_id": 1001}, {"image": "b.svs", "label": 0}]})
+    )
+    assert [e["slide_id"] for e in load_datalist(path)["training"]] == ["1001", "b"]
+
+
 def test_every_bad_row_is_listed_in_one_error(tmp_path):
     _touch(tmp_path, "a.svs", "b.svs", "c.svs")
     data = {

@@ -5,7 +5,8 @@
 Two formats are read:
 
 * MONAI-style JSON: ``{"training": [{"image": "slides/a.svs", "label": 1}, ...], "validation": [...], "test": [...]}``
-* CSV with a header ``slide,label[,split]`` (rows without a split go to ``training``); the slide column may also be
+* CSV with a header ``slide,label[,split]`` (rows without a split go to ``training``; ``train``, ``val``, ``valid``
+  and ``testing`` name the splits too, in any case); the slide column may also be
   called ``image``, ``path``, ``filename`` or ``file``, the label column ``target`` or ``class``; comma-, semicolon- or
   tab-separated, with or without a byte-order mark.
 
@@ -14,7 +15,8 @@ value when tiling, for slides without resolution metadata or with wrong metadata
 
 Paths are relative to a data root (default: the datalist's folder). Loading validates every row and, when
 anything is wrong, raises one :class:`DatalistError` that lists every bad row: missing files, missing or unknown
-labels, duplicate slides, labels of mixed types, paths that leave the data root.
+labels, duplicate slides, labels of mixed types, paths that leave the data root, unknown split names, text that is
+not UTF-8.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ __all__ = ["DatalistError", "load_datalist", "string_label_order", "class_names"
 SPLITS = ("training", "validation", "test")
 #: a CSV datalist's slide and label columns, and the other names they are found under (first present wins)
 CSV_COLUMNS = {"slide": ("slide", "image", "path", "filename", "file"), "label": ("label", "target", "class")}
+#: other names of the splits, read in any case (a CSV's ``split`` column); a JSON key among them is refused by name
+SPLIT_ALIASES = {"train": "training", "val": "validation", "valid": "validation", "testing": "test"}
 
 
 class DatalistError(ValueError):
@@ -46,6 +50,17 @@ class DatalistError(ValueError):
 
 def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
     """``[(split, row_number, entry)]`` from a JSON or CSV datalist, plus format errors."""
+    try:
+        return _parse_rows(path, splits)
+    except UnicodeDecodeError as e:
+        raise DatalistError(
+            str(path),
+            [f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8 (CSV UTF-8)"],
+        ) from e
+
+
+def _parse_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
+    """:func:`_read_rows` on text already known to decode."""
     rows: list[tuple[str, int, dict[str, Any]]] = []
     errors: list[str] = []
     if path.suffix.lower() == ".csv":
@@ -63,7 +78,11 @@ def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, 
                 raise DatalistError(str(path), [f"the CSV header must name {wanted}; found {fields}"])
             for i, raw in enumerate(reader, start=2):  # row 1 is the header
                 row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
-                split = row.pop("split", "") or "training"
+                split = (row.pop("split", "") or "training").lower()
+                split = SPLIT_ALIASES.get(split, split)
+                if split not in SPLITS:
+                    errors.append(f"row {i}: unknown split {split!r}; use one of {', '.join(SPLITS)}")
+                    continue
                 entry: dict[str, Any] = {"image": row.pop(columns["slide"])}
                 label = row.pop(columns["label"])
                 if label != "":
@@ -77,6 +96,10 @@ def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, 
         raise DatalistError(str(path), [f"not valid JSON: {e}"]) from e
     if not isinstance(data, dict):
         raise DatalistError(str(path), ["the JSON must be an object with split keys such as 'training'"])
+    for key in data:
+        name = SPLIT_ALIASES.get(key.lower(), key.lower()) if isinstance(key, str) else None
+        if name in SPLITS and key != name:
+            errors.append(f"key {key!r} is not read: the splits are named {', '.join(SPLITS)} (rename it {name!r})")
     for split in splits:
         items = data.get(split, [])
         if not isinstance(items, list):
@@ -223,7 +246,8 @@ def _check_entry(
     item["label"] = _class_index(label, where, label_index, errors) if label is not None else None
     if isinstance(label, str) and label_index is not None:
         item["label_name"] = label
-    item.setdefault("slide_id", Path(image).stem)
+    sid = item.get("slide_id")
+    item["slide_id"] = Path(image).stem if sid in (None, "") else str(sid)  # a JSON number names the slide too
     if item.get("mpp") not in (None, ""):
         try:
             item["mpp"] = as_positive(item["mpp"], "mpp")

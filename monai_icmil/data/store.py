@@ -215,7 +215,8 @@ def stored_file_key(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 class BagDataset(Dataset, Randomizable):
-    """Bags of patch features for the bag phase: ``{"features", "label", "slide_id", "coords"}`` per slide.
+    """Bags of patch features for the bag phase: ``{"features", "label", "slide_id", "coords"}`` per slide (the
+    label of an unlabelled slide, ``label`` ``None``, is -1: an inference-only test slide).
 
     Args:
         store: the feature store.
@@ -282,6 +283,6 @@ class BagDataset(Dataset, Randomizable):
         return {
             "features": feats.to(self.dtype),
             "coords": coords,
-            "label": torch.as_tensor(item["label"], dtype=torch.long),
+            "label": torch.as_tensor(-1 if item["label"] is None else item["label"], dtype=torch.long),
             "slide_id": item["slide_id"],
         }

@@ -357,12 +357,15 @@ class ICMILWorkflow(BundleWorkflow):
             if s["slide_id"] in keys and store.is_current(s["slide_id"], keys[s["slide_id"]])
         }
 
-    def bags(self, r: int, split: str, embedder: PatchEmbedder | None = None) -> BagDataset:
-        """Round ``r``'s feature bags of ``split`` (every one current for the round's embedder)."""
+    def bags(self, r: int, split: str, embedder: PatchEmbedder | None = None, labelled: bool = False) -> BagDataset:
+        """Round ``r``'s feature bags of ``split`` (every one current for the round's embedder; ``labelled``: only
+        the slides with a label)."""
         keys = self.feature_keys(r, embedder)
         excluded = self.report.excluded()
         items = [
-            e for e in self.splits.items().get(split, []) if e["slide_id"] in keys and e["slide_id"] not in excluded
+            e
+            for e in self.splits.items().get(split, [])
+            if e["slide_id"] in keys and e["slide_id"] not in excluded and not (labelled and e.get("label") is None)
         ]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # empty bags are already reported once
@@ -470,6 +473,9 @@ class ICMILWorkflow(BundleWorkflow):
         from monai_icmil.engines.bag_phase import evaluate_bags
 
         if (done := self.ledger.get(r, "bag_phase")) is not None:
+            if _rank() == 0:  # a run stopped between the phase's record and these: they are made now
+                self.test(r)
+                self.teacher_vs_truth(r)
             return done
         self.embed(r)
         if _rank() != 0:  # the bag phase runs on rank 0 (bags are small); the others wait
@@ -597,13 +603,23 @@ class ICMILWorkflow(BundleWorkflow):
         return record
 
     def test(self, r: int = 0, split: str = "test") -> dict[str, Any]:
-        """Metrics, predictions CSV and ROC curve of round ``r``'s bag classifier on ``split``."""
+        """Metrics, predictions CSV and ROC curve of round ``r``'s bag classifier on ``split``'s labelled slides
+        (unlabelled test slides, inference only, are named in the record's ``unlabelled`` and left out)."""
         from monai_icmil.engines.bag_phase import evaluate_bags, load_bag_classifier, write_predictions_csv
         from monai_icmil.visualize import save_roc_curve
 
         if split == "test" and (done := self.ledger.get(r, "test")) is not None:
             return done
         out, ds = self.round_dir(r) / split, self.bags(r, split)
+        unlabelled = [e["slide_id"] for e in ds.items if e.get("label") is None]
+        if unlabelled:
+            ds = self.bags(r, split, labelled=True)
+            warnings.warn(
+                f"round {r}, {split}: {len(unlabelled)} slide(s) without a label ({', '.join(unlabelled[:3])}"
+                f"{' ...' if len(unlabelled) > 3 else ''}) are not scored; inference (workflow#test_writers, "
+                "inference.json) still predicts them. Give them a label in the datalist to score them.",
+                stacklevel=2,
+            )
         record: dict[str, Any] = {"metrics": {}, "slides": 0}
         if len(ds):
             net = load_bag_classifier(self.bag_classifier_path(r), self.device)
@@ -617,6 +633,8 @@ class ICMILWorkflow(BundleWorkflow):
             atomic_write_json(out / "metrics.json", metrics)
             predicted = np.bincount(probs.argmax(1), minlength=probs.shape[1]).tolist()  # slides called each class
             record = {"metrics": metrics, "slides": len(rows), "predicted": predicted}
+        if unlabelled:
+            record["unlabelled"] = unlabelled
         if split == "test":
             self.ledger.mark(r, "test", record)
             rr = self.tracking.round(r)
@@ -742,8 +760,29 @@ class ICMILWorkflow(BundleWorkflow):
     def _record_classes(self) -> None:
         """Record the class names a datalist's string labels give (their order sets the class indices:
         :func:`~monai_icmil.data.datalist.string_label_order`), and refuse a datalist that orders them differently
-        from the one this ``output_dir``'s rounds were trained with."""
-        named = datalist_class_names(self.splits.items())
+        from the one this ``output_dir``'s rounds were trained with; refuse class indices or ``class_names`` that do
+        not fit ``num_classes``."""
+        items = self.splits.items()
+        beyond = [
+            f"{e['slide_id']} ({split}): {e.get('label_name', e['label'])!r}"
+            for split, entries in items.items()
+            for e in entries
+            if e.get("label") is not None and e["label"] >= self.num_classes
+        ]
+        if beyond:
+            raise ValueError(
+                f"{len(beyond)} slide(s) of datalist '{self.splits.path}' have a class beyond num_classes "
+                f"({self.num_classes}, class indices 0-{self.num_classes - 1}): {', '.join(beyond[:5])}"
+                f"{' ...' if len(beyond) > 5 else ''}; set num_classes (--num_classes) and class_names to the "
+                "datalist's classes, or relabel it."
+            )
+        named = datalist_class_names(items)
+        names = named if named is not None and len(named) == self.num_classes else self._class_names
+        if names is not None and len(names) != self.num_classes:
+            raise ValueError(
+                f"class_names {names} has {len(names)} name(s) but num_classes is {self.num_classes}: give one name "
+                "per class (--class_names \"['normal', ...]\")."
+            )
         recorded = self.ledger.get(None, "classes")
         if named is None or (recorded is not None and named == recorded["names"]):
             return
