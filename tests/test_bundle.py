@@ -853,8 +853,8 @@ def test_string_labels_name_the_classes_and_a_datalist_that_reorders_them_is_ref
 
 
 def test_classes_that_do_not_fit_num_classes_are_refused_before_any_work(synthetic_dataset, tmp_path):
-    """A label beyond num_classes (integer or string) and class_names of another length are refused when the run is
-    prepared, naming the slides and the setting, before any tiling."""
+    """A label beyond num_classes (integer or string), class_names of another length and a missing tumour mask are
+    refused when the run is prepared, naming the slides and the setting, before any tiling."""
     data = json.loads(synthetic_dataset.read_text())
 
     def workflow(datalist: dict, **kwargs) -> ICMILWorkflow:
@@ -876,6 +876,9 @@ def test_classes_that_do_not_fit_num_classes_are_refused_before_any_work(synthet
         workflow(named).prepare()  # normal, necrosis, tumour: tumour is index 2
     with pytest.raises(ValueError, match=r"class_names \['normal', 'tumour'\] has 2 name\(s\) but num_classes is 3"):
         workflow(third, num_classes=3, class_names=["normal", "tumour"]).prepare()
+    lost = {**data, "validation": [{**data["validation"][0], "tumour_mask": "masks/lost.png"}, *data["validation"][1:]]}
+    with pytest.raises(FileNotFoundError, match=r"1 tumour mask\(s\) .* do not exist: validation_000: '.*lost.png'"):
+        workflow(lost).prepare()
     assert not (tmp_path / "out" / "coords").exists()
 
 

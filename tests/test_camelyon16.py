@@ -62,6 +62,37 @@ def test_lesion_annotations_become_ground_truth_masks(tmp_path):
     np.testing.assert_allclose(truth.patch_fraction(coords, 160), [1.0, 0.0, 1.0, 0.0, 1.0], atol=0.07)
 
 
+def test_mask_images_stored_as_0_255_or_0_1_read_alike_and_a_wrong_aspect_is_warned(tmp_path):
+    """A label map saved as 0/1 (any mode) is the same tumour region as a 0/255 mask; a mask of another aspect than
+    its slide is warned about by name; a missing one names its path."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from monai_icmil.data.annotations import GroundTruth
+
+    region = np.zeros((32, 64), bool)
+    region[8:20, 10:40] = True
+    for name, image in {
+        "mask_255.png": Image.fromarray(region.astype(np.uint8) * 255),
+        "mask_01.png": Image.fromarray(region.astype(np.uint8)),
+        "mask_01_16bit.png": Image.fromarray(region.astype(np.uint16)),
+        "mask_bilevel.png": Image.fromarray(region).convert("1"),
+        "mask_rgb.png": Image.fromarray(np.stack([region.astype(np.uint8) * 255] * 3, -1)),
+    }.items():
+        image.save(tmp_path / name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            truth = GroundTruth(tmp_path / name, (1024, 512))
+        np.testing.assert_array_equal(truth.mask, region, err_msg=name)
+        assert truth.downsample == 16
+    with pytest.warns(UserWarning, match=r"mask_255.png' \(64 x 32\) does not have its slide's aspect \(1024 x 1024\)"):
+        GroundTruth(tmp_path / "mask_255.png", (1024, 1024))
+    with pytest.raises(FileNotFoundError, match=r"tumour mask '.*nowhere.png' does not exist"):
+        GroundTruth(tmp_path / "nowhere.png", (1024, 512))
+
+
 def test_official_layout_maps_to_labels_and_splits(tmp_path):
     _fake_tree(tmp_path)
     path = build_camelyon16_datalist(tmp_path, val_fraction=0.2, seed=1)

@@ -2,21 +2,23 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 """Ground-truth tumour regions of slides, to measure the instance teacher against them (patch AUC).
 
-A datalist entry may carry ``"tumour_mask"``: a mask image (PNG or TIFF, tumour > 127, at any scale: its downsample is
-the slide's width over the mask's, as the synthetic slides' ``masks/*_tumour.png``) or polygon annotations in the
-ASAP XML format of Camelyon16 (``lesion_annotations/tumor_001.xml``; groups ``_0`` and ``_1`` are tumour, ``_2``
-marks non-tumour areas inside them), rasterised here at 1/16 of level 0.
+A datalist entry may carry ``"tumour_mask"``: a mask image (PNG or TIFF, tumour > 127, or 1 in a mask stored as
+0/1, at any scale: its downsample is the slide's width over the mask's, and its aspect must be the slide's; as the
+synthetic slides' ``masks/*_tumour.png``) or polygon annotations in the ASAP XML format of Camelyon16
+(``lesion_annotations/tumor_001.xml``; groups ``_0`` and ``_1`` are tumour, ``_2`` marks non-tumour areas inside
+them), rasterised here at 1/16 of level 0.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["GroundTruth", "patch_tumour_fraction", "read_xml_polygons"]
+__all__ = ["GroundTruth", "patch_tumour_fraction", "read_mask_image", "read_xml_polygons"]
 
 #: ASAP annotation groups that mark non-tumour areas (Camelyon16 uses ``_2``)
 EXCLUSION_GROUPS = ("_2", "exclusion", "none")
@@ -26,11 +28,9 @@ def patch_tumour_fraction(
     coords: np.ndarray, footprint: float, mask: str | os.PathLike | np.ndarray, downsample: float
 ) -> np.ndarray:
     """Fraction of each patch (level-0 top-left ``coords``, side ``footprint``) covered by a tumour mask that is
-    ``downsample`` times smaller than level 0 (a boolean array, or an image file read as ``> 127``)."""
+    ``downsample`` times smaller than level 0 (a boolean array, or an image file: :func:`read_mask_image`)."""
     if not isinstance(mask, np.ndarray):
-        from PIL import Image
-
-        mask = np.asarray(Image.open(mask).convert("L")) > 127
+        mask = read_mask_image(mask)
     integral = np.pad(mask.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     x0 = np.clip(np.floor(coords[:, 0] / downsample).astype(int), 0, mask.shape[1])
@@ -90,14 +90,38 @@ class GroundTruth:
             self.downsample = float(xml_downsample)
             self.mask = _rasterise(read_xml_polygons(path), width, height, self.downsample)
         else:
-            from PIL import Image
-
-            self.mask = np.asarray(Image.open(path).convert("L")) > 127
+            self.mask = read_mask_image(path)
             self.downsample = width / self.mask.shape[1]
+            mask_height = self.mask.shape[0] * self.downsample
+            if abs(mask_height - height) > max(0.02 * height, 2 * self.downsample):
+                warnings.warn(
+                    f"tumour mask '{path}' ({self.mask.shape[1]} x {self.mask.shape[0]}) does not have its slide's "
+                    f"aspect ({width} x {height}): it is scaled by the width, so rows land {mask_height:.0f} px "
+                    "tall instead; make the mask from the whole slide at one scale.",
+                    stacklevel=2,
+                )
 
     def patch_fraction(self, coords: np.ndarray, footprint: float) -> np.ndarray:
         """The tumour fraction of each patch."""
         return patch_tumour_fraction(coords, footprint, self.mask, self.downsample)
+
+
+def read_mask_image(path: str | os.PathLike) -> np.ndarray:
+    """A mask image as tumour (``True``) / not: 0/255 masks above 127, label maps stored as 0/1 at 1 (any image mode;
+    colour is read as grey).
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message names it).
+    """
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tumour mask '{path}' does not exist: fix the datalist's tumour_mask or remove it")
+    with Image.open(path) as im:
+        values = np.asarray(im.convert("L") if im.mode not in ("L", "I", "I;16", "1", "P") else im)
+    if values.ndim == 3:
+        values = values[..., 0]
+    return values > 127 if values.max(initial=0) > 1 else values > 0
 
 
 def _rasterise(polygons: list[tuple[str, np.ndarray]], width: int, height: int, downsample: float) -> np.ndarray:

@@ -295,6 +295,16 @@ class ICMILWorkflow(BundleWorkflow):
         if self._slides is not None:
             return self._slides
         self._record_classes()
+        missing = [
+            f"{e['slide_id']}: '{e['tumour_mask']}'"
+            for e in self.splits.all_items()
+            if isinstance(e.get("tumour_mask"), str) and not Path(e["tumour_mask"]).is_file()
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} tumour mask(s) of datalist '{self.splits.path}' do not exist: {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''}; fix their tumour_mask paths or remove the key."
+            )
         if _rank() != 0:
             barrier()  # rank 0 tiles first; the others then load the same coordinates from the store
         self._slides = prepare_coords(
