@@ -135,6 +135,13 @@ def test_network_def_is_the_untrained_bag_classifier_built_from_the_configs(tmp_
     assert isinstance(nets["train"], ABMIL) and (nets["train"].in_dim, nets["train"].hidden_dim) == (1024, 512)
     assert (nets["demo"].in_dim, nets["demo"].hidden_dim, nets["demo"].num_classes) == (256, 128, 2)
     assert nets["demo"](torch.randn(7, 256))["logits"].shape == (1, 2)
+    # the tiling: mpp by default; a level given (camelyon16.json, or --tiling#level alone) replaces it
+    for overrides, want in (({}, (0.5, None)), ({"tiling#level": 1}, (None, 1))):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / "train.json")])
+        parser.update({"bundle_root": str(BUNDLE), **overrides})
+        grid = parser.get_parsed_content("prepare#transforms").transforms[-1].transform
+        assert (grid.mpp, grid.level) == want, overrides
     assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
 
 
@@ -852,9 +859,10 @@ def test_string_labels_name_the_classes_and_a_datalist_that_reorders_them_is_ref
         workflow("tumours.json")._record_classes()
 
 
-def test_classes_that_do_not_fit_num_classes_are_refused_before_any_work(synthetic_dataset, tmp_path):
+def test_settings_that_do_not_fit_the_datalist_are_refused_before_any_work(synthetic_dataset, tmp_path):
     """A label beyond num_classes (integer or string), class_names of another length and a missing tumour mask are
-    refused when the run is prepared, naming the slides and the setting, before any tiling."""
+    refused when the run is prepared, naming the slides and the setting, before any tiling; so is an evaluation of a
+    split that does not exist."""
     data = json.loads(synthetic_dataset.read_text())
 
     def workflow(datalist: dict, **kwargs) -> ICMILWorkflow:
@@ -879,6 +887,8 @@ def test_classes_that_do_not_fit_num_classes_are_refused_before_any_work(synthet
     lost = {**data, "validation": [{**data["validation"][0], "tumour_mask": "masks/lost.png"}, *data["validation"][1:]]}
     with pytest.raises(FileNotFoundError, match=r"1 tumour mask\(s\) .* do not exist: validation_000: '.*lost.png'"):
         workflow(lost).prepare()
+    with pytest.raises(ValueError, match=r"split 'val' is not one of training, validation, test"):
+        workflow(data).evaluate("val")
     assert not (tmp_path / "out" / "coords").exists()
 
 

@@ -145,6 +145,9 @@ def test_hub_id_fails_fast_offline_and_says_to_pass_a_file(monkeypatch):
     with pytest.raises(EmbedderWeightsError, match=r"not reachable.*Pass a local file"):
         create_embedder("resnet18", weights="hf-hub:timm/resnet18.not_cached_here")
     assert time.perf_counter() - t0 < 10
+    # "models/UNI", a folder mistyped or relative to another directory, reads as a hub id: the message says so
+    with pytest.raises(EmbedderWeightsError, match=r"not reachable.*If 'models/UNI' is meant as a path: no such file"):
+        create_embedder("resnet18", weights="models/UNI")
 
 
 # ------------------------------------------------------------------------------------------ engine and store

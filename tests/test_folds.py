@@ -35,7 +35,7 @@ def _patients_of(entries: list[dict]) -> set[str]:
     return set(slide_groups(entries))
 
 
-@pytest.mark.parametrize("key", ["patient", "case_id"])
+@pytest.mark.parametrize("key", ["patient", "case_id", "patient_id", "subject"])
 def test_folds_keep_each_patient_in_one_split_and_balance_labels(key):
     pool = _patients(0, key=key)
     test = _patients(1, n=6, key=key)

@@ -289,10 +289,16 @@ def _hub_weights(hub_id: str) -> str:
         if isinstance(cached, str) and os.path.isfile(cached):
             return cached
     if not _hub_reachable():
+        as_path = (
+            ""
+            if hub_id.startswith("hf-hub:")
+            else f" If '{hub_id}' is meant as a path: no such file or folder from {os.getcwd()} (check it, or give it "
+            "absolute)."
+        )
         raise EmbedderWeightsError(
             f"cannot download weights '{hub_id}': the model hub is not reachable (offline?) and they are not in "
             "the local cache. Pass a local file instead, e.g. weights='/path/to/resnet50.safetensors' "
-            "(.safetensors, .pth or .pt)."
+            f"(.safetensors, .pth or .pt).{as_path}"
         )
     last: Exception | None = None
     for filename in ("model.safetensors", "pytorch_model.bin"):

@@ -3,10 +3,11 @@
 """k-fold cross-validation of the ICMIL loop, grouped by patient.
 
 Slide-level results on a few hundred slides swing with the split, so they are reported as a mean +/- sd over folds.
-The folds are stratified by label and grouped by the datalist's ``patient`` (or ``case_id``) field: one patient's
-slides are always in one part, so no patient is in two splits of a fold. When the datalist has a ``test`` split, it
-stays fixed and each fold holds out one part of the training + validation slides as its validation split; without
-one, each fold's held-out part is its test split and a patient-grouped part of the rest is its validation split.
+The folds are stratified by label and grouped by the datalist's ``patient`` field (or ``patient_id``, ``case_id``,
+``case``, ``subject``, ``subject_id``: :data:`GROUP_KEYS`): one patient's slides are always in one part, so no
+patient is in two splits of a fold. When the datalist has a ``test`` split, it stays fixed and each fold holds out one
+part of the training + validation slides as its validation split; without one, each fold's held-out part is its test
+split and a patient-grouped part of the rest is its validation split.
 
 Layout under ``output_dir``::
 
@@ -39,7 +40,7 @@ __all__ = ["GROUP_KEYS", "slide_groups", "assign_folds", "fold_splits", "CrossVa
 logger = logging.getLogger("monai_icmil.workflow")
 
 #: datalist fields that name the patient a slide comes from, in order of preference
-GROUP_KEYS = ("patient", "case_id")
+GROUP_KEYS = ("patient", "patient_id", "case_id", "case", "subject", "subject_id")
 
 
 def slide_groups(entries: Sequence[Mapping[str, Any]], group_keys: Sequence[str] = GROUP_KEYS) -> list[str]:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from monai.bundle import BundleWorkflow
 
+from monai_icmil.data.datalist import SPLITS
 from monai_icmil.data.datalist import class_names as datalist_class_names
 from monai_icmil.data.integrity import TileErrorPolicy
 from monai_icmil.data.prepare import SlideTiles, prepare_coords, slide_signature, tiling_signature
@@ -132,7 +133,8 @@ class ICMILWorkflow(BundleWorkflow):
         assume_mpp: level-0 microns per pixel of every slide whose file has none (TIFFs without resolution tags,
             some MRXS exports); a datalist entry's own ``mpp`` replaces its file's value whatever the file says.
         folds: ``k >= 2``: k-fold cross-validation instead of one run, stratified by label and grouped by the
-            datalist's ``patient`` (or ``case_id``) field (:class:`~monai_icmil.workflows.folds.CrossValidation`:
+            datalist's ``patient`` field (or another of :data:`~monai_icmil.workflows.folds.GROUP_KEYS`)
+            (:class:`~monai_icmil.workflows.folds.CrossValidation`:
             ``output_dir/fold_<k>/`` per fold, ``summary.md`` with per-fold rows and mean +/- sd per round);
             ``0`` or ``1``: off.
         coords_dir: where the patch coordinates and the tiling QC are kept (default ``output_dir/coords``); runs
@@ -886,6 +888,8 @@ class ICMILWorkflow(BundleWorkflow):
     # ------------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "test", round: int | None = None) -> dict[str, Any]:
         """Metrics, predictions CSV and ROC curve of the final (or given) round on ``split``."""
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)} (--split)")
         r = self.final_round() if round is None else int(round)
         if split == "test":
             self.ledger.forget(r, "test")
