@@ -275,6 +275,10 @@ def probe_patch_auc(out: Path, r: int, data: Path, datalist: dict[str, Any]) -> 
     return linear_probe_auc(np.concatenate(feats), y, train_mask=fit) if both else float("nan")
 
 
+def _nan_if_none(v: float | None) -> float:
+    return float("nan") if v is None else float(v)
+
+
 def restart_nets(bag_dir: Path) -> list[Path]:
     """Every bag-phase restart's classifier in ``bag_dir``, in restart order (the kept one where there was a single
     run)."""
@@ -541,7 +545,7 @@ def collect(
                 "teacher_view_agreement": s.get("embedder_phase", {})
                 .get("teacher_consistency", {})
                 .get("view_agreement"),
-                "teacher_patch_auc": s.get("teacher", {}).get("patch_auc", float("nan")),
+                "teacher_patch_auc": _nan_if_none(s.get("teacher", {}).get("patch_auc")),  # None: unmeasured
                 "probe_patch_auc": probe_patch_auc(out, int(r), data, datalist),
                 "seconds": sum(s.get(k, {}).get("seconds", 0.0) for k in ("embed", "bag_phase", "embedder_phase")),
             }

@@ -69,6 +69,15 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path, settings):
             assert r["teacher_view_agreement"] is None
         else:
             assert 0 <= r["teacher_view_agreement"] <= 1
+    # every round has its teacher record: measured, or why not (the smoke's small hard slides may have no patch
+    # that is half tumour)
+    for state_path in (tmp_path / "runs").glob("*/seed_0/*/*/state.json"):
+        for r, s in json.loads(state_path.read_text())["rounds"].items():
+            teacher = s["teacher"]
+            assert (teacher["patch_auc"] is None) == bool(teacher.get("unmeasured")), (state_path, r, teacher)
+            if teacher["patch_auc"] is None:
+                summary = (state_path.parent / "summary.md").read_text()
+                assert "Teacher patch AUC: not measured: no patch of the" in summary
     # the ssl start pre-trained once per seed and every aggregator's round 0 used that embedder
     for setting in settings:
         runs = tmp_path / "runs" / setting / "seed_0"

@@ -80,6 +80,9 @@ def test_mask_images_stored_as_0_255_or_0_1_read_alike_and_a_wrong_aspect_is_war
         "mask_01_16bit.png": Image.fromarray(region.astype(np.uint16)),
         "mask_bilevel.png": Image.fromarray(region).convert("1"),
         "mask_rgb.png": Image.fromarray(np.stack([region.astype(np.uint8) * 255] * 3, -1)),
+        # a palette built in its own order (white may be index 0): read by its colours, not its indices
+        "mask_quantized.png": Image.fromarray(region.astype(np.uint8) * 255).convert("RGB").quantize(2),
+        "mask_01_palette.png": Image.fromarray(region.astype(np.uint8)).convert("P"),
     }.items():
         image.save(tmp_path / name)
         with warnings.catch_warnings():

@@ -78,12 +78,13 @@ def test_split_names_in_other_words_are_read_and_unknown_ones_refused_by_row(tmp
         ["c.svs"],
         ["d.svs"],
     ]
-    csv.write_text("slide,label,split\na.svs,1,training\nb.svs,0,holdout\nc.svs,1,tst\n")
+    csv.write_text("slide,label,split\na.svs,1,training\nb.svs,0,holdout\nc.svs,1,Tst\n")
     with pytest.raises(DatalistError) as info:
         load_datalist(csv)
+    accepted = "use one of training, validation, test (or train, val, valid, testing, in any case)"
     assert info.value.errors == [
-        "row 3: unknown split 'holdout'; use one of training, validation, test",
-        "row 4: unknown split 'tst'; use one of training, validation, test",
+        f"row 3: unknown split 'holdout'; {accepted}",
+        f"row 4: unknown split 'Tst'; {accepted}",
     ]
     # a JSON datalist's split keys are MONAI's names; a key that means a split is refused, not silently dropped
     path = tmp_path / "datalist.json"
@@ -99,9 +100,10 @@ def test_split_names_in_other_words_are_read_and_unknown_ones_refused_by_row(tmp
 def test_a_datalist_that_is_not_utf8_is_refused_by_name(tmp_path):
     _touch(tmp_path, "m\u00fcller.svs")
     csv = tmp_path / "slides.csv"
-    csv.write_bytes("slide,label\nm\u00fcller.svs,1\n".encode("cp1252"))
+    rows = "".join(f"slide_{i:04d}.svs,{i % 2}\n" for i in range(1000))  # the bad byte far beyond the first 8 KB
+    csv.write_bytes(f"slide,label\n{rows}m\u00fcller.svs,1\n".encode("cp1252"))
     with pytest.raises(
-        DatalistError, match=r"(?s)slides.csv.*not UTF-8 text \(byte 0xfc at offset 13\); save it as UTF-8"
+        DatalistError, match=r"(?s)slides.csv.*line 1002 is not UTF-8 text \(byte 0xfc\); save the file as UTF-8"
     ):
         load_datalist(csv)
 

@@ -198,3 +198,18 @@ def test_a_changed_datalist_does_not_continue_another_cross_validation(cohort, t
     (out / "folds" / "folds.json").write_text(json.dumps({"num_folds": 3, "seed": 0, "slides": {"x": {"fold": 0}}}))
     with pytest.raises(ValueError, match="folds.json was written for another cross-validation .* new output_dir"):
         _workflow(cohort, out, mlflow={"enabled": False}).run()
+
+
+def test_a_started_cross_validation_keeps_the_grouping_fields_it_was_planned_with(cohort, tmp_path):
+    """A cross-validation planned by a version that read other patient fields continues with them, instead of
+    refusing its own folds as another datalist's."""
+    from monai_icmil.workflows.folds import CrossValidation
+
+    wf = _workflow(cohort, tmp_path / "cv", mlflow={"enabled": False})
+    CrossValidation(wf, 3, group_keys=("case_id",)).plan()  # the cohort's slides carry 'patient' only
+    path = tmp_path / "cv" / "folds" / "folds.json"
+    planned = json.loads(path.read_text())
+    assert planned["group_keys"] == ["case_id"]
+    assert all(s["group"].startswith("slide:") for s in planned["slides"].values())
+    CrossValidation(wf, 3).plan()  # the default fields (with 'patient') would group the slides differently
+    assert json.loads(path.read_text()) == planned

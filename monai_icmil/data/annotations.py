@@ -107,8 +107,8 @@ class GroundTruth:
 
 
 def read_mask_image(path: str | os.PathLike) -> np.ndarray:
-    """A mask image as tumour (``True``) / not: 0/255 masks above 127, label maps stored as 0/1 at 1 (any image mode;
-    colour is read as grey).
+    """A mask image as tumour (``True``) / not, read as grey (palette and colour masks by their colours): above 127
+    where the mask reaches that (0/255 masks), else above 0 (label maps stored as 0/1, dark palettes).
 
     Raises:
         FileNotFoundError: the file does not exist (the message names it).
@@ -117,11 +117,9 @@ def read_mask_image(path: str | os.PathLike) -> np.ndarray:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"tumour mask '{path}' does not exist: fix the datalist's tumour_mask or remove it")
-    with Image.open(path) as im:
-        values = np.asarray(im.convert("L") if im.mode not in ("L", "I", "I;16", "1", "P") else im)
-    if values.ndim == 3:
-        values = values[..., 0]
-    return values > 127 if values.max(initial=0) > 1 else values > 0
+    with Image.open(path) as im:  # 16/32-bit integer masks as they are; any other mode (palette, colour) as grey
+        values = np.asarray(im if im.mode.startswith("I") else im.convert("L"))
+    return values > 127 if values.max(initial=0) > 127 else values > 0
 
 
 def _rasterise(polygons: list[tuple[str, np.ndarray]], width: int, height: int, downsample: float) -> np.ndarray:

@@ -50,17 +50,19 @@ class DatalistError(ValueError):
 
 def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
     """``[(split, row_number, entry)]`` from a JSON or CSV datalist, plus format errors."""
+    raw = path.read_bytes()
     try:
-        return _parse_rows(path, splits)
+        raw.decode("utf-8")
     except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
         raise DatalistError(
-            str(path),
-            [f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8 (CSV UTF-8)"],
+            str(path), [f"line {line} is not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8 (CSV UTF-8)"]
         ) from e
+    return _parse_rows(path, splits)
 
 
 def _parse_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
-    """:func:`_read_rows` on text already known to decode."""
+    """:func:`_read_rows` on a file known to be UTF-8."""
     rows: list[tuple[str, int, dict[str, Any]]] = []
     errors: list[str] = []
     if path.suffix.lower() == ".csv":
@@ -78,10 +80,13 @@ def _parse_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int,
                 raise DatalistError(str(path), [f"the CSV header must name {wanted}; found {fields}"])
             for i, raw in enumerate(reader, start=2):  # row 1 is the header
                 row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
-                split = (row.pop("split", "") or "training").lower()
-                split = SPLIT_ALIASES.get(split, split)
+                given = row.pop("split", "") or "training"
+                split = SPLIT_ALIASES.get(given.lower(), given.lower())
                 if split not in SPLITS:
-                    errors.append(f"row {i}: unknown split {split!r}; use one of {', '.join(SPLITS)}")
+                    errors.append(
+                        f"row {i}: unknown split {given!r}; use one of {', '.join(SPLITS)} (or "
+                        f"{', '.join(SPLIT_ALIASES)}, in any case)"
+                    )
                     continue
                 entry: dict[str, Any] = {"image": row.pop(columns["slide"])}
                 label = row.pop(columns["label"])

@@ -288,13 +288,13 @@ def _hub_weights(hub_id: str) -> str:
         cached = try_to_load_from_cache(repo, filename)
         if isinstance(cached, str) and os.path.isfile(cached):
             return cached
+    as_path = (
+        ""
+        if hub_id.startswith("hf-hub:")
+        else f" If '{hub_id}' is meant as a path: no such file or folder from {os.getcwd()} (check it, or give it "
+        "absolute)."
+    )
     if not _hub_reachable():
-        as_path = (
-            ""
-            if hub_id.startswith("hf-hub:")
-            else f" If '{hub_id}' is meant as a path: no such file or folder from {os.getcwd()} (check it, or give it "
-            "absolute)."
-        )
         raise EmbedderWeightsError(
             f"cannot download weights '{hub_id}': the model hub is not reachable (offline?) and they are not in "
             "the local cache. Pass a local file instead, e.g. weights='/path/to/resnet50.safetensors' "
@@ -306,7 +306,9 @@ def _hub_weights(hub_id: str) -> str:
             return hf_hub_download(repo, filename)
         except Exception as e:  # try the next file name
             last = e
-    raise EmbedderWeightsError(f"cannot download weights '{hub_id}' ({last}). Pass a local weights file instead.")
+    raise EmbedderWeightsError(
+        f"cannot download weights '{hub_id}' ({last}). Pass a local weights file instead.{as_path}"
+    )
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.bin", "model.pth")

@@ -160,6 +160,10 @@ class CrossValidation:
                 message names what differs and says to use a new ``output_dir``.
         """
         wf = self.workflow
+        path = self.dir / "folds.json"
+        before = json.loads(path.read_text()) if path.is_file() else None
+        if before and self.group_keys == GROUP_KEYS and before.get("group_keys"):
+            self.group_keys = tuple(before["group_keys"])  # a started cross-validation keeps its grouping fields
         items = wf.splits.items()
         splits, folds = fold_splits(items, self.num_folds, wf.seed, wf.splits.val_fraction, self.group_keys)
         pool = [e for s in ("training", "validation") for e in items.get(s, [])]
@@ -173,9 +177,7 @@ class CrossValidation:
                 e["slide_id"]: {"fold": f, "group": g, "label": e["label"]} for e, f, g in zip(pool, folds, groups)
             },
         }
-        path = self.dir / "folds.json"
-        if path.is_file():
-            before = json.loads(path.read_text())
+        if before is not None:
             for key in ("num_folds", "seed", "slides"):
                 if before.get(key) != record[key]:
                     raise ValueError(

@@ -369,15 +369,12 @@ class ICMILWorkflow(BundleWorkflow):
             if s["slide_id"] in keys and store.is_current(s["slide_id"], keys[s["slide_id"]])
         }
 
-    def bags(self, r: int, split: str, embedder: PatchEmbedder | None = None, labelled: bool = False) -> BagDataset:
-        """Round ``r``'s feature bags of ``split`` (every one current for the round's embedder; ``labelled``: only
-        the slides with a label)."""
+    def bags(self, r: int, split: str, embedder: PatchEmbedder | None = None) -> BagDataset:
+        """Round ``r``'s feature bags of ``split`` (every one current for the round's embedder)."""
         keys = self.feature_keys(r, embedder)
         excluded = self.report.excluded()
         items = [
-            e
-            for e in self.splits.items().get(split, [])
-            if e["slide_id"] in keys and e["slide_id"] not in excluded and not (labelled and e.get("label") is None)
+            e for e in self.splits.items().get(split, []) if e["slide_id"] in keys and e["slide_id"] not in excluded
         ]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # empty bags are already reported once
@@ -485,9 +482,8 @@ class ICMILWorkflow(BundleWorkflow):
         from monai_icmil.engines.bag_phase import evaluate_bags
 
         if (done := self.ledger.get(r, "bag_phase")) is not None:
-            if _rank() == 0:  # a run stopped between the phase's record and these: they are made now
-                self.test(r)
-                self.teacher_vs_truth(r)
+            if self._round_records_missing(r):  # a run stopped between the phase's record and these
+                self._repair_round_records(r)
             return done
         self.embed(r)
         if _rank() != 0:  # the bag phase runs on rank 0 (bags are small); the others wait
@@ -625,7 +621,7 @@ class ICMILWorkflow(BundleWorkflow):
         out, ds = self.round_dir(r) / split, self.bags(r, split)
         unlabelled = [e["slide_id"] for e in ds.items if e.get("label") is None]
         if unlabelled:
-            ds = self.bags(r, split, labelled=True)
+            ds.items = [e for e in ds.items if e.get("label") is not None]
             warnings.warn(
                 f"round {r}, {split}: {len(unlabelled)} slide(s) without a label ({', '.join(unlabelled[:3])}"
                 f"{' ...' if len(unlabelled) > 3 else ''}) are not scored; inference (workflow#test_writers, "
@@ -655,10 +651,32 @@ class ICMILWorkflow(BundleWorkflow):
                 rr.log_artifacts([out / "predictions.csv", out / "roc.png"], artifact_path="test")
         return record
 
+    def _round_records_missing(self, r: int) -> bool:
+        """Whether finished round ``r`` lacks its test record, or its teacher record where there are masks."""
+        from monai_icmil.workflows.evaluation import has_ground_truth
+
+        items = self.splits.items()
+        masks = has_ground_truth(items.get("test", []) + items.get("validation", []))
+        return self.ledger.get(r, "test") is None or (masks and self.ledger.get(r, "teacher") is None)
+
+    def _repair_round_records(self, r: int) -> None:
+        """Make finished round ``r``'s missing test and teacher records (single process; under torchrun a warning
+        says to rerun without it: rank 0 alone must not reach the other ranks' collectives)."""
+        if dist_info()[1] > 1:
+            if _rank() == 0:
+                warnings.warn(f"round {r} lacks its test record; rerun the command without torchrun to make it.")
+            return
+        try:
+            self.test(r)
+            self.teacher_vs_truth(r)
+        except Exception as e:  # the round itself is done and kept; the run goes on
+            warnings.warn(f"round {r}'s test or teacher record could not be made ({type(e).__name__}: {e}).")
+
     def teacher_vs_truth(self, r: int) -> dict[str, Any] | None:
         """Round ``r``'s instance teacher against the ground-truth tumour masks of the test slides (the validation
         slides when the test split has none): its patch AUC, recorded as the round's ``teacher`` in ``state.json``,
-        MLflow and the summary. ``None`` when the datalist carries no ``tumour_mask``."""
+        MLflow and the summary (``patch_auc`` ``None`` and the reason as ``unmeasured`` when no patch is tumour
+        enough to measure). ``None`` when the datalist carries no ``tumour_mask``."""
         from monai_icmil.engines.bag_phase import load_bag_classifier
         from monai_icmil.workflows.evaluation import has_ground_truth, teacher_patch_auc
 
@@ -670,8 +688,11 @@ class ICMILWorkflow(BundleWorkflow):
             return None
         net = load_bag_classifier(self.bag_classifier_path(r))
         result = teacher_patch_auc(net, self.bags(r, split), entries, CoordsStore(self.coords_dir))
-        if result is None:
-            return None
+        if result is None:  # recorded, so that it is not measured again on every rerun
+            reason = f"no patch of the {split} slides is >= 50 % tumour in its mask"
+            record = {"patch_auc": None, "split": split, "unmeasured": reason}
+            self.ledger.mark(r, "teacher", record)
+            return record
         record = {**result, "split": split}
         self.ledger.mark(r, "teacher", record)
         rr = self.tracking.round(r)

@@ -81,6 +81,7 @@ def summary_rows(
             "teacher_patch_auc": s.get("teacher", {}).get("patch_auc"),
             "teacher_patches": s.get("teacher", {}).get("patches"),
             "teacher_normal_called_tumour": s.get("teacher", {}).get("normal_called_tumour"),
+            "teacher_unmeasured": s.get("teacher", {}).get("unmeasured"),
             "embedder_phase_s": s.get("embedder_phase", {}).get("seconds"),
             "embed_s": s.get("embed", {}).get("seconds"),
             "bag_phase_s": s.get("bag_phase", {}).get("seconds"),
@@ -160,6 +161,12 @@ def _notes(
             f"against the ground-truth tumour masks ({n} patches: >= 50 % tumour vs tumour-free). Tumour-free called "
             "tumour: the share of tumour-free patches the teacher gives a tumour probability > 0.5, the label the "
             "next round's student is taught; a teacher can rank patches well and still label many of them wrongly."
+        )
+    unmeasured = next((row["teacher_unmeasured"] for row in rows if row.get("teacher_unmeasured")), None)
+    if unmeasured and not any(_finite(row["teacher_patch_auc"]) for row in rows):
+        notes.append(
+            f"Teacher patch AUC: not measured: {unmeasured} (the tumour regions are smaller than half a patch at this "
+            "tiling, or the masks are empty)."
         )
     first, last = rows[0], next((row for row in rows if row["round"] == final_round), rows[-1])
     if last["round"] > first["round"]:
