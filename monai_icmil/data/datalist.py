@@ -21,7 +21,9 @@ not UTF-8.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -51,52 +53,43 @@ class DatalistError(ValueError):
 def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
     """``[(split, row_number, entry)]`` from a JSON or CSV datalist, plus format errors."""
     raw = path.read_bytes()
+    raw = raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw  # spreadsheet exports start with one
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DatalistError(
             str(path), [f"line {line} is not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8 (CSV UTF-8)"]
         ) from e
-    return _parse_rows(path, splits)
-
-
-def _parse_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
-    """:func:`_read_rows` on a file known to be UTF-8."""
     rows: list[tuple[str, int, dict[str, Any]]] = []
     errors: list[str] = []
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
-            header = f.readline()
-            f.seek(0)
-            delimiter = max(",;\t", key=header.count)  # comma, or the semicolon or tab other locales' exports use
-            reader = csv.DictReader(f, delimiter=delimiter)
-            fields = [c.strip().lower() for c in (reader.fieldnames or [])]
-            columns = {name: next((a for a in aliases if a in fields), None) for name, aliases in CSV_COLUMNS.items()}
-            if None in columns.values():
-                wanted = " and ".join(
-                    f"'{n}' (or {', '.join(repr(a) for a in CSV_COLUMNS[n][1:])})" for n in CSV_COLUMNS
+        delimiter = max(",;\t", key=text.partition("\n")[0].count)  # comma, or the semicolon or tab of other locales
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        fields = [c.strip().lower() for c in (reader.fieldnames or [])]
+        columns = {name: next((a for a in aliases if a in fields), None) for name, aliases in CSV_COLUMNS.items()}
+        if None in columns.values():
+            wanted = " and ".join(f"'{n}' (or {', '.join(repr(a) for a in CSV_COLUMNS[n][1:])})" for n in CSV_COLUMNS)
+            raise DatalistError(str(path), [f"the CSV header must name {wanted}; found {fields}"])
+        for i, cells in enumerate(reader, start=2):  # row 1 is the header
+            row = {k.strip().lower(): (v or "").strip() for k, v in cells.items() if k is not None}
+            given = row.pop("split", "") or "training"
+            split = SPLIT_ALIASES.get(given.lower(), given.lower())
+            if split not in SPLITS:
+                errors.append(
+                    f"row {i}: unknown split {given!r}; use one of {', '.join(SPLITS)} (or "
+                    f"{', '.join(SPLIT_ALIASES)}, in any case)"
                 )
-                raise DatalistError(str(path), [f"the CSV header must name {wanted}; found {fields}"])
-            for i, raw in enumerate(reader, start=2):  # row 1 is the header
-                row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
-                given = row.pop("split", "") or "training"
-                split = SPLIT_ALIASES.get(given.lower(), given.lower())
-                if split not in SPLITS:
-                    errors.append(
-                        f"row {i}: unknown split {given!r}; use one of {', '.join(SPLITS)} (or "
-                        f"{', '.join(SPLIT_ALIASES)}, in any case)"
-                    )
-                    continue
-                entry: dict[str, Any] = {"image": row.pop(columns["slide"])}
-                label = row.pop(columns["label"])
-                if label != "":
-                    entry["label"] = int(label) if label.lstrip("-").isdigit() else label
-                entry.update({k: v for k, v in row.items() if v != ""})
-                rows.append((split, i, entry))
+                continue
+            entry: dict[str, Any] = {"image": row.pop(columns["slide"])}
+            label = row.pop(columns["label"])
+            if label != "":
+                entry["label"] = int(label) if label.lstrip("-").isdigit() else label
+            entry.update({k: v for k, v in row.items() if v != ""})
+            rows.append((split, i, entry))
         return rows, errors
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatalistError(str(path), [f"not valid JSON: {e}"]) from e
     if not isinstance(data, dict):
