@@ -23,10 +23,11 @@ def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "code",
     [
-        "from monai.transforms import Compose\nfrom monai_icmil.transforms import GridPatchCoordsd, TissueMaskd",
+        # MONAI first, then the package and its transforms
+        "from monai.transforms import Compose\nimport monai_icmil\nfrom monai_icmil.transforms import GridPatchCoordsd",
         "from monai_icmil.transforms import GridPatchCoordsd, TissueMaskd\nfrom monai.transforms import Compose",
-        "import monai\nimport monai_icmil",
     ],
+    ids=["monai-first", "monai_icmil-first"],
 )
 def test_imports_in_either_order_print_nothing(code, tmp_path):
     proc = _python(code, tmp_path)
