@@ -88,7 +88,8 @@ def test_icmil_gain_smoke_report_has_every_row(tmp_path, settings, starts):
             json.loads((runs / "ssl" / agg / "state.json").read_text())["rounds"]["0"]["embed"]["fingerprint"]
             for agg in gain.AGGREGATORS
         }
-        assert len(fps) == 1
+        pretrained = json.loads((runs / "ssl" / "abmil" / "state.json").read_text())["pretrain"]["fingerprint"]
+        assert fps == {pretrained}  # the pre-trained embedder, not the random-init one it started from
         if "random" in starts:
             random_fp = json.loads((runs / "random" / "abmil" / "state.json").read_text())["rounds"]["0"]["embed"]
             assert random_fp["fingerprint"] not in fps

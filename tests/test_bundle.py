@@ -499,6 +499,18 @@ def test_rerun_after_round_one_bag_phase_does_not_redo_finished_phases(tmp_path,
     assert [after["rounds"][r]["embedder_phase"]["teacher_features"] for r in ("1", "2")] == [trained_on] * 2
     assert after["rounds"]["0"] == state["rounds"]["0"] and after["rounds"]["1"] == state["rounds"]["1"]
     assert "bag_phase" in after["rounds"]["2"]
+    # round 2 embeds with its own embedder phase's output, round 1's embedder taught by round 1's classifier
+    assert (out / "round_2" / "embedder_phase" / "embedder.safetensors").is_file()
+    fps = [after["rounds"][r]["embed"]["fingerprint"] for r in ("0", "1", "2")]
+    assert len(set(fps)) == 3 and fps[2] == after["rounds"]["2"]["embedder_phase"]["fingerprint"]
+    # the summary's changes are from the previous round, round 1 (the teacher patch AUC, over a few hundred patches,
+    # tells round 0 from round 1; the paired test interval needs two scored test slides of each class, not here)
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    teacher = [row["teacher_patch_auc"] for row in rows]
+    assert teacher[0] != pytest.approx(teacher[1])  # else the check cannot fail
+    assert rows[2]["teacher_patch_auc_delta"] == pytest.approx(teacher[2] - teacher[1])
+    assert rows[2]["test_auc_delta"] == pytest.approx(rows[2]["test_auc"] - rows[1]["test_auc"])
+    assert rows[2]["val_auc_delta"] == pytest.approx(rows[2]["val_auc"] - rows[1]["val_auc"])
     rewritten = sorted(str(p.relative_to(out)) for p, t in before.items() if p.stat().st_mtime_ns != t)
     # of rounds 0-1 only round 1's test files were written again (the same record)
     assert rewritten == sorted(str(p.relative_to(out)) for p in before if p.parent == out / "round_1" / "test")
