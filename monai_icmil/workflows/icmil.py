@@ -664,7 +664,9 @@ class ICMILWorkflow(BundleWorkflow):
         says to rerun without it: rank 0 alone must not reach the other ranks' collectives)."""
         if dist_info()[1] > 1:
             if _rank() == 0:
-                warnings.warn(f"round {r} lacks its test record; rerun the command without torchrun to make it.")
+                warnings.warn(
+                    f"round {r} lacks its test or teacher record; rerun the command without torchrun to make it."
+                )
             return
         try:
             self.test(r)
