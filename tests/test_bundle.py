@@ -26,6 +26,8 @@ from monai_icmil.engines.bag_phase import load_bag_classifier, save_bag_classifi
 from monai_icmil.handlers.tracking import using_store
 from monai_icmil.workflows import ICMILWorkflow, check_config
 
+import forked_python
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "icmil"
 CONFIGS = BUNDLE / "configs"
@@ -71,7 +73,6 @@ def _bundle(
     tiny.write_text(json.dumps({**TINY, **(extra or {})}))
     files = [str(CONFIGS / "train.json"), str(CONFIGS / "demo.json"), *configs, str(tiny)]
     cmd = [
-        sys.executable,
         "-m",
         "monai.bundle",
         "run",
@@ -89,7 +90,7 @@ def _bundle(
         cmd += [f"--{k}", str(v)]
     env = {k: v for k, v in os.environ.items() if k != "CUFILE_LOGFILE_PATH"}  # as a user's shell has it
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="2")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp)
+    return forked_python.run(cmd, env=env, cwd=tmp, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -690,9 +691,8 @@ def test_verify_metadata_and_ckpt_export_of_the_final_bag_classifier(trained, tm
     tiny.write_text(json.dumps(TINY))
     files = [str(CONFIGS / "train.json"), str(CONFIGS / "demo.json"), str(tiny)]
     ts = tmp_path / "bag_classifier.ts"
-    export = subprocess.run(
+    export = forked_python.run(
         [
-            sys.executable,
             "-m",
             "monai.bundle",
             "ckpt_export",
@@ -720,8 +720,6 @@ def test_verify_metadata_and_ckpt_export_of_the_final_bag_classifier(trained, tm
             "--converter_kwargs",
             "{'strict': False}",
         ],
-        capture_output=True,
-        text=True,
         env=env,
         timeout=600,
     )

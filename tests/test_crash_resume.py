@@ -16,21 +16,30 @@ from pathlib import Path
 import pytest
 import torch
 
+import forked_python
+
 SCRIPT = Path(__file__).with_name("kill_script.py")
 ROOT = SCRIPT.parents[1]
 
 
-def _run(data: Path, out: Path, kill: str | None = None, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(SCRIPT), "--data", str(data), "--out", str(out), *extra]
+def _run(
+    data: Path, out: Path, kill: str | None = None, *extra: str, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """The kill script on ``data`` into ``out``, forked from the tests' MONAI-imported server, or in a fresh
+    interpreter (``fresh``: its own string-hash seed and random state, so that a resumed run matching it shows no
+    dependence on either)."""
+    cmd = [str(SCRIPT), "--data", str(data), "--out", str(out), *extra]
     cmd += ["--kill", kill] if kill else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if fresh:
+        return subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600, env=env)
+    return forked_python.run(cmd, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(synthetic_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted") / "out"
-    proc = _run(synthetic_dataset.parent, out)
+    proc = _run(synthetic_dataset.parent, out, fresh=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -116,7 +125,7 @@ def test_kill_9_while_tiling_then_rerun_keeps_the_tiled_slides_and_ends_with_the
 @pytest.fixture(scope="module")
 def inferred(uninterrupted, synthetic_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("inferred") / "inference"
-    proc = _run(synthetic_dataset.parent, uninterrupted, None, "--infer", str(out))
+    proc = _run(synthetic_dataset.parent, uninterrupted, None, "--infer", str(out), fresh=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

@@ -24,7 +24,6 @@ from monai_icmil.engines.embedder_phase import (
     EmbedderPhaseError,
     InstanceClassifier,
     StudentStep,
-    agreement,
     normal_slide_targets,
     view_consistency,
 )
