@@ -20,7 +20,9 @@ from __future__ import annotations
 import atexit
 import fcntl
 import importlib
+import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import random
 import runpy
@@ -34,17 +36,32 @@ from pathlib import Path
 
 PRELOAD = ["monai_icmil", "monai", "monai.bundle", "monai_icmil.workflows", "monai_icmil.engines"]
 _CONTEXT = None
+_SITE_PATH: list[str] = []  # a fresh interpreter's sys.path after its first entry, without PYTHONPATH
+
+
+_ENVIRON = dict(os.environ)  # at collection, before any test changed it: the server imports with this environment
 
 
 def _context():
-    global _CONTEXT
+    global _CONTEXT, _SITE_PATH
     if _CONTEXT is None:
+        env = {k: v for k, v in _ENVIRON.items() if k != "PYTHONPATH"}
+        code = "import json, sys; print(json.dumps(sys.path[1:]))"
+        _SITE_PATH = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, env=env).stdout)
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(PRELOAD)
+        current = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(_ENVIRON)
+        try:  # started here, not from whichever test first runs: what libraries read on import is the same each time
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(current)
     return _CONTEXT
 
 
-def _child(args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
+def _child(args: list[str], env: dict[str, str], cwd: str, out: str, err: str, site_path: list[str]) -> None:
     """Runs in the forked process: ``args`` as ``python`` would take them (``-m module ...`` or ``script ...``)."""
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -54,8 +71,8 @@ def _child(args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.path[:0] = [p for p in extra if p not in sys.path]
+    first = os.getcwd() if args[0] == "-m" else str(Path(args[0]).resolve().parent)
+    sys.path[:] = [first, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p), *site_path]
     importlib.reload(sys.modules["monai_icmil"])  # its import-time defaults, against this environment
     if env.get("OMP_NUM_THREADS", "").isdigit():  # torch read the server's environment when it was imported
         sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
@@ -72,7 +89,6 @@ def _child(args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -
             runpy.run_module(args[1], run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(args)
-            sys.path.insert(0, str(Path(args[0]).resolve().parent))
             runpy.run_path(args[0], run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -133,7 +149,7 @@ def run(
             return tuple(Path(p).read_text(errors="replace") if os.path.exists(p) else "" for p in (out, err))
 
         deadline = time.monotonic() + timeout
-        proc = _context().Process(target=_child, args=(list(args), env, str(cwd or os.getcwd()), out, err))
+        proc = _context().Process(target=_child, args=(list(args), env, str(cwd or os.getcwd()), out, err, _SITE_PATH))
         try:
             proc.start()
             proc.join(timeout)
