@@ -37,12 +37,11 @@ from pathlib import Path
 PRELOAD = ["monai_icmil", "monai", "monai.bundle", "monai_icmil.workflows", "monai_icmil.engines"]
 _CONTEXT = None
 _SITE_PATH: list[str] = []  # a fresh interpreter's sys.path after its first entry, without PYTHONPATH
-
-
 _ENVIRON = dict(os.environ)  # at collection, before any test changed it: the server imports with this environment
 
 
-def _context():
+def _context() -> multiprocessing.context.ForkServerContext:
+    """The forkserver context, its server started (once) with MONAI imported."""
     global _CONTEXT, _SITE_PATH
     if _CONTEXT is None:
         env = {k: v for k, v in _ENVIRON.items() if k != "PYTHONPATH"}
