@@ -72,8 +72,9 @@ def _child(args: list[str], env: dict[str, str], cwd: str, out: str, err: str, s
     os.environ.update(env)
     first = os.getcwd() if args[0] == "-m" else str(Path(args[0]).resolve().parent)
     sys.path[:] = [first, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p), *site_path]
-    importlib.reload(sys.modules["monai_icmil"])  # its import-time defaults, against this environment
-    if env.get("OMP_NUM_THREADS", "").isdigit():  # torch read the server's environment when it was imported
+    if "monai_icmil" in sys.modules:  # (if the server could not import it, the run's own import shows why)
+        importlib.reload(sys.modules["monai_icmil"])  # its import-time defaults, against this environment
+    if "torch" in sys.modules and env.get("OMP_NUM_THREADS", "").isdigit():  # torch read the server's environment
         sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
     # multiprocessing started this process with forkserver and set that as its default: a fresh interpreter's default
     # (fork on Linux) for the processes the run starts (its DataLoader workers), not forked servers of their own
