@@ -41,7 +41,10 @@ _ENVIRON = dict(os.environ)  # at collection, before any test changed it: the se
 
 
 def _context() -> multiprocessing.context.ForkServerContext:
-    """The forkserver context, its server started (once) with MONAI imported."""
+    """The forkserver context, its server started (once) with MONAI imported.
+
+    Started on first use, not at import: each child imports this module to find :func:`_child`, and a server started
+    at module level would be started again in every child (multiprocessing refuses that during a child's start)."""
     global _CONTEXT, _SITE_PATH
     if _CONTEXT is None:
         env = {k: v for k, v in _ENVIRON.items() if k != "PYTHONPATH"}
@@ -91,8 +94,8 @@ def _child(args: list[str], env: dict[str, str], cwd: str, out: str, err: str, s
             sys.argv = list(args)
             runpy.run_path(args[0], run_name="__main__")
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if e.code is not None and not isinstance(e.code, int):
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if code == 1 and not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
