@@ -518,7 +518,7 @@ def test_rerun_after_round_one_bag_phase_does_not_redo_finished_phases(tmp_path,
     assert {"round_1/test/metrics.json", "round_1/test/predictions.csv"} <= set(rewritten)
 
 
-def test_inference_writes_heatmaps_on_the_patch_grid_and_geojson(trained):
+def test_inference_writes_heatmaps_on_the_patch_grid_and_geojson(trained, tmp_path):
     data = json.loads((trained / "data" / "datalist.json").read_text())
     slide = trained / "data" / data["test"][0]["image"]
     proc = _bundle(
@@ -545,19 +545,43 @@ def test_inference_writes_heatmaps_on_the_patch_grid_and_geojson(trained):
     )
     x, y = coords[0]
     assert first["geometry"]["coordinates"][0][0] == [float(x), float(y)]
-    assert Image.open(inf / f"{sid}_heatmap.jpg").size[0] > 100
     # the heatmap grid cells are exactly the patch grid: one cell per patch, at its coordinate
-    from monai_icmil.visualize import score_grid
+    from monai_icmil.visualize import save_heatmaps, score_grid
 
     footprint = 64.0  # 32 px at 1 um/px on a 0.5 um/px slide, read at level 1 (footprint in level-0 px)
     grid = score_grid(coords, np.arange(len(coords), dtype=float), footprint, (1024, 768))
     assert np.isfinite(grid).sum() == len(coords)
     assert grid[int(y // footprint), int(x // footprint)] == 0
-    # the triage sheet: every slide's instance-probability overlay, the highest tumour probability first
     from monai_icmil.data import open_slide
     from monai_icmil.visualize import score_overlay
 
+    # the slide's heatmap is drawn from its patches' scores (as the GeoJSON holds them) on that grid: redrawn from
+    # them it matches; redrawn from the same scores on shuffled patches it does not
     probs = {r["slide"]: float(r["prob_tumour"]) for r in csv.DictReader(open(inf / "probabilities.csv"))}
+    meas = {
+        k: np.array([f["properties"]["measurements"][k] for f in geo["features"]])
+        for k in first["properties"]["measurements"]
+    }
+    thumb, ds = open_slide(slide).thumbnail(1024)
+    title = f"{sid}: predicted {'tumour' if probs[sid] > 0.5 else 'normal'} (p={max(probs[sid], 1 - probs[sid]):.3f})"
+    written = np.asarray(Image.open(inf / f"{sid}_heatmap.jpg").convert("RGB")).astype(int)
+
+    def redrawn(order):
+        att = meas["attention"][order]
+        maps = {
+            "attention (min-max)": score_grid(
+                coords, (att - att.min()) / max(att.max() - att.min(), 1e-12), footprint, (1024, 768)
+            ),
+            "instance probability": score_grid(coords, meas["instance_probability"][order], footprint, (1024, 768)),
+        }
+        save_heatmaps(tmp_path / "redrawn.jpg", thumb, ds, maps, footprint, title)
+        again = np.asarray(Image.open(tmp_path / "redrawn.jpg").convert("RGB")).astype(int)
+        assert again.shape == written.shape
+        return np.abs(again - written).mean()
+
+    same, shuffled = redrawn(np.arange(len(coords))), redrawn(np.random.default_rng(0).permutation(len(coords)))
+    assert same < 1.5 and shuffled > 3 * same + 0.5, (same, shuffled)
+    # the triage sheet: every slide's instance-probability overlay, the highest tumour probability first
     page = np.asarray(Image.open(inf / "overview" / "page_001.jpg").convert("RGB")).astype(int)
     assert page.shape[:2] == (18 + -(-n_slides // 8) * 228, max(min(8, n_slides) * 200, 640))
     reds = [page[18 + (i // 8) * 228 + 4 + 192 :][:34, (i % 8) * 200 + 4 :][:, :192] for i in range(n_slides)]
@@ -671,12 +695,25 @@ def test_inference_on_a_real_aperio_slide(trained, cmu_slide):
 
 
 def test_evaluate_config_writes_test_metrics(trained):
+    """evaluate.json scores the final round's test split again (the training run's files are removed first, so the
+    checks read what evaluate wrote) and prints the record it wrote; the same models on the same slides give the
+    training run's test AUC."""
+    out = trained / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    final = summary["final_round"]
+    trained_auc = next(row["test_auc"] for row in summary["rows"] if row["round"] == final)
+    test_dir = out / f"round_{final}" / "test"
+    for name in ("metrics.json", "predictions.csv"):
+        (test_dir / name).unlink()
     proc = _bundle(trained, "run", str(CONFIGS / "evaluate.json"), extra={"mlflow#enabled": True})  # into its runs
     assert proc.returncode == 0, proc.stderr[-4000:]
-    final = json.loads((trained / "out" / "summary.json").read_text())["final_round"]
-    metrics = json.loads((trained / "out" / f"round_{final}" / "test" / "metrics.json").read_text())
+    metrics = json.loads((test_dir / "metrics.json").read_text())
     assert {"auc", "acc", "f1", "youden_acc", "youden_f1"} <= set(metrics)
     assert metrics["auc_ci_low"] <= metrics["auc"] <= metrics["auc_ci_high"]
+    assert metrics["auc"] == pytest.approx(trained_auc)
+    assert len((test_dir / "predictions.csv").read_text().splitlines()) > 1
+    printed, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index('{\n  "round"') :])
+    assert (printed["round"], printed["split"], printed["metrics"]) == (final, "test", pytest.approx(metrics))
 
 
 def test_verify_metadata_and_ckpt_export_of_the_final_bag_classifier(trained, tmp_path):
@@ -1140,4 +1177,17 @@ def test_heatmap_stride_draws_maps_from_overlapping_patches_and_keeps_the_slide_
         grid = len(CoordsStore(dense_dir / "coords").load(sid)["coords"])
         overlapping = len(CoordsStore(dense_dir / "heatmap" / "coords").load(sid)["coords"])
         assert overlapping > 2.5 * grid  # about four patches where the grid has one
-        assert (dense_dir / f"{sid}_heatmap.jpg").is_file()
+    # the pictures are drawn from the overlapping patches: the same slides without the stride (same thumbnail, title
+    # and layout) give other maps; a writer that fell back to the grid would draw the same picture
+    plain_dir = tmp_path / "plain"
+    proc = _bundle(
+        trained, "run", str(CONFIGS / "inference.json"), input_slides=str(folder), inference_dir=str(plain_dir)
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for e in data["test"][:2]:
+        sid = Path(e["image"]).stem
+        pictures = [
+            np.asarray(Image.open(d / f"{sid}_heatmap.jpg").convert("RGB")).astype(int) for d in (dense_dir, plain_dir)
+        ]
+        assert pictures[0].shape == pictures[1].shape
+        assert np.abs(pictures[0] - pictures[1]).mean() > 1.0

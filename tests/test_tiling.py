@@ -98,7 +98,7 @@ def test_otsu_matches_scikit_image_on_bimodal_data():
     assert otsu_threshold(values) == pytest.approx(threshold_otsu(values), abs=2 / 256)
 
 
-def test_mask_runs_the_same_algorithm_on_cpu_when_no_gpu_is_usable():
+def test_auto_backend_is_numpy_without_a_usable_gpu_and_cuda_is_refused_with_the_fix():
     import torch
 
     xp, _, device = array_backend("auto")
