@@ -2,6 +2,8 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 import tifffile
@@ -210,6 +212,38 @@ def test_slide_without_mpp_warns_and_can_still_be_tiled_by_level(tmp_path):
         grid_coordinates(s, 64, mpp=1.0)
     tiles = grid_coordinates(s, 64, level=0)
     assert len(tiles) == 64 and tiles.mpp is None
+
+
+def test_no_mpp_warning_says_when_the_tiff_metadata_could_not_be_parsed(tmp_path, monkeypatch):
+    """Metadata tifffile cannot parse is not silently "no mpp": the warning carries the parser's error."""
+    from monai_icmil.data import slide as slide_module
+
+    path = tmp_path / "odd.tiff"
+    tifffile.imwrite(path, np.full((256, 256, 3), 200, np.uint8), photometric="rgb", tile=(128, 128))
+    import_backend = slide_module._import_backend
+    real_tifffile = import_backend("tifffile")
+
+    class Unparsable:  # the metadata pass alone fails; the reader opens the file as before
+        def __getattr__(self, name):
+            return getattr(real_tifffile, name)
+
+        def TiffFile(self, *args, **kwargs):
+            raise struct.error("unpack requires a buffer of 8 bytes")
+
+    monkeypatch.setattr(
+        slide_module, "_import_backend", lambda name: Unparsable() if name == "tifffile" else import_backend(name)
+    )
+    slide_module._read_tiff_properties.cache_clear()
+    assert slide_module._tiff_properties(str(path))["tiff_error"] == "error: unpack requires a buffer of 8 bytes"
+    with pytest.warns(
+        UserWarning,
+        match=r"odd\.tiff' has no microns per pixel in its metadata \(its TIFF metadata "
+        r"could not be parsed: error: unpack requires a buffer of 8 bytes\)\. Give it an `mpp`",
+    ):
+        assert open_slide(path, "cucim").mpp is None
+    monkeypatch.undo()
+    slide_module._read_tiff_properties.cache_clear()
+    assert "tiff_error" not in slide_module._tiff_properties(str(path))
 
 
 def test_write_slide_is_atomic(tmp_path):

@@ -201,8 +201,8 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
             if xres is not None and unit is not None:
                 props["tiff_mpp"] = _mpp_from_resolution(xres.value, unit.value)
             props["subifd_levels"] = sum(bool(p.is_tiled) for p in (page.pages or []))
-    except Exception:
-        pass
+    except Exception as e:  # not a TIFF, or metadata tifffile cannot parse: kept for the no-mpp warning
+        props["tiff_error"] = f"{type(e).__name__}: {e}"
     props["mpp"] = next((props[k] for k in ("aperio_mpp", "ome_mpp", "tiff_mpp") if props[k] is not None), None)
     return props
 
@@ -1095,7 +1095,9 @@ def open_slide(
         if mpp is not None:
             reader.mpp = float(mpp)
         elif reader.mpp is None and warn_no_mpp:
-            warnings.warn(f"slide '{path}' has no microns per pixel in its metadata. {NO_MPP_FIX}", stacklevel=2)
+            unread = _tiff_properties(path).get("tiff_error") if path.lower().endswith(TIFF_SUFFIXES) else None
+            why = f" (its TIFF metadata could not be parsed: {unread})" if unread else ""
+            warnings.warn(f"slide '{path}' has no microns per pixel in its metadata{why}. {NO_MPP_FIX}", stacklevel=2)
         return reader
     raise SlideError(path, "cannot be opened as a whole-slide image (" + "; ".join(reasons) + ").")
 
