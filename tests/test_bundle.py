@@ -804,6 +804,11 @@ def test_override_of_a_non_existent_id_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown id"):
         check_config(["run", "--config_file", str(CONFIGS / "train.json"), "--agregator", "abmil"])
     assert check_config(["run", "--config_file", str(CONFIGS / "train.json"), "--tiling#mpp", "1.0"]) == ["tiling#mpp"]
+    # the datalist refusal's fix (test_datalist) is a setting of the bundle, read as a boolean
+    outside = ["run", "--config_file", str(CONFIGS / "train.json"), "--allow_outside_root"]
+    assert check_config([*outside, "TRUE"]) == ["allow_outside_root"]
+    with pytest.raises(ValueError, match="allow_outside_root"):
+        check_config([*outside, "maybe"])
 
 
 def test_settings_that_no_component_uses_are_refused(tmp_path):

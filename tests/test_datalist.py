@@ -160,6 +160,36 @@ def test_paths_may_not_leave_the_data_root_unless_allowed(tmp_path):
     assert load_datalist(path, allow_outside_root=True)["training"][0]["label"] == 1
 
 
+def test_a_slide_symlinked_into_the_data_root_is_inside_it_and_the_refusal_names_the_bundle_fix(tmp_path):
+    root, store = tmp_path / "data", tmp_path / "store"
+    _touch(store, "a.svs")
+    root.mkdir()
+    (root / "a.svs").symlink_to(store / "a.svs")  # data folders made of links to a slide store
+    path = root / "datalist.json"
+    path.write_text(json.dumps({"training": [{"image": "a.svs", "label": 1}], "test": [{"image": "../store/a.svs"}]}))
+    with pytest.raises(
+        DatalistError, match=r"test\[0\] \(\.\./store/a\.svs\): path leaves.*--dataset_dir.*--allow_outside_root true"
+    ):
+        load_datalist(path, require_labels=("training",))
+    path.write_text(json.dumps({"training": [{"image": "a.svs", "label": 1}]}))
+    assert load_datalist(path)["training"][0]["image"] == str((store / "a.svs").resolve())
+
+
+def test_slide_ids_that_cannot_name_a_file_and_mpp_in_the_wrong_unit_are_refused_by_row(tmp_path):
+    _touch(tmp_path, "a.svs", "b.svs", "c.svs", "d.svs")
+    path = tmp_path / "datalist.csv"
+    path.write_text(
+        "image,label,slide_id,mpp\na.svs,1,patient1/slideA,0.5\nb.svs,0,..,0.5\nc.svs,1,c,250\nd.svs,0,d,0.25\n"
+    )
+    with pytest.raises(DatalistError) as err:
+        load_datalist(path)
+    text = str(err.value)
+    assert "row 2 (a.svs): slide_id 'patient1/slideA' names the slide's feature" in text
+    assert "row 3 (b.svs): slide_id '..'" in text
+    assert "row 4 (c.svs): mpp 250 is outside 0.01-20 microns per pixel" in text
+    assert "row 5" not in text  # the file's lines: the header is line 1
+
+
 def test_unlabelled_inference_lists_are_allowed_where_labels_are_not_required(tmp_path):
     _touch(tmp_path, "a.svs")
     path = tmp_path / "datalist.json"

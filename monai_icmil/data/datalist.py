@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from monai_icmil.data.slide import PLAUSIBLE_MPP
 from monai_icmil.utils import as_positive, stable_hash
 
 __all__ = ["DatalistError", "load_datalist", "string_label_order", "class_names", "SPLITS"]
@@ -147,7 +148,7 @@ def load_datalist(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"datalist '{path}' does not exist.")
-    root = (Path(data_root) if data_root is not None else path.parent).resolve()
+    root = Path(os.path.abspath(data_root if data_root is not None else path.parent))  # symlinks kept (see below)
     rows, errors = _read_rows(path, splits)
     label_index = _label_index(rows, labels, errors)
     seen: dict[str, str] = {}
@@ -227,8 +228,13 @@ def _check_entry(
     where = f"{where} ({image})"
     p = Path(image)
     full = (p if p.is_absolute() else root / p).resolve()
-    if not allow_outside_root and not full.is_relative_to(root):
-        errors.append(f"{where}: path leaves the data root '{root}' (pass allow_outside_root=True to allow it)")
+    # inside the root as written (a slide symlinked into the data folder is in it) or once symlinks are followed
+    inside = Path(os.path.normpath(root / p)).is_relative_to(root) or full.is_relative_to(root.resolve())
+    if not allow_outside_root and not inside:
+        errors.append(
+            f"{where}: path leaves the data root '{root}' (set the data root, the bundle's --dataset_dir, to a folder "
+            "that holds every slide, or allow it: allow_outside_root=True, the bundle's --allow_outside_root true)"
+        )
         return None
     if check_files and not full.is_file():
         errors.append(f"{where}: file not found at '{full}'")
@@ -246,11 +252,22 @@ def _check_entry(
         item["label_name"] = label
     sid = item.get("slide_id")
     item["slide_id"] = Path(image).stem if sid in (None, "") else str(sid)  # a JSON number names the slide too
+    if any(c in item["slide_id"] for c in "/\\") or item["slide_id"] in (".", ".."):
+        errors.append(
+            f"{where}: slide_id {item['slide_id']!r} names the slide's feature and coordinate files: it cannot "
+            "contain '/' or '\\' or be '.' or '..' (e.g. 'patient1_slideA')"
+        )
     if item.get("mpp") not in (None, ""):
         try:
             item["mpp"] = as_positive(item["mpp"], "mpp")
         except ValueError:
             errors.append(f"{where}: mpp {item['mpp']!r} must be a positive number (the slide's microns per pixel)")
+        else:
+            if not PLAUSIBLE_MPP[0] <= item["mpp"] <= PLAUSIBLE_MPP[1]:
+                errors.append(
+                    f"{where}: mpp {item['mpp']:g} is outside {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} microns per "
+                    "pixel: give the slide's level-0 pixel size in um (about 0.25 at 40x, 0.5 at 20x), not nm or mm"
+                )
     for extra_key in ("tumour_mask",):
         if isinstance(item.get(extra_key), str) and not Path(item[extra_key]).is_absolute():
             item[extra_key] = str((root / item[extra_key]).resolve())

@@ -218,8 +218,9 @@ class ICMILWorkflow(BundleWorkflow):
         self.coords_dir = Path(coords_dir) if coords_dir else self.output_dir / "coords"
         self.round0_features_dir = Path(round0_features_dir) if round0_features_dir else None
         self._check_counts(synthetic)
+        outside = as_bool(allow_outside_root, "allow_outside_root")
         self.splits = DatasetSplits(
-            dataset_dir, datalist, output_dir, self.seed, val_fraction, synthetic, allow_outside_root, progress
+            dataset_dir, datalist, output_dir, self.seed, val_fraction, synthetic, outside, progress
         )
         self.ledger = PhaseLedger(self.output_dir / "state.json")
         self.report = RunReport(self.output_dir / "report.json")
