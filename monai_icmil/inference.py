@@ -45,6 +45,12 @@ def list_slides(slides: str | os.PathLike | Sequence[str]) -> list[str]:
             )
         return found
     paths = [str(slides)] if isinstance(slides, (str, os.PathLike)) else [str(s) for s in slides]
+    lists = [p for p in paths if p.lower().endswith((".csv", ".json"))]
+    if lists:
+        raise ValueError(
+            f"{', '.join(lists)}: a datalist, not a slide; slides to predict are a folder or slide paths "
+            "(--input_slides). To score a datalist's split with its labels, use evaluate.json (--split)."
+        )
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"slide(s) not found: {', '.join(missing)}")
@@ -167,8 +173,13 @@ def predict_slides(
         embed=embed if embed is not None else Embed(progress=progress), embedder=embedder,
     )  # fmt: skip
     items = _slide_items(slides)
+    net = load_bag_classifier(bag_classifier, device, expect_in_dim=embedder.out_dim)  # before any work: fails fast
+    if class_names is not None and len(class_names) != getattr(net, "num_classes", len(class_names)):
+        raise ValueError(
+            f"class_names {list(class_names)} has {len(class_names)} name(s) but bag classifier '{bag_classifier}' "
+            f"has {net.num_classes} classes: give the names it was trained with (--class_names, --num_classes)."
+        )
     tiles, store = _tile_and_embed(run, items, tiling, run.out)
-    net = load_bag_classifier(bag_classifier, device, expect_in_dim=embedder.out_dim)
     dense = _dense_patches(run, items, tiling, heatmap_stride) if writers and heatmap_stride else None
     run.net, run.store, run.params, run.fp = net, store, tiling_signature(tiling), embedder.fingerprint()
     rows = []
