@@ -214,7 +214,16 @@ def _predict_one(
         coords = arrays["coords"].numpy()
         pred = SlidePrediction(sid, item["image"], reader, tiles[sid], coords, scores, run.out, names, mask, extra)
         for writer in writers:
-            writer.write(pred)
+            try:
+                writer.write(pred)
+            except Exception as e:  # one picture must not cost this slide's probabilities or the next slides
+                name, reason = type(writer).__name__, f"{type(e).__name__}: {e}"
+                run.report.mark_output_failed(sid, item["image"], name, reason)
+                warnings.warn(
+                    f"slide '{item['image']}': {name} failed ({reason}); its probabilities and other outputs are kept "
+                    f"(listed in '{run.report.path}')",
+                    stacklevel=3,
+                )
     return {"slide_id": sid, "label": item["label"], "probs": scores["probs"].tolist(), "image": item["image"]}
 
 

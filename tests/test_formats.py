@@ -191,27 +191,6 @@ def test_a_folder_of_plain_images_is_a_folder_of_slides_unless_it_holds_whole_sl
         list_slides(tmp_path / "empty")
 
 
-def test_prediction_refuses_a_datalist_given_as_slides_and_class_names_its_classifier_lacks_before_any_work(tmp_path):
-    from monai_icmil.engines.bag_phase import save_bag_classifier
-    from monai_icmil.inference import list_slides, predict_slides
-    from monai_icmil.networks import create_aggregator, create_embedder
-
-    (tmp_path / "test.csv").write_text("image,label\na.svs,1\n")
-    with pytest.raises(ValueError, match=r"test\.csv: a datalist, not a slide.*use evaluate\.json \(--split\)"):
-        list_slides(tmp_path / "test.csv")
-    embedder = create_embedder("resnet18_trunc", input_size=32)
-    three = save_bag_classifier(tmp_path / "bag.pt", create_aggregator("abmil", embedder.out_dim, 3, hidden_dim=8))
-    (tmp_path / "s.tif").write_bytes(b"not read before the check")
-    with pytest.raises(
-        ValueError, match=r"has 2 name\(s\) but bag classifier '.*bag\.pt' has 3 classes.*--class_names"
-    ):
-        predict_slides(
-            [str(tmp_path / "s.tif")], embedder, three, TilingConfig(patch_size=32, mpp=1.0), tmp_path / "out",
-            class_names=["normal", "tumour"], progress=False,
-        )  # fmt: skip
-    assert not (tmp_path / "out" / "coords").exists()  # refused before any slide was tiled
-
-
 def test_an_implausible_mpp_in_an_aperio_description_counts_as_none(tissue, tmp_path):
     path = tmp_path / "aperio.svs"
     description = "Aperio Image Library v12.0.0\n1536x1024 [0,0 1536x1024] (256x256) JPEG/RGB Q=90|AppMag = 20|MPP = 50"

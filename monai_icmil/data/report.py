@@ -21,7 +21,9 @@ class RunReport:
 
     The file looks like ``{"failed": {slide_id: {"path", "phase", "reason"}}, "empty": {slide_id: {...}},
     "damaged": {slide_id: {"path", "patches", "of", "positions"}}}``: a slide in ``damaged`` is still used, without
-    the listed patches. A slide that later succeeds in the same phase is removed from ``failed``.
+    the listed patches. Inference adds ``"outputs_failed": {slide_id: {"path", writer name: reason}}`` when a writer
+    fails on a slide (its probabilities and other outputs are kept). A slide that later succeeds in the same phase
+    is removed from ``failed``.
 
     Args:
         path: the JSON file (``None`` keeps the report in memory only).
@@ -32,11 +34,12 @@ class RunReport:
         self.failed: dict[str, dict[str, Any]] = {}
         self.empty: dict[str, dict[str, Any]] = {}
         self.damaged: dict[str, dict[str, Any]] = {}
+        self.outputs_failed: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         if self.path is not None and self.path.is_file():
             data = json.loads(self.path.read_text())
             self.failed, self.empty = data.get("failed", {}), data.get("empty", {})
-            self.damaged = data.get("damaged", {})
+            self.damaged, self.outputs_failed = data.get("damaged", {}), data.get("outputs_failed", {})
 
     def fail(self, slide_id: str, path: str, phase: str, reason: str) -> None:
         with self._lock:
@@ -59,6 +62,12 @@ class RunReport:
             }
             self._save()
 
+    def mark_output_failed(self, slide_id: str, path: str, output: str, reason: str) -> None:
+        """An output of a predicted slide (a heatmap, GeoJSON...) could not be written; the prediction stands."""
+        with self._lock:
+            self.outputs_failed.setdefault(slide_id, {"path": str(path)})[output] = reason
+            self._save()
+
     def succeed(self, slide_id: str) -> None:
         with self._lock:
             if self.failed.pop(slide_id, None) is not None:
@@ -69,7 +78,8 @@ class RunReport:
         return set(self.failed) | set(self.empty)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"failed": self.failed, "empty": self.empty, "damaged": self.damaged}
+        record = {"failed": self.failed, "empty": self.empty, "damaged": self.damaged}
+        return {**record, "outputs_failed": self.outputs_failed} if self.outputs_failed else record
 
     def _save(self) -> None:
         if self.path is not None:

@@ -1,0 +1,68 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""predict_slides on its own (the bundle's inference is tests/test_bundle.py's): refusals before any work, and a writer
+that fails on one slide."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide, write_slide
+from monai_icmil.data.tiling import TilingConfig
+from monai_icmil.engines.bag_phase import save_bag_classifier
+from monai_icmil.handlers.writers import GeoJSONWriter, SlideWriter
+from monai_icmil.inference import list_slides, predict_slides
+from monai_icmil.networks import create_aggregator, create_embedder
+
+
+def test_prediction_refuses_a_datalist_given_as_slides_and_class_names_its_classifier_lacks_before_any_work(tmp_path):
+    (tmp_path / "test.csv").write_text("image,label\na.svs,1\n")
+    with pytest.raises(ValueError, match=r"test\.csv: a datalist, not a slide.*use evaluate\.json \(--split\)"):
+        list_slides(tmp_path / "test.csv")
+    embedder = create_embedder("resnet18_trunc", input_size=32)
+    three = save_bag_classifier(tmp_path / "bag.pt", create_aggregator("abmil", embedder.out_dim, 3, hidden_dim=8))
+    (tmp_path / "s.tif").write_bytes(b"not read before the check")
+    with pytest.raises(
+        ValueError, match=r"has 2 name\(s\) but bag classifier '.*bag\.pt' has 3 classes.*--class_names"
+    ):
+        predict_slides(
+            [str(tmp_path / "s.tif")], embedder, three, TilingConfig(patch_size=32, mpp=1.0), tmp_path / "out",
+            class_names=["normal", "tumour"], progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "out" / "coords").exists()  # refused before any slide was tiled
+
+
+class FailsOn(SlideWriter):
+    def __init__(self, slide_id: str):
+        self.slide_id = slide_id
+
+    def write(self, pred) -> None:
+        if pred.slide_id == self.slide_id:
+            raise OSError("disk full")
+        (pred.output_dir / f"{pred.slide_id}.ok").write_text("ok")
+
+
+def test_a_writer_failing_on_one_slide_keeps_every_probability_and_the_other_outputs(tmp_path):
+    config = SyntheticSlideConfig(width=512, height=384)
+    for i, tumour in enumerate((True, False)):
+        write_slide(tmp_path / "slides" / f"s{i}.tif", render_slide((i, 0), tumour, config)["image"], mpp=0.5)
+    embedder = create_embedder("resnet18_trunc", input_size=32)
+    bag = save_bag_classifier(tmp_path / "bag.pt", create_aggregator("abmil", embedder.out_dim, 2, hidden_dim=8))
+    out = tmp_path / "out"
+    with pytest.warns(
+        UserWarning, match=r"s0\.tif': FailsOn failed \(OSError: disk full\); its probabilities and other"
+    ):
+        rows = predict_slides(
+            tmp_path / "slides", embedder, bag, TilingConfig(patch_size=32, mpp=1.0, min_area_um2=0.0), out,
+            writers=[FailsOn("s0"), GeoJSONWriter()], class_names=["normal", "tumour"], progress=False,
+        )  # fmt: skip
+    assert [r["slide_id"] for r in rows] == ["s0", "s1"]
+    assert [r["slide"] for r in csv.DictReader(open(out / "probabilities.csv"))] == ["s0", "s1"]
+    assert (out / "s0.geojson").is_file() and (out / "s1.geojson").is_file() and (out / "s1.ok").is_file()
+    assert not (out / "s0.ok").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["failed"] == {} and report["outputs_failed"]["s0"]["FailsOn"] == "OSError: disk full"
+    assert set(report["outputs_failed"]) == {"s0"}
