@@ -144,3 +144,32 @@ def test_paper_recipe_override_resolves_on_top_of_train_json(tmp_path):
     _fake_tree(tmp_path)
     path = parser.get_parsed_content("build_datalist")  # the run id that builds the datalist
     assert Path(path) == tmp_path / "datalist.json" and len(json.loads(Path(path).read_text())["test"]) == 4
+
+
+def test_annotations_with_a_decimal_comma_read_as_points_and_unreadable_masks_name_the_file_and_fix(tmp_path):
+    """ASAP in a comma locale writes ``X="160,5"``: the same outline as ``160.5``; a coordinate that is no number,
+    and a mask file no image reader takes (or too large for one), are errors naming the file and what to give."""
+    import numpy as np
+    from PIL import Image
+
+    from monai_icmil.data.annotations import GroundTruth, read_xml_polygons
+
+    (tmp_path / "point.xml").write_text(ASAP_XML.replace('X="800"', 'X="800.5"'))
+    (tmp_path / "comma.xml").write_text(ASAP_XML.replace('X="800"', 'X="800,5"'))
+    point, comma = read_xml_polygons(tmp_path / "point.xml"), read_xml_polygons(tmp_path / "comma.xml")
+    assert [g for g, _ in comma] == ["_0", "_2"] and comma[0][1][1, 0] == 800.5
+    np.testing.assert_array_equal(np.concatenate([p for _, p in point]), np.concatenate([p for _, p in comma]))
+    (tmp_path / "bad.xml").write_text(ASAP_XML.replace('X="800"', 'X="eight"', 1))
+    with pytest.raises(ValueError, match=r"bad\.xml': a coordinate of annotation 'Annotation 0' is not a number"):
+        GroundTruth(tmp_path / "bad.xml", (1024, 1024))
+    (tmp_path / "mask.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"mask\.png' cannot be read as a mask image .*low-resolution mask"):
+        GroundTruth(tmp_path / "mask.png", (1024, 1024))
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "huge.png")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 64 * 64 // 4  # a full-resolution mask, as PIL sees one over twice its limit
+        with pytest.raises(ValueError, match=r"huge\.png' cannot be read.*DecompressionBombError"):
+            GroundTruth(tmp_path / "huge.png", (1024, 1024))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit

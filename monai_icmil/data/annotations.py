@@ -46,17 +46,27 @@ def read_xml_polygons(path: str | os.PathLike) -> list[tuple[str, np.ndarray]]:
     """``[(group, [K, 2] level-0 x, y)]`` of every polygon of an ASAP XML annotation file.
 
     Raises:
-        ValueError: the file is not ASAP XML (names it).
+        ValueError: the file is not ASAP XML, or a coordinate is not a number (names it).
     """
     try:
         root = ET.parse(str(path)).getroot()
     except ET.ParseError as e:
         raise ValueError(f"annotation '{path}' is not readable XML ({e})") from e
+
+    def number(value: str, ann: ET.Element) -> float:  # a decimal comma (ASAP in some locales) reads as a point
+        try:
+            return float(value.replace(",", "."))
+        except ValueError:
+            raise ValueError(
+                f"annotation '{path}': a coordinate of annotation '{ann.get('Name', '?')}' is not a number "
+                f"({value!r}); X, Y and Order must be numbers"
+            ) from None
+
     polygons = []
     for ann in root.iter("Annotation"):
         group = (ann.get("PartOfGroup") or ann.get("Name") or "").strip()
         points = [
-            (float(c.get("X", "nan")), float(c.get("Y", "nan")), float(c.get("Order", "0")))
+            tuple(number(c.get(k, default), ann) for k, default in (("X", "nan"), ("Y", "nan"), ("Order", "0")))
             for c in ann.iter("Coordinate")
         ]
         if len(points) >= 3:
@@ -112,13 +122,20 @@ def read_mask_image(path: str | os.PathLike) -> np.ndarray:
 
     Raises:
         FileNotFoundError: the file does not exist (the message names it).
+        ValueError: the file is not an image PIL can read, or too large for one (names it and the fix).
     """
     from PIL import Image
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"tumour mask '{path}' does not exist: fix the datalist's tumour_mask or remove it")
-    with Image.open(path) as im:  # 16/32-bit integer masks as they are; any other mode (palette, colour) as grey
-        values = np.asarray(im if im.mode.startswith("I") else im.convert("L"))
+    try:
+        with Image.open(path) as im:  # 16/32-bit integer masks as they are; any other mode (palette, colour) as grey
+            values = np.asarray(im if im.mode.startswith("I") else im.convert("L"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(
+            f"tumour mask '{path}' cannot be read as a mask image ({type(e).__name__}: {e}): give a low-resolution "
+            "mask of the whole slide (e.g. 1/16 or 1/32 of level 0, PNG or TIFF) or an ASAP XML annotation"
+        ) from e
     return values > 127 if values.max(initial=0) > 127 else values > 0
 
 
