@@ -174,7 +174,7 @@ def predict_slides(
     )  # fmt: skip
     items = _slide_items(slides)
     net = load_bag_classifier(bag_classifier, device, expect_in_dim=embedder.out_dim)  # before any work: fails fast
-    if class_names is not None and len(class_names) != getattr(net, "num_classes", len(class_names)):
+    if class_names is not None and len(class_names) != net.num_classes:
         raise ValueError(
             f"class_names {list(class_names)} has {len(class_names)} name(s) but bag classifier '{bag_classifier}' "
             f"has {net.num_classes} classes: give the names it was trained with (--class_names, --num_classes)."

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_icmil.data.slide import PLAUSIBLE_MPP
+from monai_icmil.data.slide import PLAUSIBLE_MPP, _plausible_mpp
+from monai_icmil.data.store import is_file_name
 from monai_icmil.utils import as_positive, stable_hash
 
 __all__ = ["DatalistError", "load_datalist", "string_label_order", "class_names", "SPLITS"]
@@ -252,7 +253,7 @@ def _check_entry(
         item["label_name"] = label
     sid = item.get("slide_id")
     item["slide_id"] = Path(image).stem if sid in (None, "") else str(sid)  # a JSON number names the slide too
-    if any(c in item["slide_id"] for c in "/\\") or item["slide_id"] in (".", ".."):
+    if not is_file_name(item["slide_id"]):
         errors.append(
             f"{where}: slide_id {item['slide_id']!r} names the slide's feature and coordinate files: it cannot "
             "contain '/' or '\\' or be '.' or '..' (e.g. 'patient1_slideA')"
@@ -263,7 +264,7 @@ def _check_entry(
         except ValueError:
             errors.append(f"{where}: mpp {item['mpp']!r} must be a positive number (the slide's microns per pixel)")
         else:
-            if not PLAUSIBLE_MPP[0] <= item["mpp"] <= PLAUSIBLE_MPP[1]:
+            if _plausible_mpp(item["mpp"]) is None:
                 errors.append(
                     f"{where}: mpp {item['mpp']:g} is outside {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} microns per "
                     "pixel: give the slide's level-0 pixel size in um (about 0.25 at 40x, 0.5 at 20x), not nm or mm"

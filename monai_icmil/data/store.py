@@ -37,6 +37,7 @@ __all__ = [
     "StoredArray",
     "stored_array",
     "stored_file_key",
+    "is_file_name",
 ]
 
 
@@ -58,6 +59,11 @@ def feature_key(
     return {**key, "stain_normalize": "macenko"} if stain_normalize else key
 
 
+def is_file_name(slide_id: str) -> bool:
+    """Whether ``slide_id`` can name a store file: not empty, no ``/`` or ``\\``, not ``.`` or ``..``."""
+    return bool(slide_id) and not any(c in slide_id for c in "/\\") and slide_id not in (".", "..")
+
+
 class SlideArrayStore:
     """A folder of ``<slide_id>.safetensors`` files, each holding named arrays and the key they were made with.
 
@@ -71,7 +77,7 @@ class SlideArrayStore:
         self.root = Path(root)
 
     def path(self, slide_id: str) -> Path:
-        if not slide_id or any(c in slide_id for c in "/\\") or slide_id in (".", ".."):
+        if not is_file_name(slide_id):
             raise ValueError(f"invalid slide id {slide_id!r} for a store file name")
         return self.root / f"{slide_id}{self.suffix}"
 
