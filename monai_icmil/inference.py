@@ -17,13 +17,19 @@ import torch
 
 from monai_icmil.data.prepare import prepare_coords, slide_signature, tiling_signature
 from monai_icmil.data.report import RunReport
-from monai_icmil.data.slide import get_slide
+from monai_icmil.data.slide import as_mpp, get_slide
 from monai_icmil.data.store import CoordsStore, FeatureStore, feature_key
 from monai_icmil.engines.embed import Embed
 from monai_icmil.handlers.writers import SlidePrediction
 from monai_icmil.networks.embedders import PatchEmbedder
 
-__all__ = ["predict_slides", "patch_scores", "list_slides", "with_stride"]
+__all__ = ["predict_slides", "patch_scores", "list_slides", "with_stride", "NoSlideScored"]
+
+
+class NoSlideScored(RuntimeError):
+    """Raised by :func:`predict_slides` when slides were given and none of them was scored (each failed or had no
+    tissue); ``report.json`` in the output folder says why, slide by slide."""
+
 
 #: what a folder of slides is searched for
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".qptiff", ".btf", ".tf8")
@@ -164,12 +170,16 @@ def predict_slides(
     Returns:
         ``[{"slide_id", "label", "probs", "image"}]`` per scored slide (``label`` ``None`` for new slides). Slides
         that fail are listed in ``output_dir/report.json`` and skipped.
+
+    Raises:
+        NoSlideScored: slides were given and none was scored (each failed or had no tissue); ``report.json`` is kept.
     """
     from monai_icmil.engines.bag_phase import load_bag_classifier, write_predictions_csv
 
     run = SimpleNamespace(
         out=Path(output_dir), report=RunReport(Path(output_dir) / "report.json"), backend=backend, device=device,
-        progress=progress, stain_normalize=stain_normalize, tile_policy=tile_policy, assume_mpp=assume_mpp,
+        progress=progress, stain_normalize=stain_normalize, tile_policy=tile_policy,
+        assume_mpp=as_mpp(assume_mpp, "assume_mpp", optional=True),
         embed=embed if embed is not None else Embed(progress=progress), embedder=embedder,
     )  # fmt: skip
     items = _slide_items(slides)
@@ -187,10 +197,26 @@ def predict_slides(
         row = _predict_one(run, item, tiles, writers, dense, class_names)
         if row is not None:
             rows.append(row)
+    if items and not rows:
+        raise NoSlideScored(_none_scored(run.report, items))
     write_predictions_csv(run.out / "probabilities.csv", rows, class_names)
     for writer in writers:
         writer.finish(run.out)
     return rows
+
+
+def _none_scored(report: RunReport, items: list[dict[str, Any]]) -> str:
+    """Why none of ``items`` was scored: counts and the first reasons from ``report``."""
+    ids = [item["slide_id"] for item in items]
+    failed = [report.failed[sid] for sid in ids if sid in report.failed]
+    empty = [report.empty[sid] for sid in ids if sid in report.empty]
+    first = [f"'{e['path']}': {e['reason']}" for e in [*failed, *empty][:3]]
+    return (
+        f"none of the {len(ids)} slide(s) was scored ({len(failed)} failed, {len(empty)} without tissue patches), so "
+        f"there is no probabilities.csv; each slide's reason is in '{report.path}'"
+        + (f", e.g. {'; '.join(first)}" if first else "")
+        + ". Check that the slides open (--backend) and that the tiling's mpp and tissue threshold suit them."
+    )
 
 
 def _predict_one(

@@ -186,7 +186,7 @@ def test_slide_ids_that_cannot_name_a_file_and_mpp_in_the_wrong_unit_are_refused
     text = str(err.value)
     assert "row 2 (a.svs): slide_id 'patient1/slideA' names the slide's feature" in text
     assert "row 3 (b.svs): slide_id '..'" in text
-    assert "row 4 (c.svs): mpp 250 is outside 0.01-20 microns per pixel" in text
+    assert "row 4 (c.svs): 'mpp' 250 is outside 0.01-20 microns per pixel" in text
     assert "row 5" not in text  # the file's lines: the header is line 1
 
 

@@ -1,24 +1,25 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""predict_slides on its own (the bundle's inference is tests/test_bundle.py's): refusals before any work, and a writer
-that fails on one slide."""
+"""predict_slides on its own (the bundle's inference is tests/test_bundle.py's): refusals before any work, a writer
+that fails on one slide, and a run that scores no slide."""
 
 from __future__ import annotations
 
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide, write_slide
 from monai_icmil.data.tiling import TilingConfig
 from monai_icmil.engines.bag_phase import save_bag_classifier
 from monai_icmil.handlers.writers import GeoJSONWriter, SlideWriter
-from monai_icmil.inference import list_slides, predict_slides
+from monai_icmil.inference import NoSlideScored, list_slides, predict_slides
 from monai_icmil.networks import create_aggregator, create_embedder
 
 
-def test_prediction_refuses_a_datalist_given_as_slides_and_class_names_its_classifier_lacks_before_any_work(tmp_path):
+def test_prediction_refuses_a_datalist_as_slides_wrong_class_names_and_an_implausible_mpp_before_any_work(tmp_path):
     (tmp_path / "test.csv").write_text("image,label\na.svs,1\n")
     with pytest.raises(ValueError, match=r"test\.csv: a datalist, not a slide.*use evaluate\.json \(--split\)"):
         list_slides(tmp_path / "test.csv")
@@ -31,6 +32,11 @@ def test_prediction_refuses_a_datalist_given_as_slides_and_class_names_its_class
         predict_slides(
             [str(tmp_path / "s.tif")], embedder, three, TilingConfig(patch_size=32, mpp=1.0), tmp_path / "out",
             class_names=["normal", "tumour"], progress=False,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"'assume_mpp' 250 is outside 0.01-20 microns per pixel"):
+        predict_slides(
+            [str(tmp_path / "s.tif")], embedder, three, TilingConfig(patch_size=32, mpp=1.0), tmp_path / "out",
+            assume_mpp=250, progress=False,
         )  # fmt: skip
     assert not (tmp_path / "out" / "coords").exists()  # refused before any slide was tiled
 
@@ -66,3 +72,28 @@ def test_a_writer_failing_on_one_slide_keeps_every_probability_and_the_other_out
     report = json.loads((out / "report.json").read_text())
     assert report["failed"] == {} and report["outputs_failed"]["s0"]["FailsOn"] == "OSError: disk full"
     assert set(report["outputs_failed"]) == {"s0"}
+
+
+def test_no_slide_scored_is_an_error_naming_each_slide_s_reason_and_a_later_good_slide_is_scored(tmp_path):
+    config = SyntheticSlideConfig(width=512, height=384)
+    write_slide(tmp_path / "blank" / "white.tif", np.full((384, 512, 3), 250, np.uint8), mpp=0.5)
+    (tmp_path / "blank" / "broken.tif").write_bytes(b"II*\x00 not a slide")
+    embedder = create_embedder("resnet18_trunc", input_size=32)
+    bag = save_bag_classifier(tmp_path / "bag.pt", create_aggregator("abmil", embedder.out_dim, 2, hidden_dim=8))
+    tiling, out = TilingConfig(patch_size=32, mpp=1.0, min_area_um2=0.0), tmp_path / "out"
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(
+            NoSlideScored,
+            match=r"none of the 2 slide\(s\) was scored \(1 failed, 1 without tissue patches\).*report\.json",
+        ) as raised,
+    ):
+        predict_slides(tmp_path / "blank", embedder, bag, tiling, out, progress=False)
+    assert "broken.tif" in str(raised.value)
+    assert not (out / "probabilities.csv").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["failed"]) == {"broken"} and set(report["empty"]) == {"white"}
+    # the same output folder, a slide with tissue: scored, and the earlier slides do not count against it
+    write_slide(tmp_path / "good" / "s0.tif", render_slide((0, 0), True, config)["image"], mpp=0.5)
+    rows = predict_slides(tmp_path / "good", embedder, bag, tiling, out, progress=False)
+    assert [r["slide_id"] for r in rows] == ["s0"] and (out / "probabilities.csv").is_file()

@@ -183,3 +183,5 @@ def test_datalist_mpp_reaches_the_bundle(tissue, tmp_path):
     assert sorted(slides) == ["s0", "s1", "s2", "s3"] and all(s["slide_mpp"] == 0.5 for s in slides.values())
     with pytest.raises(ValueError, match="'assume_mpp' must be a positive number or null, got 'x'"):
         ICMILWorkflow(str(data), str(tmp_path / "out2"), assume_mpp="x", mlflow={"enabled": False})
+    with pytest.raises(ValueError, match=r"'assume_mpp' 500 is outside 0.01-20 microns per pixel.*not nm or mm"):
+        ICMILWorkflow(str(data), str(tmp_path / "out3"), assume_mpp=500, mlflow={"enabled": False})

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_icmil.data.slide import PLAUSIBLE_MPP, _plausible_mpp
+from monai_icmil.data.slide import as_mpp
 from monai_icmil.data.store import is_file_name
 from monai_icmil.utils import as_positive, stable_hash
 
@@ -264,11 +264,10 @@ def _check_entry(
         except ValueError:
             errors.append(f"{where}: mpp {item['mpp']!r} must be a positive number (the slide's microns per pixel)")
         else:
-            if _plausible_mpp(item["mpp"]) is None:
-                errors.append(
-                    f"{where}: mpp {item['mpp']:g} is outside {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} microns per "
-                    "pixel: give the slide's level-0 pixel size in um (about 0.25 at 40x, 0.5 at 20x), not nm or mm"
-                )
+            try:
+                as_mpp(item["mpp"], "mpp")
+            except ValueError as error:
+                errors.append(f"{where}: {error}")
     for extra_key in ("tumour_mask",):
         if isinstance(item.get(extra_key), str) and not Path(item[extra_key]).is_absolute():
             item[extra_key] = str((root / item[extra_key]).resolve())

@@ -26,9 +26,9 @@ import numpy as np
 
 from monai_icmil.data.integrity import TileErrorPolicy, damaged_patches
 from monai_icmil.data.report import RunReport
-from monai_icmil.data.slide import get_slide
+from monai_icmil.data.slide import as_mpp, get_slide
 from monai_icmil.data.store import CoordsStore, coords_key
-from monai_icmil.utils import as_positive, component_signature
+from monai_icmil.utils import component_signature
 
 __all__ = ["prepare_coords", "SlideTiles", "tiling_signature", "slide_signature"]
 
@@ -108,8 +108,8 @@ def _slide_mpp(item: Mapping[str, Any], reader: Any, assume_mpp: float | None) -
     when the file has none; ``None`` keeps the file's."""
     mpp = item.get("mpp")
     if mpp in (None, ""):
-        return as_positive(assume_mpp, "assume_mpp") if assume_mpp is not None and reader.mpp is None else None
-    return as_positive(mpp, f"mpp of slide '{item['image']}' in the datalist")
+        return as_mpp(assume_mpp, "assume_mpp") if assume_mpp is not None and reader.mpp is None else None
+    return as_mpp(mpp, f"mpp of slide '{item['image']}' in the datalist")
 
 
 def _transform_error(error: BaseException) -> BaseException:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_icmil.utils import quiet_native_output
+from monai_icmil.utils import as_positive, quiet_native_output
 
 __all__ = [
     "SlideError",
@@ -114,6 +114,22 @@ PLAUSIBLE_MPP = (0.01, 20.0)
 def _plausible_mpp(mpp: float | None) -> float | None:
     """``mpp`` if it lies in :data:`PLAUSIBLE_MPP`, else ``None``."""
     return mpp if mpp is not None and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
+
+
+def as_mpp(value: Any, name: str = "mpp", optional: bool = False) -> float | None:
+    """A level-0 microns-per-pixel setting: a positive number in :data:`PLAUSIBLE_MPP` (``None`` passes when
+    ``optional``).
+
+    Raises:
+        ValueError: anything else, naming the setting and the unit it expects.
+    """
+    mpp = as_positive(value, name, optional=optional)
+    if mpp is not None and _plausible_mpp(mpp) is None:
+        raise ValueError(
+            f"'{name}' {mpp:g} is outside {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} microns per pixel: give the "
+            "slide's level-0 pixel size in um (about 0.25 at 40x, 0.5 at 20x), not nm or mm"
+        )
+    return mpp
 
 
 def _mpp_from_resolution(value: Any, unit: Any) -> float | None:

@@ -43,6 +43,7 @@ from monai_icmil.data.datalist import class_names as datalist_class_names
 from monai_icmil.data.integrity import TileErrorPolicy
 from monai_icmil.data.prepare import SlideTiles, prepare_coords, slide_signature, tiling_signature
 from monai_icmil.data.report import RunReport
+from monai_icmil.data.slide import as_mpp
 from monai_icmil.data.store import BagDataset, CoordsStore, FeatureStore, feature_key
 from monai_icmil.data.tiling import TilingConfig
 from monai_icmil.engines.bag_phase import BagPhase
@@ -54,7 +55,6 @@ from monai_icmil.networks.aggregators import MILAggregator, aggregator_factory, 
 from monai_icmil.networks.embedders import PatchEmbedder, create_embedder
 from monai_icmil.utils import (
     as_bool,
-    as_positive,
     atomic_write_json,
     barrier,
     component_signature,
@@ -213,7 +213,7 @@ class ICMILWorkflow(BundleWorkflow):
         self.tiling_qc = as_bool(tiling_qc, "tiling_qc")
         self.test_writers = list(test_writers) if test_writers else []
         self.tile_policy = TileErrorPolicy(on_tile_error, float(max_damaged_fraction))
-        self.assume_mpp = as_positive(assume_mpp, "assume_mpp", optional=True)
+        self.assume_mpp = as_mpp(assume_mpp, "assume_mpp", optional=True)
         self.folds = int(folds)
         self.coords_dir = Path(coords_dir) if coords_dir else self.output_dir / "coords"
         self.round0_features_dir = Path(round0_features_dir) if round0_features_dir else None
@@ -753,7 +753,13 @@ class ICMILWorkflow(BundleWorkflow):
         excluded = self.report.excluded()
         entries = [e for e in self.splits.items().get("test", []) if e["slide_id"] not in excluded]
         out = self.output_dir / "test_inference"
-        rows = self.infer(entries, str(out), writers=self.test_writers) if entries else []
+        from monai_icmil.inference import NoSlideScored
+
+        try:
+            rows = self.infer(entries, str(out), writers=self.test_writers) if entries else []
+        except NoSlideScored as error:  # the rounds' results stand; the summary says the showcase is missing
+            warnings.warn(f"test inference: {error}", stacklevel=2)
+            rows = []
         record: dict[str, Any] = {"round": self.final_round(), "slides": len(rows)}
         if rows:
             top = max(rows, key=lambda row: row["probs"][-1])
