@@ -697,7 +697,7 @@ def test_inference_on_a_real_aperio_slide(trained, cmu_slide):
 def test_evaluate_config_writes_test_metrics(trained):
     """evaluate.json scores the final round's test split again (the training run's files are removed first, so the
     checks read what evaluate wrote) and prints the record it wrote; the same models on the same slides give the
-    training run's test AUC."""
+    training run's test AUC. A round that has not finished is refused, naming the finished ones."""
     out = trained / "out"
     summary = json.loads((out / "summary.json").read_text())
     final = summary["final_round"]
@@ -714,6 +714,9 @@ def test_evaluate_config_writes_test_metrics(trained):
     assert len((test_dir / "predictions.csv").read_text().splitlines()) > 1
     printed, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index('{\n  "round"') :])
     assert (printed["round"], printed["split"], printed["metrics"]) == (final, "test", pytest.approx(metrics))
+    unfinished = _bundle(trained, "run", str(CONFIGS / "evaluate.json"), eval_round=7)
+    assert unfinished.returncode != 0
+    assert re.search(r"eval_round '?7'? is not a finished round .*\(finished rounds: 0, 1\)", unfinished.stderr)
 
 
 def test_verify_metadata_and_ckpt_export_of_the_final_bag_classifier(trained, tmp_path):
@@ -944,6 +947,10 @@ def test_settings_that_do_not_fit_the_datalist_are_refused_before_any_work(synth
         workflow(lost).prepare()
     with pytest.raises(ValueError, match=r"split 'val' is not one of training, validation, test"):
         workflow(data).evaluate("val")
+    with pytest.raises(
+        ValueError, match=r"eval_round 0 is not a finished round .*\(finished rounds: none yet: run the"
+    ):
+        workflow(data).evaluate("test", 0)
     assert not (tmp_path / "out" / "coords").exists()
 
 

@@ -419,6 +419,28 @@ class ICMILWorkflow(BundleWorkflow):
 
         return max(rounds, key=score)
 
+    def trained_round(self, round: Any, setting: str) -> int:
+        """``round`` (a setting such as ``--infer_round``) as a finished round, or the best (:meth:`final_round`) when
+        it is ``None``.
+
+        Raises:
+            ValueError: not a whole number, or a round whose bag phase has not finished, naming the finished ones.
+        """
+        if round is None:
+            return self.final_round()
+        finished = sorted(r for r, s in self.ledger.rounds().items() if "bag_phase" in s)
+        try:
+            r = int(str(round).strip())
+        except ValueError:
+            r = None
+        if r not in finished:
+            listed = ", ".join(map(str, finished)) if finished else "none yet: run the training first"
+            raise ValueError(
+                f"{setting} {round!r} is not a finished round of the run in '{self.output_dir}' (finished rounds: "
+                f"{listed}); give one of them, or null for the best by validation AUC."
+            )
+        return r
+
     # ------------------------------------------------------------------------------------------------ phases
     def pretrain(self) -> dict[str, Any]:
         """Pre-training of the starting embedder (``pretrain``); its output is round 0's embedder. Runs once
@@ -920,7 +942,7 @@ class ICMILWorkflow(BundleWorkflow):
         """Metrics, predictions CSV and ROC curve of the final (or given) round on ``split``."""
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)} (--split)")
-        r = self.final_round() if round is None else int(round)
+        r = self.trained_round(round, "eval_round")
         if split == "test":
             self.ledger.forget(r, "test")
         record = self.test(r, split)
@@ -948,7 +970,7 @@ class ICMILWorkflow(BundleWorkflow):
         """
         from monai_icmil.inference import predict_slides
 
-        r = self.final_round() if round is None else int(round)
+        r = self.trained_round(round, "infer_round")
         return predict_slides(
             slides,
             self.embedder_for(r),
