@@ -28,7 +28,29 @@ __all__ = ["predict_slides", "patch_scores", "list_slides", "with_stride", "NoSl
 
 class NoSlideScored(RuntimeError):
     """Raised by :func:`predict_slides` when slides were given and none of them was scored (each failed or had no
-    tissue); ``report.json`` in the output folder says why, slide by slide."""
+    tissue); ``report.json`` in the output folder says why, slide by slide.
+
+    Args:
+        total: how many slides were given.
+        failed: the report's records (``path``, ``reason``) of those that failed.
+        empty: the same for those without tissue patches.
+        report_path: the ``report.json`` that lists them.
+    """
+
+    def __init__(self, total: int, failed: Sequence[Mapping], empty: Sequence[Mapping], report_path: Any = None):
+        self.total, self.failed, self.empty, self.report_path = total, list(failed), list(empty), report_path
+        super().__init__(self.describe(report_path))
+
+    def describe(self, report_path: Any = None) -> str:
+        """The counts, the first reasons, ``report_path`` (when given) and what to check."""
+        first = [f"'{e['path']}': {e['reason']}" for e in [*self.failed, *self.empty][:3]]
+        where = f"; each slide's reason is in '{report_path}'" if report_path else ""
+        return (
+            f"none of the {self.total} slide(s) was scored ({len(self.failed)} failed, {len(self.empty)} without "
+            f"tissue patches), so no probabilities.csv was written{where}"
+            + (f", e.g. {'; '.join(first)}" if first else "")
+            + ". Check that the slides open with the backend and that the tiling's mpp and tissue threshold suit them."
+        )
 
 
 #: what a folder of slides is searched for
@@ -197,26 +219,22 @@ def predict_slides(
         row = _predict_one(run, item, tiles, writers, dense, class_names)
         if row is not None:
             rows.append(row)
-    if items and not rows:
-        raise NoSlideScored(_none_scored(run.report, items))
+    if items and not rows:  # no table at all rather than an empty one, or a stale one beside this run's report
+        (run.out / "probabilities.csv").unlink(missing_ok=True)
+        raise _none_scored(run.report, items)
     write_predictions_csv(run.out / "probabilities.csv", rows, class_names)
     for writer in writers:
         writer.finish(run.out)
     return rows
 
 
-def _none_scored(report: RunReport, items: list[dict[str, Any]]) -> str:
-    """Why none of ``items`` was scored: counts and the first reasons from ``report``."""
+def _none_scored(report: RunReport, items: list[dict[str, Any]]) -> NoSlideScored:
+    """The error for ``items`` none of which was scored, from ``report`` (a slide that failed now counts as failed,
+    whatever an earlier run into the same folder recorded)."""
     ids = [item["slide_id"] for item in items]
     failed = [report.failed[sid] for sid in ids if sid in report.failed]
-    empty = [report.empty[sid] for sid in ids if sid in report.empty]
-    first = [f"'{e['path']}': {e['reason']}" for e in [*failed, *empty][:3]]
-    return (
-        f"none of the {len(ids)} slide(s) was scored ({len(failed)} failed, {len(empty)} without tissue patches), so "
-        f"there is no probabilities.csv; each slide's reason is in '{report.path}'"
-        + (f", e.g. {'; '.join(first)}" if first else "")
-        + ". Check that the slides open (--backend) and that the tiling's mpp and tissue threshold suit them."
-    )
+    empty = [report.empty[sid] for sid in ids if sid in report.empty and sid not in report.failed]
+    return NoSlideScored(len(ids), failed, empty, report.path)
 
 
 def _predict_one(

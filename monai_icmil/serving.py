@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,12 +50,13 @@ class SlideClassifierModel(mlflow.pyfunc.PythonModel):
 
     Args:
         tiling: the training run's tiling transforms (pickled with the model).
-        settings: ``class_names``, ``stain_normalize``, ``backend``, ``embed`` (the embed phase's settings) and
-            ``device`` (``None``: CUDA when available).
+        settings: ``class_names``, ``stain_normalize``, ``backend``, ``assume_mpp``, ``embed`` (the embed phase's
+            settings) and ``device`` (``None``: CUDA when available).
 
     ``predict`` tiles, embeds and scores the slides in a temporary folder (:func:`~monai_icmil.inference
     .predict_slides`) and returns one row per scored slide: ``slide`` and ``prob_<class>`` per class. A slide that
-    fails is left out (as in ``probabilities.csv``), with the reason in a warning.
+    fails is left out (as in ``probabilities.csv``), with the reason in a warning; when none is scored the table is
+    empty and a warning gives the counts.
     """
 
     def __init__(self, tiling: Any, settings: Mapping[str, Any]):
@@ -69,24 +71,29 @@ class SlideClassifierModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         # (a DataFrame hint: MLflow takes the schema from the logged signature, not from the hint)
         from monai_icmil.engines.embed import Embed
-        from monai_icmil.inference import predict_slides
+        from monai_icmil.inference import NoSlideScored, predict_slides
         from monai_icmil.utils import default_device
 
         names = self.settings.get("class_names") or [str(k) for k in range(2)]
         with tempfile.TemporaryDirectory(prefix="icmil_pyfunc_") as tmp:
-            rows = predict_slides(
-                _paths(model_input),
-                self.embedder,
-                self.bag_classifier,
-                self.tiling,
-                tmp,
-                embed=Embed(**{**self.settings.get("embed", {}), "progress": False}),
-                device=default_device(self.settings.get("device")),
-                backend=self.settings.get("backend", "auto"),
-                class_names=names,
-                progress=False,
-                stain_normalize=bool(self.settings.get("stain_normalize", False)),
-            )
+            try:
+                rows = predict_slides(
+                    _paths(model_input),
+                    self.embedder,
+                    self.bag_classifier,
+                    self.tiling,
+                    tmp,
+                    embed=Embed(**{**self.settings.get("embed", {}), "progress": False}),
+                    device=default_device(self.settings.get("device")),
+                    backend=self.settings.get("backend", "auto"),
+                    class_names=names,
+                    progress=False,
+                    stain_normalize=bool(self.settings.get("stain_normalize", False)),
+                    assume_mpp=self.settings.get("assume_mpp"),
+                )
+            except NoSlideScored as error:  # the request's answer is an empty table, as for each failed slide
+                warnings.warn(error.describe(), stacklevel=2)  # (the temporary folder with report.json is gone)
+                rows = []
         columns = ["slide"] + [f"prob_{c}" for c in names]
         return pd.DataFrame([[r["slide_id"], *map(float, r["probs"])] for r in rows], columns=columns)
 
@@ -158,6 +165,7 @@ def model_settings(workflow: Any) -> dict[str, Any]:
         "class_names": workflow.class_names,
         "stain_normalize": workflow.stain_normalize,
         "backend": workflow.backend,
+        "assume_mpp": workflow.assume_mpp,
         "device": None,
         "embed": {
             "batch_size": embed.batch_size,

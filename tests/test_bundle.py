@@ -954,6 +954,19 @@ def test_settings_that_do_not_fit_the_datalist_are_refused_before_any_work(synth
     assert not (tmp_path / "out" / "coords").exists()
 
 
+def test_a_round_from_the_command_line_must_be_a_finished_round(tmp_path):
+    """eval_round / infer_round as fire passes them (int, float, string) name a finished round; anything else is
+    refused naming the finished rounds; none picks the best by validation AUC."""
+    wf = ICMILWorkflow(str(tmp_path), str(tmp_path / "out"), mlflow={"enabled": False}, progress=False)
+    for r, auc in ((0, 0.8), (1, 0.9)):
+        wf.ledger.mark(r, "bag_phase", {"val": {"auc": auc, "loss": 0.5}})
+    wf.ledger.mark(2, "embed", {})  # round 2 started, its bag phase not run
+    assert [wf.trained_round(r, "infer_round") for r in (0, 1, "1", " 0 ", 1.0, None)] == [0, 1, 1, 0, 1, 1]
+    for bad in (2, "2", 1.5, "one", True, -1):
+        with pytest.raises(ValueError, match=r"infer_round .* is not a finished round .*\(finished rounds: 0, 1\)"):
+            wf.trained_round(bad, "infer_round")
+
+
 def test_the_summary_names_where_round_0s_embedder_comes_from(synthetic_dataset, tmp_path):
     from monai_icmil.engines import Pretrain
     from monai_icmil.networks import create_embedder

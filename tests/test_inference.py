@@ -1,7 +1,7 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
 """predict_slides on its own (the bundle's inference is tests/test_bundle.py's): refusals before any work, a writer
-that fails on one slide, and a run that scores no slide."""
+that fails on one slide, and a run that scores no slide (here and through the MLflow model)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import csv
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide, write_slide
@@ -17,6 +18,7 @@ from monai_icmil.engines.bag_phase import save_bag_classifier
 from monai_icmil.handlers.writers import GeoJSONWriter, SlideWriter
 from monai_icmil.inference import NoSlideScored, list_slides, predict_slides
 from monai_icmil.networks import create_aggregator, create_embedder
+from monai_icmil.serving import SlideClassifierModel
 
 
 def test_prediction_refuses_a_datalist_as_slides_wrong_class_names_and_an_implausible_mpp_before_any_work(tmp_path):
@@ -74,7 +76,7 @@ def test_a_writer_failing_on_one_slide_keeps_every_probability_and_the_other_out
     assert set(report["outputs_failed"]) == {"s0"}
 
 
-def test_no_slide_scored_is_an_error_naming_each_slide_s_reason_and_a_later_good_slide_is_scored(tmp_path):
+def test_no_slide_scored_is_an_error_naming_the_reasons_and_leaves_no_table(tmp_path):
     config = SyntheticSlideConfig(width=512, height=384)
     write_slide(tmp_path / "blank" / "white.tif", np.full((384, 512, 3), 250, np.uint8), mpp=0.5)
     (tmp_path / "blank" / "broken.tif").write_bytes(b"II*\x00 not a slide")
@@ -97,3 +99,19 @@ def test_no_slide_scored_is_an_error_naming_each_slide_s_reason_and_a_later_good
     write_slide(tmp_path / "good" / "s0.tif", render_slide((0, 0), True, config)["image"], mpp=0.5)
     rows = predict_slides(tmp_path / "good", embedder, bag, tiling, out, progress=False)
     assert [r["slide_id"] for r in rows] == ["s0"] and (out / "probabilities.csv").is_file()
+    # and again nothing scored there: no stale table is left beside the new report
+    with pytest.warns(UserWarning), pytest.raises(NoSlideScored, match=r"\(1 failed, 1 without tissue patches\)"):
+        predict_slides(tmp_path / "blank", embedder, bag, tiling, out, progress=False)
+    assert not (out / "probabilities.csv").exists()
+
+
+def test_the_mlflow_model_answers_an_empty_table_with_a_warning_when_no_slide_is_scored(tmp_path):
+    write_slide(tmp_path / "white.tif", np.full((384, 512, 3), 250, np.uint8), mpp=0.5)
+    model = SlideClassifierModel(TilingConfig(patch_size=32, mpp=1.0), {"class_names": ["normal", "tumour"]})
+    model.embedder = create_embedder("resnet18_trunc", input_size=32)
+    model.bag_classifier = save_bag_classifier(
+        tmp_path / "bag.pt", create_aggregator("abmil", model.embedder.out_dim, 2, hidden_dim=8)
+    )
+    with pytest.warns(UserWarning, match=r"none of the 1 slide\(s\) was scored \(0 failed, 1 without tissue"):
+        table = model.predict(None, pd.DataFrame({"image": [str(tmp_path / "white.tif")]}))
+    assert list(table.columns) == ["slide", "prob_normal", "prob_tumour"] and len(table) == 0

@@ -127,7 +127,7 @@ def as_mpp(value: Any, name: str = "mpp", optional: bool = False) -> float | Non
     if mpp is not None and _plausible_mpp(mpp) is None:
         raise ValueError(
             f"'{name}' {mpp:g} is outside {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} microns per pixel: give the "
-            "slide's level-0 pixel size in um (about 0.25 at 40x, 0.5 at 20x), not nm or mm"
+            "level-0 pixel size in um (about 0.25 at 40x, 0.5 at 20x), not nm or mm"
         )
     return mpp
 

@@ -430,9 +430,10 @@ class ICMILWorkflow(BundleWorkflow):
             return self.final_round()
         finished = sorted(r for r, s in self.ledger.rounds().items() if "bag_phase" in s)
         try:
-            r = int(str(round).strip())
+            number = float(str(round).strip()) if not isinstance(round, bool) else math.nan
         except ValueError:
-            r = None
+            number = math.nan
+        r = int(number) if number.is_integer() else None
         if r not in finished:
             listed = ", ".join(map(str, finished)) if finished else "none yet: run the training first"
             raise ValueError(
@@ -779,10 +780,14 @@ class ICMILWorkflow(BundleWorkflow):
 
         try:
             rows = self.infer(entries, str(out), writers=self.test_writers) if entries else []
-        except NoSlideScored as error:  # the rounds' results stand; the summary says the showcase is missing
+        except NoSlideScored as error:  # the rounds' results stand; summary.md says why there is no showcase
             warnings.warn(f"test inference: {error}", stacklevel=2)
-            rows = []
+            rows, failure = [], str(error)
+        else:
+            failure = None
         record: dict[str, Any] = {"round": self.final_round(), "slides": len(rows)}
+        if failure:
+            record["error"] = failure
         if rows:
             top = max(rows, key=lambda row: row["probs"][-1])
             picture = out / f"{top['slide_id']}_vs_truth.jpg"

@@ -248,6 +248,8 @@ def write_summary(
     roc = Path(f"round_{final_round}") / "test" / "roc.png"
     if (out / roc).is_file():
         lines += ["", f"![test ROC, round {final_round}]({roc.as_posix()})"]
+    if showcase and showcase.get("error"):
+        lines += ["", f"The test inference scored no slide: {showcase['error']}"]
     if showcase and showcase.get("picture"):
         lines += [
             "",
