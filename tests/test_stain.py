@@ -127,3 +127,14 @@ def test_stain_transforms_import_from_the_transforms_package_as_the_readme_says(
 
     for name in ("RandHEDJitter", "RandHEDJitterd", "HEStainNormalizer"):
         assert getattr(transforms, name) is getattr(stain, name)
+
+
+def test_hed_jitter_refuses_float_0_255_and_other_integer_types_instead_of_ruining_them():
+    image = torch.full((3, 8, 8), 200.0)  # what MONAI's LoadImage gives unscaled
+    with pytest.raises(
+        ValueError, match=r"float image must lie in \[0, 1\], got values up to 200.*ScaleIntensityRange"
+    ):
+        RandHEDJitter()(image)
+    with pytest.raises(TypeError, match=r"expects uint8 \(0-255\) or float \(0-1\) RGB, got torch.int64"):
+        RandHEDJitter()(image.long())
+    assert RandHEDJitter()(image / 255).max() <= 1.0

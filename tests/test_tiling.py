@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from monai_icmil.data import open_slide
-from monai_icmil.data.synthetic import mean_nucleus_area
+from monai_icmil.data.synthetic import mean_nucleus_area, write_slide
 from monai_icmil.data.tiling import (
     array_backend,
     compute_tissue_mask,
@@ -76,6 +76,16 @@ def test_blank_slide_gives_zero_patches_with_a_warning(blank_slide):
     with pytest.warns(UserWarning, match=r"blank\.tiff.*zero patches"):
         tiles = grid_coordinates(reader, 64, mpp=1.0, mask=m.mask, mask_downsample=m.downsample)
     assert len(tiles) == 0 and tiles.coords.shape == (0, 2)
+
+
+def test_a_slide_whose_tissue_is_all_smaller_than_min_area_says_so(tmp_path):
+    img = np.full((400, 400, 3), 245, np.uint8)
+    img[100:300, 100:300] = (200, 110, 190)  # 100 x 100 um of tissue at 0.5 um/px: below 20,000 um^2
+    write_slide(tmp_path / "core.tif", img, mpp=0.5)
+    reader = open_slide(tmp_path / "core.tif")
+    with pytest.warns(UserWarning, match=r"core\.tif': no tissue kept: .* um\^2 .* smaller than min_area_um2=20000"):
+        assert not compute_tissue_mask(reader).mask.any()
+    assert compute_tissue_mask(reader, min_area_um2=1000).mask.any()
 
 
 def test_mask_algorithm_removes_specks_and_fills_holes():
@@ -350,6 +360,7 @@ def test_prepare_draws_a_qc_image_per_slide_matching_its_grid(cmu_slide, tmp_pat
 
     rows = {r["slide"]: r for r in csv.DictReader(open(tmp_path / "qc" / "tiling.csv"))}
     assert rows["cmu"]["status"] == "ok" and int(rows["cmu"]["patches"]) == len(coords)
-    assert float(rows["cmu"]["mpp"]) == 1.0 and rows["cmu"]["level"] == "0" and rows["cmu"]["read_size"] == "128"
-    assert float(rows["cmu"]["area_mm2"]) == pytest.approx(len(coords) * 0.064**2, abs=1e-3)
+    assert rows["cmu"]["level"] == "0" and rows["cmu"]["read_size"] == "128"
+    assert float(rows["cmu"]["mpp"]) == pytest.approx(128 / 64 * 0.499, abs=1e-3)  # the patches' own, not the 1.0 asked
+    assert float(rows["cmu"]["area_mm2"]) == pytest.approx(len(coords) * (0.064 * 0.998) ** 2, abs=1e-3)
     assert rows["gone"]["status"].startswith("failed: ") and rows["gone"]["patches"] == ""

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from monai.transforms import Compose, Lambdad
 from PIL import Image
@@ -74,6 +75,59 @@ def test_custom_output_keys(synthetic_entries):
     )({"wsi": synthetic_entries[0]["image"]})
     assert {"m", "m_ds", "xy", "t", "px"} <= set(d)
     assert d["px"].shape[0] == len(d["xy"])
+
+
+def test_dictionary_transforms_take_one_slide_key_and_the_data_mpp_in_any_form(synthetic_entries):
+    """Outputs go to fixed keys, so a second slide key is refused (it would overwrite the first slide's and tile with
+    its mask); the data's mpp may be a numpy or tensor scalar or a CSV string, and NaN or empty means the file's."""
+    for transform in (TissueMaskd, GridPatchCoordsd, ReadPatchesd):
+        with pytest.raises(ValueError, match=rf"{transform.__name__}: one slide key per transform, got \['a', 'b'\]"):
+            transform(["a", "b"])
+    path = synthetic_entries[0]["image"]  # level 0 at 0.5 um/px, levels 1 and 2 at 1 and 2
+    grid = Compose([TissueMaskd(), GridPatchCoordsd(patch_size=64, mpp=1.5)])
+    own = grid({"image": path})
+    assert own["tiling"]["level"] == 1
+    for missing in (None, "", " ", float("nan"), np.float64("nan")):
+        np.testing.assert_array_equal(grid({"image": path, "mpp": missing})["coords"], own["coords"])
+    for given in (np.float32(0.25), "0.25", torch.tensor(0.25), 0.25):
+        assert grid({"image": path, "mpp": given})["tiling"]["level"] == 2, repr(given)  # levels at 0.25, 0.5, 1
+    with pytest.raises(ValueError, match=r"data\['mpp'\] \(the slide's level-0 microns per pixel\)' must be a posit"):
+        GridPatchCoordsd(patch_size=64, mpp=1.5)({"image": path, "mpp": "fast"})  # (Compose wraps it in a RuntimeError)
+    with pytest.raises(ValueError, match=r"data\['mpp'\].* 250 is outside 0.01-20 microns per pixel"):
+        TissueMaskd()({"image": path, "mpp": 250})
+
+
+def test_array_transforms_refuse_each_others_results_and_bad_settings_at_construction(synthetic_entries):
+    path = synthetic_entries[0]["image"]
+    with pytest.raises(TypeError, match=r"expected a slide path or SlideReader, got TissueMaskResult.*TissueMaskd"):
+        GridPatchCoords(patch_size=64, mpp=1.0)(TissueMask()(path))  # as Compose([TissueMask(), GridPatchCoords()])
+    for kwargs, error in (
+        ({"patch_size": 0}, "patch_size must be positive"),
+        ({"mpp": -1}, "'mpp' must be a positive number"),
+        ({"mpp": 1000}, "'mpp' 1000 is outside"),
+        ({"level": -1}, "level must be >= 0"),
+        ({"min_tissue": 2}, "min_tissue must be within"),
+    ):
+        with pytest.raises(ValueError, match=rf"GridPatchCoords: {error}"):
+            GridPatchCoords(**kwargs)
+    mask = TissueMask()(path)
+    grid = GridPatchCoords(patch_size=64, mpp=1.0)
+    want = grid(path, mask).coords
+    for monai_style in (mask.mask[None], torch.as_tensor(mask.mask)[None]):  # channel-first, as MONAI keeps masks
+        np.testing.assert_array_equal(grid(path, monai_style, mask.downsample).coords, want)
+    with pytest.raises(ValueError, match=r"tissue mask must be \[h, w\] \(or \[1, h, w\]\), got shape \(2, "):
+        grid(path, np.stack([mask.mask, mask.mask]), mask.downsample)
+    with pytest.raises(ValueError, match=r"slide '.*' a tissue mask needs `mask_downsample`|needs `mask_downsample`"):
+        grid(path, mask.mask)
+
+
+def test_effective_mpp_is_the_patches_own_when_a_level_is_read_as_it_is(synthetic_entries):
+    path = synthetic_entries[0]["image"]  # level 1 at 1.0 um/px: within 10 % of 1.05, read without resizing
+    tiling = Compose([TissueMaskd(), GridPatchCoordsd(patch_size=64, mpp=1.05)])({"image": path})["tiling"]
+    assert (tiling["level"], tiling["read_size"]) == (1, 64)
+    assert tiling["mpp"] == 1.05 and tiling["effective_mpp"] == pytest.approx(1.0)
+    resized = Compose([TissueMaskd(), GridPatchCoordsd(patch_size=64, mpp=1.5)])({"image": path})["tiling"]
+    assert resized["read_size"] == 96 and resized["effective_mpp"] == pytest.approx(1.5)
 
 
 def test_patching_demo_command_writes_its_pictures_and_summary(tmp_path):

@@ -310,7 +310,10 @@ class SlideReader(ABC):
 
     def _check_level(self, level: int) -> None:
         if not 0 <= int(level) < self.level_count:
-            raise ValueError(f"slide '{self.path}': level {level} does not exist (the slide has {self.level_count}).")
+            raise ValueError(
+                f"slide '{self.path}': level {level} does not exist: it has {self.level_count} level(s), "
+                f"0-{self.level_count - 1} (0 is the full resolution)."
+            )
 
     def _describe_levels(self) -> None:
         dims = self.level_dimensions
@@ -1073,15 +1076,14 @@ def open_slide(
     Raises:
         FileNotFoundError: the file does not exist.
         SlideError: no backend can open it (the message lists each backend's reason).
-        ValueError: ``mpp`` is not a positive number.
+        ValueError: ``mpp`` is not a number in :data:`PLAUSIBLE_MPP`.
     """
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"slide '{path}' does not exist. Check the datalist entry and the data root.")
     if backend not in ("auto", *_READERS):
         raise ValueError(f"unknown slide backend '{backend}'; choose 'auto' or one of {tuple(_READERS)}.")
-    if mpp is not None and not (isinstance(mpp, (int, float)) and not isinstance(mpp, bool) and mpp > 0):
-        raise ValueError(f"slide '{path}': mpp must be a positive number of microns per pixel, got {mpp!r}.")
+    mpp = as_mpp(mpp, f"mpp of slide '{path}'", optional=True)
     names = tuple(_READERS) if backend == "auto" else (backend,)
     if path.lower().endswith(TIFF_SUFFIXES):
         if mpp is None:
@@ -1135,6 +1137,13 @@ def get_slide(slide: str | os.PathLike | SlideReader, backend: str = "auto", mpp
     The cache key includes the file's size and modification time, so a rewritten slide is reopened, and ``mpp``
     (the level-0 microns per pixel to use instead of the file's, see :func:`open_slide`).
     """
+    if not isinstance(slide, (str, os.PathLike, SlideReader)):
+        raise TypeError(
+            f"expected a slide path or SlideReader, got {type(slide).__name__}: the array transforms each take the "
+            "slide itself; to chain them in a Compose use the dictionary transforms (TissueMaskd, GridPatchCoordsd, "
+            "ReadPatchesd), which keep the path under their key and add their outputs beside it."
+        )
+    mpp = as_mpp(mpp, f"mpp of slide '{getattr(slide, 'path', slide)}'", optional=True)
     if isinstance(slide, SlideReader):
         if mpp is not None and slide.mpp != mpp:
             raise ValueError(f"slide '{slide.path}' is open with mpp {slide.mpp}; open it with mpp={mpp} instead.")

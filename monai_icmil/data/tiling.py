@@ -238,8 +238,23 @@ def compute_tissue_mask(
         device=device,
     )
     if not mask.any():
-        warnings.warn(f"slide '{reader.path}': no tissue found (saturation never exceeds {thr:.3f}).", stacklevel=2)
+        warnings.warn(
+            f"slide '{reader.path}': {_why_no_tissue(img, thr, min_area_um2, px_um, median_size)}", stacklevel=2
+        )
     return TissueMaskResult(mask=mask, downsample=float(downsample), threshold=thr)
+
+
+def _why_no_tissue(img: np.ndarray, thr: float, min_area_um2: float, px_um: float, median_size: int) -> str:
+    """Why a mask came out empty: nothing above the threshold, or only pieces smaller than ``min_area_um2``."""
+    specks, _ = tissue_mask_from_rgb(img, median_size=median_size, min_area_px=1, min_saturation=thr, device="cpu")
+    if not specks.any():
+        return f"no tissue found (saturation never exceeds {thr:.3f})."
+    area = float(specks.sum()) * px_um * px_um
+    return (
+        f"no tissue kept: {area:,.0f} um^2 is above the saturation threshold ({thr:.3f}) but in pieces smaller than "
+        f"min_area_um2={min_area_um2:g}; lower min_area_um2 (the tiling's min_area_um2) for small slides, "
+        "biopsies or cores."
+    )
 
 
 def _check_grid_args(
@@ -262,10 +277,12 @@ def _read_level(
     reader: SlideReader, patch_size: int, mpp: float | None, level: int | None
 ) -> tuple[int, int, float | None]:
     """``(level, read size, effective mpp)``: the coarsest level at least as fine as ``mpp`` (read larger, resized
-    to ``patch_size``), or ``level`` read at ``patch_size``."""
+    to ``patch_size``), or ``level`` read at ``patch_size``. The effective mpp is the patches' own: a level within
+    the tolerance of ``mpp`` is read as it is, at its own mpp (e.g. 0.455 for 0.5)."""
     if mpp is not None:
         level, scale = reader.level_for_mpp(float(mpp))
-        return level, int(round(patch_size / scale)), float(mpp)
+        read_size = int(round(patch_size / scale))
+        return level, read_size, reader.level_mpp(level) * read_size / patch_size
     level = 0 if level is None else int(level)
     reader._check_level(level)
     return level, int(patch_size), reader.level_mpp(level)
@@ -327,9 +344,18 @@ def grid_coordinates(
     if mask is None:
         frac = np.ones(len(coords), np.float32)
     else:
+        mask = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, bool)
+        mask = mask[0] if mask.ndim == 3 and mask.shape[0] == 1 else mask  # MONAI's channel-first [1, h, w]
+        if mask.ndim != 2:
+            raise ValueError(
+                f"slide '{reader.path}': the tissue mask must be [h, w] (or [1, h, w]), got shape {mask.shape}."
+            )
         if mask_downsample is None:
-            raise ValueError("`mask_downsample` is required with `mask`.")
-        frac = _patch_tissue_fraction(np.asarray(mask, bool), float(mask_downsample), coords, footprint)
+            raise ValueError(
+                f"slide '{reader.path}': a tissue mask needs `mask_downsample` (level-0 pixels per mask pixel, "
+                "TissueMaskResult.downsample); pass the TissueMaskResult itself, or its downsample."
+            )
+        frac = _patch_tissue_fraction(mask, float(mask_downsample), coords, footprint)
     keep = frac >= min_tissue - 1e-6
     if mask is not None and not keep.any():
         warnings.warn(

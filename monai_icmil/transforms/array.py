@@ -2,8 +2,10 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 """Array transforms for whole-slide patching: tissue detection, grid coordinates, batched patch reading.
 
-Each transform takes a slide (a path or an open :class:`~monai_icmil.data.slide.SlideReader`) and works on its
-own inside any MONAI ``Compose``. Paths are opened once per process through :func:`~monai_icmil.data.get_slide`.
+Each transform takes a slide (a path or an open :class:`~monai_icmil.data.slide.SlideReader`) and returns its own
+result (a mask, a tiling, patches), so they are called one after the other as below; to chain them in a MONAI
+``Compose``, use their dictionary versions (:mod:`monai_icmil.transforms.dictionary`). Paths are opened once per process
+through :func:`~monai_icmil.data.get_slide`.
 
 Example::
 
@@ -22,8 +24,14 @@ import torch
 from monai.transforms import Transform
 from monai.utils import TransformBackends
 
-from monai_icmil.data.slide import SlideReader, get_slide
-from monai_icmil.data.tiling import TilingResult, TissueMaskResult, compute_tissue_mask, grid_coordinates
+from monai_icmil.data.slide import SlideReader, as_mpp, get_slide
+from monai_icmil.data.tiling import (
+    TilingResult,
+    TissueMaskResult,
+    _check_grid_args,
+    compute_tissue_mask,
+    grid_coordinates,
+)
 
 __all__ = ["TissueMask", "GridPatchCoords", "ReadPatches"]
 
@@ -115,6 +123,13 @@ class GridPatchCoords(Transform):
     ) -> None:
         if mpp is not None and level is not None:
             raise ValueError("GridPatchCoords: pass either `mpp` or `level`, not both.")
+        try:  # here rather than in a DataLoader worker at the first slide
+            _check_grid_args(patch_size, mpp, level, stride, min_tissue)
+            mpp = as_mpp(mpp, "mpp", optional=True)
+            if level is not None and int(level) < 0:
+                raise ValueError(f"level must be >= 0 (0 is the full resolution), got {level}")
+        except ValueError as e:
+            raise ValueError(f"GridPatchCoords: {e}") from None
         self.patch_size, self.mpp, self.level, self.stride, self.min_tissue = patch_size, mpp, level, stride, min_tissue
         self.slide_backend = backend
 

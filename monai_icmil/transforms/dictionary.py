@@ -2,7 +2,8 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 """Dictionary versions of the whole-slide patching transforms.
 
-They read the slide path from ``keys`` (default ``"image"``) and add their outputs under these keys:
+They read the slide path from ``key`` (one key, default ``"image"``; the slide's level-0 microns per pixel from
+``"mpp"`` when the data has it) and add their outputs under these keys:
 
 ========================  =====================================================================================
 ``TissueMaskd``           ``"tissue_mask"`` (bool ``[h, w]``), ``"tissue_mask_downsample"`` (float)
@@ -33,6 +34,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from monai_icmil.data.slide import as_mpp
 from monai_icmil.data.tiling import TilingResult
 from monai_icmil.transforms.array import GridPatchCoords, ReadPatches, TissueMask
 
@@ -49,11 +51,34 @@ __all__ = [
 ]
 
 
+def _one_key(transform: MapTransform, outputs: str) -> None:
+    """Refuse more than one slide key: the outputs go to fixed keys, so a second slide would overwrite the first's
+    (and the grid would use the other slide's tissue mask)."""
+    if len(transform.keys) != 1:
+        raise ValueError(
+            f"{type(transform).__name__}: one slide key per transform, got {list(transform.keys)}: its outputs go to "
+            f"fixed keys ({outputs}). Use one transform per slide key, each with its own output keys."
+        )
+
+
+def _data_mpp(data: Mapping[Hashable, Any], key: str) -> float | None:
+    """The slide's level-0 mpp under ``key`` (a number, a numpy or 0-d tensor scalar, or a string from a CSV);
+    absent, empty or NaN (a pandas missing value): ``None``, the file's own."""
+    value = data.get(key)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, (str, bool)) and np.ndim(value) == 0 and np.isnan(float(value)):
+        return None
+    return as_mpp(value, f"data['{key}'] (the slide's level-0 microns per pixel)")
+
+
 class TissueMaskd(MapTransform):
     """Dictionary version of :class:`~monai_icmil.transforms.array.TissueMask`.
 
     Args:
-        keys: key(s) of the slide path.
+        keys: the key of the slide path (one key).
         mask_key: output key of the boolean mask.
         downsample_key: output key of the mask's downsample relative to level 0.
         slide_mpp_key: key of the slide's level-0 microns per pixel, used instead of the file's when the data has
@@ -76,11 +101,12 @@ class TissueMaskd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.transform = TissueMask(**kwargs)
         self.mask_key, self.downsample_key, self.slide_mpp_key = mask_key, downsample_key, slide_mpp_key
+        _one_key(self, f"{mask_key}, {downsample_key}")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            result = self.transform(d[key], d.get(self.slide_mpp_key))
+            result = self.transform(d[key], _data_mpp(d, self.slide_mpp_key))
             d[self.mask_key] = result.mask
             d[self.downsample_key] = result.downsample
         return d
@@ -92,7 +118,7 @@ class GridPatchCoordsd(MapTransform):
     Uses the tissue mask under ``mask_key`` when present (else tiles the whole slide).
 
     Args:
-        keys: key(s) of the slide path.
+        keys: the key of the slide path (one key).
         mask_key, downsample_key: where :class:`TissueMaskd` put the mask.
         coords_key: output key of the ``[N, 2]`` coordinates.
         tiling_key: output key of the tiling description (level, read_size, patch_size, mpp, ...).
@@ -121,12 +147,13 @@ class GridPatchCoordsd(MapTransform):
         self.transform = GridPatchCoords(**kwargs)
         self.mask_key, self.downsample_key, self.slide_mpp_key = mask_key, downsample_key, slide_mpp_key
         self.coords_key, self.tiling_key, self.fraction_key = coords_key, tiling_key, fraction_key
+        _one_key(self, f"{coords_key}, {tiling_key}, {fraction_key}")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             result = self.transform(
-                d[key], d.get(self.mask_key), d.get(self.downsample_key), slide_mpp=d.get(self.slide_mpp_key)
+                d[key], d.get(self.mask_key), d.get(self.downsample_key), slide_mpp=_data_mpp(d, self.slide_mpp_key)
             )
             d[self.coords_key] = result.coords
             d[self.tiling_key] = {
@@ -144,7 +171,7 @@ class ReadPatchesd(MapTransform):
     """Dictionary version of :class:`~monai_icmil.transforms.array.ReadPatches`.
 
     Args:
-        keys: key(s) of the slide path.
+        keys: the key of the slide path (one key).
         coords_key, tiling_key: where :class:`GridPatchCoordsd` put the coordinates and tiling.
         patches_key: output key of the patch batch.
         allow_missing_keys: don't raise when a key is absent.
@@ -165,6 +192,7 @@ class ReadPatchesd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.transform = ReadPatches(**kwargs)
         self.coords_key, self.tiling_key, self.patches_key = coords_key, tiling_key, patches_key
+        _one_key(self, patches_key)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

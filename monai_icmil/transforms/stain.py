@@ -54,6 +54,20 @@ def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
     return torch.exp(-od).clamp(0.0, 1.0)
 
 
+def _check_rgb_range(x: torch.Tensor) -> None:
+    """Refuse what would be silently ruined: integers other than ``uint8``, floats outside [0, 1] (MONAI's
+    ``LoadImage`` gives float 0-255 unless scaled)."""
+    if x.dtype == torch.uint8:
+        return
+    if not x.is_floating_point():
+        raise TypeError(f"RandHEDJitter expects uint8 (0-255) or float (0-1) RGB, got {x.dtype}: convert it to uint8.")
+    if x.numel() and float(x.max()) > 1.0 + 1e-3:
+        raise ValueError(
+            f"RandHEDJitter: a float image must lie in [0, 1], got values up to {float(x.max()):g} (0-255?): scale it "
+            "first (monai.transforms.ScaleIntensityRange(0, 255, 0, 1)) or pass uint8."
+        )
+
+
 class RandHEDJitter(RandomizableTransform):
     """Random stain perturbation in HED space: ``hed' = hed * a + b`` per stain channel.
 
@@ -89,6 +103,7 @@ class RandHEDJitter(RandomizableTransform):
             self.randomize(x.shape[0] if batched else 1)
         if not self._do_transform:
             return img
+        _check_rgb_range(x)
         xb = x if batched else x[None]
         as_uint8 = xb.dtype == torch.uint8
         rgb = xb.float() / 255.0 if as_uint8 else xb.float()
