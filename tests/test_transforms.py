@@ -61,6 +61,10 @@ def test_read_patches_takes_explicit_coordinates(synthetic_entries):
     path = synthetic_entries[0]["image"]
     out = ReadPatches()(path, np.array([[0, 0], [256, 256]]), level=0, read_size=128, patch_size=64)
     assert out.shape == (2, 3, 64, 64)
+    same = ReadPatches()(path, torch.tensor([[0.0, 0.0], [256.0, 256.0]]), level=0, read_size=128, patch_size=64)
+    assert torch.equal(same, out)  # whole-number floats and tensors are taken
+    with pytest.raises(ValueError, match=r"must be whole numbers, got fractional ones such as \[10.9, 0.0\]"):
+        ReadPatches()(path, np.array([[0, 0], [10.9, 0]]), level=0, read_size=128, patch_size=64)
 
 
 def test_custom_output_keys(synthetic_entries):

@@ -163,7 +163,10 @@ class ReadPatches(Transform):
         device: move the tensor to this device (e.g. ``"cuda"``).
         backend: slide backend used when given a path.
 
-    Call with ``(slide, tiling)`` or ``(slide, coords, level=, read_size=, patch_size=)``.
+    Call with ``(slide, tiling)`` or ``(slide, coords, level=, read_size=, patch_size=)``: ``coords`` ``[N, 2]``
+    are each patch's top-left corner in **level-0** pixels as ``(x, y)`` (column, row; MONAI's ``WSIReader``
+    locations are ``(y, x)``: flip them), whole numbers; ``read_size`` is the side read at ``level``, resized to
+    ``patch_size``.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -191,6 +194,12 @@ class ReadPatches(Transform):
             if patch_size is None:
                 raise ValueError("ReadPatches: give a TilingResult, or `read_size`/`patch_size` with coordinates.")
             read_size = patch_size
+        coords = np.asarray(coords.cpu() if isinstance(coords, torch.Tensor) else coords)
+        if coords.dtype.kind == "f" and coords.size and not np.array_equal(coords, np.round(coords)):
+            raise ValueError(
+                "ReadPatches: coordinates are level-0 pixels and must be whole numbers, got fractional ones such as "
+                f"{coords[np.any(coords != np.round(coords), axis=-1)][0].tolist()}: round them first."
+            )
         out_size = None if patch_size is None or patch_size == read_size else patch_size
         return get_slide(slide, self.slide_backend).read_patches(
             coords,

@@ -198,10 +198,10 @@ class ReadPatchesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             tiling = d[self.tiling_key]
-            coords = d[self.coords_key]
             if isinstance(tiling, TilingResult):
                 d[self.patches_key] = self.transform(d[key], tiling)
                 continue
+            coords = d[self.coords_key]
             d[self.patches_key] = self.transform(
                 d[key],
                 np.asarray(coords.cpu() if isinstance(coords, torch.Tensor) else coords),
