@@ -60,6 +60,11 @@ def test_per_slide_normalisation_undoes_a_stain_shift(cmu):
     after = (a.float() - b.float()).abs().mean()
     assert a.dtype == torch.uint8 and a.shape == patches.shape
     assert after < 0.5 * before, (float(before), float(after))
+    one = HEStainNormalizer().fit(thumb, "original")(patches[0].numpy())  # one patch, as a NumPy array
+    assert isinstance(one, np.ndarray) and one.shape == tuple(patches.shape[1:])
+    np.testing.assert_array_equal(one, a[0].numpy())
+    with pytest.raises(ValueError, match=r"expects \[3, h, w\] or \[B, 3, h, w\] RGB, got shape \(8, 8, 3\)"):
+        HEStainNormalizer().fit(thumb, "original")(np.zeros((8, 8, 3), np.uint8))
 
 
 def test_a_slide_without_stained_tissue_cannot_be_normalised():

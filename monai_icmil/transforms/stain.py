@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -157,7 +158,8 @@ class HEStainNormalizer:
         beta: optical density below which a pixel counts as background.
 
     Call :meth:`fit` with a ``uint8`` ``[H, W, 3]`` thumbnail of the slide, then the object with ``uint8``
-    ``[B, 3, h, w]`` patches of that slide (torch; CPU or GPU).
+    ``[B, 3, h, w]`` patches or one ``[3, h, w]`` patch of that slide (a torch tensor, CPU or GPU, or a NumPy array);
+    the result has the input's shape and kind.
     """
 
     def __init__(
@@ -181,6 +183,9 @@ class HEStainNormalizer:
         """
         from monai.apps.pathology.transforms import ExtractHEStains
 
+        thumbnail = np.asarray(thumbnail)
+        if thumbnail.ndim != 3 or thumbnail.shape[-1] not in (3, 4):
+            raise ValueError(f"'{name}': the thumbnail must be RGB(A) [H, W, 3], got shape {thumbnail.shape}")
         img = np.ascontiguousarray(thumbnail[..., :3]).astype(np.uint8)
         try:
             he = ExtractHEStains(tli=self.tli, beta=self.beta)(img)
@@ -208,9 +213,17 @@ class HEStainNormalizer:
         x = patches.float() + 1.0
         return (-torch.log(x.clamp(max=self.tli) / self.tli)).transpose(0, 1)
 
-    def __call__(self, patches: torch.Tensor) -> torch.Tensor:
+    def __call__(self, patches: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         if self.he is None:
             raise RuntimeError("HEStainNormalizer.fit must be called first (with a thumbnail of the slide)")
+        as_numpy, x = isinstance(patches, np.ndarray), torch.as_tensor(patches)
+        if x.ndim not in (3, 4) or x.shape[-3] != 3:
+            raise ValueError(f"HEStainNormalizer expects [3, h, w] or [B, 3, h, w] RGB, got shape {tuple(x.shape)}")
+        out = self._normalize(x if x.ndim == 4 else x[None])
+        out = out if x.ndim == 4 else out[0]
+        return out.cpu().numpy() if as_numpy else out
+
+    def _normalize(self, patches: torch.Tensor) -> torch.Tensor:
         dev = patches.device
         b, _, h, w = patches.shape
         od = self._od(patches).reshape(3, -1)
@@ -221,14 +234,20 @@ class HEStainNormalizer:
         return rgb.round().to(torch.uint8).contiguous()
 
 
-_NORMALIZERS: dict[str, HEStainNormalizer] = {}
+_NORMALIZERS: dict[tuple, HEStainNormalizer] = {}
 _FIT_LOCK = threading.Lock()  # reader threads reaching a new slide together fit it once
 
 
 def slide_stain_normalizer(image: str, reader: Any, max_size: int = 1024) -> HEStainNormalizer:
-    """The :class:`HEStainNormalizer` of slide ``image`` (fitted on its thumbnail once per process)."""
+    """The :class:`HEStainNormalizer` of slide ``image`` (fitted on its thumbnail once per process, and again when
+    the file is rewritten: the cache key holds its size and modification time)."""
+    try:
+        st = os.stat(image)
+        key = (str(image), st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = (str(image), None, None)
     with _FIT_LOCK:
-        if image not in _NORMALIZERS:
+        if key not in _NORMALIZERS:
             thumb, _ = reader.thumbnail(max_size)
-            _NORMALIZERS[image] = HEStainNormalizer().fit(thumb, name=str(image))
-        return _NORMALIZERS[image]
+            _NORMALIZERS[key] = HEStainNormalizer().fit(thumb, name=str(image))
+        return _NORMALIZERS[key]
