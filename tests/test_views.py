@@ -86,6 +86,11 @@ def test_bad_shapes_are_refused():
         v(_patches(2), v.draw([0]))
     with pytest.raises(ValueError, match="min_area"):
         BatchRandomViews(P, min_area=0)
+    with pytest.raises(ValueError, match=r"blur .*0 \(off\) or >= 0.1, got 0.05"):
+        BatchRandomViews(P, blur=0.05)
+    small = BatchRandomViews(8, min_area=1.0, blur=6.0, blur_prob=1.0)  # a radius of 18 px on 8 px patches
+    out = small(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8), small.draw([0, 1]))
+    assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
 
 
 def test_the_prefetcher_keeps_order_across_threads_and_raises_the_readers_error_in_place():

@@ -67,6 +67,10 @@ class BatchRandomViews:
             raise ValueError(f"min_area must be in (0, 1], got {min_area}")
         if hed_jitter < 0 or blur < 0:
             raise ValueError(f"hed_jitter and blur must be >= 0, got {hed_jitter} and {blur}")
+        if 0 < blur < 0.1:
+            raise ValueError(
+                f"blur is the largest sigma of a blur drawn from (0.1, blur): 0 (off) or >= 0.1, got {blur}"
+            )
         self.patch_size, self.min_area, self.hed_jitter = int(patch_size), float(min_area), float(hed_jitter)
         self.rotate90, self.blur, self.blur_prob = as_bool(rotate90, "rotate90"), float(blur), float(blur_prob)
 
@@ -126,7 +130,7 @@ class BatchRandomViews:
 def _gaussian_blur(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur with a per-image ``(sigma_x, sigma_y)`` (0 leaves that image unblurred)."""
     b, c, h, w = x.shape
-    radius = max(1, math.ceil(3 * float(sigmas.max())))
+    radius = min(max(1, math.ceil(3 * float(sigmas.max()))), min(h, w) - 1)  # reflect padding needs < the side
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     out = x.reshape(1, b * c, h, w)
     for axis in (0, 1):  # x then y
