@@ -224,7 +224,12 @@ def predict_slides(
         raise _none_scored(run.report, items)
     write_predictions_csv(run.out / "probabilities.csv", rows, class_names)
     for writer in writers:
-        writer.finish(run.out)
+        try:
+            writer.finish(run.out)
+        except Exception as e:  # a cohort picture must not cost the run its probabilities
+            name, reason = type(writer).__name__, f"{type(e).__name__}: {e}"
+            run.report.mark_output_failed("(all slides)", str(run.out), name, reason)
+            warnings.warn(f"{name} failed to finish ({reason}); probabilities.csv and the other outputs are kept")
     return rows
 
 

@@ -420,13 +420,20 @@ def save_roc_curve(path: str | os.PathLike, probs: np.ndarray, labels: np.ndarra
     return path
 
 
+def _cells(coords: np.ndarray, cell: float) -> tuple[np.ndarray, np.ndarray]:
+    """The grid column and row of each patch: the nearest multiple of ``cell`` (the grid puts patch ``k`` at
+    ``round(k * step)``, so a fractional step, e.g. a level downsample of 4.000121, leaves it up to half a pixel off
+    the exact multiple, on either side)."""
+    coords = np.asarray(coords, np.float64)
+    return np.rint(coords[:, 0] / cell).astype(int), np.rint(coords[:, 1] / cell).astype(int)
+
+
 def score_grid(coords: np.ndarray, scores: np.ndarray, footprint: float, dimensions: tuple[int, int]) -> np.ndarray:
     """A grid image of patch scores (NaN where no patch): cell ``(row, col)`` = patch at ``(col, row) * footprint``."""
     w0, h0 = dimensions
     nx, ny = int(np.ceil(w0 / footprint)), int(np.ceil(h0 / footprint))
     grid = np.full((ny, nx), np.nan, np.float32)
-    cols = np.floor(coords[:, 0] / footprint + 1e-6).astype(int)
-    rows = np.floor(coords[:, 1] / footprint + 1e-6).astype(int)
+    cols, rows = _cells(coords, footprint)
     grid[rows, cols] = scores
     return grid
 
@@ -472,8 +479,7 @@ def overlap_grid(
     span = max(1, int(round(footprint / cell)))
     ny, nx = int(np.ceil(dimensions[1] / cell)), int(np.ceil(dimensions[0] / cell))
     total, count = np.zeros((ny + span, nx + span)), np.zeros((ny + span, nx + span))
-    cols = np.floor(np.asarray(coords)[:, 0] / cell + 1e-6).astype(int)
-    rows = np.floor(np.asarray(coords)[:, 1] / cell + 1e-6).astype(int)
+    cols, rows = _cells(coords, cell)
     values = np.asarray(scores, np.float64)
     for dy in range(span):  # span^2 scatter-adds, each over all patches
         for dx in range(span):

@@ -2,6 +2,8 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -247,6 +249,53 @@ def test_overlap_grid_averages_the_patches_covering_each_cell():
         overlap_grid(plain, np.array([0.2, 0.7]), 20.0, 20.0, (40, 30)),
         score_grid(plain, np.array([0.2, 0.7]), 20.0, (40, 30)),
     )
+
+
+def test_each_patch_has_its_own_cell_when_the_footprint_is_not_a_whole_number_of_pixels():
+    """Level 1 of an SVS is often 4.000121 x level 0: the grid puts patch k at round(k * footprint), half a pixel
+    either side of the exact multiple; every patch must still land in its own cell (none shifted, no holes)."""
+    from monai_icmil.visualize import overlap_grid, score_grid
+
+    footprint = 256 * 4.000121
+    ks = np.arange(60)
+    coords = np.stack(np.meshgrid(np.round(ks * footprint), np.round(ks[:10] * footprint)), -1).reshape(-1, 2)
+    scores = np.arange(len(coords), dtype=np.float32)
+    grid = score_grid(coords, scores, footprint, (int(61 * footprint), int(11 * footprint)))
+    np.testing.assert_array_equal(grid[:10, :60].ravel(), scores)  # row-major: patch i in cell i
+    step = 221.5  # a heatmap stride of half a 443 px read: patches every 221.5 level-0 px
+    xs = np.round(np.arange(40) * step)
+    dense = overlap_grid(np.stack([xs, np.zeros_like(xs)], 1), np.ones(40), 2 * step, step, (int(42 * step), 443))
+    assert not np.isnan(dense[0, :41]).any()  # covered without holes
+
+
+def test_maps_of_an_overlapping_training_grid_average_the_patches_and_uniform_attention_is_mid_scale():
+    import json
+    from types import SimpleNamespace
+
+    from monai_icmil.handlers.writers import SlidePrediction, geojson_patches
+    from monai_icmil.visualize import overlap_grid
+
+    coords = np.array([[0, 0], [10, 0], [0, 10], [10, 10]])  # 20 px patches at a stride of 10
+    scores = {"probs": np.array([0.4, 0.6]), "instance_prob": np.array([0.1, 0.2, 0.3, 0.4]), "attention": np.ones(4)}
+    reader = SimpleNamespace(dimensions=(40, 30), level_downsamples=[1.0])
+    tiles = {"level": 0, "read_size": 20, "patch_size": 20, "stride": 10}
+    pred = SlidePrediction("s", "s.tif", reader, tiles, coords, scores, Path("."), ["normal", "tumour"], None)
+    assert pred.cell == 10.0
+    maps = pred.maps()
+    np.testing.assert_array_equal(
+        maps["instance probability"], overlap_grid(coords, scores["instance_prob"], 20.0, 10.0, (40, 30))
+    )
+    assert maps["instance probability"][1, 1] == pytest.approx(0.25)  # the centre cell: all four patches
+    covered = maps["attention (min-max)"][~np.isnan(maps["attention (min-max)"])]
+    assert covered.size == 9 and (covered == 0.5).all()  # equal attention: neither most nor least attended
+    plain = SlidePrediction("s", "s.tif", reader, {**tiles, "stride": 20}, coords[:1], scores, Path("."), None, None)
+    assert plain.cell == 20.0
+    collection = geojson_patches(coords[:2], 20.0, {"instance_probability": np.array([0.5, np.nan])})
+    text = json.dumps(collection, allow_nan=False)  # strict JSON: a NaN score is left out, not written as NaN
+    assert [f["properties"]["measurements"] for f in json.loads(text)["features"]] == [
+        {"instance_probability": 0.5},
+        {},
+    ]
 
 
 def test_with_stride_copies_the_tiling_with_an_overlapping_grid():

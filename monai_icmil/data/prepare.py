@@ -87,8 +87,9 @@ def _write_summary(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 class SlideTiles(dict):
-    """One slide's tiles: ``slide_id``, ``image``, ``coords`` ``[N, 2]``, ``level``, ``read_size``, ``patch_size``
-    (and ``slide_mpp`` when the slide's level-0 mpp was given rather than read from its file)."""
+    """One slide's tiles: ``slide_id``, ``image``, ``coords`` ``[N, 2]``, ``level``, ``read_size``, ``patch_size``,
+    ``stride`` (output pixels; below ``patch_size`` the patches overlap), and ``slide_mpp`` when the slide's level-0
+    mpp was given rather than read from its file."""
 
 
 def tiling_signature(transforms: Any) -> dict[str, Any]:
@@ -143,6 +144,7 @@ def _tile(
         "patch_size": int(tiling["patch_size"]),
         "mpp": tiling.get("effective_mpp"),
         "footprint": float(tiling["footprint"]),
+        "stride": int(tiling.get("stride") or tiling["patch_size"]),
         "num_patches": len(coords),
     }
     fraction = d.get("tissue_fraction")
@@ -259,6 +261,7 @@ def prepare_coords(
             level=int(meta["level"]),
             read_size=int(meta["read_size"]),
             patch_size=int(meta["patch_size"]),
+            stride=int(meta.get("stride") or meta["patch_size"]),
             **({"slide_mpp": meta["slide_mpp"]} if meta.get("slide_mpp") is not None else {}),
         )
     if qc_dir is not None:

@@ -51,7 +51,8 @@ class SlidePrediction:
         slide_id: the slide's name in the outputs.
         image: its path.
         reader: the open slide.
-        tiles: its tiling (``level``, ``read_size``, ``patch_size``).
+        tiles: its tiling (``level``, ``read_size``, ``patch_size`` and ``stride``: below ``patch_size`` the
+            patches overlap).
         coords: ``[N, 2]`` level-0 patch coordinates.
         scores: ``probs`` (slide probabilities), ``instance_prob`` (``[N]``, last class) and, where the aggregator
             has attention, ``attention`` (``[N]``, softmax over the slide).
@@ -94,9 +95,12 @@ class SlidePrediction:
 
     @property
     def cell(self) -> float:
-        """Side of a cell of :meth:`maps` in level-0 pixels: the patch footprint, or the heatmap stride's step when
-        the maps come from overlapping patches."""
-        return float(self.dense["cell"]) if self.dense is not None else self.footprint
+        """Side of a cell of :meth:`maps` in level-0 pixels: the patch footprint, or the step of the grid's stride
+        when the patches overlap (the heatmap stride's with ``dense``, else the training grid's)."""
+        if self.dense is not None:
+            return float(self.dense["cell"])
+        stride = self.tiles.get("stride") or self.tiles["patch_size"]
+        return self.footprint * min(1.0, float(stride) / float(self.tiles["patch_size"]))
 
     def maps(self) -> dict[str, np.ndarray]:
         """Score grids: attention (min-max normalised, where there is one) and instance probability, one cell per
@@ -116,14 +120,15 @@ class SlidePrediction:
             )
 
             def grid(values: np.ndarray) -> np.ndarray:
-                if self.dense is None:
+                if self.cell >= foot - 1e-6:
                     return score_grid(coords, values, foot, dims)
-                return overlap_grid(coords, values, foot, self.cell, dims)
+                return overlap_grid(coords, values, foot, self.cell, dims)  # overlapping patches: mean per cell
 
             maps = {"instance probability": grid(np.asarray(scores["instance_prob"]))}
             if "attention" in scores:
                 att = np.asarray(scores["attention"])
-                att_norm = (att - att.min()) / max(float(att.max() - att.min()), 1e-12)
+                spread = float(att.max() - att.min()) if att.size else 0.0
+                att_norm = (att - att.min()) / spread if spread > 1e-12 else np.full_like(att, 0.5)  # one patch: mid
                 maps = {"attention (min-max)": grid(att_norm), **maps}
             self._cache["maps"] = maps
         return self._cache["maps"]
@@ -156,12 +161,13 @@ class HeatmapWriter(SlideWriter):
 def geojson_patches(coords: np.ndarray, footprint: float, measurements: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """A GeoJSON FeatureCollection with one square polygon per patch (level-0 pixels) and its scores.
 
-    QuPath imports it (File > Import objects) as tiles carrying the scores as measurements.
+    QuPath imports it (File > Import objects) as tiles carrying the scores as measurements (a score that is not a
+    finite number is left out of its tile's measurements, so the file stays strict JSON).
     """
     features = []
     for i, (x, y) in enumerate(np.asarray(coords, dtype=float)):
         ring = [[x, y], [x + footprint, y], [x + footprint, y + footprint], [x, y + footprint], [x, y]]
-        values = {k: float(v[i]) for k, v in measurements.items()}
+        values = {k: float(v[i]) for k, v in measurements.items() if np.isfinite(v[i])}  # NaN: no measurement
         features.append(
             {
                 "type": "Feature",
@@ -180,7 +186,7 @@ class GeoJSONWriter(SlideWriter):
         if "attention" in pred.scores:
             measurements["attention"] = pred.scores["attention"]
         collection = geojson_patches(pred.coords, pred.footprint, measurements)
-        atomic_write_text(pred.output_dir / f"{pred.slide_id}.geojson", json.dumps(collection))
+        atomic_write_text(pred.output_dir / f"{pred.slide_id}.geojson", json.dumps(collection, allow_nan=False))
 
 
 def top_patches(scores: Mapping[str, np.ndarray], k: int = 8) -> dict[str, np.ndarray]:
