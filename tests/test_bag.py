@@ -778,3 +778,9 @@ def test_predictions_csv_keeps_the_order_of_a_confident_classifiers_small_probab
     got = [float(r["prob_tumour"]) for r in csv.DictReader(open(path))]
     assert np.array_equal(np.float32(got), probs[:, 1].numpy())  # float32 round-trips: no ties, the same AUC
     assert binary_auc(np.array(got), np.array([0, 1, 0, 1])) == binary_auc(probs[:, 1].numpy(), np.array([0, 1, 0, 1]))
+
+
+def test_a_bag_phase_without_validation_bags_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"no validation bags, so no epoch can be chosen.*'validation' split"):
+        train_bag_classifier(ShiftedBags(10, 0), ShiftedBags(0, 1), "abmil", tmp_path / "bag", progress=False)
+    assert not (tmp_path / "bag" / "resume").exists()

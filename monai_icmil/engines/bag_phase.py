@@ -537,6 +537,12 @@ class BagPhase:
 
         if len(train_ds) == 0:
             raise ValueError("the bag phase has no training bags (all slides failed or were empty).")
+        if len(val_ds) == 0:
+            raise ValueError(
+                "the bag phase has no validation bags, so no epoch can be chosen: the validation split is empty or "
+                "every slide in it failed or had no tissue (report.json says which). Give the datalist a "
+                "'validation' split with slides of each class, or enough labelled slides for one to be held out."
+            )
         out_dir = Path(output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         set_determinism(seed)
@@ -562,10 +568,10 @@ class BagPhase:
             rows = predict_bags(best_net, ds, self.device)
             write_predictions_csv(out_dir / f"predictions_{split}.csv", rows, class_names)
         atomic_write_json(out_dir / "history.json", progress.history)
-        resume.clear()
         if mlflow_run is not None:
             mlflow_run.log_metrics({f"best_{k}": v for k, v in progress.best["val"].items() if k.startswith("val_")})
             mlflow_run.log_artifacts([out_dir / n for n in _OUTPUTS], artifact_path="bag_phase")
+        resume.clear()  # last: a kill before it resumes a finished training (no epoch again), not a fresh one
         best = progress.best
         return {
             "best_metric": best["metric"],
@@ -660,8 +666,7 @@ class BagPhase:
             key_name = f"val_{self.key_metric}"
             early_stop = WarmEarlyStopHandler(
                 patience=self.early_stop_patience,  # ties of the key metric are told apart by the validation loss
-                score_function=lambda ev: _finite(ev.state.metrics[key_name])
-                - 1e-6 * _finite(ev.state.metrics["val_loss"]),
+                score_function=lambda ev: _stop_score(ev.state.metrics, key_name),
                 trainer=trainer,
                 min_epochs=self.early_stop_min_epochs,
                 epoch_level=True,

@@ -1161,7 +1161,6 @@ class EmbedderPhase:
                 student.embedder.save(ckpt)
                 save_student_head(student.aggregator, out_dir / "student_head.pt")
             atomic_write_json(out_dir / "history.json", progress.history)
-            resume.clear()
         if world_size > 1:
             torch.distributed.barrier()  # every rank loads the same tuned embedder
         tuned = create_embedder(None, weights=ckpt)
@@ -1170,6 +1169,10 @@ class EmbedderPhase:
             mlflow_run.log_metrics({f"best_val_{k}": v for k, v in best["metrics"].items()})
             mlflow_run.log_metrics({f"teacher_{k}": v for k, v in consistency.items()})
             mlflow_run.log_artifacts([ckpt, out_dir / "history.json"], artifact_path="embedder_phase")
+        if world_size > 1:
+            torch.distributed.barrier()  # every rank has loaded the embedder before its checkpoints go
+        if rank == 0:
+            resume.clear()  # last: a kill before it resumes a finished phase (no iteration again), not a fresh one
         return {
             "checkpoint": str(ckpt),
             "fingerprint": tuned.fingerprint(),

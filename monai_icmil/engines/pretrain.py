@@ -273,10 +273,10 @@ class Pretrain:
         ckpt = out_dir / "embedder.safetensors"
         model.embedder.save(ckpt, extra={"pretrained_from": embedder.fingerprint(), "method": "SimCLR"})
         atomic_write_json(out_dir / "history.json", progress.history)
-        resume.clear()
         tuned = create_embedder(None, weights=ckpt)
         if mlflow_run is not None:
             mlflow_run.log_artifacts([ckpt, out_dir / "history.json"], artifact_path="pretrain")
+        resume.clear()  # last: a kill before it resumes a finished pre-training (no epoch again), not a fresh one
         return {
             "checkpoint": str(ckpt),
             "fingerprint": tuned.fingerprint(),

@@ -10,6 +10,7 @@ and phase of an ICMIL experiment is a nested run of one parent run.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,7 +100,8 @@ def start_run(
 ) -> MLflowRun:
     """Create the run ``run_name`` (nested under ``parent`` if given), or resume an unfinished one of that name.
 
-    Resuming keeps a rerun after an interruption in the same run instead of starting a new one.
+    Resuming keeps a rerun after an interruption in the same run instead of starting a new one (a run that ended
+    FAILED or KILLED is set RUNNING again).
     """
     import mlflow
     from mlflow.entities import RunStatus
@@ -118,6 +120,8 @@ def start_run(
     for run in client.search_runs([exp_id], filter_string=f"attributes.run_name = '{run_name}'"):
         same_parent = run.data.tags.get("mlflow.parentRunId") == (parent.run_id if parent else None)
         if same_parent and run.info.status != RunStatus.to_string(RunStatus.FINISHED):
+            if run.info.status != RunStatus.to_string(RunStatus.RUNNING):  # a failed or killed attempt, resumed
+                client.update_run(run.info.run_id, status="RUNNING")
             return MLflowRun(tracking_uri, experiment_name, run_name, run.info.run_id, artifact_location)
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     return MLflowRun(tracking_uri, experiment_name, run_name, run.info.run_id, artifact_location)
@@ -217,6 +221,7 @@ class MLflowRunTree:
         self.registered_model_name = registered_model_name or None
         self.parent_run_id = parent_run_id or None
         self._parent: MLflowRun | None = None
+        self._open: dict[str, MLflowRun] = {}  # started and not ended, by run id, in start order
 
     def parent(self) -> MLflowRun | None:
         """The parent run (created, or resumed when unfinished, on first use)."""
@@ -230,6 +235,7 @@ class MLflowRunTree:
             if self.parent_run_id is not None:
                 above = MLflowRun(uri, self.experiment_name, "", self.parent_run_id)
             self._parent = start_run(uri, self.experiment_name, self.run_name, parent=above)
+            self._open[self._parent.run_id] = self._parent
             params = self.params() if callable(self.params) else self.params
             if params:
                 self._parent.log_params(params)
@@ -240,7 +246,9 @@ class MLflowRunTree:
         top = self.parent()
         if top is None:
             return None
-        return start_run(top.tracking_uri, top.experiment_name, name, parent=parent or top)
+        run = start_run(top.tracking_uri, top.experiment_name, name, parent=parent or top)
+        self._open[run.run_id] = run
+        return run
 
     def round(self, r: int) -> MLflowRun | None:
         return self.nested(f"round_{r}")
@@ -249,12 +257,25 @@ class MLflowRunTree:
         rr = self.round(r)
         return None if rr is None else self.nested(f"round_{r}/{phase}", parent=rr)
 
-    @staticmethod
-    def end(run: MLflowRun | None) -> None:
+    def end(self, run: MLflowRun | None) -> None:
+        """End ``run`` as FINISHED."""
         if run is not None:
             end_run(run)
+            self._open.pop(run.run_id, None)
 
     def close(self) -> None:
         """End the parent run (a later use starts or resumes one again)."""
         self.end(self._parent)
+        self._parent = None
+
+    def abandon(self, status: str = "FAILED") -> None:
+        """End every run still open (the phase, its round, the parent: innermost first) with ``status`` (``"FAILED"``
+        or ``"KILLED"``), so that none is left RUNNING after an error; a rerun resumes them. A store that cannot be
+        reached is warned about, not raised: the error that got here matters more."""
+        for run in reversed(list(self._open.values())):
+            try:
+                end_run(run, status)
+            except Exception as e:
+                warnings.warn(f"MLflow run '{run.run_name}' could not be marked {status} ({type(e).__name__}: {e})")
+        self._open.clear()
         self._parent = None

@@ -751,6 +751,13 @@ class ICMILWorkflow(BundleWorkflow):
             from monai_icmil.workflows.folds import CrossValidation
 
             return CrossValidation(self, self.folds).run()
+        try:
+            return self._run_loop()
+        except BaseException as error:  # no MLflow run is left RUNNING; the rerun resumes them
+            self.tracking.abandon("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
+
+    def _run_loop(self) -> dict[str, Any]:
         self.prepare()
         best_auc, stale = -math.inf, 0
         for r in range(self.num_rounds + 1):

@@ -1,0 +1,45 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""MLflow runs after an error: none is left RUNNING, and a rerun resumes the same runs."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from monai_icmil.handlers.tracking import MLflowRunTree, sqlite_tracking_uri
+from monai_icmil.workflows import ICMILWorkflow
+
+
+def _statuses(tmp_path) -> dict[str, str]:
+    client = mlflow.MlflowClient(tracking_uri=sqlite_tracking_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("icmil").experiment_id])
+    return {run.info.run_name: run.info.status for run in runs}
+
+
+def test_a_failed_run_marks_its_open_runs_failed_and_a_rerun_resumes_them(tmp_path):
+    tree = MLflowRunTree(tmp_path)
+    done = tree.phase(0, "embed")
+    tree.end(done)
+    phase = tree.phase(0, "bag_phase")
+    tree.abandon("FAILED")
+    assert _statuses(tmp_path) == {
+        "icmil": "FAILED", "round_0": "FAILED", "round_0/embed": "FINISHED", "round_0/bag_phase": "FAILED",
+    }  # fmt: skip
+    again = MLflowRunTree(tmp_path).phase(0, "bag_phase")
+    assert again.run_id == phase.run_id  # the same run, resumed
+    assert _statuses(tmp_path)["round_0/bag_phase"] == "RUNNING" and _statuses(tmp_path)["icmil"] == "RUNNING"
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_the_workflow_ends_its_runs_when_a_phase_raises(tmp_path, error, status):
+    wf = ICMILWorkflow(str(tmp_path), str(tmp_path), progress=False)
+
+    def failing_prepare():
+        wf.tracking.phase(0, "embed")  # a phase under way
+        raise error
+
+    wf.prepare = failing_prepare
+    with pytest.raises(type(error)):
+        wf.run()
+    assert set(_statuses(tmp_path).values()) == {status}
