@@ -23,6 +23,7 @@ from scipy.ndimage import binary_erosion
 
 from monai_icmil.data.slide import open_slide
 from monai_icmil.engines.bag_phase import load_bag_classifier, save_bag_classifier
+from monai_icmil.engines.embedder_phase import EmbedderPhase
 from monai_icmil.handlers.tracking import using_store
 from monai_icmil.workflows import ICMILWorkflow, check_config
 
@@ -965,6 +966,24 @@ def test_a_round_from_the_command_line_must_be_a_finished_round(tmp_path):
     for bad in (2, "2", 1.5, "one", True, -1):
         with pytest.raises(ValueError, match=r"infer_round .* is not a finished round .*\(finished rounds: 0, 1\)"):
             wf.trained_round(bad, "infer_round")
+
+
+def test_a_finished_phase_made_with_other_settings_is_refused_not_mixed_into_the_run(tmp_path):
+    """state.json records each finished phase's settings hash; a rerun in the same output_dir with other settings for
+    that phase is refused (its results would be summarised beside the new settings'), the same settings reuse it, and
+    records from before the hash existed are reused as they were."""
+    wf = ICMILWorkflow(str(tmp_path), str(tmp_path / "out"), mlflow={"enabled": False}, progress=False)
+    wf._mark(1, "embedder_phase", {"seconds": 1.0})
+    record = wf.ledger.get(1, "embedder_phase")
+    assert record["settings"] == wf._settings("embedder_phase") and wf.embedder_phase(1) == record
+    other = ICMILWorkflow(
+        str(tmp_path), str(tmp_path / "out"), mlflow={"enabled": False}, progress=False,
+        embedder_phase=EmbedderPhase(epochs=3, device="cpu", progress=False),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"round 1's embedder_phase in '.*out' was trained with other embedder_phase "):
+        other.embedder_phase(1)
+    wf.ledger.mark(2, "embedder_phase", {"seconds": 2.0})  # an older record, without the hash
+    assert other.embedder_phase(2) == {"seconds": 2.0}
 
 
 def test_the_summary_names_where_round_0s_embedder_comes_from(synthetic_dataset, tmp_path):

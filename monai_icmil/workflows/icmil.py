@@ -60,6 +60,7 @@ from monai_icmil.utils import (
     component_signature,
     default_device,
     dist_info,
+    stable_hash,
 )
 from monai_icmil.workflows.ledger import PhaseLedger
 from monai_icmil.workflows.splits import DatasetSplits
@@ -443,6 +444,34 @@ class ICMILWorkflow(BundleWorkflow):
         return r
 
     # ------------------------------------------------------------------------------------------------ phases
+    def _settings(self, name: str) -> str | None:
+        """The hash of what phase ``name``'s results depend on (its ``signature()``), recorded with them."""
+        signature = getattr(self.phases.get(name), "signature", None)
+        return stable_hash(signature()) if callable(signature) else None
+
+    def _finished(self, r: int | None, name: str) -> dict[str, Any] | None:
+        """The record of phase ``name`` of round ``r`` (``None``: before the rounds) when it has finished.
+
+        Raises:
+            ValueError: it finished with other settings than this run's (its results would be mixed with the new
+                settings' in one summary), naming ``state.json`` and the fix.
+        """
+        done = self.ledger.get(r, name)
+        if done is not None and done.get("settings") not in (None, want := self._settings(name)):
+            where = name if r is None else f"round {r}'s {name}"
+            raise ValueError(
+                f"{where} in '{self.output_dir}' was trained with other {name} settings than this run's (settings "
+                f"hash {done['settings']} in '{self.ledger.path}', {want} now): its results would be mixed with the "
+                f"new settings' in one summary. Use a new --output_dir for the new settings, or run with the ones it "
+                "was trained with."
+            )
+        return done
+
+    def _mark(self, r: int | None, name: str, record: dict[str, Any]) -> None:
+        """Record phase ``name`` of round ``r`` as finished, with its settings' hash."""
+        settings = self._settings(name)
+        self.ledger.mark(r, name, {**record, **({"settings": settings} if settings else {})})
+
     def pretrain(self) -> dict[str, Any]:
         """Pre-training of the starting embedder (``pretrain``); its output is round 0's embedder. Runs once
         (recorded in ``state.json``), on rank 0 while the others wait."""
@@ -452,7 +481,7 @@ class ICMILWorkflow(BundleWorkflow):
         if phase is None:
             raise ValueError("no pretrain phase is configured (add configs/pretrain.json).")
         out = self.output_dir / "pretrain"
-        if _rank() == 0 and not (self.ledger.get(None, "pretrain") and (out / "embedder.safetensors").is_file()):
+        if _rank() == 0 and not (self._finished(None, "pretrain") and (out / "embedder.safetensors").is_file()):
             run, t0 = self.tracking.nested("pretrain"), time.perf_counter()
             result = phase(
                 self.starting_embedder(), self._usable("training"), out, self.seed + 7, run, self.backend,
@@ -465,7 +494,7 @@ class ICMILWorkflow(BundleWorkflow):
                 "final_loss": final_loss,
             }
             self.tracking.end(run)
-            self.ledger.mark(None, "pretrain", record)
+            self._mark(None, "pretrain", record)
         barrier()  # every rank passes here once, whether or not there was work
         self._pretrain_record = self.ledger.get(None, "pretrain") or {}
         return self._pretrain_record
@@ -505,7 +534,7 @@ class ICMILWorkflow(BundleWorkflow):
         datalist has ground-truth masks, its instance teacher's patch AUC (:meth:`teacher_vs_truth`)."""
         from monai_icmil.engines.bag_phase import evaluate_bags
 
-        if (done := self.ledger.get(r, "bag_phase")) is not None:
+        if (done := self._finished(r, "bag_phase")) is not None:
             if self._round_records_missing(r):  # a run stopped between the phase's record and these
                 self._repair_round_records(r)
             return done
@@ -539,7 +568,7 @@ class ICMILWorkflow(BundleWorkflow):
             if run is not None:
                 run.log_params({"kept_start": record["kept_start"]})
         self.tracking.end(run)
-        self.ledger.mark(r, "bag_phase", record)
+        self._mark(r, "bag_phase", record)
         self.test(r)
         self.teacher_vs_truth(r)
         barrier()
@@ -594,7 +623,7 @@ class ICMILWorkflow(BundleWorkflow):
 
         if r < 1:
             raise ValueError("the embedder phase starts round 1 (it needs round 0's bag classifier as teacher)")
-        if (done := self.ledger.get(r, "embedder_phase")) is not None:
+        if (done := self._finished(r, "embedder_phase")) is not None:
             return done
         self.bag_phase(r - 1)
         run, t0 = self.tracking.phase(r, "embedder_phase"), time.perf_counter()
@@ -630,7 +659,7 @@ class ICMILWorkflow(BundleWorkflow):
             record["teacher_features"] = len(extra["teacher_features"])
         self.tracking.end(run)
         if _rank() == 0:  # under torchrun every rank trains (DDP); rank 0 records
-            self.ledger.mark(r, "embedder_phase", record)
+            self._mark(r, "embedder_phase", record)
         barrier()
         return record
 
