@@ -43,3 +43,15 @@ def test_the_workflow_ends_its_runs_when_a_phase_raises(tmp_path, error, status)
     with pytest.raises(type(error)):
         wf.run()
     assert set(_statuses(tmp_path).values()) == {status}
+
+
+def test_a_run_name_with_a_quote_is_found_again_and_a_broken_state_json_is_named(tmp_path):
+    from monai_icmil.handlers.tracking import start_run
+    from monai_icmil.workflows.ledger import PhaseLedger
+
+    uri = sqlite_tracking_uri(tmp_path)
+    first = start_run(uri, "icmil", "patient's run")
+    assert start_run(uri, "icmil", "patient's run").run_id == first.run_id  # resumed, not a second run
+    (tmp_path / "state.json").write_text('{"rounds": {"0": {')
+    with pytest.raises(ValueError, match=r"state\.json' \(the run's record of finished phases\) is not valid JSON"):
+        PhaseLedger(tmp_path / "state.json").get(0, "embed")

@@ -60,8 +60,9 @@ class RNGState:
         n = state["numpy"]
         np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
         torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda" in state and torch.cuda.is_available():  # as many devices as both machines have
+            for device, cuda_state in enumerate(list(state["cuda"])[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, device)
 
 
 def _as_tuple(x: Any) -> Any:

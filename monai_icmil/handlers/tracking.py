@@ -117,7 +117,8 @@ def start_run(
     all_tags = dict(tags or {})
     if parent is not None:
         all_tags["mlflow.parentRunId"] = parent.run_id
-    for run in client.search_runs([exp_id], filter_string=f"attributes.run_name = '{run_name}'"):
+    quoted = f'"{run_name}"' if "'" in run_name else f"'{run_name}'"  # MLflow's filter takes either quote
+    for run in client.search_runs([exp_id], filter_string=f"attributes.run_name = {quoted}"):
         same_parent = run.data.tags.get("mlflow.parentRunId") == (parent.run_id if parent else None)
         if same_parent and run.info.status != RunStatus.to_string(RunStatus.FINISHED):
             if run.info.status != RunStatus.to_string(RunStatus.RUNNING):  # a failed or killed attempt, resumed

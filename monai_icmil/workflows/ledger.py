@@ -36,7 +36,13 @@ class PhaseLedger:
         """
         if not self.path.is_file():
             return {"rounds": {}}
-        state = json.loads(self.path.read_text())
+        try:
+            state = json.loads(self.path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"'{self.path}' (the run's record of finished phases) is not valid JSON ({e}): fix the edit, or use a "
+                "new output_dir (or delete the file to redo every phase: the stores keep the features)."
+            ) from e
         if any("bag" in phases for phases in state.get("rounds", {}).values()):
             raise RuntimeError(
                 f"'{self.path}' was written by monai-icmil 0.1, whose coordinate and feature stores are keyed "
