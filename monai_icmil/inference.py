@@ -19,6 +19,7 @@ from monai_icmil.data.prepare import prepare_coords, slide_signature, tiling_sig
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import as_mpp, get_slide
 from monai_icmil.data.store import CoordsStore, FeatureStore, feature_key
+from monai_icmil.data.tiling import patch_grids
 from monai_icmil.engines.embed import Embed
 from monai_icmil.handlers.writers import SlidePrediction
 from monai_icmil.networks.embedders import PatchEmbedder
@@ -93,18 +94,8 @@ def with_stride(tiling: Any, stride: int) -> Any:
     Raises:
         ValueError: ``stride`` not a positive divisor of the patch size, or no grid with a stride in ``tiling``.
     """
-    dense, grids = copy.deepcopy(tiling), []
-
-    def visit(obj: Any, depth: int = 0) -> None:
-        if obj is None or depth > 4:
-            return
-        if hasattr(obj, "stride") and hasattr(obj, "patch_size"):
-            grids.append(obj)
-            return
-        for child in [*(getattr(obj, "transforms", None) or []), getattr(obj, "transform", None)]:
-            visit(child, depth + 1)
-
-    visit(dense)
+    dense = copy.deepcopy(tiling)
+    grids = patch_grids(dense)
     if not grids:
         raise ValueError("heatmap_stride: the tiling has no patch grid with a stride (GridPatchCoordsd, TilingConfig).")
     for grid in grids:

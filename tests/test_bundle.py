@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -984,6 +985,14 @@ def test_a_finished_phase_made_with_other_settings_is_refused_not_mixed_into_the
         other.embedder_phase(1)
     wf.ledger.mark(2, "embedder_phase", {"seconds": 2.0})  # an older record, without the hash
     assert other.embedder_phase(2) == {"seconds": 2.0}
+    on_gpu, on_cpu = (
+        ICMILWorkflow(
+            str(tmp_path), str(tmp_path / "out"), mlflow={"enabled": False}, progress=False,
+            embedder_phase=EmbedderPhase(optimizer=functools.partial(torch.optim.Adam, lr=1e-5, fused=fused)),
+        )
+        for fused in (True, False)
+    )  # fmt: skip
+    assert on_gpu._settings("embedder_phase") == on_cpu._settings("embedder_phase")  # a run continued on a CPU
 
 
 def test_the_summary_names_where_round_0s_embedder_comes_from(synthetic_dataset, tmp_path):

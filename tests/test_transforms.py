@@ -114,6 +114,7 @@ def test_array_transforms_refuse_each_others_results_and_bad_settings_at_constru
     ):
         with pytest.raises(ValueError, match=rf"GridPatchCoords: {error}"):
             GridPatchCoords(**kwargs)
+    assert type(GridPatchCoords(mpp=1).mpp) is int  # checked, kept as given: it is part of the stores' keys
     mask = TissueMask()(path)
     grid = GridPatchCoords(patch_size=64, mpp=1.0)
     want = grid(path, mask).coords

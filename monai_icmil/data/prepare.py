@@ -28,6 +28,7 @@ from monai_icmil.data.integrity import TileErrorPolicy, damaged_patches
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import as_mpp, get_slide
 from monai_icmil.data.store import CoordsStore, coords_key
+from monai_icmil.data.tiling import patch_grids
 from monai_icmil.utils import component_signature
 
 __all__ = ["prepare_coords", "SlideTiles", "tiling_signature", "slide_signature"]
@@ -235,6 +236,8 @@ def prepare_coords(
         raise ValueError(f"on_slide_error must be 'skip' or 'raise', got {on_slide_error!r}")
     signature = tiling_signature(transforms)
     policy = tile_policy or TileErrorPolicy()
+    grids = patch_grids(transforms)  # their stride, for coordinate stores that did not record it
+    grid_stride = (grids[0].stride or grids[0].patch_size) if grids else None
     out: dict[str, SlideTiles] = {}
     summary: list[dict[str, Any]] = []
     for item in _progress(items, progress):
@@ -261,7 +264,7 @@ def prepare_coords(
             level=int(meta["level"]),
             read_size=int(meta["read_size"]),
             patch_size=int(meta["patch_size"]),
-            stride=int(meta.get("stride") or meta["patch_size"]),
+            stride=int(meta.get("stride") or grid_stride or meta["patch_size"]),  # (stores before 2026-12: no stride)
             **({"slide_mpp": meta["slide_mpp"]} if meta.get("slide_mpp") is not None else {}),
         )
     if qc_dir is not None:

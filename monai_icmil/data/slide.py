@@ -126,8 +126,8 @@ def as_mpp(value: Any, name: str = "mpp", optional: bool = False) -> float | Non
     mpp = as_positive(value, name, optional=optional)
     if mpp is not None and _plausible_mpp(mpp) is None:
         raise ValueError(
-            f"'{name}' {mpp:g} is outside {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} microns per pixel: give the "
-            "level-0 pixel size in um (about 0.25 at 40x, 0.5 at 20x), not nm or mm"
+            f"'{name}' {mpp:g} is outside {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} microns per pixel: give it in um "
+            "per pixel (a slide's level 0 is about 0.25 at 40x, 0.5 at 20x), not nm or mm"
         )
     return mpp
 

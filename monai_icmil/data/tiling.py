@@ -273,6 +273,25 @@ def _check_grid_args(
     return stride
 
 
+def patch_grids(tiling: Any) -> list[Any]:
+    """The patch grids (objects with ``stride`` and ``patch_size``: a :class:`GridPatchCoords` or
+    :class:`TilingConfig`) in tiling transforms, looking through ``Compose`` (``transforms``) and dictionary
+    transforms (``transform``)."""
+    grids: list[Any] = []
+
+    def visit(obj: Any, depth: int = 0) -> None:
+        if obj is None or depth > 4:
+            return
+        if hasattr(obj, "stride") and hasattr(obj, "patch_size"):
+            grids.append(obj)
+            return
+        for child in [*(getattr(obj, "transforms", None) or []), getattr(obj, "transform", None)]:
+            visit(child, depth + 1)
+
+    visit(tiling)
+    return grids
+
+
 def _read_level(
     reader: SlideReader, patch_size: int, mpp: float | None, level: int | None
 ) -> tuple[int, int, float | None]:

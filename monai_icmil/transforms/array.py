@@ -125,7 +125,7 @@ class GridPatchCoords(Transform):
             raise ValueError("GridPatchCoords: pass either `mpp` or `level`, not both.")
         try:  # here rather than in a DataLoader worker at the first slide
             _check_grid_args(patch_size, mpp, level, stride, min_tissue)
-            mpp = as_mpp(mpp, "mpp", optional=True)
+            as_mpp(mpp, "mpp", optional=True)  # checked; kept as given (it is part of the stores' keys)
             if level is not None and int(level) < 0:
                 raise ValueError(f"level must be >= 0 (0 is the full resolution), got {level}")
         except ValueError as e:

@@ -68,6 +68,20 @@ from monai_icmil.workflows.summary import write_summary
 
 __all__ = ["ICMILWorkflow"]
 
+#: optimizer keywords that choose an implementation for the device (train.json sets ``fused`` on CUDA), not a result
+_DEVICE_KEYWORDS = frozenset({"fused", "foreach", "capturable"})
+
+
+def _device_neutral(signature: Any) -> Any:
+    """``signature`` (a :func:`~monai_icmil.utils.component_signature`) without :data:`_DEVICE_KEYWORDS`, so that a
+    run continued on another device keeps its finished phases."""
+    if isinstance(signature, dict):
+        return {k: _device_neutral(v) for k, v in signature.items() if k not in _DEVICE_KEYWORDS}
+    if isinstance(signature, list):
+        return [_device_neutral(v) for v in signature]
+    return signature
+
+
 logger = logging.getLogger("monai_icmil.workflow")
 
 
@@ -229,6 +243,7 @@ class ICMILWorkflow(BundleWorkflow):
         self.tiling_params = tiling_signature(self.tiling)
         self._slides: dict[str, SlideTiles] | None = None
         self._pretrain_record: dict[str, Any] | None = None
+        self._settings_hashes: dict[str, str | None] = {}
 
     def _check_counts(self, synthetic: Mapping[str, Any] | None) -> None:
         """The data root exists (unless generated), and the round and fold counts make sense."""
@@ -445,9 +460,13 @@ class ICMILWorkflow(BundleWorkflow):
 
     # ------------------------------------------------------------------------------------------------ phases
     def _settings(self, name: str) -> str | None:
-        """The hash of what phase ``name``'s results depend on (its ``signature()``), recorded with them."""
-        signature = getattr(self.phases.get(name), "signature", None)
-        return stable_hash(signature()) if callable(signature) else None
+        """The hash of what phase ``name``'s results depend on (its ``signature()``, without the optimizer keywords
+        that only choose a device's implementation), recorded with them; taken once, before the phase runs (a phase
+        may move its buffers in place)."""
+        if name not in self._settings_hashes:
+            signature = getattr(self.phases.get(name), "signature", None)
+            self._settings_hashes[name] = stable_hash(_device_neutral(signature())) if callable(signature) else None
+        return self._settings_hashes[name]
 
     def _finished(self, r: int | None, name: str) -> dict[str, Any] | None:
         """The record of phase ``name`` of round ``r`` (``None``: before the rounds) when it has finished.
@@ -776,11 +795,11 @@ class ICMILWorkflow(BundleWorkflow):
     def run(self) -> dict[str, Any]:
         """The whole ICMIL loop with the stopping rule; prints and saves ``summary.md``. With ``folds >= 2``, the
         loop once per cross-validation fold (:class:`~monai_icmil.workflows.folds.CrossValidation`)."""
-        if self.folds >= 2:
-            from monai_icmil.workflows.folds import CrossValidation
-
-            return CrossValidation(self, self.folds).run()
         try:
+            if self.folds >= 2:
+                from monai_icmil.workflows.folds import CrossValidation
+
+                return CrossValidation(self, self.folds).run()
             return self._run_loop()
         except BaseException as error:  # no MLflow run is left RUNNING; the rerun resumes them
             self.tracking.abandon("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
