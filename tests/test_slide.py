@@ -270,3 +270,9 @@ def test_pyramid_levels_are_the_rounded_2x2_means_in_integers():
     for got, expected in zip(levels, want):
         np.testing.assert_array_equal(got, expected)
     assert levels[1][0, 0, 0] == 2  # (1 + 1 + 2 + 2) / 4 = 1.5 -> 2
+
+
+def test_the_thumbnail_downsample_is_the_long_sides_so_overlays_do_not_drift_down_a_needle_core(tmp_path):
+    write_slide(tmp_path / "core.tif", np.full((3000, 315, 3), 200, np.uint8), mpp=0.5)
+    thumb, ds = open_slide(tmp_path / "core.tif").thumbnail(100)
+    assert thumb.shape[0] == 100 and ds == 30.0  # 315 / 30 rounds to a whole width; the height is exact

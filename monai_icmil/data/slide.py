@@ -529,7 +529,8 @@ class SlideReader(ABC):
         return out
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
-        """A thumbnail no larger than ``max_size`` on its long side, and its downsample relative to level 0."""
+        """A thumbnail no larger than ``max_size`` on its long side, and its downsample relative to level 0 (measured
+        on the long side, where the thumbnail's rounding to whole pixels matters least)."""
         w0, h0 = self.dimensions
         target_ds = max(w0, h0) / max_size
         level = self.level_for_downsample(max(target_ds, 1.0))
@@ -538,7 +539,7 @@ class SlideReader(ABC):
         scale = min(1.0, max_size / max(lw, lh))
         if scale < 1.0:
             img = resize_patches(img[None], (max(1, round(lh * scale)), max(1, round(lw * scale))))[0]
-        return img, w0 / img.shape[1]
+        return img, max(w0, h0) / max(img.shape[:2])  # the long side's: least rounding (a needle core's height)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:  # noqa: B027 - optional for backends
