@@ -80,18 +80,17 @@ def auc_confidence_interval(scores: np.ndarray, labels: np.ndarray, level: float
     same (e.g. AUC 0 or 1): with few slides read it as "no overlap in this sample", not as certainty.
 
     Returns:
-        ``(low, high)``; ``(nan, nan)`` when a class is missing.
+        ``(low, high)``; ``(nan, nan)`` when a class has fewer than 2 slides (a class's variance needs two: with one,
+        the interval would leave out its share and look far narrower than it is).
     """
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
     pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
+    if len(pos) < 2 or len(neg) < 2:
         return float("nan"), float("nan")
     v10 = _placements(pos, np.sort(neg))  # share of negatives each positive outscores
     v01 = 1.0 - _placements(neg, np.sort(pos))  # share of positives that outscore each negative
     auc = float(v10.mean())
-    var = (np.var(v10, ddof=1) / len(pos) if len(pos) > 1 else 0.0) + (
-        np.var(v01, ddof=1) / len(neg) if len(neg) > 1 else 0.0
-    )
+    var = np.var(v10, ddof=1) / len(pos) + np.var(v01, ddof=1) / len(neg)
     z = NormalDist().inv_cdf(0.5 + level / 2.0)
     half = z * math.sqrt(max(var, 0.0))
     return max(0.0, auc - half), min(1.0, auc + half)

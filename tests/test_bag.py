@@ -215,6 +215,7 @@ def test_auc_confidence_interval_is_delongs():
     assert (hi - lo) / 2 == pytest.approx(1.959964 * np.std(boot), rel=0.1)
     assert auc_confidence_interval([1, 2, 3, 4], [0, 0, 1, 1]) == (1.0, 1.0)
     assert all(np.isnan(auc_confidence_interval([1, 2], [1, 1])))
+    assert all(np.isnan(auc_confidence_interval([0.9, 0.1, 0.2, 0.3], [1, 0, 0, 0])))  # one positive: no variance
     p1 = 1 / (1 + np.exp(-s))
     m = slide_metrics(np.stack([1 - p1, p1], 1), y)
     assert (m["auc_ci_low"], m["auc_ci_high"]) == pytest.approx((lo, hi))

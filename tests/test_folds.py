@@ -77,6 +77,61 @@ def test_too_few_patients_for_the_folds_is_a_clear_error():
         assign_folds(entries, 1)
 
 
+def test_a_patient_is_one_group_whichever_field_names_it_and_rows_without_one_are_refused():
+    rows = [
+        {"slide_id": "a", "label": 0, "patient": "P01"},
+        {"slide_id": "b", "label": 1, "patient_id": "P01"},
+        {"slide_id": "c", "label": 0, "patient": " P01 "},
+        {"slide_id": "d", "label": 1, "patient": 7},
+        {"slide_id": "e", "label": 0, "patient": "7"},
+    ]
+    assert slide_groups(rows) == ["patient:P01"] * 3 + ["patient:7"] * 2
+    assert slide_groups([{"slide_id": "x", "label": 0}]) == ["slide:x"]
+    with pytest.raises(ValueError, match=r"1 slide\(s\) have no patient .* while the others do: f\. Give every row"):
+        slide_groups([*rows, {"slide_id": "f", "label": 1, "patient": ""}])
+
+
+def test_a_held_out_validation_split_keeps_patients_whole_and_shared_patients_are_warned(tmp_path):
+    from monai_icmil.workflows.splits import DatasetSplits
+
+    train = _patients(2, n=24)
+    for e in train:
+        e["image"] = f"{e['slide_id']}.tiff"
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": train}))
+    splits = DatasetSplits(tmp_path, "datalist.json", tmp_path / "out", seed=3)
+    with pytest.warns(UserWarning, match=r"held out \(stratified, whole patients, seed 3\)"):
+        items = splits.items()
+    val, fit = _patients_of(items["validation"]), _patients_of(items["training"])
+    assert val and fit and not val & fit and {e["label"] for e in items["validation"]} == {0, 1}
+    assert json.loads((tmp_path / "out" / "validation_split.json").read_text())["grouped_by"] == "patient"
+    with pytest.raises(ValueError, match=r"validation_split\.json holds the validation split made with seed 3"):
+        DatasetSplits(tmp_path, "datalist.json", tmp_path / "out", seed=4).items()
+    shared = {
+        "training": train[:-1],
+        "validation": train[-1:],
+        "test": [{**train[0], "slide_id": "again", "image": "again.tiff"}],
+    }
+    (tmp_path / "shared.json").write_text(json.dumps(shared))
+    with pytest.warns(UserWarning, match=r"patient\(s\) have slides in more than one split of the datalist \(P0"):
+        DatasetSplits(tmp_path, "shared.json", tmp_path / "out2").items()
+
+
+def test_the_mean_over_folds_says_how_many_folds_it_averages_and_writes_strict_json(tmp_path):
+    from monai_icmil.workflows.folds import cv_summary
+
+    row = {"val_auc": 0.9, "test_auc": float("nan"), "teacher_patch_auc": None, "test_acc": 0.5, "test_f1": 0.5}
+    summaries = [
+        {"final_round": 0, "rows": {0: {**row, "round": 0}}},
+        {"final_round": 0, "rows": {0: {**row, "test_auc": 0.8, "round": 0}}},
+    ]
+    summary = cv_summary(tmp_path, summaries, "2 folds")
+    assert "| 0 | 2 | 0.900 +/- 0.000 | 0.800 (n=1) | - | 0.500 +/- 0.000 |" in summary["markdown"]
+    final = summary["rounds"][-1]
+    assert final["test_auc"] == 0.8 and final["test_auc_sd"] is None and final["test_auc_n"] == 1
+    assert "test_auc_ci" not in final and final["val_auc_ci"] == [0.9, 0.9]
+    json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary"))
+
+
 def test_a_negative_fold_count_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="folds must be 0 .off. or the number of cross-validation folds .* got -1"):
         ICMILWorkflow(str(tmp_path), str(tmp_path / "out"), folds=-1, mlflow={"enabled": False})

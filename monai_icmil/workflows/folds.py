@@ -43,13 +43,36 @@ logger = logging.getLogger("monai_icmil.workflow")
 GROUP_KEYS = ("patient", "patient_id", "case_id", "case", "subject", "subject_id")
 
 
+def _group_value(entry: Mapping[str, Any], group_keys: Sequence[str]) -> str | None:
+    """The entry's patient: its first non-empty ``group_keys`` field, as text without surrounding spaces."""
+    for key in group_keys:
+        value = entry.get(key)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    return None
+
+
 def slide_groups(entries: Sequence[Mapping[str, Any]], group_keys: Sequence[str] = GROUP_KEYS) -> list[str]:
-    """The group (patient) of each entry: its first non-empty ``group_keys`` field, else the slide alone."""
-    groups = []
-    for e in entries:
-        key = next((k for k in group_keys if e.get(k) not in (None, "")), None)
-        groups.append(f"{key}:{e[key]}" if key else f"slide:{e['slide_id']}")
-    return groups
+    """The group (patient) of each entry: ``<field>:<value>``, the field being the first of ``group_keys`` the
+    datalist uses (whichever of them a row fills: ``patient`` P01 and ``patient_id`` P01 are one patient; the value
+    without surrounding spaces); with none of them anywhere, each slide alone (``slide:<slide_id>``).
+
+    Raises:
+        ValueError: some rows name a patient and others do not (those would each be a patient of their own, and a
+            patient's slides could then land in two splits), naming the rows and the fix.
+    """
+    values = [_group_value(e, group_keys) for e in entries]
+    if all(v is None for v in values):
+        return [f"slide:{e['slide_id']}" for e in entries]
+    unnamed = [e["slide_id"] for e, v in zip(entries, values) if v is None]
+    if unnamed:
+        raise ValueError(
+            f"{len(unnamed)} slide(s) have no patient ({' / '.join(group_keys[:3])} ...) while the others do: "
+            f"{', '.join(unnamed[:5])}{' ...' if len(unnamed) > 5 else ''}. Give every row its patient (a slide of "
+            "its own patient: a unique id), so that no patient's slides are split between training and evaluation."
+        )
+    field = next(k for k in group_keys if any(e.get(k) is not None and str(e.get(k)).strip() for e in entries))
+    return [f"{field}:{v}" for v in values]
 
 
 def assign_folds(
@@ -96,6 +119,13 @@ def assign_folds(
         f = min(cost)[2]
         per_fold[f] += counts[i]
         where[names[i]] = f
+    lacking = [(f, labels[c]) for f in range(num_folds) for c in range(len(labels)) if per_fold[f, c] == 0]
+    if lacking and len(labels) > 1:
+        logger.warning(
+            "%d part(s) of %d hold no slide of a class (%s): an AUC there is undefined and left out of the means "
+            "(the summary gives each mean's count); fewer folds, or more patients of the rarer class, avoid it",
+            len(lacking), num_folds, ", ".join(f"part {f}: no label {lab}" for f, lab in lacking[:4]),
+        )  # fmt: skip
     return [where[g] for g in groups]
 
 
@@ -127,7 +157,14 @@ def fold_splits(
             out.append({"training": rest, "validation": held, "test": test})
             continue
         parts = max(2, int(round(1.0 / val_fraction)))
-        val = assign_folds(rest, parts, seed + 1 + k, group_keys)
+        try:
+            val = assign_folds(rest, parts, seed + 1 + k, group_keys)
+        except ValueError as e:
+            raise ValueError(
+                f"fold {k}: holding out val_fraction {val_fraction:g} of its {len(set(slide_groups(rest, group_keys)))}"
+                f" training patients for validation needs at least {parts} of them ({e}). Use fewer folds, a larger "
+                "val_fraction, or give the datalist a test split (each fold then validates on its held-out part)."
+            ) from None
         train_k = [e for e, p in zip(rest, val) if p != 0]
         out.append({"training": train_k, "validation": [e for e, p in zip(rest, val) if p == 0], "test": held})
     return out, folds
@@ -254,7 +291,20 @@ def _mean_sd(values: Sequence[Any]) -> tuple[float | None, float | None, int]:
     v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not v:
         return None, None, 0
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None, len(v)
+
+
+def _mean_cell(mean: float | None, sd: float | None, n: int, of: int) -> str:
+    """``mean +/- sd``, with the count when it is not every fold (an undefined AUC is left out)."""
+    if mean is None:
+        return "-"
+    text = f"{mean:.3f} +/- {sd:.3f}" if sd is not None else f"{mean:.3f}"
+    return text + (f" (n={n})" if n < of else "")
+
+
+def _plain_number(v: Any) -> Any:
+    """``None`` for NaN (summary.json stays strict JSON)."""
+    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 def _fmt(v: Any) -> str:
@@ -284,7 +334,12 @@ def cv_summary(output_dir: str | Path, summaries: Sequence[Mapping[str, Any]], t
                 f"{_fmt(row['teacher_patch_auc'])} | {_fmt(row['test_acc'])} |"
             )
             per_fold.append(
-                {"fold": k, "final": r == s["final_round"], **{key: row.get(key) for key in keys}, "round": r}
+                {
+                    "fold": k,
+                    "final": r == s["final_round"],
+                    **{key: _plain_number(row.get(key)) for key in keys},
+                    "round": r,
+                }
             )
     rounds = sorted({row["round"] for row in per_fold})
     mean_rows, lines = [], lines + ["", "Mean +/- sd over the folds:", ""]
@@ -295,17 +350,20 @@ def cv_summary(output_dir: str | Path, summaries: Sequence[Mapping[str, Any]], t
     for r in [*rounds, "final"]:
         sel = [row for row in per_fold if (row["final"] if r == "final" else row["round"] == r)]
         stats = {key: _mean_sd([row[key] for row in sel]) for key in keys}
-        cells = " | ".join(
-            "-" if stats[key][0] is None else f"{stats[key][0]:.3f} +/- {stats[key][1]:.3f}" for key in keys[:4]
-        )
+        cells = " | ".join(_mean_cell(*stats[key], len(sel)) for key in keys[:4])
         lines.append(f"| {r} | {len(sel)} | {cells} |")
         row = {"round": r, "folds": len(sel)}
         for key in keys:
-            row[key], row[f"{key}_sd"] = stats[key][0], stats[key][1]
-            if key in ("val_auc", "test_auc") and stats[key][0] is not None:  # the plot's band: +/- sd
-                row[f"{key}_ci"] = [stats[key][0] - stats[key][1], stats[key][0] + stats[key][1]]
+            row[key], row[f"{key}_sd"], row[f"{key}_n"] = stats[key]
+            if key in ("val_auc", "test_auc") and stats[key][1] is not None:  # the plot's band: +/- sd, within 0-1
+                row[f"{key}_ci"] = [max(0.0, stats[key][0] - stats[key][1]), min(1.0, stats[key][0] + stats[key][1])]
         mean_rows.append(row)
-    lines += ["", "sd: sample standard deviation over the folds; `final`: each fold's round with the best val AUC."]
+    lines += [
+        "",
+        "sd: sample standard deviation over the folds (none from one fold); `(n=k)`: the mean of the k folds where the "
+        "value is defined (an AUC needs both classes), and a round reached by fewer folds (early stopping) averages "
+        "those folds only; `final`: each fold's round with the best val AUC.",
+    ]
     lines += ["Per fold: `fold_<k>/summary.md`. Assignment: `folds/folds.json`."]
     try:
         save_rounds_plot(out / "cv_rounds.png", mean_rows[:-1], title=f"{title}: mean, band +/- sd")

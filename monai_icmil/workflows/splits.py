@@ -17,6 +17,7 @@ import numpy as np
 
 from monai_icmil.data.datalist import SPLITS, load_datalist
 from monai_icmil.utils import atomic_write_json, barrier, dist_info
+from monai_icmil.workflows.folds import GROUP_KEYS, _group_value, assign_folds, slide_groups
 
 __all__ = ["DatasetSplits"]
 
@@ -31,7 +32,8 @@ class DatasetSplits:
         datalist: the datalist file (relative to ``dataset_dir`` unless absolute).
         output_dir: where a generated validation split is recorded (``validation_split.json``).
         seed: seeds the validation split.
-        val_fraction: fraction of each class of the training slides held out when there is no validation split.
+        val_fraction: fraction of each class of the training slides held out when there is no validation split
+            (whole patients when the datalist names them: ``patient``, ``patient_id``, ... as in cross-validation).
         synthetic: when given and the datalist is missing, generate a synthetic dataset into ``dataset_dir`` with
             these :func:`~monai_icmil.data.synthetic.make_dataset` arguments (rank 0 writes, every rank waits).
         allow_outside_root: allow datalist paths outside ``dataset_dir``.
@@ -74,6 +76,7 @@ class DatasetSplits:
             require_labels=("training", "validation"),
             allow_outside_root=self.allow_outside_root,
         )
+        _warn_shared_patients(items)
         if not items.get("validation") and self.hold_out_validation:
             items = self._with_validation_split(items)
         self._items = items
@@ -97,19 +100,24 @@ class DatasetSplits:
         split_file = self.output_dir / "validation_split.json"
         train = items["training"]
         if split_file.is_file():
-            val_ids = set(json.loads(split_file.read_text())["validation"])
+            record = json.loads(split_file.read_text())
+            for key, value in (("seed", self.seed), ("val_fraction", self.val_fraction)):
+                if key in record and record[key] != value:
+                    raise ValueError(
+                        f"{split_file} holds the validation split made with {key} {record[key]}, this run has "
+                        f"{value}: its finished rounds were validated on that split. Use a new output_dir, or the "
+                        f"{key} it was made with."
+                    )
+            val_ids, by_patient = set(record["validation"]), record.get("grouped_by") == "patient"
         else:
-            rng = np.random.default_rng(self.seed)
-            val_ids = set()
-            for label in sorted({e["label"] for e in train}):
-                ids = [e["slide_id"] for e in train if e["label"] == label]
-                k = max(1, int(round(len(ids) * self.val_fraction))) if len(ids) > 1 else 0
-                val_ids.update(rng.choice(ids, k, replace=False).tolist() if k else [])
+            by_patient = not all(g.startswith("slide:") for g in slide_groups(train))
+            val_ids = self._patient_hold_out(train) if by_patient else self._slide_hold_out(train)
             record = {"validation": sorted(val_ids), "seed": self.seed, "val_fraction": self.val_fraction}
-            atomic_write_json(split_file, record)
+            atomic_write_json(split_file, {**record, **({"grouped_by": "patient"} if by_patient else {})})
+        whole = ", whole patients" if by_patient else ""
         warnings.warn(
-            f"the datalist has no validation split: {len(val_ids)} training slides were held out (stratified, seed "
-            f"{self.seed}); the split is recorded in {split_file}.",
+            f"the datalist has no validation split: {len(val_ids)} training slides were held out (stratified{whole}, "
+            f"seed {self.seed}); the split is recorded in {split_file}.",
             stacklevel=3,
         )
         return {
@@ -117,3 +125,45 @@ class DatasetSplits:
             "training": [e for e in train if e["slide_id"] not in val_ids],
             "validation": [e for e in train if e["slide_id"] in val_ids],
         }
+
+    def _slide_hold_out(self, train: list[dict[str, Any]]) -> set[str]:
+        """``val_fraction`` of each label's slides, at random (seeded): the split without patient fields."""
+        rng = np.random.default_rng(self.seed)
+        val_ids: set[str] = set()
+        for label in sorted({e["label"] for e in train}):
+            ids = [e["slide_id"] for e in train if e["label"] == label]
+            k = max(1, int(round(len(ids) * self.val_fraction))) if len(ids) > 1 else 0
+            val_ids.update(rng.choice(ids, k, replace=False).tolist() if k else [])
+        return val_ids
+
+    def _patient_hold_out(self, train: list[dict[str, Any]]) -> set[str]:
+        """About ``val_fraction`` of the training patients, whole and stratified by label (one part of a grouped
+        k-fold assignment with k = 1 / val_fraction), so that no patient has slides on both sides."""
+        parts = max(2, int(round(1.0 / self.val_fraction)))
+        patients = len(set(slide_groups(train)))
+        if patients < parts:
+            raise ValueError(
+                f"the datalist has no validation split, and holding out val_fraction {self.val_fraction:g} of its "
+                f"{patients} training patients whole needs at least {parts} of them: give the datalist a validation "
+                "split (whole patients), or a larger val_fraction."
+            )
+        folds = assign_folds(train, parts, self.seed)
+        return {e["slide_id"] for e, f in zip(train, folds) if f == 0}
+
+
+def _warn_shared_patients(items: Mapping[str, list[dict[str, Any]]]) -> None:
+    """Warn when the datalist's own splits share a patient (its slides on both sides inflate the evaluation)."""
+    seen: dict[str, set[str]] = {}
+    for split, entries in items.items():
+        for e in entries:
+            patient = _group_value(e, GROUP_KEYS)
+            if patient is not None:
+                seen.setdefault(patient, set()).add(split)
+    shared = sorted(p for p, splits in seen.items() if len(splits) > 1)
+    if shared:
+        warnings.warn(
+            f"{len(shared)} patient(s) have slides in more than one split of the datalist ({', '.join(shared[:5])}"
+            f"{' ...' if len(shared) > 5 else ''}): their slides on both sides make validation and test look better "
+            "than on new patients. Put each patient's slides in one split.",
+            stacklevel=3,
+        )
