@@ -23,6 +23,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
 __all__ = [
+    "threshold_metrics",
     "binary_auc",
     "auc_confidence_interval",
     "paired_auc_difference",
@@ -163,6 +164,14 @@ def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     fpr, tpr, thr = roc_curve(scores, labels)
     best = int(np.argmax(tpr - fpr))
     return float(thr[best]) if np.isfinite(thr[best]) else float(np.max(scores) + 1e-12)
+
+
+def threshold_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """Accuracy and F1 of predicting positive when ``score >= threshold`` (a threshold chosen elsewhere, e.g. on the
+    validation split, so that these are fair test figures: a threshold fitted on the test labels is not)."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(int)
+    pred = (scores >= threshold).astype(int)
+    return {"acc": float((pred == labels).mean()) if len(labels) else float("nan"), "f1": _f1(pred, labels)}
 
 
 def _f1(pred: np.ndarray, labels: np.ndarray, positive: int = 1) -> float:

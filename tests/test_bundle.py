@@ -26,6 +26,7 @@ from monai_icmil.data.slide import open_slide
 from monai_icmil.engines.bag_phase import load_bag_classifier, save_bag_classifier
 from monai_icmil.engines.embedder_phase import EmbedderPhase
 from monai_icmil.handlers.tracking import using_store
+from monai_icmil.metrics import youden_threshold
 from monai_icmil.workflows import ICMILWorkflow, check_config
 
 import forked_python
@@ -714,6 +715,14 @@ def test_evaluate_config_writes_test_metrics(trained):
     assert metrics["auc_ci_low"] <= metrics["auc"] <= metrics["auc_ci_high"]
     assert metrics["auc"] == pytest.approx(trained_auc)
     assert len((test_dir / "predictions.csv").read_text().splitlines()) > 1
+    # accuracy at the validation split's threshold, by hand
+    val = list(csv.DictReader(open(out / f"round_{final}" / "bag_phase" / "predictions_val.csv")))
+    threshold = youden_threshold(
+        np.array([float(v["prob_tumour"]) for v in val]), np.array([int(v["label"]) for v in val])
+    )
+    rows = list(csv.DictReader(open(test_dir / "predictions.csv")))
+    hits = [(float(t["prob_tumour"]) >= threshold) == bool(int(t["label"])) for t in rows]
+    assert metrics["val_threshold"] == pytest.approx(threshold) and metrics["val_threshold_acc"] == np.mean(hits)
     printed, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index('{\n  "round"') :])
     assert (printed["round"], printed["split"], printed["metrics"]) == (final, "test", pytest.approx(metrics))
     unfinished = _bundle(trained, "run", str(CONFIGS / "evaluate.json"), eval_round=7)

@@ -686,6 +686,7 @@ class ICMILWorkflow(BundleWorkflow):
         """Metrics, predictions CSV and ROC curve of round ``r``'s bag classifier on ``split``'s labelled slides
         (unlabelled test slides, inference only, are named in the record's ``unlabelled`` and left out)."""
         from monai_icmil.engines.bag_phase import evaluate_bags, load_bag_classifier, write_predictions_csv
+        from monai_icmil.metrics import threshold_metrics
         from monai_icmil.visualize import save_roc_curve
 
         if split == "test" and (done := self.ledger.get(r, "test")) is not None:
@@ -710,6 +711,9 @@ class ICMILWorkflow(BundleWorkflow):
             probs, labels = np.array([x["probs"] for x in rows]), np.array([x["label"] for x in rows])
             if len(set(labels.tolist())) > 1:
                 save_roc_curve(out / "roc.png", probs, labels, title=f"round {r}, {split}: {len(rows)} slides")
+            if probs.shape[1] == 2 and (threshold := self._validation_threshold(r)) is not None:
+                fair = threshold_metrics(probs[:, 1], labels, threshold)  # youden_* fit the split's own labels
+                metrics.update(val_threshold=threshold, val_threshold_acc=fair["acc"], val_threshold_f1=fair["f1"])
             atomic_write_json(out / "metrics.json", metrics)
             predicted = np.bincount(probs.argmax(1), minlength=probs.shape[1]).tolist()  # slides called each class
             record = {"metrics": metrics, "slides": len(rows), "predicted": predicted}
@@ -722,6 +726,24 @@ class ICMILWorkflow(BundleWorkflow):
                 rr.log_metrics({f"test_{k}": v for k, v in record["metrics"].items()})
                 rr.log_artifacts([out / "predictions.csv", out / "roc.png"], artifact_path="test")
         return record
+
+    def _validation_threshold(self, r: int) -> float | None:
+        """The Youden threshold of round ``r``'s classifier on its validation slides (from the bag phase's
+        ``predictions_val.csv``), to score the test split with a threshold its labels did not choose; ``None``
+        without the file or with one class there."""
+        import csv
+
+        from monai_icmil.metrics import youden_threshold
+
+        path = self.round_dir(r) / "bag_phase" / "predictions_val.csv"
+        if not path.is_file():
+            return None
+        rows = [row for row in csv.DictReader(path.open()) if row.get("label") not in (None, "")]
+        positive = [k for k in (rows[0] if rows else {}) if k.startswith("prob_")][-1:]
+        labels = np.array([int(row["label"]) for row in rows])
+        if not positive or len(set(labels.tolist())) < 2:
+            return None
+        return float(youden_threshold(np.array([float(row[positive[0]]) for row in rows]), labels))
 
     def _round_records_missing(self, r: int) -> bool:
         """Whether finished round ``r`` lacks its test record, or its teacher record where there are masks."""
