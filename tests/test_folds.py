@@ -268,3 +268,9 @@ def test_a_started_cross_validation_keeps_the_grouping_fields_it_was_planned_wit
     assert all(s["group"].startswith("slide:") for s in planned["slides"].values())
     CrossValidation(wf, 3).plan()  # the default fields (with 'patient') would group the slides differently
     assert json.loads(path.read_text()) == planned
+    wf.splits.val_fraction = 0.5  # another inner validation share: the folds' training splits would differ
+    with pytest.raises(ValueError, match=r"its val_fraction differs.*new output_dir"):
+        CrossValidation(wf, 3).plan()
+    del planned["val_fraction"]  # a plan from before val_fraction was recorded continues
+    path.write_text(json.dumps(planned))
+    CrossValidation(wf, 3).plan()

@@ -210,16 +210,17 @@ class CrossValidation:
             "seed": wf.seed,
             "group_keys": list(self.group_keys),
             "test": "fixed" if items.get("test") else "held-out part of each fold",
+            "val_fraction": wf.splits.val_fraction,
             "slides": {
                 e["slide_id"]: {"fold": f, "group": g, "label": e["label"]} for e, f, g in zip(pool, folds, groups)
             },
         }
         if before is not None:
-            for key in ("num_folds", "seed", "slides"):
-                if before.get(key) != record[key]:
+            for key in ("num_folds", "seed", "slides", "test", "val_fraction"):
+                if key in before and before.get(key) != record[key]:  # (val_fraction: recorded since 2026-12)
                     raise ValueError(
                         f"{path} was written for another cross-validation (its {key} differs: a changed datalist, "
-                        "fold count or seed). Use a new output_dir, or remove that folder to start over."
+                        "fold count, seed or val_fraction). Use a new output_dir, or remove that folder to start over."
                     )
         atomic_write_json(path, record)
         paths = []
