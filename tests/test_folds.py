@@ -130,6 +130,17 @@ def test_the_mean_over_folds_says_how_many_folds_it_averages_and_writes_strict_j
     assert final["test_auc"] == 0.8 and final["test_auc_sd"] is None and final["test_auc_n"] == 1
     assert "test_auc_ci" not in final and final["val_auc_ci"] == [0.9, 0.9]
     json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary"))
+    summaries[1]["rows"][1] = {**row, "val_auc": 0.95, "test_auc": 0.9, "round": 1}  # fold 1 reached round 1
+    text = cv_summary(tmp_path, summaries, "2 folds")["markdown"]
+    assert "| 1 | 1 | 0.050 | 0.100 |" in text  # round 1's change: fold 1 alone, against its own round 0
+    assert json.loads((tmp_path / "summary.json").read_text())["changes"] == [
+        {
+            "round": 1,
+            "folds": 1,
+            "val_auc_change": [pytest.approx(0.05), None, 1],
+            "test_auc_change": [pytest.approx(0.1), None, 1],
+        }
+    ]
 
 
 def test_a_negative_fold_count_is_refused_before_any_work(tmp_path):
@@ -218,9 +229,9 @@ def test_a_three_fold_run_writes_per_fold_rows_and_the_mean_and_an_interrupted_f
         json.loads((out / f"fold_{k}" / "state.json").read_text())["rounds"]["0"]["embed"]["written"] for k in range(3)
     ]
     assert written == [12, 0, 0]
-    # summary.md: 3 folds x 2 rounds, then the mean +/- sd per round and over each fold's final round
+    # summary.md: 3 folds x 2 rounds, the mean +/- sd per round and over each fold's final round, round 1's change
     text = (out / "summary.md").read_text()
-    assert sum(1 for line in text.splitlines() if line.startswith(("| 0 | ", "| 1 | ", "| 2 | "))) == 6 + 2
+    assert sum(1 for line in text.splitlines() if line.startswith(("| 0 | ", "| 1 | ", "| 2 | "))) == 6 + 2 + 1
     rows = json.loads((out / "summary.json").read_text())
     for r in (0, 1):
         aucs = [row["test_auc"] for row in rows["folds"] if row["round"] == r]
@@ -233,6 +244,12 @@ def test_a_three_fold_run_writes_per_fold_rows_and_the_mean_and_an_interrupted_f
             np.std(aucs, ddof=1)
         )
         assert f"| {r} | 3 | " in text and f"{np.mean(aucs):.3f} +/- {np.std(aucs, ddof=1):.3f}" in text
+    change = [a - b for a, b in zip(*([row["test_auc"] for row in rows["folds"] if row["round"] == r] for r in (1, 0)))]
+    assert rows["changes"][0]["test_auc_change"] == [
+        pytest.approx(np.mean(change)),
+        pytest.approx(np.std(change, ddof=1)),
+        3,
+    ]
     assert summary["final"]["cv_test_auc"] == rows["rounds"][-1]["test_auc"] and (out / "cv_rounds.png").is_file()
     # MLflow: one parent run, a run per fold nested under it, each fold's rounds nested under the fold
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.resolve()}/mlruns.db")

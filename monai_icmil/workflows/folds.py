@@ -359,6 +359,13 @@ def cv_summary(output_dir: str | Path, summaries: Sequence[Mapping[str, Any]], t
             if key in ("val_auc", "test_auc") and stats[key][1] is not None:  # the plot's band: +/- sd, within 0-1
                 row[f"{key}_ci"] = [max(0.0, stats[key][0] - stats[key][1]), min(1.0, stats[key][0] + stats[key][1])]
         mean_rows.append(row)
+    changes = _round_changes(per_fold, rounds)
+    if changes:
+        lines += ["", "Change from the previous round, fold by fold (the folds that reached both rounds):", ""]
+        lines += ["| round | folds | val AUC change | test AUC change |", "| --- | --- | --- | --- |"]
+        for change in changes:
+            cells = " | ".join(_mean_cell(*change[key], change["folds"]) for key in ("val_auc", "test_auc"))
+            lines.append(f"| {change['round']} | {change['folds']} | {cells} |")
     lines += [
         "",
         "sd: sample standard deviation over the folds (none from one fold); `(n=k)`: the mean of the k folds where the "
@@ -374,6 +381,31 @@ def cv_summary(output_dir: str | Path, summaries: Sequence[Mapping[str, Any]], t
     text = "\n".join(lines) + "\n"
     final = {f"cv_{k}": v for k, v in mean_rows[-1].items() if k not in ("round",) and not k.endswith("_ci")}
     atomic_write_text(out / "summary.md", text)
-    atomic_write_json(out / "summary.json", {"folds": per_fold, "rounds": mean_rows, "final": final})
+    changes = [
+        {"round": c["round"], "folds": c["folds"], **{f"{k}_change": list(c[k]) for k in ("val_auc", "test_auc")}}
+        for c in changes
+    ]  # [mean, sd, n] each
+    record = {"folds": per_fold, "rounds": mean_rows, "final": final, "changes": changes}
+    atomic_write_json(out / "summary.json", record)
     print(text)
-    return {"folds": per_fold, "rounds": mean_rows, "final": final, "markdown": text}
+    return {**record, "markdown": text}
+
+
+def _round_changes(per_fold: Sequence[Mapping[str, Any]], rounds: Sequence[int]) -> list[dict[str, Any]]:
+    """Per round r >= 1, the mean, sd and count of each fold's change from round r - 1 in val and test AUC, over
+    the folds with both (a mean per round alone would compare different folds where early stopping ended some)."""
+    by_fold = {(row["fold"], row["round"]): row for row in per_fold}
+    out = []
+    for r in rounds:
+        pairs = [(by_fold[(f, r - 1)], row) for (f, rr), row in by_fold.items() if rr == r and (f, r - 1) in by_fold]
+        if r < 1 or not pairs:
+            continue
+        change = {"round": r, "folds": len(pairs)}
+        for key in ("val_auc", "test_auc"):
+            change[key] = _mean_sd([_difference(b.get(key), a.get(key)) for a, b in pairs])
+        out.append(change)
+    return out
+
+
+def _difference(after: Any, before: Any) -> float | None:
+    return None if after is None or before is None else float(after) - float(before)
