@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -137,6 +138,18 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 def atomic_write_json(path: PathLike, obj: Any, indent: int = 2) -> Path:
     """Serialise ``obj`` as JSON to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) as ``None``, for files other tools parse as strict JSON
+    (``summary.json``; Python writes NaN as a bare ``NaN``, which JSON does not have)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def _json_default(o: Any) -> Any:

@@ -331,7 +331,8 @@ def test_train_bundle_runs_a_coupled_round_end_to_end(trained):
     assert len(re.findall(r"\| \d\.\d{3} \(\d\.\d{2}-\d\.\d{2}\)(?= \|)", summary)) == 4  # val and test AUC (95 % CI)
     assert "95 % DeLong confidence intervals; the test split has 4 slides" in summary
     assert "](rounds.png)" in summary and Image.open(out / "rounds.png").size[0] > 300  # the rounds in one picture
-    final = json.loads((out / "summary.json").read_text())["final_round"]
+    strict = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    final = strict["final_round"]
     for target in re.findall(r"\]\(([^)]+)\)", summary):  # its pictures: the final round's ROC, the QC sheet
         assert (out / target).is_file(), target
     assert f"](round_{final}/test/roc.png)" in summary and "[page_001](coords/qc/overview/page_001.jpg)" in summary

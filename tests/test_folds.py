@@ -16,6 +16,7 @@ from monai_icmil.data.synthetic import make_dataset
 from monai_icmil.data.tiling import TilingConfig
 from monai_icmil.engines import BagPhase, Embed, EmbedderPhase
 from monai_icmil.networks import ABMIL
+from monai_icmil.utils import strict_json
 from monai_icmil.workflows import ICMILWorkflow
 from monai_icmil.workflows.folds import assign_folds, fold_splits, slide_groups
 
@@ -130,6 +131,10 @@ def test_the_mean_over_folds_says_how_many_folds_it_averages_and_writes_strict_j
     assert final["test_auc"] == 0.8 and final["test_auc_sd"] is None and final["test_auc_n"] == 1
     assert "test_auc_ci" not in final and final["val_auc_ci"] == [0.9, 0.9]
     json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary"))
+    assert strict_json({"a": [float("nan"), 1.0, float("inf")], "b": (2, "x")}) == {
+        "a": [None, 1.0, None],
+        "b": [2, "x"],
+    }
     summaries[1]["rows"][1] = {**row, "val_auc": 0.95, "test_auc": 0.9, "round": 1}  # fold 1 reached round 1
     text = cv_summary(tmp_path, summaries, "2 folds")["markdown"]
     assert "| 1 | 1 | 0.050 | 0.100 |" in text  # round 1's change: fold 1 alone, against its own round 0

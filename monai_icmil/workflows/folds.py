@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from monai_icmil.utils import atomic_write_json, atomic_write_text
+from monai_icmil.utils import atomic_write_json, atomic_write_text, strict_json
 
 if TYPE_CHECKING:
     from monai_icmil.workflows.icmil import ICMILWorkflow
@@ -303,11 +303,6 @@ def _mean_cell(mean: float | None, sd: float | None, n: int, of: int) -> str:
     return text + (f" (n={n})" if n < of else "")
 
 
-def _plain_number(v: Any) -> Any:
-    """``None`` for NaN (summary.json stays strict JSON)."""
-    return None if isinstance(v, float) and math.isnan(v) else v
-
-
 def _fmt(v: Any) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
@@ -338,7 +333,7 @@ def cv_summary(output_dir: str | Path, summaries: Sequence[Mapping[str, Any]], t
                 {
                     "fold": k,
                     "final": r == s["final_round"],
-                    **{key: _plain_number(row.get(key)) for key in keys},
+                    **{key: row.get(key) for key in keys},
                     "round": r,
                 }
             )
@@ -386,7 +381,7 @@ def cv_summary(output_dir: str | Path, summaries: Sequence[Mapping[str, Any]], t
         for c in changes
     ]  # [mean, sd, n] each
     record = {"folds": per_fold, "rounds": mean_rows, "final": final, "changes": changes}
-    atomic_write_json(out / "summary.json", record)
+    atomic_write_json(out / "summary.json", strict_json(record))
     print(text)
     return {**record, "markdown": text}
 

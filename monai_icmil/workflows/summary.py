@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_icmil.utils import atomic_write_json, atomic_write_text
+from monai_icmil.utils import atomic_write_json, atomic_write_text, strict_json
 
 __all__ = ["summary_rows", "write_summary", "paired_test_change"]
 
@@ -264,7 +264,9 @@ def write_summary(
         lines += ["", f"Tiling QC of every slide: {links} (per slide: `coords/qc/tiling.csv`)."]
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "summary.md", text)
-    atomic_write_json(out / "summary.json", {"rows": rows, "final_round": final_round, "showcase": showcase})
+    atomic_write_json(
+        out / "summary.json", strict_json({"rows": rows, "final_round": final_round, "showcase": showcase})
+    )
     print(text)
     return {
         "rows": {row["round"]: row for row in rows},
