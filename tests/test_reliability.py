@@ -89,6 +89,22 @@ def test_disk_full_during_a_feature_write_leaves_no_partial_file(tmp_path, monke
     assert store.is_current("slide_a", {"k": 1}) and store.load("slide_a")["features"].sum() == 12
 
 
+def test_a_feature_file_cut_short_is_stale_and_a_failure_is_forgotten_only_by_its_own_phase(tmp_path):
+    from monai_icmil.data.report import RunReport
+
+    store = FeatureStore(tmp_path / "features")
+    path = store.save("s", {"features": torch.ones(50, 8), "coords": np.zeros((50, 2), np.int64)}, {"k": 1})
+    assert store.is_current("s", {"k": 1})
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy that stopped half-way
+    assert not store.is_current("s", {"k": 1}) and store.load("s", {"k": 1}) is None  # made again, not a crash
+    report = RunReport(tmp_path / "report.json")
+    report.fail("s", "s.svs", "embed", "OSError: read error")
+    report.succeed("s", "prepare")  # a later run tiles it again: its embedding failure still stands
+    assert RunReport(tmp_path / "report.json").excluded() == {"s"}
+    report.succeed("s", "embed")
+    assert RunReport(tmp_path / "report.json").excluded() == set()
+
+
 def test_atomic_writes_leave_the_permissions_of_a_plain_write(tmp_path):
     """Temporary files are created 0o600; the outputs must not stay that way (a lab's group could not read them):
     a new file gets 0o666 less the umask, a replaced file keeps its mode."""

@@ -282,7 +282,7 @@ def _record(report: RunReport | None, sid: str, path: str, coords: np.ndarray, d
         )
     if report is None:
         return
-    report.succeed(sid)
+    report.succeed(sid, "prepare")
     if len(coords) == 0:
         report.mark_empty(sid, path, "prepare")
     if len(damaged):

@@ -68,9 +68,13 @@ class RunReport:
             self.outputs_failed.setdefault(slide_id, {"path": str(path)})[output] = reason
             self._save()
 
-    def succeed(self, slide_id: str) -> None:
+    def succeed(self, slide_id: str, phase: str | None = None) -> None:
+        """``slide_id`` went through ``phase``: its failure in that phase is forgotten (``None``: in any phase). A
+        failure in another phase stands: a slide that failed embedding stays out of the bag phase when a later run
+        tiles it again, since that run's embedding is already recorded and will not retry it."""
         with self._lock:
-            if self.failed.pop(slide_id, None) is not None:
+            if slide_id in self.failed and phase in (None, self.failed[slide_id].get("phase")):
+                self.failed.pop(slide_id)
                 self._save()
 
     def excluded(self) -> set[str]:

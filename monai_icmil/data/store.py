@@ -204,14 +204,18 @@ def stored_array(path: str | os.PathLike, name: str = "features") -> StoredArray
 
 
 def _file_metadata(path: Path) -> dict[str, str] | None:
-    """A store file's metadata strings (``key``, ``meta``); ``None`` when it is missing or unreadable (e.g. written by
-    something else: treated as missing)."""
+    """A store file's metadata strings (``key``, ``meta``); ``None`` when it is missing, unreadable (e.g. written by
+    something else) or not as long as its header says (a copy cut short): treated as missing, so it is made again."""
     if not path.is_file():
         return None
     try:
-        return dict(_safetensors_header(path)[1].get("__metadata__") or {})
+        size, header = _safetensors_header(path)
     except (OSError, ValueError):
         return None
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and "data_offsets" in v]
+    if 8 + size + max(ends, default=0) != path.stat().st_size:  # truncated (or appended to): not a finished file
+        return None
+    return dict(header.get("__metadata__") or {})
 
 
 def stored_file_key(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -392,7 +392,7 @@ class SlideFeatureWriter:
         coords = torch.as_tensor(np.asarray(s["coords"], np.int64))
         self.store.save(s["slide_id"], {"features": feats, "coords": coords}, self.keys[s["slide_id"]], meta)
         if self.report is not None:
-            self.report.succeed(s["slide_id"])
+            self.report.succeed(s["slide_id"], "embed")
         self.written.append(s["slide_id"])
 
 
