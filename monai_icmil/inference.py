@@ -187,7 +187,7 @@ def predict_slides(
     Raises:
         NoSlideScored: slides were given and none was scored (each failed or had no tissue); ``report.json`` is kept.
     """
-    from monai_icmil.engines.bag_phase import load_bag_classifier, write_predictions_csv
+    from monai_icmil.engines.bag_phase import write_predictions_csv
 
     run = SimpleNamespace(
         out=Path(output_dir), report=RunReport(Path(output_dir) / "report.json"), backend=backend, device=device,
@@ -196,12 +196,7 @@ def predict_slides(
         embed=embed if embed is not None else Embed(progress=progress), embedder=embedder,
     )  # fmt: skip
     items = _slide_items(slides)
-    net = load_bag_classifier(bag_classifier, device, expect_in_dim=embedder.out_dim)  # before any work: fails fast
-    if class_names is not None and len(class_names) != net.num_classes:
-        raise ValueError(
-            f"class_names {list(class_names)} has {len(class_names)} name(s) but bag classifier '{bag_classifier}' "
-            f"has {net.num_classes} classes: give the names it was trained with (--class_names, --num_classes)."
-        )
+    net = _classifier(bag_classifier, device, embedder.out_dim, class_names)  # before any work: fails fast
     tiles, store = _tile_and_embed(run, items, tiling, run.out)
     dense = _dense_patches(run, items, tiling, heatmap_stride) if writers and heatmap_stride else None
     run.net, run.store, run.params, run.fp = net, store, tiling_signature(tiling), embedder.fingerprint()
@@ -214,14 +209,38 @@ def predict_slides(
         (run.out / "probabilities.csv").unlink(missing_ok=True)
         raise _none_scored(run.report, items)
     write_predictions_csv(run.out / "probabilities.csv", rows, class_names)
-    for writer in writers:
-        try:
-            writer.finish(run.out)
-        except Exception as e:  # a cohort picture must not cost the run its probabilities
-            name, reason = type(writer).__name__, f"{type(e).__name__}: {e}"
-            run.report.mark_output_failed("(all slides)", str(run.out), name, reason)
-            warnings.warn(f"{name} failed to finish ({reason}); probabilities.csv and the other outputs are kept")
+    for writer in writers:  # a cohort picture must not cost the run its probabilities
+        _write_guarded(run, writer, "finish", run.out, "(all slides)", str(run.out))
     return rows
+
+
+def _classifier(path: Any, device: Any, in_dim: int, class_names: Sequence[str] | None) -> Any:
+    """The bag classifier at ``path`` for ``in_dim``-d features, refusing ``class_names`` of another length."""
+    from monai_icmil.engines.bag_phase import load_bag_classifier
+
+    net = load_bag_classifier(path, device, expect_in_dim=in_dim)
+    if class_names is not None and len(class_names) != net.num_classes:
+        raise ValueError(
+            f"class_names {list(class_names)} has {len(class_names)} name(s) but bag classifier '{path}' "
+            f"has {net.num_classes} classes: give the names it was trained with (--class_names, --num_classes)."
+        )
+    return net
+
+
+def _write_guarded(run: SimpleNamespace, writer: Any, method: str, arg: Any, slide_id: str, path: str) -> None:
+    """``writer.<method>(arg)``; a failure is listed in ``report.json`` (``outputs_failed``) and warned about, and the
+    probabilities and the other outputs are kept."""
+    try:
+        getattr(writer, method)(arg)
+    except Exception as e:
+        name, reason = type(writer).__name__, f"{type(e).__name__}: {e}"
+        run.report.mark_output_failed(slide_id, path, name, reason)
+        where = f"slide '{path}'" if method == "write" else f"'{path}' ({method})"
+        warnings.warn(
+            f"{where}: {name} failed ({reason}); its probabilities and other outputs are kept (listed in "
+            f"'{run.report.path}')",
+            stacklevel=4,
+        )
 
 
 def _none_scored(report: RunReport, items: list[dict[str, Any]]) -> NoSlideScored:
@@ -253,17 +272,8 @@ def _predict_one(
         reader, mask = get_slide(item["image"], run.backend), item.get("tumour_mask")
         coords = arrays["coords"].numpy()
         pred = SlidePrediction(sid, item["image"], reader, tiles[sid], coords, scores, run.out, names, mask, extra)
-        for writer in writers:
-            try:
-                writer.write(pred)
-            except Exception as e:  # one picture must not cost this slide's probabilities or the next slides
-                name, reason = type(writer).__name__, f"{type(e).__name__}: {e}"
-                run.report.mark_output_failed(sid, item["image"], name, reason)
-                warnings.warn(
-                    f"slide '{item['image']}': {name} failed ({reason}); its probabilities and other outputs are kept "
-                    f"(listed in '{run.report.path}')",
-                    stacklevel=3,
-                )
+        for writer in writers:  # one picture must not cost this slide's probabilities or the next slides
+            _write_guarded(run, writer, "write", pred, sid, item["image"])
     return {"slide_id": sid, "label": item["label"], "probs": scores["probs"].tolist(), "image": item["image"]}
 
 

@@ -205,10 +205,8 @@ def slide_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.T
             out["youden_acc"] = out["youden_f1"] = float("nan")
         else:
             thr = youden_threshold(p[:, 1], y)
-            ypred = (p[:, 1] >= thr).astype(int)
-            out["youden_acc"] = float((ypred == y).mean())
-            out["youden_f1"] = _f1(ypred, y)
-            out["youden_threshold"] = thr
+            at_threshold = threshold_metrics(p[:, 1], y, thr)
+            out["youden_acc"], out["youden_f1"], out["youden_threshold"] = at_threshold["acc"], at_threshold["f1"], thr
     else:
         aucs = [binary_auc(p[:, c], y == c) for c in range(n_classes)]
         out["auc"] = float("nan") if any(math.isnan(a) for a in aucs) else float(np.mean(aucs))

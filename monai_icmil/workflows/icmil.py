@@ -163,6 +163,10 @@ class ICMILWorkflow(BundleWorkflow):
         ValueError: an unknown aggregator, a negative ``num_rounds`` or an unknown ``on_slide_error``.
     """
 
+    _slides: dict[str, SlideTiles] | None  # the tiles, once prepared
+    _pretrain_record: dict[str, Any] | None  # the pre-training's record, once done
+    _settings_hashes: dict[str, str | None]  # each phase's settings hash, taken before it runs
+
     def __init__(
         self,
         dataset_dir: str,
@@ -241,9 +245,7 @@ class ICMILWorkflow(BundleWorkflow):
         self.report = RunReport(self.output_dir / "report.json")
         self.tracking = MLflowRunTree(self.output_dir, **{**dict(mlflow or {}), "params": self.params})
         self.tiling_params = tiling_signature(self.tiling)
-        self._slides: dict[str, SlideTiles] | None = None
-        self._pretrain_record: dict[str, Any] | None = None
-        self._settings_hashes: dict[str, str | None] = {}
+        self._slides, self._pretrain_record, self._settings_hashes = None, None, {}
 
     def _check_counts(self, synthetic: Mapping[str, Any] | None) -> None:
         """The data root exists (unless generated), and the round and fold counts make sense."""

@@ -110,8 +110,9 @@ class DatasetSplits:
                     )
             val_ids, by_patient = set(record["validation"]), record.get("grouped_by") == "patient"
         else:
-            by_patient = not all(g.startswith("slide:") for g in slide_groups(train))
-            val_ids = self._patient_hold_out(train) if by_patient else self._slide_hold_out(train)
+            groups = slide_groups(train)
+            by_patient = not all(g.startswith("slide:") for g in groups)
+            val_ids = self._patient_hold_out(train, len(set(groups))) if by_patient else self._slide_hold_out(train)
             record = {"validation": sorted(val_ids), "seed": self.seed, "val_fraction": self.val_fraction}
             atomic_write_json(split_file, {**record, **({"grouped_by": "patient"} if by_patient else {})})
         whole = ", whole patients" if by_patient else ""
@@ -136,11 +137,10 @@ class DatasetSplits:
             val_ids.update(rng.choice(ids, k, replace=False).tolist() if k else [])
         return val_ids
 
-    def _patient_hold_out(self, train: list[dict[str, Any]]) -> set[str]:
+    def _patient_hold_out(self, train: list[dict[str, Any]], patients: int) -> set[str]:
         """About ``val_fraction`` of the training patients, whole and stratified by label (one part of a grouped
         k-fold assignment with k = 1 / val_fraction), so that no patient has slides on both sides."""
         parts = max(2, int(round(1.0 / self.val_fraction)))
-        patients = len(set(slide_groups(train)))
         if patients < parts:
             raise ValueError(
                 f"the datalist has no validation split, and holding out val_fraction {self.val_fraction:g} of its "
