@@ -262,9 +262,15 @@ def _predict_one(
     key = feature_key(
         item["image"], slide_signature(run.params, tiles[sid]), run.fp, run.embed.dtype, run.stain_normalize
     )
-    arrays = run.store.load(sid, key)
+    arrays = run.store.load(sid, key) if len(tiles[sid]["coords"]) else None
     if arrays is None or len(arrays["features"]) == 0:
-        warnings.warn(f"slide '{item['image']}' has no tissue patches; no prediction", stacklevel=3)
+        why = (
+            "has no tissue patches"
+            if not len(tiles[sid]["coords"]) or arrays is not None
+            else f"has no current features in '{run.store.path(sid)}' (missing, or made with other settings and not "
+            f"embedded again; see '{run.report.path}')"
+        )
+        warnings.warn(f"slide '{item['image']}' {why}; no prediction", stacklevel=3)
         return None
     scores = patch_scores(run.net, arrays["features"].float().to(run.device))
     if writers:

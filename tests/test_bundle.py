@@ -1254,3 +1254,49 @@ def test_heatmap_stride_draws_maps_from_overlapping_patches_and_keeps_the_slide_
         ]
         assert pictures[0].shape == pictures[1].shape
         assert np.abs(pictures[0] - pictures[1]).mean() > 1.0
+
+
+def test_the_command_line_is_read_as_fire_reads_it_before_any_work(tmp_path):
+    """check_config sees what the bundle will get: parsed values (None, mappings), flags without a value, ``--noX``,
+    ``-`` for ``_``, config files as a comma list, YAML or an args_file, ``+id`` merges; it refuses what would fail
+    only after embedding (NaN, text for a number whose default is None, None where a number is needed)."""
+    train, demo = str(CONFIGS / "train.json"), str(CONFIGS / "demo.json")
+    run = ["run", "--config_file", f"{train},{demo}"]
+    assert check_config([*run, "--bag_phase#witness_search", "{'max_instances': 4096}"]) == ["bag_phase#witness_search"]
+    for key in ("bag_phase#early_stop_patience", "bag_phase#grad_clip", "tiling#mpp"):  # None: never / off / level
+        assert check_config([*run, f"--{key}", "None"]) == [key]
+    assert check_config([*run, "--progress", "--num_rounds", "2", "--tiling#level", "1"]) == [
+        "progress", "num_rounds", "tiling#level"
+    ]  # fmt: skip
+    assert check_config([*run, "--noprogress", "--bag_phase#epochs", "$2 * 3"]) == ["progress", "bag_phase#epochs"]
+    refusals = {
+        "--num_round": r"unknown id\(s\): --num_round",  # a comma list of files is checked too
+        "--bag_phase#epochs None": "'bag_phase#epochs' cannot be None",
+        "--bag_phase#lr nan": "'bag_phase#lr' must be a finite number, got 'nan'",
+        "--bag_phase#max_instances ten": "'bag_phase#max_instances' must be a number",
+        "--assume_mpp abc": "'assume_mpp' must be a number",
+        "--embedder_phase#early_stop_patience 2.5": "must be a whole number",
+        "--device --num_round 2": r"unknown id\(s\): --num_round",  # the flag does not swallow the next one
+        "--embedding#batch_size 8": r"'embedding#batch_size' is now embed#<setting>",
+    }
+    for given, message in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            check_config([*run, *given.split()])
+    with pytest.raises(ValueError, match=r"unknown id\(s\): --num_round"):  # fire reads --config-file as config_file
+        check_config(["run", "--config-file", train, "--num_round", "2"])
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({"config_file": [train, demo], "num_round": 2}))
+    with pytest.raises(ValueError, match=r"unknown id\(s\): --num_round"):
+        check_config(["run", "--args_file", str(args_file)])
+    lab = tmp_path / "lab.yaml"
+    lab.write_text("+bag_phase:\n  epochz: 3\n")  # a typo in a merged dict, in a YAML file
+    with pytest.raises(ValueError, match="no component uses: bag_phase#epochz"):
+        check_config(["run", "--config_file", f"{train},{lab}"])
+    lab.write_text("bag_phase: [unclosed\n")
+    with pytest.raises(ValueError, match=r"config file '.*lab\.yaml' cannot be read"):
+        check_config(["run", "--config_file", f"{train},{lab}"])
+
+
+def test_one_fold_is_refused(synthetic_dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"folds must be 0 \(off\) or the number of cross-validation folds \(>= 2\)"):
+        ICMILWorkflow(dataset_dir=str(synthetic_dataset.parent), output_dir=str(tmp_path / "out"), folds=1)

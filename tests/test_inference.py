@@ -14,6 +14,7 @@ import pytest
 
 from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide, write_slide
 from monai_icmil.data.tiling import TilingConfig
+from monai_icmil.engines import Embed
 from monai_icmil.engines.bag_phase import save_bag_classifier
 from monai_icmil.handlers.writers import GeoJSONWriter, SlideWriter
 from monai_icmil.inference import NoSlideScored, list_slides, predict_slides
@@ -74,6 +75,31 @@ def test_a_writer_failing_on_one_slide_keeps_every_probability_and_the_other_out
     report = json.loads((out / "report.json").read_text())
     assert report["failed"] == {} and report["outputs_failed"]["s0"]["FailsOn"] == "OSError: disk full"
     assert set(report["outputs_failed"]) == {"s0"}
+
+
+class LosesOne(Embed):
+    """Embeds every slide, then a slide's feature file goes missing (a cleaned disk, a failed copy)."""
+
+    def __call__(self, tiles, embedder, store, *args, **kwargs):
+        result = super().__call__(tiles, embedder, store, *args, **kwargs)
+        store.path("s0").unlink()
+        return result
+
+
+def test_a_slide_without_current_features_is_not_called_a_slide_without_tissue(tmp_path):
+    config = SyntheticSlideConfig(width=512, height=384)
+    for i in range(2):
+        write_slide(tmp_path / "slides" / f"s{i}.tif", render_slide((i, 0), True, config)["image"], mpp=0.5)
+    embedder = create_embedder("resnet18_trunc", input_size=32)
+    bag = save_bag_classifier(tmp_path / "bag.pt", create_aggregator("abmil", embedder.out_dim, 2, hidden_dim=8))
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"s0\.tif' has no current features in '.*s0\.safetensors' \(missing") as seen:
+        rows = predict_slides(
+            tmp_path / "slides", embedder, bag, TilingConfig(patch_size=32, mpp=1.0, min_area_um2=0.0), out,
+            embed=LosesOne(batch_size=64, num_workers=0, progress=False), progress=False,
+        )  # fmt: skip
+    assert [r["slide_id"] for r in rows] == ["s1"]
+    assert not [w for w in seen if "no tissue patches" in str(w.message)]
 
 
 def test_no_slide_scored_is_an_error_naming_the_reasons_and_leaves_no_table(tmp_path):

@@ -139,3 +139,26 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(synthetic_dataset, t
         state = json.loads((tmp_path / name / "state.json").read_text())["rounds"]["0"]
         results.append((state["bag_phase"]["val"], state["test"]["metrics"], state["embed"]["fingerprint"]))
     assert results[0] == results[1]
+
+
+def test_a_slide_tiled_again_after_its_mpp_changed_is_embedded_again_on_rerun(synthetic_dataset, tmp_path):
+    """The embed phase's record does not hide stale features: a rerun embeds the slides whose tiling changed."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset.parent, root)
+    out = tmp_path / "out"
+    wf = ICMILWorkflow(dataset_dir=str(root), output_dir=str(out), **TINY)
+    wf.embed(0)
+    store = FeatureStore(wf.features_dir(0))
+    sids = sorted(wf.prepare())
+    before = {sid: store.stored_key(sid) for sid in sids}
+    data = json.loads((root / "datalist.json").read_text())
+    changed = data["training"][0]
+    changed["mpp"] = 0.8  # the lab measured the scanner again
+    (root / "datalist.json").write_text(json.dumps(data))
+    wf = ICMILWorkflow(dataset_dir=str(root), output_dir=str(out), **TINY)
+    sid = wf.splits.items()["training"][0]["slide_id"]
+    assert wf._stale_features(0) == [sid]  # tiled again at the new mpp, features still from the old grid
+    wf.embed(0)
+    assert all(len(wf.stored_features(0, split)) == len(wf._usable(split)) for split in wf.splits.items())
+    after = {s: store.stored_key(s) for s in sids}
+    assert [s for s in sids if after[s] != before[s]] == [sid]  # only that slide was embedded again

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import warnings
@@ -21,6 +22,7 @@ _REMOVED = {
     "aggregator_kwargs": "aggregator#<argument> (the aggregator is a component)",
     "embedding": "embed#<setting>",
 }
+_FLAG = re.compile(r"--|-[A-Za-z]")  # what fire takes for a flag, not a value (-5 is a value)
 _REFERENCE = re.compile(r"@([A-Za-z_]\w*(?:(?:#|::)\w+)*)")
 
 _BUNDLE_ARGS = {
@@ -61,24 +63,26 @@ def check_config(argv: Sequence[str] | None = None, config_ids: Sequence[str] | 
             return []  # not the `python -m monai.bundle` command line (e.g. the API called in-process)
         argv = sys.argv[1:]
     pairs, files = _parse_argv(list(argv))
-    overrides = [key for key, _ in pairs]
     config: dict[str, Any] = {}
     base: dict[str, Any] = {}  # the first file (train.json)
     changed: set[str] = set()  # the settings the files after the first set
     if config_ids is None:
         for k, f in enumerate(files):
             if Path(f).is_file():
-                content = json.loads(Path(f).read_text())
+                content = _load(f)
                 _merge(config, content)
                 base = base or json.loads(json.dumps(config))
                 changed |= _settings_of(content) if k else set()
     else:
         config = {k: _ANY for k in config_ids}
+    overrides = [key for key, _ in pairs]
     unknown = [o for o in overrides if not _defines(config, o.replace("::", "#").split("#"))]
     if unknown and config:
+        moved = [f"'{u}' is now {_REMOVED[u.split('#')[0]]}" for u in unknown if u.split("#")[0] in _REMOVED]
         raise ValueError(
-            f"override(s) of unknown id(s): {', '.join('--' + u for u in unknown)}. Known top-level ids: "
-            f"{', '.join(sorted(config))}."
+            f"override(s) of unknown id(s): {', '.join('--' + u for u in unknown)}. "
+            + (f"In this version {'; '.join(moved)}. " if moved else "")
+            + f"Known top-level ids: {', '.join(sorted(config))}."
         )
     if config_ids is None:
         _check_settings(config, changed, base)
@@ -90,41 +94,85 @@ def check_config(argv: Sequence[str] | None = None, config_ids: Sequence[str] | 
 _BOOLEAN_OR = {"bag_phase#warm_start": ("both",)}
 # boolean settings that also take a mapping of settings (e.g. --bag_phase#witness_search "{'max_instances': 4096}")
 _BOOLEAN_OR_MAPPING = {"bag_phase#witness_search"}
+# settings that take None (off / the file's own / never) beside a value of their default's type
+_NULLABLE = {
+    "bag_phase#early_stop_patience", "bag_phase#grad_clip", "bag_phase#witness_search", "embedder_phase#grad_clip",
+    "tiling#mpp", "tiling#level", "tiling#stride", "assume_mpp", "bag_phase#max_instances", "embedder_phase#beta",
+    "embedder_phase#early_stop_patience", "embed#compile", "embedder_phase#compile",
+}  # fmt: skip
+# the type of the settings whose default is None (a number given as text is refused before any work)
+_NULL_DEFAULT_TYPES = {
+    "tiling#level": int, "tiling#stride": int, "assume_mpp": float, "bag_phase#max_instances": int,
+    "embedder_phase#beta": float, "embedder_phase#early_stop_patience": int,
+}  # fmt: skip
 
 
-def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, str]]) -> None:
+def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, Any]]) -> None:
     """Override values that cannot be what the config holds at that id: a boolean (true/false in any case, 1/0,
     yes/no, on/off, as :func:`~monai_icmil.utils.as_bool` reads them downstream; for the ids of ``_BOOLEAN_OR``, also
-    their words) or a number."""
-    from monai_icmil.utils import as_bool
-
+    their words) or a finite number (a whole one where the default is); ``None`` only where the setting takes it;
+    ``$`` expressions and ``@`` references are left to MONAI.
+    Values are read as the command line's parser (fire) reads them: ``None``, numbers, dicts and lists are parsed."""
     problems = []
     for key, value in pairs:
         name = key.replace("::", "#")
-        default, words = _value_at(config, name.split("#")), _BOOLEAN_OR.get(name, ())
+        default = _value_at(config, name.split("#"))
+        if default is None:
+            default = {int: 0, float: 0.0}.get(_NULL_DEFAULT_TYPES.get(name))
+        value = _parsed(value)
+        if isinstance(value, str) and value.startswith(("$", "@", "%")):
+            continue  # an expression or a reference: MONAI evaluates it when the config is parsed
         try:
-            if isinstance(default, bool):
-                if isinstance(value, Mapping) and name in _BOOLEAN_OR_MAPPING:
-                    continue  # its settings are checked where they are read
-                if str(value).strip().lower() not in words:
-                    try:
-                        as_bool(value, key)
-                    except ValueError:
-                        if not words:
-                            raise
-                        said = " or ".join(map(repr, words))
-                        raise ValueError(f"'{key}' must be true, false or {said}, got {value!r}") from None
-            elif isinstance(default, int) and not float(value).is_integer():
-                raise ValueError(f"'{key}' must be a whole number, got {value!r}")
-            elif isinstance(default, float):
-                float(value)
+            if value is None:
+                if default is not None and not isinstance(default, str) and name not in _NULLABLE:
+                    raise ValueError(f"'{key}' cannot be None")
+            elif isinstance(default, bool):
+                _check_boolean(key, name, value)
+            elif isinstance(default, (int, float)):
+                _check_number(key, value, whole=isinstance(default, int))
         except ValueError as e:
-            number = isinstance(default, (int, float)) and not isinstance(default, bool)
-            problems.append(
-                f"--{key} {value}: " + (f"'{key}' must be a number" if number and "number" not in str(e) else str(e))
-            )
+            problems.append(f"--{key} {value}: {e}")
     if problems:
         raise ValueError("override(s) of the wrong type: " + "; ".join(problems) + ".")
+
+
+def _check_boolean(key: str, name: str, value: Any) -> None:
+    from monai_icmil.utils import as_bool
+
+    words = _BOOLEAN_OR.get(name, ())
+    if (isinstance(value, Mapping) and name in _BOOLEAN_OR_MAPPING) or str(value).strip().lower() in words:
+        return  # a mapping's settings are checked where they are read
+    try:
+        as_bool(value, key)
+    except ValueError:
+        if not words:
+            raise
+        said = " or ".join(map(repr, words))
+        raise ValueError(f"'{key}' must be true, false or {said}, got {value!r}") from None
+
+
+def _check_number(key: str, value: Any, whole: bool) -> None:
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None:
+        raise ValueError(f"'{key}' must be a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"'{key}' must be a finite number, got {value!r}")
+    if whole and not number.is_integer():
+        raise ValueError(f"'{key}' must be a whole number, got {value!r}")
+
+
+def _parsed(value: Any) -> Any:
+    """A command-line value as fire (``python -m monai.bundle``'s parser) gives it to the bundle."""
+    if not isinstance(value, str):
+        return value
+    try:
+        from fire.parser import DefaultParseValue
+    except ImportError:  # fire is only needed by the bundle command line
+        return None if value == "None" else value
+    return DefaultParseValue(value)
 
 
 def _value_at(config: Any, parts: list[str]) -> Any:
@@ -143,7 +191,7 @@ def _settings_of(content: Mapping[str, Any]) -> set[str]:
     """The ``<settings>#<key>`` ids a config file sets (``tiling#mpp``, or every key of a whole ``tiling`` dict)."""
     out = set()
     for key, value in content.items():
-        parts = key.replace("::", "#").split("#")
+        parts = key.lstrip("+").replace("::", "#").split("#")
         if parts[0] not in _SETTINGS:
             continue
         if len(parts) > 1:
@@ -189,16 +237,38 @@ _ANY = object()  # a value whose nested parts are not checked
 
 
 def _merge(config: dict[str, Any], content: Mapping[str, Any]) -> None:
-    """Merge one config file into ``config`` as MONAI does: ``a#b`` keys set nested values."""
+    """Merge one config file into ``config`` as MONAI does: ``a#b`` keys set nested values (list items by index),
+    ``+a`` keys merge a dict into (or extend a list of) ``a``."""
     for key, value in content.items():
-        parts = key.replace("::", "#").split("#")
-        node = config
+        parts = key.lstrip("+").replace("::", "#").split("#")
+        node: Any = config
         for part in parts[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-            if not isinstance(node, dict):
+            node = _value_at(node, [part])
+            if not isinstance(node, (dict, list)):
                 break
         else:
-            node[parts[-1]] = value
+            last, old = parts[-1], _value_at(node, [parts[-1]])
+            if key.startswith("+") and isinstance(old, dict) and isinstance(value, dict):
+                old.update(value)
+            elif key.startswith("+") and isinstance(old, list) and isinstance(value, list):
+                old.extend(value)
+            elif isinstance(node, dict):
+                node[last] = value
+            elif last.isdigit() and int(last) < len(node):
+                node[int(last)] = value
+
+
+def _load(path: str) -> dict[str, Any]:
+    """One config file (JSON or YAML, as MONAI reads them); an unreadable one is named."""
+    from monai.bundle import ConfigParser
+
+    try:
+        content = ConfigParser.load_config_file(path)
+    except Exception as e:
+        raise ValueError(f"config file '{path}' cannot be read: {type(e).__name__}: {e}") from e
+    if not isinstance(content, dict):
+        raise ValueError(f"config file '{path}' must hold a mapping of ids to values, got {type(content).__name__}")
+    return content
 
 
 def _defines(config: Any, parts: list[str]) -> bool:
@@ -217,30 +287,42 @@ def _defines(config: Any, parts: list[str]) -> bool:
     return True
 
 
-def _parse_argv(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """``([(override id, value)], config files)`` of a command line."""
-    overrides, files = [], []
+def _parse_argv(argv: list[str]) -> tuple[list[tuple[str, Any]], list[str]]:
+    """``([(override id, value)], config files)`` of a command line, read as fire reads it: ``-`` in a flag is
+    ``_``, a flag followed by another flag (or nothing) is True (``--noX``: X is False); an ``--args_file``'s ids
+    come before the command line's."""
+    given: dict[str, Any] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg.startswith("--"):
-            key = arg[2:].split("=", 1)[0]
-            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-            if key == "config_file":
-                files = _parse_files(value)
-            elif key not in _BUNDLE_ARGS:
-                overrides.append((key, value))
-            i += 1 if "=" in arg else 2
+        if arg.startswith("--") and len(arg) > 2:
+            key = arg[2:].split("=", 1)[0].replace("-", "_")
+            if "=" in arg:
+                given[key], i = arg.split("=", 1)[1], i + 1
+            elif i + 1 < len(argv) and not _FLAG.match(argv[i + 1]):
+                given[key], i = argv[i + 1], i + 2
+            elif key.startswith("no"):  # fire: a flag --noX without a value sets X to False
+                given[key[2:]], i = False, i + 1
+            else:
+                given[key], i = True, i + 1
         else:
             i += 1
-    return overrides, files
+    if "args_file" in given and Path(str(given["args_file"])).is_file():
+        given = {**_load(str(given["args_file"])), **given}
+    files = _parse_files(given.get("config_file", ""))
+    return [(k, v) for k, v in given.items() if k not in _BUNDLE_ARGS], files
 
 
-def _parse_files(value: str) -> list[str]:
-    value = value.strip()
+def _parse_files(value: Any) -> list[str]:
+    """The config files of ``--config_file``: a list, a JSON/Python list as text, or names separated by commas."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    value = str(value).strip()
     if value.startswith("["):
         try:
             return [str(v) for v in json.loads(value.replace("'", '"'))]
         except ValueError:
             return [v.strip(" '\"") for v in value.strip("[]").split(",")]
-    return [value]
+    if "," in value and not Path(value).is_file():
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [value] if value else []

@@ -256,7 +256,7 @@ class ICMILWorkflow(BundleWorkflow):
             )
         if self.num_rounds < 0:
             raise ValueError(f"num_rounds must be >= 0, got {self.num_rounds}")
-        if self.folds < 0:
+        if self.folds < 0 or self.folds == 1:
             raise ValueError(f"folds must be 0 (off) or the number of cross-validation folds (>= 2), got {self.folds}")
 
     def _check_aggregator(self, aggregator: Callable[..., MILAggregator] | str) -> Callable[..., MILAggregator]:
@@ -387,6 +387,15 @@ class ICMILWorkflow(BundleWorkflow):
             for s in self._usable(split)
             if s["slide_id"] in keys and store.is_current(s["slide_id"], keys[s["slide_id"]])
         }
+
+    def _stale_features(self, r: int) -> list[str]:
+        """``slide_id`` of the usable slides (every split) whose round-``r`` features are missing or stale, e.g. after
+        a datalist's per-slide ``mpp`` changed and the slide was tiled again."""
+        embedder, stale = self.embedder_for(r), []
+        for split in self.splits.items():
+            current = self.stored_features(r, split, embedder)
+            stale += [s["slide_id"] for s in self._usable(split) if s["slide_id"] not in current]
+        return stale
 
     def bags(self, r: int, split: str, embedder: PatchEmbedder | None = None) -> BagDataset:
         """Round ``r``'s feature bags of ``split`` (every one current for the round's embedder)."""
@@ -523,7 +532,12 @@ class ICMILWorkflow(BundleWorkflow):
     def embed(self, r: int = 0) -> dict[str, Any]:
         """Round ``r``'s embed phase: every slide through round ``r``'s embedder into ``round_<r>/features``."""
         if (done := self.ledger.get(r, "embed")) is not None:
-            return done
+            if not (stale := self._stale_features(r)):
+                return done
+            logger.info(
+                f"round {r}: {len(stale)} slide(s) have features older than their tiling or embedder "
+                f"(first: {', '.join(stale[:3])}); embedding them again"
+            )
         if r >= 1:
             self.embedder_phase(r)  # round r's embedder comes out of its embedder phase
         embedder = self.embedder_for(r)  # (round 0 with pre-training configured: pre-trains first, timed apart)
