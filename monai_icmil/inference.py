@@ -128,9 +128,9 @@ def _slide_items(slides: str | os.PathLike | Sequence[str | Mapping[str, Any]]) 
         return [{"label": None, **dict(s)} for s in slides]
     items, seen = [], set()
     for p in list_slides(slides):
-        sid = Path(p).stem
-        if sid in seen:
-            sid = f"{sid}-{len(seen)}"
+        sid, k = Path(p).stem, 1
+        while sid in seen:  # a.tif and x/a.tif: a, a-1 (a-1 taken by a slide of that name: a-2)
+            sid, k = f"{Path(p).stem}-{k}", k + 1
         seen.add(sid)
         items.append({"image": p, "slide_id": sid, "label": None})
     return items

@@ -39,10 +39,21 @@ def _paths(model_input: Any) -> list[str]:
             )
         return [str(p) for p in model_input[INPUT_COLUMN]]
     if isinstance(model_input, Mapping):
-        return [str(p) for p in model_input[INPUT_COLUMN]]
+        if INPUT_COLUMN not in model_input:
+            raise ValueError(f"the input needs an '{INPUT_COLUMN}' key of slide paths, got {list(model_input)}")
+        given = model_input[INPUT_COLUMN]
+        return [str(given)] if isinstance(given, (str, os.PathLike)) else [str(p) for p in given]
     if isinstance(model_input, (str, os.PathLike)):
         return [str(model_input)]
     return [str(p) for p in model_input]
+
+
+def _existing(paths: list[str]) -> list[str]:
+    """The paths that name a file; the others are left out with a warning (as a slide that fails is)."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        warnings.warn(f"slide(s) not found, left out: {', '.join(missing)}", stacklevel=3)
+    return [p for p in paths if p not in missing]
 
 
 class SlideClassifierModel(mlflow.pyfunc.PythonModel):
@@ -54,9 +65,10 @@ class SlideClassifierModel(mlflow.pyfunc.PythonModel):
             settings) and ``device`` (``None``: CUDA when available).
 
     ``predict`` tiles, embeds and scores the slides in a temporary folder (:func:`~monai_icmil.inference
-    .predict_slides`) and returns one row per scored slide: ``slide`` and ``prob_<class>`` per class. A slide that
-    fails is left out (as in ``probabilities.csv``), with the reason in a warning; when none is scored the table is
-    empty and a warning gives the counts.
+    .predict_slides`) and returns one row per scored slide: ``slide`` (the file name's stem, made unique),
+    ``image`` (the path as given) and ``prob_<class>`` per class. A slide that fails or does not exist is left out
+    (as in ``probabilities.csv``), with the reason in a warning; when none is scored the table is empty and a
+    warning gives the counts.
     """
 
     def __init__(self, tiling: Any, settings: Mapping[str, Any]):
@@ -70,15 +82,23 @@ class SlideClassifierModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         # (a DataFrame hint: MLflow takes the schema from the logged signature, not from the hint)
+        names = self.settings.get("class_names") or [str(k) for k in range(2)]
+        paths = _existing(_paths(model_input))
+        rows = self._scored(paths, names) if paths else []
+        columns = ["slide", INPUT_COLUMN] + [f"prob_{c}" for c in names]
+        return pd.DataFrame([[r["slide_id"], r["image"], *map(float, r["probs"])] for r in rows], columns=columns)
+
+    def _scored(self, paths: list[str], names: list[str]) -> list[dict[str, Any]]:
+        """:func:`~monai_icmil.inference.predict_slides`' rows in a temporary folder (none scored: ``[]``)."""
+        from monai_icmil.data.integrity import TileErrorPolicy
         from monai_icmil.engines.embed import Embed
         from monai_icmil.inference import NoSlideScored, predict_slides
         from monai_icmil.utils import default_device
 
-        names = self.settings.get("class_names") or [str(k) for k in range(2)]
         with tempfile.TemporaryDirectory(prefix="icmil_pyfunc_") as tmp:
             try:
-                rows = predict_slides(
-                    _paths(model_input),
+                return predict_slides(
+                    paths,
                     self.embedder,
                     self.bag_classifier,
                     self.tiling,
@@ -90,12 +110,11 @@ class SlideClassifierModel(mlflow.pyfunc.PythonModel):
                     progress=False,
                     stain_normalize=bool(self.settings.get("stain_normalize", False)),
                     assume_mpp=self.settings.get("assume_mpp"),
+                    tile_policy=TileErrorPolicy(**self.settings.get("tile_policy", {})),
                 )
             except NoSlideScored as error:  # the request's answer is an empty table, as for each failed slide
-                warnings.warn(error.describe(), stacklevel=2)  # (the temporary folder with report.json is gone)
-                rows = []
-        columns = ["slide"] + [f"prob_{c}" for c in names]
-        return pd.DataFrame([[r["slide_id"], *map(float, r["probs"])] for r in rows], columns=columns)
+                warnings.warn(error.describe(), stacklevel=3)  # (the temporary folder with report.json is gone)
+                return []
 
 
 def log_slide_classifier(
@@ -133,9 +152,11 @@ def log_slide_classifier(
 
     model = SlideClassifierModel(tiling, settings)
     artifacts = {"embedder": str(embedder_path), "bag_classifier": str(bag_classifier_path)}
+    if not len(example_slides):
+        raise ValueError("log_slide_classifier: example_slides is empty; give one slide path for the input example")
     example = pd.DataFrame({INPUT_COLUMN: [str(example_slides[0])]})
     names = settings.get("class_names") or ["0", "1"]
-    output = pd.DataFrame({"slide": ["s"], **{f"prob_{c}": [0.5] for c in names}})
+    output = pd.DataFrame({"slide": ["s"], INPUT_COLUMN: ["s.svs"], **{f"prob_{c}": [0.5] for c in names}})
     requirements = [f"monai-icmil=={monai_icmil.__version__}"]
     with using_store(tracking_uri):
         client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -151,8 +172,7 @@ def log_slide_classifier(
             )
         version = None
         if registered_model_name:
-            found = client.search_model_versions(f"name = '{registered_model_name}'")
-            version = max((v for v in found if v.run_id == run_id), key=lambda v: int(v.version)).version
+            version = info.registered_model_version
             for key, value in (tags or {}).items():
                 client.set_model_version_tag(registered_model_name, version, key, str(value))
     return {"model_uri": info.model_uri, "name": registered_model_name, "version": version}
@@ -160,17 +180,21 @@ def log_slide_classifier(
 
 def model_settings(workflow: Any) -> dict[str, Any]:
     """What :class:`SlideClassifierModel` needs of a workflow besides its files."""
-    embed = workflow.phases["embed"]
+    embed, policy = workflow.phases["embed"], workflow.tile_policy
     return {
-        "class_names": workflow.class_names,
+        "class_names": list(workflow.class_names or [str(k) for k in range(workflow.num_classes)]),
         "stain_normalize": workflow.stain_normalize,
         "backend": workflow.backend,
         "assume_mpp": workflow.assume_mpp,
         "device": None,
+        "tile_policy": {"on_tile_error": policy.on_tile_error, "max_damaged_fraction": policy.max_damaged_fraction},
         "embed": {
             "batch_size": embed.batch_size,
             "num_workers": 0,
             "read_threads": embed.read_threads,
             "dtype": embed.dtype,
+            "amp": embed.amp,
+            "channels_last": embed.channels_last,
+            "compile": False,  # each request builds its engine: compiling would be paid on every request
         },
     }

@@ -140,4 +140,72 @@ def test_the_mlflow_model_answers_an_empty_table_with_a_warning_when_no_slide_is
     )
     with pytest.warns(UserWarning, match=r"none of the 1 slide\(s\) was scored \(0 failed, 1 without tissue"):
         table = model.predict(None, pd.DataFrame({"image": [str(tmp_path / "white.tif")]}))
-    assert list(table.columns) == ["slide", "prob_normal", "prob_tumour"] and len(table) == 0
+    assert list(table.columns) == ["slide", "image", "prob_normal", "prob_tumour"] and len(table) == 0
+
+
+def test_the_mlflow_model_keeps_slides_of_one_name_apart_and_leaves_out_a_missing_path(tmp_path):
+    """Rows carry the path as given; two files named a.tif get two ids, each with its own slide's probability; a
+    path that does not exist is left out with a warning, as a slide that fails is."""
+    config = SyntheticSlideConfig(width=512, height=384)
+    paths = [tmp_path / "a-2.tif", tmp_path / "a.tif", tmp_path / "x" / "a.tif"]  # stems a-2, a, a
+    for i, p in enumerate(paths):
+        write_slide(p, render_slide((i, 0), i == 2, config)["image"], mpp=0.5)
+    model = SlideClassifierModel(TilingConfig(patch_size=32, mpp=1.0), {"class_names": ["normal", "tumour"]})
+    model.embedder = create_embedder("resnet18_trunc", input_size=32)
+    model.bag_classifier = save_bag_classifier(
+        tmp_path / "bag.pt", create_aggregator("abmil", model.embedder.out_dim, 2, hidden_dim=8)
+    )
+    given = [str(p) for p in paths] + [str(tmp_path / "gone.tif")]
+    with pytest.warns(UserWarning, match=r"not found, left out: .*gone\.tif"):
+        table = model.predict(None, pd.DataFrame({"image": given}))
+    assert list(table["image"]) == given[:3] and len(set(table["slide"])) == 3
+    for path in given[:3]:
+        alone = model.predict(None, {"image": path})  # one path under the key, not one per character
+        row = table[table["image"] == path]
+        np.testing.assert_allclose(row["prob_tumour"], alone["prob_tumour"], atol=1e-6)
+
+
+def test_the_served_settings_follow_the_run(tmp_path):
+    """A 3-class run without class names serves 3 classes; the damaged-tile policy and the embed precision travel."""
+    from types import SimpleNamespace
+
+    from monai_icmil.data.integrity import TileErrorPolicy
+    from monai_icmil.serving import model_settings
+
+    run = SimpleNamespace(
+        phases={"embed": Embed(amp=False, channels_last=False)}, tile_policy=TileErrorPolicy("fail", 0.2),
+        class_names=None, num_classes=3, stain_normalize=False, backend="auto", assume_mpp=None,
+    )  # fmt: skip
+    settings = model_settings(run)
+    assert settings["class_names"] == ["0", "1", "2"]
+    assert settings["tile_policy"] == {"on_tile_error": "fail", "max_damaged_fraction": 0.2}
+    assert settings["embed"]["amp"] is False and settings["embed"]["compile"] is False
+
+
+def test_a_model_name_with_a_quote_is_registered_with_its_tags_and_loads(tmp_path):
+    import mlflow
+
+    from monai_icmil.handlers.tracking import using_store
+    from monai_icmil.serving import log_slide_classifier
+
+    write_slide(
+        tmp_path / "s.tif", render_slide((0, 0), True, SyntheticSlideConfig(width=512, height=384))["image"], 0.5
+    )
+    embedder = create_embedder("resnet18_trunc", input_size=32)
+    path = embedder.save(tmp_path / "embedder.safetensors")
+    bag = save_bag_classifier(tmp_path / "bag.pt", create_aggregator("abmil", embedder.out_dim, 2, hidden_dim=8))
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts")))
+    settings = {"class_names": ["normal", "tumour"], "embed": {"batch_size": 64, "num_workers": 0}}
+    logged = log_slide_classifier(
+        run.info.run_id, uri, path, bag, TilingConfig(patch_size=32, mpp=1.0), settings, [str(tmp_path / "s.tif")],
+        "o'brien lab", {"round": 1},
+    )  # fmt: skip
+    assert str(logged["version"]) == "1"
+    assert client.get_model_version("o'brien lab", "1").tags["round"] == "1"
+    with using_store(uri):
+        table = mlflow.pyfunc.load_model(logged["model_uri"]).predict(
+            pd.DataFrame({"image": [str(tmp_path / "s.tif")]})
+        )
+    assert list(table["image"]) == [str(tmp_path / "s.tif")]
