@@ -162,3 +162,20 @@ def test_a_slide_tiled_again_after_its_mpp_changed_is_embedded_again_on_rerun(sy
     assert all(len(wf.stored_features(0, split)) == len(wf._usable(split)) for split in wf.splits.items())
     after = {s: store.stored_key(s) for s in sids}
     assert [s for s in sids if after[s] != before[s]] == [sid]  # only that slide was embedded again
+
+
+def test_metrics_json_is_strict_json_when_a_metric_is_undefined(synthetic_dataset, tmp_path):
+    """A test split of one class has no AUC: metrics.json says null, which every JSON reader takes (not NaN)."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset.parent, root)
+    data = json.loads((root / "datalist.json").read_text())
+    data["test"] = [e for e in data["test"] if e["label"] == data["test"][0]["label"]]
+    (root / "datalist.json").write_text(json.dumps(data))
+    wf = ICMILWorkflow(dataset_dir=str(root), output_dir=str(tmp_path / "out"), **TINY)
+    wf.run()
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    metrics = json.loads((tmp_path / "out" / "round_0" / "test" / "metrics.json").read_text(), parse_constant=refuse)
+    assert metrics["auc"] is None and metrics["acc"] is not None

@@ -61,6 +61,7 @@ from monai_icmil.utils import (
     default_device,
     dist_info,
     stable_hash,
+    strict_json,
 )
 from monai_icmil.workflows.ledger import PhaseLedger
 from monai_icmil.workflows.splits import DatasetSplits
@@ -730,7 +731,7 @@ class ICMILWorkflow(BundleWorkflow):
             if probs.shape[1] == 2 and (threshold := self._validation_threshold(r)) is not None:
                 fair = threshold_metrics(probs[:, 1], labels, threshold)  # youden_* fit the split's own labels
                 metrics.update(val_threshold=threshold, val_threshold_acc=fair["acc"], val_threshold_f1=fair["f1"])
-            atomic_write_json(out / "metrics.json", metrics)
+            atomic_write_json(out / "metrics.json", strict_json(metrics))  # undefined (NaN): null
             predicted = np.bincount(probs.argmax(1), minlength=probs.shape[1]).tolist()  # slides called each class
             record = {"metrics": metrics, "slides": len(rows), "predicted": predicted}
         if unlabelled:
