@@ -45,6 +45,28 @@ def test_the_workflow_ends_its_runs_when_a_phase_raises(tmp_path, error, status)
     assert set(_statuses(tmp_path).values()) == {status}
 
 
+def test_a_single_phase_command_that_raises_leaves_no_run_running(tmp_path):
+    """``bag_phase#run`` (the workflow's ``bag_phase`` on its own): its runs end FAILED; a phase inside another
+    command leaves the ending to the outermost one."""
+    wf = ICMILWorkflow(str(tmp_path), str(tmp_path), progress=False)
+
+    def failing_embed(r=0):
+        wf.tracking.phase(r, "embed")  # a phase under way
+        raise RuntimeError("boom")
+
+    wf.prepare = lambda: {}
+    wf.embed = failing_embed
+    with pytest.raises(RuntimeError, match="boom"):
+        wf.bag_phase(0)
+    assert set(_statuses(tmp_path).values()) == {"FAILED"}
+    calls = []
+    wf.run_round = wf.bag_phase
+    wf.tracking.abandon = lambda status="FAILED": calls.append(status)
+    with pytest.raises(RuntimeError, match="boom"):
+        wf.run()  # run -> bag_phase -> embed: ended once, by run
+    assert calls == ["FAILED"]
+
+
 def test_a_run_name_with_a_quote_is_found_again_and_a_broken_state_json_is_named(tmp_path):
     from monai_icmil.handlers.tracking import start_run
     from monai_icmil.workflows.ledger import PhaseLedger

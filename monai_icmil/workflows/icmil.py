@@ -90,6 +90,25 @@ def _rank() -> int:
     return dist_info()[0]
 
 
+def _ends_runs_on_error(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A workflow command (``run`` or a single phase, ``bag_phase#run``) that raises ends its open MLflow runs FAILED
+    (KILLED on Ctrl-C), so none is left RUNNING; a rerun resumes them. Only the outermost command ends them."""
+
+    @functools.wraps(method)
+    def command(self: ICMILWorkflow, *args: Any, **kwargs: Any) -> Any:
+        self._command_depth += 1
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException as error:
+            if self._command_depth == 1:
+                self.tracking.abandon("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
+        finally:
+            self._command_depth -= 1
+
+    return command
+
+
 @contextlib.contextmanager
 def _quiet(name: str) -> Iterator[None]:
     """Raise a logger's level to WARNING for the duration."""
@@ -167,6 +186,7 @@ class ICMILWorkflow(BundleWorkflow):
     _slides: dict[str, SlideTiles] | None  # the tiles, once prepared
     _pretrain_record: dict[str, Any] | None  # the pre-training's record, once done
     _settings_hashes: dict[str, str | None]  # each phase's settings hash, taken before it runs
+    _command_depth: int = 0  # commands running (run -> bag_phase -> embed ...): the outermost ends MLflow runs on error
 
     def __init__(
         self,
@@ -503,6 +523,7 @@ class ICMILWorkflow(BundleWorkflow):
         settings = self._settings(name)
         self.ledger.mark(r, name, {**record, **({"settings": settings} if settings else {})})
 
+    @_ends_runs_on_error
     def pretrain(self) -> dict[str, Any]:
         """Pre-training of the starting embedder (``pretrain``); its output is round 0's embedder. Runs once
         (recorded in ``state.json``), on rank 0 while the others wait."""
@@ -530,6 +551,7 @@ class ICMILWorkflow(BundleWorkflow):
         self._pretrain_record = self.ledger.get(None, "pretrain") or {}
         return self._pretrain_record
 
+    @_ends_runs_on_error
     def embed(self, r: int = 0) -> dict[str, Any]:
         """Round ``r``'s embed phase: every slide through round ``r``'s embedder into ``round_<r>/features``."""
         if (done := self.ledger.get(r, "embed")) is not None:
@@ -565,6 +587,7 @@ class ICMILWorkflow(BundleWorkflow):
         barrier()
         return record
 
+    @_ends_runs_on_error
     def bag_phase(self, r: int = 0) -> dict[str, Any]:
         """Round ``r``'s bag phase on its features (embeds first if needed), then its test metrics and, where the
         datalist has ground-truth masks, its instance teacher's patch AUC (:meth:`teacher_vs_truth`)."""
@@ -653,6 +676,7 @@ class ICMILWorkflow(BundleWorkflow):
             )
         return net.state_dict()
 
+    @_ends_runs_on_error
     def embedder_phase(self, r: int = 1) -> dict[str, Any]:
         """Round ``r``'s embedder phase: round ``r-1``'s bag classifier teaches round ``r-1``'s embedder."""
         from monai_icmil.engines.bag_phase import load_bag_classifier
@@ -831,18 +855,15 @@ class ICMILWorkflow(BundleWorkflow):
             self.tracking.end(rr)
         return rounds[r]
 
+    @_ends_runs_on_error
     def run(self) -> dict[str, Any]:
         """The whole ICMIL loop with the stopping rule; prints and saves ``summary.md``. With ``folds >= 2``, the
         loop once per cross-validation fold (:class:`~monai_icmil.workflows.folds.CrossValidation`)."""
-        try:
-            if self.folds >= 2:
-                from monai_icmil.workflows.folds import CrossValidation
+        if self.folds >= 2:
+            from monai_icmil.workflows.folds import CrossValidation
 
-                return CrossValidation(self, self.folds).run()
-            return self._run_loop()
-        except BaseException as error:  # no MLflow run is left RUNNING; the rerun resumes them
-            self.tracking.abandon("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-            raise
+            return CrossValidation(self, self.folds).run()
+        return self._run_loop()
 
     def _run_loop(self) -> dict[str, Any]:
         self.prepare()
