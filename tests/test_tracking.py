@@ -77,3 +77,17 @@ def test_a_run_name_with_a_quote_is_found_again_and_a_broken_state_json_is_named
     (tmp_path / "state.json").write_text('{"rounds": {"0": {')
     with pytest.raises(ValueError, match=r"state\.json' \(the run's record of finished phases\) is not valid JSON"):
         PhaseLedger(tmp_path / "state.json").get(0, "embed")
+
+
+def test_a_resumed_run_given_other_params_keeps_them_as_tags_and_warns(tmp_path):
+    from monai_icmil.handlers.tracking import start_run
+
+    uri = sqlite_tracking_uri(tmp_path)
+    run = start_run(uri, "icmil", "bag_phase")
+    run.log_params({"lr": 0.001, "epochs": 50})
+    again = start_run(uri, "icmil", "bag_phase")  # the interrupted phase, rerun
+    with pytest.warns(UserWarning, match=r"resumed with other values of lr;"):
+        again.log_params({"lr": 0.01, "epochs": 50, "seed": 1})
+    data = again.client().get_run(again.run_id).data
+    assert data.params == {"lr": "0.001", "epochs": "50", "seed": "1"}
+    assert data.tags["changed_param.lr"] == "0.01" and "changed_param.epochs" not in data.tags

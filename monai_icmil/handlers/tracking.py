@@ -53,13 +53,26 @@ class MLflowRun:
         return mlflow.MlflowClient(tracking_uri=self.tracking_uri)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log ``params``; those the run already has are kept (MLflow cannot change a param). When a resumed run is
+        given another value (an interrupted phase rerun with other settings), the new value goes to the tag
+        ``changed_param.<key>`` and a warning names the keys, so the run does not show the first attempt's
+        settings as those of its results."""
         import mlflow
 
         items = [mlflow.entities.Param(str(k)[:250], str(v)[:6000]) for k, v in _flatten(params).items()]
         existing = self.client().get_run(self.run_id).data.params
+        changed = [p for p in items if p.key in existing and existing[p.key] != p.value]
         items = [p for p in items if p.key not in existing]
         for i in range(0, len(items), 100):
             self.client().log_batch(self.run_id, params=items[i : i + 100])
+        if changed:
+            tags = [mlflow.entities.RunTag(f"changed_param.{p.key}"[:250], p.value) for p in changed]
+            self.client().log_batch(self.run_id, tags=tags)
+            warnings.warn(
+                f"MLflow run '{self.run_name}' was resumed with other values of {', '.join(p.key for p in changed)}; "
+                "MLflow keeps a run's first params, so the new values are in its 'changed_param.<key>' tags.",
+                stacklevel=2,
+            )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         import math
