@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,22 @@ def atomic_path(path: PathLike, suffix: str | None = None) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def sweep_temporaries(folder: PathLike, max_age_s: float = 3600.0) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_path` in ``folder`` that a killed process left (``kill -9``,
+    power loss) and that are older than ``max_age_s`` (a younger one may be another process's write in progress).
+    Returns the removed paths."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for tmp in folder.glob(".*.tmp"):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove
+            if now - tmp.stat().st_mtime > max_age_s:
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:

@@ -105,6 +105,22 @@ def test_a_feature_file_cut_short_is_stale_and_a_failure_is_forgotten_only_by_it
     assert RunReport(tmp_path / "report.json").excluded() == set()
 
 
+def test_a_temporary_file_left_by_a_killed_write_is_swept_when_it_is_an_hour_old(tmp_path):
+    import os
+    import time
+
+    store = FeatureStore(tmp_path / "features")
+    store.save("s", {"features": torch.ones(2, 3)}, {"k": 1})
+    orphan = tmp_path / "features" / ".s.safetensors.abc123.safetensors.tmp"  # atomic_path's name, kill -9 mid-write
+    young = tmp_path / "features" / ".t.safetensors.def456.safetensors.tmp"  # another process writing now
+    orphan.write_bytes(b"\0" * 100)
+    young.write_bytes(b"\0" * 100)
+    two_hours_ago = time.time() - 7200
+    os.utime(orphan, (two_hours_ago, two_hours_ago))
+    store = FeatureStore(tmp_path / "features")
+    assert not orphan.exists() and young.exists() and store.is_current("s", {"k": 1})
+
+
 def test_atomic_writes_leave_the_permissions_of_a_plain_write(tmp_path):
     """Temporary files are created 0o600; the outputs must not stay that way (a lab's group could not read them):
     a new file gets 0o666 less the umask, a replaced file keeps its mode."""

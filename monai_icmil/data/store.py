@@ -25,7 +25,7 @@ from monai.transforms import Randomizable
 from torch.utils.data import Dataset
 
 from monai_icmil.data.slide import slide_identity
-from monai_icmil.utils import atomic_path, stable_hash
+from monai_icmil.utils import atomic_path, stable_hash, sweep_temporaries
 
 __all__ = [
     "SlideArrayStore",
@@ -75,6 +75,7 @@ class SlideArrayStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        sweep_temporaries(self.root)  # a write cut by kill -9 leaves its temporary file; an hour on, it is an orphan
 
     def path(self, slide_id: str) -> Path:
         if not is_file_name(slide_id):
