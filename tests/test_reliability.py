@@ -195,3 +195,42 @@ def test_metrics_json_is_strict_json_when_a_metric_is_undefined(synthetic_datase
 
     metrics = json.loads((tmp_path / "out" / "round_0" / "test" / "metrics.json").read_text(), parse_constant=refuse)
     assert metrics["auc"] is None and metrics["acc"] is not None
+
+
+def test_under_torchrun_a_slide_failing_on_rank_1_is_left_out_by_rank_0(synthetic_dataset, tmp_path, monkeypatch):
+    """Each rank embeds its share and records its share's failures in its own report file; rank 0 merges them, so
+    its bag phase leaves the slide out instead of stopping on missing features (two ranks played in turn here)."""
+    import monai_icmil.engines.embed as embed_module
+    import monai_icmil.workflows.icmil as workflow_module
+
+    world = {"rank": 0, "size": 2}
+    monkeypatch.setattr(workflow_module, "dist_info", lambda: (world["rank"], world["size"]))
+    monkeypatch.setattr(embed_module, "dist_info", lambda: (world["rank"], world["size"]))
+    monkeypatch.setattr(workflow_module, "barrier", lambda: None)
+    out = tmp_path / "out"
+    rank0 = ICMILWorkflow(dataset_dir=str(synthetic_dataset.parent), output_dir=str(out), **TINY)
+    slides = rank0.prepare()  # rank 0 tiles first
+    world["rank"] = 1
+    rank1 = ICMILWorkflow(dataset_dir=str(synthetic_dataset.parent), output_dir=str(out), **TINY)
+    broken = list(rank1.prepare().values())[1]  # in rank 1's share (every second slide from the second)
+    real_get_slide = embed_module.get_slide
+
+    def unreadable(image, *args, **kwargs):
+        if image == broken["image"]:
+            raise OSError("read error")
+        return real_get_slide(image, *args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "get_slide", unreadable)
+    rank1.embed(0)
+    assert (out / "report.rank1.json").is_file()
+    world["rank"] = 0
+    rank0.embed(0)
+    report = json.loads((out / "report.json").read_text())
+    assert report["failed"][broken["slide_id"]]["phase"] == "embed" and not (out / "report.rank1.json").exists()
+    assert broken["slide_id"] in json.loads((out / "state.json").read_text())["rounds"]["0"]["embed"]["failed"]
+    world["size"] = 1
+    rank0.bag_phase(0)  # trains on the other slides
+    assert (
+        len(rank0.bags(0, "training")) + len(rank0.bags(0, "validation")) + len(rank0.bags(0, "test"))
+        == len(slides) - 1
+    )

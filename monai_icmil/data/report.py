@@ -77,6 +77,23 @@ class RunReport:
                 self.failed.pop(slide_id)
                 self._save()
 
+    def merge(self, other: str | os.PathLike, save: bool = True) -> list[str]:
+        """Add the entries of another report file that this one lacks (another rank's slides under torchrun: each
+        rank records its own share's failures) and save (unless ``save`` is false); returns the slide ids newly
+        ``failed``."""
+        if not Path(other).is_file():  # nothing recorded there
+            return []
+        data = json.loads(Path(other).read_text())
+        with self._lock:
+            added = [sid for sid in data.get("failed", {}) if sid not in self.failed]
+            for name in ("failed", "empty", "damaged", "outputs_failed"):
+                mine = getattr(self, name)
+                for sid, entry in data.get(name, {}).items():
+                    mine.setdefault(sid, entry)
+            if save:
+                self._save()
+        return added
+
     def excluded(self) -> set[str]:
         """Slide ids to leave out of training and metrics."""
         return set(self.failed) | set(self.empty)

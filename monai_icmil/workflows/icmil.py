@@ -565,6 +565,8 @@ class ICMILWorkflow(BundleWorkflow):
             self.embedder_phase(r)  # round r's embedder comes out of its embedder phase
         embedder = self.embedder_for(r)  # (round 0 with pre-training configured: pre-trains first, timed apart)
         run, t0 = self.tracking.phase(r, "embed"), time.perf_counter()
+        if _rank() > 0:  # under torchrun each rank records its share's failures apart; rank 0 merges them below
+            self.report.path = self.output_dir / f"report.rank{_rank()}.json"
         result = self.phases["embed"](
             self.prepare(), embedder, FeatureStore(self.features_dir(r)), self.tiling_params,
             device=self.device, report=self.report, backend=self.backend, meta={"round": r},
@@ -583,9 +585,21 @@ class ICMILWorkflow(BundleWorkflow):
             self.tracking.end(run)
         barrier()  # under torchrun every rank embeds its share of the slides
         if _rank() == 0:
+            record["failed"] = record["failed"] + self._merge_rank_reports()
             self.ledger.mark(r, "embed", record)
         barrier()
+        if _rank() > 0:  # every rank goes on with every rank's failures
+            self.report.merge(self.output_dir / "report.json", save=False)
         return record
+
+    def _merge_rank_reports(self) -> list[str]:
+        """Rank 0: the other ranks' report files merged into ``report.json`` (and removed); returns the slides they
+        found failing."""
+        added = []
+        for other in sorted(self.output_dir.glob("report.rank*.json")):
+            added += self.report.merge(other)
+            other.unlink()
+        return added
 
     @_ends_runs_on_error
     def bag_phase(self, r: int = 0) -> dict[str, Any]:
