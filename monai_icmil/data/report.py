@@ -77,10 +77,16 @@ class RunReport:
                 self.failed.pop(slide_id)
                 self._save()
 
-    def merge(self, other: str | os.PathLike, save: bool = True) -> list[str]:
-        """Add the entries of another report file that this one lacks (another rank's slides under torchrun: each
-        rank records its own share's failures) and save (unless ``save`` is false); returns the slide ids newly
-        ``failed``."""
+    def reload(self) -> None:
+        """Read the file again (another process wrote it: torchrun's rank 0 after merging the ranks' reports)."""
+        fresh = RunReport(self.path)
+        with self._lock:
+            self.failed, self.empty, self.damaged = fresh.failed, fresh.empty, fresh.damaged
+            self.outputs_failed = fresh.outputs_failed
+
+    def merge(self, other: str | os.PathLike) -> list[str]:
+        """Add the entries of another report file that this one lacks (under torchrun, another rank's report of its
+        share of one embedding) and save; returns the slide ids newly ``failed``."""
         if not Path(other).is_file():  # nothing recorded there
             return []
         data = json.loads(Path(other).read_text())
@@ -90,8 +96,7 @@ class RunReport:
                 mine = getattr(self, name)
                 for sid, entry in data.get(name, {}).items():
                     mine.setdefault(sid, entry)
-            if save:
-                self._save()
+            self._save()
         return added
 
     def excluded(self) -> set[str]:

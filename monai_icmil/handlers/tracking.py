@@ -37,6 +37,16 @@ def sqlite_tracking_uri(output_dir: str | os.PathLike) -> str:
     return f"sqlite:///{path}"
 
 
+#: settings that change how fast a run goes, not its results (a resumed run may differ in them)
+_RUNTIME_SETTINGS = {
+    "progress", "num_workers", "read_threads", "prefetch_threads", "device", "copy_stream", "compile", "workers",
+}  # fmt: skip
+
+
+def _runtime(key: str) -> bool:
+    return key.replace("#", ".").rsplit(".", 1)[-1] in _RUNTIME_SETTINGS
+
+
 @dataclass
 class MLflowRun:
     """An MLflow run we created: where it lives and how MONAI's handler finds it (by ``run_name``)."""
@@ -56,12 +66,13 @@ class MLflowRun:
         """Log ``params``; those the run already has are kept (MLflow cannot change a param). When a resumed run is
         given another value (an interrupted phase rerun with other settings), the new value goes to the tag
         ``changed_param.<key>`` and a warning names the keys, so the run does not show the first attempt's
-        settings as those of its results."""
+        settings as those of its results; settings that do not change results (progress bars, workers, threads,
+        device) are left alone."""
         import mlflow
 
         items = [mlflow.entities.Param(str(k)[:250], str(v)[:6000]) for k, v in _flatten(params).items()]
         existing = self.client().get_run(self.run_id).data.params
-        changed = [p for p in items if p.key in existing and existing[p.key] != p.value]
+        changed = [p for p in items if p.key in existing and existing[p.key] != p.value and not _runtime(p.key)]
         items = [p for p in items if p.key not in existing]
         for i in range(0, len(items), 100):
             self.client().log_batch(self.run_id, params=items[i : i + 100])

@@ -124,7 +124,7 @@ def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, Any]]) ->
             continue  # an expression or a reference: MONAI evaluates it when the config is parsed
         try:
             if value is None:
-                if default is not None and not isinstance(default, str) and name not in _NULLABLE:
+                if isinstance(default, (bool, int, float)) and name not in _NULLABLE:  # (lists, components: may be)
                     raise ValueError(f"'{key}' cannot be None")
             elif isinstance(default, bool):
                 _check_boolean(key, name, value)

@@ -28,6 +28,7 @@ import functools
 import json
 import logging
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -186,6 +187,7 @@ class ICMILWorkflow(BundleWorkflow):
     _slides: dict[str, SlideTiles] | None  # the tiles, once prepared
     _pretrain_record: dict[str, Any] | None  # the pre-training's record, once done
     _settings_hashes: dict[str, str | None]  # each phase's settings hash, taken before it runs
+    _embed_checked: set[int]  # rounds whose features were found current (or embedded) in this process
     _command_depth: int = 0  # commands running (run -> bag_phase -> embed ...): the outermost ends MLflow runs on error
 
     def __init__(
@@ -266,7 +268,7 @@ class ICMILWorkflow(BundleWorkflow):
         self.report = RunReport(self.output_dir / "report.json")
         self.tracking = MLflowRunTree(self.output_dir, **{**dict(mlflow or {}), "params": self.params})
         self.tiling_params = tiling_signature(self.tiling)
-        self._slides, self._pretrain_record, self._settings_hashes = None, None, {}
+        self._slides, self._pretrain_record, self._settings_hashes, self._embed_checked = None, None, {}, set()
 
     def _check_counts(self, synthetic: Mapping[str, Any] | None) -> None:
         """The data root exists (unless generated), and the round and fold counts make sense."""
@@ -412,11 +414,30 @@ class ICMILWorkflow(BundleWorkflow):
     def _stale_features(self, r: int) -> list[str]:
         """``slide_id`` of the usable slides (every split) whose round-``r`` features are missing or stale, e.g. after
         a datalist's per-slide ``mpp`` changed and the slide was tiled again."""
-        embedder, stale = self.embedder_for(r), []
-        for split in self.splits.items():
-            current = self.stored_features(r, split, embedder)
-            stale += [s["slide_id"] for s in self._usable(split) if s["slide_id"] not in current]
-        return stale
+        store, keys = FeatureStore(self.features_dir(r)), self.feature_keys(r)
+        return [
+            s["slide_id"]
+            for split in self.splits.items()
+            for s in self._usable(split)
+            if not (s["slide_id"] in keys and store.is_current(s["slide_id"], keys[s["slide_id"]]))
+        ]
+
+    def _embedding_stale(self, r: int) -> bool:
+        """Whether round ``r``'s recorded embedding left slides with stale features (looked at once per process and
+        round; under torchrun every rank looks before any rank writes, so all decide alike)."""
+        if r in self._embed_checked:
+            return False
+        barrier()
+        stale = self._stale_features(r)
+        barrier()
+        if stale:
+            logger.info(
+                f"round {r}: {len(stale)} slide(s) have features older than their tiling or embedder "
+                f"(first: {', '.join(stale[:3])}); embedding them again"
+            )
+        else:
+            self._embed_checked.add(r)
+        return bool(stale)
 
     def bags(self, r: int, split: str, embedder: PatchEmbedder | None = None) -> BagDataset:
         """Round ``r``'s feature bags of ``split`` (every one current for the round's embedder)."""
@@ -554,26 +575,24 @@ class ICMILWorkflow(BundleWorkflow):
     @_ends_runs_on_error
     def embed(self, r: int = 0) -> dict[str, Any]:
         """Round ``r``'s embed phase: every slide through round ``r``'s embedder into ``round_<r>/features``."""
-        if (done := self.ledger.get(r, "embed")) is not None:
-            if not (stale := self._stale_features(r)):
-                return done
-            logger.info(
-                f"round {r}: {len(stale)} slide(s) have features older than their tiling or embedder "
-                f"(first: {', '.join(stale[:3])}); embedding them again"
-            )
+        if (done := self.ledger.get(r, "embed")) is not None and not self._embedding_stale(r):
+            return done
         if r >= 1:
             self.embedder_phase(r)  # round r's embedder comes out of its embedder phase
         embedder = self.embedder_for(r)  # (round 0 with pre-training configured: pre-trains first, timed apart)
         run, t0 = self.tracking.phase(r, "embed"), time.perf_counter()
-        if _rank() > 0:  # under torchrun each rank records its share's failures apart; rank 0 merges them below
-            self.report.path = self.output_dir / f"report.rank{_rank()}.json"
+        report = self.report
+        if _rank() > 0:  # under torchrun each rank > 0 reports its share of this embedding apart; rank 0 merges
+            rank_file = self.output_dir / f"report.rank{_rank()}.json"
+            rank_file.unlink(missing_ok=True)  # an earlier attempt's: not this embedding's
+            report = RunReport(rank_file)
         result = self.phases["embed"](
             self.prepare(), embedder, FeatureStore(self.features_dir(r)), self.tiling_params,
-            device=self.device, report=self.report, backend=self.backend, meta={"round": r},
+            device=self.device, report=report, backend=self.backend, meta={"round": r},
             stain_normalize=self.stain_normalize,
         )  # fmt: skip
         if self.on_slide_error == "raise" and result["failed"]:
-            raise RuntimeError(f"embedding failed for slide(s) {result['failed']} (see {self.report.path})")
+            raise RuntimeError(f"embedding failed for slide(s) {result['failed']} (see {report.path})")
         record = {"seconds": time.perf_counter() - t0, "patches": result["patches"]}
         record["steady_patches_per_s"] = result.get("steady_patches_per_s")
         record.update(fingerprint=result["fingerprint"], written=len(result["written"]))
@@ -584,21 +603,32 @@ class ICMILWorkflow(BundleWorkflow):
             run.log_metrics({**rates, "seconds": record["seconds"], "failed_slides": len(result["failed"])})
             self.tracking.end(run)
         barrier()  # under torchrun every rank embeds its share of the slides
+        if done is not None:  # stale slides embedded again: the first embedding's figures stay
+            record = {**done, "re_embedded": record}
         if _rank() == 0:
-            record["failed"] = record["failed"] + self._merge_rank_reports()
+            (record.get("re_embedded") or record)["failed"] += self._merge_rank_reports(r)
             self.ledger.mark(r, "embed", record)
         barrier()
         if _rank() > 0:  # every rank goes on with every rank's failures
-            self.report.merge(self.output_dir / "report.json", save=False)
+            self.report.reload()
+        self._embed_checked.add(r)
         return record
 
-    def _merge_rank_reports(self) -> list[str]:
-        """Rank 0: the other ranks' report files merged into ``report.json`` (and removed); returns the slides they
-        found failing."""
+    def _merge_rank_reports(self, r: int) -> list[str]:
+        """Rank 0 under torchrun: the other ranks' reports of this embedding merged into ``report.json`` (and
+        removed), and the embedding failures of slides that another rank has now embedded forgotten; returns the
+        slides the other ranks found failing."""
         added = []
         for other in sorted(self.output_dir.glob("report.rank*.json")):
-            added += self.report.merge(other)
+            rank = re.fullmatch(r"report\.rank(\d+)\.json", other.name)
+            if rank and int(rank.group(1)) < dist_info()[1]:  # (not a file of an earlier run with more ranks)
+                added += self.report.merge(other)
             other.unlink()
+        if dist_info()[1] > 1:
+            store, keys = FeatureStore(self.features_dir(r)), self.feature_keys(r)
+            for sid in [sid for sid, f in self.report.failed.items() if f.get("phase") == "embed" and sid in keys]:
+                if store.is_current(sid, keys[sid]):
+                    self.report.succeed(sid, "embed")
         return added
 
     @_ends_runs_on_error
@@ -1072,6 +1102,7 @@ class ICMILWorkflow(BundleWorkflow):
         logger.info("final model (round %d) registered as %s version %s", r, logged["name"], logged["version"])
 
     # ------------------------------------------------------------------------------------------------ evaluation
+    @_ends_runs_on_error
     def evaluate(self, split: str = "test", round: int | None = None) -> dict[str, Any]:
         """Metrics, predictions CSV and ROC curve of the final (or given) round on ``split``."""
         if split not in SPLITS:
@@ -1083,6 +1114,7 @@ class ICMILWorkflow(BundleWorkflow):
         print(json.dumps({"round": r, "split": split, **record}, indent=2, default=str))
         return {"round": r, **record}
 
+    @_ends_runs_on_error
     def infer(
         self,
         slides: str | Sequence[str] | Sequence[Mapping[str, Any]],
