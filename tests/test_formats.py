@@ -203,3 +203,95 @@ def test_an_implausible_mpp_in_an_aperio_description_counts_as_none(tissue, tmp_
     for backend in available_backends():
         with pytest.warns(UserWarning, match=r"aperio\.svs' has no microns per pixel"):
             assert open_slide(path, backend=backend).mpp is None, backend
+
+
+def _write_levels(path, levels, extra=(), **opts) -> str:
+    """A tiled pyramid of ``levels`` in the main IFD chain (0.5 um/px), then ``extra`` images (label, macro)."""
+    with tifffile.TiffWriter(path) as tif:
+        for k, level in enumerate(levels):
+            ds = 2**k
+            tif.write(
+                level, tile=(256, 256), subfiletype=1 if k else 0, resolution=(1e4 / (0.5 * ds),) * 2,
+                resolutionunit="CENTIMETER", metadata=None, **opts,
+            )  # fmt: skip
+        for image, subfiletype in extra:
+            tif.write(image, tile=(128, 128), photometric="rgb", subfiletype=subfiletype, metadata=None)
+    return str(path)
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_deflate_or_zstd_tiles_with_a_predictor_are_not_given_to_cucim_which_crashes_on_them(
+    tissue, tmp_path, compression
+):
+    """libvips and GDAL write them; cuCIM 26 segfaults opening one (no error to catch), so it is never tried."""
+    levels = [block_mean(tissue, 2**k) for k in range(3)]
+    path = _write_levels(tmp_path / "s.tif", levels, photometric="rgb", compression=compression, predictor=True)
+    slide = open_slide(path)
+    assert slide.backend != "cucim" and slide.level_count == 3
+    np.testing.assert_array_equal(slide.read_region((256, 128), 64), tissue[128:192, 256:320])
+    if "cucim" in available_backends():
+        with pytest.raises(SlideError, match="with a predictor"):
+            open_slide(path, "cucim")
+
+
+def test_a_label_and_a_macro_after_the_pyramid_are_not_levels_on_any_backend(tissue, tmp_path):
+    label = np.full((256, 256, 3), 240, np.uint8)
+    macro = np.full((512, 768, 3), (180, 190, 200), np.uint8)  # the slide's aspect, a little smaller than level 1
+    levels = [block_mean(tissue, 2**k) for k in range(3)]
+    path = _write_levels(
+        tmp_path / "s.tif", levels, extra=[(label, 1), (macro, 9)], photometric="rgb", compression="zlib"
+    )
+    for backend in available_backends():
+        if backend != "image":
+            slide = open_slide(path, backend)
+            assert slide.level_dimensions == ((1536, 1024), (768, 512), (384, 256)), backend
+
+
+def test_sixteen_bit_planar_and_transparent_slides_read_as_8_bit_rgb_on_white(tissue, tmp_path):
+    """Our TIFF reader (the one ``auto`` takes for an OME-TIFF pyramid): 16-bit samples scaled to 8 bits (not cut to
+    their low byte), one plane per sample stacked (not the red plane alone), alpha composited on white."""
+    wide = [block_mean(tissue, 2**k).astype(np.uint16) * 257 + 128 for k in range(3)]  # low byte 128 everywhere
+    planar = _write_levels(tmp_path / "planar.tif", [np.moveaxis(block_mean(tissue, 2**k), -1, 0) for k in range(3)],
+                           photometric="rgb", compression="zlib", planarconfig="separate")  # fmt: skip
+    deep = _write_levels(tmp_path / "deep.tif", wide, photometric="rgb", compression="zlib")
+    alpha = np.zeros(tissue.shape[:2] + (1,), np.uint8)
+    alpha[:, 768:] = 255  # the left half outside the scanned area
+    rgba = _write_levels(tmp_path / "rgba.tif", [np.concatenate([tissue, alpha], -1)], photometric="rgb",
+                         compression="zlib", extrasamples=["unassalpha"])  # fmt: skip
+    want = tissue[128:192, 800:864]
+    for path in (planar, deep, rgba):
+        slide = open_slide(path, "tifffile")
+        np.testing.assert_allclose(slide.read_region((800, 128), 64).astype(int), want, atol=1, err_msg=path)
+    assert (open_slide(rgba, "tifffile").read_region((100, 100), 64) == 255).all()
+    assert open_slide(rgba).read_patches(np.array([[0, 0], [800, 128]]), 64, 0).shape == (2, 64, 64, 3)
+
+
+def test_jpeg_tiles_holding_ycbcr_while_tagged_rgb_are_read_by_the_reader_that_converts_them(tissue, tmp_path):
+    """JFIF (YCbCr) JPEG tiles in a page tagged RGB: cuCIM and OpenSlide skip the colour conversion (wrong colours,
+    no error); ``auto`` takes our reader, which follows the stream."""
+    import imagecodecs
+
+    def tiles(img):
+        for ty in range(0, img.shape[0], 256):
+            for tx in range(0, img.shape[1], 256):
+                yield imagecodecs.jpeg8_encode(np.ascontiguousarray(img[ty : ty + 256, tx : tx + 256]), level=95)
+
+    with tifffile.TiffWriter(tmp_path / "s.tif") as tif:
+        tif.write(
+            tiles(tissue), shape=tissue.shape, dtype="uint8", tile=(256, 256), photometric="rgb", compression="jpeg",
+            compressionargs={"outcolorspace": "RGB"}, subsampling=(1, 1), resolution=(2e4, 2e4),
+            resolutionunit="CENTIMETER", metadata=None,
+        )  # fmt: skip
+    slide = open_slide(tmp_path / "s.tif")
+    assert slide.backend == "tifffile"
+    got = slide.read_region((256, 256), 256).astype(int)
+    assert np.abs(got - tissue[256:512, 256:512]).mean() < 4
+
+
+def test_a_grayscale_slide_is_refused_naming_the_fix(tissue, tmp_path):
+    gray = tissue.mean(-1).astype(np.uint8)
+    path = _write_levels(tmp_path / "g.tif", [gray, block_mean(gray[..., None].repeat(3, -1), 2)[..., 0]],
+                         photometric="minisblack", compression="zlib")  # fmt: skip
+    for backend in ("auto", *[b for b in available_backends() if b != "image"]):
+        with pytest.raises(SlideError, match=r"g\.tif': the slide is grayscale .*Export it as RGB"):
+            open_slide(path, backend)

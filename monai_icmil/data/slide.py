@@ -193,6 +193,7 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
     (the first page), ``data_end`` (the last byte of image data any page or SubIFD stores, and that page's index)."""
     props: dict[str, Any] = {"objective_power": None, "aperio_mpp": None, "ome_mpp": None, "tiff_mpp": None}
     props.update(subifd_levels=0, tiled=True, data_end=(0, 0))  # (what tifffile cannot parse: the backends report)
+    props.update(samples=None, cucim_unsafe=None, jfif_rgb=False)
     try:
         tifffile = _import_backend("tifffile")
         with tifffile.TiffFile(path) as tif:
@@ -203,7 +204,10 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
                     offsets, counts = np.asarray(p.dataoffsets, np.int64), np.asarray(p.databytecounts, np.int64)
                     if counts.size:
                         ends.append((int((offsets + counts)[counts > 0].max(initial=0)), i))
+                    if int(p.predictor) > 1 and int(p.compression) != 5:  # LZW with a predictor is fine
+                        props["cucim_unsafe"] = f"{p.compression.name} tiles with a predictor (cuCIM crashes on them)"
             props.update(tiled=bool(page.is_tiled), data_end=max(ends, default=(0, 0)))
+            props.update(samples=int(page.samplesperpixel), jfif_rgb=_jfif_tagged_rgb(page))
             desc = page.description or ""
             m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", desc)
             if m:
@@ -221,6 +225,12 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
         props["tiff_error"] = f"{type(e).__name__}: {e}"
     props["mpp"] = next((props[k] for k in ("aperio_mpp", "ome_mpp", "tiff_mpp") if props[k] is not None), None)
     return props
+
+
+def _jfif_tagged_rgb(page: Any) -> bool:
+    """Whether a page's JPEG tiles are JFIF (YCbCr) while its tags say RGB: cuCIM and OpenSlide then decode them
+    without the colour conversion (wrong colours, no error); our tifffile reader follows the JPEG stream."""
+    return int(page.compression) == 7 and int(page.photometric) == 2 and bool(getattr(page, "is_jfif", False))
 
 
 #: relative difference above which the Aperio description's and the TIFF tags' mpp are reported as disagreeing
@@ -255,6 +265,27 @@ def on_white(rgba: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(rgb, dtype=np.uint8)
     a = alpha.astype(np.uint16)
     return ((rgb.astype(np.uint16) * a + 255 * (255 - a)) // 255).astype(np.uint8)
+
+
+#: smallest size ratio between successive pyramid levels (a page only a little smaller is another image)
+MIN_LEVEL_RATIO = 1.5
+
+
+def same_aspect(width: int, height: int, aspect: float) -> bool:
+    """Whether a ``width x height`` image has the aspect ratio ``aspect`` (up to 2 % and the rounding of a level)."""
+    return abs(width / height - aspect) <= 0.02 * aspect + 2.0 / height
+
+
+def pyramid_levels(dims: Sequence[tuple[int, int]]) -> list[int]:
+    """The indices of ``dims`` (finest first) that form the pyramid: the first level, then each image of its aspect
+    ratio at least :data:`MIN_LEVEL_RATIO` times smaller than the last one kept. A label, macro or thumbnail image
+    that a writer stored as a further page (cuCIM and OpenSlide then list it as a level, sorted by size among the
+    real ones) is left out."""
+    aspect, keep = dims[0][0] / dims[0][1], [0]
+    for i, (w, h) in enumerate(dims[1:], 1):
+        if same_aspect(w, h, aspect) and w * MIN_LEVEL_RATIO <= dims[keep[-1]][0]:
+            keep.append(i)
+    return keep
 
 
 def block_mean(img: np.ndarray, factor: int) -> np.ndarray:
@@ -292,6 +323,7 @@ class SlideReader(ABC):
         self.level_downsamples: tuple[float, ...] = ()
         self.mpp: float | None = None
         self.objective_power: float | None = None
+        self._backend_levels: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ description
     @property
@@ -323,6 +355,10 @@ class SlideReader(ABC):
         if not self.level_downsamples:
             w0, h0 = dims[0]
             self.level_downsamples = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
+        keep = pyramid_levels(dims)  # a label or macro image the backend lists is not a level
+        self.level_dimensions = tuple(dims[i] for i in keep)
+        self.level_downsamples = tuple(self.level_downsamples[i] for i in keep)
+        self._backend_levels = tuple(keep)  # our level k is the backend's level _backend_levels[k]
 
     def require_mpp(self, what: str = "tiling at a target mpp") -> float:
         if self.mpp is None:
@@ -582,14 +618,17 @@ class CuCIMSlide(SlideReader):
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
         cucim = _import_backend("cucim")
+        if self.path.lower().endswith(TIFF_SUFFIXES) and (unsafe := _tiff_properties(self.path)["cucim_unsafe"]):
+            raise RuntimeError(f"not opened: {unsafe}")  # (a crash would take the whole process)
         with quiet_native_output():
             self._img = cucim.CuImage(self.path)
         res = self._img.resolutions
         self.level_dimensions = tuple((int(w), int(h)) for w, h in res["level_dimensions"])
         self.level_downsamples = tuple(float(d) for d in res["level_downsamples"])
         tiles = res.get("level_tile_sizes") or ()
-        self._tile_sizes = tuple((int(tw) or 256, int(th) or 256) for tw, th in tiles) or ((256, 256),)
+        sizes = tuple((int(tw) or 256, int(th) or 256) for tw, th in tiles) or ((256, 256),)
         self._describe_levels()
+        self._tile_sizes = tuple(sizes[min(i, len(sizes) - 1)] for i in self._backend_levels)
         meta = self._img.metadata
         aperio = meta.get("aperio", {}) if isinstance(meta, dict) else {}
         if "MPP" in aperio:
@@ -606,15 +645,20 @@ class CuCIMSlide(SlideReader):
         self._check_decodable()
 
     def _check_decodable(self) -> None:
-        """Decode one pixel of every level: cuCIM opens some files whose tiles it cannot decode (JPEG 2000, WebP,
-        4-sample deflate) and fails only when a patch is read; failing here lets ``open_slide`` take the next
-        backend."""
+        """Decode one pixel of every level, and a batch of two: cuCIM opens some files whose tiles it cannot decode
+        (JPEG 2000, WebP, 4-sample deflate) or that it cannot read in batches (4-sample JPEG), and fails only when
+        patches are read; failing here lets ``open_slide`` take the next backend."""
         for level in range(self.level_count):
             try:
                 with quiet_native_output():
-                    np.asarray(self._img.read_region((0, 0), (1, 1), level))
+                    np.asarray(self._img.read_region((0, 0), (1, 1), self._backend_levels[level]))
             except Exception as e:
                 raise RuntimeError(f"cuCIM cannot decode level {level} ({type(e).__name__}: {e})") from e
+        try:  # a batch of locations (the fast path), which fails on some files one location reads (RGBA ones)
+            with quiet_native_output():
+                [np.asarray(r) for r in self._img.read_region([(0, 0), (1, 1)], (1, 1), 0, num_workers=1, batch_size=2)]
+        except Exception as e:
+            raise RuntimeError(f"cuCIM cannot read batches of patches of this file ({type(e).__name__}: {e})") from e
 
     def tile_size(self, level: int) -> tuple[int, int]:
         return self._tile_sizes[min(level, len(self._tile_sizes) - 1)]
@@ -694,7 +738,7 @@ class CuCIMSlide(SlideReader):
         regions = self._img.read_region(
             [tuple(int(v) for v in xy) for xy in locations],
             (w, h),
-            level,
+            self._backend_levels[level],
             num_workers=max(num_workers, 1),  # cuCIM refuses several locations with zero workers
             batch_size=batch,
         )
@@ -704,7 +748,7 @@ class CuCIMSlide(SlideReader):
             if arr.ndim == 3:
                 arr = arr[None]
             k = arr.shape[0]
-            out[i : i + k] = arr[..., :3]
+            out[i : i + k] = on_white(arr) if arr.shape[-1] == 4 else arr[..., :3]
             i += k
         if i != n:
             raise SlideError(self.path, f"cuCIM returned {i} of {n} patches.")
@@ -764,7 +808,8 @@ class OpenSlideSlide(_PatchByPatchReader):
         self._lock = threading.Lock()
 
     def _read_one(self, xy: np.ndarray, level: int, size: tuple[int, int]) -> np.ndarray:
-        return on_white(np.asarray(self._osr.read_region((int(xy[0]), int(xy[1])), level, size)))
+        xy, level = (int(xy[0]), int(xy[1])), self._backend_levels[level]
+        return on_white(np.asarray(self._osr.read_region(xy, level, size)))
 
     def tile_size(self, level: int) -> tuple[int, int]:
         return self._tile_sizes[level]
@@ -772,7 +817,7 @@ class OpenSlideSlide(_PatchByPatchReader):
     def _read_tile_sizes(self) -> tuple[tuple[int, int], ...]:
         """Each level's tile size, read once: after a damaged tile the handle answers every call with that error."""
         props, sizes = self._osr.properties, []
-        for level in range(self.level_count):
+        for level in self._backend_levels:
             w, h = props.get(f"openslide.level[{level}].tile-width"), props.get(f"openslide.level[{level}].tile-height")
             sizes.append((int(w), int(h)) if w and h else (256, 256))
         return tuple(sizes)
@@ -784,7 +829,7 @@ class OpenSlideSlide(_PatchByPatchReader):
         with openslide.OpenSlide(self.path) as osr:
             try:
                 for xy in self._tile_origins(level, tiles):
-                    osr.read_region((int(xy[0]), int(xy[1])), level, (tw, th))
+                    osr.read_region((int(xy[0]), int(xy[1])), self._backend_levels[level], (tw, th))
             except openslide.OpenSlideError:
                 return True
         return False
@@ -830,14 +875,16 @@ class TiffSlide(_PatchByPatchReader):
         if first.samplesperpixel < 3:
             raise SlideError(self.path, f"expected an RGB slide, found {first.samplesperpixel} sample(s) per pixel.")
         candidates = [first] + list(first.pages or []) + pages[1:]
+        if first.dtype not in (np.uint8, np.uint16):
+            raise SlideError(self.path, f"{first.dtype} samples are not read; convert the slide to 8-bit RGB.")
         aspect = first.imagewidth / first.imagelength
         levels = []
         for p in candidates:
             if not p.is_tiled or p.samplesperpixel != first.samplesperpixel:
                 continue
-            if abs(p.imagewidth / p.imagelength - aspect) > 0.02 * aspect + 2.0 / p.imagelength:
+            if not same_aspect(p.imagewidth, p.imagelength, aspect):
                 continue
-            if levels and p.imagewidth >= levels[-1].imagewidth:
+            if levels and p.imagewidth * MIN_LEVEL_RATIO > levels[-1].imagewidth:
                 continue
             levels.append(p)
         return levels
@@ -849,6 +896,24 @@ class TiffSlide(_PatchByPatchReader):
             if tile is not None:
                 self._cache.move_to_end(key)
                 return tile
+        page = self._pages[level]
+        if int(page.planarconfig) == 2:  # one plane per sample, each with its own tiles: R, G, B (and alpha)
+            per_plane = len(page.dataoffsets) // page.samplesperpixel
+            planes = [self._segment(level, index + k * per_plane) for k in range(min(page.samplesperpixel, 4))]
+            tile = np.concatenate(planes, axis=-1)
+        else:
+            tile = self._segment(level, index)
+        if tile.dtype == np.uint16:  # 16-bit: the full range onto 8 bits (x / 257, rounded)
+            tile = ((tile.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        tile = on_white(tile) if tile.shape[-1] == 4 and page.extrasamples else np.ascontiguousarray(tile[..., :3])
+        with self._cache_lock:
+            self._cache[key] = tile
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return tile
+
+    def _segment(self, level: int, index: int) -> np.ndarray:
+        """Stored segment ``index`` of a level, decoded: ``[h, w, samples]``."""
         page = self._pages[level]
         offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
         if count == 0 or offset + count > self._file_size:
@@ -862,12 +927,7 @@ class TiffSlide(_PatchByPatchReader):
             fh.seek(offset)
             data = fh.read(count)
         seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-        tile = np.asarray(seg).reshape(seg.shape[-3:])[..., :3]
-        with self._cache_lock:
-            self._cache[key] = tile
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return tile
+        return np.asarray(seg).reshape(seg.shape[-3:])
 
     def _read_one(self, xy: np.ndarray, level: int, size: tuple[int, int]) -> np.ndarray:
         page = self._pages[level]
@@ -1093,8 +1153,16 @@ def open_slide(
             if backend not in ("auto", "image"):
                 raise _not_tiled_error(path)
             names = ("image",)
-        elif backend == "auto":  # tiled: the whole-slide backends, ours first for a pyramid in SubIFDs
-            names = ("tifffile", "cucim", "openslide") if _tiff_properties(path)["subifd_levels"] else BACKENDS
+        elif backend == "auto":  # tiled: the whole-slide backends, ours first where the others misread the file
+            props = _tiff_properties(path)
+            ours_first = props["subifd_levels"] or props["jfif_rgb"]  # a pyramid in SubIFDs; JFIF tiles tagged RGB
+            names = ("tifffile", "cucim", "openslide") if ours_first else BACKENDS
+        if _tiff_properties(path)["samples"] in (1, 2):
+            raise SlideError(
+                path,
+                "the slide is grayscale (one sample per pixel): tissue detection and the patch embedders expect RGB "
+                "brightfield (H&E) slides. Export it as RGB, or leave it out of the datalist.",
+            )
     reasons = []
     for name in names:
         try:
