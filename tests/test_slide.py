@@ -152,7 +152,7 @@ def test_missing_file_names_the_slide(tmp_path):
 def test_non_slide_file_is_rejected_with_every_backend_reason(tmp_path):
     bad = tmp_path / "notes.svs"
     bad.write_text("this is not a slide")
-    with pytest.raises(SlideError, match=r"notes\.svs.*cannot be opened.*cucim.*openslide.*tifffile"):
+    with pytest.raises(SlideError, match=r"notes\.svs.*cannot be opened.*cucim.*openslide.*tifffile.*vips tiffsave"):
         open_slide(bad)
 
 

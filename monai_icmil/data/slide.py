@@ -1186,7 +1186,13 @@ def open_slide(
             why = f" (its TIFF metadata could not be parsed: {unread})" if unread else ""
             warnings.warn(f"slide '{path}' has no microns per pixel in its metadata{why}. {NO_MPP_FIX}", stacklevel=2)
         return reader
-    raise SlideError(path, "cannot be opened as a whole-slide image (" + "; ".join(reasons) + ").")
+    raise SlideError(
+        path,
+        "cannot be opened as a whole-slide image (" + "; ".join(reasons) + "). If it is a slide in a format none of "
+        "these reads (e.g. CZI, iSyntax), convert it to a tiled pyramidal TIFF, e.g. `vips tiffsave in out.tif "
+        "--tile --pyramid --compression jpeg` or `bfconvert -pyramid-resolutions 4 -tilex 256 -tiley 256 in "
+        "out.ome.tif`.",
+    )
 
 
 _OPEN_LOCK = threading.Lock()  # reader threads reaching a new slide together open it once
