@@ -859,6 +859,7 @@ class TiffSlide(_PatchByPatchReader):
         self._pages = self._find_levels()
         self.level_dimensions = tuple((int(p.imagewidth), int(p.imagelength)) for p in self._pages)
         self._describe_levels()
+        self._pages = [self._pages[i] for i in self._backend_levels]  # (the same rules: every page found is kept)
         props = _tiff_properties(self.path)
         self.mpp, self.objective_power = props["mpp"], props["objective_power"]
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
