@@ -205,13 +205,14 @@ def test_an_implausible_mpp_in_an_aperio_description_counts_as_none(tissue, tmp_
             assert open_slide(path, backend=backend).mpp is None, backend
 
 
-def _write_levels(path, levels, extra=(), **opts) -> str:
-    """A tiled pyramid of ``levels`` in the main IFD chain (0.5 um/px), then ``extra`` images (label, macro)."""
+def _write_levels(path, levels, extra=(), marked=True, **opts) -> str:
+    """A tiled pyramid of ``levels`` in the main IFD chain (0.5 um/px; the reduced ones marked so unless not
+    ``marked``), then ``extra`` images (label, macro)."""
     with tifffile.TiffWriter(path) as tif:
         for k, level in enumerate(levels):
             ds = 2**k
             tif.write(
-                level, tile=(256, 256), subfiletype=1 if k else 0, resolution=(1e4 / (0.5 * ds),) * 2,
+                level, tile=(256, 256), subfiletype=1 if k and marked else 0, resolution=(1e4 / (0.5 * ds),) * 2,
                 resolutionunit="CENTIMETER", metadata=None, **opts,
             )  # fmt: skip
         for image, subfiletype in extra:
@@ -295,3 +296,11 @@ def test_a_grayscale_slide_is_refused_naming_the_fix(tissue, tmp_path):
     for backend in ("auto", *[b for b in available_backends() if b != "image"]):
         with pytest.raises(SlideError, match=r"g\.tif': the slide is grayscale .*Export it as RGB"):
             open_slide(path, backend)
+
+
+def test_a_pyramid_whose_levels_are_not_marked_reduced_is_read_at_its_levels(tissue, tmp_path):
+    """cuCIM refuses such a file and OpenSlide sees its full resolution only (every patch read at 2-4x the pixels, the
+    tissue mask from level 0): ``auto`` takes our reader, which sees the pyramid."""
+    levels = [block_mean(tissue, 2**k) for k in range(3)]
+    slide = open_slide(_write_levels(tmp_path / "s.tif", levels, marked=False, photometric="rgb", compression="lzw"))
+    assert slide.level_count == 3 and slide.backend == "tifffile"

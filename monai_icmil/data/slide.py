@@ -193,7 +193,7 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
     (the first page), ``data_end`` (the last byte of image data any page or SubIFD stores, and that page's index)."""
     props: dict[str, Any] = {"objective_power": None, "aperio_mpp": None, "ome_mpp": None, "tiff_mpp": None}
     props.update(subifd_levels=0, tiled=True, data_end=(0, 0))  # (what tifffile cannot parse: the backends report)
-    props.update(samples=None, cucim_unsafe=None, jfif_rgb=False)
+    props.update(samples=None, cucim_unsafe=None, jfif_rgb=False, unmarked_levels=0)
     try:
         tifffile = _import_backend("tifffile")
         with tifffile.TiffFile(path) as tif:
@@ -208,6 +208,9 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
                         props["cucim_unsafe"] = f"{p.compression.name} tiles with a predictor (cuCIM crashes on them)"
             props.update(tiled=bool(page.is_tiled), data_end=max(ends, default=(0, 0)))
             props.update(samples=int(page.samplesperpixel), jfif_rgb=_jfif_tagged_rgb(page))
+            # reduced levels in the main chain not marked as such: cuCIM refuses the file, OpenSlide sees one level
+            unmarked = [p for p in tif.pages[1:] if p.is_tiled and not int(p.subfiletype) & 1]
+            props["unmarked_levels"] = 0 if "Aperio" in (page.description or "") else len(unmarked)
             desc = page.description or ""
             m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", desc)
             if m:
@@ -1156,7 +1159,8 @@ def open_slide(
             names = ("image",)
         elif backend == "auto":  # tiled: the whole-slide backends, ours first where the others misread the file
             props = _tiff_properties(path)
-            ours_first = props["subifd_levels"] or props["jfif_rgb"]  # a pyramid in SubIFDs; JFIF tiles tagged RGB
+            # a pyramid in SubIFDs or with its levels not marked reduced, JFIF tiles tagged RGB: the others misread
+            ours_first = props["subifd_levels"] or props["jfif_rgb"] or props["unmarked_levels"]
             names = ("tifffile", "cucim", "openslide") if ours_first else BACKENDS
         if _tiff_properties(path)["samples"] in (1, 2):
             raise SlideError(
