@@ -55,6 +55,7 @@ def test_four_bad_slides_are_reported_and_the_run_finishes(synthetic_dataset, bl
     listed = set(report["failed"]) | set(report["empty"])
     assert listed == {"truncated", "notes", "blank", "missing"}
     assert set(report["empty"]) == {"blank"}
+    assert "no tissue found (saturation never exceeds" in report["empty"]["blank"]["reason"]  # the detector's words
     assert "does not exist" in report["failed"]["missing"]["reason"]
     assert "cannot be opened" in report["failed"]["notes"]["reason"]
     assert all(entry["reason"] for entry in report["failed"].values())
@@ -241,3 +242,14 @@ def test_under_torchrun_a_slide_failing_on_rank_1_is_left_out_by_rank_0(syntheti
         len(rank0.bags(0, "training")) + len(rank0.bags(0, "validation")) + len(rank0.bags(0, "test"))
         == len(slides) - 1
     )
+
+
+def test_an_empty_slide_keeps_the_tiling_reason_and_is_used_once_tiled_again_with_tissue(tmp_path):
+    from monai_icmil.data.report import RunReport
+
+    report = RunReport(tmp_path / "report.json")
+    report.mark_empty("s", "s.svs", "prepare", "no tissue kept: 4,000 um^2 ... lower min_area_um2")
+    report.mark_empty("s", "s.svs", "embed")  # the embed phase finds no patches either: the reason stays
+    assert RunReport(tmp_path / "report.json").empty["s"]["reason"].endswith("lower min_area_um2")
+    report.succeed("s", "prepare")  # tiled again (a lower min_area_um2): patches now
+    assert RunReport(tmp_path / "report.json").excluded() == set()

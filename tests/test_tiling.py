@@ -413,3 +413,25 @@ def test_prepare_draws_a_qc_image_per_slide_matching_its_grid(cmu_slide, tmp_pat
     assert float(rows["cmu"]["mpp"]) == pytest.approx(128 / 64 * 0.499, abs=1e-3)  # the patches' own, not the 1.0 asked
     assert float(rows["cmu"]["area_mm2"]) == pytest.approx(len(coords) * (0.064 * 0.998) ** 2, abs=1e-3)
     assert rows["gone"]["status"].startswith("failed: ") and rows["gone"]["patches"] == ""
+
+
+def test_pen_and_marker_ink_are_not_tissue_and_a_pen_circle_does_not_fill_the_glass_inside_it():
+    """Near-black pen has a high HSV saturation and green/blue marker is saturated: both would pass the saturation
+    threshold, and a pen circle drawn round the tissue would have the glass inside it filled in as tissue."""
+    from monai_icmil.data.tiling import tissue_mask_from_rgb
+
+    rng = np.random.default_rng(0)
+    h, w = 120, 160
+    yy, xx = np.mgrid[:h, :w]
+    img = np.full((h, w, 3), 242, np.uint8)
+    tissue = ((yy - 60) / 25.0) ** 2 + ((xx - 80) / 35.0) ** 2 < 1
+    img[tissue] = np.clip(np.array([200, 120, 185]) + rng.normal(0, 8, (tissue.sum(), 3)), 0, 255)  # H&E pink-purple
+    ring = np.abs(np.hypot((yy - 60) / 45.0, (xx - 80) / 60.0) - 1) < 0.04  # a pen circle round it, on the glass
+    img[ring] = (28, 28, 36)
+    stroke = (yy >= 4) & (yy < 8) & (xx >= 10) & (xx < 70)
+    img[stroke] = (40, 160, 90)  # green marker
+    mask, _ = tissue_mask_from_rgb(img, min_area_px=4, device="cpu")
+    assert not mask[ring].any() and not mask[stroke].any()
+    assert (mask & tissue).sum() / tissue.sum() > 0.95 and (mask & ~tissue).sum() < 0.05 * tissue.sum()
+    inked, _ = tissue_mask_from_rgb(img, min_area_px=4, device="cpu", exclude_ink=False)
+    assert inked[ring].all() and inked[(~tissue) & (np.hypot((yy - 60) / 45.0, (xx - 80) / 60.0) < 0.9)].all()

@@ -127,8 +127,8 @@ def _tile(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Run the tiling transforms on one slide: its coordinates and the metadata the store keeps with them."""
     data = {"image": path, "slide_id": sid, **({"mpp": slide_mpp} if slide_mpp is not None else {})}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an empty slide is reported once, by prepare_coords
+    with warnings.catch_warnings(record=True) as said:  # an empty slide is reported once, by prepare_coords
+        warnings.simplefilter("always")
         try:
             d = transforms(data)
         except RuntimeError as e:
@@ -148,6 +148,9 @@ def _tile(
         "stride": int(tiling.get("stride") or tiling["patch_size"]),
         "num_patches": len(coords),
     }
+    if not len(coords):  # why (the tissue detector's or the grid's words: what to change), for report.json
+        reasons = [str(w.message) for w in said if "tissue" in str(w.message) or "zero patches" in str(w.message)]
+        meta["empty_reason"] = reasons[0].split("': ", 1)[-1] if reasons else "no tissue patches"
     fraction = d.get("tissue_fraction")
     fraction = np.ones(len(coords), np.float32) if fraction is None else np.asarray(fraction, np.float32)
     return coords, {"meta": meta, "tissue_fraction": fraction}
@@ -253,7 +256,7 @@ def prepare_coords(
             summary.append({"slide": sid, "image": path, "status": f"failed: {type(e).__name__}: {e}"})
             continue
         coords, damaged = arrays["coords"], arrays["damaged"]
-        _record(report, sid, path, coords, damaged)
+        _record(report, sid, path, coords, damaged, meta.get("empty_reason"))
         if qc_dir is not None and (tiled or not (Path(qc_dir) / f"{sid}.jpg").is_file()):
             _save_qc(Path(qc_dir) / f"{sid}.jpg", reader, sid, coords, meta, damaged)
         summary.append(_summary_row(sid, path, len(coords), meta))
@@ -272,8 +275,11 @@ def prepare_coords(
     return out
 
 
-def _record(report: RunReport | None, sid: str, path: str, coords: np.ndarray, damaged: np.ndarray) -> None:
-    """A tiled slide in the run report (its empty grid, its dropped patches), with a warning naming it."""
+def _record(
+    report: RunReport | None, sid: str, path: str, coords: np.ndarray, damaged: np.ndarray, why: str | None = None
+) -> None:
+    """A tiled slide in the run report (its empty grid, with ``why``; its dropped patches), with a warning naming
+    it."""
     if len(damaged):
         warnings.warn(
             f"slide '{sid}' ({path}): {len(damaged)} of {len(coords) + len(damaged)} patches lie on damaged JPEG "
@@ -284,7 +290,7 @@ def _record(report: RunReport | None, sid: str, path: str, coords: np.ndarray, d
         return
     report.succeed(sid, "prepare")
     if len(coords) == 0:
-        report.mark_empty(sid, path, "prepare")
+        report.mark_empty(sid, path, "prepare", why or "no tissue patches")
     if len(damaged):
         report.mark_damaged(sid, path, damaged, len(coords) + len(damaged))
 

@@ -47,7 +47,11 @@ class RunReport:
             self._save()
 
     def mark_empty(self, slide_id: str, path: str, phase: str, reason: str = "no tissue patches") -> None:
+        """``slide_id`` has no patches; an earlier phase's entry (tiling's, with the tissue detector's reason) is
+        kept."""
         with self._lock:
+            if slide_id in self.empty and self.empty[slide_id].get("phase") != phase:
+                return
             self.empty[slide_id] = {"path": str(path), "phase": phase, "reason": reason}
             self._save()
 
@@ -69,12 +73,16 @@ class RunReport:
             self._save()
 
     def succeed(self, slide_id: str, phase: str | None = None) -> None:
-        """``slide_id`` went through ``phase``: its failure in that phase is forgotten (``None``: in any phase). A
-        failure in another phase stands: a slide that failed embedding stays out of the bag phase when a later run
-        tiles it again, since that run's embedding is already recorded and will not retry it."""
+        """``slide_id`` went through ``phase``: its failure, or its being empty, in that phase is forgotten (``None``:
+        in any phase). A failure in another phase stands: a slide that failed embedding stays out of the bag phase
+        when a later run tiles it again, since that run's embedding is already recorded and will not retry it."""
         with self._lock:
-            if slide_id in self.failed and phase in (None, self.failed[slide_id].get("phase")):
-                self.failed.pop(slide_id)
+            changed = False
+            for entries in (self.failed, self.empty):  # (a slide tiled again with other settings may have tissue)
+                if slide_id in entries and phase in (None, entries[slide_id].get("phase")):
+                    entries.pop(slide_id)
+                    changed = True
+            if changed:
                 self._save()
 
     def reload(self) -> None:

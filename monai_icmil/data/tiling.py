@@ -119,6 +119,22 @@ def saturation(rgb: Any, xp: ModuleType = np) -> Any:
     return xp.where(mx > 0, (mx - mn) / xp.maximum(mx, 1.0), 0.0).astype(xp.float32)
 
 
+#: below this brightest-channel value a pixel is pen ink, a fold's shadow or the black outside the scan, not stain
+INK_MAX_CHANNEL = 70
+#: saturated pixels this much greener than red are marker ink: H&E, hematoxylin and DAB all pass more red than green
+INK_GREEN_OVER_RED = 8
+INK_MIN_SATURATION = 0.25
+
+
+def ink(rgb: Any, sat: Any, xp: ModuleType = np) -> Any:
+    """Pixels of a ``uint8`` RGB image ``[h, w, 3]`` (``sat``: its :func:`saturation`) that are pen or marker ink or
+    near-black: near-black pixels have a high HSV saturation, and blue or green marker is saturated, so both would
+    pass a saturation threshold as tissue (and a pen circle would have the glass inside it filled in)."""
+    r, g = rgb[..., 0].astype(xp.int16), rgb[..., 1].astype(xp.int16)
+    dark = rgb.max(axis=-1) < INK_MAX_CHANNEL
+    return dark | ((g >= r + INK_GREEN_OVER_RED) & (sat > INK_MIN_SATURATION))
+
+
 def otsu_threshold(
     values: Any, xp: ModuleType = np, bins: int = 256, value_range: tuple[float, float] = (0.0, 1.0)
 ) -> float:
@@ -143,8 +159,10 @@ def tissue_mask_from_rgb(
     min_saturation: float = 0.05,
     fill_holes: bool = True,
     device: str | torch.device | None = "auto",
+    exclude_ink: bool = True,
 ) -> tuple[np.ndarray, float]:
-    """Tissue mask of a low-resolution RGB image.
+    """Tissue mask of a low-resolution RGB image: HSV saturation above Otsu's threshold (at least
+    ``min_saturation``), pen and marker ink left out (:func:`ink`), cleaned.
 
     Args:
         rgb: ``uint8`` ``[h, w, 3]`` image (a low pyramid level or a thumbnail).
@@ -153,6 +171,7 @@ def tissue_mask_from_rgb(
         min_saturation: lower bound of the threshold, so a blank slide's noise is not called tissue.
         fill_holes: fill holes enclosed by tissue.
         device: ``"auto"``, ``"cpu"`` or a CUDA device (see :func:`array_backend`).
+        exclude_ink: leave out near-black pixels and saturated ones greener than red (:func:`ink`).
 
     Returns:
         ``(mask, threshold)``: a numpy boolean mask and the saturation threshold used.
@@ -160,6 +179,8 @@ def tissue_mask_from_rgb(
     xp, ndi, _ = array_backend(device)
     img = xp.asarray(rgb)
     sat = saturation(img, xp)
+    if exclude_ink:
+        sat = xp.where(ink(img, sat, xp), xp.float32(0.0), sat)
     thr = max(otsu_threshold(sat, xp), float(min_saturation))
     mask = sat > thr
     if median_size and median_size > 1:
