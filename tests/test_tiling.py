@@ -435,3 +435,30 @@ def test_pen_and_marker_ink_are_not_tissue_and_a_pen_circle_does_not_fill_the_gl
     assert (mask & tissue).sum() / tissue.sum() > 0.95 and (mask & ~tissue).sum() < 0.05 * tissue.sum()
     inked, _ = tissue_mask_from_rgb(img, min_area_px=4, device="cpu", exclude_ink=False)
     assert inked[ring].all() and inked[(~tissue) & (np.hypot((yy - 60) / 45.0, (xx - 80) / 60.0) < 0.9)].all()
+
+
+def test_a_tinted_blank_slide_and_faded_tissue_are_warned_about_with_the_setting_to_change():
+    """Glass with a tint above min_saturation is masked whole; faded H&E just under the floor is mostly dropped: the
+    mask cannot tell, so the detector says so (normal H&E: no warning, tests/test_tiling's other cases)."""
+    import warnings
+
+    from monai_icmil.data.tiling import _doubtful_mask, tissue_mask_from_rgb
+
+    h, w = 120, 160
+    tinted = np.full((h, w, 3), (228, 225, 242), np.uint8)  # at 8 um/px the glass is nearly uniform
+    mask, thr = tissue_mask_from_rgb(tinted, device="cpu")
+    assert mask.mean() > 0.9 and "covers 100% of the slide" in _doubtful_mask(tinted, mask, thr, 0.05)
+    yy, xx = np.mgrid[:h, :w]
+    faded = np.full((h, w, 3), 244, np.uint8)
+    tissue = ((yy - 60) / 40.0) ** 2 + ((xx - 80) / 55.0) ** 2 < 1
+    faded[tissue] = (240, 232, 238)  # saturation 0.033: under the 0.05 floor
+    faded[55:65, 75:85] = (230, 200, 225)  # a darker spot above it
+    mask, thr = tissue_mask_from_rgb(faded, min_area_px=4, device="cpu")
+    assert 0 < mask.sum() < 0.2 * tissue.sum()
+    assert "faded H&E or a pale counterstain is mostly dropped" in _doubtful_mask(faded, mask, thr, 0.05)
+    normal = faded.copy()
+    normal[tissue] = (200, 120, 185)
+    mask, thr = tissue_mask_from_rgb(normal, min_area_px=4, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _doubtful_mask(normal, mask, thr, 0.05) is None

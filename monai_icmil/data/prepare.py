@@ -151,6 +151,9 @@ def _tile(
     if not len(coords):  # why (the tissue detector's or the grid's words: what to change), for report.json
         reasons = [str(w.message) for w in said if "tissue" in str(w.message) or "zero patches" in str(w.message)]
         meta["empty_reason"] = reasons[0].split("': ", 1)[-1] if reasons else "no tissue patches"
+    else:  # a doubtful mask (tinted glass, faint tissue dropped) is said once, here
+        for w in said:
+            warnings.warn(str(w.message), stacklevel=3)
     fraction = d.get("tissue_fraction")
     fraction = np.ones(len(coords), np.float32) if fraction is None else np.asarray(fraction, np.float32)
     return coords, {"meta": meta, "tissue_fraction": fraction}

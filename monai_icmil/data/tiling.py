@@ -262,7 +262,37 @@ def compute_tissue_mask(
         warnings.warn(
             f"slide '{reader.path}': {_why_no_tissue(img, thr, min_area_um2, px_um, median_size)}", stacklevel=2
         )
+    elif (doubt := _doubtful_mask(img, mask, thr, min_saturation)) is not None:
+        warnings.warn(f"slide '{reader.path}': {doubt}", stacklevel=2)
     return TissueMaskResult(mask=mask, downsample=float(downsample), threshold=thr)
+
+
+#: a mask covering more of the slide than this is more likely tinted glass than tissue
+MAX_PLAUSIBLE_COVER = 0.9
+
+
+def _doubtful_mask(img: np.ndarray, mask: np.ndarray, thr: float, min_saturation: float) -> str | None:
+    """Why a non-empty mask may be wrong, or ``None``: it covers nearly the whole slide (tinted or stained glass
+    taken as tissue), or the threshold sits at ``min_saturation`` with more faint pixels just under it than tissue
+    above it (faded H&E or a pale IHC counterstain, mostly dropped)."""
+    cover = float(mask.mean())
+    if cover > MAX_PLAUSIBLE_COVER:
+        return (
+            f"the tissue mask covers {cover:.0%} of the slide: tinted glass taken as tissue, or a slide cropped to "
+            "its tissue? Check its tiling QC picture (coords/qc/); raise the tiling's min_saturation if the glass is "
+            "tiled."
+        )
+    if thr <= min_saturation + 1e-6:
+        sat = saturation(np.asarray(img))
+        faint = int(((sat > 0.5 * min_saturation) & (sat <= thr)).sum())
+        if faint > int(mask.sum()):
+            return (
+                f"{faint} pixels of faint colour (saturation {0.5 * min_saturation:.3f}-{thr:.3f}) lie just under "
+                f"the threshold, more than the {int(mask.sum())} tissue pixels kept: faded H&E or a pale counterstain "
+                "is mostly dropped. Check its tiling QC picture (coords/qc/); lower the tiling's min_saturation (e.g. "
+                "0.02) if tissue is missing."
+            )
+    return None
 
 
 def _why_no_tissue(img: np.ndarray, thr: float, min_area_um2: float, px_um: float, median_size: int) -> str:
