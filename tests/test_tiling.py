@@ -462,3 +462,10 @@ def test_a_tinted_blank_slide_and_faded_tissue_are_warned_about_with_the_setting
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _doubtful_mask(normal, mask, thr, 0.05) is None
+
+
+def test_bluish_hematoxylin_and_a_dark_purple_fold_are_not_ink():
+    from monai_icmil.data.tiling import ink, saturation
+
+    px = np.array([[[50, 60, 120], [70, 80, 150], [57, 30, 67], [28, 28, 36], [40, 160, 90], [0, 0, 0]]], np.uint8)
+    assert ink(px, saturation(px)).tolist() == [[False, False, False, True, True, True]]

@@ -28,7 +28,7 @@ from monai_icmil.data.integrity import TileErrorPolicy, damaged_patches
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import as_mpp, get_slide
 from monai_icmil.data.store import CoordsStore, coords_key
-from monai_icmil.data.tiling import patch_grids
+from monai_icmil.data.tiling import TissueMaskWarning, patch_grids
 from monai_icmil.utils import component_signature
 
 __all__ = ["prepare_coords", "SlideTiles", "tiling_signature", "slide_signature"]
@@ -153,7 +153,8 @@ def _tile(
         meta["empty_reason"] = reasons[0].split("': ", 1)[-1] if reasons else "no tissue patches"
     else:  # a doubtful mask (tinted glass, faint tissue dropped) is said once, here
         for w in said:
-            warnings.warn(str(w.message), stacklevel=3)
+            if issubclass(w.category, TissueMaskWarning):
+                warnings.warn(w.message, stacklevel=3)
     fraction = d.get("tissue_fraction")
     fraction = np.ones(len(coords), np.float32) if fraction is None else np.asarray(fraction, np.float32)
     return coords, {"meta": meta, "tissue_fraction": fraction}

@@ -47,10 +47,9 @@ class RunReport:
             self._save()
 
     def mark_empty(self, slide_id: str, path: str, phase: str, reason: str = "no tissue patches") -> None:
-        """``slide_id`` has no patches; an earlier phase's entry (tiling's, with the tissue detector's reason) is
-        kept."""
+        """``slide_id`` has no patches; the tiling's entry (with the tissue detector's reason) is kept."""
         with self._lock:
-            if slide_id in self.empty and self.empty[slide_id].get("phase") != phase:
+            if slide_id in self.empty and self.empty[slide_id].get("phase") == "prepare" != phase:
                 return
             self.empty[slide_id] = {"path": str(path), "phase": phase, "reason": reason}
             self._save()

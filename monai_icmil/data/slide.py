@@ -209,8 +209,13 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
             props.update(tiled=bool(page.is_tiled), data_end=max(ends, default=(0, 0)))
             props.update(samples=int(page.samplesperpixel), jfif_rgb=_jfif_tagged_rgb(page))
             # reduced levels in the main chain not marked as such: cuCIM refuses the file, OpenSlide sees one level
-            unmarked = [p for p in tif.pages[1:] if p.is_tiled and not int(p.subfiletype) & 1]
-            props["unmarked_levels"] = 0 if "Aperio" in (page.description or "") else len(unmarked)
+            dims = [(int(page.imagewidth), int(page.imagelength))] + [
+                (int(p.imagewidth), int(p.imagelength))
+                for p in tif.pages[1:]
+                if p.is_tiled and not int(p.subfiletype) & 1
+            ]
+            vendor = any(getattr(tif, f"is_{name}", False) for name in ("svs", "ndpi", "philips", "scn", "bif", "qpi"))
+            props["unmarked_levels"] = 0 if vendor else len(pyramid_levels(dims)) - 1
             desc = page.description or ""
             m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", desc)
             if m:
@@ -276,7 +281,7 @@ MIN_LEVEL_RATIO = 1.5
 
 def same_aspect(width: int, height: int, aspect: float) -> bool:
     """Whether a ``width x height`` image has the aspect ratio ``aspect`` (up to 2 % and the rounding of a level)."""
-    return abs(width / height - aspect) <= 0.02 * aspect + 2.0 / height
+    return abs(width / height - aspect) <= 0.02 * aspect + 2.0 * aspect * (1.0 / height + 1.0 / width)
 
 
 def pyramid_levels(dims: Sequence[tuple[int, int]]) -> list[int]:

@@ -121,18 +121,25 @@ def saturation(rgb: Any, xp: ModuleType = np) -> Any:
 
 #: below this brightest-channel value a pixel is pen ink, a fold's shadow or the black outside the scan, not stain
 INK_MAX_CHANNEL = 70
-#: saturated pixels this much greener than red are marker ink: H&E, hematoxylin and DAB all pass more red than green
+#: saturated pixels this much greener than red (and not bluer than green) are marker ink: H&E, hematoxylin and DAB
+#: all pass more red than green
 INK_GREEN_OVER_RED = 8
 INK_MIN_SATURATION = 0.25
 
 
+#: near-black pixels this close to grey (max - min channel) are ink; a dark purple fold is more coloured
+INK_MAX_SPREAD = 25
+
+
 def ink(rgb: Any, sat: Any, xp: ModuleType = np) -> Any:
-    """Pixels of a ``uint8`` RGB image ``[h, w, 3]`` (``sat``: its :func:`saturation`) that are pen or marker ink or
-    near-black: near-black pixels have a high HSV saturation, and blue or green marker is saturated, so both would
-    pass a saturation threshold as tissue (and a pen circle would have the glass inside it filled in)."""
-    r, g = rgb[..., 0].astype(xp.int16), rgb[..., 1].astype(xp.int16)
-    dark = rgb.max(axis=-1) < INK_MAX_CHANNEL
-    return dark | ((g >= r + INK_GREEN_OVER_RED) & (sat > INK_MIN_SATURATION))
+    """Pixels of a ``uint8`` RGB image ``[h, w, 3]`` (``sat``: its :func:`saturation`) that are black pen, green
+    marker or the black outside the scan: near-black greys have a high HSV saturation and green marker is saturated,
+    so both would pass a saturation threshold as tissue (and a pen circle would have the glass inside it filled in).
+    Blue and teal inks are left alone: at a few um/px they look like bluish hematoxylin (B > G > R)."""
+    r, g, b = (rgb[..., k].astype(xp.int16) for k in range(3))
+    mx, mn = rgb.max(axis=-1).astype(xp.int16), rgb.min(axis=-1).astype(xp.int16)
+    dark = (mx < INK_MAX_CHANNEL) & (mx - mn < INK_MAX_SPREAD)
+    return dark | ((g >= r + INK_GREEN_OVER_RED) & (g >= b) & (sat > INK_MIN_SATURATION))
 
 
 def otsu_threshold(
@@ -263,8 +270,12 @@ def compute_tissue_mask(
             f"slide '{reader.path}': {_why_no_tissue(img, thr, min_area_um2, px_um, median_size)}", stacklevel=2
         )
     elif (doubt := _doubtful_mask(img, mask, thr, min_saturation)) is not None:
-        warnings.warn(f"slide '{reader.path}': {doubt}", stacklevel=2)
+        warnings.warn(f"slide '{reader.path}': {doubt}", TissueMaskWarning, stacklevel=2)
     return TissueMaskResult(mask=mask, downsample=float(downsample), threshold=thr)
+
+
+class TissueMaskWarning(UserWarning):
+    """A tissue mask that may be wrong (tinted glass taken as tissue, faint tissue dropped)."""
 
 
 #: a mask covering more of the slide than this is more likely tinted glass than tissue
