@@ -82,11 +82,20 @@ class SlideClassifierModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         # (a DataFrame hint: MLflow takes the schema from the logged signature, not from the hint)
-        names = self.settings.get("class_names") or [str(k) for k in range(2)]
+        names = self.settings.get("class_names") or [str(k) for k in range(self._num_classes())]
         paths = _existing(_paths(model_input))
         rows = self._scored(paths, names) if paths else []
         columns = ["slide", INPUT_COLUMN] + [f"prob_{c}" for c in names]
         return pd.DataFrame([[r["slide_id"], r["image"], *map(float, r["probs"])] for r in rows], columns=columns)
+
+    def _num_classes(self) -> int:
+        """The bag classifier's number of classes (a model logged without class names, e.g. before they were
+        filled in from the run)."""
+        from monai_icmil.engines.bag_phase import load_bag_classifier
+
+        if getattr(self, "_classes", None) is None:
+            self._classes = int(load_bag_classifier(self.bag_classifier).num_classes)
+        return self._classes
 
     def _scored(self, paths: list[str], names: list[str]) -> list[dict[str, Any]]:
         """:func:`~monai_icmil.inference.predict_slides`' rows in a temporary folder (none scored: ``[]``)."""

@@ -209,3 +209,18 @@ def test_a_model_name_with_a_quote_is_registered_with_its_tags_and_loads(tmp_pat
             pd.DataFrame({"image": [str(tmp_path / "s.tif")]})
         )
     assert list(table["image"]) == [str(tmp_path / "s.tif")]
+
+
+def test_a_model_without_class_names_serves_its_classifiers_classes(tmp_path):
+    """A model logged without class names (before they were filled in from the run) answers one column per class of
+    its bag classifier, not two."""
+    write_slide(
+        tmp_path / "s.tif", render_slide((0, 0), True, SyntheticSlideConfig(width=512, height=384))["image"], 0.5
+    )
+    model = SlideClassifierModel(TilingConfig(patch_size=32, mpp=1.0, min_area_um2=0.0), {})
+    model.embedder = create_embedder("resnet18_trunc", input_size=32)
+    model.bag_classifier = save_bag_classifier(
+        tmp_path / "bag.pt", create_aggregator("abmil", model.embedder.out_dim, 3, hidden_dim=8)
+    )
+    table = model.predict(None, pd.DataFrame({"image": [str(tmp_path / "s.tif")]}))
+    assert list(table.columns) == ["slide", "image", "prob_0", "prob_1", "prob_2"] and len(table) == 1
