@@ -756,7 +756,7 @@ class CuCIMSlide(SlideReader):
             if arr.ndim == 3:
                 arr = arr[None]
             k = arr.shape[0]
-            out[i : i + k] = on_white(arr) if arr.shape[-1] == 4 else arr[..., :3]
+            out[i : i + k] = arr[..., :3]  # (4-sample files, which cuCIM cannot batch, are refused when opened)
             i += k
         if i != n:
             raise SlideError(self.path, f"cuCIM returned {i} of {n} patches.")
@@ -867,7 +867,7 @@ class TiffSlide(_PatchByPatchReader):
         self._pages = self._find_levels()
         self.level_dimensions = tuple((int(p.imagewidth), int(p.imagelength)) for p in self._pages)
         self._describe_levels()
-        self._pages = [self._pages[i] for i in self._backend_levels]  # (the same rules: every page found is kept)
+        self._pages = [self._pages[i] for i in self._backend_levels]  # the pyramid's pages only
         props = _tiff_properties(self.path)
         self.mpp, self.objective_power = props["mpp"], props["objective_power"]
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
@@ -886,17 +886,8 @@ class TiffSlide(_PatchByPatchReader):
         candidates = [first] + list(first.pages or []) + pages[1:]
         if first.dtype not in (np.uint8, np.uint16):
             raise SlideError(self.path, f"{first.dtype} samples are not read; convert the slide to 8-bit RGB.")
-        aspect = first.imagewidth / first.imagelength
-        levels = []
-        for p in candidates:
-            if not p.is_tiled or p.samplesperpixel != first.samplesperpixel:
-                continue
-            if not same_aspect(p.imagewidth, p.imagelength, aspect):
-                continue
-            if levels and p.imagewidth * MIN_LEVEL_RATIO > levels[-1].imagewidth:
-                continue
-            levels.append(p)
-        return levels
+        # the pyramid among them (level 0's aspect, each level smaller enough) is chosen by _describe_levels
+        return [p for p in candidates if p.is_tiled and p.samplesperpixel == first.samplesperpixel]
 
     def _tile(self, level: int, index: int) -> np.ndarray:
         key = (level, index)

@@ -11,6 +11,7 @@ the new one, never half a file, and resumes at the first slide without a current
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -64,6 +65,9 @@ def is_file_name(slide_id: str) -> bool:
     return bool(slide_id) and not any(c in slide_id for c in "/\\") and slide_id not in (".", "..")
 
 
+_SWEPT: dict[str, int] = {}  # store folder -> its modification time when this process last swept it
+
+
 class SlideArrayStore:
     """A folder of ``<slide_id>.safetensors`` files, each holding named arrays and the key they were made with.
 
@@ -75,7 +79,12 @@ class SlideArrayStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        sweep_temporaries(self.root)  # a write cut by kill -9 leaves its temporary file; an hour on, it is an orphan
+        # a write cut by kill -9 leaves its temporary file; an hour on, it is an orphan: looked for again only when
+        # the folder changed since this process last looked (stores are built often; listing a big folder is not free)
+        with contextlib.suppress(OSError):
+            if _SWEPT.get(str(self.root)) != self.root.stat().st_mtime_ns:
+                sweep_temporaries(self.root)
+                _SWEPT[str(self.root)] = self.root.stat().st_mtime_ns  # (after the sweep's own removals)
 
     def path(self, slide_id: str) -> Path:
         if not is_file_name(slide_id):

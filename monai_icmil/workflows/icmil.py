@@ -402,9 +402,12 @@ class ICMILWorkflow(BundleWorkflow):
             for sid, s in self.prepare().items()
         }
 
-    def stored_features(self, r: int, split: str, embedder: PatchEmbedder | None = None) -> dict[str, str]:
-        """``slide_id`` -> round ``r``'s feature file, for the usable slides of ``split`` whose file is current."""
-        store, keys = FeatureStore(self.features_dir(r)), self.feature_keys(r, embedder)
+    def stored_features(
+        self, r: int, split: str, embedder: PatchEmbedder | None = None, keys: Mapping[str, Any] | None = None
+    ) -> dict[str, str]:
+        """``slide_id`` -> round ``r``'s feature file, for the usable slides of ``split`` whose file is current
+        (``keys``: :meth:`feature_keys`, when already computed)."""
+        store, keys = FeatureStore(self.features_dir(r)), keys or self.feature_keys(r, embedder)
         return {
             s["slide_id"]: str(store.path(s["slide_id"]))
             for s in self._usable(split)
@@ -414,13 +417,11 @@ class ICMILWorkflow(BundleWorkflow):
     def _stale_features(self, r: int) -> list[str]:
         """``slide_id`` of the usable slides (every split) whose round-``r`` features are missing or stale, e.g. after
         a datalist's per-slide ``mpp`` changed and the slide was tiled again."""
-        store, keys = FeatureStore(self.features_dir(r)), self.feature_keys(r)
-        return [
-            s["slide_id"]
-            for split in self.splits.items()
-            for s in self._usable(split)
-            if not (s["slide_id"] in keys and store.is_current(s["slide_id"], keys[s["slide_id"]]))
-        ]
+        keys, stale = self.feature_keys(r), []  # (the embedder's weights hashed once)
+        for split in self.splits.items():
+            current = self.stored_features(r, split, keys=keys)
+            stale += [s["slide_id"] for s in self._usable(split) if s["slide_id"] not in current]
+        return stale
 
     def _embedding_stale(self, r: int) -> bool:
         """Whether round ``r``'s recorded embedding left slides with stale features (looked at once per process and
