@@ -11,6 +11,7 @@ from PIL import Image
 from monai_icmil.data import open_slide
 from monai_icmil.data.synthetic import mean_nucleus_area, write_slide
 from monai_icmil.data.tiling import (
+    EmptySlideWarning,
     array_backend,
     compute_tissue_mask,
     grid_coordinates,
@@ -72,12 +73,17 @@ def test_overlapping_stride_gives_about_four_times_the_patches(synthetic_entries
 
 def test_blank_slide_gives_zero_patches_with_a_warning(blank_slide):
     reader = open_slide(blank_slide)
-    with pytest.warns(UserWarning, match=r"blank\.tiff.*no tissue"):
+    with pytest.warns(EmptySlideWarning, match=r"blank\.tiff.*no tissue") as said:
         m = compute_tissue_mask(reader)
     assert not m.mask.any()
-    with pytest.warns(UserWarning, match=r"blank\.tiff.*zero patches"):
+    reason = [w.message.reason for w in said if isinstance(w.message, EmptySlideWarning)][0]
+    assert reason.startswith("no tissue found") and "blank.tiff" not in reason  # report.json's words, no path
+    with pytest.warns(EmptySlideWarning, match=r"blank\.tiff.*zero patches"):
         tiles = grid_coordinates(reader, 64, mpp=1.0, mask=m.mask, mask_downsample=m.downsample)
     assert len(tiles) == 0 and tiles.coords.shape == (0, 2)
+    with pytest.warns(EmptySlideWarning, match=r"does not fit") as said:
+        grid_coordinates(reader, 100_000, level=0)
+    assert [w.message.reason for w in said if isinstance(w.message, EmptySlideWarning)][0].startswith("a 100000-px")
 
 
 def test_a_slide_whose_tissue_is_all_smaller_than_min_area_says_so(tmp_path):

@@ -28,7 +28,7 @@ from monai_icmil.data.integrity import TileErrorPolicy, damaged_patches
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import as_mpp, get_slide
 from monai_icmil.data.store import CoordsStore, coords_key
-from monai_icmil.data.tiling import TissueMaskWarning, patch_grids
+from monai_icmil.data.tiling import EmptySlideWarning, TissueMaskWarning, patch_grids
 from monai_icmil.utils import component_signature
 
 __all__ = ["prepare_coords", "SlideTiles", "tiling_signature", "slide_signature"]
@@ -149,8 +149,8 @@ def _tile(
         "num_patches": len(coords),
     }
     if not len(coords):  # why (the tissue detector's or the grid's words: what to change), for report.json
-        reasons = [str(w.message) for w in said if "tissue" in str(w.message) or "zero patches" in str(w.message)]
-        meta["empty_reason"] = reasons[0].split("': ", 1)[-1] if reasons else "no tissue patches"
+        reasons = [w.message.reason for w in said if isinstance(w.message, EmptySlideWarning)]
+        meta["empty_reason"] = reasons[0] if reasons else "no tissue patches"
     else:  # a doubtful mask (tinted glass, faint tissue dropped) is said once, here
         for w in said:
             if issubclass(w.category, TissueMaskWarning):

@@ -32,6 +32,8 @@ __all__ = [
     "grid_coordinates",
     "mask_level",
     "TilingConfig",
+    "TissueMaskWarning",
+    "EmptySlideWarning",
 ]
 
 
@@ -266,9 +268,8 @@ def compute_tissue_mask(
         device=device,
     )
     if not mask.any():
-        warnings.warn(
-            f"slide '{reader.path}': {_why_no_tissue(img, thr, min_area_um2, px_um, median_size)}", stacklevel=2
-        )
+        why = _why_no_tissue(img, thr, min_area_um2, px_um, median_size)
+        warnings.warn(EmptySlideWarning(f"slide '{reader.path}': {why}", why), stacklevel=2)
     elif (doubt := _doubtful_mask(img, mask, thr, min_saturation)) is not None:
         warnings.warn(f"slide '{reader.path}': {doubt}", TissueMaskWarning, stacklevel=2)
     return TissueMaskResult(mask=mask, downsample=float(downsample), threshold=thr)
@@ -276,6 +277,19 @@ def compute_tissue_mask(
 
 class TissueMaskWarning(UserWarning):
     """A tissue mask that may be wrong (tinted glass taken as tissue, faint tissue dropped)."""
+
+
+class EmptySlideWarning(UserWarning):
+    """A slide that yields no patches: no tissue found, tissue only in specks, or no patch fits.
+
+    Args:
+        message: the warning's text, naming the slide.
+        reason: the same without the slide's name (what to change), as ``report.json`` keeps it.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = message if reason is None else reason
 
 
 #: a mask covering more of the slide than this is more likely tinted glass than tissue
@@ -412,7 +426,8 @@ def grid_coordinates(
         "footprint": float(footprint),
     }
     if footprint > w0 or footprint > h0:
-        warnings.warn(f"slide '{reader.path}': a {footprint:.0f}-px patch does not fit in {w0}x{h0}.", stacklevel=2)
+        why = f"a {footprint:.0f}-px patch does not fit in {w0}x{h0}."
+        warnings.warn(EmptySlideWarning(f"slide '{reader.path}': {why}", why), stacklevel=2)
         return TilingResult(
             np.zeros((0, 2), np.int64), level, read_size, patch_size, eff_mpp, np.zeros(0, np.float32), params
         )
@@ -439,9 +454,8 @@ def grid_coordinates(
         frac = _patch_tissue_fraction(mask, float(mask_downsample), coords, footprint)
     keep = frac >= min_tissue - 1e-6
     if mask is not None and not keep.any():
-        warnings.warn(
-            f"slide '{reader.path}': no patch has >= {min_tissue:.0%} tissue; it yields zero patches.", stacklevel=2
-        )
+        why = f"no patch has >= {min_tissue:.0%} tissue; it yields zero patches."
+        warnings.warn(EmptySlideWarning(f"slide '{reader.path}': {why}", why), stacklevel=2)
     return TilingResult(coords[keep], level, read_size, patch_size, eff_mpp, frac[keep].astype(np.float32), params)
 
 
