@@ -623,6 +623,29 @@ def test_bag_dataset_serves_bags_subsamples_and_refuses_stale_features(prepared,
         BagDataset(store, items, stale)
 
 
+def test_bag_dimensions_are_checked_from_the_file_headers_without_loading_a_bag(
+    prepared, small_embedder, tmp_path, monkeypatch
+):
+    from monai_icmil.engines.bag_phase import check_bag_dims, feature_stats
+
+    items, slides = prepared
+    store = FeatureStore(tmp_path / "f")
+    embed_slides(slides, small_embedder, store, TILING.params(), num_workers=0, progress=False)
+    fp = small_embedder.fingerprint()
+    ds = BagDataset(
+        store, items, {s["slide_id"]: feature_key(s["image"], TILING.params(), fp) for s in slides.values()}
+    )
+    assert ds.feature_dims() == {i["slide_id"]: 256 for i in items}
+    mean, sd = feature_stats(ds)
+    bar_mean, bar_sd = feature_stats(ds, chunk=7, progress=True)  # the bar and the chunking change nothing
+    torch.testing.assert_close(bar_mean, mean)
+    torch.testing.assert_close(bar_sd, sd)
+    monkeypatch.setattr(FeatureStore, "load", lambda *a, **k: pytest.fail("a bag was loaded"))
+    check_bag_dims(ds, 256)
+    with pytest.raises(ValueError, match=rf"slide '{items[0]['slide_id']}' has 256-d features .* expects 512-d"):
+        check_bag_dims(ds, 512)
+
+
 def test_two_ranks_under_torchrun_write_each_slide_once_and_match_one_process(synthetic_dataset, tmp_path, monkeypatch):
     script = ROOT / "tests" / "dist_embed_script.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -284,6 +284,16 @@ class BagDataset(Dataset, Randomizable):
     def __len__(self) -> int:
         return len(self.items)
 
+    def feature_dims(self) -> dict[str, int]:
+        """``{slide_id: feature dimension}`` of every bag, read from the store files' headers (no bag is loaded)."""
+        dims = {}
+        for item in self.items:
+            stored = stored_array(self.store.path(item["slide_id"]))
+            if stored is None:
+                raise FileNotFoundError(f"the feature file of slide '{item['slide_id']}' holds no features")
+            dims[item["slide_id"]] = int(stored.shape[-1])
+        return dims
+
     def randomize(self, n: int) -> np.ndarray | None:
         if self.max_instances is None or n <= self.max_instances:
             return None

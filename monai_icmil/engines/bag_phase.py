@@ -620,7 +620,7 @@ class BagPhase:
                     "the round that made it"
                 ) from e
         elif self.standardize:
-            net.set_input_stats(*feature_stats(train_ds))
+            net.set_input_stats(*feature_stats(train_ds, progress=self.progress))
         net = net.to(self.device)
         check_bag_dims(train_ds, net.in_dim)
         check_bag_dims(val_ds, net.in_dim)
@@ -748,7 +748,9 @@ class _LazySearch:
         if search is None or self.skipped:
             return None
         if self.result is None:
-            stats = feature_stats(self.train_ds) if self.phase.standardize else (None, None)
+            stats = (
+                feature_stats(self.train_ds, progress=self.phase.progress) if self.phase.standardize else (None, None)
+            )
             try:
                 self.result = search.search(self.train_ds, self.val_ds, *stats)
             except SingleClassError as e:
@@ -832,13 +834,17 @@ def _bags_signature(train_ds: Dataset, val_ds: Dataset) -> dict[str, Any]:
 
 
 def check_bag_dims(dataset: Dataset, in_dim: int) -> None:
-    """Raise a clear error naming the first slide whose feature dimension differs from the model's."""
-    for i in range(len(dataset)):
-        bag = dataset[i]
-        if bag["features"].shape[-1] != in_dim:
+    """Raise a clear error naming the first slide whose feature dimension differs from the model's (from the store
+    files' headers for a :class:`BagDataset`, without loading its bags)."""
+    if isinstance(dataset, BagDataset):
+        dims = dataset.feature_dims().items()
+    else:
+        dims = ((bag["slide_id"], bag["features"].shape[-1]) for bag in (dataset[i] for i in range(len(dataset))))
+    for slide_id, dim in dims:
+        if dim != in_dim:
             raise ValueError(
-                f"slide '{bag['slide_id']}' has {bag['features'].shape[-1]}-d features but the bag classifier expects "
-                f"{in_dim}-d: were its features made by another embedder? Re-run the embedding phase."
+                f"slide '{slide_id}' has {dim}-d features but the bag classifier expects {in_dim}-d: were its "
+                "features made by another embedder? Re-run the embedding phase."
             )
 
 
@@ -944,11 +950,17 @@ def write_predictions_csv(
     return atomic_write_text(path, buf.getvalue())
 
 
-def feature_stats(dataset: Dataset, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_stats(dataset: Dataset, chunk: int = 16384, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and standard deviation of every instance of every bag (float64 running sums, ``chunk``
-    instances at a time, so a bag of 100k 1024-d instances needs 128 MB of float64, not 1.6 GB)."""
+    instances at a time, so a bag of 100k 1024-d instances needs 128 MB of float64, not 1.6 GB); ``progress`` shows a
+    bar over the bags (every bag is read)."""
     total, total_sq, n = None, None, 0
-    for i in range(len(dataset)):
+    indices: Any = range(len(dataset))
+    if progress:
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices, desc="feature statistics", unit="slide", leave=False)
+    for i in indices:
         for part in dataset[i]["features"].split(chunk):
             feats = part.double()
             s, sq = feats.sum(0), (feats * feats).sum(0)
