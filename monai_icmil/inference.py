@@ -228,11 +228,15 @@ def _classifier(path: Any, device: Any, in_dim: int, class_names: Sequence[str] 
 
 
 def _write_guarded(run: SimpleNamespace, writer: Any, method: str, arg: Any, slide_id: str, path: str) -> None:
-    """``writer.<method>(arg)``; a failure is listed in ``report.json`` (``outputs_failed``) and warned about, and the
-    probabilities and the other outputs are kept."""
+    """``writer.<method>(arg)``; a failure is listed in ``report.json`` (``outputs_failed``) and warned about, the
+    files the writer names for the slide (``outputs``) are removed, and the probabilities and the other outputs are
+    kept."""
     try:
         getattr(writer, method)(arg)
     except Exception as e:
+        if method == "write":  # an earlier run's picture of this slide must not pass for this run's
+            for stale in getattr(writer, "outputs", lambda _: [])(arg):
+                Path(stale).unlink(missing_ok=True)
         name, reason = type(writer).__name__, f"{type(e).__name__}: {e}"
         run.report.mark_output_failed(slide_id, path, name, reason)
         where = f"slide '{path}'" if method == "write" else f"'{path}' ({method})"

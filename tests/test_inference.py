@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ from monai_icmil.data.synthetic import SyntheticSlideConfig, render_slide, write
 from monai_icmil.data.tiling import TilingConfig
 from monai_icmil.engines import Embed
 from monai_icmil.engines.bag_phase import save_bag_classifier
-from monai_icmil.handlers.writers import GeoJSONWriter, SlideWriter
+from monai_icmil.handlers.writers import GeoJSONWriter, HeatmapWriter, SlideWriter, TopPatchesWriter
 from monai_icmil.inference import NoSlideScored, list_slides, predict_slides
 from monai_icmil.networks import create_aggregator, create_embedder
 from monai_icmil.serving import SlideClassifierModel
@@ -48,10 +49,13 @@ class FailsOn(SlideWriter):
     def __init__(self, slide_id: str):
         self.slide_id = slide_id
 
+    def outputs(self, pred):
+        return [pred.output_dir / f"{pred.slide_id}.ok"]
+
     def write(self, pred) -> None:
         if pred.slide_id == self.slide_id:
             raise OSError("disk full")
-        (pred.output_dir / f"{pred.slide_id}.ok").write_text("ok")
+        self.outputs(pred)[0].write_text("ok")
 
 
 def test_a_writer_failing_on_one_slide_keeps_every_probability_and_the_other_outputs(tmp_path):
@@ -61,17 +65,24 @@ def test_a_writer_failing_on_one_slide_keeps_every_probability_and_the_other_out
     embedder = create_embedder("resnet18_trunc", input_size=32)
     bag = save_bag_classifier(tmp_path / "bag.pt", create_aggregator("abmil", embedder.out_dim, 2, hidden_dim=8))
     out = tmp_path / "out"
+    out.mkdir()
+    for sid in ("s0", "s1"):  # an earlier run's outputs
+        (out / f"{sid}.ok").write_text("earlier run")
+    writers = [FailsOn("s0"), GeoJSONWriter(), HeatmapWriter(), TopPatchesWriter(k=2)]
     with pytest.warns(
         UserWarning, match=r"s0\.tif': FailsOn failed \(OSError: disk full\); its probabilities and other"
     ):
         rows = predict_slides(
             tmp_path / "slides", embedder, bag, TilingConfig(patch_size=32, mpp=1.0, min_area_um2=0.0), out,
-            writers=[FailsOn("s0"), GeoJSONWriter()], class_names=["normal", "tumour"], progress=False,
+            writers=writers, class_names=["normal", "tumour"], progress=False,
         )  # fmt: skip
     assert [r["slide_id"] for r in rows] == ["s0", "s1"]
     assert [r["slide"] for r in csv.DictReader(open(out / "probabilities.csv"))] == ["s0", "s1"]
     assert (out / "s0.geojson").is_file() and (out / "s1.geojson").is_file() and (out / "s1.ok").is_file()
-    assert not (out / "s0.ok").exists()
+    assert not (out / "s0.ok").exists()  # the earlier run's picture is not passed off as this run's
+    assert (out / "s1.ok").read_text() == "ok"
+    for sid in ("s0", "s1"):  # every built-in writer names the files it writes (removed if it fails)
+        assert all(p.is_file() for w in writers[1:] for p in w.outputs(SimpleNamespace(output_dir=out, slide_id=sid)))
     report = json.loads((out / "report.json").read_text())
     assert report["failed"] == {} and report["outputs_failed"]["s0"]["FailsOn"] == "OSError: disk full"
     assert set(report["outputs_failed"]) == {"s0"}
@@ -167,7 +178,6 @@ def test_the_mlflow_model_keeps_slides_of_one_name_apart_and_leaves_out_a_missin
 
 def test_the_served_settings_follow_the_run(tmp_path):
     """A 3-class run without class names serves 3 classes; the damaged-tile policy and the embed precision travel."""
-    from types import SimpleNamespace
 
     from monai_icmil.data.integrity import TileErrorPolicy
     from monai_icmil.serving import model_settings

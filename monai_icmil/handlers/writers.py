@@ -141,6 +141,11 @@ class SlideWriter(ABC):
     def write(self, pred: SlidePrediction) -> None:
         """Write this slide's outputs into ``pred.output_dir``."""
 
+    def outputs(self, pred: SlidePrediction) -> list[Path]:
+        """The files :meth:`write` makes for this slide (none by default): removed when it fails, so that an earlier
+        run's picture is not taken for this run's."""
+        return []
+
     def finish(self, output_dir: Path) -> None:
         """After the last slide (nothing by default)."""
 
@@ -150,12 +155,15 @@ class HeatmapWriter(SlideWriter):
     each with a colour bar (:func:`~monai_icmil.visualize.heatmap_panels`: NumPy and Pillow, tens of milliseconds a
     slide)."""
 
+    def outputs(self, pred: SlidePrediction) -> list[Path]:
+        return [pred.output_dir / f"{pred.slide_id}_heatmap.jpg"]
+
     def write(self, pred: SlidePrediction) -> None:
         from monai_icmil.visualize import save_heatmaps
 
         thumb, thumb_ds = pred.thumbnail()
         title = f"{pred.slide_id}: predicted {pred.predicted} (p={float(np.max(pred.scores['probs'])):.3f})"
-        save_heatmaps(pred.output_dir / f"{pred.slide_id}_heatmap.jpg", thumb, thumb_ds, pred.maps(), pred.cell, title)
+        save_heatmaps(self.outputs(pred)[0], thumb, thumb_ds, pred.maps(), pred.cell, title)
 
 
 def geojson_patches(coords: np.ndarray, footprint: float, measurements: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -181,12 +189,15 @@ def geojson_patches(coords: np.ndarray, footprint: float, measurements: Mapping[
 class GeoJSONWriter(SlideWriter):
     """``<slide>.geojson``: one square per patch with its instance probability and attention."""
 
+    def outputs(self, pred: SlidePrediction) -> list[Path]:
+        return [pred.output_dir / f"{pred.slide_id}.geojson"]
+
     def write(self, pred: SlidePrediction) -> None:
         measurements = {"instance_probability": pred.scores["instance_prob"]}
         if "attention" in pred.scores:
             measurements["attention"] = pred.scores["attention"]
         collection = geojson_patches(pred.coords, pred.footprint, measurements)
-        atomic_write_text(pred.output_dir / f"{pred.slide_id}.geojson", json.dumps(collection, allow_nan=False))
+        atomic_write_text(self.outputs(pred)[0], json.dumps(collection, allow_nan=False))
 
 
 def top_patches(scores: Mapping[str, np.ndarray], k: int = 8) -> dict[str, np.ndarray]:
@@ -210,6 +221,9 @@ class TopPatchesWriter(SlideWriter):
     def __init__(self, k: int = 8, read_threads: int = 2):
         self.k, self.read_threads = int(k), int(read_threads)
 
+    def outputs(self, pred: SlidePrediction) -> list[Path]:
+        return [pred.output_dir / f"{pred.slide_id}_top_patches.jpg"]
+
     def write(self, pred: SlidePrediction) -> None:
         from monai_icmil.visualize import save_patch_montage
 
@@ -222,7 +236,7 @@ class TopPatchesWriter(SlideWriter):
         )
         by = " / ".join({"instance probability": f"{pred.positive} probability"}.get(n, n) for n in top)
         caption = f"{pred.slide_id}: top {k} patches by {by} (rows)"
-        save_patch_montage(pred.output_dir / f"{pred.slide_id}_top_patches.jpg", patches, ncols=k, caption=caption)
+        save_patch_montage(self.outputs(pred)[0], patches, ncols=k, caption=caption)
 
 
 class TriageSheetWriter(SlideWriter):
@@ -269,6 +283,9 @@ class GroundTruthWriter(SlideWriter):
     slide's ground-truth tumour region (:class:`~monai_icmil.data.annotations.GroundTruth`), for slides whose entry
     has a ``tumour_mask``; drawn with NumPy (~0.1 s a slide)."""
 
+    def outputs(self, pred: SlidePrediction) -> list[Path]:
+        return [pred.output_dir / f"{pred.slide_id}_vs_truth.jpg"]
+
     def write(self, pred: SlidePrediction) -> None:
         from monai_icmil.data.annotations import GroundTruth
         from monai_icmil.visualize import prediction_vs_truth, save_prediction_vs_truth
@@ -284,4 +301,4 @@ class GroundTruthWriter(SlideWriter):
             f"{pred.slide_id}: p({pred.positive}) = {p:.3f}. Left: each patch's {pred.positive} probability (the "
             "instance teacher); right: the ground truth"
         )
-        save_prediction_vs_truth(pred.output_dir / f"{pred.slide_id}_vs_truth.jpg", picture, caption)
+        save_prediction_vs_truth(self.outputs(pred)[0], picture, caption)
