@@ -3,10 +3,10 @@
 """Embedder-phase throughput, side by side in one run, eager and compiled (``--compile both``, the default on CUDA):
 
 (a) the bare training step on random tensors already on the device (the engine's teacher and student steps, loss,
-    gradient clipping and Adam; fused on CUDA as the bundle's);
-ours: the configured embedder phase (:class:`~monai_icmil.engines.EmbedderPhase`) on a generated slide, including
-    patch reading, the student views (flips + random resized crop, made batch-wise on the training device) and the
-    DataLoader: the whole call (``--batches`` batches, with its start-up: worker processes, teacher consistency
+    gradient clipping and the bundle's Adam, fused on CUDA; the student's batch-norm frozen, as the engine does);
+ours: the embedder phase (:class:`~monai_icmil.engines.EmbedderPhase`, the bundle's optimizer) on a generated slide,
+    including patch reading, the student views (flips + random resized crop, made batch-wise on the training device)
+    and the DataLoader: the whole call (``--batches`` batches, with its start-up: worker processes, teacher consistency
     check, compile, validation, checkpoint), the engine's own steady rate (``steady_patches_per_s``: the iterations
     after the first) and the two-call steady rate (the difference of calls of ``--batches`` and ``3 * --batches``
     batches, which cancels the start-up; a compiled phase is warmed up by a 2-batch call first);
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+import functools
 import os
 import platform
 import tempfile
@@ -51,10 +51,17 @@ from monai_icmil.engines.embedder_phase import (
     InstanceClassifier,
     StudentStep,
     TeacherStep,
+    _freeze_batchnorm,
 )
 from monai_icmil.losses import ICMILDistillationLoss
 from monai_icmil.networks import create_aggregator, create_embedder
 from monai_icmil.transforms import BatchRandomViews
+from monai_icmil.utils import atomic_write_json
+
+
+def bundle_optimizer(device: torch.device) -> functools.partial:
+    """The bundle's embedder-phase optimizer factory (Adam, lr 1e-5, weight decay 1e-4, fused on CUDA)."""
+    return functools.partial(torch.optim.Adam, lr=1e-5, weight_decay=1e-4, fused=device.type == "cuda")
 
 
 def bare_steps(
@@ -77,8 +84,8 @@ def bare_steps(
         teacher_step, student_step = torch.compile(teacher_step, dynamic=False), torch.compile(
             student_step, dynamic=False
         )
-    params = student.trainable_parameters()
-    opt = torch.optim.Adam(params, lr=1e-5, weight_decay=1e-4, fused=device.type == "cuda")
+    _freeze_batchnorm(student.embedder)  # as the trainer does (freeze_bn, the default)
+    opt = bundle_optimizer(device)(student.trainable_parameters())
     crit = ICMILDistillationLoss()
     x = torch.randint(0, 255, (batch, 3, size, size), dtype=torch.uint8, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -190,7 +197,7 @@ def main() -> None:
 
     def save() -> None:
         if a.json:  # after every measurement: a run cut off by its time budget keeps what it measured
-            Path(a.json).write_text(json.dumps(figures, indent=2))
+            atomic_write_json(a.json, figures)
 
     files = None
     if a.teacher_features:  # the round's stored features of the slide's patches, as the workflow has them
@@ -217,6 +224,7 @@ def main() -> None:
             views_on_device=views_on_device,
             compile=compiled,
             teacher_features=stored,
+            optimizer=bundle_optimizer(device),
         )
         extra = {"teacher_features": files} if stored else {}
         result = phase(embedder, agg, [item], [item], Path(tempfile.mkdtemp(dir=tmp)), **extra)

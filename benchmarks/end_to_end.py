@@ -36,6 +36,7 @@ import monai_icmil  # noqa: E402,F401
 from monai_icmil.data.slide import open_slide  # noqa: E402
 from monai_icmil.data.store import CoordsStore  # noqa: E402
 from monai_icmil.networks import create_embedder  # noqa: E402
+from monai_icmil.utils import atomic_write_json  # noqa: E402
 
 BUNDLE = ROOT / "bundles" / "icmil"
 
@@ -136,7 +137,7 @@ def main() -> None:
     t_ours, t_base = sum(ours.values()), sum(baseline.values())
     print(f"{'total':<26}{t_ours:>10.1f}{t_base:>14.1f}   baseline / ours = {t_base / t_ours:.2f}x")
     if a.json:
-        Path(a.json).write_text(json.dumps({"ours": ours, "baseline": baseline, "patches": len(pngs)}, indent=2))
+        atomic_write_json(a.json, {"ours": ours, "baseline": baseline, "patches": len(pngs)})
 
 
 if __name__ == "__main__":

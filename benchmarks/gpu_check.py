@@ -99,11 +99,11 @@ def script(name: str, args: list[str], work: Path, budget: float) -> dict:
         text, rc = f"timed out after {budget:.0f} s: {partial[-2000:]}", 124
     (work / f"{name}.log").write_text(text)
     print(f"--- {name} (rc {rc}, {time.perf_counter() - t0:.0f} s)\n{text[-3000:]}", flush=True)
-    return {
-        "rc": rc,
-        "seconds": time.perf_counter() - t0,
-        "figures": json.loads(js.read_text()) if js.is_file() else None,
-    }
+    try:  # the scripts write atomically; a file from another writer, cut short, must not cost the later steps
+        figures = json.loads(js.read_text()) if js.is_file() else None
+    except ValueError as e:
+        figures = {"unreadable": f"{js}: {e}"}
+    return {"rc": rc, "seconds": time.perf_counter() - t0, "figures": figures}
 
 
 def report(results: dict, out: Path) -> str:
@@ -138,8 +138,10 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
     p.add_argument("--work", default=None, help="scratch folder for slides and per-step files (default: a temp dir)")
     p.add_argument("--deadline", type=float, default=470, help="seconds for the whole check; later steps get less")
-    p.add_argument("--dry", action="store_true", help="tiny sizes on the CPU")
-    p.add_argument("--only", nargs="*", default=None, help="run only these steps (mask_parity and/or of STEPS)")
+    p.add_argument(
+        "--dry", action="store_true", help="tiny sizes (a smoke run; the steps still use a GPU where there is one)"
+    )
+    p.add_argument("--only", nargs="*", default=None, choices=("mask_parity", *STEPS), help="run only these steps")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

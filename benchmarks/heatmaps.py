@@ -8,13 +8,12 @@ baseline: the same panels as a Matplotlib figure (``imshow`` of the thumbnail an
 
 Both draw the thumbnail, attention and instance probability of a generated slide's patch grid (1024 x 768 thumbnail).
 
-    python benchmarks/heatmaps.py [--slides 20] [--patch 32]
+    python benchmarks/heatmaps.py [--slides 20] [--footprint 64]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from monai_icmil.utils import atomic_write_json
 from monai_icmil.visualize import save_heatmaps, score_grid
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     print(f"{cores} CPU core(s): ours {med['ours']:.3f} s/slide, Matplotlib {med['matplotlib']:.3f} s/slide,")
     print(f"Matplotlib / ours = {med['matplotlib'] / med['ours']:.1f}x")
     if a.json:
-        Path(a.json).write_text(json.dumps({"median_s": med, "patches": len(cells), "slides": a.slides}))
+        atomic_write_json(a.json, {"median_s": med, "patches": len(cells), "slides": a.slides})
 
 
 if __name__ == "__main__":

@@ -310,9 +310,10 @@ def restart_seeds(out: Path, r: int) -> list[int]:
     """The seed of every bag-phase restart of round ``r``, in restart order (``[]`` where there was a single run;
     ``None`` for a restart started from the student's classifier, ``--bag_warm_start``: it shares no initialisation).
 
-    Round ``r`` seeds restart ``k`` with ``seed + r + k``, so rounds share all but one restart seed: a restart of round
-    ``r`` and one of round 0 with the same seed started from the same initialisation and saw the instances in the
-    same order, and differ only in the features (the embedder's change).
+    Round ``r`` seeds restart ``k`` with ``seed + r + k``, so with ``n`` fresh restarts round ``r`` shares ``n - r``
+    restart seeds with round 0 (none from round ``n`` on): a restart of round ``r`` and one of round 0 with the same
+    seed started from the same initialisation and saw the instances in the same order, and differ only in the
+    features (the embedder's change).
     """
     record = out / f"round_{r}" / "bag_phase" / "restarts.json"
     if not record.is_file():
@@ -653,8 +654,9 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: floa
         "## Mean +/- sd over seeds",
         "",
         "Same-init gain: per seed, the mean over the bag-phase restarts that round r and round 0 seeded alike (round "
-        "r's restart k has seed + r + k, so all but one) of the test AUC difference: the round's change with the bag "
-        "classifier's initialisation and instance order held fixed, so only the features differ.",
+        "r's restart k has seed + r + k, so with n fresh restarts they share n - r; a seed whose round shares none "
+        "is left out) of the test AUC difference: the round's change with the bag classifier's initialisation and "
+        "instance order held fixed, so only the features differ.",
         "",
         "| setting | start | aggregator | round | test AUC | test acc | test F1 | teacher patch AUC | "
         "probe patch AUC | test AUC gain vs round 0 | restarts' mean test AUC | its gain vs round 0 | "

@@ -6,24 +6,25 @@
 (b) baseline: a per-patch OpenSlide loop (``OpenSlide.read_region`` + RGBA->RGB, one patch at a time)
 (c) ours, tifffile tile reader: ``TiffSlide.read_patches(coords, num_workers=N)``
 
-    python benchmarks/read_patches.py [--patches 1000] [--patch_size 256] [--num_workers 2] [--repeats 3]
+    python benchmarks/read_patches.py [--patches 1000] [--patch_size 256] [--num_workers N] [--repeats 3]
+
+``--num_workers`` defaults to the CPU count.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 from bench_data import bench_slide
 
 import monai_icmil  # noqa: F401
 from monai_icmil.data.slide import CuCIMSlide, TiffSlide
+from monai_icmil.utils import atomic_write_json
 
 
 def _openslide_loop(path: str, coords: np.ndarray, size: int) -> np.ndarray:
@@ -90,16 +91,14 @@ def main() -> None:
         print(f"{name:<20}{rate:>12.0f}{rate / base:>8.2f}x")
     print(f"mean |a-b| = {diff_b:.3f}, mean |a-c| = {diff_c:.3f} (grey levels)")
     if a.json:
-        Path(a.json).write_text(
-            json.dumps(
-                {
-                    "patches_per_s": results,
-                    "ratio_vs_openslide_loop": {k: v / base for k, v in results.items()},
-                    "num_workers": a.num_workers,
-                    "patch_size": a.patch_size,
-                },
-                indent=2,
-            )
+        atomic_write_json(
+            a.json,
+            {
+                "patches_per_s": results,
+                "ratio_vs_openslide_loop": {k: v / base for k, v in results.items()},
+                "num_workers": a.num_workers,
+                "patch_size": a.patch_size,
+            },
         )
 
 

@@ -290,6 +290,9 @@ def test_scale_round_smoke_times_every_phase_and_extrapolates(tmp_path):
     assert extrapolated["embed round 0 (s)"] == pytest.approx(embed)
     more = (2000 - 2) * 8 / rates["embedder phase round 1 steady patches/s"]  # --smoke: 2 batches of 8
     assert extrapolated["embedder phase round 1 (s)"] == pytest.approx(measured["embedder phase round 1 (s)"] + more)
+    # the bag phase: measured with 1 restart, extrapolated at the bundle's 3 restarts of 50 epochs on 270 of 400 slides
+    bag = rates["bag phase s per 1k instance-epochs"] * 2.7e6 * 270 / 400 * 50 * 3 / 1000
+    assert extrapolated["bag phase round 0 (s)"] == pytest.approx(bag) == extrapolated["bag phase round 1 (s)"]
 
 
 def test_scale_bags_measures_peak_memory_per_bag_size():

@@ -121,6 +121,30 @@ def test_damaged_tiles_are_found_after_a_read_of_one_has_failed(slides, backend)
     assert slide.damaged_tiles(1, [(0, 0), (1, 0), (2, 0), (0, 1)]) == {(1, 0)}
 
 
+def test_the_damaged_tile_check_uses_the_machines_cores_and_finds_the_same_tiles_with_any_number(slides, monkeypatch):
+    """It decodes every tile under the patches once, at tiling: with 2 threads on a 16-core GPU machine it cost as
+    much as the embedding (benchmarks/gpu_results run7/run8, tile_check_share 1.09 / 1.21)."""
+    from monai_icmil.data import integrity
+    from monai_icmil.data.slide import open_slide
+
+    slide = open_slide(slides[1])
+    coords = np.array([[x, y] for y in range(0, 1024, 128) for x in range(0, 1536, 128)], np.int64)
+    used = []
+    probe = type(slide).damaged_tiles
+    monkeypatch.setattr(
+        type(slide),
+        "damaged_tiles",
+        lambda *a, num_workers: used.append(num_workers) or probe(*a, num_workers=num_workers),
+    )
+    found = {n: integrity.damaged_patches(slide, coords, 64, 1, num_workers=n).tolist() for n in (1, 8)}
+    monkeypatch.setattr(integrity.os, "sched_getaffinity", lambda pid: set(range(64)))
+    found[None] = integrity.damaged_patches(slide, coords, 64, 1).tolist()
+    assert used == [1, 8, integrity.MAX_CHECK_THREADS]  # the default: the cores, at most 16
+    assert found[1] == found[8] == found[None] == np.flatnonzero(_expected_drop(coords)).tolist() != []
+    monkeypatch.setattr(integrity.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert integrity.check_threads() == 2
+
+
 def test_jpeg_decoder_complaints_about_damaged_headers_count_as_damage():
     from monai_icmil.data.integrity import JPEG_PROBLEM
 

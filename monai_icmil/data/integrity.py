@@ -160,10 +160,28 @@ class TileErrorPolicy:
             raise DamagedSlideError(f"slide '{slide}': {what} (on_tile_error 'fail'). {fix}")
 
 
-def damaged_patches(reader: Any, coords: np.ndarray, read_size: int, level: int, num_workers: int = 2) -> np.ndarray:
-    """Indices of the patches that overlap a damaged tile of ``level`` (:meth:`SlideReader.damaged_tiles`)."""
+#: decoding threads of the damaged-tile check at most (it decodes every tile under the patches once, at tiling)
+MAX_CHECK_THREADS = 16
+
+
+def check_threads() -> int:
+    """Decoding threads for the damaged-tile check: the cores this process may use, at most
+    :data:`MAX_CHECK_THREADS` (on a 16-core GPU machine, 2 threads made the check cost as much as the embedding)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(1, min(MAX_CHECK_THREADS, cores))
+
+
+def damaged_patches(
+    reader: Any, coords: np.ndarray, read_size: int, level: int, num_workers: int | None = None
+) -> np.ndarray:
+    """Indices of the patches that overlap a damaged tile of ``level`` (:meth:`SlideReader.damaged_tiles`), decoded
+    with ``num_workers`` threads (default: :func:`check_threads`)."""
     if len(coords) == 0:
         return np.zeros(0, np.int64)
+    num_workers = check_threads() if num_workers is None else int(num_workers)
     tile_size = reader.tile_size(level)
     by_tile = tiles_under(coords, read_size, level, reader.level_downsamples[level], tile_size)
     bad = reader.damaged_tiles(level, sorted(by_tile), num_workers=num_workers)
