@@ -443,25 +443,64 @@ def test_pen_and_marker_ink_are_not_tissue_and_a_pen_circle_does_not_fill_the_gl
     assert inked[ring].all() and inked[(~tissue) & (np.hypot((yy - 60) / 45.0, (xx - 80) / 60.0) < 0.9)].all()
 
 
-def test_a_tinted_blank_slide_and_faded_tissue_are_warned_about_with_the_setting_to_change():
-    """Glass with a tint above min_saturation is masked whole; faded H&E just under the floor is mostly dropped: the
-    mask cannot tell, so the detector says so (normal H&E: no warning, tests/test_tiling's other cases)."""
+def test_tinted_glass_is_not_tissue_and_tissue_on_it_is_found_as_on_white_glass():
+    """Yellowish, bluish and pinkish glass (scanners, mountants) has an HSV saturation above the 0.05 floor: unbalanced,
+    a blank slide of it was tiled whole or in part. Balanced by the glass's colour it is blank, and H&E on it is found
+    as on white glass; on white (neutral) glass nothing changes."""
+    from monai_icmil.data.tiling import background_color, tissue_mask_from_rgb
+
+    rng = np.random.default_rng(0)
+    h, w = 120, 160
+    yy, xx = np.mgrid[:h, :w]
+    tissue = ((yy - 60) / 40.0) ** 2 + ((xx - 80) / 55.0) ** 2 < 1
+    for glass in ((228, 225, 242), (245, 240, 212), (244, 226, 238)):
+        blank = np.clip(np.array(glass) + rng.normal(0, 2, (h, w, 3)), 0, 255).astype(np.uint8)
+        assert np.allclose(background_color(blank), glass, atol=3)
+        unbalanced, _ = tissue_mask_from_rgb(blank, device="cpu", balance_background=False)
+        assert unbalanced.mean() > 0.1, glass  # the glass taken as tissue before
+        assert not tissue_mask_from_rgb(blank, device="cpu")[0].any(), glass
+        slide = blank.copy()
+        slide[tissue] = np.clip(
+            np.array([200, 120, 185]) * np.array(glass) / 255 + rng.normal(0, 6, (tissue.sum(), 3)), 0, 255
+        )
+        mask, _ = tissue_mask_from_rgb(slide, min_area_px=4, device="cpu")
+        assert (mask & tissue).sum() > 0.97 * tissue.sum() and (mask & ~tissue).sum() < 0.03 * tissue.sum(), glass
+    white = np.clip(242 + rng.normal(0, 2, (h, w, 1)), 0, 255).repeat(3, axis=2).astype(np.uint8)  # grey noise
+    white[tissue] = np.clip(np.array([200, 120, 185]) + rng.normal(0, 8, (tissue.sum(), 3)), 0, 255)
+    for a, b in zip(
+        tissue_mask_from_rgb(white, device="cpu"), tissue_mask_from_rgb(white, device="cpu", balance_background=False)
+    ):
+        np.testing.assert_array_equal(a, b)  # neutral glass: the same mask and threshold
+
+
+def test_faded_tissue_is_kept_at_half_the_floor_with_a_warning_and_a_slide_without_glass_is_left_unbalanced():
+    """Faded H&E just under the 0.05 floor (saturation 0.033) was mostly dropped; the floor is halved when faint colour
+    outnumbers what the mask keeps, and the detector says so. A slide cropped to its tissue has no glass to balance by
+    and is left as it was; normal H&E on white glass gets no warning."""
     import warnings
 
-    from monai_icmil.data.tiling import _doubtful_mask, tissue_mask_from_rgb
+    from monai_icmil.data.tiling import _doubtful_mask, background_color, tissue_mask_from_rgb
 
     h, w = 120, 160
-    tinted = np.full((h, w, 3), (228, 225, 242), np.uint8)  # at 8 um/px the glass is nearly uniform
-    mask, thr = tissue_mask_from_rgb(tinted, device="cpu")
-    assert mask.mean() > 0.9 and "covers 100% of the slide" in _doubtful_mask(tinted, mask, thr, 0.05)
     yy, xx = np.mgrid[:h, :w]
     faded = np.full((h, w, 3), 244, np.uint8)
     tissue = ((yy - 60) / 40.0) ** 2 + ((xx - 80) / 55.0) ** 2 < 1
     faded[tissue] = (240, 232, 238)  # saturation 0.033: under the 0.05 floor
     faded[55:65, 75:85] = (230, 200, 225)  # a darker spot above it
     mask, thr = tissue_mask_from_rgb(faded, min_area_px=4, device="cpu")
-    assert 0 < mask.sum() < 0.2 * tissue.sum()
-    assert "faded H&E or a pale counterstain is mostly dropped" in _doubtful_mask(faded, mask, thr, 0.05)
+    assert thr == pytest.approx(0.025) and (mask & tissue).sum() > 0.97 * tissue.sum() and not (mask & ~tissue).any()
+    assert "lowered from min_saturation 0.050 to 0.025" in _doubtful_mask(faded, mask, thr, 0.05)
+    kept, thr = tissue_mask_from_rgb(faded, min_area_px=4, device="cpu", adapt_floor=False)  # as before: the spot
+    assert thr == 0.05 and 0 < kept.sum() < 0.2 * tissue.sum()
+    assert "faded H&E or a pale counterstain is mostly dropped" in _doubtful_mask(faded, kept, thr, 0.05)
+    cropped = np.full((h, w, 3), (200, 120, 185), np.uint8)
+    cropped[tissue] = (150, 60, 140)
+    assert background_color(cropped) is None  # its brightest pixels are stain, not glass: left unbalanced
+    for a, b in zip(
+        tissue_mask_from_rgb(cropped, device="cpu"),
+        tissue_mask_from_rgb(cropped, device="cpu", balance_background=False),
+    ):
+        np.testing.assert_array_equal(a, b)
     normal = faded.copy()
     normal[tissue] = (200, 120, 185)
     mask, thr = tissue_mask_from_rgb(normal, min_area_px=4, device="cpu")
@@ -475,3 +514,12 @@ def test_bluish_hematoxylin_and_a_dark_purple_fold_are_not_ink():
 
     px = np.array([[[50, 60, 120], [70, 80, 150], [57, 30, 67], [28, 28, 36], [40, 160, 90], [0, 0, 0]]], np.uint8)
     assert ink(px, saturation(px)).tolist() == [[False, False, False, True, True, True]]
+
+
+def test_background_balancing_stays_out_of_the_tiling_signature_unless_turned_off():
+    """Coordinate and feature stores made before it stay current; turning it off is a new tiling."""
+    from monai_icmil.transforms import TissueMask
+    from monai_icmil.utils import component_signature
+
+    assert "balance_background" not in TissueMask().kwargs
+    assert component_signature(TissueMask()) != component_signature(TissueMask(balance_background=False))

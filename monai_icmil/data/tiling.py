@@ -28,6 +28,8 @@ __all__ = [
     "otsu_threshold",
     "saturation",
     "tissue_mask_from_rgb",
+    "tissue_saturation",
+    "background_color",
     "compute_tissue_mask",
     "grid_coordinates",
     "mask_level",
@@ -144,6 +146,39 @@ def ink(rgb: Any, sat: Any, xp: ModuleType = np) -> Any:
     return dark | ((g >= r + INK_GREEN_OVER_RED) & (g >= b) & (sat > INK_MIN_SATURATION))
 
 
+#: the glass's colour is the median colour of the pixels at or above this brightness percentile
+BACKGROUND_PERCENTILE = 90.0
+#: a "background" darker than this in any channel, or more saturated than BACKGROUND_MAX_SATURATION, is not glass
+#: (a slide cropped to its tissue): the saturation is then left unbalanced
+BACKGROUND_MIN_LEVEL = 150.0
+BACKGROUND_MAX_SATURATION = 0.2
+
+
+def background_color(rgb: Any, xp: ModuleType = np) -> Any | None:
+    """The glass's colour of a ``uint8`` RGB image ``[h, w, 3]`` (float32 ``[3]``): the median colour of its brightest
+    pixels (:data:`BACKGROUND_PERCENTILE`); ``None`` when that is too dark or too coloured to be glass."""
+    flat = rgb.reshape(-1, 3).astype(xp.float32)
+    bright = flat.mean(axis=1)
+    bg = xp.median(flat[bright >= xp.percentile(bright, BACKGROUND_PERCENTILE)], axis=0)
+    lo, hi = float(bg.min()), float(bg.max())
+    if lo < BACKGROUND_MIN_LEVEL or (hi - lo) / max(hi, 1.0) > BACKGROUND_MAX_SATURATION:
+        return None
+    return bg
+
+
+def tissue_saturation(rgb: Any, xp: ModuleType = np, balance_background: bool = True, exclude_ink: bool = True) -> Any:
+    """The saturation the tissue threshold is taken on: HSV saturation of a ``uint8`` RGB image ``[h, w, 3]`` after
+    dividing each channel by the glass's colour (:func:`background_color`), so tinted glass (yellowish, bluish or
+    pinkish scanners and mountants) reads as unsaturated and faint stain keeps its contrast; pen and marker ink set
+    to 0 (:func:`ink`). A neutral (grey or white) glass leaves the saturation as it is."""
+    sat = saturation(rgb, xp)
+    ink_pixels = ink(rgb, sat, xp) if exclude_ink else None
+    bg = background_color(rgb, xp) if balance_background else None
+    if bg is not None and float(bg.max() - bg.min()) > 0:
+        sat = saturation(rgb.astype(xp.float32) * (255.0 / bg), xp)
+    return sat if ink_pixels is None else xp.where(ink_pixels, xp.float32(0.0), sat)
+
+
 def otsu_threshold(
     values: Any, xp: ModuleType = np, bins: int = 256, value_range: tuple[float, float] = (0.0, 1.0)
 ) -> float:
@@ -169,9 +204,11 @@ def tissue_mask_from_rgb(
     fill_holes: bool = True,
     device: str | torch.device | None = "auto",
     exclude_ink: bool = True,
+    balance_background: bool = True,
+    adapt_floor: bool = True,
 ) -> tuple[np.ndarray, float]:
-    """Tissue mask of a low-resolution RGB image: HSV saturation above Otsu's threshold (at least
-    ``min_saturation``), pen and marker ink left out (:func:`ink`), cleaned.
+    """Tissue mask of a low-resolution RGB image: HSV saturation, balanced by the glass's colour, above Otsu's
+    threshold (at least ``min_saturation``), pen and marker ink left out (:func:`tissue_saturation`), cleaned.
 
     Args:
         rgb: ``uint8`` ``[h, w, 3]`` image (a low pyramid level or a thumbnail).
@@ -181,17 +218,30 @@ def tissue_mask_from_rgb(
         fill_holes: fill holes enclosed by tissue.
         device: ``"auto"``, ``"cpu"`` or a CUDA device (see :func:`array_backend`).
         exclude_ink: leave out near-black pixels and saturated ones greener than red (:func:`ink`).
+        balance_background: divide the colours by the glass's (:func:`background_color`) before the saturation.
+        adapt_floor: when the threshold sits at ``min_saturation`` and more pixels lie just under it (down to half
+            of it) than the mask keeps, take the threshold down to half of ``min_saturation``: faded H&E or a pale
+            counterstain, which the floor would mostly drop.
 
     Returns:
         ``(mask, threshold)``: a numpy boolean mask and the saturation threshold used.
     """
     xp, ndi, _ = array_backend(device)
     img = xp.asarray(rgb)
-    sat = saturation(img, xp)
-    if exclude_ink:
-        sat = xp.where(ink(img, sat, xp), xp.float32(0.0), sat)
-    thr = max(otsu_threshold(sat, xp), float(min_saturation))
-    mask = sat > thr
+    sat = tissue_saturation(img, xp, balance_background, exclude_ink)
+    otsu, floor = otsu_threshold(sat, xp), float(min_saturation)
+    thr = max(otsu, floor)
+    mask = _clean_mask(sat > thr, median_size, min_area_px, fill_holes, xp, ndi)
+    if adapt_floor and otsu < floor and int(((sat > 0.5 * floor) & (sat <= thr)).sum()) > int(mask.sum()):
+        thr = max(otsu, 0.5 * floor)
+        mask = _clean_mask(sat > thr, median_size, min_area_px, fill_holes, xp, ndi)
+    if xp is not np:
+        mask = xp.asnumpy(mask)
+    return np.asarray(mask, dtype=bool), thr
+
+
+def _clean_mask(mask: Any, median_size: int, min_area_px: int, fill_holes: bool, xp: ModuleType, ndi: Any) -> Any:
+    """A thresholded mask median-filtered, its holes filled and its specks under ``min_area_px`` removed."""
     if median_size and median_size > 1:
         mask = ndi.median_filter(mask.astype(xp.uint8), size=int(median_size)) > 0
     if fill_holes:
@@ -202,9 +252,7 @@ def tissue_mask_from_rgb(
         keep = sizes >= int(min_area_px)
         keep[0] = False
         mask = keep[labels]
-    if xp is not np:
-        mask = xp.asnumpy(mask)
-    return np.asarray(mask, dtype=bool), thr
+    return mask
 
 
 def mask_level(reader: SlideReader, mask_mpp: float = 8.0, fallback_downsample: float = 32.0) -> tuple[int, int]:
@@ -232,8 +280,9 @@ def compute_tissue_mask(
     min_saturation: float = 0.05,
     fill_holes: bool = True,
     device: str | torch.device | None = "auto",
+    balance_background: bool = True,
 ) -> TissueMaskResult:
-    """Tissue mask of a slide at low resolution.
+    """Tissue mask of a slide at low resolution (:func:`tissue_mask_from_rgb`).
 
     Args:
         reader: an open slide.
@@ -242,9 +291,11 @@ def compute_tissue_mask(
         median_size: median-filter side in mask pixels.
         min_area_um2: specks smaller than this area (square micrometres) are removed; without mpp the area is
             taken as mask pixels at 8 um/px.
-        min_saturation: lower bound of the Otsu threshold (blank slides give an empty mask).
+        min_saturation: lower bound of the Otsu threshold (blank slides give an empty mask); halved for a slide
+            whose faint colour outnumbers what it keeps (faded stain), with a warning.
         fill_holes: fill holes inside tissue.
         device: ``"auto"``, ``"cpu"`` or a CUDA device.
+        balance_background: take the saturation relative to the glass's colour (tinted glass is not tissue).
 
     Returns:
         :class:`TissueMaskResult`; an empty mask is returned (with a warning naming the slide) when no tissue is
@@ -266,11 +317,12 @@ def compute_tissue_mask(
         min_saturation=min_saturation,
         fill_holes=fill_holes,
         device=device,
+        balance_background=balance_background,
     )
     if not mask.any():
-        why = _why_no_tissue(img, thr, min_area_um2, px_um, median_size)
+        why = _why_no_tissue(img, thr, min_area_um2, px_um, median_size, balance_background)
         warnings.warn(EmptySlideWarning(f"slide '{reader.path}': {why}", why), stacklevel=2)
-    elif (doubt := _doubtful_mask(img, mask, thr, min_saturation)) is not None:
+    elif (doubt := _doubtful_mask(img, mask, thr, min_saturation, balance_background)) is not None:
         warnings.warn(f"slide '{reader.path}': {doubt}", TissueMaskWarning, stacklevel=2)
     return TissueMaskResult(mask=mask, downsample=float(downsample), threshold=thr)
 
@@ -296,33 +348,51 @@ class EmptySlideWarning(UserWarning):
 MAX_PLAUSIBLE_COVER = 0.9
 
 
-def _doubtful_mask(img: np.ndarray, mask: np.ndarray, thr: float, min_saturation: float) -> str | None:
+def _doubtful_mask(
+    img: np.ndarray, mask: np.ndarray, thr: float, min_saturation: float, balance_background: bool = True
+) -> str | None:
     """Why a non-empty mask may be wrong, or ``None``: it covers nearly the whole slide (tinted or stained glass
-    taken as tissue), or the threshold sits at ``min_saturation`` with more faint pixels just under it than tissue
-    above it (faded H&E or a pale IHC counterstain, mostly dropped)."""
+    taken as tissue), its threshold was lowered under ``min_saturation`` for faint colour (faded H&E or a pale
+    counterstain: glass or debris may be in it), or the threshold sits at its floor with more faint pixels just
+    under it than tissue above it (faint tissue mostly dropped)."""
     cover = float(mask.mean())
+    check = "Check its tiling QC picture (coords/qc/)"
     if cover > MAX_PLAUSIBLE_COVER:
         return (
             f"the tissue mask covers {cover:.0%} of the slide: tinted glass taken as tissue, or a slide cropped to "
-            "its tissue? Check its tiling QC picture (coords/qc/); raise the tiling's min_saturation if the glass is "
-            "tiled."
+            f"its tissue? {check}; raise the tiling's min_saturation if the glass is tiled."
+        )
+    if thr < min_saturation - 1e-6:
+        return (
+            f"faint colour only: the saturation threshold was lowered from min_saturation {min_saturation:.3f} to "
+            f"{thr:.3f} (faded H&E or a pale counterstain?). {check}; raise the tiling's min_saturation if glass, "
+            "mountant or debris is tiled."
         )
     if thr <= min_saturation + 1e-6:
-        sat = saturation(np.asarray(img))
+        sat = tissue_saturation(np.asarray(img), np, balance_background)
         faint = int(((sat > 0.5 * min_saturation) & (sat <= thr)).sum())
         if faint > int(mask.sum()):
             return (
                 f"{faint} pixels of faint colour (saturation {0.5 * min_saturation:.3f}-{thr:.3f}) lie just under "
                 f"the threshold, more than the {int(mask.sum())} tissue pixels kept: faded H&E or a pale counterstain "
-                "is mostly dropped. Check its tiling QC picture (coords/qc/); lower the tiling's min_saturation (e.g. "
-                "0.02) if tissue is missing."
+                f"is mostly dropped. {check}; lower the tiling's min_saturation (e.g. 0.02) if tissue is missing."
             )
     return None
 
 
-def _why_no_tissue(img: np.ndarray, thr: float, min_area_um2: float, px_um: float, median_size: int) -> str:
+def _why_no_tissue(
+    img: np.ndarray, thr: float, min_area_um2: float, px_um: float, median_size: int, balance_background: bool = True
+) -> str:
     """Why a mask came out empty: nothing above the threshold, or only pieces smaller than ``min_area_um2``."""
-    specks, _ = tissue_mask_from_rgb(img, median_size=median_size, min_area_px=1, min_saturation=thr, device="cpu")
+    specks, _ = tissue_mask_from_rgb(
+        img,
+        median_size=median_size,
+        min_area_px=1,
+        min_saturation=thr,
+        device="cpu",
+        balance_background=balance_background,
+        adapt_floor=False,
+    )
     if not specks.any():
         return f"no tissue found (saturation never exceeds {thr:.3f})."
     area = float(specks.sum()) * px_um * px_um

@@ -50,9 +50,12 @@ class TissueMask(Transform):
         level: read this level instead (overrides ``mask_mpp``).
         median_size: median-filter side in mask pixels.
         min_area_um2: remove tissue specks smaller than this (um^2).
-        min_saturation: lower bound of the Otsu threshold; blank slides give an empty mask.
+        min_saturation: lower bound of the Otsu threshold; blank slides give an empty mask. Halved, with a
+            warning, for a slide whose faint colour outnumbers what it keeps (faded H&E, a pale counterstain).
         fill_holes: fill holes inside tissue.
         device: ``"auto"``, ``"cpu"`` or a CUDA device.
+        balance_background: take the saturation relative to the glass's colour, so that tinted glass (yellowish,
+            bluish or pinkish scanners) is not tissue (:func:`~monai_icmil.data.tiling.tissue_saturation`).
         backend: slide backend used when given a path (``"auto"``, ``"cucim"``, ``"openslide"``, ``"tifffile"``,
             ``"image"``).
 
@@ -75,6 +78,7 @@ class TissueMask(Transform):
         fill_holes: bool = True,
         device: str | torch.device | None = "auto",
         backend: str = "auto",
+        balance_background: bool = True,
     ) -> None:
         self.kwargs = {
             "mask_mpp": mask_mpp,
@@ -85,6 +89,8 @@ class TissueMask(Transform):
             "fill_holes": fill_holes,
             "device": device,
         }
+        if not balance_background:  # the default stays out of the tiling signature: stores made before it stay current
+            self.kwargs["balance_background"] = False
         self.slide_backend = backend
 
     def __call__(self, slide: SlideLike, slide_mpp: float | None = None) -> TissueMaskResult:
