@@ -235,8 +235,7 @@ def _write_guarded(run: SimpleNamespace, writer: Any, method: str, arg: Any, sli
         getattr(writer, method)(arg)
     except Exception as e:
         if method == "write":  # an earlier run's picture of this slide must not pass for this run's
-            for stale in getattr(writer, "outputs", lambda _: [])(arg):
-                Path(stale).unlink(missing_ok=True)
+            _remove_outputs(writer, arg)
         name, reason = type(writer).__name__, f"{type(e).__name__}: {e}"
         run.report.mark_output_failed(slide_id, path, name, reason)
         where = f"slide '{path}'" if method == "write" else f"'{path}' ({method})"
@@ -245,6 +244,17 @@ def _write_guarded(run: SimpleNamespace, writer: Any, method: str, arg: Any, sli
             f"'{run.report.path}')",
             stacklevel=4,
         )
+
+
+def _remove_outputs(writer: Any, pred: Any) -> None:
+    """Remove the files a failed writer names for this slide (``outputs``, when it has that method); a file that
+    cannot be removed is warned about, never raised."""
+    outputs = getattr(writer, "outputs", None)
+    try:
+        for stale in outputs(pred) if callable(outputs) else ():
+            Path(stale).unlink(missing_ok=True)
+    except Exception as e:
+        warnings.warn(f"{type(writer).__name__}: an earlier output could not be removed ({type(e).__name__}: {e})")
 
 
 def _none_scored(report: RunReport, items: list[dict[str, Any]]) -> NoSlideScored:

@@ -644,6 +644,11 @@ def test_bag_dimensions_are_checked_from_the_file_headers_without_loading_a_bag(
     check_bag_dims(ds, 256)
     with pytest.raises(ValueError, match=rf"slide '{items[0]['slide_id']}' has 256-d features .* expects 512-d"):
         check_bag_dims(ds, 512)
+    monkeypatch.undo()
+    sid = items[0]["slide_id"]
+    store.save(sid, {"features": np.zeros((3, 64), np.float32), "coords": np.zeros((3, 2), np.int64)}, {"k": 2})
+    with pytest.raises(FileNotFoundError, match=f"features of slide '{sid}' changed on disk"):
+        check_bag_dims(ds, 256)  # a file replaced after the dataset was made: as reading its bag would say
 
 
 def test_two_ranks_under_torchrun_write_each_slide_once_and_match_one_process(synthetic_dataset, tmp_path, monkeypatch):

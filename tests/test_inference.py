@@ -88,6 +88,30 @@ def test_a_writer_failing_on_one_slide_keeps_every_probability_and_the_other_out
     assert set(report["outputs_failed"]) == {"s0"}
 
 
+def test_a_failing_writer_whose_outputs_cannot_be_named_or_removed_costs_no_slide(tmp_path, monkeypatch):
+    """A user writer with a list (not a method) called ``outputs``, or files that cannot be removed: warned, not raised;
+    and a slide without a ground-truth mask (any more) keeps no earlier run's comparison picture."""
+    from monai_icmil.handlers.writers import GroundTruthWriter
+    from monai_icmil.inference import _remove_outputs
+
+    class Listing(SlideWriter):
+        outputs = ["a.jpg"]
+
+        def write(self, pred):
+            raise OSError("disk full")
+
+    pred = SimpleNamespace(output_dir=tmp_path, slide_id="s", tumour_mask=None)
+    _remove_outputs(Listing(), pred)  # not callable: nothing removed, nothing raised
+    (tmp_path / "s_heatmap.jpg").write_text("earlier")
+    monkeypatch.setattr(HeatmapWriter, "outputs", lambda self, pred: [pred.output_dir / "s_heatmap.jpg", 1.5])
+    with pytest.warns(UserWarning, match="HeatmapWriter: an earlier output could not be removed"):
+        _remove_outputs(HeatmapWriter(), pred)
+    assert not (tmp_path / "s_heatmap.jpg").exists()
+    (tmp_path / "s_vs_truth.jpg").write_text("earlier")
+    GroundTruthWriter().write(pred)
+    assert not (tmp_path / "s_vs_truth.jpg").exists()
+
+
 class LosesOne(Embed):
     """Embeds every slide, then a slide's feature file goes missing (a cleaned disk, a failed copy)."""
 

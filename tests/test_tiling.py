@@ -459,6 +459,9 @@ def test_tinted_glass_is_not_tissue_and_tissue_on_it_is_found_as_on_white_glass(
         unbalanced, _ = tissue_mask_from_rgb(blank, device="cpu", balance_background=False)
         assert unbalanced.mean() > 0.1, glass  # the glass taken as tissue before
         assert not tissue_mask_from_rgb(blank, device="cpu")[0].any(), glass
+        blank[:, :40] = 255  # a quarter of white fill outside the scanned area: still white, still not the glass
+        mask, thr = tissue_mask_from_rgb(blank, device="cpu")
+        assert not mask.any() and thr == 0.05, glass  # noise under the floor does not lower it on a blank slide
         slide = blank.copy()
         slide[tissue] = np.clip(
             np.array([200, 120, 185]) * np.array(glass) / 255 + rng.normal(0, 6, (tissue.sum(), 3)), 0, 255
@@ -521,5 +524,12 @@ def test_background_balancing_stays_out_of_the_tiling_signature_unless_turned_of
     from monai_icmil.transforms import TissueMask
     from monai_icmil.utils import component_signature
 
-    assert "balance_background" not in TissueMask().kwargs
-    assert component_signature(TissueMask()) != component_signature(TissueMask(balance_background=False))
+    from monai_icmil.data.tiling import TilingConfig
+
+    for name in ("balance_background", "adapt_floor"):
+        assert name not in TissueMask().kwargs and name not in TilingConfig().params()
+        assert component_signature(TissueMask()) != component_signature(TissueMask(**{name: False}))
+        off = TilingConfig(**{name: False})
+        assert (
+            off.params()[name] is False and off.transforms(device="cpu").transforms[0].transform.kwargs[name] is False
+        )

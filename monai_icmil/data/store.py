@@ -288,6 +288,10 @@ class BagDataset(Dataset, Randomizable):
         """``{slide_id: feature dimension}`` of every bag, read from the store files' headers (no bag is loaded)."""
         dims = {}
         for item in self.items:
+            if not self.store.is_current(item["slide_id"], item["key"]):
+                raise FileNotFoundError(
+                    f"features of slide '{item['slide_id']}' changed on disk since the dataset was made"
+                )
             stored = stored_array(self.store.path(item["slide_id"]))
             if stored is None:
                 raise FileNotFoundError(f"the feature file of slide '{item['slide_id']}' holds no features")

@@ -156,8 +156,12 @@ BACKGROUND_MAX_SATURATION = 0.2
 
 def background_color(rgb: Any, xp: ModuleType = np) -> Any | None:
     """The glass's colour of a ``uint8`` RGB image ``[h, w, 3]`` (float32 ``[3]``): the median colour of its brightest
-    pixels (:data:`BACKGROUND_PERCENTILE`); ``None`` when that is too dark or too coloured to be glass."""
-    flat = rgb.reshape(-1, 3).astype(xp.float32)
+    pixels (:data:`BACKGROUND_PERCENTILE`), pure white left out (the readers' fill outside the scanned area);
+    ``None`` when that is too dark or too coloured to be glass."""
+    flat = rgb.reshape(-1, 3)
+    flat = flat[flat.min(axis=1) < 255].astype(xp.float32)
+    if flat.shape[0] == 0:
+        return None
     bright = flat.mean(axis=1)
     bg = xp.median(flat[bright >= xp.percentile(bright, BACKGROUND_PERCENTILE)], axis=0)
     lo, hi = float(bg.min()), float(bg.max())
@@ -175,7 +179,8 @@ def tissue_saturation(rgb: Any, xp: ModuleType = np, balance_background: bool = 
     ink_pixels = ink(rgb, sat, xp) if exclude_ink else None
     bg = background_color(rgb, xp) if balance_background else None
     if bg is not None and float(bg.max() - bg.min()) > 0:
-        sat = saturation(rgb.astype(xp.float32) * (255.0 / bg), xp)
+        # capped at white: the readers' white fill outside the scanned area must stay white, not turn coloured
+        sat = saturation(xp.minimum(rgb.astype(xp.float32) * (255.0 / bg), 255.0), xp)
     return sat if ink_pixels is None else xp.where(ink_pixels, xp.float32(0.0), sat)
 
 
@@ -220,8 +225,9 @@ def tissue_mask_from_rgb(
         exclude_ink: leave out near-black pixels and saturated ones greener than red (:func:`ink`).
         balance_background: divide the colours by the glass's (:func:`background_color`) before the saturation.
         adapt_floor: when the threshold sits at ``min_saturation`` and more pixels lie just under it (down to half
-            of it) than the mask keeps, take the threshold down to half of ``min_saturation``: faded H&E or a pale
-            counterstain, which the floor would mostly drop.
+            of it) than the mask keeps, take the threshold down to half of ``min_saturation`` if that finds tissue
+            (pieces of ``min_area_px`` or more): faded H&E or a pale counterstain, which the floor would mostly drop.
+            A faint smear of mountant on the glass looks the same; the caller warns (:func:`compute_tissue_mask`).
 
     Returns:
         ``(mask, threshold)``: a numpy boolean mask and the saturation threshold used.
@@ -233,8 +239,10 @@ def tissue_mask_from_rgb(
     thr = max(otsu, floor)
     mask = _clean_mask(sat > thr, median_size, min_area_px, fill_holes, xp, ndi)
     if adapt_floor and otsu < floor and int(((sat > 0.5 * floor) & (sat <= thr)).sum()) > int(mask.sum()):
-        thr = max(otsu, 0.5 * floor)
-        mask = _clean_mask(sat > thr, median_size, min_area_px, fill_holes, xp, ndi)
+        lowered = max(otsu, 0.5 * floor)
+        faint = _clean_mask(sat > lowered, median_size, min_area_px, fill_holes, xp, ndi)
+        if bool(faint.any()):  # faint tissue, not noise: a blank slide keeps its floor (and its report says so)
+            mask, thr = faint, lowered
     if xp is not np:
         mask = xp.asnumpy(mask)
     return np.asarray(mask, dtype=bool), thr
@@ -281,6 +289,7 @@ def compute_tissue_mask(
     fill_holes: bool = True,
     device: str | torch.device | None = "auto",
     balance_background: bool = True,
+    adapt_floor: bool = True,
 ) -> TissueMaskResult:
     """Tissue mask of a slide at low resolution (:func:`tissue_mask_from_rgb`).
 
@@ -296,6 +305,7 @@ def compute_tissue_mask(
         fill_holes: fill holes inside tissue.
         device: ``"auto"``, ``"cpu"`` or a CUDA device.
         balance_background: take the saturation relative to the glass's colour (tinted glass is not tissue).
+        adapt_floor: halve ``min_saturation`` where faint colour outnumbers the mask (:func:`tissue_mask_from_rgb`).
 
     Returns:
         :class:`TissueMaskResult`; an empty mask is returned (with a warning naming the slide) when no tissue is
@@ -318,6 +328,7 @@ def compute_tissue_mask(
         fill_holes=fill_holes,
         device=device,
         balance_background=balance_background,
+        adapt_floor=adapt_floor,
     )
     if not mask.any():
         why = _why_no_tissue(img, thr, min_area_um2, px_um, median_size, balance_background)
@@ -542,6 +553,10 @@ def _patch_tissue_fraction(mask: np.ndarray, mask_ds: float, coords: np.ndarray,
     return (total / ((x1 - x0) * (y1 - y0))).astype(np.float32)
 
 
+#: tissue-detector options that are on by default and enter a tiling's signature only when turned off
+_DETECTOR_OPTIONS = ("balance_background", "adapt_floor")
+
+
 @dataclass
 class TilingConfig:
     """How slides are cut into patches (the same for every slide of an experiment), as one dictionary transform.
@@ -560,6 +575,12 @@ class TilingConfig:
         min_saturation: lower bound of the tissue threshold.
         min_area_um2: tissue specks smaller than this are dropped.
         backend: slide backend.
+        balance_background: tissue saturation relative to the glass's colour (:func:`tissue_saturation`).
+        adapt_floor: halve ``min_saturation`` for a slide whose faint colour outnumbers its mask
+            (:func:`tissue_mask_from_rgb`).
+
+    The last two are in :meth:`params` (the stores' keys) only when turned off, so stores made before they existed
+    stay current.
     """
 
     patch_size: int = 224
@@ -571,10 +592,12 @@ class TilingConfig:
     min_saturation: float = 0.05
     min_area_um2: float = 20_000.0
     backend: str = "auto"
+    balance_background: bool = True
+    adapt_floor: bool = True
 
     def params(self) -> dict[str, Any]:
-        """The tiling parameters as a plain dict."""
-        return asdict(self)
+        """The tiling parameters as a plain dict (the detector's options only when turned off)."""
+        return {k: v for k, v in asdict(self).items() if k not in _DETECTOR_OPTIONS or v is not True}
 
     def _mask_args(self) -> dict[str, Any]:
         return {
@@ -582,6 +605,7 @@ class TilingConfig:
             "min_area_um2": self.min_area_um2,
             "min_saturation": self.min_saturation,
             "backend": self.backend,
+            **{k: False for k in _DETECTOR_OPTIONS if getattr(self, k) is not True},
         }
 
     def _grid_args(self) -> dict[str, Any]:

@@ -290,7 +290,8 @@ class GroundTruthWriter(SlideWriter):
         from monai_icmil.data.annotations import GroundTruth
         from monai_icmil.visualize import prediction_vs_truth, save_prediction_vs_truth
 
-        if pred.tumour_mask is None:
+        if pred.tumour_mask is None:  # no truth for this slide (any more): no picture, not an earlier run's
+            self.outputs(pred)[0].unlink(missing_ok=True)
             return
         truth = GroundTruth(pred.tumour_mask, pred.reader.dimensions)
         thumb, thumb_ds = pred.thumbnail()

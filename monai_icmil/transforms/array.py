@@ -56,6 +56,12 @@ class TissueMask(Transform):
         device: ``"auto"``, ``"cpu"`` or a CUDA device.
         balance_background: take the saturation relative to the glass's colour, so that tinted glass (yellowish,
             bluish or pinkish scanners) is not tissue (:func:`~monai_icmil.data.tiling.tissue_saturation`).
+        adapt_floor: halve ``min_saturation`` for a slide whose faint colour outnumbers its mask, when that finds
+            tissue (:func:`~monai_icmil.data.tiling.tissue_mask_from_rgb`).
+
+    ``balance_background`` and ``adapt_floor`` enter the transform's signature (the stores' keys) only when turned
+    off, so coordinates tiled before they existed stay current; delete ``coords/`` and ``features/`` to tile those
+    slides again with them.
         backend: slide backend used when given a path (``"auto"``, ``"cucim"``, ``"openslide"``, ``"tifffile"``,
             ``"image"``).
 
@@ -79,6 +85,7 @@ class TissueMask(Transform):
         device: str | torch.device | None = "auto",
         backend: str = "auto",
         balance_background: bool = True,
+        adapt_floor: bool = True,
     ) -> None:
         self.kwargs = {
             "mask_mpp": mask_mpp,
@@ -89,8 +96,9 @@ class TissueMask(Transform):
             "fill_holes": fill_holes,
             "device": device,
         }
-        if not balance_background:  # the default stays out of the tiling signature: stores made before it stay current
-            self.kwargs["balance_background"] = False
+        for name, on in (("balance_background", balance_background), ("adapt_floor", adapt_floor)):
+            if not on:  # the default stays out of the tiling signature: stores made before it stay current
+                self.kwargs[name] = False
         self.slide_backend = backend
 
     def __call__(self, slide: SlideLike, slide_mpp: float | None = None) -> TissueMaskResult:
