@@ -468,6 +468,13 @@ def test_tinted_glass_is_not_tissue_and_tissue_on_it_is_found_as_on_white_glass(
         )
         mask, _ = tissue_mask_from_rgb(slide, min_area_px=4, device="cpu")
         assert (mask & tissue).sum() > 0.97 * tissue.sum() and (mask & ~tissue).sum() < 0.03 * tissue.sum(), glass
+    grey_fill = np.clip(np.array((245, 240, 212)) + rng.normal(0, 2, (h, w, 3)), 0, 255).astype(np.uint8)
+    grey_fill[:, :50] = 200  # grey outside the scanned area (or a darker corner): balancing must not colour it
+    assert not tissue_mask_from_rgb(grey_fill, device="cpu")[0].any()
+    dense = np.clip(np.array((236, 214, 230)) + rng.normal(0, 3, (h, w, 1)), 0, 255).astype(np.uint8)  # pale stain
+    dense[tissue] = (200, 120, 185)
+    dense[:, :5] = (250, 246, 232)  # 3 % of tinted glass: the brightest tenth is mostly pale stain
+    assert background_color(dense) is None  # pale stain is not taken for the glass: the slide is left unbalanced
     white = np.clip(242 + rng.normal(0, 2, (h, w, 1)), 0, 255).repeat(3, axis=2).astype(np.uint8)  # grey noise
     white[tissue] = np.clip(np.array([200, 120, 185]) + rng.normal(0, 8, (tissue.sum(), 3)), 0, 255)
     for a, b in zip(
@@ -484,11 +491,13 @@ def test_faded_tissue_is_kept_at_half_the_floor_with_a_warning_and_a_slide_witho
 
     from monai_icmil.data.tiling import _doubtful_mask, background_color, tissue_mask_from_rgb
 
+    rng = np.random.default_rng(0)
     h, w = 120, 160
     yy, xx = np.mgrid[:h, :w]
     faded = np.full((h, w, 3), 244, np.uint8)
     tissue = ((yy - 60) / 40.0) ** 2 + ((xx - 80) / 55.0) ** 2 < 1
-    faded[tissue] = (240, 232, 238)  # saturation 0.033: under the 0.05 floor
+    texture = rng.normal(0, 3, (tissue.sum(), 1))  # nuclei and stroma: brightness varies from pixel to pixel
+    faded[tissue] = np.clip(np.array([240, 232, 238]) + texture, 0, 255)  # saturation ~0.033: under the 0.05 floor
     faded[55:65, 75:85] = (230, 200, 225)  # a darker spot above it
     mask, thr = tissue_mask_from_rgb(faded, min_area_px=4, device="cpu")
     assert thr == pytest.approx(0.025) and (mask & tissue).sum() > 0.97 * tissue.sum() and not (mask & ~tissue).any()
@@ -496,6 +505,10 @@ def test_faded_tissue_is_kept_at_half_the_floor_with_a_warning_and_a_slide_witho
     kept, thr = tissue_mask_from_rgb(faded, min_area_px=4, device="cpu", adapt_floor=False)  # as before: the spot
     assert thr == 0.05 and 0 < kept.sum() < 0.2 * tissue.sum()
     assert "faded H&E or a pale counterstain is mostly dropped" in _doubtful_mask(faded, kept, thr, 0.05)
+    smear = faded.copy()
+    smear[tissue] = (240, 232, 238)  # the same faint colour, smooth: mountant or haze, not tissue
+    mask, thr = tissue_mask_from_rgb(smear, min_area_px=4, device="cpu")
+    assert thr == 0.05 and mask.sum() < 0.2 * tissue.sum()
     cropped = np.full((h, w, 3), (200, 120, 185), np.uint8)
     cropped[tissue] = (150, 60, 140)
     assert background_color(cropped) is None  # its brightest pixels are stain, not glass: left unbalanced

@@ -146,42 +146,74 @@ def ink(rgb: Any, sat: Any, xp: ModuleType = np) -> Any:
     return dark | ((g >= r + INK_GREEN_OVER_RED) & (g >= b) & (sat > INK_MIN_SATURATION))
 
 
-#: the glass's colour is the median colour of the pixels at or above this brightness percentile
+#: the glass is looked for among the pixels at or above this brightness percentile
 BACKGROUND_PERCENTILE = 90.0
-#: a "background" darker than this in any channel, or more saturated than BACKGROUND_MAX_SATURATION, is not glass
-#: (a slide cropped to its tissue): the saturation is then left unbalanced
+#: a "glass" darker than this in any channel, or more saturated than BACKGROUND_MAX_SATURATION, is not glass
 BACKGROUND_MIN_LEVEL = 150.0
 BACKGROUND_MAX_SATURATION = 0.2
+#: glass less saturated than this is neutral (white or grey): left unbalanced, as the stain's own saturation is then
+#: the better measure (dividing by a near-white cast only shifts faint stain by about as much)
+BACKGROUND_NEUTRAL_SATURATION = 0.02
+#: grey levels within which a pixel has the glass's colour, and by which a pixel is brighter than it
+GLASS_TOLERANCE = 8.0
+#: the glass is the brightest thing on a slide: a candidate with more pixels brighter than it than this is stain
+#: (a slide nearly covered with tissue, whose brightest tenth is pale stain)
+MAX_BRIGHTER_THAN_GLASS = 0.015
+#: and a common colour: at least this share of the pixels within GLASS_TOLERANCE of it
+MIN_GLASS_SHARE = 0.01
 
 
 def background_color(rgb: Any, xp: ModuleType = np) -> Any | None:
-    """The glass's colour of a ``uint8`` RGB image ``[h, w, 3]`` (float32 ``[3]``): the median colour of its brightest
-    pixels (:data:`BACKGROUND_PERCENTILE`), pure white left out (the readers' fill outside the scanned area);
-    ``None`` when that is too dark or too coloured to be glass."""
+    """The colour of a slide's glass (float32 ``[3]``) from a ``uint8`` RGB image ``[h, w, 3]``, when it is tinted;
+    ``None`` for neutral glass and where no glass is found.
+
+    The glass is the commonest colour (in 8-level bins, refined by the median of the colours near it) among the
+    brightest tenth of the pixels, pure white left out (the readers' fill outside the scanned area). It is refused
+    when more than :data:`MAX_BRIGHTER_THAN_GLASS` of the pixels are brighter (it is then pale stain), when fewer
+    than :data:`MIN_GLASS_SHARE` have its colour, when it is darker than :data:`BACKGROUND_MIN_LEVEL` or more
+    saturated than :data:`BACKGROUND_MAX_SATURATION`, and when it is neutral
+    (:data:`BACKGROUND_NEUTRAL_SATURATION`)."""
     flat = rgb.reshape(-1, 3)
     flat = flat[flat.min(axis=1) < 255].astype(xp.float32)
     if flat.shape[0] == 0:
         return None
     bright = flat.mean(axis=1)
-    bg = xp.median(flat[bright >= xp.percentile(bright, BACKGROUND_PERCENTILE)], axis=0)
+    top = flat[bright >= xp.percentile(bright, BACKGROUND_PERCENTILE)]
+    bins = (top // GLASS_TOLERANCE).astype(xp.int64)
+    mode = int(xp.argmax(xp.bincount(bins[:, 0] * 1024 + bins[:, 1] * 32 + bins[:, 2], minlength=32768)))
+    centre = (xp.asarray([mode // 1024, (mode // 32) % 32, mode % 32], xp.float32) + 0.5) * GLASS_TOLERANCE
+    bg = xp.median(top[xp.abs(top - centre).max(axis=1) <= GLASS_TOLERANCE], axis=0)
+    brighter = float((bright > float(bg.mean()) + GLASS_TOLERANCE).mean())
+    share = float((xp.abs(flat - bg).max(axis=1) <= GLASS_TOLERANCE).mean())
     lo, hi = float(bg.min()), float(bg.max())
-    if lo < BACKGROUND_MIN_LEVEL or (hi - lo) / max(hi, 1.0) > BACKGROUND_MAX_SATURATION:
+    cast = (hi - lo) / max(hi, 1.0)
+    if brighter > MAX_BRIGHTER_THAN_GLASS or share < MIN_GLASS_SHARE or lo < BACKGROUND_MIN_LEVEL:
         return None
-    return bg
+    return bg if BACKGROUND_NEUTRAL_SATURATION <= cast <= BACKGROUND_MAX_SATURATION else None
 
 
 def tissue_saturation(rgb: Any, xp: ModuleType = np, balance_background: bool = True, exclude_ink: bool = True) -> Any:
-    """The saturation the tissue threshold is taken on: HSV saturation of a ``uint8`` RGB image ``[h, w, 3]`` after
-    dividing each channel by the glass's colour (:func:`background_color`), so tinted glass (yellowish, bluish or
-    pinkish scanners and mountants) reads as unsaturated and faint stain keeps its contrast; pen and marker ink set
-    to 0 (:func:`ink`). A neutral (grey or white) glass leaves the saturation as it is."""
+    """The saturation the tissue threshold is taken on: the HSV saturation of a ``uint8`` RGB image ``[h, w, 3]``,
+    on tinted glass (:func:`background_color`: yellowish, bluish or pinkish scanners and mountants) the lower of it
+    and the saturation after dividing each channel by the glass's colour, so the glass reads as unsaturated and faint
+    stain keeps its contrast, while areas lit or filled otherwise (grey fill, vignetted corners) gain no colour; pen
+    and marker ink set to 0 (:func:`ink`). Neutral glass leaves the saturation as it is."""
     sat = saturation(rgb, xp)
     ink_pixels = ink(rgb, sat, xp) if exclude_ink else None
     bg = background_color(rgb, xp) if balance_background else None
-    if bg is not None and float(bg.max() - bg.min()) > 0:
-        # capped at white: the readers' white fill outside the scanned area must stay white, not turn coloured
-        sat = saturation(xp.minimum(rgb.astype(xp.float32) * (255.0 / bg), 255.0), xp)
+    if bg is not None:  # capped at white: the readers' white fill outside the scanned area stays white
+        sat = xp.minimum(sat, saturation(xp.minimum(rgb.astype(xp.float32) * (255.0 / bg), 255.0), xp))
     return sat if ink_pixels is None else xp.where(ink_pixels, xp.float32(0.0), sat)
+
+
+def _mostly_textured(rgb: Any, faint: Any, glass: Any, xp: ModuleType, ndi: Any) -> bool:
+    """Whether at least half of the ``faint`` pixels are textured (their 5x5 brightness s.d. more than twice the
+    glass's): faded tissue is, a smooth smear of mountant, haze or a colour cast in a corner is not."""
+    bright = rgb.astype(xp.float32).mean(axis=-1)
+    mean, mean_sq = ndi.uniform_filter(bright, 5), ndi.uniform_filter(bright * bright, 5)
+    sd = xp.sqrt(xp.maximum(mean_sq - mean * mean, 0.0))
+    noise = float(xp.median(sd[glass])) if bool(glass.any()) else float(xp.median(sd))
+    return int((faint & (sd > 2.0 * max(noise, 0.5))).sum()) * 2 >= int(faint.sum())
 
 
 def otsu_threshold(
@@ -224,10 +256,11 @@ def tissue_mask_from_rgb(
         device: ``"auto"``, ``"cpu"`` or a CUDA device (see :func:`array_backend`).
         exclude_ink: leave out near-black pixels and saturated ones greener than red (:func:`ink`).
         balance_background: divide the colours by the glass's (:func:`background_color`) before the saturation.
-        adapt_floor: when the threshold sits at ``min_saturation`` and more pixels lie just under it (down to half
-            of it) than the mask keeps, take the threshold down to half of ``min_saturation`` if that finds tissue
-            (pieces of ``min_area_px`` or more): faded H&E or a pale counterstain, which the floor would mostly drop.
-            A faint smear of mountant on the glass looks the same; the caller warns (:func:`compute_tissue_mask`).
+        adapt_floor: when the threshold sits at ``min_saturation``, more pixels lie just under it (down to half of
+            it) than the mask keeps and most of them are textured like tissue, take the threshold down to half of
+            ``min_saturation`` if that finds tissue (pieces of ``min_area_px`` or more): faded H&E or a pale
+            counterstain, which the floor would mostly drop (a smooth smear of mountant is not textured). The caller
+            warns (:func:`compute_tissue_mask`).
 
     Returns:
         ``(mask, threshold)``: a numpy boolean mask and the saturation threshold used.
@@ -238,7 +271,13 @@ def tissue_mask_from_rgb(
     otsu, floor = otsu_threshold(sat, xp), float(min_saturation)
     thr = max(otsu, floor)
     mask = _clean_mask(sat > thr, median_size, min_area_px, fill_holes, xp, ndi)
-    if adapt_floor and otsu < floor and int(((sat > 0.5 * floor) & (sat <= thr)).sum()) > int(mask.sum()):
+    faint = (sat > 0.5 * floor) & (sat <= thr)
+    if (
+        adapt_floor
+        and otsu < floor
+        and int(faint.sum()) > int(mask.sum())
+        and _mostly_textured(img, faint, (sat <= 0.5 * floor) & ~mask, xp, ndi)
+    ):
         lowered = max(otsu, 0.5 * floor)
         faint = _clean_mask(sat > lowered, median_size, min_area_px, fill_holes, xp, ndi)
         if bool(faint.any()):  # faint tissue, not noise: a blank slide keeps its floor (and its report says so)
