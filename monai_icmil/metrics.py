@@ -23,6 +23,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
 __all__ = [
+    "positive_rank",
     "threshold_metrics",
     "binary_auc",
     "auc_confidence_interval",
@@ -70,6 +71,13 @@ def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
         return float("nan")
     r = _ranks(scores)
     return float((r[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def positive_rank(probs: Sequence[float]) -> tuple[float, float]:
+    """A sort key ranking slides by their positive-class (last) probability, ties broken by the other classes'
+    total: several confident slides all read 1.0 in float32, while the others' probabilities (1e-9, 1e-11) still
+    tell them apart."""
+    return float(probs[-1]), -float(sum(probs[:-1]))
 
 
 def auc_confidence_interval(scores: np.ndarray, labels: np.ndarray, level: float = 0.95) -> tuple[float, float]:

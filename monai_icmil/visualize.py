@@ -144,7 +144,7 @@ def _save_picture(path: str | os.PathLike, picture: np.ndarray, caption: str = "
     canvas = Image.new("RGB", (picture.shape[1], picture.shape[0] + band), "white")
     canvas.paste(Image.fromarray(picture), (0, band))
     if caption:
-        ImageDraw.Draw(canvas).text((4, 3), caption, fill="black")
+        ImageDraw.Draw(canvas).text((4, 2), caption, fill="black", font=_font(13))  # readable at full size
     path = Path(path)
     with atomic_path(path) as tmp:  # the caption's height goes along, so a contact sheet can cut it off
         if path.suffix.lower() in (".jpg", ".jpeg"):
@@ -406,7 +406,7 @@ def save_roc_curve(path: str | os.PathLike, probs: np.ndarray, labels: np.ndarra
             label = f"class {c}: AUC {auc:.3f}"
         else:
             lo, hi = auc_confidence_interval(probs[:, c], labels == c)
-            label = f"AUC {auc:.3f} (95 % CI {lo:.2f}-{hi:.2f})"
+            label = f"AUC {auc:.3f} ({ci_text(lo, hi)})"
         ax.plot(fpr, tpr, lw=2, label=label)
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     ax.set_xlabel("false positive rate")
@@ -529,20 +529,29 @@ def heatmap_panels(
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((pad, 4), title, fill="black", font=font)
-    colours = _colour_lut(cmap)[np.linspace(255, 0, h).round().astype(int)]  # top: 1, bottom: 0
-    strip = np.repeat(np.clip(colours + 0.5, 0, 255).astype(np.uint8)[:, None], bar, axis=1)
     x, top = pad, title_band + name_band
     for (name, picture, scored), width in zip(panels, widths):
         draw.text((x, title_band + 3), name, fill="black", font=font)
         canvas.paste(Image.fromarray(picture), (x, top))
         if scored:
-            bx = x + w + pad // 2
-            canvas.paste(Image.fromarray(strip), (bx, top))
-            draw.rectangle((bx, top, bx + bar - 1, top + h - 1), outline="black")
-            for value, y in ((1.0, top), (0.5, top + h // 2 - 6), (0.0, top + h - 13)):
-                draw.text((bx + bar + 3, y), f"{value:g}", fill="black", font=small)
+            _draw_colour_bar(canvas, (x + w + pad // 2, top), h, cmap, bar, small)
         x += width + pad
     return np.asarray(canvas)
+
+
+def _draw_colour_bar(canvas: Any, origin: tuple[int, int], height: int, cmap: str, bar: int, font: Any) -> None:
+    """A vertical colour bar of ``cmap`` (top: 1, bottom: 0), ``bar`` px wide and outlined, labelled 1 / 0.5 / 0 on
+    its right, drawn onto the Pillow image ``canvas`` at ``origin``."""
+    from PIL import Image, ImageDraw
+
+    colours = _colour_lut(cmap)[np.linspace(255, 0, height).round().astype(int)]  # top: 1, bottom: 0
+    strip = np.repeat(np.clip(colours + 0.5, 0, 255).astype(np.uint8)[:, None], bar, axis=1)
+    bx, top = origin
+    canvas.paste(Image.fromarray(strip), (bx, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((bx, top, bx + bar - 1, top + height - 1), outline="black")
+    for value, y in ((1.0, top), (0.5, top + height // 2 - 6), (0.0, top + height - 13)):
+        draw.text((bx + bar + 3, y), f"{value:g}", fill="black", font=font)
 
 
 def save_heatmaps(
@@ -576,21 +585,36 @@ def save_heatmaps(
     return path
 
 
-def save_rounds_plot(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], title: str = "") -> Path:
+def ci_text(low: float, high: float, level: str = "95 %") -> str:
+    """``95 % CI 0.91-0.99``; an interval without width (DeLong's, when the classes do not overlap in the sample:
+    AUC 1 or 0) is said to be none rather than printed as certainty."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "no CI"
+    return "no CI: the classes do not overlap" if low == high else f"{level} CI {low:.2f}-{high:.2f}"
+
+
+def save_rounds_plot(
+    path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], title: str = "", final_round: int | None = None
+) -> Path:
     """One picture of an ICMIL run: validation and test AUC (with their 95 % intervals) and the instance teacher's
-    patch AUC against the ground truth, per round (PNG, atomic). ``rows`` are the summary's rows."""
+    patch AUC against the ground truth, per round, the final round marked (PNG, atomic). ``rows`` are the summary's
+    rows. The series differ in line style and marker as well as colour, so that one hidden under another (validation
+    and test both at 1.0) still shows."""
     plt = _figure()
     rounds = [int(r["round"]) for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100, layout="constrained")
-    series = (("val_auc", "val_auc_ci", "validation AUC (slides)", "tab:blue"),
-              ("test_auc", "test_auc_ci", "test AUC (slides)", "tab:orange"),
-              ("teacher_patch_auc", None, "instance teacher patch AUC (vs ground truth)", "tab:green"))  # fmt: skip
-    for key, ci_key, label, colour in series:
+    series = (("val_auc", "val_auc_ci", "validation AUC (slides)", "tab:blue", "s--", 9),
+              ("test_auc", "test_auc_ci", "test AUC (slides)", "tab:orange", "o-", 6),
+              ("teacher_patch_auc", None, "instance teacher patch AUC (test patches vs ground truth)", "tab:green",
+               "^:", 6))  # fmt: skip
+    for key, ci_key, label, colour, style, size in series:
         values = [r.get(key) for r in rows]
         if all(v is None for v in values):
             continue
         y = np.array([np.nan if v is None else v for v in values], float)
-        ax.plot(rounds, y, "o-", color=colour, label=label)
+        ax.plot(
+            rounds, y, style, color=colour, label=label, markersize=size, markerfacecolor="none" if size > 6 else colour
+        )
         bounds = np.array([r.get(ci_key) or [None, None] for r in rows], float) if ci_key else None
         if bounds is not None and np.isfinite(bounds).any():
             ax.fill_between(rounds, bounds[:, 0], bounds[:, 1], color=colour, alpha=0.15, linewidth=0)
@@ -599,6 +623,10 @@ def save_rounds_plot(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     ax.set_ylabel("AUC")
     ax.set_ylim(min(0.4, ax.get_ylim()[0]), 1.01)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.text(rounds[0], 0.505, "chance", color="grey", fontsize=7, va="bottom")
+    if final_round is not None and final_round in rounds:
+        ax.axvline(final_round, color="black", lw=0.8, ls=":")
+        ax.text(final_round, 1.005, " final", fontsize=7, va="bottom", ha="center")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title or "ICMIL rounds", fontsize=10)
@@ -617,8 +645,11 @@ def prediction_vs_truth(
     truth: np.ndarray,
     truth_downsample: float,
 ) -> np.ndarray:
-    """Side by side over the slide's thumbnail: the instance-probability overlay (:func:`score_overlay`) and the
-    ground-truth tumour region (tinted red, outlined), each outlined on the other, so agreement shows at a glance."""
+    """Side by side over the slide's thumbnail: the instance-probability overlay (:func:`score_overlay`, with the
+    ground truth's outline in white) and the ground-truth tumour region (tinted red, outlined), then the overlay's
+    colour bar (probability 0-1), so agreement shows at a glance."""
+    from PIL import Image
+
     h, w = thumbnail.shape[:2]
     region = _on_thumbnail(np.asarray(truth, bool), (h, w), thumb_downsample, truth_downsample)
     predicted = score_overlay(thumbnail, thumb_downsample, grid, footprint)
@@ -628,7 +659,14 @@ def prediction_vs_truth(
     predicted[edge] = (255, 255, 255)
     truth_img[edge] = (120, 0, 0)
     gap = np.full((h, 8, 3), 255, np.uint8)
-    return np.concatenate([predicted, gap, np.clip(truth_img + 0.5, 0, 255).astype(np.uint8)], axis=1)
+    key = Image.new("RGB", (VS_TRUTH_BAR, h), "white")
+    _draw_colour_bar(key, (8, 0), h, "jet", 14, _font(12))
+    truth_panel = np.clip(truth_img + 0.5, 0, 255).astype(np.uint8)
+    return np.concatenate([predicted, gap, truth_panel, np.asarray(key)], axis=1)
+
+
+#: px right of the ground-truth panel of :func:`prediction_vs_truth` for the probability's colour bar
+VS_TRUTH_BAR = 8 + 14 + 34
 
 
 def save_prediction_vs_truth(path: str | os.PathLike, picture: np.ndarray, caption: str = "") -> Path:

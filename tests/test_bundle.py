@@ -26,7 +26,8 @@ from monai_icmil.data.slide import open_slide
 from monai_icmil.engines.bag_phase import load_bag_classifier, save_bag_classifier
 from monai_icmil.engines.embedder_phase import EmbedderPhase
 from monai_icmil.handlers.tracking import using_store
-from monai_icmil.metrics import youden_threshold
+from monai_icmil.metrics import positive_rank, youden_threshold
+from monai_icmil.visualize import VS_TRUTH_BAR
 from monai_icmil.workflows import ICMILWorkflow, check_config
 
 import forked_python
@@ -328,7 +329,7 @@ def test_train_bundle_runs_a_coupled_round_end_to_end(trained):
         in summary
     )
     assert summary.count("\n| ") == 4  # header, separator, 2 rounds
-    assert len(re.findall(r"\| \d\.\d{3} \(\d\.\d{2}-\d\.\d{2}\)(?= \|)", summary)) == 4  # val and test AUC (95 % CI)
+    assert len(re.findall(r"\| \d\.\d{3} \((\d\.\d{2}-\d\.\d{2}|no CI)\)(?= \|)", summary)) == 4  # val, test AUC (CI)
     assert "95 % DeLong confidence intervals; the test split has 4 slides" in summary
     assert "](rounds.png)" in summary and Image.open(out / "rounds.png").size[0] > 300  # the rounds in one picture
     strict = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
@@ -410,17 +411,16 @@ def test_the_run_shows_the_highest_scoring_test_slide_beside_its_ground_truth(tr
     """demo.json's test inference: the final round scores the test split, and summary.md shows the top slide's
     predicted patch probabilities beside its tumour mask."""
     out = trained / "out"
-    probs = {
-        r["slide"]: float(r["prob_tumour"]) for r in csv.DictReader(open(out / "test_inference" / "probabilities.csv"))
-    }
-    top = max(probs, key=probs.get)
+    rows = list(csv.DictReader(open(out / "test_inference" / "probabilities.csv")))
+    probs = {r["slide"]: float(r["prob_tumour"]) for r in rows}
+    top = max(rows, key=lambda r: positive_rank([float(r["prob_normal"]), float(r["prob_tumour"])]))["slide"]
     showcase = json.loads((out / "summary.json").read_text())["showcase"]
     assert showcase["slide"] == top and showcase["probability"] == pytest.approx(probs[top])
     assert f"]({showcase['picture']})" in (out / "summary.md").read_text()
     picture = Image.open(out / f"test_inference/{top}_vs_truth.jpg")
     thumb = 1024  # the slide's thumbnail (at most 1024 px): prediction, an 8 px gap, the ground truth, a caption band
-    assert picture.size == (2 * thumb + 8, 768 + 18)
-    right = np.asarray(picture.convert("RGB"))[18:, thumb + 8 :].astype(float)
+    assert picture.size == (2 * thumb + 8 + VS_TRUTH_BAR, 768 + 18)  # and the probability's colour bar
+    right = np.asarray(picture.convert("RGB"))[18:, thumb + 8 : 2 * thumb + 8].astype(float)
     # the right panel is the slide's thumbnail, tinted red (0.55 thumbnail + 0.45 red) inside the tumour mask and
     # unchanged outside it (4 px from the outline, for the outline and JPEG), whatever the slide's stain
     slide = next((trained / "data" / "slides").glob(f"{top}.*"))

@@ -534,10 +534,9 @@ def test_bluish_hematoxylin_and_a_dark_purple_fold_are_not_ink():
 
 def test_background_balancing_stays_out_of_the_tiling_signature_unless_turned_off():
     """Coordinate and feature stores made before it stay current; turning it off is a new tiling."""
+    from monai_icmil.data.tiling import TilingConfig
     from monai_icmil.transforms import TissueMask
     from monai_icmil.utils import component_signature
-
-    from monai_icmil.data.tiling import TilingConfig
 
     for name in ("balance_background", "adapt_floor"):
         assert name not in TissueMask().kwargs and name not in TilingConfig().params()

@@ -114,6 +114,10 @@ class RunReport:
         record = {"failed": self.failed, "empty": self.empty, "damaged": self.damaged}
         return {**record, "outputs_failed": self.outputs_failed} if self.outputs_failed else record
 
+    def save(self) -> None:
+        """Write the report (also when nothing failed: a run's ``report.json`` then says so)."""
+        self._save()
+
     def _save(self) -> None:
         if self.path is not None:
             atomic_write_json(self.path, self.as_dict())

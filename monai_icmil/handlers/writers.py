@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from monai_icmil.metrics import positive_rank
 from monai_icmil.utils import atomic_write_text
 
 __all__ = [
@@ -249,7 +250,7 @@ class TriageSheetWriter(SlideWriter):
 
     def __init__(self, cell_side: int = 384):
         self.cell_side = int(cell_side)
-        self.cells: list[tuple[float, dict[str, Any]]] = []
+        self.cells: list[tuple[tuple[float, float], dict[str, Any]]] = []
         self.positive = "last class"
 
     def write(self, pred: SlidePrediction) -> None:
@@ -259,20 +260,21 @@ class TriageSheetWriter(SlideWriter):
         overlay = score_overlay(thumb, thumb_ds, pred.maps()["instance probability"], pred.cell)
         probs = pred.scores["probs"]
         p_positive = float(probs[-1])
+        rank = positive_rank(list(probs))
         self.positive = pred.positive
         cell = {
             "picture": encode_jpeg(overlay, self.cell_side),
             "lines": (pred.slide_id, f"{pred.positive} {p_positive:.3f}"),
             "color": (190, 0, 0) if int(np.argmax(probs)) == len(probs) - 1 else 0,
         }
-        self.cells.append((p_positive, cell))
+        self.cells.append((rank, cell))
 
     def finish(self, output_dir: Path) -> None:
         from monai_icmil.visualize import save_contact_sheets
 
         if not self.cells:
             return
-        ranked = [cell for _, cell in sorted(self.cells, key=lambda pc: -pc[0])]
+        ranked = [cell for _, cell in sorted(self.cells, key=lambda pc: pc[0], reverse=True)]
         title = f"predictions, highest {self.positive} probability first (red: predicted)"
         save_contact_sheets(Path(output_dir) / "overview", ranked, title)
         self.cells = []
@@ -300,6 +302,6 @@ class GroundTruthWriter(SlideWriter):
         p = float(pred.scores["probs"][-1])
         caption = (
             f"{pred.slide_id}: p({pred.positive}) = {p:.3f}. Left: each patch's {pred.positive} probability (the "
-            "instance teacher); right: the ground truth"
+            "instance teacher; colour bar at right), the ground truth outlined in white; right: the ground truth (red)"
         )
         save_prediction_vs_truth(self.outputs(pred)[0], picture, caption)

@@ -52,6 +52,7 @@ from monai_icmil.engines.embed import Embed
 from monai_icmil.engines.embedder_phase import EmbedderPhase
 from monai_icmil.engines.pretrain import Pretrain
 from monai_icmil.handlers.tracking import MLflowRunTree
+from monai_icmil.metrics import positive_rank
 from monai_icmil.networks.aggregators import MILAggregator, aggregator_factory, aggregator_name
 from monai_icmil.networks.embedders import PatchEmbedder, create_embedder
 from monai_icmil.utils import (
@@ -66,7 +67,7 @@ from monai_icmil.utils import (
 )
 from monai_icmil.workflows.ledger import PhaseLedger
 from monai_icmil.workflows.splits import DatasetSplits
-from monai_icmil.workflows.summary import write_summary
+from monai_icmil.workflows.summary import coupling_metrics, write_summary
 
 __all__ = ["ICMILWorkflow"]
 
@@ -948,10 +949,11 @@ class ICMILWorkflow(BundleWorkflow):
         record: dict[str, Any] = {"round": self.final_round(), "slides": len(rows)}
         if failure:
             record["error"] = failure
-        if rows:
-            top = max(rows, key=lambda row: row["probs"][-1])
+        if rows:  # ties at a probability of 1 (float32) are told apart by the other classes' (not rounded to 0)
+            top = max(rows, key=lambda row: positive_rank(row["probs"]))
             picture = out / f"{top['slide_id']}_vs_truth.jpg"
             record.update(slide=top["slide_id"], probability=float(top["probs"][-1]), label=top["label"])
+            record["tied"] = sum(1 for row in rows if round(row["probs"][-1], 3) == round(top["probs"][-1], 3))
             if picture.is_file():
                 record["picture"] = picture.relative_to(self.output_dir).as_posix()
         self.ledger.mark(None, "test_inference", record)
@@ -963,6 +965,7 @@ class ICMILWorkflow(BundleWorkflow):
         accuracy, F1 and time per phase; ``rounds.png``, one picture of it all."""
         start = self.starting_embedder_origin()
         title = f"{aggregator_name(self.aggregator)}, {self.starting_embedder_name()}" + (f", {start}" if start else "")
+        self.report.save()  # report.json also when no slide failed
         return write_summary(
             self.output_dir,
             self.ledger.rounds(),
@@ -1063,8 +1066,7 @@ class ICMILWorkflow(BundleWorkflow):
         if top is None:
             return
         final = summary["final_round"]
-        values = {f"final_{k}": v for k, v in summary["rows"][final].items() if isinstance(v, (int, float))}
-        top.log_metrics({"final_round": final, **values})
+        top.log_metrics({"final_round": final, **coupling_metrics(summary["rows"], final, self.output_dir)})
         top.log_metrics({"failed_slides": len(self.report.failed), "empty_slides": len(self.report.empty)})
         top.log_artifacts([self.output_dir / n for n in ("summary.md", "summary.json", "rounds.png", "report.json")])
         if (summary.get("showcase") or {}).get("picture"):

@@ -18,7 +18,7 @@ from typing import Any
 
 from monai_icmil.utils import atomic_write_json, atomic_write_text, strict_json
 
-__all__ = ["summary_rows", "write_summary", "paired_test_change"]
+__all__ = ["summary_rows", "write_summary", "paired_test_change", "coupling_metrics"]
 
 
 def paired_test_change(output_dir: str | os.PathLike, before: int, after: int) -> dict[str, float] | None:
@@ -97,6 +97,27 @@ def summary_rows(
     return rows
 
 
+def coupling_metrics(
+    rows: Mapping[int, Mapping[str, Any]], final_round: int, output_dir: str | os.PathLike | None = None
+) -> dict[str, float]:
+    """The run's headline metrics for MLflow: ``final_<metric>`` of the final round, ``final_<metric>_vs_prev`` its
+    change from the round before it, and ``coupling_<metric>_delta`` its change from round 0 (what coupling did; for
+    the test AUC with ``coupling_test_auc_delta_ci_low`` / ``_high``, the paired 95 % interval)."""
+    rows = {int(r): row for r, row in rows.items()}
+    final, first = rows[int(final_round)], rows[min(rows)]
+    out: dict[str, float] = {}
+    for key, value in final.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+            out[f"final_{key[: -len('_delta')]}_vs_prev" if key.endswith("_delta") else f"final_{key}"] = value
+    for key in ("val_auc", "test_auc", "teacher_patch_auc"):
+        if (delta := _delta(final.get(key), first.get(key))) is not None:
+            out[f"coupling_{key}_delta"] = delta
+    paired = paired_test_change(output_dir, first["round"], final["round"]) if output_dir is not None else None
+    if paired and final["round"] != first["round"]:
+        out.update(coupling_test_auc_delta_ci_low=paired["low"], coupling_test_auc_delta_ci_high=paired["high"])
+    return out
+
+
 def _finite(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
@@ -114,12 +135,17 @@ def _pct(v: Any) -> str:
 
 
 def _ci(bounds: Sequence[Any]) -> str:
-    return f" ({bounds[0]:.2f}-{bounds[1]:.2f})" if all(_finite(v) for v in bounds) else ""
+    """`` (0.91-0.99)``; `` (no CI)`` for an interval without width (the classes do not overlap: see the notes)."""
+    if not all(_finite(v) for v in bounds):
+        return ""
+    return " (no CI)" if bounds[0] == bounds[1] else f" ({bounds[0]:.2f}-{bounds[1]:.2f})"
 
 
 def _signed_ci(bounds: Sequence[Any]) -> str:
-    """A change's interval, signed: `` (-0.04 to +0.06)``."""
-    return f" ({bounds[0]:+.2f} to {bounds[1]:+.2f})" if all(_finite(v) for v in bounds) else ""
+    """A change's interval, signed: `` (-0.04 to +0.06)``; `` (no CI)`` without width."""
+    if not all(_finite(v) for v in bounds):
+        return ""
+    return " (no CI)" if bounds[0] == bounds[1] else f" ({bounds[0]:+.2f} to {bounds[1]:+.2f})"
 
 
 def _table(rows: list[dict[str, Any]], final_round: int) -> list[str]:
@@ -154,13 +180,19 @@ def _notes(
             f"AUCs with their 95 % DeLong confidence intervals; the test split has {n_test} slides. A change in test "
             "AUC has its paired interval (both rounds on the same slides: narrower than the two intervals suggest)."
         )
+    if any(_ci(row[k]) == " (no CI)" for row in rows for k in ("val_auc_ci", "test_auc_ci", "test_auc_delta_ci")):
+        notes.append(
+            "No CI: the two classes' scores do not overlap in that split, where DeLong's interval has no width; it is "
+            "not certainty: on a few dozen slides a classifier that separates them all can still be imperfect."
+        )
     if any(_finite(row["teacher_patch_auc"]) for row in rows):
         n = max(row["teacher_patches"] or 0 for row in rows)
         notes.append(
             "Teacher patch AUC: each round's bag classifier applied to single patches (ICMIL's instance teacher), "
-            f"against the ground-truth tumour masks ({n} patches: >= 50 % tumour vs tumour-free). Tumour-free called "
-            "tumour: the share of tumour-free patches the teacher gives a tumour probability > 0.5, the label the "
-            "next round's student is taught; a teacher can rank patches well and still label many of them wrongly."
+            f"against the ground-truth tumour masks of the test slides ({n} patches: >= 50 % tumour vs tumour-free). "
+            "Tumour-free called tumour: the share of those tumour-free patches the teacher gives a tumour probability "
+            "> 0.5; the next round's student is taught such labels on the training slides, so a teacher can rank "
+            "patches well and still teach many of them wrongly."
         )
     unmeasured = next((row["teacher_unmeasured"] for row in rows if row.get("teacher_unmeasured")), None)
     if unmeasured and not any(_finite(row["teacher_patch_auc"]) for row in rows):
@@ -184,6 +216,7 @@ def _notes(
             )
     elif len(rows) > 1:
         notes.append(f"Coupling did not improve the validation AUC: round {final_round} (frozen embedder) is final.")
+    notes += _tie_note(rows, final_round)
     started = [(row["round"], row["bag_phase_start"]) for row in rows if row.get("bag_phase_start")]
     if started:
         where = {"warm": "the student's classifier", "fresh": "a fresh initialisation"}
@@ -198,6 +231,19 @@ def _notes(
     return notes
 
 
+def _tie_note(rows: list[dict[str, Any]], final_round: int) -> list[str]:
+    """Where several rounds share the best validation AUC: the final one was picked by the validation loss."""
+    best = max((row["val_auc"] for row in rows if _finite(row["val_auc"])), default=None)
+    tied = [row["round"] for row in rows if best is not None and _finite(row["val_auc"]) and row["val_auc"] == best]
+    if len(tied) < 2:
+        return []
+    return [
+        f"Validation AUC ties at {best:.3f} in rounds {', '.join(map(str, tied))}: round {final_round} is final by "
+        "the lower validation loss. Validation cannot tell these rounds apart; their test AUCs (paired) are the "
+        "fairer comparison."
+    ]
+
+
 def _paired_verdict(output_dir: Path | None, before: int, after: int) -> str:
     """Whether the test AUC's change from round ``before`` to ``after`` exceeds the test set's noise (paired)."""
     d = paired_test_change(output_dir, before, after) if output_dir is not None else None
@@ -208,6 +254,12 @@ def _paired_verdict(output_dir: Path | None, before: int, after: int) -> str:
         f" On the {d['slides']} test slides both rounds scored, the change in test AUC ({d['diff']:+.3f}) has a "
         f"paired 95 % interval of {d['low']:+.3f} to {d['high']:+.3f}: {verdict}."
     )
+
+
+def _tied(showcase: Mapping[str, Any]) -> str:
+    """``; 3 test slides at 1.000 to 3 decimals`` where the showcase's probability is shared."""
+    n = int(showcase.get("tied") or 1)
+    return f"; {n} test slides at {showcase['probability']:.3f} to 3 decimals" if n > 1 else ""
 
 
 def write_summary(
@@ -238,7 +290,7 @@ def write_summary(
     lines = [f"# ICMIL summary ({title})", "", *_table(rows, final_round)]
     lines += [line for note in _notes(rows, final_round, class_names, out) for line in ("", note)]
     try:
-        save_rounds_plot(out / "rounds.png", rows, title=f"ICMIL rounds ({title})")
+        save_rounds_plot(out / "rounds.png", rows, title=f"ICMIL rounds ({title})", final_round=final_round)
         lines += ["", "![the rounds: validation, test and teacher patch AUC](rounds.png)"]
     except Exception as e:  # a picture is not worth a run
         warnings.warn(f"no rounds.png ({type(e).__name__}: {e})", stacklevel=2)
@@ -254,7 +306,8 @@ def write_summary(
         lines += [
             "",
             f"The test slide the final round scores highest, {showcase['slide']} (tumour probability "
-            f"{showcase['probability']:.3f}), each patch's predicted probability beside the ground truth:",
+            f"{showcase['probability']:.3f}{_tied(showcase)}), each patch's predicted probability beside the ground "
+            "truth:",
             "",
             f"![{showcase['slide']}: prediction vs ground truth]({showcase['picture']})",
         ]

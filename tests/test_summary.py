@@ -1,0 +1,68 @@
+# Copyright (c) monai-icmil contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+"""The run's summary as a user reads it: intervals without width, validation ties, the headline metrics for MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from monai_icmil.metrics import positive_rank
+from monai_icmil.workflows.summary import coupling_metrics, write_summary
+
+
+def _round(val_auc: float, test_auc: float, teacher: float, ci: tuple[float, float]) -> dict:
+    return {
+        "bag_phase": {"val": {"auc": val_auc, "auc_ci_low": ci[0], "auc_ci_high": ci[1], "loss": 0.1}},
+        "test": {"metrics": {"auc": test_auc, "auc_ci_low": ci[0], "auc_ci_high": ci[1]}, "slides": 4},
+        "teacher": {"patch_auc": teacher, "patches": 100, "normal_called_tumour": 0.1},
+    }
+
+
+def _predictions(out, r: int, scores: list[float]) -> None:
+    path = out / f"round_{r}" / "test" / "predictions.csv"
+    path.parent.mkdir(parents=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide", "label", "prob_normal", "prob_tumour", "pred", "pred_class"])
+        for i, (label, p) in enumerate(zip([0, 0, 1, 1, 0, 1], scores)):
+            w.writerow([f"s{i}", label, 1 - p, p, int(p > 0.5), ""])
+
+
+def test_a_summary_says_no_ci_for_separated_classes_and_why_a_tied_round_is_final(tmp_path):
+    rounds = {
+        0: _round(1.0, 0.9, 0.92, (0.7, 1.0)),
+        1: _round(1.0, 1.0, 0.90, (1.0, 1.0)),
+        2: _round(0.95, 1.0, 0.91, (0.8, 1.0)),
+    }
+    _predictions(tmp_path, 0, [0.1, 0.6, 0.7, 0.9, 0.2, 0.55])
+    _predictions(tmp_path, 1, [0.1, 0.2, 0.7, 0.9, 0.3, 0.8])
+    summary = write_summary(
+        tmp_path, rounds, 1, "test", showcase={"slide": "s3", "probability": 1.0, "tied": 3, "picture": "s3.jpg"}
+    )
+    md = summary["markdown"]
+    assert (
+        "| 1 (final) | 1.000 (no CI) | 1.000 (no CI) |" in md and "| 0 | 1.000 (0.70-1.00) | 0.900 (0.70-1.00) |" in md
+    )
+    assert "No CI: the two classes' scores do not overlap" in md
+    assert "Validation AUC ties at 1.000 in rounds 0, 1: round 1 is final by the lower validation loss" in md
+    assert "(tumour probability 1.000; 3 test slides at 1.000 to 3 decimals)" in md
+    assert "against the ground-truth tumour masks of the test slides" in md
+    assert (tmp_path / "rounds.png").stat().st_size > 0
+    metrics = coupling_metrics(summary["rows"], 1, tmp_path)
+    assert metrics["final_test_auc"] == 1.0 and metrics["final_test_auc_vs_prev"] == pytest.approx(0.1)
+    assert metrics["coupling_test_auc_delta"] == pytest.approx(0.1)  # round 1 minus round 0, not the previous round
+    assert metrics["coupling_teacher_patch_auc_delta"] == pytest.approx(-0.02)
+    assert metrics["coupling_test_auc_delta_ci_low"] < 0.1 < metrics["coupling_test_auc_delta_ci_high"]
+    assert "final_test_auc_delta" not in metrics and "final_round" not in metrics
+    assert json.loads(json.dumps(metrics)) == metrics  # plain numbers for MLflow
+    later = coupling_metrics(write_summary(tmp_path, rounds, 2, "test")["rows"], 2)
+    assert later["final_teacher_patch_auc_vs_prev"] == pytest.approx(0.01)
+    assert later["coupling_teacher_patch_auc_delta"] == pytest.approx(-0.01)  # the sign a reader of MLflow needs
+
+
+def test_slides_tied_at_a_probability_of_one_rank_by_the_other_classes():
+    rows = [[7.4e-9, 1.0], [5.7e-11, 1.0], [1.7e-9, 1.0], [0.3, 0.7]]
+    assert sorted(range(4), key=lambda i: positive_rank(rows[i]), reverse=True) == [1, 2, 0, 3]
