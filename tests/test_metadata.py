@@ -101,7 +101,7 @@ def test_tiling_csv_says_which_slides_had_their_mpp_given(tissue, tmp_path):
     entries = [{"slide_id": "bare", "image": bare}, {"slide_id": "tagged", "image": tagged}]
     _prepare(tmp_path, entries, "qc", assume_mpp=0.5, qc_dir=tmp_path / "qc")
     rows = {r["slide"]: r for r in csv.DictReader(open(tmp_path / "qc" / "tiling.csv"))}
-    assert rows["bare"]["slide_mpp"] == "0.5 (given)" and rows["tagged"]["slide_mpp"] == ""
+    assert rows["bare"]["slide_mpp"] == "0.5 (given)" and rows["tagged"]["slide_mpp"] == "0.5 (file)"
     assert rows["bare"]["patches"] == rows["tagged"]["patches"] != "0"
 
 

@@ -58,6 +58,11 @@ def test_a_summary_says_no_ci_for_separated_classes_and_why_a_tied_round_is_fina
     assert metrics["coupling_test_auc_delta_ci_low"] < 0.1 < metrics["coupling_test_auc_delta_ci_high"]
     assert "final_test_auc_delta" not in metrics and "final_round" not in metrics
     assert json.loads(json.dumps(metrics)) == metrics  # plain numbers for MLflow
+    _predictions(tmp_path, 2, [0.1, 0.2, 0.7, 0.9, 0.3, 0.8])
+    for r in (0, 2):  # two rounds that both separate the test classes
+        _predictions(tmp_path / "both", r, [0.1, 0.2, 0.7, 0.9, 0.3, 0.8 - r / 10])
+    both = write_summary(tmp_path / "both", {0: rounds[1], 2: rounds[1]}, 2, "test")["markdown"].replace("\n", " ")
+    assert "has no paired interval: neither round's scores let the classes overlap" in both
     later = coupling_metrics(write_summary(tmp_path, rounds, 2, "test")["rows"], 2)
     assert later["final_teacher_patch_auc_vs_prev"] == pytest.approx(0.01)
     assert later["coupling_teacher_patch_auc_delta"] == pytest.approx(-0.01)  # the sign a reader of MLflow needs

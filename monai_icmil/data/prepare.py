@@ -56,8 +56,14 @@ _SUMMARY_COLUMNS = (
 )  # fmt: skip
 
 
-def _summary_row(sid: str, path: str, n: int, meta: Mapping[str, Any]) -> dict[str, Any]:
+def _summary_row(sid: str, path: str, n: int, meta: Mapping[str, Any], file_mpp: float | None = None) -> dict[str, Any]:
+    """A slide's row of ``tiling.csv``; ``slide_mpp`` is its level-0 mpp, given (datalist, ``assume_mpp``) or read
+    from the file (``file_mpp``)."""
     mpp = meta.get("mpp")
+    if meta.get("slide_mpp"):
+        slide_mpp = f"{meta['slide_mpp']:.4g} (given)"
+    else:
+        slide_mpp = f"{file_mpp:.4g} (file)" if file_mpp else ""
     return {
         "slide": sid,
         "image": path,
@@ -68,7 +74,7 @@ def _summary_row(sid: str, path: str, n: int, meta: Mapping[str, Any]) -> dict[s
         "read_size": meta["read_size"],
         "patch_size": meta["patch_size"],
         "mpp": f"{mpp:.4g}" if mpp else "",
-        "slide_mpp": f"{meta['slide_mpp']:.4g} (given)" if meta.get("slide_mpp") else "",
+        "slide_mpp": slide_mpp,
         "area_mm2": f"{n * (meta['patch_size'] * mpp) ** 2 / 1e6:.3f}" if mpp else "",  # the patches' area
     }
 
@@ -263,7 +269,7 @@ def prepare_coords(
         _record(report, sid, path, coords, damaged, meta.get("empty_reason"))
         if qc_dir is not None and (tiled or not (Path(qc_dir) / f"{sid}.jpg").is_file()):
             _save_qc(Path(qc_dir) / f"{sid}.jpg", reader, sid, coords, meta, damaged)
-        summary.append(_summary_row(sid, path, len(coords), meta))
+        summary.append(_summary_row(sid, path, len(coords), meta, getattr(reader, "mpp", None)))
         out[sid] = SlideTiles(
             slide_id=sid,
             image=path,

@@ -249,6 +249,11 @@ def _paired_verdict(output_dir: Path | None, before: int, after: int) -> str:
     d = paired_test_change(output_dir, before, after) if output_dir is not None else None
     if d is None:
         return ""
+    if d["low"] == d["high"]:
+        return (
+            f" On the {d['slides']} test slides both rounds scored, the change in test AUC ({d['diff']:+.3f}) has no "
+            "paired interval: neither round's scores let the classes overlap."
+        )
     verdict = "more than the test set's noise" if d["low"] > 0 or d["high"] < 0 else "within the test set's noise"
     return (
         f" On the {d['slides']} test slides both rounds scored, the change in test AUC ({d['diff']:+.3f}) has a "
