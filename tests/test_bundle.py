@@ -443,6 +443,11 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
     by_name = {r.info.run_name: r for r in runs}
     parent = by_name["icmil"]
     assert parent.data.params["aggregator"] == "abmil" and "final_round" in parent.data.metrics
+    final = int(parent.data.metrics["final_round"])  # the pictures summary.md links, at the same paths
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, f"round_{final}/test")] == [
+        f"round_{final}/test/roc.png"
+    ]
+    assert "coupling_test_auc_delta" in parent.data.metrics and "final_test_auc_delta" not in parent.data.metrics
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "qc")} == {"qc/tiling.csv", "qc/overview"}
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "qc/overview")] == ["qc/overview/page_001.jpg"]
     for r in (0, 1):

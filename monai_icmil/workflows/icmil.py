@@ -1071,6 +1071,9 @@ class ICMILWorkflow(BundleWorkflow):
         top.log_artifacts([self.output_dir / n for n in ("summary.md", "summary.json", "rounds.png", "report.json")])
         if (summary.get("showcase") or {}).get("picture"):
             top.log_artifacts([self.output_dir / summary["showcase"]["picture"]], artifact_path="test_inference")
+        roc = Path(f"round_{final}") / "test" / "roc.png"
+        if (self.output_dir / roc).is_file():  # where summary.md links it, so the logged summary shows it
+            top.log_artifacts([self.output_dir / roc], artifact_path=roc.parent.as_posix())
         qc = self.coords_dir / "qc"
         top.log_artifacts([qc / "tiling.csv"], artifact_path="qc")
         top.log_artifacts([qc / "overview"], artifact_path="qc/overview")  # the contact sheets, viewable in MLflow
