@@ -586,11 +586,13 @@ def save_heatmaps(
 
 
 def ci_text(low: float, high: float, level: str = "95 %") -> str:
-    """``95 % CI 0.91-0.99``; an interval without width (DeLong's, when the classes do not overlap in the sample:
-    AUC 1 or 0) is said to be none rather than printed as certainty."""
+    """``95 % CI 0.91-0.99``; an interval without width (DeLong's when the classes do not overlap in the sample, AUC
+    1 or 0, or every score is tied) is said to be none rather than printed as certainty."""
     if not (np.isfinite(low) and np.isfinite(high)):
         return "no CI"
-    return "no CI: the classes do not overlap" if low == high else f"{level} CI {low:.2f}-{high:.2f}"
+    if low == high:
+        return "no CI: the classes do not overlap" if low in (0.0, 1.0) else "no CI: zero-width interval"
+    return f"{level} CI {low:.2f}-{high:.2f}"
 
 
 def save_rounds_plot(

@@ -435,3 +435,34 @@ def test_extra_start_best_is_each_picked_restart_against_round0():
         want = paired_auc_difference(np.array(kept0[1:]), np.array(restarts[k][1:]), y[1:])  # s0: round 1 only
         assert got["gain"] == pytest.approx(want["diff"]) and got["gain_se"] == pytest.approx(want["se"])
     assert rows[1]["extra_start_best"]["warm"]["auc"] != pytest.approx(rows[1]["extra_start_best"]["fresh"]["auc"])
+
+
+def test_tissue_zoo_smoke_new_detector_clears_tinted_glass_finds_faded_stain_and_keeps_cmu1(tmp_path, cmu_slide):
+    """The zoo's smoke cases: against the detector without glass balance and adaptive floor, the defaults leave a
+    blank yellowish slide empty, find CMU-1 faded to a tenth of its stain, and give CMU-1 itself the same mask; the
+    JSON is the returned result; without the slide only the blank cases are run."""
+    zoo = _module("tissue_zoo")
+    result = zoo.main(["--smoke", "--cmu", cmu_slide, "--json", str(tmp_path / "z.json")])
+    assert json.loads((tmp_path / "z.json").read_text()) == result
+    rows = {r["case"]: r for r in result["rows"]}
+    assert list(rows) == list(zoo.SMOKE)
+    tinted, white = rows["blank_yellow"], rows["blank_white"]
+    assert tinted["old"]["cover"] > 0.5 and tinted["old"]["warning"] == "cover"
+    assert tinted["new"]["cover"] == 0 and tinted["new"]["warning"] == "empty"
+    assert white["old"]["cover"] == white["new"]["cover"] == 0 and white["identical"]
+    faded = rows["cmu1_fade0.1_white"]
+    assert faded["new"]["recall"] > faded["old"]["recall"] + 0.5 and faded["new"]["precision"] > 0.9
+    assert (faded["old"]["warning"], faded["new"]["warning"]) == ("faint", "lowered")
+    cmu1 = rows["cmu1"]
+    assert cmu1["identical"] and cmu1["old"]["recall"] == cmu1["new"]["recall"] == 1.0
+    assert cmu1["old"]["threshold"] == cmu1["new"]["threshold"] and cmu1["new"]["warning"] == "-"
+    assert result["regressions"] == {} and {"blank_yellow", "cmu1_fade0.1_white"} <= set(result["improvements"])
+    assert result["summary"].startswith("tissue zoo (seed 59): 6 cases, 0 regressions")
+    # the rules: a recall drop beyond 0.05 regresses, a new warning only where the case is not meant to be faint
+    old = {"cover": 0.3, "recall": 0.9, "precision": None, "warning": "-"}
+    new = {"cover": 0.3, "recall": 0.8, "precision": 0.99, "warning": "cover"}
+    assert zoo.worse("dense95", False, old, new) == ["recall", "warning"]
+    assert zoo.worse("cmu1_fade0.1_white", False, old, new) == ["recall"]
+    assert zoo.worse("blank_x", True, old, {**new, "cover": 0.303}) == ["cover"]
+    blanks = zoo.main(["--smoke", "--cmu", str(tmp_path / "missing.svs")])
+    assert [r["case"] for r in blanks["rows"]] == ["blank_white", "blank_yellow"] and blanks["cmu"] is None

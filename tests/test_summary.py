@@ -13,9 +13,9 @@ from monai_icmil.metrics import positive_rank
 from monai_icmil.workflows.summary import coupling_metrics, write_summary
 
 
-def _round(val_auc: float, test_auc: float, teacher: float, ci: tuple[float, float]) -> dict:
+def _round(val_auc: float, test_auc: float, teacher: float, ci: tuple[float, float], loss: float = 0.1) -> dict:
     return {
-        "bag_phase": {"val": {"auc": val_auc, "auc_ci_low": ci[0], "auc_ci_high": ci[1], "loss": 0.1}},
+        "bag_phase": {"val": {"auc": val_auc, "auc_ci_low": ci[0], "auc_ci_high": ci[1], "loss": loss}},
         "test": {"metrics": {"auc": test_auc, "auc_ci_low": ci[0], "auc_ci_high": ci[1]}, "slides": 4},
         "teacher": {"patch_auc": teacher, "patches": 100, "normal_called_tumour": 0.1},
     }
@@ -34,7 +34,7 @@ def _predictions(out, r: int, scores: list[float]) -> None:
 def test_a_summary_says_no_ci_for_separated_classes_and_why_a_tied_round_is_final(tmp_path):
     rounds = {
         0: _round(1.0, 0.9, 0.92, (0.7, 1.0)),
-        1: _round(1.0, 1.0, 0.90, (1.0, 1.0)),
+        1: _round(1.0, 1.0, 0.90, (1.0, 1.0), loss=0.05),
         2: _round(0.95, 1.0, 0.91, (0.8, 1.0)),
     }
     _predictions(tmp_path, 0, [0.1, 0.6, 0.7, 0.9, 0.2, 0.55])
@@ -46,7 +46,7 @@ def test_a_summary_says_no_ci_for_separated_classes_and_why_a_tied_round_is_fina
     assert (
         "| 1 (final) | 1.000 (no CI) | 1.000 (no CI) |" in md and "| 0 | 1.000 (0.70-1.00) | 0.900 (0.70-1.00) |" in md
     )
-    assert "No CI: the two classes' scores do not overlap" in md
+    assert "No CI: DeLong's interval has no width, as for an AUC of 1.000" in md
     assert "Validation AUC ties at 1.000 in rounds 0, 1: round 1 is final by the lower validation loss" in md
     assert "(tumour probability 1.000; 3 test slides at 1.000 to 3 decimals)" in md
     assert "against the ground-truth tumour masks of the test slides" in md
@@ -62,7 +62,11 @@ def test_a_summary_says_no_ci_for_separated_classes_and_why_a_tied_round_is_fina
     for r in (0, 2):  # two rounds that both separate the test classes
         _predictions(tmp_path / "both", r, [0.1, 0.2, 0.7, 0.9, 0.3, 0.8 - r / 10])
     both = write_summary(tmp_path / "both", {0: rounds[1], 2: rounds[1]}, 2, "test")["markdown"].replace("\n", " ")
-    assert "has no paired interval: neither round's scores let the classes overlap" in both
+    assert "has a paired interval of no width: both rounds order every tumour/normal pair alike" in both
+    assert "round 2 is final by validation loss, then the earlier round" in both  # equal losses, and 2 is not earlier
+    same = write_summary(tmp_path / "both", {0: rounds[1], 2: rounds[1]}, 0, "test")["markdown"]
+    assert "round 0 is final as the earliest of them (their validation losses are equal too)" in same
+    assert coupling_metrics({0: {"round": 0, "test_auc": 0.9}}, 0) == {"final_test_auc": 0.9}  # round 0 kept
     later = coupling_metrics(write_summary(tmp_path, rounds, 2, "test")["rows"], 2)
     assert later["final_teacher_patch_auc_vs_prev"] == pytest.approx(0.01)
     assert later["coupling_teacher_patch_auc_delta"] == pytest.approx(-0.01)  # the sign a reader of MLflow needs

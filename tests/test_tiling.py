@@ -462,6 +462,9 @@ def test_tinted_glass_is_not_tissue_and_tissue_on_it_is_found_as_on_white_glass(
         blank[:, :40] = 255  # a quarter of white fill outside the scanned area: still white, still not the glass
         mask, thr = tissue_mask_from_rgb(blank, device="cpu")
         assert not mask.any() and thr == 0.05, glass  # noise under the floor does not lower it on a blank slide
+        blank[:, :40] = np.clip(np.array(glass) + rng.normal(0, 2, (h, 40, 3)), 0, 255)
+        blank[:4, :4] = np.clip(253 + rng.normal(0, 1, (4, 4, 3)), 0, 255)  # a bubble: white, not brighter glass
+        assert background_color(blank) is not None and not tissue_mask_from_rgb(blank, device="cpu")[0].any(), glass
         slide = blank.copy()
         slide[tissue] = np.clip(
             np.array([200, 120, 185]) * np.array(glass) / 255 + rng.normal(0, 6, (tissue.sum(), 3)), 0, 255

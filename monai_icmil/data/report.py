@@ -116,7 +116,8 @@ class RunReport:
 
     def save(self) -> None:
         """Write the report (also when nothing failed: a run's ``report.json`` then says so)."""
-        self._save()
+        with self._lock:
+            self._save()
 
     def _save(self) -> None:
         if self.path is not None:

@@ -154,6 +154,11 @@ BACKGROUND_MAX_SATURATION = 0.2
 #: glass less saturated than this is neutral (white or grey): left unbalanced, as the stain's own saturation is then
 #: the better measure (dividing by a near-white cast only shifts faint stain by about as much)
 BACKGROUND_NEUTRAL_SATURATION = 0.02
+#: pixels with every channel at least this are white (the readers' fill, JPEG-compressed; bubbles; white glass); on a
+#: slide whose candidate glass colour covers at least MOSTLY_GLASS of it they are not counted as brighter than it (on
+#: a slide mostly covered with tissue, white glass brighter than pale stain is what refuses the stain as glass)
+NEAR_WHITE = 250
+MOSTLY_GLASS = 0.5
 #: grey levels within which a pixel has the glass's colour, and by which a pixel is brighter than it
 GLASS_TOLERANCE = 8.0
 #: the glass is the brightest thing on a slide: a candidate with more pixels brighter than it than this is stain
@@ -169,12 +174,13 @@ def background_color(rgb: Any, xp: ModuleType = np) -> Any | None:
 
     The glass is the commonest colour (in 8-level bins, refined by the median of the colours near it) among the
     brightest tenth of the pixels, pure white left out (the readers' fill outside the scanned area). It is refused
-    when more than :data:`MAX_BRIGHTER_THAN_GLASS` of the pixels are brighter (it is then pale stain), when fewer
+    when more than :data:`MAX_BRIGHTER_THAN_GLASS` of the pixels are brighter (it is then pale stain; on a mostly
+    blank slide, white pixels, :data:`NEAR_WHITE`, are fill and do not count), when fewer
     than :data:`MIN_GLASS_SHARE` have its colour, when it is darker than :data:`BACKGROUND_MIN_LEVEL` or more
     saturated than :data:`BACKGROUND_MAX_SATURATION`, and when it is neutral
     (:data:`BACKGROUND_NEUTRAL_SATURATION`)."""
     flat = rgb.reshape(-1, 3)
-    flat = flat[flat.min(axis=1) < 255].astype(xp.float32)
+    flat = flat[flat.min(axis=1) < 255].astype(xp.float32)  # the readers' fill
     if flat.shape[0] == 0:
         return None
     bright = flat.mean(axis=1)
@@ -183,8 +189,11 @@ def background_color(rgb: Any, xp: ModuleType = np) -> Any | None:
     mode = int(xp.argmax(xp.bincount(bins[:, 0] * 1024 + bins[:, 1] * 32 + bins[:, 2], minlength=32768)))
     centre = (xp.asarray([mode // 1024, (mode // 32) % 32, mode % 32], xp.float32) + 0.5) * GLASS_TOLERANCE
     bg = xp.median(top[xp.abs(top - centre).max(axis=1) <= GLASS_TOLERANCE], axis=0)
-    brighter = float((bright > float(bg.mean()) + GLASS_TOLERANCE).mean())
     share = float((xp.abs(flat - bg).max(axis=1) <= GLASS_TOLERANCE).mean())
+    whiter = bright > float(bg.mean()) + GLASS_TOLERANCE
+    if share >= MOSTLY_GLASS:  # a mostly blank slide: its white pixels are fill or bubbles, not brighter glass
+        whiter &= flat.min(axis=1) < NEAR_WHITE
+    brighter = float(whiter.mean())
     lo, hi = float(bg.min()), float(bg.max())
     cast = (hi - lo) / max(hi, 1.0)
     if brighter > MAX_BRIGHTER_THAN_GLASS or share < MIN_GLASS_SHARE or lo < BACKGROUND_MIN_LEVEL:
@@ -255,7 +264,8 @@ def tissue_mask_from_rgb(
         fill_holes: fill holes enclosed by tissue.
         device: ``"auto"``, ``"cpu"`` or a CUDA device (see :func:`array_backend`).
         exclude_ink: leave out near-black pixels and saturated ones greener than red (:func:`ink`).
-        balance_background: divide the colours by the glass's (:func:`background_color`) before the saturation.
+        balance_background: on tinted glass, take the lower of the saturation and the saturation relative to the
+            glass's colour (:func:`tissue_saturation`).
         adapt_floor: when the threshold sits at ``min_saturation``, more pixels lie just under it (down to half of
             it) than the mask keeps and most of them are textured like tissue, take the threshold down to half of
             ``min_saturation`` if that finds tissue (pieces of ``min_area_px`` or more): faded H&E or a pale
@@ -344,7 +354,8 @@ def compute_tissue_mask(
         fill_holes: fill holes inside tissue.
         device: ``"auto"``, ``"cpu"`` or a CUDA device.
         balance_background: take the saturation relative to the glass's colour (tinted glass is not tissue).
-        adapt_floor: halve ``min_saturation`` where faint colour outnumbers the mask (:func:`tissue_mask_from_rgb`).
+        adapt_floor: halve ``min_saturation`` where faint, textured colour outnumbers the mask
+            (:func:`tissue_mask_from_rgb`).
 
     Returns:
         :class:`TissueMaskResult`; an empty mask is returned (with a warning naming the slide) when no tissue is
@@ -615,7 +626,7 @@ class TilingConfig:
         min_area_um2: tissue specks smaller than this are dropped.
         backend: slide backend.
         balance_background: tissue saturation relative to the glass's colour (:func:`tissue_saturation`).
-        adapt_floor: halve ``min_saturation`` for a slide whose faint colour outnumbers its mask
+        adapt_floor: halve ``min_saturation`` for a slide whose faint, textured colour outnumbers its mask
             (:func:`tissue_mask_from_rgb`).
 
     The last two are in :meth:`params` (the stores' keys) only when turned off, so stores made before they existed

@@ -56,8 +56,8 @@ class TissueMask(Transform):
         device: ``"auto"``, ``"cpu"`` or a CUDA device.
         balance_background: take the saturation relative to the glass's colour, so that tinted glass (yellowish,
             bluish or pinkish scanners) is not tissue (:func:`~monai_icmil.data.tiling.tissue_saturation`).
-        adapt_floor: halve ``min_saturation`` for a slide whose faint colour outnumbers its mask, when that finds
-            tissue (:func:`~monai_icmil.data.tiling.tissue_mask_from_rgb`).
+        adapt_floor: halve ``min_saturation`` for a slide whose faint colour outnumbers its mask and is textured
+            like tissue, when that finds tissue (:func:`~monai_icmil.data.tiling.tissue_mask_from_rgb`).
 
     ``balance_background`` and ``adapt_floor`` enter the transform's signature (the stores' keys) only when turned
     off, so coordinates tiled before they existed stay current; delete ``coords/`` and ``features/`` to tile those

@@ -72,6 +72,7 @@ def summary_rows(
             "round": int(r),
             "val_auc": val.get("auc"),
             "val_auc_ci": [val.get("auc_ci_low"), val.get("auc_ci_high")],
+            "val_loss": val.get("loss"),
             "test_auc": test.get("auc"),
             "test_auc_ci": [test.get("auc_ci_low"), test.get("auc_ci_high")],
             "test_slides": s.get("test", {}).get("slides"),
@@ -101,19 +102,22 @@ def coupling_metrics(
     rows: Mapping[int, Mapping[str, Any]], final_round: int, output_dir: str | os.PathLike | None = None
 ) -> dict[str, float]:
     """The run's headline metrics for MLflow: ``final_<metric>`` of the final round, ``final_<metric>_vs_prev`` its
-    change from the round before it, and ``coupling_<metric>_delta`` its change from round 0 (what coupling did; for
-    the test AUC with ``coupling_test_auc_delta_ci_low`` / ``_high``, the paired 95 % interval)."""
+    change from the round before it, and, when the final round is a coupled one, ``coupling_<metric>_delta`` its
+    change from the first round (what coupling did; for the test AUC with ``coupling_test_auc_delta_ci_low`` /
+    ``_high``, the paired 95 % interval)."""
     rows = {int(r): row for r, row in rows.items()}
     final, first = rows[int(final_round)], rows[min(rows)]
     out: dict[str, float] = {}
     for key, value in final.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
             out[f"final_{key[: -len('_delta')]}_vs_prev" if key.endswith("_delta") else f"final_{key}"] = value
+    if final["round"] == first["round"]:  # round 0 kept: no coupled round to compare (not "coupling did nothing")
+        return out
     for key in ("val_auc", "test_auc", "teacher_patch_auc"):
         if (delta := _delta(final.get(key), first.get(key))) is not None:
             out[f"coupling_{key}_delta"] = delta
     paired = paired_test_change(output_dir, first["round"], final["round"]) if output_dir is not None else None
-    if paired and final["round"] != first["round"]:
+    if paired:
         out.update(coupling_test_auc_delta_ci_low=paired["low"], coupling_test_auc_delta_ci_high=paired["high"])
     return out
 
@@ -182,8 +186,9 @@ def _notes(
         )
     if any(_ci(row[k]) == " (no CI)" for row in rows for k in ("val_auc_ci", "test_auc_ci", "test_auc_delta_ci")):
         notes.append(
-            "No CI: the two classes' scores do not overlap in that split, where DeLong's interval has no width; it is "
-            "not certainty: on a few dozen slides a classifier that separates them all can still be imperfect."
+            "No CI: DeLong's interval has no width, as for an AUC of 1.000 (the classes do not overlap in that split) "
+            "or a change between two rounds that order every tumour/normal pair alike; it is not certainty: on a "
+            "few dozen slides a classifier that separates them all can still be imperfect."
         )
     if any(_finite(row["teacher_patch_auc"]) for row in rows):
         n = max(row["teacher_patches"] or 0 for row in rows)
@@ -237,10 +242,20 @@ def _tie_note(rows: list[dict[str, Any]], final_round: int) -> list[str]:
     tied = [row["round"] for row in rows if best is not None and _finite(row["val_auc"]) and row["val_auc"] == best]
     if len(tied) < 2:
         return []
+    losses = {row["round"]: row.get("val_loss") for row in rows if row["round"] in tied}
+    final_loss = losses.get(final_round)
+    by_loss = _finite(final_loss) and all(
+        not _finite(v) or v > final_loss for r, v in losses.items() if r != final_round
+    )
+    if by_loss:
+        how = "by the lower validation loss"
+    elif final_round == min(tied):
+        how = "as the earliest of them (their validation losses are equal too)"
+    else:
+        how = "by validation loss, then the earlier round"
     return [
-        f"Validation AUC ties at {best:.3f} in rounds {', '.join(map(str, tied))}: round {final_round} is final by "
-        "the lower validation loss. Validation cannot tell these rounds apart; their test AUCs (paired) are the "
-        "fairer comparison."
+        f"Validation AUC ties at {best:.3f} in rounds {', '.join(map(str, tied))}: round {final_round} is final {how}. "
+        "Validation cannot tell these rounds apart; their test AUCs (paired) are the fairer comparison."
     ]
 
 
@@ -251,8 +266,9 @@ def _paired_verdict(output_dir: Path | None, before: int, after: int) -> str:
         return ""
     if d["low"] == d["high"]:
         return (
-            f" On the {d['slides']} test slides both rounds scored, the change in test AUC ({d['diff']:+.3f}) has no "
-            "paired interval: neither round's scores let the classes overlap."
+            f" On the {d['slides']} test slides both rounds scored, the change in test AUC ({d['diff']:+.3f}) has a "
+            "paired interval of no width: both rounds order every tumour/normal pair alike (or misorder the same "
+            "ones), so the test set cannot tell them apart."
         )
     verdict = "more than the test set's noise" if d["low"] > 0 or d["high"] < 0 else "within the test set's noise"
     return (
