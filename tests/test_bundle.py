@@ -447,7 +447,9 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
     assert [a.path for a in client.list_artifacts(parent.info.run_id, f"round_{final}/test")] == [
         f"round_{final}/test/roc.png"
     ]
-    assert "coupling_test_auc_delta" in parent.data.metrics and "final_test_auc_delta" not in parent.data.metrics
+    assert ("coupling_test_auc_delta" in parent.data.metrics) == (final > 0)  # only when a coupled round is final
+    assert "final_test_auc_delta" not in parent.data.metrics
+    assert ("final_test_auc_vs_prev" in parent.data.metrics) == (final > 0)  # round 0 has no previous round
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "qc")} == {"qc/tiling.csv", "qc/overview"}
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "qc/overview")] == ["qc/overview/page_001.jpg"]
     for r in (0, 1):
