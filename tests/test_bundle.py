@@ -450,8 +450,11 @@ def test_mlflow_holds_the_parent_and_nested_runs_with_metrics(trained):
     assert ("coupling_test_auc_delta" in parent.data.metrics) == (final > 0)  # only when a coupled round is final
     assert "final_test_auc_delta" not in parent.data.metrics
     assert ("final_test_auc_vs_prev" in parent.data.metrics) == (final > 0)  # round 0 has no previous round
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "qc")} == {"qc/tiling.csv", "qc/overview"}
-    assert [a.path for a in client.list_artifacts(parent.info.run_id, "qc/overview")] == ["qc/overview/page_001.jpg"]
+    qc = "coords/qc"  # where summary.md links the QC sheets: the logged summary's links resolve in MLflow
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, qc)} == {f"{qc}/tiling.csv", f"{qc}/overview"}
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, f"{qc}/overview")] == [
+        f"{qc}/overview/page_001.jpg"
+    ]
     for r in (0, 1):
         rr = by_name[f"round_{r}"]
         assert rr.data.tags["mlflow.parentRunId"] == parent.info.run_id

@@ -1075,8 +1075,9 @@ class ICMILWorkflow(BundleWorkflow):
         if (self.output_dir / roc).is_file():  # where summary.md links it, so the logged summary shows it
             top.log_artifacts([self.output_dir / roc], artifact_path=roc.parent.as_posix())
         qc = self.coords_dir / "qc"
-        top.log_artifacts([qc / "tiling.csv"], artifact_path="qc")
-        top.log_artifacts([qc / "overview"], artifact_path="qc/overview")  # the contact sheets, viewable in MLflow
+        # at the paths summary.md links them (the run's folder layout), so the logged summary's links resolve
+        top.log_artifacts([qc / "tiling.csv"], artifact_path="coords/qc")
+        top.log_artifacts([qc / "overview"], artifact_path="coords/qc/overview")  # the contact sheets, in MLflow
         self._log_model(top, summary)
         self.tracking.close()
 
