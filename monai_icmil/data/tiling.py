@@ -289,9 +289,9 @@ def tissue_mask_from_rgb(
         and _mostly_textured(img, faint, (sat <= 0.5 * floor) & ~mask, xp, ndi)
     ):
         lowered = max(otsu, 0.5 * floor)
-        faint = _clean_mask(sat > lowered, median_size, min_area_px, fill_holes, xp, ndi)
-        if bool(faint.any()):  # faint tissue, not noise: a blank slide keeps its floor (and its report says so)
-            mask, thr = faint, lowered
+        kept = _clean_mask(sat > lowered, median_size, min_area_px, fill_holes, xp, ndi)
+        if bool(kept.any()):  # faint tissue, not noise: a blank slide keeps its floor (and its report says so)
+            mask, thr = kept, lowered
     if xp is not np:
         mask = xp.asnumpy(mask)
     return np.asarray(mask, dtype=bool), thr
@@ -382,7 +382,7 @@ def compute_tissue_mask(
     )
     if not mask.any():
         why = _why_no_tissue(img, thr, min_area_um2, px_um, median_size, balance_background)
-        warnings.warn(EmptySlideWarning(f"slide '{reader.path}': {why}", why), stacklevel=2)
+        warnings.warn(EmptySlideWarning.of(reader.path, why), stacklevel=2)
     elif (doubt := _doubtful_mask(img, mask, thr, min_saturation, balance_background)) is not None:
         warnings.warn(f"slide '{reader.path}': {doubt}", TissueMaskWarning, stacklevel=2)
     return TissueMaskResult(mask=mask, downsample=float(downsample), threshold=thr)
@@ -403,6 +403,11 @@ class EmptySlideWarning(UserWarning):
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.reason = message if reason is None else reason
+
+    @classmethod
+    def of(cls, slide: Any, reason: str) -> EmptySlideWarning:
+        """The warning for ``slide`` (its path): ``slide '<path>': <reason>``."""
+        return cls(f"slide '{slide}': {reason}", reason)
 
 
 #: a mask covering more of the slide than this is more likely tinted glass than tissue
@@ -558,7 +563,7 @@ def grid_coordinates(
     }
     if footprint > w0 or footprint > h0:
         why = f"a {footprint:.0f}-px patch does not fit in {w0}x{h0}."
-        warnings.warn(EmptySlideWarning(f"slide '{reader.path}': {why}", why), stacklevel=2)
+        warnings.warn(EmptySlideWarning.of(reader.path, why), stacklevel=2)
         return TilingResult(
             np.zeros((0, 2), np.int64), level, read_size, patch_size, eff_mpp, np.zeros(0, np.float32), params
         )
@@ -586,7 +591,7 @@ def grid_coordinates(
     keep = frac >= min_tissue - 1e-6
     if mask is not None and not keep.any():
         why = f"no patch has >= {min_tissue:.0%} tissue; it yields zero patches."
-        warnings.warn(EmptySlideWarning(f"slide '{reader.path}': {why}", why), stacklevel=2)
+        warnings.warn(EmptySlideWarning.of(reader.path, why), stacklevel=2)
     return TilingResult(coords[keep], level, read_size, patch_size, eff_mpp, frac[keep].astype(np.float32), params)
 
 

@@ -260,7 +260,7 @@ class TriageSheetWriter(SlideWriter):
         overlay = score_overlay(thumb, thumb_ds, pred.maps()["instance probability"], pred.cell)
         probs = pred.scores["probs"]
         p_positive = float(probs[-1])
-        rank = positive_rank(list(probs))
+        rank = positive_rank(probs)
         self.positive = pred.positive
         cell = {
             "picture": encode_jpeg(overlay, self.cell_side),

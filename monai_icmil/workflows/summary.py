@@ -138,18 +138,14 @@ def _pct(v: Any) -> str:
     return f"{100 * v:.1f} %" if _finite(v) else "-"
 
 
-def _ci(bounds: Sequence[Any]) -> str:
-    """`` (0.91-0.99)``; `` (no CI)`` for an interval without width (the classes do not overlap: see the notes)."""
+def _ci(bounds: Sequence[Any], signed: bool = False) -> str:
+    """`` (0.91-0.99)``, or a change's signed `` (-0.04 to +0.06)``; `` (no CI)`` for an interval without width (see
+    the notes); nothing without bounds."""
     if not all(_finite(v) for v in bounds):
         return ""
-    return " (no CI)" if bounds[0] == bounds[1] else f" ({bounds[0]:.2f}-{bounds[1]:.2f})"
-
-
-def _signed_ci(bounds: Sequence[Any]) -> str:
-    """A change's interval, signed: `` (-0.04 to +0.06)``; `` (no CI)`` without width."""
-    if not all(_finite(v) for v in bounds):
-        return ""
-    return " (no CI)" if bounds[0] == bounds[1] else f" ({bounds[0]:+.2f} to {bounds[1]:+.2f})"
+    if bounds[0] == bounds[1]:
+        return " (no CI)"
+    return f" ({bounds[0]:+.2f} to {bounds[1]:+.2f})" if signed else f" ({bounds[0]:.2f}-{bounds[1]:.2f})"
 
 
 def _table(rows: list[dict[str, Any]], final_round: int) -> list[str]:
@@ -163,7 +159,7 @@ def _table(rows: list[dict[str, Any]], final_round: int) -> list[str]:
         lines.append(
             f"| {row['round']}{' (final)' if row['round'] == final_round else ''} | {_fmt(row['val_auc'])}"
             f"{_ci(row['val_auc_ci'])} | {_fmt(row['test_auc'])}{_ci(row['test_auc_ci'])} | "
-            f"{_fmt(row['test_auc_delta'], sign=True)}{_signed_ci(row['test_auc_delta_ci'])} | "
+            f"{_fmt(row['test_auc_delta'], sign=True)}{_ci(row['test_auc_delta_ci'], signed=True)} | "
             f"{_fmt(row['teacher_patch_auc'])} | "
             f"{_fmt(row['teacher_patch_auc_delta'], sign=True)} | {_pct(row['teacher_normal_called_tumour'])} | "
             f"{_fmt(row['test_acc'])} | {_fmt(row['test_f1'])} | "
