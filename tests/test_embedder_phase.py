@@ -303,6 +303,23 @@ def test_short_run_keeps_the_teacher_and_lowers_the_student_loss(slides, tmp_pat
     assert [h["iteration"] for h in result["history"]] == [4, 8, 12, 16]
 
 
+def test_a_checkpoint_is_resumed_only_with_the_same_validation_slides(slides, tmp_path, monkeypatch):
+    train, val = slides
+    monkeypatch.setattr(phase_module.ResumeCheckpoint, "clear", lambda self: None)  # the finished run's stays
+    embedder = create_embedder("resnet18_trunc", input_size=48)
+    agg = _teacher("abmil", embedder.out_dim)
+
+    def run(validation):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            finetune_embedder(embedder, agg, train, validation, tmp_path, batches_per_epoch=2, val_interval=2, **FAST)
+        return [str(w.message) for w in caught if "other settings or data" in str(w.message)]
+
+    assert run(val) == []  # nothing to resume
+    assert run(val) == []  # the same data: resumed (the finished phase is not run again)
+    assert len(run(val[:-1])) == 1  # one validation slide fewer: the checkpoint is not taken for this run's
+
+
 def test_the_feature_term_keeps_the_students_own_reduction_near_the_teachers(slides, tmp_path):
     """``feature_weight``: the same seeded run with and without the term; with it, the student's reduction of its
     own features of held-out patches ends closer to the teacher's reduction of the teacher's features, and the phase

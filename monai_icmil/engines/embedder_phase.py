@@ -1058,6 +1058,8 @@ class EmbedderPhase:
             "embedder": embedder.fingerprint(),
             "aggregator": {k: v.float().sum().item() for k, v in aggregator.state_dict().items()},
             "train": [(s["slide_id"], len(s["coords"])) for s in train_data.slides],
+            # the validation slides, through the held-out patches the student is selected on (uint8: an exact sum)
+            "held_out": [list(held_out[0].shape), int(held_out[0].sum(dtype=torch.int64))],
             "phase": self.signature(),
             "rest": [seed, train_data.world_size, train_data.stain_normalize],
         }
