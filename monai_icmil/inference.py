@@ -205,6 +205,10 @@ def predict_slides(
         row = _predict_one(run, item, tiles, writers, dense, class_names)
         if row is not None:
             rows.append(row)
+        else:  # an earlier run's pictures of this slide must not pass for this run's
+            unscored = SimpleNamespace(slide_id=item["slide_id"], output_dir=run.out, image=item["image"])
+            for writer in writers:
+                _remove_outputs(writer, unscored)
     if items and not rows:  # no table at all rather than an empty one, or a stale one beside this run's report
         (run.out / "probabilities.csv").unlink(missing_ok=True)
         raise _none_scored(run.report, items)

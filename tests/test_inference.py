@@ -128,12 +128,15 @@ def test_a_slide_without_current_features_is_not_called_a_slide_without_tissue(t
     embedder = create_embedder("resnet18_trunc", input_size=32)
     bag = save_bag_classifier(tmp_path / "bag.pt", create_aggregator("abmil", embedder.out_dim, 2, hidden_dim=8))
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "s0_heatmap.jpg").write_text("an earlier run's")
     with pytest.warns(UserWarning, match=r"s0\.tif' has no current features in '.*s0\.safetensors' \(missing") as seen:
         rows = predict_slides(
             tmp_path / "slides", embedder, bag, TilingConfig(patch_size=32, mpp=1.0, min_area_um2=0.0), out,
-            embed=LosesOne(batch_size=64, num_workers=0, progress=False), progress=False,
+            embed=LosesOne(batch_size=64, num_workers=0, progress=False), writers=[HeatmapWriter()], progress=False,
         )  # fmt: skip
     assert [r["slide_id"] for r in rows] == ["s1"]
+    assert not (out / "s0_heatmap.jpg").exists() and (out / "s1_heatmap.jpg").is_file()  # not scored: no picture
     assert not [w for w in seen if "no tissue patches" in str(w.message)]
 
 

@@ -143,7 +143,8 @@ class SlideWriter(ABC):
         """Write this slide's outputs into ``pred.output_dir``."""
 
     def outputs(self, pred: SlidePrediction) -> list[Path]:
-        """The files :meth:`write` makes for this slide (none by default): removed when it fails, so that an earlier
+        """The files :meth:`write` makes for this slide (none by default): removed when it fails, or when the slide
+        is not scored (then ``pred`` carries only ``slide_id``, ``output_dir`` and ``image``), so that an earlier
         run's picture is not taken for this run's."""
         return []
 
