@@ -1,29 +1,33 @@
 # Copyright (c) monai-icmil contributors
 # Licensed under the Apache License, Version 2.0 (the "License");
-"""Tissue detection on a zoo of hard slides: the detector as it was before the glass balance and the adaptive floor
-(``tissue_mask_from_rgb(..., balance_background=False, adapt_floor=False)``, "old") against its defaults ("new"),
-case by case.
+"""Tissue detection on a zoo of hard slides: the detector as it was before a change ("old", ``--old``: ``s59``
+before the pale-tissue split and the hole limit, ``s58`` also before the glass balance and the adaptive floor)
+against its defaults ("new"), case by case.
 
-77 cases at the tissue mask's resolution (about 8 um/px), each with the mask it should get (its oracle; none for a
+79 cases at the tissue mask's resolution (about 8 um/px), each with the mask it should get (its oracle; none for a
 blank slide, which should get no tissue):
 
-- CMU-1-Small-Region read at level 0 in 16 x 16 blocks (185 x 138), its oracle the old detector's mask of the slide
-  itself; as light through the slide (relative to its glass) it is re-stained in HED space (faded to a fraction of
-  its stain, haematoxylin or eosin only, twice the eosin, pale haematoxylin with DAB: IHC), seen through tinted,
-  vignetted or graded glass, inked, folded, put beside fill outside the scanned area or shown in dark field;
+- CMU-1-Small-Region read at level 0 in 16 x 16 blocks (185 x 138), its oracle the mask every detector before the
+  pale-tissue split gave the slide itself (Otsu's threshold, every hole filled; ``--oracle new``: the defaults' mask,
+  which keeps its pale strand and loose keratin); as light through the slide (relative to its glass) it is re-stained
+  in HED space (faded to a fraction of its stain, haematoxylin or eosin only, twice the eosin, pale haematoxylin with
+  DAB: IHC, half dark and half pale), seen through tinted, vignetted or graded glass, inked, folded, put beside fill
+  outside the scanned area or shown in dark field;
 - dense tissue tiled from CMU-1's densest block (85-99 % cover, with fat, a lumen or faded) and tiny biopsies (1-2 %);
 - blank slides: tinted glass, debris, air bubbles, coverslip edges, pen, mountant mottle, heavy noise, grey fill.
 
 Each case is rendered (glass colour times transmittance, Gaussian noise, JPEG) with its own noise drawn from
 ``--seed``; the scenes themselves are fixed. Both detectors run on the CPU with ``min_area_px`` 312 (20,000 um^2 at
-8 um/px). Per case: cover, recall and precision against the oracle, the threshold, and the warning
-:func:`monai_icmil.data.tiling._doubtful_mask` gives (``cover``, ``lowered``, ``faint``; ``empty`` for no tissue).
+8 um/px); "new" fills holes up to 781 px (``MAX_HOLE_UM2``, 50,000 um^2), "old" every hole. Per case: cover, recall
+and precision against the oracle, the threshold, and the warning :func:`monai_icmil.data.tiling._doubtful_mask` gives
+(``cover``, ``lowered``, ``faint``; ``empty`` for no tissue).
 
 New regresses on a case, against old, when it keeps more than 0.2 % more of a blank slide, loses more than 0.05 of
 recall or of precision (an empty mask has precision 1), or starts warning where old did not on a case not meant to
 be faint (faded, IHC, pale). An improvement is the same rules with old and new swapped; a case can be both.
 
-    python benchmarks/tissue_zoo.py [--seed 59] [--cmu CMU-1-Small-Region.svs] [--smoke] [--json tissue_zoo.json]
+    python benchmarks/tissue_zoo.py [--old s59|s58] [--oracle s59|new] [--seed 59] [--smoke]
+        [--cmu CMU-1-Small-Region.svs] [--json tissue_zoo.json]
 
 Without the CMU-1 file only the cases that do not derive from it (the blank slides) are built.
 """
@@ -45,20 +49,26 @@ from scipy import ndimage as ndi
 from skimage.color import hed_from_rgb, rgb_from_hed
 
 from monai_icmil.data import open_slide
-from monai_icmil.data.tiling import _doubtful_mask, tissue_mask_from_rgb
+from monai_icmil.data.tiling import MAX_HOLE_UM2, _doubtful_mask, tissue_mask_from_rgb
 from monai_icmil.utils import atomic_write_json
 
 CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "CMU-1-Small-Region.svs"
-#: the detectors compared: keyword arguments of tissue_mask_from_rgb
-DETECTORS: dict[str, dict[str, bool]] = {"old": {"balance_background": False, "adapt_floor": False}, "new": {}}
 MIN_AREA_PX = 312
+#: the defaults' hole limit at the zoo's 8 um/px
+MAX_HOLE_PX = int(MAX_HOLE_UM2 / 64)
+#: the detector before a session's change (keyword arguments of tissue_mask_from_rgb; every hole filled), and after
+BEFORE: dict[str, dict[str, bool]] = {
+    "s59": {"pale_tissue": False},
+    "s58": {"balance_background": False, "adapt_floor": False, "pale_tissue": False},
+}
+NEW: dict[str, Any] = {"max_hole_px": MAX_HOLE_PX}
 MIN_SATURATION = 0.05
 #: more cover than this on a blank slide, and a drop in recall or precision of more than SCORE_DROP, regress
 BLANK_GAIN = 0.002
 SCORE_DROP = 0.05
 #: cases meant to be faint (a name containing one of these): a new warning there is fair
 FAINT = ("fade0.1", "fade0.05", "sparseDAB", "ihc", "Eonly_pale", "pale")
-SMOKE = ("cmu1", "cmu1_yellow", "cmu1_fade0.1_white", "biopsy1_yellow", "blank_white", "blank_yellow")
+SMOKE = ("cmu1", "cmu1_yellow", "cmu1_fade0.1_white", "cmu1_uneven", "biopsy1_yellow", "blank_white", "blank_yellow")
 
 #: CMU-1's own glass (the transmittance's reference) and the glass colours the cases are lit through
 CMU_GLASS = (246.0, 245.0, 244.0)
@@ -199,14 +209,17 @@ class Zoo:
         cmu: CMU-1-Small-Region at the mask resolution (``uint8`` ``[185, 138, 3]``), or ``None``: only the cases that
             do not derive from it.
         seed: the noise's seed.
+        oracle: whose mask of CMU-1 is the oracle of the cases made from it: ``"s59"`` (every detector's before the
+            pale-tissue split) or ``"new"`` (the defaults', which keep its pale strand and loose keratin).
     """
 
-    def __init__(self, cmu: np.ndarray | None, seed: int = 59) -> None:
+    def __init__(self, cmu: np.ndarray | None, seed: int = 59, oracle: str = "s59") -> None:
         self.cmu, self.seed = cmu, seed
         self.recipes: dict[str, tuple[str, Recipe]] = {}
         if cmu is not None:
             self.t0 = np.clip(cmu / np.array(CMU_GLASS), 1e-4, 1.0)
-            self.r0 = tissue_mask_from_rgb(cmu, min_area_px=MIN_AREA_PX, device="cpu", **DETECTORS["old"])[0]
+            reference = NEW if oracle == "new" else BEFORE[oracle]
+            self.r0 = tissue_mask_from_rgb(cmu, min_area_px=MIN_AREA_PX, device="cpu", **reference)[0]
             self._cmu_cases()
             self._dense_cases()
             self._biopsy_cases()
@@ -318,6 +331,12 @@ class Zoo:
 
         self._on_cmu("cmu1_fold", fold, note="OD x4 band")
         self._on_cmu("cmu1_fold_yellow", fold, YELLOW)
+
+        def uneven() -> np.ndarray:  # one slide stained unevenly: the top half twice as dark, the bottom half pale
+            return from_stains(to_stains(t0) * np.where(np.arange(h)[:, None, None] < h // 2, 2.0, 0.35))
+
+        self._on_cmu("cmu1_uneven", uneven, note="top 2x stain, bottom 0.35x")
+        self._on_cmu("cmu1_uneven_yellow", uneven, YELLOW)
 
         # fill outside the scanned area: 120 columns beside the slide
         wide_t = np.concatenate([t0, np.ones((h, 120, 3))], 1)
@@ -559,12 +578,12 @@ def describe(measures: list[str], old: dict[str, Any], new: dict[str, Any]) -> s
     return "; ".join(said)
 
 
-def compare(case: Case) -> dict[str, Any]:
+def compare(case: Case, detectors: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One case's row: old and new detectors' scores, whether their masks are identical, and how new regresses or
     improves on old."""
     masks, row = {}, {"case": case.name, "note": case.note, "shape": list(case.rgb.shape[:2])}
     row["oracle_cover"] = None if case.oracle is None else float(case.oracle.mean())
-    for name, options in DETECTORS.items():
+    for name, options in detectors.items():
         masks[name], row[name] = detect(case.rgb, case.oracle, options)
     row["identical"] = bool(np.array_equal(masks["old"], masks["new"]))
     blank = case.oracle is None
@@ -602,13 +621,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cmu", type=Path, default=CMU, help="CMU-1-Small-Region.svs (missing: blank slides only)")
     p.add_argument("--seed", type=int, default=59, help="the cases' noise")
+    p.add_argument("--old", choices=sorted(BEFORE), default="s59", help="the detector before which change")
+    p.add_argument(
+        "--oracle", choices=["s59", "new"], default="s59", help="whose mask of CMU-1 is the CMU-1 cases' oracle"
+    )
     p.add_argument("--cases", nargs="+", default=None, help="only these cases (names as in the table)")
     p.add_argument("--smoke", action="store_true", help=f"CI: {len(SMOKE)} cases ({', '.join(SMOKE)})")
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     cmu = read_cmu(args.cmu)
-    zoo = Zoo(cmu, args.seed)
+    zoo = Zoo(cmu, args.seed, args.oracle)
     wanted = args.cases or (list(SMOKE) if args.smoke else zoo.names())
     if cmu is None:
         skipped = [n for n in wanted if n not in zoo.recipes and n.startswith(("cmu1", "ihc", "dense", "biopsy"))]
@@ -617,13 +640,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [n for n in wanted if n not in zoo.recipes]
     if unknown:
         p.error(f"--cases: unknown {unknown}; known: {zoo.names()}")
-    rows = [compare(zoo.build(name)) for name in wanted]
+    detectors = {"old": BEFORE[args.old], "new": NEW}
+    rows = [compare(zoo.build(name), detectors) for name in wanted]
     table = markdown(rows)
     regressions = {r["case"]: r["regression"] for r in rows if r["regression"]}
     improvements = {r["case"]: r["improvement"] for r in rows if r["improvement"]}
     identical = sum(r["identical"] for r in rows)
     summary = (
-        f"tissue zoo (seed {args.seed}{', no CMU-1' if cmu is None else ''}): {len(rows)} cases, "
+        f"tissue zoo (seed {args.seed}, old {args.old}, oracle {args.oracle}{', no CMU-1' if cmu is None else ''}): "
+        f"{len(rows)} cases, "
         f"{len(regressions)} regressions, {len(improvements)} improvements of new vs old; "
         f"{identical} masks identical"
     )
@@ -634,7 +659,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "cmu": str(args.cmu) if cmu is not None else None,
-        "detectors": DETECTORS,
+        "detectors": detectors,
         "min_area_px": MIN_AREA_PX,
         "rows": rows,
         "regressions": regressions,

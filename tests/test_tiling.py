@@ -528,6 +528,55 @@ def test_faded_tissue_is_kept_at_half_the_floor_with_a_warning_and_a_slide_witho
         assert _doubtful_mask(normal, mask, thr, 0.05) is None
 
 
+def test_pale_tissue_beside_dense_tissue_is_kept_and_glass_of_another_tint_is_not():
+    """Otsu's threshold splits dense, dark tissue from pale stroma when both are on a slide: the pale half was
+    dropped. The pixels under it are split again and their textured part kept; a smooth band of bluer glass (a
+    gradient, a coverslip's edge) between the two thresholds stays out, and so does glass enclosed by tissue beyond
+    ``max_hole_px``."""
+    rng = np.random.default_rng(0)
+    h, w = 120, 200
+    img = np.clip(244 + rng.normal(0, 1.5, (h, w, 1)), 0, 255).repeat(3, axis=2)
+    dense, pale = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    dense[20:100, 20:80], pale[20:100, 95:155] = True, True
+    img[dense] = np.array([150, 60, 140]) + rng.normal(0, 12, (dense.sum(), 1))  # saturation ~0.6
+    img[pale] = np.array([235, 205, 222]) + rng.normal(0, 10, (pale.sum(), 1))  # ~0.13, textured
+    img[:, 180:] = np.array([226, 234, 248]) + rng.normal(0, 1.0, (h, 20, 1))  # ~0.09, smooth: bluer glass
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    before, otsu = tissue_mask_from_rgb(img, min_area_px=16, device="cpu", pale_tissue=False)
+    mask, thr = tissue_mask_from_rgb(img, min_area_px=16, device="cpu")
+    assert (before & pale).sum() < 0.5 * pale.sum() and (before & dense).sum() > 0.97 * dense.sum()  # as it was
+    assert 0.05 <= thr < otsu
+    assert (mask & pale).sum() > 0.97 * pale.sum() and (mask & dense).sum() > 0.97 * dense.sum()
+    assert not mask[:, 185:].any() and not mask[:5].any()  # the bluer glass and the white glass
+    # a slide of one stain: Otsu's threshold is already under the tissue and the step leaves it alone
+    one = img.copy()
+    one[pale] = np.clip(np.array([150, 60, 140]) + rng.normal(0, 12, (pale.sum(), 1)), 0, 255)
+    for a, b in zip(
+        tissue_mask_from_rgb(one, min_area_px=16, device="cpu"),
+        tissue_mask_from_rgb(one, min_area_px=16, device="cpu", pale_tissue=False),
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_holes_up_to_max_hole_are_filled_and_larger_glass_enclosed_by_tissue_is_not(tmp_path):
+    img = np.full((120, 120, 3), 245, np.uint8)
+    img[10:110, 10:110] = (200, 110, 190)  # tissue
+    img[20:60, 20:60] = 245  # a lumen: 1,600 px
+    img[80:85, 80:85] = 245  # a small hole: 25 px
+    every, _ = tissue_mask_from_rgb(img, median_size=1, min_area_px=30, device="cpu")
+    small, _ = tissue_mask_from_rgb(img, median_size=1, min_area_px=30, device="cpu", max_hole_px=100)
+    assert every[20:60, 20:60].all() and every[80:85, 80:85].all()  # max_hole_px None: every hole filled
+    assert not small[20:60, 20:60].any() and small[80:85, 80:85].all()
+    # compute_tissue_mask: the area in um^2 (8 um mask pixels on this 0.5 um/px slide read in 16 x 16 blocks)
+    big = np.kron(img, np.ones((16, 16, 1), np.uint8))
+    write_slide(tmp_path / "ring.tif", big, mpp=0.5)
+    reader = open_slide(tmp_path / "ring.tif")
+    lumen = (slice(22, 58), slice(22, 58))  # 1,600 mask px = 102,400 um^2
+    assert compute_tissue_mask(reader, mask_mpp=8.0).mask[lumen].mean() < 0.05  # the default: 50,000 um^2
+    assert compute_tissue_mask(reader, mask_mpp=8.0, max_hole_um2=200_000).mask[lumen].all()
+    assert compute_tissue_mask(reader, mask_mpp=8.0, max_hole_um2=None).mask[lumen].all()
+
+
 def test_bluish_hematoxylin_and_a_dark_purple_fold_are_not_ink():
     from monai_icmil.data.tiling import ink, saturation
 
@@ -541,10 +590,14 @@ def test_background_balancing_stays_out_of_the_tiling_signature_unless_turned_of
     from monai_icmil.transforms import TissueMask
     from monai_icmil.utils import component_signature
 
-    for name in ("balance_background", "adapt_floor"):
+    for name, changed in (
+        ("balance_background", False), ("adapt_floor", False), ("pale_tissue", False), ("max_hole_um2", None),
+    ):  # fmt: skip
         assert name not in TissueMask().kwargs and name not in TilingConfig().params()
-        assert component_signature(TissueMask()) != component_signature(TissueMask(**{name: False}))
-        off = TilingConfig(**{name: False})
+        assert component_signature(TissueMask()) != component_signature(TissueMask(**{name: changed}))
+        off = TilingConfig(**{name: changed})
         assert (
-            off.params()[name] is False and off.transforms(device="cpu").transforms[0].transform.kwargs[name] is False
+            off.params()[name] is changed
+            and off.transforms(device="cpu").transforms[0].transform.kwargs[name] is changed
         )
+    assert TilingConfig(max_hole_um2=1e4).params()["max_hole_um2"] == 1e4

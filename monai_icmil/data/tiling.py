@@ -9,6 +9,7 @@ small specks. Because both devices run the same code, they agree up to the libra
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Hashable, Mapping
@@ -215,14 +216,19 @@ def tissue_saturation(rgb: Any, xp: ModuleType = np, balance_background: bool = 
     return sat if ink_pixels is None else xp.where(ink_pixels, xp.float32(0.0), sat)
 
 
-def _mostly_textured(rgb: Any, faint: Any, glass: Any, xp: ModuleType, ndi: Any) -> bool:
-    """Whether at least half of the ``faint`` pixels are textured (their 5x5 brightness s.d. more than twice the
-    glass's): faded tissue is, a smooth smear of mountant, haze or a colour cast in a corner is not."""
+def _textured(rgb: Any, glass: Any, xp: ModuleType, ndi: Any) -> Any:
+    """The pixels whose 5x5 brightness s.d. is more than twice the ``glass`` pixels' (median): tissue, faded or
+    pale, is; a smooth smear of mountant, haze, a colour cast in a corner or a gradient of the glass is not."""
     bright = rgb.astype(xp.float32).mean(axis=-1)
     mean, mean_sq = ndi.uniform_filter(bright, 5), ndi.uniform_filter(bright * bright, 5)
     sd = xp.sqrt(xp.maximum(mean_sq - mean * mean, 0.0))
     noise = float(xp.median(sd[glass])) if bool(glass.any()) else float(xp.median(sd))
-    return int((faint & (sd > 2.0 * max(noise, 0.5))).sum()) * 2 >= int(faint.sum())
+    return sd > 2.0 * max(noise, 0.5)
+
+
+def _mostly_textured(rgb: Any, faint: Any, glass: Any, xp: ModuleType, ndi: Any) -> bool:
+    """Whether at least half of the ``faint`` pixels are :func:`_textured`."""
+    return int((faint & _textured(rgb, glass, xp, ndi)).sum()) * 2 >= int(faint.sum())
 
 
 def otsu_threshold(
@@ -252,6 +258,8 @@ def tissue_mask_from_rgb(
     exclude_ink: bool = True,
     balance_background: bool = True,
     adapt_floor: bool = True,
+    pale_tissue: bool = True,
+    max_hole_px: int | None = None,
 ) -> tuple[np.ndarray, float]:
     """Tissue mask of a low-resolution RGB image: HSV saturation, balanced by the glass's colour, above Otsu's
     threshold (at least ``min_saturation``), pen and marker ink left out (:func:`tissue_saturation`), cleaned.
@@ -271,6 +279,13 @@ def tissue_mask_from_rgb(
             ``min_saturation`` if that finds tissue (pieces of ``min_area_px`` or more): faded H&E or a pale
             counterstain, which the floor would mostly drop (a smooth smear of mountant is not textured). The caller
             warns (:func:`compute_tissue_mask`).
+        pale_tissue: when Otsu's threshold lies above ``min_saturation``, split the pixels under it again (Otsu's
+            threshold of those alone, at least ``min_saturation``) and take the lower threshold if the pixels between
+            the two are at least a tenth of the mask and mostly textured like tissue. Otsu's split separates glass
+            from tissue when the tissue is one population; on unevenly stained tissue (pale stroma, loose or fatty
+            tissue beside dense, dark areas) it falls inside the tissue and drops the pale part.
+        max_hole_px: fill only holes of at most this many pixels (``None``: every hole), so that glass enclosed by
+            tissue (a lumen, a tear, the gap inside a ring of tissue) is not tiled.
 
     Returns:
         ``(mask, threshold)``: a numpy boolean mask and the saturation threshold used.
@@ -280,7 +295,11 @@ def tissue_mask_from_rgb(
     sat = tissue_saturation(img, xp, balance_background, exclude_ink)
     otsu, floor = otsu_threshold(sat, xp), float(min_saturation)
     thr = max(otsu, floor)
-    mask = _clean_mask(sat > thr, median_size, min_area_px, fill_holes, xp, ndi)
+    clean = functools.partial(
+        _clean_mask, median_size=median_size, min_area_px=min_area_px, fill_holes=fill_holes, xp=xp, ndi=ndi,
+        max_hole_px=max_hole_px,
+    )  # fmt: skip
+    mask = clean(sat > thr)
     faint = (sat > 0.5 * floor) & (sat <= thr)
     if (
         adapt_floor
@@ -289,20 +308,45 @@ def tissue_mask_from_rgb(
         and _mostly_textured(img, faint, (sat <= 0.5 * floor) & ~mask, xp, ndi)
     ):
         lowered = max(otsu, 0.5 * floor)
-        kept = _clean_mask(sat > lowered, median_size, min_area_px, fill_holes, xp, ndi)
+        kept = clean(sat > lowered)
         if bool(kept.any()):  # faint tissue, not noise: a blank slide keeps its floor (and its report says so)
             mask, thr = kept, lowered
+    elif pale_tissue and otsu > floor and bool(mask.any()):
+        lower = max(otsu_threshold(sat[sat <= otsu], xp, value_range=(0.0, otsu)), floor)
+        textured = _textured(img, (sat <= lower) & ~mask, xp, ndi)
+        smooth = (sat <= otsu) & ~textured & ~mask  # glass, of one tint or several (a gradient)
+        if bool(smooth.any()):
+            lower = max(lower, float(xp.percentile(sat[smooth], GLASS_PERCENTILE)))
+        # pale pixels count where they are textured: glass of another tint (a gradient, a coverslip's edge) is not
+        pale = (sat > lower) & (sat <= otsu) & textured
+        if lower < otsu and int(pale.sum()) * 10 >= int(mask.sum()):
+            mask, thr = clean((sat > otsu) | pale), lower
     if xp is not np:
         mask = xp.asnumpy(mask)
     return np.asarray(mask, dtype=bool), thr
 
 
-def _clean_mask(mask: Any, median_size: int, min_area_px: int, fill_holes: bool, xp: ModuleType, ndi: Any) -> Any:
-    """A thresholded mask median-filtered, its holes filled and its specks under ``min_area_px`` removed."""
+def _clean_mask(
+    mask: Any,
+    median_size: int,
+    min_area_px: int,
+    fill_holes: bool,
+    xp: ModuleType,
+    ndi: Any,
+    max_hole_px: int | None = None,
+) -> Any:
+    """A thresholded mask median-filtered, its holes (of at most ``max_hole_px`` pixels; ``None``: all) filled and
+    its specks under ``min_area_px`` removed."""
     if median_size and median_size > 1:
         mask = ndi.median_filter(mask.astype(xp.uint8), size=int(median_size)) > 0
     if fill_holes:
-        mask = ndi.binary_fill_holes(mask)
+        filled = ndi.binary_fill_holes(mask)
+        if max_hole_px is not None and bool((filled & ~mask).any()):
+            labels, n = ndi.label(filled & ~mask)
+            small = xp.bincount(labels.ravel(), minlength=int(n) + 1) <= int(max_hole_px)
+            small[0] = False
+            filled = mask | small[labels]
+        mask = filled
     if min_area_px and min_area_px > 1 and bool(mask.any()):
         labels, n = ndi.label(mask)
         sizes = xp.bincount(labels.ravel(), minlength=int(n) + 1)
@@ -310,6 +354,14 @@ def _clean_mask(mask: Any, median_size: int, min_area_px: int, fill_holes: bool,
         keep[0] = False
         mask = keep[labels]
     return mask
+
+
+#: the pale-tissue threshold stays above this percentile of the smooth (glass) pixels' saturation
+GLASS_PERCENTILE = 95.0
+
+#: holes in the tissue up to this area (um^2) are filled by default; glass enclosed by more (a lumen, a tear, a
+#: ring of tissue), room for about three patches of the bundle's 128 um, is not tiled
+MAX_HOLE_UM2 = 50_000.0
 
 
 def mask_level(reader: SlideReader, mask_mpp: float = 8.0, fallback_downsample: float = 32.0) -> tuple[int, int]:
@@ -339,6 +391,8 @@ def compute_tissue_mask(
     device: str | torch.device | None = "auto",
     balance_background: bool = True,
     adapt_floor: bool = True,
+    pale_tissue: bool = True,
+    max_hole_um2: float | None = MAX_HOLE_UM2,
 ) -> TissueMaskResult:
     """Tissue mask of a slide at low resolution (:func:`tissue_mask_from_rgb`).
 
@@ -356,6 +410,11 @@ def compute_tissue_mask(
         balance_background: take the saturation relative to the glass's colour (tinted glass is not tissue).
         adapt_floor: halve ``min_saturation`` where faint, textured colour outnumbers the mask
             (:func:`tissue_mask_from_rgb`).
+        pale_tissue: keep pale tissue that Otsu's threshold splits off from dense, dark tissue
+            (:func:`tissue_mask_from_rgb`).
+        max_hole_um2: fill only holes in the tissue up to this area (square micrometres; ``None``: every hole), so
+            glass enclosed by tissue (a lumen, a tear) is not tiled; without mpp the area is taken as mask pixels
+            at 8 um/px.
 
     Returns:
         :class:`TissueMaskResult`; an empty mask is returned (with a warning naming the slide) when no tissue is
@@ -370,6 +429,7 @@ def compute_tissue_mask(
     downsample = reader.dimensions[0] / img.shape[1]
     px_um = (reader.mpp * downsample) if reader.mpp is not None else 8.0
     min_area_px = max(1, int(round(min_area_um2 / (px_um * px_um))))
+    max_hole_px = None if max_hole_um2 is None else int(max_hole_um2 / (px_um * px_um))
     mask, thr = tissue_mask_from_rgb(
         img,
         median_size=median_size,
@@ -379,6 +439,8 @@ def compute_tissue_mask(
         device=device,
         balance_background=balance_background,
         adapt_floor=adapt_floor,
+        pale_tissue=pale_tissue,
+        max_hole_px=max_hole_px,
     )
     if not mask.any():
         why = _why_no_tissue(img, thr, min_area_um2, px_um, median_size, balance_background)
@@ -421,12 +483,15 @@ def _doubtful_mask(
     taken as tissue), its threshold was lowered under ``min_saturation`` for faint colour (faded H&E or a pale
     counterstain: glass or debris may be in it), or the threshold sits at its floor with more faint pixels just
     under it than tissue above it (faint tissue mostly dropped)."""
-    cover = float(mask.mean())
+    from scipy import ndimage
+
+    cover = float(ndimage.binary_fill_holes(mask).mean())  # the large holes left open count: a ring of bubbles
     check = "Check its tiling QC picture (coords/qc/)"
     if cover > MAX_PLAUSIBLE_COVER:
         return (
-            f"the tissue mask covers {cover:.0%} of the slide: tinted glass taken as tissue, or a slide cropped to "
-            f"its tissue? {check}; raise the tiling's min_saturation if the glass is tiled."
+            f"the tissue mask covers {cover:.0%} of the slide (with the holes it encloses): tinted glass taken as "
+            f"tissue, or a slide cropped to its tissue? {check}; raise the tiling's min_saturation if the glass is "
+            "tiled."
         )
     if thr < min_saturation - 1e-6:
         return (
@@ -437,7 +502,8 @@ def _doubtful_mask(
     if thr <= min_saturation + 1e-6:
         sat = tissue_saturation(np.asarray(img), np, balance_background)
         faint = int(((sat > 0.5 * min_saturation) & (sat <= thr)).sum())
-        if faint > int(mask.sum()):
+        # (Otsu's threshold above the floor: the floor is the pale-tissue threshold, not a sign of faded stain)
+        if faint > int(mask.sum()) and otsu_threshold(sat) <= min_saturation + 1e-6:
             return (
                 f"{faint} pixels of faint colour (saturation {0.5 * min_saturation:.3f}-{thr:.3f}) lie just under "
                 f"the threshold, more than the {int(mask.sum())} tissue pixels kept: faded H&E or a pale counterstain "
@@ -608,8 +674,19 @@ def _patch_tissue_fraction(mask: np.ndarray, mask_ds: float, coords: np.ndarray,
     return (total / ((x1 - x0) * (y1 - y0))).astype(np.float32)
 
 
-#: tissue-detector options that are on by default and enter a tiling's signature only when turned off
-_DETECTOR_OPTIONS = ("balance_background", "adapt_floor")
+#: tissue-detector options and their defaults: they enter a tiling's signature (the stores' keys) only when changed,
+#: so that stores made before they existed stay current
+DETECTOR_DEFAULTS: dict[str, Any] = {
+    "balance_background": True,
+    "adapt_floor": True,
+    "pale_tissue": True,
+    "max_hole_um2": MAX_HOLE_UM2,
+}
+
+
+def changed_detector_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`DETECTOR_DEFAULTS` options of ``options`` whose values differ from their defaults."""
+    return {k: v for k, v in options.items() if k in DETECTOR_DEFAULTS and v != DETECTOR_DEFAULTS[k]}
 
 
 @dataclass
@@ -633,9 +710,12 @@ class TilingConfig:
         balance_background: tissue saturation relative to the glass's colour (:func:`tissue_saturation`).
         adapt_floor: halve ``min_saturation`` for a slide whose faint, textured colour outnumbers its mask
             (:func:`tissue_mask_from_rgb`).
+        pale_tissue: keep pale tissue that Otsu's threshold splits off from dense, dark tissue
+            (:func:`tissue_mask_from_rgb`).
+        max_hole_um2: fill only holes in the tissue up to this area (um^2; ``None``: every hole).
 
-    The last two are in :meth:`params` (the stores' keys) only when turned off, so stores made before they existed
-    stay current.
+    The last four are in :meth:`params` (the stores' keys) only when changed from their defaults, so stores made
+    before they existed stay current.
     """
 
     patch_size: int = 224
@@ -649,10 +729,13 @@ class TilingConfig:
     backend: str = "auto"
     balance_background: bool = True
     adapt_floor: bool = True
+    pale_tissue: bool = True
+    max_hole_um2: float | None = MAX_HOLE_UM2
 
     def params(self) -> dict[str, Any]:
-        """The tiling parameters as a plain dict (the detector's options only when turned off)."""
-        return {k: v for k, v in asdict(self).items() if k not in _DETECTOR_OPTIONS or v is not True}
+        """The tiling parameters as a plain dict (the detector's options only when changed)."""
+        fields = asdict(self)
+        return {k: v for k, v in fields.items() if k not in DETECTOR_DEFAULTS} | changed_detector_options(fields)
 
     def _mask_args(self) -> dict[str, Any]:
         return {
@@ -660,7 +743,7 @@ class TilingConfig:
             "min_area_um2": self.min_area_um2,
             "min_saturation": self.min_saturation,
             "backend": self.backend,
-            **{k: False for k in _DETECTOR_OPTIONS if getattr(self, k) is not True},
+            **changed_detector_options(asdict(self)),
         }
 
     def _grid_args(self) -> dict[str, Any]:

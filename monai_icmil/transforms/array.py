@@ -26,9 +26,11 @@ from monai.utils import TransformBackends
 
 from monai_icmil.data.slide import SlideReader, as_mpp, get_slide
 from monai_icmil.data.tiling import (
+    MAX_HOLE_UM2,
     TilingResult,
     TissueMaskResult,
     _check_grid_args,
+    changed_detector_options,
     compute_tissue_mask,
     grid_coordinates,
 )
@@ -58,10 +60,14 @@ class TissueMask(Transform):
             bluish or pinkish scanners) is not tissue (:func:`~monai_icmil.data.tiling.tissue_saturation`).
         adapt_floor: halve ``min_saturation`` for a slide whose faint colour outnumbers its mask and is textured
             like tissue, when that finds tissue (:func:`~monai_icmil.data.tiling.tissue_mask_from_rgb`).
+        pale_tissue: keep pale tissue (stroma, loose or fatty tissue) that Otsu's threshold splits off from dense,
+            dark tissue, where it is textured (:func:`~monai_icmil.data.tiling.tissue_mask_from_rgb`).
+        max_hole_um2: fill only holes in the tissue up to this area (um^2; ``None``: every hole), so that glass
+            enclosed by tissue (a lumen, a tear) is not tiled.
 
-    ``balance_background`` and ``adapt_floor`` enter the transform's signature (the stores' keys) only when turned
-    off, so coordinates tiled before they existed stay current; delete ``coords/`` and ``features/`` to tile those
-    slides again with them.
+    ``balance_background``, ``adapt_floor``, ``pale_tissue`` and ``max_hole_um2`` enter the transform's signature
+    (the stores' keys) only when changed from their defaults, so coordinates tiled before they existed stay current;
+    delete ``coords/`` and ``features/`` to tile those slides again with them.
         backend: slide backend used when given a path (``"auto"``, ``"cucim"``, ``"openslide"``, ``"tifffile"``,
             ``"image"``).
 
@@ -86,6 +92,8 @@ class TissueMask(Transform):
         backend: str = "auto",
         balance_background: bool = True,
         adapt_floor: bool = True,
+        pale_tissue: bool = True,
+        max_hole_um2: float | None = MAX_HOLE_UM2,
     ) -> None:
         self.kwargs = {
             "mask_mpp": mask_mpp,
@@ -96,9 +104,15 @@ class TissueMask(Transform):
             "fill_holes": fill_holes,
             "device": device,
         }
-        for name, on in (("balance_background", balance_background), ("adapt_floor", adapt_floor)):
-            if not on:  # the default stays out of the tiling signature: stores made before it stay current
-                self.kwargs[name] = False
+        # the defaults stay out of the tiling signature: stores made before these options existed stay current
+        self.kwargs |= changed_detector_options(
+            {
+                "balance_background": balance_background,
+                "adapt_floor": adapt_floor,
+                "pale_tissue": pale_tissue,
+                "max_hole_um2": max_hole_um2,
+            }
+        )
         self.slide_backend = backend
 
     def __call__(self, slide: SlideLike, slide_mpp: float | None = None) -> TissueMaskResult:
