@@ -74,3 +74,29 @@ def test_patch_tumour_fraction_reads_the_ground_truth_mask(tmp_path):
     frac = patch_tumour_fraction(coords, 256, tmp_path / "m.png", 16)
     np.testing.assert_allclose(frac, [1.0, 0.0, 0.5, 0.0625])  # the last overlaps a 4x4 corner of 16x16
     np.testing.assert_allclose(patch_tumour_fraction(coords, 256, mask, 16), frac)
+
+
+def test_the_demo_generates_only_into_a_new_empty_or_own_folder_never_beside_a_users_slides(tmp_path):
+    """demo.json's `synthetic` with --dataset_dir pointing at a folder of one's own slides whose datalist has another
+    name: refused with the fix, before any file is written; a new folder, or one an interrupted generation left
+    (it carries the marker), is generated into."""
+    import pytest
+
+    from monai_icmil.data.synthetic import SYNTHETIC_MARKER
+    from monai_icmil.workflows.splits import DatasetSplits
+
+    synthetic = {"num_training": 2, "num_validation": 1, "num_test": 1, "config": {"width": 768, "height": 512}}
+    own = tmp_path / "own"
+    (own / "slides").mkdir(parents=True)
+    (own / "slides" / "a.tif").write_bytes(b"mine")
+    (own / "my_list.json").write_text("{}")
+    splits = DatasetSplits(own, "datalist.json", tmp_path / "out", synthetic=synthetic, progress=False)
+    with pytest.raises(FileExistsError, match=r"own' holds files but no datalist 'datalist.json'.*--datalist"):
+        splits.items()
+    assert sorted(p.name for p in (own / "slides").iterdir()) == ["a.tif"] and not (own / SYNTHETIC_MARKER).exists()
+    left = tmp_path / "interrupted"
+    (left / "slides").mkdir(parents=True)
+    (left / SYNTHETIC_MARKER).touch()
+    for root in (tmp_path / "new", left):
+        items = DatasetSplits(root, "datalist.json", tmp_path / "out", synthetic=synthetic, progress=False).items()
+        assert len(items["training"]) == 2 and (root / SYNTHETIC_MARKER).exists()

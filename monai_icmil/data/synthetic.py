@@ -335,6 +335,10 @@ def _render(jobs: list[tuple[str, Any]], num_workers: int, progress: bool) -> li
             pool.shutdown()
 
 
+#: the file :func:`make_dataset` leaves in a dataset folder it writes (a folder of someone's own slides has none)
+SYNTHETIC_MARKER = ".monai_icmil_synthetic"
+
+
 def make_dataset(
     output_dir: str | os.PathLike,
     num_training: int = 8,
@@ -376,6 +380,8 @@ def make_dataset(
     }
     if not overwrite and _is_complete(datalist_path, params):
         return datalist_path
+    root.mkdir(parents=True, exist_ok=True)
+    (root / SYNTHETIC_MARKER).touch()  # before any slide: an interrupted generation is ours to finish
     jobs = _jobs(root, seed, cfg, positive_fraction, num_training, num_validation, num_test)
     results = _render(jobs, num_workers, progress)
     datalist: dict[str, Any] = {"training": [], "validation": [], "test": []}

@@ -87,9 +87,17 @@ class DatasetSplits:
         return [e for split in SPLITS for e in self.items().get(split, [])]
 
     def _generate(self) -> None:
-        from monai_icmil.data.synthetic import make_dataset
+        from monai_icmil.data.synthetic import SYNTHETIC_MARKER, make_dataset
 
         if dist_info()[0] == 0 and not self.path.is_file():  # one rank writes it; every rank waits here
+            d = self.dataset_dir
+            if d.is_dir() and any(d.iterdir()) and not (d / SYNTHETIC_MARKER).exists():
+                raise FileExistsError(
+                    f"dataset_dir '{d}' holds files but no datalist '{self.path.name}': the synthetic demo (demo.json's"
+                    " `synthetic`) generates its slides only into a new or empty folder, never beside your own. For "
+                    "your slides, name their datalist (--datalist <file>) and leave demo.json out; for the demo, "
+                    "choose another --dataset_dir."
+                )
             logger.info("generating the synthetic dataset into %s", self.dataset_dir)
             made = make_dataset(self.dataset_dir, progress=self.progress, **self.synthetic)
             if made.resolve() != self.path.resolve():
