@@ -1273,7 +1273,13 @@ def test_the_command_line_is_read_as_fire_reads_it_before_any_work(tmp_path):
     train, demo = str(CONFIGS / "train.json"), str(CONFIGS / "demo.json")
     run = ["run", "--config_file", f"{train},{demo}"]
     assert check_config([*run, "--bag_phase#witness_search", "{'max_instances': 4096}"]) == ["bag_phase#witness_search"]
-    for key in ("bag_phase#early_stop_patience", "bag_phase#grad_clip", "tiling#mpp", "bag_phase#lr_scheduler"):
+    for key in (
+        "bag_phase#early_stop_patience",
+        "bag_phase#grad_clip",
+        "tiling#mpp",
+        "bag_phase#lr_scheduler",
+        "tiling#max_hole_um2",
+    ):
         assert check_config([*run, f"--{key}", "None"]) == [key]
     assert check_config([*run, "--progress", "--num_rounds", "2", "--tiling#level", "1"]) == [
         "progress", "num_rounds", "tiling#level"

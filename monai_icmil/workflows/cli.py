@@ -98,7 +98,7 @@ _BOOLEAN_OR_MAPPING = {"bag_phase#witness_search"}
 _NULLABLE = {
     "bag_phase#early_stop_patience", "bag_phase#grad_clip", "bag_phase#witness_search", "embedder_phase#grad_clip",
     "tiling#mpp", "tiling#level", "tiling#stride", "assume_mpp", "bag_phase#max_instances", "embedder_phase#beta",
-    "embedder_phase#early_stop_patience", "embed#compile", "embedder_phase#compile",
+    "embedder_phase#early_stop_patience", "embed#compile", "embedder_phase#compile", "tiling#max_hole_um2",
 }  # fmt: skip
 # the type of the settings whose default is None (a number given as text is refused before any work)
 _NULL_DEFAULT_TYPES = {
