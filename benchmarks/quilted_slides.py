@@ -13,13 +13,15 @@ Files unlike the demo's: tiled (256 px) JPEG pyramidal TIFFs with two reduced le
 TIFF resolution tags (pixels per centimetre), no image description; string labels; 0/255 PNG tumour masks
 (``tumour_mask``) and tissue masks (``masks/<slide>_tissue.png``, what the detector should find).
 
-    python benchmarks/quilted_slides.py make OUT [--seed 0] [--counts 60,20,24] [--workers 2]
+    python benchmarks/quilted_slides.py make OUT [--seed 0] [--counts 60,20,24] [--workers 2] [--cmu CMU-1.svs]
     python benchmarks/quilted_slides.py tissue OUT [--json tissue.json]
 
-``make`` writes ``OUT/slides``, ``OUT/masks`` and ``OUT/datalist.json`` (the bundle's ``--dataset_dir OUT``); ``tissue``
-compares the tissue detector before the pale-tissue split and the hole limit ("old": ``pale_tissue=False``,
-``max_hole_um2=None``) with its defaults ("new") against the tissue masks at the detector's resolution (a mask pixel is
-tissue when at least half of it is): per slide recall and precision, and their mean and worst.
+``make`` needs CMU-1-Small-Region.svs (``--cmu``; default ``../shared/data/`` beside the repository; OpenSlide's
+test data has it) and writes ``OUT/slides``, ``OUT/masks`` and ``OUT/datalist.json`` (the bundle's ``--dataset_dir
+OUT``); ``tissue`` compares the tissue detector before the pale-tissue split and the hole limit ("old":
+``pale_tissue=False``, ``max_hole_um2=None``) with its defaults ("new") against the tissue masks at the detector's
+resolution (a mask pixel is tissue when at least half of it is): per slide recall and precision, and their mean and
+worst.
 """
 
 from __future__ import annotations
@@ -45,10 +47,15 @@ DETECTORS: dict[str, dict[str, Any]] = {"old": {"pale_tissue": False, "max_hole_
 _source: dict[str, np.ndarray] = {}
 
 
-def _load_source(path: Path = CMU) -> dict[str, np.ndarray]:
-    """CMU-1 at 1 um/px and the corners of its crops that are at least 75 % tissue (once per process)."""
+def _load_source(path: Path | None = None) -> dict[str, np.ndarray]:
+    """CMU-1 (``path``, default :data:`CMU`) at 1 um/px and the corners of its crops that are at least 75 % tissue
+    (once per process)."""
     if not _source:
         import tifffile
+
+        path = Path(path or CMU)
+        if not path.is_file():
+            raise FileNotFoundError(f"the source slide '{path}' does not exist: give CMU-1-Small-Region.svs with --cmu")
 
         a = tifffile.imread(path).astype(np.float32)
         a = a[: a.shape[0] // 2 * 2, : a.shape[1] // 2 * 2]
@@ -185,9 +192,10 @@ def write_pyramid(path: Path, img: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def make_slide(job: tuple[str, str, int, str]) -> dict[str, Any]:
+def make_slide(job: tuple[str, str, int, str, str]) -> dict[str, Any]:
     """One slide, its tissue mask and (``malignant``) its tumour mask; its datalist entry."""
-    name, label, seed, out = job
+    name, label, seed, out, cmu = job
+    _load_source(Path(cmu))
     rng = np.random.default_rng(seed)
     tissue = tissue_shape(rng)
     texture = quilt(rng)
@@ -207,8 +215,11 @@ def make_slide(job: tuple[str, str, int, str]) -> dict[str, Any]:
     return entry
 
 
-def make(out: Path, seed: int = 0, counts: tuple[int, int, int] = (60, 20, 24), workers: int = 2) -> dict[str, Any]:
+def make(
+    out: Path, seed: int = 0, counts: tuple[int, int, int] = (60, 20, 24), workers: int = 2, cmu: Path = CMU
+) -> dict[str, Any]:
     """Write the slides, masks and ``datalist.json`` (labels balanced in each split); returns the datalist."""
+    _load_source(cmu)  # a missing source fails here, not in a worker
     (out / "slides").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     splits = dict(zip(("training", "validation", "test"), counts))
@@ -218,7 +229,7 @@ def make(out: Path, seed: int = 0, counts: tuple[int, int, int] = (60, 20, 24), 
         labels = ["benign", "malignant"] * (n // 2) + ["benign"] * (n % 2)
         np.random.default_rng(seed + len(split)).shuffle(labels)
         for i, label in enumerate(labels):
-            jobs.append((f"{split[:2]}_{i:03d}", label, int(next(seeds)), str(out)))
+            jobs.append((f"{split[:2]}_{i:03d}", label, int(next(seeds)), str(out), str(cmu)))
             names.append(split)
     t0 = time.perf_counter()
     if workers > 1:
@@ -285,12 +296,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--counts", default="60,20,24", help="training,validation,test slides")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", default=None, help="tissue: write the result here")
+    p.add_argument("--cmu", type=Path, default=CMU, help="make: CMU-1-Small-Region.svs, the tissue's source")
     args = p.parse_args(argv)
     if args.command == "make":
         counts = tuple(int(c) for c in args.counts.split(","))
         if len(counts) != 3 or min(counts) < 1:
             p.error(f"--counts: three positive numbers, got {args.counts!r}")
-        return make(args.out, args.seed, counts, args.workers)
+        return make(args.out, args.seed, counts, args.workers, args.cmu)
     result = tissue(args.out)
     if args.json:
         from monai_icmil.utils import atomic_write_json

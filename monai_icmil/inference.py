@@ -208,7 +208,7 @@ def predict_slides(
         else:  # an earlier run's pictures of this slide must not pass for this run's
             unscored = SimpleNamespace(slide_id=item["slide_id"], output_dir=run.out, image=item["image"])
             for writer in writers:
-                _remove_outputs(writer, unscored)
+                _remove_outputs(writer, unscored, quiet=(AttributeError,))
     if items and not rows:  # no table at all rather than an empty one, or a stale one beside this run's report
         (run.out / "probabilities.csv").unlink(missing_ok=True)
         raise _none_scored(run.report, items)
@@ -250,13 +250,16 @@ def _write_guarded(run: SimpleNamespace, writer: Any, method: str, arg: Any, sli
         )
 
 
-def _remove_outputs(writer: Any, pred: Any) -> None:
-    """Remove the files a failed writer names for this slide (``outputs``, when it has that method); a file that
-    cannot be removed is warned about, never raised."""
+def _remove_outputs(writer: Any, pred: Any, quiet: tuple[type[BaseException], ...] = ()) -> None:
+    """Remove the files a writer names for this slide (``outputs``, when it has that method), after it failed or for
+    a slide not scored; a file that cannot be removed is warned about, never raised (``quiet``: errors passed over
+    without a warning, e.g. a user writer whose ``outputs`` needs more of the prediction than an unscored slide has)."""
     outputs = getattr(writer, "outputs", None)
     try:
         for stale in outputs(pred) if callable(outputs) else ():
             Path(stale).unlink(missing_ok=True)
+    except quiet:
+        pass
     except Exception as e:
         warnings.warn(f"{type(writer).__name__}: an earlier output could not be removed ({type(e).__name__}: {e})")
 

@@ -483,7 +483,11 @@ def test_quilted_slides_are_a_datalist_of_pyramids_with_masks_and_the_new_detect
     keeps at least the old recall at a plausible precision."""
     quilted = _module("quilted_slides")
     out = tmp_path / "q"
-    datalist = quilted.main(["make", str(out), "--counts", "2,1,1", "--workers", "1"])
+    with pytest.raises(
+        FileNotFoundError, match=r"missing\.svs' does not exist: give CMU-1-Small-Region\.svs with --cmu"
+    ):
+        quilted.main(["make", str(out), "--cmu", str(tmp_path / "missing.svs")])
+    datalist = quilted.main(["make", str(out), "--counts", "2,1,1", "--workers", "1", "--cmu", cmu_slide])
     assert json.loads((out / "datalist.json").read_text()) == datalist
     assert sorted(e["label"] for e in datalist["training"]) == ["benign", "malignant"]
     malignant = next(e for e in datalist["training"] if e["label"] == "malignant")

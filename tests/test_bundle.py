@@ -1279,8 +1279,10 @@ def test_the_command_line_is_read_as_fire_reads_it_before_any_work(tmp_path):
         "tiling#mpp",
         "bag_phase#lr_scheduler",
         "tiling#max_hole_um2",
-    ):
-        assert check_config([*run, f"--{key}", "None"]) == [key]
+    ):  # the bundle runner drops a None typed on the command line: the setting would keep its default
+        with pytest.raises(ValueError, match=rf"drops an override whose value is None, so '{key}' would keep"):
+            check_config([*run, f"--{key}", "None"])
+        assert check_config([*run, f"--{key}", "$None"]) == [key]
     assert check_config([*run, "--progress", "--num_rounds", "2", "--tiling#level", "1"]) == [
         "progress", "num_rounds", "tiling#level"
     ]  # fmt: skip
@@ -1301,6 +1303,8 @@ def test_the_command_line_is_read_as_fire_reads_it_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"unknown id\(s\): --num_round"):  # fire reads --config-file as config_file
         check_config(["run", "--config-file", train, "--num_round", "2"])
     args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({"config_file": [train, demo], "tiling#max_hole_um2": None}))  # null: kept
+    assert check_config(["run", "--args_file", str(args_file)]) == ["tiling#max_hole_um2"]
     args_file.write_text(json.dumps({"config_file": [train, demo], "num_round": 2}))
     with pytest.raises(ValueError, match=r"unknown id\(s\): --num_round"):
         check_config(["run", "--args_file", str(args_file)])

@@ -91,12 +91,17 @@ def test_the_demo_generates_only_into_a_new_empty_or_own_folder_never_beside_a_u
     (own / "slides" / "a.tif").write_bytes(b"mine")
     (own / "my_list.json").write_text("{}")
     splits = DatasetSplits(own, "datalist.json", tmp_path / "out", synthetic=synthetic, progress=False)
-    with pytest.raises(FileExistsError, match=r"own' holds files but no datalist 'datalist.json'.*--datalist"):
+    with pytest.raises(
+        FileExistsError, match=r"own' holds files \(my_list.json, slides\) but no datalist 'datalist.json'.*--datalist"
+    ):
         splits.items()
     assert sorted(p.name for p in (own / "slides").iterdir()) == ["a.tif"] and not (own / SYNTHETIC_MARKER).exists()
     left = tmp_path / "interrupted"
     (left / "slides").mkdir(parents=True)
     (left / SYNTHETIC_MARKER).touch()
-    for root in (tmp_path / "new", left):
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".DS_Store").write_bytes(b"")  # a file browser's, not slides
+    for root in (tmp_path / "new", left, hidden):
         items = DatasetSplits(root, "datalist.json", tmp_path / "out", synthetic=synthetic, progress=False).items()
         assert len(items["training"]) == 2 and (root / SYNTHETIC_MARKER).exists()

@@ -558,6 +558,39 @@ def test_pale_tissue_beside_dense_tissue_is_kept_and_glass_of_another_tint_is_no
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_mask_warnings_count_enclosed_holes_and_leave_a_floor_reached_by_the_pale_split_alone():
+    """A blank slide ringed by bubbles keeps its "covers" warning once the ring's inside is no longer filled; a
+    threshold at the floor because the pale-tissue split went down to it (Otsu's above it) is not faded stain."""
+    from monai_icmil.data.tiling import _doubtful_mask
+
+    ring = np.ones((100, 100), bool)
+    ring[10:90, 10:90] = False
+    ring[12:88, 12:88] = True
+    ring[20:80, 20:80] = False  # 36 % of the slide enclosed, 64 % in the mask
+    glass = np.full((100, 100, 3), 240, np.uint8)
+    assert "covers 100% of the slide (with the holes it encloses)" in _doubtful_mask(glass, ring, 0.1, 0.05)
+    rng = np.random.default_rng(0)
+    img = np.clip(244 + rng.normal(0, 1.5, (100, 100, 1)), 0, 255).repeat(3, axis=2)  # white glass
+    img[30:70] = np.array([240, 234, 238]) + rng.normal(0, 2, (40, 100, 1))  # faint colour, ~0.03: 40 %
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    a = rng.uniform(0.3, 1.0, (30, 100, 1))  # dense tissue, 30 %, saturation ~0.2-0.6: Otsu's threshold in it
+    img[:30] = (244 * (1 - a) + np.array([150, 60, 140]) * a).astype(np.uint8)
+    mask = np.zeros((100, 100), bool)
+    mask[:30] = True
+    assert otsu_threshold(tissue_saturation_of(img)) > 0.05
+    assert _doubtful_mask(img, mask, 0.05, 0.05) is None
+    img[:30] = img[30:60]  # only the faint colour: Otsu's threshold under the floor
+    mask[:] = False
+    mask[:5, :5] = True
+    assert "faded H&E or a pale counterstain is mostly dropped" in _doubtful_mask(img, mask, 0.05, 0.05)
+
+
+def tissue_saturation_of(img):
+    from monai_icmil.data.tiling import tissue_saturation
+
+    return tissue_saturation(img)
+
+
 def test_holes_up_to_max_hole_are_filled_and_larger_glass_enclosed_by_tissue_is_not(tmp_path):
     img = np.full((120, 120, 3), 245, np.uint8)
     img[10:110, 10:110] = (200, 110, 190)  # tissue
@@ -601,3 +634,14 @@ def test_background_balancing_stays_out_of_the_tiling_signature_unless_turned_of
             and off.transforms(device="cpu").transforms[0].transform.kwargs[name] is changed
         )
     assert TilingConfig(max_hole_um2=1e4).params()["max_hole_um2"] == 1e4
+    assert "max_hole_um2" not in TissueMask(max_hole_um2=50_000).kwargs  # the default as a whole number
+    # the words a command line passes: "false" is off, not a true string
+    assert (
+        TissueMask(pale_tissue="false").kwargs["pale_tissue"] is False
+        and "pale_tissue" not in TissueMask(pale_tissue="True").kwargs
+    )
+    assert TilingConfig(balance_background="off").params()["balance_background"] is False
+    assert component_signature(TissueMask(max_hole_um2=60_000)) == component_signature(TissueMask(max_hole_um2=6e4))
+    for bad in (-1, "a lot", float("nan"), True):
+        with pytest.raises(ValueError, match="max_hole_um2 must be an area in square micrometres"):
+            TissueMask(max_hole_um2=bad)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from monai_icmil.data.slide import SlideReader
+from monai_icmil.utils import as_bool
 
 __all__ = [
     "TissueMaskResult",
@@ -279,11 +280,13 @@ def tissue_mask_from_rgb(
             ``min_saturation`` if that finds tissue (pieces of ``min_area_px`` or more): faded H&E or a pale
             counterstain, which the floor would mostly drop (a smooth smear of mountant is not textured). The caller
             warns (:func:`compute_tissue_mask`).
-        pale_tissue: when Otsu's threshold lies above ``min_saturation``, split the pixels under it again (Otsu's
-            threshold of those alone, at least ``min_saturation``) and take the lower threshold if the pixels between
-            the two are at least a tenth of the mask and mostly textured like tissue. Otsu's split separates glass
-            from tissue when the tissue is one population; on unevenly stained tissue (pale stroma, loose or fatty
-            tissue beside dense, dark areas) it falls inside the tissue and drops the pale part.
+        pale_tissue: when Otsu's threshold lies above ``min_saturation`` and finds tissue, split the pixels under it
+            again (Otsu's threshold of those alone, at least ``min_saturation`` and the 95th percentile of the smooth
+            pixels' saturation: glass, of one tint or a gradient) and add the textured pixels between the two
+            thresholds, when they are at least a tenth of the mask; the smooth ones stay out, so the threshold
+            returned (the lower one) does not describe every pixel. Otsu's split separates glass from tissue when the
+            tissue is one population; on unevenly stained tissue (pale stroma, loose or fatty tissue beside dense,
+            dark areas) it falls inside the tissue and drops the pale part.
         max_hole_px: fill only holes of at most this many pixels (``None``: every hole), so that glass enclosed by
             tissue (a lumen, a tear, the gap inside a ring of tissue) is not tiled.
 
@@ -429,6 +432,7 @@ def compute_tissue_mask(
     downsample = reader.dimensions[0] / img.shape[1]
     px_um = (reader.mpp * downsample) if reader.mpp is not None else 8.0
     min_area_px = max(1, int(round(min_area_um2 / (px_um * px_um))))
+    max_hole_um2 = as_hole_area(max_hole_um2)
     max_hole_px = None if max_hole_um2 is None else int(max_hole_um2 / (px_um * px_um))
     mask, thr = tissue_mask_from_rgb(
         img,
@@ -479,10 +483,11 @@ MAX_PLAUSIBLE_COVER = 0.9
 def _doubtful_mask(
     img: np.ndarray, mask: np.ndarray, thr: float, min_saturation: float, balance_background: bool = True
 ) -> str | None:
-    """Why a non-empty mask may be wrong, or ``None``: it covers nearly the whole slide (tinted or stained glass
-    taken as tissue), its threshold was lowered under ``min_saturation`` for faint colour (faded H&E or a pale
-    counterstain: glass or debris may be in it), or the threshold sits at its floor with more faint pixels just
-    under it than tissue above it (faint tissue mostly dropped)."""
+    """Why a non-empty mask may be wrong, or ``None``: it covers nearly the whole slide, the holes it encloses
+    counted (tinted or stained glass taken as tissue), its threshold was lowered under ``min_saturation`` for faint
+    colour (faded H&E or a pale counterstain: glass or debris may be in it), or Otsu's threshold and the mask's sit
+    at the floor with more faint pixels just under it than tissue above it (faint tissue mostly dropped; a floor
+    reached by the pale-tissue split, Otsu's being higher, is not that)."""
     from scipy import ndimage
 
     cover = float(ndimage.binary_fill_holes(mask).mean())  # the large holes left open count: a ring of bubbles
@@ -685,8 +690,26 @@ DETECTOR_DEFAULTS: dict[str, Any] = {
 
 
 def changed_detector_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The :data:`DETECTOR_DEFAULTS` options of ``options`` whose values differ from their defaults."""
+    """The :data:`DETECTOR_DEFAULTS` options of ``options`` whose values differ from their defaults (``max_hole_um2``
+    as a float: 60000 and 60000.0 are one key)."""
+    options = {k: as_bool(v, k) if isinstance(DETECTOR_DEFAULTS.get(k), bool) else v for k, v in options.items()}
+    options["max_hole_um2"] = as_hole_area(options.get("max_hole_um2", MAX_HOLE_UM2))
     return {k: v for k, v in options.items() if k in DETECTOR_DEFAULTS and v != DETECTOR_DEFAULTS[k]}
+
+
+def as_hole_area(value: Any) -> float | None:
+    """``max_hole_um2`` as a float (``None``: every hole filled), refusing what is not a number >= 0."""
+    if value is None:
+        return None
+    try:
+        area = float(value)
+    except (TypeError, ValueError):
+        area = float("nan")
+    if isinstance(value, bool) or not area >= 0 or math.isinf(area):
+        raise ValueError(
+            f"max_hole_um2 must be an area in square micrometres (>= 0) or None (fill every hole), got {value!r}"
+        )
+    return area
 
 
 @dataclass

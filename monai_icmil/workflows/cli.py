@@ -112,20 +112,28 @@ def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, Any]]) ->
     yes/no, on/off, as :func:`~monai_icmil.utils.as_bool` reads them downstream; for the ids of ``_BOOLEAN_OR``, also
     their words) or a finite number (a whole one where the default is); ``None`` only where the setting takes it;
     ``$`` expressions and ``@`` references are left to MONAI.
-    Values are read as the command line's parser (fire) reads them: ``None``, numbers, dicts and lists are parsed."""
+    Values are read as the command line's parser (fire) reads them: ``None``, numbers, dicts and lists are parsed.
+    A ``None`` typed on the command line is refused even where the setting takes it: ``python -m monai.bundle run``
+    drops overrides whose value is ``None`` (MONAI's ``update_kwargs``), so the setting would silently keep its
+    default; ``'$None'`` (an expression) gets through, as does ``null`` in an ``--args_file``."""
     problems = []
-    for key, value in pairs:
+    for key, given in pairs:
         name = key.replace("::", "#")
         default = _value_at(config, name.split("#"))
         if default is None:
             default = {int: 0, float: 0.0}.get(_NULL_DEFAULT_TYPES.get(name))
-        value = _parsed(value)
+        value = _parsed(given)
         if isinstance(value, str) and value.startswith(("$", "@", "%")):
             continue  # an expression or a reference: MONAI evaluates it when the config is parsed
         try:
             if value is None:
                 if isinstance(default, (bool, int, float)) and name not in _NULLABLE:  # (lists, components: may be)
                     raise ValueError(f"'{key}' cannot be None")
+                if isinstance(given, str):  # typed on the command line, where the bundle runner would drop it
+                    raise ValueError(
+                        f"the bundle runner drops an override whose value is None, so '{key}' would keep its "
+                        f"default; write --{key} '$None' (or null in a config or args file)"
+                    )
             elif isinstance(default, bool):
                 _check_boolean(key, name, value)
             elif isinstance(default, (int, float)):

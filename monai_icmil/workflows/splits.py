@@ -91,12 +91,14 @@ class DatasetSplits:
 
         if dist_info()[0] == 0 and not self.path.is_file():  # one rank writes it; every rank waits here
             d = self.dataset_dir
-            if d.is_dir() and any(d.iterdir()) and not (d / SYNTHETIC_MARKER).exists():
+            others = [p.name for p in d.iterdir() if not p.name.startswith(".")] if d.is_dir() else []
+            if others and not (d / SYNTHETIC_MARKER).exists():
                 raise FileExistsError(
-                    f"dataset_dir '{d}' holds files but no datalist '{self.path.name}': the synthetic demo (demo.json's"
-                    " `synthetic`) generates its slides only into a new or empty folder, never beside your own. For "
-                    "your slides, name their datalist (--datalist <file>) and leave demo.json out; for the demo, "
-                    "choose another --dataset_dir."
+                    f"dataset_dir '{d}' holds files ({', '.join(sorted(others)[:3])}) but no datalist "
+                    f"'{self.path.name}': the synthetic demo (demo.json's `synthetic`) generates its slides only into "
+                    "a new or empty folder, never beside your own. For your slides, name their datalist (--datalist "
+                    "<file>) and leave demo.json out; for the demo, choose another --dataset_dir (or delete this one "
+                    "if it is a demo generation an earlier version left unfinished)."
                 )
             logger.info("generating the synthetic dataset into %s", self.dataset_dir)
             made = make_dataset(self.dataset_dir, progress=self.progress, **self.synthetic)
