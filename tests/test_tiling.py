@@ -645,3 +645,26 @@ def test_background_balancing_stays_out_of_the_tiling_signature_unless_turned_of
     for bad in (-1, "a lot", float("nan"), True):
         with pytest.raises(ValueError, match="max_hole_um2 must be an area in square micrometres"):
             TissueMask(max_hole_um2=bad)
+
+
+def test_coordinates_tiled_by_an_earlier_detector_are_reused_and_said_to_be(synthetic_entries, tmp_path):
+    import warnings
+
+    from monai_icmil.data.prepare import prepare_coords
+    from monai_icmil.data.store import CoordsStore
+    from monai_icmil.data.tiling import DETECTOR_VERSION, TilingConfig
+
+    items = [{"slide_id": "s0", "image": synthetic_entries[0]["image"]}]
+    store, tiling = CoordsStore(tmp_path / "coords"), TilingConfig(patch_size=64, mpp=1.0)
+    first = prepare_coords(items, tiling, store, progress=False)
+    assert store.metadata("s0")["detector"] == DETECTOR_VERSION
+    with warnings.catch_warnings(record=True) as said:  # the same version: reused without a word
+        warnings.simplefilter("always")
+        prepare_coords(items, tiling, store, progress=False)
+    assert not [w for w in said if "earlier tissue detector" in str(w.message)]
+    arrays, key = store.load("s0"), store.stored_key("s0")
+    meta = {k: v for k, v in store.metadata("s0").items() if k != "detector"}  # as a store before the version
+    store.save("s0", {k: v.numpy() for k, v in arrays.items()}, key, meta)
+    with pytest.warns(UserWarning, match=r"1 slide\(s\) \(e\.g\. 's0'\) keep coordinates tiled by an earlier tissue"):
+        again = prepare_coords(items, tiling, store, progress=False)
+    np.testing.assert_array_equal(again["s0"]["coords"], first["s0"]["coords"])  # reused, not tiled again

@@ -28,7 +28,7 @@ from monai_icmil.data.integrity import TileErrorPolicy, damaged_patches
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import as_mpp, get_slide
 from monai_icmil.data.store import CoordsStore, coords_key
-from monai_icmil.data.tiling import EmptySlideWarning, TissueMaskWarning, patch_grids
+from monai_icmil.data.tiling import DETECTOR_VERSION, EmptySlideWarning, TissueMaskWarning, patch_grids
 from monai_icmil.utils import component_signature
 
 __all__ = ["prepare_coords", "SlideTiles", "tiling_signature", "slide_signature"]
@@ -153,6 +153,7 @@ def _tile(
         "footprint": float(tiling["footprint"]),
         "stride": int(tiling.get("stride") or tiling["patch_size"]),
         "num_patches": len(coords),
+        "detector": DETECTOR_VERSION,
     }
     if not len(coords):  # why (the tissue detector's or the grid's words: what to change), for report.json
         reasons = [w.message.reason for w in said if isinstance(w.message, EmptySlideWarning)]
@@ -253,6 +254,7 @@ def prepare_coords(
     grid_stride = (grids[0].stride or grids[0].patch_size) if grids else None
     out: dict[str, SlideTiles] = {}
     summary: list[dict[str, Any]] = []
+    older: list[str] = []  # reused coordinates from an earlier tissue detector
     for item in _progress(items, progress):
         sid, path = item["slide_id"], item["image"]
         try:
@@ -266,6 +268,7 @@ def prepare_coords(
             summary.append({"slide": sid, "image": path, "status": f"failed: {type(e).__name__}: {e}"})
             continue
         coords, damaged = arrays["coords"], arrays["damaged"]
+        older += [sid] if int(meta.get("detector", 1)) < DETECTOR_VERSION else []
         _record(report, sid, path, coords, damaged, meta.get("empty_reason"))
         if qc_dir is not None and (tiled or not (Path(qc_dir) / f"{sid}.jpg").is_file()):
             _save_qc(Path(qc_dir) / f"{sid}.jpg", reader, sid, coords, meta, damaged)
@@ -282,6 +285,13 @@ def prepare_coords(
         )
     if qc_dir is not None:
         _write_qc_summary(Path(qc_dir), summary)
+    if older:
+        warnings.warn(
+            f"{len(older)} slide(s) (e.g. '{older[0]}') keep coordinates tiled by an earlier tissue detector (before "
+            f"the pale-tissue split and the hole limit) in '{store.root}': they are reused as they are; delete "
+            "coords/ and features/ there to tile them again with this one.",
+            stacklevel=2,
+        )
     return out
 
 

@@ -679,6 +679,10 @@ def _patch_tissue_fraction(mask: np.ndarray, mask_ds: float, coords: np.ndarray,
     return (total / ((x1 - x0) * (y1 - y0))).astype(np.float32)
 
 
+#: the tissue detector's version, kept with the coordinates it tiled (1: before session 60's pale-tissue split and
+#: hole limit, whose stores have none; 2: with them): reused older coordinates are warned about, not tiled again
+DETECTOR_VERSION = 2
+
 #: tissue-detector options and their defaults: they enter a tiling's signature (the stores' keys) only when changed,
 #: so that stores made before they existed stay current
 DETECTOR_DEFAULTS: dict[str, Any] = {
