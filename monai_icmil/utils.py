@@ -33,13 +33,16 @@ _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
 
-def as_bool(value: Any, name: str = "value") -> bool:
+def as_bool(value: Any, name: str = "value", none: Any = ...) -> Any:
     """A boolean setting as given on a command line or in a config: ``True``/``False``, 1/0, or the strings
-    true/false, yes/no, on/off, 1/0 in any case (``python -m monai.bundle run ... --heatmaps false`` passes the string).
+    true/false, yes/no, on/off, 1/0 in any case (``python -m monai.bundle run ... --heatmaps false`` passes the string);
+    ``None`` returns ``none`` where one is given (a setting whose ``None`` means "the device's default").
 
     Raises:
         ValueError: anything else, naming the setting and the accepted values.
     """
+    if value is None and none is not ...:
+        return none
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):

@@ -1296,6 +1296,9 @@ def test_the_command_line_is_read_as_fire_reads_it_before_any_work(tmp_path):
         "--embedder_phase#early_stop_patience 2.5": "must be a whole number",
         "--device --num_round 2": r"unknown id\(s\): --num_round",  # the flag does not swallow the next one
         "--embedding#batch_size 8": r"'embedding#batch_size' is now embed#<setting>",
+        # a boolean word where nothing converts it (an expression's or an absent argument's place): read as true
+        "--embedder_phase#optimizer#fused false": r"'false' would reach its component as text.*write True or False",
+        "--embedder_phase#phase#freeze_bn off": r"'off' would reach its component as text",
     }
     for given, message in refusals.items():
         with pytest.raises(ValueError, match=message):

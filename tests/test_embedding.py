@@ -782,3 +782,22 @@ def test_a_vit_model_folder_loads_offline_with_its_own_architecture_arguments_an
     assert saved.fingerprint() == embedder.fingerprint() and saved.input_size == 32
     with pytest.raises(EmbedderWeightsError, match="no weights file"):
         create_embedder(None, weights=tmp_path)
+
+
+def test_the_phases_read_command_line_words_for_their_device_settings_and_none_as_the_devices_default():
+    """``--embed#phase#amp false`` passes the string "false": read as off, not as a true string; None keeps the
+    device's default (CPU here: no autocast; channels-last on)."""
+    from monai_icmil.engines.embedder_phase import EmbedderPhase
+    from monai_icmil.engines.pretrain import Pretrain
+
+    embed = Embed(amp="false", channels_last="off", progress=False)
+    assert embed.amp is False and embed.channels_last is False
+    for phase in (EmbedderPhase(device="cpu"), Pretrain(device="cpu")):
+        assert phase.amp is False and phase.channels_last is True and phase.views_on_device is False
+    for phase in (
+        EmbedderPhase(device="cpu", amp="no", channels_last="false", views_on_device="true"),
+        Pretrain(device="cpu", amp="0", channels_last="False", views_on_device="on"),
+    ):
+        assert phase.amp is False and phase.channels_last is False and phase.views_on_device is True
+    with pytest.raises(ValueError, match="'amp' must be a boolean"):
+        EmbedderPhase(device="cpu", amp="sometimes")

@@ -185,8 +185,8 @@ class EmbeddingEngine(Engine):
         super().__init__(self._iteration)
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
-        self.amp = cuda if amp is None else amp
-        self.channels_last = True if channels_last is None else channels_last  # faster on CUDA and on CPU (oneDNN)
+        self.amp = as_bool(amp, "amp", cuda)
+        self.channels_last = as_bool(channels_last, "channels_last", True)  # faster on CUDA and on CPU (oneDNN)
         self.embedder = embedder.to(self.device).eval()
         if self.channels_last:
             self.embedder = self.embedder.to(memory_format=torch.channels_last)
@@ -484,7 +484,8 @@ class Embed:
             as_bool(copy_stream, "copy_stream"),
             dtype,
         )
-        self.amp, self.channels_last, self.handlers = amp, channels_last, list(handlers or [])
+        self.amp, self.channels_last = as_bool(amp, "amp", None), as_bool(channels_last, "channels_last", None)
+        self.handlers = list(handlers or [])
         self.compile = compile_setting(compile)
         self.progress = as_bool(progress, "progress")
 

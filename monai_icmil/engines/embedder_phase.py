@@ -801,11 +801,11 @@ class EmbedderPhase:
         self.val_interval, self.val_patches, self.select = int(val_interval), int(val_patches), select
         self.early_stop_patience, self.num_workers, self.read_threads = early_stop_patience, num_workers, read_threads
         self.device = default_device(device)
-        self.amp = self.device.type == "cuda" if amp is None else amp
-        self.channels_last = True if channels_last is None else channels_last
+        self.amp = as_bool(amp, "amp", self.device.type == "cuda")
+        self.channels_last = as_bool(channels_last, "channels_last", True)
         self.grad_checkpointing = as_bool(grad_checkpointing, "grad_checkpointing")
         self.freeze_bn, self.progress = as_bool(freeze_bn, "freeze_bn"), as_bool(progress, "progress")
-        self.views_on_device = self.device.type == "cuda" if views_on_device is None else views_on_device
+        self.views_on_device = as_bool(views_on_device, "views_on_device", self.device.type == "cuda")
         self.normal_slide_targets = as_bool(normal_slide_targets, "normal_slide_targets")
         self.compile = False if compile is None else as_bool(compile, "compile")
         self.teacher_features = as_bool(teacher_features, "teacher_features")

@@ -210,9 +210,9 @@ class Pretrain:
         self.embedder_lr_scale, self.temperature, self.proj_dim = embedder_lr_scale, temperature, proj_dim
         self.num_workers, self.read_threads, self.progress = num_workers, read_threads, as_bool(progress, "progress")
         self.device = default_device(device)
-        self.amp = self.device.type == "cuda" if amp is None else amp
-        self.channels_last = True if channels_last is None else channels_last
-        self.views_on_device = self.device.type == "cuda" if views_on_device is None else views_on_device
+        self.amp = as_bool(amp, "amp", self.device.type == "cuda")
+        self.channels_last = as_bool(channels_last, "channels_last", True)
+        self.views_on_device = as_bool(views_on_device, "views_on_device", self.device.type == "cuda")
 
     def signature(self) -> dict[str, Any]:
         """What the pre-trained embedder depends on (its resume checkpoints carry the hash)."""

@@ -126,6 +126,12 @@ def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, Any]]) ->
         if isinstance(value, str) and value.startswith(("$", "@", "%")):
             continue  # an expression or a reference: MONAI evaluates it when the config is parsed
         try:
+            if _bool_word(value) and (not _present(config, name.split("#")) or _expression(default)):
+                raise ValueError(
+                    f"{value!r} would reach its component as text, and a non-empty text reads as true (its config "
+                    "value is an expression or absent, so nothing converts it); write True or False (the command "
+                    "line reads those as booleans)"
+                )
             if value is None:
                 if isinstance(default, (bool, int, float)) and name not in _NULLABLE:  # (lists, components: may be)
                     raise ValueError(f"'{key}' cannot be None")
@@ -142,6 +148,30 @@ def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, Any]]) ->
             problems.append(f"--{key} {value}: {e}")
     if problems:
         raise ValueError("override(s) of the wrong type: " + "; ".join(problems) + ".")
+
+
+def _bool_word(value: Any) -> bool:
+    """A boolean word given as text (``false``, ``off``, ...): fire passes it on as a string."""
+    from monai_icmil.utils import _FALSE, _TRUE
+
+    return isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE
+
+
+def _expression(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("$")
+
+
+def _present(config: Any, parts: list[str]) -> bool:
+    """Whether the merged configs hold a value (``null`` included) at ``parts``."""
+    node = config
+    for part in parts:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
 
 
 def _check_boolean(key: str, name: str, value: Any) -> None:

@@ -263,7 +263,7 @@ class ICMILWorkflow(BundleWorkflow):
         self._check_counts(synthetic)
         outside = as_bool(allow_outside_root, "allow_outside_root")
         self.splits = DatasetSplits(
-            dataset_dir, datalist, output_dir, self.seed, val_fraction, synthetic, outside, progress
+            dataset_dir, datalist, output_dir, self.seed, val_fraction, synthetic, outside, self.progress
         )
         self.ledger = PhaseLedger(self.output_dir / "state.json")
         self.report = RunReport(self.output_dir / "report.json")
