@@ -50,6 +50,7 @@ def test_a_summary_says_no_ci_for_separated_classes_and_why_a_tied_round_is_fina
     assert "Validation AUC ties at 1.000 in rounds 0, 1: round 1 is final by the lower validation loss" in md
     assert "(tumour probability 1.000; 3 test slides at 1.000 to 3 decimals)" in md
     assert "against the ground-truth tumour masks of the test slides" in md
+    assert "Test accuracy and F1 are at probability 0.5" not in md  # no threshold measured
     assert (tmp_path / "rounds.png").stat().st_size > 0
     metrics = coupling_metrics(summary["rows"], 1, tmp_path)
     assert metrics["final_test_auc"] == 1.0 and metrics["final_test_auc_vs_prev"] == pytest.approx(0.1)
@@ -70,6 +71,14 @@ def test_a_summary_says_no_ci_for_separated_classes_and_why_a_tied_round_is_fina
     later = coupling_metrics(write_summary(tmp_path, rounds, 2, "test")["rows"], 2)
     assert later["final_teacher_patch_auc_vs_prev"] == pytest.approx(0.01)
     assert later["coupling_teacher_patch_auc_delta"] == pytest.approx(-0.01)  # the sign a reader of MLflow needs
+    rounds[1]["test"]["metrics"].update(acc=0.75, val_threshold=0.98, val_threshold_acc=0.958, val_threshold_f1=0.96)
+    calibrated = write_summary(tmp_path, rounds, 1, "test")["markdown"].replace("\n", " ")
+    assert (
+        "At the threshold the validation slides pick (p = 0.980), round 1's test accuracy is 0.958 (F1 0.960; "
+        in calibrated
+    )
+    rounds[1]["test"]["metrics"].update(acc=0.95)  # within 0.02 of it: nothing to say
+    assert "At the threshold the validation" not in write_summary(tmp_path, rounds, 1, "test")["markdown"]
 
 
 def test_slides_tied_at_a_probability_of_one_rank_by_the_other_classes():

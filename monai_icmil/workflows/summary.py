@@ -78,6 +78,9 @@ def summary_rows(
             "test_slides": s.get("test", {}).get("slides"),
             "test_acc": test.get("acc"),
             "test_f1": test.get("f1"),
+            "test_val_threshold": test.get("val_threshold"),
+            "test_val_threshold_acc": test.get("val_threshold_acc"),
+            "test_val_threshold_f1": test.get("val_threshold_f1"),
             "test_predicted": s.get("test", {}).get("predicted"),
             "teacher_patch_auc": s.get("teacher", {}).get("patch_auc"),
             "teacher_patches": s.get("teacher", {}).get("patches"),
@@ -218,6 +221,7 @@ def _notes(
     elif len(rows) > 1:
         notes.append(f"Coupling did not improve the validation AUC: round {final_round} (frozen embedder) is final.")
     notes += _tie_note(rows, final_round)
+    notes += _threshold_note(rows, final_round)
     started = [(row["round"], row["bag_phase_start"]) for row in rows if row.get("bag_phase_start")]
     if started:
         where = {"warm": "the student's classifier", "fresh": "a fresh initialisation"}
@@ -230,6 +234,23 @@ def _notes(
             name = class_names[k] if class_names and k < len(class_names) else f"class {k}"
             notes.append(f"**Round {row['round']} calls every test slide {name}**: it has not learnt to separate them.")
     return notes
+
+
+def _threshold_note(rows: list[dict[str, Any]], final_round: int) -> list[str]:
+    """Where the final round's test accuracy at the probability threshold the validation slides pick differs from
+    its accuracy at 0.5 (probabilities that sit high or low on every slide): both, and where they are kept."""
+    row = next((row for row in rows if row["round"] == final_round), None)
+    if row is None or not (_finite(row.get("test_val_threshold_acc")) and _finite(row["test_acc"])):
+        return []
+    if abs(row["test_val_threshold_acc"] - row["test_acc"]) < 0.02:
+        return []
+    return [
+        f"Test accuracy and F1 are at probability 0.5. At the threshold the validation slides pick "
+        f"(p = {row['test_val_threshold']:.3f}), round {final_round}'s test accuracy is "
+        f"{row['test_val_threshold_acc']:.3f} (F1 {_fmt(row.get('test_val_threshold_f1'))}; "
+        f"`round_{final_round}/test/metrics.json`, `val_threshold_*`): its probabilities are not calibrated "
+        "around 0.5, which the AUC does not mind."
+    ]
 
 
 def _tie_note(rows: list[dict[str, Any]], final_round: int) -> list[str]:
