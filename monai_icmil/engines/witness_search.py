@@ -220,7 +220,7 @@ class WitnessSearch:
             done[counts] = results[-1]
             logger.info(
                 "bag_phase: witness search, fraction %.3g: validation AUC %.3f after %d selection rounds%s",
-                fraction, auc, n, "" if converged else " (the picks still changed in the last round: kept as they were)",
+                fraction, auc, n, "" if converged else " (its picks still changed in the last round)",
             )  # fmt: skip
         # the best validation AUC; ties (or no validation classes) keep the fraction listed first
         best = max(range(len(results)), key=lambda i: (np.nan_to_num(results[i][3], nan=-1.0), -i))
