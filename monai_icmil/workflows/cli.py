@@ -161,17 +161,12 @@ def _expression(value: Any) -> bool:
     return isinstance(value, str) and value.startswith("$")
 
 
+_ABSENT = object()
+
+
 def _present(config: Any, parts: list[str]) -> bool:
     """Whether the merged configs hold a value (``null`` included) at ``parts``."""
-    node = config
-    for part in parts:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return False
-    return True
+    return _value_at(config, parts, _ABSENT) is not _ABSENT
 
 
 def _check_boolean(key: str, name: str, value: Any) -> None:
@@ -213,7 +208,8 @@ def _parsed(value: Any) -> Any:
     return DefaultParseValue(value)
 
 
-def _value_at(config: Any, parts: list[str]) -> Any:
+def _value_at(config: Any, parts: list[str], missing: Any = None) -> Any:
+    """The value at ``parts`` of the merged configs, ``missing`` where there is none."""
     node = config
     for part in parts:
         if isinstance(node, dict) and part in node:
@@ -221,7 +217,7 @@ def _value_at(config: Any, parts: list[str]) -> Any:
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         else:
-            return None
+            return missing
     return node
 
 
