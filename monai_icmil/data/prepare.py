@@ -285,14 +285,19 @@ def prepare_coords(
         )
     if qc_dir is not None:
         _write_qc_summary(Path(qc_dir), summary)
+    _warn_older_detector(older, store)
+    return out
+
+
+def _warn_older_detector(older: Sequence[str], store: CoordsStore) -> None:
+    """One warning for the slides whose reused coordinates an earlier tissue detector tiled."""
     if older:
         warnings.warn(
             f"{len(older)} slide(s) (e.g. '{older[0]}') keep coordinates tiled by an earlier tissue detector (before "
             f"the pale-tissue split and the hole limit) in '{store.root}': they are reused as they are; delete "
             "coords/ and features/ there to tile them again with this one.",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return out
 
 
 def _record(
