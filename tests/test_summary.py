@@ -78,6 +78,12 @@ def test_a_summary_says_no_ci_for_separated_classes_and_why_a_tied_round_is_fina
         in calibrated
     )
     rounds[1]["test"]["metrics"].update(acc=0.95)  # within 0.02 of it: nothing to say
+    assert "cannot be told from chance" not in calibrated and "interval is wide" not in calibrated
+    rounds[2] = _round(0.906, 0.297, 0.49, (0.0, 0.59))
+    rounds[2]["bag_phase"]["val"].update(auc_ci_low=0.6, auc_ci_high=1.0)
+    chance = write_summary(tmp_path, rounds, 2, "test")["markdown"].replace("\n", " ")
+    assert "**Round 2's test AUC (0.297, 0.00-0.59) cannot be told from chance on these test slides.**" in chance
+    assert "Round 2's validation AUC interval is wide (0.60-1.00): few validation slides picked the final" in chance
     assert "At the threshold the validation" not in write_summary(tmp_path, rounds, 1, "test")["markdown"]
 
 

@@ -222,6 +222,7 @@ def _notes(
         notes.append(f"Coupling did not improve the validation AUC: round {final_round} (frozen embedder) is final.")
     notes += _tie_note(rows, final_round)
     notes += _threshold_note(rows, final_round)
+    notes += _chance_note(rows, final_round)
     started = [(row["round"], row["bag_phase_start"]) for row in rows if row.get("bag_phase_start")]
     if started:
         where = {"warm": "the student's classifier", "fresh": "a fresh initialisation"}
@@ -233,6 +234,31 @@ def _notes(
             k = next(i for i, c in enumerate(predicted) if c)
             name = class_names[k] if class_names and k < len(class_names) else f"class {k}"
             notes.append(f"**Round {row['round']} calls every test slide {name}**: it has not learnt to separate them.")
+    return notes
+
+
+def _chance_note(rows: list[dict[str, Any]], final_round: int) -> list[str]:
+    """Where the final round's test AUC interval includes 0.5 (no better than chance on these slides), and where its
+    validation interval is wide (the split that picked it, and much else, is small)."""
+    row = next((row for row in rows if row["round"] == final_round), None)
+    notes = []
+    if row is None:
+        return notes
+    low, high = row["test_auc_ci"]
+    if _finite(low) and _finite(high) and low <= 0.5 <= high:
+        notes.append(
+            f"**Round {final_round}'s test AUC ({_fmt(row['test_auc'])}, {low:.2f}-{high:.2f}) cannot be told from "
+            "chance on these test slides.** Common causes: tumour in a small share of the tissue, an embedder that "
+            "does not see the cue (random-init or not pre-trained on such tissue: `embedder#weights`, "
+            "`workflow#pretrain`), too few slides."
+        )
+    low, high = row["val_auc_ci"]
+    if _finite(low) and _finite(high) and high - low > 0.3:
+        notes.append(
+            f"Round {final_round}'s validation AUC interval is wide ({low:.2f}-{high:.2f}): few validation slides "
+            "picked the final round, and before that the witness-search fraction, the best bag restart and the "
+            "stopping epoch, so the validation AUC is optimistic; the test AUC is the fair figure."
+        )
     return notes
 
 
