@@ -329,7 +329,10 @@ def test_predictions_csv_and_mlflow_tracking(tmp_path):
         class_names=["normal", "tumour"],
     )
     rows = list(csv.DictReader(open(tmp_path / "bag" / "predictions_val.csv")))
-    assert len(rows) == 6 and set(rows[0]) == {"slide", "label", "prob_normal", "prob_tumour", "pred", "pred_class"}
+    assert len(rows) == 6 and set(rows[0]) == {
+        "slide", "label", "prob_normal", "prob_tumour", "pred", "pred_class", "label_class"
+    }  # fmt: skip
+    assert all(r["label_class"] == ["normal", "tumour"][int(r["label"])] for r in rows)
     assert abs(float(rows[0]["prob_normal"]) + float(rows[0]["prob_tumour"]) - 1) < 1e-5
     assert all(r["pred_class"] == ["normal", "tumour"][int(r["pred"])] for r in rows)
     client = mlflow.MlflowClient(tracking_uri=sqlite_tracking_uri(tmp_path))

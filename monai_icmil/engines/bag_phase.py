@@ -934,19 +934,21 @@ def predict_bags(net: MILAggregator, dataset: Dataset, device: str | torch.devic
 def write_predictions_csv(
     path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], class_names: Sequence[str] | None = None
 ) -> Path:
-    """``slide,label,prob_<class>...,pred,pred_class`` (atomic): ``label`` and ``pred`` are class indices (``label``
-    empty for unlabelled slides), ``pred_class`` the predicted class's name. Probabilities carry 9 significant digits
-    (exact for float32), so that a confident classifier's small probabilities keep their order: an AUC computed from
-    the file equals the workflow's (6 decimals tied 9 of 40 test slides of one such run and moved its AUC by 0.003)."""
+    """``slide,label,prob_<class>...,pred,pred_class,label_class`` (atomic): ``label`` and ``pred`` are class indices
+    (``label`` empty for unlabelled slides), ``pred_class`` and ``label_class`` the classes' names. Probabilities
+    carry 9 significant digits (exact for float32), so that a confident classifier's small probabilities keep their
+    order: an AUC computed from the file equals the workflow's (6 decimals tied 9 of 40 test slides of one such run
+    and moved its AUC by 0.003)."""
     n = len(rows[0]["probs"]) if rows else len(class_names or [0, 1])
     names = list(class_names) if class_names else [str(c) for c in range(n)]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["slide", "label", *[f"prob_{c}" for c in names], "pred", "pred_class"])
+    w.writerow(["slide", "label", *[f"prob_{c}" for c in names], "pred", "pred_class", "label_class"])
     for r in rows:
         label = "" if r.get("label") is None else r["label"]
         pred = int(np.argmax(r["probs"]))
-        w.writerow([r["slide_id"], label, *[f"{p:.9g}" for p in r["probs"]], pred, names[pred]])
+        named = names[int(label)] if label != "" and 0 <= int(label) < len(names) else ""
+        w.writerow([r["slide_id"], label, *[f"{p:.9g}" for p in r["probs"]], pred, names[pred], named])
     return atomic_write_text(path, buf.getvalue())
 
 
