@@ -1033,7 +1033,10 @@ class ICMILWorkflow(BundleWorkflow):
             )
             return
         if named != self._class_names:
-            logger.info("class names from the datalist's labels: %s (configured: %s)", named, self._class_names)
+            logger.info(
+                "the outputs name the classes as the datalist's labels do: %s (in place of class_names %s)",
+                ", ".join(named), ", ".join(self._class_names),
+            )  # fmt: skip
         if _rank() == 0:
             self.ledger.mark(None, "classes", {"names": named})
 
