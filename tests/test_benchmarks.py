@@ -502,3 +502,5 @@ def test_quilted_slides_are_a_datalist_of_pyramids_with_masks_and_the_new_detect
     assert new["recall_mean"] >= old["recall_mean"] and new["recall_min"] > 0.8 and new["precision_min"] > 0.8
     with pytest.raises(SystemExit):
         quilted.main(["make", str(out), "--counts", "2,0,1"])
+    with pytest.raises(SystemExit):
+        quilted.main(["make", str(out), "--tumour", "0.5,0.2"])
