@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from monai_icmil.data.datalist import slide_stem
 from monai_icmil.data.prepare import prepare_coords, slide_signature, tiling_signature
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import as_mpp, get_slide
@@ -129,9 +128,9 @@ def _slide_items(slides: str | os.PathLike | Sequence[str | Mapping[str, Any]]) 
         return [{"label": None, **dict(s)} for s in slides]
     items, seen = [], set()
     for p in list_slides(slides):
-        sid, k = slide_stem(p), 1
+        sid, k = Path(p).stem, 1
         while sid in seen:  # a.tif and x/a.tif: a, a-1 (a-1 taken by a slide of that name: a-2)
-            sid, k = f"{slide_stem(p)}-{k}", k + 1
+            sid, k = f"{Path(p).stem}-{k}", k + 1
         seen.add(sid)
         items.append({"image": p, "slide_id": sid, "label": None})
     return items

@@ -117,18 +117,6 @@ def test_a_numeric_slide_id_names_the_slide_as_text(tmp_path):
     assert [e["slide_id"] for e in load_datalist(path)["training"]] == ["1001", "b"]
 
 
-def test_an_ome_tiff_is_named_without_its_ome_suffix_in_a_datalist_and_in_a_folder_of_new_slides(tmp_path):
-    from monai_icmil.inference import _slide_items
-
-    _touch(tmp_path, "a.ome.tif", "B.OME.TIFF", "c.tif", ".ome.tif")
-    csv = tmp_path / "slides.csv"
-    csv.write_text("slide,label\na.ome.tif,1\nB.OME.TIFF,0\nc.tif,1\n")
-    assert [e["slide_id"] for e in load_datalist(csv)["training"]] == ["a", "B", "c"]
-    assert [e["slide_id"] for e in _slide_items([str(tmp_path / "a.ome.tif"), str(tmp_path / ".ome.tif")])] == [
-        "a", ".ome"
-    ]  # fmt: skip
-
-
 def test_every_bad_row_is_listed_in_one_error(tmp_path):
     _touch(tmp_path, "a.svs", "b.svs", "c.svs")
     data = {

@@ -34,7 +34,7 @@ from monai_icmil.data.slide import as_mpp
 from monai_icmil.data.store import is_file_name
 from monai_icmil.utils import as_positive, stable_hash
 
-__all__ = ["DatalistError", "load_datalist", "string_label_order", "class_names", "slide_stem", "SPLITS"]
+__all__ = ["DatalistError", "load_datalist", "string_label_order", "class_names", "SPLITS"]
 
 SPLITS = ("training", "validation", "test")
 #: a CSV datalist's slide and label columns, and the other names they are found under (first present wins)
@@ -50,12 +50,6 @@ class DatalistError(ValueError):
         self.source, self.errors = source, errors
         listing = "\n  - ".join(errors)
         super().__init__(f"datalist '{source}' has {len(errors)} problem(s):\n  - {listing}")
-
-
-def slide_stem(path: str | os.PathLike) -> str:
-    """A slide's name from its file: the stem, without an OME-TIFF's ``.ome`` (``a.ome.tif`` is ``a``)."""
-    stem = Path(path).stem
-    return stem[:-4] if stem.lower().endswith(".ome") and len(stem) > 4 else stem
 
 
 def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
@@ -258,7 +252,7 @@ def _check_entry(
     if isinstance(label, str) and label_index is not None:
         item["label_name"] = label
     sid = item.get("slide_id")
-    item["slide_id"] = slide_stem(image) if sid in (None, "") else str(sid)  # a JSON number names the slide too
+    item["slide_id"] = Path(image).stem if sid in (None, "") else str(sid)  # a JSON number names the slide too
     if not is_file_name(item["slide_id"]):
         errors.append(
             f"{where}: slide_id {item['slide_id']!r} names the slide's feature and coordinate files: it cannot "
