@@ -333,6 +333,11 @@ def test_predictions_csv_and_mlflow_tracking(tmp_path):
         "slide", "label", "prob_normal", "prob_tumour", "pred", "pred_class", "label_class"
     }  # fmt: skip
     assert all(r["label_class"] == ["normal", "tumour"][int(r["label"])] for r in rows)
+    from monai_icmil.engines.bag_phase import _named
+
+    assert [_named(x, ["normal", "tumour"]) for x in (1, 0.0, 1.5, "tumour", "x", None, "", 2, -1)] == [
+        "tumour", "normal", "", "tumour", "", "", "", "", ""
+    ]  # fmt: skip
     assert abs(float(rows[0]["prob_normal"]) + float(rows[0]["prob_tumour"]) - 1) < 1e-5
     assert all(r["pred_class"] == ["normal", "tumour"][int(r["pred"])] for r in rows)
     client = mlflow.MlflowClient(tracking_uri=sqlite_tracking_uri(tmp_path))

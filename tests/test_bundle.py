@@ -1283,6 +1283,10 @@ def test_the_command_line_is_read_as_fire_reads_it_before_any_work(tmp_path):
         with pytest.raises(ValueError, match=rf"drops an override whose value is None, so '{key}' would keep"):
             check_config([*run, f"--{key}", "None"])
         assert check_config([*run, f"--{key}", "$None"]) == [key]
+    for key in ("embed#compile", "tiling#level", "assume_mpp"):  # already null: the dropped None changes nothing
+        assert check_config([*run, f"--{key}", "None"]) == [key]
+    for given in ("--embed#phase#amp false", "--embedder_phase#phase#freeze_bn off", "--pretrain#phase#amp no"):
+        assert check_config([*run, *given.split()]) == [given.split()[0][2:]]  # our components read the words
     assert check_config([*run, "--progress", "--num_rounds", "2", "--tiling#level", "1"]) == [
         "progress", "num_rounds", "tiling#level"
     ]  # fmt: skip
@@ -1298,7 +1302,8 @@ def test_the_command_line_is_read_as_fire_reads_it_before_any_work(tmp_path):
         "--embedding#batch_size 8": r"'embedding#batch_size' is now embed#<setting>",
         # a boolean word where nothing converts it (an expression's or an absent argument's place): read as true
         "--embedder_phase#optimizer#fused false": r"'false' would reach its component as text.*write True or False",
-        "--embedder_phase#phase#freeze_bn off": r"'off' would reach its component as text",
+        "--bag_phase#optimizer#foreach off": r"'off' would reach its component as text",  # a torch argument
+        "--datalist None": r"drops an override whose value is None, so 'datalist' would keep its configured value",
     }
     for given, message in refusals.items():
         with pytest.raises(ValueError, match=message):

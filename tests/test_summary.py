@@ -84,6 +84,9 @@ def test_a_summary_says_no_ci_for_separated_classes_and_why_a_tied_round_is_fina
     chance = write_summary(tmp_path, rounds, 2, "test")["markdown"].replace("\n", " ")
     assert "**Round 2's test AUC (0.297, 0.00-0.59) cannot be told from chance on these test slides.**" in chance
     assert "Round 2's validation AUC interval is wide (0.60-1.00): few validation slides picked the final" in chance
+    rounds[2]["test"]["metrics"].update(auc=0.2, auc_ci_low=0.05, auc_ci_high=0.45)
+    below = write_summary(tmp_path, rounds, 2, "test")["markdown"].replace("\n", " ")
+    assert "**Round 2's test AUC (0.200, 0.05-0.45) is below chance**" in below and "told from chance" not in below
     assert "At the threshold the validation" not in write_summary(tmp_path, rounds, 1, "test")["markdown"]
 
 

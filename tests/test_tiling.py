@@ -668,3 +668,13 @@ def test_coordinates_tiled_by_an_earlier_detector_are_reused_and_said_to_be(synt
     with pytest.warns(UserWarning, match=r"1 slide\(s\) \(e\.g\. 's0'\) keep coordinates tiled by an earlier tissue"):
         again = prepare_coords(items, tiling, store, progress=False)
     np.testing.assert_array_equal(again["s0"]["coords"], first["s0"]["coords"])  # reused, not tiled again
+    from monai_icmil.transforms import GridPatchCoordsd
+
+    grid_only = GridPatchCoordsd("image", patch_size=64, mpp=1.0)  # no tissue detector: nothing to version
+    store = CoordsStore(tmp_path / "grid")
+    prepare_coords(items, grid_only, store, progress=False)
+    assert "detector" not in store.metadata("s0")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        prepare_coords(items, grid_only, store, progress=False)
+    assert not [w for w in said if "earlier tissue detector" in str(w.message)]

@@ -28,7 +28,13 @@ from monai_icmil.data.integrity import TileErrorPolicy, damaged_patches
 from monai_icmil.data.report import RunReport
 from monai_icmil.data.slide import as_mpp, get_slide
 from monai_icmil.data.store import CoordsStore, coords_key
-from monai_icmil.data.tiling import DETECTOR_VERSION, EmptySlideWarning, TissueMaskWarning, patch_grids
+from monai_icmil.data.tiling import (
+    DETECTOR_VERSION,
+    EmptySlideWarning,
+    TissueMaskWarning,
+    detects_tissue,
+    patch_grids,
+)
 from monai_icmil.utils import component_signature
 
 __all__ = ["prepare_coords", "SlideTiles", "tiling_signature", "slide_signature"]
@@ -153,7 +159,6 @@ def _tile(
         "footprint": float(tiling["footprint"]),
         "stride": int(tiling.get("stride") or tiling["patch_size"]),
         "num_patches": len(coords),
-        "detector": DETECTOR_VERSION,
     }
     if not len(coords):  # why (the tissue detector's or the grid's words: what to change), for report.json
         reasons = [w.message.reason for w in said if isinstance(w.message, EmptySlideWarning)]
@@ -197,6 +202,8 @@ def _load_or_tile(
         return reader, arrays, meta, False
     coords, out = _tile(transforms, sid, path, slide_mpp)
     meta = {**out["meta"], "slide_mpp": slide_mpp}
+    if detects_tissue(transforms):
+        meta["detector"] = DETECTOR_VERSION
     bad = damaged_patches(reader, coords, meta["read_size"], meta["level"])
     policy.check(path, len(bad), len(coords))
     keep = np.setdiff1d(np.arange(len(coords)), bad)
@@ -255,6 +262,7 @@ def prepare_coords(
     out: dict[str, SlideTiles] = {}
     summary: list[dict[str, Any]] = []
     older: list[str] = []  # reused coordinates from an earlier tissue detector
+    detector = detects_tissue(transforms)
     for item in _progress(items, progress):
         sid, path = item["slide_id"], item["image"]
         try:
@@ -268,7 +276,7 @@ def prepare_coords(
             summary.append({"slide": sid, "image": path, "status": f"failed: {type(e).__name__}: {e}"})
             continue
         coords, damaged = arrays["coords"], arrays["damaged"]
-        older += [sid] if int(meta.get("detector", 1)) < DETECTOR_VERSION else []
+        older += [sid] if not tiled and detector and int(meta.get("detector", 1)) < DETECTOR_VERSION else []
         _record(report, sid, path, coords, damaged, meta.get("empty_reason"))
         if qc_dir is not None and (tiled or not (Path(qc_dir) / f"{sid}.jpg").is_file()):
             _save_qc(Path(qc_dir) / f"{sid}.jpg", reader, sid, coords, meta, damaged)
@@ -294,8 +302,9 @@ def _warn_older_detector(older: Sequence[str], store: CoordsStore) -> None:
     if older:
         warnings.warn(
             f"{len(older)} slide(s) (e.g. '{older[0]}') keep coordinates tiled by an earlier tissue detector (before "
-            f"the pale-tissue split and the hole limit) in '{store.root}': they are reused as they are; delete "
-            "coords/ and features/ there to tile them again with this one.",
+            f"the pale-tissue split and the hole limit) in '{store.root}': they are reused as they are, with the "
+            f"features made from them. To tile them again with this one, use a new output folder, or delete that "
+            f"folder and the feature stores beside it in '{store.root.parent}' (round_<r>/features, features/).",
             stacklevel=3,
         )
 

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Hashable, Mapping
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -560,19 +560,30 @@ def patch_grids(tiling: Any) -> list[Any]:
     """The patch grids (objects with ``stride`` and ``patch_size``: a :class:`GridPatchCoords` or
     :class:`TilingConfig`) in tiling transforms, looking through ``Compose`` (``transforms``) and dictionary
     transforms (``transform``)."""
-    grids: list[Any] = []
+    return _find(tiling, lambda obj: hasattr(obj, "stride") and hasattr(obj, "patch_size"))
+
+
+def detects_tissue(tiling: Any) -> bool:
+    """Whether tiling transforms hold this module's tissue detector (a ``TissueMask`` or a :class:`TilingConfig`)."""
+    return bool(_find(tiling, lambda obj: getattr(obj, "tissue_detector", False) is True))
+
+
+def _find(tiling: Any, wanted: Any) -> list[Any]:
+    """The objects in tiling transforms for which ``wanted(obj)``, looking through ``Compose`` (``transforms``) and
+    dictionary transforms (``transform``)."""
+    found: list[Any] = []
 
     def visit(obj: Any, depth: int = 0) -> None:
         if obj is None or depth > 4:
             return
-        if hasattr(obj, "stride") and hasattr(obj, "patch_size"):
-            grids.append(obj)
+        if wanted(obj):
+            found.append(obj)
             return
         for child in [*(getattr(obj, "transforms", None) or []), getattr(obj, "transform", None)]:
             visit(child, depth + 1)
 
     visit(tiling)
-    return grids
+    return found
 
 
 def _read_level(
@@ -744,6 +755,8 @@ class TilingConfig:
     The last four are in :meth:`params` (the stores' keys) only when changed from their defaults, so stores made
     before they existed stay current.
     """
+
+    tissue_detector: ClassVar[bool] = True
 
     patch_size: int = 224
     mpp: float | None = 0.5

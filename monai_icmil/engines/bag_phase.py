@@ -931,6 +931,17 @@ def predict_bags(net: MILAggregator, dataset: Dataset, device: str | torch.devic
     return rows
 
 
+def _named(label: Any, names: Sequence[str]) -> str:
+    """A label's class name: the name at a whole-number index, a class name as it is, else empty."""
+    if isinstance(label, str) and label in names:
+        return label
+    try:
+        index = int(label)
+    except (TypeError, ValueError):
+        return ""
+    return names[index] if index == label and 0 <= index < len(names) else ""
+
+
 def write_predictions_csv(
     path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], class_names: Sequence[str] | None = None
 ) -> Path:
@@ -947,8 +958,7 @@ def write_predictions_csv(
     for r in rows:
         label = "" if r.get("label") is None else r["label"]
         pred = int(np.argmax(r["probs"]))
-        named = names[int(label)] if label != "" and 0 <= int(label) < len(names) else ""
-        w.writerow([r["slide_id"], label, *[f"{p:.9g}" for p in r["probs"]], pred, names[pred], named])
+        w.writerow([r["slide_id"], label, *[f"{p:.9g}" for p in r["probs"]], pred, names[pred], _named(label, names)])
     return atomic_write_text(path, buf.getvalue())
 
 

@@ -79,6 +79,8 @@ class TissueMask(Transform):
     """
 
     backend = [TransformBackends.NUMPY]
+    #: the tissue detector whose version coordinate stores keep
+    tissue_detector = True
 
     def __init__(
         self,

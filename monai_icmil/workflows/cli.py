@@ -126,7 +126,7 @@ def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, Any]]) ->
         if isinstance(value, str) and value.startswith(("$", "@", "%")):
             continue  # an expression or a reference: MONAI evaluates it when the config is parsed
         try:
-            if _bool_word(value) and (not _present(config, name.split("#")) or _expression(default)):
+            if _bool_word(value) and _unconverted(config, name.split("#"), default):
                 raise ValueError(
                     f"{value!r} would reach its component as text, and a non-empty text reads as true (its config "
                     "value is an expression or absent, so nothing converts it); write True or False (the command "
@@ -135,10 +135,10 @@ def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, Any]]) ->
             if value is None:
                 if isinstance(default, (bool, int, float)) and name not in _NULLABLE:  # (lists, components: may be)
                     raise ValueError(f"'{key}' cannot be None")
-                if isinstance(given, str):  # typed on the command line, where the bundle runner would drop it
-                    raise ValueError(
+                if isinstance(given, str) and _value_at(config, name.split("#")) is not None:
+                    raise ValueError(  # typed on the command line, where the bundle runner would drop it
                         f"the bundle runner drops an override whose value is None, so '{key}' would keep its "
-                        f"default; write --{key} '$None' (or null in a config or args file)"
+                        f"configured value; write --{key} '$None' if it takes None (or null in a config or args file)"
                     )
             elif isinstance(default, bool):
                 _check_boolean(key, name, value)
@@ -155,6 +155,19 @@ def _bool_word(value: Any) -> bool:
     from monai_icmil.utils import _FALSE, _TRUE
 
     return isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE
+
+
+def _unconverted(config: Any, parts: list[str], default: Any) -> bool:
+    """Whether a boolean word at ``parts`` would reach a component as text: its config value is an expression, or
+    absent (an argument added to a component), and the component is not ours (ours read words with ``as_bool``)."""
+    if not (_expression(default) or not _present(config, parts)):
+        return False
+    node, target = config, None
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get("_target_"), str):
+            target = node["_target_"]
+    return not (target or "").startswith("monai_icmil.")
 
 
 def _expression(value: Any) -> bool:

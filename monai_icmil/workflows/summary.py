@@ -245,7 +245,12 @@ def _chance_note(rows: list[dict[str, Any]], final_round: int) -> list[str]:
     if row is None:
         return notes
     low, high = row["test_auc_ci"]
-    if _finite(low) and _finite(high) and low <= 0.5 <= high:
+    if _finite(high) and high < 0.5:
+        notes.append(
+            f"**Round {final_round}'s test AUC ({_fmt(row['test_auc'])}, {low:.2f}-{high:.2f}) is below chance**: it "
+            "ranks the test slides the wrong way round. Check that the test labels mean what the training labels do."
+        )
+    elif _finite(low) and _finite(high) and low <= 0.5 <= high:
         notes.append(
             f"**Round {final_round}'s test AUC ({_fmt(row['test_auc'])}, {low:.2f}-{high:.2f}) cannot be told from "
             "chance on these test slides.** Common causes: tumour in a small share of the tissue, an embedder that "
@@ -256,8 +261,9 @@ def _chance_note(rows: list[dict[str, Any]], final_round: int) -> list[str]:
     if _finite(low) and _finite(high) and high - low > 0.3:
         notes.append(
             f"Round {final_round}'s validation AUC interval is wide ({low:.2f}-{high:.2f}): few validation slides "
-            "picked the final round, and before that the witness-search fraction, the best bag restart and the "
-            "stopping epoch, so the validation AUC is optimistic; the test AUC is the fair figure."
+            "picked the final round, and within each round the bag classifier (its restart, its stopping epoch and, "
+            "when on, the witness-search fraction), so the validation AUC is optimistic; the test AUC is the fair "
+            "figure."
         )
     return notes
 
@@ -274,8 +280,8 @@ def _threshold_note(rows: list[dict[str, Any]], final_round: int) -> list[str]:
         f"Test accuracy and F1 are at probability 0.5. At the threshold the validation slides pick "
         f"(p = {row['test_val_threshold']:.3f}), round {final_round}'s test accuracy is "
         f"{row['test_val_threshold_acc']:.3f} (F1 {_fmt(row.get('test_val_threshold_f1'))}; "
-        f"`round_{final_round}/test/metrics.json`, `val_threshold_*`): its probabilities are not calibrated "
-        "around 0.5, which the AUC does not mind."
+        f"`round_{final_round}/test/metrics.json`, `val_threshold_*`): its probabilities are not centred on 0.5, "
+        "which the AUC does not mind (on few validation slides the threshold itself is rough)."
     ]
 
 
