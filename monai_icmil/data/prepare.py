@@ -255,14 +255,12 @@ def prepare_coords(
     """
     if on_slide_error not in ("skip", "raise"):
         raise ValueError(f"on_slide_error must be 'skip' or 'raise', got {on_slide_error!r}")
-    signature = tiling_signature(transforms)
-    policy = tile_policy or TileErrorPolicy()
+    signature, policy = tiling_signature(transforms), tile_policy or TileErrorPolicy()
     grids = patch_grids(transforms)  # their stride, for coordinate stores that did not record it
     grid_stride = (grids[0].stride or grids[0].patch_size) if grids else None
     out: dict[str, SlideTiles] = {}
     summary: list[dict[str, Any]] = []
-    older: list[str] = []  # reused coordinates from an earlier tissue detector
-    detector = detects_tissue(transforms)
+    older: list[str] = []  # coordinates reused from an earlier tissue detector
     for item in _progress(items, progress):
         sid, path = item["slide_id"], item["image"]
         try:
@@ -276,7 +274,7 @@ def prepare_coords(
             summary.append({"slide": sid, "image": path, "status": f"failed: {type(e).__name__}: {e}"})
             continue
         coords, damaged = arrays["coords"], arrays["damaged"]
-        older += [sid] if not tiled and detector and int(meta.get("detector", 1)) < DETECTOR_VERSION else []
+        older += [sid] if not tiled and int(meta.get("detector", 1)) < DETECTOR_VERSION else []
         _record(report, sid, path, coords, damaged, meta.get("empty_reason"))
         if qc_dir is not None and (tiled or not (Path(qc_dir) / f"{sid}.jpg").is_file()):
             _save_qc(Path(qc_dir) / f"{sid}.jpg", reader, sid, coords, meta, damaged)
@@ -293,13 +291,14 @@ def prepare_coords(
         )
     if qc_dir is not None:
         _write_qc_summary(Path(qc_dir), summary)
-    _warn_older_detector(older, store)
+    _warn_older_detector(older, store, transforms)
     return out
 
 
-def _warn_older_detector(older: Sequence[str], store: CoordsStore) -> None:
-    """One warning for the slides whose reused coordinates an earlier tissue detector tiled."""
-    if older:
+def _warn_older_detector(older: Sequence[str], store: CoordsStore, transforms: Any) -> None:
+    """One warning for the slides whose reused coordinates an earlier tissue detector tiled (when ``transforms``
+    hold the detector)."""
+    if older and detects_tissue(transforms):
         warnings.warn(
             f"{len(older)} slide(s) (e.g. '{older[0]}') keep coordinates tiled by an earlier tissue detector (before "
             f"the pale-tissue split and the hole limit) in '{store.root}': they are reused as they are, with the "
