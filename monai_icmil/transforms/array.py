@@ -67,7 +67,8 @@ class TissueMask(Transform):
 
     ``balance_background``, ``adapt_floor``, ``pale_tissue`` and ``max_hole_um2`` enter the transform's signature
     (the stores' keys) only when changed from their defaults, so coordinates tiled before they existed stay current;
-    delete ``coords/`` and ``features/`` to tile those slides again with them.
+    a run that reuses them says so; a new output folder (or deleting its ``coords/`` and ``round_<r>/features/``) tiles
+    those slides again with them.
         backend: slide backend used when given a path (``"auto"``, ``"cucim"``, ``"openslide"``, ``"tifffile"``,
             ``"image"``).
 
