@@ -64,13 +64,13 @@ class TissueMask(Transform):
             dark tissue, where it is textured (:func:`~monai_icmil.data.tiling.tissue_mask_from_rgb`).
         max_hole_um2: fill only holes in the tissue up to this area (um^2; ``None``: every hole), so that glass
             enclosed by tissue (a lumen, a tear) is not tiled.
+        backend: slide backend used when given a path (``"auto"``, ``"cucim"``, ``"openslide"``, ``"tifffile"``,
+            ``"image"``).
 
     ``balance_background``, ``adapt_floor``, ``pale_tissue`` and ``max_hole_um2`` enter the transform's signature
     (the stores' keys) only when changed from their defaults, so coordinates tiled before they existed stay current;
     a run that reuses them says so; a new output folder (or deleting its ``coords/`` and ``round_<r>/features/``) tiles
     those slides again with them.
-        backend: slide backend used when given a path (``"auto"``, ``"cucim"``, ``"openslide"``, ``"tifffile"``,
-            ``"image"``).
 
     Call it with ``slide_mpp`` to use that level-0 mpp instead of the file's (a slide without resolution metadata).
 
