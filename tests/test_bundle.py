@@ -1242,7 +1242,8 @@ def test_heatmap_stride_draws_maps_from_overlapping_patches_and_keeps_the_slide_
     dense = list(csv.DictReader(open(dense_dir / "probabilities.csv")))
     assert [r["slide"] for r in dense] == [Path(e["image"]).stem for e in data["test"][:2]]
     for row in dense:
-        assert {**row, "label": plain[row["slide"]]["label"]} == plain[row["slide"]]
+        labelled = {"label": plain[row["slide"]]["label"], "label_class": plain[row["slide"]]["label_class"]}
+        assert {**row, **labelled} == plain[row["slide"]]
     from monai_icmil.data.store import CoordsStore
 
     for e in data["test"][:2]:

@@ -1035,7 +1035,7 @@ class ICMILWorkflow(BundleWorkflow):
         if named != self._class_names:
             logger.info(
                 "the outputs name the classes as the datalist's labels do: %s (in place of class_names %s)",
-                ", ".join(named), ", ".join(self._class_names),
+                named, self._class_names,
             )  # fmt: skip
         if _rank() == 0:
             self.ledger.mark(None, "classes", {"names": named})
