@@ -348,6 +348,6 @@ def _dense_patches(
 def _progress(items: Sequence[Any], progress: bool, pictures: bool) -> Any:
     if not progress:
         return items
-    from tqdm.auto import tqdm
+    from monai_icmil.utils import progress_bar
 
-    return tqdm(items, desc="predict (scores + pictures)" if pictures else "predict", unit="slide")
+    return progress_bar(items, desc="predict (scores + pictures)" if pictures else "predict", unit="slide")

@@ -27,10 +27,36 @@ __all__ = [
     "barrier",
     "default_device",
     "as_bool",
+    "progress_bar",
+    "progress_options",
 ]
+
+#: seconds between progress-bar updates when stderr is not a terminal (a batch job's log file)
+LOG_PROGRESS_INTERVAL = 30.0
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
+
+
+def progress_options(stream: Any = None) -> dict[str, Any]:
+    """tqdm settings for ``stream`` (default: ``sys.stderr``): a terminal redraws its bars in place; a log file (a
+    batch job's, a captured run) gets an update every :data:`LOG_PROGRESS_INTERVAL` seconds instead of at every step
+    (a two-minute demo wrote 1 MB of bars). ``TQDM_MININTERVAL`` in the environment, tqdm's own setting, wins."""
+    import sys
+
+    stream = sys.stderr if stream is None else stream
+    try:
+        terminal = bool(stream.isatty())
+    except (AttributeError, ValueError):
+        terminal = False
+    return {} if terminal or "TQDM_MININTERVAL" in os.environ else {"mininterval": LOG_PROGRESS_INTERVAL}
+
+
+def progress_bar(iterable: Any = None, **kwargs: Any) -> Any:
+    """``tqdm.auto.tqdm(iterable, **kwargs)`` with :func:`progress_options` (given ``kwargs`` win)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **{**progress_options(), **kwargs})
 
 
 def as_bool(value: Any, name: str = "value", none: Any = ...) -> Any:

@@ -52,3 +52,28 @@ def test_reading_a_slide_with_cucim_leaves_no_log_in_the_working_directory(cmu_s
 def test_real_errors_still_surface(tmp_path):
     proc = _python("from monai_icmil.data import open_slide\nopen_slide('missing.svs')", tmp_path)
     assert proc.returncode != 0 and "slide 'missing.svs' does not exist" in proc.stderr
+
+
+def test_progress_bars_redraw_on_a_terminal_and_update_every_30_s_in_a_log_file(monkeypatch):
+    """A batch job's log file got every redraw of every bar (1 MB for a two-minute demo); tqdm's own
+    TQDM_MININTERVAL wins."""
+    import io
+
+    from ignite.engine import Engine
+
+    from monai_icmil.handlers.common import attach_progress_bar
+    from monai_icmil.utils import LOG_PROGRESS_INTERVAL, progress_bar, progress_options
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    assert progress_options(Terminal()) == {} and LOG_PROGRESS_INTERVAL == 30.0
+    assert progress_options(io.StringIO()) == {"mininterval": 30.0}
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # as under a batch job
+    assert progress_bar(range(3), file=io.StringIO()).mininterval == 30.0
+    assert progress_bar(range(3), file=io.StringIO(), mininterval=1).mininterval == 1  # the caller's wins
+    assert attach_progress_bar(Engine(lambda e, b: {"loss": 0.0}), "x").tqdm_kwargs["mininterval"] == 30.0
+    monkeypatch.setenv("TQDM_MININTERVAL", "5")
+    assert progress_options(io.StringIO()) == {}

@@ -331,9 +331,9 @@ def _record(
 def _progress(items: Sequence[Any], progress: bool) -> Any:
     if not progress:
         return items
-    from tqdm.auto import tqdm
+    from monai_icmil.utils import progress_bar
 
-    return tqdm(items, desc="prepare (tissue + grid)", unit="slide")
+    return progress_bar(items, desc="prepare (tissue + grid)", unit="slide")
 
 
 def _write_qc_summary(qc_dir: Path, summary: Sequence[Mapping[str, Any]]) -> None:

@@ -325,9 +325,9 @@ def _render(jobs: list[tuple[str, Any]], num_workers: int, progress: bool) -> li
     else:
         iterator = map(_generate_one, [j for _, j in jobs])
     if progress:
-        from tqdm.auto import tqdm
+        from monai_icmil.utils import progress_bar
 
-        iterator = tqdm(iterator, total=len(jobs), desc="synthetic slides", unit="slide")
+        iterator = progress_bar(iterator, total=len(jobs), desc="synthetic slides", unit="slide")
     try:
         return list(iterator)
     finally:

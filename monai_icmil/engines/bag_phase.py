@@ -969,9 +969,9 @@ def feature_stats(dataset: Dataset, chunk: int = 16384, progress: bool = False) 
     total, total_sq, n = None, None, 0
     indices: Any = range(len(dataset))
     if progress:
-        from tqdm.auto import tqdm
+        from monai_icmil.utils import progress_bar
 
-        indices = tqdm(indices, desc="feature statistics", unit="slide", leave=False)
+        indices = progress_bar(indices, desc="feature statistics", unit="slide", leave=False)
     for i in indices:
         for part in dataset[i]["features"].split(chunk):
             feats = part.double()

@@ -634,14 +634,14 @@ class _SteadyPace:
 
 
 def _attach_progress(engine: Engine, n_slides: int, n_patches: int) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+    from monai_icmil.utils import progress_bar
 
     bars: dict[str, Any] = {}
 
     @engine.on(Events.STARTED)
     def _open(_: Engine) -> None:
-        bars["slides"] = tqdm(total=n_slides, desc="embed slides", unit="slide", position=0)
-        bars["patches"] = tqdm(total=n_patches, desc="embed patches", unit="patch", position=1, leave=False)
+        bars["slides"] = progress_bar(total=n_slides, desc="embed slides", unit="slide", position=0)
+        bars["patches"] = progress_bar(total=n_patches, desc="embed patches", unit="patch", position=1, leave=False)
 
     @engine.on(Events.ITERATION_COMPLETED)
     def _step(e: Engine) -> None:

@@ -59,11 +59,16 @@ class EpochLoss:
         engine.state.metrics[self.name] = float(np.nanmean(self.values or [np.nan]))
 
 
-def attach_progress_bar(engine: Engine, desc: str, key: str = "loss") -> None:
-    """ignite's progress bar over an engine's iterations, showing ``output[key]``."""
+def attach_progress_bar(engine: Engine, desc: str, key: str = "loss") -> Any:
+    """ignite's progress bar over an engine's iterations, showing ``output[key]`` (returned; its updates spaced as
+    :func:`~monai_icmil.utils.progress_options` says)."""
     from ignite.contrib.handlers import ProgressBar
 
-    ProgressBar(desc=desc, persist=False).attach(engine, output_transform=lambda o: {key: o[key]})
+    from monai_icmil.utils import progress_options
+
+    bar = ProgressBar(desc=desc, persist=False, **progress_options())
+    bar.attach(engine, output_transform=lambda o: {key: o[key]})
+    return bar
 
 
 def describe_components(**components: Any) -> dict[str, Any]:
