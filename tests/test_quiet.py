@@ -54,14 +54,16 @@ def test_real_errors_still_surface(tmp_path):
     assert proc.returncode != 0 and "slide 'missing.svs' does not exist" in proc.stderr
 
 
-def test_progress_bars_redraw_on_a_terminal_and_update_every_30_s_in_a_log_file(monkeypatch):
-    """A batch job's log file got every redraw of every bar (1 MB for a two-minute demo); tqdm's own
-    TQDM_MININTERVAL wins."""
+def test_progress_bars_redraw_on_a_terminal_and_update_every_30_s_in_a_log_file(monkeypatch, caplog):
+    """A batch job's log file got every redraw of every bar (1.7 MB for a two-minute demo, mostly ignite's); tqdm's
+    own TQDM_MININTERVAL wins."""
     import io
 
     from ignite.engine import Engine
 
-    from monai_icmil.handlers.common import attach_progress_bar
+    import logging
+
+    from monai_icmil.handlers.common import PeriodicProgress, attach_progress_bar
     from monai_icmil.utils import LOG_PROGRESS_INTERVAL, progress_bar, progress_options
 
     class Terminal(io.StringIO):
@@ -74,6 +76,15 @@ def test_progress_bars_redraw_on_a_terminal_and_update_every_30_s_in_a_log_file(
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # as under a batch job
     assert progress_bar(range(3), file=io.StringIO()).mininterval == 30.0
     assert progress_bar(range(3), file=io.StringIO(), mininterval=1).mininterval == 1  # the caller's wins
-    assert attach_progress_bar(Engine(lambda e, b: {"loss": 0.0}), "x").tqdm_kwargs["mininterval"] == 30.0
+    engine = Engine(lambda e, b: {"loss": 0.25})
+    periodic = attach_progress_bar(engine, "bag_phase")  # a log line every 30 s, not ignite's bar (every step)
+    assert isinstance(periodic, PeriodicProgress) and periodic.interval == 30.0
+    periodic.interval = 0.0  # a line at every step, to read one
+    with caplog.at_level(logging.INFO, logger="monai_icmil.bag_phase"):
+        engine.run(range(4), max_epochs=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "monai_icmil.bag_phase"]
+    assert len(lines) == 8 and lines[-1].startswith("bag_phase: iteration 8 of 8 (epoch 2 of 2), loss 0.25, ")
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert type(attach_progress_bar(Engine(lambda e, b: {"loss": 0.0}), "x")).__name__ == "ProgressBar"
     monkeypatch.setenv("TQDM_MININTERVAL", "5")
     assert progress_options(io.StringIO()) == {}

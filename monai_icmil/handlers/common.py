@@ -5,13 +5,15 @@
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from ignite.engine import Engine, Events
 
-__all__ = ["attach_handlers", "EpochLoss", "attach_progress_bar", "describe_components"]
+__all__ = ["attach_handlers", "EpochLoss", "attach_progress_bar", "PeriodicProgress", "describe_components"]
 
 
 def attach_handlers(engine: Engine, handlers: Iterable[Any] | None) -> list[Any]:
@@ -60,15 +62,60 @@ class EpochLoss:
 
 
 def attach_progress_bar(engine: Engine, desc: str, key: str = "loss") -> Any:
-    """ignite's progress bar over an engine's iterations, showing ``output[key]`` (returned; its updates spaced as
-    :func:`~monai_icmil.utils.progress_options` says)."""
+    """ignite's progress bar over an engine's iterations, showing ``output[key]``, on a terminal; in a log file
+    (stderr not a terminal, :func:`~monai_icmil.utils.progress_options`) a :class:`PeriodicProgress` line every 30 s
+    instead (ignite's bar redraws at every step whatever tqdm's interval). Returns the handler attached."""
     from ignite.contrib.handlers import ProgressBar
 
     from monai_icmil.utils import progress_options
 
-    bar = ProgressBar(desc=desc, persist=False, **progress_options())
+    options = progress_options()
+    if options:
+        periodic = PeriodicProgress(desc, key, options["mininterval"])
+        periodic.attach(engine)
+        return periodic
+    bar = ProgressBar(desc=desc, persist=False)
     bar.attach(engine, output_transform=lambda o: {key: o[key]})
     return bar
+
+
+class PeriodicProgress:
+    """One log line every ``interval`` seconds while an engine runs: ``<desc>: iteration i of n (epoch e of E),
+    <key> v, r it/s`` (logger ``monai_icmil.<desc>``), for log files where a progress bar is noise.
+
+    Args:
+        desc: what runs (the line's start and the logger's name).
+        key: the output's value to show.
+        interval: seconds between lines.
+    """
+
+    def __init__(self, desc: str, key: str = "loss", interval: float = 30.0):
+        self.desc, self.key, self.interval = desc, key, float(interval)
+        self.logger = logging.getLogger(f"monai_icmil.{desc}")
+        self.start = self.last = 0.0
+        self.first = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._step)
+
+    def _started(self, engine: Engine) -> None:
+        self.start = self.last = time.monotonic()
+        self.first = engine.state.iteration
+
+    def _step(self, engine: Engine) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last, s = now, engine.state
+        total = s.epoch_length * s.max_epochs if s.epoch_length and s.max_epochs else None
+        output = s.output.get(self.key) if isinstance(s.output, Mapping) else None
+        value = f", {self.key} {float(output):.4g}" if isinstance(output, (int, float, np.floating)) else ""
+        rate = (s.iteration - self.first) / max(now - self.start, 1e-9)
+        self.logger.info(
+            "%s: iteration %d%s (epoch %d of %s)%s, %.1f it/s",
+            self.desc, s.iteration, f" of {total}" if total else "", s.epoch, s.max_epochs, value, rate,
+        )  # fmt: skip
 
 
 def describe_components(**components: Any) -> dict[str, Any]:
