@@ -58,10 +58,9 @@ def test_progress_bars_redraw_on_a_terminal_and_update_every_30_s_in_a_log_file(
     """A batch job's log file got every redraw of every bar (1.7 MB for a two-minute demo, mostly ignite's); tqdm's
     own TQDM_MININTERVAL wins."""
     import io
+    import logging
 
     from ignite.engine import Engine
-
-    import logging
 
     from monai_icmil.handlers.common import PeriodicProgress, attach_progress_bar
     from monai_icmil.utils import LOG_PROGRESS_INTERVAL, progress_bar, progress_options
