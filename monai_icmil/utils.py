@@ -41,7 +41,8 @@ _FALSE = ("false", "no", "off", "0")
 def progress_options(stream: Any = None) -> dict[str, Any]:
     """tqdm settings for ``stream`` (default: ``sys.stderr``): a terminal redraws its bars in place; a log file (a
     batch job's, a captured run) gets an update every :data:`LOG_PROGRESS_INTERVAL` seconds instead of at every step
-    (a two-minute demo wrote 1.7 MB of bars). ``TQDM_MININTERVAL`` in the environment, tqdm's own setting, wins."""
+    (a two-minute demo wrote 1.7 MB of bars); ``TQDM_MININTERVAL`` in the environment, tqdm's own setting, sets
+    that interval."""
     import sys
 
     stream = sys.stderr if stream is None else stream
@@ -49,7 +50,13 @@ def progress_options(stream: Any = None) -> dict[str, Any]:
         terminal = bool(stream.isatty())
     except (AttributeError, ValueError):
         terminal = False
-    return {} if terminal or "TQDM_MININTERVAL" in os.environ else {"mininterval": LOG_PROGRESS_INTERVAL}
+    if terminal:
+        return {}
+    try:  # tqdm's own setting gives the interval
+        interval = float(os.environ.get("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL))
+    except ValueError:
+        interval = LOG_PROGRESS_INTERVAL
+    return {"mininterval": interval}
 
 
 def progress_bar(iterable: Any = None, **kwargs: Any) -> Any:

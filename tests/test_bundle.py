@@ -1304,6 +1304,7 @@ def test_the_command_line_is_read_as_fire_reads_it_before_any_work(tmp_path):
         # a boolean word where nothing converts it (an expression's or an absent argument's place): read as true
         "--embedder_phase#optimizer#fused false": r"'false' would reach its component as text.*write True or False",
         "--bag_phase#optimizer#foreach off": r"'off' would reach its component as text",  # a torch argument
+        "--embedder#dynamic_img_size off": r"'off' would reach its component as text",  # handed on to timm
         "--datalist None": r"drops an override whose value is None, so 'datalist' would keep its configured value",
     }
     for given, message in refusals.items():

@@ -56,7 +56,7 @@ def test_real_errors_still_surface(tmp_path):
 
 def test_progress_bars_redraw_on_a_terminal_and_update_every_30_s_in_a_log_file(monkeypatch, caplog):
     """A batch job's log file got every redraw of every bar (1.7 MB for a two-minute demo, mostly ignite's); tqdm's
-    own TQDM_MININTERVAL wins."""
+    own TQDM_MININTERVAL sets the interval there."""
     import io
     import logging
 
@@ -86,4 +86,6 @@ def test_progress_bars_redraw_on_a_terminal_and_update_every_30_s_in_a_log_file(
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert type(attach_progress_bar(Engine(lambda e, b: {"loss": 0.0}), "x")).__name__ == "ProgressBar"
     monkeypatch.setenv("TQDM_MININTERVAL", "5")
-    assert progress_options(io.StringIO()) == {}
+    assert progress_options(io.StringIO()) == {"mininterval": 5.0} and progress_options(Terminal()) == {}
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert attach_progress_bar(Engine(lambda e, b: {"loss": 0.0}), "x").interval == 5.0  # still lines, not the bar

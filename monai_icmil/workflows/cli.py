@@ -159,7 +159,8 @@ def _bool_word(value: Any) -> bool:
 
 def _unconverted(config: Any, parts: list[str], default: Any) -> bool:
     """Whether a boolean word at ``parts`` would reach a component as text: its config value is an expression, or
-    absent (an argument added to a component), and the component is not ours (ours read words with ``as_bool``)."""
+    absent (an argument added to a component), and the component is not ours (ours read words with ``as_bool``) or
+    hands its arguments on to timm (``create_embedder``)."""
     if not (_expression(default) or not _present(config, parts)):
         return False
     node, target = config, None
@@ -167,7 +168,11 @@ def _unconverted(config: Any, parts: list[str], default: Any) -> bool:
         node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get("_target_"), str):
             target = node["_target_"]
-    return not (target or "").startswith("monai_icmil.")
+    return not (target or "").startswith("monai_icmil.") or target in _PASSES_ON
+
+
+#: our components that hand their added arguments on unread (to timm): a boolean word reaches timm as text
+_PASSES_ON = {"monai_icmil.networks.create_embedder", "monai_icmil.networks.embedders.create_embedder"}
 
 
 def _expression(value: Any) -> bool:
