@@ -36,6 +36,8 @@ LOG_PROGRESS_INTERVAL = 30.0
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
+#: the words :func:`as_bool` reads (in any case)
+BOOL_WORDS = _TRUE + _FALSE
 
 
 def progress_options(stream: Any = None) -> dict[str, Any]:

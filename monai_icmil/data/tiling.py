@@ -345,18 +345,19 @@ def _clean_mask(
     if fill_holes:
         filled = ndi.binary_fill_holes(mask)
         if max_hole_px is not None and bool((filled & ~mask).any()):
-            labels, n = ndi.label(filled & ~mask)
-            small = xp.bincount(labels.ravel(), minlength=int(n) + 1) <= int(max_hole_px)
-            small[0] = False
-            filled = mask | small[labels]
+            filled = mask | _sized(filled & ~mask, lambda size: size <= int(max_hole_px), xp, ndi)
         mask = filled
     if min_area_px and min_area_px > 1 and bool(mask.any()):
-        labels, n = ndi.label(mask)
-        sizes = xp.bincount(labels.ravel(), minlength=int(n) + 1)
-        keep = sizes >= int(min_area_px)
-        keep[0] = False
-        mask = keep[labels]
+        mask = _sized(mask, lambda size: size >= int(min_area_px), xp, ndi)
     return mask
+
+
+def _sized(mask: Any, keep: Any, xp: ModuleType, ndi: Any) -> Any:
+    """The connected pieces of ``mask`` whose pixel counts ``keep(sizes)`` accepts."""
+    labels, n = ndi.label(mask)
+    kept = keep(xp.bincount(labels.ravel(), minlength=int(n) + 1))
+    kept[0] = False
+    return kept[labels]
 
 
 #: the pale-tissue threshold stays above this percentile of the smooth (glass) pixels' saturation

@@ -152,9 +152,9 @@ def _check_types(config: Mapping[str, Any], pairs: Sequence[tuple[str, Any]]) ->
 
 def _bool_word(value: Any) -> bool:
     """A boolean word given as text (``false``, ``off``, ...): fire passes it on as a string."""
-    from monai_icmil.utils import _FALSE, _TRUE
+    from monai_icmil.utils import BOOL_WORDS
 
-    return isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE
+    return isinstance(value, str) and value.strip().lower() in BOOL_WORDS
 
 
 def _unconverted(config: Any, parts: list[str], default: Any) -> bool:

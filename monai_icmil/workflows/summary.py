@@ -221,8 +221,7 @@ def _notes(
     elif len(rows) > 1:
         notes.append(f"Coupling did not improve the validation AUC: round {final_round} (frozen embedder) is final.")
     notes += _tie_note(rows, final_round)
-    notes += _threshold_note(rows, final_round)
-    notes += _chance_note(rows, final_round)
+    notes += _threshold_note(last) + _chance_note(last)
     started = [(row["round"], row["bag_phase_start"]) for row in rows if row.get("bag_phase_start")]
     if started:
         where = {"warm": "the student's classifier", "fresh": "a fresh initialisation"}
@@ -237,22 +236,19 @@ def _notes(
     return notes
 
 
-def _chance_note(rows: list[dict[str, Any]], final_round: int) -> list[str]:
-    """Where the final round's test AUC interval includes 0.5 (no better than chance on these slides), and where its
-    validation interval is wide (the split that picked it, and much else, is small)."""
-    row = next((row for row in rows if row["round"] == final_round), None)
+def _chance_note(row: dict[str, Any]) -> list[str]:
+    """Where the final round's (``row``) test AUC interval includes 0.5 (no better than chance on these slides) or
+    lies under it, and where its validation interval is wide (the split that picked it, and much else, is small)."""
     notes = []
-    if row is None:
-        return notes
     low, high = row["test_auc_ci"]
     if _finite(high) and high < 0.5:
         notes.append(
-            f"**Round {final_round}'s test AUC ({_fmt(row['test_auc'])}, {low:.2f}-{high:.2f}) is below chance**: it "
+            f"**Round {row['round']}'s test AUC ({_fmt(row['test_auc'])}, {low:.2f}-{high:.2f}) is below chance**: it "
             "ranks the test slides the wrong way round. Check that the test labels mean what the training labels do."
         )
     elif _finite(low) and _finite(high) and low <= 0.5 <= high:
         notes.append(
-            f"**Round {final_round}'s test AUC ({_fmt(row['test_auc'])}, {low:.2f}-{high:.2f}) cannot be told from "
+            f"**Round {row['round']}'s test AUC ({_fmt(row['test_auc'])}, {low:.2f}-{high:.2f}) cannot be told from "
             "chance on these test slides.** Common causes: tumour in a small share of the tissue, an embedder that "
             "does not see the cue (random-init or not pre-trained on such tissue: `embedder#weights`, "
             "`workflow#pretrain`), too few slides."
@@ -260,7 +256,7 @@ def _chance_note(rows: list[dict[str, Any]], final_round: int) -> list[str]:
     low, high = row["val_auc_ci"]
     if _finite(low) and _finite(high) and high - low > 0.3:
         notes.append(
-            f"Round {final_round}'s validation AUC interval is wide ({low:.2f}-{high:.2f}): few validation slides "
+            f"Round {row['round']}'s validation AUC interval is wide ({low:.2f}-{high:.2f}): few validation slides "
             "picked the final round, and within each round the bag classifier (its restart, its stopping epoch and, "
             "when on, the witness-search fraction), so the validation AUC is optimistic; the test AUC is the fair "
             "figure."
@@ -268,19 +264,19 @@ def _chance_note(rows: list[dict[str, Any]], final_round: int) -> list[str]:
     return notes
 
 
-def _threshold_note(rows: list[dict[str, Any]], final_round: int) -> list[str]:
-    """Where the final round's test accuracy at the probability threshold the validation slides pick differs from
-    its accuracy at 0.5 (probabilities that sit high or low on every slide): both, and where they are kept."""
-    row = next((row for row in rows if row["round"] == final_round), None)
-    if row is None or not (_finite(row.get("test_val_threshold_acc")) and _finite(row["test_acc"])):
+def _threshold_note(row: dict[str, Any]) -> list[str]:
+    """Where the final round's (``row``) test accuracy at the probability threshold the validation slides pick
+    differs from its accuracy at 0.5 (probabilities that sit high or low on every slide): both, and where they are
+    kept."""
+    if not (_finite(row.get("test_val_threshold_acc")) and _finite(row["test_acc"])):
         return []
     if abs(row["test_val_threshold_acc"] - row["test_acc"]) < 0.02:
         return []
     return [
         f"Test accuracy and F1 are at probability 0.5. At the threshold the validation slides pick "
-        f"(p = {row['test_val_threshold']:.3f}), round {final_round}'s test accuracy is "
+        f"(p = {row['test_val_threshold']:.3f}), round {row['round']}'s test accuracy is "
         f"{row['test_val_threshold_acc']:.3f} (F1 {_fmt(row.get('test_val_threshold_f1'))}; "
-        f"`round_{final_round}/test/metrics.json`, `val_threshold_*`): its probabilities are not centred on 0.5, "
+        f"`round_{row['round']}/test/metrics.json`, `val_threshold_*`): its probabilities are not centred on 0.5, "
         "which the AUC does not mind (on few validation slides the threshold itself is rough)."
     ]
 
