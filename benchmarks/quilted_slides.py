@@ -55,6 +55,8 @@ def _load_source(path: Path | None = None) -> dict[str, np.ndarray]:
     if not _source:
         import tifffile
 
+        from monai_icmil.data.tiling import saturation
+
         path = Path(path or CMU)
         if not path.is_file():
             raise FileNotFoundError(f"the source slide '{path}' does not exist: give CMU-1-Small-Region.svs with --cmu")
@@ -62,8 +64,7 @@ def _load_source(path: Path | None = None) -> dict[str, np.ndarray]:
         a = tifffile.imread(path).astype(np.float32)
         a = a[: a.shape[0] // 2 * 2, : a.shape[1] // 2 * 2]
         a = a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2, 3).mean(axis=(1, 3))
-        mx, mn = a.max(-1), a.min(-1)
-        tissue = ndi.uniform_filter(((mx - mn) / np.maximum(mx, 1) > 0.12).astype(np.float32), 9) > 0.5
+        tissue = ndi.uniform_filter((saturation(a) > 0.12).astype(np.float32), 9) > 0.5
         cover = ndi.uniform_filter(tissue.astype(np.float32), CROP)
         half = CROP // 2
         ys, xs = np.nonzero(cover[half:-half, half:-half] > 0.75)
