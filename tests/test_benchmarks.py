@@ -504,3 +504,39 @@ def test_quilted_slides_are_a_datalist_of_pyramids_with_masks_and_the_new_detect
         quilted.main(["make", str(out), "--counts", "2,0,1"])
     with pytest.raises(SystemExit):
         quilted.main(["make", str(out), "--tumour", "0.5,0.2"])
+
+
+def test_icmil_gain_quilted_setting_runs_on_real_texture_with_ints_and_every_mask(tmp_path, cmu_slide):
+    """``--settings quilted`` (issue #21's real-texture attempt): the other generator's slides, with 0 / 1 labels, a
+    tumour mask on every slide (empty on benign ones) and tumour on 5-15 % of a malignant slide's tissue, run through
+    the bundle for both rounds; a datalist left with the generator's string labels is converted on the next run."""
+    gain = _module()
+    assert gain.QUILTED_SETTINGS == {"quilted": (0.05, 0.15)} and "quilted" not in gain.parse(["--smoke"]).settings
+    args = ["--smoke", "--out", str(tmp_path), "--settings", "quilted", "--starts", "ssl", "--aggregators", "abmil"]
+    rows = gain.main(args + ["--cmu", cmu_slide])
+    assert {(r["setting"], r["aggregator"], r["round"]) for r in rows} == {("quilted", "abmil", k) for k in (0, 1)}
+    assert all(0 <= r["test_auc"] <= 1 and not math.isnan(r["teacher_patch_auc"]) for r in rows), rows
+    data = tmp_path / "data" / "quilted" / "seed_0"
+    datalist = json.loads((data / "datalist.json").read_text())
+    entries = [e for split in ("training", "validation", "test") for e in datalist[split]]
+    assert sorted({e["label"] for e in entries}) == [0, 1]
+    from PIL import Image
+
+    for e in entries:
+        tumour = np.asarray(Image.open(data / e["tumour_mask"])) > 0
+        if e["label"] == 0:
+            assert not tumour.any(), e
+        else:
+            slide_id = Path(e["image"]).stem
+            tissue = np.asarray(Image.open(data / "masks" / f"{slide_id}_tissue.png")) > 0
+            assert 0.03 <= tumour.sum() / tissue.sum() <= 0.15, e  # (the region's opening trims it a little)
+    # an interrupted conversion: string labels again, no empty masks; the next make_data restores both
+    strings = {
+        s: [{k: v for k, v in e.items() if e["label"] or k != "tumour_mask"} for e in es] for s, es in datalist.items()
+    }
+    for es in strings.values():
+        for e in es:
+            e["label"] = ["benign", "malignant"][e["label"]]
+    (data / "datalist.json").write_text(json.dumps(strings))
+    gain.make_data("quilted", 0, gain.parse(args + ["--cmu", str(tmp_path / "unused.svs")]), tmp_path)
+    assert json.loads((data / "datalist.json").read_text()) == datalist
