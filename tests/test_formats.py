@@ -304,3 +304,85 @@ def test_a_pyramid_whose_levels_are_not_marked_reduced_is_read_at_its_levels(tis
     levels = [block_mean(tissue, 2**k) for k in range(3)]
     slide = open_slide(_write_levels(tmp_path / "s.tif", levels, marked=False, photometric="rgb", compression="lzw"))
     assert slide.level_count == 3 and slide.backend == "tifffile"
+
+
+def _colour_cases(tissue):
+    """(name, levels, tifffile options, the refusal's words) of TIFFs whose samples are not RGB colours."""
+    from PIL import Image
+
+    small = [tissue[:512, :768], block_mean(tissue[:512, :768], 2)]
+    cmyk = [np.asarray(Image.fromarray(x).convert("CMYK")) for x in small]
+    ycc = [np.asarray(Image.fromarray(x).convert("YCbCr")) for x in small]
+    floats = [(x / 255).astype(np.float32) for x in small]
+    return [
+        ("cmyk", cmyk, {"photometric": "separated", "compression": "zlib"}, r"SEPARATED \(CMYK\), not RGB"),
+        ("gray3", small, {"photometric": "minisblack", "planarconfig": "contig"}, r"grayscale \(photometric MINISB"),
+        (
+            "ycc",
+            ycc,
+            {"photometric": "ycbcr", "subsampling": (1, 1), "compression": "lzw"},
+            r"YCbCr samples without JPEG compression \(TIFF compression 5\)",
+        ),
+        ("float", floats, {"photometric": "rgb"}, r"samples are floating-point.*8-bit RGB"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["cmyk", "gray3", "ycc", "float"])
+def test_tiffs_whose_samples_are_not_rgb_colours_are_refused_by_every_backend_naming_the_fix(tissue, tmp_path, case):
+    """CMYK, 3-sample grayscale, YCbCr in LZW tiles and float samples: cuCIM, OpenSlide or our reader returned their
+    samples as red, green and blue (wrong colours, no error) or failed each read as a "corrupt" file."""
+    name, levels, opts, words = _colour_cases(tissue)[case]
+    path = _write_levels(tmp_path / f"{name}.tif", levels, **opts)
+    for backend in ("auto", *[b for b in available_backends() if b != "image"]):
+        with pytest.raises(SlideError, match=rf"{name}\.tif': .*{words}"):
+            open_slide(path, backend)
+
+
+def test_sixteen_bit_samples_of_a_declared_narrower_range_are_read_over_that_range(tissue, tmp_path):
+    """12-bit data in 16-bit samples with MaxSampleValue 4095 (read almost black over 0-65535 before, and "no tissue
+    found"): ``auto`` takes our reader, which scales by the declared maximum."""
+    levels = [x.astype(np.uint16) * 16 for x in (tissue, block_mean(tissue, 2))]
+    tag = [(281, 3, 3, (4095,) * 3, True)]
+    slide = open_slide(_write_levels(tmp_path / "s.tif", levels, photometric="rgb", compression="zlib", extratags=tag))
+    assert slide.backend == "tifffile"
+    got = slide.read_region((256, 256), 256).astype(int)
+    assert np.abs(got - tissue[256:512, 256:512]).mean() < 1.5
+
+
+def test_an_orientation_tag_is_warned_about_and_not_given_to_openslide_which_turns_each_tile(tissue, tmp_path):
+    """OpenSlide applies Orientation 3 to every tile on its own (a mosaic); the slide is read as stored instead."""
+    levels = [tissue, block_mean(tissue, 2)]
+    path = _write_levels(
+        tmp_path / "o.tif", levels, photometric="rgb", compression="zstd", extratags=[(274, 3, 1, 3, True)]
+    )
+    with pytest.warns(UserWarning, match=r"o\.tif' has TIFF Orientation 3 \(not 1\): it is read as stored"):
+        slide = open_slide(path)
+    assert slide.backend != "openslide"
+    assert np.array_equal(slide.read_region((0, 0), 512), tissue[:512, :512])
+
+
+def test_every_backend_reads_glass_white_where_a_patch_leaves_the_slide(tissue, tmp_path):
+    """cuCIM filled the part of a region outside the level black; the others (and OpenSlide's background) white."""
+    levels = [tissue, block_mean(tissue, 2)]
+    path = _write_levels(tmp_path / "s.tif", levels, photometric="rgb", compression="lzw")
+    h, w = tissue.shape[:2]
+    for backend in [b for b in available_backends() if b != "image"]:
+        slide = open_slide(path, backend)
+        for xy, level in (((w - 32, h - 48), 0), ((8, h - 8), 0), ((w - 64, 0), 1)):
+            got = slide.read_patches([xy], 64, level=level)[0]
+            lx, ly = xy[0] // 2**level, xy[1] // 2**level
+            lh, lw = levels[level].shape[:2]
+            ys, xs = slice(max(0, -ly), min(64, lh - ly)), slice(max(0, -lx), min(64, lw - lx))
+            inside = np.zeros((64, 64), bool)
+            inside[ys, xs] = True
+            assert (got[~inside] == 255).all(), (backend, xy, level)
+            want = levels[level][max(0, ly) : ly + 64, max(0, lx) : lx + 64]
+            assert np.array_equal(got[ys, xs], want), (backend, xy, level)  # the slide's own pixels
+
+
+def test_a_grayscale_plain_image_is_refused_as_a_grayscale_tiff_is(tissue, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(tissue.mean(-1).astype(np.uint8)).save(tmp_path / "g.png")
+    with pytest.raises(SlideError, match=r"g\.png': the image is grayscale \(mode L\).*Export it as RGB"):
+        open_slide(tmp_path / "g.png", mpp=0.5)

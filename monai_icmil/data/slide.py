@@ -194,6 +194,7 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
     props: dict[str, Any] = {"objective_power": None, "aperio_mpp": None, "ome_mpp": None, "tiff_mpp": None}
     props.update(subifd_levels=0, tiled=True, data_end=(0, 0))  # (what tifffile cannot parse: the backends report)
     props.update(samples=None, cucim_unsafe=None, jfif_rgb=False, unmarked_levels=0)
+    props.update(photometric=None, compression=None, sample_format=1, max_sample=None, orientation=1)
     try:
         tifffile = _import_backend("tifffile")
         with tifffile.TiffFile(path) as tif:
@@ -208,6 +209,10 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
                         props["cucim_unsafe"] = f"{p.compression.name} tiles with a predictor (cuCIM crashes on them)"
             props.update(tiled=bool(page.is_tiled), data_end=max(ends, default=(0, 0)))
             props.update(samples=int(page.samplesperpixel), jfif_rgb=_jfif_tagged_rgb(page))
+            props.update(photometric=int(page.photometric), compression=int(page.compression))
+            props.update(sample_format=int(page.sampleformat), orientation=_tag_value(page, "Orientation", 1))
+            if page.dtype == np.uint16:  # 12-bit data, say, in 16-bit samples: the range the file declares
+                props["max_sample"] = _tag_value(page, "MaxSampleValue", None)
             # reduced levels in the main chain not marked as such: cuCIM refuses the file, OpenSlide sees one level
             dims = [(int(page.imagewidth), int(page.imagelength))] + [
                 (int(p.imagewidth), int(p.imagelength))
@@ -233,6 +238,59 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
         props["tiff_error"] = f"{type(e).__name__}: {e}"
     props["mpp"] = next((props[k] for k in ("aperio_mpp", "ome_mpp", "tiff_mpp") if props[k] is not None), None)
     return props
+
+
+def _tag_value(page: Any, name: str, default: int | None) -> int | None:
+    """A TIFF tag's integer value (the smallest, for a per-sample tag), or ``default`` where the page lacks it."""
+    tag = page.tags.get(name)
+    if tag is None:
+        return default
+    value = tag.value
+    return int(min(value)) if isinstance(value, (tuple, list)) else int(value)
+
+
+#: TIFF compressions that store samples as they are (none, LZW, deflate, PackBits, LZMA, zstd): YCbCr samples in one
+#: of them are not converted to RGB by cuCIM or our reader
+_RAW_COMPRESSIONS = frozenset({1, 5, 8, 32773, 32946, 34925, 50000})
+#: TIFF photometric interpretations refused (a slide's is RGB, or YCbCr, converted by the JPEG decoders)
+_PHOTOMETRIC_NAMES = {0: "MINISWHITE", 1: "MINISBLACK", 3: "PALETTE", 4: "MASK", 5: "SEPARATED (CMYK)", 8: "CIELAB"}
+
+
+def _check_colour_model(path: str) -> None:
+    """Refuse a TIFF whose pixels the readers would return as something other than its RGB colours, without an
+    error: grayscale, CMYK, CIE L*a*b*, uncompressed or losslessly compressed YCbCr, floating-point or signed
+    samples (each message names the fix)."""
+    props = _tiff_properties(path)
+    convert = "Convert it to RGB, e.g. `vips colourspace in.tif rgb.tif srgb`, then tile it again if needed"
+    photometric, compression = props["photometric"], props["compression"]
+    if photometric in _PHOTOMETRIC_NAMES and photometric not in (0, 1):
+        raise SlideError(
+            path,
+            f"its TIFF photometric interpretation is {_PHOTOMETRIC_NAMES[photometric]}, not RGB: its samples would be "
+            f"read as red, green and blue, giving wrong colours. {convert}.",
+        )
+    if props["samples"] in (1, 2) or photometric in (0, 1):
+        stored = (
+            "one sample per pixel" if props["samples"] in (1, 2) else f"photometric {_PHOTOMETRIC_NAMES[photometric]}"
+        )
+        raise SlideError(
+            path,
+            f"the slide is grayscale ({stored}): tissue detection and the patch embedders expect RGB brightfield "
+            "(H&E) slides. Export it as RGB, or leave it out of the datalist.",
+        )
+    if photometric == 6 and compression in _RAW_COMPRESSIONS:
+        raise SlideError(
+            path,
+            f"it stores YCbCr samples without JPEG compression (TIFF compression {compression}): they would be read "
+            f"as red, green and blue, giving wrong colours. {convert}.",
+        )
+    if props["sample_format"] != 1:
+        kind = {2: "signed integer", 3: "floating-point"}.get(props["sample_format"], "non-integer")
+        raise SlideError(
+            path,
+            f"its samples are {kind}, which none of the readers turns into colours. Convert it to 8-bit RGB, e.g. "
+            "`vips cast in.tif out.tif uchar` after scaling it to 0-255.",
+        )
 
 
 def _jfif_tagged_rgb(page: Any) -> bool:
@@ -760,6 +818,19 @@ class CuCIMSlide(SlideReader):
             i += k
         if i != n:
             raise SlideError(self.path, f"cuCIM returned {i} of {n} patches.")
+        return self._whiten_outside(out, locations, level, size)
+
+    def _whiten_outside(self, out: np.ndarray, locations: np.ndarray, level: int, size: tuple[int, int]) -> np.ndarray:
+        """White (glass) where a patch reaches outside the level, which cuCIM fills black, as the other readers and
+        OpenSlide's own background do."""
+        w, h = size
+        lw, lh = self.level_dimensions[level]
+        xy = np.floor(np.asarray(locations, np.float64) / self.level_downsamples[level]).astype(np.int64)
+        for i in np.flatnonzero((xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] + w > lw) | (xy[:, 1] + h > lh)):
+            x, y = xy[i]
+            keep = np.zeros((h, w), bool)
+            keep[max(0, -y) : max(0, min(h, lh - y)), max(0, -x) : max(0, min(w, lw - x))] = True
+            out[i][~keep] = 255
         return out
 
     def close(self) -> None:
@@ -870,6 +941,7 @@ class TiffSlide(_PatchByPatchReader):
         self._pages = [self._pages[i] for i in self._backend_levels]  # the pyramid's pages only
         props = _tiff_properties(self.path)
         self.mpp, self.objective_power = props["mpp"], props["objective_power"]
+        self._max_sample = int(props["max_sample"] or 65535)
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_size = cache_tiles
         self._io_lock = threading.Lock()
@@ -903,8 +975,9 @@ class TiffSlide(_PatchByPatchReader):
             tile = np.concatenate(planes, axis=-1)
         else:
             tile = self._segment(level, index)
-        if tile.dtype == np.uint16:  # 16-bit: the full range onto 8 bits (x / 257, rounded)
-            tile = ((tile.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        if tile.dtype == np.uint16:  # 16-bit: the declared range (MaxSampleValue, else 65535) onto 8 bits, rounded
+            top = self._max_sample
+            tile = ((np.minimum(tile, top).astype(np.uint32) * 255 + top // 2) // top).astype(np.uint8)
         tile = on_white(tile) if tile.shape[-1] == 4 and page.extrasamples else np.ascontiguousarray(tile[..., :3])
         with self._cache_lock:
             self._cache[key] = tile
@@ -1055,6 +1128,12 @@ class ImageSlide(_PatchByPatchReader):
                     Image.MAX_IMAGE_PIXELS = limit
             with im:
                 self._check_size(*im.size)
+                if im.mode.split(";")[0] in ("1", "L", "LA", "La", "I", "F"):
+                    raise SlideError(
+                        self.path,
+                        f"the image is grayscale (mode {im.mode}): tissue detection and the patch embedders expect "
+                        "RGB brightfield (H&E) slides. Export it as RGB, or leave it out of the datalist.",
+                    )
                 dpi = im.info.get("dpi")
                 mpp = _mpp_from_resolution(dpi[0], "INCH") if dpi else None
                 img = np.asarray(im.convert("RGBA") if "A" in im.getbands() else im.convert("RGB"))
@@ -1155,15 +1234,15 @@ def open_slide(
             names = ("image",)
         elif backend == "auto":  # tiled: the whole-slide backends, ours first where the others misread the file
             props = _tiff_properties(path)
-            # a pyramid in SubIFDs or with its levels not marked reduced, JFIF tiles tagged RGB: the others misread
-            ours_first = props["subifd_levels"] or props["jfif_rgb"] or props["unmarked_levels"]
+            # a pyramid in SubIFDs or with its levels not marked reduced, JFIF tiles tagged RGB, 16-bit samples
+            # of a narrower declared range: the others misread them
+            narrow = (props["max_sample"] or 65535) < 65535
+            ours_first = props["subifd_levels"] or props["jfif_rgb"] or props["unmarked_levels"] or narrow
             names = ("tifffile", "cucim", "openslide") if ours_first else BACKENDS
-        if _tiff_properties(path)["samples"] in (1, 2):
-            raise SlideError(
-                path,
-                "the slide is grayscale (one sample per pixel): tissue detection and the patch embedders expect RGB "
-                "brightfield (H&E) slides. Export it as RGB, or leave it out of the datalist.",
-            )
+            if props["orientation"] != 1:  # OpenSlide turns each tile on its own (a mosaic); the others read as stored
+                names = tuple(n for n in names if n != "openslide") + ("openslide",)
+        _check_colour_model(path)
+        _warn_orientation(path)
     reasons = []
     for name in names:
         try:
@@ -1194,6 +1273,18 @@ def open_slide(
         "--tile --pyramid --compression jpeg` or `bfconvert -pyramid-resolutions 4 -tilex 256 -tiley 256 in "
         "out.ome.tif`.",
     )
+
+
+def _warn_orientation(path: str) -> None:
+    """Warn that a TIFF's Orientation tag is not applied: its pixels, coordinates and heatmaps stay as stored."""
+    orientation = _tiff_properties(path)["orientation"]
+    if orientation != 1:
+        warnings.warn(
+            f"slide '{path}' has TIFF Orientation {orientation} (not 1): it is read as stored, not turned, so its "
+            "patches, coordinates and heatmaps are in the stored orientation (classification is unaffected). Rotate "
+            "it in the file (e.g. `vips autorot`) to see it the right way up.",
+            stacklevel=3,
+        )
 
 
 _OPEN_LOCK = threading.Lock()  # reader threads reaching a new slide together open it once
