@@ -307,46 +307,61 @@ def test_a_pyramid_whose_levels_are_not_marked_reduced_is_read_at_its_levels(tis
 
 
 def _colour_cases(tissue):
-    """(name, levels, tifffile options, the refusal's words) of TIFFs whose samples are not RGB colours."""
+    """(name, levels, tifffile options, the refusal's words, whether OpenSlide converts it) of TIFFs whose samples are
+    not RGB colours."""
     from PIL import Image
 
     small = [tissue[:512, :768], block_mean(tissue[:512, :768], 2)]
     cmyk = [np.asarray(Image.fromarray(x).convert("CMYK")) for x in small]
     ycc = [np.asarray(Image.fromarray(x).convert("YCbCr")) for x in small]
     floats = [(x / 255).astype(np.float32) for x in small]
-    return [
-        ("cmyk", cmyk, {"photometric": "separated", "compression": "zlib"}, r"SEPARATED \(CMYK\), not RGB"),
-        ("gray3", small, {"photometric": "minisblack", "planarconfig": "contig"}, r"grayscale \(photometric MINISB"),
+    only_openslide = r"of the readers only OpenSlide converts them to RGB \(backend 'auto' or 'openslide'"
+    return small, [
+        ("cmyk", cmyk, {"photometric": "separated", "compression": "zlib"}, rf"SEPARATED \(CMYK\): {only_openslide}"),
         (
             "ycc",
             ycc,
             {"photometric": "ycbcr", "subsampling": (1, 1), "compression": "lzw"},
-            r"YCbCr samples without JPEG compression \(TIFF compression 5\)",
+            rf"YCbCr without JPEG compression \(TIFF compression 5\): {only_openslide}",
         ),
+        ("gray3", small, {"photometric": "minisblack", "planarconfig": "contig"}, r"grayscale \(tagged MINISBLACK\)"),
         ("float", floats, {"photometric": "rgb"}, r"samples are floating-point.*8-bit RGB"),
     ]
 
 
-@pytest.mark.parametrize("case", range(4), ids=["cmyk", "gray3", "ycc", "float"])
-def test_tiffs_whose_samples_are_not_rgb_colours_are_refused_by_every_backend_naming_the_fix(tissue, tmp_path, case):
-    """CMYK, 3-sample grayscale, YCbCr in LZW tiles and float samples: cuCIM, OpenSlide or our reader returned their
-    samples as red, green and blue (wrong colours, no error) or failed each read as a "corrupt" file."""
-    name, levels, opts, words = _colour_cases(tissue)[case]
+@pytest.mark.parametrize("case", range(4), ids=["cmyk", "ycc", "gray3", "float"])
+def test_tiffs_whose_samples_are_not_rgb_colours_go_to_openslide_or_are_refused_naming_the_fix(tissue, tmp_path, case):
+    """CMYK and YCbCr in LZW tiles: cuCIM and our reader returned their samples as red, green and blue (wrong colours,
+    no error; ``auto`` took cuCIM for the YCbCr file); only OpenSlide (libtiff) converts them, so ``auto`` takes it
+    alone and the others refuse. 3-sample grayscale (OpenSlide read its first sample as gray) and float samples
+    (OpenSlide failed each read as a "corrupt" file) are refused by every backend."""
+    small, cases = _colour_cases(tissue)
+    name, levels, opts, words = cases[case]
     path = _write_levels(tmp_path / f"{name}.tif", levels, **opts)
+    converted = name in ("cmyk", "ycc") and "openslide" in available_backends()
     for backend in ("auto", *[b for b in available_backends() if b != "image"]):
-        with pytest.raises(SlideError, match=rf"{name}\.tif': .*{words}"):
-            open_slide(path, backend)
+        if converted and backend in ("auto", "openslide"):
+            slide = open_slide(path, backend)
+            assert slide.backend == "openslide"
+            assert np.abs(slide.read_region((0, 0), (768, 512)).astype(int) - small[0]).mean() < 1.5, backend
+        else:
+            with pytest.raises(SlideError, match=rf"{name}\.tif': .*{words}"):
+                open_slide(path, backend)
 
 
 def test_sixteen_bit_samples_of_a_declared_narrower_range_are_read_over_that_range(tissue, tmp_path):
     """12-bit data in 16-bit samples with MaxSampleValue 4095 (read almost black over 0-65535 before, and "no tissue
-    found"): ``auto`` takes our reader, which scales by the declared maximum."""
+    found"): ``auto`` takes our reader, which scales by the declared maximum (the largest of the samples', so that no
+    sample is clipped)."""
     levels = [x.astype(np.uint16) * 16 for x in (tissue, block_mean(tissue, 2))]
     tag = [(281, 3, 3, (4095,) * 3, True)]
     slide = open_slide(_write_levels(tmp_path / "s.tif", levels, photometric="rgb", compression="zlib", extratags=tag))
     assert slide.backend == "tifffile"
     got = slide.read_region((256, 256), 256).astype(int)
     assert np.abs(got - tissue[256:512, 256:512]).mean() < 1.5
+    tag = [(281, 3, 3, (3000, 3500, 4095), True)]
+    slide = open_slide(_write_levels(tmp_path / "m.tif", levels, photometric="rgb", compression="zlib", extratags=tag))
+    assert np.abs(slide.read_region((256, 256), 256).astype(int) - tissue[256:512, 256:512]).mean() < 1.5
 
 
 def test_an_orientation_tag_is_warned_about_and_not_given_to_openslide_which_turns_each_tile(tissue, tmp_path):
@@ -359,6 +374,16 @@ def test_an_orientation_tag_is_warned_about_and_not_given_to_openslide_which_tur
         slide = open_slide(path)
     assert slide.backend != "openslide"
     assert np.array_equal(slide.read_region((0, 0), 512), tissue[:512, :512])
+    # a tag tifffile cannot read as a number is ignored, and the file's other properties are still read
+    with tifffile.TiffWriter(tmp_path / "bad.tif", ome=True) as tif:
+        physical = {"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
+        opts = {"tile": (256, 256), "photometric": "rgb", "compression": "zlib"}
+        tif.write(tissue, subifds=1, metadata=physical, extratags=[(274, 2, 0, "top", True)], **opts)
+        tif.write(block_mean(tissue, 2), subfiletype=1, **opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slide = open_slide(tmp_path / "bad.tif")
+    assert (slide.backend, slide.level_count, slide.mpp) == ("tifffile", 2, pytest.approx(0.5))
 
 
 def test_every_backend_reads_glass_white_where_a_patch_leaves_the_slide(tissue, tmp_path):

@@ -241,48 +241,38 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
 
 
 def _tag_value(page: Any, name: str, default: int | None) -> int | None:
-    """A TIFF tag's integer value (the smallest, for a per-sample tag), or ``default`` where the page lacks it."""
+    """A TIFF tag's integer value (the largest, for a per-sample tag), or ``default`` where the page lacks it or its
+    value is not a number."""
     tag = page.tags.get(name)
-    if tag is None:
+    try:
+        value = tag.value
+        return int(max(value)) if isinstance(value, (tuple, list)) else int(value)
+    except (AttributeError, TypeError, ValueError):
         return default
-    value = tag.value
-    return int(min(value)) if isinstance(value, (tuple, list)) else int(value)
 
 
 #: TIFF compressions that store samples as they are (none, LZW, deflate, PackBits, LZMA, zstd): YCbCr samples in one
 #: of them are not converted to RGB by cuCIM or our reader
 _RAW_COMPRESSIONS = frozenset({1, 5, 8, 32773, 32946, 34925, 50000})
-#: TIFF photometric interpretations refused (a slide's is RGB, or YCbCr, converted by the JPEG decoders)
+#: TIFF photometric interpretations other than RGB and YCbCr (which the JPEG decoders convert)
 _PHOTOMETRIC_NAMES = {0: "MINISWHITE", 1: "MINISBLACK", 3: "PALETTE", 4: "MASK", 5: "SEPARATED (CMYK)", 8: "CIELAB"}
 
 
-def _check_colour_model(path: str) -> None:
-    """Refuse a TIFF whose pixels the readers would return as something other than its RGB colours, without an
-    error: grayscale, CMYK, CIE L*a*b*, uncompressed or losslessly compressed YCbCr, floating-point or signed
-    samples (each message names the fix)."""
+def _colour_backends(path: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The backends among ``names`` that read a TIFF's samples as its RGB colours: all of them for RGB (and YCbCr
+    JPEG) slides; only OpenSlide (libtiff converts them) for CMYK, palette and YCbCr outside JPEG tiles, which cuCIM
+    and our reader would return as wrong colours without an error. Grayscale, CIE L*a*b*, mask, floating-point or
+    signed samples, and a colour model no usable backend in ``names`` converts, are refused, each message naming the
+    fix."""
     props = _tiff_properties(path)
     convert = "Convert it to RGB, e.g. `vips colourspace in.tif rgb.tif srgb`, then tile it again if needed"
     photometric, compression = props["photometric"], props["compression"]
-    if photometric in _PHOTOMETRIC_NAMES and photometric not in (0, 1):
-        raise SlideError(
-            path,
-            f"its TIFF photometric interpretation is {_PHOTOMETRIC_NAMES[photometric]}, not RGB: its samples would be "
-            f"read as red, green and blue, giving wrong colours. {convert}.",
-        )
-    if props["samples"] in (1, 2) or photometric in (0, 1):
-        stored = (
-            "one sample per pixel" if props["samples"] in (1, 2) else f"photometric {_PHOTOMETRIC_NAMES[photometric]}"
-        )
+    if props["samples"] in (1, 2) and photometric != 3 or photometric in (0, 1):
+        stored = "one sample per pixel" if props["samples"] in (1, 2) else f"tagged {_PHOTOMETRIC_NAMES[photometric]}"
         raise SlideError(
             path,
             f"the slide is grayscale ({stored}): tissue detection and the patch embedders expect RGB brightfield "
             "(H&E) slides. Export it as RGB, or leave it out of the datalist.",
-        )
-    if photometric == 6 and compression in _RAW_COMPRESSIONS:
-        raise SlideError(
-            path,
-            f"it stores YCbCr samples without JPEG compression (TIFF compression {compression}): they would be read "
-            f"as red, green and blue, giving wrong colours. {convert}.",
         )
     if props["sample_format"] != 1:
         kind = {2: "signed integer", 3: "floating-point"}.get(props["sample_format"], "non-integer")
@@ -291,6 +281,24 @@ def _check_colour_model(path: str) -> None:
             f"its samples are {kind}, which none of the readers turns into colours. Convert it to 8-bit RGB, e.g. "
             "`vips cast in.tif out.tif uchar` after scaling it to 0-255.",
         )
+    if photometric in (3, 5) or photometric == 6 and compression in _RAW_COMPRESSIONS:
+        installed = "openslide" in available_backends()
+        if "openslide" in names and installed:
+            return ("openslide",)
+        model = f"YCbCr without JPEG compression (TIFF compression {compression})"
+        raise SlideError(
+            path,
+            f"its colours are stored as {_PHOTOMETRIC_NAMES.get(photometric, model)}: of the readers only OpenSlide "
+            f"converts them to RGB (backend 'auto' or 'openslide'{'' if installed else ', not installed here'}); the "
+            f"others would return wrong colours. {convert}.",
+        )
+    if photometric in _PHOTOMETRIC_NAMES:
+        raise SlideError(
+            path,
+            f"its TIFF photometric interpretation is {_PHOTOMETRIC_NAMES[photometric]}, which none of the readers "
+            f"turns into RGB colours. {convert}.",
+        )
+    return names
 
 
 def _jfif_tagged_rgb(page: Any) -> bool:
@@ -1239,9 +1247,9 @@ def open_slide(
             narrow = (props["max_sample"] or 65535) < 65535
             ours_first = props["subifd_levels"] or props["jfif_rgb"] or props["unmarked_levels"] or narrow
             names = ("tifffile", "cucim", "openslide") if ours_first else BACKENDS
-            if props["orientation"] != 1:  # OpenSlide turns each tile on its own (a mosaic); the others read as stored
+            if props["orientation"] != 1:  # OpenSlide turns each non-JPEG tile on its own (a mosaic)
                 names = tuple(n for n in names if n != "openslide") + ("openslide",)
-        _check_colour_model(path)
+        names = _colour_backends(path, names)
         _warn_orientation(path)
     reasons = []
     for name in names:
