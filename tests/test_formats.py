@@ -411,3 +411,15 @@ def test_a_grayscale_plain_image_is_refused_as_a_grayscale_tiff_is(tissue, tmp_p
     Image.fromarray(tissue.mean(-1).astype(np.uint8)).save(tmp_path / "g.png")
     with pytest.raises(SlideError, match=r"g\.png': the image is grayscale \(mode L\).*Export it as RGB"):
         open_slide(tmp_path / "g.png", mpp=0.5)
+
+
+def test_a_photo_is_read_turned_by_its_exif_orientation_as_viewers_show_it(tissue, tmp_path):
+    from PIL import Image
+
+    src = tissue[:300, :500]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(src).save(tmp_path / "p.png", exif=exif.tobytes())
+    slide = open_slide(tmp_path / "p.png", mpp=0.5)
+    assert slide.dimensions == (300, 500)
+    assert np.array_equal(slide.read_region((0, 0), (300, 500)), np.rot90(src, -1))

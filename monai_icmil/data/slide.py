@@ -1128,6 +1128,8 @@ class ImageSlide(_PatchByPatchReader):
             mpp = _tiff_properties(self.path)["mpp"]
         else:
             Image = _import_backend("image")
+            from PIL import ImageOps
+
             with _PIL_LIMIT_LOCK:  # PIL refuses images over 2 x MAX_IMAGE_PIXELS: ours (checked next) is the limit
                 limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
                 try:
@@ -1144,7 +1146,8 @@ class ImageSlide(_PatchByPatchReader):
                     )
                 dpi = im.info.get("dpi")
                 mpp = _mpp_from_resolution(dpi[0], "INCH") if dpi else None
-                img = np.asarray(im.convert("RGBA") if "A" in im.getbands() else im.convert("RGB"))
+                turned = ImageOps.exif_transpose(im)  # a photo's EXIF orientation, as image viewers show it
+                img = np.asarray(turned.convert("RGBA") if "A" in turned.getbands() else turned.convert("RGB"))
         if img.ndim != 3 or img.shape[2] not in (3, 4) or img.dtype != np.uint8:
             raise SlideError(self.path, f"expected an 8-bit RGB image, found shape {img.shape} of {img.dtype}.")
         return on_white(img), mpp
