@@ -218,3 +218,98 @@ def test_string_labels_put_the_one_negative_name_first(tmp_path, names, order):
     items = load_datalist(csv)
     assert [order.index(n) for n in names] == [e["label"] for e in items["training"]]
     assert [e["label_name"] for e in items["training"]] == names and class_names(items) == order
+
+
+def test_csv_split_column_under_other_names_slide_ids_beside_paths_and_label_forms(tmp_path):
+    """What spreadsheets hold (found by an audit of users' datalists): the split column as `set`; a `slide` column of
+    ids beside the `path` column of files (the ids were taken as paths: "file not found at '<root>/TCGA-A'"); labels
+    written 1.0; a `.tsv` file; a US-spelled `tumor_mask`."""
+    _touch(tmp_path, "files/a.svs", "files/b.svs", "files/c.svs", "m.png")
+    csv = tmp_path / "slides.csv"
+    csv.write_text(
+        "slide,path,label,set,tumor_mask\nTCGA-A,files/a.svs,1.0,train,m.png\nTCGA-B,files/b.svs,0.0,train,\n"
+        "TCGA-C,files/c.svs,1,Test,\n"
+    )
+    dl = load_datalist(csv)
+    assert [(e["slide_id"], Path(e["image"]).name, e["label"]) for e in dl["training"]] == [
+        ("TCGA-A", "a.svs", 1),
+        ("TCGA-B", "b.svs", 0),
+    ]
+    assert [e["slide_id"] for e in dl["test"]] == ["TCGA-C"]  # the `set` column was read
+    assert dl["training"][0]["tumour_mask"] == str(tmp_path / "m.png") and "tumor_mask" not in dl["training"][0]
+    tsv = tmp_path / "slides.tsv"
+    tsv.write_text("image\tlabel\nfiles/a.svs\t1\nfiles/b.svs\t0\n")
+    assert [e["label"] for e in load_datalist(tsv)["training"]] == [1, 0]
+    with pytest.raises(DatalistError, match=r"no rows below the header"):
+        (tmp_path / "empty.csv").write_text("slide,label\n")
+        load_datalist(tmp_path / "empty.csv")
+
+
+def test_string_labels_negative_forms_case_variants_and_classes_only_test_slides_name(tmp_path):
+    from monai_icmil.data.datalist import string_label_order
+
+    assert string_label_order(["malignant", "non-malignant"]) == ["non-malignant", "malignant"]
+    assert string_label_order(["metastasis", "no metastasis"]) == ["no metastasis", "metastasis"]
+    assert string_label_order(["tumor-free", "tumor"]) == ["tumor-free", "tumor"]
+    assert string_label_order(["nodular", "diffuse"]) == ["diffuse", "nodular"]  # 'no' + letters is not a negation
+    _touch(tmp_path, "a.svs", "b.svs", "c.svs", "d.svs")
+    data = {
+        "training": [{"image": "a.svs", "label": "normal"}, {"image": "b.svs", "label": "tumor "}],
+        "test": [{"image": "c.svs", "label": "tumor"}, {"image": "d.svs", "label": "ITC"}],
+    }
+    (tmp_path / "dl.json").write_text(json.dumps(data))
+    with pytest.raises(DatalistError) as e:
+        load_datalist(tmp_path / "dl.json")
+    # 'tumor ' is 'tumor' (JSON values are stripped, as CSV cells); ITC, only on a test slide, is not a class
+    assert e.value.errors == ["test[1] (d.svs): unknown label 'ITC' (known: ['normal', 'tumor'])"]
+    data["test"][1]["label"] = "Tumor"
+    (tmp_path / "dl.json").write_text(json.dumps(data))
+    with pytest.raises(DatalistError, match=r"labels 'Tumor' and 'tumor' differ only in case: spell each class one"):
+        load_datalist(tmp_path / "dl.json")
+
+
+def test_json_rows_that_used_to_crash_or_pass_silently_are_refused_by_row_with_the_fix(tmp_path):
+    _touch(tmp_path, "a.svs", "b.svs", "c.svs")
+    (tmp_path / "dl.json").write_text(
+        json.dumps(
+            {
+                "training": [
+                    {"image": "a.svs", "label": [0, 1], "slide_id": "S1"},
+                    {"slide": "b.svs", "target": 1},
+                    {"image": "sub\\c.svs", "label": 1},
+                    {"image": "c.svs", "label": 1.0, "slide_id": "S1", "mpp": "0,25"},
+                ]
+            }
+        )
+    )
+    with pytest.raises(DatalistError) as e:
+        load_datalist(tmp_path / "dl.json")
+    assert e.value.errors == [
+        "training[0] (a.svs): label [0, 1] is not one value (one-hot?): give the class, e.g. 1 or 'tumour'",
+        "training[1]: missing 'image' (the slide path); its keys: ['slide', 'target']",
+        "training[2] (sub\\c.svs): a Windows path ('\\'): write it with '/' (e.g. 'slides/a.svs'), relative to the "
+        "data root",
+        "training[3] (c.svs): mpp '0,25' must be a positive number with a decimal point (the slide's microns per "
+        "pixel)",
+        "training[3] (c.svs): slide_id 'S1' is also given at training[0] (a.svs)",
+    ]
+    for empty in ({}, {"train_data": [{"image": "a.svs", "label": 1}]}):
+        (tmp_path / "dl.json").write_text(json.dumps(empty))
+        with pytest.raises(DatalistError, match=r"no entries: the splits are the keys 'training', .*found the keys \["):
+            load_datalist(tmp_path / "dl.json")
+
+
+def test_the_bundle_names_every_missing_slide_before_any_work(tmp_path):
+    from monai_icmil.workflows.splits import DatasetSplits
+
+    _touch(tmp_path, "a.svs", "b.svs")
+    rows = [("a.svs", 0, "training"), ("b.svs", 1, "training"), ("c.svs", 1, "validation"), ("d.svs", 0, "test")]
+    (tmp_path / "dl.csv").write_text("slide,label,split\n" + "".join(f"{s},{k},{p}\n" for s, k, p in rows))
+    splits = DatasetSplits(dataset_dir=str(tmp_path), output_dir=str(tmp_path / "out"), datalist="dl.csv")
+    with pytest.warns(
+        UserWarning,
+        match=r"2 slide file\(s\) do not exist \(1 validation, 1 test\): validation: '.*c\.svs'; test: '.*d\.svs'\. "
+        "They are left out",
+    ):
+        items = splits.items()
+    assert [len(items[s]) for s in ("training", "validation", "test")] == [2, 1, 1]  # still listed: recorded as failed

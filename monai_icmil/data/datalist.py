@@ -6,17 +6,20 @@ Two formats are read:
 
 * MONAI-style JSON: ``{"training": [{"image": "slides/a.svs", "label": 1}, ...], "validation": [...], "test": [...]}``
 * CSV with a header ``slide,label[,split]`` (rows without a split go to ``training``; ``train``, ``val``, ``valid``
-  and ``testing`` name the splits too, in any case); the slide column may also be
-  called ``image``, ``path``, ``filename`` or ``file``, the label column ``target`` or ``class``; comma-, semicolon- or
-  tab-separated, with or without a byte-order mark.
+  and ``testing`` name the splits too, in any case; the split column may also be called ``set``, ``subset`` or
+  ``partition``); the slide column may also be called ``image``, ``path``, ``filename`` or ``file`` (a ``slide``
+  column beside one of these holds slide ids), the label column ``target`` or ``class``; comma-, semicolon- or
+  tab-separated, with or without a byte-order mark (``.csv``, ``.tsv`` or ``.txt``).
 
 Any other column or key is kept with the entry; ``mpp`` (the slide's level-0 microns per pixel) replaces the file's
 value when tiling, for slides without resolution metadata or with wrong metadata.
 
 Paths are relative to a data root (default: the datalist's folder). Loading validates every row and, when
 anything is wrong, raises one :class:`DatalistError` that lists every bad row: missing files, missing or unknown
-labels, duplicate slides, labels of mixed types, paths that leave the data root, unknown split names, text that is
-not UTF-8.
+labels (string labels name the classes training and validation carry; a value only test slides carry is unknown),
+labels that differ only in case, one-hot labels, duplicate slides or slide ids, labels of mixed types, paths that
+leave the data root, Windows paths, unknown split names, no entries at all, text that is not UTF-8. Labels written
+``1.0`` are class 1; string labels are stripped; ``tumor_mask`` is read as ``tumour_mask``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,8 +41,13 @@ from monai_icmil.utils import as_positive, stable_hash
 __all__ = ["DatalistError", "load_datalist", "string_label_order", "class_names", "SPLITS"]
 
 SPLITS = ("training", "validation", "test")
-#: a CSV datalist's slide and label columns, and the other names they are found under (first present wins)
+#: a CSV datalist's slide and label columns, and the other names they are found under (first present wins; a
+#: ``slide`` column beside one of the others holds slide ids, the other the paths)
 CSV_COLUMNS = {"slide": ("slide", "image", "path", "filename", "file"), "label": ("label", "target", "class")}
+#: a CSV datalist's split column, under any of these names (first present wins)
+SPLIT_COLUMNS = ("split", "set", "subset", "partition")
+#: file suffixes read as CSV (comma, semicolon or tab separated); any other as JSON
+CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 #: other names of the splits, read in any case (a CSV's ``split`` column); a JSON key among them is refused by name
 SPLIT_ALIASES = {"train": "training", "val": "validation", "valid": "validation", "testing": "test"}
 
@@ -65,17 +74,21 @@ def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, 
         ) from e
     rows: list[tuple[str, int, dict[str, Any]]] = []
     errors: list[str] = []
-    if path.suffix.lower() == ".csv":
+    if path.suffix.lower() in CSV_SUFFIXES:
         delimiter = max(",;\t", key=text.partition("\n")[0].count)  # comma, or the semicolon or tab of other locales
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         fields = [c.strip().lower() for c in (reader.fieldnames or [])]
         columns = {name: next((a for a in aliases if a in fields), None) for name, aliases in CSV_COLUMNS.items()}
+        if columns["slide"] == "slide" and (paths := [a for a in CSV_COLUMNS["slide"][1:] if a in fields]):
+            columns["slide"] = paths[0]  # `slide,path,label`: the slide column names the slides, the other is the file
+            columns["slide_id"] = "slide" if "slide_id" not in fields else None
+        split_column = next((c for c in SPLIT_COLUMNS if c in fields), None)
         if None in columns.values():
             wanted = " and ".join(f"'{n}' (or {', '.join(repr(a) for a in CSV_COLUMNS[n][1:])})" for n in CSV_COLUMNS)
             raise DatalistError(str(path), [f"the CSV header must name {wanted}; found {fields}"])
         for i, cells in enumerate(reader, start=2):  # row 1 is the header
             row = {k.strip().lower(): (v or "").strip() for k, v in cells.items() if k is not None}
-            given = row.pop("split", "") or "training"
+            given = (row.pop(split_column, "") if split_column else "") or "training"
             split = SPLIT_ALIASES.get(given.lower(), given.lower())
             if split not in SPLITS:
                 errors.append(
@@ -84,11 +97,15 @@ def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, 
                 )
                 continue
             entry: dict[str, Any] = {"image": row.pop(columns["slide"])}
+            if columns.get("slide_id"):
+                entry["slide_id"] = row.pop(columns["slide_id"])
             label = row.pop(columns["label"])
             if label != "":
-                entry["label"] = int(label) if label.lstrip("-").isdigit() else label
+                entry["label"] = int(float(label)) if re.fullmatch(r"-?\d+(\.0*)?", label) else label  # 1, 1.0
             entry.update({k: v for k, v in row.items() if v != ""})
             rows.append((split, i, entry))
+        if not rows and not errors:
+            errors.append("no rows below the header: one row per slide, e.g. 'slides/a.svs,tumour'")
         return rows, errors
     try:
         data = json.loads(text)
@@ -111,7 +128,17 @@ def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, 
             if not isinstance(item, dict):
                 errors.append(f"{split}[{i}]: entry must be an object with 'image' and 'label'")
                 continue
-            rows.append((split, i, dict(item)))
+            item = dict(item)
+            if isinstance(item.get("label"), str):  # as a CSV cell's: no surrounding spaces
+                item["label"] = item["label"].strip()
+            elif isinstance(item.get("label"), float) and item["label"].is_integer():
+                item["label"] = int(item["label"])  # 1.0: class 1
+            rows.append((split, i, item))
+    if not rows and not errors:
+        errors.append(
+            f"no entries: the splits are the keys {', '.join(repr(s) for s in SPLITS)}, each a list of "
+            f"{{'image': ..., 'label': ...}}; found the keys {sorted(map(str, data))}"
+        )
     return rows, errors
 
 
@@ -154,13 +181,19 @@ def load_datalist(
     label_index = _label_index(rows, labels, errors)
     seen: dict[str, str] = {}
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in splits}
+    named: dict[str, str] = {}  # slide ids the datalist gives itself
     for split, i, entry in rows:
-        where = f"{split}[{i}]" if path.suffix.lower() != ".csv" else f"row {i}"
+        where = f"{split}[{i}]" if path.suffix.lower() not in CSV_SUFFIXES else f"row {i}"
         item = _check_entry(
             entry, where, root, split, label_index, seen, errors, check_files, allow_outside_root, require_labels
         )
         if item is not None:
             out.setdefault(split, []).append(item)
+            if entry.get("slide_id") not in (None, ""):
+                where = f"{where} ({entry['image']})"
+                if item["slide_id"] in named:
+                    errors.append(f"{where}: slide_id {item['slide_id']!r} is also given at {named[item['slide_id']]}")
+                named.setdefault(item["slide_id"], where)
     if errors:
         raise DatalistError(str(path), errors)
     _unique_slide_ids(out)
@@ -172,6 +205,8 @@ def _label_index(
 ) -> dict[Any, int] | None:
     """Labels of one type and the map from their values to class indices (``None``: integer labels as they are)."""
     present = [e["label"] for _, _, e in rows if "label" in e and e["label"] is not None]
+    if any(isinstance(v, (list, dict)) for v in present):
+        return None  # refused row by row (_class_index)
     types = {type(v).__name__ for v in present}
     if len(types) > 1:
         examples = {t: next(v for v in present if type(v).__name__ == t) for t in types}
@@ -181,7 +216,14 @@ def _label_index(
     if labels is not None:
         return {lab: i for i, lab in enumerate(labels)}
     if present and all(isinstance(v, str) for v in present):
-        return {lab: i for i, lab in enumerate(string_label_order(present))}
+        spellings: dict[str, set[str]] = {}
+        for v in present:
+            spellings.setdefault(v.lower(), set()).add(v)
+        for same in (sorted(v) for v in spellings.values() if len(v) > 1):
+            errors.append(f"labels {' and '.join(map(repr, same))} differ only in case: spell each class one way")
+        # the classes are those training and validation name: a value only test slides carry is refused by row
+        known = [e["label"] for split, _, e in rows if split != "test" and e.get("label") is not None] or present
+        return {lab: i for i, lab in enumerate(string_label_order(known))}
     return None
 
 
@@ -191,13 +233,25 @@ NEGATIVE_LABELS = frozenset(
 )
 
 
+#: a negative name's form: ``non-``, ``no `` or ``not `` before a word, ``-free`` or ``negative`` after one
+_NEGATIVE_FORM = re.compile(r"^(non|no|not|without)[\s_-]+\w|\w[\s_-]*free$|negative$")
+
+
+def is_negative_label(name: str) -> bool:
+    """Whether a label names the negative class: ``normal``, ``negative``, ``benign``, ``healthy``, ``control``,
+    ``non-tumour`` and the like, or a ``non-``/``no ``/``not `` or ``-free`` form (``non-malignant``, ``no
+    metastasis``, ``tumour-free``)."""
+    low = name.strip().lower()
+    return "".join(c for c in low if c not in " -_") in NEGATIVE_LABELS or bool(_NEGATIVE_FORM.search(low))
+
+
 def string_label_order(values: Sequence[str]) -> list[str]:
-    """String labels in class-index order: sorted, except that the one negative name among them (``normal``,
-    ``negative``, ``benign``, ``healthy``, ``control``, ``non-tumour``...) comes first, since class 0 is the normal
-    class wherever it matters (the instance teacher's patch AUC against tumour masks, ``normal_slide_targets``).
-    With none or several such names the order is sorted."""
+    """String labels in class-index order: sorted, except that the one negative name among them
+    (:func:`is_negative_label`: ``normal``, ``benign``, ``non-malignant``, ``tumour-free``...) comes first, since
+    class 0 is the normal class wherever it matters (the instance teacher's patch AUC against tumour masks,
+    ``normal_slide_targets``). With none or several such names the order is sorted."""
     names = sorted(set(values))
-    negative = [n for n in names if "".join(c for c in n.lower() if c not in " -_") in NEGATIVE_LABELS]
+    negative = [n for n in names if is_negative_label(n)]
     return negative + [n for n in names if n not in negative] if len(negative) == 1 else names
 
 
@@ -224,9 +278,14 @@ def _check_entry(
     """One entry with an absolute path, a class index and a slide id; its problems go to ``errors``."""
     image = entry.get("image")
     if not image or not isinstance(image, str):
-        errors.append(f"{where}: missing 'image' (the slide path)")
+        errors.append(f"{where}: missing 'image' (the slide path); its keys: {sorted(map(str, entry))}")
         return None
     where = f"{where} ({image})"
+    if "\\" in image and os.sep != "\\":
+        errors.append(
+            f"{where}: a Windows path ('\\'): write it with '/' (e.g. 'slides/a.svs'), relative to the data root"
+        )
+        return None
     p = Path(image)
     full = (p if p.is_absolute() else root / p).resolve()
     # inside the root as written (a slide symlinked into the data folder is in it) or once symlinks are followed
@@ -245,7 +304,7 @@ def _check_entry(
         seen[str(full)] = where
     label = entry.get("label")
     if label is None and split in require_labels:
-        errors.append(f"{where}: missing label")
+        errors.append(f"{where}: missing label; its keys: {sorted(map(str, entry))}")
     item = dict(entry)
     item["image"] = str(full)
     item["label"] = _class_index(label, where, label_index, errors) if label is not None else None
@@ -262,12 +321,17 @@ def _check_entry(
         try:
             item["mpp"] = as_positive(item["mpp"], "mpp")
         except ValueError:
-            errors.append(f"{where}: mpp {item['mpp']!r} must be a positive number (the slide's microns per pixel)")
+            comma = " with a decimal point" if "," in str(item["mpp"]) else ""
+            errors.append(
+                f"{where}: mpp {item['mpp']!r} must be a positive number{comma} (the slide's microns per pixel)"
+            )
         else:
             try:
                 as_mpp(item["mpp"], "mpp")
             except ValueError as error:
                 errors.append(f"{where}: {error}")
+    if "tumor_mask" in item and "tumour_mask" not in item:  # the US spelling
+        item["tumour_mask"] = item.pop("tumor_mask")
     for extra_key in ("tumour_mask",):
         if isinstance(item.get(extra_key), str) and not Path(item[extra_key]).is_absolute():
             item[extra_key] = str((root / item[extra_key]).resolve())
@@ -275,6 +339,9 @@ def _check_entry(
 
 
 def _class_index(label: Any, where: str, label_index: dict[Any, int] | None, errors: list[str]) -> Any:
+    if isinstance(label, (list, dict)):
+        errors.append(f"{where}: label {label!r} is not one value (one-hot?): give the class, e.g. 1 or 'tumour'")
+        return label
     if label_index is not None:
         if label not in label_index:
             errors.append(f"{where}: unknown label {label!r} (known: {list(label_index)})")

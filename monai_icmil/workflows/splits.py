@@ -77,6 +77,7 @@ class DatasetSplits:
             allow_outside_root=self.allow_outside_root,
         )
         _warn_shared_patients(items)
+        _warn_missing_slides(self.path, items)
         if not items.get("validation") and self.hold_out_validation:
             items = self._with_validation_split(items)
         self._items = items
@@ -159,6 +160,23 @@ class DatasetSplits:
             )
         folds = assign_folds(train, parts, self.seed)
         return {e["slide_id"] for e, f in zip(train, folds) if f == 0}
+
+
+def _warn_missing_slides(datalist: Path, items: dict[str, list[dict[str, Any]]]) -> None:
+    """Name every missing slide at once, before any work: each is then left out and recorded in ``report.json`` as
+    it is reached (a cohort copied in part still runs)."""
+    missing = [(split, e["image"]) for split in SPLITS for e in items.get(split, []) if not Path(e["image"]).is_file()]
+    if missing:
+        by_split = {split: sum(s == split for s, _ in missing) for split in SPLITS}
+        counts = ", ".join(f"{n} {split}" for split, n in by_split.items() if n)
+        shown = "; ".join(f"{split}: '{image}'" for split, image in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        warnings.warn(
+            f"datalist '{datalist}': {len(missing)} slide file(s) do not exist ({counts}): {shown}{more}. They are "
+            "left out of the run (report.json lists them); check the paths and the data root (--dataset_dir) if that "
+            "is not what you want.",
+            stacklevel=3,
+        )
 
 
 def _warn_shared_patients(items: Mapping[str, list[dict[str, Any]]]) -> None:
