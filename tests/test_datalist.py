@@ -220,10 +220,12 @@ def test_string_labels_put_the_one_negative_name_first(tmp_path, names, order):
     assert [e["label_name"] for e in items["training"]] == names and class_names(items) == order
 
 
-def test_csv_split_column_under_other_names_slide_ids_beside_paths_and_label_forms(tmp_path):
+def test_csv_split_column_under_other_names_slide_column_beside_paths_and_label_forms(tmp_path):
     """What spreadsheets hold (found by an audit of users' datalists): the split column as `set`; a `slide` column of
     ids beside the `path` column of files (the ids were taken as paths: "file not found at '<root>/TCGA-A'"); labels
-    written 1.0; a `.tsv` file; a US-spelled `tumor_mask`."""
+    written 1.0; a `.tsv` file; a US-spelled `tumor_mask`. Slide ids stay the files' stems (an existing run's
+    validation split and stores are named by them); a `set` column whose values are not splits stays an ordinary
+    column."""
     _touch(tmp_path, "files/a.svs", "files/b.svs", "files/c.svs", "m.png")
     csv = tmp_path / "slides.csv"
     csv.write_text(
@@ -231,15 +233,20 @@ def test_csv_split_column_under_other_names_slide_ids_beside_paths_and_label_for
         "TCGA-C,files/c.svs,1,Test,\n"
     )
     dl = load_datalist(csv)
-    assert [(e["slide_id"], Path(e["image"]).name, e["label"]) for e in dl["training"]] == [
-        ("TCGA-A", "a.svs", 1),
-        ("TCGA-B", "b.svs", 0),
+    assert [(e["slide_id"], e["slide"], Path(e["image"]).name, e["label"]) for e in dl["training"]] == [
+        ("a", "TCGA-A", "a.svs", 1),
+        ("b", "TCGA-B", "b.svs", 0),
     ]
-    assert [e["slide_id"] for e in dl["test"]] == ["TCGA-C"]  # the `set` column was read
+    assert [e["slide_id"] for e in dl["test"]] == ["c"]  # the `set` column was read
     assert dl["training"][0]["tumour_mask"] == str(tmp_path / "m.png") and "tumor_mask" not in dl["training"][0]
+    csv.write_text("slide,image,slide_id,label,set\nX,files/a.svs,A,1,batch1\nY,files/b.svs,B,0,batch2\n")
+    dl = load_datalist(csv)
+    assert [(e["slide_id"], e["set"]) for e in dl["training"]] == [("A", "batch1"), ("B", "batch2")]
     tsv = tmp_path / "slides.tsv"
     tsv.write_text("image\tlabel\nfiles/a.svs\t1\nfiles/b.svs\t0\n")
     assert [e["label"] for e in load_datalist(tsv)["training"]] == [1, 0]
+    (tmp_path / "list.txt").write_text(json.dumps({"training": [{"image": "files/a.svs", "label": 1}]}))
+    assert [e["slide_id"] for e in load_datalist(tmp_path / "list.txt")["training"]] == ["a"]  # JSON, whatever its name
     with pytest.raises(DatalistError, match=r"no rows below the header"):
         (tmp_path / "empty.csv").write_text("slide,label\n")
         load_datalist(tmp_path / "empty.csv")
@@ -251,7 +258,11 @@ def test_string_labels_negative_forms_case_variants_and_classes_only_test_slides
     assert string_label_order(["malignant", "non-malignant"]) == ["non-malignant", "malignant"]
     assert string_label_order(["metastasis", "no metastasis"]) == ["no metastasis", "metastasis"]
     assert string_label_order(["tumor-free", "tumor"]) == ["tumor-free", "tumor"]
-    assert string_label_order(["nodular", "diffuse"]) == ["diffuse", "nodular"]  # 'no' + letters is not a negation
+    assert string_label_order(["normal", "no metastasis", "metastasis"])[0] == "normal"  # the exact name first
+    # subtypes and marker status are not tumour-free: sorted as before
+    for names in (["nodular", "diffuse"], ["normal", "triple-negative", "HER2-positive"], ["non-invasive", "invasive"]):
+        assert string_label_order(names) == (["normal"] if "normal" in names else []) + sorted(set(names) - {"normal"})
+    assert string_label_order(["not specified", "high grade"]) == ["high grade", "not specified"]
     _touch(tmp_path, "a.svs", "b.svs", "c.svs", "d.svs")
     data = {
         "training": [{"image": "a.svs", "label": "normal"}, {"image": "b.svs", "label": "tumor "}],
@@ -261,11 +272,18 @@ def test_string_labels_negative_forms_case_variants_and_classes_only_test_slides
     with pytest.raises(DatalistError) as e:
         load_datalist(tmp_path / "dl.json")
     # 'tumor ' is 'tumor' (JSON values are stripped, as CSV cells); ITC, only on a test slide, is not a class
-    assert e.value.errors == ["test[1] (d.svs): unknown label 'ITC' (known: ['normal', 'tumor'])"]
+    assert e.value.errors == [
+        "test[1] (d.svs): unknown label 'ITC' (known: ['normal', 'tumor']): the classes are the labels of the training "
+        "and validation slides; leave this test slide's label out (it is then predicted, not scored) or give training "
+        "slides of that class"
+    ]
     data["test"][1]["label"] = "Tumor"
     (tmp_path / "dl.json").write_text(json.dumps(data))
-    with pytest.raises(DatalistError, match=r"labels 'Tumor' and 'tumor' differ only in case: spell each class one"):
+    with pytest.raises(DatalistError, match=r"labels 'Tumor' \(test\[1\]\) and 'tumor' \(training\[1\]\) differ only"):
         load_datalist(tmp_path / "dl.json")
+    data["test"][1]["label"] = "  "  # blank: unlabelled, as an empty CSV cell
+    (tmp_path / "dl.json").write_text(json.dumps(data))
+    assert load_datalist(tmp_path / "dl.json", require_labels=("training",))["test"][1]["label"] is None
 
 
 def test_json_rows_that_used_to_crash_or_pass_silently_are_refused_by_row_with_the_fix(tmp_path):
@@ -313,3 +331,26 @@ def test_the_bundle_names_every_missing_slide_before_any_work(tmp_path):
     ):
         items = splits.items()
     assert [len(items[s]) for s in ("training", "validation", "test")] == [2, 1, 1]  # still listed: recorded as failed
+
+
+def test_a_recorded_validation_split_that_no_longer_matches_the_datalist_is_warned_about(tmp_path):
+    from monai_icmil.workflows.splits import DatasetSplits
+
+    _touch(tmp_path, *[f"s{k}.svs" for k in range(8)])
+    (tmp_path / "dl.csv").write_text("slide,label\n" + "".join(f"s{k}.svs,{k % 2}\n" for k in range(8)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "validation_split.json").write_text(
+        json.dumps({"validation": ["s0", "gone"], "seed": 0, "val_fraction": 0.25})
+    )
+    splits = DatasetSplits(dataset_dir=str(tmp_path), output_dir=str(out), datalist="dl.csv")
+    with pytest.warns(UserWarning, match=r"1 of the 2 validation slides recorded in .* are not among the datalist's"):
+        assert [e["slide_id"] for e in splits.items()["validation"]] == ["s0"]
+    (tmp_path / "dl.csv").write_text(
+        "slide,label,split\n" + "".join(f"s{k}.svs,{k % 2},{'val' if k < 2 else 'train'}\n" for k in range(8))
+    )
+    splits = DatasetSplits(dataset_dir=str(tmp_path), output_dir=str(out), datalist="dl.csv")
+    with pytest.warns(
+        UserWarning, match=r"the datalist now has a validation split, so the one held out .* is not used"
+    ):
+        assert len(splits.items()["validation"]) == 2

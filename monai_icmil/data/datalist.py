@@ -7,9 +7,10 @@ Two formats are read:
 * MONAI-style JSON: ``{"training": [{"image": "slides/a.svs", "label": 1}, ...], "validation": [...], "test": [...]}``
 * CSV with a header ``slide,label[,split]`` (rows without a split go to ``training``; ``train``, ``val``, ``valid``
   and ``testing`` name the splits too, in any case; the split column may also be called ``set``, ``subset`` or
-  ``partition``); the slide column may also be called ``image``, ``path``, ``filename`` or ``file`` (a ``slide``
-  column beside one of these holds slide ids), the label column ``target`` or ``class``; comma-, semicolon- or
-  tab-separated, with or without a byte-order mark (``.csv``, ``.tsv`` or ``.txt``).
+  ``partition`` where its values name splits); the slide column may also be called ``image``, ``path``, ``filename``
+  or ``file`` (an ``image`` or ``path`` column beside a ``slide`` column holds the files), the label column
+  ``target`` or ``class``; comma-, semicolon- or tab-separated, with or without a byte-order mark (``.csv``, ``.tsv``
+  or ``.txt``).
 
 Any other column or key is kept with the entry; ``mpp`` (the slide's level-0 microns per pixel) replaces the file's
 value when tiling, for slides without resolution metadata or with wrong metadata.
@@ -41,10 +42,11 @@ from monai_icmil.utils import as_positive, stable_hash
 __all__ = ["DatalistError", "load_datalist", "string_label_order", "class_names", "SPLITS"]
 
 SPLITS = ("training", "validation", "test")
-#: a CSV datalist's slide and label columns, and the other names they are found under (first present wins; a
-#: ``slide`` column beside one of the others holds slide ids, the other the paths)
+#: a CSV datalist's slide and label columns, and the other names they are found under (first present wins, except
+#: that an ``image`` or ``path`` column beside a ``slide`` column holds the files; the ``slide`` column is then kept)
 CSV_COLUMNS = {"slide": ("slide", "image", "path", "filename", "file"), "label": ("label", "target", "class")}
-#: a CSV datalist's split column, under any of these names (first present wins)
+#: a CSV datalist's split column, under any of these names (the first present; one of the others is read only when
+#: every value it holds names a split, else it is kept as an ordinary column)
 SPLIT_COLUMNS = ("split", "set", "subset", "partition")
 #: file suffixes read as CSV (comma, semicolon or tab separated); any other as JSON
 CSV_SUFFIXES = (".csv", ".tsv", ".txt")
@@ -61,6 +63,11 @@ class DatalistError(ValueError):
         super().__init__(f"datalist '{source}' has {len(errors)} problem(s):\n  - {listing}")
 
 
+def _cells(table: list[dict[str | None, str | None]]) -> list[dict[str, str]]:
+    """A CSV's rows with their column names in lower case and their cells stripped (cells past the header dropped)."""
+    return [{k.strip().lower(): (v or "").strip() for k, v in cells.items() if k is not None} for cells in table]
+
+
 def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
     """``[(split, row_number, entry)]`` from a JSON or CSV datalist, plus format errors."""
     raw = path.read_bytes()
@@ -74,20 +81,24 @@ def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, 
         ) from e
     rows: list[tuple[str, int, dict[str, Any]]] = []
     errors: list[str] = []
-    if path.suffix.lower() in CSV_SUFFIXES:
+    if path.suffix.lower() in CSV_SUFFIXES and not text.lstrip().startswith(("{", "[")):  # (a JSON named .txt)
         delimiter = max(",;\t", key=text.partition("\n")[0].count)  # comma, or the semicolon or tab of other locales
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         fields = [c.strip().lower() for c in (reader.fieldnames or [])]
         columns = {name: next((a for a in aliases if a in fields), None) for name, aliases in CSV_COLUMNS.items()}
-        if columns["slide"] == "slide" and (paths := [a for a in CSV_COLUMNS["slide"][1:] if a in fields]):
-            columns["slide"] = paths[0]  # `slide,path,label`: the slide column names the slides, the other is the file
-            columns["slide_id"] = "slide" if "slide_id" not in fields else None
-        split_column = next((c for c in SPLIT_COLUMNS if c in fields), None)
+        if columns["slide"] == "slide" and (paths := [a for a in ("image", "path") if a in fields]):
+            columns["slide"] = paths[0]  # `slide,path,label`: the slide column names the slides, the other the files
+        table = list(reader)
+        split_column = "split" if "split" in fields else None
+        for name in [c for c in SPLIT_COLUMNS[1:] if split_column is None and c in fields]:
+            values = {(cells.get(name) or "").strip().lower() for cells in _cells(table)} - {""}
+            if values and values <= {*SPLITS, *SPLIT_ALIASES}:
+                split_column = name
+                break
         if None in columns.values():
             wanted = " and ".join(f"'{n}' (or {', '.join(repr(a) for a in CSV_COLUMNS[n][1:])})" for n in CSV_COLUMNS)
             raise DatalistError(str(path), [f"the CSV header must name {wanted}; found {fields}"])
-        for i, cells in enumerate(reader, start=2):  # row 1 is the header
-            row = {k.strip().lower(): (v or "").strip() for k, v in cells.items() if k is not None}
+        for i, row in enumerate(_cells(table), start=2):  # row 1 is the header
             given = (row.pop(split_column, "") if split_column else "") or "training"
             split = SPLIT_ALIASES.get(given.lower(), given.lower())
             if split not in SPLITS:
@@ -101,7 +112,8 @@ def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, 
                 entry["slide_id"] = row.pop(columns["slide_id"])
             label = row.pop(columns["label"])
             if label != "":
-                entry["label"] = int(float(label)) if re.fullmatch(r"-?\d+(\.0*)?", label) else label  # 1, 1.0
+                integer = label.lstrip("-").isdigit() or re.fullmatch(r"\d+\.0*", label)  # 1, 01, -1, 1.0
+                entry["label"] = int(float(label)) if integer else label
             entry.update({k: v for k, v in row.items() if v != ""})
             rows.append((split, i, entry))
         if not rows and not errors:
@@ -129,12 +141,12 @@ def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, 
                 errors.append(f"{split}[{i}]: entry must be an object with 'image' and 'label'")
                 continue
             item = dict(item)
-            if isinstance(item.get("label"), str):  # as a CSV cell's: no surrounding spaces
-                item["label"] = item["label"].strip()
+            if isinstance(item.get("label"), str):  # as a CSV cell's: no surrounding spaces; empty is no label
+                item["label"] = item["label"].strip() or None
             elif isinstance(item.get("label"), float) and item["label"].is_integer():
                 item["label"] = int(item["label"])  # 1.0: class 1
             rows.append((split, i, item))
-    if not rows and not errors:
+    if not any(key in data for key in SPLITS) and not errors:
         errors.append(
             f"no entries: the splits are the keys {', '.join(repr(s) for s in SPLITS)}, each a list of "
             f"{{'image': ..., 'label': ...}}; found the keys {sorted(map(str, data))}"
@@ -178,14 +190,24 @@ def load_datalist(
         raise FileNotFoundError(f"datalist '{path}' does not exist.")
     root = Path(os.path.abspath(data_root if data_root is not None else path.parent))  # symlinks kept (see below)
     rows, errors = _read_rows(path, splits)
-    label_index = _label_index(rows, labels, errors)
+    label_index = _label_index(rows, labels, errors, csv=path.suffix.lower() in CSV_SUFFIXES)
     seen: dict[str, str] = {}
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in splits}
     named: dict[str, str] = {}  # slide ids the datalist gives itself
     for split, i, entry in rows:
         where = f"{split}[{i}]" if path.suffix.lower() not in CSV_SUFFIXES else f"row {i}"
         item = _check_entry(
-            entry, where, root, split, label_index, seen, errors, check_files, allow_outside_root, require_labels
+            entry,
+            where,
+            root,
+            split,
+            label_index,
+            seen,
+            errors,
+            check_files,
+            allow_outside_root,
+            require_labels,
+            from_rows=labels is None,
         )
         if item is not None:
             out.setdefault(split, []).append(item)
@@ -201,12 +223,13 @@ def load_datalist(
 
 
 def _label_index(
-    rows: Sequence[tuple[str, int, dict[str, Any]]], labels: Sequence[Any] | None, errors: list[str]
+    rows: Sequence[tuple[str, int, dict[str, Any]]], labels: Sequence[Any] | None, errors: list[str], csv: bool = False
 ) -> dict[Any, int] | None:
-    """Labels of one type and the map from their values to class indices (``None``: integer labels as they are)."""
-    present = [e["label"] for _, _, e in rows if "label" in e and e["label"] is not None]
-    if any(isinstance(v, (list, dict)) for v in present):
-        return None  # refused row by row (_class_index)
+    """Labels of one type and the map from their values to class indices (``None``: integer labels as they are);
+    ``csv``: the rows are numbered as a CSV's, for the messages."""
+    present = [
+        e["label"] for _, _, e in rows if e.get("label") is not None and not isinstance(e["label"], (list, dict))
+    ]
     types = {type(v).__name__ for v in present}
     if len(types) > 1:
         examples = {t: next(v for v in present if type(v).__name__ == t) for t in types}
@@ -216,11 +239,15 @@ def _label_index(
     if labels is not None:
         return {lab: i for i, lab in enumerate(labels)}
     if present and all(isinstance(v, str) for v in present):
-        spellings: dict[str, set[str]] = {}
-        for v in present:
-            spellings.setdefault(v.lower(), set()).add(v)
-        for same in (sorted(v) for v in spellings.values() if len(v) > 1):
-            errors.append(f"labels {' and '.join(map(repr, same))} differ only in case: spell each class one way")
+        spellings: dict[str, dict[str, str]] = {}  # lower case -> {spelling: where it is first found}
+        for split, i, e in rows:
+            if isinstance(e.get("label"), str):
+                spellings.setdefault(e["label"].lower(), {}).setdefault(
+                    e["label"], f"row {i}" if csv else f"{split}[{i}]"
+                )
+        for same in (v for v in spellings.values() if len(v) > 1):
+            found = " and ".join(f"{name!r} ({where})" for name, where in sorted(same.items()))
+            errors.append(f"labels {found} differ only in case: spell each class one way")
         # the classes are those training and validation name: a value only test slides carry is refused by row
         known = [e["label"] for split, _, e in rows if split != "test" and e.get("label") is not None] or present
         return {lab: i for i, lab in enumerate(string_label_order(known))}
@@ -233,14 +260,15 @@ NEGATIVE_LABELS = frozenset(
 )
 
 
-#: a negative name's form: ``non-``, ``no `` or ``not `` before a word, ``-free`` or ``negative`` after one
-_NEGATIVE_FORM = re.compile(r"^(non|no|not|without)[\s_-]+\w|\w[\s_-]*free$|negative$")
+_TUMOUR_WORDS = r"(tumou?rs?|cancers?|malignan\w*|metasta\w*|carcinomas?|neoplas\w*|lesions?|disease)"
+#: a negated tumour word: ``non-malignant``, ``no metastasis``, ``without tumour``, ``tumour-free``, ``cancer free``
+_NEGATIVE_FORM = re.compile(rf"^(non|no|not|without)[\s_-]*{_TUMOUR_WORDS}$|^{_TUMOUR_WORDS}[\s_-]*free$")
 
 
 def is_negative_label(name: str) -> bool:
-    """Whether a label names the negative class: ``normal``, ``negative``, ``benign``, ``healthy``, ``control``,
-    ``non-tumour`` and the like, or a ``non-``/``no ``/``not `` or ``-free`` form (``non-malignant``, ``no
-    metastasis``, ``tumour-free``)."""
+    """Whether a label names the tumour-free class: ``normal``, ``negative``, ``benign``, ``healthy``, ``control``,
+    ``non-tumour`` and the like, or a negated tumour word (``non-malignant``, ``no metastasis``, ``tumour-free``;
+    not a subtype such as ``non-invasive`` or a marker status such as ``triple-negative``)."""
     low = name.strip().lower()
     return "".join(c for c in low if c not in " -_") in NEGATIVE_LABELS or bool(_NEGATIVE_FORM.search(low))
 
@@ -251,7 +279,8 @@ def string_label_order(values: Sequence[str]) -> list[str]:
     class 0 is the normal class wherever it matters (the instance teacher's patch AUC against tumour masks,
     ``normal_slide_targets``). With none or several such names the order is sorted."""
     names = sorted(set(values))
-    negative = [n for n in names if is_negative_label(n)]
+    exact = [n for n in names if "".join(c for c in n.lower() if c not in " -_") in NEGATIVE_LABELS]
+    negative = exact if exact else [n for n in names if is_negative_label(n)]  # 'normal' before 'no metastasis'
     return negative + [n for n in names if n not in negative] if len(negative) == 1 else names
 
 
@@ -274,6 +303,7 @@ def _check_entry(
     check_files: bool,
     allow_outside_root: bool,
     require_labels: Sequence[str],
+    from_rows: bool = False,
 ) -> dict[str, Any] | None:
     """One entry with an absolute path, a class index and a slide id; its problems go to ``errors``."""
     image = entry.get("image")
@@ -307,7 +337,7 @@ def _check_entry(
         errors.append(f"{where}: missing label; its keys: {sorted(map(str, entry))}")
     item = dict(entry)
     item["image"] = str(full)
-    item["label"] = _class_index(label, where, label_index, errors) if label is not None else None
+    item["label"] = _class_index(label, where, label_index, errors, from_rows) if label is not None else None
     if isinstance(label, str) and label_index is not None:
         item["label_name"] = label
     sid = item.get("slide_id")
@@ -338,13 +368,21 @@ def _check_entry(
     return item
 
 
-def _class_index(label: Any, where: str, label_index: dict[Any, int] | None, errors: list[str]) -> Any:
+def _class_index(
+    label: Any, where: str, label_index: dict[Any, int] | None, errors: list[str], from_rows: bool = False
+) -> Any:
     if isinstance(label, (list, dict)):
         errors.append(f"{where}: label {label!r} is not one value (one-hot?): give the class, e.g. 1 or 'tumour'")
         return label
     if label_index is not None:
         if label not in label_index:
-            errors.append(f"{where}: unknown label {label!r} (known: {list(label_index)})")
+            why = (
+                ": the classes are the labels of the training and validation slides; leave this test slide's label "
+                "out (it is then predicted, not scored) or give training slides of that class"
+                if from_rows and isinstance(label, str)
+                else ""
+            )
+            errors.append(f"{where}: unknown label {label!r} (known: {list(label_index)}){why}")
             return label
         return label_index[label]
     if not isinstance(label, int) or isinstance(label, bool) or label < 0:

@@ -80,6 +80,13 @@ class DatasetSplits:
         _warn_missing_slides(self.path, items)
         if not items.get("validation") and self.hold_out_validation:
             items = self._with_validation_split(items)
+        elif items.get("validation") and (self.output_dir / "validation_split.json").is_file():
+            warnings.warn(
+                f"the datalist now has a validation split, so the one held out of its training slides and recorded "
+                f"in {self.output_dir / 'validation_split.json'} is not used: rounds finished before were validated "
+                "on other slides (use a new output_dir to compare like with like).",
+                stacklevel=2,
+            )
         self._items = items
         return items
 
@@ -120,6 +127,14 @@ class DatasetSplits:
                         f"{key} it was made with."
                     )
             val_ids, by_patient = set(record["validation"]), record.get("grouped_by") == "patient"
+            if lost := sorted(val_ids - {e["slide_id"] for e in train}):
+                warnings.warn(
+                    f"{len(lost)} of the {len(val_ids)} validation slides recorded in {split_file} are not among the "
+                    f"datalist's training slides ({', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}): this run "
+                    "validates on the rest. If the datalist's slide names changed, its finished rounds were validated "
+                    "on other slides: use a new output_dir.",
+                    stacklevel=3,
+                )
         else:
             groups = slide_groups(train)
             by_patient = not all(g.startswith("slide:") for g in groups)
