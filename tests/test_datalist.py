@@ -354,3 +354,12 @@ def test_a_recorded_validation_split_that_no_longer_matches_the_datalist_is_warn
         UserWarning, match=r"the datalist now has a validation split, so the one held out .* is not used"
     ):
         assert len(splits.items()["validation"]) == 2
+
+
+def test_excel_csv_with_its_separator_line_and_empty_rows(tmp_path):
+    _touch(tmp_path, "a.svs", "b.svs")
+    (tmp_path / "dl.csv").write_text("sep=;\nslide;label\na.svs;1\n;\nb.svs;0\n;;\n")
+    assert [e["label"] for e in load_datalist(tmp_path / "dl.csv")["training"]] == [1, 0]
+    (tmp_path / "dl.csv").write_text("sep=;\nslide;label\na.svs;1\nc.svs;0\n")
+    with pytest.raises(DatalistError, match=r"row 4 \(c\.svs\): file not found"):  # rows counted as Excel shows them
+        load_datalist(tmp_path / "dl.csv")

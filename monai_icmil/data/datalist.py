@@ -82,7 +82,12 @@ def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, 
     rows: list[tuple[str, int, dict[str, Any]]] = []
     errors: list[str] = []
     if path.suffix.lower() in CSV_SUFFIXES and not text.lstrip().startswith(("{", "[")):  # (a JSON named .txt)
-        delimiter = max(",;\t", key=text.partition("\n")[0].count)  # comma, or the semicolon or tab of other locales
+        first, _, rest = text.partition("\n")
+        header_row = 1
+        if re.fullmatch(r"sep=.", first.strip(), re.IGNORECASE):  # Excel's line naming the separator
+            delimiter, text, header_row = first.strip()[4], rest, 2
+        else:
+            delimiter = max(",;\t", key=first.count)  # comma, or the semicolon or tab of other locales
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         fields = [c.strip().lower() for c in (reader.fieldnames or [])]
         columns = {name: next((a for a in aliases if a in fields), None) for name, aliases in CSV_COLUMNS.items()}
@@ -98,7 +103,9 @@ def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, 
         if None in columns.values():
             wanted = " and ".join(f"'{n}' (or {', '.join(repr(a) for a in CSV_COLUMNS[n][1:])})" for n in CSV_COLUMNS)
             raise DatalistError(str(path), [f"the CSV header must name {wanted}; found {fields}"])
-        for i, row in enumerate(_cells(table), start=2):  # row 1 is the header
+        for i, row in enumerate(_cells(table), start=header_row + 1):
+            if not any(row.values()):  # a spreadsheet's empty row (';;')
+                continue
             given = (row.pop(split_column, "") if split_column else "") or "training"
             split = SPLIT_ALIASES.get(given.lower(), given.lower())
             if split not in SPLITS:
