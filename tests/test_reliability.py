@@ -70,6 +70,20 @@ def test_too_few_usable_slides_stop_with_a_clear_error(synthetic_dataset, tmp_pa
         wf.prepare()
 
 
+def test_a_training_split_of_one_class_is_refused_before_any_tiling(synthetic_dataset, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset.parent, root)
+    data = json.loads((root / "datalist.json").read_text())
+    data["training"] = [dict(e, label="tumour") for e in data["training"]]
+    data["validation"] = [dict(e, label=["normal", "tumour"][e["label"]]) for e in data["validation"]]
+    data["test"] = [dict(e, label=["normal", "tumour"][e["label"]]) for e in data["test"]]
+    (root / "datalist.json").write_text(json.dumps(data))
+    wf = ICMILWorkflow(dataset_dir=str(root), output_dir=str(tmp_path / "out"), **TINY)
+    with pytest.raises(ValueError, match=r"every training slide of datalist '.*datalist\.json' has the label 'tumour'"):
+        wf.prepare()
+    assert not (tmp_path / "out" / "coords").exists()  # nothing tiled
+
+
 def test_disk_full_during_a_feature_write_leaves_no_partial_file(tmp_path, monkeypatch):
     import safetensors.torch as st
 

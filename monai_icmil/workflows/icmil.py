@@ -340,6 +340,7 @@ class ICMILWorkflow(BundleWorkflow):
         if self._slides is not None:
             return self._slides
         self._record_classes()
+        self._check_two_classes()
         missing = [
             f"{e['slide_id']}: '{e['tumour_mask']}'"
             for e in self.splits.all_items()
@@ -988,6 +989,18 @@ class ICMILWorkflow(BundleWorkflow):
         in ``state.json``), else the configured ``class_names``."""
         recorded = self.ledger.get(None, "classes")
         return list(recorded["names"]) if recorded else self._class_names
+
+    def _check_two_classes(self) -> None:
+        """Refuse, before any tiling, a training split whose labelled slides are all of one class: a bag classifier
+        learns nothing from it (the datalist's validation split is not counted, so a held-out one is)."""
+        items = self.splits.items()
+        labels = {e.get("label_name", e["label"]) for e in items.get("training", []) if e.get("label") is not None}
+        if len(labels) == 1:
+            raise ValueError(
+                f"every training slide of datalist '{self.splits.path}' has the label {labels.pop()!r}: the bag "
+                "classifier needs training slides of at least two classes. Add slides of the other class (or check "
+                "the label column and the split column of the datalist)."
+            )
 
     def _record_classes(self) -> None:
         """Record the class names a datalist's string labels give (their order sets the class indices:
