@@ -79,53 +79,65 @@ def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, 
         raise DatalistError(
             str(path), [f"line {line} is not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8 (CSV UTF-8)"]
         ) from e
+    if path.suffix.lower() in CSV_SUFFIXES and not text.lstrip().startswith(("{", "[")):  # (a JSON named .txt)
+        return _read_csv_rows(path, text)
+    return _read_json_rows(path, text, splits)
+
+
+def _read_csv_rows(path: Path, text: str) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
+    """:func:`_read_rows` of a CSV datalist's text."""
     rows: list[tuple[str, int, dict[str, Any]]] = []
     errors: list[str] = []
-    if path.suffix.lower() in CSV_SUFFIXES and not text.lstrip().startswith(("{", "[")):  # (a JSON named .txt)
-        first, _, rest = text.partition("\n")
-        header_row = 1
-        if re.fullmatch(r"sep=.", first.strip(), re.IGNORECASE):  # Excel's line naming the separator
-            delimiter, text, header_row = first.strip()[4], rest, 2
-        else:
-            delimiter = max(",;\t", key=first.count)  # comma, or the semicolon or tab of other locales
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-        fields = [c.strip().lower() for c in (reader.fieldnames or [])]
-        columns = {name: next((a for a in aliases if a in fields), None) for name, aliases in CSV_COLUMNS.items()}
-        if columns["slide"] == "slide" and (paths := [a for a in ("image", "path") if a in fields]):
-            columns["slide"] = paths[0]  # `slide,path,label`: the slide column names the slides, the other the files
-        table = list(reader)
-        split_column = "split" if "split" in fields else None
-        for name in [c for c in SPLIT_COLUMNS[1:] if split_column is None and c in fields]:
-            values = {(cells.get(name) or "").strip().lower() for cells in _cells(table)} - {""}
-            if values and values <= {*SPLITS, *SPLIT_ALIASES}:
-                split_column = name
-                break
-        if None in columns.values():
-            wanted = " and ".join(f"'{n}' (or {', '.join(repr(a) for a in CSV_COLUMNS[n][1:])})" for n in CSV_COLUMNS)
-            raise DatalistError(str(path), [f"the CSV header must name {wanted}; found {fields}"])
-        for i, row in enumerate(_cells(table), start=header_row + 1):
-            if not any(row.values()):  # a spreadsheet's empty row (';;')
-                continue
-            given = (row.pop(split_column, "") if split_column else "") or "training"
-            split = SPLIT_ALIASES.get(given.lower(), given.lower())
-            if split not in SPLITS:
-                errors.append(
-                    f"row {i}: unknown split {given!r}; use one of {', '.join(SPLITS)} (or "
-                    f"{', '.join(SPLIT_ALIASES)}, in any case)"
-                )
-                continue
-            entry: dict[str, Any] = {"image": row.pop(columns["slide"])}
-            if columns.get("slide_id"):
-                entry["slide_id"] = row.pop(columns["slide_id"])
-            label = row.pop(columns["label"])
-            if label != "":
-                integer = label.lstrip("-").isdigit() or re.fullmatch(r"\d+\.0*", label)  # 1, 01, -1, 1.0
-                entry["label"] = int(float(label)) if integer else label
-            entry.update({k: v for k, v in row.items() if v != ""})
-            rows.append((split, i, entry))
-        if not rows and not errors:
-            errors.append("no rows below the header: one row per slide, e.g. 'slides/a.svs,tumour'")
-        return rows, errors
+    first, _, rest = text.partition("\n")
+    header_row = 1
+    if re.fullmatch(r"sep=.", first.strip(), re.IGNORECASE):  # Excel's line naming the separator
+        delimiter, text, header_row = first.strip()[4], rest, 2
+    else:
+        delimiter = max(",;\t", key=first.count)  # comma, or the semicolon or tab of other locales
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    fields = [c.strip().lower() for c in (reader.fieldnames or [])]
+    columns = {name: next((a for a in aliases if a in fields), None) for name, aliases in CSV_COLUMNS.items()}
+    if columns["slide"] == "slide" and (paths := [a for a in ("image", "path") if a in fields]):
+        columns["slide"] = paths[0]  # `slide,path,label`: the slide column names the slides, the other the files
+    table = list(reader)
+    split_column = "split" if "split" in fields else None
+    for name in [c for c in SPLIT_COLUMNS[1:] if split_column is None and c in fields]:
+        values = {(cells.get(name) or "").strip().lower() for cells in _cells(table)} - {""}
+        if values and values <= {*SPLITS, *SPLIT_ALIASES}:
+            split_column = name
+            break
+    if None in columns.values():
+        wanted = " and ".join(f"'{n}' (or {', '.join(repr(a) for a in CSV_COLUMNS[n][1:])})" for n in CSV_COLUMNS)
+        raise DatalistError(str(path), [f"the CSV header must name {wanted}; found {fields}"])
+    for i, row in enumerate(_cells(table), start=header_row + 1):
+        if not any(row.values()):  # a spreadsheet's empty row (';;')
+            continue
+        given = (row.pop(split_column, "") if split_column else "") or "training"
+        split = SPLIT_ALIASES.get(given.lower(), given.lower())
+        if split not in SPLITS:
+            errors.append(
+                f"row {i}: unknown split {given!r}; use one of {', '.join(SPLITS)} (or "
+                f"{', '.join(SPLIT_ALIASES)}, in any case)"
+            )
+            continue
+        entry: dict[str, Any] = {"image": row.pop(columns["slide"])}
+        label = row.pop(columns["label"])
+        if label != "":
+            integer = label.lstrip("-").isdigit() or re.fullmatch(r"\d+\.0*", label)  # 1, 01, -1, 1.0
+            entry["label"] = int(float(label)) if integer else label
+        entry.update({k: v for k, v in row.items() if v != ""})
+        rows.append((split, i, entry))
+    if not rows and not errors:
+        errors.append("no rows below the header: one row per slide, e.g. 'slides/a.svs,tumour'")
+    return rows, errors
+
+
+def _read_json_rows(
+    path: Path, text: str, splits: Sequence[str]
+) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
+    """:func:`_read_rows` of a JSON datalist's text."""
+    rows: list[tuple[str, int, dict[str, Any]]] = []
+    errors: list[str] = []
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
