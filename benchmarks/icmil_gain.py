@@ -75,6 +75,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 BUNDLE = ROOT / "bundles" / "icmil"
 sys.path.insert(0, str(ROOT))
 
@@ -944,7 +945,8 @@ def make_quilted(
     """Quilted slides (:mod:`quilted_slides`; made when ``data`` has no datalist yet) in the form this benchmark
     reads: labels 0 / 1 (``benign`` / ``malignant``) and an empty tumour mask for every benign slide, so that every
     slide has its ground truth (done again on a datalist interrupted before it)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
     import quilted_slides
 
     if not (data / "datalist.json").is_file():

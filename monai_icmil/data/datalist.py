@@ -63,13 +63,14 @@ class DatalistError(ValueError):
         super().__init__(f"datalist '{source}' has {len(errors)} problem(s):\n  - {listing}")
 
 
-def _cells(table: list[dict[str | None, str | None]]) -> list[dict[str, str]]:
+def _cells(table: list[dict[Any, Any]]) -> list[dict[str, str]]:
     """A CSV's rows with their column names in lower case and their cells stripped (cells past the header dropped)."""
     return [{k.strip().lower(): (v or "").strip() for k, v in cells.items() if k is not None} for cells in table]
 
 
-def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
-    """``[(split, row_number, entry)]`` from a JSON or CSV datalist, plus format errors."""
+def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, str, dict[str, Any]]], list[str]]:
+    """``[(split, where, entry)]`` from a JSON or CSV datalist (``where``: ``row 3`` of a CSV, ``training[2]`` of
+    a JSON, for the messages), plus format errors."""
     raw = path.read_bytes()
     raw = raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw  # spreadsheet exports start with one
     try:
@@ -84,9 +85,9 @@ def _read_rows(path: Path, splits: Sequence[str]) -> tuple[list[tuple[str, int, 
     return _read_json_rows(path, text, splits)
 
 
-def _read_csv_rows(path: Path, text: str) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
+def _read_csv_rows(path: Path, text: str) -> tuple[list[tuple[str, str, dict[str, Any]]], list[str]]:
     """:func:`_read_rows` of a CSV datalist's text."""
-    rows: list[tuple[str, int, dict[str, Any]]] = []
+    rows: list[tuple[str, str, dict[str, Any]]] = []
     errors: list[str] = []
     first, _, rest = text.partition("\n")
     header_row = 1
@@ -99,17 +100,17 @@ def _read_csv_rows(path: Path, text: str) -> tuple[list[tuple[str, int, dict[str
     columns = {name: next((a for a in aliases if a in fields), None) for name, aliases in CSV_COLUMNS.items()}
     if columns["slide"] == "slide" and (paths := [a for a in ("image", "path") if a in fields]):
         columns["slide"] = paths[0]  # `slide,path,label`: the slide column names the slides, the other the files
-    table = list(reader)
+    table = _cells(list(reader))
     split_column = "split" if "split" in fields else None
     for name in [c for c in SPLIT_COLUMNS[1:] if split_column is None and c in fields]:
-        values = {(cells.get(name) or "").strip().lower() for cells in _cells(table)} - {""}
+        values = {row.get(name, "").lower() for row in table} - {""}
         if values and values <= {*SPLITS, *SPLIT_ALIASES}:
             split_column = name
             break
     if None in columns.values():
         wanted = " and ".join(f"'{n}' (or {', '.join(repr(a) for a in CSV_COLUMNS[n][1:])})" for n in CSV_COLUMNS)
         raise DatalistError(str(path), [f"the CSV header must name {wanted}; found {fields}"])
-    for i, row in enumerate(_cells(table), start=header_row + 1):
+    for i, row in enumerate(table, start=header_row + 1):
         if not any(row.values()):  # a spreadsheet's empty row (';;')
             continue
         given = (row.pop(split_column, "") if split_column else "") or "training"
@@ -126,7 +127,7 @@ def _read_csv_rows(path: Path, text: str) -> tuple[list[tuple[str, int, dict[str
             integer = label.lstrip("-").isdigit() or re.fullmatch(r"\d+\.0*", label)  # 1, 01, -1, 1.0
             entry["label"] = int(float(label)) if integer else label
         entry.update({k: v for k, v in row.items() if v != ""})
-        rows.append((split, i, entry))
+        rows.append((split, f"row {i}", entry))
     if not rows and not errors:
         errors.append("no rows below the header: one row per slide, e.g. 'slides/a.svs,tumour'")
     return rows, errors
@@ -134,9 +135,9 @@ def _read_csv_rows(path: Path, text: str) -> tuple[list[tuple[str, int, dict[str
 
 def _read_json_rows(
     path: Path, text: str, splits: Sequence[str]
-) -> tuple[list[tuple[str, int, dict[str, Any]]], list[str]]:
+) -> tuple[list[tuple[str, str, dict[str, Any]]], list[str]]:
     """:func:`_read_rows` of a JSON datalist's text."""
-    rows: list[tuple[str, int, dict[str, Any]]] = []
+    rows: list[tuple[str, str, dict[str, Any]]] = []
     errors: list[str] = []
     try:
         data = json.loads(text)
@@ -164,7 +165,7 @@ def _read_json_rows(
                 item["label"] = item["label"].strip() or None
             elif isinstance(item.get("label"), float) and item["label"].is_integer():
                 item["label"] = int(item["label"])  # 1.0: class 1
-            rows.append((split, i, item))
+            rows.append((split, f"{split}[{i}]", item))
     if not any(key in data for key in SPLITS) and not errors:
         errors.append(
             f"no entries: the splits are the keys {', '.join(repr(s) for s in SPLITS)}, each a list of "
@@ -209,12 +210,11 @@ def load_datalist(
         raise FileNotFoundError(f"datalist '{path}' does not exist.")
     root = Path(os.path.abspath(data_root if data_root is not None else path.parent))  # symlinks kept (see below)
     rows, errors = _read_rows(path, splits)
-    label_index = _label_index(rows, labels, errors, csv=path.suffix.lower() in CSV_SUFFIXES)
+    label_index = _label_index(rows, labels, errors)
     seen: dict[str, str] = {}
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in splits}
     named: dict[str, str] = {}  # slide ids the datalist gives itself
-    for split, i, entry in rows:
-        where = f"{split}[{i}]" if path.suffix.lower() not in CSV_SUFFIXES else f"row {i}"
+    for split, where, entry in rows:
         item = _check_entry(
             entry,
             where,
@@ -242,10 +242,9 @@ def load_datalist(
 
 
 def _label_index(
-    rows: Sequence[tuple[str, int, dict[str, Any]]], labels: Sequence[Any] | None, errors: list[str], csv: bool = False
+    rows: Sequence[tuple[str, str, dict[str, Any]]], labels: Sequence[Any] | None, errors: list[str]
 ) -> dict[Any, int] | None:
-    """Labels of one type and the map from their values to class indices (``None``: integer labels as they are);
-    ``csv``: the rows are numbered as a CSV's, for the messages."""
+    """Labels of one type and the map from their values to class indices (``None``: integer labels as they are)."""
     present = [
         e["label"] for _, _, e in rows if e.get("label") is not None and not isinstance(e["label"], (list, dict))
     ]
@@ -259,11 +258,9 @@ def _label_index(
         return {lab: i for i, lab in enumerate(labels)}
     if present and all(isinstance(v, str) for v in present):
         spellings: dict[str, dict[str, str]] = {}  # lower case -> {spelling: where it is first found}
-        for split, i, e in rows:
+        for _, where, e in rows:
             if isinstance(e.get("label"), str):
-                spellings.setdefault(e["label"].lower(), {}).setdefault(
-                    e["label"], f"row {i}" if csv else f"{split}[{i}]"
-                )
+                spellings.setdefault(e["label"].lower(), {}).setdefault(e["label"], where)
         for same in (v for v in spellings.values() if len(v) > 1):
             found = " and ".join(f"{name!r} ({where})" for name, where in sorted(same.items()))
             errors.append(f"labels {found} differ only in case: spell each class one way")
@@ -284,12 +281,16 @@ _TUMOUR_WORDS = r"(tumou?rs?|cancers?|malignan\w*|metasta\w*|carcinomas?|neoplas
 _NEGATIVE_FORM = re.compile(rf"^(non|no|not|without)[\s_-]*{_TUMOUR_WORDS}$|^{_TUMOUR_WORDS}[\s_-]*free$")
 
 
+def _listed_negative(name: str) -> bool:
+    """Whether a label is one of :data:`NEGATIVE_LABELS` (in lower case, without spaces, '-' and '_')."""
+    return "".join(c for c in name.strip().lower() if c not in " -_") in NEGATIVE_LABELS
+
+
 def is_negative_label(name: str) -> bool:
     """Whether a label names the tumour-free class: ``normal``, ``negative``, ``benign``, ``healthy``, ``control``,
     ``non-tumour`` and the like, or a negated tumour word (``non-malignant``, ``no metastasis``, ``tumour-free``;
     not a subtype such as ``non-invasive`` or a marker status such as ``triple-negative``)."""
-    low = name.strip().lower()
-    return "".join(c for c in low if c not in " -_") in NEGATIVE_LABELS or bool(_NEGATIVE_FORM.search(low))
+    return _listed_negative(name) or bool(_NEGATIVE_FORM.search(name.strip().lower()))
 
 
 def string_label_order(values: Sequence[str]) -> list[str]:
@@ -298,7 +299,7 @@ def string_label_order(values: Sequence[str]) -> list[str]:
     class 0 is the normal class wherever it matters (the instance teacher's patch AUC against tumour masks,
     ``normal_slide_targets``). With none or several such names the order is sorted."""
     names = sorted(set(values))
-    exact = [n for n in names if "".join(c for c in n.lower() if c not in " -_") in NEGATIVE_LABELS]
+    exact = [n for n in names if _listed_negative(n)]
     negative = exact if exact else [n for n in names if is_negative_label(n)]  # 'normal' before 'no metastasis'
     return negative + [n for n in names if n not in negative] if len(negative) == 1 else names
 

@@ -211,8 +211,8 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
             props.update(samples=int(page.samplesperpixel), jfif_rgb=_jfif_tagged_rgb(page))
             props.update(photometric=int(page.photometric), compression=int(page.compression))
             props.update(sample_format=int(page.sampleformat), orientation=_tag_value(page, "Orientation", 1))
-            if page.dtype == np.uint16:  # 12-bit data, say, in 16-bit samples: the range the file declares
-                props["max_sample"] = _tag_value(page, "MaxSampleValue", None)
+            top = _tag_value(page, "MaxSampleValue", 0) if page.dtype == np.uint16 else 0
+            props["max_sample"] = top if 0 < top < 65535 else None  # 12-bit data, say, in 16-bit samples
             # reduced levels in the main chain not marked as such: cuCIM refuses the file, OpenSlide sees one level
             dims = [(int(page.imagewidth), int(page.imagelength))] + [
                 (int(p.imagewidth), int(p.imagelength))
@@ -251,6 +251,11 @@ def _tag_value(page: Any, name: str, default: int | None) -> int | None:
         return default
 
 
+#: what a grayscale slide's refusal says
+GRAYSCALE_FIX = (
+    "tissue detection and the patch embedders expect RGB brightfield (H&E) slides. Export it as RGB, or leave it out "
+    "of the datalist."
+)
 #: TIFF compressions that store samples as they are (none, LZW, deflate, PackBits, LZMA, zstd): YCbCr samples in one
 #: of them are not converted to RGB by cuCIM or our reader
 _RAW_COMPRESSIONS = frozenset({1, 5, 8, 32773, 32946, 34925, 50000})
@@ -271,8 +276,7 @@ def _colour_backends(path: str, names: tuple[str, ...]) -> tuple[str, ...]:
         stored = "one sample per pixel" if props["samples"] in (1, 2) else f"tagged {_PHOTOMETRIC_NAMES[photometric]}"
         raise SlideError(
             path,
-            f"the slide is grayscale ({stored}): tissue detection and the patch embedders expect RGB brightfield "
-            "(H&E) slides. Export it as RGB, or leave it out of the datalist.",
+            f"the slide is grayscale ({stored}): {GRAYSCALE_FIX}",
         )
     if props["sample_format"] != 1:
         kind = {2: "signed integer", 3: "floating-point"}.get(props["sample_format"], "non-integer")
@@ -1141,8 +1145,7 @@ class ImageSlide(_PatchByPatchReader):
                 if im.mode.split(";")[0] in ("1", "L", "LA", "La", "I", "F"):
                     raise SlideError(
                         self.path,
-                        f"the image is grayscale (mode {im.mode}): tissue detection and the patch embedders expect "
-                        "RGB brightfield (H&E) slides. Export it as RGB, or leave it out of the datalist.",
+                        f"the image is grayscale (mode {im.mode}): {GRAYSCALE_FIX}",
                     )
                 dpi = im.info.get("dpi")
                 mpp = _mpp_from_resolution(dpi[0], "INCH") if dpi else None
@@ -1247,7 +1250,7 @@ def open_slide(
             props = _tiff_properties(path)
             # a pyramid in SubIFDs or with its levels not marked reduced, JFIF tiles tagged RGB, 16-bit samples
             # of a narrower declared range: the others misread them
-            narrow = (props["max_sample"] or 65535) < 65535
+            narrow = props["max_sample"] is not None
             ours_first = props["subifd_levels"] or props["jfif_rgb"] or props["unmarked_levels"] or narrow
             names = ("tifffile", "cucim", "openslide") if ours_first else BACKENDS
             if props["orientation"] != 1:  # OpenSlide turns each non-JPEG tile on its own (a mosaic)
