@@ -88,7 +88,7 @@ from monai_icmil.engines.bag_phase import evaluate_bags, load_bag_classifier, re
 from monai_icmil.engines.embedder_phase import load_student_classifier  # noqa: E402
 from monai_icmil.metrics import binary_auc, linear_probe_auc, paired_auc_difference  # noqa: E402
 from monai_icmil.networks import aggregator_class  # noqa: E402
-from monai_icmil.utils import atomic_write_json, atomic_write_text  # noqa: E402
+from monai_icmil.utils import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
 from monai_icmil.workflows.summary import paired_test_change  # noqa: E402
 
 AGGREGATORS = ("maxpool", "abmil", "dtfd")
@@ -951,17 +951,26 @@ def make_quilted(
 
     if not (data / "datalist.json").is_file():
         quilted_slides.make(data, seed, sizes, max(1, args.workers), Path(args.cmu or quilted_slides.CMU), tumour)
-    datalist = json.loads((data / "datalist.json").read_text())
+    written = json.loads((data / "datalist.json").read_text())
     empty = data / "masks" / "empty_mask.png"
     if not empty.is_file():
         from PIL import Image
 
-        Image.fromarray(np.zeros(quilted_slides.SIZE, np.uint8)).save(empty)
-    for entries in datalist.values():
-        for e in entries:
-            e["label"] = int(e["label"] in ("malignant", 1))
-            e.setdefault("tumour_mask", str(empty.relative_to(data)))
-    atomic_write_json(data / "datalist.json", datalist)
+        with atomic_path(empty) as tmp:
+            Image.fromarray(np.zeros(quilted_slides.SIZE, np.uint8)).save(tmp, format="PNG")
+    datalist = {
+        split: [
+            {
+                **e,
+                "label": int(e["label"] in ("malignant", 1)),
+                "tumour_mask": e.get("tumour_mask", "masks/empty_mask.png"),
+            }
+            for e in entries
+        ]
+        for split, entries in written.items()
+    }
+    if datalist != written:
+        atomic_write_json(data / "datalist.json", datalist)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
