@@ -173,3 +173,80 @@ def test_annotations_with_a_decimal_comma_read_as_points_and_unreadable_masks_na
             GroundTruth(tmp_path / "huge.png", (1024, 1024))
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+def _square(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def _feature(rings: list, name: str | None = None, object_type: str = "annotation", kind: str = "Polygon") -> dict:
+    props: dict = {"objectType": object_type}
+    if name is not None:
+        props["classification"] = {"name": name, "color": [200, 0, 0]}
+    return {"type": "Feature", "geometry": {"type": kind, "coordinates": rings}, "properties": props}
+
+
+def test_qupath_geojson_outlines_read_as_the_same_ground_truth_as_asap_xml(tmp_path):
+    """QuPath's GeoJSON export: the tumour outline with a hole gives the ASAP file's mask; a Stroma outline, a
+    tumour-classified cell detection and a point are left out; an Ignore* outline is cut out; a MultiPolygon counts
+    every part; unclassified outlines are tumour only where no outline is classified as tumour."""
+    import numpy as np
+
+    from monai_icmil.data.annotations import GroundTruth, read_geojson_polygons
+
+    (tmp_path / "a.xml").write_text(ASAP_XML)
+    asap = GroundTruth(tmp_path / "a.xml", (1024, 1024)).mask
+    features = [
+        _feature([_square(160, 160, 800, 800), _square(320, 320, 480, 480)], "Tumor"),  # the hole as a ring
+        _feature([_square(850, 850, 1000, 1000)], "Stroma"),
+        _feature([_square(850, 0, 1000, 100)], "Tumor", object_type="cell"),
+        _feature([_square(0, 850, 100, 1000)]),  # unclassified beside a classified tumour: not tumour
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [900, 900]}, "properties": {}},
+    ]
+    (tmp_path / "a.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    np.testing.assert_array_equal(GroundTruth(tmp_path / "a.geojson", (1024, 1024)).mask, asap)
+    assert [g for g, _ in read_geojson_polygons(tmp_path / "a.geojson")] == ["Tumor"]
+
+    # QuPath 0.2's export: a JSON list, "id" naming the object kind; unclassified outlines are the tumour here
+    plain = [
+        {"type": "Feature", "id": "PathAnnotationObject", "geometry": {"type": "Polygon", "coordinates": [r]}}
+        for r in (_square(160, 160, 800, 800),)
+    ]
+    plain.append(
+        {
+            "type": "Feature",
+            "id": "PathCellObject",
+            "geometry": {"type": "Polygon", "coordinates": [_square(0, 0, 100, 100)]},
+        }
+    )
+    plain.append(_feature([_square(320, 320, 480, 480)], "Ignore*"))
+    (tmp_path / "b.json").write_text(json.dumps(plain))
+    np.testing.assert_array_equal(GroundTruth(tmp_path / "b.json", (1024, 1024)).mask, asap)
+
+    multi = _feature([[_square(0, 0, 160, 160)], [_square(864, 864, 1024, 1024)]], "Metastasis", kind="MultiPolygon")
+    (tmp_path / "c.geojson").write_text(json.dumps(multi))
+    truth = GroundTruth(tmp_path / "c.geojson", (1024, 1024))
+    np.testing.assert_allclose(truth.patch_fraction(np.array([[0, 0], [864, 864], [480, 480]]), 160), [1, 1, 0])
+
+
+def test_geojson_that_is_not_usable_names_the_file_and_feature_and_a_file_without_tumour_is_warned(tmp_path):
+    """Not JSON, JSON that is not GeoJSON, a coordinate that is not a number: errors naming the file (and the
+    feature) and the fix; outlines none of which is tumour: a warning naming the classes found."""
+    from monai_icmil.data.annotations import GroundTruth, is_tumour_class
+
+    assert is_tumour_class("Tumor") and is_tumour_class("Adenocarcinoma") and is_tumour_class("metastases")
+    assert not is_tumour_class("Non-tumour") and not is_tumour_class("Tumour-free") and not is_tumour_class("Stroma")
+    (tmp_path / "broken.geojson").write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken\.geojson' is not readable JSON .*GeoJSON"):
+        GroundTruth(tmp_path / "broken.geojson", (1024, 1024))
+    (tmp_path / "other.json").write_text(json.dumps({"annotations": []}))
+    with pytest.raises(ValueError, match=r"other\.json' is JSON but not GeoJSON"):
+        GroundTruth(tmp_path / "other.json", (1024, 1024))
+    bad = [_feature([_square(0, 0, 10, 10)], "Tumor"), _feature([[[0, 0], ["x", 1], [5, 5]]], "Tumor")]
+    (tmp_path / "bad.geojson").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"bad\.geojson' \[1\]: a Polygon coordinate is not an \[x, y\] pair"):
+        GroundTruth(tmp_path / "bad.geojson", (1024, 1024))
+    (tmp_path / "stroma.geojson").write_text(json.dumps([_feature([_square(0, 0, 500, 500)], "Stroma")]))
+    with pytest.warns(UserWarning, match=r"stroma\.geojson': none of its 1 outlines is tumour \(classes: Stroma\)"):
+        truth = GroundTruth(tmp_path / "stroma.geojson", (1024, 1024))
+    assert not truth.mask.any()
