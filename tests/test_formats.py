@@ -364,6 +364,39 @@ def test_sixteen_bit_samples_of_a_declared_narrower_range_are_read_over_that_ran
     assert np.abs(slide.read_region((256, 256), 256).astype(int) - tissue[256:512, 256:512]).mean() < 1.5
 
 
+def test_sixteen_bit_samples_without_a_declared_range_are_read_over_the_range_their_thumbnail_uses(
+    tissue, tmp_path, monkeypatch
+):
+    """12-bit (or 10-bit) camera data in 16-bit samples without MaxSampleValue read almost black ("no tissue found"):
+    the smallest level's brightest sample gives the range (warned about, naming the file and the fix); full 16-bit
+    data, and a file with no level small enough to measure, stay 16-bit."""
+    import monai_icmil.data.slide as slide_module
+
+    for bits, scale in ((12, 16), (10, 4)):
+        levels = [(x.astype(np.uint16) * scale) for x in (tissue, block_mean(tissue, 2), block_mean(tissue, 4))]
+        path = _write_levels(tmp_path / f"b{bits}.tif", levels, photometric="rgb", compression="zlib")
+        with pytest.warns(
+            UserWarning,
+            match=rf"b{bits}\.tif' has 16-bit samples without a MaxSampleValue tag and "
+            rf"none of its samples is above \d+ on its 384 x 256 level: it is read as {bits}-bit data",
+        ):
+            slide = open_slide(path)
+        assert slide.backend == "tifffile"
+        got = slide.read_region((256, 256), 256).astype(int)
+        assert np.abs(got - tissue[256:512, 256:512]).mean() < 2, bits
+    wide = [block_mean(tissue, 2**k).astype(np.uint16) * 257 for k in range(3)]
+    full = _write_levels(tmp_path / "full.tif", wide, photometric="rgb", compression="zlib")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.abs(open_slide(full).read_region((256, 256), 256).astype(int) - tissue[256:512, 256:512]).max() <= 1
+    monkeypatch.setattr(slide_module, "RANGE_PAGE_PIXELS", 100)  # no level small enough: kept as 16-bit, unwarned
+    levels = [x.astype(np.uint16) * 16 for x in (tissue, block_mean(tissue, 2))]
+    path = _write_levels(tmp_path / "big.tif", levels, photometric="rgb", compression="zlib")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_slide(path, "tifffile").read_region((256, 256), 256).max() <= 16
+
+
 def test_an_orientation_tag_is_warned_about_and_not_given_to_openslide_which_turns_each_tile(tissue, tmp_path):
     """OpenSlide applies Orientation 3 to every tile on its own (a mosaic); the slide is read as stored instead."""
     levels = [tissue, block_mean(tissue, 2)]

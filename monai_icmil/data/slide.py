@@ -194,7 +194,7 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
     props: dict[str, Any] = {"objective_power": None, "aperio_mpp": None, "ome_mpp": None, "tiff_mpp": None}
     props.update(subifd_levels=0, tiled=True, data_end=(0, 0))  # (what tifffile cannot parse: the backends report)
     props.update(samples=None, cucim_unsafe=None, jfif_rgb=False, unmarked_levels=0)
-    props.update(photometric=None, compression=None, sample_format=1, max_sample=None, orientation=1)
+    props.update(photometric=None, compression=None, sample_format=1, max_sample=None, orientation=1, range_note=None)
     try:
         tifffile = _import_backend("tifffile")
         with tifffile.TiffFile(path) as tif:
@@ -212,6 +212,8 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
             props.update(photometric=int(page.photometric), compression=int(page.compression))
             props.update(sample_format=int(page.sampleformat), orientation=_tag_value(page, "Orientation", 1))
             top = _tag_value(page, "MaxSampleValue", 0) if page.dtype == np.uint16 else 0
+            if page.dtype == np.uint16 and not top:  # undeclared: the range the data use (12-bit cameras)
+                top, props["range_note"] = _measured_bit_range(tif)
             props["max_sample"] = top if 0 < top < 65535 else None  # 12-bit data, say, in 16-bit samples
             # reduced levels in the main chain not marked as such: cuCIM refuses the file, OpenSlide sees one level
             dims = [(int(page.imagewidth), int(page.imagelength))] + [
@@ -238,6 +240,33 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
         props["tiff_error"] = f"{type(e).__name__}: {e}"
     props["mpp"] = next((props[k] for k in ("aperio_mpp", "ome_mpp", "tiff_mpp") if props[k] is not None), None)
     return props
+
+
+#: the largest page (pixels) read whole to measure the range of 16-bit samples without a MaxSampleValue
+RANGE_PAGE_PIXELS = 4096 * 4096
+
+
+def _measured_bit_range(tif: Any) -> tuple[int, str | None]:
+    """``(2**k - 1, why)`` for the narrowest of 10, 12 and 14 bits that holds every sample of a 16-bit file's smallest
+    page (a whole-slide thumbnail: glass is its brightest part), for a file that declares no ``MaxSampleValue``;
+    ``(0, None)`` where the samples use more than 14 bits, or no page is small enough to read whole, or it cannot be
+    read (kept as 16-bit)."""
+    first = tif.pages.first
+    pages = [
+        p for p in (first, *(first.pages or ()), *tif.pages[1:]) if p.dtype == first.dtype and p.ndim == first.ndim
+    ]
+    smallest = min(pages, key=lambda p: int(p.imagewidth) * int(p.imagelength))
+    if int(smallest.imagewidth) * int(smallest.imagelength) > RANGE_PAGE_PIXELS:
+        return 0, None
+    try:
+        brightest = int(smallest.asarray().max(initial=0))
+    except Exception:  # a damaged page: the reading backends report it
+        return 0, None
+    bits = next((k for k in (10, 12, 14) if 0 < brightest < 2**k), None)
+    if bits is None:
+        return 0, None
+    why = f"none of its samples is above {brightest} on its {smallest.imagewidth} x {smallest.imagelength} level"
+    return 2**bits - 1, why
 
 
 def _tag_value(page: Any, name: str, default: int | None) -> int | None:
@@ -1077,6 +1106,9 @@ class TiffSlide(_PatchByPatchReader):
         if tif is not None:
             tif.close()
 
+    def __del__(self) -> None:  # a reader the slide cache let go of (or that failed to open) closes its file
+        self.close()
+
 
 def _jpeg_streams_complain(streams: list[bytes], problem: re.Pattern, capture: Any) -> bool:
     """Whether libjpeg (as torchvision links it) raises or reports a corrupt stream for any of these JPEG streams."""
@@ -1256,7 +1288,7 @@ def open_slide(
             if props["orientation"] != 1:  # OpenSlide turns each non-JPEG tile on its own (a mosaic)
                 names = tuple(n for n in names if n != "openslide") + ("openslide",)
         names = _colour_backends(path, names)
-        _warn_orientation(path)
+        _warn_as_read(path)
     reasons = []
     for name in names:
         try:
@@ -1289,9 +1321,19 @@ def open_slide(
     )
 
 
-def _warn_orientation(path: str) -> None:
-    """Warn that a TIFF's Orientation tag is not applied: its pixels, coordinates and heatmaps stay as stored."""
-    orientation = _tiff_properties(path)["orientation"]
+def _warn_as_read(path: str) -> None:
+    """Warn that a TIFF's Orientation tag is not applied (its pixels, coordinates and heatmaps stay as stored), and
+    that the range of its 16-bit samples was measured, not declared."""
+    props = _tiff_properties(path)
+    if props["range_note"]:
+        top = props["max_sample"]
+        warnings.warn(
+            f"slide '{path}' has 16-bit samples without a MaxSampleValue tag and {props['range_note']}: it is read "
+            f"as {top.bit_length()}-bit data (0-{top} onto 0-255). Write MaxSampleValue (tag 281) into the file if "
+            "that is wrong.",
+            stacklevel=3,
+        )
+    orientation = props["orientation"]
     if orientation != 1:
         warnings.warn(
             f"slide '{path}' has TIFF Orientation {orientation} (not 1): it is read as stored, not turned, so its "
