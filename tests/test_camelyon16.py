@@ -186,67 +186,145 @@ def _feature(rings: list, name: str | None = None, object_type: str = "annotatio
     return {"type": "Feature", "geometry": {"type": kind, "coordinates": rings}, "properties": props}
 
 
+def _truth(path: Path, features: object, size: tuple[int, int] = (1024, 1024)):
+    from monai_icmil.data.annotations import GroundTruth
+
+    path.write_text(json.dumps(features))
+    return GroundTruth(path, size)
+
+
+def _probe(truth, *corners: tuple[int, int]) -> list[float]:
+    import numpy as np
+
+    return [round(float(f), 2) for f in truth.patch_fraction(np.array(corners, float), 64)]
+
+
 def test_qupath_geojson_outlines_read_as_the_same_ground_truth_as_asap_xml(tmp_path):
     """QuPath's GeoJSON export: the tumour outline with a hole gives the ASAP file's mask; a Stroma outline, a
-    tumour-classified cell detection and a point are left out; an Ignore* outline is cut out; a MultiPolygon counts
-    every part; unclassified outlines are tumour only where no outline is classified as tumour."""
+    tumour-classified cell detection (``objectType`` or ``object_type``), a TMA core and a point are left out; an
+    Ignore* outline is cut out; derived classes (``names``, ``parentClass``) are read whole; unclassified outlines
+    are tumour only where no outline is classified as tumour (warned about either way where other outlines exist)."""
+    import warnings
+
     import numpy as np
 
     from monai_icmil.data.annotations import GroundTruth, read_geojson_polygons
 
     (tmp_path / "a.xml").write_text(ASAP_XML)
     asap = GroundTruth(tmp_path / "a.xml", (1024, 1024)).mask
+    point = {"type": "Feature", "geometry": {"type": "Point", "coordinates": [900, 900]}, "properties": {}}
     features = [
         _feature([_square(160, 160, 800, 800), _square(320, 320, 480, 480)], "Tumor"),  # the hole as a ring
         _feature([_square(850, 850, 1000, 1000)], "Stroma"),
         _feature([_square(850, 0, 1000, 100)], "Tumor", object_type="cell"),
-        _feature([_square(0, 850, 100, 1000)]),  # unclassified beside a classified tumour: not tumour
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [900, 900]}, "properties": {}},
+        {
+            **_feature([_square(0, 0, 100, 100)]),
+            "properties": {"object_type": "detection", "classification": {"name": "Neoplastic"}},
+        },  # a nucleus segmenter's QuPath-style output
+        _feature([_square(0, 850, 100, 1000)], object_type="tmaCore"),
+        point,
     ]
-    (tmp_path / "a.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-    np.testing.assert_array_equal(GroundTruth(tmp_path / "a.geojson", (1024, 1024)).mask, asap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(
+            _truth(tmp_path / "a.geojson", {"type": "FeatureCollection", "features": features}).mask, asap
+        )
     assert [g for g, _ in read_geojson_polygons(tmp_path / "a.geojson")] == ["Tumor"]
+    with pytest.warns(UserWarning, match=r"b\.geojson': 1 unclassified outline\(s\) left out beside outlines "):
+        np.testing.assert_array_equal(_truth(tmp_path / "b.geojson", features + [_feature([_square(0, 850, 100, 1000)])]
+                                             ).mask, asap)  # fmt: skip
 
     # QuPath 0.2's export: a JSON list, "id" naming the object kind; unclassified outlines are the tumour here
     plain = [
         {"type": "Feature", "id": "PathAnnotationObject", "geometry": {"type": "Polygon", "coordinates": [r]}}
         for r in (_square(160, 160, 800, 800),)
     ]
-    plain.append(
-        {
-            "type": "Feature",
-            "id": "PathCellObject",
-            "geometry": {"type": "Polygon", "coordinates": [_square(0, 0, 100, 100)]},
-        }
-    )
+    plain.append({"type": "Feature", "id": "PathCellObject", "geometry": {"type": "Polygon", "coordinates": [
+        _square(0, 0, 100, 100)]}})  # fmt: skip
     plain.append(_feature([_square(320, 320, 480, 480)], "Ignore*"))
-    (tmp_path / "b.json").write_text(json.dumps(plain))
-    np.testing.assert_array_equal(GroundTruth(tmp_path / "b.json", (1024, 1024)).mask, asap)
+    np.testing.assert_array_equal(_truth(tmp_path / "c.json", plain).mask, asap)
+    with pytest.warns(UserWarning, match=r"d\.json': 1 unclassified outline\(s\) taken as tumour beside outlines "
+                      r"of other classes \(Necrosis\)"):  # fmt: skip
+        _truth(tmp_path / "d.json", [plain[0], _feature([_square(0, 0, 100, 100)], "Necrosis")])
 
-    multi = _feature([[_square(0, 0, 160, 160)], [_square(864, 864, 1024, 1024)]], "Metastasis", kind="MultiPolygon")
-    (tmp_path / "c.geojson").write_text(json.dumps(multi))
-    truth = GroundTruth(tmp_path / "c.geojson", (1024, 1024))
-    np.testing.assert_allclose(truth.patch_fraction(np.array([[0, 0], [864, 864], [480, 480]]), 160), [1, 1, 0])
+    def classified(square: list, classification: dict) -> dict:
+        return {**_feature([square]), "properties": {"classification": classification}}
+
+    derived = [
+        classified(_square(0, 0, 512, 512), {"names": ["Tumor", "Positive"]}),  # QuPath 0.4+
+        classified(_square(512, 512, 1024, 1024), {"names": ["Stroma", "Positive"]}),
+        classified(_square(0, 512, 512, 1024), {"name": "Positive", "parentClass": {"name": "Tumor"}}),  # 0.2-0.3
+    ]
+    truth = _truth(tmp_path / "derived.geojson", derived)
+    assert _probe(truth, (0, 0), (600, 600), (0, 600)) == [1.0, 0.0, 1.0]
+    assert [g for g, _ in read_geojson_polygons(tmp_path / "derived.geojson")] == ["Tumor: Positive"] * 2
+
+    # an island inside a hole, listed first, and a tumour outline overlapped by another's hole both stay tumour
+    multi = _feature([[_square(384, 384, 512, 512)], [_square(160, 160, 960, 960), _square(320, 320, 640, 640)]],
+                     "Metastasis", kind="MultiPolygon")  # fmt: skip
+    over = _feature([_square(0, 0, 500, 500)], "Tumor")
+    truth = _truth(tmp_path / "multi.geojson", [multi, over])
+    assert _probe(truth, (448, 448), (320, 320), (576, 576), (800, 800), (0, 0), (976, 976)) == [1, 1, 0, 1, 1, 0]
+    # a name, or DSA's label, where it names a class
+    named = [
+        {**_feature([_square(0, 0, 512, 512)]), "properties": {"name": "Tumor"}},
+        {**_feature([_square(512, 512, 1024, 1024)]), "properties": {"label": {"value": "Stroma"}, "group": "Stroma"}},
+        {**_feature([_square(0, 512, 512, 1024)]), "properties": {"name": "Annotation 3"}},  # no class: left out
+    ]
+    with pytest.warns(UserWarning, match="1 unclassified outline"):
+        assert _probe(_truth(tmp_path / "named.geojson", named), (0, 0), (600, 600), (0, 600)) == [1, 0, 0]
+
+
+def test_tumour_class_names_are_told_from_their_negations_and_the_tissue_beside_tumour():
+    from monai_icmil.data.datalist import is_tumour_class
+
+    for name in (
+        "Tumor",
+        "Tumour",
+        "metastases",
+        "Adenocarcinoma",
+        "Carcinoma in situ",
+        "Malignant",
+        "Tumor: Positive",
+    ):
+        assert is_tumour_class(name), name
+    for name in ("Non-tumour", "Tumour-free", "Tumor free area", "Non-tumor tissue", "Benign lesion", "Benign tumour",
+                 "Tumor stroma", "Tumor-associated stroma", "Peritumoral stroma", "Tumour-infiltrating lymphocytes",
+                 "Stroma", "Necrosis", "Positive", "Region*", "Other"):  # fmt: skip
+        assert not is_tumour_class(name), name
 
 
 def test_geojson_that_is_not_usable_names_the_file_and_feature_and_a_file_without_tumour_is_warned(tmp_path):
-    """Not JSON, JSON that is not GeoJSON, a coordinate that is not a number: errors naming the file (and the
-    feature) and the fix; outlines none of which is tumour: a warning naming the classes found."""
-    from monai_icmil.data.annotations import GroundTruth, is_tumour_class
+    """Not JSON, JSON that is not GeoJSON (DSA's annotation documents), a coordinate that is not a number of level-0
+    pixels: errors naming the file (and the feature) and the fix; no tumour outline (none classified so, or only
+    points and detections, or none at all) and outlines outside the slide: warnings naming the file."""
+    from monai_icmil.data.annotations import GroundTruth
 
-    assert is_tumour_class("Tumor") and is_tumour_class("Adenocarcinoma") and is_tumour_class("metastases")
-    assert not is_tumour_class("Non-tumour") and not is_tumour_class("Tumour-free") and not is_tumour_class("Stroma")
     (tmp_path / "broken.geojson").write_text("{not json")
     with pytest.raises(ValueError, match=r"broken\.geojson' is not readable JSON .*GeoJSON"):
         GroundTruth(tmp_path / "broken.geojson", (1024, 1024))
-    (tmp_path / "other.json").write_text(json.dumps({"annotations": []}))
-    with pytest.raises(ValueError, match=r"other\.json' is JSON but not GeoJSON"):
-        GroundTruth(tmp_path / "other.json", (1024, 1024))
-    bad = [_feature([_square(0, 0, 10, 10)], "Tumor"), _feature([[[0, 0], ["x", 1], [5, 5]]], "Tumor")]
-    (tmp_path / "bad.geojson").write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match=r"bad\.geojson' \[1\]: a Polygon coordinate is not an \[x, y\] pair"):
-        GroundTruth(tmp_path / "bad.geojson", (1024, 1024))
-    (tmp_path / "stroma.geojson").write_text(json.dumps([_feature([_square(0, 0, 500, 500)], "Stroma")]))
-    with pytest.warns(UserWarning, match=r"stroma\.geojson': none of its 1 outlines is tumour \(classes: Stroma\)"):
-        truth = GroundTruth(tmp_path / "stroma.geojson", (1024, 1024))
-    assert not truth.mask.any()
+    with pytest.raises(ValueError, match=r"dsa\.json' is JSON but not GeoJSON .*DSA/Girder"):
+        _truth(tmp_path / "dsa.json", [{"annotation": {"name": "t", "elements": [{"type": "polyline"}]}}])
+    bad = [_feature([_square(0, 0, 10, 10)], "Tumor"), {**_feature([[[0, 0], ["x", 1], [5, 5]]], "Tumor"), "id": "u2"}]
+    with pytest.raises(ValueError, match=r"bad\.geojson', feature 1 id u2: a Polygon coordinate is not an \[x, y\]"):
+        _truth(tmp_path / "bad.geojson", bad)
+    with pytest.raises(ValueError, match=r"huge\.geojson', feature 0: .*beyond 1e\+08"):
+        _truth(tmp_path / "huge.geojson", [_feature([_square(0, 0, 1e12, 1e12)], "Tumor")])
+    flat = [
+        _feature([900, 900], "Tumor", kind="Point"),
+        _feature([[0, 0], [9, 9]], "Tumor", kind="LineString"),
+        _feature([_square(0, 0, 99, 99)], "Tumor", object_type="detection"),
+    ]
+    for name, features, why in (
+        (
+            "stroma",
+            [_feature([_square(0, 0, 500, 500)], "Stroma")],
+            r"none of its 1 outlines is tumour \(classes: Stroma",
+        ),
+        ("points", flat, r"none of its 0 outlines is tumour \(classes: -; skipped: 1 not outlines, 2 without area\)"),
+        ("empty", {"type": "FeatureCollection", "features": []}, r"none of its 0 outlines is tumour"),
+    ):
+        with pytest.warns(UserWarning, match=rf"{name}\.geojson': {why}"):
+            assert not _truth(tmp_path / f"{name}.geojson", features).mask.any()
+    with pytest.warns(UserWarning, match=r"out\.geojson': 1 of its 2 outlines lie mostly outside the slide"):
+        _truth(tmp_path / "out.geojson", [_feature([_square(0, 0, 99, 99)]), _feature([_square(5000, 0, 6000, 99)])])

@@ -4,12 +4,12 @@
 
 A datalist entry may carry ``"tumour_mask"``: a mask image (PNG or TIFF, tumour > 127, or 1 in a mask stored as
 0/1, at any scale: its downsample is the slide's width over the mask's, and its aspect must be the slide's; as the
-synthetic slides' ``masks/*_tumour.png``) or polygon annotations in the ASAP XML format of Camelyon16
-(``lesion_annotations/tumor_001.xml``; groups ``_0`` and ``_1`` are tumour, ``_2`` marks non-tumour areas inside
-them) or in GeoJSON as QuPath exports it (``*.geojson`` / ``*.json``: the annotation objects' polygons, holes
-included; classified as a tumour word such as ``Tumor`` or ``Metastasis``: tumour, as ``Ignore*``: cut out; other
-classes left out; unclassified outlines are tumour where no outline of the file is classified as tumour; QuPath's
-detections and cells are not outlines and are skipped), rasterised here at 1/16 of level 0.
+synthetic slides' ``masks/*_tumour.png``), polygon annotations in the ASAP XML format of Camelyon16
+(``lesion_annotations/tumor_001.xml``; every group is tumour except :data:`EXCLUSION_GROUPS`, such as ``_2``, which
+mark non-tumour areas inside them), or GeoJSON as QuPath exports it (``*.geojson`` / ``*.json``,
+:func:`read_geojson_polygons`: outlines classified with a tumour word are tumour, ``Ignore*`` ones cut out, other
+classes left out), rasterised here at 1/16 of level 0: the tumour outlines' union (holes cut out of each) less the
+exclusions'. Outlines mostly outside their slide are warned about.
 """
 
 from __future__ import annotations
@@ -23,35 +23,24 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = [
-    "GroundTruth",
-    "is_tumour_class",
-    "patch_tumour_fraction",
-    "read_geojson_polygons",
-    "read_mask_image",
-    "read_xml_polygons",
-]
+__all__ = ["GroundTruth", "patch_tumour_fraction", "read_geojson_polygons", "read_mask_image", "read_xml_polygons"]
 
 #: annotation groups / classes that mark non-tumour areas inside tumour ones (Camelyon16 uses ``_2``, QuPath
-#: ``Ignore*``), compared in lower case
+#: ``Ignore*``), compared in lower case, in ASAP XML and GeoJSON alike
 EXCLUSION_GROUPS = ("_2", "exclusion", "exclude", "none", "ignore", "ignore*")
 
-#: a tumour word in a class name (``Tumor``, ``Metastasis``, ``Adenocarcinoma``, ``Malignant``, ...)
-_TUMOUR_CLASS = re.compile(r"tumou?r|cancer|malignan|metasta|carcinoma|neoplas|lesion")
+#: Camelyon16's tumour groups, as classes of its annotations converted to GeoJSON
+CAMELYON_TUMOUR_GROUPS = ("_0", "_1")
 
-#: QuPath objects that are not outlines drawn by a person (``objectType``, or ``id`` in QuPath 0.2's export)
-_NOT_OUTLINES = ("detection", "cell", "tile", "pathdetectionobject", "pathcellobject", "pathtileobject")
+#: QuPath object types that are outlines drawn by a person (``objectType``; in QuPath 0.2's export the ``id``): any
+#: other (detections, cells, tiles, TMA cores) is skipped
+OUTLINE_TYPES = ("annotation", "pathannotationobject")
+
+#: a coordinate beyond this (level-0 pixels) is no slide's: the file is refused
+MAX_COORDINATE = 1e8
 
 #: polygons of one outline: its exterior ring, then its holes (``[K, 2]`` level-0 x, y each)
 Rings = list[np.ndarray]
-
-
-def is_tumour_class(name: str) -> bool:
-    """Whether an annotation class names tumour: a tumour word (``Tumor``, ``Metastases``, ``Adenocarcinoma``,
-    ``Malignant``, ``Lesion``) that is not negated (``Non-tumour`` and ``Tumour-free`` are not)."""
-    from monai_icmil.data.datalist import is_negative_label
-
-    return bool(_TUMOUR_CLASS.search(name.strip().lower())) and not is_negative_label(name)
 
 
 def patch_tumour_fraction(
@@ -108,31 +97,38 @@ def read_xml_polygons(path: str | os.PathLike) -> list[tuple[str, np.ndarray]]:
 
 
 def _geojson_features(data: object, path: str | os.PathLike) -> list[dict]:
-    """The features of a GeoJSON document: a FeatureCollection, a list of features (QuPath's older export), one
-    feature or one bare geometry."""
-    if isinstance(data, list):
-        return [f for f in data if isinstance(f, dict)]
-    if isinstance(data, dict):
-        if data.get("type") == "FeatureCollection" and isinstance(data.get("features"), list):
-            return [f for f in data["features"] if isinstance(f, dict)]
-        if data.get("type") == "Feature":
-            return [data]
-        if "coordinates" in data or data.get("type") == "GeometryCollection":
-            return [{"geometry": data}]
-    raise ValueError(
-        f"annotation '{path}' is JSON but not GeoJSON (a FeatureCollection, a list of features, a Feature or a "
-        "geometry): export the annotations from QuPath as GeoJSON, or give an ASAP XML file or a mask image"
-    )
+    """The features of a GeoJSON document (a FeatureCollection, a list of features as QuPath 0.2 exports them, one
+    feature, or geometries), each a dict with a ``geometry``."""
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        items = data.get("features") if isinstance(data.get("features"), list) else None
+    else:
+        items = data if isinstance(data, list) else [data] if isinstance(data, dict) else None
+    features = [
+        item if item.get("type") == "Feature" else {"geometry": item}
+        for item in items or []
+        if isinstance(item, dict) and (item.get("type") == "Feature" or "coordinates" in item or "geometries" in item)
+    ]
+    if items is None or (items and not features):
+        raise ValueError(
+            f"annotation '{path}' is JSON but not GeoJSON (a FeatureCollection, a list of features, a Feature or a "
+            "geometry): export QuPath's annotations as GeoJSON, convert other tools' (DSA/Girder, Cytomine) to GeoJSON "
+            "in level-0 pixels, or give an ASAP XML file or a mask image"
+        )
+    return features
 
 
-def _geometry_rings(geometry: object, where: str) -> list[Rings]:
-    """``[[exterior, *holes]]`` of a GeoJSON geometry's polygons (points and lines have no area: none)."""
+def _geometry_rings(geometry: object, where: str) -> tuple[list[Rings], int]:
+    """``([[exterior, *holes]], how many parts without area)`` of a GeoJSON geometry: its polygons (one whose
+    exterior has under 3 points is left out), and its points and lines (no area) counted."""
     if not isinstance(geometry, dict):
-        return []
+        return [], 1
     kind = geometry.get("type")
     if kind == "GeometryCollection":
-        return [rings for g in geometry.get("geometries") or [] for rings in _geometry_rings(g, where)]
+        parts = [_geometry_rings(g, where) for g in geometry.get("geometries") or []]
+        return [rings for found, _ in parts for rings in found], sum(n for _, n in parts)
     polygons = {"Polygon": [geometry.get("coordinates")], "MultiPolygon": geometry.get("coordinates")}.get(kind)
+    if polygons is None:
+        return [], 1
     out = []
     for polygon in polygons or []:
         try:
@@ -141,62 +137,126 @@ def _geometry_rings(geometry: object, where: str) -> list[Rings]:
             raise ValueError(
                 f"{where}: a {kind} coordinate is not an [x, y] pair of numbers; re-export the annotations as GeoJSON"
             ) from None
-        if rings and not all(np.isfinite(r).all() for r in rings):
-            raise ValueError(f"{where}: a {kind} coordinate is not a finite number; re-export the annotations")
-        rings = [r for r in rings if len(r) >= 3]
-        if rings:
-            out.append(rings)
-    return out
+        if not all(np.isfinite(r).all() and np.abs(r).max(initial=0) <= MAX_COORDINATE for r in rings):
+            raise ValueError(
+                f"{where}: a {kind} coordinate is not a number of level-0 pixels (not finite, or beyond "
+                f"{MAX_COORDINATE:.0e}); re-export the annotations in level-0 pixel coordinates"
+            )
+        if rings and len(rings[0]) >= 3:
+            out.append([rings[0]] + [r for r in rings[1:] if len(r) >= 3])
+    return out, 0
 
 
-def _class_name(feature: dict) -> str:
-    """A QuPath feature's classification name (``{"name": ...}``, or a plain string), else ``""``."""
-    cls = (feature.get("properties") or {}).get("classification")
-    name = cls.get("name") if isinstance(cls, dict) else cls
-    return name.strip() if isinstance(name, str) else ""
+def _class_of(feature: dict, props: dict) -> str:
+    """A feature's class: QuPath's classification (``{"name"}``; a derived class as ``{"names": [...]}`` (0.4+) or
+    ``{"name", "parentClass"}`` (0.2-0.3), joined ``"Tumor: Positive"``), else its ``name``, DSA's ``label.value`` or
+    ``group`` where that names tumour, an exclusion or a tissue that is not tumour; else ``""``."""
+    from monai_icmil.data.datalist import NOT_TUMOUR_WORDS, is_negative_label  # (datalist imports torch)
+
+    cls = props.get("classification")
+    if isinstance(cls, dict) and isinstance(cls.get("names"), list):
+        return ": ".join(str(n).strip() for n in cls["names"] if str(n).strip())
+    chain: list[str] = []
+    while isinstance(cls, dict) and len(chain) < 16:
+        chain.insert(0, str(cls.get("name") or "").strip())
+        cls = cls.get("parentClass")
+    if chain or isinstance(cls, str):
+        return ": ".join(n for n in chain if n) if chain else cls.strip()
+    label = props.get("label")
+    for name in (props.get("name"), label.get("value") if isinstance(label, dict) else None, props.get("group")):
+        if isinstance(name, str) and name.strip():
+            words = set(re.findall(r"[a-z]+", name.lower()))
+            if _category(name) != "other" or is_negative_label(name) or words & NOT_TUMOUR_WORDS:
+                return name.strip()
+    return ""
+
+
+def _category(name: str) -> str:
+    """``"exclusion"``, ``"tumour"``, ``"unclassified"`` (no class) or ``"other"`` for an outline's class."""
+    from monai_icmil.data.datalist import is_tumour_class
+
+    if not name:
+        return "unclassified"
+    if name.lower() in EXCLUSION_GROUPS:
+        return "exclusion"
+    return "tumour" if name in CAMELYON_TUMOUR_GROUPS or is_tumour_class(name) else "other"
+
+
+def _describe(i: int, feature: dict, props: dict) -> str:
+    """How a user finds a feature: its place, id, name and class."""
+    bits = [f"feature {i}"]
+    bits += [f"id {feature['id']}"] if isinstance(feature.get("id"), (str, int)) else []
+    bits += [f"name {props['name']!r}"] if isinstance(props.get("name"), str) else []
+    return " ".join(bits)
 
 
 def read_geojson_polygons(path: str | os.PathLike) -> list[tuple[str, Rings]]:
     """``[(group, [exterior, *holes])]`` of the tumour and exclusion outlines of a GeoJSON annotation file (level-0
     pixel coordinates, as QuPath exports them); group is the outline's class, ``"tumour"`` for an unclassified one.
 
-    Outlines classified as tumour (:func:`is_tumour_class`) are tumour, those in :data:`EXCLUSION_GROUPS` are cut
-    out, other classes are left out; unclassified outlines are tumour where no outline of the file is classified as
-    tumour. Objects that are not outlines (QuPath's detections, cells, tiles) are skipped. A file with outlines but
-    none of them tumour is warned about (its slide then reads as tumour-free).
+    Outlines classified as tumour (:func:`~monai_icmil.data.datalist.is_tumour_class`, or Camelyon16's ``_0`` and
+    ``_1``) are tumour, those of :data:`EXCLUSION_GROUPS` are cut out, other classes are left out; unclassified
+    outlines are tumour where no outline of the file is classified as tumour. Objects that are not outlines
+    (QuPath's detections, cells, tiles, TMA cores) and points and lines are skipped. Warned about, naming the file:
+    no tumour outline (the slide reads as tumour-free), unclassified outlines taken as tumour beside outlines of
+    other classes, or left out beside tumour ones.
 
     Raises:
-        ValueError: the file is not JSON or not GeoJSON, or a coordinate is not a number (names the file, the feature
-            and the fix).
+        ValueError: the file is not JSON or not GeoJSON, or a coordinate is not a number of level-0 pixels (names the
+            file, the feature and the fix).
     """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"annotation '{path}' is not readable JSON ({e}): export it from QuPath as GeoJSON") from e
-    outlines = []
+    outlines, skipped = [], {"not outlines": 0, "without area": 0}
     for i, feature in enumerate(_geojson_features(data, path)):
-        props = feature.get("properties") or {}
-        kind = str(props.get("objectType") or feature.get("id") or "annotation").lower()
-        if kind in _NOT_OUTLINES:
+        props = feature.get("properties") if isinstance(feature.get("properties"), dict) else {}
+        kind = props.get("objectType") or props.get("object_type") or props.get("type")
+        if not kind and isinstance(feature.get("id"), str) and feature["id"].lower().endswith("object"):
+            kind = feature["id"]  # QuPath 0.2: "PathAnnotationObject", "PathDetectionObject", ...
+        if str(kind or "annotation").lower() not in OUTLINE_TYPES:
+            skipped["not outlines"] += 1
             continue
-        name = _class_name(feature)
-        outlines += [(name, rings) for rings in _geometry_rings(feature.get("geometry"), f"annotation '{path}' [{i}]")]
-    classes = sorted({name for name, _ in outlines if name})
-    classified_tumour = any(is_tumour_class(name) for name in classes)
-    kept = []
-    for name, rings in outlines:
-        if name.lower() in EXCLUSION_GROUPS:
-            kept.append((name, rings))
-        elif is_tumour_class(name) or (not name and not classified_tumour):
-            kept.append((name or "tumour", rings))
-    if outlines and not any(name.lower() not in EXCLUSION_GROUPS for name, _ in kept):
-        warnings.warn(
-            f"annotation '{path}': none of its {len(outlines)} outlines is tumour (classes: {', '.join(classes)}), "
-            "so its slide reads as tumour-free; classify the tumour outlines with a tumour word (e.g. 'Tumor') or "
-            "leave them unclassified",
-            stacklevel=2,
-        )
+        found, flat = _geometry_rings(feature.get("geometry"), f"annotation '{path}', {_describe(i, feature, props)}")
+        skipped["without area"] += flat
+        outlines += [(_class_of(feature, props), rings) for rings in found]
+    categories = [_category(name) for name, _ in outlines]
+    classified_tumour = "tumour" in categories
+    kept = [
+        (name or "tumour", rings)
+        for (name, rings), c in zip(outlines, categories)
+        if c in ("tumour", "exclusion") or (c == "unclassified" and not classified_tumour)
+    ]
+    _warn_outlines(path, outlines, categories, skipped)
     return kept
+
+
+def _warn_outlines(path: str | os.PathLike, outlines: list, categories: list[str], skipped: dict[str, int]) -> None:
+    """Warn where a GeoJSON file's outlines may not mean what :func:`read_geojson_polygons` takes them for."""
+    others = sorted({name for (name, _), c in zip(outlines, categories) if c == "other"})
+    unclassified = categories.count("unclassified")
+    skips = ", ".join(f"{n} {what}" for what, n in skipped.items() if n)
+    if "tumour" not in categories and not unclassified:
+        warnings.warn(
+            f"annotation '{path}': none of its {len(outlines)} outlines is tumour (classes: {', '.join(others) or '-'}"
+            f"{'; skipped: ' + skips if skips else ''}), so its slide reads as tumour-free; classify the tumour "
+            "outlines with a tumour word (e.g. 'Tumor') or leave them unclassified",
+            stacklevel=3,
+        )
+    elif unclassified and "tumour" in categories:
+        warnings.warn(
+            f"annotation '{path}': {unclassified} unclassified outline(s) left out beside outlines classified as "
+            "tumour; classify them if they are tumour",
+            stacklevel=3,
+        )
+    elif unclassified and others:
+        warnings.warn(
+            f"annotation '{path}': {unclassified} unclassified outline(s) taken as tumour beside outlines of other "
+            f"classes ({', '.join(others)}); if they outline tissue rather than tumour, classify the tumour ones "
+            "(e.g. 'Tumor')",
+            stacklevel=3,
+        )
 
 
 class GroundTruth:
@@ -222,7 +282,9 @@ class GroundTruth:
         elif Path(path).suffix.lower() in (".xml", ".geojson", ".json"):
             read = read_xml_polygons if Path(path).suffix.lower() == ".xml" else read_geojson_polygons
             self.downsample = float(xml_downsample)
-            self.mask = _rasterise(read(path), width, height, self.downsample)
+            polygons = read(path)
+            _warn_outside(path, polygons, width, height)
+            self.mask = _rasterise(polygons, width, height, self.downsample)
         else:
             self.mask = read_mask_image(path)
             self.downsample = width / self.mask.shape[1]
@@ -263,19 +325,48 @@ def read_mask_image(path: str | os.PathLike) -> np.ndarray:
     return values > 127 if values.max(initial=0) > 127 else values > 0
 
 
+def _warn_outside(path: str | os.PathLike, polygons: list[tuple[str, np.ndarray | Rings]], width: int, height: int):
+    """Warn where outlines lie mostly outside the slide (other coordinates than level-0 pixels: another level's,
+    (y, x) order, y pointing up)."""
+    outside = 0
+    for _, rings in polygons:
+        ring = rings if isinstance(rings, np.ndarray) else rings[0]
+        (x0, y0), (x1, y1) = ring.min(0), ring.max(0)
+        area = max(x1 - x0, 1.0) * max(y1 - y0, 1.0)
+        inside = max(min(x1, width) - max(x0, 0), 0) * max(min(y1, height) - max(y0, 0), 0)
+        outside += inside < 0.5 * area
+    if outside:
+        warnings.warn(
+            f"annotation '{path}': {outside} of its {len(polygons)} outlines lie mostly outside the slide "
+            f"({width} x {height}): the coordinates must be level-0 pixels, x then y, y pointing down",
+            stacklevel=3,
+        )
+
+
 def _rasterise(
     polygons: list[tuple[str, np.ndarray | Rings]], width: int, height: int, downsample: float
 ) -> np.ndarray:
-    """Tumour polygons filled (each polygon's holes, its rings after the first, cut out of it as it is drawn),
-    exclusion polygons cut out after all of them, at ``1 / downsample`` of level 0."""
+    """The union of the tumour polygons (each its exterior less its holes, its rings after the first) less the union
+    of the exclusion polygons (likewise), at ``1 / downsample`` of level 0."""
+    size = (max(1, round(height / downsample)), max(1, round(width / downsample)))
+    tumour, excluded = np.zeros(size, bool), np.zeros(size, bool)
+    for group, rings in polygons:
+        rings = [rings] if isinstance(rings, np.ndarray) else rings
+        _fill(excluded if group.lower() in EXCLUSION_GROUPS else tumour, [r / downsample for r in rings])
+    return tumour & ~excluded
+
+
+def _fill(canvas: np.ndarray, rings: Rings) -> None:
+    """Set ``canvas`` (boolean, in place) inside the exterior ring and outside the holes, drawn on a canvas of the
+    exterior's bounding box (so that one polygon's holes never cut another's area)."""
     from PIL import Image, ImageDraw
 
-    size = (max(1, round(width / downsample)), max(1, round(height / downsample)))
-    canvas = Image.new("L", size, 0)
-    draw = ImageDraw.Draw(canvas)
-    ordered = sorted(polygons, key=lambda gp: gp[0].lower() in EXCLUSION_GROUPS)  # tumour first, then holes
-    for group, rings in ordered:
-        fill = 0 if group.lower() in EXCLUSION_GROUPS else 255
-        for k, pts in enumerate([rings] if isinstance(rings, np.ndarray) else rings):
-            draw.polygon([tuple(p) for p in (pts / downsample).tolist()], fill=fill if k == 0 else 0)
-    return np.asarray(canvas) > 127
+    x0, y0 = np.maximum(np.floor(rings[0].min(0)).astype(int) - 1, 0)
+    x1, y1 = np.minimum(np.ceil(rings[0].max(0)).astype(int) + 2, canvas.shape[::-1])
+    if x1 <= x0 or y1 <= y0:
+        return
+    box = Image.new("L", (int(x1 - x0), int(y1 - y0)), 0)
+    draw = ImageDraw.Draw(box)
+    for k, ring in enumerate(rings):
+        draw.polygon([tuple(p) for p in (ring - (x0, y0)).tolist()], fill=0 if k else 255)
+    canvas[y0:y1, x0:x1] |= np.asarray(box) > 127

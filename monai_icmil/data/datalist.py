@@ -286,6 +286,24 @@ def _listed_negative(name: str) -> bool:
     return "".join(c for c in name.strip().lower() if c not in " -_") in NEGATIVE_LABELS
 
 
+#: words that make a name holding a tumour word name something else: negations, benign forms, tissue beside tumour
+NOT_TUMOUR_WORDS = frozenset(
+    (
+        "non", "no", "not", "without", "free", "benign", "normal", "healthy", "stroma", "stromal", "lymphocyte",
+        "lymphocytes", "infiltrating", "associated", "adjacent", "surrounding", "immune", "necrosis", "necrotic",
+    )
+)  # fmt: skip
+_TUMOUR_TOKEN = re.compile(rf"[a-z]*carcinomas?|{_TUMOUR_WORDS}")
+
+
+def is_tumour_class(name: str) -> bool:
+    """Whether a class name (an annotation's, say) names tumour: it holds a tumour word (``Tumor``, ``Metastases``,
+    ``Adenocarcinoma``, ``Malignant``, ``Tumor: Positive``) and none of :data:`NOT_TUMOUR_WORDS` (not ``Non-tumour``,
+    ``Tumour-free``, ``Benign lesion``, ``Tumor stroma``, ``Tumour-infiltrating lymphocytes``)."""
+    words = re.findall(r"[a-z]+", name.lower())
+    return any(_TUMOUR_TOKEN.fullmatch(w) for w in words) and not NOT_TUMOUR_WORDS.intersection(words)
+
+
 def is_negative_label(name: str) -> bool:
     """Whether a label names the tumour-free class: ``normal``, ``negative``, ``benign``, ``healthy``, ``control``,
     ``non-tumour`` and the like, or a negated tumour word (``non-malignant``, ``no metastasis``, ``tumour-free``;
