@@ -230,9 +230,9 @@ def test_qupath_geojson_outlines_read_as_the_same_ground_truth_as_asap_xml(tmp_p
             _truth(tmp_path / "a.geojson", {"type": "FeatureCollection", "features": features}).mask, asap
         )
     assert [g for g, _ in read_geojson_polygons(tmp_path / "a.geojson")] == ["Tumor"]
-    with pytest.warns(UserWarning, match=r"b\.geojson': 1 unclassified outline\(s\) left out beside outlines "):
-        np.testing.assert_array_equal(_truth(tmp_path / "b.geojson", features + [_feature([_square(0, 850, 100, 1000)])]
-                                             ).mask, asap)  # fmt: skip
+    unclassified = _feature([_square(0, 850, 100, 1000)])  # a tumour outline left unclassified, likely
+    with pytest.warns(UserWarning, match=r"b\.geojson': 1 unclassified outline\(s\), no larger than its tumour"):
+        np.testing.assert_array_equal(_truth(tmp_path / "b.geojson", features + [unclassified]).mask, asap)
 
     # QuPath 0.2's export: a JSON list, "id" naming the object kind; unclassified outlines are the tumour here
     plain = [
@@ -243,9 +243,18 @@ def test_qupath_geojson_outlines_read_as_the_same_ground_truth_as_asap_xml(tmp_p
         _square(0, 0, 100, 100)]}})  # fmt: skip
     plain.append(_feature([_square(320, 320, 480, 480)], "Ignore*"))
     np.testing.assert_array_equal(_truth(tmp_path / "c.json", plain).mask, asap)
-    with pytest.warns(UserWarning, match=r"d\.json': 1 unclassified outline\(s\) taken as tumour beside outlines "
+    # an unclassified outline around a Necrosis one is tissue, likely: taken as tumour, warned about; QuPath's usual
+    # exports (a tissue outline around tumour ones, a thresholder's Region* around unclassified tumour) are not
+    with pytest.warns(UserWarning, match=r"d\.json': 1 unclassified outline\(s\) taken as tumour enclose outlines "
                       r"of other classes \(Necrosis\)"):  # fmt: skip
-        _truth(tmp_path / "d.json", [plain[0], _feature([_square(0, 0, 100, 100)], "Necrosis")])
+        _truth(tmp_path / "d.json", [plain[0], _feature([_square(200, 200, 300, 300)], "Necrosis")])
+    tissue = _feature([_square(0, 0, 1024, 1024)])
+    region = _feature([_square(0, 0, 1024, 1024)], "Region*")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        truth = _truth(tmp_path / "tissue.json", [tissue, _feature([_square(160, 160, 800, 800)], "Tumor")])
+        assert _probe(truth, (0, 0), (320, 320)) == [0, 1]
+        assert _probe(_truth(tmp_path / "region.json", [region, plain[0]]), (0, 0), (320, 320)) == [0, 1]
 
     def classified(square: list, classification: dict) -> dict:
         return {**_feature([square]), "properties": {"classification": classification}}
@@ -273,6 +282,19 @@ def test_qupath_geojson_outlines_read_as_the_same_ground_truth_as_asap_xml(tmp_p
     ]
     with pytest.warns(UserWarning, match="1 unclassified outline"):
         assert _probe(_truth(tmp_path / "named.geojson", named), (0, 0), (600, 600), (0, 600)) == [1, 0, 0]
+    # DSA (large_image) writes each element's shape as properties.type: outlines all the same; a class written as
+    # str(None) is no class (not the ASAP exclusion group "None"); Camelyon's one-word terms are tumour
+    dsa = [
+        {**_feature([_square(0, 0, 512, 512)]), "properties": {"type": "polyline", "label": {"value": "Tumor"}}},
+        {**_feature([_square(512, 512, 1024, 1024)]), "properties": {"type": "rectangle", "group": "Micrometastasis"}},
+        {**_feature([_square(0, 512, 512, 1024)]), "properties": {"classification": {"names": [None]}}},
+    ]
+    with pytest.warns(UserWarning, match=r"dsa\.geojson': 1 unclassified outline"):
+        assert _probe(_truth(tmp_path / "dsa.geojson", dsa), (0, 0), (600, 600), (0, 600)) == [1, 1, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        none = [classified(_square(0, 0, 512, 512), {"name": "None"})]
+        assert _probe(_truth(tmp_path / "none.geojson", none), (0, 0)) == [1]
 
 
 def test_tumour_class_names_are_told_from_their_negations_and_the_tissue_beside_tumour():
@@ -290,14 +312,18 @@ def test_tumour_class_names_are_told_from_their_negations_and_the_tissue_beside_
         assert is_tumour_class(name), name
     for name in ("Non-tumour", "Tumour-free", "Tumor free area", "Non-tumor tissue", "Benign lesion", "Benign tumour",
                  "Tumor stroma", "Tumor-associated stroma", "Peritumoral stroma", "Tumour-infiltrating lymphocytes",
-                 "Stroma", "Necrosis", "Positive", "Region*", "Other"):  # fmt: skip
+                 "Stroma", "Necrosis", "Positive", "Region*", "Other", "No tumour", "Adenoma",
+                 "Necrotic tumour"):  # fmt: skip
         assert not is_tumour_class(name), name
 
 
 def test_geojson_that_is_not_usable_names_the_file_and_feature_and_a_file_without_tumour_is_warned(tmp_path):
     """Not JSON, JSON that is not GeoJSON (DSA's annotation documents), a coordinate that is not a number of level-0
     pixels: errors naming the file (and the feature) and the fix; no tumour outline (none classified so, or only
-    points and detections, or none at all) and outlines outside the slide: warnings naming the file."""
+    points and detections, or none at all, unless the slide is of class 0) and outlines outside the slide: warnings
+    naming the file."""
+    import warnings
+
     from monai_icmil.data.annotations import GroundTruth
 
     (tmp_path / "broken.geojson").write_text("{not json")
@@ -306,7 +332,7 @@ def test_geojson_that_is_not_usable_names_the_file_and_feature_and_a_file_withou
     with pytest.raises(ValueError, match=r"dsa\.json' is JSON but not GeoJSON .*DSA/Girder"):
         _truth(tmp_path / "dsa.json", [{"annotation": {"name": "t", "elements": [{"type": "polyline"}]}}])
     bad = [_feature([_square(0, 0, 10, 10)], "Tumor"), {**_feature([[[0, 0], ["x", 1], [5, 5]]], "Tumor"), "id": "u2"}]
-    with pytest.raises(ValueError, match=r"bad\.geojson', feature 1 id u2: a Polygon coordinate is not an \[x, y\]"):
+    with pytest.raises(ValueError, match=r"bad\.geojson', feature 1 id u2: a Polygon's coordinates are not rings"):
         _truth(tmp_path / "bad.geojson", bad)
     with pytest.raises(ValueError, match=r"huge\.geojson', feature 0: .*beyond 1e\+08"):
         _truth(tmp_path / "huge.geojson", [_feature([_square(0, 0, 1e12, 1e12)], "Tumor")])
@@ -326,5 +352,11 @@ def test_geojson_that_is_not_usable_names_the_file_and_feature_and_a_file_withou
     ):
         with pytest.warns(UserWarning, match=rf"{name}\.geojson': {why}"):
             assert not _truth(tmp_path / f"{name}.geojson", features).mask.any()
+        with warnings.catch_warnings():  # a normal slide's: as expected
+            warnings.simplefilter("error")
+            assert not GroundTruth(tmp_path / f"{name}.geojson", (1024, 1024), label=0).mask.any()
+    for coordinates in ([[[0], [5], [9]]], 7):
+        with pytest.raises(ValueError, match=r"ring\.geojson', feature 0: a MultiPolygon's coordinates are not rings"):
+            _truth(tmp_path / "ring.geojson", _feature(coordinates, "Tumor", kind="MultiPolygon"))
     with pytest.warns(UserWarning, match=r"out\.geojson': 1 of its 2 outlines lie mostly outside the slide"):
         _truth(tmp_path / "out.geojson", [_feature([_square(0, 0, 99, 99)]), _feature([_square(5000, 0, 6000, 99)])])

@@ -20,6 +20,7 @@ import re
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,9 +33,15 @@ EXCLUSION_GROUPS = ("_2", "exclusion", "exclude", "none", "ignore", "ignore*")
 #: Camelyon16's tumour groups, as classes of its annotations converted to GeoJSON
 CAMELYON_TUMOUR_GROUPS = ("_0", "_1")
 
-#: QuPath object types that are outlines drawn by a person (``objectType``; in QuPath 0.2's export the ``id``): any
-#: other (detections, cells, tiles, TMA cores) is skipped
-OUTLINE_TYPES = ("annotation", "pathannotationobject")
+#: QuPath object types that are not outlines drawn by a person (``objectType`` or ``object_type``; in QuPath 0.2's
+#: export the ``id``), compared in lower case: skipped. Any other type is an outline (DSA writes ``"polyline"``)
+NOT_OUTLINE_TYPES = (
+    "detection", "cell", "tile", "tmacore", "tma_core", "root",
+    "pathdetectionobject", "pathcellobject", "pathtileobject", "tmacoreobject", "pathrootobject",
+)  # fmt: skip
+
+#: GeoJSON class names that mean no class (a converter's ``str(None)``, QuPath's "Unclassified")
+NO_CLASS = ("none", "null", "unclassified")
 
 #: a coordinate beyond this (level-0 pixels) is no slide's: the file is refused
 MAX_COORDINATE = 1e8
@@ -118,24 +125,33 @@ def _geojson_features(data: object, path: str | os.PathLike) -> list[dict]:
 
 
 def _geometry_rings(geometry: object, where: str) -> tuple[list[Rings], int]:
-    """``([[exterior, *holes]], how many parts without area)`` of a GeoJSON geometry: its polygons (one whose
-    exterior has under 3 points is left out), and its points and lines (no area) counted."""
+    """``([[exterior, *holes]], how many parts without area)`` of a GeoJSON geometry: its polygons, and its points,
+    lines and polygons whose exterior has under 3 points counted (a hole of under 3 points is dropped).
+
+    Raises:
+        ValueError: coordinates that are not ``[x, y]`` pairs of level-0 pixels (names ``where``).
+    """
     if not isinstance(geometry, dict):
         return [], 1
     kind = geometry.get("type")
     if kind == "GeometryCollection":
         parts = [_geometry_rings(g, where) for g in geometry.get("geometries") or []]
         return [rings for found, _ in parts for rings in found], sum(n for _, n in parts)
-    polygons = {"Polygon": [geometry.get("coordinates")], "MultiPolygon": geometry.get("coordinates")}.get(kind)
+    coordinates = geometry.get("coordinates")
+    polygons = {"Polygon": [coordinates], "MultiPolygon": coordinates}.get(kind)
     if polygons is None:
         return [], 1
-    out = []
-    for polygon in polygons or []:
+    out, flat = [], 0
+    for polygon in polygons if isinstance(polygons, list) else [polygons]:
         try:
-            rings = [np.asarray(ring, dtype=np.float64)[:, :2] for ring in polygon]
-        except (TypeError, ValueError, IndexError):
+            rings = [np.asarray(ring, dtype=np.float64) for ring in polygon or []]
+            if not all(r.ndim == 2 and r.shape[1] >= 2 for r in rings):
+                raise ValueError
+            rings = [r[:, :2] for r in rings]
+        except (TypeError, ValueError):
             raise ValueError(
-                f"{where}: a {kind} coordinate is not an [x, y] pair of numbers; re-export the annotations as GeoJSON"
+                f"{where}: a {kind}'s coordinates are not rings of [x, y] pairs of numbers; re-export the annotations "
+                "as GeoJSON"
             ) from None
         if not all(np.isfinite(r).all() and np.abs(r).max(initial=0) <= MAX_COORDINATE for r in rings):
             raise ValueError(
@@ -144,7 +160,9 @@ def _geometry_rings(geometry: object, where: str) -> tuple[list[Rings], int]:
             )
         if rings and len(rings[0]) >= 3:
             out.append([rings[0]] + [r for r in rings[1:] if len(r) >= 3])
-    return out, 0
+        else:
+            flat += 1
+    return out, flat
 
 
 def _class_of(feature: dict, props: dict) -> str:
@@ -155,16 +173,19 @@ def _class_of(feature: dict, props: dict) -> str:
 
     cls = props.get("classification")
     if isinstance(cls, dict) and isinstance(cls.get("names"), list):
-        return ": ".join(str(n).strip() for n in cls["names"] if str(n).strip())
+        named = ": ".join(n.strip() for n in cls["names"] if isinstance(n, str) and n.strip())
+        return "" if named.lower() in NO_CLASS else named
     chain: list[str] = []
     while isinstance(cls, dict) and len(chain) < 16:
-        chain.insert(0, str(cls.get("name") or "").strip())
+        name = cls.get("name")
+        chain.insert(0, name.strip() if isinstance(name, str) else "")
         cls = cls.get("parentClass")
-    if chain or isinstance(cls, str):
-        return ": ".join(n for n in chain if n) if chain else cls.strip()
+    named = ": ".join(n for n in chain if n) if chain else cls.strip() if isinstance(cls, str) else ""
+    if named:
+        return "" if named.lower() in NO_CLASS else named
     label = props.get("label")
     for name in (props.get("name"), label.get("value") if isinstance(label, dict) else None, props.get("group")):
-        if isinstance(name, str) and name.strip():
+        if isinstance(name, str) and name.strip() and name.strip().lower() not in NO_CLASS:
             words = set(re.findall(r"[a-z]+", name.lower()))
             if _category(name) != "other" or is_negative_label(name) or words & NOT_TUMOUR_WORDS:
                 return name.strip()
@@ -190,16 +211,21 @@ def _describe(i: int, feature: dict, props: dict) -> str:
     return " ".join(bits)
 
 
-def read_geojson_polygons(path: str | os.PathLike) -> list[tuple[str, Rings]]:
+def read_geojson_polygons(path: str | os.PathLike, expect_tumour: bool = True) -> list[tuple[str, Rings]]:
     """``[(group, [exterior, *holes])]`` of the tumour and exclusion outlines of a GeoJSON annotation file (level-0
     pixel coordinates, as QuPath exports them); group is the outline's class, ``"tumour"`` for an unclassified one.
 
     Outlines classified as tumour (:func:`~monai_icmil.data.datalist.is_tumour_class`, or Camelyon16's ``_0`` and
     ``_1``) are tumour, those of :data:`EXCLUSION_GROUPS` are cut out, other classes are left out; unclassified
     outlines are tumour where no outline of the file is classified as tumour. Objects that are not outlines
-    (QuPath's detections, cells, tiles, TMA cores) and points and lines are skipped. Warned about, naming the file:
-    no tumour outline (the slide reads as tumour-free), unclassified outlines taken as tumour beside outlines of
-    other classes, or left out beside tumour ones.
+    (:data:`NOT_OUTLINE_TYPES`: QuPath's detections, cells, tiles, TMA cores) and points and lines are skipped.
+    Warned about, naming the file: no tumour outline where ``expect_tumour`` (the slide reads as tumour-free);
+    unclassified outlines taken as tumour that enclose outlines of other classes (tissue outlines, likely), or left
+    out beside tumour ones while no larger than them (tumour outlines left unclassified, likely).
+
+    Args:
+        path: the GeoJSON file.
+        expect_tumour: whether its slide should have tumour (``False`` for a slide of class 0: no warning then).
 
     Raises:
         ValueError: the file is not JSON or not GeoJSON, or a coordinate is not a number of level-0 pixels (names the
@@ -215,7 +241,7 @@ def read_geojson_polygons(path: str | os.PathLike) -> list[tuple[str, Rings]]:
         kind = props.get("objectType") or props.get("object_type") or props.get("type")
         if not kind and isinstance(feature.get("id"), str) and feature["id"].lower().endswith("object"):
             kind = feature["id"]  # QuPath 0.2: "PathAnnotationObject", "PathDetectionObject", ...
-        if str(kind or "annotation").lower() not in OUTLINE_TYPES:
+        if str(kind or "annotation").lower() in NOT_OUTLINE_TYPES:
             skipped["not outlines"] += 1
             continue
         found, flat = _geometry_rings(feature.get("geometry"), f"annotation '{path}', {_describe(i, feature, props)}")
@@ -228,35 +254,52 @@ def read_geojson_polygons(path: str | os.PathLike) -> list[tuple[str, Rings]]:
         for (name, rings), c in zip(outlines, categories)
         if c in ("tumour", "exclusion") or (c == "unclassified" and not classified_tumour)
     ]
-    _warn_outlines(path, outlines, categories, skipped)
+    _warn_outlines(path, outlines, categories, skipped, expect_tumour)
     return kept
 
 
-def _warn_outlines(path: str | os.PathLike, outlines: list, categories: list[str], skipped: dict[str, int]) -> None:
+def _box(rings: Rings) -> np.ndarray:
+    """An outline's bounding box ``[x0, y0, x1, y1]``."""
+    return np.concatenate([rings[0].min(0), rings[0].max(0)])
+
+
+def _warn_outlines(
+    path: str | os.PathLike, outlines: list, categories: list[str], skipped: dict[str, int], expect_tumour: bool
+) -> None:
     """Warn where a GeoJSON file's outlines may not mean what :func:`read_geojson_polygons` takes them for."""
     others = sorted({name for (name, _), c in zip(outlines, categories) if c == "other"})
-    unclassified = categories.count("unclassified")
+    boxes = {c: [_box(r) for (_, r), k in zip(outlines, categories) if k == c] for c in ("tumour", "unclassified")}
+    other_boxes = [_box(r) for (_, r), k in zip(outlines, categories) if k == "other"]
+    area = [float(np.prod(b[2:] - b[:2])) for b in boxes["tumour"]]
     skips = ", ".join(f"{n} {what}" for what, n in skipped.items() if n)
-    if "tumour" not in categories and not unclassified:
+    if "tumour" not in categories and "unclassified" not in categories:
+        if not expect_tumour:
+            return
         warnings.warn(
             f"annotation '{path}': none of its {len(outlines)} outlines is tumour (classes: {', '.join(others) or '-'}"
             f"{'; skipped: ' + skips if skips else ''}), so its slide reads as tumour-free; classify the tumour "
             "outlines with a tumour word (e.g. 'Tumor') or leave them unclassified",
             stacklevel=3,
         )
-    elif unclassified and "tumour" in categories:
-        warnings.warn(
-            f"annotation '{path}': {unclassified} unclassified outline(s) left out beside outlines classified as "
-            "tumour; classify them if they are tumour",
-            stacklevel=3,
+    elif area:  # unclassified outlines no larger than the largest tumour one: tumour left unclassified, likely
+        small = sum(float(np.prod(b[2:] - b[:2])) <= max(area) for b in boxes["unclassified"])
+        if small:
+            warnings.warn(
+                f"annotation '{path}': {small} unclassified outline(s), no larger than its tumour outlines, left out "
+                "beside outlines classified as tumour; classify them if they are tumour",
+                stacklevel=3,
+            )
+    else:  # unclassified outlines taken as tumour that enclose outlines of other classes: tissue outlines, likely
+        enclosing = sum(
+            any((u[:2] <= o[:2]).all() and (o[2:] <= u[2:]).all() for o in other_boxes) for u in boxes["unclassified"]
         )
-    elif unclassified and others:
-        warnings.warn(
-            f"annotation '{path}': {unclassified} unclassified outline(s) taken as tumour beside outlines of other "
-            f"classes ({', '.join(others)}); if they outline tissue rather than tumour, classify the tumour ones "
-            "(e.g. 'Tumor')",
-            stacklevel=3,
-        )
+        if enclosing:
+            warnings.warn(
+                f"annotation '{path}': {enclosing} unclassified outline(s) taken as tumour enclose outlines of other "
+                f"classes ({', '.join(others)}); if they outline tissue rather than tumour, classify the tumour ones "
+                "(e.g. 'Tumor')",
+                stacklevel=3,
+            )
 
 
 class GroundTruth:
@@ -267,12 +310,19 @@ class GroundTruth:
             a slide without tumour).
         dimensions: the slide's level-0 ``(width, height)``.
         xml_downsample: the scale XML and GeoJSON polygons are rasterised at.
+        label: the slide's class, where known: a GeoJSON file without tumour outlines is warned about unless it is 0.
 
     Attributes:
         mask: boolean ``[h, w]``; ``downsample``: level-0 pixels per mask pixel.
     """
 
-    def __init__(self, path: str | os.PathLike | None, dimensions: tuple[int, int], xml_downsample: float = 16.0):
+    def __init__(
+        self,
+        path: str | os.PathLike | None,
+        dimensions: tuple[int, int],
+        xml_downsample: float = 16.0,
+        label: Any = None,
+    ):
         width, height = int(dimensions[0]), int(dimensions[1])
         if path is None:
             self.downsample = float(xml_downsample)
@@ -280,9 +330,11 @@ class GroundTruth:
                 (max(1, round(height / self.downsample)), max(1, round(width / self.downsample))), bool
             )
         elif Path(path).suffix.lower() in (".xml", ".geojson", ".json"):
-            read = read_xml_polygons if Path(path).suffix.lower() == ".xml" else read_geojson_polygons
             self.downsample = float(xml_downsample)
-            polygons = read(path)
+            if Path(path).suffix.lower() == ".xml":
+                polygons = read_xml_polygons(path)
+            else:
+                polygons = read_geojson_polygons(path, expect_tumour=label != 0)
             _warn_outside(path, polygons, width, height)
             self.mask = _rasterise(polygons, width, height, self.downsample)
         else:
@@ -347,13 +399,26 @@ def _rasterise(
     polygons: list[tuple[str, np.ndarray | Rings]], width: int, height: int, downsample: float
 ) -> np.ndarray:
     """The union of the tumour polygons (each its exterior less its holes, its rings after the first) less the union
-    of the exclusion polygons (likewise), at ``1 / downsample`` of level 0."""
-    size = (max(1, round(height / downsample)), max(1, round(width / downsample)))
-    tumour, excluded = np.zeros(size, bool), np.zeros(size, bool)
+    of the exclusion polygons (likewise; an exclusion's holes are not tumour again), at ``1 / downsample`` of level
+    0. Outlines without holes (every ASAP one) are drawn straight onto the canvas, those with holes each on a canvas
+    of its own bounding box (so that its holes cut no other outline)."""
+    from PIL import Image, ImageDraw
+
+    size = (max(1, round(width / downsample)), max(1, round(height / downsample)))
+    canvases = {True: Image.new("L", size, 0), False: Image.new("L", size, 0)}  # excluded, tumour
+    draws = {k: ImageDraw.Draw(c) for k, c in canvases.items()}
+    holed = []
     for group, rings in polygons:
         rings = [rings] if isinstance(rings, np.ndarray) else rings
-        _fill(excluded if group.lower() in EXCLUSION_GROUPS else tumour, [r / downsample for r in rings])
-    return tumour & ~excluded
+        excluded = group.lower() in EXCLUSION_GROUPS
+        if len(rings) == 1:
+            draws[excluded].polygon([tuple(p) for p in (rings[0] / downsample).tolist()], fill=255)
+        else:
+            holed.append((excluded, [r / downsample for r in rings]))
+    masks = {k: np.asarray(c) > 127 for k, c in canvases.items()}
+    for excluded, rings in holed:
+        _fill(masks[excluded], rings)
+    return masks[False] & ~masks[True]
 
 
 def _fill(canvas: np.ndarray, rings: Rings) -> None:

@@ -289,19 +289,27 @@ def _listed_negative(name: str) -> bool:
 #: words that make a name holding a tumour word name something else: negations, benign forms, tissue beside tumour
 NOT_TUMOUR_WORDS = frozenset(
     (
-        "non", "no", "not", "without", "free", "benign", "normal", "healthy", "stroma", "stromal", "lymphocyte",
+        "non", "not", "without", "free", "benign", "normal", "healthy", "stroma", "stromal", "lymphocyte",
         "lymphocytes", "infiltrating", "associated", "adjacent", "surrounding", "immune", "necrosis", "necrotic",
     )
 )  # fmt: skip
-_TUMOUR_TOKEN = re.compile(rf"[a-z]*carcinomas?|{_TUMOUR_WORDS}")
+#: a word naming tumour in a class name: the tumour words, compounds (``Micrometastasis``, ``Adenocarcinoma``,
+#: ``Tumorous``), malignant ``-oma`` names and in-situ / invasive carcinoma abbreviations
+_TUMOUR_TOKEN = re.compile(
+    rf"(micro|macro)?{_TUMOUR_WORDS}|tumou?rous|cancerous|[a-z]*(carcin|blast|sarc)omas?|"
+    r"(melan|lymph|gli|mesotheli|myel|semin)omas?|dcis|idc|ilc|lcis"
+)
 
 
 def is_tumour_class(name: str) -> bool:
-    """Whether a class name (an annotation's, say) names tumour: it holds a tumour word (``Tumor``, ``Metastases``,
-    ``Adenocarcinoma``, ``Malignant``, ``Tumor: Positive``) and none of :data:`NOT_TUMOUR_WORDS` (not ``Non-tumour``,
-    ``Tumour-free``, ``Benign lesion``, ``Tumor stroma``, ``Tumour-infiltrating lymphocytes``)."""
+    """Whether a class name (an annotation's, say) names tumour: it holds a tumour word (``Tumor``, ``Cancer``,
+    ``Malignant``, ``Metastases`` and ``Micrometastasis``, ``Adenocarcinoma``, ``Neoplasm``, ``Lesion``, ``Disease``,
+    ``Melanoma``, ``DCIS``; ``Tumor: Positive``), is not a negated one (``No tumour``, ``Non-tumour``,
+    ``Tumour-free``: :func:`is_negative_label`) and holds none of :data:`NOT_TUMOUR_WORDS` (not ``Benign lesion``,
+    ``Tumor stroma``, ``Tumour-infiltrating lymphocytes``, ``Necrotic tumour``)."""
     words = re.findall(r"[a-z]+", name.lower())
-    return any(_TUMOUR_TOKEN.fullmatch(w) for w in words) and not NOT_TUMOUR_WORDS.intersection(words)
+    tumour = any(_TUMOUR_TOKEN.fullmatch(w) for w in words)
+    return tumour and not NOT_TUMOUR_WORDS.intersection(words) and not is_negative_label(name)
 
 
 def is_negative_label(name: str) -> bool:

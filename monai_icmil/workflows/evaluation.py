@@ -57,7 +57,7 @@ def teacher_patch_scores(
         if mask is None and entry.get("label") != 0:
             continue
         footprint = float(coords.metadata(bag["slide_id"])["footprint"])
-        truth = GroundTruth(mask, get_slide(entry["image"], backend).dimensions)
+        truth = GroundTruth(mask, get_slide(entry["image"], backend).dimensions, label=entry.get("label"))
         fractions.append(truth.patch_fraction(bag["coords"].numpy(), footprint))
         scores.append(torch.softmax(net.instance_logits(bag["features"].float()), -1)[:, -1].numpy())
     return scores, fractions
