@@ -52,10 +52,14 @@ def test_lesion_annotations_become_ground_truth_masks(tmp_path):
     from monai_icmil.data.annotations import GroundTruth
 
     _fake_tree(tmp_path)
+    outline = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [9, 0], [9, 9]]]}}
+    for name in ("tumor_001", "tumor_002"):  # a GeoJSON beside the XML: the XML
+        (tmp_path / "training" / "tumor" / f"{name}.geojson").write_text(json.dumps(outline))
     dl = load_datalist(build_camelyon16_datalist(tmp_path, val_fraction=0.2, seed=1))
     entries = {e["slide_id"]: e for split in dl.values() for e in split}
     assert entries["tumor_001"]["tumour_mask"] == str(tmp_path / "training" / "lesion_annotations" / "tumor_001.xml")
-    assert "tumour_mask" not in entries["tumor_002"]
+    assert "tumour_mask" not in entries["tumor_003"]
+    assert entries["tumor_002"]["tumour_mask"] == str(tmp_path / "training" / "tumor" / "tumor_002.geojson")
     truth = GroundTruth(entries["tumor_001"]["tumour_mask"], (1024, 1024))
     assert truth.mask.shape == (64, 64) and truth.downsample == 16
     coords = np.array([[160, 160], [320, 320], [640, 640], [832, 832], [160, 480]])

@@ -11,8 +11,9 @@ Expected under the data root (the layout of the challenge's release)::
 Slides found elsewhere under the root are placed by their name (``tumor_*``, ``normal_*``, ``test_*``). A stratified,
 seeded part of the training slides becomes the validation split (the challenge has none). A slide's lesion annotation
 (``training/lesion_annotations/tumor_001.xml``, ``testing/lesion_annotations/test_001.xml``, or ``<name>.xml``
-anywhere under the root) becomes its ``tumour_mask``, so the workflow measures each round's instance teacher
-against the pathologists' outlines (:mod:`monai_icmil.data.annotations`).
+anywhere under the root; else ``<name>.geojson``, as converted or redrawn in QuPath) becomes its ``tumour_mask``, so
+the workflow measures each round's instance teacher against the pathologists' outlines
+(:mod:`monai_icmil.data.annotations`).
 """
 
 from __future__ import annotations
@@ -78,7 +79,12 @@ def build_camelyon16_datalist(
     if not found:
         raise FileNotFoundError(f"no Camelyon16 slides (tumor_*, normal_*, test_* {suffixes}) under '{root}'")
     refs = _reference_labels(root)
-    xmls = {p.stem.lower(): p for p in sorted(root.rglob("*.xml")) if _NAME.match(p.stem)}
+    xmls = {  # the XML where both an XML and a GeoJSON outline a slide
+        p.stem.lower(): p
+        for suffix in ("*.geojson", "*.xml")
+        for p in sorted(root.rglob(suffix))
+        if _NAME.match(p.stem)
+    }
     training: list[dict[str, Any]] = []
     test: list[dict[str, Any]] = []
     unlabelled = []
