@@ -267,10 +267,11 @@ def test_qupath_geojson_outlines_read_as_the_same_ground_truth_as_asap_xml(tmp_p
         classified(_square(0, 0, 512, 512), {"names": ["Tumor", "Positive"]}),  # QuPath 0.4+
         classified(_square(512, 512, 1024, 1024), {"names": ["Stroma", "Positive"]}),
         classified(_square(0, 512, 512, 1024), {"name": "Positive", "parentClass": {"name": "Tumor"}}),  # 0.2-0.3
+        classified(_square(512, 0, 1024, 512), {"name": "Positive", "parentClass": "Tumor"}),
     ]
     truth = _truth(tmp_path / "derived.geojson", derived)
-    assert _probe(truth, (0, 0), (600, 600), (0, 600)) == [1.0, 0.0, 1.0]
-    assert [g for g, _ in read_geojson_polygons(tmp_path / "derived.geojson")] == ["Tumor: Positive"] * 2
+    assert _probe(truth, (0, 0), (600, 600), (0, 600), (600, 0)) == [1.0, 0.0, 1.0, 1.0]
+    assert [g for g, _ in read_geojson_polygons(tmp_path / "derived.geojson")] == ["Tumor: Positive"] * 3
 
     # an island inside a hole, listed first, and a tumour outline overlapped by another's hole both stay tumour
     multi = _feature([[_square(384, 384, 512, 512)], [_square(160, 160, 960, 960), _square(320, 320, 640, 640)]],
@@ -362,5 +363,8 @@ def test_geojson_that_is_not_usable_names_the_file_and_feature_and_a_file_withou
     for coordinates in ([[[0], [5], [9]]], 7):
         with pytest.raises(ValueError, match=r"ring\.geojson', feature 0: a MultiPolygon's coordinates are not rings"):
             _truth(tmp_path / "ring.geojson", _feature(coordinates, "Tumor", kind="MultiPolygon"))
+    nuclei = [_feature([_square(x, y, x + 20, y + 20)], "Neoplastic") for x in range(0, 1000, 40) for y in (0, 100)]
+    with pytest.warns(UserWarning, match=r"nuclei\.geojson': 50 of its 50 tumour outlines are under 32 level-0 pixels"):
+        _truth(tmp_path / "nuclei.geojson", nuclei)
     with pytest.warns(UserWarning, match=r"out\.geojson': 1 of its 2 outlines lie mostly outside the slide"):
         _truth(tmp_path / "out.geojson", [_feature([_square(0, 0, 99, 99)]), _feature([_square(5000, 0, 6000, 99)])])

@@ -180,6 +180,8 @@ def _class_of(feature: dict, props: dict) -> str:
         name = cls.get("name")
         chain.insert(0, name.strip() if isinstance(name, str) else "")
         cls = cls.get("parentClass")
+        if isinstance(cls, str):  # a parent named by a string
+            chain.insert(0, cls.strip())
     named = ": ".join(n for n in chain if n) if chain else cls.strip() if isinstance(cls, str) else ""
     if named:
         return "" if named.lower() in NO_CLASS else named
@@ -335,7 +337,7 @@ class GroundTruth:
                 polygons = read_xml_polygons(path)
             else:
                 polygons = read_geojson_polygons(path, expect_tumour=label != 0)
-            _warn_outside(path, polygons, width, height)
+            _warn_geometry(path, polygons, width, height, self.downsample)
             self.mask = _rasterise(polygons, width, height, self.downsample)
         else:
             self.mask = read_mask_image(path)
@@ -377,20 +379,33 @@ def read_mask_image(path: str | os.PathLike) -> np.ndarray:
     return values > 127 if values.max(initial=0) > 127 else values > 0
 
 
-def _warn_outside(path: str | os.PathLike, polygons: list[tuple[str, np.ndarray | Rings]], width: int, height: int):
+def _warn_geometry(
+    path: str | os.PathLike, polygons: list[tuple[str, np.ndarray | Rings]], width: int, height: int, downsample: float
+) -> None:
     """Warn where outlines lie mostly outside the slide (other coordinates than level-0 pixels: another level's,
-    (y, x) order, y pointing up)."""
-    outside = 0
-    for _, rings in polygons:
+    (y, x) order, y pointing up), or where most tumour outlines are under two mask pixels across (cell nuclei from a
+    segmentation converted to GeoJSON, likely: not regions a mask can be drawn from)."""
+    outside, tiny, tumour = 0, 0, 0
+    for group, rings in polygons:
         ring = rings if isinstance(rings, np.ndarray) else rings[0]
         (x0, y0), (x1, y1) = ring.min(0), ring.max(0)
         area = max(x1 - x0, 1.0) * max(y1 - y0, 1.0)
         inside = max(min(x1, width) - max(x0, 0), 0) * max(min(y1, height) - max(y0, 0), 0)
         outside += inside < 0.5 * area
+        if group.lower() not in EXCLUSION_GROUPS:
+            tumour += 1
+            tiny += max(x1 - x0, y1 - y0) < 2 * downsample
     if outside:
         warnings.warn(
             f"annotation '{path}': {outside} of its {len(polygons)} outlines lie mostly outside the slide "
             f"({width} x {height}): the coordinates must be level-0 pixels, x then y, y pointing down",
+            stacklevel=3,
+        )
+    if tiny >= 20 and tiny > tumour / 2:
+        warnings.warn(
+            f"annotation '{path}': {tiny} of its {tumour} tumour outlines are under {2 * downsample:.0f} level-0 "
+            "pixels across (cell nuclei?): ground truth needs region outlines (QuPath annotations, not detections); "
+            "a nucleus segmentation's classes are not a tumour mask",
             stacklevel=3,
         )
 
