@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -169,27 +168,23 @@ def _class_of(feature: dict, props: dict) -> str:
     """A feature's class: QuPath's classification (``{"name"}``; a derived class as ``{"names": [...]}`` (0.4+) or
     ``{"name", "parentClass"}`` (0.2-0.3), joined ``"Tumor: Positive"``), else its ``name``, DSA's ``label.value`` or
     ``group`` where that names tumour, an exclusion or a tissue that is not tumour; else ``""``."""
-    from monai_icmil.data.datalist import NOT_TUMOUR_WORDS, is_negative_label  # (datalist imports torch)
+    from monai_icmil.data.datalist import is_not_tumour_class  # (datalist imports torch)
 
     cls = props.get("classification")
+    parts: list = []
     if isinstance(cls, dict) and isinstance(cls.get("names"), list):
-        named = ": ".join(n.strip() for n in cls["names"] if isinstance(n, str) and n.strip())
-        return "" if named.lower() in NO_CLASS else named
-    chain: list[str] = []
-    while isinstance(cls, dict) and len(chain) < 16:
-        name = cls.get("name")
-        chain.insert(0, name.strip() if isinstance(name, str) else "")
-        cls = cls.get("parentClass")
-        if isinstance(cls, str):  # a parent named by a string
-            chain.insert(0, cls.strip())
-    named = ": ".join(n for n in chain if n) if chain else cls.strip() if isinstance(cls, str) else ""
+        parts = list(cls["names"])
+    else:
+        while isinstance(cls, (dict, str)) and len(parts) < 16:  # a class, then its parents (a string names the last)
+            parts.insert(0, cls if isinstance(cls, str) else cls.get("name"))
+            cls = cls.get("parentClass") if isinstance(cls, dict) else None
+    named = ": ".join(n.strip() for n in parts if isinstance(n, str) and n.strip())
     if named:
         return "" if named.lower() in NO_CLASS else named
     label = props.get("label")
     for name in (props.get("name"), label.get("value") if isinstance(label, dict) else None, props.get("group")):
         if isinstance(name, str) and name.strip() and name.strip().lower() not in NO_CLASS:
-            words = set(re.findall(r"[a-z]+", name.lower()))
-            if _category(name) != "other" or is_negative_label(name) or words & NOT_TUMOUR_WORDS:
+            if _category(name) != "other" or is_not_tumour_class(name):
                 return name.strip()
     return ""
 
@@ -260,9 +255,15 @@ def read_geojson_polygons(path: str | os.PathLike, expect_tumour: bool = True) -
     return kept
 
 
-def _box(rings: Rings) -> np.ndarray:
-    """An outline's bounding box ``[x0, y0, x1, y1]``."""
-    return np.concatenate([rings[0].min(0), rings[0].max(0)])
+def _box(rings: np.ndarray | Rings) -> np.ndarray:
+    """An outline's bounding box ``[x0, y0, x1, y1]`` (its exterior ring's)."""
+    ring = rings if isinstance(rings, np.ndarray) else rings[0]
+    return np.concatenate([ring.min(0), ring.max(0)])
+
+
+def _box_area(box: np.ndarray) -> float:
+    """A bounding box's area (at least 1 x 1)."""
+    return float(np.prod(np.maximum(box[2:] - box[:2], 1.0)))
 
 
 def _warn_outlines(
@@ -272,7 +273,7 @@ def _warn_outlines(
     others = sorted({name for (name, _), c in zip(outlines, categories) if c == "other"})
     boxes = {c: [_box(r) for (_, r), k in zip(outlines, categories) if k == c] for c in ("tumour", "unclassified")}
     other_boxes = [_box(r) for (_, r), k in zip(outlines, categories) if k == "other"]
-    area = [float(np.prod(b[2:] - b[:2])) for b in boxes["tumour"]]
+    area = [_box_area(b) for b in boxes["tumour"]]
     skips = ", ".join(f"{n} {what}" for what, n in skipped.items() if n)
     if "tumour" not in categories and "unclassified" not in categories:
         if not expect_tumour:
@@ -284,7 +285,7 @@ def _warn_outlines(
             stacklevel=3,
         )
     elif area:  # unclassified outlines no larger than the largest tumour one: tumour left unclassified, likely
-        small = sum(float(np.prod(b[2:] - b[:2])) <= max(area) for b in boxes["unclassified"])
+        small = sum(_box_area(b) <= max(area) for b in boxes["unclassified"])
         if small:
             warnings.warn(
                 f"annotation '{path}': {small} unclassified outline(s), no larger than its tumour outlines, left out "
@@ -387,11 +388,10 @@ def _warn_geometry(
     segmentation converted to GeoJSON, likely: not regions a mask can be drawn from)."""
     outside, tiny, tumour = 0, 0, 0
     for group, rings in polygons:
-        ring = rings if isinstance(rings, np.ndarray) else rings[0]
-        (x0, y0), (x1, y1) = ring.min(0), ring.max(0)
-        area = max(x1 - x0, 1.0) * max(y1 - y0, 1.0)
+        box = _box(rings)
+        x0, y0, x1, y1 = box
         inside = max(min(x1, width) - max(x0, 0), 0) * max(min(y1, height) - max(y0, 0), 0)
-        outside += inside < 0.5 * area
+        outside += inside < 0.5 * _box_area(box)
         if group.lower() not in EXCLUSION_GROUPS:
             tumour += 1
             tiny += max(x1 - x0, y1 - y0) < 2 * downsample

@@ -301,15 +301,20 @@ _TUMOUR_TOKEN = re.compile(
 )
 
 
+def is_not_tumour_class(name: str) -> bool:
+    """Whether a class name names something that is not tumour: a negative label (:func:`is_negative_label`:
+    ``Normal``, ``No tumour``, ``Non-tumour``) or a name holding one of :data:`NOT_TUMOUR_WORDS` (``Stroma``,
+    ``Benign lesion``, ``Tumor stroma``, ``Tumour-infiltrating lymphocytes``, ``Necrotic tumour``)."""
+    return is_negative_label(name) or bool(NOT_TUMOUR_WORDS.intersection(re.findall(r"[a-z]+", name.lower())))
+
+
 def is_tumour_class(name: str) -> bool:
     """Whether a class name (an annotation's, say) names tumour: it holds a tumour word (``Tumor``, ``Cancer``,
     ``Malignant``, ``Metastases`` and ``Micrometastasis``, ``Adenocarcinoma``, ``Neoplasm``, ``Lesion``, ``Disease``,
-    ``Melanoma``, ``DCIS``; ``Tumor: Positive``), is not a negated one (``No tumour``, ``Non-tumour``,
-    ``Tumour-free``: :func:`is_negative_label`) and holds none of :data:`NOT_TUMOUR_WORDS` (not ``Benign lesion``,
-    ``Tumor stroma``, ``Tumour-infiltrating lymphocytes``, ``Necrotic tumour``)."""
-    words = re.findall(r"[a-z]+", name.lower())
-    tumour = any(_TUMOUR_TOKEN.fullmatch(w) for w in words)
-    return tumour and not NOT_TUMOUR_WORDS.intersection(words) and not is_negative_label(name)
+    ``Melanoma``, ``DCIS``; ``Tumor: Positive``) and is not a class that is not tumour (:func:`is_not_tumour_class`:
+    not ``Non-tumour``, ``Benign lesion``, ``Tumor stroma``)."""
+    tumour = any(_TUMOUR_TOKEN.fullmatch(w) for w in re.findall(r"[a-z]+", name.lower()))
+    return tumour and not is_not_tumour_class(name)
 
 
 def is_negative_label(name: str) -> bool:

@@ -211,10 +211,12 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
             props.update(samples=int(page.samplesperpixel), jfif_rgb=_jfif_tagged_rgb(page))
             props.update(photometric=int(page.photometric), compression=int(page.compression))
             props.update(sample_format=int(page.sampleformat), orientation=_tag_value(page, "Orientation", 1))
-            top = _tag_value(page, "MaxSampleValue", 0) if page.dtype == np.uint16 else 0
-            if page.dtype == np.uint16 and not top:  # undeclared: the range the data use (12-bit cameras)
-                top, props["range_note"] = _measured_bit_range(tif)
-            props["max_sample"] = top if 0 < top < 65535 else None  # 12-bit data, say, in 16-bit samples
+            top = 0
+            if page.dtype == np.uint16:  # 12-bit data, say, in 16-bit samples: the declared range, else the used one
+                top = _tag_value(page, "MaxSampleValue", 0)
+                if not top:
+                    top, props["range_note"] = _measured_bit_range(tif)
+            props["max_sample"] = top if 0 < top < 65535 else None
             # reduced levels in the main chain not marked as such: cuCIM refuses the file, OpenSlide sees one level
             dims = [(int(page.imagewidth), int(page.imagelength))] + [
                 (int(p.imagewidth), int(p.imagelength))
