@@ -540,3 +540,70 @@ def test_icmil_gain_quilted_setting_runs_on_real_texture_with_ints_and_every_mas
     (data / "datalist.json").write_text(json.dumps(strings))
     gain.make_data("quilted", 0, gain.parse(args + ["--cmu", str(tmp_path / "unused.svs")]), tmp_path)
     assert json.loads((data / "datalist.json").read_text()) == datalist
+
+
+def test_restart_average_scores_the_mean_of_every_restarts_probability(tmp_path):
+    """``restart_average.py`` scores each round by the mean of its restarts' tumour probabilities, on the stored test
+    features and on the extra slides' ``scores.json``, and gives round 1 minus round 0 per seed with mean and sd."""
+    from monai_icmil.data.store import FeatureStore
+    from monai_icmil.engines.bag_phase import evaluate_bags, save_bag_classifier
+    from monai_icmil.metrics import binary_auc
+
+    avg = _module("restart_average")
+    gain = _module()
+    torch.manual_seed(0)
+    labels = [0, 1, 0, 1, 1, 0, 1, 0]
+    datalist = {"test": [{"image": f"te_{i:03d}.tiff", "label": y} for i, y in enumerate(labels)]}
+    want = {}
+    for seed in (0, 1):
+        (tmp_path / "data" / "quilted" / f"seed_{seed}").mkdir(parents=True)
+        (tmp_path / "data" / "quilted" / f"seed_{seed}" / "datalist.json").write_text(json.dumps(datalist))
+        run = tmp_path / "runs" / "quilted" / f"seed_{seed}" / "ssl" / "abmil-v"
+        for r in (0, 1):
+            store = FeatureStore(run / f"round_{r}" / "features")
+            bags = []
+            for i, y in enumerate(labels):
+                feats = torch.randn(5 + i, 8) + 0.3 * y
+                store.save(f"te_{i:03d}", {"features": feats, "coords": torch.zeros(5 + i, 2)}, key={"k": 1})
+                bags.append({"slide_id": f"te_{i:03d}", "label": y, "features": feats.half().float()})
+            probs = []
+            for k in range(2 + r):  # round 0: 2 restarts, round 1: 3
+                net = gain.aggregator_class("abmil")(in_dim=8, hidden_dim=16, attention_dim=4)
+                save_bag_classifier(run / f"round_{r}" / "bag_phase" / f"restart_{k}" / "bag_classifier.pt", net)
+                probs.append([row["probs"][-1] for row in evaluate_bags(net, bags)[1]])
+            extra = [[0.5, 0.4, 0.1, 0.9], [0.1, 0.6, 0.7, 0.8], [0.2, 0.3, 0.6, 0.4]][: 2 + r]  # each 3/4 or less
+            scores = {"labels": [0, 1, 0, 1], "restarts": extra}
+            where = run / "extra_test" / f"seed_{seed}_extra_test_4"
+            where.mkdir(parents=True, exist_ok=True)
+            old = json.loads((where / "scores.json").read_text()) if (where / "scores.json").is_file() else {}
+            (where / "scores.json").write_text(json.dumps({**old, str(r): scores}))
+            want[seed, r] = (
+                binary_auc(np.mean(probs, 0), np.array(labels)),
+                binary_auc(np.mean(extra, 0), np.array([0, 1, 0, 1])),
+            )
+    out = avg.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--variant",
+            "v",
+            "--aggregators",
+            "abmil",
+            "--seeds",
+            "0",
+            "1",
+            "--json",
+            str(tmp_path / "a.json"),
+        ]
+    )
+    got = {(x["seed"], x["round"]): (x["test_auc"], x["extra_test_auc"]) for x in out["rows"]}
+    assert sorted(got) == sorted(want)
+    assert [got[k] for k in sorted(got)] == [pytest.approx(want[k]) for k in sorted(want)]
+    assert got[0, 0][1] == 1.0 and got[0, 1][1] == pytest.approx(3 / 4)  # round 0: 3/4 each, 1 averaged
+    assert [x["restarts"] for x in out["rows"]] == [2, 3, 2, 3]
+    gains = [want[s, 1][0] - want[s, 0][0] for s in (0, 1)]
+    assert out["gains"]["abmil/test_auc"]["gains"] == pytest.approx(gains)
+    assert out["gains"]["abmil/test_auc"]["sd"] == pytest.approx(float(np.std(gains, ddof=1)))
+    assert json.loads((tmp_path / "a.json").read_text())["gains"]["abmil/extra_test_auc"]["mean"] == pytest.approx(
+        np.mean([want[s, 1][1] - want[s, 0][1] for s in (0, 1)])
+    )

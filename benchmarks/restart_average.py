@@ -1,0 +1,90 @@
+"""Post-hoc analysis of an ``icmil_gain.py`` run: each round's bag-phase restarts averaged instead of one kept.
+
+The bag phase keeps the restart with the best validation AUC (ties to the validation loss); where every restart
+separates the validation slides, that choice is noise. This script scores, per seed, aggregator and round, the mean of
+every restart's tumour probability on the run's test slides (from the round's stored features) and on its extra test
+slides (from ``extra_test/<name>/scores.json``), and prints round 1 minus round 0 with the mean and sd over seeds. It
+trains nothing and reads only what ``icmil_gain.py`` stored.
+
+    python benchmarks/restart_average.py --out /work/gain_runs/quilted --setting quilted --variant nt1000 \
+        --seeds 0 1 2 3 4 5 --json benchmarks/gain_results/d11_restart_average.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import monai_icmil  # noqa: E402,F401  (quiet cuCIM import first)
+from monai_icmil.engines.bag_phase import evaluate_bags, load_bag_classifier  # noqa: E402
+from monai_icmil.metrics import binary_auc  # noqa: E402
+from monai_icmil.utils import atomic_write_json  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from icmil_gain import restart_nets, stored_bags  # noqa: E402  (as icmil_gain reads a run's restarts and bags)
+
+
+def averaged_auc(run: Path, r: int, datalist: dict) -> tuple[float, int]:
+    """AUC on the run's test slides of round ``r``'s restarts' averaged probability, and the number of restarts."""
+    bags = stored_bags(run, r, datalist)
+    y = np.array([b["label"] for b in bags])
+    nets = restart_nets(run / f"round_{r}" / "bag_phase")
+    probs = [[row["probs"][-1] for row in evaluate_bags(load_bag_classifier(p), bags)[1]] for p in nets]
+    return binary_auc(np.mean(np.array(probs), 0), y), len(nets)
+
+
+def averaged_extra_auc(run: Path, r: int, seed: int) -> float | None:
+    """The same on the extra test slides, from the restarts' probabilities ``icmil_gain.py`` stored (``None``
+    without them)."""
+    found = sorted((run / "extra_test").glob(f"seed_{seed}_extra_test_*/scores.json"))
+    if not found:
+        return None
+    s = json.loads(found[0].read_text())[str(r)]
+    return binary_auc(np.mean(np.array(s["restarts"]), 0), np.array(s["labels"]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="icmil_gain.py's --out")
+    p.add_argument("--setting", default="quilted")
+    p.add_argument("--start", default="ssl")
+    p.add_argument("--variant", default="", help="icmil_gain.py's --variant (run directories <aggregator>-<variant>)")
+    p.add_argument("--aggregators", nargs="+", default=["abmil", "dtfd"])
+    p.add_argument("--seeds", nargs="+", type=int, required=True)
+    p.add_argument("--json", type=Path, help="also write the rows and gains here")
+    args = p.parse_args(argv)
+    rows = []
+    for seed in args.seeds:
+        datalist = json.loads((args.out / "data" / args.setting / f"seed_{seed}" / "datalist.json").read_text())
+        for agg in args.aggregators:
+            name = f"{agg}-{args.variant}" if args.variant else agg
+            run = args.out / "runs" / args.setting / f"seed_{seed}" / args.start / name
+            for r in (0, 1):
+                test, n = averaged_auc(run, r, datalist)
+                rows.append({"seed": seed, "aggregator": agg, "round": r, "restarts": n, "test_auc": test,
+                             "extra_test_auc": averaged_extra_auc(run, r, seed)})  # fmt: skip
+    gains = {}
+    for agg in args.aggregators:
+        for key in ("test_auc", "extra_test_auc"):
+            by = {(x["seed"], x["round"]): x[key] for x in rows if x["aggregator"] == agg}
+            g = [by[s, 1] - by[s, 0] for s in args.seeds if by.get((s, 1)) is not None and by.get((s, 0)) is not None]
+            sd = statistics.stdev(g) if len(g) > 1 else float("nan")
+            gains[f"{agg}/{key}"] = {"gains": g, "mean": statistics.mean(g) if g else None, "sd": sd}
+            print(f"{agg} {key}: {' / '.join(f'{x:+.3f}' for x in g)}  mean {statistics.mean(g):+.3f} sd {sd:.3f}")
+    result = {"args": {k: v if isinstance(v, (int, list)) else str(v) for k, v in vars(args).items()}, "rows": rows}
+    result["gains"] = gains
+    if args.json:
+        atomic_write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
