@@ -918,6 +918,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_path(out: Path, setting: str, seed: int, start: str, aggregator: str, variant: str = "") -> Path:
+    """The run folder of one setting, seed, start and aggregator under ``--out`` (``<aggregator>-<variant>`` for a
+    ``--variant``)."""
+    return out / "runs" / setting / f"seed_{seed}" / start / (f"{aggregator}-{variant}" if variant else aggregator)
+
+
 def make_data(setting: str, seed: int, args: argparse.Namespace, out: Path, extra_test: int = 0) -> Path:
     """The generated dataset of one setting and seed (reused when complete); with ``extra_test``, that many test
     slides only (``--extra_test``), from another dataset seed (2000 + seed; the run's own slides are 1000 + seed), so
@@ -986,8 +992,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             for start in args.starts:
                 first = None
                 for agg in args.aggregators:
-                    plain = out / "runs" / setting / f"seed_{seed}" / start / agg
-                    run_dir = plain.with_name(f"{agg}-{args.variant}") if args.variant else plain
+                    plain = run_path(out, setting, seed, start, agg)
+                    run_dir = run_path(out, setting, seed, start, agg, args.variant)
                     if not (run_dir / "state.json").is_file():
                         if args.bag_from:
                             source = plain.with_name(f"{agg}-{args.bag_from}") if args.bag_from != "plain" else plain

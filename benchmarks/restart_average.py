@@ -29,7 +29,7 @@ from monai_icmil.metrics import binary_auc  # noqa: E402
 from monai_icmil.utils import atomic_write_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from icmil_gain import restart_nets, stored_bags  # noqa: E402  (as icmil_gain reads a run's restarts and bags)
+from icmil_gain import restart_nets, run_path, stored_bags  # noqa: E402  (icmil_gain's run layout and readers)
 
 
 def averaged_auc(run: Path, r: int, datalist: dict) -> tuple[float, int]:
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:
         datalist = json.loads((args.out / "data" / args.setting / f"seed_{seed}" / "datalist.json").read_text())
         for agg in args.aggregators:
-            name = f"{agg}-{args.variant}" if args.variant else agg
-            run = args.out / "runs" / args.setting / f"seed_{seed}" / args.start / name
+            run = run_path(args.out, args.setting, seed, args.start, agg, args.variant)
             for r in (0, 1):
                 test, n = averaged_auc(run, r, datalist)
                 rows.append({"seed": seed, "aggregator": agg, "round": r, "restarts": n, "test_auc": test,
@@ -76,11 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
         for key in ("test_auc", "extra_test_auc"):
             by = {(x["seed"], x["round"]): x[key] for x in rows if x["aggregator"] == agg}
             g = [by[s, 1] - by[s, 0] for s in args.seeds if by.get((s, 1)) is not None and by.get((s, 0)) is not None]
+            mean = statistics.mean(g) if g else float("nan")
             sd = statistics.stdev(g) if len(g) > 1 else float("nan")
-            gains[f"{agg}/{key}"] = {"gains": g, "mean": statistics.mean(g) if g else None, "sd": sd}
-            print(f"{agg} {key}: {' / '.join(f'{x:+.3f}' for x in g)}  mean {statistics.mean(g):+.3f} sd {sd:.3f}")
-    result = {"args": {k: v if isinstance(v, (int, list)) else str(v) for k, v in vars(args).items()}, "rows": rows}
-    result["gains"] = gains
+            gains[f"{agg}/{key}"] = {"gains": g, "mean": mean, "sd": sd}
+            print(f"{agg} {key}: {' / '.join(f'{x:+.3f}' for x in g)}  mean {mean:+.3f} sd {sd:.3f}")
+    kept = {k: v if isinstance(v, (int, list)) else str(v) for k, v in vars(args).items()}
+    result = {"args": kept, "rows": rows, "gains": gains}
     if args.json:
         atomic_write_json(args.json, result)
     return result

@@ -581,21 +581,8 @@ def test_restart_average_scores_the_mean_of_every_restarts_probability(tmp_path)
                 binary_auc(np.mean(probs, 0), np.array(labels)),
                 binary_auc(np.mean(extra, 0), np.array([0, 1, 0, 1])),
             )
-    out = avg.main(
-        [
-            "--out",
-            str(tmp_path),
-            "--variant",
-            "v",
-            "--aggregators",
-            "abmil",
-            "--seeds",
-            "0",
-            "1",
-            "--json",
-            str(tmp_path / "a.json"),
-        ]
-    )
+    argv = f"--out {tmp_path} --variant v --aggregators abmil --seeds 0 1 --json {tmp_path / 'a.json'}".split()
+    out = avg.main(argv)
     got = {(x["seed"], x["round"]): (x["test_auc"], x["extra_test_auc"]) for x in out["rows"]}
     assert sorted(got) == sorted(want)
     assert [got[k] for k in sorted(got)] == [pytest.approx(want[k]) for k in sorted(want)]
