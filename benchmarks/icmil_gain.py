@@ -924,12 +924,31 @@ def run_path(out: Path, setting: str, seed: int, start: str, aggregator: str, va
     return out / "runs" / setting / f"seed_{seed}" / start / (f"{aggregator}-{variant}" if variant else aggregator)
 
 
+def data_name(seed: int, extra_test: int | str = 0) -> str:
+    """The folder name of a seed's dataset, or with ``extra_test`` of its extra test slides (``"*"``: any number,
+    for a glob); a run keeps its extra slides' scores under ``extra_test/<this name>/scores.json``."""
+    return f"seed_{seed}_extra_test_{extra_test}" if extra_test else f"seed_{seed}"
+
+
+def extra_scores_path(run_dir: Path, seed: int, extra_test: int | None = None) -> Path | None:
+    """The ``scores.json`` of a run's ``--extra_test`` slides (:func:`extra_test_scores`), of ``extra_test`` slides
+    or, without it, of the only extra set the run was scored on; ``None`` where there is none.
+
+    Raises:
+        ValueError: without ``extra_test``, when the run was scored on several extra sets (names them).
+    """
+    found = sorted((run_dir / "extra_test").glob(f"{data_name(seed, extra_test or '*')}/scores.json"))
+    if len(found) > 1:
+        names = ", ".join(f.parent.name for f in found)
+        raise ValueError(f"{run_dir} holds scores of several extra test sets ({names}); pass --extra_test N")
+    return found[0] if found else None
+
+
 def make_data(setting: str, seed: int, args: argparse.Namespace, out: Path, extra_test: int = 0) -> Path:
     """The generated dataset of one setting and seed (reused when complete); with ``extra_test``, that many test
     slides only (``--extra_test``), from another dataset seed (2000 + seed; the run's own slides are 1000 + seed), so
     none of them is a training, validation or test slide of the run."""
-    name = f"seed_{seed}_extra_test_{extra_test}" if extra_test else f"seed_{seed}"
-    data = out / "data" / setting / name
+    data = out / "data" / setting / data_name(seed, extra_test)
     sizes = (0, 0, extra_test) if extra_test else (args.train, args.val, args.test)
     if setting in QUILTED_SETTINGS:
         make_quilted(data, (2000 if extra_test else 1000) + seed, sizes, QUILTED_SETTINGS[setting], args)

@@ -29,7 +29,12 @@ from monai_icmil.metrics import binary_auc  # noqa: E402
 from monai_icmil.utils import atomic_write_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from icmil_gain import restart_nets, run_path, stored_bags  # noqa: E402  (icmil_gain's run layout and readers)
+from icmil_gain import (  # noqa: E402  (icmil_gain's run layout and readers)
+    extra_scores_path,
+    restart_nets,
+    run_path,
+    stored_bags,
+)
 
 
 def averaged_auc(run: Path, r: int, datalist: dict) -> tuple[float, int]:
@@ -41,13 +46,13 @@ def averaged_auc(run: Path, r: int, datalist: dict) -> tuple[float, int]:
     return binary_auc(np.mean(np.array(probs), 0), y), len(nets)
 
 
-def averaged_extra_auc(run: Path, r: int, seed: int) -> float | None:
-    """The same on the extra test slides, from the restarts' probabilities ``icmil_gain.py`` stored (``None``
-    without them)."""
-    found = sorted((run / "extra_test").glob(f"seed_{seed}_extra_test_*/scores.json"))
-    if not found:
+def averaged_extra_auc(run: Path, r: int, seed: int, extra_test: int | None = None) -> float | None:
+    """The same on the extra test slides (:func:`icmil_gain.extra_scores_path`), from the restarts' probabilities
+    ``icmil_gain.py`` stored (``None`` without them)."""
+    found = extra_scores_path(run, seed, extra_test)
+    if found is None:
         return None
-    s = json.loads(found[0].read_text())[str(r)]
+    s = json.loads(found.read_text())[str(r)]
     return binary_auc(np.mean(np.array(s["restarts"]), 0), np.array(s["labels"]))
 
 
@@ -59,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variant", default="", help="icmil_gain.py's --variant (run directories <aggregator>-<variant>)")
     p.add_argument("--aggregators", nargs="+", default=["abmil", "dtfd"])
     p.add_argument("--seeds", nargs="+", type=int, required=True)
+    p.add_argument("--extra_test", type=int, help="the extra test set's size, where a run was scored on several")
     p.add_argument("--json", type=Path, help="also write the rows and gains here")
     args = p.parse_args(argv)
     rows = []
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             for r in (0, 1):
                 test, n = averaged_auc(run, r, datalist)
                 rows.append({"seed": seed, "aggregator": agg, "round": r, "restarts": n, "test_auc": test,
-                             "extra_test_auc": averaged_extra_auc(run, r, seed)})  # fmt: skip
+                             "extra_test_auc": averaged_extra_auc(run, r, seed, args.extra_test)})  # fmt: skip
     gains = {}
     for agg in args.aggregators:
         for key in ("test_auc", "extra_test_auc"):

@@ -594,3 +594,41 @@ def test_restart_average_scores_the_mean_of_every_restarts_probability(tmp_path)
     assert json.loads((tmp_path / "a.json").read_text())["gains"]["abmil/extra_test_auc"]["mean"] == pytest.approx(
         np.mean([want[s, 1][1] - want[s, 0][1] for s in (0, 1)])
     )
+
+
+def test_pooled_gain_pools_the_test_and_extra_slides_both_rounds_scored(tmp_path):
+    """``pooled_gain.py`` scores each round's kept classifier on the run's test slides (``predictions.csv``) and its
+    extra slides (``scores.json``) pooled, pairs the rounds on the slides both scored, and gives mean and sd over
+    seeds; with scores of two extra sets it asks which one."""
+    pooled = _module("pooled_gain")
+    # test: round 0 3/4, round 1 1; extra: the same; pooled by hand: 13/16 and 15/16 (not the mean of the parts)
+    test = {0: [0.2, 0.6, 0.7, 0.8, 0.95], 1: [0.2, 0.6, 0.5, 0.8]}  # te_004 failed to read in round 1
+    extra = {0: [0.1, 0.3, 0.4, 0.9], 1: [0.1, 0.3, 0.2, 0.9]}
+    labels = [0, 1, 0, 1, 0]
+    for seed in (0, 1):
+        run = tmp_path / "runs" / "quilted" / f"seed_{seed}" / "ssl" / "dtfd-v"
+        scores = {}
+        for r in (0, 1):
+            (run / f"round_{r}" / "test").mkdir(parents=True)
+            rows = [f"te_{i:03d},{labels[i]},{1 - p:.2f},{p},{int(p > 0.5)}" for i, p in enumerate(test[r])]
+            text = "slide,label,prob_normal,prob_tumour,pred\n" + "\n".join(rows) + "\n"
+            (run / f"round_{r}" / "test" / "predictions.csv").write_text(text)
+            scores[str(r)] = {"slide_ids": [f"te_{i:03d}" for i in range(4)], "labels": labels[:4], "kept": extra[r]}
+        (run / "extra_test" / f"seed_{seed}_extra_test_4").mkdir(parents=True)
+        (run / "extra_test" / f"seed_{seed}_extra_test_4" / "scores.json").write_text(json.dumps(scores))
+    argv = f"--out {tmp_path} --variant v --aggregators dtfd --seeds 0 1 --json {tmp_path / 'p.json'}".split()
+    out = pooled.main(argv)
+    row = out["rows"][0]
+    assert (row["test"]["n"], row["extra"]["n"], row["pooled"]["n"]) == (4, 4, 8)
+    assert (row["test"]["round0"], row["test"]["round1"]) == (0.75, 1.0)  # te_004 (0.95, normal) left out of both
+    assert (row["pooled"]["round0"], row["pooled"]["round1"]) == (13 / 16, 15 / 16)
+    assert row["pooled"]["gain"] == pytest.approx(2 / 16) and row["pooled"]["se"] > 0
+    g = out["gains"]["dtfd/pooled"]
+    assert g["gains"] == pytest.approx([2 / 16, 2 / 16]) and g["sd"] == 0 and g["met"]
+    assert json.loads((tmp_path / "p.json").read_text())["gains"]["dtfd/test"]["mean"] == pytest.approx(0.25)
+    second = tmp_path / "runs" / "quilted" / "seed_0" / "ssl" / "dtfd-v" / "extra_test" / "seed_0_extra_test_8"
+    second.mkdir()
+    (second / "scores.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"seed_0_extra_test_4, seed_0_extra_test_8.*--extra_test N"):
+        pooled.main(argv)
+    assert pooled.main([*argv, "--extra_test", "4"])["rows"][0]["pooled"]["gain"] == pytest.approx(2 / 16)

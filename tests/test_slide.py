@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -128,6 +129,38 @@ def test_tile_reader_decodes_only_needed_tiles(synthetic_entries):
     assert len(s._cache) == 1  # a 64-px patch inside one 256-px tile decodes one tile
     s.read_patches([[240, 240]], 64, level=0)
     assert len(s._cache) == 4  # a patch across a tile corner decodes its four tiles (one was cached)
+
+
+def test_tile_reader_reads_the_same_pixels_whatever_other_handles_do_to_the_file_position(synthetic_entries):
+    # healthy slides failed mid-run with "Not a JPEG file: starts with 0x4a 0x46" (or "0x00 0x01"): tifffile's first
+    # decode of a page seeks its handle to the first tile + 6 and reads 4 bytes (is_jfif), and did so between another
+    # reader thread's seek and read. Tiles are now read with pread on a descriptor of the reader's own.
+    path = synthetic_entries[0]["image"]
+    coords = np.random.default_rng(0).integers(0, 960, (400, 2))
+    reference = TiffSlide(path, cache_tiles=0).read_patches(coords, 64)
+    s = TiffSlide(path, cache_tiles=0)
+    fh = s._tif.filehandle
+    s.read_patches(coords[:1], 64)  # builds the page's decoder (which reads through tifffile's handle)
+    fh.seek(123)
+    s.read_patches(coords[:4], 64)
+    assert fh.tell() == 123  # tile reads leave tifffile's handle where it was
+
+    stop = threading.Event()
+
+    def move() -> None:  # as a delay-loaded tag, or a forked process sharing the descriptor, would
+        rng = np.random.default_rng(1)
+        while not stop.is_set():
+            fh.seek(int(rng.integers(0, 4096)))
+            fh.read(int(rng.integers(1, 16)))
+
+    mover = threading.Thread(target=move)
+    mover.start()
+    try:
+        patches = s.read_patches(coords, 64, num_workers=2)
+    finally:
+        stop.set()
+        mover.join()
+    np.testing.assert_array_equal(patches, reference)
 
 
 def test_empty_coordinate_list_reads_nothing(synthetic_entries):

@@ -990,6 +990,11 @@ class TiffSlide(_PatchByPatchReader):
         self._io_lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self._file_size = os.path.getsize(self.path)
+        # tile bytes are read with pread on a descriptor of our own, so no other use of a file position can shift them:
+        # tifffile's first decode of a JPEG page seeks its handle to the first tile + 6 and reads 4 bytes (is_jfif),
+        # which between another thread's seek and read once made a healthy slide fail ("Not a JPEG file: starts with
+        # 0x4a 0x46")
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0)) if hasattr(os, "pread") else None
 
     def _find_levels(self) -> list[Any]:
         pages = list(self._tif.pages)
@@ -1038,12 +1043,32 @@ class TiffSlide(_PatchByPatchReader):
                 f"tile {index} of level {level} lies beyond the end of the file ({offset}+{count} > "
                 f"{self._file_size} bytes): the file is truncated. Re-copy or re-export it.",
             )
-        with self._io_lock:
+        with self._io_lock:  # tifffile builds a page's decoder once, reading through its handle (is_jfif)
+            decode = page.decode
+        data = self._read_at(offset, count)
+        if len(data) < count:
+            raise SlideError(
+                self.path,
+                f"tile {index} of level {level}: read {len(data)} of its {count} bytes: the file is truncated or "
+                "being rewritten. Re-copy or re-export it.",
+            )
+        seg, _, _ = decode(data, index, jpegtables=page.jpegtables)
+        return np.asarray(seg).reshape(seg.shape[-3:])
+
+    def _read_at(self, offset: int, count: int) -> bytes:
+        """``count`` bytes of the file from ``offset`` (fewer at its end), whatever its handles' positions."""
+        if self._fd is not None:
+            data = os.pread(self._fd, count, offset)
+            while 0 < len(data) < count:  # a short read before the end of the file: read on
+                more = os.pread(self._fd, count - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
+            return data
+        with self._io_lock:  # no pread (Windows): tifffile's handle, one seek and read at a time
             fh = self._tif.filehandle
             fh.seek(offset)
-            data = fh.read(count)
-        seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-        return np.asarray(seg).reshape(seg.shape[-3:])
+            return fh.read(count)
 
     def _read_one(self, xy: np.ndarray, level: int, size: tuple[int, int]) -> np.ndarray:
         page = self._pages[level]
@@ -1097,9 +1122,7 @@ class TiffSlide(_PatchByPatchReader):
             offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
             if count == 0 or offset + count > self._file_size:
                 return None
-            with self._io_lock:
-                self._tif.filehandle.seek(offset)
-                data = self._tif.filehandle.read(count)
+            data = self._read_at(offset, count)
             streams.append(bytes(tables[:-2]) + data[2:] if tables else data)
         return streams
 
@@ -1107,6 +1130,9 @@ class TiffSlide(_PatchByPatchReader):
         tif, self._tif = getattr(self, "_tif", None), None
         if tif is not None:
             tif.close()
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     def __del__(self) -> None:  # a reader the slide cache let go of (or that failed to open) closes its file
         self.close()

@@ -18,7 +18,30 @@ from typing import Any
 
 from monai_icmil.utils import atomic_write_json, atomic_write_text, strict_json
 
-__all__ = ["summary_rows", "write_summary", "paired_test_change", "coupling_metrics"]
+__all__ = ["summary_rows", "write_summary", "paired_test_change", "read_test_probabilities", "coupling_metrics"]
+
+
+def read_test_probabilities(output_dir: str | os.PathLike, round_index: int) -> dict[str, tuple[int, float]] | None:
+    """Round ``round_index``'s test inference of a binary run (``round_<r>/test/predictions.csv``): per labelled
+    slide, its label and positive-class probability.
+
+    Args:
+        output_dir: the run's folder.
+        round_index: the round.
+
+    Returns:
+        ``{slide: (label, probability)}``; ``None`` where the file is missing or unreadable or the task is not binary.
+    """
+    path = Path(output_dir) / f"round_{round_index}" / "test" / "predictions.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        probs = [k for k in (rows[0] if rows else {}) if k.startswith("prob_")]
+        if len(probs) != 2:
+            return None
+        return {row["slide"]: (int(row["label"]), float(row[probs[1]])) for row in rows if row["label"]}
+    except (OSError, KeyError, ValueError, TypeError, csv.Error):  # a short row reads as None: TypeError
+        return None
 
 
 def paired_test_change(output_dir: str | os.PathLike, before: int, after: int) -> dict[str, float] | None:
@@ -41,18 +64,9 @@ def paired_test_change(output_dir: str | os.PathLike, before: int, after: int) -
     """
     from monai_icmil.metrics import paired_auc_difference  # here: the summary module imports without torch
 
-    scores = []
-    for r in (before, after):
-        path = Path(output_dir) / f"round_{r}" / "test" / "predictions.csv"
-        try:
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-            probs = [k for k in (rows[0] if rows else {}) if k.startswith("prob_")]
-            if len(probs) != 2:
-                return None
-            scores.append({row["slide"]: (int(row["label"]), float(row[probs[1]])) for row in rows if row["label"]})
-        except (OSError, KeyError, ValueError, TypeError, csv.Error):  # a short row reads as None: TypeError
-            return None
+    scores = [read_test_probabilities(output_dir, r) for r in (before, after)]
+    if scores[0] is None or scores[1] is None:
+        return None
     shared = sorted(set(scores[0]) & set(scores[1]))
     labels = [scores[0][k][0] for k in shared]
     d = paired_auc_difference([scores[0][k][1] for k in shared], [scores[1][k][1] for k in shared], labels)
