@@ -744,6 +744,41 @@ def test_paired_test_change_reads_two_rounds_predictions(tmp_path):
     assert paired_test_change(tmp_path, 0, 5) is None  # a short row: unreadable, not an error
 
 
+def test_the_summarys_change_in_test_auc_is_paired_when_a_round_scored_fewer_slides(tmp_path):
+    """A slide that failed to read in round 1 only: the summary's round-over-round change (and coupling's, for MLflow)
+    is round 1 minus round 0 on the slides both scored, not the difference of two AUCs on different slides; with the
+    same slides it stays the plain difference."""
+    from monai_icmil.engines.bag_phase import write_predictions_csv
+    from monai_icmil.workflows.summary import coupling_metrics, paired_test_change, summary_rows, write_summary
+
+    rng = np.random.default_rng(1)
+    labels = np.array([0, 1] * 10)
+    p0, p1 = rng.random(20), np.clip(0.4 * labels + 0.7 * rng.random(20), 0, 1)
+    p0[-2] = 0.99  # a normal slide round 0 called tumour, then not read in round 1
+    scored = {0: 20, 1: 18}
+    for r, p in ((0, p0), (1, p1)):
+        rows = [{"slide_id": f"s{i}", "label": int(y), "probs": [1 - q, q]} for i, (y, q) in enumerate(zip(labels, p))]
+        write_predictions_csv(tmp_path / f"round_{r}" / "test" / "predictions.csv", rows[: scored[r]], ["n", "t"])
+    ledger = {r: {"test": {"metrics": {"auc": binary_auc(p[: scored[r]], labels[: scored[r]])}, "slides": scored[r]}}
+              for r, p in ((0, p0), (1, p1))}  # fmt: skip
+    rows = summary_rows(ledger, tmp_path)
+    paired = paired_test_change(tmp_path, 0, 1)
+    unpaired = ledger[1]["test"]["metrics"]["auc"] - ledger[0]["test"]["metrics"]["auc"]
+    assert paired["slides"] == 18 and abs(paired["diff"] - unpaired) > 0.01
+    assert rows[1]["test_auc_delta"] == paired["diff"] and rows[1]["test_auc_delta_slides"] == 18
+    assert coupling_metrics({r["round"]: r for r in rows}, 1, tmp_path)["coupling_test_auc_delta"] == paired["diff"]
+    write_summary(tmp_path, ledger, final_round=1, title="paired")
+    assert f"{paired['diff']:+.3f}" in (tmp_path / "summary.md").read_text()
+    assert "on 18 shared slides" in (tmp_path / "summary.md").read_text()
+    scored[1] = 20
+    rows = [{"slide_id": f"s{i}", "label": int(y), "probs": [1 - q, q]} for i, (y, q) in enumerate(zip(labels, p1))]
+    write_predictions_csv(tmp_path / "round_1" / "test" / "predictions.csv", rows, ["n", "t"])
+    ledger[1]["test"] = {"metrics": {"auc": binary_auc(p1, labels)}, "slides": 20}
+    same = summary_rows(ledger, tmp_path)[1]
+    assert same["test_auc_delta"] == pytest.approx(binary_auc(p1, labels) - binary_auc(p0, labels))
+    assert "test_auc_delta_slides" not in same
+
+
 def test_instance_loss_is_a_top_k_cross_entropy_on_the_instance_head_added_to_the_bag_loss():
     torch.manual_seed(0)
     net = create_aggregator("abmil", 16, hidden_dim=8)

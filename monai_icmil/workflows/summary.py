@@ -110,6 +110,8 @@ def summary_rows(
             row[f"{key}_delta"] = _delta(row[key], previous[key]) if previous else None
         paired = paired_test_change(output_dir, previous["round"], row["round"]) if previous and output_dir else None
         row["test_auc_delta_ci"] = [paired["low"], paired["high"]] if paired else [None, None]
+        if paired and _other_slides(paired, row, previous):  # a slide read in one round only: compare like with like
+            row["test_auc_delta"], row["test_auc_delta_slides"] = paired["diff"], paired["slides"]
         rows.append(row)
         previous = row
     return rows
@@ -136,7 +138,16 @@ def coupling_metrics(
     paired = paired_test_change(output_dir, first["round"], final["round"]) if output_dir is not None else None
     if paired:
         out.update(coupling_test_auc_delta_ci_low=paired["low"], coupling_test_auc_delta_ci_high=paired["high"])
+        if _other_slides(paired, final, first):
+            out["coupling_test_auc_delta"] = paired["diff"]
     return out
+
+
+def _other_slides(paired: Mapping[str, Any], *rows: Mapping[str, Any]) -> bool:
+    """Whether a paired change covers fewer slides than one of the rounds' test AUCs did (a slide failed to read or
+    was left out in one round): then the difference of the two AUCs compares different slides, and the paired
+    change, on the slides both scored, is the round-over-round change."""
+    return any(row.get("test_slides") is not None and row["test_slides"] != paired["slides"] for row in rows)
 
 
 def _finite(v: Any) -> bool:
@@ -176,7 +187,8 @@ def _table(rows: list[dict[str, Any]], final_round: int) -> list[str]:
         lines.append(
             f"| {row['round']}{' (final)' if row['round'] == final_round else ''} | {_fmt(row['val_auc'])}"
             f"{_ci(row['val_auc_ci'])} | {_fmt(row['test_auc'])}{_ci(row['test_auc_ci'])} | "
-            f"{_fmt(row['test_auc_delta'], sign=True)}{_ci(row['test_auc_delta_ci'], signed=True)} | "
+            f"{_fmt(row['test_auc_delta'], sign=True)}{_ci(row['test_auc_delta_ci'], signed=True)}"
+            f"{f' on {n} shared slides' if (n := row.get('test_auc_delta_slides')) else ''} | "
             f"{_fmt(row['teacher_patch_auc'])} | "
             f"{_fmt(row['teacher_patch_auc_delta'], sign=True)} | {_pct(row['teacher_normal_called_tumour'])} | "
             f"{_fmt(row['test_acc'])} | {_fmt(row['test_f1'])} | "
