@@ -3,8 +3,8 @@
 The bag phase keeps the restart with the best validation AUC (ties to the validation loss); where every restart
 separates the validation slides, that choice is noise. This script scores, per seed, aggregator and round, the mean of
 every restart's tumour probability on the run's test slides (from the round's stored features) and on its extra test
-slides (from ``extra_test/<name>/scores.json``), and prints round 1 minus round 0 with the mean and sd over seeds. It
-trains nothing and reads only what ``icmil_gain.py`` stored.
+slides (from ``extra_test/<name>/scores.json``), each on the slides both rounds scored, and prints round 1 minus round 0
+with the mean and sd over seeds. It trains nothing and reads only what ``icmil_gain.py`` stored.
 
     python benchmarks/restart_average.py --out /work/gain_runs/quilted --setting quilted --variant nt1000 \
         --seeds 0 1 2 3 4 5 --json benchmarks/gain_results/d11_restart_average.json
@@ -37,23 +37,33 @@ from icmil_gain import (  # noqa: E402  (icmil_gain's run layout and readers)
 )
 
 
-def averaged_auc(run: Path, r: int, datalist: dict) -> tuple[float, int]:
-    """AUC on the run's test slides of round ``r``'s restarts' averaged probability, and the number of restarts."""
+def averaged_probs(run: Path, r: int, datalist: dict) -> tuple[dict[str, tuple[int, float]], int]:
+    """Round ``r``'s restarts' averaged tumour probability on each of the run's test slides it stored features of,
+    ``{slide: (label, probability)}``, and the number of restarts."""
     bags = stored_bags(run, r, datalist)
-    y = np.array([b["label"] for b in bags])
     nets = restart_nets(run / f"round_{r}" / "bag_phase")
-    probs = [[row["probs"][-1] for row in evaluate_bags(load_bag_classifier(p), bags)[1]] for p in nets]
-    return binary_auc(np.mean(np.array(probs), 0), y), len(nets)
+    probs = np.mean([[row["probs"][-1] for row in evaluate_bags(load_bag_classifier(p), bags)[1]] for p in nets], 0)
+    return {b["slide_id"]: (int(b["label"]), float(q)) for b, q in zip(bags, probs)}, len(nets)
 
 
-def averaged_extra_auc(run: Path, r: int, seed: int, extra_test: int | None = None) -> float | None:
+def averaged_extra_probs(run: Path, r: int, seed: int, extra_test: int | None = None) -> dict | None:
     """The same on the extra test slides (:func:`icmil_gain.extra_scores_path`), from the restarts' probabilities
     ``icmil_gain.py`` stored (``None`` without them)."""
     found = extra_scores_path(run, seed, extra_test)
     if found is None:
         return None
     s = json.loads(found.read_text())[str(r)]
-    return binary_auc(np.mean(np.array(s["restarts"]), 0), np.array(s["labels"]))
+    return {k: (int(y), float(q)) for k, y, q in zip(s["slide_ids"], s["labels"], np.mean(s["restarts"], 0))}
+
+
+def shared_aucs(before: dict | None, after: dict | None) -> tuple[float | None, float | None, int]:
+    """Both rounds' AUCs on the slides both scored (a slide that failed to read in one round is left out of both),
+    and their number."""
+    if before is None or after is None:
+        return None, None, 0
+    shared = sorted(set(before) & set(after))
+    y = np.array([before[k][0] for k in shared])
+    return (*(binary_auc(np.array([d[k][1] for k in shared]), y) for d in (before, after)), len(shared))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -72,10 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
         datalist = json.loads((args.out / "data" / args.setting / f"seed_{seed}" / "datalist.json").read_text())
         for agg in args.aggregators:
             run = run_path(args.out, args.setting, seed, args.start, agg, args.variant)
-            for r in (0, 1):
-                test, n = averaged_auc(run, r, datalist)
-                rows.append({"seed": seed, "aggregator": agg, "round": r, "restarts": n, "test_auc": test,
-                             "extra_test_auc": averaged_extra_auc(run, r, seed, args.extra_test)})  # fmt: skip
+            (test0, n0), (test1, n1) = (averaged_probs(run, r, datalist) for r in (0, 1))
+            extra = [averaged_extra_probs(run, r, seed, args.extra_test) for r in (0, 1)]
+            tests, extras = shared_aucs(test0, test1), shared_aucs(*extra)
+            for r, n in ((0, n0), (1, n1)):
+                rows.append({"seed": seed, "aggregator": agg, "round": r, "restarts": n, "test_auc": tests[r],
+                             "test_slides": tests[2], "extra_test_auc": extras[r]})  # fmt: skip
     gains = {}
     for agg in args.aggregators:
         for key in ("test_auc", "extra_test_auc"):

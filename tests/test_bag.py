@@ -769,7 +769,9 @@ def test_the_summarys_change_in_test_auc_is_paired_when_a_round_scored_fewer_sli
     assert coupling_metrics({r["round"]: r for r in rows}, 1, tmp_path)["coupling_test_auc_delta"] == paired["diff"]
     write_summary(tmp_path, ledger, final_round=1, title="paired")
     assert f"{paired['diff']:+.3f}" in (tmp_path / "summary.md").read_text()
-    assert "on 18 shared slides" in (tmp_path / "summary.md").read_text()
+    md = (tmp_path / "summary.md").read_text()
+    assert "on 18 shared slides" in md and "test AUC" in md and f"({unpaired:+.3f})" not in md
+    assert "final_test_auc_delta_slides" not in coupling_metrics({r["round"]: r for r in rows}, 1, tmp_path)
     scored[1] = 20
     rows = [{"slide_id": f"s{i}", "label": int(y), "probs": [1 - q, q]} for i, (y, q) in enumerate(zip(labels, p1))]
     write_predictions_csv(tmp_path / "round_1" / "test" / "predictions.csv", rows, ["n", "t"])

@@ -572,7 +572,7 @@ def test_restart_average_scores_the_mean_of_every_restarts_probability(tmp_path)
                 save_bag_classifier(run / f"round_{r}" / "bag_phase" / f"restart_{k}" / "bag_classifier.pt", net)
                 probs.append([row["probs"][-1] for row in evaluate_bags(net, bags)[1]])
             extra = [[0.5, 0.4, 0.1, 0.9], [0.1, 0.6, 0.7, 0.8], [0.2, 0.3, 0.6, 0.4]][: 2 + r]  # each 3/4 or less
-            scores = {"labels": [0, 1, 0, 1], "restarts": extra}
+            scores = {"slide_ids": ["a", "b", "c", "d"], "labels": [0, 1, 0, 1], "restarts": extra}
             where = run / "extra_test" / f"seed_{seed}_extra_test_4"
             where.mkdir(parents=True, exist_ok=True)
             old = json.loads((where / "scores.json").read_text()) if (where / "scores.json").is_file() else {}
@@ -588,6 +588,7 @@ def test_restart_average_scores_the_mean_of_every_restarts_probability(tmp_path)
     assert [got[k] for k in sorted(got)] == [pytest.approx(want[k]) for k in sorted(want)]
     assert got[0, 0][1] == 1.0 and got[0, 1][1] == pytest.approx(3 / 4)  # round 0: 3/4 each, 1 averaged
     assert [x["restarts"] for x in out["rows"]] == [2, 3, 2, 3]
+    assert [x["test_slides"] for x in out["rows"]] == [8] * 4
     gains = [want[s, 1][0] - want[s, 0][0] for s in (0, 1)]
     assert out["gains"]["abmil/test_auc"]["gains"] == pytest.approx(gains)
     assert out["gains"]["abmil/test_auc"]["sd"] == pytest.approx(float(np.std(gains, ddof=1)))

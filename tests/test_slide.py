@@ -2,6 +2,7 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 from __future__ import annotations
 
+import os
 import struct
 import threading
 
@@ -161,6 +162,28 @@ def test_tile_reader_reads_the_same_pixels_whatever_other_handles_do_to_the_file
         stop.set()
         mover.join()
     np.testing.assert_array_equal(patches, reference)
+
+
+def test_tile_reader_without_pread_reads_the_same_and_a_file_cut_while_open_fails_naming_it(
+    synthetic_entries, tmp_path
+):
+    path = synthetic_entries[0]["image"]
+    coords = np.random.default_rng(2).integers(0, 960, (40, 2))
+    reference = TiffSlide(path, cache_tiles=0).read_patches(coords, 64)
+    s = TiffSlide(path, cache_tiles=0)
+    os.close(s._fd)
+    s._fd = None  # as where os.pread is missing: tifffile's handle, one seek and read at a time
+    np.testing.assert_array_equal(s.read_patches(coords, 64, num_workers=2), reference)
+    cut = tmp_path / "cut.tiff"
+    cut.write_bytes(open(path, "rb").read())
+    s = TiffSlide(cut, cache_tiles=0)
+    page = s._pages[0]
+    last = int(np.argmax(page.dataoffsets))
+    os.truncate(cut, int(page.dataoffsets[last]) + int(page.databytecounts[last]) // 2)  # after opening
+    n_tx = -(-s.level_dimensions[0][0] // int(page.tilewidth))
+    xy = [(last % n_tx) * int(page.tilewidth), (last // n_tx) * int(page.tilelength)]
+    with pytest.raises(SlideError, match=r"cut\.tiff.*read \d+ of its \d+ bytes.*truncated"):
+        s.read_patches([xy], 16)
 
 
 def test_empty_coordinate_list_reads_nothing(synthetic_entries):

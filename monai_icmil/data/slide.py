@@ -1057,10 +1057,11 @@ class TiffSlide(_PatchByPatchReader):
 
     def _read_at(self, offset: int, count: int) -> bytes:
         """``count`` bytes of the file from ``offset`` (fewer at its end), whatever its handles' positions."""
-        if self._fd is not None:
-            data = os.pread(self._fd, count, offset)
+        fd = self._fd
+        if fd is not None:
+            data = os.pread(fd, count, offset)
             while 0 < len(data) < count:  # a short read before the end of the file: read on
-                more = os.pread(self._fd, count - len(data), offset + len(data))
+                more = os.pread(fd, count - len(data), offset + len(data))
                 if not more:
                     break
                 data += more

@@ -128,7 +128,11 @@ def coupling_metrics(
     final, first = rows[int(final_round)], rows[min(rows)]
     out: dict[str, float] = {}
     for key, value in final.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and key not in ("round", "test_auc_delta_slides")
+        ):
             out[f"final_{key[: -len('_delta')]}_vs_prev" if key.endswith("_delta") else f"final_{key}"] = value
     if final["round"] == first["round"]:  # round 0 kept: no coupled round to compare (not "coupling did nothing")
         return out
@@ -232,11 +236,15 @@ def _notes(
         )
     first, last = rows[0], next((row for row in rows if row["round"] == final_round), rows[-1])
     if last["round"] > first["round"]:
+        paired = paired_test_change(output_dir, first["round"], last["round"]) if output_dir is not None else None
+        other = paired is not None and _other_slides(paired, first, last)  # the paired change follows instead
         parts = [
-            f"{name} {_fmt(first[key])} -> {_fmt(last[key])} ({_fmt(_delta(last[key], first[key]), sign=True)})"
+            f"{name} {_fmt(first[key])} -> {_fmt(last[key])}"
+            + (f" (on {first['test_slides']} and {last['test_slides']} slides)" if other and key == "test_auc" else
+               f" ({_fmt(_delta(last[key], first[key]), sign=True)})")
             for key, name in (("test_auc", "test AUC"), ("teacher_patch_auc", "teacher patch AUC"))
             if _finite(first[key]) and _finite(last[key])
-        ]
+        ]  # fmt: skip
         if parts:
             notes.append(
                 f"Coupling, round {first['round']} -> round {last['round']} (final): "
