@@ -918,6 +918,39 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def posthoc_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of the scripts that read finished runs (``restart_average.py``, ``pooled_gain.py``): where the
+    runs are (this benchmark's ``--out``, setting, start, ``--variant``), which aggregators and seeds, which extra test
+    set, and a JSON to write."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, required=True, help="icmil_gain.py's --out")
+    p.add_argument("--setting", default="quilted")
+    p.add_argument("--start", default="ssl")
+    p.add_argument("--variant", default="", help="icmil_gain.py's --variant (run directories <aggregator>-<variant>)")
+    p.add_argument("--aggregators", nargs="+", default=["abmil", "dtfd"])
+    p.add_argument("--seeds", nargs="+", type=int, required=True)
+    p.add_argument("--extra_test", type=int, help="the extra test set's size, where a run was scored on several")
+    p.add_argument("--json", type=Path, help="also write the rows and gains here")
+    return p
+
+
+def gain_stats(name: str, gains: list[float]) -> dict[str, Any]:
+    """Per-seed gains with their mean and sd (``nan`` where too few), printed on one line under ``name``."""
+    mean = float(np.mean(gains)) if gains else float("nan")
+    sd = float(np.std(gains, ddof=1)) if len(gains) > 1 else float("nan")
+    print(f"{name}: {' / '.join(f'{x:+.3f}' for x in gains)}  mean {mean:+.3f} sd {sd:.3f}")
+    return {"gains": gains, "mean": mean, "sd": sd}
+
+
+def posthoc_result(args: argparse.Namespace, rows: list[dict[str, Any]], gains: dict[str, Any]) -> dict[str, Any]:
+    """``{"args", "rows", "gains"}`` of a post-hoc script, written to ``--json`` when given."""
+    kept = {k: v if isinstance(v, (int, list)) or v is None else str(v) for k, v in vars(args).items()}
+    result = {"args": kept, "rows": rows, "gains": gains}
+    if args.json:
+        atomic_write_json(args.json, result)
+    return result
+
+
 def run_path(out: Path, setting: str, seed: int, start: str, aggregator: str, variant: str = "") -> Path:
     """The run folder of one setting, seed, start and aggregator under ``--out`` (``<aggregator>-<variant>`` for a
     ``--variant``)."""

@@ -12,9 +12,7 @@ on the slides both rounds scored. It trains nothing and reads only what ``icmil_
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,11 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 import monai_icmil  # noqa: E402,F401  (quiet cuCIM import first)
 from monai_icmil.metrics import binary_auc, paired_auc_difference  # noqa: E402
-from monai_icmil.utils import atomic_write_json  # noqa: E402
 from monai_icmil.workflows.summary import read_test_probabilities  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from icmil_gain import extra_scores_path, run_path  # noqa: E402  (icmil_gain's run layout)
+from icmil_gain import extra_scores_path, gain_stats, posthoc_parser, posthoc_result, run_path  # noqa: E402
 
 SETS = ("test", "extra", "pooled")
 
@@ -67,16 +64,7 @@ def seed_rows(run: Path, seed: int, extra_test: int | None = None) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="icmil_gain.py's --out")
-    p.add_argument("--setting", default="quilted")
-    p.add_argument("--start", default="ssl")
-    p.add_argument("--variant", default="", help="icmil_gain.py's --variant (run directories <aggregator>-<variant>)")
-    p.add_argument("--aggregators", nargs="+", default=["abmil", "dtfd"])
-    p.add_argument("--seeds", nargs="+", type=int, required=True)
-    p.add_argument("--extra_test", type=int, help="the extra test set's size, where a run was scored on several")
-    p.add_argument("--json", type=Path, help="also write the rows and gains here")
-    args = p.parse_args(argv)
+    args = posthoc_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     rows = []
     for seed in args.seeds:
         for agg in args.aggregators:
@@ -88,16 +76,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gains = {}
     for agg in args.aggregators:
         for name in SETS:
-            g = [row[name]["gain"] for row in rows if row["aggregator"] == agg]
-            mean = statistics.mean(g)
-            sd = statistics.stdev(g) if len(g) > 1 else float("nan")
-            gains[f"{agg}/{name}"] = {"gains": g, "mean": mean, "sd": sd, "met": bool(mean > sd)}
-            print(f"{agg} {name}: {' / '.join(f'{x:+.3f}' for x in g)}  mean {mean:+.3f} sd {sd:.3f}")
-    kept = {k: v if isinstance(v, (int, list)) or v is None else str(v) for k, v in vars(args).items()}
-    result = {"args": kept, "rows": rows, "gains": gains}
-    if args.json:
-        atomic_write_json(args.json, result)
-    return result
+            g = gain_stats(f"{agg} {name}", [row[name]["gain"] for row in rows if row["aggregator"] == agg])
+            gains[f"{agg}/{name}"] = {**g, "met": bool(g["mean"] > g["sd"])}
+    return posthoc_result(args, rows, gains)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ with the mean and sd over seeds. It trains nothing and reads only what ``icmil_g
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,11 +24,13 @@ sys.path.insert(0, str(ROOT))
 import monai_icmil  # noqa: E402,F401  (quiet cuCIM import first)
 from monai_icmil.engines.bag_phase import evaluate_bags, load_bag_classifier  # noqa: E402
 from monai_icmil.metrics import binary_auc  # noqa: E402
-from monai_icmil.utils import atomic_write_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from icmil_gain import (  # noqa: E402  (icmil_gain's run layout and readers)
     extra_scores_path,
+    gain_stats,
+    posthoc_parser,
+    posthoc_result,
     restart_nets,
     run_path,
     stored_bags,
@@ -67,16 +67,7 @@ def shared_aucs(before: dict | None, after: dict | None) -> tuple[float | None, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="icmil_gain.py's --out")
-    p.add_argument("--setting", default="quilted")
-    p.add_argument("--start", default="ssl")
-    p.add_argument("--variant", default="", help="icmil_gain.py's --variant (run directories <aggregator>-<variant>)")
-    p.add_argument("--aggregators", nargs="+", default=["abmil", "dtfd"])
-    p.add_argument("--seeds", nargs="+", type=int, required=True)
-    p.add_argument("--extra_test", type=int, help="the extra test set's size, where a run was scored on several")
-    p.add_argument("--json", type=Path, help="also write the rows and gains here")
-    args = p.parse_args(argv)
+    args = posthoc_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     rows = []
     for seed in args.seeds:
         datalist = json.loads((args.out / "data" / args.setting / f"seed_{seed}" / "datalist.json").read_text())
@@ -93,15 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
         for key in ("test_auc", "extra_test_auc"):
             by = {(x["seed"], x["round"]): x[key] for x in rows if x["aggregator"] == agg}
             g = [by[s, 1] - by[s, 0] for s in args.seeds if by.get((s, 1)) is not None and by.get((s, 0)) is not None]
-            mean = statistics.mean(g) if g else float("nan")
-            sd = statistics.stdev(g) if len(g) > 1 else float("nan")
-            gains[f"{agg}/{key}"] = {"gains": g, "mean": mean, "sd": sd}
-            print(f"{agg} {key}: {' / '.join(f'{x:+.3f}' for x in g)}  mean {mean:+.3f} sd {sd:.3f}")
-    kept = {k: v if isinstance(v, (int, list)) else str(v) for k, v in vars(args).items()}
-    result = {"args": kept, "rows": rows, "gains": gains}
-    if args.json:
-        atomic_write_json(args.json, result)
-    return result
+            gains[f"{agg}/{key}"] = gain_stats(f"{agg} {key}", g)
+    return posthoc_result(args, rows, gains)
 
 
 if __name__ == "__main__":
