@@ -16,7 +16,10 @@ from monai_icmil.workflows.summary import coupling_metrics, write_summary
 def _round(val_auc: float, test_auc: float, teacher: float, ci: tuple[float, float], loss: float = 0.1) -> dict:
     return {
         "bag_phase": {"val": {"auc": val_auc, "auc_ci_low": ci[0], "auc_ci_high": ci[1], "loss": loss}},
-        "test": {"metrics": {"auc": test_auc, "auc_ci_low": ci[0], "auc_ci_high": ci[1]}, "slides": 4},
+        "test": {
+            "metrics": {"auc": test_auc, "auc_ci_low": ci[0], "auc_ci_high": ci[1]},
+            "slides": 6,
+        },  # as many as _predictions writes
         "teacher": {"patch_auc": teacher, "patches": 100, "normal_called_tumour": 0.1},
     }
 
