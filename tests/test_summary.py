@@ -18,8 +18,8 @@ def _round(val_auc: float, test_auc: float, teacher: float, ci: tuple[float, flo
         "bag_phase": {"val": {"auc": val_auc, "auc_ci_low": ci[0], "auc_ci_high": ci[1], "loss": loss}},
         "test": {
             "metrics": {"auc": test_auc, "auc_ci_low": ci[0], "auc_ci_high": ci[1]},
-            "slides": 6,
-        },  # as many as _predictions writes
+            "slides": 6,  # as many as _predictions writes
+        },
         "teacher": {"patch_auc": teacher, "patches": 100, "normal_called_tumour": 0.1},
     }
 
