@@ -250,7 +250,7 @@ def _notes(
                 f"Coupling, round {first['round']} -> round {last['round']} (final): "
                 + "; ".join(parts)
                 + "."
-                + _paired_verdict(output_dir, first["round"], last["round"])
+                + _paired_verdict(paired)
             )
     elif len(rows) > 1:
         notes.append(f"Coupling did not improve the validation AUC: round {final_round} (frozen embedder) is final.")
@@ -338,9 +338,8 @@ def _tie_note(rows: list[dict[str, Any]], final_round: int) -> list[str]:
     ]
 
 
-def _paired_verdict(output_dir: Path | None, before: int, after: int) -> str:
-    """Whether the test AUC's change from round ``before`` to ``after`` exceeds the test set's noise (paired)."""
-    d = paired_test_change(output_dir, before, after) if output_dir is not None else None
+def _paired_verdict(d: Mapping[str, Any] | None) -> str:
+    """Whether a test AUC's change (:func:`paired_test_change`, ``None`` where unknown) exceeds the test set's noise."""
     if d is None:
         return ""
     if d["low"] == d["high"]:
