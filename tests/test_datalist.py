@@ -108,6 +108,20 @@ def test_a_datalist_that_is_not_utf8_is_refused_by_name(tmp_path):
         load_datalist(csv)
 
 
+def test_slides_of_the_same_name_in_two_folders_get_ids_that_stay_when_the_data_folder_moves(tmp_path):
+    """Two centres' ``s1.svs``: the first keeps its stem, the second gets a hash of its path inside the data root (it
+    was the absolute path's, so moving the folder renamed the slide and re-extracted its features)."""
+    lists = {}
+    for name in ("here", "moved/elsewhere"):
+        root = tmp_path / name
+        _touch(root, "centre_a/s1.svs", "centre_b/s1.svs", "centre_b/s2.svs")
+        (root / "list.csv").write_text("image,label\ncentre_a/s1.svs,1\ncentre_b/s1.svs,0\ncentre_b/s2.svs,0\n")
+        lists[name] = [e["slide_id"] for e in load_datalist(root / "list.csv")["training"]]
+    ids = lists["here"]
+    assert ids[0] == "s1" and ids[2] == "s2" and ids[1].startswith("s1-") and len(ids[1]) == len("s1-") + 8
+    assert lists["moved/elsewhere"] == ids
+
+
 def test_a_numeric_slide_id_names_the_slide_as_text(tmp_path):
     _touch(tmp_path, "a.svs", "b.svs")
     path = tmp_path / "datalist.json"

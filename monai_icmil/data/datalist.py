@@ -237,7 +237,7 @@ def load_datalist(
                 named.setdefault(item["slide_id"], where)
     if errors:
         raise DatalistError(str(path), errors)
-    _unique_slide_ids(out)
+    _unique_slide_ids(out, root)
     return out
 
 
@@ -441,12 +441,17 @@ def _class_index(
     return label
 
 
-def _unique_slide_ids(out: dict[str, list[dict[str, Any]]]) -> None:
-    """Slide ids must be unique too: they name the per-slide files of the feature store."""
+def _unique_slide_ids(out: dict[str, list[dict[str, Any]]], root: Path) -> None:
+    """Slide ids must be unique too: they name the per-slide files of the feature store. A slide whose file stem an
+    earlier row's slide already has (``centre_b/s1.svs`` after ``centre_a/s1.svs``) is told apart by a hash of its path
+    relative to the data root (the absolute path where it lies outside), so its id and stored features stay the same
+    when the whole data folder moves."""
     ids: dict[str, str] = {}
     for items in out.values():
         for item in items:
             sid = item["slide_id"]
             if sid in ids and ids[sid] != item["image"]:
-                item["slide_id"] = f"{sid}-{stable_hash(item['image'], 8)}"
+                rel = os.path.relpath(item["image"], root)
+                where = item["image"] if rel.startswith("..") or os.path.isabs(rel) else Path(rel).as_posix()
+                item["slide_id"] = f"{sid}-{stable_hash(where, 8)}"
             ids[item["slide_id"]] = item["image"]
