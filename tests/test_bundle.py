@@ -152,6 +152,39 @@ def test_network_def_is_the_untrained_bag_classifier_built_from_the_configs(tmp_
     assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
 
 
+def test_the_coupling_recipe_reaches_the_phases_it_sets_and_nothing_else_changes(tmp_path):
+    """``coupling_recipe.json`` (the embedder-phase recipe of benchmarks D10-D13) after ``train.json``: the built
+    embedder and bag phases carry its values, and every other setting of the two phases is train.json's."""
+    from monai.bundle import ConfigParser
+
+    phases = {}
+    for name, files in (("train", ["train.json"]), ("recipe", ["train.json", "coupling_recipe.json"])):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / f) for f in files])
+        parser.update({"bundle_root": str(BUNDLE), "output_dir": str(tmp_path / "o"), "device": "cpu"})
+        phases[name] = (parser.get_parsed_content("embedder_phase#phase"), parser.get_parsed_content("bag_phase#phase"))
+
+    def settings(embedder_phase, bag_phase):
+        return {
+            "normal_slide_targets": embedder_phase.normal_slide_targets,
+            "lr": embedder_phase.optimizer.keywords["lr"],
+            "weight_decay": embedder_phase.optimizer.keywords["weight_decay"],
+            "batches": (embedder_phase.epochs, embedder_phase.batches_per_epoch, embedder_phase.batch_size),
+            "views": (embedder_phase.views.min_area, embedder_phase.views.hed_jitter),
+            "select": embedder_phase.select,
+            "confidence": embedder_phase.loss_function.confidence,
+            "warm_start": bag_phase.warm_start,
+            "bag": (bag_phase.epochs, bag_phase.restarts, bag_phase.optimizer.keywords["lr"]),
+        }
+
+    train, recipe = settings(*phases["train"]), settings(*phases["recipe"])
+    changed = {"normal_slide_targets": True, "lr": 1e-4, "batches": (1, 1000, 100), "views": (1.0, 0.05)}
+    changed["warm_start"] = "both"
+    assert recipe == {**train, **changed} and all(train[k] != v for k, v in changed.items())
+    files = json.dumps([str(CONFIGS / "train.json"), str(CONFIGS / "coupling_recipe.json")])
+    assert check_config(["run", "--config_file", files]) == []
+
+
 def test_folds_from_the_command_line_make_fold_workflows_of_the_same_components(tmp_path):
     """``--folds 3`` reaches the workflow; each fold is the configured workflow (the same phase components and
     settings) with its own datalist and folder, the coordinates and round-0 features shared."""
@@ -843,7 +876,14 @@ def test_settings_that_no_component_uses_are_refused(tmp_path):
     old.write_text(json.dumps({"bag_phase#class_weights": "balanced", "aggregator_kwargs": {"hidden_dim": 8}}))
     with pytest.raises(ValueError, match=r"0\.1: 'aggregator_kwargs'.*no component uses: bag_phase#class_weights"):
         check_config(["run", "--config_file", json.dumps([str(CONFIGS / "train.json"), str(old)])])
-    for extra in ("demo.json", "camelyon16.json", "pretrain.json", "inference.json", "evaluate.json"):
+    for extra in (
+        "demo.json",
+        "camelyon16.json",
+        "pretrain.json",
+        "inference.json",
+        "evaluate.json",
+        "coupling_recipe.json",
+    ):
         files = json.dumps([str(CONFIGS / "train.json"), str(CONFIGS / extra)])
         assert check_config(["run", "--config_file", files, "--bag_phase#epochs", "3"]) == ["bag_phase#epochs"]
     # a value for a component that a later file replaced: warned about, by name
