@@ -4,7 +4,8 @@
 
 (a) ours, cuCIM batched: ``CuCIMSlide.read_patches(coords, num_workers=N)`` (one ``read_region`` call with a list)
 (b) baseline: a per-patch OpenSlide loop (``OpenSlide.read_region`` + RGBA->RGB, one patch at a time)
-(c) ours, tifffile tile reader: ``TiffSlide.read_patches(coords, num_workers=N)``
+(c) ours, tifffile tile reader: ``TiffSlide.read_patches(coords, num_workers=N)``, tile bytes by ``os.pread``
+(d) (c) with its fallback where there is no ``pread``: one locked seek + read of the shared handle per tile
 
     python benchmarks/read_patches.py [--patches 1000] [--patch_size 256] [--num_workers N] [--repeats 3]
 
@@ -38,6 +39,14 @@ def _openslide_loop(path: str, coords: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def _tiffslide_locked(path: str, coords: np.ndarray, size: int, num_workers: int) -> np.ndarray:
+    reader = TiffSlide(path)
+    if reader._fd is not None:  # what a platform without os.pread gets: TiffSlide._read_at's locked seek + read
+        os.close(reader._fd)
+        reader._fd = None
+    return reader.read_patches(coords, size, num_workers=num_workers)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--patches", type=int, default=1000)
@@ -69,6 +78,7 @@ def main() -> None:
         "a_cucim_batched": lambda: CuCIMSlide(path).read_patches(coords, a.patch_size, num_workers=a.num_workers),
         "b_openslide_loop": lambda: _openslide_loop(path, coords, a.patch_size),
         "c_tifffile_tiles": lambda: TiffSlide(path).read_patches(coords, a.patch_size, num_workers=a.num_workers),
+        "d_tifffile_locked": lambda: _tiffslide_locked(path, coords, a.patch_size, a.num_workers),
     }
     results, outputs = {}, {}
     for name, fn in ways.items():
@@ -81,6 +91,7 @@ def main() -> None:
         results[name] = a.patches / float(np.median(times))
     diff_b = float(np.abs(outputs["a_cucim_batched"].astype(int) - outputs["b_openslide_loop"]).mean())
     diff_c = float(np.abs(outputs["a_cucim_batched"].astype(int) - outputs["c_tifffile_tiles"]).mean())
+    assert np.array_equal(outputs["c_tifffile_tiles"], outputs["d_tifffile_locked"]), "pread and locked reads differ"
     base = results["b_openslide_loop"]
     print(
         f"slide {w}x{h}, {a.patches} patches of {a.patch_size}px at level 0, num_workers={a.num_workers}, "
