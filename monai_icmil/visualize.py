@@ -648,8 +648,8 @@ def prediction_vs_truth(
     truth_downsample: float,
 ) -> np.ndarray:
     """Side by side over the slide's thumbnail: the instance-probability overlay (:func:`score_overlay`, with the
-    ground truth's outline in white) and the ground-truth tumour region (tinted red, outlined), then the overlay's
-    colour bar (probability 0-1), so agreement shows at a glance."""
+    ground truth's outline in white), its colour bar (probability 0-1), and the ground-truth tumour region (tinted
+    red, outlined), so agreement shows at a glance."""
     from PIL import Image
 
     h, w = thumbnail.shape[:2]
@@ -664,10 +664,11 @@ def prediction_vs_truth(
     key = Image.new("RGB", (VS_TRUTH_BAR, h), "white")
     _draw_colour_bar(key, (8, 0), h, "jet", 14, _font(12))
     truth_panel = np.clip(truth_img + 0.5, 0, 255).astype(np.uint8)
-    return np.concatenate([predicted, gap, truth_panel, np.asarray(key)], axis=1)
+    return np.concatenate([predicted, np.asarray(key), gap, truth_panel], axis=1)
 
 
-#: px right of the ground-truth panel of :func:`prediction_vs_truth` for the probability's colour bar
+#: px between the prediction and the ground-truth panels of :func:`prediction_vs_truth` (besides an 8 px gap) for
+#: the probability's colour bar
 VS_TRUTH_BAR = 8 + 14 + 34
 
 

@@ -451,9 +451,11 @@ def test_the_run_shows_the_highest_scoring_test_slide_beside_its_ground_truth(tr
     assert showcase["slide"] == top and showcase["probability"] == pytest.approx(probs[top])
     assert f"]({showcase['picture']})" in (out / "summary.md").read_text()
     picture = Image.open(out / f"test_inference/{top}_vs_truth.jpg")
-    thumb = 1024  # the slide's thumbnail (at most 1024 px): prediction, an 8 px gap, the ground truth, a caption band
-    assert picture.size == (2 * thumb + 8 + VS_TRUTH_BAR, 768 + 18)  # and the probability's colour bar
-    right = np.asarray(picture.convert("RGB"))[18:, thumb + 8 : 2 * thumb + 8].astype(float)
+    thumb = 1024  # the slide's thumbnail (at most 1024 px): prediction, its colour bar, an 8 px gap, the ground truth
+    assert picture.size == (2 * thumb + VS_TRUTH_BAR + 8, 768 + 18)  # under an 18 px caption band
+    right = np.asarray(picture.convert("RGB"))[18:, thumb + VS_TRUTH_BAR + 8 :].astype(float)
+    bar = np.asarray(picture.convert("RGB"))[18:, thumb + 8 : thumb + 22].astype(int)  # jet: dark red at 1, blue at 0
+    assert bar[5, :, 0].mean() > 80 > bar[5, :, 2].mean() and bar[-5, :, 2].mean() > 80 > bar[-5, :, 0].mean()
     # the right panel is the slide's thumbnail, tinted red (0.55 thumbnail + 0.45 red) inside the tumour mask and
     # unchanged outside it (4 px from the outline, for the outline and JPEG), whatever the slide's stain
     slide = next((trained / "data" / "slides").glob(f"{top}.*"))
