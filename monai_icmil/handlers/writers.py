@@ -303,6 +303,7 @@ class GroundTruthWriter(SlideWriter):
         p = float(pred.scores["probs"][-1])
         caption = (
             f"{pred.slide_id}: p({pred.positive}) = {p:.3f}. Left: each patch's {pred.positive} probability (the "
-            "instance teacher; its colour bar beside it), the ground truth outlined in white; right: the ground truth (red)"
+            "instance teacher; its colour bar beside it), the ground truth outlined in white; right: the ground "
+            "truth (red)"
         )
         save_prediction_vs_truth(self.outputs(pred)[0], picture, caption)
