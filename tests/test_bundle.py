@@ -178,8 +178,13 @@ def test_the_coupling_recipe_reaches_the_phases_it_sets_and_nothing_else_changes
         }
 
     train, recipe = settings(*phases["train"]), settings(*phases["recipe"])
-    changed = {"normal_slide_targets": True, "lr": 1e-4, "batches": (1, 1000, 100), "views": (1.0, 0.05)}
-    changed["warm_start"] = "both"
+    changed = {
+        "normal_slide_targets": True,
+        "lr": 1e-4,
+        "batches": (1, 1000, 100),
+        "views": (1.0, 0.05),
+        "warm_start": "both",
+    }
     assert recipe == {**train, **changed} and all(train[k] != v for k, v in changed.items())
     files = json.dumps([str(CONFIGS / "train.json"), str(CONFIGS / "coupling_recipe.json")])
     assert check_config(["run", "--config_file", files]) == []

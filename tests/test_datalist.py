@@ -120,6 +120,8 @@ def test_slides_of_the_same_name_in_two_folders_get_ids_that_stay_when_the_data_
     ids = lists["here"]
     assert ids[0] == "s1" and ids[2] == "s2" and ids[1].startswith("s1-") and len(ids[1]) == len("s1-") + 8
     assert lists["moved/elsewhere"] == ids
+    (tmp_path / "link").symlink_to(tmp_path / "moved")  # the same folder reached through a symlink
+    assert [e["slide_id"] for e in load_datalist(tmp_path / "link" / "elsewhere" / "list.csv")["training"]] == ids
 
 
 def test_a_numeric_slide_id_names_the_slide_as_text(tmp_path):

@@ -447,11 +447,12 @@ def _unique_slide_ids(out: dict[str, list[dict[str, Any]]], root: Path) -> None:
     relative to the data root (the absolute path where it lies outside), so its id and stored features stay the same
     when the whole data folder moves."""
     ids: dict[str, str] = {}
+    real_root = root.resolve()
     for items in out.values():
         for item in items:
             sid = item["slide_id"]
             if sid in ids and ids[sid] != item["image"]:
-                rel = os.path.relpath(item["image"], root)
-                where = item["image"] if rel.startswith("..") or os.path.isabs(rel) else Path(rel).as_posix()
+                image = Path(item["image"])  # resolved, so compared with the resolved root
+                where = image.relative_to(real_root).as_posix() if image.is_relative_to(real_root) else str(image)
                 item["slide_id"] = f"{sid}-{stable_hash(where, 8)}"
             ids[item["slide_id"]] = item["image"]
