@@ -81,7 +81,7 @@ def test_stain_normalisation_is_part_of_the_feature_key(cmu_slide):
     assert feature_key(cmu_slide, {"patch_size": 64}, "fp", stain_normalize=True) != plain
 
 
-def test_a_run_with_stain_normalisation_and_hed_views(synthetic_dataset, tmp_path):
+def test_a_run_with_stain_normalisation_and_hed_views(synthetic_dataset, tmp_path, caplog):
     import functools
     import json
 
@@ -118,7 +118,11 @@ def test_a_run_with_stain_normalisation_and_hed_views(synthetic_dataset, tmp_pat
         mlflow={"enabled": False},
         device="cpu",
     )
-    wf.run()
+    with caplog.at_level("WARNING", logger="monai_icmil.workflow"):
+        wf.run()
+    # random init is warned about, without the hint to turn on what is on
+    warned = [r.getMessage() for r in caplog.records if "starts from a random-init" in r.getMessage()]
+    assert len(warned) == 1 and "--stain_normalize true" not in warned[0]
     state = json.loads((tmp_path / "out" / "state.json").read_text())["rounds"]
     assert state["1"]["embed"]["written"] == 8 and state["1"]["test"]["slides"] == 2
     store = FeatureStore(tmp_path / "out" / "round_0" / "features")

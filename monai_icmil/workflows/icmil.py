@@ -1072,8 +1072,15 @@ class ICMILWorkflow(BundleWorkflow):
                 "round 0 starts from a random-init %s with no pre-training (`embedder#weights` is null and "
                 "`workflow#pretrain` is off): fine for the synthetic demo, weak on real slides. Give ImageNet or "
                 "pathology weights from a local file (`--embedder#weights /path/resnet50.pth`) or pre-train on your "
-                "slides (`--config_file \"['configs/train.json','configs/pretrain.json']\"`).",
+                "slides (`--config_file \"['configs/train.json','configs/pretrain.json']\"`).%s",
                 self.starting_embedder_name(),
+                (
+                    ""
+                    if self.stain_normalize
+                    else " On H&E from several labs or scanners add `--stain_normalize true`, so that the features "
+                    "do not follow each slide's stain (on real H&E quilted into new slides it lifted the demo "
+                    "settings' test AUC, most with pre-training; benchmarks/RESULTS.md)."
+                ),
             )
 
     def _log_run(self, summary: Mapping[str, Any]) -> None:
