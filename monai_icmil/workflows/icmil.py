@@ -1077,7 +1077,7 @@ class ICMILWorkflow(BundleWorkflow):
                 (
                     ""
                     if self.stain_normalize
-                    else " On H&E from several labs or scanners add `--stain_normalize true`, so that the features "
+                    else " On H&E from several labs or scanners consider `--stain_normalize true`, so that the features "
                     "do not follow each slide's stain (on real H&E quilted into new slides it lifted the demo "
                     "settings' test AUC, most with pre-training; benchmarks/RESULTS.md)."
                 ),
