@@ -1068,19 +1068,20 @@ class ICMILWorkflow(BundleWorkflow):
         """Round 0 from a random-init embedder is a choice for synthetic data, a mistake on real slides: say so."""
         if self.starting_embedder_origin() == "random init" and not self._warned_random_start:
             self._warned_random_start = True
+            stain_hint = (
+                ""
+                if self.stain_normalize
+                else " On H&E from several labs or scanners consider `--stain_normalize true`, so that the "
+                "features do not follow each slide's stain (on real H&E quilted into new slides it lifted the demo "
+                "settings' test AUC, most with pre-training; benchmarks/RESULTS.md)."
+            )
             logger.warning(
                 "round 0 starts from a random-init %s with no pre-training (`embedder#weights` is null and "
                 "`workflow#pretrain` is off): fine for the synthetic demo, weak on real slides. Give ImageNet or "
                 "pathology weights from a local file (`--embedder#weights /path/resnet50.pth`) or pre-train on your "
                 "slides (`--config_file \"['configs/train.json','configs/pretrain.json']\"`).%s",
                 self.starting_embedder_name(),
-                (
-                    ""
-                    if self.stain_normalize
-                    else " On H&E from several labs or scanners consider `--stain_normalize true`, so that the features "
-                    "do not follow each slide's stain (on real H&E quilted into new slides it lifted the demo "
-                    "settings' test AUC, most with pre-training; benchmarks/RESULTS.md)."
-                ),
+                stain_hint,
             )
 
     def _log_run(self, summary: Mapping[str, Any]) -> None:
