@@ -13,6 +13,7 @@ Only the tiles a patch overlaps are decoded; nothing reads a whole level to cut 
 from __future__ import annotations
 
 import functools
+import html
 import math
 import os
 import re
@@ -148,12 +149,14 @@ def _mpp_from_resolution(value: Any, unit: Any) -> float | None:
 
 
 #: micrometres per OME length unit (``PhysicalSizeXUnit``; the OME default is the micrometre)
-OME_UNITS_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "Å": 1e-4, "mm": 1e3, "cm": 1e4, "m": 1e6}
+OME_UNITS_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "pm": 1e-6, "Å": 1e-4, "\u212b": 1e-4, "mm": 1e3}
+OME_UNITS_UM.update({"cm": 1e4, "m": 1e6, "in": 25400.0})  # (Å: the letter and the angstrom sign)
 
 
-def _ome_mpp(xml: str | None) -> float | None:
-    """Level-0 micrometres per pixel from an OME-XML document: ``PhysicalSizeX`` (with its unit) of the image stored
-    from the file's first IFD (``TiffData IFD="0"``, absent = 0), else of the first image."""
+def _ome_mpp(xml: str | None, axis: str = "X") -> float | None:
+    """Level-0 micrometres per pixel from an OME-XML document: ``PhysicalSizeX`` (``axis="Y"``: ``PhysicalSizeY``),
+    with its unit, of the image stored from the file's first IFD (``TiffData IFD="0"``, absent = 0), else of the first
+    image."""
     import xml.etree.ElementTree as ET
 
     try:
@@ -167,12 +170,34 @@ def _ome_mpp(xml: str | None) -> float | None:
         if any(local(d) == "TiffData" and d.get("IFD", "0") == "0" for d in pixels):
             chosen = pixels
             break
-    if chosen is None or chosen.get("PhysicalSizeX") is None:
+    size, unit = f"PhysicalSize{axis}", f"PhysicalSize{axis}Unit"
+    if chosen is None or chosen.get(size) is None:
         return None
     try:
-        return _plausible_mpp(float(chosen.get("PhysicalSizeX")) * OME_UNITS_UM[chosen.get("PhysicalSizeXUnit", "µm")])
+        return _plausible_mpp(float(chosen.get(size)) * OME_UNITS_UM[chosen.get(unit, "µm")])
     except (ValueError, KeyError):
         return None
+
+
+def _philips_mpp(description: str) -> tuple[float | None, float | None]:
+    """Level-0 ``(x, y)`` micrometres per pixel from a Philips TIFF's XML description (``DPUfsImport``): its finest
+    ``DICOM_PIXEL_SPACING``, which DICOM gives in millimetres, row (y) spacing first; ``(None, None)`` without one.
+    (The label and macro images' spacings are coarser than the scan's.)"""
+    pairs = []
+    for m in re.finditer(r'Name="DICOM_PIXEL_SPACING"[^>]*>([^<]*)<', description or ""):
+        values = re.findall(r"[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?", html.unescape(m.group(1)))
+        if len(values) >= 2 and float(values[0]) > 0 and float(values[1]) > 0:
+            pairs.append((float(values[1]) * 1e3, float(values[0]) * 1e3))
+    if not pairs:
+        return None, None
+    x, y = min(pairs)
+    return _plausible_mpp(x), _plausible_mpp(y)
+
+
+def _level0_page(tif: Any) -> Any:
+    """The page of a TIFF's main IFD chain that holds level 0: its largest page (the first of equals). Most writers
+    store level 0 first; Ventana's store a label image first, and some writers store the levels coarsest first."""
+    return max(tif.pages, key=lambda p: int(p.imagewidth) * int(p.imagelength), default=tif.pages.first)
 
 
 def _tiff_properties(path: str) -> dict[str, Any]:
@@ -186,19 +211,24 @@ def _tiff_properties(path: str) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=64)
 def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
-    """mpp and objective power from a TIFF's first page. The mpp is the Aperio description's ``MPP``, else the OME
-    metadata's ``PhysicalSizeX`` (OME-TIFF), else the resolution tags (``mpp``); each source is also returned on its
-    own (``aperio_mpp``, ``ome_mpp``, ``tiff_mpp``). ``subifd_levels`` counts the tiled reduced-resolution pages kept
-    in the first page's SubIFDs (OME-TIFF pyramids), which cuCIM and OpenSlide do not see. The structure: ``tiled``
-    (the first page), ``data_end`` (the last byte of image data any page or SubIFD stores, and that page's index)."""
+    """mpp and objective power from a TIFF's level-0 page (:func:`_level0_page`). The mpp is the Aperio description's
+    ``MPP``, else the OME metadata's ``PhysicalSizeX`` (OME-TIFF), else a Philips description's
+    ``DICOM_PIXEL_SPACING``, else the resolution tags (with the TIFF default unit, the inch, where ``ResolutionUnit``
+    is absent) (``mpp``, and ``mpp_y`` from the same source where it gives one); each source is also returned on its
+    own (``aperio_mpp``, ``ome_mpp``, ``philips_mpp``, ``tiff_mpp``). ``subifd_levels`` counts the tiled
+    reduced-resolution pages kept in the level-0 page's SubIFDs (OME-TIFF pyramids), which cuCIM and OpenSlide do
+    not see. The structure: ``tiled`` (the level-0 page), ``data_end`` (the last byte of image data any page or
+    SubIFD stores, and that page's index)."""
     props: dict[str, Any] = {"objective_power": None, "aperio_mpp": None, "ome_mpp": None, "tiff_mpp": None}
+    props.update(philips_mpp=None, mpp_y=None, level0=None)
+    y_of: dict[str, float | None] = {}
     props.update(subifd_levels=0, tiled=True, data_end=(0, 0))  # (what tifffile cannot parse: the backends report)
     props.update(samples=None, cucim_unsafe=None, jfif_rgb=False, unmarked_levels=0)
     props.update(photometric=None, compression=None, sample_format=1, max_sample=None, orientation=1, range_note=None)
     try:
         tifffile = _import_backend("tifffile")
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages.first
+            page = _level0_page(tif)
             ends = []
             for i, main in enumerate(tif.pages):
                 for p in (main, *(main.pages or ())):  # SubIFDs too
@@ -208,6 +238,7 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
                     if int(p.predictor) > 1 and int(p.compression) != 5:  # LZW with a predictor is fine
                         props["cucim_unsafe"] = f"{p.compression.name} tiles with a predictor (cuCIM crashes on them)"
             props.update(tiled=bool(page.is_tiled), data_end=max(ends, default=(0, 0)))
+            props["level0"] = (int(page.imagewidth), int(page.imagelength))
             props.update(samples=int(page.samplesperpixel), jfif_rgb=_jfif_tagged_rgb(page))
             props.update(photometric=int(page.photometric), compression=int(page.compression))
             props.update(sample_format=int(page.sampleformat), orientation=_tag_value(page, "Orientation", 1))
@@ -218,14 +249,13 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
                     top, props["range_note"] = _measured_bit_range(tif)
             props["max_sample"] = top if 0 < top < 65535 else None
             # reduced levels in the main chain not marked as such: cuCIM refuses the file, OpenSlide sees one level
-            dims = [(int(page.imagewidth), int(page.imagelength))] + [
-                (int(p.imagewidth), int(p.imagelength))
-                for p in tif.pages[1:]
-                if p.is_tiled and not int(p.subfiletype) & 1
-            ]
+            others = [p for p in tif.pages if p is not page and p.is_tiled and not int(p.subfiletype) & 1]
+            dims = [(int(p.imagewidth), int(p.imagelength)) for p in [page] + others]
+            dims = dims[:1] + sorted(dims[1:], key=lambda d: -d[0] * d[1])
             vendor = any(getattr(tif, f"is_{name}", False) for name in ("svs", "ndpi", "philips", "scn", "bif", "qpi"))
             props["unmarked_levels"] = 0 if vendor else len(pyramid_levels(dims)) - 1
-            desc = page.description or ""
+            first = tif.pages.first
+            desc = (page.description or "") if first is page else f"{page.description or ''}\n{first.description or ''}"
             m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", desc)
             if m:
                 props["aperio_mpp"] = _plausible_mpp(float(m.group(1)))
@@ -233,14 +263,18 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
             if m:
                 props["objective_power"] = float(m.group(1))
             if tif.is_ome:
-                props["ome_mpp"] = _ome_mpp(tif.ome_metadata)
-            xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
-            if xres is not None and unit is not None:
-                props["tiff_mpp"] = _mpp_from_resolution(xres.value, unit.value)
+                props["ome_mpp"], y_of["ome_mpp"] = _ome_mpp(tif.ome_metadata), _ome_mpp(tif.ome_metadata, "Y")
+            if "DICOM_PIXEL_SPACING" in desc:
+                props["philips_mpp"], y_of["philips_mpp"] = _philips_mpp(desc)
+            xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
+            if xres is not None:  # page.resolutionunit: the tag's value, else the TIFF default (the inch)
+                props["tiff_mpp"] = _mpp_from_resolution(xres.value, page.resolutionunit)
+                y_of["tiff_mpp"] = _mpp_from_resolution(yres.value, page.resolutionunit) if yres is not None else None
             props["subifd_levels"] = sum(bool(p.is_tiled) for p in (page.pages or []))
     except Exception as e:  # not a TIFF, or metadata tifffile cannot parse: kept for the no-mpp warning
         props["tiff_error"] = f"{type(e).__name__}: {e}"
-    props["mpp"] = next((props[k] for k in ("aperio_mpp", "ome_mpp", "tiff_mpp") if props[k] is not None), None)
+    source = next((k for k in ("aperio_mpp", "ome_mpp", "philips_mpp", "tiff_mpp") if props[k] is not None), None)
+    props["mpp"], props["mpp_y"] = (props[source], y_of.get(source)) if source else (None, None)
     return props
 
 
@@ -344,11 +378,22 @@ def _jfif_tagged_rgb(page: Any) -> bool:
 
 #: relative difference above which the Aperio description's and the TIFF tags' mpp are reported as disagreeing
 MPP_DISAGREEMENT = 0.05
+#: relative difference between a slide's x and y pixel sizes above which its pixels are reported as not square
+MPP_ANISOTROPY = 0.01
 
 
 def _check_mpp_sources(path: str) -> None:
-    """Warn when a TIFF's Aperio description and resolution tags give different mpp (the description is used)."""
+    """Warn when a TIFF's Aperio description and resolution tags give different mpp (the description is used), and
+    when its pixels are not square (the x size is used)."""
     props = _tiff_properties(path)
+    x, y = props["mpp"], props["mpp_y"]
+    if x and y and abs(x - y) > MPP_ANISOTROPY * x:
+        warnings.warn(
+            f"slide '{path}': its pixels are not square ({x:g} um wide, {y:g} um high): every reader here uses the "
+            f"width, so patches cover {y / x:.3g} times more tissue in height than in width. Resample the slide to "
+            "square pixels if that matters for your model.",
+            stacklevel=3,
+        )
     aperio, tags = props["aperio_mpp"], props["tiff_mpp"]
     if aperio and tags and abs(aperio - tags) > MPP_DISAGREEMENT * aperio:
         warnings.warn(
@@ -366,13 +411,16 @@ NO_MPP_FIX = (
 )
 
 
-def on_white(rgba: np.ndarray) -> np.ndarray:
+def on_white(rgba: np.ndarray, associated: bool = False) -> np.ndarray:
     """``[..., 4]`` RGBA composited on a white background (transparent = outside the scanned area, as cuCIM
-    returns it), as ``[..., 3]`` uint8; RGB passes through."""
+    returns it), as ``[..., 3]`` uint8; RGB passes through. ``associated``: the colour is premultiplied by the alpha
+    (TIFF ``ExtraSamples`` 1)."""
     rgb, alpha = rgba[..., :3], rgba[..., 3:4]
     if rgba.shape[-1] < 4 or alpha.min() == 255:
         return np.ascontiguousarray(rgb, dtype=np.uint8)
     a = alpha.astype(np.uint16)
+    if associated:  # premultiplied: the colour already carries its alpha
+        return np.minimum(rgb.astype(np.uint16) + (255 - a), 255).astype(np.uint8)
     return ((rgb.astype(np.uint16) * a + 255 * (255 - a)) // 255).astype(np.uint8)
 
 
@@ -460,6 +508,8 @@ class SlideReader(ABC):
         dims = self.level_dimensions
         if not dims:
             raise SlideError(self.path, "no image levels found.")
+        if any(w * h > dims[0][0] * dims[0][1] for w, h in dims[1:]):  # its coordinates would be a label's, say
+            raise RuntimeError(f"{self.backend or 'the backend'} lists a smaller image as level 0 ({dims})")
         # downsamples from dimensions are exact for generic TIFFs; backends may override with their own values
         if not self.level_downsamples:
             w0, h0 = dims[0]
@@ -667,7 +717,9 @@ class SlideReader(ABC):
         out = np.empty((oh, ow, 3), np.uint8)
         for y in range(0, oh * block, chunk):
             for x in range(0, ow * block, chunk):
-                loc = (min(int(round(x * ds)), self.dimensions[0] - 1), min(int(round(y * ds)), self.dimensions[1] - 1))
+                # the smallest level-0 point that falls in level pixel (x, y): a rounded one may fall in the pixel
+                # before it where the downsample is not a whole number (10001 px over 5000, say)
+                loc = (min(math.ceil(x * ds), self.dimensions[0] - 1), min(math.ceil(y * ds), self.dimensions[1] - 1))
                 bw, bh = min(chunk, ow * block - x), min(chunk, oh * block - y)
                 part = block_mean(self.read_patches([loc], (bw, bh), level)[0], block)
                 out[y // block : y // block + part.shape[0], x // block : x // block + part.shape[1]] = part
@@ -921,10 +973,11 @@ class OpenSlideSlide(_PatchByPatchReader):
         props = self._osr.properties
         obj = props.get("openslide.objective-power")
         self.objective_power = float(obj) if obj else None
-        # Aperio, then OME-XML (which OpenSlide does not read), then OpenSlide's own (vendor metadata), then the tags
+        # Aperio, then OME-XML (which OpenSlide does not read), then Philips XML, then OpenSlide's own (vendor
+        # metadata), then the tags
         tiff = _tiff_properties(self.path) if self.path.lower().endswith(TIFF_SUFFIXES) else {}
         vendor = _plausible_mpp(float(props["openslide.mpp-x"])) if props.get("openslide.mpp-x") else None
-        sources = (tiff.get("aperio_mpp"), tiff.get("ome_mpp"), vendor, tiff.get("tiff_mpp"))
+        sources = (tiff.get("aperio_mpp"), tiff.get("ome_mpp"), tiff.get("philips_mpp"), vendor, tiff.get("tiff_mpp"))
         self.mpp = next((v for v in sources if v is not None), None)
         self._tile_sizes = self._read_tile_sizes()
         self._lock = threading.Lock()
@@ -997,17 +1050,17 @@ class TiffSlide(_PatchByPatchReader):
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0)) if hasattr(os, "pread") else None
 
     def _find_levels(self) -> list[Any]:
-        pages = list(self._tif.pages)
-        first = pages[0]
+        first = _level0_page(self._tif)  # (a label stored before it, levels stored coarsest first)
         if not first.is_tiled:
             raise _not_tiled_error(self.path)
         if first.samplesperpixel < 3:
             raise SlideError(self.path, f"expected an RGB slide, found {first.samplesperpixel} sample(s) per pixel.")
-        candidates = [first] + list(first.pages or []) + pages[1:]
         if first.dtype not in (np.uint8, np.uint16):
             raise SlideError(self.path, f"{first.dtype} samples are not read; convert the slide to 8-bit RGB.")
+        others = [p for p in (*(first.pages or ()), *self._tif.pages) if p is not first]
+        others = sorted(others, key=lambda p: -int(p.imagewidth) * int(p.imagelength))  # stable: file order in ties
         # the pyramid among them (level 0's aspect, each level smaller enough) is chosen by _describe_levels
-        return [p for p in candidates if p.is_tiled and p.samplesperpixel == first.samplesperpixel]
+        return [p for p in [first, *others] if p.is_tiled and p.samplesperpixel == first.samplesperpixel]
 
     def _tile(self, level: int, index: int) -> np.ndarray:
         key = (level, index)
@@ -1026,7 +1079,10 @@ class TiffSlide(_PatchByPatchReader):
         if tile.dtype == np.uint16:  # 16-bit: the declared range (MaxSampleValue, else 65535) onto 8 bits, rounded
             top = self._max_sample
             tile = ((np.minimum(tile, top).astype(np.uint32) * 255 + top // 2) // top).astype(np.uint8)
-        tile = on_white(tile) if tile.shape[-1] == 4 and page.extrasamples else np.ascontiguousarray(tile[..., :3])
+        if tile.shape[-1] == 4 and page.extrasamples:  # alpha: 1 associated (premultiplied), 2 unassociated
+            tile = on_white(tile, associated=int(page.extrasamples[0]) == 1)
+        else:
+            tile = np.ascontiguousarray(tile[..., :3])
         with self._cache_lock:
             self._cache[key] = tile
             if len(self._cache) > self._cache_size:
@@ -1037,6 +1093,9 @@ class TiffSlide(_PatchByPatchReader):
         """Stored segment ``index`` of a level, decoded: ``[h, w, samples]``."""
         page = self._pages[level]
         offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+        if count == 0 and offset == 0:  # a sparse tile (Philips outside its scanned regions, GDAL's SPARSE_OK): glass
+            samples = 1 if int(page.planarconfig) == 2 else int(page.samplesperpixel)
+            return np.full((int(page.tilelength), int(page.tilewidth), samples), np.iinfo(page.dtype).max, page.dtype)
         if count == 0 or offset + count > self._file_size:
             raise SlideError(
                 self.path,
@@ -1113,7 +1172,8 @@ class TiffSlide(_PatchByPatchReader):
 
     def jpeg_streams(self, level: int, tiles: Sequence[tuple[int, int]]) -> list[bytes] | None:
         """The JPEG tiles ``(column, row)`` of ``level`` as whole streams, undecoded (a slide's shared ``JPEGTables``,
-        as Aperio writes them, spliced into each); ``None`` when one is empty or lies beyond the end of the file."""
+        as Aperio writes them, spliced into each), leaving out sparse tiles (not stored: read as glass); ``None`` when
+        one is empty or lies beyond the end of the file."""
         page = self._pages[level]
         n_tx = -(-self.level_dimensions[level][0] // int(page.tilewidth))
         tables = page.jpegtables
@@ -1121,6 +1181,8 @@ class TiffSlide(_PatchByPatchReader):
         for tx, ty in tiles:
             index = ty * n_tx + tx
             offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+            if count == 0 and offset == 0:  # sparse (not stored): read as glass, nothing to check
+                continue
             if count == 0 or offset + count > self._file_size:
                 return None
             data = self._read_at(offset, count)
@@ -1334,6 +1396,10 @@ def open_slide(
         except Exception as e:
             reasons.append(f"{name}: {type(e).__name__}: {e}")
             continue
+        if (misread := _misread_level0(path, reader)) is not None:
+            reasons.append(f"{name}: {misread}")
+            reader.close()
+            continue
         if mpp is not None:
             reader.mpp = float(mpp)
         elif reader.mpp is None and warn_no_mpp:
@@ -1348,6 +1414,18 @@ def open_slide(
         "--tile --pyramid --compression jpeg` or `bfconvert -pyramid-resolutions 4 -tilex 256 -tiley 256 in "
         "out.ome.tif`.",
     )
+
+
+def _misread_level0(path: str, reader: SlideReader) -> str | None:
+    """Why ``reader`` misreads a TIFF's level 0 (it took a reduced level for it, e.g. OpenSlide where a label image
+    is stored first), or ``None``. (A level-0 page padded to whole tiles, as Philips writes it, is read right.)"""
+    if not path.lower().endswith(TIFF_SUFFIXES) or (level0 := _tiff_properties(path)["level0"]) is None:
+        return None
+    if reader.dimensions[0] * MIN_LEVEL_RATIO <= level0[0] and reader.dimensions[1] * MIN_LEVEL_RATIO <= level0[1]:
+        return f"sees a {reader.dimensions[0]}x{reader.dimensions[1]} level 0, but the file's largest image is " + (
+            f"{level0[0]}x{level0[1]}"
+        )
+    return None
 
 
 def _warn_as_read(path: str) -> None:

@@ -430,7 +430,12 @@ def compute_tissue_mask(
         reader._check_level(level)
         factor = 1
     img = reader.read_level(level, block=factor)
-    downsample = reader.dimensions[0] / img.shape[1]
+    # a mask pixel is a block of the level (read_level drops the ragged edge and leaves a level smaller than a block
+    # whole): its size is the block's times the level's, not level 0's width over the mask's, which on a narrow slide
+    # shifted the mask along its length
+    lw, lh = reader.level_dimensions[level]
+    block = 1 if img.shape[:2] == (lh, lw) else factor
+    downsample = block * reader.level_downsamples[level]
     px_um = (reader.mpp * downsample) if reader.mpp is not None else 8.0
     min_area_px = max(1, int(round(min_area_um2 / (px_um * px_um))))
     max_hole_um2 = as_hole_area(max_hole_um2)
@@ -692,8 +697,9 @@ def _patch_tissue_fraction(mask: np.ndarray, mask_ds: float, coords: np.ndarray,
 
 
 #: the tissue detector's version, kept with the coordinates it tiled (1: before session 60's pale-tissue split and
-#: hole limit, whose stores have none; 2: with them): reused older coordinates are warned about, not tiled again
-DETECTOR_VERSION = 2
+#: hole limit, whose stores have none; 2: with them; 3: the mask's scale from its block and level, and levels read
+#: without a one-pixel shift at non-integer downsamples): reused older coordinates are warned about, not tiled again
+DETECTOR_VERSION = 3
 
 #: tissue-detector options and their defaults: they enter a tiling's signature (the stores' keys) only when changed,
 #: so that stores made before they existed stay current
