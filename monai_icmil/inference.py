@@ -67,6 +67,14 @@ def list_slides(slides: str | os.PathLike | Sequence[str]) -> list[str]:
     if isinstance(slides, (str, os.PathLike)) and Path(slides).is_dir():
         files = sorted(p for p in Path(slides).iterdir() if p.is_file())
         found = [str(p) for p in files if p.suffix.lower() in SLIDE_SUFFIXES]
+        images = [p.name for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        if found and images:
+            warnings.warn(
+                f"folder '{slides}': {len(images)} plain image(s) beside its {len(found)} slide file(s) are left out, "
+                f"taken for masks or thumbnails: {', '.join(images[:5])}{' ...' if len(images) > 5 else ''}. To "
+                "predict them too, give the slides by path (--input_slides \"['a.svs', 'b.png']\").",
+                stacklevel=2,
+            )
         found = found or [str(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         if not found:
             raise FileNotFoundError(
@@ -126,13 +134,20 @@ def _slide_items(slides: str | os.PathLike | Sequence[str | Mapping[str, Any]]) 
     unique), without a label."""
     if not isinstance(slides, (str, os.PathLike)) and all(isinstance(s, Mapping) for s in slides):
         return [{"label": None, **dict(s)} for s in slides]
+    return slide_entries(list_slides(slides))
+
+
+def slide_entries(paths: Sequence[str], mpps: Sequence[float | None] | None = None) -> list[dict[str, Any]]:
+    """Datalist-like entries of slide paths: named by file stem (made unique), without a label, with each slide's
+    level-0 ``mpp`` where ``mpps`` gives one (``None``: the file's)."""
     items, seen = [], set()
-    for p in list_slides(slides):
+    for i, p in enumerate(paths):
         sid, k = Path(p).stem, 1
         while sid in seen:  # a.tif and x/a.tif: a, a-1 (a-1 taken by a slide of that name: a-2)
             sid, k = f"{Path(p).stem}-{k}", k + 1
         seen.add(sid)
-        items.append({"image": p, "slide_id": sid, "label": None})
+        mpp = None if mpps is None else mpps[i]
+        items.append({"image": p, "slide_id": sid, "label": None, **({"mpp": mpp} if mpp is not None else {})})
     return items
 
 

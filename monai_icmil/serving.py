@@ -14,6 +14,7 @@ models:/icmil/1 --env-manager local``; the tests exercise ``load_model`` and ``p
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import warnings
@@ -28,32 +29,55 @@ from monai_icmil.handlers.tracking import using_store
 __all__ = ["SlideClassifierModel", "log_slide_classifier", "model_settings", "INPUT_COLUMN"]
 
 INPUT_COLUMN = "image"
+#: the optional input column of each slide's level-0 microns per pixel (for a file without one, or a wrong one)
+MPP_COLUMN = "mpp"
 
 
-def _paths(model_input: Any) -> list[str]:
-    """Slide paths from a DataFrame (its ``image`` column), a list, a dict of lists, or one path."""
+def _given_mpp(value: Any) -> float | None:
+    """An input row's mpp: ``None`` where it is missing (empty, NaN), else the number (checked as the datalist's)."""
+    from monai_icmil.data.slide import as_mpp
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        if math.isnan(float(value)):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return as_mpp(value, "the input's mpp")
+
+
+def _inputs(model_input: Any) -> tuple[list[str], list[float | None]]:
+    """Slide paths and their given mpp (``None``: the file's) from a DataFrame (its ``image`` column and an optional
+    ``mpp`` column), a dict (of lists or of one slide), a list of paths, or one path."""
     if hasattr(model_input, "columns"):
         if INPUT_COLUMN not in model_input.columns:
             raise ValueError(
                 f"the input table needs an '{INPUT_COLUMN}' column of slide paths, got {list(model_input.columns)}"
             )
-        return [str(p) for p in model_input[INPUT_COLUMN]]
+        paths = [str(p) for p in model_input[INPUT_COLUMN]]
+        mpps = list(model_input[MPP_COLUMN]) if MPP_COLUMN in model_input.columns else [None] * len(paths)
+        return paths, [_given_mpp(m) for m in mpps]
     if isinstance(model_input, Mapping):
         if INPUT_COLUMN not in model_input:
             raise ValueError(f"the input needs an '{INPUT_COLUMN}' key of slide paths, got {list(model_input)}")
-        given = model_input[INPUT_COLUMN]
-        return [str(given)] if isinstance(given, (str, os.PathLike)) else [str(p) for p in given]
-    if isinstance(model_input, (str, os.PathLike)):
-        return [str(model_input)]
-    return [str(p) for p in model_input]
+        given, mpps = model_input[INPUT_COLUMN], model_input.get(MPP_COLUMN)
+        if isinstance(given, (str, os.PathLike)):
+            return [str(given)], [_given_mpp(mpps)]
+        paths = [str(p) for p in given]
+        return paths, [_given_mpp(m) for m in (mpps if mpps is not None else [None] * len(paths))]
+    paths = [str(model_input)] if isinstance(model_input, (str, os.PathLike)) else [str(p) for p in model_input]
+    return paths, [None] * len(paths)
 
 
-def _existing(paths: list[str]) -> list[str]:
-    """The paths that name a file; the others are left out with a warning (as a slide that fails is)."""
+def _existing(paths: list[str], mpps: list[float | None]) -> tuple[list[str], list[float | None]]:
+    """The paths that name a file (with their mpp); the others are left out with a warning (as a slide that fails
+    is)."""
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         warnings.warn(f"slide(s) not found, left out: {', '.join(missing)}", stacklevel=3)
-    return [p for p in paths if p not in missing]
+    kept = [(p, m) for p, m in zip(paths, mpps) if p not in missing]
+    return [p for p, _ in kept], [m for _, m in kept]
 
 
 class SlideClassifierModel(mlflow.pyfunc.PythonModel):
@@ -64,8 +88,10 @@ class SlideClassifierModel(mlflow.pyfunc.PythonModel):
         settings: ``class_names``, ``stain_normalize``, ``backend``, ``assume_mpp``, ``embed`` (the embed phase's
             settings) and ``device`` (``None``: CUDA when available).
 
-    ``predict`` tiles, embeds and scores the slides in a temporary folder (:func:`~monai_icmil.inference
-    .predict_slides`) and returns one row per scored slide: ``slide`` (the file name's stem, made unique),
+    ``predict`` takes a table with an ``image`` column of slide paths and an optional ``mpp`` column (a slide's
+    level-0 microns per pixel, for a file without one or with a wrong one; empty: the file's). It tiles, embeds and
+    scores the slides in a temporary folder (:func:`~monai_icmil.inference.predict_slides`) and returns one row per
+    scored slide: ``slide`` (the file name's stem, made unique),
     ``image`` (the path as given) and ``prob_<class>`` per class. A slide that fails or does not exist is left out
     (as in ``probabilities.csv``), with the reason in a warning; when none is scored the table is empty and a
     warning gives the counts.
@@ -83,8 +109,8 @@ class SlideClassifierModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         # (a DataFrame hint: MLflow takes the schema from the logged signature, not from the hint)
         names = self.settings.get("class_names") or [str(k) for k in range(self._num_classes())]
-        paths = _existing(_paths(model_input))
-        rows = self._scored(paths, names) if paths else []
+        paths, mpps = _existing(*_inputs(model_input))
+        rows = self._scored(paths, mpps, names) if paths else []
         columns = ["slide", INPUT_COLUMN] + [f"prob_{c}" for c in names]
         return pd.DataFrame([[r["slide_id"], r["image"], *map(float, r["probs"])] for r in rows], columns=columns)
 
@@ -97,17 +123,17 @@ class SlideClassifierModel(mlflow.pyfunc.PythonModel):
             self._classes = int(load_bag_classifier(self.bag_classifier).num_classes)
         return self._classes
 
-    def _scored(self, paths: list[str], names: list[str]) -> list[dict[str, Any]]:
+    def _scored(self, paths: list[str], mpps: list[float | None], names: list[str]) -> list[dict[str, Any]]:
         """:func:`~monai_icmil.inference.predict_slides`' rows in a temporary folder (none scored: ``[]``)."""
         from monai_icmil.data.integrity import TileErrorPolicy
         from monai_icmil.engines.embed import Embed
-        from monai_icmil.inference import NoSlideScored, predict_slides
+        from monai_icmil.inference import NoSlideScored, predict_slides, slide_entries
         from monai_icmil.utils import default_device
 
         with tempfile.TemporaryDirectory(prefix="icmil_pyfunc_") as tmp:
             try:
                 return predict_slides(
-                    paths,
+                    slide_entries(paths, mpps),
                     self.embedder,
                     self.bag_classifier,
                     self.tiling,
@@ -147,15 +173,16 @@ def log_slide_classifier(
         embedder_path, bag_classifier_path: the final round's embedder checkpoint and bag classifier.
         tiling: the run's tiling transforms.
         settings: see :class:`SlideClassifierModel`.
-        example_slides: slide paths for the input example (the first is used; MLflow scores it once to check the
-            model serves).
+        example_slides: slides for the input example: paths, or datalist entries (``image``, and ``mpp`` where the
+            datalist gives one); the first is used, and MLflow scores it once to check the model serves.
         registered_model_name: the registry name (``None``: log without registering).
         tags: the version's tags (e.g. the round and its validation AUC).
 
     Returns:
         ``{"model_uri", "name", "version"}`` (``version`` ``None`` when not registered).
     """
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, Schema
 
     import monai_icmil
 
@@ -163,9 +190,15 @@ def log_slide_classifier(
     artifacts = {"embedder": str(embedder_path), "bag_classifier": str(bag_classifier_path)}
     if not len(example_slides):
         raise ValueError("log_slide_classifier: example_slides is empty; give one slide path for the input example")
-    example = pd.DataFrame({INPUT_COLUMN: [str(example_slides[0])]})
+    first = example_slides[0]
+    first = dict(first) if isinstance(first, Mapping) else {INPUT_COLUMN: first}
+    example = pd.DataFrame({INPUT_COLUMN: [str(first[INPUT_COLUMN])]})
+    if first.get(MPP_COLUMN) is not None:
+        example[MPP_COLUMN] = [float(first[MPP_COLUMN])]
     names = settings.get("class_names") or ["0", "1"]
     output = pd.DataFrame({"slide": ["s"], INPUT_COLUMN: ["s.svs"], **{f"prob_{c}": [0.5] for c in names}})
+    inputs = Schema([ColSpec("string", INPUT_COLUMN), ColSpec("double", MPP_COLUMN, required=False)])
+    signature = ModelSignature(inputs=inputs, outputs=infer_signature(example, output).outputs)
     requirements = [f"monai-icmil=={monai_icmil.__version__}"]
     with using_store(tracking_uri):
         client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -174,7 +207,7 @@ def log_slide_classifier(
                 name="model",
                 python_model=model,
                 artifacts=artifacts,
-                signature=infer_signature(example, output),
+                signature=signature,
                 input_example=example,
                 pip_requirements=requirements,
                 registered_model_name=registered_model_name,

@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 
 PRELOAD = ["monai_icmil", "monai", "monai.bundle", "monai_icmil.workflows", "monai_icmil.engines"]
@@ -98,7 +97,7 @@ def _child(args: list[str], env: dict[str, str], cwd: str, out: str, err: str, s
         if code == 1 and not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
     except BaseException:
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())  # as the interpreter reports an uncaught exception (a run may set the hook)
         code = 1
     try:
         threading._shutdown()  # as the interpreter does at exit: join non-daemon threads, then the atexit handlers

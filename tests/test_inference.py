@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -220,14 +221,16 @@ def test_the_served_settings_follow_the_run(tmp_path):
 
 
 def test_a_model_name_with_a_quote_is_registered_with_its_tags_and_loads(tmp_path):
+    """...and serves a slide whose file has no mpp, given in an optional ``mpp`` column (the input example, a test
+    slide, carries the datalist's: MLflow scores it when the model is logged)."""
     import mlflow
+    import tifffile
 
     from monai_icmil.handlers.tracking import using_store
     from monai_icmil.serving import log_slide_classifier
 
-    write_slide(
-        tmp_path / "s.tif", render_slide((0, 0), True, SyntheticSlideConfig(width=512, height=384))["image"], 0.5
-    )
+    image = render_slide((0, 0), True, SyntheticSlideConfig(width=512, height=384))["image"]
+    tifffile.imwrite(tmp_path / "s.tif", image, tile=(256, 256), photometric="rgb", compression="zlib", metadata=None)
     embedder = create_embedder("resnet18_trunc", input_size=32)
     path = embedder.save(tmp_path / "embedder.safetensors")
     bag = save_bag_classifier(tmp_path / "bag.pt", create_aggregator("abmil", embedder.out_dim, 2, hidden_dim=8))
@@ -235,17 +238,22 @@ def test_a_model_name_with_a_quote_is_registered_with_its_tags_and_loads(tmp_pat
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts")))
     settings = {"class_names": ["normal", "tumour"], "embed": {"batch_size": 64, "num_workers": 0}}
-    logged = log_slide_classifier(
-        run.info.run_id, uri, path, bag, TilingConfig(patch_size=32, mpp=1.0), settings, [str(tmp_path / "s.tif")],
-        "o'brien lab", {"round": 1},
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the example slide is scored (no "skipped", no "none of")
+        logged = log_slide_classifier(
+            run.info.run_id, uri, path, bag, TilingConfig(patch_size=32, mpp=1.0), settings,
+            [{"image": str(tmp_path / "s.tif"), "mpp": 0.5}], "o'brien lab", {"round": 1},
+        )  # fmt: skip
     assert str(logged["version"]) == "1"
     assert client.get_model_version("o'brien lab", "1").tags["round"] == "1"
     with using_store(uri):
-        table = mlflow.pyfunc.load_model(logged["model_uri"]).predict(
-            pd.DataFrame({"image": [str(tmp_path / "s.tif")]})
-        )
-    assert list(table["image"]) == [str(tmp_path / "s.tif")]
+        signature = mlflow.models.get_model_info(logged["model_uri"]).signature
+        assert [(c.name, c.required) for c in signature.inputs.inputs] == [("image", True), ("mpp", False)]
+        served = mlflow.pyfunc.load_model(logged["model_uri"])
+        table = served.predict(pd.DataFrame({"image": [str(tmp_path / "s.tif")], "mpp": [0.5]}))
+        assert list(table["image"]) == [str(tmp_path / "s.tif")]
+        with pytest.warns(UserWarning, match=r"microns per pixel, but its metadata has none"):  # without: the file's
+            assert len(served.predict(pd.DataFrame({"image": [str(tmp_path / "s.tif")]}))) == 0
 
 
 def test_a_model_without_class_names_serves_its_classifiers_classes(tmp_path):

@@ -103,6 +103,26 @@ def test_tiling_csv_says_which_slides_had_their_mpp_given(tissue, tmp_path):
     rows = {r["slide"]: r for r in csv.DictReader(open(tmp_path / "qc" / "tiling.csv"))}
     assert rows["bare"]["slide_mpp"] == "0.5 (given)" and rows["tagged"]["slide_mpp"] == "0.5 (file)"
     assert rows["bare"]["patches"] == rows["tagged"]["patches"] != "0"
+    # a datalist mpp that overrules the file's is used, warned about once with the file's, and shown beside it
+    entries = [
+        {"slide_id": "overruled", "image": tagged, "mpp": 0.25},
+        {"slide_id": "same", "image": tagged, "mpp": 0.51},
+    ]
+    store, report = CoordsStore(tmp_path / "given"), RunReport(tmp_path / "given.json")
+    with pytest.warns(UserWarning, match=r"^1 slide\(s\) are tiled at an mpp given .*: overruled \(0\.25, file 0\.5\)"):
+        tiles = prepare_coords(entries, TILING, store, report, progress=False, qc_dir=tmp_path / "given_qc")
+    rows = {r["slide"]: r for r in csv.DictReader(open(tmp_path / "given_qc" / "tiling.csv"))}
+    assert rows["overruled"]["slide_mpp"] == "0.25 (given; file 0.5)" and rows["same"]["slide_mpp"] == "0.51 (given)"
+    assert tiles["overruled"]["read_size"] == 2 * tiles["same"]["read_size"]  # (the given mpp is the one used)
+
+
+def test_a_magnification_typed_as_a_datalist_mpp_is_warned_about(tmp_path):
+    for name in ("a.tif", "b.tif"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "list.csv").write_text("slide,label,mpp\na.tif,0,20\nb.tif,1,0.5\n")
+    with pytest.warns(UserWarning, match=r"gives 1 slide\(s\) a level-0 mpp of 4 um/px or coarser: a \(20\)\. "):
+        items = load_datalist(tmp_path / "list.csv")["training"]
+    assert [e["mpp"] for e in items] == [20.0, 0.5]  # (warned, not refused: a macro photograph may be that coarse)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

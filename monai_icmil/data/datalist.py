@@ -31,7 +31,8 @@ import io
 import json
 import os
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +238,25 @@ def load_datalist(
                 named.setdefault(item["slide_id"], where)
     if errors:
         raise DatalistError(str(path), errors)
+    _warn_coarse_mpp(path, out)
     _unique_slide_ids(out, root)
     return out
+
+
+#: a level-0 mpp at least this coarse (um/px) is warned about: scans are about 0.1-2 um/px at level 0
+COARSE_MPP = 4.0
+
+
+def _warn_coarse_mpp(path: Path, out: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    """Warn about ``mpp`` values a magnification may have been typed into (20 for 20x is 40 times too coarse)."""
+    coarse = [f"{e['slide_id']} ({e['mpp']:g})" for v in out.values() for e in v if (e.get("mpp") or 0) >= COARSE_MPP]
+    if coarse:
+        warnings.warn(
+            f"datalist '{path}' gives {len(coarse)} slide(s) a level-0 mpp of {COARSE_MPP:g} um/px or coarser: "
+            f"{', '.join(coarse[:5])}{' ...' if len(coarse) > 5 else ''}. Scans are about 0.1-2 um/px at level 0; "
+            "if the value is a magnification, give the mpp instead (20x is about 0.5 um/px, 40x about 0.25).",
+            stacklevel=3,
+        )
 
 
 def _label_index(

@@ -63,11 +63,12 @@ _SUMMARY_COLUMNS = (
 
 
 def _summary_row(sid: str, path: str, n: int, meta: Mapping[str, Any], file_mpp: float | None = None) -> dict[str, Any]:
-    """A slide's row of ``tiling.csv``; ``slide_mpp`` is its level-0 mpp, given (datalist, ``assume_mpp``) or read
-    from the file (``file_mpp``)."""
+    """A slide's row of ``tiling.csv``; ``slide_mpp`` is its level-0 mpp, given (datalist, ``assume_mpp``; with the
+    file's where that differs) or read from the file (``file_mpp``)."""
     mpp = meta.get("mpp")
     if meta.get("slide_mpp"):
-        slide_mpp = f"{meta['slide_mpp']:.4g} (given)"
+        said = f"; file {file_mpp:.4g}" if file_mpp and _disagree(meta["slide_mpp"], file_mpp) else ""
+        slide_mpp = f"{meta['slide_mpp']:.4g} (given{said})"
     else:
         slide_mpp = f"{file_mpp:.4g} (file)" if file_mpp else ""
     return {
@@ -83,6 +84,14 @@ def _summary_row(sid: str, path: str, n: int, meta: Mapping[str, Any], file_mpp:
         "slide_mpp": slide_mpp,
         "area_mm2": f"{n * (meta['patch_size'] * mpp) ** 2 / 1e6:.3f}" if mpp else "",  # the patches' area
     }
+
+
+#: relative difference above which a given level-0 mpp and the file's are reported as disagreeing
+MPP_DISAGREEMENT = 0.05
+
+
+def _disagree(given: float, file_mpp: float) -> bool:
+    return abs(given - file_mpp) > MPP_DISAGREEMENT * file_mpp
 
 
 def _write_summary(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -260,7 +269,8 @@ def prepare_coords(
     grid_stride = (grids[0].stride or grids[0].patch_size) if grids else None
     out: dict[str, SlideTiles] = {}
     summary: list[dict[str, Any]] = []
-    older: list[str] = []  # coordinates reused from an earlier tissue detector
+    older: dict[str, int] = {}  # coordinates reused from an earlier tissue detector: its version
+    overruled: list[str] = []  # slides whose given mpp is not their file's
     for item in _progress(items, progress):
         sid, path = item["slide_id"], item["image"]
         try:
@@ -274,11 +284,15 @@ def prepare_coords(
             summary.append({"slide": sid, "image": path, "status": f"failed: {type(e).__name__}: {e}"})
             continue
         coords, damaged = arrays["coords"], arrays["damaged"]
-        older += [sid] if not tiled and int(meta.get("detector", 1)) < DETECTOR_VERSION else []
+        if not tiled and int(meta.get("detector", 1)) < DETECTOR_VERSION:
+            older[sid] = int(meta.get("detector", 1))
         _record(report, sid, path, coords, damaged, meta.get("empty_reason"))
         if qc_dir is not None and (tiled or not (Path(qc_dir) / f"{sid}.jpg").is_file()):
             _save_qc(Path(qc_dir) / f"{sid}.jpg", reader, sid, coords, meta, damaged)
-        summary.append(_summary_row(sid, path, len(coords), meta, getattr(reader, "mpp", None)))
+        file_mpp = get_slide(path, backend).mpp if meta.get("slide_mpp") else getattr(reader, "mpp", None)
+        if meta.get("slide_mpp") and file_mpp and _disagree(meta["slide_mpp"], file_mpp):
+            overruled.append(f"{sid} ({meta['slide_mpp']:g}, file {file_mpp:g})")
+        summary.append(_summary_row(sid, path, len(coords), meta, file_mpp))
         out[sid] = SlideTiles(
             slide_id=sid,
             image=path,
@@ -292,16 +306,32 @@ def prepare_coords(
     if qc_dir is not None:
         _write_qc_summary(Path(qc_dir), summary)
     _warn_older_detector(older, store, transforms)
+    if overruled:
+        warnings.warn(
+            f"{len(overruled)} slide(s) are tiled at an mpp given for them that is not their file's: "
+            f"{', '.join(overruled[:5])}{' ...' if len(overruled) > 5 else ''} (um/px at level 0; all in tiling.csv). "
+            "The given value is used; if the file is right, remove the slide's `mpp` from the datalist (a "
+            "magnification, 20 or 40, is not an mpp: 20x is about 0.5 um/px).",
+            stacklevel=2,
+        )
     return out
 
 
-def _warn_older_detector(older: Sequence[str], store: CoordsStore, transforms: Any) -> None:
-    """One warning for the slides whose reused coordinates an earlier tissue detector tiled (when ``transforms``
-    hold the detector)."""
+#: what each version of the tissue detector changed (:data:`~monai_icmil.data.tiling.DETECTOR_VERSION`)
+_DETECTOR_CHANGES = {
+    2: "the pale-tissue split and the hole limit",
+    3: "the mask's scale on narrow slides and levels read at non-integer downsamples",
+}
+
+
+def _warn_older_detector(older: Mapping[str, int], store: CoordsStore, transforms: Any) -> None:
+    """One warning for the slides whose reused coordinates an earlier tissue detector tiled (``{slide: its
+    version}``), when ``transforms`` hold the detector."""
     if older and detects_tissue(transforms):
+        missed = [why for v, why in _DETECTOR_CHANGES.items() if v > min(older.values())]
         warnings.warn(
-            f"{len(older)} slide(s) (e.g. '{older[0]}') keep coordinates tiled by an earlier tissue detector (before "
-            f"the pale-tissue split and the hole limit) in '{store.root}': they are reused as they are, with the "
+            f"{len(older)} slide(s) (e.g. '{next(iter(older))}') keep coordinates tiled by an earlier tissue detector "
+            f"(before {'; '.join(missed)}) in '{store.root}': they are reused as they are, with the "
             f"features made from them. To tile them again with this one, use a new output folder, or delete that "
             f"folder and the feature stores beside it in '{store.root.parent}' (round_<r>/features, features/).",
             stacklevel=3,

@@ -40,6 +40,34 @@ _BUNDLE_ARGS = {
 }
 
 
+#: what MONAI's config runner wraps an expression's error in (and the message a user would otherwise read last)
+_WRAPPER = re.compile(r"^Failed to evaluate ConfigExpression")
+
+
+def repeat_the_error_last() -> None:
+    """Make a failed ``python -m monai.bundle`` command end with the error that stopped it.
+
+    MONAI's config runner wraps an expression's exception in ``RuntimeError: Failed to evaluate ConfigExpression:
+    "$@workflow.run()"``, which the traceback prints last, below ours (the slide, the setting, the fix). This
+    ``sys.excepthook`` prints the traceback as before, then ``monai-icmil stopped: <the error>`` as the last line.
+    Installed once, by :func:`check_config` on that command line.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_repeats_the_error", False):
+        return
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        previous(kind, value, tb)
+        error = value
+        while isinstance(error, RuntimeError) and _WRAPPER.match(str(error)) and error.__cause__ is not None:
+            error = error.__cause__
+        if error is not value:
+            print(f"\nmonai-icmil stopped: {type(error).__name__}: {error}", file=sys.stderr)
+
+    hook._repeats_the_error = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
 def check_config(argv: Sequence[str] | None = None, config_ids: Sequence[str] | None = None) -> list[str]:
     """Refuse what would otherwise be silently ignored: ``--id value`` overrides of ids that the config files do not
     define, and settings in the config files that no component uses.
@@ -62,6 +90,7 @@ def check_config(argv: Sequence[str] | None = None, config_ids: Sequence[str] | 
         if Path(sys.argv[0]).parts[-2:] != ("bundle", "__main__.py"):
             return []  # not the `python -m monai.bundle` command line (e.g. the API called in-process)
         argv = sys.argv[1:]
+        repeat_the_error_last()
     pairs, files = _parse_argv(list(argv))
     config: dict[str, Any] = {}
     base: dict[str, Any] = {}  # the first file (train.json)

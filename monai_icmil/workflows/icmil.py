@@ -1002,25 +1002,34 @@ class ICMILWorkflow(BundleWorkflow):
                 "the label column and the split column of the datalist)."
             )
 
+    def _too_many_classes(self, labelled: list[tuple[str, dict[str, Any]]]) -> str:
+        """The refusal of a datalist with classes beyond ``num_classes``: every class with its number of slides, and
+        the slides of the rarest class (a typo in a label, 'tumer', makes a class of one slide; string labels sort,
+        so the typo may take another class's index)."""
+        slides: dict[int, list[str]] = {}
+        names: dict[int, str] = {}
+        for split, e in labelled:
+            slides.setdefault(int(e["label"]), []).append(f"{e['slide_id']} ({split})")
+            names[int(e["label"])] = str(e.get("label_name", e["label"]))
+        counts = ", ".join(f"{names[c]!r}: {len(slides[c])}" for c in sorted(slides))
+        rarest = min(sorted(slides), key=lambda c: len(slides[c]))
+        listed = slides[rarest][:5] + (["..."] if len(slides[rarest]) > 5 else [])
+        return (
+            f"datalist '{self.splits.path}' has {len(slides)} classes but num_classes is {self.num_classes}; slides "
+            f"per class: {counts}. The rarest, {names[rarest]!r}, is on {', '.join(listed)}: if it is a typo, correct "
+            f"those labels; otherwise set num_classes (--num_classes {len(slides)}) and class_names to the datalist's "
+            "classes."
+        )
+
     def _record_classes(self) -> None:
         """Record the class names a datalist's string labels give (their order sets the class indices:
         :func:`~monai_icmil.data.datalist.string_label_order`), and refuse a datalist that orders them differently
         from the one this ``output_dir``'s rounds were trained with; refuse class indices or ``class_names`` that do
         not fit ``num_classes``."""
         items = self.splits.items()
-        beyond = [
-            f"{e['slide_id']} ({split}): {e.get('label_name', e['label'])!r}"
-            for split, entries in items.items()
-            for e in entries
-            if e.get("label") is not None and e["label"] >= self.num_classes
-        ]
-        if beyond:
-            raise ValueError(
-                f"{len(beyond)} slide(s) of datalist '{self.splits.path}' have a class beyond num_classes "
-                f"({self.num_classes}, class indices 0-{self.num_classes - 1}): {', '.join(beyond[:5])}"
-                f"{' ...' if len(beyond) > 5 else ''}; set num_classes (--num_classes) and class_names to the "
-                "datalist's classes, or relabel it."
-            )
+        labelled = [(split, e) for split, entries in items.items() for e in entries if e.get("label") is not None]
+        if any(e["label"] >= self.num_classes for _, e in labelled):
+            raise ValueError(self._too_many_classes(labelled))
         named = datalist_class_names(items)
         names = named if named is not None and len(named) == self.num_classes else self._class_names
         if names is not None and len(names) != self.num_classes:
@@ -1117,7 +1126,12 @@ class ICMILWorkflow(BundleWorkflow):
         r = summary["final_round"]
         excluded = self.report.excluded()
         items = self.splits.items()
-        slides = [e["image"] for s in ("test", "validation") for e in items.get(s, []) if e["slide_id"] not in excluded]
+        slides = [  # the input example: a slide with its datalist mpp, where it has one
+            {"image": e["image"], **({"mpp": e["mpp"]} if e.get("mpp") not in (None, "") else {})}
+            for s in ("test", "validation")
+            for e in items.get(s, [])
+            if e["slide_id"] not in excluded
+        ]
         path = self.round_dir(r) / "embedder_phase" / "embedder.safetensors"
         if r == 0:  # the starting (or pre-trained) embedder, as a checkpoint the model can carry
             path = self.embedder_for(0).save(self.output_dir / "model" / "embedder.safetensors")
