@@ -33,8 +33,9 @@ INPUT_COLUMN = "image"
 MPP_COLUMN = "mpp"
 
 
-def _given_mpp(value: Any) -> float | None:
-    """An input row's mpp: ``None`` where it is missing (empty, NaN), else the number (checked as the datalist's)."""
+def _given_mpp(value: Any, path: str) -> float | None:
+    """An input row's mpp: ``None`` where it is missing (empty, NaN), else the number (checked as the datalist's,
+    naming the slide)."""
     from monai_icmil.data.slide import as_mpp
 
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -44,7 +45,7 @@ def _given_mpp(value: Any) -> float | None:
             return None
     except (TypeError, ValueError):
         pass
-    return as_mpp(value, "the input's mpp")
+    return as_mpp(value, f"mpp of slide '{path}' in the input")
 
 
 def _inputs(model_input: Any) -> tuple[list[str], list[float | None]]:
@@ -57,15 +58,15 @@ def _inputs(model_input: Any) -> tuple[list[str], list[float | None]]:
             )
         paths = [str(p) for p in model_input[INPUT_COLUMN]]
         mpps = list(model_input[MPP_COLUMN]) if MPP_COLUMN in model_input.columns else [None] * len(paths)
-        return paths, [_given_mpp(m) for m in mpps]
+        return paths, [_given_mpp(m, p) for m, p in zip(mpps, paths)]
     if isinstance(model_input, Mapping):
         if INPUT_COLUMN not in model_input:
             raise ValueError(f"the input needs an '{INPUT_COLUMN}' key of slide paths, got {list(model_input)}")
         given, mpps = model_input[INPUT_COLUMN], model_input.get(MPP_COLUMN)
         if isinstance(given, (str, os.PathLike)):
-            return [str(given)], [_given_mpp(mpps)]
+            return [str(given)], [_given_mpp(mpps, str(given))]
         paths = [str(p) for p in given]
-        return paths, [_given_mpp(m) for m in (mpps if mpps is not None else [None] * len(paths))]
+        return paths, [_given_mpp(m, p) for m, p in zip(mpps if mpps is not None else [None] * len(paths), paths)]
     paths = [str(model_input)] if isinstance(model_input, (str, os.PathLike)) else [str(p) for p in model_input]
     return paths, [None] * len(paths)
 

@@ -880,6 +880,31 @@ def test_override_of_a_non_existent_id_is_refused(tmp_path):
         check_config([*outside, "maybe"])
 
 
+def test_a_failed_bundle_command_ends_with_the_error_its_config_runner_wrapped(monkeypatch, capsys):
+    """MONAI wraps a constructor's error ("Failed to instantiate component") and an expression's ("Failed to evaluate
+    ConfigExpression", around the first when the workflow is built in one); the hook prints the traceback as before,
+    then the error itself as the last line; other errors are left as they are, and it is installed once."""
+    from monai_icmil.workflows.cli import repeat_the_error_last
+
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append(value))
+    repeat_the_error_last()
+    repeat_the_error_last()
+    for wrappers in (["Failed to instantiate component 'workflow' with keywords: x"], ["Failed to evaluate "
+                     "ConfigExpression: $@workflow.run()", "Failed to instantiate component 'workflow'"]):  # fmt: skip
+        error: BaseException = ValueError("dataset_dir '/x' does not exist")
+        for text in reversed(wrappers):
+            try:
+                raise RuntimeError(text) from error
+            except RuntimeError as wrapped:
+                error = wrapped
+        sys.excepthook(type(error), error, error.__traceback__)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last == "monai-icmil stopped: ValueError: dataset_dir '/x' does not exist"
+    sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert capsys.readouterr().err == "" and len(seen) == 3
+
+
 def test_settings_that_no_component_uses_are_refused(tmp_path):
     """A setting in a config file that no component references (a typo, or an id of monai-icmil 0.1) would change
     nothing: it is refused by name before any work; the shipped configs pass."""
@@ -1004,7 +1029,9 @@ def test_settings_that_do_not_fit_the_datalist_are_refused_before_any_work(synth
     third = {**data, "test": [{**data["test"][0], "label": 2}, *data["test"][1:]]}
     sid = Path(data["test"][0]["image"]).stem
     with pytest.raises(
-        ValueError, match=rf"has 3 classes but num_classes is 2; .* '2': 1\. The rarest, '2', is on {sid} \(test\)"
+        ValueError,
+        match=rf"indices \[0, 1, 2\] but num_classes is 2 \(class indices 0-1\); .* '2': 1\. The rarest, '2', is on "
+        rf"{sid} \(test\)",
     ):
         workflow(third).prepare()
     names = {0: "normal", 1: "tumour"}
@@ -1017,6 +1044,9 @@ def test_settings_that_do_not_fit_the_datalist_are_refused_before_any_work(synth
         ValueError, match=rf"per class: {per_class}\. The rarest, 'necrosis', is on {typo} \(training\)"
     ):
         workflow(named).prepare()  # normal, necrosis, tumour: tumour is index 2, and the one odd label is named
+    shifted = {k: [{**e, "label": e["label"] + 1} for e in v] for k, v in data.items() if isinstance(v, list)}
+    with pytest.raises(ValueError, match=r"class indices \[1, 2\] .*\. Number the classes 0-1 in the datalist"):
+        workflow(shifted).prepare()  # 1 and 2: two classes, numbered from 1
     with pytest.raises(ValueError, match=r"class_names \['normal', 'tumour'\] has 2 name\(s\) but num_classes is 3"):
         workflow(third, num_classes=3, class_names=["normal", "tumour"]).prepare()
     lost = {**data, "validation": [{**data["validation"][0], "tumour_mask": "masks/lost.png"}, *data["validation"][1:]]}

@@ -52,6 +52,27 @@ def test_a_label_stored_before_level_0_is_not_taken_for_the_slide(tissue, tmp_pa
             open_slide(path, "openslide")
 
 
+def test_an_ome_tiff_with_a_label_first_and_another_scene_gives_level_0s_pyramid_and_mpp(tissue, tmp_path):
+    """OME-XML names each image's first IFD: the mpp is the level-0 page's image's (not the label's, stored first),
+    and a second scene of the same aspect is not taken for a level between the SubIFD levels."""
+    path = str(tmp_path / "scenes.ome.tif")
+    other = np.ascontiguousarray(tissue[:668, :1002])  # another scene of the slide's aspect, 1.53 times smaller
+    opts = {"tile": (256, 256), "photometric": "rgb", "compression": "zlib"}
+
+    def physical(size):
+        return {"PhysicalSizeX": size, "PhysicalSizeY": size, "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
+
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(np.full((300, 400, 3), 200, np.uint8), metadata={"Name": "label", **physical(20.0)}, **opts)
+        tif.write(tissue, subifds=2, metadata={"Name": "slide", **physical(0.5)}, **opts)
+        for ds in (2, 4):
+            tif.write(block_mean(tissue, ds), subfiletype=1, **opts)
+        tif.write(other, metadata={"Name": "scene 2", **physical(0.5)}, **opts)
+    opened = open_slide(path)
+    assert opened.level_dimensions == ((1536, 1024), (768, 512), (384, 256)) and opened.mpp == pytest.approx(0.5)
+    np.testing.assert_array_equal(opened.read_region((256, 256), 64, level=1), block_mean(tissue, 2)[128:192, 128:192])
+
+
 def test_levels_stored_coarsest_first_give_level_0_and_its_mpp(tissue, tmp_path):
     """The mpp came from the first page (the coarsest level: 4x too large), and our reader saw one level."""
     path = str(tmp_path / "ascending.tif")
@@ -189,6 +210,18 @@ def test_premultiplied_alpha_is_composited_once(tmp_path):
     want = (colour * alpha + 255 * (255 - alpha)) // 255  # [227 177 202]: the colour on white
     got = open_slide(path, "tifffile").read_region((10, 10), 4)[0, 0].astype(int)
     assert np.abs(got - want).max() <= 1, got
+
+
+def test_an_unspecified_fourth_sample_is_not_taken_for_alpha(tissue, tmp_path):
+    """ExtraSamples 0 (unspecified: a scanner's focus or IR channel, say) is not transparency (0 there read white)."""
+    pixels = np.concatenate([tissue[:512, :512], np.zeros((512, 512, 1), np.uint8)], -1)
+    path = str(tmp_path / "extra.tif")
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(
+            pixels, tile=(256, 256), photometric="rgb", compression="zlib", extrasamples=["unspecified"],
+            metadata=None, resolution=(2e4, 2e4), resolutionunit="CENTIMETER",
+        )  # fmt: skip
+    np.testing.assert_array_equal(open_slide(path, "tifffile").read_region((64, 32), 96), tissue[32:128, 64:160])
 
 
 def test_a_level_at_a_non_integer_downsample_is_read_whole_without_a_seam(tmp_path):

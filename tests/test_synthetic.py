@@ -92,7 +92,9 @@ def test_the_demo_generates_only_into_a_new_empty_or_own_folder_never_beside_a_u
     (own / "my_list.json").write_text("{}")
     splits = DatasetSplits(own, "datalist.json", tmp_path / "out", synthetic=synthetic, progress=False)
     with pytest.raises(
-        FileExistsError, match=r"own' holds files \(my_list.json, slides\) but no datalist 'datalist.json'.*--datalist"
+        FileExistsError,
+        match=r"own' holds files \(my_list.json, slides\) but no datalist 'datalist.json'.*--datalist <file>\) "
+        r"\(datalists here\? my_list\.json\)",
     ):
         splits.items()
     assert sorted(p.name for p in (own / "slides").iterdir()) == ["a.tif"] and not (own / SYNTHETIC_MARKER).exists()

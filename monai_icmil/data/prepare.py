@@ -311,7 +311,7 @@ def prepare_coords(
             f"{len(overruled)} slide(s) are tiled at an mpp given for them that is not their file's: "
             f"{', '.join(overruled[:5])}{' ...' if len(overruled) > 5 else ''} (um/px at level 0; all in tiling.csv). "
             "The given value is used; if the file is right, remove the slide's `mpp` from the datalist (a "
-            "magnification, 20 or 40, is not an mpp: 20x is about 0.5 um/px).",
+            "magnification is not an mpp: 20x is about 0.5 um/px, 40x about 0.25).",
             stacklevel=2,
         )
     return out
@@ -320,7 +320,8 @@ def prepare_coords(
 #: what each version of the tissue detector changed (:data:`~monai_icmil.data.tiling.DETECTOR_VERSION`)
 _DETECTOR_CHANGES = {
     2: "the pale-tissue split and the hole limit",
-    3: "the mask's scale on narrow slides and levels read at non-integer downsamples",
+    3: "the mask's scale taken from its block and level (a mask pixel or more on narrow slides, a fraction of one "
+    "on others) and levels read at non-integer downsamples",
 }
 
 

@@ -153,10 +153,10 @@ OME_UNITS_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "pm": 1e-6, "Å":
 OME_UNITS_UM.update({"cm": 1e4, "m": 1e6, "in": 25400.0})  # (Å: the letter and the angstrom sign)
 
 
-def _ome_mpp(xml: str | None, axis: str = "X") -> float | None:
+def _ome_mpp(xml: str | None, axis: str = "X", ifd: int = 0) -> float | None:
     """Level-0 micrometres per pixel from an OME-XML document: ``PhysicalSizeX`` (``axis="Y"``: ``PhysicalSizeY``),
-    with its unit, of the image stored from the file's first IFD (``TiffData IFD="0"``, absent = 0), else of the first
-    image."""
+    with its unit, of the image stored from the file's IFD ``ifd``, its level-0 page (``TiffData IFD="<ifd>"``,
+    absent = 0), else of the first image."""
     import xml.etree.ElementTree as ET
 
     try:
@@ -167,7 +167,7 @@ def _ome_mpp(xml: str | None, axis: str = "X") -> float | None:
     chosen = None
     for pixels in (el for el in root.iter() if local(el) == "Pixels"):
         chosen = chosen if chosen is not None else pixels
-        if any(local(d) == "TiffData" and d.get("IFD", "0") == "0" for d in pixels):
+        if any(local(d) == "TiffData" and d.get("IFD", "0") == str(ifd) for d in pixels):
             chosen = pixels
             break
     size, unit = f"PhysicalSize{axis}", f"PhysicalSize{axis}Unit"
@@ -262,8 +262,9 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
             m = re.search(r"\|\s*AppMag\s*=\s*([0-9.]+)", desc)
             if m:
                 props["objective_power"] = float(m.group(1))
-            if tif.is_ome:
-                props["ome_mpp"], y_of["ome_mpp"] = _ome_mpp(tif.ome_metadata), _ome_mpp(tif.ome_metadata, "Y")
+            if tif.is_ome:  # the image stored from the level-0 page (not a label stored before it)
+                xml, ifd = tif.ome_metadata, int(getattr(page, "index", 0))
+                props["ome_mpp"], y_of["ome_mpp"] = _ome_mpp(xml, "X", ifd), _ome_mpp(xml, "Y", ifd)
             if "DICOM_PIXEL_SPACING" in desc:
                 props["philips_mpp"], y_of["philips_mpp"] = _philips_mpp(desc)
             xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
@@ -1057,10 +1058,14 @@ class TiffSlide(_PatchByPatchReader):
             raise SlideError(self.path, f"expected an RGB slide, found {first.samplesperpixel} sample(s) per pixel.")
         if first.dtype not in (np.uint8, np.uint16):
             raise SlideError(self.path, f"{first.dtype} samples are not read; convert the slide to 8-bit RGB.")
-        others = [p for p in (*(first.pages or ()), *self._tif.pages) if p is not first]
-        others = sorted(others, key=lambda p: -int(p.imagewidth) * int(p.imagelength))  # stable: file order in ties
+        # its SubIFDs (an OME-TIFF's pyramid) in file order, then the main chain's other pages largest first (levels
+        # stored coarsest first); another scene of the file sorts after the SubIFDs, so it is not taken for a level
+        chain = sorted(
+            (p for p in self._tif.pages if p is not first), key=lambda p: -int(p.imagewidth) * int(p.imagelength)
+        )
         # the pyramid among them (level 0's aspect, each level smaller enough) is chosen by _describe_levels
-        return [p for p in [first, *others] if p.is_tiled and p.samplesperpixel == first.samplesperpixel]
+        candidates = [first, *(first.pages or ()), *chain]
+        return [p for p in candidates if p.is_tiled and p.samplesperpixel == first.samplesperpixel]
 
     def _tile(self, level: int, index: int) -> np.ndarray:
         key = (level, index)
@@ -1079,8 +1084,9 @@ class TiffSlide(_PatchByPatchReader):
         if tile.dtype == np.uint16:  # 16-bit: the declared range (MaxSampleValue, else 65535) onto 8 bits, rounded
             top = self._max_sample
             tile = ((np.minimum(tile, top).astype(np.uint32) * 255 + top // 2) // top).astype(np.uint8)
-        if tile.shape[-1] == 4 and page.extrasamples:  # alpha: 1 associated (premultiplied), 2 unassociated
-            tile = on_white(tile, associated=int(page.extrasamples[0]) == 1)
+        alpha = int(page.extrasamples[0]) if len(page.extrasamples) else 0  # 1 associated (premultiplied), 2 not
+        if tile.shape[-1] == 4 and alpha in (1, 2):  # (0: an unspecified extra sample, not an alpha channel)
+            tile = on_white(tile, associated=alpha == 1)
         else:
             tile = np.ascontiguousarray(tile[..., :3])
         with self._cache_lock:
@@ -1346,9 +1352,11 @@ def open_slide(
             whose metadata is wrong); the other levels follow from their downsamples.
         warn_no_mpp: warn when the slide has no mpp (and none is given).
 
-    A TIFF's mpp is its Aperio description's, else its OME metadata's (``PhysicalSizeX``), else its resolution
-    tags'. A TIFF whose Aperio description and resolution tags disagree on mpp by more than 5 % is warned about; the
-    description's value is used.
+    A TIFF's mpp is its Aperio description's, else its OME metadata's (``PhysicalSizeX``), else its Philips
+    description's (``DICOM_PIXEL_SPACING``), else its resolution tags' (in inches without a ``ResolutionUnit``). A
+    TIFF whose Aperio description and resolution tags disagree on mpp by more than 5 % is warned about (the
+    description's value is used), and so is one whose pixels are not square (the width is used). Level 0 is a TIFF's
+    largest image; a backend that takes a smaller one for it (a label stored first) is passed over.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -1380,7 +1388,7 @@ def open_slide(
                 names = tuple(n for n in names if n != "openslide") + ("openslide",)
         names = _colour_backends(path, names)
         _warn_as_read(path)
-    reasons = []
+    reasons, misread = [], False
     for name in names:
         try:
             _import_backend(name)
@@ -1396,8 +1404,9 @@ def open_slide(
         except Exception as e:
             reasons.append(f"{name}: {type(e).__name__}: {e}")
             continue
-        if (misread := _misread_level0(path, reader)) is not None:
-            reasons.append(f"{name}: {misread}")
+        if (why := _misread_level0(path, reader)) is not None:
+            misread = True
+            reasons.append(f"{name}: {why}")
             reader.close()
             continue
         if mpp is not None:
@@ -1409,7 +1418,11 @@ def open_slide(
         return reader
     raise SlideError(
         path,
-        "cannot be opened as a whole-slide image (" + "; ".join(reasons) + "). If it is a slide in a format none of "
+        "cannot be opened as a whole-slide image ("
+        + "; ".join(reasons)
+        + "). "
+        + ("Open it with backend 'auto' (or 'tifffile'), which finds its largest image. " if misread else "")
+        + "If it is a slide in a format none of "
         "these reads (e.g. CZI, iSyntax), convert it to a tiled pyramidal TIFF, e.g. `vips tiffsave in out.tif "
         "--tile --pyramid --compression jpeg` or `bfconvert -pyramid-resolutions 4 -tilex 256 -tiley 256 in "
         "out.ome.tif`.",

@@ -41,14 +41,15 @@ _BUNDLE_ARGS = {
 
 
 #: what MONAI's config runner wraps an expression's error in (and the message a user would otherwise read last)
-_WRAPPER = re.compile(r"^Failed to evaluate ConfigExpression")
+_WRAPPER = re.compile(r"^Failed to (evaluate ConfigExpression|instantiate component)")
 
 
 def repeat_the_error_last() -> None:
     """Make a failed ``python -m monai.bundle`` command end with the error that stopped it.
 
     MONAI's config runner wraps an expression's exception in ``RuntimeError: Failed to evaluate ConfigExpression:
-    "$@workflow.run()"``, which the traceback prints last, below ours (the slide, the setting, the fix). This
+    "$@workflow.run()"`` (a component's constructor's in ``Failed to instantiate component ...``), which the
+    traceback prints last, below ours (the slide, the setting, the fix). This
     ``sys.excepthook`` prints the traceback as before, then ``monai-icmil stopped: <the error>`` as the last line.
     Installed once, by :func:`check_config` on that command line.
     """

@@ -1012,13 +1012,21 @@ class ICMILWorkflow(BundleWorkflow):
             slides.setdefault(int(e["label"]), []).append(f"{e['slide_id']} ({split})")
             names[int(e["label"])] = str(e.get("label_name", e["label"]))
         counts = ", ".join(f"{names[c]!r}: {len(slides[c])}" for c in sorted(slides))
-        rarest = min(sorted(slides), key=lambda c: len(slides[c]))
-        listed = slides[rarest][:5] + (["..."] if len(slides[rarest]) > 5 else [])
+        head = (
+            f"datalist '{self.splits.path}' has class indices {sorted(slides)} but num_classes is {self.num_classes} "
+            f"(class indices 0-{self.num_classes - 1}); slides per class: {counts}."
+        )
+        if len(slides) <= self.num_classes:  # integer labels that do not start at 0 (1 and 2, say)
+            return f"{head} Number the classes 0-{self.num_classes - 1} in the datalist (e.g. 0 for normal)."
+        fewest = min(len(v) for v in slides.values())
+        rare = [c for c in sorted(slides) if len(slides[c]) == fewest]
+        typo = ""
+        if len(rare) == 1:  # one class rarer than the others: a typo in a label ('tumer') makes a class of one slide
+            listed = slides[rare[0]][:5] + (["..."] if fewest > 5 else [])
+            typo = f" The rarest, {names[rare[0]]!r}, is on {', '.join(listed)}: if it is a typo, correct those labels;"
         return (
-            f"datalist '{self.splits.path}' has {len(slides)} classes but num_classes is {self.num_classes}; slides "
-            f"per class: {counts}. The rarest, {names[rarest]!r}, is on {', '.join(listed)}: if it is a typo, correct "
-            f"those labels; otherwise set num_classes (--num_classes {len(slides)}) and class_names to the datalist's "
-            "classes."
+            f"{head}{typo} {'otherwise s' if typo else 'S'}et num_classes (--num_classes {len(slides)}) and "
+            "class_names to the datalist's classes."
         )
 
     def _record_classes(self) -> None:

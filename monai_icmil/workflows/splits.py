@@ -101,12 +101,15 @@ class DatasetSplits:
             d = self.dataset_dir
             others = [p.name for p in d.iterdir() if not p.name.startswith(".")] if d.is_dir() else []
             if others and not (d / SYNTHETIC_MARKER).exists():
+                lists = sorted(n for n in others if n.lower().endswith((".json", ".csv", ".tsv", ".txt")))
+                found = f" (datalists here? {', '.join(lists[:5])})" if lists else ""
                 raise FileExistsError(
                     f"dataset_dir '{d}' holds files ({', '.join(sorted(others)[:3])}) but no datalist "
                     f"'{self.path.name}': the synthetic demo (demo.json's `synthetic`) generates its slides only into "
-                    "a new or empty folder, never beside your own. For your slides, name their datalist (--datalist "
-                    "<file>) and leave demo.json out; for the demo, choose another --dataset_dir (or delete this one "
-                    "if it is a demo generation an earlier version left unfinished)."
+                    f"a new or empty folder, never beside your own. For your slides, name their datalist (--datalist "
+                    f"<file>){found}: with demo.json they run at its CPU-sized settings, without it at train.json's. "
+                    "For the demo, choose another --dataset_dir (or delete this one if it is a demo generation an "
+                    "earlier version left unfinished)."
                 )
             logger.info("generating the synthetic dataset into %s", self.dataset_dir)
             made = make_dataset(self.dataset_dir, progress=self.progress, **self.synthetic)
