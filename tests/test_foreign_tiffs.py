@@ -173,9 +173,9 @@ def test_pixels_that_are_not_square_are_warned_about(tissue, tmp_path):
         open_slide(square)
 
 
-def test_a_sparse_tile_reads_as_glass_on_our_reader_and_is_not_called_damaged(tissue, tmp_path):
+def test_a_sparse_tile_reads_as_glass_on_every_backend_and_is_not_called_damaged(tissue, tmp_path):
     """Philips leaves tiles outside its scanned regions unstored (offset and byte count 0), as GDAL's SPARSE_OK
-    does: our reader called the file truncated."""
+    does: our reader called the file truncated, cuCIM read the tile black."""
     path = str(tmp_path / "sparse.tif")
     with tifffile.TiffWriter(path) as tif:
         for k, ds in enumerate((1, 2)):
@@ -190,11 +190,16 @@ def test_a_sparse_tile_reads_as_glass_on_our_reader_and_is_not_called_damaged(ti
         for offset in spots:
             f.seek(offset)
             f.write(struct.pack("<I", 0))
-    slide = open_slide(path, "tifffile")
-    patches = slide.read_patches([(10, 10), (600, 300)], 64, 0)
-    assert (patches[0] == 255).all()
-    assert np.abs(patches[1].astype(int) - tissue[300:364, 600:664]).mean() < 4  # (JPEG)
-    assert slide.damaged_tiles(0, [(0, 0), (1, 0), (2, 1)], num_workers=1) == set()
+    for backend in WSI_BACKENDS:  # cuCIM read it black: it is whitened, as OpenSlide and our reader read it
+        slide = open_slide(path, backend)
+        patches = slide.read_patches([(10, 10), (600, 300), (224, 100)], 64, 0)
+        assert (patches[0] == 255).all(), backend
+        assert np.abs(patches[1].astype(int) - tissue[300:364, 600:664]).mean() < 4, backend  # (JPEG)
+        assert (patches[2][:, :32] == 255).all(), backend  # across the unstored tile's edge (x 256)
+        assert np.abs(patches[2][:, 32:].astype(int) - tissue[100:164, 256:288]).mean() < 4, backend
+        grid = slide.read_patches([(0, 0), (256, 0)], 256, 0)  # (cuCIM: the dense path, regions cut into patches)
+        assert (grid[0] == 255).all() and not (grid[1] == 255).all(), backend
+    assert open_slide(path, "tifffile").damaged_tiles(0, [(0, 0), (1, 0), (2, 1)], num_workers=1) == set()
 
 
 def test_premultiplied_alpha_is_composited_once(tmp_path):

@@ -194,6 +194,24 @@ def _philips_mpp(description: str) -> tuple[float | None, float | None]:
     return _plausible_mpp(x), _plausible_mpp(y)
 
 
+def _sparse_tiles(tif: Any) -> dict[tuple[int, int], tuple[np.ndarray, tuple[int, int]]]:
+    """The tiles a TIFF leaves unstored (offset and byte count 0: Philips outside its scanned regions, GDAL's
+    SPARSE_OK), by page size ``(width, height)``: a ``[rows, columns]`` grid (``True``: not stored) and the tile size
+    ``(width, height)``; pages with none are left out."""
+    sparse = {}
+    for main in tif.pages:
+        for p in (main, *(main.pages or ())):
+            if not p.is_tiled or int(p.planarconfig) == 2:
+                continue
+            offsets, counts = np.asarray(p.dataoffsets, np.int64), np.asarray(p.databytecounts, np.int64)
+            tw, th = int(p.tilewidth), int(p.tilelength)
+            rows, cols = -(-int(p.imagelength) // th), -(-int(p.imagewidth) // tw)
+            empty = (offsets == 0) & (counts == 0)
+            if empty.any() and empty.size == rows * cols:
+                sparse[(int(p.imagewidth), int(p.imagelength))] = (empty.reshape(rows, cols), (tw, th))
+    return sparse
+
+
 def _level0_page(tif: Any) -> Any:
     """The page of a TIFF's main IFD chain that holds level 0: its largest page (the first of equals). Most writers
     store level 0 first; Ventana's store a label image first, and some writers store the levels coarsest first."""
@@ -220,7 +238,7 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
     not see. The structure: ``tiled`` (the level-0 page), ``data_end`` (the last byte of image data any page or
     SubIFD stores, and that page's index)."""
     props: dict[str, Any] = {"objective_power": None, "aperio_mpp": None, "ome_mpp": None, "tiff_mpp": None}
-    props.update(philips_mpp=None, mpp_y=None, level0=None)
+    props.update(philips_mpp=None, mpp_y=None, level0=None, sparse={})
     y_of: dict[str, float | None] = {}
     props.update(subifd_levels=0, tiled=True, data_end=(0, 0))  # (what tifffile cannot parse: the backends report)
     props.update(samples=None, cucim_unsafe=None, jfif_rgb=False, unmarked_levels=0)
@@ -238,6 +256,7 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
                     if int(p.predictor) > 1 and int(p.compression) != 5:  # LZW with a predictor is fine
                         props["cucim_unsafe"] = f"{p.compression.name} tiles with a predictor (cuCIM crashes on them)"
             props.update(tiled=bool(page.is_tiled), data_end=max(ends, default=(0, 0)))
+            props["sparse"] = _sparse_tiles(tif)
             props["level0"] = (int(page.imagewidth), int(page.imagelength))
             props.update(samples=int(page.samplesperpixel), jfif_rgb=_jfif_tagged_rgb(page))
             props.update(photometric=int(page.photometric), compression=int(page.compression))
@@ -804,6 +823,9 @@ class CuCIMSlide(SlideReader):
         if self.mpp is None:
             tiff = meta.get("tiff", {}) if isinstance(meta, dict) else {}
             self.mpp = _mpp_from_resolution(tiff.get("x_resolution"), tiff.get("resolution_unit", ""))
+        # unstored tiles, which cuCIM reads black and the other readers (and OpenSlide) as glass: by our level
+        sparse = _tiff_properties(self.path)["sparse"] if self.path.lower().endswith(TIFF_SUFFIXES) else {}
+        self._sparse = {k: sparse[d] for k, d in enumerate(self.level_dimensions) if d in sparse}
         self._check_decodable()
 
     def _check_decodable(self) -> None:
@@ -917,8 +939,8 @@ class CuCIMSlide(SlideReader):
         return self._whiten_outside(out, locations, level, size)
 
     def _whiten_outside(self, out: np.ndarray, locations: np.ndarray, level: int, size: tuple[int, int]) -> np.ndarray:
-        """White (glass) where a patch reaches outside the level, which cuCIM fills black, as the other readers and
-        OpenSlide's own background do."""
+        """White (glass) where a patch reaches outside the level or onto a tile the file leaves unstored, which cuCIM
+        fills black, as the other readers and OpenSlide's own background do."""
         w, h = size
         lw, lh = self.level_dimensions[level]
         xy = np.floor(np.asarray(locations, np.float64) / self.level_downsamples[level]).astype(np.int64)
@@ -927,6 +949,17 @@ class CuCIMSlide(SlideReader):
             keep = np.zeros((h, w), bool)
             keep[max(0, -y) : max(0, min(h, lh - y)), max(0, -x) : max(0, min(w, lw - x))] = True
             out[i][~keep] = 255
+        if level in self._sparse:
+            empty, (tw, th) = self._sparse[level]
+            rows, cols = empty.shape
+            for i, (x, y) in enumerate(xy.tolist()):
+                r0, r1 = max(0, y // th), min(rows, -(-(y + h) // th))
+                c0, c1 = max(0, x // tw), min(cols, -(-(x + w) // tw))
+                for r, c in np.argwhere(empty[r0:r1, c0:c1]) + (r0, c0):
+                    ys, xs = slice(max(0, r * th - y), max(0, (r + 1) * th - y)), slice(
+                        max(0, c * tw - x), max(0, (c + 1) * tw - x)
+                    )
+                    out[i][ys, xs] = 255
         return out
 
     def close(self) -> None:
