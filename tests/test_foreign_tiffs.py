@@ -26,10 +26,11 @@ def tissue() -> np.ndarray:
     return render_slide((3, 1), True, SyntheticSlideConfig(width=1536, height=1024))["image"]
 
 
-def _level(tif, img, ds, k, **opts):
+def _level(tif, img, ds, k, compression="zlib", per_unit=2e4, unit="CENTIMETER"):
+    """Level ``k`` (reduced unless 0) at downsample ``ds``: 0.5 um/px at level 0 (``per_unit``: pixels per unit)."""
     tif.write(
-        img, tile=(256, 256), photometric="rgb", compression="zlib", subfiletype=1 if k else 0, metadata=None,
-        resolution=(2e4 / ds,) * 2, resolutionunit="CENTIMETER", **opts,
+        img, tile=(256, 256), photometric="rgb", compression=compression, subfiletype=1 if k else 0, metadata=None,
+        resolution=(per_unit / ds,) * 2, resolutionunit=unit,
     )  # fmt: skip
 
 
@@ -91,10 +92,7 @@ def test_resolution_tags_without_a_unit_are_in_inches(tissue, tmp_path):
     path = str(tmp_path / "nounit.tif")
     with tifffile.TiffWriter(path) as tif:
         for k, ds in enumerate((1, 2)):
-            tif.write(
-                block_mean(tissue, ds), tile=(256, 256), photometric="rgb", compression="zlib", metadata=None,
-                subfiletype=1 if k else 0, resolution=(101600 / ds,) * 2, resolutionunit="INCH",
-            )  # fmt: skip
+            _level(tif, block_mean(tissue, ds), ds, k, per_unit=101600, unit="INCH")  # 0.25 um/px in pixels per inch
     with tifffile.TiffFile(path) as tif:
         spots = [p.tags["ResolutionUnit"].offset for p in tif.pages]
     with open(path, "r+b") as f:  # the tag's code overwritten with an unknown one: the file has no ResolutionUnit
@@ -179,10 +177,7 @@ def test_a_sparse_tile_reads_as_glass_on_every_backend_and_is_not_called_damaged
     path = str(tmp_path / "sparse.tif")
     with tifffile.TiffWriter(path) as tif:
         for k, ds in enumerate((1, 2)):
-            tif.write(
-                block_mean(tissue, ds), tile=(256, 256), photometric="rgb", compression="jpeg", metadata=None,
-                subfiletype=1 if k else 0, resolution=(2e4 / ds,) * 2, resolutionunit="CENTIMETER",
-            )  # fmt: skip
+            _level(tif, block_mean(tissue, ds), ds, k, compression="jpeg")
     with tifffile.TiffFile(path) as tif:
         tags = tif.pages.first.tags
         spots = [tags["TileOffsets"].valueoffset, tags["TileByteCounts"].valueoffset]
