@@ -437,8 +437,10 @@ def test_pen_and_marker_ink_are_not_tissue_and_a_pen_circle_does_not_fill_the_gl
     img[ring] = (28, 28, 36)
     stroke = (yy >= 4) & (yy < 8) & (xx >= 10) & (xx < 70)
     img[stroke] = (40, 160, 90)  # green marker
+    dots = (np.hypot(yy - 110, xx - 20) < 4) | (np.hypot(yy - 12, xx - 145) < 4)
+    img[dots] = (50, 75, 175)  # blue marker dots on the glass (a pathologist's marks)
     mask, _ = tissue_mask_from_rgb(img, min_area_px=4, device="cpu")
-    assert not mask[ring].any() and not mask[stroke].any()
+    assert not mask[ring].any() and not mask[stroke].any() and not mask[dots].any()
     assert (mask & tissue).sum() / tissue.sum() > 0.95 and (mask & ~tissue).sum() < 0.05 * tissue.sum()
     inked, _ = tissue_mask_from_rgb(img, min_area_px=4, device="cpu", exclude_ink=False)
     assert inked[ring].all() and inked[(~tissue) & (np.hypot((yy - 60) / 45.0, (xx - 80) / 60.0) < 0.9)].all()
@@ -616,6 +618,10 @@ def test_bluish_hematoxylin_and_a_dark_purple_fold_are_not_ink():
 
     px = np.array([[[50, 60, 120], [70, 80, 150], [57, 30, 67], [28, 28, 36], [40, 160, 90], [0, 0, 0]]], np.uint8)
     assert ink(px, saturation(px)).tolist() == [[False, False, False, True, True, True]]
+    # blue marker (greener and much bluer than red: hematoxylin passes more red than green) is ink; teal-ish and pale
+    # blue are not told from bluish hematoxylin, and stay
+    px = np.array([[[50, 70, 170], [30, 60, 190], [90, 120, 200], [120, 140, 190], [60, 70, 145]]], np.uint8)
+    assert ink(px, saturation(px)).tolist() == [[True, True, True, False, False]]
 
 
 def test_background_balancing_stays_out_of_the_tiling_signature_unless_turned_off():

@@ -321,7 +321,7 @@ def prepare_coords(
 _DETECTOR_CHANGES = {
     2: "the pale-tissue split and the hole limit",
     3: "the mask's scale taken from its block and level (a mask pixel or more on narrow slides, a fraction of one "
-    "on others) and levels read at non-integer downsamples",
+    "on others), levels read at non-integer downsamples, and blue marker ink left out",
 }
 
 

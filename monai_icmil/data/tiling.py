@@ -131,6 +131,10 @@ INK_MAX_CHANNEL = 70
 #: all pass more red than green
 INK_GREEN_OVER_RED = 8
 INK_MIN_SATURATION = 0.25
+#: saturated pixels this much greener and bluer than red are blue marker ink: hematoxylin passes more red than
+#: green, and a bluish one that does not (its green up to 10 over its red) is kept
+INK_BLUE_GREEN_OVER_RED = 15
+INK_BLUE_OVER_RED = 80
 
 
 #: near-black pixels this close to grey (max - min channel) are ink; a dark purple fold is more coloured
@@ -138,14 +142,18 @@ INK_MAX_SPREAD = 25
 
 
 def ink(rgb: Any, sat: Any, xp: ModuleType = np) -> Any:
-    """Pixels of a ``uint8`` RGB image ``[h, w, 3]`` (``sat``: its :func:`saturation`) that are black pen, green
-    marker or the black outside the scan: near-black greys have a high HSV saturation and green marker is saturated,
+    """Pixels of a ``uint8`` RGB image ``[h, w, 3]`` (``sat``: its :func:`saturation`) that are black pen, green or
+    blue marker or the black outside the scan: near-black greys have a high HSV saturation and marker is saturated,
     so both would pass a saturation threshold as tissue (and a pen circle would have the glass inside it filled in).
-    Blue and teal inks are left alone: at a few um/px they look like bluish hematoxylin (B > G > R)."""
+    Blue marker is told from bluish hematoxylin (B > G > R too at a few um/px) by its margins: green at least
+    :data:`INK_BLUE_GREEN_OVER_RED` and blue at least :data:`INK_BLUE_OVER_RED` over red; paler blue and teal inks
+    stay."""
     r, g, b = (rgb[..., k].astype(xp.int16) for k in range(3))
     mx, mn = rgb.max(axis=-1).astype(xp.int16), rgb.min(axis=-1).astype(xp.int16)
     dark = (mx < INK_MAX_CHANNEL) & (mx - mn < INK_MAX_SPREAD)
-    return dark | ((g >= r + INK_GREEN_OVER_RED) & (g >= b) & (sat > INK_MIN_SATURATION))
+    green = (g >= r + INK_GREEN_OVER_RED) & (g >= b)
+    blue = (g >= r + INK_BLUE_GREEN_OVER_RED) & (b >= r + INK_BLUE_OVER_RED)
+    return dark | ((green | blue) & (sat > INK_MIN_SATURATION))
 
 
 #: the glass is looked for among the pixels at or above this brightness percentile
@@ -697,8 +705,9 @@ def _patch_tissue_fraction(mask: np.ndarray, mask_ds: float, coords: np.ndarray,
 
 
 #: the tissue detector's version, kept with the coordinates it tiled (1: before session 60's pale-tissue split and
-#: hole limit, whose stores have none; 2: with them; 3: the mask's scale from its block and level, and levels read
-#: without a one-pixel shift at non-integer downsamples): reused older coordinates are warned about, not tiled again
+#: hole limit, whose stores have none; 2: with them; 3: the mask's scale from its block and level, levels read
+#: without a one-pixel shift at non-integer downsamples, and blue marker ink left out): reused older coordinates are
+#: warned about, not tiled again
 DETECTOR_VERSION = 3
 
 #: tissue-detector options and their defaults: they enter a tiling's signature (the stores' keys) only when changed,
