@@ -58,7 +58,7 @@ def _inputs(model_input: Any) -> tuple[list[str], list[float | None]]:
             )
         paths = [str(p) for p in model_input[INPUT_COLUMN]]
         mpps = list(model_input[MPP_COLUMN]) if MPP_COLUMN in model_input.columns else [None] * len(paths)
-        return paths, [_given_mpp(m, p) for m, p in zip(mpps, paths)]
+        return paths, [_given_mpp(m, p) for m, p in zip(mpps, paths)]  # (a table's columns are of one length)
     if isinstance(model_input, Mapping):
         if INPUT_COLUMN not in model_input:
             raise ValueError(f"the input needs an '{INPUT_COLUMN}' key of slide paths, got {list(model_input)}")
@@ -66,7 +66,14 @@ def _inputs(model_input: Any) -> tuple[list[str], list[float | None]]:
         if isinstance(given, (str, os.PathLike)):
             return [str(given)], [_given_mpp(mpps, str(given))]
         paths = [str(p) for p in given]
-        return paths, [_given_mpp(m, p) for m, p in zip(mpps if mpps is not None else [None] * len(paths), paths)]
+        if mpps is None or isinstance(mpps, (str, int, float)):  # one value (or none) for every slide
+            mpps = [mpps] * len(paths)
+        if len(mpps) != len(paths):
+            raise ValueError(
+                f"the input gives {len(mpps)} '{MPP_COLUMN}' value(s) for {len(paths)} slide(s): give one "
+                "per slide (None where the file's is right)"
+            )
+        return paths, [_given_mpp(m, p) for m, p in zip(mpps, paths)]
     paths = [str(model_input)] if isinstance(model_input, (str, os.PathLike)) else [str(p) for p in model_input]
     return paths, [None] * len(paths)
 

@@ -1045,8 +1045,18 @@ def test_settings_that_do_not_fit_the_datalist_are_refused_before_any_work(synth
     ):
         workflow(named).prepare()  # normal, necrosis, tumour: tumour is index 2, and the one odd label is named
     shifted = {k: [{**e, "label": e["label"] + 1} for e in v] for k, v in data.items() if isinstance(v, list)}
-    with pytest.raises(ValueError, match=r"class indices \[1, 2\] .*\. Number the classes 0-1 in the datalist"):
+    with pytest.raises(ValueError, match=r"class indices \[1, 2\] .*\. Number the classes 0-1 in the datalist[^,]*$"):
         workflow(shifted).prepare()  # 1 and 2: two classes, numbered from 1
+    shifted["test"][0]["label"] = 3  # 1, 2, 3: numbered from 1, and one class more than num_classes
+    with pytest.raises(ValueError, match=r"Number the classes 0-2 in the datalist .*, and set num_classes \(--num_cl"):
+        workflow(shifted).prepare()
+    tied = {k: [dict(e) for e in v] for k, v in data.items() if isinstance(v, list)}
+    for split, labels in (("training", [0, 0, 1, 1]), ("validation", [2, 2]), ("test", [0, 0])):
+        for e, label in zip(tied[split], labels):
+            e["label"] = label  # classes 1 and 2 have 2 slides each: neither is "the rarest"
+    with pytest.raises(ValueError, match=r"'0': 4, '1': 2, '2': 2\. Set num_classes \(--num_classes 3\)") as refused:
+        workflow(tied).prepare()
+    assert "rarest" not in str(refused.value)
     with pytest.raises(ValueError, match=r"class_names \['normal', 'tumour'\] has 2 name\(s\) but num_classes is 3"):
         workflow(third, num_classes=3, class_names=["normal", "tumour"]).prepare()
     lost = {**data, "validation": [{**data["validation"][0], "tumour_mask": "masks/lost.png"}, *data["validation"][1:]]}

@@ -69,7 +69,8 @@ def test_an_ome_tiff_with_a_label_first_and_another_scene_gives_level_0s_pyramid
         for ds in (2, 4):
             tif.write(block_mean(tissue, ds), subfiletype=1, **opts)
         tif.write(other, metadata={"Name": "scene 2", **physical(0.5)}, **opts)
-    opened = open_slide(path)
+        tif.write(np.full((128, 192, 3), 30, np.uint8), metadata={"Name": "scene 3", **physical(0.5)}, **opts)
+    opened = open_slide(path)  # (scene 3 has the slide's aspect and is smaller than its last level: not a level)
     assert opened.level_dimensions == ((1536, 1024), (768, 512), (384, 256)) and opened.mpp == pytest.approx(0.5)
     np.testing.assert_array_equal(opened.read_region((256, 256), 64, level=1), block_mean(tissue, 2)[128:192, 128:192])
 
@@ -192,9 +193,25 @@ def test_a_sparse_tile_reads_as_glass_on_every_backend_and_is_not_called_damaged
         assert np.abs(patches[1].astype(int) - tissue[300:364, 600:664]).mean() < 4, backend  # (JPEG)
         assert (patches[2][:, :32] == 255).all(), backend  # across the unstored tile's edge (x 256)
         assert np.abs(patches[2][:, 32:].astype(int) - tissue[100:164, 256:288]).mean() < 4, backend
-        grid = slide.read_patches([(0, 0), (256, 0)], 256, 0)  # (cuCIM: the dense path, regions cut into patches)
-        assert (grid[0] == 255).all() and not (grid[1] == 255).all(), backend
+        grid = np.array([(x, y) for y in range(0, 256, 64) for x in range(0, 512, 64)])  # cuCIM: regions cut up
+        read = slide.read_patches(grid, 64, 0)
+        assert (read[grid[:, 0] < 256] == 255).all() and not (read[grid[:, 0] >= 256] == 255).all(), backend
     assert open_slide(path, "tifffile").damaged_tiles(0, [(0, 0), (1, 0), (2, 1)], num_workers=1) == set()
+    # another page of level 0's size with an unstored tile (a second scene) does not whiten level 0 on cuCIM
+    other = str(tmp_path / "two_pages.tif")
+    with tifffile.TiffWriter(other) as tif:
+        for k, ds in enumerate((1, 2)):
+            _level(tif, block_mean(tissue, ds), ds, k)
+        _level(tif, np.full_like(tissue, 240), 1, 1)
+    with tifffile.TiffFile(other) as tif:
+        tags = tif.pages[2].tags
+        spots = [tags["TileOffsets"].valueoffset, tags["TileByteCounts"].valueoffset]
+    with open(other, "r+b") as f:
+        for offset in spots:
+            f.seek(offset)
+            f.write(struct.pack("<I", 0))
+    for backend in [b for b in WSI_BACKENDS if b != "openslide"]:
+        np.testing.assert_array_equal(open_slide(other, backend).read_region((10, 10), 64), tissue[10:74, 10:74])
 
 
 def test_premultiplied_alpha_is_composited_once(tmp_path):

@@ -254,6 +254,15 @@ def test_a_model_name_with_a_quote_is_registered_with_its_tags_and_loads(tmp_pat
         assert list(table["image"]) == [str(tmp_path / "s.tif")]
         with pytest.warns(UserWarning, match=r"microns per pixel, but its metadata has none"):  # without: the file's
             assert len(served.predict(pd.DataFrame({"image": [str(tmp_path / "s.tif")]}))) == 0
+    from monai_icmil.serving import _inputs
+
+    two = [str(tmp_path / "a.tif"), str(tmp_path / "b.tif")]
+    assert _inputs({"image": two, "mpp": 0.5}) == (two, [0.5, 0.5])  # one value for every slide
+    assert _inputs({"image": two, "mpp": [None, float("nan")]}) == (two, [None, None])
+    with pytest.raises(ValueError, match=r"gives 1 'mpp' value\(s\) for 2 slide\(s\)"):
+        _inputs({"image": two, "mpp": [0.5]})
+    with pytest.raises(ValueError, match=r"mpp of slide '.*b\.tif' in the input.* is outside"):
+        _inputs(pd.DataFrame({"image": two, "mpp": [0.5, 250.0]}))
 
 
 def test_a_model_without_class_names_serves_its_classifiers_classes(tmp_path):

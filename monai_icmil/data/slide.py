@@ -197,19 +197,26 @@ def _philips_mpp(description: str) -> tuple[float | None, float | None]:
 def _sparse_tiles(tif: Any) -> dict[tuple[int, int], tuple[np.ndarray, tuple[int, int]]]:
     """The tiles a TIFF leaves unstored (offset and byte count 0: Philips outside its scanned regions, GDAL's
     SPARSE_OK), by page size ``(width, height)``: a ``[rows, columns]`` grid (``True``: not stored) and the tile size
-    ``(width, height)``; pages with none are left out."""
-    sparse = {}
-    for main in tif.pages:
-        for p in (main, *(main.pages or ())):
-            if not p.is_tiled or int(p.planarconfig) == 2:
-                continue
-            offsets, counts = np.asarray(p.dataoffsets, np.int64), np.asarray(p.databytecounts, np.int64)
-            tw, th = int(p.tilewidth), int(p.tilelength)
-            rows, cols = -(-int(p.imagelength) // th), -(-int(p.imagewidth) // tw)
-            empty = (offsets == 0) & (counts == 0)
-            if empty.any() and empty.size == rows * cols:
-                sparse[(int(p.imagewidth), int(p.imagelength))] = (empty.reshape(rows, cols), (tw, th))
-    return sparse
+    ``(width, height)``. Only the main chain's tiled pages with level 0's samples per pixel count (the pages cuCIM
+    reads as levels); a size two such pages share is left out (which of them cuCIM reads is not known), and so are
+    pages with every tile stored."""
+    level0 = _level0_page(tif)
+    grids: dict[tuple[int, int], list[tuple[np.ndarray, tuple[int, int]]]] = {}
+    for p in tif.pages:
+        if not p.is_tiled or int(p.planarconfig) == 2 or p.samplesperpixel != level0.samplesperpixel:
+            continue
+        offsets, counts = np.asarray(p.dataoffsets, np.int64), np.asarray(p.databytecounts, np.int64)
+        tw, th = int(p.tilewidth), int(p.tilelength)
+        rows, cols = -(-int(p.imagelength) // th), -(-int(p.imagewidth) // tw)
+        empty = (offsets == 0) & (counts == 0)
+        grids.setdefault((int(p.imagewidth), int(p.imagelength)), []).append(
+            (empty.reshape(rows, cols) if empty.size == rows * cols else None, (tw, th))
+        )
+    return {
+        size: pages[0]
+        for size, pages in grids.items()
+        if len(pages) == 1 and pages[0][0] is not None and pages[0][0].any()
+    }
 
 
 def _level0_page(tif: Any) -> Any:
@@ -1055,8 +1062,9 @@ class OpenSlideSlide(_PatchByPatchReader):
 class TiffSlide(_PatchByPatchReader):
     """Our tile-level TIFF reader: decodes only the tiles each patch overlaps, with a small LRU tile cache.
 
-    Levels are the tiled pages of the main IFD chain (or the SubIFDs of the first page) that share the first
-    page's aspect ratio, finest first; thumbnails, labels and macro images are ignored.
+    Levels are level 0 (the file's largest page) and the tiled pages of its SubIFDs (an OME-TIFF's pyramid) or,
+    without them, of the main IFD chain that share its aspect ratio, finest first; thumbnails, labels, macro images
+    and, beside a SubIFD pyramid, the file's other scenes are ignored.
     """
 
     backend = "tifffile"
@@ -1091,13 +1099,14 @@ class TiffSlide(_PatchByPatchReader):
             raise SlideError(self.path, f"expected an RGB slide, found {first.samplesperpixel} sample(s) per pixel.")
         if first.dtype not in (np.uint8, np.uint16):
             raise SlideError(self.path, f"{first.dtype} samples are not read; convert the slide to 8-bit RGB.")
-        # its SubIFDs (an OME-TIFF's pyramid) in file order, then the main chain's other pages largest first (levels
-        # stored coarsest first); another scene of the file sorts after the SubIFDs, so it is not taken for a level
+        # its SubIFDs (an OME-TIFF's pyramid; the main chain then holds other scenes, labels and macro images), else
+        # the main chain's other pages, largest first (levels stored coarsest first)
+        subifds = [p for p in (first.pages or ()) if p.is_tiled]
         chain = sorted(
             (p for p in self._tif.pages if p is not first), key=lambda p: -int(p.imagewidth) * int(p.imagelength)
         )
         # the pyramid among them (level 0's aspect, each level smaller enough) is chosen by _describe_levels
-        candidates = [first, *(first.pages or ()), *chain]
+        candidates = [first, *(subifds or chain)]
         return [p for p in candidates if p.is_tiled and p.samplesperpixel == first.samplesperpixel]
 
     def _tile(self, level: int, index: int) -> np.ndarray:
@@ -1386,7 +1395,8 @@ def open_slide(
         warn_no_mpp: warn when the slide has no mpp (and none is given).
 
     A TIFF's mpp is its Aperio description's, else its OME metadata's (``PhysicalSizeX``), else its Philips
-    description's (``DICOM_PIXEL_SPACING``), else its resolution tags' (in inches without a ``ResolutionUnit``). A
+    description's (``DICOM_PIXEL_SPACING``), else (OpenSlide backend) OpenSlide's own, else its resolution tags' (in
+    inches without a ``ResolutionUnit``). A
     TIFF whose Aperio description and resolution tags disagree on mpp by more than 5 % is warned about (the
     description's value is used), and so is one whose pixels are not square (the width is used). Level 0 is a TIFF's
     largest image; a backend that takes a smaller one for it (a label stored first) is passed over.
@@ -1454,7 +1464,11 @@ def open_slide(
         "cannot be opened as a whole-slide image ("
         + "; ".join(reasons)
         + "). "
-        + ("Open it with backend 'auto' (or 'tifffile'), which finds its largest image. " if misread else "")
+        + (
+            "Open it with backend 'auto' (or 'tifffile'), which finds its largest image. "
+            if misread and backend != "auto"
+            else ""
+        )
         + "If it is a slide in a format none of "
         "these reads (e.g. CZI, iSyntax), convert it to a tiled pyramidal TIFF, e.g. `vips tiffsave in out.tif "
         "--tile --pyramid --compression jpeg` or `bfconvert -pyramid-resolutions 4 -tilex 256 -tiley 256 in "

@@ -280,7 +280,7 @@ def tissue_mask_from_rgb(
         min_saturation: lower bound of the threshold, so a blank slide's noise is not called tissue.
         fill_holes: fill holes enclosed by tissue.
         device: ``"auto"``, ``"cpu"`` or a CUDA device (see :func:`array_backend`).
-        exclude_ink: leave out near-black pixels and saturated ones greener than red (:func:`ink`).
+        exclude_ink: leave out near-black pixels and green and blue marker (:func:`ink`).
         balance_background: on tinted glass, take the lower of the saturation and the saturation relative to the
             glass's colour (:func:`tissue_saturation`).
         adapt_floor: when the threshold sits at ``min_saturation``, more pixels lie just under it (down to half of

@@ -1003,9 +1003,10 @@ class ICMILWorkflow(BundleWorkflow):
             )
 
     def _too_many_classes(self, labelled: list[tuple[str, dict[str, Any]]]) -> str:
-        """The refusal of a datalist with classes beyond ``num_classes``: every class with its number of slides, and
-        the slides of the rarest class (a typo in a label, 'tumer', makes a class of one slide; string labels sort,
-        so the typo may take another class's index)."""
+        """The refusal of a datalist with classes beyond ``num_classes``: every class with its number of slides; for
+        integer labels not numbered 0, 1, ..., the fix; else the slides of the rarest class where one class is rarer
+        than the others (a typo in a label, 'tumer', makes a class of one slide; string labels sort, so the typo may
+        take another class's index)."""
         slides: dict[int, list[str]] = {}
         names: dict[int, str] = {}
         for split, e in labelled:
@@ -1016,8 +1017,10 @@ class ICMILWorkflow(BundleWorkflow):
             f"datalist '{self.splits.path}' has class indices {sorted(slides)} but num_classes is {self.num_classes} "
             f"(class indices 0-{self.num_classes - 1}); slides per class: {counts}."
         )
-        if len(slides) <= self.num_classes:  # integer labels that do not start at 0 (1 and 2, say)
-            return f"{head} Number the classes 0-{self.num_classes - 1} in the datalist (e.g. 0 for normal)."
+        k = len(slides)
+        if sorted(slides) != list(range(k)):  # integer labels that do not start at 0 or skip one (1 and 2, say)
+            more = f", and set num_classes (--num_classes {k}) and class_names" if k > self.num_classes else ""
+            return f"{head} Number the classes 0-{k - 1} in the datalist (e.g. 0 for normal){more}."
         fewest = min(len(v) for v in slides.values())
         rare = [c for c in sorted(slides) if len(slides[c]) == fewest]
         typo = ""
