@@ -489,6 +489,28 @@ def test_tinted_glass_is_not_tissue_and_tissue_on_it_is_found_as_on_white_glass(
         np.testing.assert_array_equal(a, b)  # neutral glass: the same mask and threshold
 
 
+def test_a_crop_without_glass_is_all_tissue_not_split_by_otsu():
+    """A region export or a TMA core cropped to its tissue shows no glass: Otsu's threshold fell inside the tissue and
+    dropped its paler part (another generator's crop: recall 0.28). Without glass (under 0.5 % of glass-like pixels)
+    the threshold is the floor, and the detector says the mask covers the whole slide; with glass beside the same
+    tissue, Otsu's split is taken as before."""
+    from monai_icmil.data.tiling import _doubtful_mask, tissue_mask_from_rgb
+
+    rng = np.random.default_rng(1)
+    h, w = 120, 160
+    yy, xx = np.mgrid[:h, :w]
+    dense = ((yy - 60) / 35.0) ** 2 + ((xx - 80) / 50.0) ** 2 < 1
+    crop = np.clip(np.array([215, 150, 200]) + rng.normal(0, 2, (h, w, 3)), 0, 255).astype(np.uint8)  # pale, smooth
+    crop[dense] = np.clip(np.array([140, 50, 130]) + rng.normal(0, 6, (dense.sum(), 3)), 0, 255)
+    mask, thr = tissue_mask_from_rgb(crop, min_area_px=4, device="cpu")
+    assert thr == 0.05 and mask.all()
+    assert "covers 100% of the slide" in _doubtful_mask(crop, mask, thr, 0.05)
+    beside = crop.copy()
+    beside[:, :24] = 242  # a strip of white glass (15 %)
+    mask, thr = tissue_mask_from_rgb(beside, min_area_px=4, device="cpu")
+    assert thr > 0.05 and not mask[:, :24].any()
+
+
 def test_faded_tissue_is_kept_at_half_the_floor_with_a_warning_and_a_slide_without_glass_is_left_unbalanced():
     """Faded H&E just under the 0.05 floor (saturation 0.033) was mostly dropped; the floor is halved when faint colour
     outnumbers what the mask keeps, and the detector says so. A slide cropped to its tissue has no glass to balance by

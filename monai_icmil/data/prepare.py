@@ -321,7 +321,8 @@ def prepare_coords(
 _DETECTOR_CHANGES = {
     2: "the pale-tissue split and the hole limit",
     3: "the mask's scale taken from its block and level (a mask pixel or more on narrow slides, a fraction of one "
-    "on others), levels read at non-integer downsamples, and blue marker ink left out",
+    "on others), levels read at non-integer downsamples, blue marker ink left out, and a slide without glass "
+    "thresholded at the floor",
 }
 
 

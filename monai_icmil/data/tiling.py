@@ -257,6 +257,12 @@ def otsu_threshold(
     return float(edges[idx + 1])
 
 
+#: a pixel this bright (channel mean) and at most ``min_saturation`` saturated looks like glass
+GLASS_MIN_BRIGHTNESS = 200.0
+#: a slide with fewer glass-like pixels than this share shows no glass: its threshold is the floor, not Otsu's
+NO_GLASS_SHARE = 0.005
+
+
 def tissue_mask_from_rgb(
     rgb: np.ndarray,
     median_size: int = 5,
@@ -271,7 +277,10 @@ def tissue_mask_from_rgb(
     max_hole_px: int | None = None,
 ) -> tuple[np.ndarray, float]:
     """Tissue mask of a low-resolution RGB image: HSV saturation, balanced by the glass's colour, above Otsu's
-    threshold (at least ``min_saturation``), pen and marker ink left out (:func:`tissue_saturation`), cleaned.
+    threshold (at least ``min_saturation``), pen and marker ink left out (:func:`tissue_saturation`), cleaned. An
+    image without glass (fewer than :data:`NO_GLASS_SHARE` of its pixels brighter than :data:`GLASS_MIN_BRIGHTNESS`
+    and unsaturated: a crop of the tissue, a TMA core) is thresholded at ``min_saturation``: Otsu's split would fall
+    inside the tissue.
 
     Args:
         rgb: ``uint8`` ``[h, w, 3]`` image (a low pyramid level or a thumbnail).
@@ -305,6 +314,9 @@ def tissue_mask_from_rgb(
     img = xp.asarray(rgb)
     sat = tissue_saturation(img, xp, balance_background, exclude_ink)
     otsu, floor = otsu_threshold(sat, xp), float(min_saturation)
+    glass = float(((sat <= floor) & (img.astype(xp.float32).mean(axis=-1) > GLASS_MIN_BRIGHTNESS)).mean())
+    if glass < NO_GLASS_SHARE:  # no glass (a crop of the tissue, a TMA core): Otsu's split would fall inside it
+        otsu = min(otsu, floor)
     thr = max(otsu, floor)
     clean = functools.partial(
         _clean_mask, median_size=median_size, min_area_px=min_area_px, fill_holes=fill_holes, xp=xp, ndi=ndi,
@@ -706,8 +718,8 @@ def _patch_tissue_fraction(mask: np.ndarray, mask_ds: float, coords: np.ndarray,
 
 #: the tissue detector's version, kept with the coordinates it tiled (1: before session 60's pale-tissue split and
 #: hole limit, whose stores have none; 2: with them; 3: the mask's scale from its block and level, levels read
-#: without a one-pixel shift at non-integer downsamples, and blue marker ink left out): reused older coordinates are
-#: warned about, not tiled again
+#: without a one-pixel shift at non-integer downsamples, blue marker ink left out, and a slide without glass
+#: thresholded at the floor): reused older coordinates are warned about, not tiled again
 DETECTOR_VERSION = 3
 
 #: tissue-detector options and their defaults: they enter a tiling's signature (the stores' keys) only when changed,
