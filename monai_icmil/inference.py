@@ -67,15 +67,16 @@ def list_slides(slides: str | os.PathLike | Sequence[str]) -> list[str]:
     if isinstance(slides, (str, os.PathLike)) and Path(slides).is_dir():
         files = sorted(p for p in Path(slides).iterdir() if p.is_file())
         found = [str(p) for p in files if p.suffix.lower() in SLIDE_SUFFIXES]
-        images = [p.name for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         if found and images:
+            names = ", ".join(p.name for p in images[:5])
             warnings.warn(
                 f"folder '{slides}': {len(images)} plain image(s) beside its {len(found)} slide file(s) are left out, "
-                f"taken for masks or thumbnails: {', '.join(images[:5])}{' ...' if len(images) > 5 else ''}. To "
-                "predict them too, give the slides by path (--input_slides \"['a.svs', 'b.png']\").",
+                f"taken for masks or thumbnails: {names}{' ...' if len(images) > 5 else ''}. To predict them too, "
+                "give the slides by path (--input_slides \"['a.svs', 'b.png']\").",
                 stacklevel=2,
             )
-        found = found or [str(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        found = found or [str(p) for p in images]
         if not found:
             raise FileNotFoundError(
                 f"no slide files ({', '.join(SLIDE_SUFFIXES + IMAGE_SUFFIXES)}) in folder '{slides}'"

@@ -26,9 +26,10 @@ import numpy as np
 
 from monai_icmil.data.integrity import TileErrorPolicy, damaged_patches
 from monai_icmil.data.report import RunReport
-from monai_icmil.data.slide import as_mpp, get_slide
+from monai_icmil.data.slide import MPP_DISAGREEMENT, as_mpp, get_slide
 from monai_icmil.data.store import CoordsStore, coords_key
 from monai_icmil.data.tiling import (
+    DETECTOR_CHANGES,
     DETECTOR_VERSION,
     EmptySlideWarning,
     TissueMaskWarning,
@@ -86,11 +87,9 @@ def _summary_row(sid: str, path: str, n: int, meta: Mapping[str, Any], file_mpp:
     }
 
 
-#: relative difference above which a given level-0 mpp and the file's are reported as disagreeing
-MPP_DISAGREEMENT = 0.05
-
-
 def _disagree(given: float, file_mpp: float) -> bool:
+    """Whether a given level-0 mpp and the file's differ by more than :data:`~monai_icmil.data.slide
+    .MPP_DISAGREEMENT` (as the readers' own sources are compared)."""
     return abs(given - file_mpp) > MPP_DISAGREEMENT * file_mpp
 
 
@@ -293,44 +292,49 @@ def prepare_coords(
         if meta.get("slide_mpp") and file_mpp and _disagree(meta["slide_mpp"], file_mpp):
             overruled.append(f"{sid} ({meta['slide_mpp']:g}, file {file_mpp:g})")
         summary.append(_summary_row(sid, path, len(coords), meta, file_mpp))
-        out[sid] = SlideTiles(
-            slide_id=sid,
-            image=path,
-            coords=np.asarray(coords, np.int64),
-            level=int(meta["level"]),
-            read_size=int(meta["read_size"]),
-            patch_size=int(meta["patch_size"]),
-            stride=int(meta.get("stride") or grid_stride or meta["patch_size"]),  # (stores before 2026-12: no stride)
-            **({"slide_mpp": meta["slide_mpp"]} if meta.get("slide_mpp") is not None else {}),
-        )
+        out[sid] = _slide_tiles(sid, path, coords, meta, grid_stride)
     if qc_dir is not None:
         _write_qc_summary(Path(qc_dir), summary)
     _warn_older_detector(older, store, transforms)
+    _warn_overruled_mpp(overruled)
+    return out
+
+
+def _slide_tiles(
+    sid: str, path: str, coords: np.ndarray, meta: Mapping[str, Any], grid_stride: int | None
+) -> SlideTiles:
+    """A slide's :class:`SlideTiles` from its coordinates and their store's metadata (``grid_stride``: the tiling's
+    stride, for stores made before 2026-12, which did not record it)."""
+    return SlideTiles(
+        slide_id=sid,
+        image=path,
+        coords=np.asarray(coords, np.int64),
+        level=int(meta["level"]),
+        read_size=int(meta["read_size"]),
+        patch_size=int(meta["patch_size"]),
+        stride=int(meta.get("stride") or grid_stride or meta["patch_size"]),
+        **({"slide_mpp": meta["slide_mpp"]} if meta.get("slide_mpp") is not None else {}),
+    )
+
+
+def _warn_overruled_mpp(overruled: Sequence[str]) -> None:
+    """One warning for the slides tiled at a given mpp that is not their file's (``"<slide> (<given>, file
+    <file's>)"``)."""
     if overruled:
         warnings.warn(
             f"{len(overruled)} slide(s) are tiled at an mpp given for them that is not their file's: "
             f"{', '.join(overruled[:5])}{' ...' if len(overruled) > 5 else ''} (um/px at level 0; all in tiling.csv). "
             "The given value is used; if the file is right, remove the slide's `mpp` from the datalist (a "
             "magnification is not an mpp: 20x is about 0.5 um/px, 40x about 0.25).",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return out
-
-
-#: what each version of the tissue detector changed (:data:`~monai_icmil.data.tiling.DETECTOR_VERSION`)
-_DETECTOR_CHANGES = {
-    2: "the pale-tissue split and the hole limit",
-    3: "the mask's scale taken from its block and level (a mask pixel or more on narrow slides, a fraction of one "
-    "on others), levels read at non-integer downsamples, blue marker ink left out, and a slide without glass "
-    "thresholded at the floor",
-}
 
 
 def _warn_older_detector(older: Mapping[str, int], store: CoordsStore, transforms: Any) -> None:
     """One warning for the slides whose reused coordinates an earlier tissue detector tiled (``{slide: its
     version}``), when ``transforms`` hold the detector."""
     if older and detects_tissue(transforms):
-        missed = [why for v, why in _DETECTOR_CHANGES.items() if v > min(older.values())]
+        missed = [why for v, why in DETECTOR_CHANGES.items() if v > min(older.values())]
         warnings.warn(
             f"{len(older)} slide(s) (e.g. '{next(iter(older))}') keep coordinates tiled by an earlier tissue detector "
             f"(before {'; '.join(missed)}) in '{store.root}': they are reused as they are, with the "

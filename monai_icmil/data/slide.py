@@ -49,6 +49,10 @@ BACKENDS = ("cucim", "openslide", "tifffile")
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".qptiff", ".ome.tif", ".ome.tiff")
 
 
+class Level0Misread(RuntimeError):
+    """A backend took another image for a slide's level 0 (``open_slide`` passes it over)."""
+
+
 class SlideError(RuntimeError):
     """A slide cannot be opened or read. The message names the slide and, where one exists, the fix."""
 
@@ -194,13 +198,12 @@ def _philips_mpp(description: str) -> tuple[float | None, float | None]:
     return _plausible_mpp(x), _plausible_mpp(y)
 
 
-def _sparse_tiles(tif: Any) -> dict[tuple[int, int], tuple[np.ndarray, tuple[int, int]]]:
+def _sparse_tiles(tif: Any, level0: Any) -> dict[tuple[int, int], tuple[np.ndarray, tuple[int, int]]]:
     """The tiles a TIFF leaves unstored (offset and byte count 0: Philips outside its scanned regions, GDAL's
     SPARSE_OK), by page size ``(width, height)``: a ``[rows, columns]`` grid (``True``: not stored) and the tile size
-    ``(width, height)``. Only the main chain's tiled pages with level 0's samples per pixel count (the pages cuCIM
-    reads as levels); a size two such pages share is left out (which of them cuCIM reads is not known), and so are
-    pages with every tile stored."""
-    level0 = _level0_page(tif)
+    ``(width, height)``. Only the main chain's tiled pages with the samples per pixel of ``level0`` (its
+    :func:`_level0_page`) count (the pages cuCIM reads as levels); a size two such pages share is left out (which of
+    them cuCIM reads is not known), and so are pages with every tile stored."""
     grids: dict[tuple[int, int], list[tuple[np.ndarray, tuple[int, int]]]] = {}
     for p in tif.pages:
         if not p.is_tiled or int(p.planarconfig) == 2 or p.samplesperpixel != level0.samplesperpixel:
@@ -263,7 +266,7 @@ def _read_tiff_properties(path: str, size: int, mtime_ns: int) -> dict[str, Any]
                     if int(p.predictor) > 1 and int(p.compression) != 5:  # LZW with a predictor is fine
                         props["cucim_unsafe"] = f"{p.compression.name} tiles with a predictor (cuCIM crashes on them)"
             props.update(tiled=bool(page.is_tiled), data_end=max(ends, default=(0, 0)))
-            props["sparse"] = _sparse_tiles(tif)
+            props["sparse"] = _sparse_tiles(tif, page)
             props["level0"] = (int(page.imagewidth), int(page.imagelength))
             props.update(samples=int(page.samplesperpixel), jfif_rgb=_jfif_tagged_rgb(page))
             props.update(photometric=int(page.photometric), compression=int(page.compression))
@@ -419,7 +422,7 @@ def _check_mpp_sources(path: str) -> None:
             f"slide '{path}': its pixels are not square ({x:g} um wide, {y:g} um high): every reader here uses the "
             f"width, so patches cover {y / x:.3g} times more tissue in height than in width. Resample the slide to "
             "square pixels if that matters for your model.",
-            stacklevel=3,
+            stacklevel=4,  # (the caller of open_slide)
         )
     aperio, tags = props["aperio_mpp"], props["tiff_mpp"]
     if aperio and tags and abs(aperio - tags) > MPP_DISAGREEMENT * aperio:
@@ -427,7 +430,7 @@ def _check_mpp_sources(path: str) -> None:
             f"slide '{path}': its Aperio description says MPP = {aperio:g} um/px but its TIFF resolution tags say "
             f"{tags:g} um/px; using the Aperio value ({aperio:g}), as every reader here does. If the tags are right, "
             "give the slide an `mpp` in the datalist.",
-            stacklevel=3,
+            stacklevel=4,  # (the caller of open_slide)
         )
 
 
@@ -531,12 +534,28 @@ class SlideReader(ABC):
                 f"0-{self.level_count - 1} (0 is the full resolution)."
             )
 
+    def _check_level0(self, dims: Sequence[tuple[int, int]]) -> None:
+        """Refuse a backend's levels whose level 0 is not the file's: a larger image listed after it, or (a TIFF) one
+        at least :data:`MIN_LEVEL_RATIO` times smaller than the file's largest page (it took a reduced level for
+        level 0, as OpenSlide does where a label image is stored first; a page padded to whole tiles, as Philips
+        writes them, is not that). Its coordinates would be another image's.
+
+        Raises:
+            Level0Misread: naming both sizes (``open_slide`` takes the next backend).
+        """
+        if any(w * h > dims[0][0] * dims[0][1] for w, h in dims[1:]):
+            raise Level0Misread(f"lists a smaller image as level 0 ({dims})")
+        level0 = _tiff_properties(self.path)["level0"] if self.path.lower().endswith(TIFF_SUFFIXES) else None
+        if level0 is not None and all(d * MIN_LEVEL_RATIO <= f for d, f in zip(dims[0], level0)):
+            raise Level0Misread(
+                f"sees a {dims[0][0]}x{dims[0][1]} level 0, but the file's largest image is {level0[0]}x{level0[1]}"
+            )
+
     def _describe_levels(self) -> None:
         dims = self.level_dimensions
         if not dims:
             raise SlideError(self.path, "no image levels found.")
-        if any(w * h > dims[0][0] * dims[0][1] for w, h in dims[1:]):  # its coordinates would be a label's, say
-            raise RuntimeError(f"{self.backend or 'the backend'} lists a smaller image as level 0 ({dims})")
+        self._check_level0(dims)
         # downsamples from dimensions are exact for generic TIFFs; backends may override with their own values
         if not self.level_downsamples:
             w0, h0 = dims[0]
@@ -1412,25 +1431,7 @@ def open_slide(
     if backend not in ("auto", *_READERS):
         raise ValueError(f"unknown slide backend '{backend}'; choose 'auto' or one of {tuple(_READERS)}.")
     mpp = as_mpp(mpp, f"mpp of slide '{path}'", optional=True)
-    names = tuple(_READERS) if backend == "auto" else (backend,)
-    if path.lower().endswith(TIFF_SUFFIXES):
-        if mpp is None:
-            _check_mpp_sources(path)
-        if not _check_tiff_structure(path):  # strips: only a small image can be served, read whole
-            if backend not in ("auto", "image"):
-                raise _not_tiled_error(path)
-            names = ("image",)
-        elif backend == "auto":  # tiled: the whole-slide backends, ours first where the others misread the file
-            props = _tiff_properties(path)
-            # a pyramid in SubIFDs or with its levels not marked reduced, JFIF tiles tagged RGB, 16-bit samples
-            # of a narrower declared range: the others misread them
-            narrow = props["max_sample"] is not None
-            ours_first = props["subifd_levels"] or props["jfif_rgb"] or props["unmarked_levels"] or narrow
-            names = ("tifffile", "cucim", "openslide") if ours_first else BACKENDS
-            if props["orientation"] != 1:  # OpenSlide turns each non-JPEG tile on its own (a mosaic)
-                names = tuple(n for n in names if n != "openslide") + ("openslide",)
-        names = _colour_backends(path, names)
-        _warn_as_read(path)
+    names = _backends_for(path, backend, mpp)
     reasons, misread = [], False
     for name in names:
         try:
@@ -1445,12 +1446,8 @@ def open_slide(
         except SlideError:
             raise
         except Exception as e:
-            reasons.append(f"{name}: {type(e).__name__}: {e}")
-            continue
-        if (why := _misread_level0(path, reader)) is not None:
-            misread = True
-            reasons.append(f"{name}: {why}")
-            reader.close()
+            misread |= isinstance(e, Level0Misread)
+            reasons.append(f"{name}: {e}" if isinstance(e, Level0Misread) else f"{name}: {type(e).__name__}: {e}")
             continue
         if mpp is not None:
             reader.mpp = float(mpp)
@@ -1459,33 +1456,44 @@ def open_slide(
             why = f" (its TIFF metadata could not be parsed: {unread})" if unread else ""
             warnings.warn(f"slide '{path}' has no microns per pixel in its metadata{why}. {NO_MPP_FIX}", stacklevel=2)
         return reader
+    hint = "Open it with backend 'auto' (or 'tifffile'), which finds its largest image. " if misread else ""
     raise SlideError(
         path,
-        "cannot be opened as a whole-slide image ("
-        + "; ".join(reasons)
-        + "). "
-        + (
-            "Open it with backend 'auto' (or 'tifffile'), which finds its largest image. "
-            if misread and backend != "auto"
-            else ""
-        )
-        + "If it is a slide in a format none of "
-        "these reads (e.g. CZI, iSyntax), convert it to a tiled pyramidal TIFF, e.g. `vips tiffsave in out.tif "
-        "--tile --pyramid --compression jpeg` or `bfconvert -pyramid-resolutions 4 -tilex 256 -tiley 256 in "
-        "out.ome.tif`.",
+        f"cannot be opened as a whole-slide image ({'; '.join(reasons)}). {hint if backend != 'auto' else ''}If it is "
+        "a slide in a format none of these reads (e.g. CZI, iSyntax), convert it to a tiled pyramidal TIFF, e.g. `vips "
+        "tiffsave in out.tif --tile --pyramid --compression jpeg` or `bfconvert -pyramid-resolutions 4 -tilex 256 "
+        "-tiley 256 in out.ome.tif`.",
     )
 
 
-def _misread_level0(path: str, reader: SlideReader) -> str | None:
-    """Why ``reader`` misreads a TIFF's level 0 (it took a reduced level for it, e.g. OpenSlide where a label image
-    is stored first), or ``None``. (A level-0 page padded to whole tiles, as Philips writes it, is read right.)"""
-    if not path.lower().endswith(TIFF_SUFFIXES) or (level0 := _tiff_properties(path)["level0"]) is None:
-        return None
-    if reader.dimensions[0] * MIN_LEVEL_RATIO <= level0[0] and reader.dimensions[1] * MIN_LEVEL_RATIO <= level0[1]:
-        return f"sees a {reader.dimensions[0]}x{reader.dimensions[1]} level 0, but the file's largest image is " + (
-            f"{level0[0]}x{level0[1]}"
-        )
-    return None
+def _backends_for(path: str, backend: str, mpp: float | None) -> tuple[str, ...]:
+    """The backends :func:`open_slide` tries, in order; for a TIFF, its mpp sources and the way it is read are
+    checked (and warned about) first.
+
+    Raises:
+        SlideError: a truncated TIFF, or an untiled one for a whole-slide backend named.
+    """
+    names = tuple(_READERS) if backend == "auto" else (backend,)
+    if not path.lower().endswith(TIFF_SUFFIXES):
+        return names
+    if mpp is None:
+        _check_mpp_sources(path)
+    if not _check_tiff_structure(path):  # strips: only a small image can be served, read whole
+        if backend not in ("auto", "image"):
+            raise _not_tiled_error(path)
+        names = ("image",)
+    elif backend == "auto":  # tiled: the whole-slide backends, ours first where the others misread the file
+        props = _tiff_properties(path)
+        # a pyramid in SubIFDs or with its levels not marked reduced, JFIF tiles tagged RGB, 16-bit samples
+        # of a narrower declared range: the others misread them
+        narrow = props["max_sample"] is not None
+        ours_first = props["subifd_levels"] or props["jfif_rgb"] or props["unmarked_levels"] or narrow
+        names = ("tifffile", "cucim", "openslide") if ours_first else BACKENDS
+        if props["orientation"] != 1:  # OpenSlide turns each non-JPEG tile on its own (a mosaic)
+            names = tuple(n for n in names if n != "openslide") + ("openslide",)
+    names = _colour_backends(path, names)
+    _warn_as_read(path)
+    return names
 
 
 def _warn_as_read(path: str) -> None:
@@ -1498,7 +1506,7 @@ def _warn_as_read(path: str) -> None:
             f"slide '{path}' has 16-bit samples without a MaxSampleValue tag and {props['range_note']}: it is read "
             f"as {top.bit_length()}-bit data (0-{top} onto 0-255). Write MaxSampleValue (tag 281) into the file if "
             "that is wrong.",
-            stacklevel=3,
+            stacklevel=4,  # (the caller of open_slide)
         )
     orientation = props["orientation"]
     if orientation != 1:
@@ -1506,7 +1514,7 @@ def _warn_as_read(path: str) -> None:
             f"slide '{path}' has TIFF Orientation {orientation} (not 1): it is read as stored, not turned, so its "
             "patches, coordinates and heatmaps are in the stored orientation (classification is unaffected). Rotate "
             "it in the file (e.g. `vips autorot`) to see it the right way up.",
-            stacklevel=3,
+            stacklevel=4,  # (the caller of open_slide)
         )
 
 

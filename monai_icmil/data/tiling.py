@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar
@@ -314,8 +314,7 @@ def tissue_mask_from_rgb(
     img = xp.asarray(rgb)
     sat = tissue_saturation(img, xp, balance_background, exclude_ink)
     otsu, floor = otsu_threshold(sat, xp), float(min_saturation)
-    glass = float(((sat <= floor) & (img.astype(xp.float32).mean(axis=-1) > GLASS_MIN_BRIGHTNESS)).mean())
-    if glass < NO_GLASS_SHARE:  # no glass (a crop of the tissue, a TMA core): Otsu's split would fall inside it
+    if _shows_no_glass(img, sat, floor, xp):  # a crop of the tissue, a TMA core: Otsu's split would fall inside it
         otsu = min(otsu, floor)
     thr = max(otsu, floor)
     clean = functools.partial(
@@ -335,18 +334,34 @@ def tissue_mask_from_rgb(
         if bool(kept.any()):  # faint tissue, not noise: a blank slide keeps its floor (and its report says so)
             mask, thr = kept, lowered
     elif pale_tissue and otsu > floor and bool(mask.any()):
-        lower = max(otsu_threshold(sat[sat <= otsu], xp, value_range=(0.0, otsu)), floor)
-        textured = _textured(img, (sat <= lower) & ~mask, xp, ndi)
-        smooth = (sat <= otsu) & ~textured & ~mask  # glass, of one tint or several (a gradient)
-        if bool(smooth.any()):
-            lower = max(lower, float(xp.percentile(sat[smooth], GLASS_PERCENTILE)))
-        # pale pixels count where they are textured: glass of another tint (a gradient, a coverslip's edge) is not
-        pale = (sat > lower) & (sat <= otsu) & textured
-        if lower < otsu and int(pale.sum()) * 10 >= int(mask.sum()):
-            mask, thr = clean((sat > otsu) | pale), lower
+        mask, thr = _with_pale_tissue(img, sat, mask, otsu, floor, clean, xp, ndi) or (mask, thr)
     if xp is not np:
         mask = xp.asnumpy(mask)
     return np.asarray(mask, dtype=bool), thr
+
+
+def _shows_no_glass(img: Any, sat: Any, floor: float, xp: ModuleType) -> bool:
+    """Whether fewer than :data:`NO_GLASS_SHARE` of an image's pixels look like glass (brighter than
+    :data:`GLASS_MIN_BRIGHTNESS`, saturated at most ``floor``)."""
+    bright = img.astype(xp.float32).mean(axis=-1) > GLASS_MIN_BRIGHTNESS
+    return float(((sat <= floor) & bright).mean()) < NO_GLASS_SHARE
+
+
+def _with_pale_tissue(
+    img: Any, sat: Any, mask: Any, otsu: float, floor: float, clean: Callable[[Any], Any], xp: ModuleType, ndi: Any
+) -> tuple[Any, float] | None:
+    """The mask with the pale tissue under Otsu's threshold added, and the lower threshold, or ``None`` where there
+    is too little of it (``pale_tissue`` of :func:`tissue_mask_from_rgb`)."""
+    lower = max(otsu_threshold(sat[sat <= otsu], xp, value_range=(0.0, otsu)), floor)
+    textured = _textured(img, (sat <= lower) & ~mask, xp, ndi)
+    smooth = (sat <= otsu) & ~textured & ~mask  # glass, of one tint or several (a gradient)
+    if bool(smooth.any()):
+        lower = max(lower, float(xp.percentile(sat[smooth], GLASS_PERCENTILE)))
+    # pale pixels count where they are textured: glass of another tint (a gradient, a coverslip's edge) is not
+    pale = (sat > lower) & (sat <= otsu) & textured
+    if lower < otsu and int(pale.sum()) * 10 >= int(mask.sum()):
+        return clean((sat > otsu) | pale), lower
+    return None
 
 
 def _clean_mask(
@@ -716,11 +731,16 @@ def _patch_tissue_fraction(mask: np.ndarray, mask_ds: float, coords: np.ndarray,
     return (total / ((x1 - x0) * (y1 - y0))).astype(np.float32)
 
 
-#: the tissue detector's version, kept with the coordinates it tiled (1: before session 60's pale-tissue split and
-#: hole limit, whose stores have none; 2: with them; 3: the mask's scale from its block and level, levels read
-#: without a one-pixel shift at non-integer downsamples, blue marker ink left out, and a slide without glass
-#: thresholded at the floor): reused older coordinates are warned about, not tiled again
-DETECTOR_VERSION = 3
+#: what each version of the tissue detector changed (version 1, before session 60, is recorded by no store)
+DETECTOR_CHANGES = {
+    2: "the pale-tissue split and the hole limit",
+    3: "the mask's scale taken from its block and level (a mask pixel or more on narrow slides, a fraction of one "
+    "on others), levels read at non-integer downsamples, blue marker ink left out, and a slide without glass "
+    "thresholded at the floor",
+}
+#: the tissue detector's version, kept with the coordinates it tiled: reused older coordinates are warned about
+#: (with what changed since), not tiled again
+DETECTOR_VERSION = max(DETECTOR_CHANGES)
 
 #: tissue-detector options and their defaults: they enter a tiling's signature (the stores' keys) only when changed,
 #: so that stores made before they existed stay current

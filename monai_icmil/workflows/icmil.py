@@ -1028,8 +1028,8 @@ class ICMILWorkflow(BundleWorkflow):
             listed = slides[rare[0]][:5] + (["..."] if fewest > 5 else [])
             typo = f" The rarest, {names[rare[0]]!r}, is on {', '.join(listed)}: if it is a typo, correct those labels;"
         return (
-            f"{head}{typo} {'otherwise s' if typo else 'S'}et num_classes (--num_classes {len(slides)}) and "
-            "class_names to the datalist's classes."
+            f"{head}{typo} {'otherwise s' if typo else 'S'}et num_classes (--num_classes {k}) and class_names to the "
+            "datalist's classes."
         )
 
     def _record_classes(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_icmil.data.datalist import SPLITS, load_datalist
+from monai_icmil.data.datalist import CSV_SUFFIXES, SPLITS, load_datalist
 from monai_icmil.utils import atomic_write_json, barrier, dist_info
 from monai_icmil.workflows.folds import GROUP_KEYS, _group_value, assign_folds, slide_groups
 
@@ -101,7 +101,7 @@ class DatasetSplits:
             d = self.dataset_dir
             others = [p.name for p in d.iterdir() if not p.name.startswith(".")] if d.is_dir() else []
             if others and not (d / SYNTHETIC_MARKER).exists():
-                lists = sorted(n for n in others if n.lower().endswith((".json", ".csv", ".tsv", ".txt")))
+                lists = sorted(n for n in others if n.lower().endswith((".json", *CSV_SUFFIXES)))
                 found = f" (datalists here? {', '.join(lists[:5])})" if lists else ""
                 raise FileExistsError(
                     f"dataset_dir '{d}' holds files ({', '.join(sorted(others)[:3])}) but no datalist "
